@@ -1,0 +1,67 @@
+"""`widenet bench model`: training throughput of a preset on random input."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..models.registry import count_parameters, create_model
+
+
+@dataclass
+class ModelBenchResult:
+    model: str
+    batch_size: int
+    steps: int
+    seconds: float
+    images_per_s: float
+    params: int
+    device: str
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> cuda when available else cpu; 'cuda' without a GPU is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but no CUDA GPU is available")
+    if name not in ("cpu",) and not name.startswith("cuda"):
+        raise ValueError(f"unknown device {name!r}; use auto, cpu or cuda")
+    return torch.device(name)
+
+
+def bench_model(name: str, batch_size: int = 64, steps: int = 10, warmup: int = 2,
+                device: str = "auto", **overrides) -> ModelBenchResult:
+    """Images/s of AdamW training steps (forward, loss + 0.01 * aux, backward, step)."""
+    if batch_size < 1 or steps < 1 or warmup < 0:
+        raise ValueError("--batch-size and --steps must be >= 1")
+    dev = resolve_device(device)
+    torch.manual_seed(0)
+    model = create_model(name, **overrides).to(dev).train()
+    cfg = model.cfg
+    images = torch.randn(batch_size, cfg.in_channels, cfg.image_size, cfg.image_size, device=dev)
+    labels = torch.randint(0, cfg.num_classes, (batch_size,), device=dev)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step() -> None:
+        out = model(images)
+        loss = F.cross_entropy(out.logits, labels) + 0.01 * out.aux_loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for _ in range(warmup):
+        step()
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    seconds = time.perf_counter() - start
+    return ModelBenchResult(name, batch_size, steps, seconds, batch_size * steps / seconds,
+                            count_parameters(model), str(dev))

@@ -1,0 +1,371 @@
+"""Mixture-of-experts layer: router -> dispatcher -> experts -> combine.
+
+WideNet (Xue et al., AAAI 2022, arXiv 2107.11817) routes every token to the
+top-k of E experts, g(x) = TopK(softmax(f(x) + eps)), with a per-expert
+capacity and the load-balancing loss l = E * sum_i m_i * P_i.
+
+Axis legend used in shape comments:
+    B  batch             T  tokens per sequence
+    N  routed tokens in this call (non-padding B*T)
+    D  model width       H  expert hidden width
+    E  experts           K  choices per token (top-k)
+    A  assignments = K*N (choice-major: all 1st choices, then all 2nd, ...)
+    M  kept assignments (A minus those dropped for capacity)
+
+Dispatch sorts assignments by expert (a stable sort, so priority follows the
+choice-major order: every token's first choice beats any second choice, and
+earlier tokens beat later ones), cuts each expert's run at its capacity, runs
+one matmul pair per expert on its contiguous slice, and scatter-adds the
+weighted results back. No tokens x experts x capacity tensor is ever built.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["MoE", "MoEOutput", "RoutingStats", "Router", "RouterOutput", "Experts",
+           "expert_capacity", "load_balancing_loss", "router_z_loss"]
+
+
+# ----------------------------------------------------------------------------
+# Results
+# ----------------------------------------------------------------------------
+@dataclass
+class RoutingStats:
+    """What one MoE call did with its tokens (all tensors detached).
+
+    expert_fraction: (E,) fraction of the top-k assignments (before dropping)
+        that chose each expert; sums to 1.
+    dropped_fraction: () fraction of tokens that lost every assignment to
+        capacity and got no expert output.
+    dropped_assignment_fraction: () fraction of assignments dropped.
+    balance_loss, z_loss: () the unweighted loss terms.
+    """
+
+    expert_fraction: torch.Tensor
+    dropped_fraction: torch.Tensor
+    dropped_assignment_fraction: torch.Tensor
+    balance_loss: torch.Tensor
+    z_loss: torch.Tensor
+
+
+@dataclass
+class MoEOutput:
+    """output: same shape as the input; aux_loss: () = balance + z_weight * z."""
+
+    output: torch.Tensor
+    aux_loss: torch.Tensor
+    stats: RoutingStats
+
+
+@dataclass
+class RouterOutput:
+    logits: torch.Tensor      # (N, E) float32, noise included when training
+    probs: torch.Tensor       # (N, E) float32 softmax of logits
+    expert_index: torch.Tensor  # (N, K) int64, best first
+    combine_weight: torch.Tensor  # (N, K) float32
+
+
+# ----------------------------------------------------------------------------
+# Pure functions (each tested on its own)
+# ----------------------------------------------------------------------------
+def expert_capacity(num_tokens: int, num_experts: int, top_k: int, factor: float) -> int:
+    """Slots per expert per call: ceil(factor * k * N / E)."""
+    return math.ceil(factor * top_k * num_tokens / num_experts)
+
+
+def load_balancing_loss(probs: torch.Tensor, expert_index: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """E * sum_i m_i * P_i (Switch/GShard; WideNet eq. for l_balance).
+
+    probs: (N, E) router probabilities; expert_index: (N, K) chosen experts.
+    m_i counts every top-k assignment (before capacity dropping).
+    """
+    counts = torch.bincount(expert_index.reshape(-1), minlength=num_experts)  # (E,)
+    m = counts.to(probs.dtype) / expert_index.numel()
+    p = probs.mean(dim=0)  # (E,)
+    return num_experts * torch.sum(m * p)
+
+
+def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
+    """ST-MoE router z-loss: mean over tokens of logsumexp(logits)^2."""
+    return torch.logsumexp(logits, dim=-1).pow(2).mean()
+
+
+# ----------------------------------------------------------------------------
+# Modules
+# ----------------------------------------------------------------------------
+class Router(nn.Module):
+    """Linear D -> E without bias, in float32, noisy top-k softmax gate."""
+
+    def __init__(self, dim: int, num_experts: int, top_k: int, noise_std: float,
+                 renormalize: bool = False) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts, dim))
+        nn.init.normal_(self.weight, std=dim ** -0.5)
+        self.top_k = top_k
+        self.noise_std = noise_std
+        self.renormalize = renormalize
+
+    def forward(self, x: torch.Tensor) -> RouterOutput:  # x: (N, D)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            logits = F.linear(x.float(), self.weight.float())  # (N, E)
+            if self.training and self.noise_std > 0:
+                logits = logits + torch.randn_like(logits) * self.noise_std
+            probs = logits.softmax(dim=-1)  # (N, E)
+            weight, index = probs.topk(self.top_k, dim=-1)  # (N, K) each
+            if self.renormalize:
+                weight = weight / weight.sum(dim=-1, keepdim=True)
+        return RouterOutput(logits, probs, index, weight)
+
+
+class Experts(nn.Module):
+    """E independent FFNs D -> H -> D (GELU), weights stacked per projection.
+
+    w1: (E, D, H)  b1: (E, H)  w2: (E, H, D)  b2: (E, D)
+    """
+
+    def __init__(self, num_experts: int, dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.w1 = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))
+        self.b1 = nn.Parameter(torch.zeros(num_experts, hidden_dim))
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
+        self.b2 = nn.Parameter(torch.zeros(num_experts, dim))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # Same as nn.Linear's default fan-in scaling, expert by expert.
+        for w in (self.w1, self.w2):
+            bound = 1.0 / math.sqrt(w.shape[1])
+            nn.init.uniform_(w, -bound, bound)
+        nn.init.zeros_(self.b1)
+        nn.init.zeros_(self.b2)
+
+    @property
+    def num_experts(self) -> int:
+        return self.w1.shape[0]
+
+    def forward(self, x: torch.Tensor, tokens_per_expert: list[int]) -> torch.Tensor:
+        """x: (M, D) grouped by expert in contiguous runs of the given lengths."""
+        return _GroupedExpertFFN.apply(x, self.w1, self.b1, self.w2, self.b2, tokens_per_expert)
+
+
+class _GroupedExpertFFN(torch.autograd.Function):
+    """y[run e] = gelu(x[run e] @ w1[e] + b1[e]) @ w2[e] + b2[e], run by run.
+
+    Hand-written backward so that every per-expert product writes straight
+    into one preallocated buffer: no cat/split copies, and each stacked weight
+    gets one gradient tensor instead of E partial ones.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2, counts: list[int]):  # x: (M, D)
+        m, h_dim, d_out = x.shape[0], w1.shape[-1], w2.shape[-1]
+        pre = x.new_empty(m, h_dim)  # (M, H) before GELU
+        act = x.new_empty(m, h_dim)  # (M, H) after GELU
+        out = x.new_empty(m, d_out)  # (M, D)
+        for e, rows in _runs(counts):
+            torch.addmm(b1[e], x[rows], w1[e], out=pre[rows])
+            torch.ops.aten.gelu.out(pre[rows], out=act[rows])
+            torch.addmm(b2[e], act[rows], w2[e], out=out[rows])
+        ctx.save_for_backward(x, w1, w2, pre, act)
+        ctx.counts = counts
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):  # grad_out: (M, D)
+        x, w1, w2, pre, act = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
+        gx = torch.empty_like(x)
+        gw1, gw2 = torch.zeros_like(w1), torch.zeros_like(w2)
+        gb1 = w1.new_zeros(w1.shape[0], w1.shape[2])
+        gb2 = w2.new_zeros(w2.shape[0], w2.shape[2])
+        for e, rows in _runs(ctx.counts):
+            g = grad_out[rows]  # (n_e, D)
+            torch.mm(act[rows].t(), g, out=gw2[e])
+            gb2[e] = g.sum(0)
+            g_pre = torch.ops.aten.gelu_backward(g @ w2[e].t(), pre[rows])  # (n_e, H)
+            torch.mm(x[rows].t(), g_pre, out=gw1[e])
+            gb1[e] = g_pre.sum(0)
+            torch.mm(g_pre, w1[e].t(), out=gx[rows])
+        return gx, gw1, gb1, gw2, gb2, None
+
+
+def _runs(counts: list[int]):
+    """(expert, row slice) for every expert with at least one row."""
+    start = 0
+    for e, n in enumerate(counts):
+        if n:
+            yield e, slice(start, start + n)
+        start += n
+
+
+class _GatherRows(torch.autograd.Function):
+    """src[index] for an index without repeats; backward puts rows back (no scatter-add)."""
+
+    @staticmethod
+    def forward(ctx, src, index):
+        ctx.save_for_backward(index)
+        ctx.num_rows = src.shape[0]
+        return src.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (index,) = ctx.saved_tensors
+        return _put_rows(grad, index, ctx.num_rows), None
+
+
+class _ScatterRows(torch.autograd.Function):
+    """Zeros of num_rows rows with src's rows put at index (no repeats); adjoint of _GatherRows."""
+
+    @staticmethod
+    def forward(ctx, src, index, num_rows: int):
+        ctx.save_for_backward(index)
+        return _put_rows(src, index, num_rows)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (index,) = ctx.saved_tensors
+        return grad.index_select(0, index), None, None
+
+
+def _put_rows(src: torch.Tensor, index: torch.Tensor, num_rows: int) -> torch.Tensor:
+    out = src.new_zeros(num_rows, *src.shape[1:])
+    out[index] = src
+    return out
+
+
+class MoE(nn.Module):
+    """Mixture-of-experts FFN with noisy top-k routing (WideNet, Sec. 3.1).
+
+    Args:
+        dim: token width D.  hidden_dim: expert hidden width H.
+        num_experts: E.  top_k: K choices per token.
+        capacity_factor: C for training; capacity = ceil(C * K * N / E).
+        eval_capacity_factor: C in eval mode (None: same as training).
+        noise_std: std of Gaussian noise on router logits while training
+            (None: 1/E as the authors' code; 0 disables).
+        dropless: never drop an assignment (capacity ignored).
+        renormalize: divide combine weights by their sum over the K choices.
+        z_loss_weight: weight of the router z-loss inside aux_loss.
+
+    forward(x, padding_mask=None) takes x of shape (B, T, D) or (N, D) and a
+    boolean padding_mask of shape x.shape[:-1], True where a token is padding.
+    Padding takes no part in routing, capacity or the losses, and gets zero
+    output. Returns MoEOutput(output, aux_loss, stats).
+    """
+
+    def __init__(self, dim: int, hidden_dim: int, num_experts: int, top_k: int = 2,
+                 capacity_factor: float = 1.2, eval_capacity_factor: float | None = None,
+                 noise_std: float | None = None, dropless: bool = False,
+                 renormalize: bool = False, z_loss_weight: float = 0.0) -> None:
+        super().__init__()
+        _check_moe_args(dim, hidden_dim, num_experts, top_k, capacity_factor,
+                        eval_capacity_factor, noise_std, z_loss_weight)
+        self.dim = dim
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.capacity_factor = capacity_factor
+        self.eval_capacity_factor = eval_capacity_factor
+        self.dropless = dropless
+        self.z_loss_weight = z_loss_weight
+        noise = 1.0 / num_experts if noise_std is None else noise_std
+        self.router = Router(dim, num_experts, top_k, noise, renormalize)
+        self.experts = Experts(num_experts, dim, hidden_dim)
+
+    def extra_repr(self) -> str:
+        return (f"dim={self.dim}, experts={self.num_experts}, top_k={self.top_k}, "
+                f"capacity_factor={self.capacity_factor}, dropless={self.dropless}")
+
+    def capacity(self, num_tokens: int) -> int:
+        """Slots per expert for a call with num_tokens routed tokens."""
+        if self.dropless:
+            return self.top_k * num_tokens
+        factor = self.capacity_factor
+        if not self.training and self.eval_capacity_factor is not None:
+            factor = self.eval_capacity_factor
+        return expert_capacity(num_tokens, self.num_experts, self.top_k, factor)
+
+    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> MoEOutput:
+        if x.shape[-1] != self.dim:
+            raise ValueError(f"MoE expects token dimension {self.dim}, got input of shape {tuple(x.shape)}")
+        if padding_mask is not None and padding_mask.shape != x.shape[:-1]:
+            raise ValueError(f"padding_mask shape {tuple(padding_mask.shape)} does not match "
+                             f"tokens {tuple(x.shape[:-1])}")
+        flat = x.reshape(-1, self.dim)  # (B*T, D)
+        keep = None if padding_mask is None else (~padding_mask.reshape(-1)).nonzero().squeeze(1)
+        tokens = flat if keep is None else flat.index_select(0, keep)  # (N, D)
+        routed, aux, stats = self._route_and_compute(tokens)  # (N, D)
+        if keep is not None:
+            routed = flat.new_zeros(flat.shape).index_copy(0, keep, routed)
+        return MoEOutput(routed.reshape(x.shape), aux, stats)
+
+    # -- internals -----------------------------------------------------------
+    def _route_and_compute(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, RoutingStats]:
+        n, e, k = x.shape[0], self.num_experts, self.top_k
+        if n == 0:
+            zero = x.new_zeros((), dtype=torch.float32)
+            stats = RoutingStats(x.new_zeros(e, dtype=torch.float32), zero, zero, zero, zero)
+            return x.new_zeros(0, self.dim), zero + 0.0 * self.router.weight.sum(), stats
+
+        route = self.router(x)
+        balance = load_balancing_loss(route.probs, route.expert_index, e)
+        z = router_z_loss(route.logits) if self.z_loss_weight > 0 else balance.new_zeros(())
+        aux = balance + self.z_loss_weight * z
+
+        # Assignments in choice-major priority order: a = choice * N + token.
+        expert_of = route.expert_index.t().reshape(-1)  # (A,)
+        order = torch.sort(expert_of, stable=True).indices  # (A,) grouped by expert
+        counts = torch.bincount(expert_of, minlength=e)  # (E,)
+        starts = counts.cumsum(0) - counts  # (E,)
+        rank = torch.arange(order.numel(), device=x.device) - starts.repeat_interleave(counts)  # (A,)
+        capacity = self.capacity(n)
+        slot = order[rank < capacity]  # (M,) kept assignment ids, grouped by expert
+        per_expert = counts.clamp(max=capacity).tolist()
+
+        x_per_choice = x.unsqueeze(0).expand(k, n, self.dim).reshape(k * n, self.dim)  # (A, D)
+        y = self.experts(_GatherRows.apply(x_per_choice, slot), per_expert)  # (M, D)
+        y = _ScatterRows.apply(y, slot, k * n).view(k, n, self.dim)  # (K, N, D), dropped = 0
+        weight = route.combine_weight.t().unsqueeze(-1).to(y.dtype)  # (K, N, 1)
+        out = (y * weight).sum(0)  # (N, D)
+        token = slot % n  # (M,)
+        stats = self._stats(counts, token, n, balance, z)
+        return out, aux, stats
+
+    def _stats(self, counts: torch.Tensor, kept_token: torch.Tensor, n: int,
+               balance: torch.Tensor, z: torch.Tensor) -> RoutingStats:
+        with torch.no_grad():
+            assignments = counts.sum().clamp(min=1)
+            served = torch.zeros(n, dtype=torch.bool, device=counts.device)
+            served[kept_token] = True
+            return RoutingStats(
+                expert_fraction=counts.float() / assignments,
+                dropped_fraction=1.0 - served.float().mean(),
+                dropped_assignment_fraction=1.0 - kept_token.numel() / assignments.float(),
+                balance_loss=balance.detach(),
+                z_loss=z.detach(),
+            )
+
+
+def _check_moe_args(dim: int, hidden_dim: int, num_experts: int, top_k: int,
+                    capacity_factor: float, eval_capacity_factor: float | None,
+                    noise_std: float | None, z_loss_weight: float) -> None:
+    for name, value in (("dim", dim), ("hidden_dim", hidden_dim), ("num_experts", num_experts),
+                        ("top_k", top_k)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"MoE {name} must be a positive integer, got {value!r}")
+    if top_k > num_experts:
+        raise ValueError(f"MoE top_k={top_k} exceeds num_experts={num_experts}")
+    if not capacity_factor > 0:
+        raise ValueError(f"MoE capacity_factor must be > 0, got {capacity_factor}")
+    if eval_capacity_factor is not None and not eval_capacity_factor > 0:
+        raise ValueError(f"MoE eval_capacity_factor must be > 0, got {eval_capacity_factor}")
+    if noise_std is not None and noise_std < 0:
+        raise ValueError(f"MoE noise_std must be >= 0, got {noise_std}")
+    if z_loss_weight < 0:
+        raise ValueError(f"MoE z_loss_weight must be >= 0, got {z_loss_weight}")

@@ -1,0 +1,202 @@
+"""One transformer encoder for WideNet and every baseline of the paper.
+
+WideNet (Xue et al., AAAI 2022): all blocks reuse ONE attention module and
+ONE mixture-of-experts layer, while each block keeps its own two LayerNorms:
+
+    for i in range(depth):
+        x = x + attention(norm1_i(x))
+        x = x + moe(norm2_i(x))
+
+The same class expresses ViT (nothing shared, dense FFN), ViT-MoE (MoE in
+some blocks), ALBERT (everything shared, norms too) and the ablations, by
+settings of `EncoderConfig`. A shared module is owned once: the encoder keeps
+`attention`, `mlps`, `moes` and `norms` as ModuleLists holding one entry when
+shared and one per block otherwise, so every weight has one state-dict key.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from ..layers.attention import Attention
+from ..layers.mlp import Mlp
+from ..layers.moe import MoE, RoutingStats
+
+_MOE_BLOCKS = re.compile(r"^(none|all|last:[1-9]\d*|every:[1-9]\d*)$")
+
+
+@dataclass
+class EncoderConfig:
+    """Sizes and sharing of the encoder.
+
+    moe_blocks: which blocks use an MoE instead of the dense MLP:
+        "none", "all", "last:N" (the last N blocks), "every:N" (blocks
+        N-1, 2N-1, ...: every N-th block counting from 1).
+    share_attention / share_ffn / share_norms: one module for every block.
+        With share_ffn, blocks that use an MoE share one MoE and dense blocks
+        share one MLP.
+    """
+
+    dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_dim: int = 3072
+    expert_dim: int | None = None  # expert hidden width (None: mlp_dim)
+    num_experts: int = 4
+    top_k: int = 2
+    moe_blocks: str = "none"
+    share_attention: bool = False
+    share_ffn: bool = False
+    share_norms: bool = False
+    capacity_factor: float = 1.2
+    eval_capacity_factor: float | None = None
+    noise_std: float | None = None
+    dropless: bool = False
+    renormalize: bool = False
+    z_loss_weight: float = 0.0
+    dropout: float = 0.0
+    attn_dropout: float = 0.0
+    norm_eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        for name in ("dim", "depth", "num_heads", "mlp_dim", "num_experts", "top_k"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.expert_dim is not None and self.expert_dim < 1:
+            raise ValueError(f"expert_dim must be a positive integer, got {self.expert_dim!r}")
+        if self.dim % self.num_heads:
+            raise ValueError(f"num_heads={self.num_heads} must divide the width dim={self.dim}")
+        if not _MOE_BLOCKS.match(self.moe_blocks):
+            raise ValueError(f"moe_blocks must be none, all, last:N or every:N, got {self.moe_blocks!r}")
+        if self.moe_blocks.startswith("last:") and int(self.moe_blocks[5:]) > self.depth:
+            raise ValueError(f"moe_blocks={self.moe_blocks!r} asks for more blocks than depth={self.depth}")
+        if self.uses_moe and self.top_k > self.num_experts:
+            raise ValueError(f"top_k={self.top_k} exceeds num_experts={self.num_experts}")
+        for name in ("capacity_factor", "eval_capacity_factor"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be > 0, got {value}")
+        for name in ("dropout", "attn_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+
+    @property
+    def moe_block_ids(self) -> list[int]:
+        """Indices of the blocks whose FFN is an MoE."""
+        kind, _, n = self.moe_blocks.partition(":")
+        if kind == "none":
+            return []
+        if kind == "all":
+            return list(range(self.depth))
+        if kind == "last":
+            return list(range(self.depth - int(n), self.depth))
+        return [i for i in range(self.depth) if (i + 1) % int(n) == 0]
+
+    @property
+    def uses_moe(self) -> bool:
+        return self.moe_blocks != "none"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class BlockPlan:
+    """Which owned module each block uses (indices into the ModuleLists)."""
+
+    attention: int
+    norms: int
+    mlp: int | None = None
+    moe: int | None = None
+
+
+@dataclass
+class EncoderOutput:
+    """hidden: (B, T, D) after the final norm; aux_loss: () summed over MoE calls;
+    routing: per block, RoutingStats or None for dense blocks;
+    hidden_states: per block output (B, T, D) when asked for, else None."""
+
+    hidden: torch.Tensor
+    aux_loss: torch.Tensor
+    routing: list[RoutingStats | None] = field(default_factory=list)
+    hidden_states: list[torch.Tensor] | None = None
+
+
+class BlockNorms(nn.Module):
+    """The two LayerNorms of one block: before attention and before the FFN."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.attn_norm = nn.LayerNorm(dim, eps=eps)
+        self.ffn_norm = nn.LayerNorm(dim, eps=eps)
+
+
+class Encoder(nn.Module):
+    """Pre-norm transformer encoder with configurable sharing (see module doc)."""
+
+    def __init__(self, cfg: EncoderConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.plan = _plan_blocks(cfg)
+        n_attn = 1 + max(p.attention for p in self.plan)
+        n_norms = 1 + max(p.norms for p in self.plan)
+        n_mlp = 1 + max((p.mlp for p in self.plan if p.mlp is not None), default=-1)
+        n_moe = 1 + max((p.moe for p in self.plan if p.moe is not None), default=-1)
+        self.attention = nn.ModuleList(
+            Attention(cfg.dim, cfg.num_heads, cfg.attn_dropout, cfg.dropout) for _ in range(n_attn))
+        self.norms = nn.ModuleList(BlockNorms(cfg.dim, cfg.norm_eps) for _ in range(n_norms))
+        self.mlps = nn.ModuleList(Mlp(cfg.dim, cfg.mlp_dim, cfg.dropout) for _ in range(n_mlp))
+        self.moes = nn.ModuleList(_make_moe(cfg) for _ in range(n_moe))
+        self.drop = nn.Dropout(cfg.dropout)
+        self.final_norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+
+    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None,
+                return_hidden_states: bool = False) -> EncoderOutput:
+        """x: (B, T, D) tokens; padding_mask: (B, T) bool, True = padding."""
+        if x.ndim != 3 or x.shape[-1] != self.cfg.dim:
+            raise ValueError(f"encoder expects tokens of shape (B, T, {self.cfg.dim}), got {tuple(x.shape)}")
+        aux = x.new_zeros((), dtype=torch.float32)
+        routing: list[RoutingStats | None] = []
+        states: list[torch.Tensor] | None = [] if return_hidden_states else None
+        for plan in self.plan:
+            norms = self.norms[plan.norms]
+            x = x + self.attention[plan.attention](norms.attn_norm(x), padding_mask)
+            h = norms.ffn_norm(x)
+            if plan.moe is not None:
+                moe_out = self.moes[plan.moe](h, padding_mask)
+                x = x + self.drop(moe_out.output)
+                aux = aux + moe_out.aux_loss
+                routing.append(moe_out.stats)
+            else:
+                x = x + self.drop(self.mlps[plan.mlp](h))
+                routing.append(None)
+            if states is not None:
+                states.append(x)
+        return EncoderOutput(self.final_norm(x), aux, routing, states)
+
+
+def _plan_blocks(cfg: EncoderConfig) -> list[BlockPlan]:
+    moe_ids = set(cfg.moe_block_ids)
+    plans, n_mlp, n_moe = [], 0, 0
+    for i in range(cfg.depth):
+        plan = BlockPlan(attention=0 if cfg.share_attention else i, norms=0 if cfg.share_norms else i)
+        if i in moe_ids:
+            plan.moe = 0 if cfg.share_ffn else n_moe
+            n_moe += 1
+        else:
+            plan.mlp = 0 if cfg.share_ffn else n_mlp
+            n_mlp += 1
+        plans.append(plan)
+    return plans
+
+
+def _make_moe(cfg: EncoderConfig) -> MoE:
+    return MoE(cfg.dim, cfg.expert_dim or cfg.mlp_dim, cfg.num_experts, cfg.top_k,
+               capacity_factor=cfg.capacity_factor, eval_capacity_factor=cfg.eval_capacity_factor,
+               noise_std=cfg.noise_std, dropless=cfg.dropless, renormalize=cfg.renormalize,
+               z_loss_weight=cfg.z_loss_weight)

@@ -1,0 +1,83 @@
+"""Named presets: `register_model`, `create_model(name, **overrides)`, `list_models()`.
+
+A preset is a function returning a config; overrides are applied by field
+name, to the model config or (for sizes and sharing) to its encoder config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    make_config: Callable[[], Any]
+    build: Callable[[Any], nn.Module]
+    description: str
+
+
+_REGISTRY: dict[str, ModelEntry] = {}
+
+
+def register_model(name: str, build: Callable[[Any], nn.Module], description: str = ""):
+    """Decorator registering a config factory under `name`."""
+
+    def wrap(make_config: Callable[[], Any]) -> Callable[[], Any]:
+        if name in _REGISTRY:
+            raise ValueError(f"model {name!r} is already registered")
+        _REGISTRY[name] = ModelEntry(name, make_config, build, description or (make_config.__doc__ or "").strip())
+        return make_config
+
+    return wrap
+
+
+def list_models() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_entry(name: str) -> ModelEntry:
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(list_models())}")
+    return _REGISTRY[name]
+
+
+def model_config(name: str, **overrides: Any) -> Any:
+    """The preset's config with `overrides` applied (validated again)."""
+    return apply_overrides(get_entry(name).make_config(), overrides)
+
+
+def create_model(name: str, **overrides: Any) -> nn.Module:
+    """Build a registered preset, e.g. create_model("widenet_b16", num_classes=1001)."""
+    entry = get_entry(name)
+    model = entry.build(apply_overrides(entry.make_config(), overrides))
+    model.model_name = name
+    return model
+
+
+def apply_overrides(cfg: Any, overrides: dict[str, Any]) -> Any:
+    """Replace fields of cfg or cfg.encoder by name; unknown names raise ValueError.
+
+    `representation=True` is shorthand for representation_size = encoder width.
+    """
+    overrides = dict(overrides)
+    if overrides.pop("representation", False):
+        overrides.setdefault("representation_size", cfg.encoder.dim)
+    top = {f.name for f in dataclasses.fields(cfg)}
+    inner = {f.name for f in dataclasses.fields(cfg.encoder)}
+    unknown = sorted(set(overrides) - top - inner)
+    if unknown:
+        raise ValueError(f"unknown model setting(s): {', '.join(unknown)}")
+    enc_changes = {k: v for k, v in overrides.items() if k in inner and k not in top}
+    top_changes = {k: v for k, v in overrides.items() if k in top}
+    encoder = dataclasses.replace(cfg.encoder, **enc_changes)
+    return dataclasses.replace(cfg, **top_changes, encoder=encoder)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Trainable parameters; a shared (or tied) tensor is counted once."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -1,0 +1,110 @@
+"""Vision transformer head and stem around the shared encoder (ViT / WideNet)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from ..layers.moe import RoutingStats
+from ..layers.patch_embed import PatchEmbed
+from .encoder import Encoder, EncoderConfig
+
+
+@dataclass
+class VisionConfig:
+    """Image stem and classifier settings; `encoder` holds sizes and sharing.
+
+    pool: "token" (class token) or "avg" (mean of patch tokens).
+    representation_size: width of the pre-logits layer (Linear + tanh) that
+        the paper's ImageNet models use; None leaves it out.
+    """
+
+    image_size: int = 224
+    patch_size: int = 16
+    in_channels: int = 3
+    num_classes: int = 1000
+    pool: str = "token"
+    representation_size: int | None = None
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.encoder, dict):
+            self.encoder = EncoderConfig(**self.encoder)
+        for name in ("image_size", "patch_size", "in_channels", "num_classes"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image size {self.image_size} is not divisible by patch size {self.patch_size}")
+        if self.pool not in ("token", "avg"):
+            raise ValueError(f"pool must be 'token' or 'avg', got {self.pool!r}")
+        if self.representation_size is not None and self.representation_size < 1:
+            raise ValueError(f"representation_size must be positive, got {self.representation_size}")
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class VisionOutput:
+    """logits: (B, classes); aux_loss: () summed MoE loss; routing: per block."""
+
+    logits: torch.Tensor
+    aux_loss: torch.Tensor
+    routing: list[RoutingStats | None]
+    hidden_states: list[torch.Tensor] | None = None
+
+
+class VisionTransformer(nn.Module):
+    """ViT / ViT-MoE / ALBERT-style / WideNet image classifier (by config).
+
+    images (B, C, H, W) -> patch tokens (B, P, D) -> [cls] + tokens + pos
+    -> Encoder -> pool -> [pre-logits tanh] -> head.
+    """
+
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        dim = cfg.encoder.dim
+        self.patch_embed = PatchEmbed(cfg.image_size, cfg.patch_size, cfg.in_channels, dim)
+        n_tokens = cfg.num_patches + (1 if cfg.pool == "token" else 0)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if cfg.pool == "token" else None
+        self.pos_embed = nn.Parameter(torch.zeros(1, n_tokens, dim))
+        self.pos_drop = nn.Dropout(cfg.encoder.dropout)
+        self.encoder = Encoder(cfg.encoder)
+        rep = cfg.representation_size
+        self.pre_logits = nn.Sequential(nn.Linear(dim, rep), nn.Tanh()) if rep else nn.Identity()
+        self.head = nn.Linear(rep or dim, cfg.num_classes)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def forward_features(self, images: torch.Tensor, return_hidden_states: bool = False):
+        """images (B, C, H, W) -> EncoderOutput with hidden (B, T, D)."""
+        x = self.patch_embed(images)  # (B, P, D)
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # (B, 1+P, D)
+        x = self.pos_drop(x + self.pos_embed)
+        return self.encoder(x, return_hidden_states=return_hidden_states)
+
+    def forward_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden (B, T, D) -> logits (B, classes)."""
+        pooled = hidden[:, 0] if self.cfg.pool == "token" else hidden.mean(dim=1)  # (B, D)
+        return self.head(self.pre_logits(pooled))
+
+    def forward(self, images: torch.Tensor, return_hidden_states: bool = False) -> VisionOutput:
+        feats = self.forward_features(images, return_hidden_states)
+        return VisionOutput(self.forward_head(feats.hidden), feats.aux_loss, feats.routing, feats.hidden_states)
