@@ -1,0 +1,562 @@
+"""Tests for widenet.data.vision: IDX/Fashion-MNIST, CIFAR, image folders, batching."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import os
+import pickle
+import struct
+import urllib.error
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from widenet.data import vision
+from widenet.data.vision import (
+    DatasetError,
+    DatasetNotFoundError,
+    ImageDataset,
+    epoch_order,
+    iterate_batches,
+    load_cifar,
+    load_dataset,
+    load_fashion_mnist,
+    load_image_folder,
+    num_batches,
+    read_idx,
+    subset,
+)
+
+# --------------------------------------------------------------------------
+# Fixtures and helpers
+# --------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def _no_network(monkeypatch, tmp_path):
+    """Fail any real download; keep the cache and the Debian folder inside tmp_path."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("tests must not touch the network")
+
+    monkeypatch.setattr(vision.urllib.request, "urlopen", refuse)
+    monkeypatch.setenv("WIDENET_DATA_HOME", str(tmp_path / "data-home"))
+
+
+@pytest.fixture
+def no_debian(monkeypatch, tmp_path):
+    """Pretend Debian's dataset-fashion-mnist package is not installed."""
+    monkeypatch.setattr(vision, "DEBIAN_FASHION_MNIST_DIR", tmp_path / "no-debian")
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    """Encode a uint8 array in IDX format."""
+    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    return header + array.astype(np.uint8).tobytes()
+
+
+def fake_fashion(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), rng.integers(0, 10, n, dtype=np.uint8)
+
+
+def write_fashion(folder: Path, gz: bool = True, n_train: int = 12, n_test: int = 5) -> dict[str, bytes]:
+    """Write the four Fashion-MNIST files; return {canonical name: .gz bytes}."""
+    folder.mkdir(parents=True, exist_ok=True)
+    blobs = {}
+    for split, n in (("train", n_train), ("test", n_test)):
+        images, labels = fake_fashion(n, seed=n)
+        for name, array in zip(vision.FASHION_MNIST_FILES[split], (images, labels), strict=True):
+            raw = idx_bytes(array)
+            blobs[name] = gzip.compress(raw)
+            if gz:
+                (folder / name).write_bytes(blobs[name])
+            else:
+                (folder / name.removesuffix(".gz")).write_bytes(raw)
+    return blobs
+
+
+# --------------------------------------------------------------------------
+# IDX
+# --------------------------------------------------------------------------
+
+
+def test_read_idx_raw_and_gz(tmp_path):
+    array = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    (tmp_path / "a.idx").write_bytes(idx_bytes(array))
+    (tmp_path / "a.idx.gz").write_bytes(gzip.compress(idx_bytes(array)))
+    np.testing.assert_array_equal(read_idx(tmp_path / "a.idx"), array)
+    np.testing.assert_array_equal(read_idx(tmp_path / "a.idx.gz"), array)
+
+
+def test_read_idx_big_endian_int32(tmp_path):
+    array = np.array([1, -2, 70000], dtype=">i4")
+    path = tmp_path / "b.idx"
+    path.write_bytes(bytes([0, 0, 0x0C, 1]) + struct.pack(">I", 3) + array.tobytes())
+    out = read_idx(path)
+    assert out.dtype == np.int32 and out.tolist() == [1, -2, 70000]
+
+
+@pytest.mark.parametrize(
+    "name, payload, message",
+    [
+        ("truncated.idx", idx_bytes(np.zeros((4, 5), np.uint8))[:-3], "truncated"),
+        ("trailing.idx", idx_bytes(np.zeros((4, 5), np.uint8)) + b"xx", "trailing"),
+        ("magic.idx", b"\x01\x02\x08\x02" + idx_bytes(np.zeros((4, 5), np.uint8))[4:], "magic"),
+        ("header.idx", b"\x00\x00\x08\x03\x00\x00", "header"),
+        ("tiny.idx", b"\x00", "too short"),
+        ("notgzip.idx.gz", idx_bytes(np.zeros((4, 5), np.uint8)), "gzip"),
+        ("cut.idx.gz", gzip.compress(idx_bytes(np.zeros((40, 50), np.uint8)))[:-20], "gzip"),
+    ],
+)
+def test_read_idx_rejects_bad_files(tmp_path, name, payload, message):
+    path = tmp_path / name
+    path.write_bytes(payload)
+    with pytest.raises(DatasetError, match=message) as info:
+        read_idx(path)
+    assert name in str(info.value)
+
+
+def test_read_idx_corrupt_gzip_crc(tmp_path):
+    blob = bytearray(gzip.compress(idx_bytes(np.arange(100, dtype=np.uint8))))
+    blob[-6] ^= 0xFF  # damage the CRC32 in the trailer
+    path = tmp_path / "crc.idx.gz"
+    path.write_bytes(bytes(blob))
+    with pytest.raises(DatasetError, match="crc.idx.gz"):
+        read_idx(path)
+
+
+# --------------------------------------------------------------------------
+# Fashion-MNIST
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_fashion_mnist_from_data_dir(tmp_path, no_debian, gz):
+    write_fashion(tmp_path / "fm", gz=gz)
+    train = load_fashion_mnist("train", data_dir=tmp_path / "fm", download=False)
+    test = load_fashion_mnist("test", data_dir=tmp_path / "fm", download=False)
+    images, labels = fake_fashion(12, seed=12)
+    assert train.images.shape == (12, 1, 28, 28) and train.images.dtype == torch.uint8
+    assert train.labels.dtype == torch.int64
+    assert torch.equal(train.images[:, 0], torch.from_numpy(images))
+    assert torch.equal(train.labels, torch.from_numpy(labels.astype(np.int64)))
+    assert len(test) == 5 and test.num_classes == 10 and test.channels == 1 and test.image_size == 28
+    assert train.classes[0] == "T-shirt/top" and train.classes[-1] == "Ankle boot"
+
+
+def test_fashion_mnist_subfolder_of_data_dir(tmp_path, no_debian):
+    write_fashion(tmp_path / "root" / "fashion-mnist")
+    assert len(load_fashion_mnist("test", data_dir=tmp_path / "root", download=False)) == 5
+
+
+def test_fashion_mnist_missing_explains_how_to_get_it(tmp_path, no_debian):
+    with pytest.raises(DatasetNotFoundError, match="apt-get install dataset-fashion-mnist") as info:
+        load_fashion_mnist("train", data_dir=tmp_path / "empty", download=False)
+    assert "--data-dir" in str(info.value)
+
+
+def test_fashion_mnist_bad_split():
+    with pytest.raises(ValueError, match="split"):
+        load_fashion_mnist("valid", download=False)
+
+
+def test_fashion_mnist_label_count_mismatch(tmp_path, no_debian):
+    folder = tmp_path / "fm"
+    write_fashion(folder)
+    (folder / "train-labels-idx1-ubyte.gz").write_bytes(gzip.compress(idx_bytes(np.zeros(3, np.uint8))))
+    with pytest.raises(DatasetError, match="train-labels"):
+        load_fashion_mnist("train", data_dir=folder, download=False)
+
+
+class FakeResponse(io.BytesIO):
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def serve(monkeypatch, blobs: dict[str, bytes], calls: list[str]) -> None:
+    def urlopen(url, timeout=None):
+        calls.append(url)
+        return FakeResponse(blobs[url.rsplit("/", 1)[-1]])
+
+    monkeypatch.setattr(vision.urllib.request, "urlopen", urlopen)
+
+
+def test_fashion_mnist_download_verifies_and_caches(tmp_path, monkeypatch, no_debian):
+    blobs = write_fashion(tmp_path / "source")
+    for name, blob in blobs.items():
+        monkeypatch.setitem(vision.FASHION_MNIST_SHA256, name, hashlib.sha256(blob).hexdigest())
+    calls: list[str] = []
+    serve(monkeypatch, blobs, calls)
+    train = load_fashion_mnist("train", download=True)
+    assert len(train) == 12
+    cache = tmp_path / "data-home" / "fashion-mnist"
+    assert sorted(p.name for p in cache.iterdir()) == ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"]
+    assert all(url.startswith(vision.FASHION_MNIST_URL) for url in calls) and len(calls) == 2
+    load_fashion_mnist("train", download=True)  # cached: no new requests
+    assert len(calls) == 2
+
+
+def test_fashion_mnist_download_checksum_mismatch(tmp_path, monkeypatch, no_debian):
+    blobs = write_fashion(tmp_path / "source")
+    serve(monkeypatch, blobs, [])  # the real constants do not match these fake files
+    with pytest.raises(DatasetError, match="checksum mismatch"):
+        load_fashion_mnist("test", download=True)
+    cache = tmp_path / "data-home" / "fashion-mnist"
+    assert list(cache.iterdir()) == []  # temp file removed, nothing renamed into place
+
+
+def test_fashion_mnist_download_network_error(monkeypatch, no_debian):
+    def offline(url, timeout=None):
+        raise urllib.error.URLError("no route to host")
+
+    monkeypatch.setattr(vision.urllib.request, "urlopen", offline)
+    with pytest.raises(DatasetNotFoundError, match="could not download"):
+        load_fashion_mnist("test", download=True)
+
+
+def test_data_home_default(monkeypatch):
+    monkeypatch.delenv("WIDENET_DATA_HOME")
+    assert vision.data_home() == Path.home() / ".cache" / "widenet"
+
+
+debian = pytest.mark.skipif(
+    not (vision.DEBIAN_FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").is_file(),
+    reason="Debian package dataset-fashion-mnist is not installed",
+)
+
+
+@debian
+def test_debian_fashion_mnist_loads():
+    train = load_fashion_mnist("train", download=False)
+    test = load_fashion_mnist("test", download=False)
+    assert train.images.shape == (60000, 1, 28, 28) and test.images.shape == (10000, 1, 28, 28)
+    assert train.labels.unique().tolist() == list(range(10))
+    assert test.labels.unique().tolist() == list(range(10))
+    assert train.mean[0] == pytest.approx(0.2860, abs=1e-3) and train.std[0] == pytest.approx(0.3530, abs=1e-3)
+
+
+@debian
+def test_debian_files_rebuild_the_canonical_gz_files():
+    """Debian only rewrote the gzip headers: restoring them gives the canonical SHA-256s."""
+    mtimes = {"train": 1504176606, "t10k": 1504176627}
+    for name, expected in vision.FASHION_MNIST_SHA256.items():
+        data = (vision.DEBIAN_FASHION_MNIST_DIR / name).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == vision.FASHION_MNIST_DEBIAN_SHA256[name]
+        header = b"\x1f\x8b\x08\x08" + struct.pack("<I", mtimes[name.split("-")[0]]) + data[8:10]
+        canonical = header + name.removesuffix(".gz").encode() + b"\0" + data[10:]
+        assert hashlib.sha256(canonical).hexdigest() == expected
+
+
+# --------------------------------------------------------------------------
+# CIFAR
+# --------------------------------------------------------------------------
+
+
+def cifar_batch(n: int, seed: int, label_key, bytes_keys: bool) -> dict:
+    rng = np.random.default_rng(seed)
+    key = (lambda k: k.encode()) if bytes_keys else (lambda k: k)
+    batch = {
+        key("data"): rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+        key(label_key): rng.integers(0, 10, n).tolist(),
+    }
+    if label_key == "fine_labels":
+        batch[key("coarse_labels")] = [0] * n
+    return batch
+
+
+def dump(path: Path, obj, protocol: int) -> None:
+    path.write_bytes(pickle.dumps(obj, protocol=protocol))
+
+
+def write_cifar10(root: Path, n: int = 3, protocol: int = 2) -> Path:
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    for i in range(1, 6):
+        dump(folder / f"data_batch_{i}", cifar_batch(n, i, "labels", True), protocol)
+    dump(folder / "test_batch", cifar_batch(n, 99, "labels", True), protocol)
+    dump(folder / "batches.meta", {b"label_names": [c.encode() for c in vision.CIFAR10_CLASSES]}, protocol)
+    return folder
+
+
+def write_cifar100(root: Path, n: int = 4) -> Path:
+    folder = root / "cifar-100-python"
+    folder.mkdir(parents=True)
+    dump(folder / "train", cifar_batch(n, 1, "fine_labels", False), pickle.HIGHEST_PROTOCOL)
+    dump(folder / "test", cifar_batch(n, 2, "fine_labels", False), pickle.HIGHEST_PROTOCOL)
+    dump(folder / "meta", {"fine_label_names": [f"c{i}" for i in range(100)]}, pickle.HIGHEST_PROTOCOL)
+    return folder
+
+
+@pytest.mark.parametrize("protocol", [2, pickle.HIGHEST_PROTOCOL])
+def test_cifar10_layout(tmp_path, protocol):
+    folder = write_cifar10(tmp_path, protocol=protocol)
+    for root in (tmp_path, folder):
+        train = load_cifar(root, "cifar10", "train")
+        assert train.images.shape == (15, 3, 32, 32) and train.images.dtype == torch.uint8
+        assert train.classes == vision.CIFAR10_CLASSES and train.name == "cifar10-train"
+    first = cifar_batch(3, 1, "labels", True)
+    assert torch.equal(train.images[:3].reshape(3, -1), torch.from_numpy(first[b"data"]))
+    assert train.labels[:3].tolist() == first[b"labels"]
+    assert len(load_cifar(tmp_path, "cifar10", "test")) == 3
+
+
+def test_cifar100_layout_uses_fine_labels(tmp_path):
+    write_cifar100(tmp_path)
+    test = load_cifar(tmp_path, "cifar100", "test")
+    assert test.images.shape == (4, 3, 32, 32) and test.num_classes == 100
+    assert test.labels.tolist() == cifar_batch(4, 2, "fine_labels", False)["fine_labels"]
+    assert test.classes[3] == "c3"
+
+
+def py2_str(text: bytes) -> bytes:
+    """Pickle opcodes for a Python-2 ``str`` (SHORT_BINSTRING or BINSTRING)."""
+    if len(text) < 256:
+        return b"U" + bytes([len(text)]) + text
+    return b"T" + struct.pack("<i", len(text)) + text
+
+
+def py2_cifar_pickle(data: np.ndarray, labels: list[int]) -> bytes:
+    """A batch pickled the way Python 2 + numpy wrote the real CIFAR files (protocol 2)."""
+    dtype = (
+        b"cnumpy\ndtype\n" + py2_str(b"u1") + b"K\x00K\x01\x87R"
+        b"(K\x03" + py2_str(b"|") + b"NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb"
+    )
+    shape = b"(" + b"".join(b"J" + struct.pack("<i", d) for d in data.shape) + b"t"
+    array = (
+        b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85" + py2_str(b"b") + b"\x87R"
+        b"(K\x01" + shape + dtype + b"\x89" + py2_str(data.tobytes()) + b"tb"
+    )
+    label_ops = b"".join(b"K" + bytes([label]) for label in labels)
+    return b"\x80\x02}(" + py2_str(b"data") + array + py2_str(b"labels") + b"](" + label_ops + b"eu."
+
+
+def test_cifar_python2_pickle(tmp_path):
+    folder = write_cifar10(tmp_path)
+    data = np.arange(2 * 3072, dtype=np.uint32).astype(np.uint8).reshape(2, 3072)
+    (folder / "test_batch").write_bytes(py2_cifar_pickle(data, [3, 7]))
+    test = load_cifar(folder, "cifar10", "test")
+    assert torch.equal(test.images.reshape(2, -1), torch.from_numpy(data))
+    assert test.labels.tolist() == [3, 7]
+
+
+def test_cifar_corrupt_file_names_it(tmp_path):
+    folder = write_cifar10(tmp_path)
+    (folder / "data_batch_3").write_bytes(pickle.dumps(cifar_batch(3, 3, "labels", True))[:100])
+    with pytest.raises(DatasetError, match="data_batch_3"):
+        load_cifar(tmp_path, "cifar10", "train")
+
+
+def test_cifar_wrong_shape(tmp_path):
+    folder = write_cifar10(tmp_path)
+    dump(folder / "test_batch", {b"data": np.zeros((2, 10), np.uint8), b"labels": [0, 1]}, 2)
+    with pytest.raises(DatasetError, match="test_batch.*3072"):
+        load_cifar(tmp_path, "cifar10", "test")
+
+
+class Exploit:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_cifar_refuses_forbidden_globals(tmp_path):
+    folder = write_cifar10(tmp_path)
+    marker = tmp_path / "pwned"
+    dump(folder / "test_batch", {b"data": Exploit(marker), b"labels": []}, 2)
+    with pytest.raises(DatasetError, match="forbidden global .*system") as info:
+        load_cifar(tmp_path, "cifar10", "test")
+    assert "test_batch" in str(info.value)
+    assert not marker.exists()
+
+
+def test_cifar_missing(tmp_path):
+    with pytest.raises(DatasetNotFoundError, match="cifar.html"):
+        load_cifar(tmp_path, "cifar100", "train")
+    with pytest.raises(ValueError, match="variant"):
+        load_cifar(tmp_path, "cifar1000", "train")
+
+
+# --------------------------------------------------------------------------
+# Image folders
+# --------------------------------------------------------------------------
+
+
+def make_folder(root: Path) -> None:
+    from PIL import Image
+
+    (root / "train" / "cat").mkdir(parents=True)
+    (root / "train" / "dog").mkdir(parents=True)
+    Image.new("RGB", (20, 10), (255, 0, 0)).save(root / "train" / "cat" / "a.png")
+    Image.new("RGB", (12, 12), (0, 0, 255)).save(root / "train" / "cat" / "b.jpg", quality=95)
+    # 16x8: a black left quarter that the center crop must drop.
+    striped = Image.new("L", (16, 8), 255)
+    striped.paste(0, (0, 0, 4, 8))
+    striped.save(root / "train" / "dog" / "c.png")
+
+
+def test_image_folder_decodes_and_caches(tmp_path, monkeypatch):
+    import PIL.Image
+
+    make_folder(tmp_path)
+    ds = load_image_folder(tmp_path, "train", image_size=8)
+    assert ds.images.shape == (3, 3, 8, 8) and ds.images.dtype == torch.uint8
+    assert ds.classes == ["cat", "dog"] and ds.labels.tolist() == [0, 0, 1]
+    assert ds.images[0, 0].min() == 255 and ds.images[0, 2].max() == 0  # solid red
+    assert (ds.images[2] == 255).all()  # black stripe cropped away
+    caches = list((tmp_path / ".widenet-cache").glob("*.pt"))
+    assert len(caches) == 1
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("cache should have been used")
+
+    monkeypatch.setattr(PIL.Image, "open", refuse)
+    again = load_image_folder(tmp_path, "train", image_size=8)
+    assert torch.equal(again.images, ds.images) and torch.equal(again.labels, ds.labels)
+    assert again.classes == ds.classes
+
+
+def test_image_folder_cache_invalidated_by_changes(tmp_path):
+    from PIL import Image
+
+    make_folder(tmp_path)
+    load_image_folder(tmp_path, "train", image_size=8, cache_dir=tmp_path / "c")
+    Image.new("RGB", (9, 9), (0, 255, 0)).save(tmp_path / "train" / "dog" / "d.png")
+    ds = load_image_folder(tmp_path, "train", image_size=8, cache_dir=tmp_path / "c")
+    assert len(ds) == 4 and len(list((tmp_path / "c").glob("*.pt"))) == 2
+    grey = load_image_folder(tmp_path, "train", image_size=6, channels=1, cache_dir=tmp_path / "c")
+    assert grey.images.shape == (4, 1, 6, 6)
+
+
+def test_image_folder_without_split(tmp_path):
+    make_folder(tmp_path)
+    ds = load_image_folder(tmp_path / "train", None, image_size=4)
+    assert len(ds) == 3 and ds.name == "folder-train"
+
+
+def test_image_folder_corrupt_file(tmp_path):
+    make_folder(tmp_path)
+    (tmp_path / "train" / "dog" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    with pytest.raises(DatasetError, match="broken.png"):
+        load_image_folder(tmp_path, "train", image_size=8)
+
+
+def test_image_folder_empty(tmp_path):
+    (tmp_path / "train").mkdir()
+    with pytest.raises(DatasetError, match="no class folders"):
+        load_image_folder(tmp_path, "train", image_size=8)
+    (tmp_path / "train" / "cat").mkdir()
+    with pytest.raises(DatasetError, match="no image files"):
+        load_image_folder(tmp_path, "train", image_size=8)
+    with pytest.raises(DatasetNotFoundError):
+        load_image_folder(tmp_path, "valid", image_size=8)
+
+
+# --------------------------------------------------------------------------
+# Dispatch
+# --------------------------------------------------------------------------
+
+
+def test_load_dataset_dispatch(tmp_path, no_debian):
+    write_fashion(tmp_path / "fm")
+    ds = load_dataset("fashion-mnist", "test", data_dir=tmp_path / "fm", download=False)
+    assert ds.images.shape == (5, 1, 28, 28)
+    big = load_dataset("fashion-mnist", "test", data_dir=tmp_path / "fm", image_size=32, download=False)
+    assert big.images.shape == (5, 1, 32, 32) and big.images.dtype == torch.uint8
+    write_cifar100(tmp_path / "c")
+    assert load_dataset("cifar100", "train", data_dir=tmp_path / "c").num_classes == 100
+    make_folder(tmp_path / "f")
+    assert len(load_dataset("folder", "train", data_dir=tmp_path / "f", image_size=8)) == 3
+
+
+def test_load_dataset_errors():
+    with pytest.raises(ValueError, match="fashion-mnist, cifar10, cifar100, folder"):
+        load_dataset("mnist", "train")
+    with pytest.raises(ValueError, match="data_dir"):
+        load_dataset("folder", "train", image_size=8)
+
+
+# --------------------------------------------------------------------------
+# Dataset container, batching, subsets
+# --------------------------------------------------------------------------
+
+
+def indexed_dataset(n: int) -> ImageDataset:
+    """Image i is filled with the value i, its label is i % 3."""
+    images = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 2, 3, 3).contiguous()
+    return ImageDataset(images, torch.arange(n) % 3, ["a", "b", "c"], "toy")
+
+
+def test_image_dataset_properties_and_validation():
+    ds = indexed_dataset(10)
+    values = torch.arange(10, dtype=torch.float64) / 255
+    assert ds.mean == pytest.approx((values.mean().item(),) * 2)
+    assert ds.std == pytest.approx((values.std(unbiased=False).item(),) * 2)
+    assert ds.image_size == 3 and ds.channels == 2 and ds.num_classes == 3
+    with pytest.raises(DatasetError, match="uint8"):
+        ImageDataset(ds.images.float(), ds.labels, ds.classes, "bad")
+    with pytest.raises(DatasetError, match="labels"):
+        ImageDataset(ds.images, ds.labels[:-1], ds.classes, "bad")
+    with pytest.raises(DatasetError, match="classes"):
+        ImageDataset(ds.images, ds.labels + 5, ds.classes, "bad")
+    wide = ImageDataset(torch.zeros(1, 1, 2, 3, dtype=torch.uint8), torch.zeros(1, dtype=torch.long), ["a"], "wide")
+    assert wide.image_shape == (2, 3)
+    with pytest.raises(ValueError, match="not square"):
+        _ = wide.image_size
+
+
+def test_epoch_order_is_deterministic_and_leaves_global_rng_alone():
+    state = torch.get_rng_state()
+    a = epoch_order(50, seed=1, epoch=0)
+    assert torch.equal(a, epoch_order(50, seed=1, epoch=0))
+    assert torch.equal(torch.sort(a).values, torch.arange(50))
+    assert not torch.equal(a, epoch_order(50, seed=1, epoch=1))
+    assert not torch.equal(a, epoch_order(50, seed=2, epoch=0))
+    assert torch.equal(state, torch.get_rng_state())
+
+
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_iterate_batches_resumes_exactly(drop_last):
+    ds = indexed_dataset(23)
+    full = list(iterate_batches(ds, 5, shuffle=True, seed=3, epoch=2, drop_last=drop_last))
+    assert len(full) == num_batches(23, 5, drop_last) == (4 if drop_last else 5)
+    order = epoch_order(23, 3, 2)
+    seen = torch.cat([images[:, 0, 0, 0] for images, _ in full]).long()
+    assert torch.equal(seen, order[: len(seen)])
+    for images, labels in full:
+        assert torch.equal(labels, images[:, 0, 0, 0].long() % 3)
+    resumed = list(iterate_batches(ds, 5, shuffle=True, seed=3, epoch=2, start_batch=2, drop_last=drop_last))
+    assert len(resumed) == len(full) - 2
+    for (a, la), (b, lb) in zip(resumed, full[2:], strict=True):
+        assert torch.equal(a, b) and torch.equal(la, lb)
+
+
+def test_iterate_batches_sequential_and_errors():
+    ds = indexed_dataset(7)
+    batches = list(iterate_batches(ds, 3, shuffle=False))
+    assert [len(b[1]) for b in batches] == [3, 3, 1]
+    assert batches[0][0][:, 0, 0, 0].tolist() == [0, 1, 2]
+    with pytest.raises(ValueError, match="start_batch"):
+        list(iterate_batches(ds, 3, shuffle=False, start_batch=4))
+    with pytest.raises(ValueError, match="batch_size"):
+        num_batches(7, 0)
+
+
+def test_subset():
+    ds = indexed_dataset(20)
+    small = subset(ds, 6, seed=1)
+    assert len(small) == 6 and torch.equal(small.images, subset(ds, 6, seed=1).images)
+    assert torch.equal(small.labels, small.images[:, 0, 0, 0].long() % 3)
+    assert len(set(small.images[:, 0, 0, 0].tolist())) == 6
+    assert len(subset(ds, 100, seed=1)) == 20
+    with pytest.raises(ValueError):
+        subset(ds, 0)
