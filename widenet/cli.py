@@ -4,6 +4,9 @@
     widenet params MODEL [MODEL ...] [--num-classes N] [--representation] [--json]
     widenet bench moe [--tokens --dim --hidden --experts --top-k --capacity-factor] [--json]
     widenet bench model MODEL [--batch-size N] [--steps N] [--json]
+    widenet train --model M --data D [--epochs N | --max-steps N] [--out DIR] [--resume] ...
+    widenet eval --checkpoint PATH [--data D] [--json]
+    widenet compare [--models A,B,...] [--preset quick|full] [--seeds N] [--epochs N] [--out DIR]
 
 Bad input exits with status 2 and a one-line message (no traceback).
 """
@@ -88,7 +91,7 @@ def cmd_params(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_moe(args: argparse.Namespace) -> int:
-    from .bench.model_bench import resolve_device
+    from .runtime import resolve_device
     from .bench.moe_bench import MoEBenchConfig, format_moe_bench, run_moe_bench
 
     cfg = MoEBenchConfig(tokens=args.tokens, dim=args.dim, hidden=args.hidden, experts=args.experts,
@@ -114,6 +117,111 @@ def cmd_bench_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_setting(text: str) -> tuple[str, object]:
+    """KEY=VALUE with VALUE read as a Python literal when it is one (3, 0.5, True, None)."""
+    import ast
+
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key.replace("-", "_"), ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key.replace("-", "_"), value
+
+
+def train_config_from_args(args: argparse.Namespace):
+    from .train.config import TrainConfig
+
+    fields = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__ and v is not None}
+    overrides = dict(args.set or [])
+    for flag in ("capacity_factor", "eval_capacity_factor", "noise_std"):
+        if getattr(args, flag) is not None:
+            overrides[flag] = getattr(args, flag)
+    fields["model_overrides"] = overrides
+    return TrainConfig(**fields)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train.loop import train
+
+    result = train(train_config_from_args(args))
+    e = result.final_eval
+    print(f"done: {result.steps} steps, test accuracy {e.accuracy:.4f}, loss {e.loss:.4f}, "
+          f"{result.train_images_per_s:.0f} images/s; run folder {result.out_dir}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .train.evaluate_cli import evaluate_checkpoint
+
+    report = evaluate_checkpoint(args.checkpoint, data=args.data, data_dir=args.data_dir,
+                                 batch_size=args.batch_size, device=args.device, test_subset=args.test_subset)
+    if args.json:
+        _print_json(report)
+        return 0
+    print(f"{report['model']} @ step {report['step']}: accuracy {report['accuracy']:.4f}, "
+          f"loss {report['loss']:.4f} on {report['examples']} {report['data']} test images")
+    for r in report["routing"]:
+        load = " ".join(f"{f:.2f}" for f in r["expert_fraction"])
+        print(f"  block {r['block']:>2}: expert load [{load}]  dropped {r['dropped_fraction']:.3f}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .analysis.compare import compare
+
+    settings = {k: v for k, v in vars(args).items()
+                if k in ("train_subset", "test_subset", "batch_size", "lr", "data", "data_dir", "device",
+                         "max_steps") and v is not None}
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    report = compare(models, args.out, preset=args.preset, seeds=args.seeds, epochs=args.epochs,
+                     ablation=not args.no_ablation, **settings)
+    print(f"report: {report}")
+    return 0
+
+
+def _add_train_arguments(p: argparse.ArgumentParser) -> None:
+    from .data.vision import DATASET_NAMES
+    from .train.config import CROP_NAMES, OPTIMIZER_NAMES, SCHEDULE_NAMES
+
+    p.add_argument("--model", default="widenet_tiny")
+    p.add_argument("--data", default="fashion-mnist", choices=DATASET_NAMES)
+    p.add_argument("--data-dir")
+    p.add_argument("--image-size", type=_positive_int)
+    p.add_argument("--train-subset", type=_positive_int, help="train on this many images (quick runs)")
+    p.add_argument("--test-subset", type=_positive_int)
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--epochs", type=_positive_int)
+    budget.add_argument("--max-steps", type=_positive_int)
+    p.add_argument("--batch-size", type=_positive_int)
+    p.add_argument("--optimizer", choices=OPTIMIZER_NAMES)
+    p.add_argument("--lr", type=_positive_float)
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--warmup-steps", type=int)
+    p.add_argument("--schedule", choices=SCHEDULE_NAMES)
+    p.add_argument("--clip-norm", type=float)
+    p.add_argument("--label-smoothing", type=float)
+    p.add_argument("--mixup", type=float, help="Beta(alpha, alpha) mixup; 0 disables")
+    p.add_argument("--crop", choices=CROP_NAMES)
+    p.add_argument("--randaugment-n", type=int)
+    p.add_argument("--randaugment-m", type=float)
+    p.add_argument("--dropout", type=float)
+    p.add_argument("--aux-weight", type=float, help="weight of the summed balance loss (paper: 0.01)")
+    p.add_argument("--capacity-factor", type=_positive_float)
+    p.add_argument("--eval-capacity-factor", type=_positive_float)
+    p.add_argument("--noise-std", type=float)
+    p.add_argument("--set", action="append", type=_parse_setting, metavar="KEY=VALUE",
+                   help="any model setting, e.g. --set share_norms=True")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--save-every", type=_positive_int, help="also checkpoint every N steps")
+    p.add_argument("--log-every", type=_positive_int)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--amp", choices=("auto", "off", "bf16", "fp16"))
+    p.add_argument("--out", help="run folder (metrics.jsonl, checkpoints/)")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+
+
 # --- parser -------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="widenet", description="WideNet: go wider instead of deeper.")
@@ -132,6 +240,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_params)
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", metavar="WHAT", required=True)
+    p = sub.add_parser("train", help="train an image classifier (checkpoints, metrics, resume)")
+    _add_train_arguments(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint: accuracy, loss, routing per block")
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder, run folder or model.safetensors")
+    p.add_argument("--data", help="dataset (default: the one it was trained on)")
+    p.add_argument("--data-dir")
+    p.add_argument("--test-subset", type=_positive_int)
+    p.add_argument("--batch-size", type=_positive_int, default=512)
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("compare", help="train several models with one recipe and write OUT/report.md")
+    p.add_argument("--models", default="vit_tiny,vit_moe_tiny,albert_tiny,widenet_tiny",
+                   help="comma-separated presets")
+    p.add_argument("--preset", default="quick", choices=("quick", "full"))
+    p.add_argument("--seeds", type=_positive_int)
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--epochs", type=_positive_int)
+    budget.add_argument("--max-steps", type=_positive_int)
+    p.add_argument("--train-subset", type=_positive_int)
+    p.add_argument("--test-subset", type=_positive_int)
+    p.add_argument("--batch-size", type=_positive_int)
+    p.add_argument("--lr", type=_positive_float)
+    p.add_argument("--data", default="fashion-mnist")
+    p.add_argument("--data-dir")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--no-ablation", action="store_true", help="skip WideNet with shared LayerNorms")
+    p.add_argument("--out", default="runs/compare")
+    p.set_defaults(func=cmd_compare)
+
     p = bench.add_parser("moe", help="MoE layer vs dense FFN, one-hot einsum and expert loop")
     p.add_argument("--tokens", type=_positive_int, default=8192)
     p.add_argument("--dim", type=_positive_int, default=192)
@@ -155,12 +296,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from .train.loop import TrainingError
+
     parser = build_parser()
     args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
-    except (CLIError, ValueError) as err:
+    except (CLIError, ValueError, TrainingError) as err:
         # Library and user errors: one line, no traceback.
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
         print(f"widenet: error: {message}", file=sys.stderr)

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models.registry import count_parameters, create_model
+from ..runtime import resolve_device
 
 
 @dataclass
@@ -20,17 +21,6 @@ class ModelBenchResult:
     images_per_s: float
     params: int
     device: str
-
-
-def resolve_device(name: str) -> torch.device:
-    """'auto' -> cuda when available else cpu; 'cuda' without a GPU is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for, but no CUDA GPU is available")
-    if name not in ("cpu",) and not name.startswith("cuda"):
-        raise ValueError(f"unknown device {name!r}; use auto, cpu or cuda")
-    return torch.device(name)
 
 
 def bench_model(name: str, batch_size: int = 64, steps: int = 10, warmup: int = 2,

@@ -1,0 +1,231 @@
+"""`widenet compare`: train several models with one recipe and write a report.
+
+Every model gets the same data, budget, recipe and seeds. The report
+(OUT/report.md) holds a table like the paper's (parameters, FLOPs per image,
+training images/s, test accuracy mean +- std over seeds), the shared- vs
+individual-LayerNorm ablation of WideNet, and PNG figures: accuracy against
+parameters, training curves, expert load per block, block-output similarity.
+Runs live in OUT/runs/<label>/seed<k>; a rerun of the same command resumes
+unfinished runs and reuses finished ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import platform
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..data.vision import ImageDataset, subset
+from ..train.config import TrainConfig
+from ..train.loop import TrainResult, load_data, train
+from ..train.metrics import read_metrics
+from . import plots
+from .flops import flops_per_image
+from .similarity import block_similarity
+
+# Budgets. "quick" is the README's main job: < 15 minutes on a 2-core CPU.
+PRESETS: dict[str, dict] = {
+    "quick": dict(train_subset=12000, epochs=2, seeds=2, batch_size=128, lr=2e-3, warmup_fraction=0.05),
+    "full": dict(train_subset=None, epochs=30, seeds=3, batch_size=128, lr=1e-3, warmup_fraction=0.05),
+}
+DEFAULT_MODELS = ("vit_tiny", "vit_moe_tiny", "albert_tiny", "widenet_tiny")
+
+
+@dataclass
+class RunSpec:
+    label: str
+    model: str
+    overrides: dict = field(default_factory=dict)
+
+
+@dataclass
+class SpecResult:
+    spec: RunSpec
+    accuracies: list[float]
+    params: int
+    flops: float
+    images_per_s: float
+    routing: list[dict]
+    similarity: list[list[float]]
+    curve: dict[str, list]
+
+    @property
+    def acc_mean(self) -> float:
+        return statistics.fmean(self.accuracies)
+
+    @property
+    def acc_std(self) -> float:
+        return statistics.stdev(self.accuracies) if len(self.accuracies) > 1 else 0.0
+
+
+def run_specs(models: list[str], ablation: bool) -> list[RunSpec]:
+    """The models, plus WideNet with shared LayerNorms when WideNet is among them."""
+    specs = [RunSpec(m, m) for m in models]
+    widenets = [m for m in models if m.startswith("widenet")]
+    if ablation and widenets:
+        specs.append(RunSpec(f"{widenets[0]} (shared norms)", widenets[0], {"share_norms": True}))
+    return specs
+
+
+def compare(models: list[str], out: str | Path, preset: str = "quick", seeds: int | None = None,
+            epochs: int | None = None, ablation: bool = True, log: Callable[[str], None] = print,
+            **train_settings) -> Path:
+    """Train every (model, seed), then write OUT/report.md and its figures."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    if not models:
+        raise ValueError("no models to compare")
+    budget = dict(PRESETS[preset])
+    n_seeds = seeds or budget.pop("seeds")
+    budget.pop("seeds", None)
+    if epochs:
+        budget["epochs"] = epochs
+    budget.update(train_settings)
+    out = Path(out)
+    base = TrainConfig(model=models[0], out=str(out), **budget)
+    data = load_data(base)
+    specs = run_specs(models, ablation)
+    results = [_run_spec(spec, base, data, n_seeds, out, log) for spec in specs]
+    return write_report(results, base, n_seeds, preset, out, data)
+
+
+def _run_spec(spec: RunSpec, base: TrainConfig, data: tuple[ImageDataset, ImageDataset], n_seeds: int,
+              out: Path, log: Callable[[str], None]) -> SpecResult:
+    runs: list[TrainResult] = []
+    for seed in range(n_seeds):
+        run_dir = out / "runs" / _slug(spec.label) / f"seed{seed}"
+        cfg = dataclasses.replace(base, model=spec.model, model_overrides=dict(spec.overrides), seed=seed,
+                                  out=str(run_dir), resume=(run_dir / "checkpoints").exists())
+        log(f"== {spec.label}, seed {seed} ==")
+        runs.append(train(cfg, log=lambda line: log(f"  {line}"), data=data))
+    first = runs[0]
+    model = first.model
+    c = model.cfg
+    probe = subset(data[1], 256, 0).images.float().div(255)
+    probe = (probe - torch.tensor(data[0].mean).view(1, -1, 1, 1)) / torch.tensor(data[0].std).view(1, -1, 1, 1)
+    device = next(model.parameters()).device
+    return SpecResult(
+        spec=spec,
+        accuracies=[r.final_eval.accuracy for r in runs],
+        params=first.params,
+        flops=flops_per_image(model, (c.in_channels, c.image_size, c.image_size)),
+        images_per_s=statistics.fmean(r.train_images_per_s for r in runs),
+        routing=[vars(b) for b in first.final_eval.routing],
+        similarity=block_similarity(model, probe.to(device)).tolist(),
+        curve=_curve(first.out_dir / "metrics.jsonl"),
+    )
+
+
+def _curve(path: Path) -> dict[str, list]:
+    records = read_metrics(path)
+    train_r = [r for r in records if r.get("split") == "train"]
+    test_r = [r for r in records if r.get("split") == "test"]
+    return dict(train_step=[r["step"] for r in train_r], train_loss=[r["loss"] for r in train_r],
+                test_step=[r["step"] for r in test_r], test_acc=[r["accuracy"] for r in test_r])
+
+
+def _slug(label: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in label).strip("_")
+
+
+# --- report -------------------------------------------------------------------
+def write_report(results: list[SpecResult], base: TrainConfig, n_seeds: int, preset: str, out: Path,
+                 data: tuple[ImageDataset, ImageDataset]) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    main = [r for r in results if not r.spec.overrides]
+    ablation = [r for r in results if r.spec.overrides]
+    figures = _figures(results, out)
+    lines = [
+        f"# WideNet comparison on {base.data}",
+        "",
+        f"Generated {_dt.datetime.now().strftime('%Y-%m-%d %H:%M')} by `widenet compare` (preset `{preset}`) "
+        f"on {platform.machine()} with {torch.get_num_threads()} CPU threads, torch {torch.__version__}.",
+        f"Budget per run: {base.epochs} epochs over {len(data[0])} training images, batch {base.batch_size}, "
+        f"{base.optimizer} lr {base.lr}, weight decay {base.weight_decay}, {base.schedule} schedule, "
+        f"label smoothing {base.label_smoothing}, mixup {base.mixup}, crop `{base.crop}`, "
+        f"balance-loss weight {base.aux_weight}. Test set: {len(data[1])} images. Seeds: {n_seeds}.",
+        "",
+        "## Results",
+        "",
+        _table(main),
+        "",
+        _verdict(main, n_seeds),
+        "",
+    ]
+    if ablation:
+        lines += ["## LayerNorm ablation (WideNet with shared vs individual norms)", "",
+                  _table([r for r in main if r.spec.model == ablation[0].spec.model] + ablation), "",
+                  _ablation_verdict(main, ablation[0]), ""]
+    lines += ["## Routing: expert load per block (seed 0, test set)", "", _routing_table(results), ""]
+    lines += ["## Figures", ""] + [f"![{name}]({name})" for name in figures] + [""]
+    report = out / "report.md"
+    tmp = report.with_suffix(".md.tmp")
+    tmp.write_text("\n".join(lines), encoding="utf-8")
+    tmp.replace(report)
+    return report
+
+
+def _table(rows: list[SpecResult]) -> str:
+    head = ("| model | params | FLOPs / image | train images/s | test accuracy (%) |\n"
+            "|---|---:|---:|---:|---:|")
+    body = [f"| {r.spec.label} | {r.params / 1e6:.3f}M | {r.flops / 1e6:.1f}M | {r.images_per_s:.0f} | "
+            f"{100 * r.acc_mean:.2f} ± {100 * r.acc_std:.2f} |" for r in rows]
+    return "\n".join([head, *body])
+
+
+def _verdict(rows: list[SpecResult], n_seeds: int) -> str:
+    if not rows:
+        return ""
+    ranked = sorted(rows, key=lambda r: r.acc_mean, reverse=True)
+    best, second = ranked[0], (ranked[1] if len(ranked) > 1 else None)
+    text = f"**Winner: {best.spec.label}** with {100 * best.acc_mean:.2f}% test accuracy"
+    if second is not None:
+        gap = 100 * (best.acc_mean - second.acc_mean)
+        noise = 100 * max(best.acc_std, second.acc_std)
+        text += f", {gap:.2f} points ahead of {second.spec.label}"
+        if n_seeds < 2:
+            text += " (one seed: the gap's noise is unknown)"
+        elif gap <= noise:
+            text += f" — within the seed-to-seed spread ({noise:.2f}), so not a clear win"
+    return text + "."
+
+
+def _ablation_verdict(main: list[SpecResult], shared: SpecResult) -> str:
+    own = next((r for r in main if r.spec.model == shared.spec.model), None)
+    if own is None:
+        return ""
+    diff = 100 * (own.acc_mean - shared.acc_mean)
+    better = "individual" if diff > 0 else "shared"
+    return (f"Individual LayerNorms vs shared: {diff:+.2f} points; {better} norms did better at this budget "
+            f"(paper: individual norms help).")
+
+
+def _routing_table(results: list[SpecResult]) -> str:
+    rows = ["| model | block | expert load | dropped |", "|---|---:|---|---:|"]
+    for r in results:
+        for b in r.routing:
+            load = " / ".join(f"{f:.2f}" for f in b["expert_fraction"])
+            rows.append(f"| {r.spec.label} | {b['block']} | {load} | {b['dropped_fraction']:.3f} |")
+    return "\n".join(rows) if len(rows) > 2 else "(no MoE model in the comparison)"
+
+
+def _figures(results: list[SpecResult], out: Path) -> list[str]:
+    names = []
+    rows = [dict(label=r.spec.label, params=r.params, acc_mean=r.acc_mean, acc_std=r.acc_std) for r in results]
+    names.append(plots.accuracy_vs_params(rows, out / "accuracy_vs_params.png").name)
+    names.append(plots.training_curves({r.spec.label: r.curve for r in results}, out / "training_curves.png").name)
+    for r in results:
+        if r.routing:
+            path = out / f"expert_load_{_slug(r.spec.label)}.png"
+            load = [b["expert_fraction"] for b in r.routing]
+            blocks = [b["block"] for b in r.routing]
+            names.append(plots.expert_load(load, blocks, f"{r.spec.label}: expert load per block", path).name)
+    sims = {r.spec.label: r.similarity for r in results}
+    names.append(plots.similarity_heatmaps(sims, out / "block_similarity.png").name)
+    return names

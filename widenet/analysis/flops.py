@@ -1,0 +1,25 @@
+"""FLOPs per image, counted by PyTorch's own FlopCounterMode.
+
+The MoE dispatch runs real per-expert matmuls on the tokens each expert got,
+so the count is the ACTIVE compute (top-k experts per token), as the paper
+reports it, not E times the expert FFN.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def flops_per_image(model: nn.Module, image_shape: tuple[int, int, int], batch: int = 8) -> float:
+    """Forward FLOPs per image in eval mode (mean over a batch of random images)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    images = torch.randn(batch, *image_shape, device=device)
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(images)
+    model.train(was_training)
+    return counter.get_total_flops() / batch

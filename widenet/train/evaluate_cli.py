@@ -1,0 +1,41 @@
+"""`widenet eval`: rebuild a model from its checkpoint and evaluate it."""
+
+from __future__ import annotations
+
+from ..data.vision import load_dataset, subset
+from ..models.registry import create_model
+from ..models.vision import VisionConfig
+from ..runtime import resolve_device
+from .checkpoint import CheckpointError, find_latest_checkpoint, load_checkpoint
+from .evaluate import evaluate
+
+
+def evaluate_checkpoint(path: str, data: str | None = None, data_dir: str | None = None,
+                        batch_size: int = 512, device: str = "auto", test_subset: int | None = None) -> dict:
+    """Accuracy, loss and per-block routing of a saved model on a test split."""
+    ckpt = load_checkpoint(find_latest_checkpoint(path) or path)
+    meta = ckpt.meta
+    if "model" not in meta or "model_config" not in meta:
+        raise CheckpointError(f"{ckpt.path}: meta.json lacks the model name/config")
+    cfg = VisionConfig(**meta["model_config"])
+    model = create_model(meta["model"], **_flat(cfg))
+    load_checkpoint(ckpt.path, model)
+    train_cfg = meta.get("train_config", {})
+    name = data or meta.get("data", {}).get("name") or train_cfg.get("data")
+    test = load_dataset(name, "test", data_dir or train_cfg.get("data_dir"), cfg.image_size)
+    if test_subset:
+        test = subset(test, test_subset, train_cfg.get("seed", 0))
+    if test.channels != cfg.in_channels or test.num_classes > cfg.num_classes:
+        raise ValueError(f"dataset {name!r} ({test.channels} channels, {test.num_classes} classes) does not fit "
+                         f"the checkpoint's model ({cfg.in_channels} channels, {cfg.num_classes} classes)")
+    stats = meta.get("data", {})
+    mean, std = stats.get("mean", test.mean), stats.get("std", test.std)
+    dev = resolve_device(device)
+    result = evaluate(model.to(dev), test, batch_size, dev, mean, std)
+    return dict(model=meta["model"], step=ckpt.step, data=name, checkpoint=str(ckpt.path), **result.to_record())
+
+
+def _flat(cfg: VisionConfig) -> dict:
+    """A VisionConfig as create_model overrides (top-level and encoder fields)."""
+    d = cfg.to_dict()
+    return {**d.pop("encoder"), **d}

@@ -1,0 +1,224 @@
+"""Image-classification training with exact resume (`widenet train`).
+
+One step: augment a uint8 batch on the device, optional mixup with smoothed
+targets, forward, loss = cross-entropy + aux_weight * summed MoE loss,
+backward, global clip, optimizer and schedule step. Data order depends only
+on (seed, epoch); every other random draw comes from the global RNGs, whose
+states every checkpoint stores. So on CPU a run killed and resumed ends with
+exactly the weights and metrics of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data.augment import AugmentConfig, augment_batch, mixup, normalize, one_hot_smoothed
+from ..data.vision import ImageDataset, iterate_batches, load_dataset, num_batches, subset
+from ..models.registry import count_parameters, create_model
+from ..runtime import autocast, autocast_dtype, resolve_device
+from .checkpoint import (CheckpointError, capture_rng_state, find_latest_checkpoint, load_checkpoint,
+                         restore_rng_state, save_checkpoint)
+from .config import RESUME_KEYS, TrainConfig
+from .evaluate import EvalResult, evaluate
+from .metrics import MetricsLog
+from .optim import build_optimizer, build_schedule, clip_grad_norm
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. a non-finite loss); the message says why."""
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    steps: int
+    final_eval: EvalResult
+    params: int
+    train_images_per_s: float
+    model: nn.Module
+
+
+@dataclass
+class _Progress:
+    step: int = 0
+    epoch: int = 0
+    batch: int = 0  # batches done within `epoch`
+    images: int = 0
+    train_seconds: float = 0.0
+
+
+def load_data(cfg: TrainConfig) -> tuple[ImageDataset, ImageDataset]:
+    """Train and test sets, decoded once, optionally subsampled."""
+    train = load_dataset(cfg.data, "train", cfg.data_dir, cfg.image_size, cfg.download)
+    test = load_dataset(cfg.data, "test", cfg.data_dir, cfg.image_size, cfg.download)
+    if cfg.train_subset:
+        train = subset(train, cfg.train_subset, cfg.seed)
+    if cfg.test_subset:
+        test = subset(test, cfg.test_subset, cfg.seed)
+    return train, test
+
+
+def build_model_for(cfg: TrainConfig, data: ImageDataset) -> nn.Module:
+    """The preset, sized for the data: classes, channels and image size follow it."""
+    overrides = dict(num_classes=data.num_classes, in_channels=data.channels, image_size=data.image_size)
+    if cfg.dropout:
+        overrides["dropout"] = cfg.dropout
+    overrides.update(cfg.model_overrides)
+    return create_model(cfg.model, **overrides)
+
+
+def train(cfg: TrainConfig, log: Callable[[str], None] = print,
+          data: tuple[ImageDataset, ImageDataset] | None = None) -> TrainResult:
+    """Run (or resume) training as `cfg` says; returns the final evaluation."""
+    device = resolve_device(cfg.device)
+    amp = autocast_dtype(cfg.amp, device)
+    out = Path(cfg.out)
+    train_set, test_set = data if data is not None else load_data(cfg)
+    torch.manual_seed(cfg.seed)
+    model = build_model_for(cfg, train_set).to(device)
+    per_epoch = num_batches(len(train_set), cfg.batch_size, drop_last=False)
+    total = cfg.max_steps or cfg.epochs * per_epoch
+    epochs = math.ceil(total / per_epoch)
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else round(cfg.warmup_fraction * total)
+    optimizer = build_optimizer(cfg.optimizer, model, cfg.lr, cfg.weight_decay)
+    schedule = build_schedule(optimizer, min(warmup, total), total, cfg.schedule)
+    augment = AugmentConfig(crop=cfg.crop, flip=cfg.flip, randaugment_n=cfg.randaugment_n,
+                            randaugment_m=cfg.randaugment_m)
+    mean, std = train_set.mean, train_set.std
+    metrics = MetricsLog(out / "metrics.jsonl")
+    meta = dict(model=cfg.model, model_config=model.cfg.to_dict(), train_config=cfg.to_dict(),
+                data=dict(name=cfg.data, classes=train_set.classes, mean=list(mean), std=list(std)))
+
+    progress = _Progress()
+    if cfg.resume:
+        progress = _resume(out, cfg, model, optimizer, schedule, metrics, log)
+    elif (out / "checkpoints").exists():
+        raise ValueError(f"{out} already holds checkpoints; pass --resume to continue, or choose another --out")
+
+    params = count_parameters(model)
+    log(f"training {cfg.model} ({params / 1e6:.3f}M params) on {cfg.data}: {len(train_set)} images, "
+        f"{total} steps, batch {cfg.batch_size}, {device}" + (f", {amp}" if amp else ""))
+
+    def checkpoint() -> None:
+        state = dict(optimizer=optimizer.state_dict(), scheduler=schedule.state_dict(),
+                     rng=capture_rng_state(), progress=vars(progress).copy())
+        save_checkpoint(out, progress.step, model, state, dict(meta, epoch=progress.epoch), cfg.keep_last)
+
+    final: EvalResult | None = None
+    while progress.step < total:
+        model.train()
+        batches = iterate_batches(train_set, cfg.batch_size, shuffle=True, seed=cfg.seed,
+                                  epoch=progress.epoch, start_batch=progress.batch)
+        window = _Window()
+        for images, labels in batches:
+            started = time.perf_counter()
+            loss, aux, correct = _train_step(model, optimizer, schedule, images.to(device), labels.to(device),
+                                             cfg, augment, mean, std, train_set.num_classes, device, amp)
+            if not math.isfinite(loss):
+                raise TrainingError(f"loss became {loss} at step {progress.step + 1}; stopped. The last good "
+                                    f"checkpoint under {out / 'checkpoints'} is intact.")
+            seconds = time.perf_counter() - started
+            progress.step += 1
+            progress.batch += 1
+            progress.images += labels.numel()
+            progress.train_seconds += seconds
+            window.add(loss, aux, correct, labels.numel(), seconds)
+            if progress.step % cfg.log_every == 0 or progress.step == total:
+                metrics.write(window.record(progress, schedule.get_last_lr()[0]))
+                log(window.summary(progress, total))
+                window = _Window()
+            if progress.step >= total:
+                break
+            if cfg.save_every and progress.step % cfg.save_every == 0:
+                checkpoint()
+        if progress.batch >= per_epoch:
+            progress.epoch += 1
+            progress.batch = 0
+        final = evaluate(model, test_set, cfg.eval_batch_size, device, mean, std, amp)
+        metrics.write(dict(split="test", step=progress.step, epoch=progress.epoch, **final.to_record()))
+        log(f"epoch {progress.epoch}/{epochs} step {progress.step}: test accuracy {final.accuracy:.4f} "
+            f"loss {final.loss:.4f}")
+        checkpoint()
+    if final is None:  # resumed a finished run: report without training
+        final = evaluate(model, test_set, cfg.eval_batch_size, device, mean, std, amp)
+    speed = progress.images / progress.train_seconds if progress.train_seconds else 0.0
+    return TrainResult(out, progress.step, final, params, speed, model)
+
+
+def _train_step(model, optimizer, schedule, images, labels, cfg: TrainConfig, augment: AugmentConfig,
+                mean, std, num_classes: int, device, amp) -> tuple[float, float, int]:
+    x = augment_batch(images, augment, mean, std)  # (B, C, H, W) float
+    targets = one_hot_smoothed(labels, num_classes, cfg.label_smoothing)  # (B, K)
+    if cfg.mixup > 0:
+        x, targets = mixup(x, targets, cfg.mixup)
+    with autocast(device, amp):
+        out = model(x)
+        task = F.cross_entropy(out.logits.float(), targets)
+        loss = task + cfg.aux_weight * out.aux_loss
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    clip_grad_norm(model.parameters(), cfg.clip_norm)
+    optimizer.step()
+    schedule.step()
+    correct = int((out.logits.argmax(-1) == labels).sum())
+    return float(task.detach()), float(out.aux_loss.detach()), correct
+
+
+class _Window:
+    """Running means between two log lines."""
+
+    def __init__(self) -> None:
+        self.loss = self.aux = self.seconds = 0.0
+        self.correct = self.images = self.steps = 0
+
+    def add(self, loss: float, aux: float, correct: int, images: int, seconds: float) -> None:
+        self.loss += loss
+        self.aux += aux
+        self.correct += correct
+        self.images += images
+        self.seconds += seconds
+        self.steps += 1
+
+    def record(self, p: _Progress, lr: float) -> dict:
+        n = max(self.steps, 1)
+        return dict(split="train", step=p.step, epoch=p.epoch, loss=self.loss / n, aux_loss=self.aux / n,
+                    accuracy=self.correct / max(self.images, 1), lr=lr,
+                    images_per_s=self.images / self.seconds if self.seconds else 0.0)
+
+    def summary(self, p: _Progress, total: int) -> str:
+        r = self.record(p, 0.0)
+        return (f"step {p.step}/{total} loss {r['loss']:.4f} acc {r['accuracy']:.3f} "
+                f"aux {r['aux_loss']:.3f} {r['images_per_s']:.0f} img/s")
+
+
+def _resume(out: Path, cfg: TrainConfig, model, optimizer, schedule, metrics: MetricsLog,
+            log: Callable[[str], None]) -> _Progress:
+    path = find_latest_checkpoint(out)
+    if path is None:
+        log(f"--resume: no checkpoint under {out}, starting from scratch")
+        return _Progress()
+    ckpt = load_checkpoint(path, model, expected_meta={"model": cfg.model})
+    saved = ckpt.meta.get("train_config", {})
+    changed = [k for k in RESUME_KEYS if k in saved and saved[k] != getattr(cfg, k)]
+    if changed:
+        detail = ", ".join(f"{k}: {saved[k]!r} -> {getattr(cfg, k)!r}" for k in changed)
+        raise CheckpointError(f"{path}: cannot resume with different settings ({detail})")
+    state = ckpt.train_state
+    optimizer.load_state_dict(state["optimizer"])
+    schedule.load_state_dict(state["scheduler"])
+    restore_rng_state(state["rng"])
+    metrics.truncate_after(ckpt.step)
+    log(f"resumed from {path} (step {ckpt.step})")
+    return _Progress(**state["progress"])
+
+
+__all__ = ["TrainConfig", "TrainResult", "TrainingError", "train", "load_data", "build_model_for",
+           "normalize"]

@@ -1,0 +1,61 @@
+"""metrics.jsonl: one JSON object per line, appended as training goes.
+
+Timing fields (TIMING_KEYS) are the only ones that differ between a run and
+the same run killed and resumed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+TIMING_KEYS = ("images_per_s", "elapsed_s")
+
+
+class MetricsLog:
+    """Appends records to OUT/metrics.jsonl, flushing each line."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, record: dict[str, Any]) -> None:
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+
+    def truncate_after(self, step: int) -> None:
+        """Keep only records with step <= `step` (a resumed run rewrites the rest).
+
+        Written to a temporary file and renamed, so a crash here loses nothing.
+        """
+        if not self.path.exists():
+            return
+        kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= step]
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        with tmp.open("w", encoding="utf-8") as f:
+            for r in kept:
+                f.write(json.dumps(r) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """All complete records; a torn last line (from a kill) is skipped."""
+    return list(_records(Path(path)))
+
+
+def _records(path: Path) -> Iterator[dict[str, Any]]:
+    with path.open(encoding="utf-8") as f:
+        for line in f:
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError:
+                continue
+
+
+def without_timing(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records]
