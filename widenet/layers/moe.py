@@ -75,8 +75,12 @@ class RouterOutput:
 # Pure functions (each tested on its own)
 # ----------------------------------------------------------------------------
 def expert_capacity(num_tokens: int, num_experts: int, top_k: int, factor: float) -> int:
-    """Slots per expert per call: ceil(factor * k * N / E)."""
-    return math.ceil(factor * top_k * num_tokens / num_experts)
+    """Slots per expert per call: ceil(factor * k * N / E).
+
+    Rounded to 9 decimals before the ceiling so that decimal factors give the
+    exact answer (1.1 * 100 / 2 is 55.00000000000001 in floating point).
+    """
+    return math.ceil(round(factor * top_k * num_tokens / num_experts, 9))
 
 
 def load_balancing_loss(probs: torch.Tensor, expert_index: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -100,7 +104,7 @@ def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
 # Modules
 # ----------------------------------------------------------------------------
 class Router(nn.Module):
-    """Linear D -> E without bias, in float32, noisy top-k softmax gate."""
+    """Linear D -> E without bias, in float32 (float64 for float64 input), noisy top-k softmax gate."""
 
     def __init__(self, dim: int, num_experts: int, top_k: int, noise_std: float,
                  renormalize: bool = False) -> None:
@@ -113,7 +117,8 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> RouterOutput:  # x: (N, D)
         with torch.autocast(device_type=x.device.type, enabled=False):
-            logits = F.linear(x.float(), self.weight.float())  # (N, E)
+            dtype = torch.promote_types(x.dtype, torch.float32)  # float32, or float64 if asked
+            logits = F.linear(x.to(dtype), self.weight.to(dtype))  # (N, E)
             if self.training and self.noise_std > 0:
                 logits = logits + torch.randn_like(logits) * self.noise_std
             probs = logits.softmax(dim=-1)  # (N, E)
@@ -150,8 +155,15 @@ class Experts(nn.Module):
         return self.w1.shape[0]
 
     def forward(self, x: torch.Tensor, tokens_per_expert: list[int]) -> torch.Tensor:
-        """x: (M, D) grouped by expert in contiguous runs of the given lengths."""
-        return _GroupedExpertFFN.apply(x, self.w1, self.b1, self.w2, self.b2, tokens_per_expert)
+        """x: (M, D) grouped by expert in contiguous runs of the given lengths.
+
+        Under autocast the experts compute in the autocast dtype (as nn.Linear
+        would); otherwise in the weights' dtype.
+        """
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else self.w1.dtype
+        weights = [w.to(dtype) for w in (self.w1, self.b1, self.w2, self.b2)]
+        return _GroupedExpertFFN.apply(x.to(dtype), *weights, tokens_per_expert)
 
 
 class _GroupedExpertFFN(torch.autograd.Function):
@@ -205,39 +217,57 @@ def _runs(counts: list[int]):
         start += n
 
 
-class _GatherRows(torch.autograd.Function):
-    """src[index] for an index without repeats; backward puts rows back (no scatter-add)."""
+class _GatherTokens(torch.autograd.Function):
+    """x (N, D) -> rows x[slot % N] (M, D): each kept assignment's token.
+
+    A token can appear K times, so backward places each row's gradient at its
+    assignment id in a (K*N, D) buffer and sums over K: no scatter-add.
+    """
 
     @staticmethod
-    def forward(ctx, src, index):
-        ctx.save_for_backward(index)
-        ctx.num_rows = src.shape[0]
-        return src.index_select(0, index)
+    def forward(ctx, x, slot, k: int):
+        ctx.save_for_backward(slot)
+        ctx.k, ctx.n = k, x.shape[0]
+        return x.index_select(0, slot % ctx.n)
 
     @staticmethod
-    def backward(ctx, grad):
-        (index,) = ctx.saved_tensors
-        return _put_rows(grad, index, ctx.num_rows), None
+    def backward(ctx, grad):  # grad: (M, D)
+        (slot,) = ctx.saved_tensors
+        full = _rows_at(grad, slot, ctx.k * ctx.n).view(ctx.k, ctx.n, -1)  # (K, N, D)
+        return full.sum(0), None, None
 
 
-class _ScatterRows(torch.autograd.Function):
-    """Zeros of num_rows rows with src's rows put at index (no repeats); adjoint of _GatherRows."""
-
-    @staticmethod
-    def forward(ctx, src, index, num_rows: int):
-        ctx.save_for_backward(index)
-        return _put_rows(src, index, num_rows)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (index,) = ctx.saved_tensors
-        return grad.index_select(0, index), None, None
-
-
-def _put_rows(src: torch.Tensor, index: torch.Tensor, num_rows: int) -> torch.Tensor:
-    out = src.new_zeros(num_rows, *src.shape[1:])
+def _rows_at(src: torch.Tensor, index: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """(num_rows, D) zeros with src's rows put at index (index has no repeats)."""
+    full = index.numel() == num_rows  # a permutation: every row is written
+    out = src.new_empty(num_rows, *src.shape[1:]) if full else src.new_zeros(num_rows, *src.shape[1:])
     out[index] = src
     return out
+
+
+class _Combine(torch.autograd.Function):
+    """out[n] = sum over kept assignments a of token n: weight[a] * y[row of a].
+
+    y: (M, D) expert outputs in slot order; weight: (A,) combine weights by
+    assignment id; slot: (M,) assignment ids. Dropped assignments add nothing.
+    """
+
+    @staticmethod
+    def forward(ctx, y, weight, slot, k: int, n: int):
+        w = weight.index_select(0, slot).to(y.dtype).unsqueeze(1)  # (M, 1)
+        out = _rows_at(y * w, slot, k * n).view(k, n, -1).sum(0)  # (N, D)
+        ctx.save_for_backward(y, weight, slot)
+        ctx.n = n
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # grad: (N, D)
+        y, weight, slot = ctx.saved_tensors
+        g = grad.index_select(0, slot % ctx.n)  # (M, D)
+        w = weight.index_select(0, slot).to(y.dtype).unsqueeze(1)  # (M, 1)
+        grad_w = weight.new_zeros(weight.shape)
+        grad_w[slot] = (g * y).sum(1).to(weight.dtype)
+        return g * w, grad_w, None, None, None
 
 
 class MoE(nn.Module):
@@ -297,6 +327,8 @@ class MoE(nn.Module):
         if padding_mask is not None and padding_mask.shape != x.shape[:-1]:
             raise ValueError(f"padding_mask shape {tuple(padding_mask.shape)} does not match "
                              f"tokens {tuple(x.shape[:-1])}")
+        if padding_mask is not None and padding_mask.dtype != torch.bool:
+            padding_mask = padding_mask != 0  # 0/1 masks mean the same as False/True
         flat = x.reshape(-1, self.dim)  # (B*T, D)
         keep = None if padding_mask is None else (~padding_mask.reshape(-1)).nonzero().squeeze(1)
         tokens = flat if keep is None else flat.index_select(0, keep)  # (N, D)
@@ -315,27 +347,31 @@ class MoE(nn.Module):
 
         route = self.router(x)
         balance = load_balancing_loss(route.probs, route.expert_index, e)
-        z = router_z_loss(route.logits) if self.z_loss_weight > 0 else balance.new_zeros(())
+        z = router_z_loss(route.logits)
         aux = balance + self.z_loss_weight * z
 
+        out, counts, kept_token = self._dispatch_and_combine(x, route)
+        return out, aux, self._stats(counts, kept_token, n, balance, z)
+
+    @torch.compiler.disable  # data-dependent shapes; runs eagerly inside compiled models
+    def _dispatch_and_combine(self, x: torch.Tensor, route: RouterOutput
+                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Experts' weighted outputs summed per token: (N, D); also counts (E,) and kept tokens (M,)."""
+        n, k = x.shape[0], self.top_k
         # Assignments in choice-major priority order: a = choice * N + token.
         expert_of = route.expert_index.t().reshape(-1)  # (A,)
         order = torch.sort(expert_of, stable=True).indices  # (A,) grouped by expert
-        counts = torch.bincount(expert_of, minlength=e)  # (E,)
+        counts = torch.bincount(expert_of, minlength=self.num_experts)  # (E,)
         starts = counts.cumsum(0) - counts  # (E,)
         rank = torch.arange(order.numel(), device=x.device) - starts.repeat_interleave(counts)  # (A,)
         capacity = self.capacity(n)
         slot = order[rank < capacity]  # (M,) kept assignment ids, grouped by expert
         per_expert = counts.clamp(max=capacity).tolist()
 
-        x_per_choice = x.unsqueeze(0).expand(k, n, self.dim).reshape(k * n, self.dim)  # (A, D)
-        y = self.experts(_GatherRows.apply(x_per_choice, slot), per_expert)  # (M, D)
-        y = _ScatterRows.apply(y, slot, k * n).view(k, n, self.dim)  # (K, N, D), dropped = 0
-        weight = route.combine_weight.t().unsqueeze(-1).to(y.dtype)  # (K, N, 1)
-        out = (y * weight).sum(0)  # (N, D)
-        token = slot % n  # (M,)
-        stats = self._stats(counts, token, n, balance, z)
-        return out, aux, stats
+        y = self.experts(_GatherTokens.apply(x, slot, k), per_expert)  # (M, D)
+        weight = route.combine_weight.t().reshape(-1)  # (A,) choice-major like slot
+        out = _Combine.apply(y, weight, slot, k, n)  # (N, D)
+        return out, counts, slot % n
 
     def _stats(self, counts: torch.Tensor, kept_token: torch.Tensor, n: int,
                balance: torch.Tensor, z: torch.Tensor) -> RoutingStats:

@@ -160,6 +160,11 @@ class Encoder(nn.Module):
         """x: (B, T, D) tokens; padding_mask: (B, T) bool, True = padding."""
         if x.ndim != 3 or x.shape[-1] != self.cfg.dim:
             raise ValueError(f"encoder expects tokens of shape (B, T, {self.cfg.dim}), got {tuple(x.shape)}")
+        if padding_mask is not None:
+            if padding_mask.shape != x.shape[:2]:
+                raise ValueError(f"padding_mask shape {tuple(padding_mask.shape)} does not match tokens "
+                                 f"{tuple(x.shape[:2])}")
+            padding_mask = padding_mask != 0 if padding_mask.dtype != torch.bool else padding_mask
         aux = x.new_zeros((), dtype=torch.float32)
         routing: list[RoutingStats | None] = []
         states: list[torch.Tensor] | None = [] if return_hidden_states else None

@@ -23,7 +23,7 @@ def _paper(dim: int, depth: int, heads: int, mlp: int, **encoder) -> VisionConfi
 
 def _tiny(**encoder) -> VisionConfig:
     """28x28 grey images (Fashion-MNIST), patch 4 -> 49 tokens + class token."""
-    sizes = dict(dim=128, depth=6, num_heads=4, mlp_dim=512, num_experts=4, top_k=2)
+    sizes = dict(dim=64, depth=6, num_heads=4, mlp_dim=256, num_experts=4, top_k=2)
     return VisionConfig(image_size=28, patch_size=4, in_channels=1, num_classes=10,
                         encoder=EncoderConfig(**{**sizes, **encoder}))
 
@@ -69,12 +69,12 @@ def widenet_h16() -> VisionConfig:
 
 
 # --- small models for 28x28 grey images (this CPU) ------------------------------
-@_vision("vit_tiny", "ViT for 28x28 grey images: 128 wide, 6 blocks, MLP 512")
+@_vision("vit_tiny", "ViT for 28x28 grey images: 64 wide, 6 blocks, 4 heads, MLP 256")
 def vit_tiny() -> VisionConfig:
     return _tiny()
 
 
-@_vision("vit_moe_tiny", "vit_tiny with 4 experts (512) in the last 2 blocks")
+@_vision("vit_moe_tiny", "vit_tiny with 4 experts (256) in the last 2 blocks")
 def vit_moe_tiny() -> VisionConfig:
     return _tiny(moe_blocks="last:2")
 

@@ -1,0 +1,620 @@
+"""MoE layer against the spec and the independent einsum oracle (tests/moe_oracle.py)."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from widenet.layers.moe import MoE, expert_capacity, load_balancing_loss, router_z_loss
+
+if str(Path(__file__).resolve().parent) not in sys.path:  # the oracle lives next to this file
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+from moe_oracle import (
+    dispatch_tensor,
+    einsum_moe,
+    kept_assignments,
+    oracle_balance_loss,
+    oracle_capacity,
+    oracle_z_loss,
+)
+
+F64 = {"rtol": 1e-6, "atol": 1e-7}
+
+
+def _moe(dim=6, hidden=10, experts=4, top_k=2, seed=0, dtype=torch.float64, **kw):
+    torch.manual_seed(seed)
+    kw.setdefault("noise_std", 0.0)
+    moe = MoE(dim, hidden, experts, top_k=top_k, **kw).to(dtype)
+    # Non-zero biases so that they matter in every comparison.
+    with torch.no_grad():
+        moe.experts.b1.normal_(std=0.3)
+        moe.experts.b2.normal_(std=0.3)
+    return moe
+
+
+def _params(moe):
+    return [moe.router.weight, moe.experts.w1, moe.experts.b1, moe.experts.w2, moe.experts.b2]
+
+
+def _oracle_copy(moe):
+    return [p.detach().clone().requires_grad_(True) for p in _params(moe)]
+
+
+def _run_both(moe, x, capacity, grad_seed=1, aux_weight=0.3):
+    """Run library and oracle on the same weights; return outputs and gradients of both."""
+    xl = x.detach().clone().requires_grad_(True)
+    res = moe(xl)
+    g = torch.randn(res.output.shape, dtype=x.dtype, generator=torch.Generator().manual_seed(grad_seed))
+    moe.zero_grad()
+    ((res.output * g).sum() + aux_weight * res.aux_loss).backward()
+    lib_grads = [xl.grad] + [p.grad for p in _params(moe)]
+
+    xo = x.detach().clone().requires_grad_(True)
+    wr, w1, b1, w2, b2 = _oracle_copy(moe)
+    out, probs, index = einsum_moe(xo, wr, w1, b1, w2, b2, moe.top_k, capacity,
+                                   renormalize=moe.router.renormalize)
+    e = wr.shape[0]
+    counts = torch.bincount(index.reshape(-1), minlength=e).to(probs.dtype)
+    aux = e * torch.sum(counts / index.numel() * probs.mean(0))  # spec formula, differentiable
+    ((out * g).sum() + aux_weight * aux).backward()
+    oracle_grads = [xo.grad, wr.grad, w1.grad, b1.grad, w2.grad, b2.grad]
+    return res, (out, probs, index, aux), lib_grads, oracle_grads
+
+
+def _assert_grads_close(lib, ref, **tol):
+    names = ["x", "router.weight", "w1", "b1", "w2", "b2"]
+    for name, a, b in zip(names, lib, ref):
+        assert a is not None, f"no gradient for {name}"
+        torch.testing.assert_close(a, b, **tol, msg=lambda m, n=name: f"gradient of {n}: {m}")
+
+
+def _skewed_x(n, dim, seed=2, scale=1.0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, dim, generator=gen, dtype=torch.float64) * scale
+
+
+# ----------------------------------------------------------------------------
+# Oracle equivalence
+# ----------------------------------------------------------------------------
+CASES = [
+    # (experts, top_k, capacity_factor, dropless, renormalize, tokens)
+    pytest.param(4, 1, 0.5, False, False, 24, id="top1-drop"),
+    pytest.param(4, 1, 4.0, False, False, 24, id="top1-nodrop"),
+    pytest.param(4, 1, 1.0, True, False, 24, id="top1-dropless"),
+    pytest.param(4, 2, 0.5, False, False, 24, id="top2-drop"),
+    pytest.param(4, 2, 0.5, False, True, 24, id="top2-drop-renorm"),
+    pytest.param(4, 2, 1.2, False, False, 24, id="top2-paper-capacity"),
+    pytest.param(4, 2, 4.0, False, True, 24, id="top2-nodrop-renorm"),
+    pytest.param(4, 2, 1.0, True, False, 24, id="top2-dropless"),
+    pytest.param(5, 3, 0.5, False, False, 20, id="top3-drop"),
+    pytest.param(5, 3, 0.5, False, True, 20, id="top3-drop-renorm"),
+    pytest.param(5, 3, 1.0, True, True, 20, id="top3-dropless-renorm"),
+    pytest.param(3, 3, 1.0, False, False, 9, id="top3-of-3"),
+    pytest.param(4, 2, 1.2, False, False, 1, id="one-token"),
+    pytest.param(4, 1, 0.1, False, True, 1, id="one-token-top1-renorm"),
+    pytest.param(1, 1, 1.2, False, False, 10, id="one-expert"),
+    pytest.param(1, 1, 0.5, False, False, 10, id="one-expert-drop"),
+    pytest.param(8, 2, 0.25, False, False, 32, id="e8-heavy-drop"),
+]
+
+
+@pytest.mark.parametrize("experts,top_k,factor,dropless,renorm,tokens", CASES)
+def test_matches_einsum_oracle(experts, top_k, factor, dropless, renorm, tokens):
+    moe = _moe(experts=experts, top_k=top_k, capacity_factor=factor, dropless=dropless,
+               renormalize=renorm)
+    # A router that prefers some experts makes drops likely at small factors.
+    with torch.no_grad():
+        moe.router.weight.mul_(3.0)
+        moe.router.weight[0] += 0.5
+    x = _skewed_x(tokens, moe.dim)
+    capacity = tokens * top_k if dropless else oracle_capacity(tokens, experts, top_k, factor)
+    assert moe.capacity(tokens) == capacity
+    res, (out, probs, index, aux), lib_g, ref_g = _run_both(moe, x, capacity)
+
+    assert res.output.dtype == torch.float64
+    torch.testing.assert_close(res.output, out, **F64)
+    torch.testing.assert_close(res.aux_loss.double(), aux.double(), rtol=1e-6, atol=1e-7)
+    assert res.stats.balance_loss.item() == pytest.approx(oracle_balance_loss(probs, index, experts), rel=1e-5)
+    _assert_grads_close(lib_g, ref_g, **F64)
+
+    # Stats against the oracle's dispatch tensor.
+    kept = kept_assignments(dispatch_tensor(index, experts, capacity), index).double()  # (N, K) 1 = kept
+    dropped_assign = 1.0 - kept.sum().item() / kept.numel()
+    dropped_tokens = (kept.sum(1) == 0).double().mean().item()
+    assert res.stats.dropped_assignment_fraction.item() == pytest.approx(dropped_assign, abs=1e-6)
+    assert res.stats.dropped_fraction.item() == pytest.approx(dropped_tokens, abs=1e-6)
+    frac = torch.bincount(index.reshape(-1), minlength=experts).double() / index.numel()
+    torch.testing.assert_close(res.stats.expert_fraction.double(), frac)
+    # The drop cases really drop (otherwise the parametrisation tests nothing).
+    if dropless or factor >= 4.0 or experts == 1 and factor >= 1:
+        assert dropped_assign == 0.0
+    elif factor <= 0.5 and tokens > 1:
+        assert dropped_assign > 0.0
+
+
+def test_matches_oracle_float32():
+    """The default dtype too (looser tolerance)."""
+    moe = _moe(experts=4, top_k=2, capacity_factor=0.75, dtype=torch.float32)
+    x = _skewed_x(30, moe.dim).float()
+    res, (out, *_), lib_g, ref_g = _run_both(moe, x, oracle_capacity(30, 4, 2, 0.75))
+    assert res.output.dtype == torch.float32
+    torch.testing.assert_close(res.output, out, rtol=1e-5, atol=1e-5)
+    _assert_grads_close(lib_g, ref_g, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_expert_without_tokens(top_k):
+    """An expert nobody chooses: zero fraction, zero gradient, and still equal to the oracle."""
+    moe = _moe(experts=4, top_k=top_k, capacity_factor=1.0)
+    x = _skewed_x(16, moe.dim)
+    x[:, 0] = x[:, 0].abs() + 1.0  # feature 0 is always >= 1
+    with torch.no_grad():
+        moe.router.weight[3] = 0.0
+        moe.router.weight[3, 0] = -20.0  # expert 3 logit <= -20: never in the top-k
+    res, (out, _probs, index, _), lib_g, ref_g = _run_both(moe, x, oracle_capacity(16, 4, top_k, 1.0))
+    assert not (index == 3).any()
+    assert res.stats.expert_fraction[3].item() == 0.0
+    torch.testing.assert_close(res.output, out, **F64)
+    _assert_grads_close(lib_g, ref_g, **F64)
+    for name, g in zip(["w1", "b1", "w2", "b2"], lib_g[2:]):
+        assert torch.count_nonzero(g[3]) == 0, f"{name} of the unused expert got a gradient"
+        assert torch.count_nonzero(g[:3]) > 0
+
+
+def test_eval_mode_equals_oracle_with_eval_capacity():
+    """eval_capacity_factor is used in eval mode, capacity_factor in training; default noise off in eval."""
+    moe = _moe(experts=4, top_k=2, capacity_factor=0.5, eval_capacity_factor=2.0, noise_std=None)
+    with torch.no_grad():
+        moe.router.weight.mul_(3.0)
+    x = _skewed_x(20, moe.dim)
+    moe.eval()
+    assert moe.capacity(20) == math.ceil(2.0 * 2 * 20 / 4)
+    res, (out, *_), lib_g, ref_g = _run_both(moe, x, oracle_capacity(20, 4, 2, 2.0))
+    torch.testing.assert_close(res.output, out, **F64)
+    _assert_grads_close(lib_g, ref_g, **F64)
+    moe.train()
+    assert moe.capacity(20) == math.ceil(0.5 * 2 * 20 / 4)
+    moe.router.noise_std = 0.0
+    res, (out, *_), lib_g, ref_g = _run_both(moe, x, oracle_capacity(20, 4, 2, 0.5))
+    assert res.stats.dropped_assignment_fraction > 0
+    torch.testing.assert_close(res.output, out, **F64)
+    _assert_grads_close(lib_g, ref_g, **F64)
+
+
+def test_eval_capacity_defaults_to_training_factor():
+    moe = _moe(experts=4, top_k=2, capacity_factor=0.5).eval()
+    assert moe.capacity(40) == 10
+
+
+def test_dropless_skewed_router_equals_oracle_full_capacity():
+    """Every token prefers expert 0: dropless keeps all, equal to the oracle at capacity N*k."""
+    moe = _moe(experts=4, top_k=2, capacity_factor=0.5, dropless=True)
+    x = _skewed_x(24, moe.dim)
+    x[:, 0] = x[:, 0].abs() + 1.0
+    with torch.no_grad():
+        moe.router.weight[0, 0] = 15.0  # expert 0 is everyone's first choice
+    n, k = 24, 2
+    res, (out, _probs, index, _), lib_g, ref_g = _run_both(moe, x, n * k)
+    assert (index[:, 0] == 0).all()
+    assert res.stats.dropped_assignment_fraction.item() == 0.0
+    assert res.stats.dropped_fraction.item() == 0.0
+    torch.testing.assert_close(res.output, out, **F64)
+    _assert_grads_close(lib_g, ref_g, **F64)
+    # The same router with capacity would drop: dropless is really doing something.
+    moe.dropless = False
+    assert moe(x).stats.dropped_assignment_fraction.item() > 0.0
+
+
+def test_one_expert_top1_is_a_dense_ffn():
+    """E = 1, k = 1: combine weight 1, no drops, output = FFN(x) for every token."""
+    moe = _moe(experts=1, top_k=1, capacity_factor=1.0)
+    x = _skewed_x(7, moe.dim)
+    out = moe(x).output
+    w1, b1, w2, b2 = (p[0] for p in _params(moe)[1:])
+    ref = torch.nn.functional.gelu(x @ w1 + b1) @ w2 + b2
+    torch.testing.assert_close(out, ref, **F64)
+    assert moe(x).aux_loss.item() == pytest.approx(1.0)
+
+
+# ----------------------------------------------------------------------------
+# Capacity and priority with hand-built routing
+# ----------------------------------------------------------------------------
+# D = E = 4, router.weight = 10 * I, token t = 1.0 at its first expert, 0.5 at its second:
+# logits 10 / 5 / 0 / 0, so the top-2 is (first, second) exactly as written here.
+PREFS = [(0, 1), (0, 2), (1, 3), (0, 1), (1, 2), (2, 3)]
+
+
+def _hand_moe(prefs, top_k=2, **kw):
+    e = 4
+    moe = _moe(dim=e, hidden=5, experts=e, top_k=top_k, **kw)
+    with torch.no_grad():
+        moe.router.weight.copy_(torch.eye(e, dtype=torch.float64) * 10.0)
+    x = torch.zeros(len(prefs), e, dtype=torch.float64)
+    for t, (a, b) in enumerate(prefs):
+        x[t, a] = 1.0
+        x[t, b] = 0.5
+    return moe, x
+
+
+def _expert_ffn(moe, e, x):
+    ex = moe.experts
+    return torch.nn.functional.gelu(x @ ex.w1[e] + ex.b1[e]) @ ex.w2[e] + ex.b2[e]
+
+
+def test_capacity_priority_hand_built():
+    """Capacity 2 per expert (ceil(0.5*2*6/4)). Walk-through of the priority order:
+
+    1st choices in token order: e0 <- t0, t1, (t3 dropped: full); e1 <- t2, t4; e2 <- t5.
+    2nd choices in token order: t0->e1 dropped (full by the LATER tokens t2, t4's 1st
+    choices); t1->e2 kept; t2->e3 kept; t3->e1 dropped; t4->e2 dropped (t1 was
+    earlier); t5->e3 kept.  t3 lost both assignments -> exactly zero output.
+    """
+    moe, x = _hand_moe(PREFS, capacity_factor=0.5)
+    assert moe.capacity(6) == 2
+    res = moe(x)
+    out = res.output
+    probs = torch.softmax(x @ moe.router.weight.t(), -1)  # float64 input: float64 router
+    kept = {0: [0], 1: [0, 1], 2: [0, 1], 3: [], 4: [0], 5: [0, 1]}  # token -> kept choice numbers
+    with torch.no_grad():
+        for t, (a, b) in enumerate(PREFS):
+            ref = torch.zeros(4, dtype=torch.float64)
+            for j in kept[t]:
+                e = (a, b)[j]
+                ref += probs[t, e] * _expert_ffn(moe, e, x[t])
+            torch.testing.assert_close(out[t], ref, **F64)
+    assert torch.equal(out[3], torch.zeros(4, dtype=torch.float64)), "fully dropped token must be exactly 0"
+    assert (out[[0, 1, 2, 4, 5]].abs().sum(1) > 0).all()
+    assert res.stats.dropped_fraction.item() == pytest.approx(1 / 6)
+    assert res.stats.dropped_assignment_fraction.item() == pytest.approx(4 / 12)
+    torch.testing.assert_close(res.stats.expert_fraction, torch.tensor([3, 4, 3, 2]) / 12.0)
+    # m_i counts assignments BEFORE dropping.
+    m = torch.tensor([3, 4, 3, 2], dtype=torch.float32) / 12
+    assert res.aux_loss.item() == pytest.approx(4 * torch.sum(m * probs.float().mean(0)).item(), rel=1e-6)
+
+
+def test_later_first_choice_beats_earlier_second_choice():
+    """Capacity 1: t0's 2nd choice (e1) loses to t1's 1st choice (e1) although t0 comes first."""
+    moe, x = _hand_moe([(0, 1), (1, 0)], capacity_factor=1.0)  # ceil(1*2*2/4) = 1
+    assert moe.capacity(2) == 1
+    res = moe(x)
+    probs = torch.softmax(x @ moe.router.weight.t(), -1)  # float64 input: float64 router
+    with torch.no_grad():
+        torch.testing.assert_close(res.output[0], probs[0, 0] * _expert_ffn(moe, 0, x[0]), **F64)
+        torch.testing.assert_close(res.output[1], probs[1, 1] * _expert_ffn(moe, 1, x[1]), **F64)
+    assert res.stats.dropped_assignment_fraction.item() == pytest.approx(0.5)
+    assert res.stats.dropped_fraction.item() == 0.0
+
+
+def test_top1_overflow_tokens_are_exactly_zero():
+    """Top-1, everyone to expert 0, capacity 2: tokens 2.. get exactly zero output."""
+    moe, x = _hand_moe([(0, 1)] * 8, top_k=1, capacity_factor=1.0)  # ceil(1*1*8/4) = 2
+    res = moe(x)
+    assert torch.count_nonzero(res.output[2:]) == 0
+    assert (res.output[:2].abs().sum(1) > 0).all()
+    assert res.stats.dropped_fraction.item() == pytest.approx(6 / 8)
+    assert res.stats.dropped_assignment_fraction.item() == pytest.approx(6 / 8)
+    # Dropped tokens get no gradient either.
+    xg = x.clone().requires_grad_(True)
+    moe(xg).output.sum().backward()
+    assert torch.count_nonzero(xg.grad[2:]) == 0
+
+
+def test_padding_does_not_take_capacity():
+    """Capacity counts non-padding tokens only; padding gets zero output and changes nothing."""
+    moe, x = _hand_moe(PREFS, capacity_factor=0.5)
+    ref = moe(x)
+    # Padding tokens interleaved, all preferring expert 0 (would steal its slots if counted).
+    pad_rows = torch.zeros(6, 4, dtype=torch.float64)
+    pad_rows[:, 0] = 1.0
+    xp = torch.empty(12, 4, dtype=torch.float64)
+    mask = torch.zeros(12, dtype=torch.bool)
+    xp[0::2], mask[0::2] = pad_rows, True
+    xp[1::2] = x
+    res = moe(xp, padding_mask=mask)
+    assert torch.count_nonzero(res.output[mask]) == 0
+    torch.testing.assert_close(res.output[~mask], ref.output, rtol=0, atol=0)
+    torch.testing.assert_close(res.aux_loss, ref.aux_loss, rtol=0, atol=0)
+    for f in ("expert_fraction", "dropped_fraction", "dropped_assignment_fraction", "balance_loss", "z_loss"):
+        torch.testing.assert_close(getattr(res.stats, f), getattr(ref.stats, f), rtol=0, atol=0)
+
+
+def test_padding_3d_matches_unpadded_and_gets_no_gradient():
+    moe = _moe(experts=4, top_k=2, capacity_factor=0.75, z_loss_weight=0.1)
+    x = _skewed_x(2 * 7, moe.dim).view(2, 7, moe.dim)
+    mask = torch.zeros(2, 7, dtype=torch.bool)
+    mask[0, 5:] = True
+    mask[1, 3:] = True
+    xg = x.clone().requires_grad_(True)
+    res = moe(xg, padding_mask=mask)
+    (res.output.sum() + res.aux_loss).backward()
+    real = x[~mask]  # (8, D) in token order
+    ref = moe(real)
+    torch.testing.assert_close(res.output[~mask], ref.output, **F64)
+    assert torch.count_nonzero(res.output[mask]) == 0
+    torch.testing.assert_close(res.aux_loss, ref.aux_loss, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(res.stats.z_loss, ref.stats.z_loss, rtol=1e-6, atol=1e-7)
+    assert torch.count_nonzero(xg.grad[mask]) == 0
+    assert torch.count_nonzero(xg.grad[~mask]) > 0
+
+
+def test_all_padding_gives_zero_output_and_loss():
+    moe = _moe(experts=4, top_k=2)
+    x = _skewed_x(5, moe.dim).requires_grad_(True)
+    res = moe(x, padding_mask=torch.ones(5, dtype=torch.bool))
+    assert torch.count_nonzero(res.output) == 0
+    assert res.aux_loss.item() == 0.0
+    (res.output.sum() + res.aux_loss).backward()  # must not fail
+
+
+# ----------------------------------------------------------------------------
+# Loss functions and capacity on hand-made numbers
+# ----------------------------------------------------------------------------
+def test_load_balancing_loss_hand_values():
+    probs = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.6, 0.3], [0.2, 0.2, 0.6], [0.5, 0.4, 0.1]])
+    # top-1: experts 0, 1, 2, 0 -> m = [2/4, 1/4, 1/4]; P = [1.5/4, 1.4/4, 1.1/4]
+    idx1 = torch.tensor([[0], [1], [2], [0]])
+    expected = 3 * (0.5 * 0.375 + 0.25 * 0.35 + 0.25 * 0.275)
+    assert load_balancing_loss(probs, idx1, 3).item() == pytest.approx(expected, rel=1e-6)
+    # top-2: (0,1) (1,2) (2,0) (0,1) -> counts [3, 3, 2] / 8
+    idx2 = torch.tensor([[0, 1], [1, 2], [2, 0], [0, 1]])
+    expected = 3 * (3 / 8 * 0.375 + 3 / 8 * 0.35 + 2 / 8 * 0.275)
+    assert load_balancing_loss(probs, idx2, 3).item() == pytest.approx(expected, rel=1e-6)
+    assert load_balancing_loss(probs, idx2, 3).item() == pytest.approx(oracle_balance_loss(probs, idx2, 3), rel=1e-6)
+
+
+@pytest.mark.parametrize("e,k", [(2, 1), (4, 2), (8, 2), (5, 3)])
+def test_load_balancing_loss_uniform_and_collapsed(e, k):
+    n = 10
+    uniform = torch.full((n, e), 1.0 / e)
+    idx = torch.stack([torch.randperm(e)[:k] for _ in range(n)])
+    assert load_balancing_loss(uniform, idx, e).item() == pytest.approx(1.0, abs=1e-6)
+    # Collapsed: every token puts probability 1 on expert 0 and routes only there.
+    collapsed = torch.zeros(n, e)
+    collapsed[:, 0] = 1.0
+    idx0 = torch.zeros(n, 1, dtype=torch.long)
+    assert load_balancing_loss(collapsed, idx0, e).item() == pytest.approx(e * 1.0 * 1.0)
+    # Collapsed top-k: m_0 = 1/k, P_0 = 1 -> E / k.
+    idxk = torch.stack([torch.arange(k)] * n)
+    assert load_balancing_loss(collapsed, idxk, e).item() == pytest.approx(e / k)
+
+
+def test_load_balancing_loss_random_matches_loop():
+    gen = torch.Generator().manual_seed(5)
+    probs = torch.softmax(torch.randn(13, 6, generator=gen), -1)
+    idx = probs.topk(2, dim=-1).indices
+    assert load_balancing_loss(probs, idx, 6).item() == pytest.approx(oracle_balance_loss(probs, idx, 6), rel=1e-6)
+
+
+def test_uniform_router_gives_balance_loss_one():
+    moe = _moe(experts=4, top_k=2, dtype=torch.float32)
+    with torch.no_grad():
+        moe.router.weight.zero_()
+    res = moe(torch.randn(9, moe.dim))
+    assert res.aux_loss.item() == 1.0
+    assert res.stats.balance_loss.item() == 1.0
+
+
+@pytest.mark.parametrize("n,e,k,factor,expected", [
+    (8, 4, 2, 1.0, 4), (10, 4, 1, 1.0, 3), (1, 4, 2, 1.2, 1), (100, 8, 2, 1.25, 32),
+    (7, 1, 1, 1.0, 7), (6, 4, 2, 0.5, 2), (196, 4, 2, 1.2, 118), (3, 4, 1, 0.01, 1),
+])
+def test_expert_capacity_values(n, e, k, factor, expected):
+    assert expert_capacity(n, e, k, factor) == expected
+
+
+def test_router_z_loss_hand_value():
+    logits = torch.tensor([[0.0, 0.0], [math.log(3.0), 0.0]])  # logsumexp = ln 2, ln 4
+    assert router_z_loss(logits).item() == pytest.approx(2.5 * math.log(2.0) ** 2, rel=1e-6)
+    gen = torch.Generator().manual_seed(3)
+    big = torch.randn(11, 5, generator=gen) * 4
+    assert router_z_loss(big).item() == pytest.approx(oracle_z_loss(big), rel=1e-5)
+
+
+def test_aux_loss_includes_weighted_z_loss():
+    moe = _moe(experts=4, top_k=2, z_loss_weight=0.25, dtype=torch.float32)
+    x = torch.randn(12, moe.dim)
+    res = moe(x)
+    logits = (x @ moe.router.weight.t()).detach()
+    probs = torch.softmax(logits, -1)
+    idx = probs.topk(2, -1).indices
+    balance = oracle_balance_loss(probs, idx, 4)
+    z = oracle_z_loss(logits)
+    assert res.stats.z_loss.item() == pytest.approx(z, rel=1e-5)
+    assert res.stats.balance_loss.item() == pytest.approx(balance, rel=1e-5)
+    assert res.aux_loss.item() == pytest.approx(balance + 0.25 * z, rel=1e-5)
+
+
+# ----------------------------------------------------------------------------
+# Noise, autocast, shapes, stats, state
+# ----------------------------------------------------------------------------
+def _capture_logits(moe, x):
+    seen = []
+    handle = moe.router.register_forward_hook(lambda mod, inp, out: seen.append(out.logits.detach().clone()))
+    try:
+        moe(x)
+    finally:
+        handle.remove()
+    return seen[0]
+
+
+def test_noise_default_std_is_one_over_e_in_training():
+    moe = _moe(experts=4, top_k=2, noise_std=None, dtype=torch.float32).train()
+    assert moe.router.noise_std == pytest.approx(0.25)
+    x = torch.randn(4000, moe.dim)
+    clean = (x @ moe.router.weight.t()).detach()
+    a, b = _capture_logits(moe, x), _capture_logits(moe, x)
+    assert not torch.equal(a, b), "training-mode routing must be noisy"
+    assert (a - clean).std().item() == pytest.approx(0.25, rel=0.05)
+    assert (a - clean).mean().abs().item() < 0.02
+
+
+def test_noise_custom_std():
+    moe = _moe(experts=8, top_k=2, noise_std=0.5, dtype=torch.float32).train()
+    x = torch.randn(3000, moe.dim)
+    clean = (x @ moe.router.weight.t()).detach()
+    assert (_capture_logits(moe, x) - clean).std().item() == pytest.approx(0.5, rel=0.05)
+
+
+def test_no_noise_in_eval_mode_and_with_zero_std():
+    moe = _moe(experts=4, top_k=2, noise_std=None, dtype=torch.float32).eval()
+    x = torch.randn(50, moe.dim)
+    clean = (x @ moe.router.weight.t()).detach()
+    torch.testing.assert_close(_capture_logits(moe, x), clean)
+    r1, r2 = moe(x), moe(x)
+    assert torch.equal(r1.output, r2.output)
+    moe0 = _moe(experts=4, top_k=2, noise_std=0.0, dtype=torch.float32).train()
+    assert torch.equal(_capture_logits(moe0, x), _capture_logits(moe0, x))
+    assert torch.equal(moe0(x).output, moe0(x).output)
+
+
+def test_noise_changes_outputs_in_training():
+    moe = _moe(experts=4, top_k=2, noise_std=1.0, dtype=torch.float32).train()
+    x = torch.randn(50, moe.dim)
+    assert not torch.equal(moe(x).output, moe(x).output)
+
+
+def test_router_float32_under_bf16_autocast():
+    moe = _moe(experts=4, top_k=2, dtype=torch.float32)
+    x = torch.randn(10, moe.dim)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        direct = moe.router(x)
+        direct_bf16 = moe.router(x.bfloat16())
+        logits = _capture_logits(moe, x)
+        res = moe(x)
+    assert direct.logits.dtype == torch.float32
+    assert direct.probs.dtype == torch.float32
+    assert direct_bf16.logits.dtype == torch.float32
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits, (x @ moe.router.weight.t()).detach(), rtol=1e-5, atol=1e-5)
+    assert torch.isfinite(res.output).all()
+    torch.testing.assert_close(res.output.float(), moe(x).output, rtol=0.05, atol=0.05)
+
+
+def test_3d_input_equals_flattened_2d():
+    moe = _moe(experts=4, top_k=2, capacity_factor=0.6)
+    x = _skewed_x(3 * 5, moe.dim).view(3, 5, moe.dim)
+    r3, r2 = moe(x), moe(x.reshape(15, moe.dim))
+    assert r3.output.shape == (3, 5, moe.dim)
+    assert r3.stats.dropped_assignment_fraction > 0  # capacity is per call, over all B*T tokens
+    torch.testing.assert_close(r3.output.reshape(15, moe.dim), r2.output, rtol=0, atol=0)
+    torch.testing.assert_close(r3.aux_loss, r2.aux_loss, rtol=0, atol=0)
+    torch.testing.assert_close(r3.stats.expert_fraction, r2.stats.expert_fraction, rtol=0, atol=0)
+
+
+def test_stats_sum_to_one_and_are_detached():
+    moe = _moe(experts=4, top_k=2, capacity_factor=0.5, z_loss_weight=0.1, dtype=torch.float32)
+    res = moe(torch.randn(2, 9, moe.dim, requires_grad=True))
+    st = res.stats
+    assert st.expert_fraction.shape == (4,)
+    assert st.expert_fraction.sum().item() == pytest.approx(1.0)
+    for name in ("expert_fraction", "dropped_fraction", "dropped_assignment_fraction", "balance_loss", "z_loss"):
+        t = getattr(st, name)
+        assert isinstance(t, torch.Tensor)
+        assert not t.requires_grad and t.grad_fn is None, f"{name} is not detached"
+        assert torch.isfinite(t).all()
+    assert 0.0 <= st.dropped_fraction.item() <= st.dropped_assignment_fraction.item() <= 1.0
+    assert res.aux_loss.requires_grad and res.aux_loss.ndim == 0
+
+
+def test_no_state_kept_between_calls():
+    moe = _moe(experts=4, top_k=2, capacity_factor=0.6)
+    before = {k: v.clone() for k, v in moe.state_dict().items()}
+    x1 = _skewed_x(12, moe.dim, seed=10)
+    x2 = _skewed_x(7, moe.dim, seed=11)
+    alone = moe(x2)
+    moe(x1)
+    after_other = moe(x2)
+    torch.testing.assert_close(after_other.output, alone.output, rtol=0, atol=0)
+    torch.testing.assert_close(after_other.aux_loss, alone.aux_loss, rtol=0, atol=0)
+    torch.testing.assert_close(after_other.stats.expert_fraction, alone.stats.expert_fraction, rtol=0, atol=0)
+    assert list(moe.buffers()) == []
+    for k, v in moe.state_dict().items():
+        assert torch.equal(v, before[k])
+
+
+def test_parameter_shapes_and_router_init():
+    moe = MoE(12, 20, 5, top_k=3)
+    assert moe.router.weight.shape == (5, 12)
+    assert moe.router.weight.dtype == torch.float32
+    assert moe.experts.w1.shape == (5, 12, 20)
+    assert moe.experts.b1.shape == (5, 20)
+    assert moe.experts.w2.shape == (5, 20, 12)
+    assert moe.experts.b2.shape == (5, 12)
+    names = {n for n, _ in moe.named_parameters()}
+    assert names == {"router.weight", "experts.w1", "experts.b1", "experts.w2", "experts.b2"}
+    # Experts are independent: different initial weights.
+    assert not torch.equal(moe.experts.w1[0], moe.experts.w1[1])
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"top_k": 5, "num_experts": 4},
+    {"capacity_factor": 0.0},
+    {"capacity_factor": -1.0},
+    {"dim": 0},
+    {"hidden_dim": 0},
+    {"num_experts": 0, "top_k": 1},
+    {"top_k": 0},
+    {"dim": -3},
+    {"eval_capacity_factor": 0.0},
+    {"noise_std": -0.1},
+    {"z_loss_weight": -1.0},
+])
+def test_constructor_errors(kwargs):
+    args = {"dim": 8, "hidden_dim": 16, "num_experts": 4, "top_k": 2}
+    args.update(kwargs)
+    with pytest.raises(ValueError):
+        MoE(**args)
+
+
+def test_forward_errors():
+    moe = MoE(8, 16, 4)
+    with pytest.raises(ValueError):
+        moe(torch.randn(5, 7))
+    with pytest.raises(ValueError):
+        moe(torch.randn(2, 5, 9))
+    with pytest.raises(ValueError):
+        moe(torch.randn(2, 5, 8), padding_mask=torch.zeros(2, 4, dtype=torch.bool))
+    with pytest.raises(ValueError):
+        moe(torch.randn(10, 8), padding_mask=torch.zeros(2, 5, dtype=torch.bool))
+
+
+# ----------------------------------------------------------------------------
+# Mixed precision, exact capacity, integer masks
+# ----------------------------------------------------------------------------
+def test_bf16_input_under_autocast():
+    """Experts compute in the autocast dtype; the result stays close to float32."""
+    moe = _moe(experts=4, top_k=2, dtype=torch.float32)
+    x = torch.randn(10, moe.dim)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = moe(x.bfloat16()).output
+    torch.testing.assert_close(out.float(), moe(x).output, rtol=0.05, atol=0.05)
+
+
+def test_expert_capacity_is_exact_for_decimal_factors():
+    """1.1 * 100 / 2 is 55.00000000000001 in floating point; capacity must be 55."""
+    assert expert_capacity(100, 2, 1, 1.1) == 55
+    assert expert_capacity(50, 2, 2, 1.1) == 55
+
+
+def test_integer_padding_mask_means_the_same_as_bool():
+    moe = _moe(experts=4, top_k=2, dtype=torch.float64)
+    x = torch.randn(10, moe.dim, dtype=torch.float64)
+    as_bool = torch.tensor([False] * 5 + [True] * 5)
+    want = moe(x, padding_mask=as_bool).output
+    got = moe(x, padding_mask=as_bool.long()).output
+    torch.testing.assert_close(got, want)
+    assert torch.all(got[5:] == 0)
+
+
+def test_z_loss_statistic_reported_without_weight():
+    moe = _moe(experts=4, top_k=2, dtype=torch.float64)
+    x = torch.randn(10, moe.dim, dtype=torch.float64)
+    out = moe(x)
+    logits = x @ moe.router.weight.t()
+    expected = torch.logsumexp(logits, dim=-1).pow(2).mean()
+    torch.testing.assert_close(out.stats.z_loss, expected)
+    torch.testing.assert_close(out.aux_loss, out.stats.balance_loss)  # weight 0: not in the loss
