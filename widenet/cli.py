@@ -26,6 +26,13 @@ class CLIError(Exception):
     """A user mistake: printed as one line, exit status 2."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """Argument errors as one line (plus a hint), exit status 2; sub-parsers inherit it."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -224,7 +231,7 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
 
 # --- parser -------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="widenet", description="WideNet: go wider instead of deeper.")
+    parser = _Parser(prog="widenet", description="WideNet: go wider instead of deeper.")
     parser.add_argument("--version", action="version", version=f"widenet {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 

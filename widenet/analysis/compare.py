@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import math
 import platform
 import statistics
 from dataclasses import dataclass, field
@@ -100,7 +101,8 @@ def _run_spec(spec: RunSpec, base: TrainConfig, data: tuple[ImageDataset, ImageD
     runs: list[TrainResult] = []
     for seed in range(n_seeds):
         run_dir = out / "runs" / _slug(spec.label) / f"seed{seed}"
-        cfg = dataclasses.replace(base, model=spec.model, model_overrides=dict(spec.overrides), seed=seed,
+        overrides = {**base.model_overrides, **spec.overrides}
+        cfg = dataclasses.replace(base, model=spec.model, model_overrides=overrides, seed=seed,
                                   out=str(run_dir), resume=(run_dir / "checkpoints").exists())
         log(f"== {spec.label}, seed {seed} ==")
         runs.append(train(cfg, log=lambda line: log(f"  {line}"), data=data))
@@ -146,7 +148,8 @@ def write_report(results: list[SpecResult], base: TrainConfig, n_seeds: int, pre
         "",
         f"Generated {_dt.datetime.now().strftime('%Y-%m-%d %H:%M')} by `widenet compare` (preset `{preset}`) "
         f"on {platform.machine()} with {torch.get_num_threads()} CPU threads, torch {torch.__version__}.",
-        f"Budget per run: {base.epochs} epochs over {len(data[0])} training images, batch {base.batch_size}, "
+        f"Budget per run: {_budget(base, len(data[0]))} over {len(data[0])} training images, "
+        f"batch {base.batch_size}, "
         f"{base.optimizer} lr {base.lr}, weight decay {base.weight_decay}, {base.schedule} schedule, "
         f"label smoothing {base.label_smoothing}, mixup {base.mixup}, crop `{base.crop}`, "
         f"balance-loss weight {base.aux_weight}. Test set: {len(data[1])} images. Seeds: {n_seeds}.",
@@ -169,6 +172,12 @@ def write_report(results: list[SpecResult], base: TrainConfig, n_seeds: int, pre
     tmp.write_text("\n".join(lines), encoding="utf-8")
     tmp.replace(report)
     return report
+
+
+def _budget(cfg: TrainConfig, num_images: int) -> str:
+    per_epoch = math.ceil(num_images / cfg.batch_size)
+    steps = cfg.max_steps or cfg.epochs * per_epoch
+    return f"{steps} steps ({steps / per_epoch:.2f} epochs)"
 
 
 def _table(rows: list[SpecResult]) -> str:
@@ -201,9 +210,14 @@ def _ablation_verdict(main: list[SpecResult], shared: SpecResult) -> str:
     if own is None:
         return ""
     diff = 100 * (own.acc_mean - shared.acc_mean)
-    better = "individual" if diff > 0 else "shared"
-    return (f"Individual LayerNorms vs shared: {diff:+.2f} points; {better} norms did better at this budget "
-            f"(paper: individual norms help).")
+    if abs(diff) < 0.005:
+        outcome = "no difference at this budget"
+    else:
+        outcome = f"{'individual' if diff > 0 else 'shared'} norms did better at this budget"
+    noise = 100 * max(own.acc_std, shared.acc_std)
+    if outcome[0] != "n" and abs(diff) <= noise:
+        outcome += f", within the seed-to-seed spread ({noise:.2f})"
+    return f"Individual LayerNorms vs shared: {diff:+.2f} points; {outcome} (paper: individual norms help)."
 
 
 def _routing_table(results: list[SpecResult]) -> str:

@@ -371,17 +371,19 @@ _FASHION_MNIST_HELP = (
 def load_fashion_mnist(split: str, data_dir: PathLike | None = None, download: bool = True) -> ImageDataset:
     """Load a Fashion-MNIST split ('train' or 'test') as a 1x28x28 uint8 dataset.
 
-    Looks in ``data_dir`` (and ``data_dir/fashion-mnist``), then Debian's
-    install folder, then the user cache (``data_home()/fashion-mnist``); when
-    nothing is found and ``download`` is true, downloads into the cache.
+    With ``data_dir``, looks only there (and in ``data_dir/fashion-mnist``) and
+    downloads into it when allowed; without it, looks in Debian's install
+    folder, then the user cache (``data_home()/fashion-mnist``), and downloads
+    into the cache when ``download`` is true.
     """
     _check_split(split)
     names = FASHION_MNIST_FILES[split]
     cache = data_home() / "fashion-mnist"
-    folders: list[Path] = []
-    if data_dir is not None:
-        folders += [Path(data_dir), Path(data_dir) / "fashion-mnist"]
-    folders += [DEBIAN_FASHION_MNIST_DIR, cache]
+    if data_dir is not None:  # an explicit folder is authoritative: no silent fallback
+        folders = [Path(data_dir), Path(data_dir) / "fashion-mnist"]
+        cache = Path(data_dir)
+    else:
+        folders = [DEBIAN_FASHION_MNIST_DIR, cache]
     found = _find_pair(folders, names)
     if found is None:
         if not download:

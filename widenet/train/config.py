@@ -77,10 +77,15 @@ class TrainConfig:
         return asdict(self)
 
 
-# Settings that must agree between a run and its resumption.
-RESUME_KEYS = ("model", "data", "image_size", "train_subset", "epochs", "max_steps", "batch_size",
-               "optimizer", "lr", "weight_decay", "warmup_steps", "warmup_fraction", "schedule",
-               "seed", "model_overrides", "dropout", "mixup", "label_smoothing")
+# Settings a resumed run may change: where and how it runs, not what it computes.
+RESUME_FREE_KEYS = ("out", "resume", "device", "save_every", "keep_last", "log_every", "eval_batch_size",
+                    "download", "data_dir", "test_subset")
+
+
+def resume_conflicts(saved: dict[str, Any], cfg: TrainConfig) -> list[str]:
+    """Settings that differ between a saved run and `cfg` and would change training."""
+    now = cfg.to_dict()
+    return [k for k in now if k not in RESUME_FREE_KEYS and k in saved and saved[k] != now[k]]
 
 
 def _positive(cfg: TrainConfig, *names: str, optional: bool = False) -> None:

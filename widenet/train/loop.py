@@ -26,7 +26,7 @@ from ..models.registry import count_parameters, create_model
 from ..runtime import autocast, autocast_dtype, resolve_device
 from .checkpoint import (CheckpointError, capture_rng_state, find_latest_checkpoint, load_checkpoint,
                          restore_rng_state, save_checkpoint)
-from .config import RESUME_KEYS, TrainConfig
+from .config import TrainConfig, resume_conflicts
 from .evaluate import EvalResult, evaluate
 from .metrics import MetricsLog
 from .optim import build_optimizer, build_schedule, clip_grad_norm
@@ -97,9 +97,9 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print,
     meta = dict(model=cfg.model, model_config=model.cfg.to_dict(), train_config=cfg.to_dict(),
                 data=dict(name=cfg.data, classes=train_set.classes, mean=list(mean), std=list(std)))
 
-    progress = _Progress()
+    progress, window_state = _Progress(), {}
     if cfg.resume:
-        progress = _resume(out, cfg, model, optimizer, schedule, metrics, log)
+        progress, window_state = _resume(out, cfg, model, optimizer, schedule, metrics, log)
     elif (out / "checkpoints").exists():
         raise ValueError(f"{out} already holds checkpoints; pass --resume to continue, or choose another --out")
 
@@ -107,9 +107,11 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print,
     log(f"training {cfg.model} ({params / 1e6:.3f}M params) on {cfg.data}: {len(train_set)} images, "
         f"{total} steps, batch {cfg.batch_size}, {device}" + (f", {amp}" if amp else ""))
 
+    window = _Window(**window_state)
+
     def checkpoint() -> None:
         state = dict(optimizer=optimizer.state_dict(), scheduler=schedule.state_dict(),
-                     rng=capture_rng_state(), progress=vars(progress).copy())
+                     rng=capture_rng_state(), progress=vars(progress).copy(), window=vars(window).copy())
         save_checkpoint(out, progress.step, model, state, dict(meta, epoch=progress.epoch), cfg.keep_last)
 
     final: EvalResult | None = None
@@ -117,14 +119,14 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print,
         model.train()
         batches = iterate_batches(train_set, cfg.batch_size, shuffle=True, seed=cfg.seed,
                                   epoch=progress.epoch, start_batch=progress.batch)
-        window = _Window()
         for images, labels in batches:
             started = time.perf_counter()
             loss, aux, correct = _train_step(model, optimizer, schedule, images.to(device), labels.to(device),
                                              cfg, augment, mean, std, train_set.num_classes, device, amp)
             if not math.isfinite(loss):
-                raise TrainingError(f"loss became {loss} at step {progress.step + 1}; stopped. The last good "
-                                    f"checkpoint under {out / 'checkpoints'} is intact.")
+                last = find_latest_checkpoint(out)
+                kept = f"the last good checkpoint {last} is intact" if last else "no checkpoint was saved yet"
+                raise TrainingError(f"loss became {loss} at step {progress.step + 1}; stopped ({kept}).")
             seconds = time.perf_counter() - started
             progress.step += 1
             progress.batch += 1
@@ -134,10 +136,11 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print,
             if progress.step % cfg.log_every == 0 or progress.step == total:
                 metrics.write(window.record(progress, schedule.get_last_lr()[0]))
                 log(window.summary(progress, total))
-                window = _Window()
+                window.reset()
             if progress.step >= total:
                 break
-            if cfg.save_every and progress.step % cfg.save_every == 0:
+            # The epoch's last step is saved after its evaluation, below.
+            if cfg.save_every and progress.step % cfg.save_every == 0 and progress.batch < per_epoch:
                 checkpoint()
         if progress.batch >= per_epoch:
             progress.epoch += 1
@@ -172,12 +175,19 @@ def _train_step(model, optimizer, schedule, images, labels, cfg: TrainConfig, au
     return float(task.detach()), float(out.aux_loss.detach()), correct
 
 
+@dataclass
 class _Window:
-    """Running means between two log lines."""
+    """Running sums between two log lines (saved in checkpoints for exact resume)."""
 
-    def __init__(self) -> None:
-        self.loss = self.aux = self.seconds = 0.0
-        self.correct = self.images = self.steps = 0
+    loss: float = 0.0
+    aux: float = 0.0
+    seconds: float = 0.0
+    correct: int = 0
+    images: int = 0
+    steps: int = 0
+
+    def reset(self) -> None:
+        self.__dict__.update(vars(_Window()))
 
     def add(self, loss: float, aux: float, correct: int, images: int, seconds: float) -> None:
         self.loss += loss
@@ -200,14 +210,15 @@ class _Window:
 
 
 def _resume(out: Path, cfg: TrainConfig, model, optimizer, schedule, metrics: MetricsLog,
-            log: Callable[[str], None]) -> _Progress:
+            log: Callable[[str], None]) -> tuple[_Progress, dict]:
     path = find_latest_checkpoint(out)
     if path is None:
         log(f"--resume: no checkpoint under {out}, starting from scratch")
-        return _Progress()
+        metrics.truncate_after(0)  # records of the lost attempt would be duplicated
+        return _Progress(), {}
     ckpt = load_checkpoint(path, model, expected_meta={"model": cfg.model})
     saved = ckpt.meta.get("train_config", {})
-    changed = [k for k in RESUME_KEYS if k in saved and saved[k] != getattr(cfg, k)]
+    changed = resume_conflicts(saved, cfg)
     if changed:
         detail = ", ".join(f"{k}: {saved[k]!r} -> {getattr(cfg, k)!r}" for k in changed)
         raise CheckpointError(f"{path}: cannot resume with different settings ({detail})")
@@ -217,7 +228,7 @@ def _resume(out: Path, cfg: TrainConfig, model, optimizer, schedule, metrics: Me
     restore_rng_state(state["rng"])
     metrics.truncate_after(ckpt.step)
     log(f"resumed from {path} (step {ckpt.step})")
-    return _Progress(**state["progress"])
+    return _Progress(**state["progress"]), dict(state.get("window", {}))
 
 
 __all__ = ["TrainConfig", "TrainResult", "TrainingError", "train", "load_data", "build_model_for",

@@ -1,0 +1,198 @@
+"""The `widenet` command line: listing, parameter counts, benchmarks and its error contract.
+
+The CLI's contract (widenet/cli.py): bad input exits with status 2 and a
+one-line message on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from widenet.cli import main
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+REPO = Path(__file__).resolve().parents[1]
+
+# The paper's Table 1 (ImageNet setup: 1001 classes and a pre-logits layer), in millions.
+PAPER_PARAMS_M = {"vit_b16": 87, "vit_l16": 305, "vit_moe_b16": 128, "vit_moe_l16": 406,
+                  "widenet_b16": 29, "widenet_l16": 40, "widenet_h16": 63}
+
+
+def _cli(argv, capsys) -> tuple[int, str, str]:
+    """Run widenet.cli.main in-process: (exit status, stdout, stderr)."""
+    try:
+        rc = main([str(a) for a in argv])
+    except SystemExit as exit_:  # argparse exits this way
+        rc = exit_.code
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err
+
+
+def _assert_one_line_error(rc, out: str, err: str) -> str:
+    assert rc == 2, (rc, out, err)
+    assert "Traceback" not in err and "Traceback" not in out
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, f"expected a one-line message on stderr, got {len(lines)} lines:\n{err}"
+    return lines[0]
+
+
+def _env() -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    return env
+
+
+# --- processes: console script, python -m, and a real error exit -------------------------------
+def test_list_same_output_from_script_module_and_main(capsys, tmp_path):
+    script = shutil.which("widenet")
+    assert script is not None, "the widenet console script is not installed (pip install -e .)"
+    commands = {"script": [script, "list"], "module": [sys.executable, "-m", "widenet", "list"]}
+    procs = {name: subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(), cwd=tmp_path,
+                                    text=True) for name, cmd in commands.items()}
+    results = {name: (*p.communicate(timeout=120), p.returncode) for name, p in procs.items()}
+
+    rc, out, err = _cli(["list"], capsys)
+    assert rc == 0 and err == ""
+    for name in ("script", "module"):
+        stdout, stderr, code = results[name]
+        assert code == 0, stderr
+        assert stdout == out, name
+    names = [line.split()[0] for line in out.splitlines()]
+    assert names == sorted(names)
+    assert set(PAPER_PARAMS_M) | {"vit_tiny", "vit_moe_tiny", "albert_tiny", "widenet_tiny"} <= set(names)
+
+
+def test_list_json(capsys):
+    rc, out, _ = _cli(["list", "--json"], capsys)
+    assert rc == 0
+    rows = json.loads(out)
+    assert [r["model"] for r in rows] == sorted(r["model"] for r in rows)
+    assert all(isinstance(r["description"], str) and r["description"] for r in rows)
+
+
+# --- params ---------------------------------------------------------------------------------------
+def test_params_widenet_b16_matches_paper(capsys):
+    rc, out, _ = _cli(["params", "widenet_b16", "--num-classes", 1001, "--representation", "--json"], capsys)
+    assert rc == 0
+    row = json.loads(out)
+    assert row == {"model": "widenet_b16", "params": 29692137, "num_classes": 1001, "representation": True}
+    assert math.floor(row["params"] / 1e6) == 29
+
+
+def test_params_paper_models_in_one_call(capsys):
+    rc, out, _ = _cli(["params", *PAPER_PARAMS_M, "--num-classes", 1001, "--representation", "--json"], capsys)
+    assert rc == 0
+    rows = json.loads(out)
+    assert isinstance(rows, list) and [r["model"] for r in rows] == list(PAPER_PARAMS_M)
+    got = {r["model"]: math.floor(r["params"] / 1e6) for r in rows}
+    assert got == PAPER_PARAMS_M
+    assert all(r["num_classes"] == 1001 and r["representation"] is True for r in rows)
+
+
+def test_params_table_and_defaults(capsys):
+    rc, out, _ = _cli(["params", "vit_b16", "widenet_b16"], capsys)
+    assert rc == 0
+    lines = out.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("vit_b16") and lines[1].startswith("widenet_b16")
+    assert lines[0].rstrip().endswith("M)")
+    # Without --representation and with the preset's 1000 classes the count is smaller.
+    rc, out, _ = _cli(["params", "widenet_b16", "--json"], capsys)
+    row = json.loads(out)
+    assert row["num_classes"] == 1000 and row["representation"] is False and row["params"] < 29692137
+
+
+# --- benchmarks -----------------------------------------------------------------------------------
+def test_bench_moe_json(capsys):
+    rc, out, err = _cli(["bench", "moe", "--tokens", 256, "--dim", 16, "--hidden", 32, "--experts", 4,
+                         "--repeats", 1, "--json"], capsys)
+    assert rc == 0, err
+    result = json.loads(out)
+    for key in ("moe_ms", "dense_ms", "einsum_ms", "loop_ms", "ratio_vs_dense", "speedup_vs_einsum",
+                "ratio_vs_loop"):
+        assert isinstance(result[key], float) and result[key] > 0 and math.isfinite(result[key]), key
+    assert result["ratio_vs_dense"] == pytest.approx(result["moe_ms"] / result["dense_ms"])
+    assert result["speedup_vs_einsum"] == pytest.approx(result["einsum_ms"] / result["moe_ms"])
+    assert result["ratio_vs_loop"] == pytest.approx(result["moe_ms"] / result["loop_ms"])
+
+
+def test_bench_moe_text(capsys):
+    rc, out, _ = _cli(["bench", "moe", "--tokens", 64, "--dim", 8, "--hidden", 16, "--repeats", 1], capsys)
+    assert rc == 0
+    assert "moe / dense" in out
+
+
+def test_bench_model_json(capsys):
+    rc, out, err = _cli(["bench", "model", "vit_tiny", "--batch-size", 4, "--steps", 1, "--device", "cpu",
+                         "--json"], capsys)
+    assert rc == 0, err
+    result = json.loads(out)
+    assert result["model"] == "vit_tiny" and result["batch_size"] == 4 and result["steps"] == 1
+    assert result["images_per_s"] > 0 and result["params"] > 0 and result["device"] == "cpu"
+
+
+# --- error exits ----------------------------------------------------------------------------------
+def test_unknown_model(capsys):
+    line = _assert_one_line_error(*_cli(["params", "nosuch_model"], capsys))
+    assert line.startswith("widenet: error:") and "unknown model 'nosuch_model'" in line
+
+
+def test_bench_model_unknown_model(capsys):
+    line = _assert_one_line_error(*_cli(["bench", "model", "nosuch_model", "--steps", 1], capsys))
+    assert "nosuch_model" in line
+
+
+def test_bench_moe_top_k_exceeds_experts(capsys):
+    line = _assert_one_line_error(*_cli(["bench", "moe", "--top-k", 8, "--experts", 4], capsys))
+    assert "--top-k 8 exceeds --experts 4" in line
+
+
+def test_unknown_model_setting(tmp_path, fmnist_dir, capsys):
+    line = _assert_one_line_error(*_cli(["train", "--data-dir", fmnist_dir, "--out", tmp_path / "run",
+                                         "--max-steps", 1, "--set", "no_such_setting=1"], capsys))
+    assert "no_such_setting" in line
+
+
+def test_train_patch_size_must_divide_image_size(tmp_path, fmnist_dir, capsys):
+    line = _assert_one_line_error(*_cli(["train", "--model", "widenet_b16", "--data-dir", fmnist_dir,
+                                         "--out", tmp_path / "run", "--max-steps", 1], capsys))
+    assert "28" in line and "16" in line and "divisible" in line
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_train_missing_image_folder(tmp_path, capsys):
+    missing = tmp_path / "no-such-folder"
+    line = _assert_one_line_error(*_cli(["train", "--data", "folder", "--data-dir", missing, "--image-size", 28,
+                                         "--out", tmp_path / "run", "--max-steps", 1], capsys))
+    assert str(missing) in line and "does not exist" in line
+
+
+def test_train_folder_without_data_dir(tmp_path, capsys):
+    line = _assert_one_line_error(*_cli(["train", "--data", "folder", "--image-size", 28,
+                                         "--out", tmp_path / "run", "--max-steps", 1], capsys))
+    assert "data_dir" in line
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["params", "vit_tiny", "--num-classes", "0"], "--num-classes"),
+    (["bench", "moe", "--capacity-factor", "0"], "--capacity-factor"),
+    (["train", "--data", "nosuch"], "nosuch"),
+    (["train", "--set", "dim"], "KEY=VALUE"),
+    (["train", "--set", "=3"], "KEY=VALUE"),
+    (["train", "--epochs", "2", "--max-steps", "3"], "not allowed with"),
+], ids=["num-classes-0", "capacity-factor-0", "unknown-data", "set-without-equals", "set-without-key",
+        "epochs-and-max-steps"])
+def test_argument_errors_are_one_line(argv, expected, capsys):
+    """Rejected by the argument parser: status 2 and, per the CLI's contract, one line on stderr."""
+    rc, out, err = _cli(argv, capsys)
+    assert rc == 2
+    assert expected in err
+    _assert_one_line_error(rc, out, err)

@@ -1,0 +1,217 @@
+"""`compare`: several models, one recipe, a report with tables and figures; reruns reuse runs."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from widenet.analysis import compare as compare_mod
+from widenet.analysis.compare import RunSpec, SpecResult, compare
+from widenet.cli import main
+from widenet.train.checkpoint import find_latest_checkpoint, load_checkpoint
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+MODELS = ["vit_tiny", "widenet_tiny"]
+LABELS = ["vit_tiny", "widenet_tiny", "widenet_tiny (shared norms)"]
+SLUGS = ["vit_tiny", "widenet_tiny", "widenet_tiny__shared_norms"]
+SEEDS = 2
+# The real *_tiny presets (compare has no per-model overrides), on a tiny budget.
+BUDGET = dict(max_steps=2, train_subset=64, test_subset=32, batch_size=16)
+
+
+def _quiet(_line: str) -> None:
+    pass
+
+
+def _section(report: str, title: str) -> str:
+    """The text of the '## title' section (up to the next '## ')."""
+    match = re.search(rf"^## {re.escape(title)}.*?$(.*?)(?=^## |\Z)", report, flags=re.M | re.S)
+    assert match, f"no section {title!r} in the report:\n{report}"
+    return match.group(1)
+
+
+def _table_rows(section: str) -> dict[str, list[str]]:
+    """First-column label -> cells, for the data rows of the markdown table(s) in `section`."""
+    rows = {}
+    for line in section.splitlines():
+        if line.startswith("|") and not line.startswith("|---") and not line.startswith("| model"):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            rows.setdefault(cells[0], cells[1:])
+    return rows
+
+
+def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    """(mtime_ns, size) of every file under each run's checkpoints/."""
+    return {str(p.relative_to(root)): (p.stat().st_mtime_ns, p.stat().st_size)
+            for p in sorted(root.glob("runs/*/seed*/checkpoints/**/*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def compared(single_thread, tmp_path_factory, fmnist_dir):
+    """One `widenet compare` through the CLI, then the same comparison again through the API."""
+    out = tmp_path_factory.mktemp("compare") / "out"
+    argv = ["compare", "--models", ",".join(MODELS), "--seeds", str(SEEDS), "--data-dir", str(fmnist_dir),
+            "--out", str(out), "--device", "cpu"]
+    for key, value in BUDGET.items():
+        argv += [f"--{key.replace('_', '-')}", str(value)]
+    assert main(argv) == 0
+    first_report = (out / "report.md").read_text(encoding="utf-8")
+    first_files = _snapshot(out)
+    first_metrics = {p: p.read_bytes() for p in out.glob("runs/*/seed*/metrics.jsonl")}
+    second_path = compare(MODELS, out, preset="quick", seeds=SEEDS, data="fashion-mnist",
+                          data_dir=str(fmnist_dir), device="cpu", log=_quiet, **BUDGET)
+    return dict(out=out, first_report=first_report, first_files=first_files, first_metrics=first_metrics,
+                second_path=second_path)
+
+
+def test_report_results_table(compared):
+    report = compared["first_report"]
+    rows = _table_rows(_section(report, "Results"))
+    assert list(rows) == MODELS
+    for cells in rows.values():
+        assert len(cells) == 4, cells
+        assert re.fullmatch(r"\d+\.\d+M", cells[0]), cells  # params
+        assert re.fullmatch(r"\d+\.\d+ ± \d+\.\d+", cells[3]), cells  # accuracy mean ± std over seeds
+        assert 0 <= float(cells[3].split(" ± ")[0]) <= 100
+    assert "**Winner:" in report
+    assert f"Seeds: {SEEDS}." in report
+
+
+def test_report_ablation_section(compared):
+    section = _section(compared["first_report"], "LayerNorm ablation")
+    rows = _table_rows(section)
+    assert list(rows) == ["widenet_tiny", "widenet_tiny (shared norms)"]
+    assert all(re.fullmatch(r"\d+\.\d+ ± \d+\.\d+", cells[3]) for cells in rows.values())
+    # Shared norms save parameters: fewer than individual norms.
+    assert float(rows["widenet_tiny (shared norms)"][0][:-1]) < float(rows["widenet_tiny"][0][:-1])
+    assert "Individual LayerNorms vs shared" in section
+
+
+def test_report_routing_table(compared):
+    section = _section(compared["first_report"], "Routing")
+    lines = [line for line in section.splitlines() if line.startswith("| widenet_tiny")]
+    # widenet_tiny: every block routes (one row per block); vit_tiny has no MoE, so no rows.
+    meta = load_checkpoint(find_latest_checkpoint(compared["out"] / "runs" / "widenet_tiny" / "seed0")).meta
+    depth = meta["model_config"]["encoder"]["depth"]
+    experts = meta["model_config"]["encoder"]["num_experts"]
+    by_label: dict[str, list[int]] = {}
+    for line in lines:
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        by_label.setdefault(cells[0], []).append(int(cells[1]))
+        loads = [float(x) for x in cells[2].split(" / ")]
+        assert len(loads) == experts and sum(loads) == pytest.approx(1.0, abs=0.03)  # printed to 2 decimals
+        assert 0 <= float(cells[3]) <= 1
+    assert by_label == {"widenet_tiny": list(range(depth)), "widenet_tiny (shared norms)": list(range(depth))}
+    assert "| vit_tiny |" not in section
+
+
+def test_report_figures_are_valid_pngs(compared):
+    out = compared["out"]
+    names = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", compared["first_report"])
+    expected = {"accuracy_vs_params.png", "training_curves.png", "block_similarity.png",
+                "expert_load_widenet_tiny.png", "expert_load_widenet_tiny__shared_norms.png"}
+    assert set(names) == expected
+    for name in names:
+        path = out / name
+        assert path.is_file(), name
+        data = path.read_bytes()
+        assert data[:8] == PNG_MAGIC, name
+        assert len(data) > 2000, name
+        assert b"IEND" in data[-16:], name
+
+
+def test_run_folders_per_model_and_seed(compared):
+    out = compared["out"]
+    for slug in SLUGS:
+        for seed in range(SEEDS):
+            run = out / "runs" / slug / f"seed{seed}"
+            ckpt = load_checkpoint(find_latest_checkpoint(run))
+            assert ckpt.step == BUDGET["max_steps"]
+            assert ckpt.meta["train_config"]["seed"] == seed
+            assert ckpt.meta["train_config"]["train_subset"] == BUDGET["train_subset"]
+    shared = load_checkpoint(find_latest_checkpoint(out / "runs" / "widenet_tiny__shared_norms" / "seed0"))
+    assert shared.meta["train_config"]["model_overrides"] == {"share_norms": True}
+    assert shared.meta["model_config"]["encoder"]["share_norms"] is True
+
+
+def test_second_call_reuses_finished_runs(compared):
+    out = compared["out"]
+    assert compared["second_path"] == out / "report.md"
+    # No checkpoint was rewritten (same files, same mtimes), no metrics record added or changed.
+    assert _snapshot(out) == compared["first_files"]
+    assert compared["first_files"], "no checkpoint files found"
+    for path, data in compared["first_metrics"].items():
+        assert path.read_bytes() == data
+    # The report is the same apart from its time stamp.
+    strip = lambda text: [line for line in text.splitlines() if not line.startswith("Generated ")]  # noqa: E731
+    assert strip(compared["second_path"].read_text(encoding="utf-8")) == strip(compared["first_report"])
+
+
+def test_report_budget_line_states_the_step_budget(compared):
+    """With max_steps the runs stop after that many steps; the report must not claim whole epochs.
+
+    The quick preset's epochs=2 is overridden by max_steps=2 (64 images / batch 16 = 4 steps per
+    epoch), so "2 epochs" is wrong: the runs trained for 2 steps, half an epoch.
+    """
+    budget = next(line for line in compared["first_report"].splitlines() if line.startswith("Budget per run"))
+    assert "2 epochs" not in budget, budget
+
+
+def test_single_dense_model_report(tmp_path, fmnist_dir):
+    report_path = compare(["vit_tiny"], tmp_path / "out", seeds=1, data_dir=str(fmnist_dir), log=_quiet,
+                          **BUDGET)
+    report = report_path.read_text(encoding="utf-8")
+    assert list(_table_rows(_section(report, "Results"))) == ["vit_tiny"]
+    assert "ablation" not in report.lower()  # no WideNet: nothing to ablate
+    assert "(no MoE model in the comparison)" in _section(report, "Routing")
+    names = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
+    assert not any(name.startswith("expert_load") for name in names)
+    for name in names:
+        assert (tmp_path / "out" / name).read_bytes()[:8] == PNG_MAGIC
+
+
+def test_model_overrides_are_honoured_or_refused(tmp_path, fmnist_dir):
+    """compare(**train_settings) passes TrainConfig fields; model_overrides must not vanish silently."""
+    tiny = dict(dim=32, depth=2, num_heads=2, mlp_dim=64)
+    try:
+        compare(["widenet_tiny"], tmp_path / "out", seeds=1, ablation=False, data_dir=str(fmnist_dir),
+                log=_quiet, model_overrides=tiny, **BUDGET)
+    except ValueError:
+        return  # refused with a message: fine
+    ckpt = load_checkpoint(find_latest_checkpoint(tmp_path / "out" / "runs" / "widenet_tiny" / "seed0"))
+    assert ckpt.meta["model_config"]["encoder"]["dim"] == 32, "model_overrides were silently dropped"
+
+
+def test_compare_rejects_bad_arguments(tmp_path):
+    with pytest.raises(ValueError, match="preset"):
+        compare(["vit_tiny"], tmp_path, preset="nosuch", log=_quiet)
+    with pytest.raises(ValueError, match="no models"):
+        compare([], tmp_path, log=_quiet)
+    assert not (tmp_path / "report.md").exists()
+
+
+def _result(label: str, model: str, accuracies: list[float], overrides: dict | None = None) -> SpecResult:
+    return SpecResult(spec=RunSpec(label, model, overrides or {}), accuracies=accuracies, params=1, flops=1.0,
+                      images_per_s=1.0, routing=[], similarity=[], curve={})
+
+
+def test_ablation_verdict_on_a_tie_names_no_winner():
+    """Equal accuracies: neither kind of norm did better."""
+    own = _result("widenet_tiny", "widenet_tiny", [0.5, 0.5])
+    shared = _result("widenet_tiny (shared norms)", "widenet_tiny", [0.5, 0.5], {"share_norms": True})
+    text = compare_mod._ablation_verdict([own], shared)
+    assert "+0.00 points" in text
+    assert "shared norms did better" not in text and "individual norms did better" not in text, text
+
+
+def test_verdict_clear_and_unclear_wins():
+    a = _result("a", "a", [0.90, 0.92])
+    b = _result("b", "b", [0.80, 0.82])
+    assert compare_mod._verdict([b, a], 2).startswith("**Winner: a**")
+    assert "not a clear win" not in compare_mod._verdict([b, a], 2)
+    noisy = _result("c", "c", [0.70, 0.99])
+    assert "not a clear win" in compare_mod._verdict([noisy, b], 2)

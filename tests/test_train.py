@@ -1,0 +1,469 @@
+"""Training loop: learning, metrics.jsonl, checkpoints, exact kill-and-resume, errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from widenet.cli import main
+from widenet.data.vision import load_dataset
+from widenet.train import loop
+from widenet.train.checkpoint import (CheckpointError, checkpoint_dir_name, find_latest_checkpoint,
+                                      list_checkpoints, load_checkpoint)
+from widenet.train.config import TrainConfig
+from widenet.train.evaluate import evaluate
+from widenet.train.loop import TrainingError, build_model_for, train
+from widenet.train.metrics import TIMING_KEYS, read_metrics, without_timing
+
+REPO = Path(__file__).resolve().parents[1]
+LEARN_STEPS = 40
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def _quiet(_line: str) -> None:
+    pass
+
+
+def _cli(argv, capsys) -> tuple[int, str, str]:
+    """Run widenet.cli.main in-process: (exit status, stdout, stderr)."""
+    try:
+        rc = main([str(a) for a in argv])
+    except SystemExit as exit_:  # argparse errors
+        rc = exit_.code
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err
+
+
+def _assert_one_line_error(rc: int, err: str) -> None:
+    assert rc == 2, err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, f"expected a one-line message on stderr, got:\n{err}"
+
+
+def _config(data_dir: Path, out: Path, overrides: dict, **changes) -> TrainConfig:
+    settings = dict(model="widenet_tiny", data_dir=str(data_dir), out=str(out), max_steps=LEARN_STEPS,
+                    batch_size=32, lr=3e-3, log_every=5, model_overrides=dict(overrides), download=False)
+    settings.update(changes)
+    return TrainConfig(**settings)
+
+
+# --- one short run, shared by the read-only checks below ------------------------------------------
+@pytest.fixture(scope="module")
+def learned(single_thread, tmp_path_factory, fmnist_dir, tiny_overrides):
+    """40 steps of a tiny WideNet on the learnable synthetic data (batch 32, lr 3e-3)."""
+    out = tmp_path_factory.mktemp("learn") / "run"
+    cfg = _config(fmnist_dir, out, tiny_overrides)
+    result = train(cfg, log=_quiet)
+    return cfg, result
+
+
+def test_short_run_learns(learned):
+    cfg, result = learned
+    records = read_metrics(Path(cfg.out) / "metrics.jsonl")
+    train_records = [r for r in records if r["split"] == "train"]
+    assert [r["step"] for r in train_records] == list(range(5, LEARN_STEPS + 1, 5))
+    first, last = train_records[0]["loss"], train_records[-1]["loss"]
+    assert last < first - 0.3, f"training loss went {first:.3f} -> {last:.3f}"
+    assert result.steps == LEARN_STEPS
+    # 4 equally frequent classes: chance is 0.25.
+    assert result.final_eval.accuracy >= 0.6
+    assert result.final_eval.examples == 64
+    assert math.isfinite(result.final_eval.loss)
+
+
+def test_metrics_jsonl_records(learned):
+    cfg, result = learned
+    lines = (Path(cfg.out) / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    records = [json.loads(line) for line in lines]
+    assert all(isinstance(r, dict) for r in records)
+    assert {r["split"] for r in records} == {"train", "test"}
+    for r in records:
+        if r["split"] == "train":
+            assert {"step", "loss", "accuracy", "lr", "images_per_s"} <= set(r)
+            assert 0 <= r["accuracy"] <= 1 and r["lr"] >= 0 and math.isfinite(r["loss"])
+            assert r["images_per_s"] > 0  # throughput sanity, not timed
+        else:
+            assert {"step", "accuracy", "loss", "routing"} <= set(r)
+            assert 0 <= r["accuracy"] <= 1
+    steps = [r["step"] for r in records]
+    assert steps == sorted(steps)
+    evals = [r for r in records if r["split"] == "test"]
+    # 256 images / batch 32 = 8 steps per epoch: one evaluation per epoch.
+    assert [r["step"] for r in evals] == [8, 16, 24, 32, 40]
+    assert evals[-1]["accuracy"] == pytest.approx(result.final_eval.accuracy)
+    assert result.train_images_per_s > 0
+
+
+def test_evaluate_routing_per_moe_block(learned, fmnist_dir):
+    cfg, result = learned
+    model = result.model
+    test_set = load_dataset("fashion-mnist", "test", fmnist_dir, download=False)
+    train_set = load_dataset("fashion-mnist", "train", fmnist_dir, download=False)
+    ev = evaluate(model, test_set, cfg.eval_batch_size, torch.device("cpu"), train_set.mean, train_set.std)
+    moe_blocks = model.cfg.encoder.moe_block_ids
+    assert len(moe_blocks) == cfg.model_overrides["depth"]  # WideNet: every block routes
+    assert [r.block for r in ev.routing] == list(range(len(moe_blocks)))
+    for r in ev.routing:
+        assert len(r.expert_fraction) == model.cfg.encoder.num_experts
+        assert sum(r.expert_fraction) == pytest.approx(1.0, abs=1e-5)
+        assert all(f >= 0 for f in r.expert_fraction)
+        assert 0.0 <= r.dropped_fraction <= 1.0
+    # Evaluation (eval mode: no router noise, no dropout) is deterministic.
+    assert ev.accuracy == result.final_eval.accuracy
+    assert ev.loss == pytest.approx(result.final_eval.loss, rel=1e-6)
+    for mine, final in zip(ev.routing, result.final_eval.routing, strict=True):
+        assert mine.expert_fraction == pytest.approx(final.expert_fraction)
+
+
+def test_evaluate_dense_model_has_no_routing(fmnist_dir, tiny_overrides):
+    test_set = load_dataset("fashion-mnist", "test", fmnist_dir, download=False)
+    cfg = TrainConfig(model="vit_tiny", model_overrides=dict(tiny_overrides))
+    torch.manual_seed(0)
+    model = build_model_for(cfg, test_set)
+    model.train()
+    ev = evaluate(model, test_set, 64, torch.device("cpu"), test_set.mean, test_set.std)
+    assert ev.routing == [] and ev.examples == len(test_set)
+    assert model.training  # evaluate restores the mode
+
+
+def test_final_checkpoint_matches_model(learned):
+    cfg, result = learned
+    latest = find_latest_checkpoint(cfg.out)
+    assert latest is not None and latest.name == checkpoint_dir_name(LEARN_STEPS)
+    fresh = build_model_for(cfg, load_dataset("fashion-mnist", "train", cfg.data_dir, download=False))
+    ckpt = load_checkpoint(cfg.out, fresh, expected_meta={"model": "widenet_tiny"})
+    assert ckpt.step == LEARN_STEPS
+    assert ckpt.meta["train_config"]["lr"] == cfg.lr
+    for key, value in result.model.state_dict().items():
+        assert torch.equal(fresh.state_dict()[key], value), key
+
+
+# --- CLI eval on a checkpoint ------------------------------------------------------------------
+def test_cli_eval_checkpoint_json(learned, capsys):
+    cfg, result = learned
+    rc, out, err = _cli(["eval", "--checkpoint", cfg.out, "--json", "--device", "cpu"], capsys)
+    assert rc == 0, err
+    report = json.loads(out)
+    assert report["model"] == "widenet_tiny" and report["step"] == LEARN_STEPS
+    assert report["accuracy"] == pytest.approx(result.final_eval.accuracy)
+    assert len(report["routing"]) == 2
+    for block in report["routing"]:
+        assert sum(block["expert_fraction"]) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_cli_eval_missing_checkpoint(tmp_path, capsys):
+    rc, _, err = _cli(["eval", "--checkpoint", tmp_path / "nosuch"], capsys)
+    _assert_one_line_error(rc, err)
+    assert "nosuch" in err and "does not exist" in err
+
+
+def test_cli_eval_empty_run_folder(tmp_path, capsys):
+    rc, _, err = _cli(["eval", "--checkpoint", tmp_path], capsys)
+    _assert_one_line_error(rc, err)
+    assert "no complete checkpoint" in err
+
+
+def test_cli_eval_corrupt_safetensors(learned, tmp_path, capsys):
+    cfg, _ = learned
+    copy = tmp_path / "copy"
+    shutil.copytree(find_latest_checkpoint(cfg.out), copy / "checkpoints" / checkpoint_dir_name(LEARN_STEPS))
+    weights = copy / "checkpoints" / checkpoint_dir_name(LEARN_STEPS) / "model.safetensors"
+    size = weights.stat().st_size
+    with open(weights, "r+b") as f:
+        f.truncate(size // 2)
+    rc, _, err = _cli(["eval", "--checkpoint", copy], capsys)
+    _assert_one_line_error(rc, err)
+    assert "model.safetensors" in err
+
+
+# --- resume rules (no training happens in the refusals) ---------------------------------------
+def test_resume_refuses_changed_settings(learned, capsys):
+    cfg, _ = learned
+    with pytest.raises(CheckpointError, match=r"cannot resume with different settings \(lr: 0.003 -> 0.001\)"):
+        train(_config(cfg.data_dir, cfg.out, cfg.model_overrides, lr=1e-3, resume=True), log=_quiet)
+    # The same through the CLI: one line, exit status 2.
+    before = (Path(cfg.out) / "metrics.jsonl").read_bytes()
+    args = ["train", "--model", "widenet_tiny", "--data-dir", cfg.data_dir, "--out", cfg.out,
+            "--max-steps", LEARN_STEPS, "--batch-size", 32, "--lr", 1e-3, "--resume"]
+    for key, value in cfg.model_overrides.items():
+        args += ["--set", f"{key}={value}"]
+    rc, _, err = _cli(args, capsys)
+    _assert_one_line_error(rc, err)
+    assert "lr" in err and "cannot resume" in err
+    assert (Path(cfg.out) / "metrics.jsonl").read_bytes() == before
+
+
+@pytest.mark.parametrize("name, value", [
+    ("weight_decay", 0.1), ("dropout", 0.1), ("label_smoothing", 0.0), ("mixup", 0.2), ("batch_size", 16),
+    ("seed", 1), ("warmup_steps", 3), ("schedule", "linear"), ("optimizer", "lamb"),
+    # Not in RESUME_KEYS, yet each changes every following step (loss weight, gradient clipping,
+    # augmentation), so a resumed run would silently match neither recipe.
+    ("aux_weight", 0.1), ("clip_norm", 0.5), ("crop", "none"), ("flip", False), ("randaugment_n", 1),
+])
+def test_resume_refuses_changed_training_recipe(learned, tmp_path, name, value):
+    cfg, _ = learned
+    run = tmp_path / "run"
+    shutil.copytree(cfg.out, run)
+    assert getattr(cfg, name) != value
+    with pytest.raises(CheckpointError, match=rf"cannot resume with different settings \({name}: "):
+        train(_config(cfg.data_dir, run, cfg.model_overrides, resume=True, **{name: value}), log=_quiet)
+
+
+def test_resume_refuses_changed_model_overrides(learned):
+    cfg, _ = learned
+    changed = dict(cfg.model_overrides, mlp_dim=96)
+    with pytest.raises(CheckpointError):
+        train(_config(cfg.data_dir, cfg.out, changed, resume=True), log=_quiet)
+
+
+def test_train_into_folder_with_checkpoints_needs_resume(learned):
+    cfg, _ = learned
+    with pytest.raises(ValueError, match="already holds checkpoints"):
+        train(_config(cfg.data_dir, cfg.out, cfg.model_overrides), log=_quiet)
+
+
+def test_resume_without_checkpoint_starts_from_scratch(tmp_path, fmnist_dir, tiny_overrides):
+    lines: list[str] = []
+    result = train(_config(fmnist_dir, tmp_path / "run", tiny_overrides, max_steps=2, resume=True),
+                   log=lines.append)
+    assert any("no checkpoint" in line and "from scratch" in line for line in lines)
+    assert result.steps == 2
+    assert find_latest_checkpoint(tmp_path / "run").name == checkpoint_dir_name(2)
+    assert [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")] == [2, 2]
+
+
+def test_resume_without_checkpoint_drops_records_of_the_lost_attempt(tmp_path, fmnist_dir, tiny_overrides):
+    """A run killed before its first checkpoint left metric lines; resuming restarts and must not keep them."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"split": "train", "step": 1, "loss": 9.0}\n')
+    train(_config(fmnist_dir, run, tiny_overrides, max_steps=2, resume=True), log=_quiet)
+    records = read_metrics(run / "metrics.jsonl")
+    assert [r["step"] for r in records] == [2, 2]
+    assert all(r.get("loss") != 9.0 for r in records)
+
+
+# --- non-finite loss ------------------------------------------------------------------------
+class _NanAfter:
+    """Stands in for torch.nn.functional inside loop.py: cross_entropy turns NaN at call `k`."""
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+        self.calls = 0
+
+    def __getattr__(self, name):
+        return getattr(torch.nn.functional, name)
+
+    def cross_entropy(self, *args, **kwargs):
+        self.calls += 1
+        loss = torch.nn.functional.cross_entropy(*args, **kwargs)
+        return loss * float("nan") if self.calls >= self.k else loss
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, fmnist_dir, tiny_overrides, monkeypatch):
+    out = tmp_path / "run"
+    fake = _NanAfter(5)
+    monkeypatch.setattr(loop, "F", fake)
+    cfg = _config(fmnist_dir, out, tiny_overrides, max_steps=8, save_every=2, log_every=1)
+    with pytest.raises(TrainingError, match=r"loss became nan at step 5") as info:
+        train(cfg, log=_quiet)
+    assert "checkpoint" in str(info.value)
+    assert fake.calls == 5
+    latest = find_latest_checkpoint(out)
+    assert latest is not None and latest.name == checkpoint_dir_name(4)
+    assert not (out / "checkpoints" / checkpoint_dir_name(5)).exists()
+    assert [p.name for p in list_checkpoints(out)] == [checkpoint_dir_name(2), checkpoint_dir_name(4)]
+    model = build_model_for(cfg, load_dataset("fashion-mnist", "train", fmnist_dir, download=False))
+    ckpt = load_checkpoint(out, model)
+    assert ckpt.step == 4
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert ckpt.train_state["progress"]["step"] == 4
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2, 3, 4]
+
+
+def test_non_finite_loss_through_cli(tmp_path, fmnist_dir, tiny_set_args, monkeypatch, capsys):
+    monkeypatch.setattr(loop, "F", _NanAfter(1))
+    rc, _, err = _cli(["train", "--data-dir", fmnist_dir, "--out", tmp_path / "run", "--max-steps", 3,
+                       "--batch-size", 32, *tiny_set_args], capsys)
+    _assert_one_line_error(rc, err)
+    assert "loss became nan at step 1" in err
+    assert find_latest_checkpoint(tmp_path / "run") is None
+
+
+# --- kill -9 and resume == uninterrupted ---------------------------------------------------
+RESUME_STEPS = 40  # 8 steps per epoch: the resumed run crosses epoch boundaries
+SAVE_EVERY = 5
+KILL_AFTER = 13  # kill once step 13 is logged: the newest checkpoint is then step 10 (mid-epoch) or later
+
+
+def _train_command(data_dir: Path, out: Path, tiny_set_args: list[str]) -> list[str]:
+    return [sys.executable, "-m", "widenet", "train", "--model", "widenet_tiny", "--data-dir", str(data_dir),
+            *tiny_set_args, "--max-steps", str(RESUME_STEPS), "--batch-size", "32", "--lr", "3e-3",
+            "--dropout", "0.1", "--save-every", str(SAVE_EVERY), "--log-every", "1", "--device", "cpu",
+            "--out", str(out)]
+
+
+def _env(tmp_path: Path) -> dict:
+    # One intra-op thread per process (see the single_thread fixture); the same for every run.
+    env = dict(os.environ, WIDENET_DATA_HOME=str(tmp_path / "data-home"), OMP_NUM_THREADS="1",
+               MKL_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    return env
+
+
+def _logged_steps(metrics: Path) -> list[int]:
+    return [r["step"] for r in read_metrics(metrics) if r.get("split") == "train"] if metrics.exists() else []
+
+
+def _last_logged_step(metrics: Path) -> int:
+    """Step of the newest train record, read cheaply (the file only grows while training)."""
+    try:
+        text = metrics.read_bytes()
+    except FileNotFoundError:
+        return 0
+    for line in reversed(text.splitlines()):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if record.get("split") == "train":
+            return record["step"]
+    return 0
+
+
+def test_sigkill_and_resume_matches_uninterrupted_run(tmp_path, fmnist_dir, tiny_set_args):
+    a, b = tmp_path / "A", tmp_path / "B"
+    env = _env(tmp_path)
+    logs = {name: open(tmp_path / f"{name}.log", "wb") for name in ("A1", "A2", "B")}
+    # B (uninterrupted) runs alongside A to overlap the interpreter/torch start-up.
+    proc_b = subprocess.Popen(_train_command(fmnist_dir, b, tiny_set_args), env=env, cwd=tmp_path,
+                              stdout=logs["B"], stderr=subprocess.STDOUT)
+    proc_a = subprocess.Popen(_train_command(fmnist_dir, a, tiny_set_args), env=env, cwd=tmp_path,
+                              stdout=logs["A1"], stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc_a.poll() is None:
+            if _last_logged_step(a / "metrics.jsonl") >= KILL_AFTER:
+                os.kill(proc_a.pid, signal.SIGKILL)
+                break
+            time.sleep(0.005)
+        code = proc_a.wait(timeout=30)
+        assert code == -signal.SIGKILL, "the run was not killed mid-way (exit status %s): %s" % (
+            code, (tmp_path / "A1.log").read_text(errors="replace")[-2000:])
+    finally:
+        if proc_a.poll() is None:
+            proc_a.kill()
+            proc_a.wait()
+    killed_at = max(_logged_steps(a / "metrics.jsonl"))
+    saved = find_latest_checkpoint(a)
+    saved_step = load_checkpoint(saved).step
+    assert 2 * SAVE_EVERY <= saved_step <= killed_at < RESUME_STEPS
+
+    resumed = subprocess.run(_train_command(fmnist_dir, a, tiny_set_args) + ["--resume"], env=env, cwd=tmp_path,
+                             stdout=logs["A2"], stderr=subprocess.STDOUT, timeout=300)
+    assert proc_b.wait(timeout=300) == 0, (tmp_path / "B.log").read_text(errors="replace")
+    for f in logs.values():
+        f.close()
+    assert resumed.returncode == 0, (tmp_path / "A2.log").read_text(errors="replace")
+    assert f"(step {saved_step})" in (tmp_path / "A2.log").read_text()
+
+    final = checkpoint_dir_name(RESUME_STEPS)
+    assert find_latest_checkpoint(a).name == final and find_latest_checkpoint(b).name == final
+    weights_a = load_file(str(a / "checkpoints" / final / "model.safetensors"))
+    weights_b = load_file(str(b / "checkpoints" / final / "model.safetensors"))
+    assert weights_a.keys() == weights_b.keys()
+    for key in weights_a:
+        assert torch.equal(weights_a[key], weights_b[key]), key
+
+    metrics_a = read_metrics(a / "metrics.jsonl")
+    metrics_b = read_metrics(b / "metrics.jsonl")
+    assert [r["step"] for r in metrics_b if r["split"] == "train"] == list(range(1, RESUME_STEPS + 1))
+    assert without_timing(metrics_a) == without_timing(metrics_b)
+    assert all(key not in r for r in without_timing(metrics_a) for key in TIMING_KEYS)
+    # The counters and RNG state saved at the end agree too.
+    state_a = load_checkpoint(a).train_state
+    state_b = load_checkpoint(b).train_state
+    for key in ("step", "epoch", "batch", "images"):
+        assert state_a["progress"][key] == state_b["progress"][key]
+    assert torch.equal(state_a["rng"]["torch"], state_b["rng"]["torch"])
+
+
+# --- a crash between an epoch's evaluation and its checkpoint ---------------------------------
+class _SimulatedKill(BaseException):
+    pass
+
+
+def test_crash_after_epoch_eval_then_resume_matches_uninterrupted(tmp_path, fmnist_dir, tiny_overrides, monkeypatch):
+    """--save-every lands on the last step of an epoch (8 = 256 / 32). That step is saved once, after
+    the epoch's evaluation record. A crash between epoch 2's evaluation record (step 16) and its
+    checkpoint resumes from step 8, drops the records after it, and evaluates epoch 2 again:
+    metrics.jsonl must equal the uninterrupted run's (no duplicated evaluation line)."""
+    settings = dict(max_steps=16, save_every=8, log_every=4)
+    uninterrupted = train(_config(fmnist_dir, tmp_path / "B", tiny_overrides, **settings), log=_quiet)
+
+    calls = []
+    real_save = loop.save_checkpoint
+
+    def save_then_die(*args, **kwargs):
+        calls.append(args[1])
+        if len(calls) == 2:  # the end-of-epoch checkpoint of step 16, right after its evaluation record
+            raise _SimulatedKill()
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_die)
+    with pytest.raises(_SimulatedKill):
+        train(_config(fmnist_dir, tmp_path / "A", tiny_overrides, **settings), log=_quiet)
+    assert calls == [8, 16]
+    monkeypatch.setattr(loop, "save_checkpoint", real_save)
+    resumed = train(_config(fmnist_dir, tmp_path / "A", tiny_overrides, resume=True, **settings), log=_quiet)
+
+    for key, value in uninterrupted.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[key], value), key
+    metrics_a = without_timing(read_metrics(tmp_path / "A" / "metrics.jsonl"))
+    metrics_b = without_timing(read_metrics(tmp_path / "B" / "metrics.jsonl"))
+    assert [(r["split"], r["step"]) for r in metrics_a] == [(r["split"], r["step"]) for r in metrics_b]
+    assert metrics_a == metrics_b
+
+
+def test_resume_between_log_lines_matches_uninterrupted(tmp_path, fmnist_dir, tiny_overrides, monkeypatch):
+    """The checkpoint (every 5 steps) falls inside a logging window (every 4 steps): after a crash at
+    step 7 and a resume from step 5, the train record of step 8 must still average steps 5..8 as in
+    the uninterrupted run ("exactly the weights and metrics of an uninterrupted run")."""
+    settings = dict(max_steps=12, save_every=5, log_every=4)
+    uninterrupted = train(_config(fmnist_dir, tmp_path / "B", tiny_overrides, **settings), log=_quiet)
+
+    real_step = loop._train_step
+    steps = []
+
+    def step_then_die(*args, **kwargs):
+        if len(steps) == 6:  # steps 1..6 done, checkpoint at 5: "killed" during step 7
+            raise _SimulatedKill()
+        steps.append(1)
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "_train_step", step_then_die)
+    with pytest.raises(_SimulatedKill):
+        train(_config(fmnist_dir, tmp_path / "A", tiny_overrides, **settings), log=_quiet)
+    monkeypatch.setattr(loop, "_train_step", real_step)
+    assert find_latest_checkpoint(tmp_path / "A").name == checkpoint_dir_name(5)
+    resumed = train(_config(fmnist_dir, tmp_path / "A", tiny_overrides, resume=True, **settings), log=_quiet)
+
+    for key, value in uninterrupted.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[key], value), key
+    metrics_a = without_timing(read_metrics(tmp_path / "A" / "metrics.jsonl"))
+    metrics_b = without_timing(read_metrics(tmp_path / "B" / "metrics.jsonl"))
+    assert [(r["split"], r["step"]) for r in metrics_a] == [(r["split"], r["step"]) for r in metrics_b]
+    assert metrics_a == metrics_b
