@@ -115,7 +115,8 @@ def cmd_bench_moe(args: argparse.Namespace) -> int:
 def cmd_bench_model(args: argparse.Namespace) -> int:
     from .bench.model_bench import bench_model
 
-    r = bench_model(args.model, batch_size=args.batch_size, steps=args.steps, device=args.device)
+    r = bench_model(args.model, batch_size=args.batch_size, steps=args.steps, device=args.device,
+                    **dict(args.set or []))
     if args.json:
         _print_json(asdict(r))
     else:
@@ -296,6 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", metavar="MODEL")
     p.add_argument("--batch-size", type=_positive_int, default=64)
     p.add_argument("--steps", type=_positive_int, default=10)
+    p.add_argument("--set", action="append", type=_parse_setting, metavar="KEY=VALUE",
+                   help="any model setting, e.g. --set moe_blocks=all")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench_model)
