@@ -189,22 +189,29 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_train_arguments(p: argparse.ArgumentParser) -> None:
+def _add_data_and_budget(p: argparse.ArgumentParser) -> None:
+    """Arguments shared by `train` and `compare`: data, budget, batch, lr, device."""
     from .data.vision import DATASET_NAMES
-    from .train.config import CROP_NAMES, OPTIMIZER_NAMES, SCHEDULE_NAMES
 
-    p.add_argument("--model", default="widenet_tiny")
     p.add_argument("--data", default="fashion-mnist", choices=DATASET_NAMES)
     p.add_argument("--data-dir")
-    p.add_argument("--image-size", type=_positive_int)
     p.add_argument("--train-subset", type=_positive_int, help="train on this many images (quick runs)")
     p.add_argument("--test-subset", type=_positive_int)
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--epochs", type=_positive_int)
     budget.add_argument("--max-steps", type=_positive_int)
     p.add_argument("--batch-size", type=_positive_int)
-    p.add_argument("--optimizer", choices=OPTIMIZER_NAMES)
     p.add_argument("--lr", type=_positive_float)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"))
+
+
+def _add_train_arguments(p: argparse.ArgumentParser) -> None:
+    from .train.config import CROP_NAMES, OPTIMIZER_NAMES, SCHEDULE_NAMES
+
+    p.add_argument("--model", default="widenet_tiny")
+    _add_data_and_budget(p)
+    p.add_argument("--image-size", type=_positive_int)
+    p.add_argument("--optimizer", choices=OPTIMIZER_NAMES)
     p.add_argument("--weight-decay", type=float)
     p.add_argument("--warmup-steps", type=int)
     p.add_argument("--schedule", choices=SCHEDULE_NAMES)
@@ -224,7 +231,6 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--save-every", type=_positive_int, help="also checkpoint every N steps")
     p.add_argument("--log-every", type=_positive_int)
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"))
     p.add_argument("--amp", choices=("auto", "off", "bf16", "fp16"))
     p.add_argument("--out", help="run folder (metrics.jsonl, checkpoints/)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
@@ -267,16 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated presets")
     p.add_argument("--preset", default="quick", choices=("quick", "full"))
     p.add_argument("--seeds", type=_positive_int)
-    budget = p.add_mutually_exclusive_group()
-    budget.add_argument("--epochs", type=_positive_int)
-    budget.add_argument("--max-steps", type=_positive_int)
-    p.add_argument("--train-subset", type=_positive_int)
-    p.add_argument("--test-subset", type=_positive_int)
-    p.add_argument("--batch-size", type=_positive_int)
-    p.add_argument("--lr", type=_positive_float)
-    p.add_argument("--data", default="fashion-mnist")
-    p.add_argument("--data-dir")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"))
+    _add_data_and_budget(p)
     p.add_argument("--no-ablation", action="store_true", help="skip WideNet with shared LayerNorms")
     p.add_argument("--out", default="runs/compare")
     p.set_defaults(func=cmd_compare)

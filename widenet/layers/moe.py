@@ -143,9 +143,9 @@ class Experts(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        # Same as nn.Linear's default fan-in scaling, expert by expert.
+        # Xavier-uniform expert by expert (fan-in and fan-out of one expert's matrix).
         for w in (self.w1, self.w2):
-            bound = 1.0 / math.sqrt(w.shape[1])
+            bound = math.sqrt(6.0 / (w.shape[1] + w.shape[2]))
             nn.init.uniform_(w, -bound, bound)
         nn.init.zeros_(self.b1)
         nn.init.zeros_(self.b2)
