@@ -11,6 +11,7 @@ exactly the weights and metrics of an uninterrupted run.
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 from ..data.augment import AugmentConfig, augment_batch, mixup, normalize, one_hot_smoothed
 from ..data.vision import ImageDataset, iterate_batches, load_dataset, num_batches, subset
@@ -115,6 +117,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print,
         save_checkpoint(out, progress.step, model, state, dict(meta, epoch=progress.epoch), cfg.keep_last)
 
     final: EvalResult | None = None
+    bar = _progress_bar(total, progress.step)
     while progress.step < total:
         model.train()
         batches = iterate_batches(train_set, cfg.batch_size, shuffle=True, seed=cfg.seed,
@@ -133,6 +136,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print,
             progress.images += labels.numel()
             progress.train_seconds += seconds
             window.add(loss, aux, correct, labels.numel(), seconds)
+            bar.update(1)
+            bar.set_postfix_str(window.postfix(), refresh=False)
             if progress.step % cfg.log_every == 0 or progress.step == total:
                 metrics.write(window.record(progress, schedule.get_last_lr()[0]))
                 log(window.summary(progress, total))
@@ -150,10 +155,17 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print,
         log(f"epoch {progress.epoch}/{epochs} step {progress.step}: test accuracy {final.accuracy:.4f} "
             f"loss {final.loss:.4f}")
         checkpoint()
+    bar.close()
     if final is None:  # resumed a finished run: report without training
         final = evaluate(model, test_set, cfg.eval_batch_size, device, mean, std, amp)
     speed = progress.images / progress.train_seconds if progress.train_seconds else 0.0
     return TrainResult(out, progress.step, final, params, speed, model)
+
+
+def _progress_bar(total: int, done: int) -> tqdm:
+    """A live bar (loss, accuracy, images/s) on a terminal; silent in logs and CI."""
+    return tqdm(total=total, initial=done, unit="step", dynamic_ncols=True, leave=False,
+                disable=not sys.stderr.isatty())
 
 
 def _train_step(model, optimizer, schedule, images, labels, cfg: TrainConfig, augment: AugmentConfig,
@@ -202,6 +214,11 @@ class _Window:
         return dict(split="train", step=p.step, epoch=p.epoch, loss=self.loss / n, aux_loss=self.aux / n,
                     accuracy=self.correct / max(self.images, 1), lr=lr,
                     images_per_s=self.images / self.seconds if self.seconds else 0.0)
+
+    def postfix(self) -> str:
+        n = max(self.steps, 1)
+        speed = self.images / self.seconds if self.seconds else 0.0
+        return f"loss {self.loss / n:.3f} acc {self.correct / max(self.images, 1):.3f} {speed:.0f} img/s"
 
     def summary(self, p: _Progress, total: int) -> str:
         r = self.record(p, 0.0)
