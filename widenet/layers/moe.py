@@ -15,8 +15,10 @@ Axis legend used in shape comments:
 Dispatch sorts assignments by expert (a stable sort, so priority follows the
 choice-major order: every token's first choice beats any second choice, and
 earlier tokens beat later ones), cuts each expert's run at its capacity, runs
-one matmul pair per expert on its contiguous slice, and scatter-adds the
-weighted results back. No tokens x experts x capacity tensor is ever built.
+one matmul pair per expert on its contiguous slice, puts each weighted result
+at its assignment's row of a (K, N, D) buffer and sums over K. No tokens x
+experts x capacity tensor is ever built, and no scatter-add is needed: every
+gather and put has a hand-written adjoint (the autograd Functions below).
 """
 
 from __future__ import annotations
