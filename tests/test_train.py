@@ -401,6 +401,16 @@ def test_sigkill_and_resume_matches_uninterrupted_run(tmp_path, fmnist_dir, tiny
     assert torch.equal(state_a["rng"]["torch"], state_b["rng"]["torch"])
 
 
+def _assert_same_run(resumed, uninterrupted, run_a, run_b) -> None:
+    """Equal final weights, and equal metrics.jsonl apart from timings."""
+    for key, value in uninterrupted.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[key], value), key
+    metrics_a = without_timing(read_metrics(run_a / "metrics.jsonl"))
+    metrics_b = without_timing(read_metrics(run_b / "metrics.jsonl"))
+    assert [(r["split"], r["step"]) for r in metrics_a] == [(r["split"], r["step"]) for r in metrics_b]
+    assert metrics_a == metrics_b
+
+
 # --- a crash between an epoch's evaluation and its checkpoint ---------------------------------
 class _SimulatedKill(BaseException):
     pass
@@ -430,12 +440,7 @@ def test_crash_after_epoch_eval_then_resume_matches_uninterrupted(tmp_path, fmni
     monkeypatch.setattr(loop, "save_checkpoint", real_save)
     resumed = train(_config(fmnist_dir, tmp_path / "A", tiny_overrides, resume=True, **settings), log=_quiet)
 
-    for key, value in uninterrupted.model.state_dict().items():
-        assert torch.equal(resumed.model.state_dict()[key], value), key
-    metrics_a = without_timing(read_metrics(tmp_path / "A" / "metrics.jsonl"))
-    metrics_b = without_timing(read_metrics(tmp_path / "B" / "metrics.jsonl"))
-    assert [(r["split"], r["step"]) for r in metrics_a] == [(r["split"], r["step"]) for r in metrics_b]
-    assert metrics_a == metrics_b
+    _assert_same_run(resumed, uninterrupted, tmp_path / "A", tmp_path / "B")
 
 
 def test_resume_between_log_lines_matches_uninterrupted(tmp_path, fmnist_dir, tiny_overrides, monkeypatch):
@@ -461,9 +466,4 @@ def test_resume_between_log_lines_matches_uninterrupted(tmp_path, fmnist_dir, ti
     assert find_latest_checkpoint(tmp_path / "A").name == checkpoint_dir_name(5)
     resumed = train(_config(fmnist_dir, tmp_path / "A", tiny_overrides, resume=True, **settings), log=_quiet)
 
-    for key, value in uninterrupted.model.state_dict().items():
-        assert torch.equal(resumed.model.state_dict()[key], value), key
-    metrics_a = without_timing(read_metrics(tmp_path / "A" / "metrics.jsonl"))
-    metrics_b = without_timing(read_metrics(tmp_path / "B" / "metrics.jsonl"))
-    assert [(r["split"], r["step"]) for r in metrics_a] == [(r["split"], r["step"]) for r in metrics_b]
-    assert metrics_a == metrics_b
+    _assert_same_run(resumed, uninterrupted, tmp_path / "A", tmp_path / "B")

@@ -180,14 +180,19 @@ _IDX_DTYPES = {
 }
 
 
-def _read_maybe_gzip(path: Path) -> bytes:
-    """Return the file's bytes, gunzipped when it is (or is named) a .gz file."""
+def _read_bytes(path: Path, missing_hint: str = "") -> bytes:
+    """The file's bytes; a missing or unreadable file raises a DatasetError naming it."""
     try:
-        raw = path.read_bytes()
+        return path.read_bytes()
     except FileNotFoundError:
-        raise DatasetNotFoundError(f"{path}: file not found") from None
+        raise DatasetNotFoundError(f"{path}: file not found{missing_hint}") from None
     except OSError as exc:
         raise DatasetError(f"{path}: cannot read file ({exc})") from exc
+
+
+def _read_maybe_gzip(path: Path) -> bytes:
+    """Return the file's bytes, gunzipped when it is (or is named) a .gz file."""
+    raw = _read_bytes(path)
     if path.suffix != ".gz" and raw[:2] != b"\x1f\x8b":
         return raw
     try:
@@ -485,12 +490,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
 def _unpickle(path: Path) -> dict[str, Any]:
     """Restricted-unpickle a CIFAR batch and return a dict with str keys."""
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise DatasetNotFoundError(f"{path}: CIFAR file not found. {_CIFAR_HELP}") from None
-    except OSError as exc:
-        raise DatasetError(f"{path}: cannot read file ({exc})") from exc
+    raw = _read_bytes(path, f" (CIFAR). {_CIFAR_HELP}")
     try:
         # latin1 is numpy's documented way to load Python-2 pickles of arrays.
         obj = _RestrictedUnpickler(io.BytesIO(raw), encoding="latin1").load()
