@@ -22,6 +22,7 @@ from typing import Callable
 
 import torch
 
+from ..data.augment import normalize
 from ..data.vision import ImageDataset, subset
 from ..train.config import TrainConfig
 from ..train.loop import TrainResult, load_data, train
@@ -110,8 +111,7 @@ def _run_spec(spec: RunSpec, base: TrainConfig, data: tuple[ImageDataset, ImageD
     first = runs[0]
     model = first.model
     c = model.cfg
-    probe = subset(data[1], 256, 0).images.float().div(255)
-    probe = (probe - torch.tensor(data[0].mean).view(1, -1, 1, 1)) / torch.tensor(data[0].std).view(1, -1, 1, 1)
+    probe = normalize(subset(data[1], 256, 0).images, data[0].mean, data[0].std)
     device = next(model.parameters()).device
     return SpecResult(
         spec=spec,

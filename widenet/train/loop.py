@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from ..data.augment import AugmentConfig, augment_batch, mixup, normalize, one_hot_smoothed
+from ..data.augment import AugmentConfig, augment_batch, mixup, one_hot_smoothed
 from ..data.vision import ImageDataset, iterate_batches, load_dataset, num_batches, subset
 from ..models.registry import count_parameters, create_model
 from ..runtime import autocast, autocast_dtype, resolve_device
@@ -248,5 +248,4 @@ def _resume(out: Path, cfg: TrainConfig, model, optimizer, schedule, metrics: Me
     return _Progress(**state["progress"]), dict(state.get("window", {}))
 
 
-__all__ = ["TrainConfig", "TrainResult", "TrainingError", "train", "load_data", "build_model_for",
-           "normalize"]
+__all__ = ["TrainConfig", "TrainResult", "TrainingError", "train", "load_data", "build_model_for"]
