@@ -20,6 +20,7 @@ from dataclasses import asdict
 from typing import Callable, Sequence
 
 from . import __version__
+from .cli_text import add_text_commands
 
 
 class CLIError(Exception):
@@ -74,20 +75,22 @@ def cmd_list(args: argparse.Namespace) -> int:
 def cmd_params(args: argparse.Namespace) -> int:
     import torch
 
-    from .models.registry import count_parameters, create_model
+    from .models.registry import count_parameters, create_model, model_config
 
-    overrides = {}
-    if args.num_classes is not None:
-        overrides["num_classes"] = args.num_classes
-    if args.representation:
-        overrides["representation"] = True
     rows = []
     for name in args.models:
+        overrides = _params_overrides(name, model_config(name), args)
         with torch.device("meta"):  # counts only: allocate nothing
             model = create_model(name, **overrides)
-        rows.append({"model": name, "params": count_parameters(model),
-                     "num_classes": model.cfg.num_classes,
-                     "representation": model.cfg.representation_size is not None})
+        row = {"model": name, "params": count_parameters(model)}
+        if hasattr(model.cfg, "num_classes"):  # vision models
+            row.update(num_classes=model.cfg.num_classes,
+                       representation=model.cfg.representation_size is not None)
+        else:  # text models
+            row["task"] = model.cfg.task
+            if model.cfg.task == "classify":
+                row["num_labels"] = model.cfg.num_labels
+        rows.append(row)
     if args.json:
         _print_json(rows[0] if len(rows) == 1 else rows)
         return 0
@@ -95,6 +98,27 @@ def cmd_params(args: argparse.Namespace) -> int:
     for r in rows:
         print(f"{r['model']:<{width}}  {r['params']:>13,d}  ({r['params'] / 1e6:.2f}M)")
     return 0
+
+
+def _params_overrides(name: str, cfg, args: argparse.Namespace) -> dict:
+    """--num-classes / --representation as overrides for one model.
+
+    Text models take --num-classes as num_labels when their task is
+    "classify"; otherwise (and for --representation) the flag is ignored
+    with a note on stderr.
+    """
+    if hasattr(cfg, "num_classes"):
+        overrides = {} if args.num_classes is None else {"num_classes": args.num_classes}
+        return {**overrides, "representation": True} if args.representation else overrides
+    overrides = {}
+    if args.num_classes is not None and cfg.task == "classify":
+        overrides["num_labels"] = args.num_classes
+    elif args.num_classes is not None:
+        print(f"widenet: note: --num-classes ignored for {name} (a text model with task {cfg.task!r})",
+              file=sys.stderr)
+    if args.representation:
+        print(f"widenet: note: --representation ignored for {name} (a text model)", file=sys.stderr)
+    return overrides
 
 
 def cmd_bench_moe(args: argparse.Namespace) -> int:
@@ -151,12 +175,27 @@ def train_config_from_args(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .train.loop import train
+    """Train; under torchrun (WORLD_SIZE > 1) every process runs this and joins the process group."""
+    from .distributed.env import DistEnv, distributed_session, is_peer_failure
+    from .distributed.parallel import check_global_batch
+    from .train.loop import TrainingError, train
 
-    result = train(train_config_from_args(args))
-    e = result.final_eval
-    print(f"done: {result.steps} steps, test accuracy {e.accuracy:.4f}, loss {e.loss:.4f}, "
-          f"{result.train_images_per_s:.0f} images/s; run folder {result.out_dir}")
+    cfg = train_config_from_args(args)
+    env = DistEnv.from_environ()
+    check_global_batch(cfg.batch_size, env.world_size)  # before any process waits for the others
+    with distributed_session(args.ddp_backend, args.ddp_timeout):
+        try:
+            result = train(cfg)
+        except RuntimeError as err:
+            if isinstance(err, TrainingError) or not (env.distributed and is_peer_failure(err)):
+                raise
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise TrainingError(f"process {env.rank} lost the other processes ({first[:200]}); stopped. "
+                                f"Checkpoints already in {cfg.out} are intact (--resume).") from err
+    if env.is_main:
+        e = result.final_eval
+        print(f"done: {result.steps} steps, test accuracy {e.accuracy:.4f}, loss {e.loss:.4f}, "
+              f"{result.train_images_per_s:.0f} images/s; run folder {result.out_dir}")
     return 0
 
 
@@ -234,6 +273,15 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--amp", choices=("auto", "off", "bf16", "fp16"))
     p.add_argument("--out", help="run folder (metrics.jsonl, checkpoints/)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    dist = p.add_argument_group("several processes (launch with torchrun --nproc_per_node N -m widenet train)")
+    dist.add_argument("--fsdp", action="store_true", default=None,
+                      help="shard weights, gradients and optimizer state (fully_shard) instead of DDP")
+    dist.add_argument("--expert-parallel", type=_positive_int, metavar="N",
+                      help="split each MoE's experts over N processes (N = the number of processes)")
+    dist.add_argument("--ddp-backend", default="auto", choices=("auto", "gloo", "nccl"),
+                      help="process-group backend (auto: nccl with CUDA, else gloo)")
+    dist.add_argument("--ddp-timeout", type=_positive_float, metavar="SECONDS",
+                      help="fail a collective that waits longer than this (default: torch's 30 minutes)")
 
 
 # --- parser -------------------------------------------------------------------
@@ -278,6 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/compare")
     p.set_defaults(func=cmd_compare)
 
+    add_text_commands(sub, _positive_int, _positive_float, _parse_setting)
+
     p = bench.add_parser("moe", help="MoE layer vs dense FFN, one-hot einsum and expert loop")
     p.add_argument("--tokens", type=_positive_int, default=8192)
     p.add_argument("--dim", type=_positive_int, default=192)
@@ -304,13 +354,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from .train.loop import TrainingError
+    from .train.runner import StepError
 
     parser = build_parser()
     args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
-    except (CLIError, ValueError, TrainingError) as err:
+    except (CLIError, ValueError, TrainingError, StepError) as err:
         # Library and user errors: one line, no traceback.
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
         print(f"widenet: error: {message}", file=sys.stderr)

@@ -370,10 +370,18 @@ class MoE(nn.Module):
         slot = order[rank < capacity]  # (M,) kept assignment ids, grouped by expert
         per_expert = counts.clamp(max=capacity).tolist()
 
-        y = self.experts(_GatherTokens.apply(x, slot, k), per_expert)  # (M, D)
+        y = self._run_experts(_GatherTokens.apply(x, slot, k), per_expert)  # (M, D)
         weight = route.combine_weight.t().reshape(-1)  # (A,) choice-major like slot
         out = _Combine.apply(y, weight, slot, k, n)  # (N, D)
         return out, counts, slot % n
+
+    def _run_experts(self, rows: torch.Tensor, per_expert: list[int]) -> torch.Tensor:
+        """rows: (M, D) grouped by expert in runs of per_expert (E,) -> outputs (M, D), same order.
+
+        The one step an expert-parallel subclass replaces (send the runs to
+        the ranks owning their experts and bring the results back).
+        """
+        return self.experts(rows, per_expert)
 
     def _stats(self, counts: torch.Tensor, kept_token: torch.Tensor, n: int,
                balance: torch.Tensor, z: torch.Tensor) -> RoutingStats:

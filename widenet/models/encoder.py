@@ -9,7 +9,9 @@ ONE mixture-of-experts layer, while each block keeps its own two LayerNorms:
 
 The same class expresses ViT (nothing shared, dense FFN), ViT-MoE (MoE in
 some blocks), ALBERT (everything shared, norms too) and the ablations, by
-settings of `EncoderConfig`. A shared module is owned once: the encoder keeps
+settings of `EncoderConfig`; `norm_position="post"` switches to BERT/ALBERT's
+post-LayerNorm blocks (the default is pre-norm, as above). A shared module
+is owned once: the encoder keeps
 `attention`, `mlps`, `moes` and `norms` as ModuleLists holding one entry when
 shared and one per block otherwise, so every weight has one state-dict key.
 """
@@ -39,6 +41,12 @@ class EncoderConfig:
     share_attention / share_ffn / share_norms: one module for every block.
         With share_ffn, blocks that use an MoE share one MoE and dense blocks
         share one MLP.
+    norm_position: where each block's two LayerNorms sit.
+        "pre" (ViT, WideNet vision):  x = x + attn(norm1(x));  x = x + ffn(norm2(x));
+            then one final LayerNorm after the last block.
+        "post" (BERT, ALBERT):        x = norm1(x + attn(x));  x = norm2(x + ffn(x));
+            no final norm (the last block already ends in one), so no extra
+            parameters. Per-block / shared norms work the same in both modes.
     """
 
     dim: int = 768
@@ -61,6 +69,7 @@ class EncoderConfig:
     dropout: float = 0.0
     attn_dropout: float = 0.0
     norm_eps: float = 1e-6
+    norm_position: str = "pre"
 
     def __post_init__(self) -> None:
         for name in ("dim", "depth", "num_heads", "mlp_dim", "num_experts", "top_k"):
@@ -84,6 +93,8 @@ class EncoderConfig:
         for name in ("dropout", "attn_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.norm_position not in ("pre", "post"):
+            raise ValueError(f"norm_position must be 'pre' or 'post', got {self.norm_position!r}")
 
     @property
     def moe_block_ids(self) -> list[int]:
@@ -128,7 +139,8 @@ class EncoderOutput:
 
 
 class BlockNorms(nn.Module):
-    """The two LayerNorms of one block: before attention and before the FFN."""
+    """The two LayerNorms of one block: of the attention and of the FFN sub-layer
+    (before it in pre-norm mode, after its residual sum in post-norm mode)."""
 
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -137,7 +149,7 @@ class BlockNorms(nn.Module):
 
 
 class Encoder(nn.Module):
-    """Pre-norm transformer encoder with configurable sharing (see module doc)."""
+    """Pre- or post-norm transformer encoder with configurable sharing (see module doc)."""
 
     def __init__(self, cfg: EncoderConfig) -> None:
         super().__init__()
@@ -153,7 +165,9 @@ class Encoder(nn.Module):
         self.mlps = nn.ModuleList(Mlp(cfg.dim, cfg.mlp_dim, cfg.dropout) for _ in range(n_mlp))
         self.moes = nn.ModuleList(_make_moe(cfg) for _ in range(n_moe))
         self.drop = nn.Dropout(cfg.dropout)
-        self.final_norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        # Post-norm blocks already end in a LayerNorm: no final norm (and no parameters).
+        self.final_norm = (nn.LayerNorm(cfg.dim, eps=cfg.norm_eps) if cfg.norm_position == "pre"
+                           else nn.Identity())
 
     def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None,
                 return_hidden_states: bool = False) -> EncoderOutput:
@@ -168,21 +182,32 @@ class Encoder(nn.Module):
         aux = x.new_zeros((), dtype=torch.float32)
         routing: list[RoutingStats | None] = []
         states: list[torch.Tensor] | None = [] if return_hidden_states else None
+        post = self.cfg.norm_position == "post"
         for plan in self.plan:
             norms = self.norms[plan.norms]
-            x = x + self.attention[plan.attention](norms.attn_norm(x), padding_mask)
-            h = norms.ffn_norm(x)
-            if plan.moe is not None:
-                moe_out = self.moes[plan.moe](h, padding_mask)
-                x = x + self.drop(moe_out.output)
-                aux = aux + moe_out.aux_loss
-                routing.append(moe_out.stats)
+            attention = self.attention[plan.attention]
+            if post:
+                x = norms.attn_norm(x + attention(x, padding_mask))
+                ffn_out, block_aux, stats = self._ffn(plan, x, padding_mask)
+                x = norms.ffn_norm(x + self.drop(ffn_out))
             else:
-                x = x + self.drop(self.mlps[plan.mlp](h))
-                routing.append(None)
+                x = x + attention(norms.attn_norm(x), padding_mask)
+                ffn_out, block_aux, stats = self._ffn(plan, norms.ffn_norm(x), padding_mask)
+                x = x + self.drop(ffn_out)
+            if block_aux is not None:
+                aux = aux + block_aux
+            routing.append(stats)
             if states is not None:
                 states.append(x)
         return EncoderOutput(self.final_norm(x), aux, routing, states)
+
+    def _ffn(self, plan: BlockPlan, h: torch.Tensor, padding_mask: torch.Tensor | None
+             ) -> tuple[torch.Tensor, torch.Tensor | None, RoutingStats | None]:
+        """The block's FFN (MoE or dense MLP) on h (B, T, D): output, aux loss, routing stats."""
+        if plan.moe is not None:
+            moe_out = self.moes[plan.moe](h, padding_mask)
+            return moe_out.output, moe_out.aux_loss, moe_out.stats
+        return self.mlps[plan.mlp](h), None, None
 
 
 def _plan_blocks(cfg: EncoderConfig) -> list[BlockPlan]:

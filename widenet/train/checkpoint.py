@@ -297,11 +297,12 @@ def _check_loadable(obj: Any, where: str) -> None:
     )
 
 
-def _model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+def _model_tensors(model: nn.Module | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Model state dict as CPU tensors safetensors accepts (contiguous, unshared)."""
     tensors: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
-    for key, value in model.state_dict().items():
+    state = model if isinstance(model, Mapping) else model.state_dict()
+    for key, value in state.items():
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"model state entry {key!r} is a {type(value).__name__}, not a tensor")
         t = value.detach().cpu()
@@ -393,7 +394,7 @@ def _prune(root: Path, keep: Path, keep_last: int) -> None:
 def save_checkpoint(
     out_dir: str | os.PathLike,
     step: int,
-    model: nn.Module,
+    model: nn.Module | Mapping[str, torch.Tensor],
     train_state: Mapping[str, Any],
     meta: Mapping[str, Any] | None = None,
     keep_last: int | None = 2,
@@ -406,7 +407,8 @@ def save_checkpoint(
     "epoch": 3}``) must be JSON-serialisable; ``step``, ``widenet_version`` and
     ``format`` are added.  Afterwards only the ``keep_last`` newest checkpoints
     (by step, always including this one) are kept; ``None`` keeps all.
-    Returns the checkpoint folder.
+    ``model`` may also be a ready state dict (e.g. one gathered from the
+    shards of a distributed run). Returns the checkpoint folder.
     """
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise ValueError(f"step must be an int >= 0, got {step!r}")

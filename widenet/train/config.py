@@ -55,9 +55,11 @@ class TrainConfig:
     out: str = "runs/train"
     resume: bool = False
     download: bool = True
+    fsdp: bool = False  # under torchrun: shard weights, gradients and optimizer state (fully_shard)
+    expert_parallel: int = 1  # under torchrun: split each MoE's experts over this many processes
 
     def __post_init__(self) -> None:
-        _positive(self, "epochs", "batch_size", "eval_batch_size", "log_every", "keep_last")
+        _positive(self, "epochs", "batch_size", "eval_batch_size", "log_every", "keep_last", "expert_parallel")
         _positive(self, "max_steps", "save_every", "image_size", "train_subset", "test_subset", optional=True)
         _choice(self, "optimizer", OPTIMIZER_NAMES)
         _choice(self, "schedule", SCHEDULE_NAMES)
@@ -79,7 +81,7 @@ class TrainConfig:
 
 # Settings a resumed run may change: where and how it runs, not what it computes.
 RESUME_FREE_KEYS = ("out", "resume", "device", "save_every", "keep_last", "log_every", "eval_batch_size",
-                    "download", "data_dir", "test_subset")
+                    "download", "data_dir", "test_subset", "fsdp", "expert_parallel")
 
 
 def resume_conflicts(saved: dict[str, Any], cfg: TrainConfig) -> list[str]:
@@ -88,7 +90,7 @@ def resume_conflicts(saved: dict[str, Any], cfg: TrainConfig) -> list[str]:
     return [k for k in now if k not in RESUME_FREE_KEYS and k in saved and saved[k] != now[k]]
 
 
-def _positive(cfg: TrainConfig, *names: str, optional: bool = False) -> None:
+def _positive(cfg: Any, *names: str, optional: bool = False) -> None:
     for name in names:
         value = getattr(cfg, name)
         if value is None and optional:
@@ -97,6 +99,6 @@ def _positive(cfg: TrainConfig, *names: str, optional: bool = False) -> None:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
-def _choice(cfg: TrainConfig, name: str, choices: tuple[str, ...]) -> None:
+def _choice(cfg: Any, name: str, choices: tuple[str, ...]) -> None:
     if getattr(cfg, name) not in choices:
         raise ValueError(f"{name} must be one of {', '.join(choices)}, got {getattr(cfg, name)!r}")

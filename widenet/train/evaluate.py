@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -11,6 +11,7 @@ from torch import nn
 
 from ..data.augment import normalize
 from ..data.vision import ImageDataset, iterate_batches
+from ..layers.moe import RoutingStats
 from ..runtime import autocast
 
 
@@ -35,28 +36,76 @@ class EvalResult:
                     routing=[vars(r) for r in self.routing])
 
 
+class RoutingTally:
+    """Per-block expert load and drop rate over many MoE calls, weighted by tokens (or examples)."""
+
+    def __init__(self) -> None:
+        self.load: dict[int, torch.Tensor] = {}
+        self.dropped: dict[int, float] = {}
+        self.weight = 0.0
+
+    def add(self, routing: Sequence[RoutingStats | None], weight: float) -> None:
+        """`routing`: one call's per-block stats; `weight`: how much this call counts."""
+        self.weight += weight
+        for block, stats in enumerate(routing):
+            if stats is not None:  # per-call fractions -> fractions over everything seen
+                self.load[block] = self.load.get(block, 0) + stats.expert_fraction.float().cpu() * weight
+                self.dropped[block] = self.dropped.get(block, 0.0) + float(stats.dropped_fraction) * weight
+
+    def blocks(self) -> list[BlockRouting]:
+        w = max(self.weight, 1e-12)
+        return [BlockRouting(b, (self.load[b] / w).tolist(), self.dropped[b] / w) for b in sorted(self.load)]
+
+
+@dataclass
+class EvalSums:
+    """Running sums of an evaluation (summed over batches, or over ranks with all_reduce).
+
+    loss, correct, seen: scalars; load: (blocks, E) expert fractions times
+    batch size per MoE block; dropped: (blocks,) dropped fractions times batch size.
+    """
+
+    loss: float = 0.0
+    correct: int = 0
+    seen: int = 0
+    load: dict[int, torch.Tensor] = field(default_factory=dict)
+    dropped: dict[int, float] = field(default_factory=dict)
+
+    def result(self) -> EvalResult:
+        seen = self.seen
+        routing = [BlockRouting(b, (self.load[b] / seen).tolist(), self.dropped[b] / seen)
+                   for b in sorted(self.load)]
+        return EvalResult(self.correct / max(seen, 1), self.loss / max(seen, 1), seen, routing)
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, data: ImageDataset, batch_size: int, device: torch.device,
              mean: Sequence[float], std: Sequence[float], amp: torch.dtype | None = None) -> EvalResult:
     """Eval mode (no noise, no dropout, eval capacity), whole dataset in order."""
+    batches = iterate_batches(data, batch_size, shuffle=False)
+    return evaluation_sums(model, batches, device, mean, std, amp).result()
+
+
+@torch.no_grad()
+def evaluation_sums(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                    device: torch.device, mean: Sequence[float], std: Sequence[float],
+                    amp: torch.dtype | None = None) -> EvalSums:
+    """Sums of loss, correct predictions and routing over (uint8 images, labels) batches, in eval mode."""
     was_training = model.training
     model.eval()
-    loss_sum, correct, seen = 0.0, 0, 0
-    load: dict[int, torch.Tensor] = {}
-    dropped: dict[int, float] = {}
-    for images, labels in iterate_batches(data, batch_size, shuffle=False):
+    sums = EvalSums()
+    for images, labels in batches:
         x = normalize(images.to(device), mean, std)
         labels = labels.to(device)
         with autocast(device, amp):
             out = model(x)
         n = labels.numel()
-        loss_sum += float(F.cross_entropy(out.logits.float(), labels, reduction="sum"))
-        correct += int((out.logits.argmax(-1) == labels).sum())
-        seen += n
+        sums.loss += float(F.cross_entropy(out.logits.float(), labels, reduction="sum"))
+        sums.correct += int((out.logits.argmax(-1) == labels).sum())
+        sums.seen += n
         for block, stats in enumerate(out.routing):
             if stats is not None:  # weight by batch size: per-call fractions -> dataset fractions
-                load[block] = load.get(block, 0) + stats.expert_fraction.float().cpu() * n
-                dropped[block] = dropped.get(block, 0.0) + float(stats.dropped_fraction) * n
+                sums.load[block] = sums.load.get(block, 0) + stats.expert_fraction.float().cpu() * n
+                sums.dropped[block] = sums.dropped.get(block, 0.0) + float(stats.dropped_fraction) * n
     model.train(was_training)
-    routing = [BlockRouting(b, (load[b] / seen).tolist(), dropped[b] / seen) for b in sorted(load)]
-    return EvalResult(correct / max(seen, 1), loss_sum / max(seen, 1), seen, routing)
+    return sums

@@ -6,6 +6,11 @@ backward, global clip, optimizer and schedule step. Data order depends only
 on (seed, epoch); every other random draw comes from the global RNGs, whose
 states every checkpoint stores. So on CPU a run killed and resumed ends with
 exactly the weights and metrics of an uninterrupted run.
+
+Under torchrun the same loop runs in every process; ParallelContext
+(widenet.distributed.parallel) holds what differs: the global batch is split
+across ranks, the model is wrapped (DDP, FSDP or expert parallel), metrics
+are reduced, and rank 0 alone logs and writes checkpoints.
 """
 
 from __future__ import annotations
@@ -24,14 +29,19 @@ from tqdm import tqdm
 
 from ..data.augment import AugmentConfig, augment_batch, mixup, one_hot_smoothed
 from ..data.vision import ImageDataset, iterate_batches, load_dataset, num_batches, subset
+from ..distributed.env import DistEnv, main_process_first
+from ..distributed.parallel import ParallelContext
 from ..models.registry import count_parameters, create_model
 from ..runtime import autocast, autocast_dtype, resolve_device
 from .checkpoint import (CheckpointError, capture_rng_state, find_latest_checkpoint, load_checkpoint,
-                         restore_rng_state, save_checkpoint)
+                         save_checkpoint)
 from .config import TrainConfig, resume_conflicts
-from .evaluate import EvalResult, evaluate
+from .evaluate import EvalResult
 from .metrics import MetricsLog
-from .optim import build_optimizer, build_schedule, clip_grad_norm
+from .optim import build_optimizer, build_schedule
+
+
+_SINGLE = ParallelContext(DistEnv())  # one process: every parallel step is the identity
 
 
 class TrainingError(RuntimeError):
@@ -79,45 +89,60 @@ def build_model_for(cfg: TrainConfig, data: ImageDataset) -> nn.Module:
 
 def train(cfg: TrainConfig, log: Callable[[str], None] = print,
           data: tuple[ImageDataset, ImageDataset] | None = None) -> TrainResult:
-    """Run (or resume) training as `cfg` says; returns the final evaluation."""
-    device = resolve_device(cfg.device)
+    """Run (or resume) training as `cfg` says; returns the final evaluation.
+
+    Under torchrun (after init_distributed) every process calls it with the
+    same cfg: see widenet.distributed.parallel for what then changes.
+    """
+    parallel = ParallelContext.for_run(cfg.batch_size, cfg.seed, cfg.fsdp, cfg.expert_parallel)
+    log = parallel.log(log)
+    device = parallel.device(resolve_device(cfg.device))
     amp = autocast_dtype(cfg.amp, device)
     out = Path(cfg.out)
-    train_set, test_set = data if data is not None else load_data(cfg)
+    train_set, test_set = data if data is not None else _load_data_once(cfg, parallel)
     torch.manual_seed(cfg.seed)
     model = build_model_for(cfg, train_set).to(device)
     per_epoch = num_batches(len(train_set), cfg.batch_size, drop_last=False)
     total = cfg.max_steps or cfg.epochs * per_epoch
     epochs = math.ceil(total / per_epoch)
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else round(cfg.warmup_fraction * total)
-    optimizer = build_optimizer(cfg.optimizer, model, cfg.lr, cfg.weight_decay)
-    schedule = build_schedule(optimizer, min(warmup, total), total, cfg.schedule)
+    parallel.check_epoch(len(train_set), cfg.batch_size)
     augment = AugmentConfig(crop=cfg.crop, flip=cfg.flip, randaugment_n=cfg.randaugment_n,
                             randaugment_m=cfg.randaugment_m)
     mean, std = train_set.mean, train_set.std
-    metrics = MetricsLog(out / "metrics.jsonl")
+    metrics = parallel.metrics_log(out / "metrics.jsonl")
     meta = dict(model=cfg.model, model_config=model.cfg.to_dict(), train_config=cfg.to_dict(),
                 data=dict(name=cfg.data, classes=train_set.classes, mean=list(mean), std=list(std)))
+    params = count_parameters(model)
 
-    progress, window_state = _Progress(), {}
+    saved = None
     if cfg.resume:
-        progress, window_state = _resume(out, cfg, model, optimizer, schedule, metrics, log)
+        saved = _resume_weights(out, cfg, model, metrics, log)  # into the plain model, on every rank
     elif (out / "checkpoints").exists():
         raise ValueError(f"{out} already holds checkpoints; pass --resume to continue, or choose another --out")
+    model = parallel.wrap(model, device)
+    optimizer = build_optimizer(cfg.optimizer, parallel.module(model), cfg.lr, cfg.weight_decay)
+    schedule = build_schedule(optimizer, min(warmup, total), total, cfg.schedule)
+    progress, window_state = _Progress(), {}
+    if saved is not None:
+        progress, window_state = _resume_state(saved, model, optimizer, schedule, parallel, log)
 
-    params = count_parameters(model)
+    workers = f", {parallel.env.world_size} processes ({parallel.mode})" if parallel.distributed else ""
     log(f"training {cfg.model} ({params / 1e6:.3f}M params) on {cfg.data}: {len(train_set)} images, "
-        f"{total} steps, batch {cfg.batch_size}, {device}" + (f", {amp}" if amp else ""))
+        f"{total} steps, batch {cfg.batch_size}, {device}" + (f", {amp}" if amp else "") + workers)
 
     window = _Window(**window_state)
 
     def checkpoint() -> None:
-        state = dict(optimizer=optimizer.state_dict(), scheduler=schedule.state_dict(),
+        weights = parallel.model_state(model)  # collectives (if any) run on every rank
+        state = dict(optimizer=parallel.optimizer_state(model, optimizer), scheduler=schedule.state_dict(),
                      rng=capture_rng_state(), progress=vars(progress).copy(), window=vars(window).copy())
-        save_checkpoint(out, progress.step, model, state, dict(meta, epoch=progress.epoch), cfg.keep_last)
+        if parallel.is_main:
+            save_checkpoint(out, progress.step, weights, state, dict(meta, epoch=progress.epoch), cfg.keep_last)
+        parallel.barrier()
 
     final: EvalResult | None = None
-    bar = _progress_bar(total, progress.step)
+    bar = _progress_bar(total, progress.step, parallel.is_main)
     while progress.step < total:
         model.train()
         batches = iterate_batches(train_set, cfg.batch_size, shuffle=True, seed=cfg.seed,
@@ -125,7 +150,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print,
         for images, labels in batches:
             started = time.perf_counter()
             loss, aux, correct = _train_step(model, optimizer, schedule, images.to(device), labels.to(device),
-                                             cfg, augment, mean, std, train_set.num_classes, device, amp)
+                                             cfg, augment, mean, std, train_set.num_classes, device, amp,
+                                             parallel, progress.step)
             if not math.isfinite(loss):
                 last = find_latest_checkpoint(out)
                 kept = f"the last good checkpoint {last} is intact" if last else "no checkpoint was saved yet"
@@ -150,41 +176,57 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print,
         if progress.batch >= per_epoch:
             progress.epoch += 1
             progress.batch = 0
-        final = evaluate(model, test_set, cfg.eval_batch_size, device, mean, std, amp)
+        final = parallel.evaluate(model, test_set, cfg.eval_batch_size, device, mean, std, amp)
         metrics.write(dict(split="test", step=progress.step, epoch=progress.epoch, **final.to_record()))
         log(f"epoch {progress.epoch}/{epochs} step {progress.step}: test accuracy {final.accuracy:.4f} "
             f"loss {final.loss:.4f}")
         checkpoint()
     bar.close()
     if final is None:  # resumed a finished run: report without training
-        final = evaluate(model, test_set, cfg.eval_batch_size, device, mean, std, amp)
+        final = parallel.evaluate(model, test_set, cfg.eval_batch_size, device, mean, std, amp)
     speed = progress.images / progress.train_seconds if progress.train_seconds else 0.0
-    return TrainResult(out, progress.step, final, params, speed, model)
+    return TrainResult(out, progress.step, final, params, speed, parallel.module(model))
 
 
-def _progress_bar(total: int, done: int) -> tqdm:
-    """A live bar (loss, accuracy, images/s) on a terminal; silent in logs and CI."""
+def _load_data_once(cfg: TrainConfig, parallel: ParallelContext) -> tuple[ImageDataset, ImageDataset]:
+    """load_data(); on several processes rank 0 first (it may download), then the others from its cache."""
+    if not parallel.distributed:
+        return load_data(cfg)
+    with main_process_first():
+        return load_data(cfg)
+
+
+def _progress_bar(total: int, done: int, show: bool = True) -> tqdm:
+    """A live bar (loss, accuracy, images/s) on a terminal; silent in logs, in CI and on ranks > 0."""
     return tqdm(total=total, initial=done, unit="step", dynamic_ncols=True, leave=False,
-                disable=not sys.stderr.isatty())
+                disable=not (show and sys.stderr.isatty()))
 
 
 def _train_step(model, optimizer, schedule, images, labels, cfg: TrainConfig, augment: AugmentConfig,
-                mean, std, num_classes: int, device, amp) -> tuple[float, float, int]:
+                mean, std, num_classes: int, device, amp, parallel: ParallelContext | None = None,
+                step: int = 0) -> tuple[float, float, int]:
+    """One update on a global batch (uint8 images (B, C, H, W), labels (B,)); returns global
+    (mean task loss, mean aux loss, correct predictions). On several processes each rank
+    augments the whole batch (the same draws everywhere) and trains on its slice."""
+    parallel = parallel or _SINGLE
     x = augment_batch(images, augment, mean, std)  # (B, C, H, W) float
     targets = one_hot_smoothed(labels, num_classes, cfg.label_smoothing)  # (B, K)
     if cfg.mixup > 0:
         x, targets = mixup(x, targets, cfg.mixup)
-    with autocast(device, amp):
+    x, targets, mine = parallel.shard(x), parallel.shard(targets), parallel.shard(labels)  # (b, ...) b = B / W
+    with parallel.forward_rng(step, device), autocast(device, amp):
         out = model(x)
         task = F.cross_entropy(out.logits.float(), targets)
-        loss = task + cfg.aux_weight * out.aux_loss
+        scale = parallel.loss_scale(len(mine), len(labels))  # 1.0 unless the last batch splits unevenly
+        loss = (task if scale == 1.0 else task * scale) + cfg.aux_weight * out.aux_loss
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    clip_grad_norm(model.parameters(), cfg.clip_norm)
+    parallel.after_backward()
+    parallel.clip_grad_norm(model, cfg.clip_norm)
     optimizer.step()
     schedule.step()
-    correct = int((out.logits.argmax(-1) == labels).sum())
-    return float(task.detach()), float(out.aux_loss.detach()), correct
+    correct = int((out.logits.argmax(-1) == mine).sum())
+    return parallel.reduce_step(task.detach(), out.aux_loss.detach(), correct, len(mine), len(labels))
 
 
 @dataclass
@@ -226,26 +268,32 @@ class _Window:
                 f"aux {r['aux_loss']:.3f} {r['images_per_s']:.0f} img/s")
 
 
-def _resume(out: Path, cfg: TrainConfig, model, optimizer, schedule, metrics: MetricsLog,
-            log: Callable[[str], None]) -> tuple[_Progress, dict]:
+def _resume_weights(out: Path, cfg: TrainConfig, model: nn.Module, metrics: MetricsLog,
+                    log: Callable[[str], None]) -> dict | None:
+    """Load the latest checkpoint's weights into the (unwrapped) model; its train state, or None."""
     path = find_latest_checkpoint(out)
     if path is None:
         log(f"--resume: no checkpoint under {out}, starting from scratch")
         metrics.truncate_after(0)  # records of the lost attempt would be duplicated
-        return _Progress(), {}
+        return None
     ckpt = load_checkpoint(path, model, expected_meta={"model": cfg.model})
     saved = ckpt.meta.get("train_config", {})
     changed = resume_conflicts(saved, cfg)
     if changed:
         detail = ", ".join(f"{k}: {saved[k]!r} -> {getattr(cfg, k)!r}" for k in changed)
         raise CheckpointError(f"{path}: cannot resume with different settings ({detail})")
-    state = ckpt.train_state
-    optimizer.load_state_dict(state["optimizer"])
-    schedule.load_state_dict(state["scheduler"])
-    restore_rng_state(state["rng"])
     metrics.truncate_after(ckpt.step)
-    log(f"resumed from {path} (step {ckpt.step})")
-    return _Progress(**state["progress"]), dict(state.get("window", {}))
+    return dict(ckpt.train_state, path=str(path), step=ckpt.step)
+
+
+def _resume_state(saved: dict, model: nn.Module, optimizer, schedule, parallel: ParallelContext,
+                  log: Callable[[str], None]) -> tuple[_Progress, dict]:
+    """Optimizer, schedule, RNG and counters from a checkpoint's train state."""
+    parallel.load_optimizer_state(model, optimizer, saved["optimizer"])
+    schedule.load_state_dict(saved["scheduler"])
+    parallel.restore_rng_state(saved["rng"])
+    log(f"resumed from {saved['path']} (step {saved['step']})")
+    return _Progress(**saved["progress"]), dict(saved.get("window", {}))
 
 
 __all__ = ["TrainConfig", "TrainResult", "TrainingError", "train", "load_data", "build_model_for"]

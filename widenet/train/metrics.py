@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterator
 
-TIMING_KEYS = ("images_per_s", "elapsed_s")
+TIMING_KEYS = ("images_per_s", "tokens_per_s", "elapsed_s")
 
 
 class MetricsLog:

@@ -1,0 +1,379 @@
+"""torch.distributed on this CPU: real 2-process groups over gloo.
+
+Two launches keep the file fast: one `torchrun ... -m widenet train` (data
+parallel through the CLI, from scratch, then resumed in one process) and one
+torch.multiprocessing spawn that runs every expert-parallel check and three
+training runs (DDP and expert parallel resuming a one-process checkpoint,
+FSDP from scratch) in the same two processes. Both are bounded by timeouts,
+so a hang fails instead of blocking.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+
+from widenet.cli import main
+from widenet.distributed.env import DistEnv, destroy_distributed, init_distributed
+from widenet.distributed.expert_parallel import (ExpertParallelMoE, consolidated_state_dict,
+                                                 convert_to_expert_parallel, gather_shards,
+                                                 load_consolidated_state_dict, source_to_expert_order)
+from widenet.distributed.parallel import ParallelContext, check_global_batch, check_last_batch, shard_bounds
+from widenet.layers.moe import MoE
+from widenet.train.checkpoint import load_checkpoint
+from widenet.train.config import TrainConfig
+from widenet.train.loop import build_model_for, train
+from widenet.train.metrics import read_metrics
+
+REPO = Path(__file__).resolve().parents[1]
+WORLD = 2
+TIMEOUT = 120  # seconds for a whole 2-process launch
+STEPS = 4
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def _quiet(_line: str) -> None:
+    pass
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# The settings under which the number of processes must not change the result.
+EXACT = dict(dropout=0.0, aux_weight=0.0, max_steps=STEPS, batch_size=32, lr=3e-3, log_every=1, save_every=2,
+             download=False, device="cpu")
+EXACT_MODEL = dict(dropless=True, noise_std=0.0)
+
+
+def _config(data_dir: Path, out: Path, tiny: dict, **changes) -> TrainConfig:
+    settings = dict(EXACT, model="widenet_tiny", data_dir=str(data_dir), out=str(out),
+                    model_overrides=dict(tiny, **EXACT_MODEL))
+    settings.update(changes)
+    return TrainConfig(**settings)
+
+
+def _assert_close_weights(a: dict, b: dict, atol: float = 1e-5) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.allclose(a[key].float(), b[key].float(), atol=atol, rtol=1e-4), \
+            f"{key}: max difference {(a[key].float() - b[key].float()).abs().max():.3g}"
+
+
+def _train_losses(run: Path) -> list[float]:
+    return [r["loss"] for r in read_metrics(run / "metrics.jsonl") if r["split"] == "train"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, fmnist_dir, tiny_overrides):
+    """The one-process run every multi-process run is compared with."""
+    out = tmp_path_factory.mktemp("ref") / "run"
+    train(_config(fmnist_dir, out, tiny_overrides), log=_quiet)
+    return out
+
+
+# --- pure pieces ---------------------------------------------------------------------------
+def test_dist_env_from_environ():
+    assert DistEnv.from_environ({}) == DistEnv(0, 1, 0)
+    env = DistEnv.from_environ({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"})
+    assert (env.rank, env.world_size, env.local_rank, env.is_main, env.distributed) == (3, 4, 1, False, True)
+    with pytest.raises(ValueError, match="RANK=4 is outside"):
+        DistEnv.from_environ({"RANK": "4", "WORLD_SIZE": "4"})
+    with pytest.raises(ValueError, match="WORLD_SIZE must be a whole number"):
+        DistEnv.from_environ({"WORLD_SIZE": "two"})
+
+
+def test_init_distributed_is_a_no_op_on_one_process(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert init_distributed() == DistEnv()
+    assert not dist.is_initialized()
+    destroy_distributed()  # nothing to destroy: no error
+
+
+def test_shards_cover_the_batch_contiguously():
+    assert [shard_bounds(32, r, 2) for r in range(2)] == [(0, 16), (16, 32)]
+    assert [shard_bounds(7, r, 3) for r in range(3)] == [(0, 3), (3, 5), (5, 7)]
+    check_global_batch(32, 2)
+    with pytest.raises(ValueError, match="--batch-size 33 is the global batch and must be divisible by"):
+        check_global_batch(33, 2)
+    check_last_batch(256, 32, 2)
+    with pytest.raises(ValueError, match="last batch of every epoch holds 1 of 257 images"):
+        check_last_batch(257, 32, 2)
+
+
+def test_source_to_expert_order():
+    # 2 sources x 2 local experts: rows arrive (s0e0: 2, s0e1: 1, s1e0: 1, s1e1: 2).
+    received = torch.tensor([[2, 1], [1, 2]])
+    assert source_to_expert_order(received).tolist() == [0, 1, 3, 2, 4, 5]
+    assert source_to_expert_order(torch.zeros(2, 2, dtype=torch.int64)).tolist() == []
+
+
+def test_batch_not_divisible_by_world_size_is_a_clear_error(tmp_path, fmnist_dir, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    rc = main(["train", "--data-dir", str(fmnist_dir), "--out", str(tmp_path / "run"), "--batch-size", "33",
+               "--max-steps", "1", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    assert err.strip().splitlines() == [
+        "widenet: error: --batch-size 33 is the global batch and must be divisible by the number of processes (2)"]
+    with pytest.raises(ValueError, match="must be divisible"):
+        ParallelContext.for_run(33, 0)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_lost_peer_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    import widenet.distributed.env as env_module
+    from widenet.train import loop
+
+    def lost_peer(cfg):
+        raise RuntimeError("[../gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:931: Connection reset by "
+                           "peer. This is typically caused by a remote worker hanging\nmore detail")
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr(env_module, "init_distributed", lambda *a: DistEnv(1, 2, 1))
+    monkeypatch.setattr(loop, "train", lost_peer)
+    rc = main(["train", "--out", str(tmp_path / "run"), "--batch-size", "32", "--device", "cpu"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1
+    assert lines[0].startswith("widenet: error: process 1 lost the other processes ([../gloo/transport")
+    assert "are intact (--resume)" in lines[0]
+
+
+def test_parallel_modes_need_processes():
+    with pytest.raises(ValueError, match="--fsdp shards the model over several processes"):
+        ParallelContext.for_run(32, 0, fsdp=True)
+    with pytest.raises(ValueError, match="--expert-parallel 2 must equal the number of processes"):
+        ParallelContext.for_run(32, 0, expert_parallel=2)
+
+
+def test_expert_parallel_needs_a_process_group():
+    with pytest.raises(RuntimeError, match="needs an initialised process group"):
+        ExpertParallelMoE(8, 16, 4)
+
+
+# --- data parallel through the CLI (torchrun) ----------------------------------------------------
+def _torchrun(args: list[str], env: dict, log: Path) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD),
+               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "widenet", *args]
+    with log.open("wb") as f:
+        return subprocess.run(command, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=TIMEOUT)
+
+
+def _cli_env(tmp_path: Path) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", WIDENET_DATA_HOME=str(tmp_path / "home"))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    return env
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_match_one_process(tmp_path, fmnist_dir, tiny_set_args, reference, tiny_overrides):
+    out = tmp_path / "ddp"
+    args = ["train", "--data-dir", str(fmnist_dir), *tiny_set_args, "--set", "dropless=True", "--noise-std", "0",
+            "--dropout", "0", "--aux-weight", "0", "--max-steps", str(STEPS), "--batch-size", "32", "--lr", "3e-3",
+            "--log-every", "1", "--save-every", "2", "--device", "cpu", "--ddp-timeout", "60", "--out", str(out)]
+    done = _torchrun(args, _cli_env(tmp_path), tmp_path / "torchrun.log")
+    text = (tmp_path / "torchrun.log").read_text(errors="replace")
+    assert done.returncode == 0, text[-3000:]
+    # Rank 0 alone logs and writes: every line and record once, no stray files.
+    assert text.count("done: 4 steps") == 1 and text.count("2 processes (ddp)") == 1
+    records = read_metrics(out / "metrics.jsonl")
+    assert [(r["split"], r["step"]) for r in records] == [("train", s) for s in range(1, 5)] + [("test", 4)]
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "metrics.jsonl"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step_00000002", "step_00000004"]
+
+    # Same global batch, no dropout / noise / capacity drops / aux loss: the same run up to rounding.
+    final = "checkpoints/step_00000004/model.safetensors"
+    _assert_close_weights(load_file(str(out / final)), load_file(str(reference / final)))
+    assert _train_losses(out) == pytest.approx(_train_losses(reference), abs=1e-5)
+    assert records[-1]["examples"] == 64  # evaluation sharded over both ranks, reduced
+
+    # The checkpoint loads in one process, and a world-size-1 resume of step 2 ends where the reference does.
+    cfg = _config(fmnist_dir, tmp_path / "resumed", tiny_overrides, resume=True)
+    model = build_model_for(cfg, _train_set(fmnist_dir))
+    assert load_checkpoint(out, model).step == 4
+    _copy_back_to_step_2(out, tmp_path / "resumed")
+    lines: list[str] = []
+    train(cfg, log=lines.append)
+    assert any("(step 2)" in line for line in lines)
+    _assert_close_weights(load_file(str(tmp_path / "resumed" / final)), load_file(str(reference / final)))
+
+
+def _copy_back_to_step_2(run: Path, to: Path) -> None:
+    """A copy of a finished 4-step run whose newest checkpoint is step 2 (as if killed after it)."""
+    shutil.copytree(run, to)
+    shutil.rmtree(to / "checkpoints" / "step_00000004")
+    (to / "checkpoints" / "latest").write_text("step_00000002\n")
+
+
+def _train_set(data_dir: Path):
+    from widenet.data.vision import load_dataset
+
+    return load_dataset("fashion-mnist", "train", data_dir, download=False)
+
+
+# --- expert parallel (and FSDP) in two spawned processes ----------------------------------------------
+def _entry(rank: int, port: int, checks: list[str], args: tuple) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    init_distributed("gloo", timeout_s=60)
+    try:
+        for name in checks:
+            globals()[name](rank, *args)
+    finally:
+        destroy_distributed()
+
+
+def _spawn(checks: list[str], *args) -> None:
+    """Run the named check functions, in order, on 2 ranks; fail on an error or after TIMEOUT."""
+    context = mp.start_processes(_entry, args=(_free_port(), checks, args), nprocs=WORLD, join=False,
+                                 start_method="spawn")
+    deadline = time.monotonic() + TIMEOUT
+    try:
+        while not context.join(timeout=max(1.0, deadline - time.monotonic())):
+            if time.monotonic() > deadline:
+                pytest.fail(f"the 2-process checks did not finish within {TIMEOUT} s (a hang?)")
+    finally:
+        for p in context.processes:
+            if p.is_alive():
+                p.kill()
+
+
+def _tokens(sizes: list[int], dim: int, seed: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(n, dim, generator=g, dtype=torch.float64) for n in sizes]
+
+
+def _check_ep_matches_moe(rank: int, sizes: list[int], **moe_kwargs) -> None:
+    """Rank r's EP output, aux loss, stats and gradients == the one-process MoE's on rank r's tokens."""
+    torch.manual_seed(0)
+    ref = MoE(8, 16, num_experts=4, top_k=2, noise_std=0.0, **moe_kwargs).double()
+    ep = ExpertParallelMoE.from_moe(copy.deepcopy(ref))
+    xs, gs = _tokens(sizes, 8, seed=1), _tokens(sizes, 8, seed=2)
+    xs = [x.requires_grad_() for x in xs]
+    ref_outs = [ref(x) for x in xs]
+    sum((o.output * g).sum() + 0.3 * o.aux_loss for o, g in zip(ref_outs, gs)).backward()
+
+    x = xs[rank].detach().clone().requires_grad_()
+    out = ep(x)
+    ((out.output * gs[rank]).sum() + 0.3 * out.aux_loss).backward()
+    want = ref_outs[rank]
+    assert torch.allclose(out.output, want.output, atol=1e-12)
+    assert torch.allclose(out.aux_loss, want.aux_loss, atol=1e-12)
+    for field in ("expert_fraction", "dropped_fraction", "dropped_assignment_fraction", "balance_loss"):
+        assert torch.allclose(getattr(out.stats, field), getattr(want.stats, field)), field
+    want_grad = xs[rank].grad if xs[rank].grad is not None else torch.zeros_like(x)  # MoE skips 0 tokens
+    assert torch.allclose(x.grad, want_grad, atol=1e-12)
+    for name in ("w1", "b1", "w2", "b2"):
+        full = gather_shards(getattr(ep.experts, name).grad)
+        assert torch.allclose(full, getattr(ref.experts, name).grad, atol=1e-12), name
+    router = ep.router.weight.grad.clone()
+    dist.all_reduce(router)
+    assert torch.allclose(router, ref.router.weight.grad, atol=1e-12)
+    if moe_kwargs.get("capacity_factor", 2.0) < 1.0 and sizes[rank] > 0:
+        assert float(out.stats.dropped_assignment_fraction) > 0  # dropping really happened
+
+
+def ep_dropless(rank: int, *_) -> None:
+    _check_ep_matches_moe(rank, [13, 7], dropless=True)
+
+
+def ep_with_dropping(rank: int, *_) -> None:
+    _check_ep_matches_moe(rank, [16, 11], capacity_factor=0.5)
+
+
+def ep_rank_without_tokens(rank: int, *_) -> None:
+    _check_ep_matches_moe(rank, [9, 0], dropless=True)
+
+
+def ep_checkpoint_helpers(rank: int, *_) -> None:
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 8), MoE(8, 16, num_experts=4))
+    full = {k: v.clone() for k, v in net.state_dict().items()}
+    convert_to_expert_parallel(net)
+    assert isinstance(net[1], ExpertParallelMoE) and net[1].experts.w1.shape[0] == 2
+    gathered = consolidated_state_dict(net)
+    assert gathered.keys() == full.keys()
+    assert all(torch.equal(gathered[k], full[k]) for k in full)
+    changed = {k: v + 1 for k, v in full.items()}
+    load_consolidated_state_dict(net, changed)
+    assert torch.equal(net[1].experts.w1, changed["1.experts.w1"][2 * rank:2 * rank + 2])
+
+
+def ep_widenet_model(rank: int, data_dir: str, tiny: dict, *_) -> None:
+    """A WideNet (one MoE shared by every block) converted to EP: same logits and gradients per rank."""
+    cfg = _config(Path(data_dir), Path("unused"), tiny)
+    torch.manual_seed(0)
+    ref = build_model_for(cfg, _train_set(Path(data_dir))).double()
+    ep = convert_to_expert_parallel(copy.deepcopy(ref))
+    images = torch.randn(2 * WORLD, 1, 28, 28, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    out_ref = ref(images)
+    out_ref.logits.square().sum().backward()
+    mine = images[2 * rank:2 * rank + 2]
+    out = ep(mine)
+    (out.logits.square().sum()).backward()
+    assert torch.allclose(out.logits, ref(mine).logits, atol=1e-10)
+    w1 = gather_shards(ep.encoder.moes[0].experts.w1.grad)
+    assert torch.allclose(w1, ref.encoder.moes[0].experts.w1.grad, atol=1e-10)
+
+
+def _parallel_run(rank: int, data_dir: str, tiny: dict, out: str, **changes) -> None:
+    cfg = _config(Path(data_dir), Path(out), tiny, **changes)
+    lines: list[str] = []
+    train(cfg, log=lines.append)
+    if rank == 0:
+        assert load_checkpoint(Path(out)).step == STEPS
+        assert any("(step 2)" in line for line in lines) == cfg.resume
+    else:
+        assert lines == []  # rank 0 alone logs
+
+
+def ddp_resume(rank: int, data_dir: str, tiny: dict, out: str) -> None:
+    """World size 2 continues a one-process run from its step-2 checkpoint."""
+    _parallel_run(rank, data_dir, tiny, out + "/ddp", resume=True)
+
+
+def expert_parallel_resume(rank: int, data_dir: str, tiny: dict, out: str) -> None:
+    """Expert parallel continues a one-process run: full weights and optimizer state are sharded."""
+    _parallel_run(rank, data_dir, tiny, out + "/ep", expert_parallel=WORLD, resume=True)
+
+
+def fsdp_training(rank: int, data_dir: str, tiny: dict, out: str) -> None:
+    _parallel_run(rank, data_dir, tiny, out + "/fsdp", fsdp=True)
+
+
+@pytest.mark.slow
+def test_expert_parallel_and_fsdp_on_two_processes(tmp_path, fmnist_dir, tiny_overrides, reference):
+    for name in ("ddp", "ep"):
+        _copy_back_to_step_2(reference, tmp_path / name)
+    checks = ["ep_dropless", "ep_with_dropping", "ep_rank_without_tokens", "ep_checkpoint_helpers",
+              "ep_widenet_model", "ddp_resume", "expert_parallel_resume", "fsdp_training"]
+    _spawn(checks, str(fmnist_dir), dict(tiny_overrides), str(tmp_path))
+    final = "checkpoints/step_00000004/model.safetensors"
+    expected = load_file(str(reference / final))
+    ref_state = load_checkpoint(reference).train_state["optimizer"]
+    for mode in ("ddp", "ep", "fsdp"):
+        # Consolidated checkpoints: the plain model's keys and shapes, the one-process result.
+        _assert_close_weights(load_file(str(tmp_path / mode / final)), expected)
+        assert _train_losses(tmp_path / mode) == pytest.approx(_train_losses(reference), abs=1e-5)
+        state = load_checkpoint(tmp_path / mode).train_state["optimizer"]
+        assert state["state"].keys() == ref_state["state"].keys()
+        for index, entry in ref_state["state"].items():
+            assert torch.allclose(state["state"][index]["exp_avg"], entry["exp_avg"], atol=1e-6), (mode, index)

@@ -1,0 +1,626 @@
+"""Text corpora: reading formats, sentence splitting, the tokenized cache, SOP examples, masking, GCIDE."""
+
+from __future__ import annotations
+
+import gzip
+import itertools
+import json
+import os
+import random
+import re
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from widenet.data.gcide import GCIDE_PATH, GcideEntry, gcide_documents, read_gcide, write_pos_task
+from widenet.data.text_corpus import (
+    CorpusError,
+    PretrainCorpus,
+    _truncation,
+    corpus_files,
+    iter_documents,
+    load_pretrain_corpus,
+    make_sop_examples,
+    mask_tokens,
+    split_sentences,
+)
+from widenet.text.tokenizer import SpecialIds, special_ids, train_tokenizer
+
+SPECIAL = SpecialIds(pad=0, unk=1, cls=2, sep=3, mask=4)
+
+PROSE = [
+    "The river rose slowly through the night and flooded the lower fields.",
+    "By morning the farmers had moved their cattle to the hills.",
+    "Dr. Hale, who kept the weather records, said it was the worst flood in forty years.",
+    "Nobody in the village remembered water that high.",
+    "The old mill, built in 1820, lost its wheel to the current.",
+    "Children watched from the bridge as tree trunks drifted past.",
+    "Some of them counted the logs; others threw stones into the brown water.",
+    "At noon the rain stopped and a pale sun came out.",
+    "The mayor called a meeting in the school hall.",
+    "He asked every family to report damage to their houses and barns.",
+    "Mrs. Ward offered her kitchen to anyone who needed a warm meal.",
+    "Within an hour the room was full of wet coats and loud voices.",
+    "The engineers from the county arrived late in the afternoon.",
+    "They measured the height of the water against the church wall.",
+    "One of them, a young woman named J. Carter, took photographs of every street.",
+    "Her report later helped the village win money for a new embankment.",
+    "The embankment took three summers to build.",
+    "Stone was carried by cart from a quarry ten miles away.",
+    "When it was finished, the whole village walked along its top.",
+    "Since then the river has risen many times, but never into the fields.",
+]
+
+
+def _prose_documents(count: int, sentences: int, seed: int = 0) -> list[str]:
+    """``count`` realistic documents of ``sentences`` shuffled prose sentences, wrapped at ~70 columns."""
+    rng = random.Random(seed)
+    docs = []
+    for _ in range(count):
+        text = " ".join(rng.choice(PROSE) for _ in range(sentences))
+        words, lines, line = text.split(), [], ""
+        for word in words:
+            if len(line) + len(word) > 70:
+                lines.append(line)
+                line = ""
+            line = f"{line} {word}".strip()
+        docs.append("\n".join(lines + [line]))
+    return docs
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return train_tokenizer(PROSE * 3, vocab_size=200, min_frequency=1)
+
+
+def _write_text(path: Path, docs: list[str]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = "\n\n".join(docs) + "\n"
+    if path.name.endswith(".gz"):
+        with gzip.open(path, "wt", encoding="utf-8") as handle:
+            handle.write(data)
+    else:
+        path.write_text(data, encoding="utf-8")
+    return path
+
+
+def _write_jsonl(path: Path, lines: list[str]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = "\n".join(lines) + "\n"
+    if path.name.endswith(".gz"):
+        with gzip.open(path, "wt", encoding="utf-8") as handle:
+            handle.write(data)
+    else:
+        path.write_text(data, encoding="utf-8")
+    return path
+
+
+# --------------------------------------------------------------------------
+# Reading documents
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["a.txt", "a.txt.gz", "a.gz"])
+def test_text_files_split_on_blank_lines(tmp_path, name):
+    path = _write_text(tmp_path / name, ["First doc.\nstill first.", "Second doc.", "  \nThird doc."])
+    assert list(iter_documents([path])) == ["First doc.\nstill first.", "Second doc.", "Third doc."]
+
+
+@pytest.mark.parametrize("name", ["a.jsonl", "a.jsonl.gz"])
+def test_jsonl_files(tmp_path, name):
+    path = _write_jsonl(
+        tmp_path / name, [json.dumps({"text": "One. Two."}), "", json.dumps({"text": "Three", "id": 3})]
+    )
+    assert list(iter_documents(path)) == ["One. Two.", "Three"]
+
+
+def test_bad_jsonl_line_names_file_and_line(tmp_path):
+    path = _write_jsonl(tmp_path / "bad.jsonl", [json.dumps({"text": "ok"}), "{not json"])
+    with pytest.raises(CorpusError, match=r"bad\.jsonl:2: invalid JSON"):
+        list(iter_documents([path]))
+    path = _write_jsonl(tmp_path / "bad2.jsonl", [json.dumps({"body": "no text field"})])
+    with pytest.raises(CorpusError, match=r'bad2\.jsonl:1: expected a JSON object with a string "text" field'):
+        list(iter_documents([path]))
+
+
+def test_folder_recursion_sorted_and_filtered(tmp_path):
+    _write_text(tmp_path / "b" / "z.txt", ["from b/z"])
+    _write_text(tmp_path / "a.txt", ["from a"])
+    _write_jsonl(tmp_path / "b" / "c" / "y.jsonl", [json.dumps({"text": "from b/c/y"})])
+    (tmp_path / "notes.md").write_text("not a corpus file", encoding="utf-8")
+    _write_text(tmp_path / ".hidden" / "h.txt", ["hidden"])
+    assert [p.relative_to(tmp_path).as_posix() for p in corpus_files([tmp_path])] == ["a.txt", "b/c/y.jsonl", "b/z.txt"]
+    assert list(iter_documents([tmp_path])) == ["from a", "from b/c/y", "from b/z"]
+
+
+def test_missing_path_and_empty_folder(tmp_path):
+    with pytest.raises(CorpusError, match="corpus path not found"):
+        list(iter_documents([tmp_path / "missing.txt"]))
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "readme.md").write_text("x", encoding="utf-8")
+    with pytest.raises(CorpusError, match=r"folder has no corpus files \(looked for \*\.txt"):
+        list(iter_documents([tmp_path / "empty"]))
+    (tmp_path / "data.csv").write_text("a,b", encoding="utf-8")
+    with pytest.raises(CorpusError, match="unsupported corpus file type"):
+        list(iter_documents([tmp_path / "data.csv"]))
+
+
+def test_empty_corpus_and_bad_encoding(tmp_path):
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n   \n\n", encoding="utf-8")
+    with pytest.raises(CorpusError, match="no text found in the corpus"):
+        list(iter_documents([blank]))
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("caf\xe9 au lait".encode("latin-1"))
+    with pytest.raises(CorpusError, match=r"latin\.txt: not UTF-8 text"):
+        list(iter_documents([latin]))
+    broken = tmp_path / "broken.txt.gz"
+    broken.write_bytes(b"\x1f\x8b\x08\x00garbage")
+    with pytest.raises(CorpusError, match=r"broken\.txt\.gz: cannot read file"):
+        list(iter_documents([broken]))
+
+
+# --------------------------------------------------------------------------
+# Sentence splitting
+# --------------------------------------------------------------------------
+
+
+def test_split_sentences_basic():
+    text = 'It rained.  Then it stopped! Did it? "Yes," she said. 3 people came. (And left.)'
+    assert split_sentences(text) == [
+        "It rained.",
+        "Then it stopped!",
+        "Did it?",
+        '"Yes," she said.',
+        "3 people came.",
+        "(And left.)",
+    ]
+
+
+def test_split_sentences_abbreviations_and_initials():
+    text = (
+        "Mr. Smith met Dr. Jones on St. Mary street, e.g. near the bank. "
+        "J. R. Tolkien wrote, i.e. often. The U.S. Army came."
+    )
+    assert split_sentences(text) == [
+        "Mr. Smith met Dr. Jones on St. Mary street, e.g. near the bank.",
+        "J. R. Tolkien wrote, i.e. often.",
+        "The U.S. Army came.",
+    ]
+
+
+def test_split_sentences_newlines_and_whitespace():
+    text = (
+        "A first line that ends a sentence.\nlowercase start, new sentence\n"
+        "  wrapped here. and no split mid-line.\n\n  "
+    )
+    assert split_sentences(text) == [
+        "A first line that ends a sentence.",
+        "lowercase start, new sentence wrapped here. and no split mid-line.",
+    ]
+    assert split_sentences("   \n ") == []
+    assert split_sentences("no terminal punctuation") == ["no terminal punctuation"]
+
+
+# --------------------------------------------------------------------------
+# The tokenized corpus and its cache
+# --------------------------------------------------------------------------
+
+
+class CountingTokenizer:
+    """Wraps a tokenizer and counts batch-encoding calls (either method)."""
+
+    def __init__(self, tok):
+        self.tok = tok
+        self.calls = 0
+
+    def encode_batch(self, *args, **kwargs):
+        self.calls += 1
+        return self.tok.encode_batch(*args, **kwargs)
+
+    def encode_batch_fast(self, *args, **kwargs):
+        self.calls += 1
+        return self.tok.encode_batch_fast(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.tok, name)
+
+
+def test_corpus_layout(tmp_path, tok):
+    path = _write_text(tmp_path / "c.txt", ["The river rose. The mill lost its wheel.", "Nobody remembered."])
+    corpus = load_pretrain_corpus([path], tok, cache_dir=None)
+    assert (corpus.num_documents, corpus.num_sentences) == (2, 3)
+    assert corpus.tokens.dtype == torch.int32 and corpus.sentence_offsets.dtype == torch.int64
+    assert corpus.document_offsets.tolist() == [0, 2, 3]
+    first = corpus.tokens[corpus.sentence_offsets[0] : corpus.sentence_offsets[1]].tolist()
+    assert first == tok.encode("The river rose.", add_special_tokens=False).ids
+    assert corpus.num_tokens == int(corpus.sentence_offsets[-1])
+    assert int(corpus.tokens.min()) >= 5  # no special tokens
+
+
+def test_cache_hit_does_not_tokenize_again(tmp_path, tok):
+    path = _write_text(tmp_path / "c.txt", _prose_documents(3, 10))
+    counting = CountingTokenizer(tok)
+    first = load_pretrain_corpus([path], counting, cache_dir=tmp_path / "cache", chunk_sentences=7)
+    calls = counting.calls
+    assert calls > 1  # chunked
+    (cache_file,) = (tmp_path / "cache").glob("corpus-*.pt")
+    again = load_pretrain_corpus([str(path)], counting, cache_dir=tmp_path / "cache")
+    assert counting.calls == calls
+    assert torch.equal(again.tokens, first.tokens) and torch.equal(again.document_offsets, first.document_offsets)
+    assert again.vocab_fingerprint == first.vocab_fingerprint
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [cache_file.name]  # nothing half-written
+    # changing the file invalidates the cache
+    _write_text(path, _prose_documents(2, 10, seed=1))
+    os.utime(path, ns=(1, 1))
+    load_pretrain_corpus([path], counting, cache_dir=tmp_path / "cache")
+    assert counting.calls > calls
+
+
+def test_corrupt_cache_is_rebuilt(tmp_path, tok):
+    path = _write_text(tmp_path / "c.txt", _prose_documents(2, 5))
+    first = load_pretrain_corpus([path], tok, cache_dir=tmp_path)
+    (cache_file,) = tmp_path.glob("corpus-*.pt")
+    cache_file.write_bytes(b"this is not a torch file")
+    counting = CountingTokenizer(tok)
+    with pytest.warns(UserWarning, match="ignoring unreadable corpus cache"):
+        rebuilt = load_pretrain_corpus([path], counting, cache_dir=tmp_path)
+    assert counting.calls > 0 and torch.equal(rebuilt.tokens, first.tokens)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_pretrain_corpus([path], counting, cache_dir=tmp_path)  # valid again, no warning
+
+
+# --------------------------------------------------------------------------
+# Sentence-order examples
+# --------------------------------------------------------------------------
+
+
+def _corpus(documents: list[list[list[int]]]) -> PretrainCorpus:
+    """A PretrainCorpus from documents given as lists of sentences of token ids."""
+    tokens, sentence_offsets, document_offsets = [], [0], [0]
+    for doc in documents:
+        for sentence in doc:
+            tokens.extend(sentence)
+            sentence_offsets.append(len(tokens))
+        document_offsets.append(len(sentence_offsets) - 1)
+    return PretrainCorpus(
+        torch.tensor(tokens, dtype=torch.int32),
+        torch.tensor(sentence_offsets, dtype=torch.int64),
+        torch.tensor(document_offsets, dtype=torch.int64),
+        "test",
+    )
+
+
+def _check_layout(examples, seq_len: int) -> None:
+    for ids, types in zip(examples.input_ids.tolist(), examples.token_type_ids.tolist()):
+        assert len(ids) == seq_len and ids[0] == SPECIAL.cls
+        seps = [i for i, t in enumerate(ids) if t == SPECIAL.sep]
+        assert len(seps) == 2 and 1 < seps[0] < seps[1] - 1  # both segments non-empty
+        assert all(t == SPECIAL.pad for t in ids[seps[1] + 1 :])
+        assert SPECIAL.pad not in ids[: seps[1]]
+        assert types == [0] * (seps[0] + 1) + [1] * (seps[1] - seps[0]) + [0] * (seq_len - seps[1] - 1)
+
+
+def test_swapped_example_is_original_segments_reversed():
+    corpus = _corpus([[[10, 11, 12], [20, 21]]])
+    seen = set()
+    for seed in range(30):
+        ex = make_sop_examples(corpus, seq_len=12, seed=seed, special=SPECIAL, short_seq_prob=0.0)
+        assert len(ex) == 1
+        label = int(ex.sop_labels[0])
+        seen.add(label)
+        expected = [2, 20, 21, 3, 10, 11, 12, 3] if label == 1 else [2, 10, 11, 12, 3, 20, 21, 3]
+        assert ex.input_ids[0].tolist() == expected + [0] * 4
+        types = [0, 0, 0, 0, 1, 1, 1, 1] if label == 1 else [0, 0, 0, 0, 0, 1, 1, 1]
+        assert ex.token_type_ids[0].tolist() == types + [0] * 4
+    assert seen == {0, 1}
+
+
+def test_one_sentence_documents_split_at_a_token_and_tiny_docs_skipped():
+    corpus = _corpus([[[10, 11, 12, 13]], [[30]], [[40, 41]]])
+    ex = make_sop_examples(corpus, seq_len=10, seed=0, special=SPECIAL, short_seq_prob=0.0)
+    assert len(ex) == 2  # the one-token document is skipped
+    _check_layout(ex, 10)
+    for ids, label in zip(ex.input_ids.tolist(), ex.sop_labels.tolist()):
+        body = [t for t in ids if t > 4]
+        sep = ids.index(3)
+        first, second = ids[1:sep], [t for t in ids[sep + 1 :] if t > 4]
+        assert sorted(body) in ([10, 11, 12, 13], [40, 41])
+        assert (second + first if label else first + second) == sorted(body)
+    with pytest.raises(CorpusError, match="no sentence-order example"):
+        make_sop_examples(_corpus([[[30]], [[31]]]), seq_len=10, seed=0, special=SPECIAL)
+
+
+def test_long_sentences_are_truncated_to_fit():
+    rng = random.Random(0)
+    docs = [[[rng.randrange(5, 100) for _ in range(rng.randrange(1, 60))] for _ in range(6)] for _ in range(20)]
+    ex = make_sop_examples(_corpus(docs), seq_len=24, seed=3, special=SPECIAL)
+    _check_layout(ex, 24)
+
+
+def test_truncation_matches_the_reference_loop():
+    for len_a, len_b, max_total in itertools.product(range(1, 12), range(1, 12), range(2, 14)):
+        a, b = len_a, len_b
+        while a + b > max_total:
+            if a > b:
+                a -= 1
+            else:
+                b -= 1
+        assert _truncation(len_a, len_b, max_total) == (len_a - a, len_b - b)
+
+
+def test_sop_on_realistic_text(tmp_path, tok):
+    path = _write_text(tmp_path / "prose.txt", _prose_documents(12, 40))
+    corpus = load_pretrain_corpus([path], tok, cache_dir=None)
+    special = special_ids(tok)
+    ex = make_sop_examples(corpus, seq_len=64, seed=0, special=special)
+    assert special == SPECIAL
+    _check_layout(ex, 64)
+    assert ex.input_ids.dtype == torch.int64 and ex.sop_labels.shape == (len(ex),)
+    assert 0.3 < ex.sop_labels.float().mean() < 0.7
+    assert ex.fill_ratio(special.pad) > 0.85  # packed close to the maximum length
+    again = make_sop_examples(corpus, seq_len=64, seed=0, special=special)
+    other = make_sop_examples(corpus, seq_len=64, seed=1, special=special)
+    assert torch.equal(again.input_ids, ex.input_ids) and torch.equal(again.sop_labels, ex.sop_labels)
+    assert not torch.equal(other.input_ids[: min(len(ex), len(other))], ex.input_ids[: min(len(ex), len(other))])
+
+
+# --------------------------------------------------------------------------
+# Masking
+# --------------------------------------------------------------------------
+
+
+def _batch(rows: int = 256, length: int = 128, vocab: int = 1000, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, vocab, (rows, length), generator=g)
+    ids[:, 0] = SPECIAL.cls
+    ids[:, 50] = SPECIAL.sep
+    lengths = torch.randint(60, length + 1, (rows,), generator=g)
+    for row, end in enumerate(lengths.tolist()):
+        ids[row, end - 1] = SPECIAL.sep
+        ids[row, end:] = SPECIAL.pad
+    return ids
+
+
+def test_mask_proportions_and_specials():
+    ids = _batch()
+    masked, labels = mask_tokens(ids, SPECIAL, vocab_size=1000, generator=torch.Generator().manual_seed(0))
+    chosen = labels != -100
+    regular = ids > 4
+    assert not (chosen & ~regular).any()  # never [CLS]/[SEP]/[PAD]
+    assert torch.equal(labels[chosen], ids[chosen])
+    assert torch.equal(masked[~chosen], ids[~chosen])
+    expected = (regular.sum(1).double() * 0.15).round()
+    assert torch.equal(chosen.sum(1).double(), expected)
+    n = int(chosen.sum())
+    to_mask = (masked == SPECIAL.mask) & chosen
+    kept = (masked == ids) & chosen
+    replaced = chosen & ~to_mask & ~kept
+    assert abs(int(to_mask.sum()) / n - 0.8) < 0.03
+    assert abs(int(replaced.sum()) / n - 0.1) < 0.03
+    assert abs(int(kept.sum()) / n - 0.1) < 0.03
+    assert int(masked[replaced].min()) >= 5 and int(masked[replaced].max()) < 1000
+
+
+def test_mask_at_least_one_and_none_for_empty_rows():
+    ids = torch.tensor([[2, 7, 3, 0, 0], [2, 3, 0, 0, 0]])
+    _, labels = mask_tokens(ids, SPECIAL, vocab_size=10, generator=torch.Generator().manual_seed(1))
+    assert labels[0].tolist() == [-100, 7, -100, -100, -100]
+    assert labels[1].tolist() == [-100] * 5
+
+
+def test_mask_deterministic_and_leaves_global_rng_alone():
+    ids = _batch(rows=8)
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    a = mask_tokens(ids, SPECIAL, 1000, torch.Generator().manual_seed(5))
+    b = mask_tokens(ids, SPECIAL, 1000, torch.Generator().manual_seed(5))
+    c = mask_tokens(ids, SPECIAL, 1000, torch.Generator().manual_seed(6))
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not torch.equal(a[1], c[1])
+
+
+def test_random_replacements_skip_scattered_special_ids():
+    bert = SpecialIds(pad=0, unk=100, cls=101, sep=102, mask=103)
+    ids = torch.randint(1, 99, (64, 64), generator=torch.Generator().manual_seed(0))
+    masked, labels = mask_tokens(ids, bert, vocab_size=110, generator=torch.Generator().manual_seed(0), mask_prob=0.5)
+    replaced = (labels != -100) & (masked != ids) & (masked != bert.mask)
+    assert replaced.any()
+    assert not torch.isin(masked[replaced], torch.tensor([0, 100, 101, 102, 103])).any()
+
+
+# --------------------------------------------------------------------------
+# GCIDE
+# --------------------------------------------------------------------------
+
+GCIDE_HEADER = """
+00-database-url
+   ftp://ftp.gnu.org/gnu/gcide
+
+00-database-info
+   This file was converted from the original database on:
+The original data was distributed with the notice shown below.
+GCIDE is free software; you can redistribute it.
+
+"""
+
+GCIDE_ENTRIES = """Arrogant \\Ar"ro*gant\\, a. [F. arrogant, L. arrogans, p. pr. of
+   arrogare. See {Arrogate}.]
+   1. Making, or having the disposition to make, exorbitant
+      claims of rank or estimation; haughty.
+      [1913 Webster]
+
+            Arrogant Winchester, that haughty prelate. --Shak.
+      [1913 Webster]
+
+   2. Containing arrogance; marked with arrogance.
+      [1913 Webster]
+
+   Syn: Magisterial; lordly; proud. See {Magisterial}.
+        [1913 Webster]
+
+Arrogantly \\Ar"ro*gant*ly\\, adv.
+   In an arrogant manner; with undue pride. --Shak.
+   [1913 Webster]
+
+Arrow \\Ar"row\\, n. [OE. arewe, AS. arewe.]
+   A missile weapon, pointed and feathered, to be shot from a bow.
+   [1913 Webster]
+
+Arrow \\Ar"row\\, v. t.
+   To shoot an arrow at a mark or target.
+   [Webster 1913 Suppl.]
+
+Arrogate \\Ar"ro*gate\\, v. t. [imp. & p. p. {Arrogated}.]
+   To assume, or claim as one's own, unduly; as, the pope arrogated
+   dominion over kings.
+   [1913 Webster]
+
+Laundry \\Laun"dry\\, n.; pl. {Laundries}. [OE. lavendrie.]
+   A place or room where laundering is done.
+   [1913 Webster]
+
+Abox \\A*box"\\, adv. & a. (Naut.)
+   Braced aback.
+   [1913 Webster]
+
+Unfavorable \\Un*fa"vor*a*ble\\, a.
+   Not favorable; adverse. -- {Un*fa"vor*a*ble*ness}, n. --
+   {Un*fa"vor*a*bly}, adv.
+   [1913 Webster]
+
+aerobic \\a`["e]r*o"bic\\ adj.
+   1. (Biol.) Depending on free oxygen or air; as, aerobic bacteria.
+      [WordNet 1.5 +PJC]
+"""
+
+
+def _write_gcide(path: Path, entries: str) -> Path:
+    with gzip.open(path, "wt", encoding="utf-8") as handle:
+        handle.write(GCIDE_HEADER + entries)
+    return path
+
+
+def test_read_gcide_entries(tmp_path):
+    entries = list(read_gcide(_write_gcide(tmp_path / "gcide.dict.dz", GCIDE_ENTRIES)))
+    assert [(e.headword, e.pos) for e in entries] == [
+        ("Arrogant", "adjective"),
+        ("Arrogantly", "adverb"),
+        ("Arrow", "noun"),
+        ("Arrow", "verb"),
+        ("Arrogate", "verb"),
+        ("Laundry", "noun"),
+        ("Abox", None),
+        ("Unfavorable", "adjective"),
+        ("aerobic", "adjective"),
+    ]
+    first = entries[0].text
+    assert first.startswith("Making, or having the disposition to make, exorbitant claims")
+    assert "Syn: Magisterial; lordly; proud. See Magisterial." in first
+    assert "[1913 Webster]" not in first and "{" not in first and "F. arrogant" not in first and "  " not in first
+    assert entries[4].text.startswith("To assume, or claim")  # inflections and etymology dropped
+    assert entries[5].text == "A place or room where laundering is done."
+    assert entries[7].text == "Not favorable; adverse. -- Unfavorableness, n. -- Unfavorably, adv."  # stress marks gone
+    assert entries[8].text == "Depending on free oxygen or air; as, aerobic bacteria."
+
+
+def test_gcide_documents_and_iter_documents(tmp_path):
+    path = _write_gcide(tmp_path / "words.dict.dz", GCIDE_ENTRIES)
+    singles = list(gcide_documents(path, entries_per_document=1))
+    assert singles[1] == "Arrogantly: In an arrogant manner; with undue pride. --Shak."
+    pairs = list(gcide_documents(path, entries_per_document=2))
+    assert pairs[0] == singles[0] + " " + singles[1]
+    assert len(pairs) == (len(singles) + 1) // 2
+    assert list(iter_documents([tmp_path])) == list(gcide_documents(path))
+
+
+def _pos_entries(per_label: int) -> str:
+    """Synthetic GCIDE entries: ``per_label`` headwords for each of the four labels."""
+    kinds = {
+        "n.": "A kind of thing numbered",
+        "v. t.": "To do the act numbered",
+        "a.": "Having the quality numbered",
+        "adv.": "In the manner numbered",
+    }
+    lines = []
+    for label, (abbrev, gloss) in enumerate(kinds.items()):
+        count = per_label if abbrev != "adv." else per_label // 3  # fewer adverbs
+        for index in range(count):
+            word = f"Word{label}x{index}"
+            lines.append(
+                f"{word} \\{word}\\, {abbrev}\n   {gloss} k{label}x{index}, unlike {word.lower()}.\n   [1913 Webster]\n"
+            )
+    lines.append("Word0x0 \\Word0x0\\, v. t.\n   To do the other act of word0x0 k9.\n   [1913 Webster]\n")
+    return "\n".join(lines)
+
+
+def _read_tsv(path: Path) -> list[list[str]]:
+    rows = path.read_text(encoding="utf-8").splitlines()
+    assert rows[0] == "sentence\tlabel"
+    return [row.split("\t") for row in rows[1:]]
+
+
+def _headword_id(sentence: str) -> str:
+    """The headword id ("1x7") a synthetic definition sentence belongs to; k9 is Word0x0's verb sense."""
+    if "k9" in sentence:
+        return "0x0"
+    match = re.search(r"k(\d)x(\d+)", sentence)
+    assert match, sentence
+    return f"{match[1]}x{match[2]}"
+
+
+def test_write_pos_task(tmp_path):
+    path = _write_gcide(tmp_path / "pos.dict.dz", _pos_entries(30))
+    train_path, val_path = write_pos_task(path, tmp_path / "task", train_size=60, validation_size=20, seed=0)
+    train, val = _read_tsv(train_path), _read_tsv(val_path)
+    assert all(len(row) == 2 for row in train + val)
+    assert (len(train), len(val)) == (60, 20)
+    counts = Counter(label for _, label in train + val)
+    assert counts["adverb"] == 10  # all there are
+    assert min(counts["noun"], counts["verb"], counts["adjective"]) >= 23  # the rest shared evenly
+    assert set(Counter(label for _, label in val)) == {"noun", "verb", "adjective", "adverb"}
+    for sentence, _ in train + val:
+        assert sentence.endswith(("unlike _.", "_ k9."))  # headword hidden
+        assert "word" not in sentence.lower()
+    assert not {_headword_id(s) for s, _ in train} & {_headword_id(s) for s, _ in val}
+    again = write_pos_task(path, tmp_path / "task2", train_size=60, validation_size=20, seed=0)
+    assert again[0].read_text() == train_path.read_text() and again[1].read_text() == val_path.read_text()
+    assert sorted(p.name for p in (tmp_path / "task").iterdir()) == ["train.tsv", "validation.tsv"]
+
+
+def test_pos_rows_hide_headword_and_drop_attributions(tmp_path):
+    path = _write_gcide(tmp_path / "small.dict.dz", GCIDE_ENTRIES)
+    train_path, val_path = write_pos_task(path, tmp_path, train_size=6, validation_size=2, seed=1)
+    train, val = _read_tsv(train_path), _read_tsv(val_path)
+    rows = {sentence: label for sentence, label in train + val}
+    assert len(train) + len(val) == len(rows) == 8  # every labelled entry (Abox has no usable label)
+    assert rows["Not favorable; adverse."] == "adjective"  # run-on derived forms ("-- Unfavorably, adv.") cut
+    assert rows["To shoot an _ at a mark or target."] == "verb"
+    assert rows["In an arrogant manner; with undue pride."] == "adverb"  # "--Shak." dropped
+    assert all("--" not in sentence for sentence in rows)
+    arrow_rows = {
+        "To shoot an _ at a mark or target.",
+        "A missile weapon, pointed and feathered, to be shot from a bow.",
+    }
+    assert arrow_rows <= {s for s, _ in train} or arrow_rows <= {s for s, _ in val}  # one headword, one split
+
+
+@pytest.mark.skipif(not GCIDE_PATH.is_file(), reason="Debian dict-gcide is not installed")
+def test_real_gcide_first_entries():
+    entries: list[GcideEntry] = list(itertools.islice(read_gcide(GCIDE_PATH), 3000))
+    assert len(entries) == 3000
+    labels = {entry.pos for entry in entries}
+    assert {"noun", "verb", "adjective", "adverb"} <= labels
+    assert sum(entry.pos is not None for entry in entries) > 2500
+    for entry in entries:
+        assert entry.text and "[1913 Webster]" not in entry.text and "{" not in entry.text
+        assert not entry.headword.startswith("00-database")
+    by_word = {(e.headword, e.pos): e.text for e in entries}
+    assert by_word[("Abandon", "verb")].startswith("To cast or drive out")  # inflections and etymology dropped
+    assert by_word[("Abbey", "noun")].startswith("A monastery or society of persons")
+    assert ("Abnormally", "adverb") in by_word and ("Able", "adjective") in by_word

@@ -1,0 +1,226 @@
+"""Text pretraining and fine-tuning end to end, on small files the tests write.
+
+The corpus is made learnable on purpose: every document repeats fixed
+phrases, so a tiny model's masked-LM loss must fall within a few dozen steps.
+The classification task's label is spelled by one word of the sentence; the
+QA task's answer always follows the same cue word.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+
+import pytest
+import torch
+
+from widenet.cli import main
+from widenet.train.checkpoint import find_latest_checkpoint, load_checkpoint
+from widenet.train.finetune import finetune
+from widenet.train.metrics import read_metrics, without_timing
+from widenet.train.pretrain import pretrain
+from widenet.train.text_config import FinetuneConfig, PretrainConfig
+
+TINY_TEXT = dict(embedding_size=16, dim=32, depth=2, num_heads=2, mlp_dim=64, max_positions=64)
+PHRASES = ["the red fox jumps over the lazy dog.", "a small bird sings in the old tree.",
+           "the river runs down to the sea.", "my brother reads a long book at night.",
+           "green apples fall from the tall tree.", "the baker sells warm bread every morning."]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("corpus")
+    rng = random.Random(0)
+    docs = []
+    for _ in range(120):
+        sentences = [rng.choice(PHRASES).capitalize() for _ in range(rng.randint(3, 6))]
+        docs.append(" ".join(sentences))
+    path = folder / "docs.txt"
+    path.write_text("\n\n".join(docs) + "\n", encoding="utf-8")
+    return path
+
+
+def _pretrain_cfg(corpus, out, **kw) -> PretrainConfig:
+    base = dict(model="widenet_text_tiny", corpus=[str(corpus)], vocab_size=120, seq_len=32, batch_size=16,
+                max_steps=200, lr=3e-3, eval_examples=32, log_every=20, model_overrides=dict(TINY_TEXT),
+                cache_dir=str(out.parent / "cache"), out=str(out))
+    base.update(kw)
+    return PretrainConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def pretrained(corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("pre") / "run"
+    result = pretrain(_pretrain_cfg(corpus, out), log=lambda _: None)
+    return out, result
+
+
+def test_pretraining_learns_and_records_everything(pretrained):
+    out, result = pretrained
+    records = read_metrics(out / "metrics.jsonl")
+    train = [r for r in records if r["split"] == "train"]
+    held = [r for r in records if r["split"] == "validation"]
+    assert len(train) == 10 and held and held[-1]["step"] == 200
+    for key in ("mlm_loss", "mlm_accuracy", "sop_loss", "sop_accuracy", "aux_loss", "tokens_per_s"):
+        assert key in train[0]
+    # ln(120) = 4.79 at the start; tiny models first learn word frequencies (~3.8 here),
+    # then context, which takes a few hundred steps more than this test spends.
+    assert train[-1]["mlm_loss"] < 0.85 * train[0]["mlm_loss"]
+    assert train[-1]["sop_accuracy"] > 0.75 and train[0]["sop_accuracy"] < 0.7
+    final = result.run.final_eval
+    assert final["mlm_accuracy"] > 5 / 120
+    assert len(final["routing"]) == TINY_TEXT["depth"]  # every WideNet block routes through the shared MoE
+    assert abs(sum(final["routing"][0]["expert_fraction"]) - 1) < 1e-5
+    assert (out / "tokenizer.json").exists()
+    meta = load_checkpoint(out).meta
+    assert meta["tokenizer"]["vocab_size"] == result.model.cfg.vocab_size
+    assert meta["model_config"]["task"] == "pretrain"
+
+
+def _stop_after(step: int):
+    """A log callback that interrupts the run once it logs `step`."""
+
+    def log(line: str) -> None:
+        if line.startswith(f"step {step}/"):
+            raise KeyboardInterrupt
+
+    return log
+
+
+def test_pretraining_killed_and_resumed_matches_uninterrupted(corpus, pretrained, tmp_path):
+    # HF's WordPiece trainer breaks frequency ties differently from run to run, so both runs
+    # use one saved tokenizer (a resumed run reuses OUT/tokenizer.json by itself).
+    kw = dict(max_steps=12, log_every=1, save_every=3, dropout=0.1,
+              tokenizer=str(pretrained[0] / "tokenizer.json"))
+    ref = pretrain(_pretrain_cfg(corpus, tmp_path / "ref", **kw), log=lambda _: None)
+    cfg = _pretrain_cfg(corpus, tmp_path / "cut", **kw)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(cfg, log=_stop_after(8))
+    assert find_latest_checkpoint(tmp_path / "cut").name == "step_00000006"
+    resumed = pretrain(dataclasses.replace(cfg, resume=True), log=lambda _: None)
+    for (name, a), (_, b) in zip(ref.model.state_dict().items(), resumed.model.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert without_timing(read_metrics(tmp_path / "ref" / "metrics.jsonl")) == \
+        without_timing(read_metrics(tmp_path / "cut" / "metrics.jsonl"))
+
+
+def test_resume_refuses_changed_settings(corpus, tmp_path):
+    cfg = _pretrain_cfg(corpus, tmp_path / "run", max_steps=4)
+    pretrain(cfg, log=lambda _: None)
+    with pytest.raises(ValueError, match="lr"):
+        pretrain(dataclasses.replace(cfg, lr=1e-2, resume=True), log=lambda _: None)
+    with pytest.raises(ValueError, match="already holds checkpoints"):
+        pretrain(cfg, log=lambda _: None)
+
+
+def _write_classify(path, n: int, seed: int, labels=("good", "bad")) -> None:
+    rng = random.Random(seed)
+    lines = ["sentence\tlabel"]
+    for _ in range(n):
+        label = rng.choice(labels)
+        words = rng.sample(["the", "fox", "river", "book", "bread", "tree", "bird", "night"], 4)
+        words.insert(rng.randint(0, 4), "lovely" if label == "good" else "awful")
+        lines.append(f"{' '.join(words)}\t{label}")
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def test_finetune_classification_learns_the_label_word(pretrained, tmp_path):
+    out, _ = pretrained
+    _write_classify(tmp_path / "train.tsv", 256, 0)
+    _write_classify(tmp_path / "dev.tsv", 64, 1)
+    cfg = FinetuneConfig(task="classify", init=str(out), train=str(tmp_path / "train.tsv"),
+                         validation=str(tmp_path / "dev.tsv"), epochs=4, batch_size=16, lr=3e-3, log_every=8,
+                         out=str(tmp_path / "ft"))
+    result = finetune(cfg, log=lambda _: None)
+    assert result.run.final_eval["accuracy"] >= 0.9
+    meta = load_checkpoint(tmp_path / "ft").meta
+    assert meta["data"]["labels"] == ["bad", "good"]
+    assert meta["model_config"]["task"] == "classify" and meta["model_config"]["num_labels"] == 2
+    # The backbone started from the pretrained weights, not from scratch.
+    assert meta["init"].startswith(str(out))
+
+
+def _squad(path, n: int, seed: int, impossible_every: int = 0) -> None:
+    rng = random.Random(seed)
+    names = ["anna", "boris", "carla", "dmitri", "elena", "farid", "greta", "hugo"]
+    qas, paragraphs = [], []
+    for i in range(n):
+        who = rng.choice(names)
+        filler = " ".join(rng.choices(["the", "river", "book", "tree", "bird"], k=rng.randint(2, 6)))
+        context = f"{filler} . the keeper is {who} . {filler}"
+        start = context.index(f"is {who}") + 3
+        impossible = bool(impossible_every) and i % impossible_every == 0
+        qa = dict(id=f"q{i}", question="who is the keeper ?",
+                  answers=[] if impossible else [dict(text=who, answer_start=start)])
+        if impossible_every:
+            qa["is_impossible"] = impossible
+        qas.append(qa)
+        paragraphs.append(dict(context=context, qas=[qa]))
+    data = dict(version="v2.0" if impossible_every else "1.1", data=[dict(title="t", paragraphs=paragraphs)])
+    path.write_text(json.dumps(data), encoding="utf-8")
+
+
+def test_finetune_qa_reports_squad_scores_and_learns(pretrained, tmp_path):
+    out, _ = pretrained
+    _squad(tmp_path / "train.json", 160, 0)
+    _squad(tmp_path / "dev.json", 32, 1)
+    cfg = FinetuneConfig(task="qa", init=str(out), train=str(tmp_path / "train.json"),
+                         validation=str(tmp_path / "dev.json"), epochs=3, batch_size=16, lr=3e-3, max_len=48,
+                         log_every=10, out=str(tmp_path / "qa"))
+    result = finetune(cfg, log=lambda _: None)
+    e = result.run.final_eval
+    assert {"exact", "f1", "total"} <= set(e) and e["total"] == 32
+    assert e["f1"] >= e["exact"]
+    records = [r for r in read_metrics(tmp_path / "qa" / "metrics.jsonl") if r["split"] == "train"]
+    assert records[-1]["loss"] < 0.7 * records[0]["loss"]
+
+
+def test_finetune_qa_squad2_reports_no_answer_breakdown(pretrained, tmp_path):
+    out, _ = pretrained
+    _squad(tmp_path / "train.json", 48, 0, impossible_every=3)
+    _squad(tmp_path / "dev.json", 12, 1, impossible_every=3)
+    cfg = FinetuneConfig(task="qa", init=str(out), train=str(tmp_path / "train.json"),
+                         validation=str(tmp_path / "dev.json"), max_steps=3, batch_size=16, max_len=48,
+                         out=str(tmp_path / "qa2"))
+    e = finetune(cfg, log=lambda _: None).run.final_eval
+    assert e["HasAns_total"] == 8 and e["NoAns_total"] == 4
+
+
+def test_finetune_errors_are_clear(pretrained, tmp_path, capsys):
+    out, _ = pretrained
+    _write_classify(tmp_path / "train.tsv", 16, 0)
+    _write_classify(tmp_path / "dev.tsv", 8, 1, labels=("good", "meh"))
+    args = ["finetune", "--task", "classify", "--init", str(out), "--train", str(tmp_path / "train.tsv"),
+            "--validation", str(tmp_path / "dev.tsv"), "--out", str(tmp_path / "ft")]
+    assert main(args) == 2
+    assert "'meh' is not one of the training labels" in capsys.readouterr().err
+    # A tokenizer that is not the pretraining one.
+    other = tmp_path / "other.txt"
+    other.write_text("completely different words here\n\nand more unrelated text\n", encoding="utf-8")
+    from widenet.text.tokenizer import save_tokenizer, train_tokenizer
+    save_tokenizer(train_tokenizer(["completely different words here"], vocab_size=60, min_frequency=1),
+                   tmp_path / "other.json")
+    _write_classify(tmp_path / "dev.tsv", 8, 1)
+    assert main(args + ["--tokenizer", str(tmp_path / "other.json")]) == 2
+    assert "does not match the vocabulary" in capsys.readouterr().err
+    assert main(args + ["--max-len", "500"]) == 2
+    assert "exceeds the model's 64 positions" in capsys.readouterr().err
+    assert not (tmp_path / "ft" / "checkpoints").exists()
+
+
+def test_pretrain_cli_and_its_errors(corpus, tmp_path, capsys):
+    common = ["pretrain", "--vocab-size", "120", "--seq-len", "32", "--batch-size", "8", "--eval-examples", "8",
+              "--cache-dir", str(tmp_path / "cache")] + [f"--set={k}={v}" for k, v in TINY_TEXT.items()]
+    assert main(common + ["--corpus", str(corpus), "--max-steps", "3", "--out", str(tmp_path / "a")]) == 0
+    assert "held-out MLM accuracy" in capsys.readouterr().out
+    assert main(common + ["--corpus", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "b")]) == 2
+    assert "missing.txt" in capsys.readouterr().err
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n", encoding="utf-8")
+    assert main(common + ["--corpus", str(empty), "--out", str(tmp_path / "c")]) == 2
+    assert capsys.readouterr().err.startswith("widenet: error:")
+    too_long = [a if a != "32" else "128" for a in common]
+    assert main(too_long + ["--corpus", str(corpus), "--out", str(tmp_path / "d")]) == 2
+    assert "exceeds widenet_text_tiny's 64 positions" in capsys.readouterr().err
+    assert not (tmp_path / "d" / "checkpoints").exists()

@@ -1,0 +1,167 @@
+"""WordPiece tokenizers: training, special ids, pairs, save/load, vocab.txt, errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from widenet.text.tokenizer import (
+    SPECIAL_TOKENS,
+    SpecialIds,
+    TokenizerError,
+    load_tokenizer,
+    save_tokenizer,
+    special_ids,
+    train_tokenizer,
+    vocab_fingerprint,
+)
+
+TEXTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "A dictionary lists words with their meanings and pronunciations.",
+    "Arrogant people make exorbitant claims of rank or estimation.",
+    "The arrow was feathered and barbed, to be shot from a bow.",
+    "Wider networks share one transformer block across all layers.",
+    "Mixture of experts layers route every token to a few experts.",
+] * 20
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return train_tokenizer(TEXTS, vocab_size=200, min_frequency=1)
+
+
+def _write_vocab(path: Path, tokens: list[str]) -> Path:
+    path.write_text("\n".join(tokens) + "\n", encoding="utf-8")
+    return path
+
+
+BERT_VOCAB = ["[PAD]", "[unused0]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "hello", "world", "play", "##ing", ",", "."]
+
+
+def test_trained_special_ids_are_0_to_4(tok):
+    assert special_ids(tok) == SpecialIds(pad=0, unk=1, cls=2, sep=3, mask=4)
+    assert [tok.id_to_token(i) for i in range(5)] == list(SPECIAL_TOKENS)
+    assert 5 < tok.get_vocab_size() <= 200
+
+
+def test_special_ids_also_without_lowercasing():
+    cased = train_tokenizer(TEXTS, vocab_size=150, lowercase=False, min_frequency=1)
+    assert special_ids(cased).as_tuple() == (0, 1, 2, 3, 4)
+    assert "The" in cased.encode("The", add_special_tokens=False).tokens
+
+
+def test_single_and_pair_templates(tok):
+    single = tok.encode("the quick fox")
+    assert single.tokens[0] == "[CLS]" and single.tokens[-1] == "[SEP]"
+    assert set(single.type_ids) == {0}
+    pair = tok.encode("the quick fox", "the lazy dog")
+    first_sep = pair.tokens.index("[SEP]")
+    assert pair.tokens[0] == "[CLS]" and pair.tokens[-1] == "[SEP]"
+    assert pair.type_ids[: first_sep + 1] == [0] * (first_sep + 1)
+    assert pair.type_ids[first_sep + 1 :] == [1] * (len(pair.tokens) - first_sep - 1)
+    bare = tok.encode("the quick fox", add_special_tokens=False)
+    assert not set(bare.tokens) & set(SPECIAL_TOKENS)
+    assert bare.ids == single.ids[1:-1]
+
+
+def test_lowercase_and_decode(tok):
+    assert tok.encode("THE Quick").ids == tok.encode("the quick").ids
+    assert tok.decode(tok.encode("the quick fox").ids) == "the quick fox"
+
+
+def test_save_load_round_trip(tok, tmp_path):
+    path = save_tokenizer(tok, tmp_path / "sub" / "tok.json")
+    loaded = load_tokenizer(path)
+    assert vocab_fingerprint(loaded) == vocab_fingerprint(tok)
+    assert loaded.encode("arrows and experts", "a lazy dog").ids == tok.encode("arrows and experts", "a lazy dog").ids
+    assert [p.name for p in path.parent.iterdir()] == ["tok.json"]  # no temp file left behind
+
+
+def test_save_into_folder_and_load_folder(tok, tmp_path):
+    assert save_tokenizer(tok, tmp_path) == tmp_path / "tokenizer.json"
+    assert vocab_fingerprint(load_tokenizer(tmp_path)) == vocab_fingerprint(tok)
+
+
+def test_fingerprint_depends_on_vocab_and_case(tok):
+    other = train_tokenizer(TEXTS[:3], vocab_size=120, min_frequency=1)
+    cased = train_tokenizer(TEXTS, vocab_size=200, lowercase=False, min_frequency=1)
+    prints = {vocab_fingerprint(tok), vocab_fingerprint(other), vocab_fingerprint(cased)}
+    assert len(prints) == 3
+    assert vocab_fingerprint(tok) == vocab_fingerprint(tok)
+
+
+def test_load_bert_vocab_txt(tmp_path):
+    path = _write_vocab(tmp_path / "vocab.txt", BERT_VOCAB)
+    tok = load_tokenizer(path)
+    assert special_ids(tok) == SpecialIds(pad=0, unk=2, cls=3, sep=4, mask=5)
+    enc = tok.encode("Hello, playing World!")
+    assert enc.tokens == ["[CLS]", "hello", ",", "play", "##ing", "world", "[UNK]", "[SEP]"]
+    pair = tok.encode("hello", "world")
+    assert pair.ids == [3, 6, 4, 7, 4] and pair.type_ids == [0, 0, 0, 1, 1]
+    assert vocab_fingerprint(load_tokenizer(tmp_path)) == vocab_fingerprint(tok)  # the folder works too
+
+
+def test_vocab_txt_cased(tmp_path):
+    path = _write_vocab(tmp_path / "vocab.txt", BERT_VOCAB)
+    cased = load_tokenizer(path, lowercase=False)
+    assert cased.encode("Hello hello", add_special_tokens=False).tokens == ["[UNK]", "hello"]
+    assert vocab_fingerprint(cased) != vocab_fingerprint(load_tokenizer(path))
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(TokenizerError, match="not found") as info:
+        load_tokenizer(tmp_path / "nope.json")
+    assert "nope.json" in str(info.value)
+
+
+def test_folder_without_tokenizer(tmp_path):
+    with pytest.raises(TokenizerError, match="neither tokenizer.json nor vocab.txt"):
+        load_tokenizer(tmp_path)
+
+
+def test_corrupt_json(tmp_path):
+    path = tmp_path / "tokenizer.json"
+    path.write_text('{"version": "1.0", "model": ', encoding="utf-8")
+    with pytest.raises(TokenizerError, match="not valid JSON") as info:
+        load_tokenizer(path)
+    assert str(path) in str(info.value)
+
+
+def test_json_that_is_not_a_tokenizer(tmp_path):
+    path = tmp_path / "tokenizer.json"
+    path.write_text(json.dumps({"hello": "world"}), encoding="utf-8")
+    with pytest.raises(TokenizerError, match="not a Hugging Face tokenizer file"):
+        load_tokenizer(path)
+
+
+def test_vocab_lacking_special_tokens(tmp_path):
+    path = _write_vocab(tmp_path / "vocab.txt", [t for t in BERT_VOCAB if t != "[MASK]"])
+    with pytest.raises(TokenizerError, match=r"lacks the special token\(s\) \[MASK\]") as info:
+        load_tokenizer(path)
+    assert str(path) in str(info.value)
+
+
+def test_tokenizer_json_lacking_special_tokens(tmp_path):
+    from tokenizers import Tokenizer, models
+
+    bare = Tokenizer(models.WordPiece(vocab={"[UNK]": 0, "a": 1}, unk_token="[UNK]"))
+    path = tmp_path / "tokenizer.json"
+    path.write_text(bare.to_str(), encoding="utf-8")
+    with pytest.raises(TokenizerError, match=r"\[PAD\], \[CLS\], \[SEP\], \[MASK\]"):
+        load_tokenizer(path)
+
+
+def test_vocab_duplicate_and_empty_lines(tmp_path):
+    with pytest.raises(TokenizerError, match=":8: token 'hello' already on line 7"):
+        load_tokenizer(_write_vocab(tmp_path / "vocab.txt", BERT_VOCAB[:7] + ["hello"]))
+    (tmp_path / "empty.txt").write_text("", encoding="utf-8")
+    with pytest.raises(TokenizerError, match="empty"):
+        load_tokenizer(tmp_path / "empty.txt")
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="vocab_size"):
+        train_tokenizer(TEXTS, vocab_size=5)

@@ -1,0 +1,216 @@
+"""`widenet compare-text`: the text counterpart of the vision comparison.
+
+Every model (BERT-style: nothing shared; ALBERT-style: everything shared;
+WideNet: shared attention + shared MoE, own LayerNorms) is pretrained with
+masked LM + sentence-order prediction on the same corpus, tokenizer, budget
+and seeds, then fine-tuned on the same downstream classification task. The
+report (OUT/report_text.md) gives parameters, pretraining tokens/s, held-out
+MLM and SOP accuracy and the downstream accuracy (mean +- std over seeds),
+the expert load per block, and two figures.
+
+Offline default data: Debian's GCIDE dictionary as the corpus, and a task
+derived from it (the part of speech of a headword from its definition).
+Runs live in OUT/runs/<model>/seed<k>/{pretrain,finetune}; rerunning the
+same command resumes unfinished runs and reuses finished ones.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import platform
+import statistics
+from itertools import islice
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from ..data.gcide import GCIDE_PATH, write_pos_task
+from ..data.text_corpus import iter_documents
+from ..text.tokenizer import save_tokenizer, train_tokenizer
+from ..train.finetune import finetune
+from ..train.metrics import read_metrics
+from ..train.pretrain import TOKENIZER_FILE, pretrain
+from ..train.text_config import FinetuneConfig, PretrainConfig
+from . import plots
+
+# Budgets. "quick" fits beside the vision comparison in the README's main job.
+TEXT_PRESETS: dict[str, dict] = {
+    "quick": dict(seeds=1, seq_len=64, pretrain_steps=200, batch_size=32, lr=2e-3, finetune_epochs=2,
+                  finetune_lr=1e-3, task_train=2000, task_validation=1000, max_documents=30000),
+    "full": dict(seeds=3, seq_len=128, pretrain_steps=5000, batch_size=64, lr=1e-3, finetune_epochs=3,
+                 finetune_lr=5e-4, task_train=8000, task_validation=2000, max_documents=None),
+}
+DEFAULT_TEXT_MODELS = ("bert_text_tiny", "albert_text_tiny", "widenet_text_tiny")
+VOCAB_SIZE = 8000
+
+
+@dataclass
+class TextSeedResult:
+    params: int
+    tokens_per_s: float
+    mlm_accuracy: float
+    sop_accuracy: float
+    task_accuracy: float
+    routing: list[dict]
+    curve: dict[str, list]
+
+
+@dataclass
+class TextModelResult:
+    model: str
+    seeds: list[TextSeedResult]
+
+    def mean(self, name: str) -> float:
+        return statistics.fmean(getattr(s, name) for s in self.seeds)
+
+    def std(self, name: str) -> float:
+        values = [getattr(s, name) for s in self.seeds]
+        return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def compare_text(models: list[str], out: str | Path, preset: str = "quick", seeds: int | None = None,
+                 corpus: list[str] | None = None, task_train: str | None = None,
+                 task_validation: str | None = None, pretrain_steps: int | None = None,
+                 device: str = "auto", log: Callable[[str], None] = print) -> Path:
+    """Pretrain + fine-tune every (model, seed), then write OUT/report_text.md and its figures."""
+    if preset not in TEXT_PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(TEXT_PRESETS)}")
+    if not models:
+        raise ValueError("no models to compare")
+    if (task_train is None) != (task_validation is None):
+        raise ValueError("give both --task-train and --task-validation, or neither (the GCIDE task)")
+    budget = dict(TEXT_PRESETS[preset])
+    budget["seeds"] = seeds or budget["seeds"]
+    budget["pretrain_steps"] = pretrain_steps or budget["pretrain_steps"]
+    out = Path(out)
+    corpus = corpus or [str(_gcide())]
+    if task_train is None:
+        task_train, task_validation = map(str, _gcide_task(out, budget))
+    tokenizer = _shared_tokenizer(out, corpus, budget, log)
+    results = [TextModelResult(m, [_run_seed(m, seed, out, corpus, tokenizer, task_train, task_validation,
+                                             budget, device, log) for seed in range(budget["seeds"])])
+               for m in models]
+    return write_text_report(results, budget, preset, corpus, task_train, out)
+
+
+def _gcide() -> Path:
+    if not GCIDE_PATH.exists():
+        raise ValueError(f"no corpus given and the GCIDE dictionary is not installed ({GCIDE_PATH}); "
+                         "install it (apt-get install dict-gcide) or pass --corpus and --task-train/--task-validation")
+    return GCIDE_PATH
+
+
+def _gcide_task(out: Path, budget: dict) -> tuple[Path, Path]:
+    folder = out / "gcide-pos"
+    train, validation = folder / "train.tsv", folder / "validation.tsv"
+    if not (train.exists() and validation.exists()):
+        train, validation = write_pos_task(GCIDE_PATH, folder, budget["task_train"], budget["task_validation"])
+    return train, validation
+
+
+def _shared_tokenizer(out: Path, corpus: list[str], budget: dict, log: Callable[[str], None]) -> Path:
+    """One WordPiece tokenizer for every model, trained once on (a prefix of) the corpus."""
+    path = out / TOKENIZER_FILE
+    if not path.exists():
+        log(f"training a shared WordPiece tokenizer ({VOCAB_SIZE} pieces)")
+        out.mkdir(parents=True, exist_ok=True)
+        save_tokenizer(train_tokenizer(islice(iter_documents(corpus), budget["max_documents"]),
+                                       vocab_size=VOCAB_SIZE), path)
+    return path
+
+
+def _run_seed(model: str, seed: int, out: Path, corpus: list[str], tokenizer: Path, task_train: str,
+              task_validation: str, budget: dict, device: str, log: Callable[[str], None]) -> TextSeedResult:
+    run = out / "runs" / model / f"seed{seed}"
+    indent = lambda line: log(f"  {line}")  # noqa: E731
+    log(f"== {model}, seed {seed}: pretraining ==")
+    pre = pretrain(PretrainConfig(
+        model=model, corpus=corpus, tokenizer=str(tokenizer), seq_len=budget["seq_len"],
+        max_steps=budget["pretrain_steps"], batch_size=budget["batch_size"], lr=budget["lr"],
+        max_documents=budget["max_documents"], seed=seed, log_every=10, device=device,
+        out=str(run / "pretrain"), resume=(run / "pretrain" / "checkpoints").exists()), log=indent)
+    log(f"== {model}, seed {seed}: fine-tuning ==")
+    fine = finetune(FinetuneConfig(
+        task="classify", init=str(run / "pretrain"), train=task_train, validation=task_validation,
+        tokenizer=str(tokenizer), max_len=budget["seq_len"], epochs=budget["finetune_epochs"],
+        batch_size=budget["batch_size"], lr=budget["finetune_lr"], seed=seed, log_every=10, device=device,
+        out=str(run / "finetune"), resume=(run / "finetune" / "checkpoints").exists()), log=indent)
+    e = pre.run.final_eval
+    return TextSeedResult(pre.params, pre.run.tokens_per_s, e["mlm_accuracy"], e["sop_accuracy"],
+                          fine.run.final_eval["accuracy"], e["routing"], _mlm_curve(run / "pretrain"))
+
+
+def _mlm_curve(run: Path) -> dict[str, list]:
+    train = [r for r in read_metrics(run / "metrics.jsonl") if r.get("split") == "train"]
+    return dict(train_step=[r["step"] for r in train], train_loss=[r["mlm_loss"] for r in train],
+                test_step=[], test_acc=[])
+
+
+# --- report ----------------------------------------------------------------------------
+def write_text_report(results: list[TextModelResult], budget: dict, preset: str, corpus: list[str],
+                      task_train: str, out: Path) -> Path:
+    fig_dir = out / "figures"
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    rows = [dict(label=r.model, params=r.seeds[0].params, acc_mean=r.mean("task_accuracy"),
+                 acc_std=r.std("task_accuracy")) for r in results]
+    figures = [plots.accuracy_vs_params(rows, fig_dir / "text_accuracy_vs_params.png"),
+               plots.training_curves({r.model: r.seeds[0].curve for r in results}, fig_dir / "text_mlm_loss.png")]
+    lines = [
+        "# WideNet text comparison",
+        "",
+        f"{_dt.datetime.now():%Y-%m-%d %H:%M}, {platform.machine()} CPU, preset `{preset}`: pretraining "
+        f"{budget['pretrain_steps']} steps x {budget['batch_size']} sequences of {budget['seq_len']} tokens "
+        f"on {', '.join(corpus)}; fine-tuning {budget['finetune_epochs']} epochs on {task_train}; "
+        f"{budget['seeds']} seed(s). Same tokenizer, budget and recipe for every model.",
+        "",
+        "| model | params | pretrain tokens/s | MLM acc (%) | SOP acc (%) | downstream acc (%) |",
+        "|---|---:|---:|---:|---:|---:|",
+        *[_row(r) for r in results],
+        "",
+        _text_verdict(results),
+        "",
+        "## Expert load per block (held-out pretraining data, first seed)",
+        "",
+        *_routing_lines(results),
+        "",
+        *[f"![{p.stem}](figures/{p.name})" for p in figures],
+        "",
+    ]
+    report = out / "report_text.md"
+    report.write_text("\n".join(lines), encoding="utf-8")
+    return report
+
+
+def _pm(r: TextModelResult, name: str) -> str:
+    return f"{100 * r.mean(name):.1f} ± {100 * r.std(name):.1f}"
+
+
+def _row(r: TextModelResult) -> str:
+    return (f"| {r.model} | {r.seeds[0].params / 1e6:.2f}M | {r.mean('tokens_per_s'):.0f} | "
+            f"{_pm(r, 'mlm_accuracy')} | {_pm(r, 'sop_accuracy')} | {_pm(r, 'task_accuracy')} |")
+
+
+def _text_verdict(results: list[TextModelResult]) -> str:
+    best = max(results, key=lambda r: r.mean("task_accuracy"))
+    others = [r for r in results if r is not best]
+    if not others:
+        return f"Only {best.model} was run."
+    second = max(others, key=lambda r: r.mean("task_accuracy"))
+    gap = best.mean("task_accuracy") - second.mean("task_accuracy")
+    spread = max(best.std("task_accuracy"), second.std("task_accuracy"))
+    n = len(best.seeds)
+    if n == 1 or gap <= 2 * spread:
+        why = "one seed cannot separate it from noise" if n == 1 else "within twice the seed spread"
+        return (f"Downstream, {best.model} scored highest ({100 * best.mean('task_accuracy'):.1f}%), "
+                f"{100 * gap:.1f} points above {second.model}; {why}, so this run does not establish a winner.")
+    return (f"Downstream, {best.model} won: {100 * gap:.1f} points above {second.model} "
+            f"(more than twice the seed spread of {100 * spread:.1f}).")
+
+
+def _routing_lines(results: list[TextModelResult]) -> list[str]:
+    lines = []
+    for r in results:
+        for b in r.seeds[0].routing:
+            load = " ".join(f"{f:.2f}" for f in b["expert_fraction"])
+            lines.append(f"- {r.model} block {b['block']}: [{load}], dropped {b['dropped_fraction']:.3f}")
+    return lines or ["(no MoE blocks)"]

@@ -1,0 +1,1 @@
+"""Text side of widenet: word-piece tokenizers for ALBERT-style pretraining."""

@@ -1,0 +1,263 @@
+"""BERT-style WordPiece tokenizers built on Hugging Face ``tokenizers``.
+
+Every tokenizer made or loaded here has the five special tokens of
+:data:`SPECIAL_TOKENS`; a freshly trained one gives them the ids 0..4 in that
+order. Encoding a single text gives ``[CLS] A [SEP]``, a pair gives
+``[CLS] A [SEP] B [SEP]`` with token type ids 0 for the first part and 1 for
+``B [SEP]``; ``encode(..., add_special_tokens=False)`` gives the bare pieces.
+
+:func:`vocab_fingerprint` summarises the vocabulary (and lowercasing) in a
+short hash so a checkpoint can refuse a tokenizer it was not trained with.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+__all__ = [
+    "SPECIAL_TOKENS",
+    "TokenizerError",
+    "SpecialIds",
+    "train_tokenizer",
+    "load_tokenizer",
+    "save_tokenizer",
+    "special_ids",
+    "vocab_fingerprint",
+]
+
+PathLike = str | os.PathLike
+
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+_CONTINUING_PREFIX = "##"
+_TOKENIZER_FILE = "tokenizer.json"
+_VOCAB_FILE = "vocab.txt"
+
+
+class TokenizerError(ValueError):
+    """A tokenizer file is missing, unreadable, malformed or lacks special tokens."""
+
+
+@dataclass(frozen=True)
+class SpecialIds:
+    """Ids of the five special tokens in one tokenizer's vocabulary."""
+
+    pad: int
+    unk: int
+    cls: int
+    sep: int
+    mask: int
+
+    def as_tuple(self) -> tuple[int, int, int, int, int]:
+        """The ids in :data:`SPECIAL_TOKENS` order."""
+        return (self.pad, self.unk, self.cls, self.sep, self.mask)
+
+
+# --------------------------------------------------------------------------
+# Building
+# --------------------------------------------------------------------------
+
+
+def _post_processor(cls_id: int, sep_id: int) -> processors.TemplateProcessing:
+    """``[CLS] $A [SEP]`` for one text, ``[CLS] $A [SEP] $B:1 [SEP]:1`` for a pair."""
+    return processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
+    )
+
+
+def _bert_pipeline(tok: Tokenizer, lowercase: bool) -> None:
+    """Attach the BERT normalizer, pre-tokenizer and WordPiece decoder to ``tok``."""
+    tok.normalizer = normalizers.BertNormalizer(
+        clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=lowercase
+    )
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece(prefix=_CONTINUING_PREFIX)
+
+
+def train_tokenizer(
+    texts: Iterable[str],
+    vocab_size: int = 8000,
+    lowercase: bool = True,
+    min_frequency: int = 2,
+) -> Tokenizer:
+    """Train a WordPiece tokenizer on ``texts`` (any iterable of strings).
+
+    The special tokens get ids 0..4 (``[PAD] [UNK] [CLS] [SEP] [MASK]``). The
+    vocabulary may come out smaller than ``vocab_size`` on a small corpus.
+    """
+    if vocab_size <= len(SPECIAL_TOKENS):
+        raise ValueError(f"vocab_size must exceed the {len(SPECIAL_TOKENS)} special tokens, got {vocab_size}")
+    if min_frequency < 1:
+        raise ValueError(f"min_frequency must be at least 1, got {min_frequency}")
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]", continuing_subword_prefix=_CONTINUING_PREFIX))
+    _bert_pipeline(tok, lowercase)
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=list(SPECIAL_TOKENS),
+        continuing_subword_prefix=_CONTINUING_PREFIX,
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    ids = special_ids(tok, source="the trained tokenizer")
+    if ids.as_tuple() != tuple(range(len(SPECIAL_TOKENS))):  # pragma: no cover - a tokenizers change
+        raise TokenizerError(f"trained tokenizer has special ids {ids}, expected 0..4")
+    tok.post_processor = _post_processor(ids.cls, ids.sep)
+    return tok
+
+
+# --------------------------------------------------------------------------
+# Loading and saving
+# --------------------------------------------------------------------------
+
+
+def _read_vocab_txt(path: Path) -> dict[str, int]:
+    """``{token: line index}`` of a BERT ``vocab.txt`` (one token per line)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise TokenizerError(f"{path}: vocabulary file is not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise TokenizerError(f"{path}: cannot read vocabulary file ({exc})") from exc
+    vocab: dict[str, int] = {}
+    for index, line in enumerate(text.splitlines()):
+        token = line.strip()
+        if not token:
+            raise TokenizerError(f"{path}:{index + 1}: empty line in vocabulary (expected one token per line)")
+        if token in vocab:
+            raise TokenizerError(f"{path}:{index + 1}: token {token!r} already on line {vocab[token] + 1}")
+        vocab[token] = index
+    if not vocab:
+        raise TokenizerError(f"{path}: vocabulary file is empty")
+    return vocab
+
+
+def _tokenizer_from_vocab(path: Path, lowercase: bool) -> Tokenizer:
+    """A BERT WordPiece tokenizer around the vocabulary in ``path``."""
+    vocab = _read_vocab_txt(path)
+    missing = [token for token in SPECIAL_TOKENS if token not in vocab]
+    if missing:
+        raise TokenizerError(f"{path}: vocabulary lacks the special token(s) {', '.join(missing)}")
+    tok = Tokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]", continuing_subword_prefix=_CONTINUING_PREFIX))
+    _bert_pipeline(tok, lowercase)
+    tok.post_processor = _post_processor(vocab["[CLS]"], vocab["[SEP]"])
+    return tok
+
+
+def _tokenizer_from_json(path: Path) -> Tokenizer:
+    """``Tokenizer.from_file`` with its errors turned into a TokenizerError."""
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise TokenizerError(f"{path}: tokenizer file is not valid UTF-8 text") from None
+    except OSError as exc:
+        raise TokenizerError(f"{path}: cannot read tokenizer file ({exc})") from exc
+    try:
+        json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise TokenizerError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})") from None
+    try:
+        return Tokenizer.from_str(raw)
+    except Exception as exc:  # tokenizers raises a bare Exception for a malformed config
+        raise TokenizerError(f"{path}: not a Hugging Face tokenizer file ({exc})") from None
+
+
+def _resolve_tokenizer_file(path: Path) -> Path:
+    """The tokenizer.json or vocab.txt named by ``path`` (a file or a folder)."""
+    if path.is_dir():
+        for name in (_TOKENIZER_FILE, _VOCAB_FILE):
+            if (path / name).is_file():
+                return path / name
+        raise TokenizerError(f"{path}: folder has neither {_TOKENIZER_FILE} nor {_VOCAB_FILE}")
+    if not path.exists():
+        raise TokenizerError(
+            f"{path}: tokenizer file not found (expected a {_TOKENIZER_FILE}, a {_VOCAB_FILE} or a folder holding one)"
+        )
+    return path
+
+
+def load_tokenizer(path: PathLike, lowercase: bool = True) -> Tokenizer:
+    """Load a ``tokenizer.json``, a BERT ``vocab.txt``, or a folder holding one.
+
+    A ``vocab.txt`` is wrapped in the BERT pipeline (normalizer lowercasing
+    unless ``lowercase`` is false, pre-tokenizer, ``[CLS]/[SEP]`` template); a
+    ``tokenizer.json`` is used as saved. Either way the five special tokens
+    must be in the vocabulary.
+    """
+    file = _resolve_tokenizer_file(Path(path))
+    tok = _tokenizer_from_json(file) if file.suffix == ".json" else _tokenizer_from_vocab(file, lowercase)
+    special_ids(tok, source=str(file))
+    return tok
+
+
+def save_tokenizer(tok: Tokenizer, path: PathLike) -> Path:
+    """Write ``tok`` as JSON to ``path`` (or ``path/tokenizer.json`` for a folder), atomically."""
+    dest = Path(path)
+    if dest.is_dir():
+        dest = dest / _TOKENIZER_FILE
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(tok.to_str(pretty=True))
+        os.replace(tmp_name, dest)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    return dest
+
+
+# --------------------------------------------------------------------------
+# Inspection
+# --------------------------------------------------------------------------
+
+
+def special_ids(tok: Tokenizer, source: str = "tokenizer") -> SpecialIds:
+    """The ids of ``[PAD] [UNK] [CLS] [SEP] [MASK]`` in ``tok``; TokenizerError if any is missing."""
+    ids = [tok.token_to_id(token) for token in SPECIAL_TOKENS]
+    missing = [token for token, index in zip(SPECIAL_TOKENS, ids) if index is None]
+    if missing:
+        raise TokenizerError(f"{source}: vocabulary lacks the special token(s) {', '.join(missing)}")
+    return SpecialIds(*(int(index) for index in ids))
+
+
+def _lowercase_flag(tok: Tokenizer) -> bool | None:
+    """Whether ``tok``'s normalizer lowercases, or None when it cannot be told."""
+    normalizer = getattr(tok, "normalizer", None)
+    if normalizer is None:
+        return None
+    if isinstance(normalizer, normalizers.Lowercase):
+        return True
+    flag = getattr(normalizer, "lowercase", None)
+    if isinstance(flag, bool):
+        return flag
+    try:  # a Sequence or another normalizer: look in its serialised form
+        config = json.loads(tok.to_str()).get("normalizer") or {}
+    except Exception:
+        return None
+    text = json.dumps(config)
+    return '"Lowercase"' in text or '"lowercase": true' in text
+
+
+def vocab_fingerprint(tok: Tokenizer) -> str:
+    """SHA-256 over the (token, id) pairs sorted by id and the lowercase flag.
+
+    Stable across :func:`save_tokenizer` / :func:`load_tokenizer`; two
+    tokenizers with the same fingerprint map text to the same ids.
+    """
+    vocab = tok.get_vocab(with_added_tokens=True)
+    pairs = sorted(((index, token) for token, index in vocab.items()))
+    digest = hashlib.sha256()
+    digest.update(json.dumps({"lowercase": _lowercase_flag(tok)}).encode())
+    for index, token in pairs:
+        digest.update(f"{index}\t{token}\n".encode("utf-8", "surrogatepass"))
+    return digest.hexdigest()

@@ -1,0 +1,238 @@
+"""Fine-tuning a pretrained text encoder (`widenet finetune`).
+
+--task classify: GLUE-style files (one sentence or a pair, and a label);
+    reports accuracy. The label set comes from the training file; a
+    validation label outside it is an error.
+--task qa: SQuAD v1.1 / v2.0 JSON; windows of "[CLS] question [SEP] context
+    [SEP]" with a stride; start/end cross-entropy (an answer outside the
+    window, or none, points at [CLS]); reports the official exact match and
+    F1 (with SQuAD 2.0's no-answer rules when the data has unanswerable
+    questions).
+
+The model preset, its sizes and the tokenizer come from the pretraining
+checkpoint (`--init`); only the task head is new.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..analysis.squad_metrics import squad_scores
+from ..data.text_tasks import (check_labels, encode_classification, encode_squad, label_vocabulary,
+                               postprocess_squad, read_classification, read_squad)
+from ..data.vision import num_batches
+from ..models.registry import count_parameters
+from ..models.text import TextConfig, TextTransformer, load_backbone
+from ..runtime import autocast, autocast_dtype, resolve_device
+from ..text.tokenizer import TokenizerError, load_tokenizer, special_ids, vocab_fingerprint
+from .checkpoint import CheckpointError, LoadedCheckpoint, load_checkpoint
+from .evaluate import RoutingTally
+from .pretrain import TOKENIZER_FILE
+from .runner import LoopTask, RunResult, StepResult, run_loop
+from .text_common import Batch, optimizer_and_schedule, ordered_batches, shuffled_batches, total_steps, update
+from .text_config import FinetuneConfig
+
+DEFAULT_MAX_LEN = {"classify": 128, "qa": 384}
+
+
+@dataclass
+class FinetuneResult:
+    out_dir: Path
+    params: int
+    run: RunResult
+    model: nn.Module
+
+
+# --- the pretrained starting point ----------------------------------------------------
+def load_init(cfg: FinetuneConfig):
+    """The pretraining checkpoint and its tokenizer, checked to belong together."""
+    ckpt = load_checkpoint(cfg.init)
+    meta = ckpt.meta
+    if "model_config" not in meta or "tokenizer" not in meta:
+        raise CheckpointError(f"{ckpt.path}: not a text pretraining checkpoint (no model config / tokenizer in "
+                              "meta.json)")
+    path = Path(cfg.tokenizer) if cfg.tokenizer else ckpt.path.parent.parent / TOKENIZER_FILE
+    if not path.exists():
+        raise TokenizerError(f"no tokenizer found at {path}; pass the pretraining tokenizer with --tokenizer")
+    tokenizer = load_tokenizer(path)
+    want = meta["tokenizer"]
+    if vocab_fingerprint(tokenizer) != want.get("fingerprint"):
+        raise TokenizerError(f"tokenizer {path} ({tokenizer.get_vocab_size()} pieces) does not match the "
+                             f"vocabulary the checkpoint {ckpt.path} was trained with "
+                             f"({want.get('vocab_size')} pieces)")
+    return ckpt, tokenizer
+
+
+def build_finetune_model(ckpt: LoadedCheckpoint, cfg: FinetuneConfig, num_labels: int) -> TextTransformer:
+    """The pretrained backbone with a new head for cfg.task."""
+    saved = dict(ckpt.meta["model_config"])
+    text_cfg = TextConfig(**{**saved, "task": cfg.task, "num_labels": num_labels})
+    if cfg.dropout:
+        text_cfg.encoder = dataclasses.replace(text_cfg.encoder, dropout=cfg.dropout)
+    model = TextTransformer(text_cfg)
+    model.model_name = ckpt.meta["model"]
+    load_backbone(model, ckpt.model_state)
+    return model
+
+
+def max_length(cfg: FinetuneConfig, model_cfg: dict) -> int:
+    limit = model_cfg["max_positions"]
+    if cfg.max_len is None:
+        return min(DEFAULT_MAX_LEN[cfg.task], limit)
+    if cfg.max_len > limit:
+        raise ValueError(f"--max-len {cfg.max_len} exceeds the model's {limit} positions")
+    return cfg.max_len
+
+
+# --- tasks ------------------------------------------------------------------------------
+class _TextTask:
+    """What both fine-tuning tasks share: batching, the forward pass, the update."""
+
+    def __init__(self, cfg: FinetuneConfig, model: nn.Module, pad_id: int, train: Batch, optimizer, schedule,
+                 device: torch.device, amp) -> None:
+        self.cfg, self.model, self.pad_id, self.train = cfg, model, pad_id, train
+        self.optimizer, self.schedule, self.device, self.amp = optimizer, schedule, device, amp
+
+    def loop_task(self) -> LoopTask:
+        per_epoch = num_batches(len(self.train["input_ids"]), self.cfg.batch_size)
+        batches = lambda epoch, start: shuffled_batches(self.train, self.cfg.batch_size, self.cfg.seed,  # noqa: E731
+                                                        epoch, start)
+        return LoopTask(per_epoch, total_steps(self.cfg, per_epoch), batches, self.step, self.evaluate)
+
+    def forward(self, batch: Batch):
+        ids = batch["input_ids"].to(self.device)
+        with autocast(self.device, self.amp):
+            return self.model(ids, batch["token_type_ids"].to(self.device), padding_mask=ids == self.pad_id)
+
+    def finish(self, task_loss: torch.Tensor, out, values: dict[str, float], batch: Batch) -> StepResult:
+        update(self.model, self.optimizer, self.schedule, task_loss + self.cfg.aux_weight * out.aux_loss,
+               self.cfg.clip_norm)
+        values = dict(loss=float(task_loss.detach()), **values, aux_loss=float(out.aux_loss.detach()))
+        tokens = int((batch["input_ids"] != self.pad_id).sum())
+        return StepResult(values["loss"], values, len(batch["input_ids"]), tokens)
+
+    def step(self, batch: Batch, step: int) -> StepResult:
+        raise NotImplementedError
+
+    def evaluate(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+class ClassifyTask(_TextTask):
+    def __init__(self, *args, validation: Batch, labels: list[str], **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.validation, self.labels = validation, labels
+
+    def step(self, batch: Batch, step: int) -> StepResult:
+        out = self.forward(batch)
+        labels = batch["labels"].to(self.device)
+        loss = F.cross_entropy(out.logits.float(), labels)
+        accuracy = float((out.logits.argmax(-1) == labels).float().mean())
+        return self.finish(loss, out, dict(accuracy=accuracy), batch)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, Any]:
+        was_training = self.model.training
+        self.model.eval()
+        loss, correct, n, routing = 0.0, 0, 0, RoutingTally()
+        for batch in ordered_batches(self.validation, self.cfg.eval_batch_size):
+            out = self.forward(batch)
+            labels = batch["labels"].to(self.device)
+            loss += float(F.cross_entropy(out.logits.float(), labels, reduction="sum"))
+            correct += int((out.logits.argmax(-1) == labels).sum())
+            n += len(labels)
+            routing.add(out.routing, float((batch["input_ids"] != self.pad_id).sum()))
+        self.model.train(was_training)
+        return dict(accuracy=correct / max(n, 1), loss=loss / max(n, 1), examples=n,
+                    routing=[vars(r) for r in routing.blocks()])
+
+
+class QATask(_TextTask):
+    def __init__(self, *args, val_examples, val_features, version_2: bool, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.val_examples, self.val_features, self.version_2 = val_examples, val_features, version_2
+
+    def step(self, batch: Batch, step: int) -> StepResult:
+        out = self.forward(batch)
+        start, end = batch["start_positions"].to(self.device), batch["end_positions"].to(self.device)
+        loss = (F.cross_entropy(out.start_logits.float(), start) + F.cross_entropy(out.end_logits.float(), end)) / 2
+        exact = (out.start_logits.argmax(-1) == start) & (out.end_logits.argmax(-1) == end)
+        return self.finish(loss, out, dict(span_accuracy=float(exact.float().mean())), batch)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, Any]:
+        was_training = self.model.training
+        self.model.eval()
+        f = self.val_features
+        data = dict(input_ids=f.input_ids, token_type_ids=f.token_type_ids)
+        starts, ends, routing = [], [], RoutingTally()
+        for batch in ordered_batches(data, self.cfg.eval_batch_size):
+            out = self.forward(batch)
+            starts.append(out.start_logits.float().cpu())
+            ends.append(out.end_logits.float().cpu())
+            routing.add(out.routing, float((batch["input_ids"] != self.pad_id).sum()))
+        self.model.train(was_training)
+        predictions = postprocess_squad(self.val_examples, f, torch.cat(starts), torch.cat(ends),
+                                        version_2=self.version_2, null_threshold=self.cfg.null_threshold)
+        scores = squad_scores(predictions, self.val_examples)
+        return dict({k: float(v) if isinstance(v, float) else v for k, v in scores.items()},
+                    routing=[vars(r) for r in routing.blocks()])
+
+
+def _classify_data(cfg: FinetuneConfig, tokenizer, max_len: int) -> tuple[Batch, Batch, list[str]]:
+    train_ex, val_ex = read_classification(cfg.train), read_classification(cfg.validation)
+    labels = label_vocabulary(train_ex)
+    check_labels(val_ex, labels, cfg.validation)
+    train = encode_classification(train_ex, tokenizer, labels, max_len)
+    validation = encode_classification(val_ex, tokenizer, labels, max_len)
+    return train, validation, labels
+
+
+def _qa_data(cfg: FinetuneConfig, tokenizer, max_len: int):
+    train_ex, _ = read_squad(cfg.train)
+    val_ex, version = read_squad(cfg.validation)
+    kw = dict(max_len=max_len, doc_stride=cfg.doc_stride, max_query_len=cfg.max_query_len)
+    tf = encode_squad(train_ex, tokenizer, **kw)
+    train = dict(input_ids=tf.input_ids, token_type_ids=tf.token_type_ids, start_positions=tf.start_positions,
+                 end_positions=tf.end_positions)
+    version_2 = version == "2.0" or any(e.is_impossible for e in val_ex)
+    return train, val_ex, encode_squad(val_ex, tokenizer, **kw), version_2
+
+
+# --- entry point ------------------------------------------------------------------------
+def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print) -> FinetuneResult:
+    """Run (or resume) fine-tuning as `cfg` says."""
+    device = resolve_device(cfg.device)
+    amp = autocast_dtype(cfg.amp, device)
+    ckpt, tokenizer = load_init(cfg)
+    cfg = dataclasses.replace(cfg, model=ckpt.meta["model"])
+    max_len = max_length(cfg, ckpt.meta["model_config"])
+    pad = special_ids(tokenizer).pad
+    if cfg.task == "classify":
+        train, validation, labels = _classify_data(cfg, tokenizer, max_len)
+        extra, num_labels = dict(validation=validation, labels=labels), len(labels)
+        data_meta = dict(labels=labels)
+    else:
+        train, val_ex, val_features, version_2 = _qa_data(cfg, tokenizer, max_len)
+        extra, num_labels = dict(val_examples=val_ex, val_features=val_features, version_2=version_2), 2
+        data_meta = dict(squad_version="2.0" if version_2 else "1.1")
+    torch.manual_seed(cfg.seed)
+    model = build_finetune_model(ckpt, cfg, num_labels).to(device)
+    per_epoch = num_batches(len(train["input_ids"]), cfg.batch_size)
+    optimizer, schedule = optimizer_and_schedule(cfg, model, total_steps(cfg, per_epoch))
+    task_cls = ClassifyTask if cfg.task == "classify" else QATask
+    task = task_cls(cfg, model, pad, train, optimizer, schedule, device, amp, **extra)
+    params = count_parameters(model)
+    log(f"fine-tuning {cfg.model} ({params / 1e6:.3f}M params) for {cfg.task} from {ckpt.path}: "
+        f"{len(train['input_ids'])} training sequences of up to {max_len} tokens; {device}")
+    meta = dict(model=cfg.model, model_config=model.cfg.to_dict(), train_config=cfg.to_dict(),
+                tokenizer=ckpt.meta["tokenizer"], init=str(ckpt.path), data=data_meta)
+    result = run_loop(task.loop_task(), cfg, model, optimizer, schedule, meta, log)
+    return FinetuneResult(Path(cfg.out), params, result, model)

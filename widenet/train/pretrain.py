@@ -1,0 +1,167 @@
+"""Text pretraining (`widenet pretrain`): masked LM + sentence-order prediction, as ALBERT.
+
+Pipeline: corpus files -> WordPiece tokenizer (trained on the corpus, or
+loaded) -> tokenized corpus (cached) -> "[CLS] A [SEP] B [SEP]" examples
+packed to seq_len, B and A swapped for half of them -> a held-out slice for
+evaluation -> steps. Each step masks 15% of the word pieces (80% [MASK],
+10% random, 10% kept) with a generator seeded by (seed, step), so masks do
+not depend on where a run was resumed.
+
+    loss = MLM cross-entropy (masked positions only)
+         + sop_weight * SOP cross-entropy + aux_weight * summed MoE balance loss
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data.text_corpus import iter_documents, load_pretrain_corpus, make_sop_examples, mask_tokens
+from ..data.vision import data_home, num_batches
+from ..models.registry import count_parameters
+from ..runtime import autocast, autocast_dtype, resolve_device
+from ..text.tokenizer import (SpecialIds, load_tokenizer, save_tokenizer, special_ids, train_tokenizer,
+                              vocab_fingerprint)
+from .evaluate import RoutingTally
+from .runner import LoopTask, RunResult, StepResult, run_loop, seeded_generator
+from .text_common import (Batch, build_text_model, optimizer_and_schedule, ordered_batches, shuffled_batches,
+                          total_steps, update)
+from .text_config import PretrainConfig
+
+TOKENIZER_FILE = "tokenizer.json"
+
+
+@dataclass
+class PretrainResult:
+    out_dir: Path
+    params: int
+    run: RunResult
+    model: nn.Module
+
+
+# --- data -----------------------------------------------------------------------
+def prepare_tokenizer(cfg: PretrainConfig, out: Path, log: Callable[[str], None]):
+    """The given tokenizer, else OUT/tokenizer.json from an earlier attempt, else one trained on the corpus."""
+    if cfg.tokenizer:
+        return load_tokenizer(cfg.tokenizer)
+    saved = out / TOKENIZER_FILE
+    if saved.exists():
+        return load_tokenizer(saved)
+    log(f"training a WordPiece tokenizer ({cfg.vocab_size} pieces) on the corpus")
+    tokenizer = train_tokenizer(islice(iter_documents(cfg.corpus), cfg.max_documents), vocab_size=cfg.vocab_size)
+    out.mkdir(parents=True, exist_ok=True)
+    save_tokenizer(tokenizer, saved)
+    return tokenizer
+
+
+def split_held_out(examples: Batch, n_eval: int, seed: int) -> tuple[Batch, Batch]:
+    """A seeded random slice of at most n_eval examples (and at most 10%) for evaluation."""
+    n = len(examples["input_ids"])
+    n_eval = min(n_eval, n // 10)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    held, kept = order[:n_eval].sort().values, order[n_eval:].sort().values
+    return {k: v[kept] for k, v in examples.items()}, {k: v[held] for k, v in examples.items()}
+
+
+# --- the task -----------------------------------------------------------------------
+class PretrainTask:
+    """Builds the LoopTask: MLM + SOP steps and the held-out evaluation."""
+
+    def __init__(self, cfg: PretrainConfig, model: nn.Module, special: SpecialIds, vocab_size: int,
+                 train: Batch, held_out: Batch, optimizer, schedule, device: torch.device, amp) -> None:
+        self.cfg, self.model, self.special, self.vocab_size = cfg, model, special, vocab_size
+        self.train, self.held_out = train, held_out
+        self.optimizer, self.schedule, self.device, self.amp = optimizer, schedule, device, amp
+
+    def loop_task(self) -> LoopTask:
+        per_epoch = num_batches(len(self.train["input_ids"]), self.cfg.batch_size)
+        total = total_steps(self.cfg, per_epoch)
+        batches = lambda epoch, start: shuffled_batches(self.train, self.cfg.batch_size, self.cfg.seed,  # noqa: E731
+                                                        epoch, start)
+        return LoopTask(per_epoch, total, batches, self.step, self.evaluate,
+                        eval_every=self.cfg.eval_every or total)
+
+    def forward(self, batch: Batch, generator: torch.Generator):
+        """Mask the batch and run the model: (output, MLM labels at masked positions)."""
+        ids = batch["input_ids"]  # (B, T)
+        masked, labels = mask_tokens(ids, self.special, self.vocab_size, generator, self.cfg.mask_prob)
+        positions = labels != -100  # (B, T) bool
+        d = self.device
+        with autocast(d, self.amp):
+            out = self.model(masked.to(d), batch["token_type_ids"].to(d), padding_mask=(ids == self.special.pad).to(d),
+                             masked_positions=positions.to(d))
+        return out, labels[positions].to(d)  # labels: (M,) in the row-major order of `positions`
+
+    def step(self, batch: Batch, step: int) -> StepResult:
+        out, mlm_labels = self.forward(batch, seeded_generator(self.cfg.seed, step))
+        sop_labels = batch["sop_labels"].to(self.device)
+        mlm = F.cross_entropy(out.mlm_logits.float(), mlm_labels)
+        sop = F.cross_entropy(out.sop_logits.float(), sop_labels)
+        update(self.model, self.optimizer, self.schedule,
+               mlm + self.cfg.sop_weight * sop + self.cfg.aux_weight * out.aux_loss, self.cfg.clip_norm)
+        values = dict(mlm_loss=float(mlm.detach()), mlm_accuracy=_accuracy(out.mlm_logits.detach(), mlm_labels),
+                      sop_loss=float(sop.detach()), sop_accuracy=_accuracy(out.sop_logits.detach(), sop_labels),
+                      aux_loss=float(out.aux_loss.detach()))
+        tokens = int((batch["input_ids"] != self.special.pad).sum())
+        return StepResult(values["mlm_loss"] + values["sop_loss"], values, len(sop_labels), tokens)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, Any]:
+        """MLM loss/accuracy and SOP accuracy on the held-out examples, fixed masks; routing per block."""
+        was_training = self.model.training
+        self.model.eval()
+        sums = dict(mlm_loss=0.0, mlm_correct=0, masked=0, sop_correct=0, examples=0)
+        routing = RoutingTally()
+        for i, batch in enumerate(ordered_batches(self.held_out, self.cfg.eval_batch_size)):
+            out, mlm_labels = self.forward(batch, seeded_generator(self.cfg.seed + 1, i))
+            sums["mlm_loss"] += float(F.cross_entropy(out.mlm_logits.float(), mlm_labels, reduction="sum"))
+            sums["mlm_correct"] += int((out.mlm_logits.argmax(-1) == mlm_labels).sum())
+            sums["masked"] += len(mlm_labels)
+            sums["sop_correct"] += int((out.sop_logits.argmax(-1).cpu() == batch["sop_labels"]).sum())
+            sums["examples"] += len(batch["sop_labels"])
+            routing.add(out.routing, float((batch["input_ids"] != self.special.pad).sum()))
+        self.model.train(was_training)
+        masked, n = max(sums["masked"], 1), max(sums["examples"], 1)
+        return dict(mlm_loss=sums["mlm_loss"] / masked, mlm_accuracy=sums["mlm_correct"] / masked,
+                    sop_accuracy=sums["sop_correct"] / n, examples=sums["examples"],
+                    routing=[vars(r) for r in routing.blocks()])
+
+
+def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    return float((logits.argmax(-1) == labels).float().mean()) if len(labels) else 0.0
+
+
+# --- entry point --------------------------------------------------------------------
+def pretrain(cfg: PretrainConfig, log: Callable[[str], None] = print) -> PretrainResult:
+    """Run (or resume) pretraining as `cfg` says."""
+    device = resolve_device(cfg.device)
+    amp = autocast_dtype(cfg.amp, device)
+    out = Path(cfg.out)
+    tokenizer = prepare_tokenizer(cfg, out, log)
+    special, vocab = special_ids(tokenizer), tokenizer.get_vocab_size()
+    cache = Path(cfg.cache_dir) if cfg.cache_dir else data_home() / "text-cache"
+    corpus = load_pretrain_corpus(cfg.corpus, tokenizer, cache, max_documents=cfg.max_documents)
+    examples = make_sop_examples(corpus, cfg.seq_len, cfg.seed, special)
+    train_set, held_out = split_held_out(
+        dict(input_ids=examples.input_ids, token_type_ids=examples.token_type_ids, sop_labels=examples.sop_labels),
+        cfg.eval_examples, cfg.seed)
+    torch.manual_seed(cfg.seed)
+    model = build_text_model(cfg, vocab, special.pad, cfg.seq_len, task="pretrain").to(device)
+    per_epoch = num_batches(len(train_set["input_ids"]), cfg.batch_size)
+    optimizer, schedule = optimizer_and_schedule(cfg, model, total_steps(cfg, per_epoch))
+    task = PretrainTask(cfg, model, special, vocab, train_set, held_out, optimizer, schedule, device, amp)
+    params = count_parameters(model)
+    log(f"pretraining {cfg.model} ({params / 1e6:.3f}M params): {corpus.num_documents} documents, "
+        f"{corpus.num_tokens} tokens, {len(train_set['input_ids'])} training sequences of {cfg.seq_len}, "
+        f"{len(held_out['input_ids'])} held out; {device}" + (f", {amp}" if amp else ""))
+    meta = dict(model=cfg.model, model_config=model.cfg.to_dict(), train_config=cfg.to_dict(),
+                tokenizer=dict(fingerprint=vocab_fingerprint(tokenizer), vocab_size=vocab))
+    result = run_loop(task.loop_task(), cfg, model, optimizer, schedule, meta, log)
+    return PretrainResult(out, params, result, model)
+

@@ -1,0 +1,62 @@
+"""Pieces shared by text pretraining and fine-tuning: batching, model, optimiser, one update."""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from ..data.vision import epoch_order
+from ..models.registry import create_model
+from .optim import build_optimizer, build_schedule, clip_grad_norm
+from .runner import warmup_steps
+from .text_config import TextRunConfig
+
+Batch = dict[str, torch.Tensor]  # name -> tensor with the examples on dim 0
+
+
+def shuffled_batches(data: Batch, batch_size: int, seed: int, epoch: int, start_batch: int) -> Iterator[Batch]:
+    """The epoch's batches in an order fixed by (seed, epoch), from `start_batch` on."""
+    n = len(next(iter(data.values())))
+    order = epoch_order(n, seed, epoch)
+    for start in range(start_batch * batch_size, n, batch_size):
+        idx = order[start:start + batch_size]
+        yield {k: v[idx] for k, v in data.items()}
+
+
+def ordered_batches(data: Batch, batch_size: int) -> Iterator[Batch]:
+    n = len(next(iter(data.values())))
+    for start in range(0, n, batch_size):
+        yield {k: v[start:start + batch_size] for k, v in data.items()}
+
+
+def build_text_model(cfg: TextRunConfig, vocab_size: int, pad_id: int, seq_len: int, **task: Any) -> nn.Module:
+    """The preset sized for the tokenizer; seq_len must fit the model's positions."""
+    overrides: dict[str, Any] = dict(vocab_size=vocab_size, pad_token_id=pad_id, **task)
+    if cfg.dropout:
+        overrides["dropout"] = cfg.dropout
+    overrides.update(cfg.model_overrides)
+    model = create_model(cfg.model, **overrides)
+    if seq_len > model.cfg.max_positions:
+        raise ValueError(f"sequence length {seq_len} exceeds {cfg.model}'s {model.cfg.max_positions} positions; "
+                         f"use a shorter length or --set max_positions={seq_len}")
+    return model
+
+
+def optimizer_and_schedule(cfg: TextRunConfig, model: nn.Module, total: int):
+    optimizer = build_optimizer(cfg.optimizer, model, cfg.lr, cfg.weight_decay)
+    return optimizer, build_schedule(optimizer, warmup_steps(cfg, total), total, cfg.schedule)
+
+
+def update(model: nn.Module, optimizer, schedule, loss: torch.Tensor, clip_norm: float) -> None:
+    """One optimizer update from `loss`."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    clip_grad_norm(model.parameters(), clip_norm)
+    optimizer.step()
+    schedule.step()
+
+
+def total_steps(cfg: TextRunConfig, per_epoch: int) -> int:
+    return cfg.max_steps or cfg.epochs * per_epoch
