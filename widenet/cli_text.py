@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from .cli_args import add_recipe_arguments, add_run_arguments, parse_setting, positive_float, positive_int
+
 
 def _config_fields(args: argparse.Namespace, cls: type) -> dict[str, Any]:
     """Arguments given on the command line that are fields of the config class."""
@@ -43,40 +45,26 @@ def cmd_compare_text(args: argparse.Namespace) -> int:
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     report = compare_text(models, args.out, preset=args.preset, seeds=args.seeds, corpus=args.corpus,
                           task_train=args.task_train, task_validation=args.task_validation,
-                          pretrain_steps=args.max_steps, device=args.device)
+                          pretrain_steps=args.max_steps, device=args.device, model_overrides=dict(args.set or []))
     print(f"report: {report}")
     return 0
 
 
-def _add_common(p: argparse.ArgumentParser, positive_int, positive_float, parse_setting) -> None:
-    """Optimisation, budget and bookkeeping arguments of both text commands."""
-    from .train.config import OPTIMIZER_NAMES, SCHEDULE_NAMES
-
+def _add_common(p: argparse.ArgumentParser) -> None:
+    """Budget, optimisation and bookkeeping arguments of both text commands."""
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--epochs", type=positive_int)
     budget.add_argument("--max-steps", type=positive_int)
     p.add_argument("--batch-size", type=positive_int)
     p.add_argument("--eval-batch-size", type=positive_int)
     p.add_argument("--lr", type=positive_float)
-    p.add_argument("--optimizer", choices=OPTIMIZER_NAMES)
-    p.add_argument("--weight-decay", type=float)
-    p.add_argument("--warmup-steps", type=int)
-    p.add_argument("--schedule", choices=SCHEDULE_NAMES)
-    p.add_argument("--clip-norm", type=float)
-    p.add_argument("--aux-weight", type=float, help="weight of the summed balance loss (paper: 0.01)")
-    p.add_argument("--dropout", type=float)
+    add_recipe_arguments(p)
+    add_run_arguments(p, "num_experts=8")
     p.add_argument("--tokenizer", help="tokenizer.json or vocab.txt")
-    p.add_argument("--set", action="append", type=parse_setting, metavar="KEY=VALUE",
-                   help="any model setting, e.g. --set num_experts=8")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--save-every", type=positive_int, help="also checkpoint every N steps")
-    p.add_argument("--log-every", type=positive_int)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--amp", choices=("auto", "off", "bf16", "fp16"))
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
 
 
-def add_text_commands(sub, positive_int, positive_float, parse_setting) -> None:
+def add_text_commands(sub) -> None:
     """Register `pretrain` and `finetune` on the CLI's subparsers."""
     p = sub.add_parser("pretrain", help="pretrain a text model: masked LM + sentence-order prediction")
     p.add_argument("--model", default="widenet_text_tiny")
@@ -90,20 +78,21 @@ def add_text_commands(sub, positive_int, positive_float, parse_setting) -> None:
     p.add_argument("--eval-examples", type=positive_int, help="held-out sequences for evaluation")
     p.add_argument("--cache-dir", help="where the tokenized corpus is cached")
     p.add_argument("--out", default="runs/pretrain")
-    _add_common(p, positive_int, positive_float, parse_setting)
+    _add_common(p)
     p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("finetune", help="fine-tune a pretrained text model: classification or span QA")
     p.add_argument("--task", required=True, choices=("classify", "qa"))
     p.add_argument("--init", required=True, help="pretraining checkpoint or run folder")
-    p.add_argument("--train", required=True, help="TSV/CSV/JSONL (classify) or SQuAD JSON (qa)")
+    p.add_argument("--train", required=True, help="TSV/CSV/JSONL (classify) or SQuAD JSON (qa); or hf:DATASET[/CONFIG]:SPLIT "
+                        "with the datasets package and a network, e.g. hf:glue/sst2:train")
     p.add_argument("--validation", required=True)
     p.add_argument("--max-len", type=positive_int, help="tokens per sequence (default 128 classify, 384 qa)")
     p.add_argument("--doc-stride", type=positive_int)
     p.add_argument("--max-query-len", type=positive_int)
     p.add_argument("--null-threshold", type=float, help="SQuAD 2.0: answer '' when null beats the best span by this")
     p.add_argument("--out", default="runs/finetune")
-    _add_common(p, positive_int, positive_float, parse_setting)
+    _add_common(p)
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("compare-text", help="pretrain + fine-tune text models alike; write OUT/report_text.md")
@@ -115,6 +104,8 @@ def add_text_commands(sub, positive_int, positive_float, parse_setting) -> None:
     p.add_argument("--corpus", nargs="+", metavar="PATH", help="default: the GCIDE dictionary")
     p.add_argument("--task-train", help="classification TSV/CSV/JSONL (default: GCIDE part of speech)")
     p.add_argument("--task-validation")
+    p.add_argument("--set", action="append", type=parse_setting, metavar="KEY=VALUE",
+                   help="a model setting for every model, e.g. --set depth=2")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--out", default="runs/compare-text")
     p.set_defaults(func=cmd_compare_text)

@@ -39,13 +39,10 @@ from .config import TrainConfig, resume_conflicts
 from .evaluate import EvalResult
 from .metrics import MetricsLog
 from .optim import build_optimizer, build_schedule
+from .runner import TrainingError
 
 
 _SINGLE = ParallelContext(DistEnv())  # one process: every parallel step is the identity
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (e.g. a non-finite loss); the message says why."""
 
 
 @dataclass

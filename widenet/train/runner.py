@@ -31,8 +31,8 @@ from .metrics import MetricsLog
 from .text_config import TextRunConfig
 
 
-class StepError(RuntimeError):
-    """Training cannot go on (a non-finite loss); the message says why."""
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. a non-finite loss); the message says why."""
 
 
 @dataclass
@@ -166,7 +166,7 @@ def run_loop(task: LoopTask, cfg: TextRunConfig, model: nn.Module, optimizer, sc
             if not math.isfinite(result.loss):
                 last = find_latest_checkpoint(out)
                 kept = f"the last good checkpoint {last} is intact" if last else "no checkpoint was saved yet"
-                raise StepError(f"loss became {result.loss} at step {progress.step + 1}; stopped ({kept}).")
+                raise TrainingError(f"loss became {result.loss} at step {progress.step + 1}; stopped ({kept}).")
             seconds = time.perf_counter() - started
             progress.step += 1
             progress.batch += 1

@@ -1,0 +1,62 @@
+"""Argument types and argument groups shared by the CLI's commands."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+def parse_setting(text: str) -> tuple[str, object]:
+    """KEY=VALUE with VALUE read as a Python literal when it is one (3, 0.5, True, None)."""
+    import ast
+
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key.replace("-", "_"), ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key.replace("-", "_"), value
+
+
+def add_recipe_arguments(p: argparse.ArgumentParser) -> None:
+    """Optimiser, schedule and regularisation settings of every training command."""
+    from .train.config import OPTIMIZER_NAMES, SCHEDULE_NAMES
+
+    p.add_argument("--optimizer", choices=OPTIMIZER_NAMES)
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--warmup-steps", type=int)
+    p.add_argument("--schedule", choices=SCHEDULE_NAMES)
+    p.add_argument("--clip-norm", type=float)
+    p.add_argument("--dropout", type=float)
+    p.add_argument("--aux-weight", type=float, help="weight of the summed balance loss (paper: 0.01)")
+
+
+def add_run_arguments(p: argparse.ArgumentParser, example_setting: str) -> None:
+    """Model settings, seed, checkpointing, logging, precision and resume."""
+    p.add_argument("--set", action="append", type=parse_setting, metavar="KEY=VALUE",
+                   help=f"any model setting, e.g. --set {example_setting}")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--save-every", type=positive_int, help="also checkpoint every N steps")
+    p.add_argument("--log-every", type=positive_int)
+    p.add_argument("--amp", choices=("auto", "off", "bf16", "fp16"))
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
