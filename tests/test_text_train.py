@@ -206,7 +206,7 @@ def test_finetune_errors_are_clear(pretrained, tmp_path, capsys):
     assert "does not match the vocabulary" in capsys.readouterr().err
     assert main(args + ["--max-len", "500"]) == 2
     assert "exceeds the model's 64 positions" in capsys.readouterr().err
-    assert not (tmp_path / "ft" / "checkpoints").exists()
+    assert not (tmp_path / "ft").exists()  # nothing written for a run that never started
 
 
 def test_pretrain_cli_and_its_errors(corpus, tmp_path, capsys):
@@ -224,3 +224,21 @@ def test_pretrain_cli_and_its_errors(corpus, tmp_path, capsys):
     assert main(too_long + ["--corpus", str(corpus), "--out", str(tmp_path / "d")]) == 2
     assert "exceeds widenet_text_tiny's 64 positions" in capsys.readouterr().err
     assert not (tmp_path / "d" / "checkpoints").exists()
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(corpus, pretrained, tmp_path, monkeypatch):
+    from widenet.train.pretrain import PretrainTask
+    from widenet.train.runner import StepResult, TrainingError
+
+    real_step = PretrainTask.step
+
+    def step(self, batch, index):
+        result = real_step(self, batch, index)
+        return StepResult(float("nan"), result.values, result.examples, result.tokens) if index == 4 else result
+
+    monkeypatch.setattr(PretrainTask, "step", step)
+    cfg = _pretrain_cfg(corpus, tmp_path / "run", max_steps=10, save_every=2,
+                        tokenizer=str(pretrained[0] / "tokenizer.json"))
+    with pytest.raises(TrainingError, match="loss became nan at step 5.*step_00000004 is intact"):
+        pretrain(cfg, log=lambda _: None)
+    assert load_checkpoint(tmp_path / "run").step == 4

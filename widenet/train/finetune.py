@@ -1,5 +1,8 @@
 """Fine-tuning a pretrained text encoder (`widenet finetune`).
 
+Data files may also be hub names, hf:DATASET[/CONFIG]:SPLIT (needs the
+`datasets` package and a network; see widenet.data.hub).
+
 --task classify: GLUE-style files (one sentence or a pair, and a label);
     reports accuracy. The label set comes from the training file; a
     validation label outside it is an error.
@@ -25,13 +28,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..analysis.squad_metrics import squad_scores
+from ..data.hub import resolve_task_file
 from ..data.text_tasks import (check_labels, encode_classification, encode_squad, label_vocabulary,
                                postprocess_squad, read_classification, read_squad)
 from ..data.vision import num_batches
 from ..models.registry import count_parameters
 from ..models.text import TextConfig, TextTransformer, load_backbone
 from ..runtime import autocast, autocast_dtype, resolve_device
-from ..text.tokenizer import TokenizerError, load_tokenizer, special_ids, vocab_fingerprint
+from ..text.tokenizer import TokenizerError, load_tokenizer, save_tokenizer, special_ids, vocab_fingerprint
 from .checkpoint import CheckpointError, LoadedCheckpoint, load_checkpoint
 from .evaluate import RoutingTally
 from .pretrain import TOKENIZER_FILE
@@ -187,17 +191,18 @@ class QATask(_TextTask):
 
 
 def _classify_data(cfg: FinetuneConfig, tokenizer, max_len: int) -> tuple[Batch, Batch, list[str]]:
-    train_ex, val_ex = read_classification(cfg.train), read_classification(cfg.validation)
+    train_file, val_file = resolve_task_file(cfg.train, "classify"), resolve_task_file(cfg.validation, "classify")
+    train_ex, val_ex = read_classification(train_file), read_classification(val_file)
     labels = label_vocabulary(train_ex)
-    check_labels(val_ex, labels, cfg.validation)
+    check_labels(val_ex, labels, val_file)
     train = encode_classification(train_ex, tokenizer, labels, max_len)
     validation = encode_classification(val_ex, tokenizer, labels, max_len)
     return train, validation, labels
 
 
 def _qa_data(cfg: FinetuneConfig, tokenizer, max_len: int):
-    train_ex, _ = read_squad(cfg.train)
-    val_ex, version = read_squad(cfg.validation)
+    train_ex, _ = read_squad(resolve_task_file(cfg.train, "qa"))
+    val_ex, version = read_squad(resolve_task_file(cfg.validation, "qa"))
     kw = dict(max_len=max_len, doc_stride=cfg.doc_stride, max_query_len=cfg.max_query_len)
     tf = encode_squad(train_ex, tokenizer, **kw)
     train = dict(input_ids=tf.input_ids, token_type_ids=tf.token_type_ids, start_positions=tf.start_positions,
@@ -234,5 +239,9 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print) -> Finetun
         f"{len(train['input_ids'])} training sequences of up to {max_len} tokens; {device}")
     meta = dict(model=cfg.model, model_config=model.cfg.to_dict(), train_config=cfg.to_dict(),
                 tokenizer=ckpt.meta["tokenizer"], init=str(ckpt.path), data=data_meta)
+    out = Path(cfg.out)
+    if not (out / TOKENIZER_FILE).exists():  # the run folder is self-contained, like a pretraining one
+        out.mkdir(parents=True, exist_ok=True)
+        save_tokenizer(tokenizer, out / TOKENIZER_FILE)
     result = run_loop(task.loop_task(), cfg, model, optimizer, schedule, meta, log)
-    return FinetuneResult(Path(cfg.out), params, result, model)
+    return FinetuneResult(out, params, result, model)
