@@ -334,6 +334,31 @@ def ep_widenet_model(rank: int, data_dir: str, tiny: dict, *_) -> None:
     assert torch.allclose(w1, ref.encoder.moes[0].experts.w1.grad, atol=1e-10)
 
 
+def ddp_activation_checkpointing(rank: int, data_dir: str, tiny: dict, *_) -> None:
+    """DDP over a WideNet that recomputes its blocks in backward (its shared modules run in every
+    block, twice): no "marked ready twice", and the gradients of the full batch."""
+    import dataclasses
+
+    import torch.nn.functional as F
+    from torch.nn.parallel import DistributedDataParallel
+
+    cfg = _config(Path(data_dir), Path("unused"), tiny)
+    torch.manual_seed(0)
+    ref = build_model_for(cfg, _train_set(Path(data_dir))).double()
+    model = copy.deepcopy(ref)
+    model.encoder.cfg = dataclasses.replace(model.encoder.cfg, activation_checkpointing=True)
+    ddp = DistributedDataParallel(model)
+    images = torch.randn(2 * WORLD, 1, 28, 28, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    labels = torch.arange(2 * WORLD)
+    F.cross_entropy(ref(images).logits, labels).backward()
+    mine = slice(2 * rank, 2 * rank + 2)
+    for _ in range(2):  # the reducer's hooks must work on every step, not only the first
+        ddp.zero_grad()
+        F.cross_entropy(ddp(images[mine]).logits, labels[mine]).backward()
+    for (name, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-10), name
+
+
 def _parallel_run(rank: int, data_dir: str, tiny: dict, out: str, **changes) -> None:
     cfg = _config(Path(data_dir), Path(out), tiny, **changes)
     lines: list[str] = []
@@ -364,7 +389,7 @@ def test_expert_parallel_and_fsdp_on_two_processes(tmp_path, fmnist_dir, tiny_ov
     for name in ("ddp", "ep"):
         _copy_back_to_step_2(reference, tmp_path / name)
     checks = ["ep_dropless", "ep_with_dropping", "ep_rank_without_tokens", "ep_checkpoint_helpers",
-              "ep_widenet_model", "ddp_resume", "expert_parallel_resume", "fsdp_training"]
+              "ep_widenet_model", "ddp_activation_checkpointing", "ddp_resume", "expert_parallel_resume", "fsdp_training"]
     _spawn(checks, str(fmnist_dir), dict(tiny_overrides), str(tmp_path))
     final = "checkpoints/step_00000004/model.safetensors"
     expected = load_file(str(reference / final))
