@@ -139,6 +139,21 @@ def test_bench_model_json(capsys):
     assert result["images_per_s"] > 0 and result["params"] > 0 and result["device"] == "cpu"
 
 
+def test_bench_model_reports_flops_utilisation(capsys):
+    rc, out, err = _cli(["bench", "model", "vit_tiny", "--batch-size", 4, "--steps", 1, "--device", "cpu",
+                         "--peak-tflops", "2", "--json"], capsys)
+    assert rc == 0, err
+    r = json.loads(out)
+    # vit_tiny forward, counted by hand: 49 patches x (16 x 64) embedding + 6 blocks of
+    # 50 tokens x (4 x 64 x 64 projections + 2 x 64 x 256 MLP) + 2 x 50 x 50 x 64 attention
+    # + head 64 x 10, times 2 FLOPs per multiply-add; training = 3 x forward.
+    block = 50 * (4 * 64 * 64 + 2 * 64 * 256) + 2 * 50 * 50 * 64
+    forward = 2 * (49 * 16 * 64 + 6 * block + 64 * 10)
+    assert r["train_flops_per_image"] == 3 * forward
+    assert r["achieved_tflops"] == pytest.approx(r["train_flops_per_image"] * r["images_per_s"] / 1e12)
+    assert r["peak_tflops"] == 2 and r["mfu"] == pytest.approx(r["achieved_tflops"] / 2)
+
+
 # --- error exits ----------------------------------------------------------------------------------
 def test_unknown_model(capsys):
     line = _assert_one_line_error(*_cli(["params", "nosuch_model"], capsys))

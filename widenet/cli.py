@@ -20,6 +20,7 @@ from dataclasses import asdict
 from typing import Callable, Sequence
 
 from . import __version__
+from .cli_args import add_recipe_arguments, add_run_arguments, parse_setting, positive_float, positive_int
 from .cli_text import add_text_commands
 
 
@@ -32,26 +33,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
-    return value
 
 
 def _print_json(obj) -> None:
@@ -140,26 +121,15 @@ def cmd_bench_model(args: argparse.Namespace) -> int:
     from .bench.model_bench import bench_model
 
     r = bench_model(args.model, batch_size=args.batch_size, steps=args.steps, device=args.device,
-                    **dict(args.set or []))
+                    amp=args.amp, peak=args.peak_tflops, **dict(args.set or []))
     if args.json:
         _print_json(asdict(r))
     else:
+        mfu = f", MFU {100 * r.mfu:.1f}% of {r.peak_tflops:g} TFLOP/s" if r.mfu is not None else ""
         print(f"{r.model}: {r.images_per_s:.1f} images/s training (batch {r.batch_size}, "
-              f"{r.steps} steps, {r.params / 1e6:.2f}M params, {r.device})")
+              f"{r.steps} steps, {r.params / 1e6:.2f}M params, {r.device}{', ' + r.amp if r.amp else ''}); "
+              f"{r.train_flops_per_image / 1e9:.2f} GFLOP per training image, {r.achieved_tflops:.3f} TFLOP/s{mfu}")
     return 0
-
-
-def _parse_setting(text: str) -> tuple[str, object]:
-    """KEY=VALUE with VALUE read as a Python literal when it is one (3, 0.5, True, None)."""
-    import ast
-
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    try:
-        return key.replace("-", "_"), ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-        return key.replace("-", "_"), value
 
 
 def train_config_from_args(args: argparse.Namespace):
@@ -234,53 +204,41 @@ def _add_data_and_budget(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--data", default="fashion-mnist", choices=DATASET_NAMES)
     p.add_argument("--data-dir")
-    p.add_argument("--train-subset", type=_positive_int, help="train on this many images (quick runs)")
-    p.add_argument("--test-subset", type=_positive_int)
+    p.add_argument("--train-subset", type=positive_int, help="train on this many images (quick runs)")
+    p.add_argument("--test-subset", type=positive_int)
     budget = p.add_mutually_exclusive_group()
-    budget.add_argument("--epochs", type=_positive_int)
-    budget.add_argument("--max-steps", type=_positive_int)
-    p.add_argument("--batch-size", type=_positive_int)
-    p.add_argument("--lr", type=_positive_float)
+    budget.add_argument("--epochs", type=positive_int)
+    budget.add_argument("--max-steps", type=positive_int)
+    p.add_argument("--batch-size", type=positive_int)
+    p.add_argument("--lr", type=positive_float)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"))
 
 
 def _add_train_arguments(p: argparse.ArgumentParser) -> None:
-    from .train.config import CROP_NAMES, OPTIMIZER_NAMES, SCHEDULE_NAMES
+    from .train.config import CROP_NAMES
 
     p.add_argument("--model", default="widenet_tiny")
     _add_data_and_budget(p)
-    p.add_argument("--image-size", type=_positive_int)
-    p.add_argument("--optimizer", choices=OPTIMIZER_NAMES)
-    p.add_argument("--weight-decay", type=float)
-    p.add_argument("--warmup-steps", type=int)
-    p.add_argument("--schedule", choices=SCHEDULE_NAMES)
-    p.add_argument("--clip-norm", type=float)
+    p.add_argument("--image-size", type=positive_int)
+    add_recipe_arguments(p)
     p.add_argument("--label-smoothing", type=float)
     p.add_argument("--mixup", type=float, help="Beta(alpha, alpha) mixup; 0 disables")
     p.add_argument("--crop", choices=CROP_NAMES)
     p.add_argument("--randaugment-n", type=int)
     p.add_argument("--randaugment-m", type=float)
-    p.add_argument("--dropout", type=float)
-    p.add_argument("--aux-weight", type=float, help="weight of the summed balance loss (paper: 0.01)")
-    p.add_argument("--capacity-factor", type=_positive_float)
-    p.add_argument("--eval-capacity-factor", type=_positive_float)
+    p.add_argument("--capacity-factor", type=positive_float)
+    p.add_argument("--eval-capacity-factor", type=positive_float)
     p.add_argument("--noise-std", type=float)
-    p.add_argument("--set", action="append", type=_parse_setting, metavar="KEY=VALUE",
-                   help="any model setting, e.g. --set share_norms=True")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--save-every", type=_positive_int, help="also checkpoint every N steps")
-    p.add_argument("--log-every", type=_positive_int)
-    p.add_argument("--amp", choices=("auto", "off", "bf16", "fp16"))
+    add_run_arguments(p, "share_norms=True")
     p.add_argument("--out", help="run folder (metrics.jsonl, checkpoints/)")
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
     dist = p.add_argument_group("several processes (launch with torchrun --nproc_per_node N -m widenet train)")
     dist.add_argument("--fsdp", action="store_true", default=None,
                       help="shard weights, gradients and optimizer state (fully_shard) instead of DDP")
-    dist.add_argument("--expert-parallel", type=_positive_int, metavar="N",
+    dist.add_argument("--expert-parallel", type=positive_int, metavar="N",
                       help="split each MoE's experts over N processes (N = the number of processes)")
     dist.add_argument("--ddp-backend", default="auto", choices=("auto", "gloo", "nccl"),
                       help="process-group backend (auto: nccl with CUDA, else gloo)")
-    dist.add_argument("--ddp-timeout", type=_positive_float, metavar="SECONDS",
+    dist.add_argument("--ddp-timeout", type=positive_float, metavar="SECONDS",
                       help="fail a collective that waits longer than this (default: torch's 30 minutes)")
 
 
@@ -296,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("params", help="count trainable parameters (shared weights once)")
     p.add_argument("models", nargs="+", metavar="MODEL")
-    p.add_argument("--num-classes", type=_positive_int, default=None)
+    p.add_argument("--num-classes", type=positive_int, default=None)
     p.add_argument("--representation", action="store_true", help="add the pre-logits layer (hidden x hidden, tanh)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_params)
@@ -310,8 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="checkpoint folder, run folder or model.safetensors")
     p.add_argument("--data", help="dataset (default: the one it was trained on)")
     p.add_argument("--data-dir")
-    p.add_argument("--test-subset", type=_positive_int)
-    p.add_argument("--batch-size", type=_positive_int, default=512)
+    p.add_argument("--test-subset", type=positive_int)
+    p.add_argument("--batch-size", type=positive_int, default=512)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval)
@@ -320,48 +278,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", default="vit_tiny,vit_moe_tiny,albert_tiny,widenet_tiny",
                    help="comma-separated presets")
     p.add_argument("--preset", default="quick", choices=("quick", "full"))
-    p.add_argument("--seeds", type=_positive_int)
+    p.add_argument("--seeds", type=positive_int)
     _add_data_and_budget(p)
     p.add_argument("--no-ablation", action="store_true", help="skip WideNet with shared LayerNorms")
     p.add_argument("--out", default="runs/compare")
     p.set_defaults(func=cmd_compare)
 
-    add_text_commands(sub, _positive_int, _positive_float, _parse_setting)
+    add_text_commands(sub)
 
     p = bench.add_parser("moe", help="MoE layer vs dense FFN, one-hot einsum and expert loop")
-    p.add_argument("--tokens", type=_positive_int, default=8192)
-    p.add_argument("--dim", type=_positive_int, default=192)
-    p.add_argument("--hidden", type=_positive_int, default=768)
-    p.add_argument("--experts", type=_positive_int, default=4)
-    p.add_argument("--top-k", type=_positive_int, default=2)
-    p.add_argument("--capacity-factor", type=_positive_float, default=1.2)
-    p.add_argument("--repeats", type=_positive_int, default=7)
+    p.add_argument("--tokens", type=positive_int, default=8192)
+    p.add_argument("--dim", type=positive_int, default=192)
+    p.add_argument("--hidden", type=positive_int, default=768)
+    p.add_argument("--experts", type=positive_int, default=4)
+    p.add_argument("--top-k", type=positive_int, default=2)
+    p.add_argument("--capacity-factor", type=positive_float, default=1.2)
+    p.add_argument("--repeats", type=positive_int, default=7)
     p.add_argument("--device", default="cpu", help="auto, cpu or cuda (default cpu)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench_moe)
 
-    p = bench.add_parser("model", help="training throughput (images/s) on random input")
+    p = bench.add_parser("model", help="training throughput (images/s) and FLOPs utilisation on random input")
     p.add_argument("model", metavar="MODEL")
-    p.add_argument("--batch-size", type=_positive_int, default=64)
-    p.add_argument("--steps", type=_positive_int, default=10)
-    p.add_argument("--set", action="append", type=_parse_setting, metavar="KEY=VALUE",
+    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--steps", type=positive_int, default=10)
+    p.add_argument("--set", action="append", type=parse_setting, metavar="KEY=VALUE",
                    help="any model setting, e.g. --set moe_blocks=all")
     p.add_argument("--device", default="auto")
+    p.add_argument("--amp", default="auto", choices=("auto", "off", "bf16", "fp16"),
+                   help="autocast (auto: bf16 on GPUs, off on CPUs)")
+    p.add_argument("--peak-tflops", type=positive_float, help="device peak for MFU (known GPUs: looked up)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench_model)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .train.loop import TrainingError
-    from .train.runner import StepError
+    from .train.runner import TrainingError
 
     parser = build_parser()
     args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
-    except (CLIError, ValueError, TrainingError, StepError) as err:
+    except (CLIError, ValueError, TrainingError) as err:
         # Library and user errors: one line, no traceback.
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
         print(f"widenet: error: {message}", file=sys.stderr)
