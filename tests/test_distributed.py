@@ -402,3 +402,63 @@ def test_expert_parallel_and_fsdp_on_two_processes(tmp_path, fmnist_dir, tiny_ov
         assert state["state"].keys() == ref_state["state"].keys()
         for index, entry in ref_state["state"].items():
             assert torch.allclose(state["state"][index]["exp_avg"], entry["exp_avg"], atol=1e-6), (mode, index)
+
+
+@pytest.mark.slow
+def test_bench_ddp_reports_scaling_efficiency(capsys):
+    assert main(["bench", "ddp", "--model", "vit_tiny", "--batch-size", "8", "--steps", "2", "--json"]) == 0
+    import json
+
+    r = json.loads(capsys.readouterr().out)
+    assert r["processes"] == 2 and r["images_per_s_1"] > 0 and r["images_per_s_n"] > 0
+    assert r["efficiency"] == pytest.approx(r["images_per_s_n"] / (2 * r["images_per_s_1"]))
+    assert main(["bench", "ddp", "--batch-size", "7"]) == 2
+    assert "must be divisible by 2" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_text_pretraining_and_finetuning_on_two_processes_match_one(tmp_path):
+    """`widenet pretrain` / `finetune` under torchrun: the global batch's masks are drawn before it is
+    split and losses are normalised by global counts, so 2 processes follow 1 up to rounding."""
+    import random
+
+    from test_text_train import PHRASES, TINY_TEXT, _write_classify
+
+    from widenet.text.tokenizer import save_tokenizer, train_tokenizer
+
+    rng = random.Random(0)
+    docs = [" ".join(rng.choice(PHRASES).capitalize() for _ in range(rng.randint(3, 6))) for _ in range(60)]
+    (tmp_path / "corpus.txt").write_text("\n\n".join(docs) + "\n", encoding="utf-8")
+    save_tokenizer(train_tokenizer(docs, vocab_size=120), tmp_path / "tok.json")  # one vocabulary for both
+    _write_classify(tmp_path / "train.tsv", 32, 0)
+    _write_classify(tmp_path / "dev.tsv", 16, 1)
+    sets = [f"--set={k}={v}" for k, v in TINY_TEXT.items()]
+    common = ["--model", "bert_text_tiny", "--tokenizer", str(tmp_path / "tok.json"), "--batch-size", "8",
+              "--max-steps", "4", "--log-every", "1", "--dropout", "0", *sets]
+
+    def pretrain_args(out: Path) -> list[str]:
+        return ["pretrain", "--corpus", str(tmp_path / "corpus.txt"), "--seq-len", "32", "--eval-examples", "8",
+                "--cache-dir", str(tmp_path / "cache"), "--out", str(out), *common]
+
+    def finetune_args(init: Path, out: Path) -> list[str]:
+        return ["finetune", "--task", "classify", "--init", str(init), "--train", str(tmp_path / "train.tsv"),
+                "--validation", str(tmp_path / "dev.tsv"), "--out", str(out), *common[2:]]
+
+    env = _cli_env(tmp_path)
+    for args in (pretrain_args(tmp_path / "pre1"), finetune_args(tmp_path / "pre1", tmp_path / "ft1")):
+        one = subprocess.run([sys.executable, "-m", "widenet", *args], env=env, capture_output=True, text=True,
+                             timeout=TIMEOUT)
+        assert one.returncode == 0, one.stderr[-2000:]
+    for args, log in ((pretrain_args(tmp_path / "pre2"), "pre.log"),
+                      (finetune_args(tmp_path / "pre2", tmp_path / "ft2"), "ft.log")):
+        done = _torchrun(args, env, tmp_path / log)
+        text = (tmp_path / log).read_text(errors="replace")
+        assert done.returncode == 0, text[-3000:]
+        assert text.count("done: 4 steps") == 1 and text.count("2 processes (ddp)") <= 1
+    for a, b in (("pre1", "pre2"), ("ft1", "ft2")):
+        final = "checkpoints/step_00000004/model.safetensors"
+        _assert_close_weights(load_file(str(tmp_path / b / final)), load_file(str(tmp_path / a / final)))
+        ra = [r for r in read_metrics(tmp_path / a / "metrics.jsonl") if r["split"] == "train"]
+        rb = [r for r in read_metrics(tmp_path / b / "metrics.jsonl") if r["split"] == "train"]
+        key = "mlm_loss" if a == "pre1" else "loss"
+        assert [r[key] for r in rb] == pytest.approx([r[key] for r in ra], abs=1e-5)

@@ -35,6 +35,18 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def cmd_bench_ddp(args: argparse.Namespace) -> int:
+    from .bench.ddp_bench import LaunchError, format_ddp_bench, run_ddp_bench
+
+    try:
+        r = run_ddp_bench(args.model, processes=args.processes, batch_size=args.batch_size, steps=args.steps,
+                          expert_parallel=args.expert_parallel)
+    except LaunchError as err:
+        raise CLIError(str(err)) from None
+    _print_json(asdict(r)) if args.json else print(format_ddp_bench(r))
+    return 0
+
+
 def _print_json(obj) -> None:
     print(json.dumps(obj, indent=None, sort_keys=False))
 
@@ -310,6 +322,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peak-tflops", type=positive_float, help="device peak for MFU (known GPUs: looked up)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench_model)
+
+    p = bench.add_parser("ddp", help="data-parallel scaling efficiency: torchrun with 1 and N processes")
+    p.add_argument("--model", default="widenet_tiny")
+    p.add_argument("--processes", type=positive_int, default=2)
+    p.add_argument("--batch-size", type=positive_int, default=64, help="the global batch")
+    p.add_argument("--steps", type=positive_int, default=10)
+    p.add_argument("--expert-parallel", action="store_true", help="also split the experts over the processes")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_bench_ddp)
     return parser
 
 

@@ -32,6 +32,7 @@ from ..data.hub import resolve_task_file
 from ..data.text_tasks import (check_labels, encode_classification, encode_squad, label_vocabulary,
                                postprocess_squad, read_classification, read_squad)
 from ..data.vision import num_batches
+from ..distributed.parallel import ParallelContext
 from ..models.registry import count_parameters
 from ..models.text import TextConfig, TextTransformer, load_backbone
 from ..runtime import autocast, autocast_dtype, resolve_device
@@ -40,7 +41,8 @@ from .checkpoint import CheckpointError, LoadedCheckpoint, load_checkpoint
 from .evaluate import RoutingTally
 from .pretrain import TOKENIZER_FILE
 from .runner import LoopTask, RunResult, StepResult, run_loop
-from .text_common import Batch, optimizer_and_schedule, ordered_batches, shuffled_batches, total_steps, update
+from .text_common import (Batch, global_sums, local_rows, optimizer_and_schedule, ordered_batches, shuffled_batches,
+                          total_steps, update)
 from .text_config import FinetuneConfig
 
 DEFAULT_MAX_LEN = {"classify": 128, "qa": 384}
@@ -100,9 +102,10 @@ class _TextTask:
     """What both fine-tuning tasks share: batching, the forward pass, the update."""
 
     def __init__(self, cfg: FinetuneConfig, model: nn.Module, pad_id: int, train: Batch, optimizer, schedule,
-                 device: torch.device, amp) -> None:
+                 device: torch.device, amp, parallel: ParallelContext, net: nn.Module) -> None:
         self.cfg, self.model, self.pad_id, self.train = cfg, model, pad_id, train
         self.optimizer, self.schedule, self.device, self.amp = optimizer, schedule, device, amp
+        self.parallel, self.net = parallel, net  # net: the (DDP-)wrapped model that trains
 
     def loop_task(self) -> LoopTask:
         per_epoch = num_batches(len(self.train["input_ids"]), self.cfg.batch_size)
@@ -110,17 +113,28 @@ class _TextTask:
                                                         epoch, start)
         return LoopTask(per_epoch, total_steps(self.cfg, per_epoch), batches, self.step, self.evaluate)
 
-    def forward(self, batch: Batch):
+    def forward(self, batch: Batch, model: nn.Module | None = None):
         ids = batch["input_ids"].to(self.device)
         with autocast(self.device, self.amp):
-            return self.model(ids, batch["token_type_ids"].to(self.device), padding_mask=ids == self.pad_id)
+            return (model or self.model)(ids, batch["token_type_ids"].to(self.device), padding_mask=ids == self.pad_id)
 
-    def finish(self, task_loss: torch.Tensor, out, values: dict[str, float], batch: Batch) -> StepResult:
-        update(self.model, self.optimizer, self.schedule, task_loss + self.cfg.aux_weight * out.aux_loss,
+    def train_forward(self, batch: Batch, step: int):
+        """This process's rows of the global batch through the training model: (rows, output)."""
+        mine = local_rows(batch, self.parallel)
+        with self.parallel.forward_rng(step, self.device):
+            return mine, self.forward(mine, self.net)
+
+    def finish(self, loss_sum: torch.Tensor, out, sums: dict[str, float], batch: Batch) -> StepResult:
+        """Update on the global mean loss (sum x processes / global examples: DDP averages), then the
+        global step values: loss, each of `sums` per example, aux loss."""
+        n, world = len(batch["input_ids"]), self.parallel.env.world_size
+        update(self.net, self.optimizer, self.schedule, world * loss_sum / n + self.cfg.aux_weight * out.aux_loss,
                self.cfg.clip_norm)
-        values = dict(loss=float(task_loss.detach()), **values, aux_loss=float(out.aux_loss.detach()))
+        total = global_sums(dict(loss=float(loss_sum.detach()), **sums, aux=float(out.aux_loss.detach())),
+                            self.parallel, self.device)
+        values = {k: v / n for k, v in total.items() if k != "aux"} | dict(aux_loss=total["aux"] / world)
         tokens = int((batch["input_ids"] != self.pad_id).sum())
-        return StepResult(values["loss"], values, len(batch["input_ids"]), tokens)
+        return StepResult(values["loss"], values, n, tokens)
 
     def step(self, batch: Batch, step: int) -> StepResult:
         raise NotImplementedError
@@ -135,11 +149,11 @@ class ClassifyTask(_TextTask):
         self.validation, self.labels = validation, labels
 
     def step(self, batch: Batch, step: int) -> StepResult:
-        out = self.forward(batch)
-        labels = batch["labels"].to(self.device)
-        loss = F.cross_entropy(out.logits.float(), labels)
-        accuracy = float((out.logits.argmax(-1) == labels).float().mean())
-        return self.finish(loss, out, dict(accuracy=accuracy), batch)
+        mine, out = self.train_forward(batch, step)
+        labels = mine["labels"].to(self.device)
+        loss = F.cross_entropy(out.logits.float(), labels, reduction="sum")
+        correct = int((out.logits.detach().argmax(-1) == labels).sum())
+        return self.finish(loss, out, dict(accuracy=correct), batch)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, Any]:
@@ -164,11 +178,12 @@ class QATask(_TextTask):
         self.val_examples, self.val_features, self.version_2 = val_examples, val_features, version_2
 
     def step(self, batch: Batch, step: int) -> StepResult:
-        out = self.forward(batch)
-        start, end = batch["start_positions"].to(self.device), batch["end_positions"].to(self.device)
-        loss = (F.cross_entropy(out.start_logits.float(), start) + F.cross_entropy(out.end_logits.float(), end)) / 2
-        exact = (out.start_logits.argmax(-1) == start) & (out.end_logits.argmax(-1) == end)
-        return self.finish(loss, out, dict(span_accuracy=float(exact.float().mean())), batch)
+        mine, out = self.train_forward(batch, step)
+        start, end = mine["start_positions"].to(self.device), mine["end_positions"].to(self.device)
+        loss = (F.cross_entropy(out.start_logits.float(), start, reduction="sum")
+                + F.cross_entropy(out.end_logits.float(), end, reduction="sum")) / 2
+        exact = (out.start_logits.detach().argmax(-1) == start) & (out.end_logits.detach().argmax(-1) == end)
+        return self.finish(loss, out, dict(span_accuracy=int(exact.sum())), batch)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, Any]:
@@ -213,8 +228,10 @@ def _qa_data(cfg: FinetuneConfig, tokenizer, max_len: int):
 
 # --- entry point ------------------------------------------------------------------------
 def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print) -> FinetuneResult:
-    """Run (or resume) fine-tuning as `cfg` says."""
-    device = resolve_device(cfg.device)
+    """Run (or resume) fine-tuning as `cfg` says; under torchrun, data parallel (see run_loop)."""
+    parallel = ParallelContext.for_run(cfg.batch_size, cfg.seed)
+    log = parallel.log(log)
+    device = parallel.device(resolve_device(cfg.device))
     amp = autocast_dtype(cfg.amp, device)
     ckpt, tokenizer = load_init(cfg)
     cfg = dataclasses.replace(cfg, model=ckpt.meta["model"])
@@ -230,18 +247,20 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print) -> Finetun
         data_meta = dict(squad_version="2.0" if version_2 else "1.1")
     torch.manual_seed(cfg.seed)
     model = build_finetune_model(ckpt, cfg, num_labels).to(device)
+    parallel.check_epoch(len(train["input_ids"]), cfg.batch_size)
     per_epoch = num_batches(len(train["input_ids"]), cfg.batch_size)
     optimizer, schedule = optimizer_and_schedule(cfg, model, total_steps(cfg, per_epoch))
     task_cls = ClassifyTask if cfg.task == "classify" else QATask
-    task = task_cls(cfg, model, pad, train, optimizer, schedule, device, amp, **extra)
+    task = task_cls(cfg, model, pad, train, optimizer, schedule, device, amp, parallel, parallel.wrap(model, device),
+                    **extra)
     params = count_parameters(model)
     log(f"fine-tuning {cfg.model} ({params / 1e6:.3f}M params) for {cfg.task} from {ckpt.path}: "
         f"{len(train['input_ids'])} training sequences of up to {max_len} tokens; {device}")
     meta = dict(model=cfg.model, model_config=model.cfg.to_dict(), train_config=cfg.to_dict(),
                 tokenizer=ckpt.meta["tokenizer"], init=str(ckpt.path), data=data_meta)
     out = Path(cfg.out)
-    if not (out / TOKENIZER_FILE).exists():  # the run folder is self-contained, like a pretraining one
+    if parallel.is_main and not (out / TOKENIZER_FILE).exists():  # the run folder is self-contained
         out.mkdir(parents=True, exist_ok=True)
         save_tokenizer(tokenizer, out / TOKENIZER_FILE)
-    result = run_loop(task.loop_task(), cfg, model, optimizer, schedule, meta, log)
+    result = run_loop(task.loop_task(), cfg, model, optimizer, schedule, meta, log, parallel)
     return FinetuneResult(out, params, result, model)

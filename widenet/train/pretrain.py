@@ -24,14 +24,16 @@ from torch import nn
 
 from ..data.text_corpus import iter_documents, load_pretrain_corpus, make_sop_examples, mask_tokens
 from ..data.vision import data_home, num_batches
+from ..distributed.env import main_process_first
+from ..distributed.parallel import ParallelContext
 from ..models.registry import count_parameters
 from ..runtime import autocast, autocast_dtype, resolve_device
 from ..text.tokenizer import (SpecialIds, load_tokenizer, save_tokenizer, special_ids, train_tokenizer,
                               vocab_fingerprint)
 from .evaluate import RoutingTally
 from .runner import LoopTask, RunResult, StepResult, run_loop, seeded_generator
-from .text_common import (Batch, build_text_model, optimizer_and_schedule, ordered_batches, shuffled_batches,
-                          total_steps, update)
+from .text_common import (Batch, build_text_model, global_sums, local_rows, optimizer_and_schedule, ordered_batches,
+                          shuffled_batches, total_steps, update)
 from .text_config import PretrainConfig
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -74,10 +76,12 @@ class PretrainTask:
     """Builds the LoopTask: MLM + SOP steps and the held-out evaluation."""
 
     def __init__(self, cfg: PretrainConfig, model: nn.Module, special: SpecialIds, vocab_size: int,
-                 train: Batch, held_out: Batch, optimizer, schedule, device: torch.device, amp) -> None:
+                 train: Batch, held_out: Batch, optimizer, schedule, device: torch.device, amp,
+                 parallel: ParallelContext, net: nn.Module | None = None) -> None:
         self.cfg, self.model, self.special, self.vocab_size = cfg, model, special, vocab_size
         self.train, self.held_out = train, held_out
         self.optimizer, self.schedule, self.device, self.amp = optimizer, schedule, device, amp
+        self.parallel, self.net = parallel, net or model  # net: the (DDP-)wrapped model that trains
 
     def loop_task(self) -> LoopTask:
         per_epoch = num_batches(len(self.train["input_ids"]), self.cfg.batch_size)
@@ -87,29 +91,42 @@ class PretrainTask:
         return LoopTask(per_epoch, total, batches, self.step, self.evaluate,
                         eval_every=self.cfg.eval_every or total)
 
-    def forward(self, batch: Batch, generator: torch.Generator):
-        """Mask the batch and run the model: (output, MLM labels at masked positions)."""
-        ids = batch["input_ids"]  # (B, T)
-        masked, labels = mask_tokens(ids, self.special, self.vocab_size, generator, self.cfg.mask_prob)
+    def masked(self, batch: Batch, generator: torch.Generator) -> Batch:
+        """The batch with its MLM masking: masked input ids and labels (-100 where not masked)."""
+        ids, labels = mask_tokens(batch["input_ids"], self.special, self.vocab_size, generator, self.cfg.mask_prob)
+        return dict(batch, masked_ids=ids, mlm_labels=labels)
+
+    def forward(self, model: nn.Module, batch: Batch):
+        """Run `model` on a masked batch: (output, MLM labels (M,) in the row-major order of the mask)."""
+        d, labels = self.device, batch["mlm_labels"]
         positions = labels != -100  # (B, T) bool
-        d = self.device
         with autocast(d, self.amp):
-            out = self.model(masked.to(d), batch["token_type_ids"].to(d), padding_mask=(ids == self.special.pad).to(d),
-                             masked_positions=positions.to(d))
-        return out, labels[positions].to(d)  # labels: (M,) in the row-major order of `positions`
+            out = model(batch["masked_ids"].to(d), batch["token_type_ids"].to(d),
+                        padding_mask=(batch["input_ids"] == self.special.pad).to(d), masked_positions=positions.to(d))
+        return out, labels[positions].to(d)
 
     def step(self, batch: Batch, step: int) -> StepResult:
-        out, mlm_labels = self.forward(batch, seeded_generator(self.cfg.seed, step))
-        sop_labels = batch["sop_labels"].to(self.device)
-        mlm = F.cross_entropy(out.mlm_logits.float(), mlm_labels)
-        sop = F.cross_entropy(out.sop_logits.float(), sop_labels)
-        update(self.model, self.optimizer, self.schedule,
-               mlm + self.cfg.sop_weight * sop + self.cfg.aux_weight * out.aux_loss, self.cfg.clip_norm)
-        values = dict(mlm_loss=float(mlm.detach()), mlm_accuracy=_accuracy(out.mlm_logits.detach(), mlm_labels),
-                      sop_loss=float(sop.detach()), sop_accuracy=_accuracy(out.sop_logits.detach(), sop_labels),
-                      aux_loss=float(out.aux_loss.detach()))
+        """One update on a global batch. The masks are drawn for the whole batch, so they do not depend
+        on the number of processes; each process takes its rows, and losses are sums divided by the
+        global counts times the number of processes, so DDP's average is the global mean."""
+        batch = self.masked(batch, seeded_generator(self.cfg.seed, step))
+        n, n_masked = len(batch["input_ids"]), int((batch["mlm_labels"] != -100).sum())
+        mine, world = local_rows(batch, self.parallel), self.parallel.env.world_size
+        with self.parallel.forward_rng(step, self.device):
+            out, mlm_labels = self.forward(self.net, mine)
+        sop_labels = mine["sop_labels"].to(self.device)
+        mlm = F.cross_entropy(out.mlm_logits.float(), mlm_labels, reduction="sum")
+        sop = F.cross_entropy(out.sop_logits.float(), sop_labels, reduction="sum")
+        update(self.net, self.optimizer, self.schedule,
+               world * (mlm / n_masked + self.cfg.sop_weight * sop / n) + self.cfg.aux_weight * out.aux_loss,
+               self.cfg.clip_norm)
+        sums = global_sums(dict(mlm=float(mlm.detach()), mlm_correct=_correct(out.mlm_logits, mlm_labels),
+                                sop=float(sop.detach()), sop_correct=_correct(out.sop_logits, sop_labels),
+                                aux=float(out.aux_loss.detach())), self.parallel, self.device)
+        values = dict(mlm_loss=sums["mlm"] / n_masked, mlm_accuracy=sums["mlm_correct"] / n_masked,
+                      sop_loss=sums["sop"] / n, sop_accuracy=sums["sop_correct"] / n, aux_loss=sums["aux"] / world)
         tokens = int((batch["input_ids"] != self.special.pad).sum())
-        return StepResult(values["mlm_loss"] + values["sop_loss"], values, len(sop_labels), tokens)
+        return StepResult(values["mlm_loss"] + values["sop_loss"], values, n, tokens)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, Any]:
@@ -119,7 +136,7 @@ class PretrainTask:
         sums = dict(mlm_loss=0.0, mlm_correct=0, masked=0, sop_correct=0, examples=0)
         routing = RoutingTally()
         for i, batch in enumerate(ordered_batches(self.held_out, self.cfg.eval_batch_size)):
-            out, mlm_labels = self.forward(batch, seeded_generator(self.cfg.seed + 1, i))
+            out, mlm_labels = self.forward(self.model, self.masked(batch, seeded_generator(self.cfg.seed + 1, i)))
             sums["mlm_loss"] += float(F.cross_entropy(out.mlm_logits.float(), mlm_labels, reduction="sum"))
             sums["mlm_correct"] += int((out.mlm_logits.argmax(-1) == mlm_labels).sum())
             sums["masked"] += len(mlm_labels)
@@ -133,35 +150,43 @@ class PretrainTask:
                     routing=[vars(r) for r in routing.blocks()])
 
 
-def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    return float((logits.argmax(-1) == labels).float().mean()) if len(labels) else 0.0
+def _correct(logits: torch.Tensor, labels: torch.Tensor) -> int:
+    return int((logits.detach().argmax(-1) == labels).sum())
 
 
 # --- entry point --------------------------------------------------------------------
 def pretrain(cfg: PretrainConfig, log: Callable[[str], None] = print) -> PretrainResult:
-    """Run (or resume) pretraining as `cfg` says."""
-    device = resolve_device(cfg.device)
+    """Run (or resume) pretraining as `cfg` says; under torchrun, data parallel (see run_loop)."""
+    parallel = ParallelContext.for_run(cfg.batch_size, cfg.seed)
+    log = parallel.log(log)
+    device = parallel.device(resolve_device(cfg.device))
     amp = autocast_dtype(cfg.amp, device)
     out = Path(cfg.out)
-    tokenizer = prepare_tokenizer(cfg, out, log)
-    special, vocab = special_ids(tokenizer), tokenizer.get_vocab_size()
-    cache = Path(cfg.cache_dir) if cfg.cache_dir else data_home() / "text-cache"
-    corpus = load_pretrain_corpus(cfg.corpus, tokenizer, cache, max_documents=cfg.max_documents)
+    with main_process_first():  # rank 0 trains/saves the tokenizer and fills the cache; the others read them
+        tokenizer = prepare_tokenizer(cfg, out, log)
+        special, vocab = special_ids(tokenizer), tokenizer.get_vocab_size()
+        cache = Path(cfg.cache_dir) if cfg.cache_dir else data_home() / "text-cache"
+        corpus = load_pretrain_corpus(cfg.corpus, tokenizer, cache, max_documents=cfg.max_documents)
     examples = make_sop_examples(corpus, cfg.seq_len, cfg.seed, special)
     train_set, held_out = split_held_out(
         dict(input_ids=examples.input_ids, token_type_ids=examples.token_type_ids, sop_labels=examples.sop_labels),
         cfg.eval_examples, cfg.seed)
+    parallel.check_epoch(len(train_set["input_ids"]), cfg.batch_size)
     torch.manual_seed(cfg.seed)
     model = build_text_model(cfg, vocab, special.pad, cfg.seq_len, task="pretrain").to(device)
     per_epoch = num_batches(len(train_set["input_ids"]), cfg.batch_size)
     optimizer, schedule = optimizer_and_schedule(cfg, model, total_steps(cfg, per_epoch))
-    task = PretrainTask(cfg, model, special, vocab, train_set, held_out, optimizer, schedule, device, amp)
+    task = PretrainTask(cfg, model, special, vocab, train_set, held_out, optimizer, schedule, device, amp,
+                        parallel, parallel.wrap(model, device))
     params = count_parameters(model)
     log(f"pretraining {cfg.model} ({params / 1e6:.3f}M params): {corpus.num_documents} documents, "
         f"{corpus.num_tokens} tokens, {len(train_set['input_ids'])} training sequences of {cfg.seq_len}, "
-        f"{len(held_out['input_ids'])} held out; {device}" + (f", {amp}" if amp else ""))
+        f"{len(held_out['input_ids'])} held out; {device}" + (f", {amp}" if amp else "") + _workers(parallel))
     meta = dict(model=cfg.model, model_config=model.cfg.to_dict(), train_config=cfg.to_dict(),
                 tokenizer=dict(fingerprint=vocab_fingerprint(tokenizer), vocab_size=vocab))
-    result = run_loop(task.loop_task(), cfg, model, optimizer, schedule, meta, log)
+    result = run_loop(task.loop_task(), cfg, model, optimizer, schedule, meta, log, parallel)
     return PretrainResult(out, params, result, model)
 
+
+def _workers(parallel: ParallelContext) -> str:
+    return f", {parallel.env.world_size} processes ({parallel.mode})" if parallel.distributed else ""

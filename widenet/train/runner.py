@@ -25,9 +25,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .checkpoint import (CheckpointError, capture_rng_state, find_latest_checkpoint, load_checkpoint,
-                         restore_rng_state, save_checkpoint)
-from .metrics import MetricsLog
+from ..distributed.env import DistEnv
+from ..distributed.parallel import ParallelContext
+from .checkpoint import CheckpointError, capture_rng_state, find_latest_checkpoint, load_checkpoint, save_checkpoint
 from .text_config import TextRunConfig
 
 
@@ -109,8 +109,8 @@ class RunResult:
     examples_per_s: float
 
 
-def resume_state(out: Path, cfg: TextRunConfig, model: nn.Module, optimizer, schedule, metrics: MetricsLog,
-                 log: Callable[[str], None]) -> tuple[Progress, LogWindow]:
+def resume_state(out: Path, cfg: TextRunConfig, model: nn.Module, optimizer, schedule, metrics,
+                 log: Callable[[str], None], parallel: ParallelContext) -> tuple[Progress, LogWindow]:
     """Load OUT's latest checkpoint into model/optimizer/schedule/RNGs, or start fresh."""
     path = find_latest_checkpoint(out)
     if path is None:
@@ -126,19 +126,26 @@ def resume_state(out: Path, cfg: TextRunConfig, model: nn.Module, optimizer, sch
     state = ckpt.train_state
     optimizer.load_state_dict(state["optimizer"])
     schedule.load_state_dict(state["scheduler"])
-    restore_rng_state(state["rng"])
+    parallel.restore_rng_state(state["rng"])
     metrics.truncate_after(ckpt.step)
     log(f"resumed from {path} (step {ckpt.step})")
     return Progress(**state["progress"]), LogWindow(**state["window"])
 
 
 def run_loop(task: LoopTask, cfg: TextRunConfig, model: nn.Module, optimizer, schedule, meta: dict[str, Any],
-             log: Callable[[str], None] = print) -> RunResult:
-    """Train `model` for task.total_steps updates, evaluating and checkpointing on the way."""
+             log: Callable[[str], None] = print, parallel: ParallelContext | None = None) -> RunResult:
+    """Train for task.total_steps updates, evaluating and checkpointing on the way.
+
+    `model` is the plain model (checkpoints, resume); the task's step trains
+    through its own (possibly DDP-wrapped) view of it. On several processes
+    every rank runs this loop; rank 0 alone writes metrics and checkpoints,
+    the others wait for each save; every rank resumes from the same files.
+    """
+    parallel = parallel or ParallelContext(DistEnv())
     out = Path(cfg.out)
-    metrics = MetricsLog(out / "metrics.jsonl")
+    metrics = parallel.metrics_log(out / "metrics.jsonl")
     if cfg.resume:
-        progress, window = resume_state(out, cfg, model, optimizer, schedule, metrics, log)
+        progress, window = resume_state(out, cfg, model, optimizer, schedule, metrics, log, parallel)
     elif (out / "checkpoints").exists():
         raise ValueError(f"{out} already holds checkpoints; pass --resume to continue, or choose another --out")
     else:
@@ -147,7 +154,9 @@ def run_loop(task: LoopTask, cfg: TextRunConfig, model: nn.Module, optimizer, sc
     def checkpoint() -> None:
         state = dict(optimizer=optimizer.state_dict(), scheduler=schedule.state_dict(), rng=capture_rng_state(),
                      progress=vars(progress).copy(), window=window.state())
-        save_checkpoint(out, progress.step, model, state, dict(meta, epoch=progress.epoch), cfg.keep_last)
+        if parallel.is_main:
+            save_checkpoint(out, progress.step, model, state, dict(meta, epoch=progress.epoch), cfg.keep_last)
+        parallel.barrier()
 
     def evaluate() -> dict[str, Any]:
         result = task.evaluate()
@@ -157,7 +166,7 @@ def run_loop(task: LoopTask, cfg: TextRunConfig, model: nn.Module, optimizer, sc
 
     final: dict[str, Any] | None = None
     bar = tqdm(total=task.total_steps, initial=progress.step, unit="step", dynamic_ncols=True, leave=False,
-               disable=not sys.stderr.isatty())
+               disable=not (parallel.is_main and sys.stderr.isatty()))
     while progress.step < task.total_steps:
         model.train()
         for batch in task.batches(progress.epoch, progress.batch):

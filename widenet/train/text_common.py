@@ -8,6 +8,8 @@ import torch
 from torch import nn
 
 from ..data.vision import epoch_order
+from ..distributed.env import all_reduce_sum
+from ..distributed.parallel import ParallelContext
 from ..models.registry import create_model
 from .optim import build_optimizer, build_schedule, clip_grad_norm
 from .runner import warmup_steps
@@ -42,6 +44,20 @@ def build_text_model(cfg: TextRunConfig, vocab_size: int, pad_id: int, seq_len: 
         raise ValueError(f"sequence length {seq_len} exceeds {cfg.model}'s {model.cfg.max_positions} positions; "
                          f"use a shorter length or --set max_positions={seq_len}")
     return model
+
+
+def local_rows(batch: Batch, parallel: ParallelContext) -> Batch:
+    """This process's contiguous rows of a global batch (all of it on one process)."""
+    return {k: parallel.shard(v) for k, v in batch.items()}
+
+
+def global_sums(sums: dict[str, float], parallel: ParallelContext, device: torch.device) -> dict[str, float]:
+    """Per-process sums added over processes (unchanged on one process)."""
+    if not parallel.distributed:
+        return sums
+    t = torch.tensor(list(sums.values()), dtype=torch.float64, device=device)
+    all_reduce_sum(t)
+    return dict(zip(sums, t.tolist()))
 
 
 def optimizer_and_schedule(cfg: TextRunConfig, model: nn.Module, total: int):
