@@ -112,6 +112,11 @@ def test_resume_refuses_changed_settings(corpus, tmp_path):
         pretrain(dataclasses.replace(cfg, lr=1e-2, resume=True), log=lambda _: None)
     with pytest.raises(ValueError, match="already holds checkpoints"):
         pretrain(cfg, log=lambda _: None)
+    from widenet.text.tokenizer import save_tokenizer, train_tokenizer
+    save_tokenizer(train_tokenizer(["other words entirely, other words"] * 3, vocab_size=60, min_frequency=1),
+                   tmp_path / "other.json")
+    with pytest.raises(ValueError, match="'tokenizer' is .* in the checkpoint"):
+        pretrain(dataclasses.replace(cfg, tokenizer=str(tmp_path / "other.json"), resume=True), log=lambda _: None)
 
 
 def _write_classify(path, n: int, seed: int, labels=("good", "bad")) -> None:

@@ -33,7 +33,7 @@ from .similarity import block_similarity
 
 # Budgets. "quick" is the README's main job: < 15 minutes on a 2-core CPU.
 PRESETS: dict[str, dict] = {
-    "quick": dict(train_subset=9000, test_subset=5000, epochs=2, seeds=2, batch_size=128, lr=2e-3,
+    "quick": dict(train_subset=9000, test_subset=2500, epochs=2, seeds=2, batch_size=128, lr=2e-3,
                   warmup_fraction=0.05, log_every=10),
     "full": dict(train_subset=None, epochs=30, seeds=3, batch_size=128, lr=1e-3, warmup_fraction=0.05),
 }

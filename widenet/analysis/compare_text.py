@@ -35,8 +35,8 @@ from . import plots
 
 # Budgets. "quick" fits beside the vision comparison in the README's main job.
 TEXT_PRESETS: dict[str, dict] = {
-    "quick": dict(seeds=1, seq_len=64, pretrain_steps=150, batch_size=32, lr=2e-3, finetune_epochs=2,
-                  finetune_lr=1e-3, task_train=2000, task_validation=1000, max_documents=6000),
+    "quick": dict(seeds=1, seq_len=64, pretrain_steps=100, batch_size=32, lr=2e-3, finetune_epochs=2,
+                  finetune_lr=1e-3, task_train=1500, task_validation=600, max_documents=3000),
     "full": dict(seeds=3, seq_len=128, pretrain_steps=5000, batch_size=64, lr=1e-3, finetune_epochs=3,
                  finetune_lr=5e-4, task_train=8000, task_validation=2000, max_documents=None),
 }

@@ -49,16 +49,22 @@ class PretrainResult:
 
 # --- data -----------------------------------------------------------------------
 def prepare_tokenizer(cfg: PretrainConfig, out: Path, log: Callable[[str], None]):
-    """The given tokenizer, else OUT/tokenizer.json from an earlier attempt, else one trained on the corpus."""
-    if cfg.tokenizer:
-        return load_tokenizer(cfg.tokenizer)
+    """The given tokenizer, else OUT/tokenizer.json from an earlier attempt, else one trained on the corpus.
+
+    A copy stays in OUT/tokenizer.json, so the run folder is all that fine-tuning needs.
+    """
     saved = out / TOKENIZER_FILE
-    if saved.exists():
-        return load_tokenizer(saved)
-    log(f"training a WordPiece tokenizer ({cfg.vocab_size} pieces) on the corpus")
-    tokenizer = train_tokenizer(islice(iter_documents(cfg.corpus), cfg.max_documents), vocab_size=cfg.vocab_size)
-    out.mkdir(parents=True, exist_ok=True)
-    save_tokenizer(tokenizer, saved)
+    if cfg.tokenizer:
+        tokenizer = load_tokenizer(cfg.tokenizer)
+    elif saved.exists():
+        tokenizer = load_tokenizer(saved)
+    else:
+        log(f"training a WordPiece tokenizer ({cfg.vocab_size} pieces) on the corpus")
+        tokenizer = train_tokenizer(islice(iter_documents(cfg.corpus), cfg.max_documents),
+                                    vocab_size=cfg.vocab_size)
+    if not saved.exists():
+        out.mkdir(parents=True, exist_ok=True)
+        save_tokenizer(tokenizer, saved)
     return tokenizer
 
 
@@ -184,7 +190,9 @@ def pretrain(cfg: PretrainConfig, log: Callable[[str], None] = print) -> Pretrai
         f"{len(held_out['input_ids'])} held out; {device}" + (f", {amp}" if amp else "") + _workers(parallel))
     meta = dict(model=cfg.model, model_config=model.cfg.to_dict(), train_config=cfg.to_dict(),
                 tokenizer=dict(fingerprint=vocab_fingerprint(tokenizer), vocab_size=vocab))
-    result = run_loop(task.loop_task(), cfg, model, optimizer, schedule, meta, log, parallel)
+    # A resumed run must use the vocabulary it started with.
+    result = run_loop(task.loop_task(), cfg, model, optimizer, schedule, meta, log, parallel,
+                      expected_meta=dict(tokenizer=meta["tokenizer"]))
     return PretrainResult(out, params, result, model)
 
 

@@ -110,14 +110,15 @@ class RunResult:
 
 
 def resume_state(out: Path, cfg: TextRunConfig, model: nn.Module, optimizer, schedule, metrics,
-                 log: Callable[[str], None], parallel: ParallelContext) -> tuple[Progress, LogWindow]:
+                 log: Callable[[str], None], parallel: ParallelContext,
+                 expected_meta: dict[str, Any] | None = None) -> tuple[Progress, LogWindow]:
     """Load OUT's latest checkpoint into model/optimizer/schedule/RNGs, or start fresh."""
     path = find_latest_checkpoint(out)
     if path is None:
         log(f"--resume: no checkpoint under {out}, starting from scratch")
         metrics.truncate_after(0)
         return Progress(), LogWindow()
-    ckpt = load_checkpoint(path, model, expected_meta={"model": cfg.model})
+    ckpt = load_checkpoint(path, model, expected_meta={"model": cfg.model, **(expected_meta or {})})
     saved = ckpt.meta.get("train_config", {})
     changed = cfg.resume_conflicts(saved)
     if changed:
@@ -133,19 +134,21 @@ def resume_state(out: Path, cfg: TextRunConfig, model: nn.Module, optimizer, sch
 
 
 def run_loop(task: LoopTask, cfg: TextRunConfig, model: nn.Module, optimizer, schedule, meta: dict[str, Any],
-             log: Callable[[str], None] = print, parallel: ParallelContext | None = None) -> RunResult:
+             log: Callable[[str], None] = print, parallel: ParallelContext | None = None,
+             expected_meta: dict[str, Any] | None = None) -> RunResult:
     """Train for task.total_steps updates, evaluating and checkpointing on the way.
 
     `model` is the plain model (checkpoints, resume); the task's step trains
     through its own (possibly DDP-wrapped) view of it. On several processes
     every rank runs this loop; rank 0 alone writes metrics and checkpoints,
-    the others wait for each save; every rank resumes from the same files.
+    the others wait for each save; every rank resumes from the same files,
+    whose meta.json must hold `expected_meta` (e.g. the tokenizer).
     """
     parallel = parallel or ParallelContext(DistEnv())
     out = Path(cfg.out)
     metrics = parallel.metrics_log(out / "metrics.jsonl")
     if cfg.resume:
-        progress, window = resume_state(out, cfg, model, optimizer, schedule, metrics, log, parallel)
+        progress, window = resume_state(out, cfg, model, optimizer, schedule, metrics, log, parallel, expected_meta)
     elif (out / "checkpoints").exists():
         raise ValueError(f"{out} already holds checkpoints; pass --resume to continue, or choose another --out")
     else:
