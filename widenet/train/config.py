@@ -1,9 +1,12 @@
-"""Training settings for image classification (the paper's recipe, scalable)."""
+"""Training settings: the recipe every run shares (`RecipeConfig`) and image classification's (`TrainConfig`).
+
+Text runs extend the same base in `text_config.py`.
+"""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 OPTIMIZER_NAMES = ("adamw", "lamb")
 SCHEDULE_NAMES = ("linear", "cosine", "constant")
@@ -11,21 +14,14 @@ CROP_NAMES = ("none", "pad-crop", "inception")
 
 
 @dataclass
-class TrainConfig:
-    """Everything a run needs; saved in every checkpoint so `--resume` can check it.
+class RecipeConfig:
+    """Model, optimisation, budget and bookkeeping: what every training run has.
 
-    The paper's ImageNet recipe: LAMB, lr 0.01, weight decay 0.1, warmup 30 of
-    300 epochs then linear decay, dropout 0.1, label smoothing 0.1, mixup 0.5,
-    RandAugment (2, 15), gradient clipping at 1, balance loss weight 0.01.
-    The defaults here suit the small models on Fashion-MNIST.
+    Saved in every checkpoint; `--resume` refuses a changed setting that would
+    alter training (anything outside the class's `RESUME_FREE` names).
     """
 
     model: str = "widenet_tiny"
-    data: str = "fashion-mnist"
-    data_dir: str | None = None
-    image_size: int | None = None
-    train_subset: int | None = None
-    test_subset: int | None = None
     epochs: int = 10
     max_steps: int | None = None
     batch_size: int = 128
@@ -37,12 +33,6 @@ class TrainConfig:
     warmup_fraction: float = 0.05
     schedule: str = "cosine"
     clip_norm: float = 1.0
-    label_smoothing: float = 0.1
-    mixup: float = 0.0
-    crop: str = "pad-crop"
-    flip: bool = True
-    randaugment_n: int = 0
-    randaugment_m: float = 15.0
     dropout: float = 0.0
     aux_weight: float = 0.01
     model_overrides: dict[str, Any] = field(default_factory=dict)
@@ -54,22 +44,22 @@ class TrainConfig:
     amp: str = "auto"
     out: str = "runs/train"
     resume: bool = False
-    download: bool = True
-    fsdp: bool = False  # under torchrun: shard weights, gradients and optimizer state (fully_shard)
-    expert_parallel: int = 1  # under torchrun: split each MoE's experts over this many processes
+
+    # Settings a resumed run may change: where and how it runs, not what it computes.
+    RESUME_FREE: ClassVar[tuple[str, ...]] = ("out", "resume", "device", "save_every", "keep_last", "log_every",
+                                              "eval_batch_size")
 
     def __post_init__(self) -> None:
-        _positive(self, "epochs", "batch_size", "eval_batch_size", "log_every", "keep_last", "expert_parallel")
-        _positive(self, "max_steps", "save_every", "image_size", "train_subset", "test_subset", optional=True)
+        _positive(self, "epochs", "batch_size", "eval_batch_size", "log_every", "keep_last")
+        _positive(self, "max_steps", "save_every", optional=True)
         _choice(self, "optimizer", OPTIMIZER_NAMES)
         _choice(self, "schedule", SCHEDULE_NAMES)
-        _choice(self, "crop", CROP_NAMES)
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
-        for name in ("weight_decay", "clip_norm", "mixup", "aux_weight", "randaugment_n"):
+        for name in ("weight_decay", "clip_norm", "aux_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("label_smoothing", "dropout", "warmup_fraction"):
+        for name in ("dropout", "warmup_fraction"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if self.warmup_steps is not None and self.warmup_steps < 0:
@@ -78,16 +68,58 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def resume_conflicts(self, saved: dict[str, Any]) -> list[str]:
+        """Settings that differ between a saved run and this one and would change training."""
+        now = self.to_dict()
+        return [k for k in now if k not in self.RESUME_FREE and k in saved and saved[k] != now[k]]
 
-# Settings a resumed run may change: where and how it runs, not what it computes.
-RESUME_FREE_KEYS = ("out", "resume", "device", "save_every", "keep_last", "log_every", "eval_batch_size",
-                    "download", "data_dir", "test_subset", "fsdp", "expert_parallel")
+
+@dataclass
+class TrainConfig(RecipeConfig):
+    """Image classification (`widenet train`).
+
+    The paper's ImageNet recipe: LAMB, lr 0.01, weight decay 0.1, warmup 30 of
+    300 epochs then linear decay, dropout 0.1, label smoothing 0.1, mixup 0.5,
+    RandAugment (2, 15), gradient clipping at 1, balance loss weight 0.01.
+    The defaults here suit the small models on Fashion-MNIST.
+    """
+
+    data: str = "fashion-mnist"
+    data_dir: str | None = None
+    image_size: int | None = None
+    train_subset: int | None = None
+    test_subset: int | None = None
+    label_smoothing: float = 0.1
+    mixup: float = 0.0
+    crop: str = "pad-crop"
+    flip: bool = True
+    randaugment_n: int = 0
+    randaugment_m: float = 15.0
+    download: bool = True
+    fsdp: bool = False  # under torchrun: shard weights, gradients and optimizer state (fully_shard)
+    expert_parallel: int = 1  # under torchrun: split each MoE's experts over this many processes
+
+    RESUME_FREE: ClassVar[tuple[str, ...]] = RecipeConfig.RESUME_FREE + (
+        "download", "data_dir", "test_subset", "fsdp", "expert_parallel")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _positive(self, "expert_parallel")
+        _positive(self, "image_size", "train_subset", "test_subset", optional=True)
+        _choice(self, "crop", CROP_NAMES)
+        for name in ("mixup", "randaugment_n"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
 
 
-def resume_conflicts(saved: dict[str, Any], cfg: TrainConfig) -> list[str]:
+RESUME_FREE_KEYS = TrainConfig.RESUME_FREE
+
+
+def resume_conflicts(saved: dict[str, Any], cfg: RecipeConfig) -> list[str]:
     """Settings that differ between a saved run and `cfg` and would change training."""
-    now = cfg.to_dict()
-    return [k for k in now if k not in RESUME_FREE_KEYS and k in saved and saved[k] != now[k]]
+    return cfg.resume_conflicts(saved)
 
 
 def _positive(cfg: Any, *names: str, optional: bool = False) -> None:

@@ -6,70 +6,29 @@ would alter training (anything outside the class's `RESUME_FREE` names).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Any, ClassVar
+from dataclasses import dataclass, field
+from typing import ClassVar
 
-from .config import OPTIMIZER_NAMES, SCHEDULE_NAMES, _choice, _positive
+from .config import RecipeConfig, _choice, _positive
 
 TASK_NAMES = ("classify", "qa")
 
 
 @dataclass
-class TextRunConfig:
-    """What every text run shares: model, optimisation, budget, bookkeeping."""
+class TextRunConfig(RecipeConfig):
+    """What every text run shares (the recipe of RecipeConfig with text defaults) plus the tokenizer."""
 
     model: str = "widenet_text_tiny"
-    max_steps: int | None = None
     epochs: int = 1
     batch_size: int = 32
     eval_batch_size: int = 64
-    optimizer: str = "adamw"
-    lr: float = 1e-3
     weight_decay: float = 0.01
-    warmup_steps: int | None = None
     warmup_fraction: float = 0.1
     schedule: str = "linear"
-    clip_norm: float = 1.0
-    aux_weight: float = 0.01
-    dropout: float = 0.0
-    model_overrides: dict[str, Any] = field(default_factory=dict)
-    tokenizer: str | None = None
-    seed: int = 0
-    save_every: int | None = None
-    keep_last: int = 2
-    log_every: int = 50
-    device: str = "auto"
-    amp: str = "auto"
     out: str = "runs/text"
-    resume: bool = False
+    tokenizer: str | None = None
 
-    # Settings a resumed run may change: where and how it runs, not what it computes.
-    RESUME_FREE: ClassVar[tuple[str, ...]] = ("out", "resume", "device", "save_every", "keep_last",
-                                              "log_every", "eval_batch_size", "tokenizer")
-
-    def __post_init__(self) -> None:
-        _positive(self, "epochs", "batch_size", "eval_batch_size", "log_every", "keep_last")
-        _positive(self, "max_steps", "save_every", optional=True)
-        _choice(self, "optimizer", OPTIMIZER_NAMES)
-        _choice(self, "schedule", SCHEDULE_NAMES)
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        for name in ("weight_decay", "clip_norm", "aux_weight"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("dropout", "warmup_fraction"):
-            if not 0 <= getattr(self, name) < 1:
-                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
-        if self.warmup_steps is not None and self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def resume_conflicts(self, saved: dict[str, Any]) -> list[str]:
-        """Settings that differ from a saved run's and would change training."""
-        now = self.to_dict()
-        return [k for k in now if k not in self.RESUME_FREE and k in saved and saved[k] != now[k]]
+    RESUME_FREE: ClassVar[tuple[str, ...]] = RecipeConfig.RESUME_FREE + ("tokenizer",)
 
 
 @dataclass
