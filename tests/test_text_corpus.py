@@ -76,26 +76,23 @@ def tok():
     return train_tokenizer(PROSE * 3, vocab_size=200, min_frequency=1)
 
 
-def _write_text(path: Path, docs: list[str]) -> Path:
+def _write(path: Path, data: str) -> Path:
+    """`data` into `path`, gzip-compressed when the name ends in .gz."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = "\n\n".join(docs) + "\n"
     if path.name.endswith(".gz"):
         with gzip.open(path, "wt", encoding="utf-8") as handle:
             handle.write(data)
     else:
         path.write_text(data, encoding="utf-8")
     return path
+
+
+def _write_text(path: Path, docs: list[str]) -> Path:
+    return _write(path, "\n\n".join(docs) + "\n")
 
 
 def _write_jsonl(path: Path, lines: list[str]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = "\n".join(lines) + "\n"
-    if path.name.endswith(".gz"):
-        with gzip.open(path, "wt", encoding="utf-8") as handle:
-            handle.write(data)
-    else:
-        path.write_text(data, encoding="utf-8")
-    return path
+    return _write(path, "\n".join(lines) + "\n")
 
 
 # --------------------------------------------------------------------------
