@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..layers.moe import RoutingStats
-from ..layers.patch_embed import PatchEmbed
+from ..layers.patch_embed import STEMS, make_stem
 from .encoder import Encoder, EncoderConfig
 
 
@@ -17,6 +17,8 @@ class VisionConfig:
     """Image stem and classifier settings; `encoder` holds sizes and sharing.
 
     pool: "token" (class token) or "avg" (mean of patch tokens).
+    stem: "patch" (ViT's patch convolution) or "conv" (3x3 stride-2
+        convolutions down to the same token grid; patch_size a power of two).
     representation_size: width of the pre-logits layer (Linear + tanh) that
         the paper's ImageNet models use; None leaves it out.
     """
@@ -26,6 +28,7 @@ class VisionConfig:
     in_channels: int = 3
     num_classes: int = 1000
     pool: str = "token"
+    stem: str = "patch"
     representation_size: int | None = None
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
 
@@ -40,6 +43,8 @@ class VisionConfig:
             raise ValueError(f"image size {self.image_size} is not divisible by patch size {self.patch_size}")
         if self.pool not in ("token", "avg"):
             raise ValueError(f"pool must be 'token' or 'avg', got {self.pool!r}")
+        if self.stem not in STEMS:
+            raise ValueError(f"stem must be one of {', '.join(STEMS)}, got {self.stem!r}")
         if self.representation_size is not None and self.representation_size < 1:
             raise ValueError(f"representation_size must be positive, got {self.representation_size}")
 
@@ -72,7 +77,7 @@ class VisionTransformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         dim = cfg.encoder.dim
-        self.patch_embed = PatchEmbed(cfg.image_size, cfg.patch_size, cfg.in_channels, dim)
+        self.patch_embed = make_stem(cfg.stem, cfg.image_size, cfg.patch_size, cfg.in_channels, dim)
         n_tokens = cfg.num_patches + (1 if cfg.pool == "token" else 0)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if cfg.pool == "token" else None
         self.pos_embed = nn.Parameter(torch.zeros(1, n_tokens, dim))

@@ -1,0 +1,65 @@
+"""Image stems: ViT's patch convolution and the convolutional stem."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from widenet.layers.patch_embed import ConvStem, PatchEmbed, make_stem
+from widenet.models.registry import create_model
+
+
+def test_patch_embed_is_one_linear_map_per_patch():
+    stem = PatchEmbed(8, 4, 2, 5)
+    images = torch.randn(3, 2, 8, 8)
+    tokens = stem(images)  # (3, 4, 5)
+    # Token 1 is the top-right patch: rows 0-3, columns 4-7, flattened (C, kh, kw) as the kernel.
+    patch = images[:, :, 0:4, 4:8].reshape(3, -1)
+    expected = patch @ stem.proj.weight.reshape(5, -1).t() + stem.proj.bias
+    torch.testing.assert_close(tokens[:, 1], expected)
+
+
+@pytest.mark.parametrize("patch,channels", [(2, [16]), (4, [8, 16]), (8, [4, 8, 16])])
+def test_conv_stem_layers_and_token_grid(patch, channels):
+    stem = ConvStem(32, patch, 3, 16)
+    convs = [m for m in stem.proj if isinstance(m, nn.Conv2d)]
+    assert [c.out_channels for c in convs[:-1]] == channels  # doubling up to the width
+    assert all(c.kernel_size == (3, 3) and c.stride == (2, 2) for c in convs[:-1])
+    assert convs[-1].kernel_size == (1, 1) and convs[-1].out_channels == 16
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in stem.proj) == len(channels)
+    tokens = stem(torch.randn(2, 3, 32, 32))
+    assert tokens.shape == (2, (32 // patch) ** 2, 16) == (2, stem.num_patches, 16)
+
+
+def test_conv_stem_tokens_see_only_their_neighbourhood():
+    """Changing the bottom-right corner pixel moves only the last tokens, not the first one."""
+    stem = ConvStem(16, 4, 1, 8).eval()
+    images = torch.randn(1, 1, 16, 16)
+    changed = images.clone()
+    changed[..., -1, -1] += 10.0
+    delta = (stem(changed) - stem(images)).abs().sum(-1)[0]  # (16,) per token
+    assert delta[0] == 0 and delta[-1] > 0
+
+
+@pytest.mark.parametrize("patch,dim,message", [
+    (6, 16, "power of two"), (1, 16, "power of two"), (8, 6, "width divisible by 4")])
+def test_conv_stem_errors(patch, dim, message):
+    with pytest.raises(ValueError, match=message):
+        ConvStem(48, patch, 1, dim)
+
+
+def test_make_stem_and_model_setting():
+    assert isinstance(make_stem("patch", 28, 4, 1, 8), PatchEmbed)
+    assert isinstance(make_stem("conv", 28, 4, 1, 8), ConvStem)
+    with pytest.raises(ValueError, match="stem must be one of patch, conv"):
+        make_stem("resnet", 28, 4, 1, 8)
+    with pytest.raises(ValueError, match="stem must be one of patch, conv"):
+        create_model("widenet_tiny", stem="resnet")
+    model = create_model("widenet_tiny", stem="conv", patch_size=8, image_size=32)
+    out = model(torch.randn(2, 1, 32, 32))
+    assert out.logits.shape == (2, 10)
+    out.logits.sum().backward()
+    assert all(p.grad is not None for p in model.patch_embed.parameters())
+    with pytest.raises(ValueError, match="expects 32x32 images"):
+        model(torch.randn(2, 1, 28, 28))
