@@ -618,3 +618,76 @@ def test_z_loss_statistic_reported_without_weight():
     expected = torch.logsumexp(logits, dim=-1).pow(2).mean()
     torch.testing.assert_close(out.stats.z_loss, expected)
     torch.testing.assert_close(out.aux_loss, out.stats.balance_loss)  # weight 0: not in the loss
+
+
+# ----------------------------------------------------------------------------
+# Grouped-matmul expert backend (the GPU fast path, checked here on CPU)
+# ----------------------------------------------------------------------------
+def _loop_and_grouped(**kw):
+    """Widths of 8 and 16 floats: the op wants rows whose byte strides are multiples of 16."""
+    loop = _moe(dim=8, hidden=16, dtype=torch.float32, expert_backend="loop", **kw)
+    grouped = _moe(dim=8, hidden=16, dtype=torch.float32, expert_backend="grouped", **kw)
+    grouped.load_state_dict(loop.state_dict())
+    return loop, grouped
+
+
+@pytest.mark.parametrize("experts,top_k,factor,dropless,renorm,tokens", CASES)
+def test_grouped_backend_matches_loop(experts, top_k, factor, dropless, renorm, tokens):
+    """torch._grouped_mm forward and hand-written backward give the loop's outputs and gradients."""
+    loop, grouped = _loop_and_grouped(experts=experts, top_k=top_k, capacity_factor=factor,
+                                      dropless=dropless, renormalize=renorm)
+    with torch.no_grad():
+        for m in (loop, grouped):
+            m.router.weight.mul_(3.0)
+            m.router.weight[0] += 0.5  # skewed: some experts overflow, some may get nothing
+    x = _skewed_x(tokens, loop.dim).float()
+    results = []
+    for m in (loop, grouped):
+        xi = x.clone().requires_grad_(True)
+        res = m(xi)
+        g = torch.randn(res.output.shape, generator=torch.Generator().manual_seed(1))
+        ((res.output * g).sum() + 0.3 * res.aux_loss).backward()
+        results.append([res.output, res.aux_loss, xi.grad] + [p.grad for p in _params(m)])
+    for name, a, b in zip(["output", "aux", "x", "router", "w1", "b1", "w2", "b2"], *results):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_grouped_backend_with_an_expert_that_gets_no_tokens():
+    """An empty run gives that expert exactly zero weight and bias gradients."""
+    loop, grouped = _loop_and_grouped(experts=4, top_k=1, dropless=True)
+    with torch.no_grad():
+        for m in (loop, grouped):
+            m.router.weight[3] = -50.0  # positive tokens: expert 3's logit is far below the others
+    x = _skewed_x(12, loop.dim).float().abs() + 0.1
+    res = grouped(x)
+    assert res.stats.expert_fraction[3] == 0
+    res.output.sum().backward()
+    for p in (grouped.experts.w1, grouped.experts.b1, grouped.experts.w2, grouped.experts.b2):
+        assert p.grad is not None and torch.all(p.grad[3] == 0)
+        assert p.grad[:3].abs().sum() > 0
+
+
+def test_auto_backend_uses_the_loop_on_cpu_and_probes_grouped_mm():
+    from widenet.layers.moe import grouped_mm_works
+
+    experts = _moe(dtype=torch.float32).experts
+    assert experts.backend == "auto"
+    assert not experts._use_grouped(torch.device("cpu"), torch.float32)
+    assert grouped_mm_works(torch.device("cpu"), torch.float32, 8, 16)  # the probe compares with the loop
+    assert not grouped_mm_works(torch.device("cpu"), torch.float64, 8, 16)  # not a dtype the op takes
+    with torch.inference_mode():  # a first call during evaluation still probes with gradients
+        assert grouped_mm_works(torch.device("cpu"), torch.float32, 8, 24)
+
+
+def test_grouped_backend_errors():
+    from widenet.layers.moe import grouped_mm_works
+
+    with pytest.raises(ValueError, match="expert backend must be one of"):
+        MoE(6, 10, 4, expert_backend="cutlass")
+    moe = _moe(dim=8, hidden=16, dtype=torch.float64, expert_backend="grouped")
+    with pytest.raises(ValueError, match="float32, bfloat16 or float16.*expert_backend='loop'"):
+        moe(torch.randn(5, moe.dim, dtype=torch.float64))
+    moe = _moe(dim=6, hidden=16, dtype=torch.float32, expert_backend="grouped")
+    with pytest.raises(ValueError, match=r"multiples of 16 bytes \(dim 6, hidden 16"):
+        moe(torch.randn(5, moe.dim))
+    assert not grouped_mm_works(torch.device("cpu"), torch.float32, 6, 16)  # auto falls back to the loop

@@ -1,7 +1,10 @@
 """`widenet bench moe`: the MoE layer against a dense FFN and two other dispatches.
 
-All four run forward + backward on the same tokens (N, D):
-  moe     widenet.MoE (sorted dispatch, capacity, noisy top-k)
+All run forward + backward on the same tokens (N, D):
+  moe     widenet.MoE (sorted dispatch, capacity, noisy top-k), one matmul
+          pair per expert
+  grouped the same MoE with one torch._grouped_mm per projection (the GPU
+          fast path; left out where the op fails its probe on the device)
   dense   Linear D -> k*H -> D: the same active FLOPs per token, no routing
   einsum  GShard-style one-hot dispatch/combine tensors of shape (N, E, C)
   loop    a Python loop over experts with boolean masks and index_add_
@@ -13,6 +16,7 @@ comparable on a noisy machine. Memory is what autograd saves for backward
 
 from __future__ import annotations
 
+import copy
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -22,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..layers.mlp import Mlp
-from ..layers.moe import MoE
+from ..layers.moe import MoE, grouped_mm_works
 
 
 @dataclass
@@ -121,12 +125,14 @@ def run_moe_bench(cfg: MoEBenchConfig) -> dict:
     """Times (ms), ratios and memory of the four implementations."""
     device = torch.device(cfg.device)
     torch.manual_seed(cfg.seed)
-    moe = MoE(cfg.dim, cfg.hidden, cfg.experts, cfg.top_k, capacity_factor=cfg.capacity_factor).to(device)
+    moe = MoE(cfg.dim, cfg.hidden, cfg.experts, cfg.top_k, capacity_factor=cfg.capacity_factor,
+              expert_backend="loop").to(device)
     dense = Mlp(cfg.dim, cfg.top_k * cfg.hidden).to(device)
     x = torch.randn(cfg.tokens, cfg.dim, device=device, requires_grad=True)
 
     forwards: dict[str, Callable[[], torch.Tensor]] = {
         "moe": lambda: _with_aux(moe(x)),
+        **_grouped_twin(moe, x),
         "dense": lambda: dense(x).sum(),
         "einsum": lambda: einsum_dispatch(moe, x).sum(),
         "loop": lambda: loop_dispatch(moe, x).sum(),
@@ -143,8 +149,19 @@ def run_moe_bench(cfg: MoEBenchConfig) -> dict:
     result["ratio_vs_dense"] = result["moe_ms"] / result["dense_ms"]
     result["speedup_vs_einsum"] = result["einsum_ms"] / result["moe_ms"]
     result["ratio_vs_loop"] = result["moe_ms"] / result["loop_ms"]
+    if "grouped_ms" in result:
+        result["grouped_speedup"] = result["moe_ms"] / result["grouped_ms"]
     result["active_gflop_per_step"] = 3 * 2 * 2 * cfg.tokens * cfg.top_k * cfg.dim * cfg.hidden / 1e9
     return result
+
+
+def _grouped_twin(moe: MoE, x: torch.Tensor) -> dict[str, Callable[[], torch.Tensor]]:
+    """{"grouped": forward of a copy of moe on the grouped-matmul backend}, or {} where it cannot run."""
+    if not grouped_mm_works(x.device, x.dtype, moe.dim, moe.experts.w1.shape[2]):
+        return {}
+    twin = copy.deepcopy(moe)
+    twin.experts.backend = "grouped"
+    return {"grouped": lambda: _with_aux(twin(x))}
 
 
 def _with_aux(out) -> torch.Tensor:
@@ -156,8 +173,12 @@ def format_moe_bench(r: dict) -> str:
     lines = [f"MoE benchmark: N={c['tokens']} D={c['dim']} H={c['hidden']} E={c['experts']} "
              f"k={c['top_k']} C={c['capacity_factor']} (capacity {r['capacity']}/expert) on {c['device']}",
              f"{'impl':<8}{'fwd+bwd ms':>12}{'saved MB':>11}"]
-    for name in ("moe", "dense", "einsum", "loop"):
+    for name in ("moe", "grouped", "dense", "einsum", "loop"):
+        if name + "_ms" not in r:
+            continue
         lines.append(f"{name:<8}{r[name + '_ms']:>12.1f}{r[name + '_saved_mb']:>11.1f}")
     lines.append(f"moe / dense = {r['ratio_vs_dense']:.3f}   einsum / moe = {r['speedup_vs_einsum']:.1f}x   "
                  f"moe / loop = {r['ratio_vs_loop']:.3f}")
+    if "grouped_speedup" in r:
+        lines.append(f"grouped matmuls: {r['grouped_speedup']:.2f}x the per-expert loop")
     return "\n".join(lines)

@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["MoE", "MoEOutput", "RoutingStats", "Router", "RouterOutput", "Experts",
+__all__ = ["MoE", "MoEOutput", "RoutingStats", "Router", "RouterOutput", "Experts", "EXPERT_BACKENDS",
+           "grouped_mm_works",
            "expert_capacity", "load_balancing_loss", "router_z_loss"]
 
 
@@ -130,14 +131,27 @@ class Router(nn.Module):
         return RouterOutput(logits, probs, index, weight)
 
 
+EXPERT_BACKENDS = ("auto", "loop", "grouped")
+
+
 class Experts(nn.Module):
     """E independent FFNs D -> H -> D (GELU), weights stacked per projection.
 
     w1: (E, D, H)  b1: (E, H)  w2: (E, H, D)  b2: (E, D)
+
+    backend: how the E matmul pairs run.
+        "loop": one addmm per expert (any device, any dtype).
+        "grouped": one ``torch._grouped_mm`` per projection, forward and
+            backward (GPU fast path; also runs on CPU, where it is no faster).
+        "auto": "grouped" on CUDA once a one-time probe at these sizes
+            matched the loop, else "loop".
     """
 
-    def __init__(self, num_experts: int, dim: int, hidden_dim: int) -> None:
+    def __init__(self, num_experts: int, dim: int, hidden_dim: int, backend: str = "auto") -> None:
         super().__init__()
+        if backend not in EXPERT_BACKENDS:
+            raise ValueError(f"expert backend must be one of {', '.join(EXPERT_BACKENDS)}, got {backend!r}")
+        self.backend = backend
         self.w1 = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))
         self.b1 = nn.Parameter(torch.zeros(num_experts, hidden_dim))
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
@@ -165,7 +179,65 @@ class Experts(nn.Module):
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else self.w1.dtype
         weights = [w.to(dtype) for w in (self.w1, self.b1, self.w2, self.b2)]
+        if self._use_grouped(x.device, dtype):
+            _check_grouped(dtype, self.w1.shape[1], self.w1.shape[2])
+            return _GroupedMatmulExpertFFN.apply(x.to(dtype), *weights, tokens_per_expert)
         return _GroupedExpertFFN.apply(x.to(dtype), *weights, tokens_per_expert)
+
+    def _use_grouped(self, device: torch.device, dtype: torch.dtype) -> bool:
+        if self.backend != "auto":
+            return self.backend == "grouped"
+        return device.type == "cuda" and grouped_mm_works(device, dtype, self.w1.shape[1], self.w1.shape[2])
+
+
+def grouped_mm_works(device: torch.device, dtype: torch.dtype, dim: int, hidden_dim: int) -> bool:
+    """Whether torch._grouped_mm runs the expert FFN (forward and backward) on this
+    device, dtype and sizes and agrees with the per-expert loop. Probed once per key."""
+    key = (str(device), dtype, dim, hidden_dim)
+    if key not in _GROUPED_PROBES:
+        # The first call may come from evaluation (no_grad / inference mode) or under autocast.
+        with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False):
+            _GROUPED_PROBES[key] = _probe_grouped_mm(device, dtype, dim, hidden_dim)
+    return _GROUPED_PROBES[key]
+
+
+_GROUPED_PROBES: dict[tuple, bool] = {}
+_GROUPED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _check_grouped(dtype: torch.dtype, dim: int, hidden_dim: int) -> None:
+    """What torch._grouped_mm takes: 16-bit or float32 rows whose byte strides are multiples of 16."""
+    if dtype not in _GROUPED_DTYPES:
+        raise ValueError(f"the grouped expert backend computes in float32, bfloat16 or float16, "
+                         f"not {dtype}; use expert_backend='loop'")
+    size = torch.empty((), dtype=dtype).element_size()
+    if (dim * size) % 16 or (hidden_dim * size) % 16:
+        raise ValueError(f"the grouped expert backend needs widths whose rows are multiples of 16 bytes "
+                         f"(dim {dim}, hidden {hidden_dim} in {dtype}); use expert_backend='loop'")
+
+
+def _probe_grouped_mm(device: torch.device, dtype: torch.dtype, dim: int, hidden_dim: int) -> bool:
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    try:
+        _check_grouped(dtype, dim, hidden_dim)
+    except ValueError:
+        return False
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    counts = [16, 0, 32]  # an empty expert included
+    tensors = [torch.randn(*shape, generator=gen).to(device, dtype) * 0.1 for shape in (
+        (sum(counts), dim), (3, dim, hidden_dim), (3, hidden_dim), (3, hidden_dim, dim), (3, dim))]
+    results = []
+    for fn in (_GroupedMatmulExpertFFN, _GroupedExpertFFN):
+        inputs = [t.clone().requires_grad_() for t in tensors]
+        try:
+            out = fn.apply(*inputs, counts)
+            out.square().sum().backward()
+        except (RuntimeError, NotImplementedError):
+            return False
+        results.append([out, *(t.grad for t in inputs)])
+    tol = 1e-4 if dtype in (torch.float32, torch.float64) else 5e-2
+    return all(torch.allclose(a.float(), b.float(), rtol=tol, atol=tol) for a, b in zip(*results))
 
 
 class _GroupedExpertFFN(torch.autograd.Function):
@@ -207,6 +279,41 @@ class _GroupedExpertFFN(torch.autograd.Function):
             torch.mm(x[rows].t(), g_pre, out=gw1[e])
             gb1[e] = g_pre.sum(0)
             torch.mm(g_pre, w1[e].t(), out=gx[rows])
+        return gx, gw1, gb1, gw2, gb2, None
+
+
+class _GroupedMatmulExpertFFN(torch.autograd.Function):
+    """The same FFN as _GroupedExpertFFN with one torch._grouped_mm per product.
+
+    offs (E,) int32 are the runs' cumulative ends. Forward: (M, D) x (E, D, H)
+    -> (M, H) and back to (M, D). Backward uses the three forms of the op:
+    data gradients (M, D) x (E, H, D)^T, weight gradients (D, M) x (M, H) ->
+    (E, D, H) with the groups along M (an empty run gives a zero block).
+    Biases are added, and their gradients summed, through each row's expert id.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2, counts: list[int]):  # x: (M, D)
+        counts_t = torch.tensor(counts, device=x.device)
+        offs = counts_t.cumsum(0).to(torch.int32)  # (E,)
+        row_expert = torch.repeat_interleave(torch.arange(len(counts), device=x.device), counts_t)  # (M,)
+        pre = torch._grouped_mm(x, w1, offs=offs) + b1.index_select(0, row_expert)  # (M, H)
+        act = F.gelu(pre)
+        out = torch._grouped_mm(act, w2, offs=offs) + b2.index_select(0, row_expert)  # (M, D)
+        ctx.save_for_backward(x, w1, w2, pre, act, offs, row_expert)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):  # grad_out: (M, D)
+        x, w1, w2, pre, act, offs, row_expert = ctx.saved_tensors
+        g = grad_out.contiguous()
+        gw2 = torch._grouped_mm(act.t(), g, offs=offs)  # (E, H, D)
+        gb2 = g.new_zeros(w2.shape[0], w2.shape[2]).index_add_(0, row_expert, g)
+        g_pre = torch.ops.aten.gelu_backward(torch._grouped_mm(g, w2.transpose(1, 2), offs=offs), pre)  # (M, H)
+        gw1 = torch._grouped_mm(x.t(), g_pre, offs=offs)  # (E, D, H)
+        gb1 = g.new_zeros(w1.shape[0], w1.shape[2]).index_add_(0, row_expert, g_pre)
+        gx = torch._grouped_mm(g_pre, w1.transpose(1, 2), offs=offs)  # (M, D)
         return gx, gw1, gb1, gw2, gb2, None
 
 
@@ -285,6 +392,7 @@ class MoE(nn.Module):
         dropless: never drop an assignment (capacity ignored).
         renormalize: divide combine weights by their sum over the K choices.
         z_loss_weight: weight of the router z-loss inside aux_loss.
+        expert_backend: "auto", "loop" or "grouped" (see Experts).
 
     forward(x, padding_mask=None) takes x of shape (B, T, D) or (N, D) and a
     boolean padding_mask of shape x.shape[:-1], True where a token is padding.
@@ -295,7 +403,8 @@ class MoE(nn.Module):
     def __init__(self, dim: int, hidden_dim: int, num_experts: int, top_k: int = 2,
                  capacity_factor: float = 1.2, eval_capacity_factor: float | None = None,
                  noise_std: float | None = None, dropless: bool = False,
-                 renormalize: bool = False, z_loss_weight: float = 0.0) -> None:
+                 renormalize: bool = False, z_loss_weight: float = 0.0,
+                 expert_backend: str = "auto") -> None:
         super().__init__()
         _check_moe_args(dim, hidden_dim, num_experts, top_k, capacity_factor,
                         eval_capacity_factor, noise_std, z_loss_weight)
@@ -308,7 +417,7 @@ class MoE(nn.Module):
         self.z_loss_weight = z_loss_weight
         noise = 1.0 / num_experts if noise_std is None else noise_std
         self.router = Router(dim, num_experts, top_k, noise, renormalize)
-        self.experts = Experts(num_experts, dim, hidden_dim)
+        self.experts = Experts(num_experts, dim, hidden_dim, expert_backend)
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, experts={self.num_experts}, top_k={self.top_k}, "
@@ -341,7 +450,7 @@ class MoE(nn.Module):
 
     # -- internals -----------------------------------------------------------
     def _route_and_compute(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, RoutingStats]:
-        n, e, k = x.shape[0], self.num_experts, self.top_k
+        n, e = x.shape[0], self.num_experts
         if n == 0:
             zero = x.new_zeros((), dtype=torch.float32)
             stats = RoutingStats(x.new_zeros(e, dtype=torch.float32), zero, zero, zero, zero)

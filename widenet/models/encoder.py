@@ -27,7 +27,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..layers.attention import Attention
 from ..layers.mlp import Mlp
-from ..layers.moe import MoE, RoutingStats
+from ..layers.moe import EXPERT_BACKENDS, MoE, RoutingStats
 
 _MOE_BLOCKS = re.compile(r"^(none|all|last:[1-9]\d*|every:[1-9]\d*)$")
 
@@ -72,6 +72,7 @@ class EncoderConfig:
     norm_eps: float = 1e-6
     activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~1/3 more compute
     norm_position: str = "pre"
+    expert_backend: str = "auto"  # "loop" | "grouped" | "auto" (grouped matmuls on CUDA; see layers.moe.Experts)
 
     def __post_init__(self) -> None:
         for name in ("dim", "depth", "num_heads", "mlp_dim", "num_experts", "top_k"):
@@ -95,6 +96,9 @@ class EncoderConfig:
         for name in ("dropout", "attn_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.expert_backend not in EXPERT_BACKENDS:
+            raise ValueError(f"expert_backend must be one of {', '.join(EXPERT_BACKENDS)}, "
+                             f"got {self.expert_backend!r}")
         if self.norm_position not in ("pre", "post"):
             raise ValueError(f"norm_position must be 'pre' or 'post', got {self.norm_position!r}")
 
@@ -238,4 +242,4 @@ def _make_moe(cfg: EncoderConfig) -> MoE:
     return MoE(cfg.dim, cfg.expert_dim or cfg.mlp_dim, cfg.num_experts, cfg.top_k,
                capacity_factor=cfg.capacity_factor, eval_capacity_factor=cfg.eval_capacity_factor,
                noise_std=cfg.noise_std, dropless=cfg.dropless, renormalize=cfg.renormalize,
-               z_loss_weight=cfg.z_loss_weight)
+               z_loss_weight=cfg.z_loss_weight, expert_backend=cfg.expert_backend)
