@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -87,6 +88,14 @@ def reference(tmp_path_factory, fmnist_dir, tiny_overrides):
     return out
 
 
+@pytest.fixture(scope="module")
+def reference_lamb(tmp_path_factory, fmnist_dir, tiny_overrides):
+    """The same one-process run with LAMB (its trust ratios need whole-tensor norms)."""
+    out = tmp_path_factory.mktemp("ref_lamb") / "run"
+    train(_config(fmnist_dir, out, tiny_overrides, optimizer="lamb"), log=_quiet)
+    return out
+
+
 # --- pure pieces ---------------------------------------------------------------------------
 def test_dist_env_from_environ():
     assert DistEnv.from_environ({}) == DistEnv(0, 1, 0)
@@ -156,10 +165,32 @@ def test_a_lost_peer_is_a_one_line_error(tmp_path, monkeypatch, capsys):
     assert "are intact (--resume)" in lines[0]
 
 
+def test_the_launchers_sigterm_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    """torchrun stops the surviving processes with SIGTERM: each says so in one line, then the handler is reset."""
+    import widenet.distributed.env as env_module
+    from widenet.train import loop
+
+    def stopped_by_launcher(cfg):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+        raise AssertionError("SIGTERM did not interrupt training")
+
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setattr(env_module, "init_distributed", lambda *a: DistEnv(0, 2, 0))
+    monkeypatch.setattr(loop, "train", stopped_by_launcher)
+    rc = main(["train", "--out", str(tmp_path / "run"), "--batch-size", "32", "--device", "cpu"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1
+    assert "process 0 lost the other processes (stopped by the launcher (SIGTERM)" in lines[0]
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
 def test_parallel_modes_need_processes():
     with pytest.raises(ValueError, match="--fsdp shards the model over several processes"):
         ParallelContext.for_run(32, 0, fsdp=True)
-    with pytest.raises(ValueError, match="--expert-parallel 2 must equal the number of processes"):
+    with pytest.raises(ValueError, match="--expert-parallel 2 must divide the number of processes \\(1\\)"):
         ParallelContext.for_run(32, 0, expert_parallel=2)
 
 
@@ -169,11 +200,20 @@ def test_expert_parallel_needs_a_process_group():
 
 
 # --- data parallel through the CLI (torchrun) ----------------------------------------------------
-def _torchrun(args: list[str], env: dict, log: Path) -> subprocess.CompletedProcess:
+def _launch_torchrun(args: list[str], env: dict, log_file) -> subprocess.Popen:
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD),
                "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "widenet", *args]
+    return subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+
+
+def _torchrun(args: list[str], env: dict, log: Path) -> int:
+    """Run torchrun to the end (at most TIMEOUT seconds); its return code."""
     with log.open("wb") as f:
-        return subprocess.run(command, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=TIMEOUT)
+        proc = _launch_torchrun(args, env, f)
+        try:
+            return proc.wait(timeout=TIMEOUT)
+        finally:
+            proc.kill()
 
 
 def _cli_env(tmp_path: Path) -> dict:
@@ -188,9 +228,9 @@ def test_ddp_two_processes_match_one_process(tmp_path, fmnist_dir, tiny_set_args
     args = ["train", "--data-dir", str(fmnist_dir), *tiny_set_args, "--set", "dropless=True", "--noise-std", "0",
             "--dropout", "0", "--aux-weight", "0", "--max-steps", str(STEPS), "--batch-size", "32", "--lr", "3e-3",
             "--log-every", "1", "--save-every", "2", "--device", "cpu", "--ddp-timeout", "60", "--out", str(out)]
-    done = _torchrun(args, _cli_env(tmp_path), tmp_path / "torchrun.log")
+    rc = _torchrun(args, _cli_env(tmp_path), tmp_path / "torchrun.log")
     text = (tmp_path / "torchrun.log").read_text(errors="replace")
-    assert done.returncode == 0, text[-3000:]
+    assert rc == 0, text[-3000:]
     # Rank 0 alone logs and writes: every line and record once, no stray files.
     assert text.count("done: 4 steps") == 1 and text.count("2 processes (ddp)") == 1
     records = read_metrics(out / "metrics.jsonl")
@@ -215,6 +255,59 @@ def test_ddp_two_processes_match_one_process(tmp_path, fmnist_dir, tiny_set_args
     _assert_close_weights(load_file(str(tmp_path / "resumed" / final)), load_file(str(reference / final)))
 
 
+def _worker_pid(launcher: int, rank: int) -> int | None:
+    """The pid of the torchrun worker with RANK=rank among the launcher's descendants (Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+        except (OSError, IndexError, ValueError):
+            continue  # a process that ended meanwhile
+    todo = list(children.get(launcher, []))
+    while todo:
+        pid = todo.pop()
+        try:
+            if f"RANK={rank}".encode() in (Path("/proc") / str(pid) / "environ").read_bytes().split(b"\0"):
+                return pid
+        except OSError:
+            pass
+        todo += children.get(pid, [])
+    return None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the worker through Linux /proc")
+def test_a_killed_rank_stops_the_run_and_the_checkpoint_stays_loadable(tmp_path, fmnist_dir, tiny_set_args):
+    """SIGKILL one real worker mid-run: the launch ends (no hang) with a message naming the failure,
+    and the newest checkpoint loads."""
+    out = tmp_path / "run"
+    args = ["train", "--data-dir", str(fmnist_dir), *tiny_set_args, "--max-steps", "5000", "--batch-size", "32",
+            "--save-every", "2", "--log-every", "1", "--device", "cpu", "--ddp-timeout", "30", "--out", str(out)]
+    log = tmp_path / "torchrun.log"
+    with log.open("wb") as f:
+        proc = _launch_torchrun(args, _cli_env(tmp_path), f)
+        try:
+            deadline = time.monotonic() + TIMEOUT
+            while not (out / "checkpoints" / "latest").exists():
+                assert proc.poll() is None, log.read_text(errors="replace")[-3000:]
+                assert time.monotonic() < deadline, "no checkpoint written"
+                time.sleep(0.2)
+            victim = _worker_pid(proc.pid, rank=1)
+            assert victim is not None, "rank 1 not found"
+            os.kill(victim, signal.SIGKILL)
+            rc = proc.wait(timeout=TIMEOUT)  # a hang fails here
+        finally:
+            proc.kill()
+    text = log.read_text(errors="replace")
+    assert rc != 0
+    # The survivor's own one-line error (its collective failed, or the launcher's SIGTERM), and torchrun's report.
+    assert "widenet: error: process 0 lost the other processes" in text, text[-3000:]
+    assert "are intact (--resume)" in text and "rank      : 1 (local_rank: 1)" in text
+    ckpt = load_checkpoint(out)  # the newest complete checkpoint: a fresh loader reads it
+    assert ckpt.step >= 2 and ckpt.step % 2 == 0
+
+
 def _copy_back_to_step_2(run: Path, to: Path) -> None:
     """A copy of a finished 4-step run whose newest checkpoint is step 2 (as if killed after it)."""
     shutil.copytree(run, to)
@@ -229,8 +322,8 @@ def _train_set(data_dir: Path):
 
 
 # --- expert parallel (and FSDP) in two spawned processes ----------------------------------------------
-def _entry(rank: int, port: int, checks: list[str], args: tuple) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
+def _entry(rank: int, port: int, world: int, checks: list[str], args: tuple) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     init_distributed("gloo", timeout_s=60)
@@ -241,15 +334,15 @@ def _entry(rank: int, port: int, checks: list[str], args: tuple) -> None:
         destroy_distributed()
 
 
-def _spawn(checks: list[str], *args) -> None:
-    """Run the named check functions, in order, on 2 ranks; fail on an error or after TIMEOUT."""
-    context = mp.start_processes(_entry, args=(_free_port(), checks, args), nprocs=WORLD, join=False,
+def _spawn(checks: list[str], *args, world: int = WORLD) -> None:
+    """Run the named check functions, in order, on `world` ranks; fail on an error or after TIMEOUT."""
+    context = mp.start_processes(_entry, args=(_free_port(), world, checks, args), nprocs=world, join=False,
                                  start_method="spawn")
     deadline = time.monotonic() + TIMEOUT
     try:
         while not context.join(timeout=max(1.0, deadline - time.monotonic())):
             if time.monotonic() > deadline:
-                pytest.fail(f"the 2-process checks did not finish within {TIMEOUT} s (a hang?)")
+                pytest.fail(f"the {world}-process checks did not finish within {TIMEOUT} s (a hang?)")
     finally:
         for p in context.processes:
             if p.is_alive():
@@ -384,12 +477,23 @@ def fsdp_training(rank: int, data_dir: str, tiny: dict, out: str) -> None:
     _parallel_run(rank, data_dir, tiny, out + "/fsdp", fsdp=True)
 
 
+def fsdp_lamb_training(rank: int, data_dir: str, tiny: dict, out: str) -> None:
+    """LAMB over sharded parameters: each trust ratio must use the norms of the whole tensor."""
+    _parallel_run(rank, data_dir, tiny, out + "/fsdp_lamb", fsdp=True, optimizer="lamb")
+
+
+def expert_parallel_lamb_training(rank: int, data_dir: str, tiny: dict, out: str) -> None:
+    """The same with the experts split over the ranks (trust ratios of expert shards summed over ranks)."""
+    _parallel_run(rank, data_dir, tiny, out + "/ep_lamb", expert_parallel=WORLD, optimizer="lamb")
+
+
 @pytest.mark.slow
-def test_expert_parallel_and_fsdp_on_two_processes(tmp_path, fmnist_dir, tiny_overrides, reference):
+def test_expert_parallel_and_fsdp_on_two_processes(tmp_path, fmnist_dir, tiny_overrides, reference, reference_lamb):
     for name in ("ddp", "ep"):
         _copy_back_to_step_2(reference, tmp_path / name)
     checks = ["ep_dropless", "ep_with_dropping", "ep_rank_without_tokens", "ep_checkpoint_helpers",
-              "ep_widenet_model", "ddp_activation_checkpointing", "ddp_resume", "expert_parallel_resume", "fsdp_training"]
+              "ep_widenet_model", "ddp_activation_checkpointing", "ddp_resume", "expert_parallel_resume", "fsdp_training",
+              "fsdp_lamb_training", "expert_parallel_lamb_training"]
     _spawn(checks, str(fmnist_dir), dict(tiny_overrides), str(tmp_path))
     final = "checkpoints/step_00000004/model.safetensors"
     expected = load_file(str(reference / final))
@@ -402,6 +506,25 @@ def test_expert_parallel_and_fsdp_on_two_processes(tmp_path, fmnist_dir, tiny_ov
         assert state["state"].keys() == ref_state["state"].keys()
         for index, entry in ref_state["state"].items():
             assert torch.allclose(state["state"][index]["exp_avg"], entry["exp_avg"], atol=1e-6), (mode, index)
+    for mode in ("fsdp_lamb", "ep_lamb"):
+        _assert_close_weights(load_file(str(tmp_path / mode / final)), load_file(str(reference_lamb / final)))
+        assert _train_losses(tmp_path / mode) == pytest.approx(_train_losses(reference_lamb), abs=1e-5), mode
+
+
+def expert_and_data_parallel_training(rank: int, data_dir: str, tiny: dict, out: str) -> None:
+    """4 processes, --expert-parallel 2: ranks 0-1 and 2-3 each split the experts, and replicate each other."""
+    _parallel_run(rank, data_dir, tiny, out + "/ep_dp", expert_parallel=2)
+    _parallel_run(rank, data_dir, tiny, out + "/ep_dp_lamb", expert_parallel=2, optimizer="lamb")
+
+
+@pytest.mark.slow
+def test_expert_parallel_groups_with_data_parallel_replicas(tmp_path, fmnist_dir, tiny_overrides, reference,
+                                                             reference_lamb):
+    _spawn(["expert_and_data_parallel_training"], str(fmnist_dir), dict(tiny_overrides), str(tmp_path), world=4)
+    final = "checkpoints/step_00000004/model.safetensors"
+    for mode, ref in (("ep_dp", reference), ("ep_dp_lamb", reference_lamb)):
+        _assert_close_weights(load_file(str(tmp_path / mode / final)), load_file(str(ref / final)))
+        assert _train_losses(tmp_path / mode) == pytest.approx(_train_losses(ref), abs=1e-5), mode
 
 
 @pytest.mark.slow
@@ -451,9 +574,9 @@ def test_text_pretraining_and_finetuning_on_two_processes_match_one(tmp_path):
         assert one.returncode == 0, one.stderr[-2000:]
     for args, log in ((pretrain_args(tmp_path / "pre2"), "pre.log"),
                       (finetune_args(tmp_path / "pre2", tmp_path / "ft2"), "ft.log")):
-        done = _torchrun(args, env, tmp_path / log)
+        rc = _torchrun(args, env, tmp_path / log)
         text = (tmp_path / log).read_text(errors="replace")
-        assert done.returncode == 0, text[-3000:]
+        assert rc == 0, text[-3000:]
         assert text.count("done: 4 steps") == 1 and text.count("2 processes (ddp)") <= 1
     for a, b in (("pre1", "pre2"), ("ft1", "ft2")):
         final = "checkpoints/step_00000004/model.safetensors"

@@ -158,23 +158,11 @@ def train_config_from_args(args: argparse.Namespace):
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train; under torchrun (WORLD_SIZE > 1) every process runs this and joins the process group."""
-    from .distributed.env import DistEnv, distributed_session, is_peer_failure
-    from .distributed.parallel import check_global_batch
-    from .train.loop import TrainingError, train
+    from .cli_run import run_on_processes
+    from .train.loop import train
 
-    cfg = train_config_from_args(args)
-    env = DistEnv.from_environ()
-    check_global_batch(cfg.batch_size, env.world_size)  # before any process waits for the others
-    with distributed_session(args.ddp_backend, args.ddp_timeout):
-        try:
-            result = train(cfg)
-        except RuntimeError as err:
-            if isinstance(err, TrainingError) or not (env.distributed and is_peer_failure(err)):
-                raise
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise TrainingError(f"process {env.rank} lost the other processes ({first[:200]}); stopped. "
-                                f"Checkpoints already in {cfg.out} are intact (--resume).") from err
-    if env.is_main:
+    result = run_on_processes(train, train_config_from_args(args), args.ddp_backend, args.ddp_timeout)
+    if result is not None:
         e = result.final_eval
         print(f"done: {result.steps} steps, test accuracy {e.accuracy:.4f}, loss {e.loss:.4f}, "
               f"{result.train_images_per_s:.0f} images/s; run folder {result.out_dir}")
@@ -247,7 +235,8 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     dist.add_argument("--fsdp", action="store_true", default=None,
                       help="shard weights, gradients and optimizer state (fully_shard) instead of DDP")
     dist.add_argument("--expert-parallel", type=positive_int, metavar="N",
-                      help="split each MoE's experts over N processes (N = the number of processes)")
+                      help="split each MoE's experts over groups of N processes (N divides the number of "
+                           "processes; the groups are data-parallel replicas)")
     dist.add_argument("--ddp-backend", default="auto", choices=("auto", "gloo", "nccl"),
                       help="process-group backend (auto: nccl with CUDA, else gloo)")
     dist.add_argument("--ddp-timeout", type=positive_float, metavar="SECONDS",

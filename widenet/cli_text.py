@@ -15,24 +15,13 @@ def _config_fields(args: argparse.Namespace, cls: type) -> dict[str, Any]:
     return fields
 
 
-def _run(entry, cfg):
-    """entry(cfg) in one process, or in every process under torchrun (WORLD_SIZE > 1): data parallel.
-    Returns the result on the main process, None on the others."""
-    from .distributed.env import DistEnv, distributed_session
-    from .distributed.parallel import check_global_batch
-
-    env = DistEnv.from_environ()
-    check_global_batch(cfg.batch_size, env.world_size)  # before any process waits for the others
-    with distributed_session():
-        result = entry(cfg)
-    return result if env.is_main else None
-
-
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from .train.pretrain import pretrain
     from .train.text_config import PretrainConfig
 
-    result = _run(pretrain, PretrainConfig(**_config_fields(args, PretrainConfig)))
+    from .cli_run import run_on_processes
+
+    result = run_on_processes(pretrain, PretrainConfig(**_config_fields(args, PretrainConfig)))
     if result is None:
         return 0
     e, run = result.run.final_eval, result.run
@@ -45,7 +34,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from .train.finetune import finetune
     from .train.text_config import FinetuneConfig
 
-    result = _run(finetune, FinetuneConfig(**_config_fields(args, FinetuneConfig)))
+    from .cli_run import run_on_processes
+
+    result = run_on_processes(finetune, FinetuneConfig(**_config_fields(args, FinetuneConfig)))
     if result is None:
         return 0
     e, run = result.run.final_eval, result.run

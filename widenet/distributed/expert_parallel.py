@@ -41,6 +41,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..layers.moe import MoE, RoutingStats
+from ..train.optim import mark_sharded
 
 __all__ = ["ExpertParallelMoE", "consolidated_state_dict", "convert_to_expert_parallel",
            "expert_shard_keys", "load_consolidated_state_dict", "shard_state_dict"]
@@ -136,6 +137,7 @@ class ExpertParallelMoE(MoE):
         self.num_local_experts = num_experts // world
         # Keep this rank's experts only (initialised by the full MoE's rule, then sliced).
         self.experts = _slice_experts(self.experts, self.local_expert_range)
+        self._mark_expert_shards()
 
     @classmethod
     def from_moe(cls, moe: MoE, group=None) -> ExpertParallelMoE:
@@ -149,8 +151,14 @@ class ExpertParallelMoE(MoE):
                      moe.router.renormalize, moe.z_loss_weight, group=group)
         ep.router = moe.router
         ep.experts = _slice_experts(moe.experts, ep.local_expert_range)
+        ep._mark_expert_shards()
         ep.train(moe.training)
         return ep
+
+    def _mark_expert_shards(self) -> None:
+        """LAMB's trust ratio of an expert tensor must use the norms of the whole tensor, over all ranks."""
+        for p in self.experts.parameters():
+            mark_sharded(p, self.group)
 
     @property
     def local_expert_range(self) -> range:
@@ -197,7 +205,7 @@ def _slice_experts(experts: nn.Module, ids: range) -> nn.Module:
 
     w1 = experts.w1
     with torch.device("meta"):
-        local = Experts(len(ids), w1.shape[1], w1.shape[2])
+        local = Experts(len(ids), w1.shape[1], w1.shape[2], experts.backend)
     part = slice(ids.start, ids.stop)
     for name in ("w1", "b1", "w2", "b2"):
         full = getattr(experts, name)

@@ -34,11 +34,14 @@ Modes: "single" (one process), "ddp" (DistributedDataParallel), "fsdp"
 (``fully_shard`` on the whole model as one unit: WideNet's shared modules
 serve every block, so finer units would gather the same weights once per
 block; parameters, gradients and optimizer state are sharded between steps)
-and "expert" (every MoE becomes an ExpertParallelMoE holding E / W experts per
-rank; DDP for the other weights; expert gradients are divided by W to match
-DDP's averaging; gradient clipping uses the global norm over all shards).
-With LAMB, the trust ratio of an expert tensor is computed on each rank's
-shard in expert mode (elementwise AdamW is unaffected).
+and "expert" (every MoE becomes an ExpertParallelMoE holding E / N experts per
+rank, N = --expert-parallel dividing W: ranks k*N .. k*N+N-1 form expert group
+k, and the W / N groups are data-parallel replicas of each other; DDP for the
+other weights; an expert shard's gradient is summed over the ranks holding
+the same shard in the other groups, then divided by W to match DDP's
+averaging; gradient clipping uses the global norm over all shards).
+With LAMB, the trust ratio of an expert shard uses the norms of the whole
+expert tensor (summed over the ranks), as in one process.
 """
 
 from __future__ import annotations
@@ -122,7 +125,8 @@ class ParallelContext:
     original), so a one-process run is unchanged.
     """
 
-    def __init__(self, env: DistEnv, mode: str = "single", seed: int = 0) -> None:
+    def __init__(self, env: DistEnv, mode: str = "single", seed: int = 0,
+                 expert_parallel: int | None = None) -> None:
         if mode not in MODES:
             raise ValueError(f"unknown parallel mode {mode!r}; use {', '.join(MODES)}")
         if mode != "single" and not env.distributed:
@@ -130,7 +134,11 @@ class ParallelContext:
         self.env = env
         self.mode = mode
         self.seed = seed
+        # Processes per expert group (None: all of them).
+        self.expert_parallel = (expert_parallel or env.world_size) if mode == "expert" else 1
         self._expert_params: list[nn.Parameter] = []
+        self._expert_group = None  # ranks splitting the experts (None: all of them)
+        self._replica_group = None  # ranks holding the same expert shard (None: no replicas)
 
     @classmethod
     def for_run(cls, batch_size: int, seed: int, fsdp: bool = False, expert_parallel: int = 1,
@@ -141,7 +149,7 @@ class ParallelContext:
         if env.distributed and not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError(f"WORLD_SIZE={env.world_size} but torch.distributed is not initialised: call "
                                "widenet.distributed.init_distributed() first (the widenet CLI does)")
-        return cls(env, _mode(env, fsdp, expert_parallel), seed)
+        return cls(env, _mode(env, fsdp, expert_parallel), seed, expert_parallel)
 
     # -- who does what ----------------------------------------------------------
     @property
@@ -184,7 +192,8 @@ class ParallelContext:
 
             return fully_shard(model)
         if self.mode == "expert":
-            convert_to_expert_parallel(model)
+            self._make_expert_groups()
+            convert_to_expert_parallel(model, self._expert_group)
             keys = expert_shard_keys(model)
             if not keys:
                 raise ValueError("--expert-parallel needs a model with MoE layers")
@@ -220,16 +229,34 @@ class ParallelContext:
             return contextlib.nullcontext()
         return _seeded_rng(_step_seed(self.seed, step, self.env.rank), device)
 
+    def _make_expert_groups(self) -> None:
+        """Expert groups of N consecutive ranks and, across them, groups of the ranks holding the same
+        shard. Every rank creates every group, in the same order (new_group is a collective)."""
+        n, world = self.expert_parallel, self.env.world_size
+        if n == world:  # one expert group: the default one
+            return
+        for k in range(world // n):
+            group = dist.new_group(list(range(k * n, (k + 1) * n)))
+            if self.env.rank // n == k:
+                self._expert_group = group
+        for j in range(n):
+            group = dist.new_group(list(range(j, world, n)))
+            if self.env.rank % n == j:
+                self._replica_group = group
+
     def after_backward(self) -> None:
-        """Expert mode: expert gradients hold the sum over ranks; DDP averages, so divide by W."""
+        """Expert mode: an expert shard's gradient holds the sum over its expert group's ranks; sum it
+        over the replicas too, then divide by W as DDP averages."""
         for p in self._expert_params:
             if p.grad is not None:
+                if self._replica_group is not None:
+                    dist.all_reduce(p.grad, group=self._replica_group)
                 p.grad.div_(self.env.world_size)
 
     def clip_grad_norm(self, model: nn.Module, max_norm: float | None) -> float:
         """Global-norm clipping; the norm covers every rank's shard where weights are sharded."""
         if self.mode == "expert":
-            return _clip_with_shards(model, self._expert_params, max_norm)
+            return _clip_with_shards(model, self._expert_params, max_norm, self._expert_group)
         if self.mode == "fsdp":
             params = [p for p in model.parameters() if p.grad is not None]
             return float(torch.nn.utils.clip_grad_norm_(params, max_norm or float("inf")).full_tensor())
@@ -302,9 +329,9 @@ def _mode(env: DistEnv, fsdp: bool, expert_parallel: int) -> str:
     if fsdp and expert_parallel > 1:
         raise ValueError("--fsdp and --expert-parallel cannot be combined")
     if expert_parallel > 1:
-        if expert_parallel != env.world_size:
-            raise ValueError(f"--expert-parallel {expert_parallel} must equal the number of processes "
-                             f"({env.world_size}): each process holds num_experts / {expert_parallel} experts")
+        if env.world_size % expert_parallel:
+            raise ValueError(f"--expert-parallel {expert_parallel} must divide the number of processes "
+                             f"({env.world_size}): groups of {expert_parallel} processes split the experts")
         return "expert"
     if fsdp:
         if not env.distributed:
@@ -352,8 +379,10 @@ def _all_reduce_sums(sums: EvalSums) -> EvalSums:
     return out
 
 
-def _clip_with_shards(model: nn.Module, shards: list[nn.Parameter], max_norm: float | None) -> float:
-    """Clip to the global norm: replicated gradients count once, sharded ones summed over ranks."""
+def _clip_with_shards(model: nn.Module, shards: list[nn.Parameter], max_norm: float | None,
+                      group=None) -> float:
+    """Clip to the global norm: replicated gradients count once, sharded ones summed over the
+    expert group (the ranks that split the experts; None: all ranks)."""
     if max_norm is not None and max_norm < 0:
         raise ValueError(f"max_norm must be >= 0 or None, got {max_norm}")
     sharded = {id(p) for p in shards}
@@ -367,7 +396,7 @@ def _clip_with_shards(model: nn.Module, shards: list[nn.Parameter], max_norm: fl
 
     local = squares([p.grad for p in shards if p.grad is not None])
     total = squares([p.grad for p in model.parameters() if p.grad is not None and id(p) not in sharded])
-    total = (total + all_reduce_sum(_on_backend_device(local)).to(total.device)).sqrt()
+    total = (total + all_reduce_sum(_on_backend_device(local), group).to(total.device)).sqrt()
     if max_norm:
         coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
         for g in grads:

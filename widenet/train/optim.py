@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -23,6 +24,7 @@ __all__ = [
     "build_optimizer",
     "build_schedule",
     "clip_grad_norm",
+    "mark_sharded",
     "param_groups",
 ]
 
@@ -60,6 +62,11 @@ class Lamb(torch.optim.Optimizer):
     Norms are Frobenius norms of the whole tensor ("layer-wise").  Each param
     group may set ``trust_ratio=False`` (e.g. biases and norm weights) to use
     ``r = 1``, i.e. a plain AdamW-style step.  Sparse gradients are rejected.
+
+    A parameter that holds one rank's shard of a larger tensor (expert
+    parallelism) is marked with :func:`mark_sharded`; its two squared norms
+    are then summed over the shard's process group, so ``r`` is that of the
+    whole tensor. FSDP's DTensor parameters reduce their norms by themselves.
     """
 
     def __init__(
@@ -135,10 +142,24 @@ def _adam_direction(
     return (exp_avg / (1.0 - beta1**step)).div_(denom)
 
 
+_SHARD_GROUP = "_widenet_shard_group"
+
+
+def mark_sharded(param: torch.Tensor, group: Any) -> None:
+    """Declare ``param`` one rank's shard of a tensor split over process ``group``
+    (None: the default group); see Lamb."""
+    setattr(param, _SHARD_GROUP, group)
+
+
 def _trust_ratio(weight: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
     """``||weight|| / ||update||`` as a 0-dim tensor, or 1 when either norm is 0."""
-    w_norm = torch.linalg.vector_norm(weight)
-    u_norm = torch.linalg.vector_norm(update)
+    if hasattr(weight, _SHARD_GROUP):
+        squares = torch.stack([torch.linalg.vector_norm(weight), torch.linalg.vector_norm(update)]).square()
+        torch.distributed.all_reduce(squares, group=getattr(weight, _SHARD_GROUP))  # sum over the shards
+        w_norm, u_norm = squares.sqrt().unbind()
+    else:
+        w_norm = torch.linalg.vector_norm(weight)
+        u_norm = torch.linalg.vector_norm(update)
     ok = (w_norm > 0) & (u_norm > 0)
     return torch.where(ok, w_norm / torch.where(ok, u_norm, 1.0), 1.0).to(update.dtype)
 
