@@ -122,7 +122,7 @@ def saved_bytes(step: Callable[[], torch.Tensor]) -> int:
 
 
 def run_moe_bench(cfg: MoEBenchConfig) -> dict:
-    """Times (ms), ratios and memory of the four implementations."""
+    """Times (ms), ratios and memory of every implementation."""
     device = torch.device(cfg.device)
     torch.manual_seed(cfg.seed)
     moe = MoE(cfg.dim, cfg.hidden, cfg.experts, cfg.top_k, capacity_factor=cfg.capacity_factor,
