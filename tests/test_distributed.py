@@ -146,20 +146,25 @@ def test_batch_not_divisible_by_world_size_is_a_clear_error(tmp_path, fmnist_dir
     assert not (tmp_path / "run").exists()
 
 
-def test_a_lost_peer_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+def _train_as_rank(rank: int, train_fn, tmp_path: Path, monkeypatch, capsys) -> tuple[int, list[str]]:
+    """`widenet train` as process `rank` of 2 (no real group) with train() replaced; (rc, stderr lines)."""
     import widenet.distributed.env as env_module
     from widenet.train import loop
 
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", str(rank))
+    monkeypatch.setattr(env_module, "init_distributed", lambda *a: DistEnv(rank, 2, rank))
+    monkeypatch.setattr(loop, "train", train_fn)
+    rc = main(["train", "--out", str(tmp_path / "run"), "--batch-size", "32", "--device", "cpu"])
+    return rc, capsys.readouterr().err.strip().splitlines()
+
+
+def test_a_lost_peer_is_a_one_line_error(tmp_path, monkeypatch, capsys):
     def lost_peer(cfg):
         raise RuntimeError("[../gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:931: Connection reset by "
                            "peer. This is typically caused by a remote worker hanging\nmore detail")
 
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("RANK", "1")
-    monkeypatch.setattr(env_module, "init_distributed", lambda *a: DistEnv(1, 2, 1))
-    monkeypatch.setattr(loop, "train", lost_peer)
-    rc = main(["train", "--out", str(tmp_path / "run"), "--batch-size", "32", "--device", "cpu"])
-    lines = capsys.readouterr().err.strip().splitlines()
+    rc, lines = _train_as_rank(1, lost_peer, tmp_path, monkeypatch, capsys)
     assert rc == 2 and len(lines) == 1
     assert lines[0].startswith("widenet: error: process 1 lost the other processes ([../gloo/transport")
     assert "are intact (--resume)" in lines[0]
@@ -167,21 +172,13 @@ def test_a_lost_peer_is_a_one_line_error(tmp_path, monkeypatch, capsys):
 
 def test_the_launchers_sigterm_is_a_one_line_error(tmp_path, monkeypatch, capsys):
     """torchrun stops the surviving processes with SIGTERM: each says so in one line, then the handler is reset."""
-    import widenet.distributed.env as env_module
-    from widenet.train import loop
-
     def stopped_by_launcher(cfg):
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(5)
         raise AssertionError("SIGTERM did not interrupt training")
 
     before = signal.getsignal(signal.SIGTERM)
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("RANK", "0")
-    monkeypatch.setattr(env_module, "init_distributed", lambda *a: DistEnv(0, 2, 0))
-    monkeypatch.setattr(loop, "train", stopped_by_launcher)
-    rc = main(["train", "--out", str(tmp_path / "run"), "--batch-size", "32", "--device", "cpu"])
-    lines = capsys.readouterr().err.strip().splitlines()
+    rc, lines = _train_as_rank(0, stopped_by_launcher, tmp_path, monkeypatch, capsys)
     assert rc == 2 and len(lines) == 1
     assert "process 0 lost the other processes (stopped by the launcher (SIGTERM)" in lines[0]
     assert signal.getsignal(signal.SIGTERM) is before
