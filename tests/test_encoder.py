@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import widenet
+from widenet.layers.drop_path import drop_path
 from widenet.models.encoder import Encoder, EncoderConfig
 
 SMALL = {"dim": 16, "depth": 4, "num_heads": 2, "mlp_dim": 24, "expert_dim": 20, "num_experts": 4, "top_k": 2}
@@ -368,10 +369,10 @@ def test_encoder_float32_default_runs_and_backprops():
 
 @pytest.mark.parametrize("norm_position", ["pre", "post"])
 def test_activation_checkpointing_gives_the_same_forward_and_gradients(norm_position):
-    """Recomputing blocks in backward replays the same dropout masks and router noise."""
+    """Recomputing blocks in backward replays the same dropout and drop-path masks and router noise."""
     cfg = EncoderConfig(dim=16, depth=3, num_heads=2, mlp_dim=32, num_experts=4, moe_blocks="all",
                         share_attention=True, share_ffn=True, dropout=0.2, attn_dropout=0.1, noise_std=0.5,
-                        norm_position=norm_position)
+                        drop_path=0.3, norm_position=norm_position)
     torch.manual_seed(0)
     plain = Encoder(cfg).double()
     recomputing = Encoder(EncoderConfig(**{**cfg.to_dict(), "activation_checkpointing": True})).double()
@@ -387,3 +388,63 @@ def test_activation_checkpointing_gives_the_same_forward_and_gradients(norm_posi
     assert torch.equal(h0, h1)
     for name in g0:
         assert torch.allclose(g0[name], g1[name], atol=1e-12), name
+
+
+# ----------------------------------------------------------------------------
+# Stochastic depth
+# ----------------------------------------------------------------------------
+def test_drop_path_zeroes_whole_samples_and_rescales_the_rest():
+    torch.manual_seed(0)
+    branch = torch.randn(2000, 3, 4)
+    out = drop_path(branch, 0.25, training=True)
+    kept = out.flatten(1).ne(0).any(1)  # (B,)
+    assert torch.equal(out[~kept], torch.zeros_like(out[~kept]))
+    assert torch.allclose(out[kept], branch[kept] / 0.75)
+    assert abs(kept.float().mean().item() - 0.75) < 0.04  # binomial sd 0.01
+    assert drop_path(branch, 0.25, training=False) is branch
+    assert drop_path(branch, 0.0, training=True) is branch
+
+
+def test_drop_path_rates_rise_linearly_over_blocks():
+    enc = Encoder(EncoderConfig(**{**SMALL, "depth": 4, "drop_path": 0.3}))
+    assert enc.drop_rates == pytest.approx([0.0, 0.1, 0.2, 0.3])
+    assert Encoder(EncoderConfig(**{**SMALL, "depth": 1, "drop_path": 0.3})).drop_rates == [0.3]
+    with pytest.raises(ValueError, match="drop_path"):
+        EncoderConfig(**SMALL, drop_path=1.0)
+
+
+@pytest.mark.parametrize("norm_position", ["pre", "post"])
+def test_drop_path_output_is_one_of_the_hand_built_branch_choices(norm_position):
+    """Depth 2 with rate p: block 0 never drops, block 1 drops its attention and FFN branches
+    independently per sample. Each sample must equal one of the four outputs built by hand
+    from the modules, and with p = 0.5 all four occur."""
+    p, keep = 0.5, 0.5
+    enc = _encoder(**{**SMALL, **VIT, "depth": 2, "drop_path": p, "norm_position": norm_position})
+    x = torch.randn(64, 5, 16, dtype=torch.float64)
+    enc.train()
+    with torch.no_grad():
+        got = enc(x).hidden
+        enc.eval()
+        assert torch.allclose(enc(x).hidden, _encoder(**{**SMALL, **VIT, "depth": 2,
+                                                          "norm_position": norm_position})(x).hidden)
+        (n0, n1), (a0, a1), (m0, m1) = enc.norms, enc.attention, enc.mlps
+        if norm_position == "pre":
+            h = x + a0(n0.attn_norm(x))
+            h = h + m0(n0.ffn_norm(h))
+            choices = []
+            for ka in (0.0, 1 / keep):
+                g = h + ka * a1(n1.attn_norm(h))
+                choices += [enc.final_norm(g + kf * m1(n1.ffn_norm(g))) for kf in (0.0, 1 / keep)]
+        else:
+            h = n0.attn_norm(x + a0(x))
+            h = n0.ffn_norm(h + m0(h))
+            choices = []
+            for ka in (0.0, 1 / keep):
+                g = n1.attn_norm(h + ka * a1(h))
+                choices += [n1.ffn_norm(g + kf * m1(g)) for kf in (0.0, 1 / keep)]
+    seen = set()
+    for b in range(len(x)):
+        matches = [i for i, c in enumerate(choices) if torch.allclose(got[b], c[b], atol=1e-10)]
+        assert len(matches) == 1, b
+        seen.add(matches[0])
+    assert seen == {0, 1, 2, 3}

@@ -26,6 +26,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..layers.attention import Attention
+from ..layers.drop_path import block_rates, drop_path
 from ..layers.mlp import Mlp
 from ..layers.moe import EXPERT_BACKENDS, MoE, RoutingStats
 
@@ -69,6 +70,7 @@ class EncoderConfig:
     z_loss_weight: float = 0.0
     dropout: float = 0.0
     attn_dropout: float = 0.0
+    drop_path: float = 0.0  # stochastic depth of the last block; 0 for the first, linear in between
     norm_eps: float = 1e-6
     activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~1/3 more compute
     norm_position: str = "pre"
@@ -93,7 +95,7 @@ class EncoderConfig:
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ValueError(f"{name} must be > 0, got {value}")
-        for name in ("dropout", "attn_dropout"):
+        for name in ("dropout", "attn_dropout", "drop_path"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if self.expert_backend not in EXPERT_BACKENDS:
@@ -171,6 +173,7 @@ class Encoder(nn.Module):
         self.mlps = nn.ModuleList(Mlp(cfg.dim, cfg.mlp_dim, cfg.dropout) for _ in range(n_mlp))
         self.moes = nn.ModuleList(_make_moe(cfg) for _ in range(n_moe))
         self.drop = nn.Dropout(cfg.dropout)
+        self.drop_rates = block_rates(cfg.drop_path, cfg.depth)  # per block
         # Post-norm blocks already end in a LayerNorm: no final norm (and no parameters).
         self.final_norm = (nn.LayerNorm(cfg.dim, eps=cfg.norm_eps) if cfg.norm_position == "pre"
                            else nn.Identity())
@@ -189,11 +192,11 @@ class Encoder(nn.Module):
         routing: list[RoutingStats | None] = []
         states: list[torch.Tensor] | None = [] if return_hidden_states else None
         checkpointed = self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled()
-        for plan in self.plan:
+        for plan, rate in zip(self.plan, self.drop_rates):
             if checkpointed:  # keep only block inputs; recompute the rest (same RNG draws) in backward
-                x, block_aux, stats = checkpoint(self._block, plan, x, padding_mask, use_reentrant=False)
+                x, block_aux, stats = checkpoint(self._block, plan, x, padding_mask, rate, use_reentrant=False)
             else:
-                x, block_aux, stats = self._block(plan, x, padding_mask)
+                x, block_aux, stats = self._block(plan, x, padding_mask, rate)
             if block_aux is not None:
                 aux = aux + block_aux
             routing.append(stats)
@@ -201,18 +204,23 @@ class Encoder(nn.Module):
                 states.append(x)
         return EncoderOutput(self.final_norm(x), aux, routing, states)
 
-    def _block(self, plan: BlockPlan, x: torch.Tensor, padding_mask: torch.Tensor | None
+    def _block(self, plan: BlockPlan, x: torch.Tensor, padding_mask: torch.Tensor | None, drop_rate: float = 0.0
                ) -> tuple[torch.Tensor, torch.Tensor | None, RoutingStats | None]:
-        """One block on x (B, T, D): new x, its aux loss (None for a dense FFN), routing stats."""
+        """One block on x (B, T, D): new x, its aux loss (None for a dense FFN), routing stats.
+        Each residual branch is dropped per sample at drop_rate in training (stochastic depth)."""
         norms = self.norms[plan.norms]
         attention = self.attention[plan.attention]
+
+        def branch(y: torch.Tensor) -> torch.Tensor:
+            return drop_path(y, drop_rate, self.training)
+
         if self.cfg.norm_position == "post":
-            x = norms.attn_norm(x + attention(x, padding_mask))
+            x = norms.attn_norm(x + branch(attention(x, padding_mask)))
             ffn_out, block_aux, stats = self._ffn(plan, x, padding_mask)
-            return norms.ffn_norm(x + self.drop(ffn_out)), block_aux, stats
-        x = x + attention(norms.attn_norm(x), padding_mask)
+            return norms.ffn_norm(x + branch(self.drop(ffn_out))), block_aux, stats
+        x = x + branch(attention(norms.attn_norm(x), padding_mask))
         ffn_out, block_aux, stats = self._ffn(plan, norms.ffn_norm(x), padding_mask)
-        return x + self.drop(ffn_out), block_aux, stats
+        return x + branch(self.drop(ffn_out)), block_aux, stats
 
     def _ffn(self, plan: BlockPlan, h: torch.Tensor, padding_mask: torch.Tensor | None
              ) -> tuple[torch.Tensor, torch.Tensor | None, RoutingStats | None]:
