@@ -157,6 +157,15 @@ def test_bench_model_reports_flops_utilisation(capsys):
 
 
 # --- error exits ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("flags, flip", [([], True), (["--flip"], True), (["--no-flip"], False)])
+def test_train_flip_flag_reaches_the_config(flags, flip):
+    from widenet.cli import build_parser, train_config_from_args
+    args = build_parser().parse_args(["train", *flags, "--set", "drop_path=0.1"])
+    cfg = train_config_from_args(args)
+    assert cfg.flip is flip
+    assert cfg.model_overrides == {"drop_path": 0.1}
+
+
 def test_unknown_model(capsys):
     line = _assert_one_line_error(*_cli(["params", "nosuch_model"], capsys))
     assert line.startswith("widenet: error:") and "unknown model 'nosuch_model'" in line

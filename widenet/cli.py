@@ -224,6 +224,8 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--label-smoothing", type=float)
     p.add_argument("--mixup", type=float, help="Beta(alpha, alpha) mixup; 0 disables")
     p.add_argument("--crop", choices=CROP_NAMES)
+    p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
+                   help="random horizontal flips (default on)")
     p.add_argument("--randaugment-n", type=int)
     p.add_argument("--randaugment-m", type=float)
     p.add_argument("--capacity-factor", type=positive_float)
