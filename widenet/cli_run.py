@@ -34,13 +34,19 @@ def run_on_processes(entry: Callable[[Any], R], cfg: Any, backend: str = "auto",
         try:
             result = entry(cfg)
         except RuntimeError as err:
-            if isinstance(err, TrainingError) or not (env.distributed and
-                                                      (isinstance(err, LauncherStop) or is_peer_failure(err))):
+            if not _lost_peer(err, env):
                 raise
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise TrainingError(f"process {env.rank} lost the other processes ({first[:200]}); stopped. "
                                 f"Checkpoints already in {cfg.out} are intact (--resume).") from err
     return result if env.is_main else None
+
+
+def _lost_peer(err: RuntimeError, env: DistEnv) -> bool:
+    """Whether err means another process is gone (not this process's own failure)."""
+    if isinstance(err, TrainingError) or not env.distributed:
+        return False
+    return isinstance(err, LauncherStop) or is_peer_failure(err)
 
 
 @contextlib.contextmanager

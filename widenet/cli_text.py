@@ -16,10 +16,9 @@ def _config_fields(args: argparse.Namespace, cls: type) -> dict[str, Any]:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
+    from .cli_run import run_on_processes
     from .train.pretrain import pretrain
     from .train.text_config import PretrainConfig
-
-    from .cli_run import run_on_processes
 
     result = run_on_processes(pretrain, PretrainConfig(**_config_fields(args, PretrainConfig)))
     if result is None:
@@ -31,10 +30,9 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
+    from .cli_run import run_on_processes
     from .train.finetune import finetune
     from .train.text_config import FinetuneConfig
-
-    from .cli_run import run_on_processes
 
     result = run_on_processes(finetune, FinetuneConfig(**_config_fields(args, FinetuneConfig)))
     if result is None:

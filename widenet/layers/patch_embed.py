@@ -13,9 +13,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-STEMS = ("patch", "conv")
-
-
 class _ImageTokenizer(nn.Module):
     """Shared input checks: (B, C, H, W) images of the configured size -> (B, P, D) tokens."""
 
@@ -74,9 +71,17 @@ class ConvStem(_ImageTokenizer):
         self.proj = nn.Sequential(*layers)
 
 
+_STEM_CLASSES: dict[str, type[_ImageTokenizer]] = {"patch": PatchEmbed, "conv": ConvStem}
+STEMS = tuple(_STEM_CLASSES)
+
+
+def check_stem(kind: str) -> None:
+    """A clear error for a stem name that make_stem does not know."""
+    if kind not in _STEM_CLASSES:
+        raise ValueError(f"stem must be one of {', '.join(STEMS)}, got {kind!r}")
+
+
 def make_stem(kind: str, image_size: int, patch_size: int, in_channels: int, dim: int) -> _ImageTokenizer:
     """The stem named by VisionConfig.stem."""
-    if kind not in STEMS:
-        raise ValueError(f"stem must be one of {', '.join(STEMS)}, got {kind!r}")
-    cls = PatchEmbed if kind == "patch" else ConvStem
-    return cls(image_size, patch_size, in_channels, dim)
+    check_stem(kind)
+    return _STEM_CLASSES[kind](image_size, patch_size, in_channels, dim)

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..layers.moe import RoutingStats
-from ..layers.patch_embed import STEMS, make_stem
+from ..layers.patch_embed import check_stem, make_stem
 from .encoder import Encoder, EncoderConfig
 
 
@@ -43,8 +43,7 @@ class VisionConfig:
             raise ValueError(f"image size {self.image_size} is not divisible by patch size {self.patch_size}")
         if self.pool not in ("token", "avg"):
             raise ValueError(f"pool must be 'token' or 'avg', got {self.pool!r}")
-        if self.stem not in STEMS:
-            raise ValueError(f"stem must be one of {', '.join(STEMS)}, got {self.stem!r}")
+        check_stem(self.stem)
         if self.representation_size is not None and self.representation_size < 1:
             raise ValueError(f"representation_size must be positive, got {self.representation_size}")
 
