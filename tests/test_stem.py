@@ -42,11 +42,33 @@ def test_conv_stem_tokens_see_only_their_neighbourhood():
     assert delta[0] == 0 and delta[-1] > 0
 
 
-@pytest.mark.parametrize("patch,dim,message", [
-    (6, 16, "power of two"), (1, 16, "power of two"), (8, 6, "width divisible by 4")])
-def test_conv_stem_errors(patch, dim, message):
+def test_conv_stem_rounds_odd_sides_up():
+    """28 px at patch 8: 3x3 stride-2 convolutions with padding give 14, 7, then 4 (= ceil(28 / 8))."""
+    stem = ConvStem(28, 8, 1, 16)
+    sides, x = [], torch.randn(2, 1, 28, 28)
+    for layer in stem.proj:
+        x = layer(x)
+        if isinstance(layer, nn.Conv2d):
+            sides.append(x.shape[-1])
+    assert sides == [14, 7, 4, 4]
+    assert stem(torch.randn(2, 1, 28, 28)).shape == (2, 16, 16) and stem.num_patches == 16
+
+
+def test_conv_stem_width_sets_the_channels_and_the_projection_maps_to_dim():
+    stem = ConvStem(32, 8, 1, 16, width=96)
+    convs = [m for m in stem.proj if isinstance(m, nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels) for c in convs] == [(1, 24), (24, 48), (48, 96), (96, 16)]
+    assert stem(torch.randn(2, 1, 32, 32)).shape == (2, 16, 16)
+
+
+@pytest.mark.parametrize("patch,dim,width,message", [
+    (6, 16, None, "power of two"), (1, 16, None, "power of two"), (8, 6, None, "width divisible by 4"),
+    (8, 16, 90, "width divisible by 4, got 90")])
+def test_conv_stem_errors(patch, dim, width, message):
     with pytest.raises(ValueError, match=message):
-        ConvStem(48, patch, 1, dim)
+        ConvStem(48, patch, 1, dim, width)
+    with pytest.raises(ValueError, match=message):
+        make_stem("conv", 48, patch, 1, dim, width)
 
 
 def test_make_stem_and_model_setting():
@@ -63,3 +85,16 @@ def test_make_stem_and_model_setting():
     assert all(p.grad is not None for p in model.patch_embed.parameters())
     with pytest.raises(ValueError, match="expects 32x32 images"):
         model(torch.randn(2, 1, 28, 28))
+
+
+def test_model_token_count_follows_the_stem():
+    """The conv stem takes 28 px at patch 8 (4x4 tokens); ViT's patch stem refuses it."""
+    model = create_model("widenet_tiny", stem="conv", patch_size=8, stem_width=32)
+    assert model.cfg.num_patches == 16 and model.pos_embed.shape == (1, 17, 64)
+    assert model(torch.randn(2, 1, 28, 28)).logits.shape == (2, 10)
+    with pytest.raises(ValueError, match="image size 28 is not divisible by patch size 8"):
+        create_model("widenet_tiny", patch_size=8)
+    with pytest.raises(ValueError, match="stem_width applies to the conv stem only"):
+        create_model("widenet_tiny", stem_width=32)
+    with pytest.raises(ValueError, match="stem_width must be a positive integer"):
+        create_model("widenet_tiny", stem="conv", stem_width=0)

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..layers.moe import RoutingStats
-from ..layers.patch_embed import check_stem, make_stem
+from ..layers.patch_embed import make_stem, token_grid
 from .encoder import Encoder, EncoderConfig
 
 
@@ -18,7 +18,10 @@ class VisionConfig:
 
     pool: "token" (class token) or "avg" (mean of patch tokens).
     stem: "patch" (ViT's patch convolution) or "conv" (3x3 stride-2
-        convolutions down to the same token grid; patch_size a power of two).
+        convolutions down to the same token grid; patch_size a power of two,
+        and the image side need not be a multiple of it: ceil(side / patch)).
+    stem_width: channels of the conv stem's last 3x3 convolution (halved
+        layer by layer going back); None: the model width.
     representation_size: width of the pre-logits layer (Linear + tanh) that
         the paper's ImageNet models use; None leaves it out.
     """
@@ -29,6 +32,7 @@ class VisionConfig:
     num_classes: int = 1000
     pool: str = "token"
     stem: str = "patch"
+    stem_width: int | None = None
     representation_size: int | None = None
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
 
@@ -39,17 +43,17 @@ class VisionConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.image_size % self.patch_size:
-            raise ValueError(f"image size {self.image_size} is not divisible by patch size {self.patch_size}")
         if self.pool not in ("token", "avg"):
             raise ValueError(f"pool must be 'token' or 'avg', got {self.pool!r}")
-        check_stem(self.stem)
+        if self.stem_width is not None and (not isinstance(self.stem_width, int) or self.stem_width < 1):
+            raise ValueError(f"stem_width must be a positive integer, got {self.stem_width!r}")
+        token_grid(self.stem, self.image_size, self.patch_size, self.encoder.dim, self.stem_width)
         if self.representation_size is not None and self.representation_size < 1:
             raise ValueError(f"representation_size must be positive, got {self.representation_size}")
 
     @property
     def num_patches(self) -> int:
-        return (self.image_size // self.patch_size) ** 2
+        return token_grid(self.stem, self.image_size, self.patch_size, self.encoder.dim, self.stem_width) ** 2
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -76,7 +80,8 @@ class VisionTransformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         dim = cfg.encoder.dim
-        self.patch_embed = make_stem(cfg.stem, cfg.image_size, cfg.patch_size, cfg.in_channels, dim)
+        self.patch_embed = make_stem(cfg.stem, cfg.image_size, cfg.patch_size, cfg.in_channels, dim,
+                                     cfg.stem_width)
         n_tokens = cfg.num_patches + (1 if cfg.pool == "token" else 0)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if cfg.pool == "token" else None
         self.pos_embed = nn.Parameter(torch.zeros(1, n_tokens, dim))
