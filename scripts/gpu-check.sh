@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 python -m pytest -q tests/test_cuda.py tests/test_moe.py -s
-widenet bench moe --device cuda --tokens 65536 --dim 768 --hidden 4096 --repeats 10
+widenet bench moe --device cuda --tokens 16384 --dim 768 --hidden 4096 --repeats 10
 for backend in auto loop; do
   widenet bench model widenet_b16 --batch-size 64 --steps 20 --device cuda --set expert_backend=$backend
 done

@@ -6,15 +6,23 @@ reports it, not E times the expert FFN.
 
 Attention is counted through SDPA's math backend: the fused CPU kernel has no
 FLOP formula in FlopCounterMode, and the count silently lost the two
-attention matmuls (4 x T^2 x D per block).
+attention matmuls (4 x T^2 x D per block). The experts are counted on their
+per-expert loop for the same reason: torch._grouped_mm (the "grouped"
+backend, auto's pick on some GPUs) has no formula either, and the count lost
+every expert matmul.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
+
+from ..layers.moe import Experts
 
 
 def flops_per_image(model: nn.Module, image_shape: tuple[int, int, int], batch: int = 8) -> float:
@@ -24,7 +32,21 @@ def flops_per_image(model: nn.Module, image_shape: tuple[int, int, int], batch: 
     device = next(model.parameters()).device
     images = torch.randn(batch, *image_shape, device=device)
     counter = FlopCounterMode(display=False)
-    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), counter:
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), _experts_on_loop(model), counter:
         model(images)
     model.train(was_training)
     return counter.get_total_flops() / batch
+
+
+@contextmanager
+def _experts_on_loop(model: nn.Module) -> Iterator[None]:
+    """Every Experts module of the model runs its per-expert loop meanwhile (same FLOPs, countable)."""
+    experts = [m for m in model.modules() if isinstance(m, Experts)]
+    saved = [m.backend for m in experts]
+    for m in experts:
+        m.backend = "loop"
+    try:
+        yield
+    finally:
+        for m, backend in zip(experts, saved):
+            m.backend = backend

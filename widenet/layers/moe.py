@@ -343,7 +343,16 @@ class _GatherTokens(torch.autograd.Function):
     def backward(ctx, grad):  # grad: (M, D)
         (slot,) = ctx.saved_tensors
         full = _rows_at(grad, slot, ctx.k * ctx.n).view(ctx.k, ctx.n, -1)  # (K, N, D)
-        return full.sum(0), None, None
+        return _sum_choices(full), None, None
+
+
+def _sum_choices(parts: torch.Tensor) -> torch.Tensor:
+    """(K, N, D) -> (N, D) in parts' dtype. Plain adds, not .sum(0): CUDA autocast
+    runs sum in float32, which turned bf16 expert outputs into a float32 MoE output."""
+    out = parts[0]
+    for part in parts[1:]:
+        out = out + part
+    return out
 
 
 def _rows_at(src: torch.Tensor, index: torch.Tensor, num_rows: int) -> torch.Tensor:
@@ -364,7 +373,7 @@ class _Combine(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y, weight, slot, k: int, n: int):
         w = weight.index_select(0, slot).to(y.dtype).unsqueeze(1)  # (M, 1)
-        out = _rows_at(y * w, slot, k * n).view(k, n, -1).sum(0)  # (N, D)
+        out = _sum_choices(_rows_at(y * w, slot, k * n).view(k, n, -1))  # (N, D)
         ctx.save_for_backward(y, weight, slot)
         ctx.n = n
         return out
