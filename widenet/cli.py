@@ -4,8 +4,9 @@
     widenet params MODEL [MODEL ...] [--num-classes N] [--representation] [--json]
     widenet bench moe [--tokens --dim --hidden --experts --top-k --capacity-factor] [--json]
     widenet bench model MODEL [--batch-size N] [--steps N] [--json]
+    widenet bench attention [--tokens 17,50,197] [--heads 4 --head-dim 16] [--json]
     widenet train --model M --data D [--epochs N | --max-steps N] [--out DIR] [--resume] ...
-    widenet eval --checkpoint PATH [--data D] [--json]
+    widenet eval --checkpoint PATH [--data D] [--ema] [--json]
     widenet compare [--models A,B,...] [--preset quick|full] [--seeds N] [--epochs N] [--out DIR]
 
 Bad input exits with status 2 and a one-line message (no traceback).
@@ -20,7 +21,8 @@ from dataclasses import asdict
 from typing import Callable, Sequence
 
 from . import __version__
-from .cli_args import add_recipe_arguments, add_run_arguments, parse_setting, positive_float, positive_int
+from .cli_args import (add_recipe_arguments, add_run_arguments, parse_setting, positive_float, positive_int,
+                       positive_int_list)
 from .cli_text import add_text_commands
 
 
@@ -129,6 +131,19 @@ def cmd_bench_moe(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_attention(args: argparse.Namespace) -> int:
+    from .runtime import resolve_device
+    from .bench.attention_bench import format_attention_bench, run_attention_bench
+
+    device = str(resolve_device(args.device))
+    rows = run_attention_bench(args.tokens, args.heads, args.head_dim, repeats=args.repeats, device=device)
+    if args.json:
+        _print_json(rows)
+    else:
+        print(format_attention_bench(rows, args.heads, args.head_dim, device))
+    return 0
+
+
 def cmd_bench_model(args: argparse.Namespace) -> int:
     from .bench.model_bench import bench_model
 
@@ -163,8 +178,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     result = run_on_processes(train, train_config_from_args(args), args.ddp_backend, args.ddp_timeout)
     if result is not None:
-        e = result.final_eval
-        print(f"done: {result.steps} steps, test accuracy {e.accuracy:.4f}, loss {e.loss:.4f}, "
+        e, ema = result.final_eval, result.ema_eval
+        averaged = f" (EMA weights: {ema.accuracy:.4f}, loss {ema.loss:.4f})" if ema else ""
+        print(f"done: {result.steps} steps, test accuracy {e.accuracy:.4f}, loss {e.loss:.4f}{averaged}, "
               f"{result.train_images_per_s:.0f} images/s; run folder {result.out_dir}")
     return 0
 
@@ -173,11 +189,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .train.evaluate_cli import evaluate_checkpoint
 
     report = evaluate_checkpoint(args.checkpoint, data=args.data, data_dir=args.data_dir,
-                                 batch_size=args.batch_size, device=args.device, test_subset=args.test_subset)
+                                 batch_size=args.batch_size, device=args.device, test_subset=args.test_subset,
+                                 ema=args.ema)
     if args.json:
         _print_json(report)
         return 0
-    print(f"{report['model']} @ step {report['step']}: accuracy {report['accuracy']:.4f}, "
+    weights = " (EMA weights)" if args.ema else ""
+    print(f"{report['model']} @ step {report['step']}{weights}: accuracy {report['accuracy']:.4f}, "
           f"loss {report['loss']:.4f} on {report['examples']} {report['data']} test images")
     for r in report["routing"]:
         load = " ".join(f"{f:.2f}" for f in r["expert_fraction"])
@@ -231,6 +249,8 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--capacity-factor", type=positive_float)
     p.add_argument("--eval-capacity-factor", type=positive_float)
     p.add_argument("--noise-std", type=float)
+    p.add_argument("--ema-decay", type=float, metavar="D",
+                   help="also keep and evaluate an exponential moving average of the weights (e.g. 0.999)")
     add_run_arguments(p, "share_norms=True")
     p.add_argument("--out", help="run folder (metrics.jsonl, checkpoints/)")
     dist = p.add_argument_group("several processes (launch with torchrun --nproc_per_node N -m widenet train)")
@@ -274,6 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-subset", type=positive_int)
     p.add_argument("--batch-size", type=positive_int, default=512)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--ema", action="store_true", help="the averaged weights of a run trained with --ema-decay")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval)
 
@@ -313,6 +334,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peak-tflops", type=positive_float, help="device peak for MFU (known GPUs: looked up)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench_model)
+
+    p = bench.add_parser("attention", help="fused SDPA vs plain matmul attention by sequence length")
+    p.add_argument("--tokens", type=positive_int_list, default=[17, 32, 50, 197], metavar="T,T,...",
+                   help="sequence lengths (default 17,32,50,197)")
+    p.add_argument("--heads", type=positive_int, default=4)
+    p.add_argument("--head-dim", type=positive_int, default=16)
+    p.add_argument("--repeats", type=positive_int, default=30)
+    p.add_argument("--device", default="cpu", help="auto, cpu or cuda (default cpu)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_bench_attention)
 
     p = bench.add_parser("ddp", help="data-parallel scaling efficiency: torchrun with 1 and N processes")
     p.add_argument("--model", default="widenet_tiny")

@@ -95,6 +95,7 @@ class TrainConfig(RecipeConfig):
     flip: bool = True
     randaugment_n: int = 0
     randaugment_m: float = 15.0
+    ema_decay: float | None = None  # also evaluate an exponential moving average of the weights
     download: bool = True
     fsdp: bool = False  # under torchrun: shard weights, gradients and optimizer state (fully_shard)
     expert_parallel: int = 1  # under torchrun: split each MoE's experts over this many processes
@@ -112,6 +113,11 @@ class TrainConfig(RecipeConfig):
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.label_smoothing < 1:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
+        if self.ema_decay is not None and (self.fsdp or self.expert_parallel > 1):
+            raise ValueError("ema_decay works on one process or under plain data parallelism, "
+                             "not with fsdp or expert_parallel (their weights are split across processes)")
 
 
 RESUME_FREE_KEYS = TrainConfig.RESUME_FREE

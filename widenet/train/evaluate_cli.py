@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+from torch import nn
+
 from ..data.vision import load_dataset, subset
 from ..models.registry import create_model
 from ..models.vision import VisionConfig
 from ..runtime import resolve_device
-from .checkpoint import CheckpointError, find_latest_checkpoint, load_checkpoint
+from .checkpoint import CheckpointError, LoadedCheckpoint, find_latest_checkpoint, load_checkpoint
 from .evaluate import evaluate
 
 
 def evaluate_checkpoint(path: str, data: str | None = None, data_dir: str | None = None,
-                        batch_size: int = 512, device: str = "auto", test_subset: int | None = None) -> dict:
-    """Accuracy, loss and per-block routing of a saved model on a test split."""
+                        batch_size: int = 512, device: str = "auto", test_subset: int | None = None,
+                        ema: bool = False) -> dict:
+    """Accuracy, loss and per-block routing of a saved model on a test split.
+
+    ema: evaluate the weight average that `widenet train --ema-decay` keeps in the train state.
+    """
     ckpt = load_checkpoint(find_latest_checkpoint(path) or path)
     meta = ckpt.meta
     if "model" not in meta or "model_config" not in meta:
@@ -20,6 +26,8 @@ def evaluate_checkpoint(path: str, data: str | None = None, data_dir: str | None
     cfg = VisionConfig(**meta["model_config"])
     model = create_model(meta["model"], **_flat(cfg))
     load_checkpoint(ckpt.path, model)
+    if ema:
+        _load_ema_weights(ckpt, model)
     train_cfg = meta.get("train_config", {})
     name = data or meta.get("data", {}).get("name") or train_cfg.get("data")
     test = load_dataset(name, "test", data_dir or train_cfg.get("data_dir"), cfg.image_size)
@@ -33,6 +41,16 @@ def evaluate_checkpoint(path: str, data: str | None = None, data_dir: str | None
     dev = resolve_device(device)
     result = evaluate(model.to(dev), test, batch_size, dev, mean, std)
     return dict(model=meta["model"], step=ckpt.step, data=name, checkpoint=str(ckpt.path), **result.to_record())
+
+
+def _load_ema_weights(ckpt: LoadedCheckpoint, model: nn.Module) -> None:
+    averaged = ckpt.train_state.get("ema")
+    if not isinstance(averaged, dict) or "weights" not in averaged:
+        raise CheckpointError(f"{ckpt.path}: no averaged weights (the run was trained without --ema-decay)")
+    try:
+        model.load_state_dict(averaged["weights"])
+    except RuntimeError as err:
+        raise CheckpointError(f"{ckpt.path}: averaged weights do not fit the model: {err}") from None
 
 
 def _flat(cfg: VisionConfig) -> dict:

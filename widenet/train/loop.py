@@ -15,19 +15,20 @@ are reduced, and rank 0 alone logs and writes checkpoints.
 
 from __future__ import annotations
 
+import itertools
 import math
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from ..data.augment import AugmentConfig, augment_batch, mixup, one_hot_smoothed
+from ..data.augment import AugmentConfig, augment_batch, mixup, normalize, one_hot_smoothed
 from ..data.vision import ImageDataset, iterate_batches, load_dataset, num_batches, subset
 from ..distributed.env import DistEnv, main_process_first
 from ..distributed.parallel import ParallelContext
@@ -36,6 +37,7 @@ from ..runtime import autocast, autocast_dtype, resolve_device
 from .checkpoint import (CheckpointError, capture_rng_state, find_latest_checkpoint, load_checkpoint,
                          save_checkpoint)
 from .config import TrainConfig, resume_conflicts
+from .ema import ModelEMA
 from .evaluate import EvalResult
 from .metrics import MetricsLog
 from .optim import build_optimizer, build_schedule
@@ -53,6 +55,7 @@ class TrainResult:
     params: int
     train_images_per_s: float
     model: nn.Module
+    ema_eval: EvalResult | None = None  # of the averaged weights, with --ema-decay
 
 
 @dataclass
@@ -117,12 +120,13 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print,
         saved = _resume_weights(out, cfg, model, metrics, log)  # into the plain model, on every rank
     elif (out / "checkpoints").exists():
         raise ValueError(f"{out} already holds checkpoints; pass --resume to continue, or choose another --out")
+    ema = ModelEMA(model, cfg.ema_decay) if cfg.ema_decay else None  # the plain model's copy
     model = parallel.wrap(model, device)
     optimizer = build_optimizer(cfg.optimizer, parallel.module(model), cfg.lr, cfg.weight_decay)
     schedule = build_schedule(optimizer, min(warmup, total), total, cfg.schedule)
     progress, window_state = _Progress(), {}
     if saved is not None:
-        progress, window_state = _resume_state(saved, model, optimizer, schedule, parallel, log)
+        progress, window_state = _resume_state(saved, model, optimizer, schedule, parallel, log, ema)
 
     workers = f", {parallel.env.world_size} processes ({parallel.mode})" if parallel.distributed else ""
     log(f"training {cfg.model} ({params / 1e6:.3f}M params) on {cfg.data}: {len(train_set)} images, "
@@ -134,11 +138,23 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print,
         weights = parallel.model_state(model)  # collectives (if any) run on every rank
         state = dict(optimizer=parallel.optimizer_state(model, optimizer), scheduler=schedule.state_dict(),
                      rng=capture_rng_state(), progress=vars(progress).copy(), window=vars(window).copy())
+        if ema is not None:
+            state["ema"] = ema.state_dict()
         if parallel.is_main:
             save_checkpoint(out, progress.step, weights, state, dict(meta, epoch=progress.epoch), cfg.keep_last)
         parallel.barrier()
 
+    def evaluate() -> tuple[EvalResult, EvalResult | None]:
+        """The trained weights' and (with --ema-decay) the averaged weights' test results."""
+        final = parallel.evaluate(model, test_set, cfg.eval_batch_size, device, mean, std, amp)
+        if ema is None:
+            return final, None
+        with autocast(device, amp):
+            ema.recalibrate_batch_norm(_calibration_inputs(train_set, cfg, device, mean, std))
+        return final, parallel.evaluate(ema.module, test_set, cfg.eval_batch_size, device, mean, std, amp)
+
     final: EvalResult | None = None
+    final_ema: EvalResult | None = None
     bar = _progress_bar(total, progress.step, parallel.is_main)
     while progress.step < total:
         model.train()
@@ -153,6 +169,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print,
                 last = find_latest_checkpoint(out)
                 kept = f"the last good checkpoint {last} is intact" if last else "no checkpoint was saved yet"
                 raise TrainingError(f"loss became {loss} at step {progress.step + 1}; stopped ({kept}).")
+            if ema is not None:
+                ema.update(parallel.module(model))
             seconds = time.perf_counter() - started
             progress.step += 1
             progress.batch += 1
@@ -173,16 +191,20 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print,
         if progress.batch >= per_epoch:
             progress.epoch += 1
             progress.batch = 0
-        final = parallel.evaluate(model, test_set, cfg.eval_batch_size, device, mean, std, amp)
+        final, final_ema = evaluate()
         metrics.write(dict(split="test", step=progress.step, epoch=progress.epoch, **final.to_record()))
+        averaged = ""
+        if final_ema is not None:
+            metrics.write(dict(split="test_ema", step=progress.step, epoch=progress.epoch, **final_ema.to_record()))
+            averaged = f" (EMA weights: accuracy {final_ema.accuracy:.4f} loss {final_ema.loss:.4f})"
         log(f"epoch {progress.epoch}/{epochs} step {progress.step}: test accuracy {final.accuracy:.4f} "
-            f"loss {final.loss:.4f}")
+            f"loss {final.loss:.4f}{averaged}")
         checkpoint()
     bar.close()
     if final is None:  # resumed a finished run: report without training
-        final = parallel.evaluate(model, test_set, cfg.eval_batch_size, device, mean, std, amp)
+        final, final_ema = evaluate()
     speed = progress.images / progress.train_seconds if progress.train_seconds else 0.0
-    return TrainResult(out, progress.step, final, params, speed, parallel.module(model))
+    return TrainResult(out, progress.step, final, params, speed, parallel.module(model), final_ema)
 
 
 def _load_data_once(cfg: TrainConfig, parallel: ParallelContext) -> tuple[ImageDataset, ImageDataset]:
@@ -191,6 +213,17 @@ def _load_data_once(cfg: TrainConfig, parallel: ParallelContext) -> tuple[ImageD
         return load_data(cfg)
     with main_process_first():
         return load_data(cfg)
+
+
+EMA_CALIBRATION_BATCHES = 20
+
+
+def _calibration_inputs(data: ImageDataset, cfg: TrainConfig, device, mean, std) -> Iterator[torch.Tensor]:
+    """The same normalised, unaugmented training batches every time: the first EMA_CALIBRATION_BATCHES
+    of epoch 0's order (batch size as in training), for the weight average's BatchNorm statistics."""
+    batches = iterate_batches(data, cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=0)
+    for images, _ in itertools.islice(batches, EMA_CALIBRATION_BATCHES):
+        yield normalize(images.to(device), mean, std)
 
 
 def _progress_bar(total: int, done: int, show: bool = True) -> tqdm:
@@ -284,11 +317,15 @@ def _resume_weights(out: Path, cfg: TrainConfig, model: nn.Module, metrics: Metr
 
 
 def _resume_state(saved: dict, model: nn.Module, optimizer, schedule, parallel: ParallelContext,
-                  log: Callable[[str], None]) -> tuple[_Progress, dict]:
-    """Optimizer, schedule, RNG and counters from a checkpoint's train state."""
+                  log: Callable[[str], None], ema: ModelEMA | None = None) -> tuple[_Progress, dict]:
+    """Optimizer, schedule, RNG, counters and the weight average from a checkpoint's train state."""
     parallel.load_optimizer_state(model, optimizer, saved["optimizer"])
     schedule.load_state_dict(saved["scheduler"])
     parallel.restore_rng_state(saved["rng"])
+    if ema is not None and "ema" in saved:
+        ema.load_state_dict(saved["ema"])
+    elif ema is not None:
+        log("--ema-decay: the checkpoint holds no weight average; it starts from the resumed weights")
     log(f"resumed from {saved['path']} (step {saved['step']})")
     return _Progress(**saved["progress"]), dict(saved.get("window", {}))
 
