@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -143,7 +145,6 @@ def test_cli_eval_ema_reproduces_the_training_record(averaged_run, capsys):
     rc = main(["eval", "--checkpoint", cfg.out, "--ema", "--json"])
     out = capsys.readouterr().out
     assert rc == 0
-    import json
     report = json.loads(out)
     assert report["accuracy"] == result.ema_eval.accuracy
     assert report["loss"] == pytest.approx(result.ema_eval.loss, rel=1e-6)
@@ -187,3 +188,10 @@ def test_resume_restores_the_average_exactly(tmp_path, fmnist_dir, tiny_override
     assert resumed.ema_eval.accuracy == whole.ema_eval.accuracy
     assert (without_timing(read_metrics(tmp_path / "A" / "metrics.jsonl"))
             == without_timing(read_metrics(tmp_path / "B" / "metrics.jsonl")))
+
+
+def test_cli_bad_decay_is_a_one_line_error(tmp_path, capsys):
+    rc = main(["train", "--ema-decay", "1.5", "--max-steps", "1", "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "ema_decay must be in (0, 1), got 1.5" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()

@@ -1,9 +1,11 @@
 """Multi-head self-attention (Vaswani et al. 2017) on fused SDPA kernels.
 
 Short sequences on the CPU take a plain softmax(q k^T / sqrt(d)) v of batched
-matmuls instead: at 17 tokens (the small vision models) it runs forward and
-backward in ~0.7x the time of PyTorch's CPU flash kernel, which wins from
-about 50 tokens on (`widenet bench attention` prints both).
+matmuls instead: at 17 tokens (the small vision models with the conv stem) it
+runs forward and backward in ~0.6x the time of PyTorch's fused CPU kernel. The
+gap closes as sequences grow (two measurements put the crossover between 40
+and 65 tokens), so beyond SHORT_SEQUENCE the layer keeps the fused kernel
+(`widenet bench attention` prints both).
 """
 
 from __future__ import annotations
