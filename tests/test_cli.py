@@ -132,17 +132,6 @@ def test_bench_moe_text(capsys):
     assert "moe / dense" in out
 
 
-def test_bench_attention_json(capsys):
-    rc, out, err = _cli(["bench", "attention", "--tokens", "5,40", "--heads", 2, "--head-dim", 8,
-                         "--repeats", 1, "--json"], capsys)
-    assert rc == 0, err
-    rows = json.loads(out)
-    assert [r["tokens"] for r in rows] == [5, 40] and [r["batch"] for r in rows] == [2176 // 5, 2176 // 40]
-    for r in rows:
-        assert r["sdpa_ms"] > 0 and r["plain_ms"] > 0
-        assert r["plain_over_sdpa"] == pytest.approx(r["plain_ms"] / r["sdpa_ms"])
-
-
 def test_bench_model_json(capsys):
     rc, out, err = _cli(["bench", "model", "vit_tiny", "--batch-size", 4, "--steps", 1, "--device", "cpu",
                          "--json"], capsys)
@@ -225,10 +214,8 @@ def test_train_folder_without_data_dir(tmp_path, capsys):
     (["train", "--set", "dim"], "KEY=VALUE"),
     (["train", "--set", "=3"], "KEY=VALUE"),
     (["train", "--epochs", "2", "--max-steps", "3"], "not allowed with"),
-    (["bench", "attention", "--tokens", "17,0"], "--tokens"),
-    (["bench", "attention", "--tokens", "17,x"], "--tokens"),
 ], ids=["num-classes-0", "capacity-factor-0", "unknown-data", "set-without-equals", "set-without-key",
-        "epochs-and-max-steps", "attention-tokens-0", "attention-tokens-not-a-number"])
+        "epochs-and-max-steps"])
 def test_argument_errors_are_one_line(argv, expected, capsys):
     """Rejected by the argument parser: status 2 and, per the CLI's contract, one line on stderr."""
     rc, out, err = _cli(argv, capsys)

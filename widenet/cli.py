@@ -4,7 +4,6 @@
     widenet params MODEL [MODEL ...] [--num-classes N] [--representation] [--json]
     widenet bench moe [--tokens --dim --hidden --experts --top-k --capacity-factor] [--json]
     widenet bench model MODEL [--batch-size N] [--steps N] [--json]
-    widenet bench attention [--tokens 17,50,197] [--heads 4 --head-dim 16] [--json]
     widenet train --model M --data D [--epochs N | --max-steps N] [--out DIR] [--resume] ...
     widenet eval --checkpoint PATH [--data D] [--ema] [--json]
     widenet compare [--models A,B,...] [--preset quick|full] [--seeds N] [--epochs N] [--out DIR]
@@ -21,8 +20,7 @@ from dataclasses import asdict
 from typing import Callable, Sequence
 
 from . import __version__
-from .cli_args import (add_recipe_arguments, add_run_arguments, parse_setting, positive_float, positive_int,
-                       positive_int_list)
+from .cli_args import add_recipe_arguments, add_run_arguments, parse_setting, positive_float, positive_int
 from .cli_text import add_text_commands
 
 
@@ -128,19 +126,6 @@ def cmd_bench_moe(args: argparse.Namespace) -> int:
         _print_json(result)
     else:
         print(format_moe_bench(result))
-    return 0
-
-
-def cmd_bench_attention(args: argparse.Namespace) -> int:
-    from .runtime import resolve_device
-    from .bench.attention_bench import format_attention_bench, run_attention_bench
-
-    device = str(resolve_device(args.device))
-    rows = run_attention_bench(args.tokens, args.heads, args.head_dim, repeats=args.repeats, device=device)
-    if args.json:
-        _print_json(rows)
-    else:
-        print(format_attention_bench(rows, args.heads, args.head_dim, device))
     return 0
 
 
@@ -334,16 +319,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peak-tflops", type=positive_float, help="device peak for MFU (known GPUs: looked up)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench_model)
-
-    p = bench.add_parser("attention", help="fused SDPA vs plain matmul attention by sequence length")
-    p.add_argument("--tokens", type=positive_int_list, default=[17, 32, 50, 197], metavar="T,T,...",
-                   help="sequence lengths (default 17,32,50,197)")
-    p.add_argument("--heads", type=positive_int, default=4)
-    p.add_argument("--head-dim", type=positive_int, default=16)
-    p.add_argument("--repeats", type=positive_int, default=30)
-    p.add_argument("--device", default="cpu", help="auto, cpu or cuda (default cpu)")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_bench_attention)
 
     p = bench.add_parser("ddp", help="data-parallel scaling efficiency: torchrun with 1 and N processes")
     p.add_argument("--model", default="widenet_tiny")

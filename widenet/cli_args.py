@@ -15,11 +15,6 @@ def positive_int(text: str) -> int:
     return value
 
 
-def positive_int_list(text: str) -> list[int]:
-    """Comma-separated whole numbers >= 1: "17,50,197"."""
-    return [positive_int(part.strip()) for part in text.split(",")]
-
-
 def positive_float(text: str) -> float:
     try:
         value = float(text)

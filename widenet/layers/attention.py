@@ -1,27 +1,10 @@
-"""Multi-head self-attention (Vaswani et al. 2017) on fused SDPA kernels.
-
-Short sequences on the CPU take a plain softmax(q k^T / sqrt(d)) v of batched
-matmuls instead: at 17 tokens (the small vision models with the conv stem) it
-runs forward and backward in ~0.6x the time of PyTorch's fused CPU kernel. The
-gap closes as sequences grow (two measurements put the crossover between 40
-and 65 tokens), so beyond SHORT_SEQUENCE the layer keeps the fused kernel
-(`widenet bench attention` prints both).
-"""
+"""Multi-head self-attention (Vaswani et al. 2017) on fused SDPA kernels."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-
-SHORT_SEQUENCE = 32  # tokens; up to here the CPU runs plain_attention
-
-
-def plain_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T / sqrt(hs)) v on (B, nh, T, hs) tensors: SDPA without mask or dropout."""
-    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # (B, nh, T, T)
-    return scores.softmax(dim=-1) @ v
 
 
 class Attention(nn.Module):
@@ -48,9 +31,6 @@ class Attention(nn.Module):
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, nh, T, hs)
         mask = None if padding_mask is None else ~padding_mask[:, None, None, :]  # (B, 1, 1, T) True = attend
         drop = self.attn_dropout if self.training else 0.0
-        if x.device.type == "cpu" and t <= SHORT_SEQUENCE and mask is None and drop == 0.0:
-            y = plain_attention(q, k, v)  # (B, nh, T, hs)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)  # (B, nh, T, hs)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(b, t, d)  # (B, T, D)
         return self.proj_drop(self.proj(y))
