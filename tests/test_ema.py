@@ -140,6 +140,21 @@ def test_each_epoch_logs_the_average_and_the_checkpoint_keeps_it(averaged_run):
     assert any(not torch.equal(trained[k], v) for k, v in state["weights"].items() if v.is_floating_point())
 
 
+def test_skipped_evaluations_leave_the_average_alone(averaged_run, tmp_path):
+    """Recomputing the average's BatchNorm statistics for an evaluation touches neither it nor training."""
+    cfg, averaged = averaged_run
+    sparse = loop.train(_config(cfg.data_dir, tmp_path / "sparse", cfg.model_overrides, ema_decay=0.9,
+                                eval_every=2), log=_quiet)
+    tests = [(r["step"], r["split"]) for r in read_metrics(tmp_path / "sparse" / "metrics.jsonl")
+             if r["split"].startswith("test")]
+    assert tests == [(12, "test"), (12, "test_ema")]  # epoch 1 (step 8) skipped, the last kept
+    saved = [load_checkpoint(find_latest_checkpoint(run)).train_state["ema"]["weights"]
+             for run in (cfg.out, tmp_path / "sparse")]
+    for key, value in saved[0].items():
+        assert torch.equal(saved[1][key], value), key
+    assert sparse.ema_eval.accuracy == averaged.ema_eval.accuracy
+
+
 def test_cli_eval_ema_reproduces_the_training_record(averaged_run, capsys):
     cfg, result = averaged_run
     rc = main(["eval", "--checkpoint", cfg.out, "--ema", "--json"])

@@ -107,6 +107,25 @@ def test_metrics_jsonl_records(learned):
     assert result.train_images_per_s > 0
 
 
+def test_eval_every_skips_epochs_but_not_the_last_and_leaves_training_alone(learned, tmp_path, capsys):
+    cfg, result = learned
+    lines: list[str] = []
+    sparse = train(_config(cfg.data_dir, tmp_path / "run", cfg.model_overrides, eval_every=2), log=lines.append)
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in records if r["split"] == "test"] == [16, 32, 40]  # epochs 2, 4 and the last (5)
+    assert "epoch 1/5 step 8 (evaluated every 2 epochs)" in lines
+    for key, value in result.model.state_dict().items():  # evaluation draws no random numbers
+        assert torch.equal(sparse.model.state_dict()[key], value), key
+    assert sparse.final_eval.accuracy == result.final_eval.accuracy
+    assert (without_timing([r for r in records if r["split"] == "train"])
+            == without_timing([r for r in read_metrics(Path(cfg.out) / "metrics.jsonl") if r["split"] == "train"]))
+    # A resumed run may change it (it does not change training); the CLI refuses 0.
+    assert "eval_every" not in _config(cfg.data_dir, cfg.out, {}, eval_every=3).resume_conflicts(cfg.to_dict())
+    rc, _, err = _cli(["train", "--eval-every", "0", "--out", tmp_path / "bad"], capsys)
+    _assert_one_line_error(rc, err)
+    assert "--eval-every" in err and not (tmp_path / "bad").exists()
+
+
 def test_evaluate_routing_per_moe_block(learned, fmnist_dir):
     cfg, result = learned
     model = result.model

@@ -236,6 +236,8 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--noise-std", type=float)
     p.add_argument("--ema-decay", type=float, metavar="D",
                    help="also keep and evaluate an exponential moving average of the weights (e.g. 0.999)")
+    p.add_argument("--eval-every", type=positive_int, metavar="EPOCHS",
+                   help="evaluate on the test set every N epochs (default 1); the last epoch always")
     add_run_arguments(p, "share_norms=True")
     p.add_argument("--out", help="run folder (metrics.jsonl, checkpoints/)")
     dist = p.add_argument_group("several processes (launch with torchrun --nproc_per_node N -m widenet train)")

@@ -96,16 +96,17 @@ class TrainConfig(RecipeConfig):
     randaugment_n: int = 0
     randaugment_m: float = 15.0
     ema_decay: float | None = None  # also evaluate an exponential moving average of the weights
+    eval_every: int = 1  # evaluate on the test set every N epochs, and always after the last
     download: bool = True
     fsdp: bool = False  # under torchrun: shard weights, gradients and optimizer state (fully_shard)
     expert_parallel: int = 1  # under torchrun: split each MoE's experts over this many processes
 
     RESUME_FREE: ClassVar[tuple[str, ...]] = RecipeConfig.RESUME_FREE + (
-        "download", "data_dir", "test_subset", "fsdp", "expert_parallel")
+        "download", "data_dir", "test_subset", "fsdp", "expert_parallel", "eval_every")
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _positive(self, "expert_parallel")
+        _positive(self, "expert_parallel", "eval_every")
         _positive(self, "image_size", "train_subset", "test_subset", optional=True)
         _choice(self, "crop", CROP_NAMES)
         for name in ("mixup", "randaugment_n"):

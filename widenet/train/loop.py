@@ -153,6 +153,15 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print,
             ema.recalibrate_batch_norm(_calibration_inputs(train_set, cfg, device, mean, std))
         return final, parallel.evaluate(ema.module, test_set, cfg.eval_batch_size, device, mean, std, amp)
 
+    def log_evaluation(final: EvalResult, final_ema: EvalResult | None) -> None:
+        metrics.write(dict(split="test", step=progress.step, epoch=progress.epoch, **final.to_record()))
+        averaged = ""
+        if final_ema is not None:
+            metrics.write(dict(split="test_ema", step=progress.step, epoch=progress.epoch, **final_ema.to_record()))
+            averaged = f" (EMA weights: accuracy {final_ema.accuracy:.4f} loss {final_ema.loss:.4f})"
+        log(f"epoch {progress.epoch}/{epochs} step {progress.step}: test accuracy {final.accuracy:.4f} "
+            f"loss {final.loss:.4f}{averaged}")
+
     final: EvalResult | None = None
     final_ema: EvalResult | None = None
     bar = _progress_bar(total, progress.step, parallel.is_main)
@@ -191,14 +200,11 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print,
         if progress.batch >= per_epoch:
             progress.epoch += 1
             progress.batch = 0
-        final, final_ema = evaluate()
-        metrics.write(dict(split="test", step=progress.step, epoch=progress.epoch, **final.to_record()))
-        averaged = ""
-        if final_ema is not None:
-            metrics.write(dict(split="test_ema", step=progress.step, epoch=progress.epoch, **final_ema.to_record()))
-            averaged = f" (EMA weights: accuracy {final_ema.accuracy:.4f} loss {final_ema.loss:.4f})"
-        log(f"epoch {progress.epoch}/{epochs} step {progress.step}: test accuracy {final.accuracy:.4f} "
-            f"loss {final.loss:.4f}{averaged}")
+        if progress.step >= total or progress.epoch % cfg.eval_every == 0:
+            final, final_ema = evaluate()
+            log_evaluation(final, final_ema)
+        else:
+            log(f"epoch {progress.epoch}/{epochs} step {progress.step} (evaluated every {cfg.eval_every} epochs)")
         checkpoint()
     bar.close()
     if final is None:  # resumed a finished run: report without training
