@@ -22,7 +22,8 @@ from widenet.train import loop
 from widenet.train.checkpoint import (CheckpointError, checkpoint_dir_name, find_latest_checkpoint,
                                       list_checkpoints, load_checkpoint)
 from widenet.train.config import TrainConfig
-from widenet.train.evaluate import evaluate
+from widenet.data.augment import normalize
+from widenet.train.evaluate import evaluate, mean_of_views
 from widenet.train.loop import TrainingError, build_model_for, train
 from widenet.train.metrics import TIMING_KEYS, read_metrics, without_timing
 
@@ -107,23 +108,49 @@ def test_metrics_jsonl_records(learned):
     assert result.train_images_per_s > 0
 
 
-def test_eval_every_skips_epochs_but_not_the_last_and_leaves_training_alone(learned, tmp_path, capsys):
+def test_eval_every_and_tta_change_evaluation_not_training(learned, tmp_path, capsys):
+    """--eval-every 2 --tta flip: test lines after epochs 2, 4 and the last, each averaging an image's
+    and its mirror image's predictions (checked against a direct computation); the same weights as
+    a run evaluated every epoch on single views."""
     cfg, result = learned
     lines: list[str] = []
-    sparse = train(_config(cfg.data_dir, tmp_path / "run", cfg.model_overrides, eval_every=2), log=lines.append)
+    sparse = train(_config(cfg.data_dir, tmp_path / "run", cfg.model_overrides, eval_every=2, tta="flip"),
+                   log=lines.append)
     records = read_metrics(tmp_path / "run" / "metrics.jsonl")
-    assert [r["step"] for r in records if r["split"] == "test"] == [16, 32, 40]  # epochs 2, 4 and the last (5)
+    assert [(r["step"], r["tta"]) for r in records if r["split"] == "test"] == [(16, "flip"), (32, "flip"),
+                                                                                  (40, "flip")]  # epochs 2, 4, 5
     assert "epoch 1/5 step 8 (evaluated every 2 epochs)" in lines
+    assert any(line.startswith("epoch 5/5 step 40: test accuracy (flip TTA) ") for line in lines)
     for key, value in result.model.state_dict().items():  # evaluation draws no random numbers
         assert torch.equal(sparse.model.state_dict()[key], value), key
-    assert sparse.final_eval.accuracy == result.final_eval.accuracy
+
+    test_set = load_dataset("fashion-mnist", "test", cfg.data_dir, download=False)
+    train_set = load_dataset("fashion-mnist", "train", cfg.data_dir, download=False)
+    model = result.model.eval()
+    with torch.no_grad():  # all 64 test images in one call, as the evaluation's one batch of 512
+        x = normalize(test_set.images, train_set.mean, train_set.std)
+        probs = (model(x).logits.double().softmax(-1) + model(x.flip(-1)).logits.double().softmax(-1)) / 2
+    labels = test_set.labels
+    assert sparse.final_eval.accuracy == (probs.argmax(-1) == labels).double().mean().item()
+    assert sparse.final_eval.loss == pytest.approx(-probs[torch.arange(len(labels)), labels].log().mean().item(),
+                                                   rel=1e-5)
     assert (without_timing([r for r in records if r["split"] == "train"])
             == without_timing([r for r in read_metrics(Path(cfg.out) / "metrics.jsonl") if r["split"] == "train"]))
-    # A resumed run may change it (it does not change training); the CLI refuses 0.
-    assert "eval_every" not in _config(cfg.data_dir, cfg.out, {}, eval_every=3).resume_conflicts(cfg.to_dict())
-    rc, _, err = _cli(["train", "--eval-every", "0", "--out", tmp_path / "bad"], capsys)
-    _assert_one_line_error(rc, err)
-    assert "--eval-every" in err and not (tmp_path / "bad").exists()
+    # A resumed run may change them (they do not change training); the CLI refuses bad values.
+    changed = _config(cfg.data_dir, cfg.out, cfg.model_overrides, eval_every=3, tta="flip")
+    assert changed.resume_conflicts(cfg.to_dict()) == []
+    for flag, value in (("--eval-every", "0"), ("--tta", "rotate")):
+        rc, _, err = _cli(["train", flag, value, "--out", tmp_path / "bad"], capsys)
+        _assert_one_line_error(rc, err)
+        assert flag in err and not (tmp_path / "bad").exists()
+
+
+def test_mean_of_views_by_hand():
+    """softmax([0, ln 3]) = [1/4, 3/4] and its mirror [3/4, 1/4] average to [1/2, 1/2]."""
+    a = torch.tensor([[0.0, math.log(3.0)]])
+    both = mean_of_views(a, a.flip(-1))
+    assert torch.allclose(both, torch.full((1, 2), -math.log(2.0)))
+    assert torch.equal(mean_of_views(a), a.log_softmax(-1))
 
 
 def test_evaluate_routing_per_moe_block(learned, fmnist_dir):
@@ -176,8 +203,16 @@ def test_cli_eval_checkpoint_json(learned, capsys):
     rc, out, err = _cli(["eval", "--checkpoint", cfg.out, "--json", "--device", "cpu"], capsys)
     assert rc == 0, err
     report = json.loads(out)
-    assert report["model"] == "widenet_tiny" and report["step"] == LEARN_STEPS
+    assert report["model"] == "widenet_tiny" and report["step"] == LEARN_STEPS and report["tta"] == "none"
     assert report["accuracy"] == pytest.approx(result.final_eval.accuracy)
+    rc, out, err = _cli(["eval", "--checkpoint", cfg.out, "--json", "--tta", "flip"], capsys)
+    assert rc == 0, err
+    flipped = json.loads(out)
+    test_set = load_dataset("fashion-mnist", "test", cfg.data_dir, download=False)
+    train_set = load_dataset("fashion-mnist", "train", cfg.data_dir, download=False)
+    direct = evaluate(result.model, test_set, 512, torch.device("cpu"), train_set.mean, train_set.std, tta="flip")
+    assert flipped["tta"] == "flip" and flipped["accuracy"] == direct.accuracy
+    assert flipped["loss"] == pytest.approx(direct.loss, rel=1e-6) and flipped["loss"] != report["loss"]
     assert len(report["routing"]) == 2
     for block in report["routing"]:
         assert sum(block["expert_fraction"]) == pytest.approx(1.0, abs=1e-5)

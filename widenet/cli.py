@@ -175,11 +175,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     report = evaluate_checkpoint(args.checkpoint, data=args.data, data_dir=args.data_dir,
                                  batch_size=args.batch_size, device=args.device, test_subset=args.test_subset,
-                                 ema=args.ema)
+                                 ema=args.ema, tta=args.tta or "none")
     if args.json:
         _print_json(report)
         return 0
     weights = " (EMA weights)" if args.ema else ""
+    weights += f" ({report['tta']} TTA)" if report["tta"] != "none" else ""
     print(f"{report['model']} @ step {report['step']}{weights}: accuracy {report['accuracy']:.4f}, "
           f"loss {report['loss']:.4f} on {report['examples']} {report['data']} test images")
     for r in report["routing"]:
@@ -217,6 +218,14 @@ def _add_data_and_budget(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"))
 
 
+def _add_tta_argument(p: argparse.ArgumentParser) -> None:
+    from .train.config import TTA_NAMES
+
+    p.add_argument("--tta", choices=TTA_NAMES,
+                   help="test-time augmentation: flip averages each image's and its mirror's predictions "
+                        "(default none)")
+
+
 def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     from .train.config import CROP_NAMES
 
@@ -238,6 +247,7 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="also keep and evaluate an exponential moving average of the weights (e.g. 0.999)")
     p.add_argument("--eval-every", type=positive_int, metavar="EPOCHS",
                    help="evaluate on the test set every N epochs (default 1); the last epoch always")
+    _add_tta_argument(p)
     add_run_arguments(p, "share_norms=True")
     p.add_argument("--out", help="run folder (metrics.jsonl, checkpoints/)")
     dist = p.add_argument_group("several processes (launch with torchrun --nproc_per_node N -m widenet train)")
@@ -282,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=positive_int, default=512)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--ema", action="store_true", help="the averaged weights of a run trained with --ema-decay")
+    _add_tta_argument(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval)
 

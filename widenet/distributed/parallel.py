@@ -273,13 +273,14 @@ class ParallelContext:
 
     # -- evaluation -------------------------------------------------------------------
     def evaluate(self, model: nn.Module, data: ImageDataset, batch_size: int, device: torch.device,
-                 mean: Sequence[float], std: Sequence[float], amp: torch.dtype | None = None) -> EvalResult:
+                 mean: Sequence[float], std: Sequence[float], amp: torch.dtype | None = None,
+                 tta: str = "none") -> EvalResult:
         """The one-process evaluate(), or each rank's slices of every batch with the sums all-reduced."""
         net = self.module(model)
         if not self.distributed:
-            return evaluate(net, data, batch_size, device, mean, std, amp)
+            return evaluate(net, data, batch_size, device, mean, std, amp, tta)
         batches = ((self.shard(x), self.shard(y)) for x, y in iterate_batches(data, batch_size, shuffle=False))
-        return _all_reduce_sums(evaluation_sums(net, batches, device, mean, std, amp)).result()
+        return _all_reduce_sums(evaluation_sums(net, batches, device, mean, std, amp, tta)).result()
 
     # -- checkpoints --------------------------------------------------------------------
     def model_state(self, model: nn.Module) -> nn.Module | dict[str, torch.Tensor]:

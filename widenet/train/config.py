@@ -11,6 +11,7 @@ from typing import Any, ClassVar
 OPTIMIZER_NAMES = ("adamw", "lamb")
 SCHEDULE_NAMES = ("linear", "cosine", "constant")
 CROP_NAMES = ("none", "pad-crop", "inception")
+TTA_NAMES = ("none", "flip")  # test-time augmentation (widenet.train.evaluate)
 
 
 @dataclass
@@ -97,18 +98,20 @@ class TrainConfig(RecipeConfig):
     randaugment_m: float = 15.0
     ema_decay: float | None = None  # also evaluate an exponential moving average of the weights
     eval_every: int = 1  # evaluate on the test set every N epochs, and always after the last
+    tta: str = "none"  # test-time augmentation: "flip" averages each test image's and its mirror's predictions
     download: bool = True
     fsdp: bool = False  # under torchrun: shard weights, gradients and optimizer state (fully_shard)
     expert_parallel: int = 1  # under torchrun: split each MoE's experts over this many processes
 
     RESUME_FREE: ClassVar[tuple[str, ...]] = RecipeConfig.RESUME_FREE + (
-        "download", "data_dir", "test_subset", "fsdp", "expert_parallel", "eval_every")
+        "download", "data_dir", "test_subset", "fsdp", "expert_parallel", "eval_every", "tta")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _positive(self, "expert_parallel", "eval_every")
         _positive(self, "image_size", "train_subset", "test_subset", optional=True)
         _choice(self, "crop", CROP_NAMES)
+        _choice(self, "tta", TTA_NAMES)
         for name in ("mixup", "randaugment_n"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
@@ -13,6 +14,7 @@ from ..data.augment import normalize
 from ..data.vision import ImageDataset, iterate_batches
 from ..layers.moe import RoutingStats
 from ..runtime import autocast
+from .config import TTA_NAMES
 
 
 @dataclass
@@ -80,17 +82,31 @@ class EvalSums:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data: ImageDataset, batch_size: int, device: torch.device,
-             mean: Sequence[float], std: Sequence[float], amp: torch.dtype | None = None) -> EvalResult:
+             mean: Sequence[float], std: Sequence[float], amp: torch.dtype | None = None,
+             tta: str = "none") -> EvalResult:
     """Eval mode (no noise, no dropout, eval capacity), whole dataset in order."""
     batches = iterate_batches(data, batch_size, shuffle=False)
-    return evaluation_sums(model, batches, device, mean, std, amp).result()
+    return evaluation_sums(model, batches, device, mean, std, amp, tta).result()
+
+
+def mean_of_views(*logits: torch.Tensor) -> torch.Tensor:
+    """Log of the class probabilities averaged over views: (B, K) logits each -> (B, K) float32
+    log-probabilities. One view gives its log-softmax."""
+    log_probs = torch.stack([v.float().log_softmax(-1) for v in logits])  # (V, B, K)
+    return torch.logsumexp(log_probs, 0) - math.log(len(logits))
 
 
 @torch.no_grad()
 def evaluation_sums(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
                     device: torch.device, mean: Sequence[float], std: Sequence[float],
-                    amp: torch.dtype | None = None) -> EvalSums:
-    """Sums of loss, correct predictions and routing over (uint8 images, labels) batches, in eval mode."""
+                    amp: torch.dtype | None = None, tta: str = "none") -> EvalSums:
+    """Sums of loss, correct predictions and routing over (uint8 images, labels) batches, in eval mode.
+
+    tta="flip": predictions average the class probabilities of each image and its mirror image
+    (test-time augmentation, twice the compute); routing is the unflipped images'.
+    """
+    if tta not in TTA_NAMES:
+        raise ValueError(f"tta must be one of {', '.join(TTA_NAMES)}, got {tta!r}")
     was_training = model.training
     model.eval()
     sums = EvalSums()
@@ -99,9 +115,11 @@ def evaluation_sums(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torc
         labels = labels.to(device)
         with autocast(device, amp):
             out = model(x)
+            views = (out.logits, model(x.flip(-1)).logits) if tta == "flip" else (out.logits,)
+        log_probs = mean_of_views(*views)  # (B, K)
         n = labels.numel()
-        sums.loss += float(F.cross_entropy(out.logits.float(), labels, reduction="sum"))
-        sums.correct += int((out.logits.argmax(-1) == labels).sum())
+        sums.loss += float(F.nll_loss(log_probs, labels, reduction="sum"))
+        sums.correct += int((log_probs.argmax(-1) == labels).sum())
         sums.seen += n
         for block, stats in enumerate(out.routing):
             if stats is not None:  # weight by batch size: per-call fractions -> dataset fractions

@@ -14,10 +14,11 @@ from .evaluate import evaluate
 
 def evaluate_checkpoint(path: str, data: str | None = None, data_dir: str | None = None,
                         batch_size: int = 512, device: str = "auto", test_subset: int | None = None,
-                        ema: bool = False) -> dict:
+                        ema: bool = False, tta: str = "none") -> dict:
     """Accuracy, loss and per-block routing of a saved model on a test split.
 
     ema: evaluate the weight average that `widenet train --ema-decay` keeps in the train state.
+    tta: "flip" averages each image's and its mirror image's predictions.
     """
     ckpt = load_checkpoint(find_latest_checkpoint(path) or path)
     meta = ckpt.meta
@@ -39,8 +40,9 @@ def evaluate_checkpoint(path: str, data: str | None = None, data_dir: str | None
     stats = meta.get("data", {})
     mean, std = stats.get("mean", test.mean), stats.get("std", test.std)
     dev = resolve_device(device)
-    result = evaluate(model.to(dev), test, batch_size, dev, mean, std)
-    return dict(model=meta["model"], step=ckpt.step, data=name, checkpoint=str(ckpt.path), **result.to_record())
+    result = evaluate(model.to(dev), test, batch_size, dev, mean, std, tta=tta)
+    return dict(model=meta["model"], step=ckpt.step, data=name, checkpoint=str(ckpt.path), tta=tta,
+                **result.to_record())
 
 
 def _load_ema_weights(ckpt: LoadedCheckpoint, model: nn.Module) -> None:

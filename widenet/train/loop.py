@@ -146,20 +146,22 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print,
 
     def evaluate() -> tuple[EvalResult, EvalResult | None]:
         """The trained weights' and (with --ema-decay) the averaged weights' test results."""
-        final = parallel.evaluate(model, test_set, cfg.eval_batch_size, device, mean, std, amp)
+        final = parallel.evaluate(model, test_set, cfg.eval_batch_size, device, mean, std, amp, cfg.tta)
         if ema is None:
             return final, None
         with autocast(device, amp):
             ema.recalibrate_batch_norm(_calibration_inputs(train_set, cfg, device, mean, std))
-        return final, parallel.evaluate(ema.module, test_set, cfg.eval_batch_size, device, mean, std, amp)
+        return final, parallel.evaluate(ema.module, test_set, cfg.eval_batch_size, device, mean, std, amp, cfg.tta)
 
     def log_evaluation(final: EvalResult, final_ema: EvalResult | None) -> None:
-        metrics.write(dict(split="test", step=progress.step, epoch=progress.epoch, **final.to_record()))
+        at = dict(step=progress.step, epoch=progress.epoch, tta=cfg.tta)
+        metrics.write(dict(split="test", **at, **final.to_record()))
         averaged = ""
         if final_ema is not None:
-            metrics.write(dict(split="test_ema", step=progress.step, epoch=progress.epoch, **final_ema.to_record()))
+            metrics.write(dict(split="test_ema", **at, **final_ema.to_record()))
             averaged = f" (EMA weights: accuracy {final_ema.accuracy:.4f} loss {final_ema.loss:.4f})"
-        log(f"epoch {progress.epoch}/{epochs} step {progress.step}: test accuracy {final.accuracy:.4f} "
+        views = f" ({cfg.tta} TTA)" if cfg.tta != "none" else ""
+        log(f"epoch {progress.epoch}/{epochs} step {progress.step}: test accuracy{views} {final.accuracy:.4f} "
             f"loss {final.loss:.4f}{averaged}")
 
     final: EvalResult | None = None
