@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from torch import nn
 from widenet.cli import main
 from widenet.models.registry import create_model
 from widenet.train import loop
-from widenet.train.checkpoint import find_latest_checkpoint, load_checkpoint
+from widenet.train.checkpoint import checkpoint_dir_name, find_latest_checkpoint, load_checkpoint
 from widenet.train.config import TrainConfig
 from widenet.train.ema import ModelEMA
 from widenet.train.metrics import read_metrics, without_timing
@@ -141,17 +142,19 @@ def test_each_epoch_logs_the_average_and_the_checkpoint_keeps_it(averaged_run):
 
 
 def test_skipped_evaluations_leave_the_average_alone(averaged_run, tmp_path):
-    """Recomputing the average's BatchNorm statistics for an evaluation touches neither it nor training."""
+    """Recomputing the average's BatchNorm statistics for an evaluation touches neither it nor training;
+    a checkpoint without an evaluation gets them recomputed too (for `widenet eval --ema`)."""
     cfg, averaged = averaged_run
     sparse = loop.train(_config(cfg.data_dir, tmp_path / "sparse", cfg.model_overrides, ema_decay=0.9,
                                 eval_every=2), log=_quiet)
     tests = [(r["step"], r["split"]) for r in read_metrics(tmp_path / "sparse" / "metrics.jsonl")
              if r["split"].startswith("test")]
     assert tests == [(12, "test"), (12, "test_ema")]  # epoch 1 (step 8) skipped, the last kept
-    saved = [load_checkpoint(find_latest_checkpoint(run)).train_state["ema"]["weights"]
-             for run in (cfg.out, tmp_path / "sparse")]
-    for key, value in saved[0].items():
-        assert torch.equal(saved[1][key], value), key
+    for step in (8, 12):  # step 8's checkpoint without an evaluation: its statistics recomputed all the same
+        saved = [load_checkpoint(run / "checkpoints" / checkpoint_dir_name(step)).train_state["ema"]["weights"]
+                 for run in (Path(cfg.out), tmp_path / "sparse")]
+        for key, value in saved[0].items():
+            assert torch.equal(saved[1][key], value), (step, key)
     assert sparse.ema_eval.accuracy == averaged.ema_eval.accuracy
 
 

@@ -10,7 +10,8 @@ BatchNorm's running statistics describe the trained weights, not their average:
 an average of convolution kernels that rotate under weight decay has a smaller
 norm, so its outputs are smaller than the copied statistics expect (a first run
 lost ~1 point this way). `recalibrate_batch_norm` recomputes them for the averaged
-weights from a few training batches before each evaluation, as SWA does.
+weights from a few training batches before each evaluation and each checkpoint, as
+SWA does.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class ModelEMA:
             raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
         self.decay = decay
         self.updates = 0
+        self.calibrated_at: int | None = None  # `updates` when BatchNorm was last recalibrated
         self.module = copy.deepcopy(model).eval().requires_grad_(False)
 
     def current_decay(self) -> float:
@@ -51,6 +53,7 @@ class ModelEMA:
         """Recompute every BatchNorm's running mean and variance for the averaged weights: the average
         over the batches `inputs` (model inputs, e.g. normalised training images) of each batch's
         statistics. The rest of the model stays in eval mode. False (nothing read) without BatchNorm."""
+        self.calibrated_at = self.updates
         norms = [m for m in self.module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         if not norms:
             return False

@@ -134,7 +134,14 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print,
 
     window = _Window(**window_state)
 
+    def calibrate_average() -> None:
+        """Recompute the weight average's BatchNorm statistics, unless done since its last update."""
+        if ema is not None and ema.calibrated_at != ema.updates:
+            with autocast(device, amp):
+                ema.recalibrate_batch_norm(_calibration_inputs(train_set, cfg, device, mean, std))
+
     def checkpoint() -> None:
+        calibrate_average()  # so that `widenet eval --ema` of any checkpoint finds fitting statistics
         weights = parallel.model_state(model)  # collectives (if any) run on every rank
         state = dict(optimizer=parallel.optimizer_state(model, optimizer), scheduler=schedule.state_dict(),
                      rng=capture_rng_state(), progress=vars(progress).copy(), window=vars(window).copy())
@@ -149,8 +156,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print,
         final = parallel.evaluate(model, test_set, cfg.eval_batch_size, device, mean, std, amp, cfg.tta)
         if ema is None:
             return final, None
-        with autocast(device, amp):
-            ema.recalibrate_batch_norm(_calibration_inputs(train_set, cfg, device, mean, std))
+        calibrate_average()
         return final, parallel.evaluate(ema.module, test_set, cfg.eval_batch_size, device, mean, std, amp, cfg.tta)
 
     def log_evaluation(final: EvalResult, final_ema: EvalResult | None) -> None:
