@@ -4,8 +4,8 @@
     widenet params MODEL [MODEL ...] [--num-classes N] [--representation] [--json]
     widenet bench moe [--tokens --dim --hidden --experts --top-k --capacity-factor] [--json]
     widenet bench model MODEL [--batch-size N] [--steps N] [--json]
-    widenet train --model M --data D [--epochs N | --max-steps N] [--out DIR] [--resume] ...
-    widenet eval --checkpoint PATH [--data D] [--ema] [--json]
+    widenet train --model M --data D [--epochs N | --max-steps N] [--eval-every N] [--tta flip] [--out DIR] [--resume] ...
+    widenet eval --checkpoint PATH [--data D] [--ema] [--tta flip] [--json]
     widenet compare [--models A,B,...] [--preset quick|full] [--seeds N] [--epochs N] [--out DIR]
 
 Bad input exits with status 2 and a one-line message (no traceback).
