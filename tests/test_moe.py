@@ -631,25 +631,43 @@ def _loop_and_grouped(**kw):
     return loop, grouped
 
 
+def _assert_same_results(reference: MoE, other: MoE, tokens: int, **tol) -> None:
+    """Equal outputs, aux loss, stats and gradients (input and every parameter) on skewed routing."""
+    with torch.no_grad():
+        for m in (reference, other):
+            m.router.weight.mul_(3.0)
+            m.router.weight[0] += 0.5  # skewed: some experts overflow, some may get nothing
+    x = _skewed_x(tokens, reference.dim).to(reference.router.weight.dtype)
+    results = []
+    for m in (reference, other):
+        xi = x.clone().requires_grad_(True)
+        res = m(xi)
+        g = torch.randn(res.output.shape, generator=torch.Generator().manual_seed(1), dtype=x.dtype)
+        ((res.output * g).sum() + 0.3 * res.aux_loss).backward()
+        results.append([res.output, res.aux_loss, res.stats.dropped_fraction, xi.grad]
+                       + [p.grad for p in _params(m)])
+    names = ["output", "aux", "dropped", "x", "router", "w1", "b1", "w2", "b2"]
+    for name, a, b in zip(names, *results):
+        torch.testing.assert_close(b, a, **tol, msg=lambda m, n=name: f"{n}: {m}")
+
+
 @pytest.mark.parametrize("experts,top_k,factor,dropless,renorm,tokens", CASES)
 def test_grouped_backend_matches_loop(experts, top_k, factor, dropless, renorm, tokens):
     """torch._grouped_mm forward and hand-written backward give the loop's outputs and gradients."""
     loop, grouped = _loop_and_grouped(experts=experts, top_k=top_k, capacity_factor=factor,
                                       dropless=dropless, renormalize=renorm)
-    with torch.no_grad():
-        for m in (loop, grouped):
-            m.router.weight.mul_(3.0)
-            m.router.weight[0] += 0.5  # skewed: some experts overflow, some may get nothing
-    x = _skewed_x(tokens, loop.dim).float()
-    results = []
-    for m in (loop, grouped):
-        xi = x.clone().requires_grad_(True)
-        res = m(xi)
-        g = torch.randn(res.output.shape, generator=torch.Generator().manual_seed(1))
-        ((res.output * g).sum() + 0.3 * res.aux_loss).backward()
-        results.append([res.output, res.aux_loss, xi.grad] + [p.grad for p in _params(m)])
-    for name, a, b in zip(["output", "aux", "x", "router", "w1", "b1", "w2", "b2"], *results):
-        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+    _assert_same_results(loop, grouped, tokens, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("experts,top_k,factor,dropless,renorm,tokens", CASES)
+def test_fused_local_experts_match_the_three_step_path(experts, top_k, factor, dropless, renorm, tokens):
+    """The one-node gather + experts + combine (local experts) against gather, experts and
+    combine as three autograd nodes (the path an expert-parallel layer takes)."""
+    kw = dict(experts=experts, top_k=top_k, capacity_factor=factor, dropless=dropless, renormalize=renorm)
+    fused, three_step = _moe(**kw), _moe(**kw)
+    three_step.load_state_dict(fused.state_dict())
+    three_step.local_experts = False
+    _assert_same_results(three_step, fused, tokens, rtol=1e-12, atol=1e-12)
 
 
 def test_grouped_backend_with_an_expert_that_gets_no_tokens():

@@ -121,6 +121,8 @@ class ExpertParallelMoE(MoE):
     rank's tokens. Build it from an existing MoE with :meth:`from_moe`.
     """
 
+    local_experts = False  # rows travel to the ranks that own their experts
+
     def __init__(self, dim: int, hidden_dim: int, num_experts: int, top_k: int = 2,
                  capacity_factor: float = 1.2, eval_capacity_factor: float | None = None,
                  noise_std: float | None = None, dropless: bool = False,
