@@ -71,6 +71,20 @@ def test_list_same_output_from_script_module_and_main(capsys, tmp_path):
     assert set(PAPER_PARAMS_M) | {"vit_tiny", "vit_moe_tiny", "albert_tiny", "widenet_tiny"} <= set(names)
 
 
+def test_closed_stdout_pipe_ends_quietly():
+    """`widenet list | head -0`: the reader is gone before anything is written. No traceback,
+    no "Exception ignored" message; the status a shell reports for a process SIGPIPE ended."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "widenet", "list"], stdout=write_end,
+                              stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 141
+    assert proc.stderr == ""
+
+
 def test_list_json(capsys):
     rc, out, _ = _cli(["list", "--json"], capsys)
     assert rc == 0

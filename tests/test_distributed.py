@@ -35,6 +35,7 @@ from widenet.distributed.parallel import ParallelContext, check_global_batch, ch
 from widenet.layers.moe import MoE
 from widenet.train.checkpoint import load_checkpoint
 from widenet.train.config import TrainConfig
+from widenet.train.evaluate_cli import evaluate_checkpoint
 from widenet.train.loop import build_model_for, train
 from widenet.train.metrics import read_metrics
 
@@ -224,7 +225,8 @@ def test_ddp_two_processes_match_one_process(tmp_path, fmnist_dir, tiny_set_args
     out = tmp_path / "ddp"
     args = ["train", "--data-dir", str(fmnist_dir), *tiny_set_args, "--set", "dropless=True", "--noise-std", "0",
             "--dropout", "0", "--aux-weight", "0", "--max-steps", str(STEPS), "--batch-size", "32", "--lr", "3e-3",
-            "--log-every", "1", "--save-every", "2", "--device", "cpu", "--ddp-timeout", "60", "--out", str(out)]
+            "--log-every", "1", "--save-every", "2", "--device", "cpu", "--ddp-timeout", "60", "--tta", "flip",
+            "--out", str(out)]
     rc = _torchrun(args, _cli_env(tmp_path), tmp_path / "torchrun.log")
     text = (tmp_path / "torchrun.log").read_text(errors="replace")
     assert rc == 0, text[-3000:]
@@ -240,6 +242,9 @@ def test_ddp_two_processes_match_one_process(tmp_path, fmnist_dir, tiny_set_args
     _assert_close_weights(load_file(str(out / final)), load_file(str(reference / final)))
     assert _train_losses(out) == pytest.approx(_train_losses(reference), abs=1e-5)
     assert records[-1]["examples"] == 64  # evaluation sharded over both ranks, reduced
+    alone = evaluate_checkpoint(str(out), device="cpu", tta="flip")  # the same weights in one process
+    for key in ("accuracy", "single_accuracy", "loss", "single_loss"):
+        assert records[-1][key] == pytest.approx(alone[key], abs=1e-6), key
 
     # The checkpoint loads in one process, and a world-size-1 resume of step 2 ends where the reference does.
     cfg = _config(fmnist_dir, tmp_path / "resumed", tiny_overrides, resume=True)

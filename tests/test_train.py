@@ -120,7 +120,8 @@ def test_eval_every_and_tta_change_evaluation_not_training(learned, tmp_path, ca
     assert [(r["step"], r["tta"]) for r in records if r["split"] == "test"] == [(16, "flip"), (32, "flip"),
                                                                                   (40, "flip")]  # epochs 2, 4, 5
     assert "epoch 1/5 step 8 (evaluated every 2 epochs)" in lines
-    assert any(line.startswith("epoch 5/5 step 40: test accuracy (flip TTA) ") for line in lines)
+    final_line = [line for line in lines if line.startswith("epoch 5/5 step 40: test accuracy ")]
+    assert len(final_line) == 1 and "(flip TTA; single images: accuracy " in final_line[0]
     for key, value in result.model.state_dict().items():  # evaluation draws no random numbers
         assert torch.equal(sparse.model.state_dict()[key], value), key
 
@@ -134,6 +135,11 @@ def test_eval_every_and_tta_change_evaluation_not_training(learned, tmp_path, ca
     assert sparse.final_eval.accuracy == (probs.argmax(-1) == labels).double().mean().item()
     assert sparse.final_eval.loss == pytest.approx(-probs[torch.arange(len(labels)), labels].log().mean().item(),
                                                    rel=1e-5)
+    # The plain images' own numbers come along: those of the run evaluated without TTA.
+    assert (sparse.final_eval.single_accuracy, result.final_eval.single_accuracy) == (result.final_eval.accuracy, None)
+    assert sparse.final_eval.single_loss == pytest.approx(result.final_eval.loss, rel=1e-6)
+    final_record = [r for r in records if r["split"] == "test"][-1]
+    assert final_record["single_accuracy"] == result.final_eval.accuracy
     assert (without_timing([r for r in records if r["split"] == "train"])
             == without_timing([r for r in read_metrics(Path(cfg.out) / "metrics.jsonl") if r["split"] == "train"]))
     # A resumed run may change them (they do not change training); the CLI refuses bad values.
@@ -213,6 +219,10 @@ def test_cli_eval_checkpoint_json(learned, capsys):
     direct = evaluate(result.model, test_set, 512, torch.device("cpu"), train_set.mean, train_set.std, tta="flip")
     assert flipped["tta"] == "flip" and flipped["accuracy"] == direct.accuracy
     assert flipped["loss"] == pytest.approx(direct.loss, rel=1e-6) and flipped["loss"] != report["loss"]
+    assert (flipped["single_accuracy"], "single_accuracy" in report) == (report["accuracy"], False)
+    rc, out, err = _cli(["eval", "--checkpoint", cfg.out, "--tta", "flip"], capsys)
+    assert rc == 0 and out.splitlines()[1] == (f"  single images: accuracy {report['accuracy']:.4f}, "
+                                               f"loss {flipped['single_loss']:.4f}")
     assert len(report["routing"]) == 2
     for block in report["routing"]:
         assert sum(block["expert_fraction"]) == pytest.approx(1.0, abs=1e-5)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import asdict
 from typing import Callable, Sequence
@@ -183,6 +184,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     weights += f" ({report['tta']} TTA)" if report["tta"] != "none" else ""
     print(f"{report['model']} @ step {report['step']}{weights}: accuracy {report['accuracy']:.4f}, "
           f"loss {report['loss']:.4f} on {report['examples']} {report['data']} test images")
+    if "single_accuracy" in report:
+        print(f"  single images: accuracy {report['single_accuracy']:.4f}, loss {report['single_loss']:.4f}")
     for r in report["routing"]:
         load = " ".join(f"{f:.2f}" for f in r["expert_fraction"])
         print(f"  block {r['block']:>2}: expert load [{load}]  dropped {r['dropped_fraction']:.3f}")
@@ -351,7 +354,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
-        return func(args)
+        code = func(args)
+        sys.stdout.flush()  # output still buffered for a closed pipe fails here, where it is handled
+        return code
     except (CLIError, ValueError, TrainingError) as err:
         # Library and user errors: one line, no traceback.
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
@@ -360,3 +365,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("widenet: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader closed the pipe (`widenet list | head -1`): stop quietly, as cat does,
+        # and keep the interpreter's final flush of stdout from raising again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE: what a shell reports for a process that signal ended

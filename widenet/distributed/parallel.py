@@ -364,14 +364,16 @@ def _on_backend_device(t: torch.Tensor) -> torch.Tensor:
 def _all_reduce_sums(sums: EvalSums) -> EvalSums:
     """EvalSums summed over ranks (every rank saw the same MoE blocks)."""
     blocks = sorted(sums.load)
-    parts = [torch.tensor([sums.loss, sums.correct, sums.seen], dtype=torch.float64)]
+    parts = [torch.tensor([sums.loss, sums.correct, sums.seen, sums.single_loss, sums.single_correct],
+                          dtype=torch.float64)]
     parts += [sums.load[b].double() for b in blocks]
     parts.append(torch.tensor([sums.dropped[b] for b in blocks], dtype=torch.float64))
     flat = _on_backend_device(torch.cat(parts))
     all_reduce_sum(flat)
     flat = flat.cpu()
-    out = EvalSums(loss=float(flat[0]), correct=int(round(float(flat[1]))), seen=int(round(float(flat[2]))))
-    offset = 3
+    out = EvalSums(loss=float(flat[0]), correct=int(round(float(flat[1]))), seen=int(round(float(flat[2]))),
+                   single_loss=float(flat[3]), single_correct=int(round(float(flat[4]))), tta=sums.tta)
+    offset = 5
     for b in blocks:
         n = sums.load[b].numel()
         out.load[b] = flat[offset:offset + n].float()

@@ -28,13 +28,20 @@ class BlockRouting:
 
 @dataclass
 class EvalResult:
+    """accuracy, loss: of the predictions (with test-time augmentation, of the averaged views);
+    single_accuracy, single_loss: of the plain images alone, set only under test-time augmentation."""
+
     accuracy: float
     loss: float
     examples: int
     routing: list[BlockRouting] = field(default_factory=list)
+    single_accuracy: float | None = None
+    single_loss: float | None = None
 
     def to_record(self) -> dict:
-        return dict(accuracy=self.accuracy, loss=self.loss, examples=self.examples,
+        single = {} if self.single_accuracy is None else dict(single_accuracy=self.single_accuracy,
+                                                               single_loss=self.single_loss)
+        return dict(accuracy=self.accuracy, loss=self.loss, examples=self.examples, **single,
                     routing=[vars(r) for r in self.routing])
 
 
@@ -63,21 +70,29 @@ class RoutingTally:
 class EvalSums:
     """Running sums of an evaluation (summed over batches, or over ranks with all_reduce).
 
-    loss, correct, seen: scalars; load: (blocks, E) expert fractions times
-    batch size per MoE block; dropped: (blocks,) dropped fractions times batch size.
+    loss, correct, seen: scalars; single_loss, single_correct: the same for the
+    plain images alone (equal to loss, correct without test-time augmentation);
+    load: (blocks, E) expert fractions times batch size per MoE block;
+    dropped: (blocks,) dropped fractions times batch size.
     """
 
     loss: float = 0.0
     correct: int = 0
     seen: int = 0
+    single_loss: float = 0.0
+    single_correct: int = 0
     load: dict[int, torch.Tensor] = field(default_factory=dict)
     dropped: dict[int, float] = field(default_factory=dict)
+    tta: str = "none"
 
     def result(self) -> EvalResult:
-        seen = self.seen
+        seen = max(self.seen, 1)
         routing = [BlockRouting(b, (self.load[b] / seen).tolist(), self.dropped[b] / seen)
                    for b in sorted(self.load)]
-        return EvalResult(self.correct / max(seen, 1), self.loss / max(seen, 1), seen, routing)
+        result = EvalResult(self.correct / seen, self.loss / seen, self.seen, routing)
+        if self.tta != "none":
+            result.single_accuracy, result.single_loss = self.single_correct / seen, self.single_loss / seen
+        return result
 
 
 @torch.no_grad()
@@ -103,27 +118,37 @@ def evaluation_sums(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torc
     """Sums of loss, correct predictions and routing over (uint8 images, labels) batches, in eval mode.
 
     tta="flip": predictions average the class probabilities of each image and its mirror image
-    (test-time augmentation, twice the compute); routing is the unflipped images'.
+    (test-time augmentation, twice the compute); routing and the single_* sums are the
+    unflipped images'.
     """
     if tta not in TTA_NAMES:
         raise ValueError(f"tta must be one of {', '.join(TTA_NAMES)}, got {tta!r}")
     was_training = model.training
     model.eval()
-    sums = EvalSums()
+    sums = EvalSums(tta=tta)
     for images, labels in batches:
         x = normalize(images.to(device), mean, std)
         labels = labels.to(device)
         with autocast(device, amp):
             out = model(x)
             views = (out.logits, model(x.flip(-1)).logits) if tta == "flip" else (out.logits,)
-        log_probs = mean_of_views(*views)  # (B, K)
         n = labels.numel()
-        sums.loss += float(F.nll_loss(log_probs, labels, reduction="sum"))
-        sums.correct += int((log_probs.argmax(-1) == labels).sum())
         sums.seen += n
+        loss, correct = _loss_and_correct(mean_of_views(*views), labels)
+        sums.loss += loss
+        sums.correct += correct
+        if len(views) > 1:
+            loss, correct = _loss_and_correct(mean_of_views(views[0]), labels)
+        sums.single_loss += loss
+        sums.single_correct += correct
         for block, stats in enumerate(out.routing):
             if stats is not None:  # weight by batch size: per-call fractions -> dataset fractions
                 sums.load[block] = sums.load.get(block, 0) + stats.expert_fraction.float().cpu() * n
                 sums.dropped[block] = sums.dropped.get(block, 0.0) + float(stats.dropped_fraction) * n
     model.train(was_training)
     return sums
+
+
+def _loss_and_correct(log_probs: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
+    """Summed NLL and number of correct argmax predictions of (B, K) log-probabilities."""
+    return float(F.nll_loss(log_probs, labels, reduction="sum")), int((log_probs.argmax(-1) == labels).sum())

@@ -166,9 +166,12 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print,
         if final_ema is not None:
             metrics.write(dict(split="test_ema", **at, **final_ema.to_record()))
             averaged = f" (EMA weights: accuracy {final_ema.accuracy:.4f} loss {final_ema.loss:.4f})"
-        views = f" ({cfg.tta} TTA)" if cfg.tta != "none" else ""
-        log(f"epoch {progress.epoch}/{epochs} step {progress.step}: test accuracy{views} {final.accuracy:.4f} "
-            f"loss {final.loss:.4f}{averaged}")
+        views = ""
+        if final.single_accuracy is not None:
+            views = (f" ({cfg.tta} TTA; single images: accuracy {final.single_accuracy:.4f} "
+                     f"loss {final.single_loss:.4f})")
+        log(f"epoch {progress.epoch}/{epochs} step {progress.step}: test accuracy {final.accuracy:.4f} "
+            f"loss {final.loss:.4f}{views}{averaged}")
 
     final: EvalResult | None = None
     final_ema: EvalResult | None = None
