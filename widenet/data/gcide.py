@@ -22,13 +22,14 @@ import gzip
 import os
 import random
 import re
-import tempfile
 import unicodedata
 import zlib
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from .atomic import atomic_path
 
 __all__ = [
     "GCIDE_PATH",
@@ -422,17 +423,11 @@ def _assign_splits(
 
 def _write_tsv(rows: list[tuple[str, str]], path: Path) -> None:
     """Write ``sentence<TAB>label`` rows with a header, atomically."""
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:
-            handle.write("sentence\tlabel\n")
-            for sentence, label in rows:
-                clean = " ".join(sentence.replace("\t", " ").split())
-                handle.write(f"{clean}\t{label}\n")
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="\n") as handle:
+        handle.write("sentence\tlabel\n")
+        for sentence, label in rows:
+            clean = " ".join(sentence.replace("\t", " ").split())
+            handle.write(f"{clean}\t{label}\n")
 
 
 def write_pos_task(

@@ -23,7 +23,6 @@ import itertools
 import json
 import os
 import re
-import tempfile
 import warnings
 import zlib
 from collections.abc import Iterator, Sequence
@@ -34,6 +33,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from widenet.data.atomic import save_atomic
 from widenet.data.gcide import GcideError, gcide_documents
 from widenet.text.tokenizer import SpecialIds, vocab_fingerprint
 
@@ -409,9 +409,6 @@ def _load_corpus_cache(path: Path, key: str) -> PretrainCorpus | None:
 
 def _save_corpus_cache(corpus: PretrainCorpus, path: Path, key: str) -> None:
     """torch.save the corpus to a temporary file next to ``path``, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
     payload = {
         "key": key,
         "version": _CORPUS_CACHE_VERSION,
@@ -420,12 +417,7 @@ def _save_corpus_cache(corpus: PretrainCorpus, path: Path, key: str) -> None:
         "document_offsets": corpus.document_offsets,
         "vocab_fingerprint": corpus.vocab_fingerprint,
     }
-    try:
-        torch.save(payload, tmp_name)
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    save_atomic(payload, path)
 
 
 def load_pretrain_corpus(

@@ -25,7 +25,6 @@ import json
 import math
 import os
 import pickle
-import tempfile
 import urllib.error
 import urllib.request
 import warnings
@@ -38,6 +37,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from .atomic import atomic_path, save_atomic
 import torch.nn.functional as F
 
 __all__ = [
@@ -329,12 +330,9 @@ def download_file(url: str, dest: PathLike, sha256: str, timeout: float = _DOWNL
     deleted and :class:`DatasetError` is raised.
     """
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-    tmp = Path(tmp_name)
-    try:
+    with atomic_path(dest, suffix=".part") as tmp:
         digest = hashlib.sha256()
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
+        with open(tmp, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
             for block in iter(lambda: response.read(_CHUNK), b""):
                 digest.update(block)
                 out.write(block)
@@ -343,10 +341,6 @@ def download_file(url: str, dest: PathLike, sha256: str, timeout: float = _DOWNL
                 f"{dest.name}: checksum mismatch for {url}: expected SHA-256 {sha256}, "
                 f"got {digest.hexdigest()}; the partial download was deleted"
             )
-        os.replace(tmp, dest)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return dest
 
 
@@ -619,19 +613,6 @@ def _decode_image(path: Path, image_size: int, channels: int) -> torch.Tensor:
     return torch.from_numpy(array.copy()).permute(2, 0, 1)
 
 
-def _save_atomic(obj: Any, path: Path) -> None:
-    """torch.save to a temporary file in the same folder, then rename into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp_name)
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-
-
 def _load_cache(path: Path, key: str) -> dict[str, Any] | None:
     """The cached tensors if ``path`` holds a valid cache for ``key``, else None."""
     if not path.is_file():
@@ -678,7 +659,7 @@ def load_image_folder(
     images = torch.stack([_decode_image(path, image_size, channels) for path, _ in files])
     labels = torch.tensor([label for _, label in files], dtype=torch.int64)
     try:
-        _save_atomic({"key": key, "images": images, "labels": labels, "classes": classes}, cache_path)
+        save_atomic({"key": key, "images": images, "labels": labels, "classes": classes}, cache_path)
     except OSError as exc:
         warnings.warn(f"could not write image cache {cache_path} ({exc}); continuing without it", stacklevel=2)
     return ImageDataset(images, labels, classes, name)

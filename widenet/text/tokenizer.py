@@ -15,12 +15,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+from ..data.atomic import atomic_path
 
 __all__ = [
     "SPECIAL_TOKENS",
@@ -204,15 +205,8 @@ def save_tokenizer(tok: Tokenizer, path: PathLike) -> Path:
     dest = Path(path)
     if dest.is_dir():
         dest = dest / _TOKENIZER_FILE
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(tok.to_str(pretty=True))
-        os.replace(tmp_name, dest)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    with atomic_path(dest) as tmp:
+        tmp.write_text(tok.to_str(pretty=True), encoding="utf-8")
     return dest
 
 

@@ -1,0 +1,35 @@
+"""widenet.data.atomic: a write either lands whole or leaves the old file untouched."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from widenet.data.atomic import atomic_path, save_atomic
+
+
+def test_a_finished_block_replaces_the_file_and_leaves_no_temporary(tmp_path):
+    target = tmp_path / "new" / "folder" / "data.txt"  # missing folders are created
+    with atomic_path(target) as tmp:
+        assert tmp.parent == target.parent and tmp.exists() and not target.exists()
+        tmp.write_text("complete")
+    assert target.read_text() == "complete"
+    assert [p.name for p in target.parent.iterdir()] == ["data.txt"]
+
+
+@pytest.mark.parametrize("error", [RuntimeError("disk full"), KeyboardInterrupt()])
+def test_an_error_in_the_block_keeps_the_old_file(tmp_path, error):
+    target = tmp_path / "data.txt"
+    target.write_text("old")
+    with pytest.raises(type(error)):
+        with atomic_path(target, suffix=".part") as tmp:
+            tmp.write_text("half")
+            raise error
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["data.txt"]
+
+
+def test_save_atomic_round_trips_tensors(tmp_path):
+    target = tmp_path / "cache.pt"
+    save_atomic({"x": torch.arange(3)}, target)
+    assert torch.equal(torch.load(target, weights_only=True)["x"], torch.arange(3))
