@@ -184,7 +184,7 @@ class Experts(nn.Module):
         would); otherwise in the weights' dtype.
         """
         dtype = self.compute_dtype(x.device)
-        weights = [w.to(dtype) for w in (self.w1, self.b1, self.w2, self.b2)]
+        weights = self._weights_in(dtype)
         if self._use_grouped(x.device, dtype):
             _check_grouped(dtype, self.w1.shape[1], self.w1.shape[2])
             return _GroupedMatmulExpertFFN.apply(x.to(dtype), *weights, tokens_per_expert)
@@ -195,8 +195,7 @@ class Experts(nn.Module):
         """Gather, FFN, gate and combine in one step (see _RoutedExpertFFN): (N, D) from x (N, D),
         combine weights (K*N,) and kept assignment ids slot (M,) in runs of tokens_per_expert."""
         dtype = self.compute_dtype(x.device)
-        weights = [w.to(dtype) for w in (self.w1, self.b1, self.w2, self.b2)]
-        return _RoutedExpertFFN.apply(x.to(dtype), weight, slot, *weights, tokens_per_expert, top_k)
+        return _RoutedExpertFFN.apply(x.to(dtype), weight, slot, *self._weights_in(dtype), tokens_per_expert, top_k)
 
     def runs_fused(self, device: torch.device) -> bool:
         """Whether routed() applies here: the per-expert loop (not grouped matmuls)."""
@@ -205,6 +204,10 @@ class Experts(nn.Module):
     def compute_dtype(self, device: torch.device) -> torch.dtype:
         kind = device.type
         return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else self.w1.dtype
+
+    def _weights_in(self, dtype: torch.dtype) -> list[torch.Tensor]:
+        """w1, b1, w2, b2 cast to the compute dtype (a no-op when they already are)."""
+        return [w.to(dtype) for w in (self.w1, self.b1, self.w2, self.b2)]
 
     def _use_grouped(self, device: torch.device, dtype: torch.dtype) -> bool:
         if self.backend != "auto":
@@ -435,8 +438,8 @@ class _RoutedExpertFFN(torch.autograd.Function):
 
     x: (N, D); weight: (A,) combine weights by assignment id; slot: (M,) kept
     assignment ids grouped by expert in runs of counts (E,). One node instead
-    of three saves their bookkeeping and temporaries: at 2k tokens of width 64
-    on a CPU that was about a sixth of the layer's time.
+    of three saves their autograd bookkeeping and a copy of the gathered rows'
+    gradient, which count at small token counts on a CPU.
     """
 
     @staticmethod
