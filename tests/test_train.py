@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -21,6 +22,7 @@ from widenet.data.vision import load_dataset
 from widenet.train import loop
 from widenet.train.checkpoint import (CheckpointError, checkpoint_dir_name, find_latest_checkpoint,
                                       list_checkpoints, load_checkpoint)
+from widenet.train.budget import Deadline
 from widenet.train.config import TrainConfig
 from widenet.data.augment import normalize
 from widenet.train.evaluate import evaluate, mean_of_views
@@ -531,3 +533,117 @@ def test_resume_between_log_lines_matches_uninterrupted(tmp_path, fmnist_dir, ti
     resumed = train(_config(fmnist_dir, tmp_path / "A", tiny_overrides, resume=True, **settings), log=_quiet)
 
     _assert_same_run(resumed, uninterrupted, tmp_path / "A", tmp_path / "B")
+
+
+# --- --time-budget ------------------------------------------------------------------------------
+def _planning_fixed_steps(monkeypatch, steps: int, replanned: int | None = None) -> list:
+    """Let loop.plan_budget measure for real (running its throwaway steps and evaluation), then
+    return `steps`: the planned count becomes deterministic while the planning's side effects stay.
+    The re-plans after each epoch answer `replanned` (default: `steps` again)."""
+    plans = []
+    real_plan = loop.plan_budget
+
+    def plan(*args, **kwargs):
+        plans.append(real_plan(*args, **kwargs))
+        return dataclasses.replace(plans[-1], steps=steps)
+
+    monkeypatch.setattr(loop, "plan_budget", plan)
+    monkeypatch.setattr(Deadline, "steps", lambda self, done: steps if replanned is None else replanned)
+    return plans
+
+
+def test_time_budget_run_equals_the_fixed_length_run(tmp_path, fmnist_dir, tiny_overrides, monkeypatch):
+    """Planning trains and evaluates throwaway copies, then restores the RNG states: the budgeted
+    run must end with exactly the weights and metrics of a --max-steps run of the planned length."""
+    settings = dict(log_every=4, eval_every=2)
+    fixed = train(_config(fmnist_dir, tmp_path / "B", tiny_overrides, max_steps=12, **settings), log=_quiet)
+    plans = _planning_fixed_steps(monkeypatch, 12)
+    lines: list[str] = []
+    budgeted = train(_config(fmnist_dir, tmp_path / "A", tiny_overrides, max_steps=None, time_budget=10.0,
+                             **settings), log=lines.append)
+    assert len(plans) == 1 and plans[0].step_s > 0 and plans[0].eval_s > 0
+    assert any(line.startswith("time budget 10 min:") for line in lines)
+    assert budgeted.steps == 12
+    _assert_same_run(budgeted, fixed, tmp_path / "A", tmp_path / "B")
+
+
+def test_time_budget_replan_moves_the_schedule_end(tmp_path, fmnist_dir, tiny_overrides, monkeypatch):
+    """Planned 12 steps; after the first epoch (8 steps) the re-plan says 20: the run goes on to 20,
+    and the cosine schedule now ends at 20 (at step 12 the lr is no longer 0)."""
+    _planning_fixed_steps(monkeypatch, 12, replanned=20)
+    lines: list[str] = []
+    result = train(_config(fmnist_dir, tmp_path / "run", tiny_overrides, max_steps=None, time_budget=10.0,
+                           log_every=4), log=lines.append)
+    assert result.steps == 20
+    assert any(line.startswith("time budget:") and line.endswith("12 -> 20 steps") for line in lines), lines
+    lr = {r["step"]: r["lr"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["split"] == "train"}
+    assert lr[12] > 0 and lr[20] == 0.0
+    assert load_checkpoint(find_latest_checkpoint(tmp_path / "run")).train_state["progress"]["total"] == 20
+
+
+def test_time_budget_resume_keeps_the_planned_steps(tmp_path, fmnist_dir, tiny_overrides, monkeypatch):
+    """A resumed budgeted run does not plan from scratch: it continues from the plan stored in the
+    checkpoint (its re-plans here keep 12 steps)."""
+    settings = dict(max_steps=None, time_budget=10.0, save_every=5, log_every=4)
+    _planning_fixed_steps(monkeypatch, 12)
+    uninterrupted = train(_config(fmnist_dir, tmp_path / "B", tiny_overrides, **settings), log=_quiet)
+
+    real_step = loop._train_step
+    steps = []
+    plans = _planning_fixed_steps(monkeypatch, 12)
+
+    def step_then_die(*args, **kwargs):
+        if plans:  # the planning's throwaway steps are done: count the run's own
+            if len(steps) == 6:  # checkpoint at step 5, "killed" during step 7
+                raise _SimulatedKill()
+            steps.append(1)
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "_train_step", step_then_die)
+    with pytest.raises(_SimulatedKill):
+        train(_config(fmnist_dir, tmp_path / "A", tiny_overrides, **settings), log=_quiet)
+    monkeypatch.setattr(loop, "_train_step", real_step)
+    assert find_latest_checkpoint(tmp_path / "A").name == checkpoint_dir_name(5)
+
+    def no_second_plan(*args, **kwargs):
+        raise AssertionError("a resumed run planned its budget again")
+
+    monkeypatch.setattr(loop, "plan_budget", no_second_plan)
+    resumed = train(_config(fmnist_dir, tmp_path / "A", tiny_overrides, resume=True, **settings), log=_quiet)
+    assert resumed.steps == 12
+    _assert_same_run(resumed, uninterrupted, tmp_path / "A", tmp_path / "B")
+
+
+def test_time_budget_really_measured(tmp_path, fmnist_dir, tiny_overrides):
+    """Without any patching: one plan before training, re-plans after epochs; the last one is the run's length."""
+    lines: list[str] = []
+    result = train(_config(fmnist_dir, tmp_path / "run", tiny_overrides, max_steps=None, time_budget=0.2),
+                   log=lines.append)
+    plans = [line for line in lines if line.startswith("time budget")]
+    assert plans[0].startswith("time budget 0.2 min:") and all(p.startswith("time budget:") for p in plans[1:])
+    assert plans[-1].endswith(f"-> {result.steps} steps") or f"-> {result.steps} steps (" in plans[-1], lines
+    assert result.steps >= 1
+
+
+def test_time_budget_too_short_is_a_clear_error(tmp_path, fmnist_dir, tiny_overrides):
+    with pytest.raises(ValueError, match="does not fit one training step"):
+        train(_config(fmnist_dir, tmp_path / "run", tiny_overrides, max_steps=None, time_budget=1e-6),
+              log=_quiet)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_time_budget_settings_are_checked(tmp_path, fmnist_dir, tiny_overrides):
+    with pytest.raises(ValueError, match="either time_budget or max_steps"):
+        _config(fmnist_dir, tmp_path, tiny_overrides, time_budget=1.0)
+    for bad in (0, -1.0, float("inf"), "5"):
+        with pytest.raises(ValueError, match="time_budget must be a positive number"):
+            _config(fmnist_dir, tmp_path, tiny_overrides, max_steps=None, time_budget=bad)
+
+
+@pytest.mark.parametrize("extra", [["--time-budget", "5", "--max-steps", "3"], ["--time-budget", "5", "--epochs", "2"],
+                                   ["--time-budget", "0"], ["--time-budget", "soon"]])
+def test_cli_time_budget_bad_arguments(tmp_path, fmnist_dir, capsys, extra):
+    rc, _, err = _cli(["train", "--data-dir", fmnist_dir, "--out", tmp_path / "run", *extra], capsys)
+    _assert_one_line_error(rc, err)
+    assert "time-budget" in err
+    assert not (tmp_path / "run").exists()

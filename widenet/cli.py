@@ -4,7 +4,7 @@
     widenet params MODEL [MODEL ...] [--num-classes N] [--representation] [--json]
     widenet bench moe [--tokens --dim --hidden --experts --top-k --capacity-factor] [--json]
     widenet bench model MODEL [--batch-size N] [--steps N] [--json]
-    widenet train --model M --data D [--epochs N | --max-steps N] [--eval-every N] [--tta flip] [--out DIR] [--resume] ...
+    widenet train --model M --data D [--epochs N | --max-steps N | --time-budget MIN] [--eval-every N] [--tta flip] [--out DIR] [--resume] ...
     widenet eval --checkpoint PATH [--data D] [--ema] [--tta flip] [--json]
     widenet compare [--models A,B,...] [--preset quick|full] [--seeds N] [--epochs N] [--out DIR]
 
@@ -205,8 +205,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_data_and_budget(p: argparse.ArgumentParser) -> None:
-    """Arguments shared by `train` and `compare`: data, budget, batch, lr, device."""
+def _add_data_and_budget(p: argparse.ArgumentParser) -> argparse._MutuallyExclusiveGroup:
+    """Arguments shared by `train` and `compare`: data, budget, batch, lr, device; returns the
+    group of budget options (one of them at most)."""
     from .data.vision import DATASET_NAMES
 
     p.add_argument("--data", default="fashion-mnist", choices=DATASET_NAMES)
@@ -219,6 +220,7 @@ def _add_data_and_budget(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=positive_int)
     p.add_argument("--lr", type=positive_float)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"))
+    return budget
 
 
 def _add_tta_argument(p: argparse.ArgumentParser) -> None:
@@ -233,7 +235,10 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     from .train.config import CROP_NAMES
 
     p.add_argument("--model", default="widenet_tiny")
-    _add_data_and_budget(p)
+    budget = _add_data_and_budget(p)
+    budget.add_argument("--time-budget", type=positive_float, metavar="MINUTES",
+                        help="train as many steps as fit in this wall-clock time, evaluations included "
+                             "(planned from a measured step; one process)")
     p.add_argument("--image-size", type=positive_int)
     add_recipe_arguments(p)
     p.add_argument("--label-smoothing", type=float)

@@ -85,6 +85,7 @@ class TrainConfig(RecipeConfig):
     The defaults here suit the small models on Fashion-MNIST.
     """
 
+    time_budget: float | None = None  # minutes: train as many steps as fit (widenet.train.budget)
     data: str = "fashion-mnist"
     data_dir: str | None = None
     image_size: int | None = None
@@ -117,6 +118,11 @@ class TrainConfig(RecipeConfig):
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.label_smoothing < 1:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.time_budget is not None and not (isinstance(self.time_budget, (int, float))
+                                                 and 0 < self.time_budget < float("inf")):
+            raise ValueError(f"time_budget must be a positive number of minutes, got {self.time_budget!r}")
+        if self.time_budget is not None and self.max_steps is not None:
+            raise ValueError("give either time_budget or max_steps, not both")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
         if self.ema_decay is not None and (self.fsdp or self.expert_parallel > 1):

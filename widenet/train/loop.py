@@ -15,6 +15,7 @@ are reduced, and rank 0 alone logs and writes checkpoints.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 import sys
@@ -34,11 +35,12 @@ from ..distributed.env import DistEnv, main_process_first
 from ..distributed.parallel import ParallelContext
 from ..models.registry import count_parameters, create_model
 from ..runtime import autocast, autocast_dtype, resolve_device
+from .budget import BudgetPlan, Deadline, plan_budget
 from .checkpoint import (CheckpointError, capture_rng_state, find_latest_checkpoint, load_checkpoint,
-                         save_checkpoint)
+                         restore_rng_state, save_checkpoint)
 from .config import TrainConfig, resume_conflicts
 from .ema import ModelEMA
-from .evaluate import EvalResult
+from .evaluate import EvalResult, evaluate
 from .metrics import MetricsLog
 from .optim import build_optimizer, build_schedule
 from .runner import TrainingError
@@ -65,6 +67,9 @@ class _Progress:
     batch: int = 0  # batches done within `epoch`
     images: int = 0
     train_seconds: float = 0.0
+    total: int = 0  # the run's planned steps (with --time-budget: re-planned after every epoch)
+    wall_seconds: float = 0.0  # with --time-budget: seconds of the budget spent at the last checkpoint
+    eval_seconds: float = 0.0  # how long the last evaluation took
 
 
 def load_data(cfg: TrainConfig) -> tuple[ImageDataset, ImageDataset]:
@@ -94,8 +99,11 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print,
     Under torchrun (after init_distributed) every process calls it with the
     same cfg: see widenet.distributed.parallel for what then changes.
     """
+    started = time.monotonic()  # a --time-budget counts from here
     parallel = ParallelContext.for_run(cfg.batch_size, cfg.seed, cfg.fsdp, cfg.expert_parallel)
     log = parallel.log(log)
+    if cfg.time_budget is not None and parallel.distributed:
+        raise ValueError("--time-budget plans a run on one process; under torchrun give --epochs or --max-steps")
     device = parallel.device(resolve_device(cfg.device))
     amp = autocast_dtype(cfg.amp, device)
     out = Path(cfg.out)
@@ -103,9 +111,6 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print,
     torch.manual_seed(cfg.seed)
     model = build_model_for(cfg, train_set).to(device)
     per_epoch = num_batches(len(train_set), cfg.batch_size, drop_last=False)
-    total = cfg.max_steps or cfg.epochs * per_epoch
-    epochs = math.ceil(total / per_epoch)
-    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else round(cfg.warmup_fraction * total)
     parallel.check_epoch(len(train_set), cfg.batch_size)
     augment = AugmentConfig(crop=cfg.crop, flip=cfg.flip, randaugment_n=cfg.randaugment_n,
                             randaugment_m=cfg.randaugment_m)
@@ -120,13 +125,32 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print,
         saved = _resume_weights(out, cfg, model, metrics, log)  # into the plain model, on every rank
     elif (out / "checkpoints").exists():
         raise ValueError(f"{out} already holds checkpoints; pass --resume to continue, or choose another --out")
+    deadline: Deadline | None = None
+    if cfg.time_budget is None:
+        total = cfg.max_steps or cfg.epochs * per_epoch
+    elif saved is not None:  # the plan as it stood at the checkpoint; the deadline resumes below
+        total = saved["progress"]["total"]
+    else:
+        plan = _plan_time_budget(cfg, model, (train_set, test_set), device, amp, augment, per_epoch, started)
+        log(plan.describe(per_epoch))
+        if plan.steps == 0:
+            raise ValueError(f"--time-budget {cfg.time_budget:g} min does not fit one training step and the "
+                             f"final evaluation ({plan.describe(per_epoch)})")
+        total = plan.steps
+        deadline = Deadline(plan.budget_s, per_epoch, cfg.eval_every, plan.step_s, plan.eval_s, started)
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else round(cfg.warmup_fraction * total)
     ema = ModelEMA(model, cfg.ema_decay) if cfg.ema_decay else None  # the plain model's copy
     model = parallel.wrap(model, device)
     optimizer = build_optimizer(cfg.optimizer, parallel.module(model), cfg.lr, cfg.weight_decay)
     schedule = build_schedule(optimizer, min(warmup, total), total, cfg.schedule)
-    progress, window_state = _Progress(), {}
+    progress, window_state = _Progress(total=total), {}
     if saved is not None:
         progress, window_state = _resume_state(saved, model, optimizer, schedule, parallel, log, ema)
+        progress.total = total  # checkpoints from before the field existed
+        if cfg.time_budget is not None:
+            deadline = Deadline(60.0 * cfg.time_budget, per_epoch, cfg.eval_every,
+                                progress.train_seconds / max(progress.step, 1), progress.eval_seconds, started,
+                                spent_before=progress.wall_seconds)
 
     workers = f", {parallel.env.world_size} processes ({parallel.mode})" if parallel.distributed else ""
     log(f"training {cfg.model} ({params / 1e6:.3f}M params) on {cfg.data}: {len(train_set)} images, "
@@ -140,7 +164,12 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print,
             with autocast(device, amp):
                 ema.recalibrate_batch_norm(_calibration_inputs(train_set, cfg, device, mean, std))
 
+    def epochs() -> int:
+        return math.ceil(progress.total / per_epoch)
+
     def checkpoint() -> None:
+        if deadline is not None:
+            progress.wall_seconds = deadline.spent()
         calibrate_average()  # so that `widenet eval --ema` of any checkpoint finds fitting statistics
         weights = parallel.model_state(model)  # collectives (if any) run on every rank
         state = dict(optimizer=parallel.optimizer_state(model, optimizer), scheduler=schedule.state_dict(),
@@ -170,13 +199,26 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print,
         if final.single_accuracy is not None:
             views = (f" ({cfg.tta} TTA; single images: accuracy {final.single_accuracy:.4f} "
                      f"loss {final.single_loss:.4f})")
-        log(f"epoch {progress.epoch}/{epochs} step {progress.step}: test accuracy {final.accuracy:.4f} "
+        log(f"epoch {progress.epoch}/{epochs()} step {progress.step}: test accuracy {final.accuracy:.4f} "
             f"loss {final.loss:.4f}{views}{averaged}")
 
     final: EvalResult | None = None
     final_ema: EvalResult | None = None
+    def replan(steps_s: float) -> None:
+        """Fit the rest of the run into the time left, from this epoch's measured step time."""
+        deadline.step_s = steps_s
+        planned = deadline.steps(progress.step)
+        if planned != progress.total:
+            log(f"time budget: {deadline.budget_s - deadline.spent():.0f} s left, {1000 * steps_s:.1f} ms per step, "
+                f"{deadline.eval_s:.1f} s per evaluation: {progress.total} -> {planned} steps")
+            progress.total = planned
+            schedule.lr_lambdas[0].total_steps = planned
+            bar.total = planned
+
     bar = _progress_bar(total, progress.step, parallel.is_main)
-    while progress.step < total:
+    mark = time.monotonic()
+    while progress.step < progress.total:
+        first = progress.step
         model.train()
         batches = iterate_batches(train_set, cfg.batch_size, shuffle=True, seed=cfg.seed,
                                   epoch=progress.epoch, start_batch=progress.batch)
@@ -199,11 +241,11 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print,
             window.add(loss, aux, correct, labels.numel(), seconds)
             bar.update(1)
             bar.set_postfix_str(window.postfix(), refresh=False)
-            if progress.step % cfg.log_every == 0 or progress.step == total:
+            if progress.step % cfg.log_every == 0 or progress.step == progress.total:
                 metrics.write(window.record(progress, schedule.get_last_lr()[0]))
-                log(window.summary(progress, total))
+                log(window.summary(progress, progress.total))
                 window.reset()
-            if progress.step >= total:
+            if progress.step >= progress.total:
                 break
             # The epoch's last step is saved after its evaluation, below.
             if cfg.save_every and progress.step % cfg.save_every == 0 and progress.batch < per_epoch:
@@ -211,17 +253,62 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print,
         if progress.batch >= per_epoch:
             progress.epoch += 1
             progress.batch = 0
-        if progress.step >= total or progress.epoch % cfg.eval_every == 0:
+        if deadline is not None:
+            replan((time.monotonic() - mark) / max(progress.step - first, 1))
+        if progress.step >= progress.total or progress.epoch % cfg.eval_every == 0:
+            mark = time.monotonic()
             final, final_ema = evaluate()
             log_evaluation(final, final_ema)
+            progress.eval_seconds = time.monotonic() - mark
+            if deadline is not None:
+                deadline.eval_s = progress.eval_seconds
         else:
-            log(f"epoch {progress.epoch}/{epochs} step {progress.step} (evaluated every {cfg.eval_every} epochs)")
+            log(f"epoch {progress.epoch}/{epochs()} step {progress.step} (evaluated every {cfg.eval_every} epochs)")
+        mark = time.monotonic()  # the checkpoint counts towards the next epoch's step time
         checkpoint()
     bar.close()
     if final is None:  # resumed a finished run: report without training
         final, final_ema = evaluate()
     speed = progress.images / progress.train_seconds if progress.train_seconds else 0.0
     return TrainResult(out, progress.step, final, params, speed, parallel.module(model), final_ema)
+
+
+def _plan_time_budget(cfg: TrainConfig, model: nn.Module, data: tuple[ImageDataset, ImageDataset], device,
+                      amp, augment: AugmentConfig, per_epoch: int, started: float) -> BudgetPlan:
+    """How many steps fit in --time-budget: timed on throwaway copies of the model and optimizer
+    (the global RNG states are restored afterwards, so training draws what it would have drawn)."""
+    train_set, test_set = data
+    rng = capture_rng_state()
+    twin = copy.deepcopy(model).train()
+    optimizer = build_optimizer(cfg.optimizer, twin, cfg.lr, cfg.weight_decay)
+    schedule = build_schedule(optimizer, 0, 1, "constant")
+    ema = ModelEMA(twin, cfg.ema_decay) if cfg.ema_decay else None
+    batches = _endless_batches(train_set, cfg.batch_size, cfg.seed)
+    mean, std = train_set.mean, train_set.std
+
+    def step() -> None:
+        images, labels = next(batches)
+        _train_step(twin, optimizer, schedule, images.to(device), labels.to(device), cfg, augment, mean, std,
+                    train_set.num_classes, device, amp)
+        if ema is not None:
+            ema.update(twin)
+
+    part = subset(test_set, min(len(test_set), 2 * cfg.eval_batch_size), cfg.seed)
+
+    def evaluate_part() -> None:
+        evaluate(twin, part, cfg.eval_batch_size, device, mean, std, amp, cfg.tta)
+
+    try:
+        return plan_budget(cfg.time_budget, lambda: time.monotonic() - started, step, evaluate_part,
+                           len(part) / len(test_set), per_epoch, cfg.eval_every, 2 if ema else 1)
+    finally:
+        restore_rng_state(rng)
+
+
+def _endless_batches(data: ImageDataset, batch_size: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Training batches in the order of epochs 0, 1, 2, ... without end."""
+    for epoch in itertools.count():
+        yield from iterate_batches(data, batch_size, shuffle=True, seed=seed, epoch=epoch)
 
 
 def _load_data_once(cfg: TrainConfig, parallel: ParallelContext) -> tuple[ImageDataset, ImageDataset]:

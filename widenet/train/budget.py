@@ -1,0 +1,119 @@
+"""Training for a wall-clock budget (`widenet train --time-budget MINUTES`).
+
+Before the first update the run is planned from costs measured on this
+machine:
+
+    steps = the largest S with  S * step_s + evaluations(S) * eval_s <= seconds left
+
+where step_s is one training step timed on a throwaway copy of the model
+and optimizer, and eval_s one test-set evaluation, timed on a slice of the
+test set and scaled. The learning-rate schedule is built for S steps. After
+every epoch the plan is redone for the time then left, with the step time
+of that epoch (checkpoint writes and logging included) and the last
+evaluation's time; the schedule's end moves with it. Checkpoints store the
+current plan and the seconds spent, so `--resume` goes on with both.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+
+@dataclass(frozen=True)
+class BudgetPlan:
+    """What a time budget bought: `steps` training steps (0: not even one fits)."""
+
+    budget_s: float
+    spent_s: float  # before planning: data loading, model building and the measurements themselves
+    step_s: float
+    eval_s: float  # one evaluation on the whole test set (both weight sets with a weight average)
+    steps: int
+
+    def describe(self, per_epoch: int) -> str:
+        return (f"time budget {self.budget_s / 60:g} min: {self.spent_s:.1f} s spent before training, "
+                f"{1000 * self.step_s:.1f} ms per step and {self.eval_s:.1f} s per evaluation (measured) "
+                f"-> {self.steps} steps ({self.steps / per_epoch:.2f} epochs)")
+
+
+def evaluations_in(steps: int, per_epoch: int, eval_every: int) -> int:
+    """Test-set evaluations a run of `steps` makes: after every `eval_every`-th finished epoch,
+    and always after the last step (once, if that is also such an epoch's end)."""
+    epochs_done, partial = divmod(steps, per_epoch)
+    return epochs_done // eval_every + (1 if partial or epochs_done % eval_every else 0)
+
+
+def steps_within(seconds: float, step_s: float, eval_s: float, per_epoch: int, eval_every: int,
+                 done: int = 0, most: int = 10**9) -> int:
+    """The largest total step count (at most `most`) such that the steps after `done` and their
+    evaluations fit in `seconds`; `done` itself if none fits. `done` steps are behind, with the
+    evaluations of their finished epochs (not a final one)."""
+    if step_s <= 0 or eval_s < 0:
+        raise ValueError(f"step time must be > 0 and evaluation time >= 0, got {step_s}, {eval_s}")
+    evaluated = (done // per_epoch) // eval_every
+
+    def cost(steps: int) -> float:
+        return (steps - done) * step_s + (evaluations_in(steps, per_epoch, eval_every) - evaluated) * eval_s
+
+    low, high = done, max(done, most)  # cost(low) fits (or low == done): find the last fitting count
+    while low < high:
+        mid = (low + high + 1) // 2
+        if cost(mid) <= seconds:
+            low = mid
+        else:
+            high = mid - 1
+    return low
+
+
+@dataclass
+class Deadline:
+    """A budgeted run's clock. After each epoch the loop updates `step_s` and `eval_s` from what it
+    measured and asks `steps()` again, so a machine that slows down or speeds up still ends the run
+    near the deadline (the learning-rate schedule stretches or shrinks with it)."""
+
+    budget_s: float
+    per_epoch: int
+    eval_every: int
+    step_s: float
+    eval_s: float
+    started: float  # clock() when this process began the run
+    spent_before: float = 0.0  # seconds of the attempts before a resume
+    clock: Callable[[], float] = time.monotonic
+
+    def spent(self) -> float:
+        return self.spent_before + self.clock() - self.started
+
+    def steps(self, done: int) -> int:
+        """The run's total: `done` plus the steps (and evaluations) that fit in the time left."""
+        return steps_within(self.budget_s - self.spent(), self.step_s, self.eval_s, self.per_epoch,
+                            self.eval_every, done=done)
+
+
+def time_per_call(call: Callable[[], object], warmup: int, min_calls: int, min_seconds: float) -> float:
+    """Mean seconds of `call` over at least `min_calls` calls and `min_seconds`, after `warmup` untimed calls.
+    `call` must wait for its own results (a GPU step that returns Python numbers does)."""
+    for _ in range(warmup):
+        call()
+    calls, started = 0, time.perf_counter()
+    while calls < min_calls or time.perf_counter() - started < min_seconds:
+        call()
+        calls += 1
+    return (time.perf_counter() - started) / calls
+
+
+def plan_budget(minutes: float, spent_s: Callable[[], float], step: Callable[[], object],
+                evaluate_slice: Callable[[], object], slice_fraction: float, per_epoch: int,
+                eval_every: int, evaluations_per_eval: int = 1) -> BudgetPlan:
+    """Measure a step and an evaluation, then fit the steps into what is left of `minutes`.
+
+    spent_s(): seconds used so far (read after measuring); step(): one throwaway training step;
+    evaluate_slice(): an evaluation of `slice_fraction` of the test set; evaluations_per_eval: 2
+    when each evaluation also runs the weight average."""
+    budget_s = 60.0 * minutes
+    step_s = time_per_call(step, warmup=2, min_calls=5, min_seconds=min(30.0, 0.01 * budget_s))
+    eval_s = time_per_call(evaluate_slice, warmup=1, min_calls=1, min_seconds=0.0)
+    eval_s *= evaluations_per_eval / slice_fraction
+    spent = spent_s()
+    steps = steps_within(budget_s - spent, step_s, eval_s, per_epoch, eval_every)
+    return BudgetPlan(budget_s, spent, step_s, eval_s, steps)
