@@ -110,3 +110,12 @@ def test_deadline_replans_for_the_time_left():
     assert deadline.steps(20) == 20
     resumed = Deadline(100.0, 10, 1, 1.0, 5.0, started=0.0, spent_before=30.0, clock=lambda: 10.0)
     assert resumed.spent() == 40.0 and resumed.steps(20) == 60
+
+
+def test_deadline_step_time_is_the_mean_of_observed_steps():
+    deadline = Deadline(100.0, 10, 1, step_s=9.0, eval_s=0.0, started=0.0, clock=lambda: 0.0)
+    deadline.observe_steps(0, 5.0)  # nothing timed: the planning's estimate stays
+    assert deadline.step_s == 9.0
+    deadline.observe_steps(10, 10.0)
+    deadline.observe_steps(10, 30.0)
+    assert deadline.step_s == 2.0  # 40 s over 20 steps, not the last epoch's 3 s

@@ -196,7 +196,7 @@ def test_compare_rejects_bad_arguments(tmp_path):
 
 def _result(label: str, model: str, accuracies: list[float], overrides: dict | None = None) -> SpecResult:
     return SpecResult(spec=RunSpec(label, model, overrides or {}), accuracies=accuracies, params=1, flops=1.0,
-                      images_per_s=1.0, routing=[], similarity=[], curve={})
+                      images_per_s=1.0, steps=1.0, routing=[], similarity=[], curve={})
 
 
 def test_ablation_verdict_on_a_tie_names_no_winner():
@@ -215,3 +215,18 @@ def test_verdict_clear_and_unclear_wins():
     assert "not a clear win" not in compare_mod._verdict([b, a], 2)
     noisy = _result("c", "c", [0.70, 0.99])
     assert "not a clear win" in compare_mod._verdict([noisy, b], 2)
+
+
+def test_time_budget_report_gives_each_models_steps(tmp_path, fmnist_dir):
+    """Under --time-budget the runs' step counts differ by model: the budget line says minutes and the
+    table gains a steps column that matches the run's last checkpoint."""
+    budget = dict(BUDGET, max_steps=None, time_budget=0.05)
+    report_path = compare(["vit_tiny"], tmp_path / "out", seeds=1, data_dir=str(fmnist_dir), log=_quiet,
+                          ablation=False, **budget)
+    report = report_path.read_text(encoding="utf-8")
+    line = next(line for line in report.splitlines() if line.startswith("Budget per run"))
+    assert "0.05 minutes of wall-clock time" in line, line
+    assert "| model | params | FLOPs / image | train images/s | test accuracy (%) | steps |" in report
+    cells = _table_rows(_section(report, "Results"))["vit_tiny"]
+    last = load_checkpoint(find_latest_checkpoint(tmp_path / "out" / "runs" / "vit_tiny" / "seed0"))
+    assert int(cells[4]) == last.step >= 1

@@ -6,7 +6,7 @@
     widenet bench model MODEL [--batch-size N] [--steps N] [--json]
     widenet train --model M --data D [--epochs N | --max-steps N | --time-budget MIN] [--eval-every N] [--tta flip] [--out DIR] [--resume] ...
     widenet eval --checkpoint PATH [--data D] [--ema] [--tta flip] [--json]
-    widenet compare [--models A,B,...] [--preset quick|full] [--seeds N] [--epochs N] [--out DIR]
+    widenet compare [--models A,B,...] [--preset quick|full] [--seeds N] [--epochs N | --time-budget MIN] [--out DIR]
 
 Bad input exits with status 2 and a one-line message (no traceback).
 """
@@ -197,7 +197,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     settings = {k: v for k, v in vars(args).items()
                 if k in ("train_subset", "test_subset", "batch_size", "lr", "data", "data_dir", "device",
-                         "max_steps") and v is not None}
+                         "max_steps", "time_budget") and v is not None}
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     report = compare(models, args.out, preset=args.preset, seeds=args.seeds, epochs=args.epochs,
                      ablation=not args.no_ablation, **settings)
@@ -205,9 +205,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_data_and_budget(p: argparse.ArgumentParser) -> argparse._MutuallyExclusiveGroup:
-    """Arguments shared by `train` and `compare`: data, budget, batch, lr, device; returns the
-    group of budget options (one of them at most)."""
+def _add_data_and_budget(p: argparse.ArgumentParser) -> None:
+    """Arguments shared by `train` and `compare`: data, budget (one of epochs, steps, minutes), batch,
+    lr, device."""
     from .data.vision import DATASET_NAMES
 
     p.add_argument("--data", default="fashion-mnist", choices=DATASET_NAMES)
@@ -217,10 +217,12 @@ def _add_data_and_budget(p: argparse.ArgumentParser) -> argparse._MutuallyExclus
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--epochs", type=positive_int)
     budget.add_argument("--max-steps", type=positive_int)
+    budget.add_argument("--time-budget", type=positive_float, metavar="MINUTES",
+                        help="train (each run) for as many steps as fit in this wall-clock time, evaluations "
+                             "included: planned from measured steps, re-planned after every epoch; one process")
     p.add_argument("--batch-size", type=positive_int)
     p.add_argument("--lr", type=positive_float)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"))
-    return budget
 
 
 def _add_tta_argument(p: argparse.ArgumentParser) -> None:
@@ -235,10 +237,7 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     from .train.config import CROP_NAMES
 
     p.add_argument("--model", default="widenet_tiny")
-    budget = _add_data_and_budget(p)
-    budget.add_argument("--time-budget", type=positive_float, metavar="MINUTES",
-                        help="train as many steps as fit in this wall-clock time, evaluations included "
-                             "(planned from a measured step; one process)")
+    _add_data_and_budget(p)
     p.add_argument("--image-size", type=positive_int)
     add_recipe_arguments(p)
     p.add_argument("--label-smoothing", type=float)

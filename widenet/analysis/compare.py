@@ -54,6 +54,7 @@ class SpecResult:
     params: int
     flops: float
     images_per_s: float
+    steps: float  # mean over seeds (differs between models under a time budget)
     routing: list[dict]
     similarity: list[list[float]]
     curve: dict[str, list]
@@ -119,6 +120,7 @@ def _run_spec(spec: RunSpec, base: TrainConfig, data: tuple[ImageDataset, ImageD
         params=first.params,
         flops=flops_per_image(model, (c.in_channels, c.image_size, c.image_size)),
         images_per_s=statistics.fmean(r.train_images_per_s for r in runs),
+        steps=statistics.fmean(r.steps for r in runs),
         routing=[vars(b) for b in first.final_eval.routing],
         similarity=block_similarity(model, probe.to(device)).tolist(),
         curve=_curve(first.out_dir / "metrics.jsonl"),
@@ -157,14 +159,15 @@ def write_report(results: list[SpecResult], base: TrainConfig, n_seeds: int, pre
         "",
         "## Results",
         "",
-        _table(main),
+        _table(main, steps=base.time_budget is not None),
         "",
         _verdict(main, n_seeds),
         "",
     ]
     if ablation:
         lines += ["## LayerNorm ablation (WideNet with shared vs individual norms)", "",
-                  _table([r for r in main if r.spec.model == ablation[0].spec.model] + ablation), "",
+                  _table([r for r in main if r.spec.model == ablation[0].spec.model] + ablation,
+                         steps=base.time_budget is not None), "",
                   _ablation_verdict(main, ablation[0]), ""]
     lines += ["## Routing: expert load per block (seed 0, test set)", "", _routing_table(results), ""]
     lines += ["## Figures", ""] + [f"![{name}]({name})" for name in figures] + [""]
@@ -176,16 +179,20 @@ def write_report(results: list[SpecResult], base: TrainConfig, n_seeds: int, pre
 
 
 def _budget(cfg: TrainConfig, num_images: int) -> str:
+    if cfg.time_budget is not None:
+        return f"{cfg.time_budget:g} minutes of wall-clock time, evaluations included (steps in the tables)"
     per_epoch = math.ceil(num_images / cfg.batch_size)
     steps = cfg.max_steps or cfg.epochs * per_epoch
     return f"{steps} steps ({steps / per_epoch:.2f} epochs)"
 
 
-def _table(rows: list[SpecResult]) -> str:
-    head = ("| model | params | FLOPs / image | train images/s | test accuracy (%) |\n"
-            "|---|---:|---:|---:|---:|")
+def _table(rows: list[SpecResult], steps: bool = False) -> str:
+    """The results table; `steps` adds each model's training steps (under a time budget they differ)."""
+    head = ("| model | params | FLOPs / image | train images/s | test accuracy (%) |" + (" steps |" if steps else "")
+            + "\n|---|---:|---:|---:|---:|" + ("---:|" if steps else ""))
     body = [f"| {r.spec.label} | {r.params / 1e6:.3f}M | {r.flops / 1e6:.1f}M | {r.images_per_s:.0f} | "
-            f"{100 * r.acc_mean:.2f} ± {100 * r.acc_std:.2f} |" for r in rows]
+            f"{100 * r.acc_mean:.2f} ± {100 * r.acc_std:.2f} |" + (f" {r.steps:.0f} |" if steps else "")
+            for r in rows]
     return "\n".join([head, *body])
 
 

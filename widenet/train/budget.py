@@ -8,9 +8,9 @@ machine:
 where step_s is one training step timed on a throwaway copy of the model
 and optimizer, and eval_s one test-set evaluation, timed on a slice of the
 test set and scaled. The learning-rate schedule is built for S steps. After
-every epoch the plan is redone for the time then left, with the step time
-of that epoch (checkpoint writes and logging included) and the last
-evaluation's time; the schedule's end moves with it. Checkpoints store the
+every epoch the plan is redone for the time then left, with the mean step
+time of the epochs so far (checkpoint writes and logging included) and the
+last evaluation's time; the schedule's end moves with it. Checkpoints store the
 current plan and the seconds spent, so `--resume` goes on with both.
 """
 
@@ -68,21 +68,31 @@ def steps_within(seconds: float, step_s: float, eval_s: float, per_epoch: int, e
 
 @dataclass
 class Deadline:
-    """A budgeted run's clock. After each epoch the loop updates `step_s` and `eval_s` from what it
-    measured and asks `steps()` again, so a machine that slows down or speeds up still ends the run
-    near the deadline (the learning-rate schedule stretches or shrinks with it)."""
+    """A budgeted run's clock. After each epoch the loop reports the steps it timed (`observe_steps`)
+    and asks `steps()` again, so a machine that slows down or speeds up still ends the run near the
+    deadline (the learning-rate schedule stretches or shrinks with it). The step time is the mean
+    over every step observed so far: epoch-to-epoch noise (~5-10% on a shared CPU) would otherwise
+    move the schedule's end back and forth, while the error of the mean shrinks with the steps left."""
 
     budget_s: float
     per_epoch: int
     eval_every: int
-    step_s: float
+    step_s: float  # until steps are observed: the planning's estimate
     eval_s: float
     started: float  # clock() when this process began the run
     spent_before: float = 0.0  # seconds of the attempts before a resume
     clock: Callable[[], float] = time.monotonic
+    observed_steps: int = 0
+    observed_s: float = 0.0
 
     def spent(self) -> float:
         return self.spent_before + self.clock() - self.started
+
+    def observe_steps(self, steps: int, seconds: float) -> None:
+        if steps > 0:
+            self.observed_steps += steps
+            self.observed_s += seconds
+            self.step_s = self.observed_s / self.observed_steps
 
     def steps(self, done: int) -> int:
         """The run's total: `done` plus the steps (and evaluations) that fit in the time left."""

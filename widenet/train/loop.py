@@ -143,7 +143,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print,
     model = parallel.wrap(model, device)
     optimizer = build_optimizer(cfg.optimizer, parallel.module(model), cfg.lr, cfg.weight_decay)
     schedule = build_schedule(optimizer, min(warmup, total), total, cfg.schedule)
-    progress, window_state = _Progress(total=total), {}
+    progress, window_state = _Progress(total=total, eval_seconds=deadline.eval_s if deadline else 0.0), {}
     if saved is not None:
         progress, window_state = _resume_state(saved, model, optimizer, schedule, parallel, log, ema)
         progress.total = total  # checkpoints from before the field existed
@@ -202,19 +202,20 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print,
         log(f"epoch {progress.epoch}/{epochs()} step {progress.step}: test accuracy {final.accuracy:.4f} "
             f"loss {final.loss:.4f}{views}{averaged}")
 
-    final: EvalResult | None = None
-    final_ema: EvalResult | None = None
-    def replan(steps_s: float) -> None:
-        """Fit the rest of the run into the time left, from this epoch's measured step time."""
-        deadline.step_s = steps_s
+    def replan(steps: int, seconds: float) -> None:
+        """Fit the rest of the run into the time left, with this epoch's `steps` taking `seconds`."""
+        deadline.observe_steps(steps, seconds)
         planned = deadline.steps(progress.step)
         if planned != progress.total:
-            log(f"time budget: {deadline.budget_s - deadline.spent():.0f} s left, {1000 * steps_s:.1f} ms per step, "
-                f"{deadline.eval_s:.1f} s per evaluation: {progress.total} -> {planned} steps")
+            log(f"time budget: {deadline.budget_s - deadline.spent():.0f} s left, "
+                f"{1000 * deadline.step_s:.1f} ms per step, {deadline.eval_s:.1f} s per evaluation: "
+                f"{progress.total} -> {planned} steps")
             progress.total = planned
             schedule.lr_lambdas[0].total_steps = planned
             bar.total = planned
 
+    final: EvalResult | None = None
+    final_ema: EvalResult | None = None
     bar = _progress_bar(total, progress.step, parallel.is_main)
     mark = time.monotonic()
     while progress.step < progress.total:
@@ -254,7 +255,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print,
             progress.epoch += 1
             progress.batch = 0
         if deadline is not None:
-            replan((time.monotonic() - mark) / max(progress.step - first, 1))
+            replan(progress.step - first, time.monotonic() - mark)
         if progress.step >= progress.total or progress.epoch % cfg.eval_every == 0:
             mark = time.monotonic()
             final, final_ema = evaluate()
