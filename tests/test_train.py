@@ -509,6 +509,26 @@ def test_crash_after_epoch_eval_then_resume_matches_uninterrupted(tmp_path, fmni
     _assert_same_run(resumed, uninterrupted, tmp_path / "A", tmp_path / "B")
 
 
+def _kill_during_step_7(monkeypatch, cfg: TrainConfig, counting=lambda: True) -> None:
+    """Train cfg (a checkpoint every 5 steps) until a simulated kill during its 7th step; the last
+    checkpoint is step 5's. counting() says whether a _train_step call is one of the run's own."""
+    real_step = loop._train_step
+    steps = []
+
+    def step_then_die(*args, **kwargs):
+        if counting():
+            if len(steps) == 6:  # steps 1..6 done, checkpoint at 5: "killed" during step 7
+                raise _SimulatedKill()
+            steps.append(1)
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "_train_step", step_then_die)
+    with pytest.raises(_SimulatedKill):
+        train(cfg, log=_quiet)
+    monkeypatch.setattr(loop, "_train_step", real_step)
+    assert find_latest_checkpoint(cfg.out).name == checkpoint_dir_name(5)
+
+
 def test_resume_between_log_lines_matches_uninterrupted(tmp_path, fmnist_dir, tiny_overrides, monkeypatch):
     """The checkpoint (every 5 steps) falls inside a logging window (every 4 steps): after a crash at
     step 7 and a resume from step 5, the train record of step 8 must still average steps 5..8 as in
@@ -516,20 +536,7 @@ def test_resume_between_log_lines_matches_uninterrupted(tmp_path, fmnist_dir, ti
     settings = dict(max_steps=12, save_every=5, log_every=4)
     uninterrupted = train(_config(fmnist_dir, tmp_path / "B", tiny_overrides, **settings), log=_quiet)
 
-    real_step = loop._train_step
-    steps = []
-
-    def step_then_die(*args, **kwargs):
-        if len(steps) == 6:  # steps 1..6 done, checkpoint at 5: "killed" during step 7
-            raise _SimulatedKill()
-        steps.append(1)
-        return real_step(*args, **kwargs)
-
-    monkeypatch.setattr(loop, "_train_step", step_then_die)
-    with pytest.raises(_SimulatedKill):
-        train(_config(fmnist_dir, tmp_path / "A", tiny_overrides, **settings), log=_quiet)
-    monkeypatch.setattr(loop, "_train_step", real_step)
-    assert find_latest_checkpoint(tmp_path / "A").name == checkpoint_dir_name(5)
+    _kill_during_step_7(monkeypatch, _config(fmnist_dir, tmp_path / "A", tiny_overrides, **settings))
     resumed = train(_config(fmnist_dir, tmp_path / "A", tiny_overrides, resume=True, **settings), log=_quiet)
 
     _assert_same_run(resumed, uninterrupted, tmp_path / "A", tmp_path / "B")
@@ -588,22 +595,10 @@ def test_time_budget_resume_keeps_the_planned_steps(tmp_path, fmnist_dir, tiny_o
     _planning_fixed_steps(monkeypatch, 12)
     uninterrupted = train(_config(fmnist_dir, tmp_path / "B", tiny_overrides, **settings), log=_quiet)
 
-    real_step = loop._train_step
-    steps = []
     plans = _planning_fixed_steps(monkeypatch, 12)
-
-    def step_then_die(*args, **kwargs):
-        if plans:  # the planning's throwaway steps are done: count the run's own
-            if len(steps) == 6:  # checkpoint at step 5, "killed" during step 7
-                raise _SimulatedKill()
-            steps.append(1)
-        return real_step(*args, **kwargs)
-
-    monkeypatch.setattr(loop, "_train_step", step_then_die)
-    with pytest.raises(_SimulatedKill):
-        train(_config(fmnist_dir, tmp_path / "A", tiny_overrides, **settings), log=_quiet)
-    monkeypatch.setattr(loop, "_train_step", real_step)
-    assert find_latest_checkpoint(tmp_path / "A").name == checkpoint_dir_name(5)
+    # Only the run's own steps count: the planning's throwaway steps come first (then plans is filled).
+    _kill_during_step_7(monkeypatch, _config(fmnist_dir, tmp_path / "A", tiny_overrides, **settings),
+                        counting=lambda: bool(plans))
 
     def no_second_plan(*args, **kwargs):
         raise AssertionError("a resumed run planned its budget again")
