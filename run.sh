@@ -6,7 +6,7 @@
 #  2. pretrains BERT-style, ALBERT-style and WideNet text models (masked LM +
 #     sentence order) on GCIDE and fine-tunes them on a task derived from it
 #     -> runs/compare-text/report_text.md.
-# About 9-16 minutes on a 2-core CPU, by machine (the vision comparison 6-10.5 of them). A rerun resumes or reuses finished runs.
+# About 8-16 minutes on a 2-core CPU, by machine (the vision comparison 6-10.5 of them). A rerun resumes or reuses finished runs.
 set -euo pipefail
 cd "$(dirname "$0")"
 bash scripts/install.sh
