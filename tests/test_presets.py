@@ -1,4 +1,4 @@
-"""Presets: the paper's parameter counts, every preset trains and round-trips, errors, compile."""
+"""Presets: the paper's parameter counts, every preset trains and round-trips, errors (compile: test_compile.py)."""
 
 from __future__ import annotations
 
@@ -179,48 +179,3 @@ def test_bad_images(shape):
         model(torch.randn(*shape))
 
 
-# ----------------------------------------------------------------------------
-# torch.compile
-# ----------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def compiled_widenet():
-    # widenet_tiny as registered except depth 2: CPU inductor compile time grows with the
-    # number of MoE calls (each call is a graph break at the data-dependent dispatch), and
-    # depth 6 takes ~100 s cold on 2 cores. Sharing, MoE, norms per block are unchanged.
-    torch.manual_seed(0)
-    model = widenet.create_model("widenet_tiny", depth=2, noise_std=0.0)
-    with torch.no_grad():
-        model.head.weight.normal_(std=0.02)
-    return model, torch.compile(model)
-
-
-@pytest.mark.slow
-def test_compile_matches_eager_eval(compiled_widenet):
-    model, compiled = compiled_widenet
-    model.eval()
-    x = _images(model, 2)
-    with torch.no_grad():
-        ref = model(x)
-        out = compiled(x)
-    torch.testing.assert_close(out.logits, ref.logits, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(out.aux_loss, ref.aux_loss, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.slow
-def test_compile_matches_eager_training(compiled_widenet):
-    model, compiled = compiled_widenet
-    model.train()
-    x = _images(model, 2, seed=3)
-    target = torch.tensor([1, 7])
-    params = [p for p in model.parameters()]
-
-    def loss_and_grads(fn):
-        out = fn(x)
-        loss = F.cross_entropy(out.logits, target) + 0.01 * out.aux_loss
-        return loss, torch.autograd.grad(loss, params)
-
-    ref_loss, ref_grads = loss_and_grads(model)
-    loss, grads = loss_and_grads(compiled)
-    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
-    for (pname, _), g, r in zip(model.named_parameters(), grads, ref_grads):
-        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5, msg=lambda m, n=pname: f"{n}: {m}")

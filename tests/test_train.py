@@ -642,3 +642,17 @@ def test_cli_time_budget_bad_arguments(tmp_path, fmnist_dir, capsys, extra):
     _assert_one_line_error(rc, err)
     assert "time-budget" in err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_compiled_run_resumes_exactly(tmp_path, fmnist_dir, tiny_overrides, monkeypatch):
+    """--compile: a run killed during step 7 and resumed from step 5 ends with exactly the weights
+    and metrics of an uninterrupted compiled run (compiled code draws the router noise from the
+    global generators, whose states the checkpoints hold)."""
+    settings = dict(max_steps=10, save_every=5, log_every=4, compile=True)
+    uninterrupted = train(_config(fmnist_dir, tmp_path / "B", tiny_overrides, **settings), log=_quiet)
+
+    _kill_during_step_7(monkeypatch, _config(fmnist_dir, tmp_path / "A", tiny_overrides, **settings))
+    resumed = train(_config(fmnist_dir, tmp_path / "A", tiny_overrides, resume=True, **settings), log=_quiet)
+
+    _assert_same_run(resumed, uninterrupted, tmp_path / "A", tmp_path / "B")

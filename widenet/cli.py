@@ -2,9 +2,10 @@
 
     widenet list
     widenet params MODEL [MODEL ...] [--num-classes N] [--representation] [--json]
-    widenet bench moe [--tokens --dim --hidden --experts --top-k --capacity-factor] [--json]
-    widenet bench model MODEL [--batch-size N] [--steps N] [--json]
-    widenet train --model M --data D [--epochs N | --max-steps N | --time-budget MIN] [--eval-every N] [--tta flip] [--out DIR] [--resume] ...
+    widenet bench moe [--tokens --dim --hidden --experts --top-k --capacity-factor --amp] [--json]
+    widenet bench model MODEL [MODEL ...] [--batch-size N] [--steps N] [--compile] [--json]
+    widenet train --model M --data D [--epochs N | --max-steps N | --time-budget MIN] [--eval-every N] [--tta flip]
+                  [--compile] [--out DIR] [--resume] ...
     widenet eval --checkpoint PATH [--data D] [--ema] [--tta flip] [--json]
     widenet compare [--models A,B,...] [--preset quick|full] [--seeds N] [--epochs N | --time-budget MIN] [--out DIR]
 
@@ -121,7 +122,7 @@ def cmd_bench_moe(args: argparse.Namespace) -> int:
 
     cfg = MoEBenchConfig(tokens=args.tokens, dim=args.dim, hidden=args.hidden, experts=args.experts,
                          top_k=args.top_k, capacity_factor=args.capacity_factor, repeats=args.repeats,
-                         device=str(resolve_device(args.device)))
+                         device=str(resolve_device(args.device)), amp=args.amp)
     result = run_moe_bench(cfg)
     if args.json:
         _print_json(result)
@@ -131,17 +132,22 @@ def cmd_bench_moe(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_model(args: argparse.Namespace) -> int:
-    from .bench.model_bench import bench_model
+    from .bench.model_bench import bench_models
 
-    r = bench_model(args.model, batch_size=args.batch_size, steps=args.steps, device=args.device,
-                    amp=args.amp, peak=args.peak_tflops, **dict(args.set or []))
+    results = bench_models(args.model, batch_size=args.batch_size, steps=args.steps, device=args.device,
+                           amp=args.amp, peak=args.peak_tflops, compile=args.compile, **dict(args.set or []))
     if args.json:
-        _print_json(asdict(r))
-    else:
+        _print_json(asdict(results[0]) if len(results) == 1 else [asdict(r) for r in results])
+        return 0
+    for r in results:
         mfu = f", MFU {100 * r.mfu:.1f}% of {r.peak_tflops:g} TFLOP/s" if r.mfu is not None else ""
-        print(f"{r.model}: {r.images_per_s:.1f} images/s training (batch {r.batch_size}, "
-              f"{r.steps} steps, {r.params / 1e6:.2f}M params, {r.device}{', ' + r.amp if r.amp else ''}); "
+        extras = ", ".join(x for x in (r.device, r.amp, "compiled" if r.compiled else None) if x)
+        print(f"{r.model}: {r.images_per_s:.1f} images/s training (batch {r.batch_size}, median of "
+              f"{r.steps} steps, {r.params / 1e6:.2f}M params, {extras}); "
               f"{r.train_flops_per_image / 1e9:.2f} GFLOP per training image, {r.achieved_tflops:.3f} TFLOP/s{mfu}")
+    first = results[0].model
+    for r in results[1:]:
+        print(f"{r.model} / {first}: {r.ratio_vs_first:.3f}x the images/s (median of per-round ratios)")
     return 0
 
 
@@ -324,11 +330,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--capacity-factor", type=positive_float, default=1.2)
     p.add_argument("--repeats", type=positive_int, default=7)
     p.add_argument("--device", default="cpu", help="auto, cpu or cuda (default cpu)")
+    p.add_argument("--amp", default="off", choices=("off", "bf16", "fp16"), help="autocast (default off)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench_moe)
 
     p = bench.add_parser("model", help="training throughput (images/s) and FLOPs utilisation on random input")
-    p.add_argument("model", metavar="MODEL")
+    p.add_argument("model", metavar="MODEL", nargs="+",
+                   help="one or more presets; several are timed interleaved, with ratios to the first")
     p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--steps", type=positive_int, default=10)
     p.add_argument("--set", action="append", type=parse_setting, metavar="KEY=VALUE",
@@ -337,6 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--amp", default="auto", choices=("auto", "off", "bf16", "fp16"),
                    help="autocast (auto: bf16 on GPUs, off on CPUs)")
     p.add_argument("--peak-tflops", type=positive_float, help="device peak for MFU (known GPUs: looked up)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the models (warm-up steps compile)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench_model)
 
@@ -351,24 +360,49 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _is_compile_failure(err: BaseException) -> bool:
+    """An error raised by torch.compile's machinery (only possible once it was imported)."""
+    dynamo = sys.modules.get("torch._dynamo.exc")
+    return dynamo is not None and isinstance(err, (dynamo.BackendCompilerFailed, dynamo.TorchDynamoException))
+
+
+def _show_library_notes() -> None:
+    """The library's logged decisions (e.g. which expert kernel a GPU takes) as `widenet: ...` lines."""
+    import logging
+
+    logger = logging.getLogger("widenet")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("widenet: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    from .runtime import CompileUnavailable, first_line
     from .train.runner import TrainingError
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    _show_library_notes()
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         code = func(args)
         sys.stdout.flush()  # output still buffered for a closed pipe fails here, where it is handled
         return code
-    except (CLIError, ValueError, TrainingError) as err:
+    except (CLIError, ValueError, TrainingError, CompileUnavailable) as err:
         # Library and user errors: one line, no traceback.
-        message = str(err).splitlines()[0] if str(err) else type(err).__name__
-        print(f"widenet: error: {message}", file=sys.stderr)
+        print(f"widenet: error: {first_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("widenet: interrupted", file=sys.stderr)
         return 130
+    except Exception as err:
+        if not _is_compile_failure(err):
+            raise
+        print(f"widenet: error: torch.compile failed ({first_line(err)}); run without --compile",
+              file=sys.stderr)
+        return 2
     except BrokenPipeError:
         # The reader closed the pipe (`widenet list | head -1`): stop quietly, as cat does,
         # and keep the interpreter's final flush of stdout from raising again.

@@ -59,4 +59,6 @@ def add_run_arguments(p: argparse.ArgumentParser, example_setting: str) -> None:
     p.add_argument("--save-every", type=positive_int, help="also checkpoint every N steps")
     p.add_argument("--log-every", type=positive_int)
     p.add_argument("--amp", choices=("auto", "off", "bf16", "fp16"))
+    p.add_argument("--compile", action="store_true", default=None,
+                   help="torch.compile the training step (the first steps compile: ~1 min on a CPU)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")

@@ -38,3 +38,63 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+class CompileUnavailable(RuntimeError):
+    """torch.compile cannot run here; the message names the cause and the way out."""
+
+
+def compile_model(model: torch.nn.Module, device: torch.device | None = None) -> torch.nn.Module:
+    """torch.compile(model, fullgraph=True) after checking that this installation can compile
+    (the compiled module shares model's parameters; compilation happens on the first calls).
+
+    Random ops inside the graph draw from PyTorch's generators exactly as eager
+    code does (inductor's fallback_random), so a compiled run consumes the
+    same random stream as an eager one and resumes from a checkpoint exactly.
+    Raises CompileUnavailable (one line: the cause, and to run without
+    --compile) where the torch, Python or platform cannot compile.
+    """
+    device = device or next(model.parameters()).device
+    check_compile_available(device)
+    import torch._dynamo
+
+    # The text models' masked-LM head reads the masked positions (a boolean-mask gather, whose
+    # row count depends on the data); dynamo captures such ops only when asked.
+    torch._dynamo.config.capture_dynamic_output_shape_ops = True
+    return torch.compile(model, fullgraph=True, options={"fallback_random": True})
+
+
+def compiled_if(enabled: bool, model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """compile_model(model) when enabled (a run's --compile), else model itself."""
+    return compile_model(model, device) if enabled else model
+
+
+def check_compile_available(device: torch.device) -> None:
+    """Raise CompileUnavailable unless torch.compile's default backend can run on `device`."""
+    import shutil
+
+    hint = "; run without --compile"
+    try:
+        import torch._dynamo as dynamo
+
+        dynamo.is_dynamo_supported()  # raises on Python versions and platforms dynamo lacks
+    except Exception as err:  # noqa: BLE001 - any failure here means: no compile
+        raise CompileUnavailable(f"torch.compile is unavailable ({first_line(err)}){hint}") from None
+    if device.type == "cpu":
+        import os
+
+        names = [os.environ["CXX"]] if os.environ.get("CXX") else ["g++", "c++", "clang++"]
+        if not any(shutil.which(name) for name in names):
+            raise CompileUnavailable(f"torch.compile on a CPU needs a C++ compiler ({' or '.join(names)}), "
+                                     f"none is installed{hint}")
+    elif device.type == "cuda":
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            raise CompileUnavailable(f"torch.compile on a GPU needs triton, which is not installed{hint}") from None
+
+
+def first_line(err: BaseException) -> str:
+    """An error's message in one line (its first), or its type's name."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

@@ -1,17 +1,19 @@
 """`widenet bench moe`: the MoE layer against a dense FFN and two other dispatches.
 
 All run forward + backward on the same tokens (N, D):
-  moe     widenet.MoE (sorted dispatch, capacity, noisy top-k), one matmul
-          pair per expert
-  grouped the same MoE with one torch._grouped_mm per projection (the GPU
-          fast path; left out where the op fails its probe on the device)
-  dense   Linear D -> k*H -> D: the same active FLOPs per token, no routing
-  einsum  GShard-style one-hot dispatch/combine tensors of shape (N, E, C)
-  loop    a Python loop over experts with boolean masks and index_add_
-          (how Hugging Face's Mixtral/Switch blocks dispatch; no capacity)
-Times are medians over repeats, measured in one process so that ratios are
-comparable on a noisy machine. Memory is what autograd saves for backward
-(bytes of distinct saved tensors), plus the device's peak on CUDA.
+  moe      widenet.MoE as users get it (expert_backend "auto")
+  loop, padded, grouped
+           the same layer with each expert kernel forced (layers/experts.py;
+           grouped only where torch._grouped_mm runs)
+  dense    Linear D -> k*H -> D: the same active FLOPs per token, no routing
+  einsum   GShard-style one-hot dispatch/combine tensors of shape (N, E, C)
+  mixtral  a Python loop over experts with boolean masks and index_add_
+           (how Hugging Face's Mixtral/Switch blocks dispatch; no capacity)
+Each round times every implementation once, in an order that rotates from
+round to round, so slow spells of a noisy machine hit all of them alike; a
+ratio is the median over rounds of the two times of that round. Memory is
+what autograd saves for backward (bytes of distinct saved tensors), plus
+the device's peak on CUDA.
 """
 
 from __future__ import annotations
@@ -25,8 +27,12 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from ..layers.experts import grouped_mm_works
 from ..layers.mlp import Mlp
-from ..layers.moe import MoE, grouped_mm_works
+from ..layers.moe import MoE
+from ..runtime import autocast, autocast_dtype
+
+KERNELS = ("loop", "padded", "grouped")
 
 
 @dataclass
@@ -40,6 +46,7 @@ class MoEBenchConfig:
     repeats: int = 7
     einsum_repeats: int = 2
     device: str = "cpu"
+    amp: str = "off"  # "bf16" / "fp16": autocast, as training on a GPU runs (the router stays float32)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -57,14 +64,14 @@ def einsum_dispatch(moe: MoE, x: torch.Tensor) -> torch.Tensor:
     n, e, k = x.shape[0], moe.num_experts, moe.top_k
     route = moe.router(x)
     cap = moe.capacity(n)
-    expert = route.expert_index.t()  # (K, N) choice-major priority
+    expert = route.expert_index  # (K, N) choice-major priority
     position = (F.one_hot(expert, e).reshape(k * n, e).cumsum(0) - 1).reshape(k, n, e)
     position = position.gather(-1, expert.unsqueeze(-1)).squeeze(-1)  # (K, N) slot in its expert
     kept = position < cap
     token = torch.arange(n, device=x.device).expand(k, n)
     where = (token[kept], expert[kept], position[kept])
     dispatch = x.new_zeros(n, e, cap).index_put(where, x.new_ones(()).expand(where[0].shape))  # (N, E, C)
-    weight = route.combine_weight.t()[kept].to(x.dtype)
+    weight = route.combine_weight[kept].to(x.dtype)
     combine = x.new_zeros(n, e, cap).index_put(where, weight)  # (N, E, C)
     ex = moe.experts
     xin = torch.einsum("nec,nd->ecd", dispatch, x)  # (E, C, D)
@@ -73,32 +80,20 @@ def einsum_dispatch(moe: MoE, x: torch.Tensor) -> torch.Tensor:
     return torch.einsum("nec,ecd->nd", combine, y)
 
 
-def loop_dispatch(moe: MoE, x: torch.Tensor) -> torch.Tensor:
+def mixtral_dispatch(moe: MoE, x: torch.Tensor) -> torch.Tensor:
     """Mask-and-loop over experts, dropless (Hugging Face Mixtral style)."""
     route = moe.router(x)
     ex = moe.experts
     out = torch.zeros_like(x)
-    expert_mask = F.one_hot(route.expert_index, moe.num_experts).permute(2, 1, 0)  # (E, K, N)
+    expert_mask = F.one_hot(route.expert_index, moe.num_experts).permute(2, 0, 1)  # (E, K, N)
     for e in range(moe.num_experts):
         choice, token = torch.where(expert_mask[e])
         if token.numel() == 0:
             continue
         h = F.gelu(x[token] @ ex.w1[e] + ex.b1[e])
-        y = (h @ ex.w2[e] + ex.b2[e]) * route.combine_weight[token, choice, None]
+        y = (h @ ex.w2[e] + ex.b2[e]) * route.combine_weight[choice, token, None]
         out.index_add_(0, token, y.to(x.dtype))
     return out
-
-
-def _time(step: Callable[[], None], repeats: int, device: torch.device) -> float:
-    step()  # warm-up
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        step()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1000.0
 
 
 def _sync(device: torch.device) -> None:
@@ -121,47 +116,79 @@ def saved_bytes(step: Callable[[], torch.Tensor]) -> int:
     return sum(seen.values())
 
 
+def interleaved_times(steps: dict[str, Callable[[], None]], rounds: int, device: torch.device,
+                      limits: dict[str, int] | None = None) -> dict[str, list[float]]:
+    """Seconds of every step in every round (after one warm-up call each). Each round runs
+    the steps once, in an order rotated by one from the round before; limits caps the
+    rounds of slow steps."""
+    names = list(steps)
+    limits = limits or {}
+    for name in names:
+        steps[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            if len(times[name]) >= limits.get(name, rounds):
+                continue
+            _sync(device)
+            start = time.perf_counter()
+            steps[name]()
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def median_ratio(a: list[float], b: list[float]) -> float:
+    """Median over rounds of a[i] / b[i]."""
+    return statistics.median(x / y for x, y in zip(a, b))
+
+
 def run_moe_bench(cfg: MoEBenchConfig) -> dict:
-    """Times (ms), ratios and memory of every implementation."""
+    """Times (ms, medians), ratios (medians of per-round ratios) and memory of every implementation."""
     device = torch.device(cfg.device)
     torch.manual_seed(cfg.seed)
-    moe = MoE(cfg.dim, cfg.hidden, cfg.experts, cfg.top_k, capacity_factor=cfg.capacity_factor,
-              expert_backend="loop").to(device)
+    moe = MoE(cfg.dim, cfg.hidden, cfg.experts, cfg.top_k, capacity_factor=cfg.capacity_factor).to(device)
     dense = Mlp(cfg.dim, cfg.top_k * cfg.hidden).to(device)
     x = torch.randn(cfg.tokens, cfg.dim, device=device, requires_grad=True)
 
-    forwards: dict[str, Callable[[], torch.Tensor]] = {
-        "moe": lambda: _with_aux(moe(x)),
-        **_grouped_twin(moe, x),
+    forwards: dict[str, Callable[[], torch.Tensor]] = {"moe": lambda: _with_aux(moe(x))}
+    for kernel in KERNELS:
+        if kernel != "grouped" or grouped_mm_works(device, x.dtype, cfg.dim, cfg.hidden):
+            twin = copy.deepcopy(moe)
+            twin.experts.backend = kernel
+            forwards[kernel] = lambda m=twin: _with_aux(m(x))
+    forwards.update({
         "dense": lambda: dense(x).sum(),
         "einsum": lambda: einsum_dispatch(moe, x).sum(),
-        "loop": lambda: loop_dispatch(moe, x).sum(),
-    }
+        "mixtral": lambda: mixtral_dispatch(moe, x).sum(),
+    })
     result: dict = {"config": asdict(cfg), "capacity": moe.capacity(cfg.tokens)}
     for name, fwd in forwards.items():
-        repeats = cfg.einsum_repeats if name == "einsum" else cfg.repeats
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        result[f"{name}_ms"] = _time(lambda: fwd().backward(), repeats, device)
-        result[f"{name}_saved_mb"] = saved_bytes(fwd) / 2**20
-        if device.type == "cuda":
-            result[f"{name}_peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
-    result["ratio_vs_dense"] = result["moe_ms"] / result["dense_ms"]
-    result["speedup_vs_einsum"] = result["einsum_ms"] / result["moe_ms"]
-    result["ratio_vs_loop"] = result["moe_ms"] / result["loop_ms"]
-    if "grouped_ms" in result:
-        result["grouped_speedup"] = result["moe_ms"] / result["grouped_ms"]
+        with autocast(device, autocast_dtype(cfg.amp, device)):
+            result[f"{name}_saved_mb"] = saved_bytes(fwd) / 2**20
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    amp = autocast_dtype(cfg.amp, device)
+
+    def step(forward: Callable[[], torch.Tensor]) -> None:
+        with autocast(device, amp):
+            loss = forward()
+        loss.backward()
+
+    times = interleaved_times({name: lambda f=fwd: step(f) for name, fwd in forwards.items()},
+                              cfg.repeats, device, {"einsum": cfg.einsum_repeats})
+    for name, seconds in times.items():
+        result[f"{name}_ms"] = statistics.median(seconds) * 1000.0
+    if device.type == "cuda":
+        result["peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    result["ratio_vs_dense"] = median_ratio(times["moe"], times["dense"])
+    result["speedup_vs_einsum"] = median_ratio(times["einsum"], times["moe"])
+    result["ratio_vs_mixtral"] = median_ratio(times["moe"], times["mixtral"])
+    for kernel in KERNELS:
+        if kernel in times:
+            result[f"{kernel}_vs_dense"] = median_ratio(times[kernel], times["dense"])
     result["active_gflop_per_step"] = 3 * 2 * 2 * cfg.tokens * cfg.top_k * cfg.dim * cfg.hidden / 1e9
     return result
-
-
-def _grouped_twin(moe: MoE, x: torch.Tensor) -> dict[str, Callable[[], torch.Tensor]]:
-    """{"grouped": forward of a copy of moe on the grouped-matmul backend}, or {} where it cannot run."""
-    if not grouped_mm_works(x.device, x.dtype, moe.dim, moe.experts.w1.shape[2]):
-        return {}
-    twin = copy.deepcopy(moe)
-    twin.experts.backend = "grouped"
-    return {"grouped": lambda: _with_aux(twin(x))}
 
 
 def _with_aux(out) -> torch.Tensor:
@@ -171,14 +198,16 @@ def _with_aux(out) -> torch.Tensor:
 def format_moe_bench(r: dict) -> str:
     c = r["config"]
     lines = [f"MoE benchmark: N={c['tokens']} D={c['dim']} H={c['hidden']} E={c['experts']} "
-             f"k={c['top_k']} C={c['capacity_factor']} (capacity {r['capacity']}/expert) on {c['device']}",
-             f"{'impl':<8}{'fwd+bwd ms':>12}{'saved MB':>11}"]
-    for name in ("moe", "grouped", "dense", "einsum", "loop"):
+             f"k={c['top_k']} C={c['capacity_factor']} (capacity {r['capacity']}/expert) on {c['device']}"
+             + (f" under {c['amp']} autocast" if c.get("amp", "off") != "off" else "") + ", "
+             f"{c['repeats']} interleaved rounds",
+             f"{'impl':<8}{'fwd+bwd ms':>12}{'saved MB':>11}{'/ dense':>9}"]
+    for name in ("moe", *KERNELS, "dense", "einsum", "mixtral"):
         if name + "_ms" not in r:
             continue
-        lines.append(f"{name:<8}{r[name + '_ms']:>12.1f}{r[name + '_saved_mb']:>11.1f}")
+        ratio = r["ratio_vs_dense"] if name == "moe" else r.get(f"{name}_vs_dense")
+        lines.append(f"{name:<8}{r[name + '_ms']:>12.2f}{r[name + '_saved_mb']:>11.1f}"
+                     + (f"{ratio:>9.3f}" if ratio is not None else ""))
     lines.append(f"moe / dense = {r['ratio_vs_dense']:.3f}   einsum / moe = {r['speedup_vs_einsum']:.1f}x   "
-                 f"moe / loop = {r['ratio_vs_loop']:.3f}")
-    if "grouped_speedup" in r:
-        lines.append(f"grouped matmuls: {r['grouped_speedup']:.2f}x the per-expert loop")
+                 f"moe / mixtral = {r['ratio_vs_mixtral']:.3f}   (medians of per-round ratios)")
     return "\n".join(lines)

@@ -171,14 +171,13 @@ class ExpertParallelMoE(MoE):
     def extra_repr(self) -> str:
         return super().extra_repr() + f", expert_parallel={self.world}, local_experts={self.num_local_experts}"
 
-    def _route_and_compute(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, RoutingStats]:
+    def _route_and_compute(self, x: torch.Tensor, valid: torch.Tensor | None
+                           ) -> tuple[torch.Tensor, torch.Tensor, RoutingStats]:
         if x.shape[0] > 0:
-            return super()._route_and_compute(x)
+            return super()._route_and_compute(x, valid)
         # No tokens here, but the other ranks still exchange with this one (forward and backward).
         out = self._run_experts(x, [0] * self.num_experts)  # (0, D)
-        zero = x.new_zeros((), dtype=torch.float32)
-        stats = RoutingStats(x.new_zeros(self.num_experts, dtype=torch.float32), zero, zero, zero, zero)
-        return out, zero + 0.0 * self.router.weight.sum(), stats
+        return out, 0.0 * self.router.weight.sum(), RoutingStats.empty(self.num_experts, x.device)
 
     def _run_experts(self, rows: torch.Tensor, per_expert: list[int]) -> torch.Tensor:
         """rows (M, D) grouped by global expert -> expert outputs (M, D), computed where the experts live."""

@@ -1,4 +1,4 @@
-"""Mixture-of-experts layer: router -> dispatcher -> experts -> combine.
+"""Mixture-of-experts layer: router -> dispatch plan -> experts -> combine.
 
 WideNet (Xue et al., AAAI 2022, arXiv 2107.11817) routes every token to the
 top-k of E experts, g(x) = TopK(softmax(f(x) + eps)), with a per-expert
@@ -6,45 +6,59 @@ capacity and the load-balancing loss l = E * sum_i m_i * P_i.
 
 Axis legend used in shape comments:
     B  batch             T  tokens per sequence
-    N  routed tokens in this call (non-padding B*T)
+    N  tokens in this call (B*T, padding included)
     D  model width       H  expert hidden width
     E  experts           K  choices per token (top-k)
     A  assignments = K*N (choice-major: all 1st choices, then all 2nd, ...)
-    M  kept assignments (A minus those dropped for capacity)
+    M  kept assignments (a count on the device, never a shape)
 
-Dispatch sorts assignments by expert (a stable sort, so priority follows the
-choice-major order: every token's first choice beats any second choice, and
-earlier tokens beat later ones), cuts each expert's run at its capacity, runs
-one matmul pair per expert on its contiguous slice, puts each weighted result
-at its assignment's row of a (K, N, D) buffer and sums over K. No tokens x
-experts x capacity tensor is ever built, and no scatter-add is needed: every
-gather and put has a hand-written adjoint (the autograd Functions below).
-When the experts live in this process, gather, experts and combine are one
-autograd node (_RoutedExpertFFN); an expert-parallel layer keeps them apart
-(_GatherTokens, its own expert step, _Combine) to send rows between ranks.
+Every shape depends on N, K and E only, and nothing waits for the device
+(except the "loop" kernel, which reads the run lengths on the host: free on
+a CPU), so the layer runs inside torch.compile(fullgraph=True):
+
+1. plan_dispatch sorts the assignments by expert (a stable sort, so priority
+   follows the choice-major order: every token's first choice beats any
+   second choice, earlier tokens beat later ones), keeps the first
+   `capacity` of each expert, and orders the A rows of the expert buffer:
+   kept assignments grouped by expert, then the dropped ones and padding.
+2. _RoutedExperts gathers each row's token, runs the experts on their runs of
+   rows (layers/experts.py: per-expert loop, grouped matmuls or padded
+   batched matmuls), scales by the combine weight, and reads the rows back
+   in assignment order through the inverse permutation, summing over K: a
+   gather in every direction, no scatter-add and no tokens x experts x
+   capacity tensor, in one autograd node with a hand-written backward.
+
+Padding tokens (padding_mask) become assignments of a pseudo-expert E: they
+sort last, take no capacity, get zero output and take no part in the losses.
+An expert-parallel layer (local_experts = False) keeps gather, experts and
+combine apart (_GatherTokens, its own expert step, _Combine) to send rows
+between ranks; it reads the run lengths on the host for the split sizes.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .experts import EXPERT_BACKENDS, Experts, ffn_backward, ffn_forward, grouped_mm_works, row_layout
+
 __all__ = ["MoE", "MoEOutput", "RoutingStats", "Router", "RouterOutput", "Experts", "EXPERT_BACKENDS",
-           "grouped_mm_works",
+           "DispatchPlan", "grouped_mm_works", "plan_dispatch",
            "expert_capacity", "load_balancing_loss", "router_z_loss"]
 
 
 # ----------------------------------------------------------------------------
 # Results
 # ----------------------------------------------------------------------------
-@dataclass
 class RoutingStats:
-    """What one MoE call did with its tokens (all tensors detached).
+    """What one MoE call did with its tokens (padding excluded; all tensors detached).
 
     expert_fraction: (E,) fraction of the top-k assignments (before dropping)
         that chose each expert; sums to 1.
@@ -52,13 +66,55 @@ class RoutingStats:
         capacity and got no expert output.
     dropped_assignment_fraction: () fraction of assignments dropped.
     balance_loss, z_loss: () the unweighted loss terms.
+
+    Each is computed on first access from tensors the call left behind
+    (counts and kept rows per expert; for top-k > 1 each assignment's row;
+    the logits when the z-loss was not trained), so a training step that
+    never reads them does not pay for them.
     """
 
-    expert_fraction: torch.Tensor
-    dropped_fraction: torch.Tensor
-    dropped_assignment_fraction: torch.Tensor
-    balance_loss: torch.Tensor
-    z_loss: torch.Tensor
+    def __init__(self, counts: torch.Tensor, kept: torch.Tensor, balance_loss: torch.Tensor,
+                 z_loss: torch.Tensor | None = None, logits: torch.Tensor | None = None,
+                 valid: torch.Tensor | None = None, inverse: torch.Tensor | None = None, top_k: int = 1,
+                 num_valid: int | torch.Tensor = 1) -> None:
+        self._counts, self._kept, self._num_valid = counts, kept, num_valid
+        self._inverse, self._top_k = inverse, top_k  # (A,) each assignment's row (read for top-k > 1)
+        self._logits, self._valid = logits, valid  # (E, N), (N,): the z-loss when it was not given
+        self.balance_loss = balance_loss.detach()
+        if z_loss is not None:
+            self.z_loss = z_loss.detach()
+
+    @classmethod
+    def empty(cls, num_experts: int, device: torch.device) -> RoutingStats:
+        """The statistics of a call without tokens: all zero."""
+        zeros = torch.zeros(num_experts, dtype=torch.long, device=device)
+        zero = torch.zeros((), device=device)
+        return cls(zeros, zeros, zero, zero)
+
+    @functools.cached_property
+    def expert_fraction(self) -> torch.Tensor:
+        return self._counts / self._counts.sum().clamp(min=1)
+
+    @functools.cached_property
+    def dropped_assignment_fraction(self) -> torch.Tensor:
+        assignments = self._counts.sum()
+        return ((assignments - self._kept.sum()) / assignments.clamp(min=1)).float()
+
+    @functools.cached_property
+    def dropped_fraction(self) -> torch.Tensor:
+        if self._top_k == 1:  # a dropped assignment is a dropped token
+            return self.dropped_assignment_fraction
+        # A token is served when any of its K assignments sits in a kept row (padding: never).
+        served = (self._inverse < self._kept.sum()).view(self._top_k, -1).any(0).sum()
+        return ((self._num_valid - served) / _at_least_one(self._num_valid)).float()
+
+    @functools.cached_property
+    def z_loss(self) -> torch.Tensor:
+        return router_z_loss(self._logits, self._valid, dim=0).detach()
+
+    def __repr__(self) -> str:
+        return (f"RoutingStats(expert_fraction={self.expert_fraction}, dropped_fraction={self.dropped_fraction}, "
+                f"balance_loss={self.balance_loss}, z_loss={self.z_loss})")
 
 
 @dataclass
@@ -72,21 +128,59 @@ class MoEOutput:
 
 @dataclass
 class RouterOutput:
-    logits: torch.Tensor      # (N, E) float32, noise included when training
-    probs: torch.Tensor       # (N, E) float32 softmax of logits
-    expert_index: torch.Tensor  # (N, K) int64, best first
-    combine_weight: torch.Tensor  # (N, K) float32
+    """The router's decision, expert-major and choice-major: softmax and top-k run along
+    the contiguous token axis (~10x faster on a CPU at small E than along E), and
+    expert_index.reshape(-1) is the assignment order a = choice * N + token.
+
+    combine_weight, balance_loss and z_loss carry gradients (to the router's
+    weight and the tokens); logits, probs and counts are records."""
+
+    logits: torch.Tensor      # (E, N) float32, noise included when training
+    probs: torch.Tensor       # (E, N) float32 softmax of logits over E
+    expert_index: torch.Tensor  # (K, N) int64, best first
+    combine_weight: torch.Tensor  # (K, N) float32
+    counts: torch.Tensor      # (E,) int64 assignments per expert (padding excluded)
+    balance_loss: torch.Tensor  # () E * sum_i m_i * P_i over the non-padding tokens
+    z_loss: torch.Tensor | None = None  # () when asked for (router_z_loss)
+
+
+@dataclass
+class DispatchPlan:
+    """Where the A assignments of one call go (device tensors; shapes fixed by N, K, E).
+
+    slot: (A,) the assignment held by each row of the expert buffer: kept
+        assignments grouped by expert (priority order within each), then the
+        dropped ones and padding.
+    inverse: (A,) each assignment's row (the inverse permutation of slot).
+    counts: (E,) assignments per expert before dropping (padding excluded).
+    kept: (E,) rows per expert after dropping; M = kept.sum().
+    row_expert: (A,) each row's expert, E for rows past the kept ones
+        (None from a host plan).
+    runs: kept on the host (a host plan only; the loop kernel needs it).
+    """
+
+    slot: torch.Tensor
+    inverse: torch.Tensor
+    counts: torch.Tensor
+    kept: torch.Tensor
+    row_expert: torch.Tensor | None = None
+    runs: list[int] | None = None
 
 
 # ----------------------------------------------------------------------------
 # Pure functions (each tested on its own)
 # ----------------------------------------------------------------------------
-def expert_capacity(num_tokens: int, num_experts: int, top_k: int, factor: float) -> int:
-    """Slots per expert per call: ceil(factor * k * N / E).
+def expert_capacity(num_tokens: int | torch.Tensor, num_experts: int, top_k: int,
+                    factor: float) -> int | torch.Tensor:
+    """Slots per expert per call: ceil(factor * k * N / E); an int, or a () int64
+    tensor for a token count held on the device (padding masks).
 
     Rounded to 9 decimals before the ceiling so that decimal factors give the
     exact answer (1.1 * 100 / 2 is 55.00000000000001 in floating point).
     """
+    if isinstance(num_tokens, torch.Tensor):
+        share = num_tokens.double() * (factor * top_k) / num_experts
+        return torch.ceil(torch.round(share, decimals=9)).long()
     return math.ceil(round(factor * top_k * num_tokens / num_experts, 9))
 
 
@@ -96,22 +190,95 @@ def load_balancing_loss(probs: torch.Tensor, expert_index: torch.Tensor, num_exp
     probs: (N, E) router probabilities; expert_index: (N, K) chosen experts.
     m_i counts every top-k assignment (before capacity dropping).
     """
-    counts = torch.bincount(expert_index.reshape(-1), minlength=num_experts)  # (E,)
-    m = counts.to(probs.dtype) / expert_index.numel()
-    p = probs.mean(dim=0)  # (E,)
-    return num_experts * torch.sum(m * p)
+    counts = F.one_hot(expert_index.reshape(-1), num_experts).sum(0)  # (E,)
+    return _balance_loss(probs.t(), counts, expert_index.shape[1], expert_index.shape[0])
 
 
-def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
-    """ST-MoE router z-loss: mean over tokens of logsumexp(logits)^2."""
-    return torch.logsumexp(logits, dim=-1).pow(2).mean()
+def _balance_loss(probs: torch.Tensor, counts: torch.Tensor, top_k: int, num_valid: int | torch.Tensor,
+                  valid: torch.Tensor | None = None) -> torch.Tensor:
+    """E * sum_i m_i * P_i from counts (E,) of assignments, over the valid tokens of probs (E, N)."""
+    if valid is None:
+        p = probs.mean(dim=1)  # (E,)
+    else:
+        p = (probs * valid).sum(dim=1) / _at_least_one(num_valid)
+    m = counts.to(probs.dtype) / _at_least_one(top_k * num_valid)
+    return probs.shape[0] * torch.dot(m, p)
+
+
+def router_z_loss(logits: torch.Tensor, valid: torch.Tensor | None = None, dim: int = -1) -> torch.Tensor:
+    """ST-MoE router z-loss: mean over (valid) tokens of logsumexp(logits)^2, the
+    logsumexp taken over the experts' dim of logits."""
+    return _masked_mean(torch.logsumexp(logits, dim=dim).pow(2), valid, None if valid is None else valid.sum())
+
+
+def _masked_mean(values: torch.Tensor, valid: torch.Tensor | None, num_valid: int | torch.Tensor | None
+                 ) -> torch.Tensor:
+    """Mean of values (N,) over the valid entries."""
+    return values.mean() if valid is None else (values * valid).sum() / _at_least_one(num_valid)
+
+
+def _at_least_one(n: int | torch.Tensor) -> int | torch.Tensor:
+    return n.clamp(min=1) if isinstance(n, torch.Tensor) else max(n, 1)
+
+
+def plan_dispatch(expert_index: torch.Tensor, counts: torch.Tensor, capacity: int | torch.Tensor,
+                  valid: torch.Tensor | None = None, dropless: bool = False, host: bool = False) -> DispatchPlan:
+    """Sort the assignments of expert_index (K, N) by expert, keep the first `capacity` of
+    each expert, and order the rows of the expert buffer (see DispatchPlan).
+
+    counts: (E,) assignments per expert (the router's; padding excluded).
+    valid: (N,) bool, False for padding (a pseudo-expert E: sorted last, never kept).
+    dropless: capacity is known to exceed every count (then one sort suffices).
+    host: read the counts on the host and cut the runs there (the loop kernel needs
+        them anyway; on a CPU this is the cheaper way). capacity must then be an int.
+    """
+    k, n = expert_index.shape
+    a, e = n * k, counts.shape[0]
+    device = expert_index.device
+    expert_of = expert_index.reshape(-1)  # (A,) choice-major
+    if valid is not None:
+        expert_of = torch.where(valid.repeat(k), expert_of, e)
+    sorted_expert, order = torch.sort(expert_of, stable=True)  # (A,), (A,): grouped by expert
+    arange = torch.arange(a, device=device)
+    if host:
+        return _cut_on_host(order, counts, capacity, arange)
+    if dropless:
+        row_expert, slot, kept = sorted_expert, order, counts
+    else:
+        kept = counts.clamp(max=capacity)  # (E,)
+        starts = torch.cat([counts.new_zeros(1), counts.cumsum(0)])  # (E+1,) run starts (E: padding)
+        position = arange - starts[sorted_expert]  # (A,) place in its expert's run
+        row_expert, row = torch.sort(torch.where(position < capacity, sorted_expert, e), stable=True)
+        slot = order.index_select(0, row)  # (A,)
+    inverse = torch.empty_like(slot).scatter_(0, slot, arange)  # (A,)
+    return DispatchPlan(slot, inverse, counts, kept, row_expert)
+
+
+def _cut_on_host(order: torch.Tensor, counts: torch.Tensor, capacity: int, arange: torch.Tensor) -> DispatchPlan:
+    """The host form of plan_dispatch: order (A,) sorted by expert, counts (E,)."""
+    counts_list = counts.tolist()
+    runs = [min(c, capacity) for c in counts_list]
+    slot = order
+    if runs != counts_list:  # kept heads of the runs first, then their dropped tails, then padding
+        starts = list(itertools.accumulate(counts_list, initial=0))
+        kept = [order[s:s + r] for s, r in zip(starts, runs)]
+        dropped = [order[s + r:s + c] for s, r, c in zip(starts, runs, counts_list)]
+        slot = torch.cat([*kept, *dropped, order[starts[-1]:]])
+    inverse = torch.empty_like(slot).scatter_(0, slot, arange)
+    return DispatchPlan(slot, inverse, counts, torch.tensor(runs, device=order.device), runs=runs)
 
 
 # ----------------------------------------------------------------------------
 # Modules
 # ----------------------------------------------------------------------------
 class Router(nn.Module):
-    """Linear D -> E without bias, in float32 (float64 for float64 input), noisy top-k softmax gate."""
+    """Linear D -> E without bias, in float32 (float64 for float64 input), noisy top-k softmax
+    gate; also the load-balancing loss (and the z-loss when asked) of the same probabilities.
+
+    forward(x (N, D), valid (N,) bool or None, with_z_loss) -> RouterOutput. The whole
+    router is one autograd node with a hand-written backward (_RouterGate): at small
+    widths on a CPU, a dozen autograd nodes cost as much as the router's arithmetic.
+    """
 
     def __init__(self, dim: int, num_experts: int, top_k: int, noise_std: float,
                  renormalize: bool = False) -> None:
@@ -122,347 +289,75 @@ class Router(nn.Module):
         self.noise_std = noise_std
         self.renormalize = renormalize
 
-    def forward(self, x: torch.Tensor) -> RouterOutput:  # x: (N, D)
+    def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None,
+                with_z_loss: bool = False) -> RouterOutput:  # x: (N, D)
         with torch.autocast(device_type=x.device.type, enabled=False):
             dtype = torch.promote_types(x.dtype, torch.float32)  # float32, or float64 if asked
-            logits = F.linear(x.to(dtype), self.weight.to(dtype))  # (N, E)
-            if self.training and self.noise_std > 0:
-                logits = logits + torch.randn_like(logits) * self.noise_std
-            probs = logits.softmax(dim=-1)  # (N, E)
-            if self.top_k == 1:  # max is ~3x cheaper than topk on CPU
-                weight, index = (t.unsqueeze(1) for t in probs.max(dim=-1))  # (N, 1) each
-            else:
-                weight, index = probs.topk(self.top_k, dim=-1)  # (N, K) each
-            if self.renormalize:
-                weight = weight / weight.sum(dim=-1, keepdim=True)
-        return RouterOutput(logits, probs, index, weight)
+            num_valid = x.shape[0] if valid is None else valid.sum()
+            noise = self.noise_std if self.training else 0.0
+            outputs = _RouterGate.apply(x.to(dtype), self.weight.to(dtype), valid, num_valid, noise,
+                                        self.top_k, self.renormalize, with_z_loss)
+        weight, index, balance, z, counts, logits, probs = outputs
+        return RouterOutput(logits, probs, index, weight, counts, balance, z if with_z_loss else None)
 
 
-EXPERT_BACKENDS = ("auto", "loop", "grouped")
+class _RouterGate(torch.autograd.Function):
+    """logits = W x^T (+ noise) -> probs = softmax over E -> top-k gate weights; the balance
+    loss (and z-loss) from the same probabilities. Shapes: x (N, D), W (E, D), logits and
+    probs (E, N), gate and index (K, N), counts (E,).
 
-
-class Experts(nn.Module):
-    """E independent FFNs D -> H -> D (GELU), weights stacked per projection.
-
-    w1: (E, D, H)  b1: (E, H)  w2: (E, H, D)  b2: (E, D)
-
-    backend: how the E matmul pairs run.
-        "loop": one addmm per expert (any device, any dtype).
-        "grouped": one ``torch._grouped_mm`` per projection, forward and
-            backward (GPU fast path; also runs on CPU, where it is no faster).
-        "auto": "grouped" on CUDA once a one-time probe at these sizes
-            matched the loop, else "loop".
-    """
-
-    def __init__(self, num_experts: int, dim: int, hidden_dim: int, backend: str = "auto") -> None:
-        super().__init__()
-        if backend not in EXPERT_BACKENDS:
-            raise ValueError(f"expert backend must be one of {', '.join(EXPERT_BACKENDS)}, got {backend!r}")
-        self.backend = backend
-        self.w1 = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))
-        self.b1 = nn.Parameter(torch.zeros(num_experts, hidden_dim))
-        self.w2 = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
-        self.b2 = nn.Parameter(torch.zeros(num_experts, dim))
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        # Xavier-uniform expert by expert (fan-in and fan-out of one expert's matrix).
-        for w in (self.w1, self.w2):
-            bound = math.sqrt(6.0 / (w.shape[1] + w.shape[2]))
-            nn.init.uniform_(w, -bound, bound)
-        nn.init.zeros_(self.b1)
-        nn.init.zeros_(self.b2)
-
-    @property
-    def num_experts(self) -> int:
-        return self.w1.shape[0]
-
-    def forward(self, x: torch.Tensor, tokens_per_expert: list[int]) -> torch.Tensor:
-        """x: (M, D) grouped by expert in contiguous runs of the given lengths.
-
-        Under autocast the experts compute in the autocast dtype (as nn.Linear
-        would); otherwise in the weights' dtype.
-        """
-        dtype = self.compute_dtype(x.device)
-        weights = self._weights_in(dtype)
-        if self._use_grouped(x.device, dtype):
-            _check_grouped(dtype, self.w1.shape[1], self.w1.shape[2])
-            return _GroupedMatmulExpertFFN.apply(x.to(dtype), *weights, tokens_per_expert)
-        return _GroupedExpertFFN.apply(x.to(dtype), *weights, tokens_per_expert)
-
-    def routed(self, x: torch.Tensor, weight: torch.Tensor, slot: torch.Tensor,
-               tokens_per_expert: list[int], top_k: int) -> torch.Tensor:
-        """Gather, FFN, gate and combine in one step (see _RoutedExpertFFN): (N, D) from x (N, D),
-        combine weights (K*N,) and kept assignment ids slot (M,) in runs of tokens_per_expert."""
-        dtype = self.compute_dtype(x.device)
-        return _RoutedExpertFFN.apply(x.to(dtype), weight, slot, *self._weights_in(dtype), tokens_per_expert, top_k)
-
-    def runs_fused(self, device: torch.device) -> bool:
-        """Whether routed() applies here: the per-expert loop (not grouped matmuls)."""
-        return not self._use_grouped(device, self.compute_dtype(device))
-
-    def compute_dtype(self, device: torch.device) -> torch.dtype:
-        kind = device.type
-        return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else self.w1.dtype
-
-    def _weights_in(self, dtype: torch.dtype) -> list[torch.Tensor]:
-        """w1, b1, w2, b2 cast to the compute dtype (a no-op when they already are)."""
-        return [w.to(dtype) for w in (self.w1, self.b1, self.w2, self.b2)]
-
-    def _use_grouped(self, device: torch.device, dtype: torch.dtype) -> bool:
-        if self.backend != "auto":
-            return self.backend == "grouped"
-        return device.type == "cuda" and grouped_mm_works(device, dtype, self.w1.shape[1], self.w1.shape[2])
-
-
-def grouped_mm_works(device: torch.device, dtype: torch.dtype, dim: int, hidden_dim: int) -> bool:
-    """Whether torch._grouped_mm runs the expert FFN (forward and backward) on this
-    device, dtype and sizes and agrees with the per-expert loop. Probed once per key."""
-    key = (str(device), dtype, dim, hidden_dim)
-    if key not in _GROUPED_PROBES:
-        # The first call may come from evaluation (no_grad / inference mode) or under autocast.
-        with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False):
-            _GROUPED_PROBES[key] = _probe_grouped_mm(device, dtype, dim, hidden_dim)
-    return _GROUPED_PROBES[key]
-
-
-_GROUPED_PROBES: dict[tuple, bool] = {}
-_GROUPED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def _check_grouped(dtype: torch.dtype, dim: int, hidden_dim: int) -> None:
-    """What torch._grouped_mm takes: 16-bit or float32 rows whose byte strides are multiples of 16."""
-    if dtype not in _GROUPED_DTYPES:
-        raise ValueError(f"the grouped expert backend computes in float32, bfloat16 or float16, "
-                         f"not {dtype}; use expert_backend='loop'")
-    size = torch.empty((), dtype=dtype).element_size()
-    if (dim * size) % 16 or (hidden_dim * size) % 16:
-        raise ValueError(f"the grouped expert backend needs widths whose rows are multiples of 16 bytes "
-                         f"(dim {dim}, hidden {hidden_dim} in {dtype}); use expert_backend='loop'")
-
-
-def _probe_grouped_mm(device: torch.device, dtype: torch.dtype, dim: int, hidden_dim: int) -> bool:
-    if not hasattr(torch, "_grouped_mm"):
-        return False
-    try:
-        _check_grouped(dtype, dim, hidden_dim)
-    except ValueError:
-        return False
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    counts = [16, 0, 32]  # an empty expert included
-    tensors = [torch.randn(*shape, generator=gen).to(device, dtype) * 0.1 for shape in (
-        (sum(counts), dim), (3, dim, hidden_dim), (3, hidden_dim), (3, hidden_dim, dim), (3, dim))]
-    results = []
-    for fn in (_GroupedMatmulExpertFFN, _GroupedExpertFFN):
-        inputs = [t.clone().requires_grad_() for t in tensors]
-        try:
-            out = fn.apply(*inputs, counts)
-            out.square().sum().backward()
-        except (RuntimeError, NotImplementedError):
-            return False
-        results.append([out, *(t.grad for t in inputs)])
-    tol = 1e-4 if dtype in (torch.float32, torch.float64) else 5e-2
-    return all(torch.allclose(a.float(), b.float(), rtol=tol, atol=tol) for a, b in zip(*results))
-
-
-class _GroupedExpertFFN(torch.autograd.Function):
-    """y[run e] = gelu(x[run e] @ w1[e] + b1[e]) @ w2[e] + b2[e], run by run.
-
-    Hand-written backward so that every per-expert product writes straight
-    into one preallocated buffer: no cat/split copies, and each stacked weight
-    gets one gradient tensor instead of E partial ones.
+    Backward, from the gradients of the gate weights, the balance loss and the z-loss:
+        d probs = scatter of d gate at the chosen experts (renormalised: through w / sum w)
+                  + d balance * E * m_e * valid_n / N_valid
+        d logits = probs * (d probs - sum_e probs * d probs) + d z * 2 lse_n valid_n / N_valid * probs
+        d W = d logits @ x,   d x = d logits^T @ W
     """
 
     @staticmethod
-    def forward(ctx, x, w1, b1, w2, b2, counts: list[int]):  # x: (M, D)
-        out, pre, act = _expert_ffn_forward(x, w1, b1, w2, b2, counts)  # (M, D), (M, H), (M, H)
-        ctx.save_for_backward(x, w1, w2, pre, act)
-        ctx.counts = counts
-        return out
+    def forward(ctx, x, weight, valid, num_valid, noise_std: float, top_k: int, renormalize: bool, with_z: bool):
+        e, n = weight.shape[0], x.shape[0]
+        logits = weight @ x.t()  # (E, N)
+        if noise_std > 0:
+            logits.add_(torch.randn_like(logits), alpha=noise_std)
+        probs = logits.softmax(dim=0)  # (E, N)
+        if top_k == 1:  # max is ~3x cheaper than topk on CPU
+            gate, index = (t.unsqueeze(0) for t in probs.max(dim=0))  # (1, N) each
+        else:
+            gate, index = probs.topk(top_k, dim=0)  # (K, N) each
+        expert_of = index.reshape(-1)  # (A,)
+        if valid is not None:
+            expert_of = torch.where(valid.repeat(top_k), expert_of, e)  # padding: pseudo-expert E
+        counts = torch.zeros(e + 1, dtype=torch.long, device=x.device)
+        counts = counts.scatter_add_(0, expert_of, torch.ones_like(expert_of))[:e]  # (E,)
+        balance = _balance_loss(probs, counts, top_k, num_valid, valid)
+        lse = torch.logsumexp(logits, dim=0) if with_z else None  # (N,)
+        z = _masked_mean(lse.square(), valid, num_valid) if with_z else balance.new_zeros(())
+        combine = gate / gate.sum(dim=0, keepdim=True) if renormalize else gate
+        ctx.save_for_backward(x, weight, probs, index, gate, combine, counts, lse, valid)
+        ctx.num_valid, ctx.top_k, ctx.renormalize = num_valid, top_k, renormalize
+        ctx.mark_non_differentiable(index, counts, logits, probs)
+        return combine, index, balance, z, counts, logits, probs
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):  # grad_out: (M, D)
-        x, w1, w2, pre, act = ctx.saved_tensors
-        return (*_expert_ffn_backward(grad_out.contiguous(), x, w1, w2, pre, act, ctx.counts), None)
-
-
-def _expert_ffn_forward(x, w1, b1, w2, b2, counts):
-    """y[run e] = gelu(x[run e] @ w1[e] + b1[e]) @ w2[e] + b2[e]: (M, D), and the hidden
-    activations (M, H) before and after GELU. Expert by expert, each product written
-    into one buffer; an expert's rows stay in cache from one product to the next."""
-    m, h_dim, d_out = x.shape[0], w1.shape[-1], w2.shape[-1]
-    pre = x.new_empty(m, h_dim)
-    act = x.new_empty(m, h_dim)
-    out = x.new_empty(m, d_out)
-    for e, rows in _runs(counts):
-        torch.addmm(b1[e], x[rows], w1[e], out=pre[rows])
-        torch.ops.aten.gelu.out(pre[rows], out=act[rows])
-        torch.addmm(b2[e], act[rows], w2[e], out=out[rows])
-    return out, pre, act
-
-
-def _expert_ffn_backward(grad_out, x, w1, w2, pre, act, counts):
-    """Gradients (x, w1, b1, w2, b2) of the expert FFN, given what its forward saved. Expert by
-    expert, like the forward; an expert without rows gets zero weight and bias gradients."""
-    gx = torch.empty_like(x)
-    gw1, gw2 = torch.zeros_like(w1), torch.zeros_like(w2)
-    gb1 = w1.new_zeros(w1.shape[0], w1.shape[2])
-    gb2 = w2.new_zeros(w2.shape[0], w2.shape[2])
-    for e, rows in _runs(counts):
-        g = grad_out[rows]  # (n_e, D)
-        torch.mm(act[rows].t(), g, out=gw2[e])
-        gb2[e] = g.sum(0)
-        g_pre = torch.ops.aten.gelu_backward(g @ w2[e].t(), pre[rows])  # (n_e, H)
-        torch.mm(x[rows].t(), g_pre, out=gw1[e])
-        gb1[e] = g_pre.sum(0)
-        torch.mm(g_pre, w1[e].t(), out=gx[rows])
-    return gx, gw1, gb1, gw2, gb2
-
-
-class _GroupedMatmulExpertFFN(torch.autograd.Function):
-    """The same FFN as _GroupedExpertFFN with one torch._grouped_mm per product.
-
-    offs (E,) int32 are the runs' cumulative ends. Forward: (M, D) x (E, D, H)
-    -> (M, H) and back to (M, D). Backward uses the three forms of the op:
-    data gradients (M, D) x (E, H, D)^T, weight gradients (D, M) x (M, H) ->
-    (E, D, H) with the groups along M (an empty run gives a zero block).
-    Biases are added, and their gradients summed, through each row's expert id.
-    """
-
-    @staticmethod
-    def forward(ctx, x, w1, b1, w2, b2, counts: list[int]):  # x: (M, D)
-        counts_t = torch.tensor(counts, device=x.device)
-        offs = counts_t.cumsum(0).to(torch.int32)  # (E,)
-        row_expert = torch.repeat_interleave(torch.arange(len(counts), device=x.device), counts_t)  # (M,)
-        pre = torch._grouped_mm(x, w1, offs=offs) + b1.index_select(0, row_expert)  # (M, H)
-        act = F.gelu(pre)
-        out = torch._grouped_mm(act, w2, offs=offs) + b2.index_select(0, row_expert)  # (M, D)
-        ctx.save_for_backward(x, w1, w2, pre, act, offs, row_expert)
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):  # grad_out: (M, D)
-        x, w1, w2, pre, act, offs, row_expert = ctx.saved_tensors
-        g = grad_out.contiguous()
-        gw2 = torch._grouped_mm(act.t(), g, offs=offs)  # (E, H, D)
-        gb2 = g.new_zeros(w2.shape[0], w2.shape[2]).index_add_(0, row_expert, g)
-        g_pre = torch.ops.aten.gelu_backward(torch._grouped_mm(g, w2.transpose(1, 2), offs=offs), pre)  # (M, H)
-        gw1 = torch._grouped_mm(x.t(), g_pre, offs=offs)  # (E, D, H)
-        gb1 = g.new_zeros(w1.shape[0], w1.shape[2]).index_add_(0, row_expert, g_pre)
-        gx = torch._grouped_mm(g_pre, w1.transpose(1, 2), offs=offs)  # (M, D)
-        return gx, gw1, gb1, gw2, gb2, None
-
-
-def _runs(counts: list[int]):
-    """(expert, row slice) for every expert with at least one row."""
-    start = 0
-    for e, n in enumerate(counts):
-        if n:
-            yield e, slice(start, start + n)
-        start += n
-
-
-class _GatherTokens(torch.autograd.Function):
-    """x (N, D) -> rows x[slot % N] (M, D): each kept assignment's token.
-
-    A token can appear K times, so backward places each row's gradient at its
-    assignment id in a (K*N, D) buffer and sums over K: no scatter-add.
-    """
-
-    @staticmethod
-    def forward(ctx, x, slot, k: int):
-        ctx.save_for_backward(slot)
-        ctx.k, ctx.n = k, x.shape[0]
-        return x.index_select(0, slot % ctx.n)
-
-    @staticmethod
-    def backward(ctx, grad):  # grad: (M, D)
-        (slot,) = ctx.saved_tensors
-        return _sum_at_tokens(grad, slot, ctx.k, ctx.n), None, None
-
-
-def _sum_choices(parts: torch.Tensor) -> torch.Tensor:
-    """(K, N, D) -> (N, D) in parts' dtype. Plain adds, not .sum(0): CUDA autocast
-    runs sum in float32, which turned bf16 expert outputs into a float32 MoE output."""
-    out = parts[0]
-    for part in parts[1:]:
-        out = out + part
-    return out
-
-
-def _rows_at(src: torch.Tensor, index: torch.Tensor, num_rows: int) -> torch.Tensor:
-    """(num_rows, D) zeros with src's rows put at index (index has no repeats)."""
-    if index.numel() == num_rows:  # a permutation: read rows through its inverse (a gather is ~5x faster on CPU)
-        inverse = torch.empty_like(index)
-        inverse[index] = torch.arange(num_rows, device=index.device)
-        return src.index_select(0, inverse)
-    return src.new_zeros(num_rows, *src.shape[1:]).index_copy_(0, index, src)
-
-
-def _sum_at_tokens(src: torch.Tensor, slot: torch.Tensor, k: int, n: int) -> torch.Tensor:
-    """Rows src (M, D) of assignments slot (M,) summed per token: (N, D), zeros where none."""
-    return _sum_choices(_rows_at(src, slot, k * n).view(k, n, -1))
-
-
-class _Combine(torch.autograd.Function):
-    """out[n] = sum over kept assignments a of token n: weight[a] * y[row of a].
-
-    y: (M, D) expert outputs in slot order; weight: (A,) combine weights by
-    assignment id; slot: (M,) assignment ids. Dropped assignments add nothing.
-    """
-
-    @staticmethod
-    def forward(ctx, y, weight, slot, k: int, n: int):
-        w = weight.index_select(0, slot).to(y.dtype).unsqueeze(1)  # (M, 1)
-        out = _sum_at_tokens(y * w, slot, k, n)  # (N, D)
-        ctx.save_for_backward(y, weight, slot)
-        ctx.n = n
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):  # grad: (N, D)
-        y, weight, slot = ctx.saved_tensors
-        g = grad.index_select(0, slot % ctx.n)  # (M, D)
-        w = weight.index_select(0, slot).to(y.dtype).unsqueeze(1)  # (M, 1)
-        grad_w = weight.new_zeros(weight.shape).index_copy_(0, slot, torch.linalg.vecdot(g, y).to(weight.dtype))
-        return g * w, grad_w, None, None, None
-
-
-class _RoutedExpertFFN(torch.autograd.Function):
-    """_GatherTokens -> _GroupedExpertFFN -> _Combine in one autograd node, for
-    experts that run in this process:
-
-        out[n] = sum over kept assignments a of token n: weight[a] * FFN_e(a)(x[n])
-
-    x: (N, D); weight: (A,) combine weights by assignment id; slot: (M,) kept
-    assignment ids grouped by expert in runs of counts (E,). One node instead
-    of three saves their autograd bookkeeping and a copy of the gathered rows'
-    gradient, which count at small token counts on a CPU.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, slot, w1, b1, w2, b2, counts: list[int], k: int):
-        n = x.shape[0]
-        token = slot if k == 1 else slot % n  # (M,) each assignment's token
-        rows = x.index_select(0, token)  # (M, D)
-        y, pre, act = _expert_ffn_forward(rows, w1, b1, w2, b2, counts)  # (M, D), (M, H), (M, H)
-        gate = weight.index_select(0, slot).to(y.dtype).unsqueeze(1)  # (M, 1)
-        ctx.save_for_backward(rows, w1, w2, pre, act, y, gate, slot, token)
-        ctx.counts, ctx.k, ctx.weight_shape, ctx.weight_dtype = counts, k, weight.shape, weight.dtype
-        return _sum_at_tokens(y * gate, slot, k, n)  # (N, D)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):  # grad: (N, D)
-        rows, w1, w2, pre, act, y, gate, slot, token = ctx.saved_tensors
-        g = grad.index_select(0, token)  # (M, D)
-        g_weight = g.new_zeros(ctx.weight_shape, dtype=ctx.weight_dtype)  # (A,)
-        g_weight.index_copy_(0, slot, torch.linalg.vecdot(g, y).to(ctx.weight_dtype))
-        g_rows, gw1, gb1, gw2, gb2 = _expert_ffn_backward(g * gate, rows, w1, w2, pre, act, ctx.counts)
-        g_x = _sum_at_tokens(g_rows, slot, ctx.k, grad.shape[0])  # (N, D)
-        return g_x, g_weight, None, gw1, gb1, gw2, gb2, None, None
+    def backward(ctx, g_combine, _g_index, g_balance, g_z, _g_counts, _g_logits, _g_probs):
+        x, weight, probs, index, gate, combine, counts, lse, valid = ctx.saved_tensors
+        e, nv = probs.shape[0], _at_least_one(ctx.num_valid)
+        g_probs = torch.zeros_like(probs)  # (E, N)
+        if g_combine is not None:
+            if ctx.renormalize:  # combine = gate / sum(gate)
+                g_combine = (g_combine - (g_combine * combine).sum(0, keepdim=True)) / gate.sum(0, keepdim=True)
+            g_probs.scatter_(0, index, g_combine)  # the K chosen experts of a token are distinct
+        if g_balance is not None:
+            m = counts.to(probs.dtype) / _at_least_one(ctx.top_k * ctx.num_valid)  # (E,)
+            per_token = g_balance * e / nv  # d balance / d probs[i, n] = E * m_i * valid_n / N_valid
+            g_probs += (m * per_token).unsqueeze(1) if valid is None else \
+                (m * per_token).unsqueeze(1) * valid
+        g_logits = probs * (g_probs - (probs * g_probs).sum(0, keepdim=True))  # softmax backward
+        if lse is not None and g_z is not None:
+            dz = g_z * 2.0 / nv * lse  # (N,): d z / d lse_n
+            g_logits += probs * (dz if valid is None else dz * valid)
+        return g_logits.t() @ weight, g_logits @ x, None, None, None, None, None, None
 
 
 class MoE(nn.Module):
@@ -478,7 +373,7 @@ class MoE(nn.Module):
         dropless: never drop an assignment (capacity ignored).
         renormalize: divide combine weights by their sum over the K choices.
         z_loss_weight: weight of the router z-loss inside aux_loss.
-        expert_backend: "auto", "loop" or "grouped" (see Experts).
+        expert_backend: "auto", "loop", "grouped" or "padded" (see Experts).
 
     forward(x, padding_mask=None) takes x of shape (B, T, D) or (N, D) and a
     boolean padding_mask of shape x.shape[:-1], True where a token is padding.
@@ -509,8 +404,8 @@ class MoE(nn.Module):
         return (f"dim={self.dim}, experts={self.num_experts}, top_k={self.top_k}, "
                 f"capacity_factor={self.capacity_factor}, dropless={self.dropless}")
 
-    def capacity(self, num_tokens: int) -> int:
-        """Slots per expert for a call with num_tokens routed tokens."""
+    def capacity(self, num_tokens: int | torch.Tensor) -> int | torch.Tensor:
+        """Slots per expert for a call with num_tokens routed (non-padding) tokens."""
         if self.dropless:
             return self.top_k * num_tokens
         factor = self.capacity_factor
@@ -524,91 +419,158 @@ class MoE(nn.Module):
         if padding_mask is not None and padding_mask.shape != x.shape[:-1]:
             raise ValueError(f"padding_mask shape {tuple(padding_mask.shape)} does not match "
                              f"tokens {tuple(x.shape[:-1])}")
-        if padding_mask is not None and padding_mask.dtype != torch.bool:
-            padding_mask = padding_mask != 0  # 0/1 masks mean the same as False/True
-        flat = x.reshape(-1, self.dim)  # (B*T, D)
-        keep = None if padding_mask is None else (~padding_mask.reshape(-1)).nonzero().squeeze(1)
-        tokens = flat if keep is None else flat.index_select(0, keep)  # (N, D)
-        routed, aux, stats = self._route_and_compute(tokens)  # (N, D)
-        if keep is not None:
-            routed = flat.new_zeros(flat.shape).index_copy(0, keep, routed)
-        return MoEOutput(routed.reshape(x.shape), aux, stats)
+        flat = x.reshape(-1, self.dim)  # (N, D)
+        valid = None if padding_mask is None else padding_mask.reshape(-1) == 0  # (N,); 0/1 masks as False/True
+        out, aux, stats = self._route_and_compute(flat, valid)
+        return MoEOutput(out.reshape(x.shape), aux, stats)
 
     # -- internals -----------------------------------------------------------
-    def _route_and_compute(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, RoutingStats]:
+    def _route_and_compute(self, x: torch.Tensor, valid: torch.Tensor | None
+                           ) -> tuple[torch.Tensor, torch.Tensor, RoutingStats]:
+        """x (N, D), valid (N,) or None -> output (N, D), aux loss, statistics."""
         n, e = x.shape[0], self.num_experts
         if n == 0:
-            zero = x.new_zeros((), dtype=torch.float32)
-            stats = RoutingStats(x.new_zeros(e, dtype=torch.float32), zero, zero, zero, zero)
-            return x.new_zeros(0, self.dim), zero + 0.0 * self.router.weight.sum(), stats
+            stats = RoutingStats.empty(e, x.device)
+            return x.new_zeros(0, self.dim), 0.0 * self.router.weight.sum(), stats
 
-        route = self.router(x)
-        balance = load_balancing_loss(route.probs, route.expert_index, e)
-        with torch.set_grad_enabled(torch.is_grad_enabled() and self.z_loss_weight > 0):
-            z = router_z_loss(route.logits)  # reported even when it does not train
-        aux = balance + self.z_loss_weight * z if self.z_loss_weight > 0 else balance
+        with_z = self.z_loss_weight > 0
+        route = self.router(x, valid, with_z)
+        experts = self.experts
+        dtype = experts.compute_dtype(x.device)
+        kernel = experts.kernel(x.device, dtype, self.dropless) if self.local_experts else "loop"
+        host = kernel == "loop"  # the loop kernel reads the run lengths on the host
+        num_valid = n if valid is None else (int(valid.sum()) if host else valid.sum())
+        plan = plan_dispatch(route.expert_index, route.counts, self.capacity(num_valid), valid, self.dropless,
+                             host)
+        balance = route.balance_loss
+        aux = balance + self.z_loss_weight * route.z_loss if with_z else balance
+        stats = RoutingStats(plan.counts, plan.kept, balance, route.z_loss, route.logits, valid, plan.inverse,
+                             self.top_k, num_valid)  # the z-loss computed from the logits if read
 
-        out, counts, slot = self._dispatch_and_combine(x, route)
-        return out, aux, self._stats(counts, slot, n, balance, z)
-
-    @torch.compiler.disable  # data-dependent shapes; runs eagerly inside compiled models
-    def _dispatch_and_combine(self, x: torch.Tensor, route: RouterOutput
-                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Experts' weighted outputs summed per token: (N, D); also counts (E,) and kept assignment ids (M,)."""
-        n, k = x.shape[0], self.top_k
-        # Assignments in choice-major priority order: a = choice * N + token.
-        expert_of = route.expert_index.t().reshape(-1)  # (A,)
-        order = torch.sort(expert_of, stable=True).indices  # (A,) grouped by expert
-        counts = torch.bincount(expert_of, minlength=self.num_experts)  # (E,)
-        slot, per_expert = _cut_at_capacity(order, counts.tolist(), self.capacity(n))  # (M,), (E,)
-
-        weight = route.combine_weight.t().reshape(-1)  # (A,) choice-major like slot
-        if self.local_experts and self.experts.runs_fused(x.device):
-            out = self.experts.routed(x, weight, slot, per_expert, k)  # (N, D)
+        weight = route.combine_weight.reshape(-1)  # (A,) choice-major, like the assignment ids
+        if self.local_experts:  # gather, experts and combine in one autograd node
+            slots = self.capacity(n) if kernel == "padded" else 0  # static: every token counted
+            out = _RoutedExperts.apply(x.to(dtype), weight, plan.slot, plan.inverse, plan.row_expert, plan.kept,
+                                       *experts.weights_in(dtype), kernel, plan.runs, slots, self.top_k)
         else:
-            y = self._run_experts(_GatherTokens.apply(x, slot, k), per_expert)  # (M, D)
-            out = _Combine.apply(y, weight, slot, k, n)  # (N, D)
-        return out, counts, slot
+            kept_ids = plan.slot[:sum(plan.runs)]  # (M,)
+            y = self._run_experts(_GatherTokens.apply(x, kept_ids, self.top_k), plan.runs)  # (M, D)
+            out = _Combine.apply(y, weight, kept_ids, self.top_k, n)  # (N, D)
+        return out, aux, stats
 
     # Whether self.experts computes every expert here; then gather, experts and
     # combine run as one fused step. An expert-parallel subclass sets False.
     local_experts = True
 
-    def _run_experts(self, rows: torch.Tensor, per_expert: list[int]) -> torch.Tensor:
-        """rows: (M, D) grouped by expert in runs of per_expert (E,) -> outputs (M, D), same order.
+    def _run_experts(self, rows: torch.Tensor, runs: list[int]) -> torch.Tensor:
+        """rows: (M, D) grouped by expert in runs (E,) -> outputs (M, D), same order.
 
         The one step an expert-parallel subclass replaces (send the runs to
         the ranks owning their experts and bring the results back).
         """
-        return self.experts(rows, per_expert)
+        return self.experts(rows, runs)
 
-    def _stats(self, counts: torch.Tensor, slot: torch.Tensor, n: int,
-               balance: torch.Tensor, z: torch.Tensor) -> RoutingStats:
-        """slot: (M,) kept assignment ids (choice * N + token)."""
-        with torch.no_grad():
-            assignments = counts.sum().clamp(min=1)
-            if self.top_k == 1:  # one assignment per token: kept ids are distinct tokens
-                served = torch.tensor(slot.numel() / n, dtype=torch.float32, device=counts.device)
-            else:
-                served = torch.zeros(n, dtype=torch.bool, device=counts.device)
-                served[slot % n] = True
-                served = served.float().mean()
-            return RoutingStats(
-                expert_fraction=counts.float() / assignments,
-                dropped_fraction=1.0 - served,
-                dropped_assignment_fraction=1.0 - slot.numel() / assignments.float(),
-                balance_loss=balance.detach(),
-                z_loss=z.detach(),
-            )
+# ----------------------------------------------------------------------------
+# Autograd nodes: gather -> experts -> combine
+# ----------------------------------------------------------------------------
+def _rows_to_tokens(rows: torch.Tensor, inverse: torch.Tensor, k: int, n: int,
+                    weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows (A, D) of the expert buffer, times weight (A,) by assignment when given, summed per
+    token: (N, D). Each assignment's row is read through the inverse permutation (a gather);
+    the K choices are added with plain adds (CUDA autocast runs .sum in float32, which turned
+    a bf16 output into float32)."""
+    parts = rows.index_select(0, inverse)  # (A, D) in assignment order
+    if weight is not None:
+        parts.mul_(weight.to(parts.dtype).unsqueeze(1))
+    parts = parts.view(k, n, -1)  # (K, N, D)
+    out = parts[0]
+    for part in parts[1:]:
+        out = out + part
+    return out
 
 
-def _cut_at_capacity(order: torch.Tensor, counts: list[int], capacity: int) -> tuple[torch.Tensor, list[int]]:
-    """Keep the first `capacity` of each expert's run in order (A,): kept ids (M,) and run lengths (E,)."""
-    kept = [min(c, capacity) for c in counts]
-    if kept == counts:
-        return order, kept
-    starts = itertools.accumulate(counts, initial=0)
-    return torch.cat([order[s:s + c] for s, c in zip(starts, kept)]), kept
+class _RoutedExperts(torch.autograd.Function):
+    """out[n] = sum over kept assignments a of token n: weight[a] * FFN_e(a)(x[n]).
+
+    x: (N, D); weight: (A,) combine weights by assignment; slot, inverse,
+    row_expert (A,) and kept (E,) from plan_dispatch; w1, b1, w2, b2 the
+    experts' weights; kernel, runs, slots: see layers/experts.py.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, slot, inverse, row_expert, kept, w1, b1, w2, b2,
+                kernel: str, runs: tuple[int, ...] | None, slots: int, k: int):
+        n, a = x.shape[0], slot.shape[0]
+        token = slot if k == 1 else slot % n  # (A,) each row's token
+        rows = x.index_select(0, token)  # (A, D)
+        lay = row_layout(kernel, kept, a, runs, row_expert, slots)
+        y, pre, act = ffn_forward(rows, w1, b1, w2, b2, lay)  # (A, D), zero past M
+        ctx.save_for_backward(rows, w1, w2, pre, act, y, weight, slot, token, inverse, *lay.tensors())
+        ctx.lay, ctx.k = lay.with_tensors([None] * 4), k
+        return _rows_to_tokens(y, inverse, k, n, weight)  # (N, D)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):  # grad: (N, D)
+        rows, w1, w2, pre, act, y, weight, slot, token, inverse, *lay_tensors = ctx.saved_tensors
+        g = grad.contiguous().index_select(0, token)  # (A, D)
+        g_weight = torch.linalg.vecdot(g, y).index_select(0, inverse).to(weight.dtype)  # (A,); 0 if dropped
+        g.mul_(weight.index_select(0, slot).to(g.dtype).unsqueeze(1))  # gradient of the expert outputs
+        g_rows, gw1, gb1, gw2, gb2 = ffn_backward(g, rows, w1, w2, pre, act, ctx.lay.with_tensors(lay_tensors))
+        g_x = _rows_to_tokens(g_rows, inverse, ctx.k, grad.shape[0])  # (N, D)
+        return g_x, g_weight, None, None, None, None, gw1, gb1, gw2, gb2, None, None, None, None
+
+
+class _GatherTokens(torch.autograd.Function):
+    """x (N, D) -> rows x[slot % N] (M, D): each kept assignment's token.
+
+    A token can appear K times, so backward places each row's gradient at its
+    assignment id in a (K*N, D) buffer and sums over K: no scatter-add.
+    """
+
+    @staticmethod
+    def forward(ctx, x, slot, k: int):
+        ctx.save_for_backward(slot)
+        ctx.k, ctx.n = k, x.shape[0]
+        return x.index_select(0, slot % ctx.n)
+
+    @staticmethod
+    def backward(ctx, grad):  # grad: (M, D)
+        (slot,) = ctx.saved_tensors
+        return _sum_at_tokens(grad, slot, ctx.k, ctx.n), None, None
+
+
+def _sum_at_tokens(src: torch.Tensor, slot: torch.Tensor, k: int, n: int) -> torch.Tensor:
+    """Rows src (M, D) of assignments slot (M,) summed per token: (N, D), zeros where none."""
+    parts = src.new_zeros(k * n, src.shape[1]).index_copy_(0, slot, src).view(k, n, -1)
+    out = parts[0]
+    for part in parts[1:]:
+        out = out + part
+    return out
+
+
+class _Combine(torch.autograd.Function):
+    """out[n] = sum over kept assignments a of token n: weight[a] * y[row of a].
+
+    y: (M, D) expert outputs in slot order; weight: (A,) combine weights by
+    assignment id; slot: (M,) assignment ids. Dropped assignments add nothing.
+    """
+
+    @staticmethod
+    def forward(ctx, y, weight, slot, k: int, n: int):
+        w = weight.index_select(0, slot).to(y.dtype).unsqueeze(1)  # (M, 1)
+        out = _sum_at_tokens(y * w, slot, k, n)  # (N, D)
+        ctx.save_for_backward(y, weight, slot)
+        ctx.n = n
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # grad: (N, D)
+        y, weight, slot = ctx.saved_tensors
+        g = grad.index_select(0, slot % ctx.n)  # (M, D)
+        w = weight.index_select(0, slot).to(y.dtype).unsqueeze(1)  # (M, 1)
+        grad_w = weight.new_zeros(weight.shape).index_copy_(0, slot, torch.linalg.vecdot(g, y).to(weight.dtype))
+        return g * w, grad_w, None, None, None
 
 
 def _check_moe_args(dim: int, hidden_dim: int, num_experts: int, top_k: int,

@@ -378,10 +378,11 @@ def _check_same_shape(name: str, tensor: torch.Tensor, input_ids: torch.Tensor) 
 
 
 def _check_id_range(name: str, ids: torch.Tensor, size: int, size_name: str) -> None:
-    """Ids must lie in 0..size-1 (checked on the values, so it syncs with the device)."""
+    """Ids must lie in 0..size-1 (checked on the values, so it syncs with the device; skipped
+    inside torch.compile, where the embedding lookup's own bound check remains)."""
     if ids.is_floating_point() or ids.dtype == torch.bool:
         raise ValueError(f"{name} must hold integer ids, got dtype {ids.dtype}")
-    if ids.numel() and ids.device.type != "meta":
+    if ids.numel() and ids.device.type != "meta" and not torch.compiler.is_compiling():
         low, high = int(ids.min()), int(ids.max())
         if low < 0 or high >= size:
             bad = low if low < 0 else high

@@ -43,12 +43,13 @@ class RecipeConfig:
     log_every: int = 50
     device: str = "auto"
     amp: str = "auto"
+    compile: bool = False  # torch.compile the training forward and backward (widenet.runtime.compile_model)
     out: str = "runs/train"
     resume: bool = False
 
     # Settings a resumed run may change: where and how it runs, not what it computes.
-    RESUME_FREE: ClassVar[tuple[str, ...]] = ("out", "resume", "device", "save_every", "keep_last", "log_every",
-                                              "eval_batch_size")
+    RESUME_FREE: ClassVar[tuple[str, ...]] = ("out", "resume", "device", "compile", "save_every", "keep_last",
+                                              "log_every", "eval_batch_size")
 
     def __post_init__(self) -> None:
         _positive(self, "epochs", "batch_size", "eval_batch_size", "log_every", "keep_last")

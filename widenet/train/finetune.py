@@ -35,7 +35,7 @@ from ..data.vision import num_batches
 from ..distributed.parallel import ParallelContext
 from ..models.registry import count_parameters
 from ..models.text import TextConfig, TextTransformer, load_backbone
-from ..runtime import autocast, autocast_dtype, resolve_device
+from ..runtime import autocast, autocast_dtype, compiled_if, resolve_device
 from ..text.tokenizer import TokenizerError, load_tokenizer, save_tokenizer, special_ids, vocab_fingerprint
 from .checkpoint import CheckpointError, LoadedCheckpoint, load_checkpoint
 from .evaluate import RoutingTally
@@ -251,8 +251,8 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print) -> Finetun
     per_epoch = num_batches(len(train["input_ids"]), cfg.batch_size)
     optimizer, schedule = optimizer_and_schedule(cfg, model, total_steps(cfg, per_epoch))
     task_cls = ClassifyTask if cfg.task == "classify" else QATask
-    task = task_cls(cfg, model, pad, train, optimizer, schedule, device, amp, parallel, parallel.wrap(model, device),
-                    **extra)
+    net = compiled_if(cfg.compile, parallel.wrap(model, device), device)  # what the training steps run
+    task = task_cls(cfg, model, pad, train, optimizer, schedule, device, amp, parallel, net, **extra)
     params = count_parameters(model)
     log(f"fine-tuning {cfg.model} ({params / 1e6:.3f}M params) for {cfg.task} from {ckpt.path}: "
         f"{len(train['input_ids'])} training sequences of up to {max_len} tokens; {device}")

@@ -34,7 +34,7 @@ from ..data.vision import ImageDataset, iterate_batches, load_dataset, num_batch
 from ..distributed.env import DistEnv, main_process_first
 from ..distributed.parallel import ParallelContext
 from ..models.registry import count_parameters, create_model
-from ..runtime import autocast, autocast_dtype, resolve_device
+from ..runtime import autocast, autocast_dtype, compiled_if, resolve_device
 from .budget import BudgetPlan, Deadline, plan_budget
 from .checkpoint import (CheckpointError, capture_rng_state, find_latest_checkpoint, load_checkpoint,
                          restore_rng_state, save_checkpoint)
@@ -141,6 +141,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print,
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else round(cfg.warmup_fraction * total)
     ema = ModelEMA(model, cfg.ema_decay) if cfg.ema_decay else None  # the plain model's copy
     model = parallel.wrap(model, device)
+    net = compiled_if(cfg.compile, model, device)  # what the training steps run
     optimizer = build_optimizer(cfg.optimizer, parallel.module(model), cfg.lr, cfg.weight_decay)
     schedule = build_schedule(optimizer, min(warmup, total), total, cfg.schedule)
     progress, window_state = _Progress(total=total, eval_seconds=deadline.eval_s if deadline else 0.0), {}
@@ -154,7 +155,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print,
 
     workers = f", {parallel.env.world_size} processes ({parallel.mode})" if parallel.distributed else ""
     log(f"training {cfg.model} ({params / 1e6:.3f}M params) on {cfg.data}: {len(train_set)} images, "
-        f"{total} steps, batch {cfg.batch_size}, {device}" + (f", {amp}" if amp else "") + workers)
+        f"{total} steps, batch {cfg.batch_size}, {device}" + (f", {amp}" if amp else "") + workers
+        + (", compiled (the first steps compile)" if cfg.compile else ""))
 
     window = _Window(**window_state)
 
@@ -225,7 +227,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print,
                                   epoch=progress.epoch, start_batch=progress.batch)
         for images, labels in batches:
             started = time.perf_counter()
-            loss, aux, correct = _train_step(model, optimizer, schedule, images.to(device), labels.to(device),
+            loss, aux, correct = _train_step(net, optimizer, schedule, images.to(device), labels.to(device),
                                              cfg, augment, mean, std, train_set.num_classes, device, amp,
                                              parallel, progress.step)
             if not math.isfinite(loss):

@@ -27,7 +27,7 @@ from ..data.vision import data_home, num_batches
 from ..distributed.env import main_process_first
 from ..distributed.parallel import ParallelContext
 from ..models.registry import count_parameters
-from ..runtime import autocast, autocast_dtype, resolve_device
+from ..runtime import autocast, autocast_dtype, compiled_if, resolve_device
 from ..text.tokenizer import (SpecialIds, load_tokenizer, save_tokenizer, special_ids, train_tokenizer,
                               vocab_fingerprint)
 from .evaluate import RoutingTally
@@ -87,7 +87,7 @@ class PretrainTask:
         self.cfg, self.model, self.special, self.vocab_size = cfg, model, special, vocab_size
         self.train, self.held_out = train, held_out
         self.optimizer, self.schedule, self.device, self.amp = optimizer, schedule, device, amp
-        self.parallel, self.net = parallel, net or model  # net: the (DDP-)wrapped model that trains
+        self.parallel, self.net = parallel, model if net is None else net  # net: the (DDP-)wrapped model that trains
 
     def loop_task(self) -> LoopTask:
         per_epoch = num_batches(len(self.train["input_ids"]), self.cfg.batch_size)
@@ -182,8 +182,9 @@ def pretrain(cfg: PretrainConfig, log: Callable[[str], None] = print) -> Pretrai
     model = build_text_model(cfg, vocab, special.pad, cfg.seq_len, task="pretrain").to(device)
     per_epoch = num_batches(len(train_set["input_ids"]), cfg.batch_size)
     optimizer, schedule = optimizer_and_schedule(cfg, model, total_steps(cfg, per_epoch))
+    net = compiled_if(cfg.compile, parallel.wrap(model, device), device)  # what the training steps run
     task = PretrainTask(cfg, model, special, vocab, train_set, held_out, optimizer, schedule, device, amp,
-                        parallel, parallel.wrap(model, device))
+                        parallel, net)
     params = count_parameters(model)
     log(f"pretraining {cfg.model} ({params / 1e6:.3f}M params): {corpus.num_documents} documents, "
         f"{corpus.num_tokens} tokens, {len(train_set['input_ids'])} training sequences of {cfg.seq_len}, "

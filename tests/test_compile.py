@@ -1,0 +1,141 @@
+"""torch.compile(model, fullgraph=True) on whole models, and --compile's error contract.
+
+fullgraph=True fails on any graph break, so a passing compile is the proof
+that the MoE path has static shapes and no host synchronisation (the
+"grouped"/"padded" kernels and the device-side dispatch plan). One graph for
+training and one for evaluation, whatever the depth: the blocks share their
+attention and MoE modules without re-specialising the graph per block.
+The models compile with aot_eager (dynamo and AOT autograd: the same graph
+capture, forward and backward, without generating C++), and a two-block
+widenet_tiny with inductor (the real backend), to keep the suite's time.
+Random draws (router noise) are compared too: inductor runs with
+fallback_random, as widenet.runtime.compile_model sets it.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import widenet
+from widenet.cli import main
+from widenet.runtime import CompileUnavailable, check_compile_available
+
+pytestmark = pytest.mark.slow
+
+
+def _compiled(model, backend):
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    torch._dynamo.config.capture_dynamic_output_shape_ops = True  # the masked-LM head's gather
+    options = {"options": {"fallback_random": True}} if backend == "inductor" else {}
+    return torch.compile(model, fullgraph=True, backend=backend, **options)
+
+
+def _graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
+def _check_against_eager(model, run, backend, rtol=1e-4, atol=1e-5):
+    """run(module) -> (loss, outputs to compare). Training (loss and every gradient) then
+    evaluation, each compiled once and called twice without a recompilation."""
+    compiled = _compiled(model, backend)
+    params = [p for p in model.parameters() if p.requires_grad]
+    before = _graphs()
+    for training, new_graphs in ((True, 1), (False, 2)):
+        graphs = before + new_graphs
+        model.train(training)
+        results = []
+        for module in (compiled, model):
+            torch.manual_seed(5)  # the same router noise in both
+            with torch.set_grad_enabled(training):
+                loss, outputs = run(module)
+                grads = torch.autograd.grad(loss, params, allow_unused=True) if training else []
+            results.append((loss, outputs, grads))
+        assert _graphs() == graphs, f"{_graphs() - before} graphs after {'training' if training else 'evaluation'}"
+        (loss, outs, grads), (ref_loss, ref_outs, ref_grads) = results
+        torch.testing.assert_close(loss, ref_loss, rtol=rtol, atol=atol)
+        for out, ref in zip(outs, ref_outs):
+            torch.testing.assert_close(out, ref, rtol=rtol, atol=atol)
+        for (name, _), g, r in zip(((n, p) for n, p in model.named_parameters() if p.requires_grad), grads, ref_grads):
+            assert (g is None) == (r is None), name
+            if g is not None:
+                torch.testing.assert_close(g, r, rtol=rtol, atol=atol, msg=lambda m, n=name: f"{n}: {m}")
+        with torch.set_grad_enabled(training):
+            run(compiled)
+        assert _graphs() == graphs, "a second call with the same shapes recompiled"
+
+
+def _vision_run(images, labels):
+    def run(module):
+        out = module(images)
+        loss = F.cross_entropy(out.logits, labels) + 0.01 * out.aux_loss
+        return loss, [out.logits, out.aux_loss] + [r.expert_fraction for r in out.routing if r is not None]
+    return run
+
+
+def test_widenet_tiny_compiles_whole():
+    torch.manual_seed(0)
+    model = widenet.create_model("widenet_tiny", drop_path=0.1)  # 6 blocks, router noise, stochastic depth
+    images, labels = torch.randn(4, 1, 28, 28), torch.tensor([1, 7, 3, 0])
+    _check_against_eager(model, _vision_run(images, labels), "aot_eager")
+
+
+def test_inductor_code_matches_eager():
+    """The real backend, generated C++ included, on two blocks (compile time grows with depth:
+    ~90 s for all six on 2 cores with a cold cache)."""
+    torch.manual_seed(0)
+    model = widenet.create_model("widenet_tiny", depth=2, drop_path=0.1)
+    images, labels = torch.randn(4, 1, 28, 28), torch.tensor([1, 7, 3, 0])
+    _check_against_eager(model, _vision_run(images, labels), "inductor")
+
+
+def test_widenet_b16_compiles_whole():
+    torch.manual_seed(0)
+    model = widenet.create_model("widenet_b16", image_size=32, num_classes=10)  # 12 blocks, D 768, 4 patches
+    images, labels = torch.randn(2, 3, 32, 32), torch.tensor([1, 7])
+    _check_against_eager(model, _vision_run(images, labels), "aot_eager")
+
+
+def test_text_model_compiles_whole_with_padding_and_masked_positions():
+    torch.manual_seed(0)
+    model = widenet.create_model("widenet_text_tiny", vocab_size=300)
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(5, 300, (3, 24), generator=gen)
+    ids[0, 17:] = 0  # padding: takes no part in routing
+    types = torch.zeros_like(ids)
+    masked = (torch.rand(3, 24, generator=gen) < 0.2) & (ids != 0)
+    masked[:, 1] = True
+    labels = torch.randint(5, 300, (int(masked.sum()),), generator=gen)
+
+    def run(module):
+        out = module(ids, types, masked_positions=masked)
+        loss = (F.cross_entropy(out.mlm_logits, labels) + F.cross_entropy(out.sop_logits, torch.tensor([0, 1, 0]))
+                + 0.01 * out.aux_loss)
+        return loss, [out.mlm_logits, out.sop_logits, out.aux_loss]
+
+    _check_against_eager(model, run, "aot_eager")
+
+
+def test_importing_widenet_does_not_load_the_compiler():
+    import subprocess
+    import sys
+
+    code = "import sys, widenet; print('torch._dynamo' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
+def test_compile_without_a_cpp_compiler_is_one_line(monkeypatch, capsys):
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    with pytest.raises(CompileUnavailable, match="needs a C\\+\\+ compiler .*run without --compile"):
+        check_compile_available(torch.device("cpu"))
+    rc = main(["bench", "model", "vit_tiny", "--batch-size", "2", "--steps", "1", "--device", "cpu", "--compile"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1
+    assert err.startswith("widenet: error: torch.compile on a CPU needs a C++ compiler")
