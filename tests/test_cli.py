@@ -166,6 +166,19 @@ def test_bench_model_json(capsys):
     assert result["images_per_s"] > 0 and result["params"] > 0 and result["device"] == "cpu"
 
 
+def test_bench_model_times_several_models_interleaved(capsys):
+    rc, out, err = _cli(["bench", "model", "vit_tiny", "widenet_tiny", "--batch-size", 2, "--steps", 3,
+                         "--device", "cpu", "--json"], capsys)
+    assert rc == 0, err
+    first, second = json.loads(out)
+    assert (first["model"], second["model"]) == ("vit_tiny", "widenet_tiny")
+    assert first["ratio_vs_first"] == 1.0 and second["ratio_vs_first"] > 0
+    assert first["steps"] == second["steps"] == 3 and first["compiled"] is False
+    rc, out, _ = _cli(["bench", "model", "vit_tiny", "widenet_tiny", "--batch-size", 2, "--steps", 1,
+                       "--device", "cpu"], capsys)
+    assert "widenet_tiny / vit_tiny: " in out and "x the images/s" in out
+
+
 def test_bench_model_reports_flops_utilisation(capsys):
     rc, out, err = _cli(["bench", "model", "vit_tiny", "--batch-size", 4, "--steps", 1, "--device", "cpu",
                          "--peak-tflops", "2", "--json"], capsys)

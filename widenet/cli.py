@@ -370,11 +370,13 @@ def _show_library_notes() -> None:
     """The library's logged decisions (e.g. which expert kernel a GPU takes) as `widenet: ...` lines."""
     import logging
 
+    class ToStderr(logging.Handler):  # resolves sys.stderr when it writes (tests swap it)
+        def emit(self, record: logging.LogRecord) -> None:
+            print(f"widenet: {record.getMessage()}", file=sys.stderr)
+
     logger = logging.getLogger("widenet")
     if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("widenet: %(message)s"))
-        logger.addHandler(handler)
+        logger.addHandler(ToStderr())
         logger.setLevel(logging.INFO)
 
 
@@ -397,14 +399,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("widenet: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader closed the pipe (`widenet list | head -1`): stop quietly, as cat does,
+        # and keep the interpreter's final flush of stdout from raising again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE: what a shell reports for a process that signal ended
     except Exception as err:
         if not _is_compile_failure(err):
             raise
         print(f"widenet: error: torch.compile failed ({first_line(err)}); run without --compile",
               file=sys.stderr)
         return 2
-    except BrokenPipeError:
-        # The reader closed the pipe (`widenet list | head -1`): stop quietly, as cat does,
-        # and keep the interpreter's final flush of stdout from raising again.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 141  # 128 + SIGPIPE: what a shell reports for a process that signal ended

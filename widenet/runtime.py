@@ -88,10 +88,10 @@ def check_compile_available(device: torch.device) -> None:
             raise CompileUnavailable(f"torch.compile on a CPU needs a C++ compiler ({' or '.join(names)}), "
                                      f"none is installed{hint}")
     elif device.type == "cuda":
-        try:
-            import triton  # noqa: F401
-        except ImportError:
-            raise CompileUnavailable(f"torch.compile on a GPU needs triton, which is not installed{hint}") from None
+        import importlib.util
+
+        if importlib.util.find_spec("triton") is None:
+            raise CompileUnavailable(f"torch.compile on a GPU needs triton, which is not installed{hint}")
 
 
 def first_line(err: BaseException) -> str:

@@ -40,11 +40,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["EXPERT_BACKENDS", "Experts", "RowLayout", "ffn_backward", "ffn_forward", "grouped_mm_works",
+__all__ = ["EXPERT_BACKENDS", "Experts", "RowLayout", "cast", "ffn_backward", "ffn_forward", "grouped_mm_works",
            "row_layout"]
 
 EXPERT_BACKENDS = ("auto", "loop", "grouped", "padded")
 _log = logging.getLogger("widenet.moe")
+
+
+def cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t in dtype; t itself when it already is (a no-op .to() still costs ~5 us of Python)."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 class Experts(nn.Module):
@@ -93,8 +98,8 @@ class Experts(nn.Module):
         return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else self.w1.dtype
 
     def weights_in(self, dtype: torch.dtype) -> list[torch.Tensor]:
-        """w1, b1, w2, b2 cast to the compute dtype (a no-op when they already are)."""
-        return [w.to(dtype) for w in (self.w1, self.b1, self.w2, self.b2)]
+        """w1, b1, w2, b2 cast to the compute dtype."""
+        return [cast(w, dtype) for w in (self.w1, self.b1, self.w2, self.b2)]
 
     def kernel(self, device: torch.device, dtype: torch.dtype, dropless: bool = False) -> str:
         """The kernel of a call on this device and dtype: the backend, or auto's pick."""
@@ -120,7 +125,7 @@ class Experts(nn.Module):
         dtype = self.compute_dtype(rows.device)
         kernel = "grouped" if self.kernel(rows.device, dtype) == "grouped" else "loop"  # runs are on the host
         kept = torch.tensor(list(runs), device=rows.device)
-        return _ExpertFFN.apply(rows.to(dtype), kept, *self.weights_in(dtype), kernel, tuple(runs))
+        return _ExpertFFN.apply(cast(rows, dtype), kept, *self.weights_in(dtype), kernel, tuple(runs))
 
 
 # ----------------------------------------------------------------------------
@@ -207,8 +212,8 @@ def ffn_forward(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.T
 def ffn_backward(g: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, pre: torch.Tensor,
                  act: torch.Tensor, lay: RowLayout) -> tuple[torch.Tensor, ...]:
     """Gradients (x, w1, b1, w2, b2) of ffn_forward, given g (R, D) (spare rows: any finite
-    values, they are never read). An expert without rows gets zero weight and bias gradients; spare rows of the x
-    gradient are zero."""
+    values, never read). An expert without rows gets zero weight and bias gradients; spare
+    rows of the x gradient are zero."""
     if lay.kernel == "loop":
         return _loop_backward(g, x, w1, w2, pre, act, lay.runs)
     if lay.kernel == "grouped":
@@ -265,18 +270,18 @@ def _zero_empty(grad: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
 
 def _loop_forward(x, w1, b1, w2, b2, runs):
     """The loop kernel: one addmm per expert for each projection, GELU once over all rows.
-    Views are cut in one call each (split/unbind): at small widths a CPU spends as much on
-    per-op overhead as on arithmetic."""
+    Views are cut in one call each (split_with_sizes/unbind): at small widths a CPU spends
+    as much on per-op overhead as on arithmetic."""
     m = sum(runs)
     pre = x.new_empty(m, w1.shape[-1])
     out = x.new_empty(x.shape[0], w2.shape[-1])
     out[m:] = 0
     experts = [e for e, n_e in enumerate(runs) if n_e]
-    xs, pres, w1s, b1s = x[:m].split(runs), pre.split(runs), w1.unbind(0), b1.unbind(0)
+    xs, pres, w1s, b1s = x[:m].split_with_sizes(runs), pre.split_with_sizes(runs), w1.unbind(0), b1.unbind(0)
     for e in experts:
         torch.addmm(b1s[e], xs[e], w1s[e], out=pres[e])
     act = F.gelu(pre)
-    acts, outs, w2s, b2s = act.split(runs), out[:m].split(runs), w2.unbind(0), b2.unbind(0)
+    acts, outs, w2s, b2s = act.split_with_sizes(runs), out[:m].split_with_sizes(runs), w2.unbind(0), b2.unbind(0)
     for e in experts:
         torch.addmm(b2s[e], acts[e], w2s[e], out=outs[e])
     return out, pre, act
@@ -286,19 +291,19 @@ def _loop_backward(g, x, w1, w2, pre, act, runs):
     m = sum(runs)
     gx = torch.empty_like(x)
     gx[m:] = 0
-    gw1, gw2 = torch.zeros_like(w1), torch.zeros_like(w2)  # zero: experts without rows
-    gb1 = w1.new_zeros(w1.shape[0], w1.shape[2])
-    gb2 = w2.new_zeros(w2.shape[0], w2.shape[2])
+    new = torch.empty_like if all(runs) else torch.zeros_like  # zero: an expert without rows
+    gw1, gw2 = new(w1), new(w2)
+    gb1, gb2 = new(w1[:, 0]), new(w2[:, 0])
     experts = [e for e, n_e in enumerate(runs) if n_e]
     g_act = g.new_empty(m, w2.shape[1])
-    gs, g_acts, act_ts = g[:m].split(runs), g_act.split(runs), act.t().split(runs, 1)
+    gs, g_acts, act_ts = g[:m].split_with_sizes(runs), g_act.split_with_sizes(runs), act.t().split_with_sizes(runs, 1)
     w2ts, gw2s, gb2s = w2.transpose(1, 2).unbind(0), gw2.unbind(0), gb2.unbind(0)
     for e in experts:
         torch.mm(act_ts[e], gs[e], out=gw2s[e])
         torch.sum(gs[e], 0, out=gb2s[e])
         torch.mm(gs[e], w2ts[e], out=g_acts[e])
     g_pre = torch.ops.aten.gelu_backward.grad_input(g_act, pre, grad_input=g_act)  # (M, H), in place
-    x_ts, g_pres, gxs = x[:m].t().split(runs, 1), g_pre.split(runs), gx[:m].split(runs)
+    x_ts, g_pres, gxs = x[:m].t().split_with_sizes(runs, 1), g_pre.split_with_sizes(runs), gx[:m].split_with_sizes(runs)
     w1ts, gw1s, gb1s = w1.transpose(1, 2).unbind(0), gw1.unbind(0), gb1.unbind(0)
     for e in experts:
         torch.mm(x_ts[e], g_pres[e], out=gw1s[e])

@@ -16,6 +16,9 @@ Every shape depends on N, K and E only, and nothing waits for the device
 (except the "loop" kernel, which reads the run lengths on the host: free on
 a CPU), so the layer runs inside torch.compile(fullgraph=True):
 
+0. Router computes expert-major logits (E, N), the noisy softmax over E, the
+   top-k, the counts per expert and the balance (and z-) loss, as one
+   autograd node with a hand-written backward (_RouterGate).
 1. plan_dispatch sorts the assignments by expert (a stable sort, so priority
    follows the choice-major order: every token's first choice beats any
    second choice, earlier tokens beat later ones), keeps the first
@@ -41,13 +44,12 @@ import functools
 import itertools
 import math
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .experts import EXPERT_BACKENDS, Experts, ffn_backward, ffn_forward, grouped_mm_works, row_layout
+from .experts import EXPERT_BACKENDS, Experts, cast, ffn_backward, ffn_forward, grouped_mm_works, row_layout
 
 __all__ = ["MoE", "MoEOutput", "RoutingStats", "Router", "RouterOutput", "Experts", "EXPERT_BACKENDS",
            "DispatchPlan", "grouped_mm_works", "plan_dispatch",
@@ -295,7 +297,7 @@ class Router(nn.Module):
             dtype = torch.promote_types(x.dtype, torch.float32)  # float32, or float64 if asked
             num_valid = x.shape[0] if valid is None else valid.sum()
             noise = self.noise_std if self.training else 0.0
-            outputs = _RouterGate.apply(x.to(dtype), self.weight.to(dtype), valid, num_valid, noise,
+            outputs = _RouterGate.apply(cast(x, dtype), cast(self.weight, dtype), valid, num_valid, noise,
                                         self.top_k, self.renormalize, with_z_loss)
         weight, index, balance, z, counts, logits, probs = outputs
         return RouterOutput(logits, probs, index, weight, counts, balance, z if with_z_loss else None)
@@ -315,7 +317,7 @@ class _RouterGate(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, valid, num_valid, noise_std: float, top_k: int, renormalize: bool, with_z: bool):
-        e, n = weight.shape[0], x.shape[0]
+        e = weight.shape[0]
         logits = weight @ x.t()  # (E, N)
         if noise_std > 0:
             logits.add_(torch.randn_like(logits), alpha=noise_std)
@@ -350,9 +352,8 @@ class _RouterGate(torch.autograd.Function):
             g_probs.scatter_(0, index, g_combine)  # the K chosen experts of a token are distinct
         if g_balance is not None:
             m = counts.to(probs.dtype) / _at_least_one(ctx.top_k * ctx.num_valid)  # (E,)
-            per_token = g_balance * e / nv  # d balance / d probs[i, n] = E * m_i * valid_n / N_valid
-            g_probs += (m * per_token).unsqueeze(1) if valid is None else \
-                (m * per_token).unsqueeze(1) * valid
+            d_probs = (g_balance * e / nv * m).unsqueeze(1)  # (E, 1): d balance / d probs[i, n] = E m_i / N_valid
+            g_probs += d_probs if valid is None else d_probs * valid
         g_logits = probs * (g_probs - (probs * g_probs).sum(0, keepdim=True))  # softmax backward
         if lse is not None and g_z is not None:
             dz = g_z * 2.0 / nv * lse  # (N,): d z / d lse_n
@@ -450,7 +451,7 @@ class MoE(nn.Module):
         weight = route.combine_weight.reshape(-1)  # (A,) choice-major, like the assignment ids
         if self.local_experts:  # gather, experts and combine in one autograd node
             slots = self.capacity(n) if kernel == "padded" else 0  # static: every token counted
-            out = _RoutedExperts.apply(x.to(dtype), weight, plan.slot, plan.inverse, plan.row_expert, plan.kept,
+            out = _RoutedExperts.apply(cast(x, dtype), weight, plan.slot, plan.inverse, plan.row_expert, plan.kept,
                                        *experts.weights_in(dtype), kernel, plan.runs, slots, self.top_k)
         else:
             kept_ids = plan.slot[:sum(plan.runs)]  # (M,)
@@ -481,7 +482,7 @@ def _rows_to_tokens(rows: torch.Tensor, inverse: torch.Tensor, k: int, n: int,
     a bf16 output into float32)."""
     parts = rows.index_select(0, inverse)  # (A, D) in assignment order
     if weight is not None:
-        parts.mul_(weight.to(parts.dtype).unsqueeze(1))
+        parts.mul_(cast(weight, parts.dtype).unsqueeze(1))
     parts = parts.view(k, n, -1)  # (K, N, D)
     out = parts[0]
     for part in parts[1:]:
@@ -514,8 +515,8 @@ class _RoutedExperts(torch.autograd.Function):
     def backward(ctx, grad):  # grad: (N, D)
         rows, w1, w2, pre, act, y, weight, slot, token, inverse, *lay_tensors = ctx.saved_tensors
         g = grad.contiguous().index_select(0, token)  # (A, D)
-        g_weight = torch.linalg.vecdot(g, y).index_select(0, inverse).to(weight.dtype)  # (A,); 0 if dropped
-        g.mul_(weight.index_select(0, slot).to(g.dtype).unsqueeze(1))  # gradient of the expert outputs
+        g_weight = cast(torch.linalg.vecdot(g, y).index_select(0, inverse), weight.dtype)  # (A,); 0 if dropped
+        g.mul_(cast(weight.index_select(0, slot), g.dtype).unsqueeze(1))  # gradient of the expert outputs
         g_rows, gw1, gb1, gw2, gb2 = ffn_backward(g, rows, w1, w2, pre, act, ctx.lay.with_tensors(lay_tensors))
         g_x = _rows_to_tokens(g_rows, inverse, ctx.k, grad.shape[0])  # (N, D)
         return g_x, g_weight, None, None, None, None, gw1, gb1, gw2, gb2, None, None, None, None
