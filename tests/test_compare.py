@@ -97,7 +97,7 @@ def test_report_routing_table(compared):
     # widenet_tiny: every block routes (one row per block); vit_tiny has no MoE, so no rows.
     meta = load_checkpoint(find_latest_checkpoint(compared["out"] / "runs" / "widenet_tiny" / "seed0")).meta
     depth = meta["model_config"]["encoder"]["depth"]
-    experts = meta["model_config"]["encoder"]["num_experts"]
+    experts = meta["model_config"]["encoder"]["moe"]["num_experts"]
     by_label: dict[str, list[int]] = {}
     for line in lines:
         cells = [c.strip() for c in line.strip().strip("|").split("|")]

@@ -18,7 +18,7 @@ VIT_MOE = {"moe_blocks": "last:2", "share_attention": False, "share_ffn": False,
 
 def _encoder(seed=0, dtype=torch.float64, **kw):
     torch.manual_seed(seed)
-    cfg = EncoderConfig(**{**SMALL, "noise_std": 0.0, **kw})
+    cfg = EncoderConfig.from_dict({**SMALL, "noise_std": 0.0, **kw})
     enc = Encoder(cfg).to(dtype)
     # Random norm affine parameters: every block's norms differ, as after training.
     with torch.no_grad():
@@ -52,11 +52,26 @@ def _encoder(seed=0, dtype=torch.float64, **kw):
 ])
 def test_config_errors(kwargs):
     with pytest.raises(ValueError):
-        EncoderConfig(**kwargs)
+        EncoderConfig.from_dict(kwargs)
 
 
-def test_top_k_above_experts_is_fine_without_moe():
-    EncoderConfig(moe_blocks="none", top_k=5, num_experts=4)
+def test_moe_settings_are_validated_even_without_moe_blocks():
+    """The MoE settings are one MoEConfig, validated when built, whatever blocks use it."""
+    with pytest.raises(ValueError, match="top_k=5 exceeds num_experts=4"):
+        EncoderConfig.from_dict(dict(moe_blocks="none", top_k=5, num_experts=4))
+    with pytest.raises(ValueError, match="capacity_factor must be a number > 0, got nan"):
+        EncoderConfig.from_dict(dict(capacity_factor=float("nan")))
+    with pytest.raises(ValueError, match="dropless must be True or False, got 'false'"):
+        EncoderConfig.from_dict(dict(dropless="false"))
+
+
+def test_flat_and_nested_moe_settings_give_one_config():
+    """Checkpoints before MoEConfig held the MoE settings among the encoder's own keys."""
+    flat = EncoderConfig.from_dict(dict(dim=16, num_heads=2, num_experts=8, top_k=1, capacity_factor=2.0))
+    nested = EncoderConfig.from_dict(dict(dim=16, num_heads=2, moe=dict(num_experts=8, top_k=1, capacity_factor=2.0)))
+    assert flat == nested and flat.moe.num_experts == 8
+    assert flat.to_dict()["moe"]["top_k"] == 1 and "top_k" not in flat.to_dict()
+    assert flat.replace(top_k=2, depth=3).moe.top_k == 2
 
 
 @pytest.mark.parametrize("spec,depth,expected", [
@@ -70,7 +85,7 @@ def test_top_k_above_experts_is_fine_without_moe():
     ("every:9", 4, []),
 ])
 def test_moe_block_ids(spec, depth, expected):
-    cfg = EncoderConfig(dim=16, depth=depth, num_heads=2, moe_blocks=spec)
+    cfg = EncoderConfig.from_dict(dict(dim=16, depth=depth, num_heads=2, moe_blocks=spec))
     assert cfg.moe_block_ids == expected
     assert cfg.uses_moe == (spec != "none")
 
@@ -359,7 +374,7 @@ def test_encoder_input_errors():
 
 def test_encoder_float32_default_runs_and_backprops():
     torch.manual_seed(0)
-    enc = Encoder(EncoderConfig(**SMALL, **WIDENET))
+    enc = Encoder(EncoderConfig.from_dict(dict(**SMALL, **WIDENET)))
     out = enc(torch.randn(2, 5, 16))
     (out.hidden.square().mean() + 0.01 * out.aux_loss).backward()
     assert out.hidden.dtype == torch.float32
@@ -370,12 +385,12 @@ def test_encoder_float32_default_runs_and_backprops():
 @pytest.mark.parametrize("norm_position", ["pre", "post"])
 def test_activation_checkpointing_gives_the_same_forward_and_gradients(norm_position):
     """Recomputing blocks in backward replays the same dropout and drop-path masks and router noise."""
-    cfg = EncoderConfig(dim=16, depth=3, num_heads=2, mlp_dim=32, num_experts=4, moe_blocks="all",
+    cfg = EncoderConfig.from_dict(dict(dim=16, depth=3, num_heads=2, mlp_dim=32, num_experts=4, moe_blocks="all",
                         share_attention=True, share_ffn=True, dropout=0.2, attn_dropout=0.1, noise_std=0.5,
-                        drop_path=0.3, norm_position=norm_position)
+                        drop_path=0.3, norm_position=norm_position))
     torch.manual_seed(0)
     plain = Encoder(cfg).double()
-    recomputing = Encoder(EncoderConfig(**{**cfg.to_dict(), "activation_checkpointing": True})).double()
+    recomputing = Encoder(EncoderConfig.from_dict({**cfg.to_dict(), "activation_checkpointing": True})).double()
     recomputing.load_state_dict(plain.state_dict())
     x = torch.randn(2, 5, 16, dtype=torch.float64)
     results = []
@@ -406,11 +421,11 @@ def test_drop_path_zeroes_whole_samples_and_rescales_the_rest():
 
 
 def test_drop_path_rates_rise_linearly_over_blocks():
-    enc = Encoder(EncoderConfig(**{**SMALL, "depth": 4, "drop_path": 0.3}))
+    enc = Encoder(EncoderConfig.from_dict({**SMALL, "depth": 4, "drop_path": 0.3}))
     assert enc.drop_rates == pytest.approx([0.0, 0.1, 0.2, 0.3])
-    assert Encoder(EncoderConfig(**{**SMALL, "depth": 1, "drop_path": 0.3})).drop_rates == [0.3]
+    assert Encoder(EncoderConfig.from_dict({**SMALL, "depth": 1, "drop_path": 0.3})).drop_rates == [0.3]
     with pytest.raises(ValueError, match="drop_path"):
-        EncoderConfig(**SMALL, drop_path=1.0)
+        EncoderConfig.from_dict(dict(**SMALL, drop_path=1.0))
 
 
 @pytest.mark.parametrize("norm_position", ["pre", "post"])

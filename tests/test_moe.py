@@ -205,7 +205,7 @@ def test_dropless_skewed_router_equals_oracle_full_capacity():
     torch.testing.assert_close(res.output, out, **F64)
     _assert_grads_close(lib_g, ref_g, **F64)
     # The same router with capacity would drop: dropless is really doing something.
-    moe.dropless = False
+    moe.cfg.dropless = False
     assert moe(x).stats.dropped_assignment_fraction.item() > 0.0
 
 
@@ -738,7 +738,7 @@ def test_auto_kernel_choice():
 def test_grouped_backend_errors():
     from widenet.layers.experts import grouped_mm_works
 
-    with pytest.raises(ValueError, match="expert backend must be one of"):
+    with pytest.raises(ValueError, match="expert_backend must be one of"):
         MoE(6, 10, 4, expert_backend="cutlass")
     moe = _moe(dim=8, hidden=16, dtype=torch.float64, expert_backend="grouped")
     with pytest.raises(ValueError, match="float32, bfloat16 or float16.*expert_backend='loop' or 'padded'"):

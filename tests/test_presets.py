@@ -68,7 +68,7 @@ def test_paper_configs_match_reference_table():
         assert enc.moe_block_ids == moe_ids, name
         if moe_ids:
             assert (enc.expert_dim or enc.mlp_dim) == expert, name
-            assert (enc.num_experts, enc.top_k, enc.capacity_factor) == (4, 2, 1.2), name
+            assert (enc.moe.num_experts, enc.moe.top_k, enc.moe.capacity_factor) == (4, 2, 1.2), name
         if len(moe_ids) < depth:
             assert enc.mlp_dim == mlp, name
         widenet_like = name.startswith("widenet")

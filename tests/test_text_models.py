@@ -77,12 +77,12 @@ def _mlp(mlp, x):
 
 def test_norm_position_is_validated():
     with pytest.raises(ValueError, match="norm_position must be 'pre' or 'post'"):
-        EncoderConfig(norm_position="middle")
+        EncoderConfig.from_dict(dict(norm_position="middle"))
 
 
 def test_post_norm_one_block_matches_hand_computation():
     torch.manual_seed(0)
-    enc = Encoder(EncoderConfig(**{**SMALL_ENC, "depth": 1})).double()
+    enc = Encoder(EncoderConfig.from_dict({**SMALL_ENC, "depth": 1})).double()
     _randomize_norms(enc)
     x = torch.randn(2, 5, 16, dtype=torch.float64)
     pad = torch.tensor([[False] * 5, [False, False, False, True, True]])
@@ -97,7 +97,7 @@ def test_post_norm_one_block_matches_hand_computation():
 
 def test_post_norm_moe_blocks_chain_and_add_aux_losses():
     torch.manual_seed(0)
-    enc = Encoder(EncoderConfig(**{**SMALL_ENC, **MOE})).double().eval()
+    enc = Encoder(EncoderConfig.from_dict({**SMALL_ENC, **MOE})).double().eval()
     _randomize_norms(enc)
     x = torch.randn(2, 6, 16, dtype=torch.float64)
     attn, moe = enc.attention[0], enc.moes[0]
@@ -115,8 +115,8 @@ def test_post_norm_moe_blocks_chain_and_add_aux_losses():
 
 
 def test_post_norm_has_no_final_norm_parameters():
-    pre = Encoder(EncoderConfig(**{**SMALL_ENC, "norm_position": "pre"}))
-    post = Encoder(EncoderConfig(**SMALL_ENC))
+    pre = Encoder(EncoderConfig.from_dict({**SMALL_ENC, "norm_position": "pre"}))
+    post = Encoder(EncoderConfig.from_dict(SMALL_ENC))
     assert count_parameters(pre) - count_parameters(post) == 2 * SMALL_ENC["dim"]
 
 
@@ -351,7 +351,7 @@ def test_widenet_presets_sizes():
     with torch.device("meta"):
         model = create_model("widenet_text_8e")
     enc = model.cfg.encoder
-    assert (enc.num_experts, enc.top_k, enc.capacity_factor, enc.mlp_dim) == (8, 2, 1.2, 3072)
+    assert (enc.moe.num_experts, enc.moe.top_k, enc.moe.capacity_factor, enc.mlp_dim) == (8, 2, 1.2, 3072)
     assert _counts(model) == (1, 0, 1, 12)
 
 

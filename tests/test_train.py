@@ -171,7 +171,7 @@ def test_evaluate_routing_per_moe_block(learned, fmnist_dir):
     assert len(moe_blocks) == cfg.model_overrides["depth"]  # WideNet: every block routes
     assert [r.block for r in ev.routing] == list(range(len(moe_blocks)))
     for r in ev.routing:
-        assert len(r.expert_fraction) == model.cfg.encoder.num_experts
+        assert len(r.expert_fraction) == model.cfg.encoder.moe.num_experts
         assert sum(r.expert_fraction) == pytest.approx(1.0, abs=1e-5)
         assert all(f >= 0 for f in r.expert_fraction)
         assert 0.0 <= r.dropped_fraction <= 1.0

@@ -22,7 +22,8 @@ from dataclasses import asdict
 from typing import Callable, Sequence
 
 from . import __version__
-from .cli_args import add_recipe_arguments, add_run_arguments, parse_setting, positive_float, positive_int
+from .cli_args import (add_moe_arguments, add_recipe_arguments, add_run_arguments, model_overrides, parse_setting,
+                       positive_float, positive_int)
 from .cli_text import add_text_commands
 
 
@@ -135,7 +136,7 @@ def cmd_bench_model(args: argparse.Namespace) -> int:
     from .bench.model_bench import bench_models
 
     results = bench_models(args.model, batch_size=args.batch_size, steps=args.steps, device=args.device,
-                           amp=args.amp, peak=args.peak_tflops, compile=args.compile, **dict(args.set or []))
+                           amp=args.amp, peak=args.peak_tflops, compile=args.compile, **model_overrides(args))
     if args.json:
         _print_json(asdict(results[0]) if len(results) == 1 else [asdict(r) for r in results])
         return 0
@@ -155,11 +156,7 @@ def train_config_from_args(args: argparse.Namespace):
     from .train.config import TrainConfig
 
     fields = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__ and v is not None}
-    overrides = dict(args.set or [])
-    for flag in ("capacity_factor", "eval_capacity_factor", "noise_std"):
-        if getattr(args, flag) is not None:
-            overrides[flag] = getattr(args, flag)
-    fields["model_overrides"] = overrides
+    fields["model_overrides"] = model_overrides(args)
     return TrainConfig(**fields)
 
 
@@ -205,6 +202,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
                 if k in ("train_subset", "test_subset", "batch_size", "lr", "data", "data_dir", "device",
                          "max_steps", "time_budget") and v is not None}
     models = [m.strip() for m in args.models.split(",") if m.strip()]
+    if model_overrides(args):
+        settings["model_overrides"] = model_overrides(args)
     report = compare(models, args.out, preset=args.preset, seeds=args.seeds, epochs=args.epochs,
                      ablation=not args.no_ablation, **settings)
     print(f"report: {report}")
@@ -253,15 +252,13 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="random horizontal flips (default on)")
     p.add_argument("--randaugment-n", type=int)
     p.add_argument("--randaugment-m", type=float)
-    p.add_argument("--capacity-factor", type=positive_float)
-    p.add_argument("--eval-capacity-factor", type=positive_float)
-    p.add_argument("--noise-std", type=float)
     p.add_argument("--ema-decay", type=float, metavar="D",
                    help="also keep and evaluate an exponential moving average of the weights (e.g. 0.999)")
     p.add_argument("--eval-every", type=positive_int, metavar="EPOCHS",
                    help="evaluate on the test set every N epochs (default 1); the last epoch always")
     _add_tta_argument(p)
     add_run_arguments(p, "share_norms=True")
+    add_moe_arguments(p)
     p.add_argument("--out", help="run folder (metrics.jsonl, checkpoints/)")
     dist = p.add_argument_group("several processes (launch with torchrun --nproc_per_node N -m widenet train)")
     dist.add_argument("--fsdp", action="store_true", default=None,
@@ -316,6 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=positive_int)
     _add_data_and_budget(p)
     p.add_argument("--no-ablation", action="store_true", help="skip WideNet with shared LayerNorms")
+    add_moe_arguments(p)
     p.add_argument("--out", default="runs/compare")
     p.set_defaults(func=cmd_compare)
 
@@ -346,6 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="autocast (auto: bf16 on GPUs, off on CPUs)")
     p.add_argument("--peak-tflops", type=positive_float, help="device peak for MFU (known GPUs: looked up)")
     p.add_argument("--compile", action="store_true", help="torch.compile the models (warm-up steps compile)")
+    add_moe_arguments(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench_model)
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+from typing import Any
 
 
 def positive_int(text: str) -> int:
@@ -62,3 +64,31 @@ def add_run_arguments(p: argparse.ArgumentParser, example_setting: str) -> None:
     p.add_argument("--compile", action="store_true", default=None,
                    help="torch.compile the training step (the first steps compile: ~1 min on a CPU)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+
+
+def add_moe_arguments(p: argparse.ArgumentParser) -> None:
+    """One flag per MoE setting, generated from layers.moe.MoEConfig (--top-k 1, --capacity-factor 1.5,
+    --dropless, ...): what they set applies to every MoE layer of the model; they win over --set."""
+    from .layers.moe import MoEConfig
+
+    group = p.add_argument_group("MoE settings (every MoE layer of the model)")
+    for f in dataclasses.fields(MoEConfig):
+        flag, dest, help_text = "--" + f.name.replace("_", "-"), "moe_" + f.name, f.metadata["help"]
+        if f.type == "bool":
+            group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            kind = positive_int if f.type == "int" else float if "float" in f.type else str
+            group.add_argument(flag, dest=dest, type=kind, metavar=f.name.upper(), help=help_text)
+
+
+def moe_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The MoE flags given on the command line, by MoEConfig field name."""
+    from .layers.moe import MOE_SETTINGS
+
+    return {name: getattr(args, "moe_" + name) for name in MOE_SETTINGS
+            if getattr(args, "moe_" + name, None) is not None}
+
+
+def model_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """--set KEY=VALUE settings, then the MoE flags (which win)."""
+    return {**dict(getattr(args, "set", None) or []), **moe_overrides(args)}

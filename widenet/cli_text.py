@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from .cli_args import add_recipe_arguments, add_run_arguments, parse_setting, positive_float, positive_int
+from .cli_args import (add_moe_arguments, add_recipe_arguments, add_run_arguments, model_overrides, parse_setting,
+                       positive_float, positive_int)
 
 
 def _config_fields(args: argparse.Namespace, cls: type) -> dict[str, Any]:
     """Arguments given on the command line that are fields of the config class."""
     fields = {k: v for k, v in vars(args).items() if k in cls.__dataclass_fields__ and v is not None}
-    fields["model_overrides"] = dict(args.set or [])
+    fields["model_overrides"] = model_overrides(args)
     return fields
 
 
@@ -51,7 +52,7 @@ def cmd_compare_text(args: argparse.Namespace) -> int:
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     report = compare_text(models, args.out, preset=args.preset, seeds=args.seeds, corpus=args.corpus,
                           task_train=args.task_train, task_validation=args.task_validation,
-                          pretrain_steps=args.max_steps, device=args.device, model_overrides=dict(args.set or []))
+                          pretrain_steps=args.max_steps, device=args.device, model_overrides=model_overrides(args))
     print(f"report: {report}")
     return 0
 
@@ -66,6 +67,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=positive_float)
     add_recipe_arguments(p)
     add_run_arguments(p, "num_experts=8")
+    add_moe_arguments(p)
     p.add_argument("--tokenizer", help="tokenizer.json or vocab.txt")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"))
 
@@ -113,5 +115,6 @@ def add_text_commands(sub) -> None:
     p.add_argument("--set", action="append", type=parse_setting, metavar="KEY=VALUE",
                    help="a model setting for every model, e.g. --set depth=2")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    add_moe_arguments(p)
     p.add_argument("--out", default="runs/compare-text")
     p.set_defaults(func=cmd_compare_text)

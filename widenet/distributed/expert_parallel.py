@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..layers.moe import MoE, RoutingStats
+from ..layers.moe import MoE, MoEConfig, RoutingStats
 from ..train.optim import mark_sharded
 
 __all__ = ["ExpertParallelMoE", "consolidated_state_dict", "convert_to_expert_parallel",
@@ -113,7 +113,7 @@ def source_to_expert_order(received: torch.Tensor) -> torch.Tensor:
 class ExpertParallelMoE(MoE):
     """An :class:`MoE` whose experts are split across the ranks of ``group``.
 
-    Same constructor arguments as MoE plus ``group`` (None: the default
+    Built from the MoE's sizes and MoEConfig plus ``group`` (None: the default
     process group, which must be initialised). ``self.experts`` holds only
     this rank's num_experts / world_size experts; ``self.num_experts`` stays
     the total. The output, auxiliary loss and routing statistics of a call
@@ -123,20 +123,16 @@ class ExpertParallelMoE(MoE):
 
     local_experts = False  # rows travel to the ranks that own their experts
 
-    def __init__(self, dim: int, hidden_dim: int, num_experts: int, top_k: int = 2,
-                 capacity_factor: float = 1.2, eval_capacity_factor: float | None = None,
-                 noise_std: float | None = None, dropless: bool = False,
-                 renormalize: bool = False, z_loss_weight: float = 0.0, group=None) -> None:
+    def __init__(self, dim: int, hidden_dim: int, config: MoEConfig, group=None) -> None:
         world, rank = _group_size_and_rank(group)
-        if num_experts % world:
+        if config.num_experts % world:
             raise ValueError(f"expert parallelism over {world} ranks needs num_experts divisible by {world}, "
-                             f"got {num_experts}")
-        super().__init__(dim, hidden_dim, num_experts, top_k, capacity_factor, eval_capacity_factor,
-                         noise_std, dropless, renormalize, z_loss_weight)
+                             f"got {config.num_experts}")
+        super().__init__(dim, hidden_dim, config=config)
         self.group = group
         self.world = world
         self.rank = rank
-        self.num_local_experts = num_experts // world
+        self.num_local_experts = config.num_experts // world
         # Keep this rank's experts only (initialised by the full MoE's rule, then sliced).
         self.experts = _slice_experts(self.experts, self.local_expert_range)
         self._mark_expert_shards()
@@ -146,11 +142,8 @@ class ExpertParallelMoE(MoE):
         """The expert-parallel twin of ``moe``: its router and this rank's share of its experts."""
         if isinstance(moe, ExpertParallelMoE):
             raise TypeError("this MoE is already expert-parallel")
-        hidden = moe.experts.w1.shape[-1]
         with torch.device("meta"):  # skip initialising weights that are overwritten below
-            ep = cls(moe.dim, hidden, moe.num_experts, moe.top_k, moe.capacity_factor,
-                     moe.eval_capacity_factor, moe.router.noise_std, moe.dropless,
-                     moe.router.renormalize, moe.z_loss_weight, group=group)
+            ep = cls(moe.dim, moe.experts.w1.shape[-1], moe.cfg, group=group)
         ep.router = moe.router
         ep.experts = _slice_experts(moe.experts, ep.local_expert_range)
         ep._mark_expert_shards()

@@ -42,7 +42,8 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 import torch
 from torch import nn
@@ -51,7 +52,7 @@ from .dispatch import Combine, DispatchPlan, GatherTokens, RoutedExperts, plan_d
 from .experts import EXPERT_BACKENDS, Experts, cast, grouped_mm_works
 from .router import Router, RouterOutput, at_least_one, load_balancing_loss, router_z_loss
 
-__all__ = ["MoE", "MoEOutput", "RoutingStats", "Router", "RouterOutput", "Experts", "EXPERT_BACKENDS",
+__all__ = ["MoE", "MoEConfig", "MOE_SETTINGS", "MoEOutput", "RoutingStats", "Router", "RouterOutput", "Experts", "EXPERT_BACKENDS",
            "DispatchPlan", "grouped_mm_works", "plan_dispatch",
            "expert_capacity", "load_balancing_loss", "router_z_loss"]
 
@@ -128,6 +129,62 @@ class MoEOutput:
     stats: RoutingStats
 
 
+def _setting(help_text: str, **kw: Any):
+    return field(metadata={"help": help_text}, **kw)
+
+
+@dataclass
+class MoEConfig:
+    """The settings of an MoE layer (its sizes come from the model: width D, hidden width H).
+
+    Validated here, once; the encoder's config carries one, the CLI's MoE flags
+    are generated from these fields (widenet.cli_args.add_moe_arguments).
+    """
+
+    num_experts: int = _setting("E: experts", default=4)
+    top_k: int = _setting("K: experts per token", default=2)
+    capacity_factor: float = _setting("slots per expert = ceil(C * K * N / E) in training", default=1.2)
+    eval_capacity_factor: float | None = _setting("C in eval mode (default: as in training)", default=None)
+    noise_std: float | None = _setting("std of the router logits' noise in training (default 1/E; 0: none)",
+                                       default=None)
+    dropless: bool = _setting("never drop an assignment (capacity ignored)", default=False)
+    renormalize: bool = _setting("divide the K combine weights by their sum", default=False)
+    z_loss_weight: float = _setting("weight of the router z-loss inside the aux loss", default=0.0)
+    expert_backend: str = _setting("expert kernel: auto, loop, grouped or padded (layers/experts.py)",
+                                   default="auto")
+
+    def __post_init__(self) -> None:
+        for name in ("num_experts", "top_k"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"MoE {name} must be a positive integer, got {value!r}")
+        if self.top_k > self.num_experts:
+            raise ValueError(f"MoE top_k={self.top_k} exceeds num_experts={self.num_experts}")
+        for name, least, optional in (("capacity_factor", 0, False), ("eval_capacity_factor", 0, True),
+                                      ("noise_std", None, True), ("z_loss_weight", None, False)):
+            value = getattr(self, name)
+            if value is None and optional:
+                continue
+            bad = not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value)
+            if bad or (value <= 0 if least == 0 else value < 0):
+                rule = "a number > 0" if least == 0 else "a number >= 0"
+                raise ValueError(f"MoE {name} must be {rule}, got {value!r}")
+        for name in ("dropless", "renormalize"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"MoE {name} must be True or False, got {getattr(self, name)!r}")
+        if self.expert_backend not in EXPERT_BACKENDS:
+            raise ValueError(f"MoE expert_backend must be one of {', '.join(EXPERT_BACKENDS)}, "
+                             f"got {self.expert_backend!r}")
+
+    @property
+    def router_noise(self) -> float:
+        """The noise std in use: noise_std, or 1/E when it is None (the authors' code)."""
+        return 1.0 / self.num_experts if self.noise_std is None else self.noise_std
+
+
+MOE_SETTINGS = tuple(f.name for f in fields(MoEConfig))
+
+
 def expert_capacity(num_tokens: int | torch.Tensor, num_experts: int, top_k: int,
                     factor: float) -> int | torch.Tensor:
     """Slots per expert per call: ceil(factor * k * N / E); an int, or a () int64
@@ -148,17 +205,10 @@ def expert_capacity(num_tokens: int | torch.Tensor, num_experts: int, top_k: int
 class MoE(nn.Module):
     """Mixture-of-experts FFN with noisy top-k routing (WideNet, Sec. 3.1).
 
-    Args:
-        dim: token width D.  hidden_dim: expert hidden width H.
-        num_experts: E.  top_k: K choices per token.
-        capacity_factor: C for training; capacity = ceil(C * K * N / E).
-        eval_capacity_factor: C in eval mode (None: same as training).
-        noise_std: std of Gaussian noise on router logits while training
-            (None: 1/E as the authors' code; 0 disables).
-        dropless: never drop an assignment (capacity ignored).
-        renormalize: divide combine weights by their sum over the K choices.
-        z_loss_weight: weight of the router z-loss inside aux_loss.
-        expert_backend: "auto", "loop", "grouped" or "padded" (see Experts).
+    MoE(dim, hidden_dim, num_experts=4, top_k=2, **settings) or
+    MoE(dim, hidden_dim, config=MoEConfig(...)): token width D, expert hidden
+    width H, and the MoEConfig settings (capacity, noise, dropless,
+    renormalize, z-loss, expert backend).
 
     forward(x, padding_mask=None) takes x of shape (B, T, D) or (N, D) and a
     boolean padding_mask of shape x.shape[:-1], True where a token is padding.
@@ -166,37 +216,34 @@ class MoE(nn.Module):
     output. Returns MoEOutput(output, aux_loss, stats).
     """
 
-    def __init__(self, dim: int, hidden_dim: int, num_experts: int, top_k: int = 2,
-                 capacity_factor: float = 1.2, eval_capacity_factor: float | None = None,
-                 noise_std: float | None = None, dropless: bool = False,
-                 renormalize: bool = False, z_loss_weight: float = 0.0,
-                 expert_backend: str = "auto") -> None:
+    def __init__(self, dim: int, hidden_dim: int, num_experts: int = 4, top_k: int = 2, *,
+                 config: MoEConfig | None = None, **settings: Any) -> None:
         super().__init__()
-        _check_moe_args(dim, hidden_dim, num_experts, top_k, capacity_factor,
-                        eval_capacity_factor, noise_std, z_loss_weight)
-        self.dim = dim
-        self.num_experts = num_experts
-        self.top_k = top_k
-        self.capacity_factor = capacity_factor
-        self.eval_capacity_factor = eval_capacity_factor
-        self.dropless = dropless
-        self.z_loss_weight = z_loss_weight
-        noise = 1.0 / num_experts if noise_std is None else noise_std
-        self.router = Router(dim, num_experts, top_k, noise, renormalize)
-        self.experts = Experts(num_experts, dim, hidden_dim, expert_backend)
+        if config is None:
+            config = MoEConfig(num_experts=num_experts, top_k=top_k, **settings)
+        elif settings:
+            raise TypeError(f"give MoE settings in config or as keywords, not both ({', '.join(settings)})")
+        for name, value in (("dim", dim), ("hidden_dim", hidden_dim)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"MoE {name} must be a positive integer, got {value!r}")
+        self.cfg = config
+        self.dim, self.num_experts, self.top_k = dim, config.num_experts, config.top_k
+        self.router = Router(dim, config.num_experts, config.top_k, config.router_noise, config.renormalize)
+        self.experts = Experts(config.num_experts, dim, hidden_dim, config.expert_backend)
 
     def extra_repr(self) -> str:
-        return (f"dim={self.dim}, experts={self.num_experts}, top_k={self.top_k}, "
-                f"capacity_factor={self.capacity_factor}, dropless={self.dropless}")
+        c = self.cfg
+        return (f"dim={self.dim}, experts={c.num_experts}, top_k={c.top_k}, "
+                f"capacity_factor={c.capacity_factor}, dropless={c.dropless}")
 
     def capacity(self, num_tokens: int | torch.Tensor) -> int | torch.Tensor:
         """Slots per expert for a call with num_tokens routed (non-padding) tokens."""
-        if self.dropless:
-            return self.top_k * num_tokens
-        factor = self.capacity_factor
-        if not self.training and self.eval_capacity_factor is not None:
-            factor = self.eval_capacity_factor
-        return expert_capacity(num_tokens, self.num_experts, self.top_k, factor)
+        c = self.cfg
+        if c.dropless:
+            return c.top_k * num_tokens
+        factor = c.eval_capacity_factor if not self.training and c.eval_capacity_factor is not None else \
+            c.capacity_factor
+        return expert_capacity(num_tokens, c.num_experts, c.top_k, factor)
 
     def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> MoEOutput:
         if x.shape[-1] != self.dim:
@@ -218,17 +265,17 @@ class MoE(nn.Module):
             stats = RoutingStats.empty(e, x.device)
             return x.new_zeros(0, self.dim), 0.0 * self.router.weight.sum(), stats
 
-        with_z = self.z_loss_weight > 0
+        dropless, z_weight = self.cfg.dropless, self.cfg.z_loss_weight
+        with_z = z_weight > 0
         route = self.router(x, valid, with_z)
         experts = self.experts
         dtype = experts.compute_dtype(x.device)
-        kernel = experts.kernel(x.device, dtype, self.dropless) if self.local_experts else "loop"
+        kernel = experts.kernel(x.device, dtype, dropless) if self.local_experts else "loop"
         host = kernel == "loop"  # the loop kernel reads the run lengths on the host
         num_valid = n if valid is None else (int(valid.sum()) if host else valid.sum())
-        plan = plan_dispatch(route.expert_index, route.counts, self.capacity(num_valid), valid, self.dropless,
-                             host)
+        plan = plan_dispatch(route.expert_index, route.counts, self.capacity(num_valid), valid, dropless, host)
         balance = route.balance_loss
-        aux = balance + self.z_loss_weight * route.z_loss if with_z else balance
+        aux = balance + z_weight * route.z_loss if with_z else balance
         stats = RoutingStats(plan.counts, plan.kept, balance, route.z_loss, route.logits, valid, plan.inverse,
                              self.top_k, num_valid)  # the z-loss computed from the logits if read
 
@@ -254,21 +301,3 @@ class MoE(nn.Module):
         the ranks owning their experts and bring the results back).
         """
         return self.experts(rows, runs)
-
-def _check_moe_args(dim: int, hidden_dim: int, num_experts: int, top_k: int,
-                    capacity_factor: float, eval_capacity_factor: float | None,
-                    noise_std: float | None, z_loss_weight: float) -> None:
-    for name, value in (("dim", dim), ("hidden_dim", hidden_dim), ("num_experts", num_experts),
-                        ("top_k", top_k)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"MoE {name} must be a positive integer, got {value!r}")
-    if top_k > num_experts:
-        raise ValueError(f"MoE top_k={top_k} exceeds num_experts={num_experts}")
-    if not capacity_factor > 0:
-        raise ValueError(f"MoE capacity_factor must be > 0, got {capacity_factor}")
-    if eval_capacity_factor is not None and not eval_capacity_factor > 0:
-        raise ValueError(f"MoE eval_capacity_factor must be > 0, got {eval_capacity_factor}")
-    if noise_std is not None and noise_std < 0:
-        raise ValueError(f"MoE noise_std must be >= 0, got {noise_std}")
-    if z_loss_weight < 0:
-        raise ValueError(f"MoE z_loss_weight must be >= 0, got {z_loss_weight}")

@@ -19,6 +19,7 @@ shared and one per block otherwise, so every weight has one state-dict key.
 from __future__ import annotations
 
 import re
+import dataclasses
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -28,7 +29,7 @@ from torch.utils.checkpoint import checkpoint
 from ..layers.attention import Attention
 from ..layers.drop_path import block_rates, drop_path
 from ..layers.mlp import Mlp
-from ..layers.moe import EXPERT_BACKENDS, MoE, RoutingStats
+from ..layers.moe import MOE_SETTINGS, MoE, MoEConfig, RoutingStats
 
 _MOE_BLOCKS = re.compile(r"^(none|all|last:[1-9]\d*|every:[1-9]\d*)$")
 
@@ -37,7 +38,8 @@ _MOE_BLOCKS = re.compile(r"^(none|all|last:[1-9]\d*|every:[1-9]\d*)$")
 class EncoderConfig:
     """Sizes and sharing of the encoder.
 
-    moe_blocks: which blocks use an MoE instead of the dense MLP:
+    moe: the MoE layer's settings (layers.moe.MoEConfig); moe_blocks: which
+        blocks use an MoE instead of the dense MLP:
         "none", "all", "last:N" (the last N blocks), "every:N" (blocks
         N-1, 2N-1, ...: every N-th block counting from 1).
     share_attention / share_ffn / share_norms: one module for every block.
@@ -56,28 +58,22 @@ class EncoderConfig:
     num_heads: int = 12
     mlp_dim: int = 3072
     expert_dim: int | None = None  # expert hidden width (None: mlp_dim)
-    num_experts: int = 4
-    top_k: int = 2
     moe_blocks: str = "none"
+    moe: MoEConfig = field(default_factory=MoEConfig)  # experts, top-k, capacity, noise, losses, kernel
     share_attention: bool = False
     share_ffn: bool = False
     share_norms: bool = False
-    capacity_factor: float = 1.2
-    eval_capacity_factor: float | None = None
-    noise_std: float | None = None
-    dropless: bool = False
-    renormalize: bool = False
-    z_loss_weight: float = 0.0
     dropout: float = 0.0
     attn_dropout: float = 0.0
     drop_path: float = 0.0  # stochastic depth of the last block; 0 for the first, linear in between
     norm_eps: float = 1e-6
     activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~1/3 more compute
     norm_position: str = "pre"
-    expert_backend: str = "auto"  # "loop" | "grouped" | "auto" (grouped matmuls on CUDA; see layers.moe.Experts)
 
     def __post_init__(self) -> None:
-        for name in ("dim", "depth", "num_heads", "mlp_dim", "num_experts", "top_k"):
+        if isinstance(self.moe, dict):
+            self.moe = MoEConfig(**self.moe)
+        for name in ("dim", "depth", "num_heads", "mlp_dim"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -89,20 +85,27 @@ class EncoderConfig:
             raise ValueError(f"moe_blocks must be none, all, last:N or every:N, got {self.moe_blocks!r}")
         if self.moe_blocks.startswith("last:") and int(self.moe_blocks[5:]) > self.depth:
             raise ValueError(f"moe_blocks={self.moe_blocks!r} asks for more blocks than depth={self.depth}")
-        if self.uses_moe and self.top_k > self.num_experts:
-            raise ValueError(f"top_k={self.top_k} exceeds num_experts={self.num_experts}")
-        for name in ("capacity_factor", "eval_capacity_factor"):
-            value = getattr(self, name)
-            if value is not None and not value > 0:
-                raise ValueError(f"{name} must be > 0, got {value}")
         for name in ("dropout", "attn_dropout", "drop_path"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
-        if self.expert_backend not in EXPERT_BACKENDS:
-            raise ValueError(f"expert_backend must be one of {', '.join(EXPERT_BACKENDS)}, "
-                             f"got {self.expert_backend!r}")
         if self.norm_position not in ("pre", "post"):
             raise ValueError(f"norm_position must be 'pre' or 'post', got {self.norm_position!r}")
+
+    @classmethod
+    def from_dict(cls, settings: dict) -> EncoderConfig:
+        """An EncoderConfig from a dict, e.g. a checkpoint's; the MoE settings may sit in `moe` or,
+        as in checkpoints before MoEConfig existed, among the encoder's own keys."""
+        settings = dict(settings)
+        moe = dict(settings.pop("moe", None) or {})
+        moe.update({k: settings.pop(k) for k in MOE_SETTINGS if k in settings})
+        return cls(**settings, moe=MoEConfig(**moe))
+
+    def replace(self, **changes) -> EncoderConfig:
+        """A copy with `changes` applied; MoE settings may be named directly (top_k=1)."""
+        moe = {k: changes.pop(k) for k in MOE_SETTINGS if k in changes}
+        if moe:
+            changes["moe"] = dataclasses.replace(self.moe, **moe)
+        return dataclasses.replace(self, **changes)
 
     @property
     def moe_block_ids(self) -> list[int]:
@@ -247,7 +250,4 @@ def _plan_blocks(cfg: EncoderConfig) -> list[BlockPlan]:
 
 
 def _make_moe(cfg: EncoderConfig) -> MoE:
-    return MoE(cfg.dim, cfg.expert_dim or cfg.mlp_dim, cfg.num_experts, cfg.top_k,
-               capacity_factor=cfg.capacity_factor, eval_capacity_factor=cfg.eval_capacity_factor,
-               noise_std=cfg.noise_std, dropless=cfg.dropless, renormalize=cfg.renormalize,
-               z_loss_weight=cfg.z_loss_weight, expert_backend=cfg.expert_backend)
+    return MoE(cfg.dim, cfg.expert_dim or cfg.mlp_dim, config=cfg.moe)

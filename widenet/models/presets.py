@@ -18,14 +18,15 @@ ALBERT_SHARING = dict(share_attention=True, share_ffn=True, share_norms=True)
 
 def _paper(dim: int, depth: int, heads: int, mlp: int, **encoder) -> VisionConfig:
     return VisionConfig(image_size=224, patch_size=16, in_channels=3, num_classes=1000,
-                        encoder=EncoderConfig(dim=dim, depth=depth, num_heads=heads, mlp_dim=mlp, **encoder))
+                        encoder=EncoderConfig.from_dict(dict(dim=dim, depth=depth, num_heads=heads, mlp_dim=mlp,
+                                                             **encoder)))
 
 
 def _tiny(**encoder) -> VisionConfig:
     """28x28 grey images (Fashion-MNIST), patch 4 -> 49 tokens + class token."""
-    sizes = dict(dim=64, depth=6, num_heads=4, mlp_dim=256, num_experts=4, top_k=2)
+    sizes = dict(dim=64, depth=6, num_heads=4, mlp_dim=256)  # 4 experts, top-2: MoEConfig's defaults
     return VisionConfig(image_size=28, patch_size=4, in_channels=1, num_classes=10,
-                        encoder=EncoderConfig(**{**sizes, **encoder}))
+                        encoder=EncoderConfig.from_dict({**sizes, **encoder}))
 
 
 def _vision(name: str, doc: str):

@@ -12,6 +12,8 @@ from typing import Any, Callable
 
 from torch import nn
 
+from ..layers.moe import MOE_SETTINGS
+
 
 @dataclass(frozen=True)
 class ModelEntry:
@@ -60,7 +62,7 @@ def create_model(name: str, **overrides: Any) -> nn.Module:
 
 
 def apply_overrides(cfg: Any, overrides: dict[str, Any]) -> Any:
-    """Replace fields of cfg or cfg.encoder by name; unknown names raise ValueError.
+    """Replace fields of cfg, cfg.encoder or cfg.encoder.moe by name; unknown names raise ValueError.
 
     `representation=True` is shorthand for representation_size = encoder width.
     """
@@ -68,14 +70,13 @@ def apply_overrides(cfg: Any, overrides: dict[str, Any]) -> Any:
     if overrides.pop("representation", False):
         overrides.setdefault("representation_size", cfg.encoder.dim)
     top = {f.name for f in dataclasses.fields(cfg)}
-    inner = {f.name for f in dataclasses.fields(cfg.encoder)}
+    inner = {f.name for f in dataclasses.fields(cfg.encoder)} | set(MOE_SETTINGS)
     unknown = sorted(set(overrides) - top - inner)
     if unknown:
         raise ValueError(f"unknown model setting(s): {', '.join(unknown)}")
     enc_changes = {k: v for k, v in overrides.items() if k in inner and k not in top}
     top_changes = {k: v for k, v in overrides.items() if k in top}
-    encoder = dataclasses.replace(cfg.encoder, **enc_changes)
-    return dataclasses.replace(cfg, **top_changes, encoder=encoder)
+    return dataclasses.replace(cfg, **top_changes, encoder=cfg.encoder.replace(**enc_changes))
 
 
 def count_parameters(model: nn.Module) -> int:

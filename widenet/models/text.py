@@ -69,7 +69,7 @@ class TextConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.encoder, dict):
-            self.encoder = EncoderConfig(**self.encoder)
+            self.encoder = EncoderConfig.from_dict(self.encoder)
         for name in ("vocab_size", "embedding_size", "max_positions", "type_vocab_size", "num_labels"):
             _check_positive_int(name, getattr(self, name))
         pad = self.pad_token_id

@@ -39,21 +39,17 @@ from .presets import ALBERT_SHARING, WIDENET_SHARING
 from .registry import register_model
 from .text import TextConfig, TextTransformer
 
-_WIDENET_MOE = dict(top_k=2, capacity_factor=1.2)
-
-
 def _paper(**encoder) -> TextConfig:
     sizes = dict(dim=768, depth=12, num_heads=12, mlp_dim=3072, norm_position="post")
     return TextConfig(vocab_size=30000, embedding_size=128, max_positions=512, task="pretrain",
-                      encoder=EncoderConfig(**{**sizes, **encoder}))
+                      encoder=EncoderConfig.from_dict({**sizes, **encoder}))
 
 
 def _tiny(**encoder) -> TextConfig:
     """A 2-core-CPU size; the pretrain command overrides vocab_size with its tokenizer's."""
-    sizes = dict(dim=128, depth=4, num_heads=4, mlp_dim=256, num_experts=4, top_k=2,
-                 capacity_factor=1.2, norm_position="pre")
+    sizes = dict(dim=128, depth=4, num_heads=4, mlp_dim=256, norm_position="pre")
     return TextConfig(vocab_size=8000, embedding_size=64, max_positions=128, task="pretrain",
-                      encoder=EncoderConfig(**{**sizes, **encoder}))
+                      encoder=EncoderConfig.from_dict({**sizes, **encoder}))
 
 
 def _text(name: str, doc: str):
@@ -73,17 +69,17 @@ def bert_factorized() -> TextConfig:
 
 @_text("widenet_text_4e", "WideNet text (ALBERT-base sizes): one attention, one 4-expert MoE, own norms")
 def widenet_text_4e() -> TextConfig:
-    return _paper(**WIDENET_SHARING, num_experts=4, **_WIDENET_MOE)
+    return _paper(**WIDENET_SHARING, num_experts=4)
 
 
 @_text("widenet_text_8e", "WideNet text (ALBERT-base sizes): one attention, one 8-expert MoE, own norms")
 def widenet_text_8e() -> TextConfig:
-    return _paper(**WIDENET_SHARING, num_experts=8, **_WIDENET_MOE)
+    return _paper(**WIDENET_SHARING, num_experts=8)
 
 
 @_text("widenet_text_16e", "WideNet text (ALBERT-base sizes): one attention, one 16-expert MoE, own norms")
 def widenet_text_16e() -> TextConfig:
-    return _paper(**WIDENET_SHARING, num_experts=16, **_WIDENET_MOE)
+    return _paper(**WIDENET_SHARING, num_experts=16)
 
 
 # --- tiny models for this CPU -----------------------------------------------------

@@ -38,7 +38,7 @@ class VisionConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.encoder, dict):
-            self.encoder = EncoderConfig(**self.encoder)
+            self.encoder = EncoderConfig.from_dict(self.encoder)
         for name in ("image_size", "patch_size", "in_channels", "num_classes"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

@@ -33,7 +33,7 @@ from ..data.text_tasks import (check_labels, encode_classification, encode_squad
                                postprocess_squad, read_classification, read_squad)
 from ..data.vision import num_batches
 from ..distributed.parallel import ParallelContext
-from ..models.registry import count_parameters
+from ..models.registry import apply_overrides, count_parameters
 from ..models.text import TextConfig, TextTransformer, load_backbone
 from ..runtime import autocast, autocast_dtype, compiled_if, resolve_device
 from ..text.tokenizer import TokenizerError, load_tokenizer, save_tokenizer, special_ids, vocab_fingerprint
@@ -80,9 +80,8 @@ def build_finetune_model(ckpt: LoadedCheckpoint, cfg: FinetuneConfig, num_labels
     """The pretrained backbone with a new head for cfg.task."""
     saved = dict(ckpt.meta["model_config"])
     text_cfg = TextConfig(**{**saved, "task": cfg.task, "num_labels": num_labels})
-    if cfg.dropout:
-        text_cfg.encoder = dataclasses.replace(text_cfg.encoder, dropout=cfg.dropout)
-    model = TextTransformer(text_cfg)
+    changes = dict(cfg.model_overrides, **({"dropout": cfg.dropout} if cfg.dropout else {}))
+    model = TextTransformer(apply_overrides(text_cfg, changes))  # e.g. a capacity factor for fine-tuning
     model.model_name = ckpt.meta["model"]
     load_backbone(model, ckpt.model_state)
     return model
