@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from widenet.train.budget import Deadline, evaluations_in, steps_within, time_per_call
+from widenet.train.budget import Cadence, Deadline, evaluations_in, steps_within, time_per_call
 
 
 def _evaluations_by_simulation(total: int, per_epoch: int, eval_every: int) -> int:
@@ -56,19 +56,19 @@ def _steps_by_scan(seconds, step_s, eval_s, per_epoch, eval_every, most):
 ])
 def test_steps_within_matches_a_scan(seconds, step_s, eval_s, per_epoch, eval_every):
     expected = _steps_by_scan(seconds, step_s, eval_s, per_epoch, eval_every, most=400)
-    assert steps_within(seconds, step_s, eval_s, per_epoch, eval_every, most=400) == expected
+    assert steps_within(seconds, step_s, eval_s, Cadence(per_epoch, eval_every), most=400) == expected
 
 
 def test_steps_within_by_hand():
     # 100 steps cost 10 s, plus 10 evaluations of 1 s: 20 s; 101 steps would add a step and an evaluation.
-    assert steps_within(20.0, 0.1, 1.0, 10, 1) == 100
-    assert steps_within(20.0, 0.1, 0.0, 10, 1) == 200
-    assert steps_within(-5.0, 0.1, 1.0, 10, 1) == 0
+    assert steps_within(20.0, 0.1, 1.0, Cadence(10, 1)) == 100
+    assert steps_within(20.0, 0.1, 0.0, Cadence(10, 1)) == 200
+    assert steps_within(-5.0, 0.1, 1.0, Cadence(10, 1)) == 0
 
 
 def test_steps_within_rejects_non_positive_step_time():
     with pytest.raises(ValueError, match="step time"):
-        steps_within(10.0, 0.0, 1.0, 10, 1)
+        steps_within(10.0, 0.0, 1.0, Cadence(10, 1))
 
 
 def test_time_per_call_counts_warmup_and_minimum_calls():
@@ -91,13 +91,13 @@ def _steps_after_by_scan(seconds, step_s, eval_s, per_epoch, eval_every, done, m
 @pytest.mark.parametrize("done", [0, 10, 20, 25, 40])
 @pytest.mark.parametrize("seconds", [-1.0, 0.0, 3.0, 17.5, 60.0])
 def test_steps_within_after_done_matches_a_scan(done, seconds):
-    args = (seconds, 0.5, 2.0, 10, 2)
-    assert steps_within(*args, done=done, most=300) == _steps_after_by_scan(*args, done=done, most=300)
+    assert steps_within(seconds, 0.5, 2.0, Cadence(10, 2), done=done, most=300) == _steps_after_by_scan(
+        seconds, 0.5, 2.0, 10, 2, done=done, most=300)
 
 
 def test_deadline_replans_for_the_time_left():
     now = [40.0]
-    deadline = Deadline(budget_s=100.0, per_epoch=10, eval_every=1, step_s=1.0, eval_s=5.0, started=0.0,
+    deadline = Deadline(budget_s=100.0, cadence=Cadence(10, 1), step_s=1.0, eval_s=5.0, started=0.0,
                         clock=lambda: now[0])
     # 60 s left after 20 steps (2 epochs, 2 evaluations behind): 40 more steps cost 40 s and their
     # 4 evaluations (epochs 3-6) 20 s; a 41st step would add a step and a final evaluation.
@@ -108,14 +108,28 @@ def test_deadline_replans_for_the_time_left():
     assert deadline.steps(20) == 42
     now[0] = 120.0  # over the budget: stop where we are
     assert deadline.steps(20) == 20
-    resumed = Deadline(100.0, 10, 1, 1.0, 5.0, started=0.0, spent_before=30.0, clock=lambda: 10.0)
+    resumed = Deadline(100.0, Cadence(10, 1), 1.0, 5.0, started=0.0, spent_before=30.0, clock=lambda: 10.0)
     assert resumed.spent() == 40.0 and resumed.steps(20) == 60
 
 
 def test_deadline_step_time_is_the_mean_of_observed_steps():
-    deadline = Deadline(100.0, 10, 1, step_s=9.0, eval_s=0.0, started=0.0, clock=lambda: 0.0)
+    deadline = Deadline(100.0, Cadence(10, 1), step_s=9.0, eval_s=0.0, started=0.0, clock=lambda: 0.0)
     deadline.observe_steps(0, 5.0)  # nothing timed: the planning's estimate stays
     assert deadline.step_s == 9.0
     deadline.observe_steps(10, 10.0)
     deadline.observe_steps(10, 30.0)
     assert deadline.step_s == 2.0  # 40 s over 20 steps, not the last epoch's 3 s
+
+
+def _evaluations_by_step_simulation(total: int, every_steps: int | None) -> int:
+    """The trainer's rule for step cadences: after every `every_steps`-th step before the last, and at the end."""
+    return sum(1 for step in range(1, total) if every_steps and step % every_steps == 0) + 1
+
+
+@pytest.mark.parametrize("every_steps", [None, 1, 3, 10])
+def test_step_cadence_counts_evaluations_like_the_trainer(every_steps):
+    cadence = Cadence(per_epoch=7, every_steps=every_steps)
+    for total in range(1, 40):
+        assert cadence.evaluations(total) == _evaluations_by_step_simulation(total, every_steps), total
+        done = total // 2
+        assert cadence.evaluated(done) == (sum(1 for s in range(1, done + 1) if every_steps and s % every_steps == 0))

@@ -36,7 +36,7 @@ from widenet.layers.moe import MoE
 from widenet.train.checkpoint import load_checkpoint
 from widenet.train.config import TrainConfig
 from widenet.train.evaluate_cli import evaluate_checkpoint
-from widenet.train.loop import build_model_for, train
+from widenet.train.images import build_model_for, train
 from widenet.train.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -150,12 +150,12 @@ def test_batch_not_divisible_by_world_size_is_a_clear_error(tmp_path, fmnist_dir
 def _train_as_rank(rank: int, train_fn, tmp_path: Path, monkeypatch, capsys) -> tuple[int, list[str]]:
     """`widenet train` as process `rank` of 2 (no real group) with train() replaced; (rc, stderr lines)."""
     import widenet.distributed.env as env_module
-    from widenet.train import loop
+    from widenet.train import images
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", str(rank))
     monkeypatch.setattr(env_module, "init_distributed", lambda *a: DistEnv(rank, 2, rank))
-    monkeypatch.setattr(loop, "train", train_fn)
+    monkeypatch.setattr(images, "train", train_fn)
     rc = main(["train", "--out", str(tmp_path / "run"), "--batch-size", "32", "--device", "cpu"])
     return rc, capsys.readouterr().err.strip().splitlines()
 
@@ -541,10 +541,8 @@ def test_bench_ddp_reports_scaling_efficiency(capsys):
     assert "must be divisible by 2" in capsys.readouterr().err
 
 
-@pytest.mark.slow
-def test_text_pretraining_and_finetuning_on_two_processes_match_one(tmp_path):
-    """`widenet pretrain` / `finetune` under torchrun: the global batch's masks are drawn before it is
-    split and losses are normalised by global counts, so 2 processes follow 1 up to rounding."""
+def _text_runs(tmp_path: Path):
+    """A corpus, one tokenizer, a classification task; command builders for pretrain and finetune."""
     import random
 
     from test_text_train import PHRASES, TINY_TEXT, _write_classify
@@ -554,40 +552,75 @@ def test_text_pretraining_and_finetuning_on_two_processes_match_one(tmp_path):
     rng = random.Random(0)
     docs = [" ".join(rng.choice(PHRASES).capitalize() for _ in range(rng.randint(3, 6))) for _ in range(60)]
     (tmp_path / "corpus.txt").write_text("\n\n".join(docs) + "\n", encoding="utf-8")
-    save_tokenizer(train_tokenizer(docs, vocab_size=120), tmp_path / "tok.json")  # one vocabulary for both
+    save_tokenizer(train_tokenizer(docs, vocab_size=120), tmp_path / "tok.json")  # one vocabulary for all
     _write_classify(tmp_path / "train.tsv", 32, 0)
     _write_classify(tmp_path / "dev.tsv", 16, 1)
     sets = [f"--set={k}={v}" for k, v in TINY_TEXT.items()]
-    common = ["--model", "bert_text_tiny", "--tokenizer", str(tmp_path / "tok.json"), "--batch-size", "8",
-              "--max-steps", "4", "--log-every", "1", "--dropout", "0", *sets]
 
-    def pretrain_args(out: Path) -> list[str]:
+    def common(model: str) -> list[str]:
+        return ["--model", model, "--tokenizer", str(tmp_path / "tok.json"), "--batch-size", "8", "--max-steps", "4",
+                "--log-every", "1", "--dropout", "0", *sets]
+
+    def pretrain_args(out: Path, model: str = "bert_text_tiny", *extra: str) -> list[str]:
         return ["pretrain", "--corpus", str(tmp_path / "corpus.txt"), "--seq-len", "32", "--eval-examples", "8",
-                "--cache-dir", str(tmp_path / "cache"), "--out", str(out), *common]
+                "--cache-dir", str(tmp_path / "cache"), "--out", str(out), *common(model), *extra]
 
     def finetune_args(init: Path, out: Path) -> list[str]:
         return ["finetune", "--task", "classify", "--init", str(init), "--train", str(tmp_path / "train.tsv"),
-                "--validation", str(tmp_path / "dev.tsv"), "--out", str(out), *common[2:]]
+                "--validation", str(tmp_path / "dev.tsv"), "--out", str(out), *common("bert_text_tiny")[2:]]
 
-    env = _cli_env(tmp_path)
+    return _cli_env(tmp_path), pretrain_args, finetune_args
+
+
+def _one_process(args: list[str], env: dict) -> None:
+    one = subprocess.run([sys.executable, "-m", "widenet", *args], env=env, capture_output=True, text=True,
+                         timeout=TIMEOUT)
+    assert one.returncode == 0, one.stderr[-2000:]
+
+
+def _two_processes(args: list[str], env: dict, log: Path, mode: str) -> None:
+    rc = _torchrun(args, env, log)
+    text = log.read_text(errors="replace")
+    assert rc == 0, text[-3000:]
+    assert text.count("done: 4 steps") == 1 and text.count(f"2 processes ({mode})") == 1
+
+
+def _assert_same_text_run(a: Path, b: Path, key: str) -> None:
+    final = "checkpoints/step_00000004/model.safetensors"
+    # The key third of a qkv bias has a true gradient of exactly zero (softmax ignores a constant
+    # added to every key), so its gradient is rounding noise that AdamW scales up to +-lr steps:
+    # those tensors are left out; the loss trajectories below cover them.
+    wa, wb = (load_file(str(run / final)) for run in (a, b))
+    _assert_close_weights(*({k: v for k, v in w.items() if not k.endswith("qkv.bias")} for w in (wb, wa)))
+    ra = [r for r in read_metrics(a / "metrics.jsonl") if r["split"] == "train"]
+    rb = [r for r in read_metrics(b / "metrics.jsonl") if r["split"] == "train"]
+    assert [r[key] for r in rb] == pytest.approx([r[key] for r in ra], abs=1e-5)
+
+
+@pytest.mark.slow
+def test_text_pretraining_and_finetuning_on_two_processes_match_one(tmp_path):
+    """`widenet pretrain` / `finetune` under torchrun: the global batch's masks are drawn before it is
+    split and losses are normalised by global counts, so 2 processes follow 1 up to rounding."""
+    env, pretrain_args, finetune_args = _text_runs(tmp_path)
     for args in (pretrain_args(tmp_path / "pre1"), finetune_args(tmp_path / "pre1", tmp_path / "ft1")):
-        one = subprocess.run([sys.executable, "-m", "widenet", *args], env=env, capture_output=True, text=True,
-                             timeout=TIMEOUT)
-        assert one.returncode == 0, one.stderr[-2000:]
-    for args, log in ((pretrain_args(tmp_path / "pre2"), "pre.log"),
-                      (finetune_args(tmp_path / "pre2", tmp_path / "ft2"), "ft.log")):
-        rc = _torchrun(args, env, tmp_path / log)
-        text = (tmp_path / log).read_text(errors="replace")
-        assert rc == 0, text[-3000:]
-        assert text.count("done: 4 steps") == 1 and text.count("2 processes (ddp)") <= 1
-    for a, b in (("pre1", "pre2"), ("ft1", "ft2")):
-        final = "checkpoints/step_00000004/model.safetensors"
-        # The key third of a qkv bias has a true gradient of exactly zero (softmax ignores a constant
-        # added to every key), so its gradient is rounding noise that AdamW scales up to +-lr steps:
-        # those tensors are left out; the loss trajectories below cover them.
-        wa, wb = (load_file(str(tmp_path / run / final)) for run in (a, b))
-        _assert_close_weights(*({k: v for k, v in w.items() if not k.endswith("qkv.bias")} for w in (wb, wa)))
-        ra = [r for r in read_metrics(tmp_path / a / "metrics.jsonl") if r["split"] == "train"]
-        rb = [r for r in read_metrics(tmp_path / b / "metrics.jsonl") if r["split"] == "train"]
-        key = "mlm_loss" if a == "pre1" else "loss"
-        assert [r[key] for r in rb] == pytest.approx([r[key] for r in ra], abs=1e-5)
+        _one_process(args, env)
+    _two_processes(pretrain_args(tmp_path / "pre2"), env, tmp_path / "pre.log", "ddp")
+    _two_processes(finetune_args(tmp_path / "pre2", tmp_path / "ft2"), env, tmp_path / "ft.log", "ddp")
+    _assert_same_text_run(tmp_path / "pre1", tmp_path / "pre2", "mlm_loss")
+    _assert_same_text_run(tmp_path / "ft1", tmp_path / "ft2", "loss")
+
+
+@pytest.mark.slow
+def test_text_pretraining_fully_sharded_and_expert_parallel_match_one_process(tmp_path):
+    """The one trainer gives text runs --fsdp and --expert-parallel too: BERT-style pretraining with its
+    weights sharded, and WideNet pretraining with its experts split over 2 processes (dropless, no
+    router noise, no balance loss: then the experts compute what one process computes)."""
+    env, pretrain_args, _ = _text_runs(tmp_path)
+    exact = ("--dropless", "--noise-std", "0", "--aux-weight", "0")
+    _one_process(pretrain_args(tmp_path / "bert1"), env)
+    _one_process(pretrain_args(tmp_path / "wide1", "widenet_text_tiny", *exact), env)
+    _two_processes(pretrain_args(tmp_path / "fsdp", "bert_text_tiny", "--fsdp"), env, tmp_path / "fsdp.log", "fsdp")
+    _two_processes(pretrain_args(tmp_path / "ep", "widenet_text_tiny", *exact, "--expert-parallel", "2"), env,
+                   tmp_path / "ep.log", "expert")
+    _assert_same_text_run(tmp_path / "bert1", tmp_path / "fsdp", "mlm_loss")
+    _assert_same_text_run(tmp_path / "wide1", tmp_path / "ep", "mlm_loss")

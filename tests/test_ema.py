@@ -11,7 +11,7 @@ from torch import nn
 
 from widenet.cli import main
 from widenet.models.registry import create_model
-from widenet.train import loop
+from widenet.train import images, trainer
 from widenet.train.checkpoint import checkpoint_dir_name, find_latest_checkpoint, load_checkpoint
 from widenet.train.config import TrainConfig
 from widenet.train.ema import ModelEMA
@@ -116,12 +116,12 @@ def test_bad_settings_are_refused(changes, message):
 def averaged_run(single_thread, tmp_path_factory, fmnist_dir, tiny_overrides):
     out = tmp_path_factory.mktemp("ema") / "run"
     cfg = _config(fmnist_dir, out, {**tiny_overrides, "stem": "conv"}, ema_decay=0.9)  # BatchNorm in the stem
-    return cfg, loop.train(cfg, log=_quiet)
+    return cfg, images.train(cfg, log=_quiet)
 
 
 def test_averaging_never_changes_the_trained_weights(averaged_run, tmp_path, fmnist_dir, tiny_overrides):
     cfg, averaged = averaged_run
-    plain = loop.train(_config(fmnist_dir, tmp_path / "plain", cfg.model_overrides), log=_quiet)
+    plain = images.train(_config(fmnist_dir, tmp_path / "plain", cfg.model_overrides), log=_quiet)
     for key, value in plain.model.state_dict().items():
         assert torch.equal(averaged.model.state_dict()[key], value), key
     assert averaged.final_eval.accuracy == plain.final_eval.accuracy
@@ -145,7 +145,7 @@ def test_skipped_evaluations_leave_the_average_alone(averaged_run, tmp_path):
     """Recomputing the average's BatchNorm statistics for an evaluation touches neither it nor training;
     a checkpoint without an evaluation gets them recomputed too (for `widenet eval --ema`)."""
     cfg, averaged = averaged_run
-    sparse = loop.train(_config(cfg.data_dir, tmp_path / "sparse", cfg.model_overrides, ema_decay=0.9,
+    sparse = images.train(_config(cfg.data_dir, tmp_path / "sparse", cfg.model_overrides, ema_decay=0.9,
                                 eval_every=2), log=_quiet)
     tests = [(r["step"], r["split"]) for r in read_metrics(tmp_path / "sparse" / "metrics.jsonl")
              if r["split"].startswith("test")]
@@ -170,7 +170,7 @@ def test_cli_eval_ema_reproduces_the_training_record(averaged_run, capsys):
 
 def test_cli_eval_ema_without_average_is_a_clear_error(tmp_path, fmnist_dir, tiny_overrides, capsys):
     cfg = _config(fmnist_dir, tmp_path / "plain", tiny_overrides, max_steps=2)
-    loop.train(cfg, log=_quiet)
+    images.train(cfg, log=_quiet)
     rc = main(["eval", "--checkpoint", cfg.out, "--ema"])
     err = capsys.readouterr().err
     assert rc == 2 and "trained without --ema-decay" in err and "Traceback" not in err
@@ -183,9 +183,9 @@ class _Killed(BaseException):
 def test_resume_restores_the_average_exactly(tmp_path, fmnist_dir, tiny_overrides, monkeypatch):
     settings = dict(max_steps=12, save_every=5, ema_decay=0.9)
     tiny_overrides = {**tiny_overrides, "stem": "conv"}
-    whole = loop.train(_config(fmnist_dir, tmp_path / "B", tiny_overrides, **settings), log=_quiet)
+    whole = images.train(_config(fmnist_dir, tmp_path / "B", tiny_overrides, **settings), log=_quiet)
 
-    real_step, steps = loop._train_step, []
+    real_step, steps = trainer.Trainer.update, []
 
     def step_then_die(*args, **kwargs):
         if len(steps) == 7:  # checkpoint at step 5, killed during step 8
@@ -193,11 +193,11 @@ def test_resume_restores_the_average_exactly(tmp_path, fmnist_dir, tiny_override
         steps.append(1)
         return real_step(*args, **kwargs)
 
-    monkeypatch.setattr(loop, "_train_step", step_then_die)
+    monkeypatch.setattr(trainer.Trainer, "update", step_then_die)
     with pytest.raises(_Killed):
-        loop.train(_config(fmnist_dir, tmp_path / "A", tiny_overrides, **settings), log=_quiet)
-    monkeypatch.setattr(loop, "_train_step", real_step)
-    resumed = loop.train(_config(fmnist_dir, tmp_path / "A", tiny_overrides, resume=True, **settings), log=_quiet)
+        images.train(_config(fmnist_dir, tmp_path / "A", tiny_overrides, **settings), log=_quiet)
+    monkeypatch.setattr(trainer.Trainer, "update", real_step)
+    resumed = images.train(_config(fmnist_dir, tmp_path / "A", tiny_overrides, resume=True, **settings), log=_quiet)
 
     saved = [load_checkpoint(find_latest_checkpoint(tmp_path / run)).train_state["ema"] for run in ("A", "B")]
     assert saved[0]["updates"] == saved[1]["updates"] == 12

@@ -19,7 +19,7 @@ def _hand_count(v) -> int:
     embed = 2 * patches * (v.in_channels * v.patch_size ** 2) * d  # patch convolution
     attention = 2 * t * d * 3 * d + 2 * (2 * t * t * d) + 2 * t * d * d  # qkv, q k^T and attn v, output
     if c.uses_moe:  # router, then top-k experts of width expert_dim per token
-        ffn = 2 * t * d * c.num_experts + c.top_k * 2 * (2 * t * d * (c.expert_dim or c.mlp_dim))
+        ffn = 2 * t * d * c.moe.num_experts + c.moe.top_k * 2 * (2 * t * d * (c.expert_dim or c.mlp_dim))
     else:
         ffn = 2 * (2 * t * d * c.mlp_dim)
     return embed + c.depth * (attention + ffn) + 2 * d * v.num_classes

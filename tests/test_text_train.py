@@ -233,17 +233,115 @@ def test_pretrain_cli_and_its_errors(corpus, tmp_path, capsys):
 
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(corpus, pretrained, tmp_path, monkeypatch):
     from widenet.train.pretrain import PretrainTask
-    from widenet.train.runner import StepResult, TrainingError
+    from widenet.train.trainer import StepResult, TrainingError
 
-    real_step = PretrainTask.step
+    real_loss = PretrainTask.loss
 
-    def step(self, batch, index):
-        result = real_step(self, batch, index)
-        return StepResult(float("nan"), result.values, result.examples, result.tokens) if index == 4 else result
+    def loss(self, net, batch, index):
+        value, result = real_loss(self, net, batch, index)
+        if index != 4:
+            return value, result
+        return value, lambda: StepResult(float("nan"), *[getattr(result(), k) for k in ("values", "examples",
+                                                                                       "tokens")])
 
-    monkeypatch.setattr(PretrainTask, "step", step)
+    monkeypatch.setattr(PretrainTask, "loss", loss)
     cfg = _pretrain_cfg(corpus, tmp_path / "run", max_steps=10, save_every=2,
                         tokenizer=str(pretrained[0] / "tokenizer.json"))
     with pytest.raises(TrainingError, match="loss became nan at step 5.*step_00000004 is intact"):
         pretrain(cfg, log=lambda _: None)
     assert load_checkpoint(tmp_path / "run").step == 4
+
+
+# --- features shared with image runs through the one trainer -------------------------------
+def test_pretraining_with_a_weight_average_resumes_exactly(corpus, pretrained, tmp_path):
+    """--ema-decay on a text run: the average is evaluated beside the trained weights (split
+    validation_ema), saved in checkpoints, and a run stopped at step 8 and resumed from step 6
+    ends with the uninterrupted run's weights, average and metrics."""
+    kw = dict(max_steps=12, log_every=1, save_every=3, ema_decay=0.9, eval_every=6,
+              tokenizer=str(pretrained[0] / "tokenizer.json"))
+    ref = pretrain(_pretrain_cfg(corpus, tmp_path / "ref", **kw), log=lambda _: None)
+    assert ref.run.ema_eval is not None and ref.run.ema_eval["mlm_loss"] != ref.run.final_eval["mlm_loss"]
+    records = read_metrics(tmp_path / "ref" / "metrics.jsonl")
+    assert [r["step"] for r in records if r["split"] == "validation_ema"] == [6, 12]
+    cfg = _pretrain_cfg(corpus, tmp_path / "cut", **kw)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(cfg, log=_stop_after(8))
+    pretrain(dataclasses.replace(cfg, resume=True), log=lambda _: None)
+    a, b = (load_checkpoint(tmp_path / run).train_state["ema"] for run in ("ref", "cut"))
+    assert a["updates"] == b["updates"] == 12
+    for key in a["weights"]:
+        assert torch.equal(a["weights"][key], b["weights"][key]), key
+    assert without_timing(records) == without_timing(read_metrics(tmp_path / "cut" / "metrics.jsonl"))
+
+
+def test_pretraining_time_budget_equals_the_run_of_its_planned_length(corpus, pretrained, tmp_path, monkeypatch):
+    """--time-budget on a text run: planned from throwaway steps and a timed evaluation (the RNGs are
+    restored afterwards), so a budget that buys 10 steps trains exactly the --max-steps 10 run."""
+    from widenet.train import trainer
+    from widenet.train.budget import Deadline
+
+    kw = dict(log_every=2, tokenizer=str(pretrained[0] / "tokenizer.json"))
+    fixed = pretrain(_pretrain_cfg(corpus, tmp_path / "fixed", max_steps=10, **kw), log=lambda _: None)
+    plans, real_plan = [], trainer.plan_budget
+
+    def plan(*args, **kwargs):
+        plans.append(real_plan(*args, **kwargs))
+        return dataclasses.replace(plans[-1], steps=10)
+
+    monkeypatch.setattr(trainer, "plan_budget", plan)
+    monkeypatch.setattr(Deadline, "steps", lambda self, done: 10)
+    lines: list[str] = []
+    budgeted = pretrain(_pretrain_cfg(corpus, tmp_path / "budget", max_steps=None, time_budget=5.0, **kw),
+                        log=lines.append)
+    assert len(plans) == 1 and plans[0].step_s > 0 and plans[0].eval_s > 0
+    assert any(line.startswith("time budget 5 min:") for line in lines)
+    assert budgeted.run.steps == 10
+    for (name, a), (_, b) in zip(fixed.model.state_dict().items(), budgeted.model.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert without_timing(read_metrics(tmp_path / "fixed" / "metrics.jsonl")) == \
+        without_timing(read_metrics(tmp_path / "budget" / "metrics.jsonl"))
+
+
+def test_pretraining_killed_with_sigkill_resumes_exactly(corpus, pretrained, tmp_path):
+    """`widenet pretrain` killed with SIGKILL mid-run and resumed ends like an uninterrupted run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from test_train import _env, _last_logged_step
+
+    sets = [f"--set={k}={v}" for k, v in TINY_TEXT.items()]
+
+    def command(out) -> list[str]:
+        return [sys.executable, "-m", "widenet", "pretrain", "--corpus", str(corpus), "--tokenizer",
+                str(pretrained[0] / "tokenizer.json"), "--seq-len", "32", "--batch-size", "16", "--max-steps",
+                "30", "--save-every", "4", "--log-every", "1", "--eval-examples", "16", "--dropout", "0.1",
+                "--cache-dir", str(tmp_path / "cache"), "--device", "cpu", "--out", str(out), *sets]
+
+    env = _env(tmp_path)
+    whole = subprocess.Popen(command(tmp_path / "B"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    cut = subprocess.Popen(command(tmp_path / "A"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and cut.poll() is None:
+            if _last_logged_step(tmp_path / "A" / "metrics.jsonl") >= 9:
+                os.kill(cut.pid, signal.SIGKILL)
+                break
+            time.sleep(0.005)
+        assert cut.wait(timeout=30) == -signal.SIGKILL, "the run was not killed mid-way"
+    finally:
+        if cut.poll() is None:
+            cut.kill()
+    saved = load_checkpoint(tmp_path / "A").step
+    assert 8 <= saved < 30
+    resumed = subprocess.run(command(tmp_path / "A") + ["--resume"], env=env, capture_output=True, text=True,
+                             timeout=300)
+    assert resumed.returncode == 0, resumed.stdout[-2000:]
+    assert whole.wait(timeout=300) == 0
+    wa, wb = (load_checkpoint(tmp_path / run).model_state for run in ("A", "B"))
+    for key in wb:
+        assert torch.equal(wa[key], wb[key]), key
+    assert without_timing(read_metrics(tmp_path / "A" / "metrics.jsonl")) == \
+        without_timing(read_metrics(tmp_path / "B" / "metrics.jsonl"))

@@ -19,14 +19,14 @@ from safetensors.torch import load_file
 
 from widenet.cli import main
 from widenet.data.vision import load_dataset
-from widenet.train import loop
+from widenet.train import images, trainer
 from widenet.train.checkpoint import (CheckpointError, checkpoint_dir_name, find_latest_checkpoint,
                                       list_checkpoints, load_checkpoint)
 from widenet.train.budget import Deadline
 from widenet.train.config import TrainConfig
 from widenet.data.augment import normalize
 from widenet.train.evaluate import evaluate, mean_of_views
-from widenet.train.loop import TrainingError, build_model_for, train
+from widenet.train.images import TrainingError, build_model_for, train
 from widenet.train.metrics import TIMING_KEYS, read_metrics, without_timing
 
 REPO = Path(__file__).resolve().parents[1]
@@ -324,7 +324,7 @@ def test_resume_without_checkpoint_drops_records_of_the_lost_attempt(tmp_path, f
 
 # --- non-finite loss ------------------------------------------------------------------------
 class _NanAfter:
-    """Stands in for torch.nn.functional inside loop.py: cross_entropy turns NaN at call `k`."""
+    """Stands in for torch.nn.functional inside images.py: cross_entropy turns NaN at call `k`."""
 
     def __init__(self, k: int) -> None:
         self.k = k
@@ -342,7 +342,7 @@ class _NanAfter:
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, fmnist_dir, tiny_overrides, monkeypatch):
     out = tmp_path / "run"
     fake = _NanAfter(5)
-    monkeypatch.setattr(loop, "F", fake)
+    monkeypatch.setattr(images, "F", fake)
     cfg = _config(fmnist_dir, out, tiny_overrides, max_steps=8, save_every=2, log_every=1)
     with pytest.raises(TrainingError, match=r"loss became nan at step 5") as info:
         train(cfg, log=_quiet)
@@ -361,7 +361,7 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, fmnist_dir, t
 
 
 def test_non_finite_loss_through_cli(tmp_path, fmnist_dir, tiny_set_args, monkeypatch, capsys):
-    monkeypatch.setattr(loop, "F", _NanAfter(1))
+    monkeypatch.setattr(images, "F", _NanAfter(1))
     rc, _, err = _cli(["train", "--data-dir", fmnist_dir, "--out", tmp_path / "run", "--max-steps", 3,
                        "--batch-size", 32, *tiny_set_args], capsys)
     _assert_one_line_error(rc, err)
@@ -462,7 +462,7 @@ def test_sigkill_and_resume_matches_uninterrupted_run(tmp_path, fmnist_dir, tiny
     # The counters and RNG state saved at the end agree too.
     state_a = load_checkpoint(a).train_state
     state_b = load_checkpoint(b).train_state
-    for key in ("step", "epoch", "batch", "images"):
+    for key in ("step", "epoch", "batch", "examples"):
         assert state_a["progress"][key] == state_b["progress"][key]
     assert torch.equal(state_a["rng"]["torch"], state_b["rng"]["torch"])
 
@@ -491,7 +491,7 @@ def test_crash_after_epoch_eval_then_resume_matches_uninterrupted(tmp_path, fmni
     uninterrupted = train(_config(fmnist_dir, tmp_path / "B", tiny_overrides, **settings), log=_quiet)
 
     calls = []
-    real_save = loop.save_checkpoint
+    real_save = trainer.save_checkpoint
 
     def save_then_die(*args, **kwargs):
         calls.append(args[1])
@@ -499,11 +499,11 @@ def test_crash_after_epoch_eval_then_resume_matches_uninterrupted(tmp_path, fmni
             raise _SimulatedKill()
         return real_save(*args, **kwargs)
 
-    monkeypatch.setattr(loop, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(trainer, "save_checkpoint", save_then_die)
     with pytest.raises(_SimulatedKill):
         train(_config(fmnist_dir, tmp_path / "A", tiny_overrides, **settings), log=_quiet)
     assert calls == [8, 16]
-    monkeypatch.setattr(loop, "save_checkpoint", real_save)
+    monkeypatch.setattr(trainer, "save_checkpoint", real_save)
     resumed = train(_config(fmnist_dir, tmp_path / "A", tiny_overrides, resume=True, **settings), log=_quiet)
 
     _assert_same_run(resumed, uninterrupted, tmp_path / "A", tmp_path / "B")
@@ -511,8 +511,8 @@ def test_crash_after_epoch_eval_then_resume_matches_uninterrupted(tmp_path, fmni
 
 def _kill_during_step_7(monkeypatch, cfg: TrainConfig, counting=lambda: True) -> None:
     """Train cfg (a checkpoint every 5 steps) until a simulated kill during its 7th step; the last
-    checkpoint is step 5's. counting() says whether a _train_step call is one of the run's own."""
-    real_step = loop._train_step
+    checkpoint is step 5's. counting() says whether an update is one of the run's own."""
+    real_step = trainer.Trainer.update
     steps = []
 
     def step_then_die(*args, **kwargs):
@@ -522,10 +522,10 @@ def _kill_during_step_7(monkeypatch, cfg: TrainConfig, counting=lambda: True) ->
             steps.append(1)
         return real_step(*args, **kwargs)
 
-    monkeypatch.setattr(loop, "_train_step", step_then_die)
+    monkeypatch.setattr(trainer.Trainer, "update", step_then_die)
     with pytest.raises(_SimulatedKill):
         train(cfg, log=_quiet)
-    monkeypatch.setattr(loop, "_train_step", real_step)
+    monkeypatch.setattr(trainer.Trainer, "update", real_step)
     assert find_latest_checkpoint(cfg.out).name == checkpoint_dir_name(5)
 
 
@@ -544,17 +544,17 @@ def test_resume_between_log_lines_matches_uninterrupted(tmp_path, fmnist_dir, ti
 
 # --- --time-budget ------------------------------------------------------------------------------
 def _planning_fixed_steps(monkeypatch, steps: int, replanned: int | None = None) -> list:
-    """Let loop.plan_budget measure for real (running its throwaway steps and evaluation), then
+    """Let the trainer's plan_budget measure for real (running its throwaway steps and evaluation), then
     return `steps`: the planned count becomes deterministic while the planning's side effects stay.
     The re-plans after each epoch answer `replanned` (default: `steps` again)."""
     plans = []
-    real_plan = loop.plan_budget
+    real_plan = trainer.plan_budget
 
     def plan(*args, **kwargs):
         plans.append(real_plan(*args, **kwargs))
         return dataclasses.replace(plans[-1], steps=steps)
 
-    monkeypatch.setattr(loop, "plan_budget", plan)
+    monkeypatch.setattr(trainer, "plan_budget", plan)
     monkeypatch.setattr(Deadline, "steps", lambda self, done: steps if replanned is None else replanned)
     return plans
 
@@ -603,7 +603,7 @@ def test_time_budget_resume_keeps_the_planned_steps(tmp_path, fmnist_dir, tiny_o
     def no_second_plan(*args, **kwargs):
         raise AssertionError("a resumed run planned its budget again")
 
-    monkeypatch.setattr(loop, "plan_budget", no_second_plan)
+    monkeypatch.setattr(trainer, "plan_budget", no_second_plan)
     resumed = train(_config(fmnist_dir, tmp_path / "A", tiny_overrides, resume=True, **settings), log=_quiet)
     assert resumed.steps == 12
     _assert_same_run(resumed, uninterrupted, tmp_path / "A", tmp_path / "B")

@@ -22,8 +22,8 @@ from dataclasses import asdict
 from typing import Callable, Sequence
 
 from . import __version__
-from .cli_args import (add_moe_arguments, add_recipe_arguments, add_run_arguments, model_overrides, parse_setting,
-                       positive_float, positive_int)
+from .cli_args import (add_budget_arguments, add_moe_arguments, add_process_arguments, add_recipe_arguments,
+                       add_run_arguments, model_overrides, parse_setting, positive_float, positive_int)
 from .cli_text import add_text_commands
 
 
@@ -163,7 +163,7 @@ def train_config_from_args(args: argparse.Namespace):
 def cmd_train(args: argparse.Namespace) -> int:
     """Train; under torchrun (WORLD_SIZE > 1) every process runs this and joins the process group."""
     from .cli_run import run_on_processes
-    from .train.loop import train
+    from .train.images import train
 
     result = run_on_processes(train, train_config_from_args(args), args.ddp_backend, args.ddp_timeout)
     if result is not None:
@@ -219,12 +219,7 @@ def _add_data_and_budget(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir")
     p.add_argument("--train-subset", type=positive_int, help="train on this many images (quick runs)")
     p.add_argument("--test-subset", type=positive_int)
-    budget = p.add_mutually_exclusive_group()
-    budget.add_argument("--epochs", type=positive_int)
-    budget.add_argument("--max-steps", type=positive_int)
-    budget.add_argument("--time-budget", type=positive_float, metavar="MINUTES",
-                        help="train (each run) for as many steps as fit in this wall-clock time, evaluations "
-                             "included: planned from measured steps, re-planned after every epoch; one process")
+    add_budget_arguments(p)
     p.add_argument("--batch-size", type=positive_int)
     p.add_argument("--lr", type=positive_float)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"))
@@ -252,24 +247,13 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="random horizontal flips (default on)")
     p.add_argument("--randaugment-n", type=int)
     p.add_argument("--randaugment-m", type=float)
-    p.add_argument("--ema-decay", type=float, metavar="D",
-                   help="also keep and evaluate an exponential moving average of the weights (e.g. 0.999)")
     p.add_argument("--eval-every", type=positive_int, metavar="EPOCHS",
                    help="evaluate on the test set every N epochs (default 1); the last epoch always")
     _add_tta_argument(p)
     add_run_arguments(p, "share_norms=True")
     add_moe_arguments(p)
     p.add_argument("--out", help="run folder (metrics.jsonl, checkpoints/)")
-    dist = p.add_argument_group("several processes (launch with torchrun --nproc_per_node N -m widenet train)")
-    dist.add_argument("--fsdp", action="store_true", default=None,
-                      help="shard weights, gradients and optimizer state (fully_shard) instead of DDP")
-    dist.add_argument("--expert-parallel", type=positive_int, metavar="N",
-                      help="split each MoE's experts over groups of N processes (N divides the number of "
-                           "processes; the groups are data-parallel replicas)")
-    dist.add_argument("--ddp-backend", default="auto", choices=("auto", "gloo", "nccl"),
-                      help="process-group backend (auto: nccl with CUDA, else gloo)")
-    dist.add_argument("--ddp-timeout", type=positive_float, metavar="SECONDS",
-                      help="fail a collective that waits longer than this (default: torch's 30 minutes)")
+    add_process_arguments(p, "train")
 
 
 # --- parser -------------------------------------------------------------------
@@ -381,7 +365,7 @@ def _show_library_notes() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from .runtime import CompileUnavailable, first_line
-    from .train.runner import TrainingError
+    from .train.trainer import TrainingError
 
     parser = build_parser()
     args = parser.parse_args(argv)

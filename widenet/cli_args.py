@@ -51,6 +51,32 @@ def add_recipe_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clip-norm", type=float)
     p.add_argument("--dropout", type=float)
     p.add_argument("--aux-weight", type=float, help="weight of the summed balance loss (paper: 0.01)")
+    p.add_argument("--ema-decay", type=float, metavar="D",
+                   help="also keep and evaluate an exponential moving average of the weights (e.g. 0.999)")
+
+
+def add_budget_arguments(p: argparse.ArgumentParser) -> None:
+    """How long a run trains: one of epochs, steps or minutes."""
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--epochs", type=positive_int)
+    budget.add_argument("--max-steps", type=positive_int)
+    budget.add_argument("--time-budget", type=positive_float, metavar="MINUTES",
+                        help="train (each run) for as many steps as fit in this wall-clock time, evaluations "
+                             "included: planned from measured steps, re-planned after every epoch; one process")
+
+
+def add_process_arguments(p: argparse.ArgumentParser, command: str) -> None:
+    """Several processes (torchrun): data, fully sharded or expert parallel."""
+    dist = p.add_argument_group(f"several processes (launch with torchrun --nproc_per_node N -m widenet {command})")
+    dist.add_argument("--fsdp", action="store_true", default=None,
+                      help="shard weights, gradients and optimizer state (fully_shard) instead of DDP")
+    dist.add_argument("--expert-parallel", type=positive_int, metavar="N",
+                      help="split each MoE's experts over groups of N processes (N divides the number of "
+                           "processes; the groups are data-parallel replicas)")
+    dist.add_argument("--ddp-backend", default="auto", choices=("auto", "gloo", "nccl"),
+                      help="process-group backend (auto: nccl with CUDA, else gloo)")
+    dist.add_argument("--ddp-timeout", type=positive_float, metavar="SECONDS",
+                      help="fail a collective that waits longer than this (default: torch's 30 minutes)")
 
 
 def add_run_arguments(p: argparse.ArgumentParser, example_setting: str) -> None:

@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 
 from .distributed.env import DistEnv, distributed_session, is_peer_failure
 from .distributed.parallel import check_global_batch
-from .train.runner import TrainingError
+from .train.trainer import TrainingError
 
 R = TypeVar("R")
 

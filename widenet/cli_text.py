@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from .cli_args import (add_moe_arguments, add_recipe_arguments, add_run_arguments, model_overrides, parse_setting,
-                       positive_float, positive_int)
+from .cli_args import (add_budget_arguments, add_moe_arguments, add_process_arguments, add_recipe_arguments,
+                       add_run_arguments, model_overrides, parse_setting, positive_float, positive_int)
 
 
 def _config_fields(args: argparse.Namespace, cls: type) -> dict[str, Any]:
@@ -21,7 +21,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     from .train.pretrain import pretrain
     from .train.text_config import PretrainConfig
 
-    result = run_on_processes(pretrain, PretrainConfig(**_config_fields(args, PretrainConfig)))
+    result = run_on_processes(pretrain, PretrainConfig(**_config_fields(args, PretrainConfig)), args.ddp_backend,
+                              args.ddp_timeout)
     if result is None:
         return 0
     e, run = result.run.final_eval, result.run
@@ -35,7 +36,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from .train.finetune import finetune
     from .train.text_config import FinetuneConfig
 
-    result = run_on_processes(finetune, FinetuneConfig(**_config_fields(args, FinetuneConfig)))
+    result = run_on_processes(finetune, FinetuneConfig(**_config_fields(args, FinetuneConfig)), args.ddp_backend,
+                              args.ddp_timeout)
     if result is None:
         return 0
     e, run = result.run.final_eval, result.run
@@ -57,11 +59,9 @@ def cmd_compare_text(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_common(p: argparse.ArgumentParser) -> None:
+def _add_common(p: argparse.ArgumentParser, command: str) -> None:
     """Budget, optimisation and bookkeeping arguments of both text commands."""
-    budget = p.add_mutually_exclusive_group()
-    budget.add_argument("--epochs", type=positive_int)
-    budget.add_argument("--max-steps", type=positive_int)
+    add_budget_arguments(p)
     p.add_argument("--batch-size", type=positive_int)
     p.add_argument("--eval-batch-size", type=positive_int)
     p.add_argument("--lr", type=positive_float)
@@ -70,6 +70,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     add_moe_arguments(p)
     p.add_argument("--tokenizer", help="tokenizer.json or vocab.txt")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"))
+    add_process_arguments(p, command)
 
 
 def add_text_commands(sub) -> None:
@@ -86,7 +87,7 @@ def add_text_commands(sub) -> None:
     p.add_argument("--eval-examples", type=positive_int, help="held-out sequences for evaluation")
     p.add_argument("--cache-dir", help="where the tokenized corpus is cached")
     p.add_argument("--out", default="runs/pretrain")
-    _add_common(p)
+    _add_common(p, "pretrain")
     p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("finetune", help="fine-tune a pretrained text model: classification or span QA")
@@ -100,7 +101,7 @@ def add_text_commands(sub) -> None:
     p.add_argument("--max-query-len", type=positive_int)
     p.add_argument("--null-threshold", type=float, help="SQuAD 2.0: answer '' when null beats the best span by this")
     p.add_argument("--out", default="runs/finetune")
-    _add_common(p)
+    _add_common(p, "finetune")
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("compare-text", help="pretrain + fine-tune text models alike; write OUT/report_text.md")

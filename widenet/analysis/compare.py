@@ -25,7 +25,7 @@ import torch
 from ..data.augment import normalize
 from ..data.vision import ImageDataset, subset
 from ..train.config import TrainConfig
-from ..train.loop import TrainResult, load_data, train
+from ..train.images import TrainResult, load_data, train
 from ..train.metrics import read_metrics
 from . import plots
 from .flops import flops_per_image

@@ -85,6 +85,7 @@ def _worker(argv: list[str]) -> None:
     from ..distributed.env import destroy_distributed, init_distributed
     from ..distributed.expert_parallel import convert_to_expert_parallel
     from ..models.registry import create_model
+    from ..train.trainer import apply_update
 
     p = argparse.ArgumentParser()
     p.add_argument("--model")
@@ -108,10 +109,7 @@ def _worker(argv: list[str]) -> None:
 
         def step() -> None:
             out = net(images)
-            loss = F.cross_entropy(out.logits, labels) + 0.01 * out.aux_loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            apply_update(net, opt, F.cross_entropy(out.logits, labels) + 0.01 * out.aux_loss)
 
         step()  # warm-up (and DDP's first-iteration bucketing)
         _sync(env, device)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from ..analysis.flops import flops_per_image
 from ..models.registry import count_parameters, create_model
 from ..runtime import autocast, autocast_dtype, compile_model, resolve_device
+from ..train.trainer import apply_update
 from .moe_bench import interleaved_times, median_ratio
 
 # Dense 16-bit tensor-core peaks in TFLOP/s, by a substring of torch.cuda.get_device_name().
@@ -116,6 +117,4 @@ class _TrainStep:
         with autocast(self.dev, self.dtype):
             out = self.forward(self.images)
             loss = F.cross_entropy(out.logits.float(), self.labels) + 0.01 * out.aux_loss
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
+        apply_update(self.forward, self.opt, loss)

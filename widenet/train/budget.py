@@ -1,7 +1,7 @@
 """Training for a wall-clock budget (`widenet train --time-budget MINUTES`).
 
 Before the first update the run is planned from costs measured on this
-machine:
+machine (by widenet.train.trainer, for any task):
 
     steps = the largest S with  S * step_s + evaluations(S) * eval_s <= seconds left
 
@@ -44,17 +44,49 @@ def evaluations_in(steps: int, per_epoch: int, eval_every: int) -> int:
     return epochs_done // eval_every + (1 if partial or epochs_done % eval_every else 0)
 
 
-def steps_within(seconds: float, step_s: float, eval_s: float, per_epoch: int, eval_every: int,
-                 done: int = 0, most: int = 10**9) -> int:
+@dataclass(frozen=True)
+class Cadence:
+    """When a run evaluates: after every `every_epochs`-th finished epoch, or after every
+    `every_steps`-th step, and always after its last step (None, None: only then)."""
+
+    per_epoch: int
+    every_epochs: int | None = None
+    every_steps: int | None = None
+
+    def evaluates_after_step(self, step: int) -> bool:
+        return bool(self.every_steps) and step % self.every_steps == 0
+
+    def evaluates_after_epoch(self, epoch: int, finished: bool) -> bool:
+        return bool(self.every_epochs) and finished and epoch % self.every_epochs == 0
+
+    def evaluations(self, steps: int) -> int:
+        """Evaluations a run of `steps` steps makes, the final one included."""
+        if self.every_epochs:
+            return evaluations_in(steps, self.per_epoch, self.every_epochs)
+        if self.every_steps:
+            return (steps - 1) // self.every_steps + 1 if steps else 1
+        return 1
+
+    def evaluated(self, done: int) -> int:
+        """Evaluations behind a run at step `done` (not counting a final one)."""
+        if self.every_epochs:
+            return (done // self.per_epoch) // self.every_epochs
+        if self.every_steps:
+            return done // self.every_steps
+        return 0
+
+
+def steps_within(seconds: float, step_s: float, eval_s: float, cadence: Cadence, done: int = 0,
+                 most: int = 10**9) -> int:
     """The largest total step count (at most `most`) such that the steps after `done` and their
-    evaluations fit in `seconds`; `done` itself if none fits. `done` steps are behind, with the
-    evaluations of their finished epochs (not a final one)."""
+    evaluations fit in `seconds`; `done` itself if none fits. `done` steps are behind, with their
+    evaluations (not a final one)."""
     if step_s <= 0 or eval_s < 0:
         raise ValueError(f"step time must be > 0 and evaluation time >= 0, got {step_s}, {eval_s}")
-    evaluated = (done // per_epoch) // eval_every
+    evaluated = cadence.evaluated(done)
 
     def cost(steps: int) -> float:
-        return (steps - done) * step_s + (evaluations_in(steps, per_epoch, eval_every) - evaluated) * eval_s
+        return (steps - done) * step_s + (cadence.evaluations(steps) - evaluated) * eval_s
 
     low, high = done, max(done, most)  # cost(low) fits (or low == done): find the last fitting count
     while low < high:
@@ -75,8 +107,7 @@ class Deadline:
     move the schedule's end back and forth, while the error of the mean shrinks with the steps left."""
 
     budget_s: float
-    per_epoch: int
-    eval_every: int
+    cadence: Cadence
     step_s: float  # until steps are observed: the planning's estimate
     eval_s: float
     started: float  # clock() when this process began the run
@@ -96,8 +127,7 @@ class Deadline:
 
     def steps(self, done: int) -> int:
         """The run's total: `done` plus the steps (and evaluations) that fit in the time left."""
-        return steps_within(self.budget_s - self.spent(), self.step_s, self.eval_s, self.per_epoch,
-                            self.eval_every, done=done)
+        return steps_within(self.budget_s - self.spent(), self.step_s, self.eval_s, self.cadence, done=done)
 
 
 def time_per_call(call: Callable[[], object], warmup: int, min_calls: int, min_seconds: float) -> float:
@@ -113,17 +143,14 @@ def time_per_call(call: Callable[[], object], warmup: int, min_calls: int, min_s
 
 
 def plan_budget(minutes: float, spent_s: Callable[[], float], step: Callable[[], object],
-                evaluate_slice: Callable[[], object], slice_fraction: float, per_epoch: int,
-                eval_every: int, evaluations_per_eval: int = 1) -> BudgetPlan:
+                evaluation_s: Callable[[], float], cadence: Cadence) -> BudgetPlan:
     """Measure a step and an evaluation, then fit the steps into what is left of `minutes`.
 
     spent_s(): seconds used so far (read after measuring); step(): one throwaway training step;
-    evaluate_slice(): an evaluation of `slice_fraction` of the test set; evaluations_per_eval: 2
-    when each evaluation also runs the weight average."""
+    evaluation_s(): the measured seconds of one evaluation (of both weight sets with a weight average)."""
     budget_s = 60.0 * minutes
     step_s = time_per_call(step, warmup=2, min_calls=5, min_seconds=min(30.0, 0.01 * budget_s))
-    eval_s = time_per_call(evaluate_slice, warmup=1, min_calls=1, min_seconds=0.0)
-    eval_s *= evaluations_per_eval / slice_fraction
+    eval_s = evaluation_s()
     spent = spent_s()
-    steps = steps_within(budget_s - spent, step_s, eval_s, per_epoch, eval_every)
+    steps = steps_within(budget_s - spent, step_s, eval_s, cadence)
     return BudgetPlan(budget_s, spent, step_s, eval_s, steps)

@@ -44,12 +44,16 @@ class RecipeConfig:
     device: str = "auto"
     amp: str = "auto"
     compile: bool = False  # torch.compile the training forward and backward (widenet.runtime.compile_model)
+    time_budget: float | None = None  # minutes: train as many steps as fit (widenet.train.budget)
+    ema_decay: float | None = None  # also evaluate an exponential moving average of the weights
+    fsdp: bool = False  # under torchrun: shard weights, gradients and optimizer state (fully_shard)
+    expert_parallel: int = 1  # under torchrun: split each MoE's experts over this many processes
     out: str = "runs/train"
     resume: bool = False
 
     # Settings a resumed run may change: where and how it runs, not what it computes.
     RESUME_FREE: ClassVar[tuple[str, ...]] = ("out", "resume", "device", "compile", "save_every", "keep_last",
-                                              "log_every", "eval_batch_size")
+                                              "log_every", "eval_batch_size", "fsdp", "expert_parallel")
 
     def __post_init__(self) -> None:
         _positive(self, "epochs", "batch_size", "eval_batch_size", "log_every", "keep_last")
@@ -66,6 +70,17 @@ class RecipeConfig:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if self.warmup_steps is not None and self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        _positive(self, "expert_parallel")
+        if self.time_budget is not None and not (isinstance(self.time_budget, (int, float))
+                                                 and 0 < self.time_budget < float("inf")):
+            raise ValueError(f"time_budget must be a positive number of minutes, got {self.time_budget!r}")
+        if self.time_budget is not None and self.max_steps is not None:
+            raise ValueError("give either time_budget or max_steps, not both")
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
+        if self.ema_decay is not None and (self.fsdp or self.expert_parallel > 1):
+            raise ValueError("ema_decay works on one process or under plain data parallelism, "
+                             "not with fsdp or expert_parallel (their weights are split across processes)")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -86,7 +101,6 @@ class TrainConfig(RecipeConfig):
     The defaults here suit the small models on Fashion-MNIST.
     """
 
-    time_budget: float | None = None  # minutes: train as many steps as fit (widenet.train.budget)
     data: str = "fashion-mnist"
     data_dir: str | None = None
     image_size: int | None = None
@@ -98,19 +112,16 @@ class TrainConfig(RecipeConfig):
     flip: bool = True
     randaugment_n: int = 0
     randaugment_m: float = 15.0
-    ema_decay: float | None = None  # also evaluate an exponential moving average of the weights
     eval_every: int = 1  # evaluate on the test set every N epochs, and always after the last
     tta: str = "none"  # test-time augmentation: "flip" averages each test image's and its mirror's predictions
     download: bool = True
-    fsdp: bool = False  # under torchrun: shard weights, gradients and optimizer state (fully_shard)
-    expert_parallel: int = 1  # under torchrun: split each MoE's experts over this many processes
 
     RESUME_FREE: ClassVar[tuple[str, ...]] = RecipeConfig.RESUME_FREE + (
-        "download", "data_dir", "test_subset", "fsdp", "expert_parallel", "eval_every", "tta")
+        "download", "data_dir", "test_subset", "eval_every", "tta")
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _positive(self, "expert_parallel", "eval_every")
+        _positive(self, "eval_every")
         _positive(self, "image_size", "train_subset", "test_subset", optional=True)
         _choice(self, "crop", CROP_NAMES)
         _choice(self, "tta", TTA_NAMES)
@@ -119,16 +130,6 @@ class TrainConfig(RecipeConfig):
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.label_smoothing < 1:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
-        if self.time_budget is not None and not (isinstance(self.time_budget, (int, float))
-                                                 and 0 < self.time_budget < float("inf")):
-            raise ValueError(f"time_budget must be a positive number of minutes, got {self.time_budget!r}")
-        if self.time_budget is not None and self.max_steps is not None:
-            raise ValueError("give either time_budget or max_steps, not both")
-        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
-            raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
-        if self.ema_decay is not None and (self.fsdp or self.expert_parallel > 1):
-            raise ValueError("ema_decay works on one process or under plain data parallelism, "
-                             "not with fsdp or expert_parallel (their weights are split across processes)")
 
 
 RESUME_FREE_KEYS = TrainConfig.RESUME_FREE

@@ -19,9 +19,10 @@ checkpoint (`--init`); only the task head is new.
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -35,15 +36,16 @@ from ..data.vision import num_batches
 from ..distributed.parallel import ParallelContext
 from ..models.registry import apply_overrides, count_parameters
 from ..models.text import TextConfig, TextTransformer, load_backbone
-from ..runtime import autocast, autocast_dtype, compiled_if, resolve_device
+from ..runtime import autocast, autocast_dtype, resolve_device
 from ..text.tokenizer import TokenizerError, load_tokenizer, save_tokenizer, special_ids, vocab_fingerprint
 from .checkpoint import CheckpointError, LoadedCheckpoint, load_checkpoint
 from .evaluate import RoutingTally
+from .budget import Cadence, time_per_call
 from .pretrain import TOKENIZER_FILE
-from .runner import LoopTask, RunResult, StepResult, run_loop
-from .text_common import (Batch, global_sums, local_rows, optimizer_and_schedule, ordered_batches, shuffled_batches,
-                          total_steps, update)
+from .text_common import (Batch, describe_floats, describe_processes, global_sums, local_rows, ordered_batches,
+                          shuffled_batches)
 from .text_config import FinetuneConfig
+from .trainer import RunResult, StepResult, Trainer
 
 DEFAULT_MAX_LEN = {"classify": 128, "qa": 384}
 
@@ -98,47 +100,57 @@ def max_length(cfg: FinetuneConfig, model_cfg: dict) -> int:
 
 # --- tasks ------------------------------------------------------------------------------
 class _TextTask:
-    """What both fine-tuning tasks share: batching, the forward pass, the update."""
+    """What both fine-tuning tasks share: batching, the forward pass, the global step values
+    (see the Trainer's Task). Evaluated after every epoch."""
 
-    def __init__(self, cfg: FinetuneConfig, model: nn.Module, pad_id: int, train: Batch, optimizer, schedule,
-                 device: torch.device, amp, parallel: ParallelContext, net: nn.Module) -> None:
-        self.cfg, self.model, self.pad_id, self.train = cfg, model, pad_id, train
-        self.optimizer, self.schedule, self.device, self.amp = optimizer, schedule, device, amp
-        self.parallel, self.net = parallel, net  # net: the (DDP-)wrapped model that trains
+    unit, split = "tokens", "validation"
 
-    def loop_task(self) -> LoopTask:
-        per_epoch = num_batches(len(self.train["input_ids"]), self.cfg.batch_size)
-        batches = lambda epoch, start: shuffled_batches(self.train, self.cfg.batch_size, self.cfg.seed,  # noqa: E731
-                                                        epoch, start)
-        return LoopTask(per_epoch, total_steps(self.cfg, per_epoch), batches, self.step, self.evaluate)
+    def __init__(self, cfg: FinetuneConfig, pad_id: int, train: Batch, device: torch.device, amp,
+                 parallel: ParallelContext) -> None:
+        self.cfg, self.pad_id, self.train = cfg, pad_id, train
+        self.device, self.amp, self.parallel = device, amp, parallel
+        self.steps_per_epoch = num_batches(len(train["input_ids"]), cfg.batch_size)
+        self.cadence = Cadence(self.steps_per_epoch, every_epochs=1)
 
-    def forward(self, batch: Batch, model: nn.Module | None = None):
+    def batches(self, epoch: int, start_batch: int) -> Iterator[Batch]:
+        return shuffled_batches(self.train, self.cfg.batch_size, self.cfg.seed, epoch, start_batch)
+
+    def forward(self, batch: Batch, model: nn.Module):
         ids = batch["input_ids"].to(self.device)
         with autocast(self.device, self.amp):
-            return (model or self.model)(ids, batch["token_type_ids"].to(self.device), padding_mask=ids == self.pad_id)
+            return model(ids, batch["token_type_ids"].to(self.device), padding_mask=ids == self.pad_id)
 
-    def train_forward(self, batch: Batch, step: int):
+    def train_forward(self, batch: Batch, net: nn.Module, step: int):
         """This process's rows of the global batch through the training model: (rows, output)."""
         mine = local_rows(batch, self.parallel)
         with self.parallel.forward_rng(step, self.device):
-            return mine, self.forward(mine, self.net)
+            return mine, self.forward(mine, net)
 
-    def finish(self, loss_sum: torch.Tensor, out, sums: dict[str, float], batch: Batch) -> StepResult:
-        """Update on the global mean loss (sum x processes / global examples: DDP averages), then the
-        global step values: loss, each of `sums` per example, aux loss."""
+    def finish(self, loss_sum: torch.Tensor, out, sums: Callable[[], dict[str, float]], batch: Batch
+               ) -> tuple[torch.Tensor, Callable[[], StepResult]]:
+        """The global mean loss (sum x processes / global examples: DDP averages) and, after the update,
+        the global step values: loss, each of `sums` per example, aux loss."""
         n, world = len(batch["input_ids"]), self.parallel.env.world_size
-        update(self.net, self.optimizer, self.schedule, world * loss_sum / n + self.cfg.aux_weight * out.aux_loss,
-               self.cfg.clip_norm)
-        total = global_sums(dict(loss=float(loss_sum.detach()), **sums, aux=float(out.aux_loss.detach())),
-                            self.parallel, self.device)
-        values = {k: v / n for k, v in total.items() if k != "aux"} | dict(aux_loss=total["aux"] / world)
-        tokens = int((batch["input_ids"] != self.pad_id).sum())
-        return StepResult(values["loss"], values, n, tokens)
 
-    def step(self, batch: Batch, step: int) -> StepResult:
-        raise NotImplementedError
+        def result() -> StepResult:
+            total = global_sums(dict(loss=float(loss_sum.detach()), **sums(), aux=float(out.aux_loss.detach())),
+                                self.parallel, self.device)
+            values = {k: v / n for k, v in total.items() if k != "aux"} | dict(aux_loss=total["aux"] / world)
+            tokens = int((batch["input_ids"] != self.pad_id).sum())
+            return StepResult(values["loss"], values, n, tokens)
 
-    def evaluate(self) -> dict[str, Any]:
+        return world * loss_sum / n + self.cfg.aux_weight * out.aux_loss, result
+
+    record = staticmethod(dict)
+    describe = staticmethod(describe_floats)
+
+    def time_evaluation(self, model: nn.Module) -> float:
+        return time_per_call(lambda: self.evaluate(model), warmup=0, min_calls=1, min_seconds=0.0)
+
+    def calibration_inputs(self) -> None:
+        return None  # no BatchNorm in the text models
+
+    def evaluate(self, model: nn.Module) -> dict[str, Any]:
         raise NotImplementedError
 
 
@@ -147,26 +159,26 @@ class ClassifyTask(_TextTask):
         super().__init__(*args, **kwargs)
         self.validation, self.labels = validation, labels
 
-    def step(self, batch: Batch, step: int) -> StepResult:
-        mine, out = self.train_forward(batch, step)
+    def loss(self, net: nn.Module, batch: Batch, step: int) -> tuple[torch.Tensor, Callable[[], StepResult]]:
+        mine, out = self.train_forward(batch, net, step)
         labels = mine["labels"].to(self.device)
         loss = F.cross_entropy(out.logits.float(), labels, reduction="sum")
-        correct = int((out.logits.detach().argmax(-1) == labels).sum())
-        return self.finish(loss, out, dict(accuracy=correct), batch)
+        return self.finish(loss, out, lambda: dict(accuracy=int((out.logits.detach().argmax(-1) == labels).sum())),
+                           batch)
 
     @torch.no_grad()
-    def evaluate(self) -> dict[str, Any]:
-        was_training = self.model.training
-        self.model.eval()
+    def evaluate(self, model: nn.Module) -> dict[str, Any]:
+        was_training = model.training
+        model.eval()
         loss, correct, n, routing = 0.0, 0, 0, RoutingTally()
         for batch in ordered_batches(self.validation, self.cfg.eval_batch_size):
-            out = self.forward(batch)
+            out = self.forward(batch, model)
             labels = batch["labels"].to(self.device)
             loss += float(F.cross_entropy(out.logits.float(), labels, reduction="sum"))
             correct += int((out.logits.argmax(-1) == labels).sum())
             n += len(labels)
             routing.add(out.routing, float((batch["input_ids"] != self.pad_id).sum()))
-        self.model.train(was_training)
+        model.train(was_training)
         return dict(accuracy=correct / max(n, 1), loss=loss / max(n, 1), examples=n,
                     routing=[vars(r) for r in routing.blocks()])
 
@@ -176,27 +188,31 @@ class QATask(_TextTask):
         super().__init__(*args, **kwargs)
         self.val_examples, self.val_features, self.version_2 = val_examples, val_features, version_2
 
-    def step(self, batch: Batch, step: int) -> StepResult:
-        mine, out = self.train_forward(batch, step)
+    def loss(self, net: nn.Module, batch: Batch, step: int) -> tuple[torch.Tensor, Callable[[], StepResult]]:
+        mine, out = self.train_forward(batch, net, step)
         start, end = mine["start_positions"].to(self.device), mine["end_positions"].to(self.device)
         loss = (F.cross_entropy(out.start_logits.float(), start, reduction="sum")
                 + F.cross_entropy(out.end_logits.float(), end, reduction="sum")) / 2
-        exact = (out.start_logits.detach().argmax(-1) == start) & (out.end_logits.detach().argmax(-1) == end)
-        return self.finish(loss, out, dict(span_accuracy=int(exact.sum())), batch)
+
+        def exact() -> dict[str, float]:
+            hits = (out.start_logits.detach().argmax(-1) == start) & (out.end_logits.detach().argmax(-1) == end)
+            return dict(span_accuracy=int(hits.sum()))
+
+        return self.finish(loss, out, exact, batch)
 
     @torch.no_grad()
-    def evaluate(self) -> dict[str, Any]:
-        was_training = self.model.training
-        self.model.eval()
+    def evaluate(self, model: nn.Module) -> dict[str, Any]:
+        was_training = model.training
+        model.eval()
         f = self.val_features
         data = dict(input_ids=f.input_ids, token_type_ids=f.token_type_ids)
         starts, ends, routing = [], [], RoutingTally()
         for batch in ordered_batches(data, self.cfg.eval_batch_size):
-            out = self.forward(batch)
+            out = self.forward(batch, model)
             starts.append(out.start_logits.float().cpu())
             ends.append(out.end_logits.float().cpu())
             routing.add(out.routing, float((batch["input_ids"] != self.pad_id).sum()))
-        self.model.train(was_training)
+        model.train(was_training)
         predictions = postprocess_squad(self.val_examples, f, torch.cat(starts), torch.cat(ends),
                                         version_2=self.version_2, null_threshold=self.cfg.null_threshold)
         scores = squad_scores(predictions, self.val_examples)
@@ -227,9 +243,9 @@ def _qa_data(cfg: FinetuneConfig, tokenizer, max_len: int):
 
 # --- entry point ------------------------------------------------------------------------
 def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print) -> FinetuneResult:
-    """Run (or resume) fine-tuning as `cfg` says; under torchrun, data parallel (see run_loop)."""
-    parallel = ParallelContext.for_run(cfg.batch_size, cfg.seed)
-    log = parallel.log(log)
+    """Run (or resume) fine-tuning as `cfg` says; under torchrun, data, fully sharded or expert parallel."""
+    started = time.monotonic()
+    parallel = ParallelContext.for_run(cfg.batch_size, cfg.seed, cfg.fsdp, cfg.expert_parallel)
     device = parallel.device(resolve_device(cfg.device))
     amp = autocast_dtype(cfg.amp, device)
     ckpt, tokenizer = load_init(cfg)
@@ -247,19 +263,17 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print) -> Finetun
     torch.manual_seed(cfg.seed)
     model = build_finetune_model(ckpt, cfg, num_labels).to(device)
     parallel.check_epoch(len(train["input_ids"]), cfg.batch_size)
-    per_epoch = num_batches(len(train["input_ids"]), cfg.batch_size)
-    optimizer, schedule = optimizer_and_schedule(cfg, model, total_steps(cfg, per_epoch))
     task_cls = ClassifyTask if cfg.task == "classify" else QATask
-    net = compiled_if(cfg.compile, parallel.wrap(model, device), device)  # what the training steps run
-    task = task_cls(cfg, model, pad, train, optimizer, schedule, device, amp, parallel, net, **extra)
+    task = task_cls(cfg, pad, train, device, amp, parallel, **extra)
     params = count_parameters(model)
-    log(f"fine-tuning {cfg.model} ({params / 1e6:.3f}M params) for {cfg.task} from {ckpt.path}: "
-        f"{len(train['input_ids'])} training sequences of up to {max_len} tokens; {device}")
     meta = dict(model=cfg.model, model_config=model.cfg.to_dict(), train_config=cfg.to_dict(),
                 tokenizer=ckpt.meta["tokenizer"], init=str(ckpt.path), data=data_meta)
     out = Path(cfg.out)
+    trainer = Trainer(cfg, task, model, parallel, device, amp, meta, log, started=started)
     if parallel.is_main and not (out / TOKENIZER_FILE).exists():  # the run folder is self-contained
         out.mkdir(parents=True, exist_ok=True)
         save_tokenizer(tokenizer, out / TOKENIZER_FILE)
-    result = run_loop(task.loop_task(), cfg, model, optimizer, schedule, meta, log, parallel)
-    return FinetuneResult(out, params, result, model)
+    trainer.log(f"fine-tuning {cfg.model} ({params / 1e6:.3f}M params) for {cfg.task} from {ckpt.path}: "
+                f"{len(train['input_ids'])} training sequences of up to {max_len} tokens; "
+                f"{trainer.progress.total} steps; {device}" + describe_processes(parallel, cfg.compile))
+    return FinetuneResult(out, params, trainer.run(), model)

@@ -13,10 +13,11 @@ not depend on where a run was resumed.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -27,13 +28,14 @@ from ..data.vision import data_home, num_batches
 from ..distributed.env import main_process_first
 from ..distributed.parallel import ParallelContext
 from ..models.registry import count_parameters
-from ..runtime import autocast, autocast_dtype, compiled_if, resolve_device
+from ..runtime import autocast, autocast_dtype, resolve_device
 from ..text.tokenizer import (SpecialIds, load_tokenizer, save_tokenizer, special_ids, train_tokenizer,
                               vocab_fingerprint)
 from .evaluate import RoutingTally
-from .runner import LoopTask, RunResult, StepResult, run_loop, seeded_generator
-from .text_common import (Batch, build_text_model, global_sums, local_rows, optimizer_and_schedule, ordered_batches,
-                          shuffled_batches, total_steps, update)
+from .budget import Cadence, time_per_call
+from .text_common import (Batch, build_text_model, describe_floats, describe_processes, global_sums, local_rows,
+                          ordered_batches, shuffled_batches)
+from .trainer import RunResult, StepResult, Trainer, seeded_generator
 from .text_config import PretrainConfig
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -79,23 +81,20 @@ def split_held_out(examples: Batch, n_eval: int, seed: int) -> tuple[Batch, Batc
 
 # --- the task -----------------------------------------------------------------------
 class PretrainTask:
-    """Builds the LoopTask: MLM + SOP steps and the held-out evaluation."""
+    """MLM + SOP steps and the held-out evaluation (see the Trainer's Task)."""
 
-    def __init__(self, cfg: PretrainConfig, model: nn.Module, special: SpecialIds, vocab_size: int,
-                 train: Batch, held_out: Batch, optimizer, schedule, device: torch.device, amp,
-                 parallel: ParallelContext, net: nn.Module | None = None) -> None:
-        self.cfg, self.model, self.special, self.vocab_size = cfg, model, special, vocab_size
+    unit, split = "tokens", "validation"
+
+    def __init__(self, cfg: PretrainConfig, special: SpecialIds, vocab_size: int, train: Batch, held_out: Batch,
+                 device: torch.device, amp, parallel: ParallelContext) -> None:
+        self.cfg, self.special, self.vocab_size = cfg, special, vocab_size
         self.train, self.held_out = train, held_out
-        self.optimizer, self.schedule, self.device, self.amp = optimizer, schedule, device, amp
-        self.parallel, self.net = parallel, model if net is None else net  # net: the (DDP-)wrapped model that trains
+        self.device, self.amp, self.parallel = device, amp, parallel
+        self.steps_per_epoch = num_batches(len(train["input_ids"]), cfg.batch_size)
+        self.cadence = Cadence(self.steps_per_epoch, every_steps=cfg.eval_every)
 
-    def loop_task(self) -> LoopTask:
-        per_epoch = num_batches(len(self.train["input_ids"]), self.cfg.batch_size)
-        total = total_steps(self.cfg, per_epoch)
-        batches = lambda epoch, start: shuffled_batches(self.train, self.cfg.batch_size, self.cfg.seed,  # noqa: E731
-                                                        epoch, start)
-        return LoopTask(per_epoch, total, batches, self.step, self.evaluate,
-                        eval_every=self.cfg.eval_every or total)
+    def batches(self, epoch: int, start_batch: int) -> Iterator[Batch]:
+        return shuffled_batches(self.train, self.cfg.batch_size, self.cfg.seed, epoch, start_batch)
 
     def masked(self, batch: Batch, generator: torch.Generator) -> Batch:
         """The batch with its MLM masking: masked input ids and labels (-100 where not masked)."""
@@ -111,49 +110,61 @@ class PretrainTask:
                         padding_mask=(batch["input_ids"] == self.special.pad).to(d), masked_positions=positions.to(d))
         return out, labels[positions].to(d)
 
-    def step(self, batch: Batch, step: int) -> StepResult:
-        """One update on a global batch. The masks are drawn for the whole batch, so they do not depend
+    def loss(self, net: nn.Module, batch: Batch, step: int) -> tuple[torch.Tensor, Callable[[], StepResult]]:
+        """The loss of a global batch. The masks are drawn for the whole batch, so they do not depend
         on the number of processes; each process takes its rows, and losses are sums divided by the
         global counts times the number of processes, so DDP's average is the global mean."""
         batch = self.masked(batch, seeded_generator(self.cfg.seed, step))
         n, n_masked = len(batch["input_ids"]), int((batch["mlm_labels"] != -100).sum())
         mine, world = local_rows(batch, self.parallel), self.parallel.env.world_size
         with self.parallel.forward_rng(step, self.device):
-            out, mlm_labels = self.forward(self.net, mine)
+            out, mlm_labels = self.forward(net, mine)
         sop_labels = mine["sop_labels"].to(self.device)
         mlm = F.cross_entropy(out.mlm_logits.float(), mlm_labels, reduction="sum")
         sop = F.cross_entropy(out.sop_logits.float(), sop_labels, reduction="sum")
-        update(self.net, self.optimizer, self.schedule,
-               world * (mlm / n_masked + self.cfg.sop_weight * sop / n) + self.cfg.aux_weight * out.aux_loss,
-               self.cfg.clip_norm)
-        sums = global_sums(dict(mlm=float(mlm.detach()), mlm_correct=_correct(out.mlm_logits, mlm_labels),
-                                sop=float(sop.detach()), sop_correct=_correct(out.sop_logits, sop_labels),
-                                aux=float(out.aux_loss.detach())), self.parallel, self.device)
-        values = dict(mlm_loss=sums["mlm"] / n_masked, mlm_accuracy=sums["mlm_correct"] / n_masked,
-                      sop_loss=sums["sop"] / n, sop_accuracy=sums["sop_correct"] / n, aux_loss=sums["aux"] / world)
-        tokens = int((batch["input_ids"] != self.special.pad).sum())
-        return StepResult(values["mlm_loss"] + values["sop_loss"], values, n, tokens)
+        loss = world * (mlm / n_masked + self.cfg.sop_weight * sop / n) + self.cfg.aux_weight * out.aux_loss
+
+        def result() -> StepResult:
+            sums = global_sums(dict(mlm=float(mlm.detach()), mlm_correct=_correct(out.mlm_logits, mlm_labels),
+                                    sop=float(sop.detach()), sop_correct=_correct(out.sop_logits, sop_labels),
+                                    aux=float(out.aux_loss.detach())), self.parallel, self.device)
+            values = dict(mlm_loss=sums["mlm"] / n_masked, mlm_accuracy=sums["mlm_correct"] / n_masked,
+                          sop_loss=sums["sop"] / n, sop_accuracy=sums["sop_correct"] / n,
+                          aux_loss=sums["aux"] / world)
+            tokens = int((batch["input_ids"] != self.special.pad).sum())
+            return StepResult(values["mlm_loss"] + values["sop_loss"], values, n, tokens)
+
+        return loss, result
 
     @torch.no_grad()
-    def evaluate(self) -> dict[str, Any]:
+    def evaluate(self, model: nn.Module) -> dict[str, Any]:
         """MLM loss/accuracy and SOP accuracy on the held-out examples, fixed masks; routing per block."""
-        was_training = self.model.training
-        self.model.eval()
+        was_training = model.training
+        model.eval()
         sums = dict(mlm_loss=0.0, mlm_correct=0, masked=0, sop_correct=0, examples=0)
         routing = RoutingTally()
         for i, batch in enumerate(ordered_batches(self.held_out, self.cfg.eval_batch_size)):
-            out, mlm_labels = self.forward(self.model, self.masked(batch, seeded_generator(self.cfg.seed + 1, i)))
+            out, mlm_labels = self.forward(model, self.masked(batch, seeded_generator(self.cfg.seed + 1, i)))
             sums["mlm_loss"] += float(F.cross_entropy(out.mlm_logits.float(), mlm_labels, reduction="sum"))
             sums["mlm_correct"] += int((out.mlm_logits.argmax(-1) == mlm_labels).sum())
             sums["masked"] += len(mlm_labels)
             sums["sop_correct"] += int((out.sop_logits.argmax(-1).cpu() == batch["sop_labels"]).sum())
             sums["examples"] += len(batch["sop_labels"])
             routing.add(out.routing, float((batch["input_ids"] != self.special.pad).sum()))
-        self.model.train(was_training)
+        model.train(was_training)
         masked, n = max(sums["masked"], 1), max(sums["examples"], 1)
         return dict(mlm_loss=sums["mlm_loss"] / masked, mlm_accuracy=sums["mlm_correct"] / masked,
                     sop_accuracy=sums["sop_correct"] / n, examples=sums["examples"],
                     routing=[vars(r) for r in routing.blocks()])
+
+    record = staticmethod(dict)
+    describe = staticmethod(describe_floats)
+
+    def time_evaluation(self, model: nn.Module) -> float:
+        return time_per_call(lambda: self.evaluate(model), warmup=0, min_calls=1, min_seconds=0.0)
+
+    def calibration_inputs(self) -> None:
+        return None  # no BatchNorm in the text models
 
 
 def _correct(logits: torch.Tensor, labels: torch.Tensor) -> int:
@@ -162,14 +173,14 @@ def _correct(logits: torch.Tensor, labels: torch.Tensor) -> int:
 
 # --- entry point --------------------------------------------------------------------
 def pretrain(cfg: PretrainConfig, log: Callable[[str], None] = print) -> PretrainResult:
-    """Run (or resume) pretraining as `cfg` says; under torchrun, data parallel (see run_loop)."""
-    parallel = ParallelContext.for_run(cfg.batch_size, cfg.seed)
-    log = parallel.log(log)
+    """Run (or resume) pretraining as `cfg` says; under torchrun, data, fully sharded or expert parallel."""
+    started = time.monotonic()
+    parallel = ParallelContext.for_run(cfg.batch_size, cfg.seed, cfg.fsdp, cfg.expert_parallel)
     device = parallel.device(resolve_device(cfg.device))
     amp = autocast_dtype(cfg.amp, device)
     out = Path(cfg.out)
     with main_process_first():  # rank 0 trains/saves the tokenizer and fills the cache; the others read them
-        tokenizer = prepare_tokenizer(cfg, out, log)
+        tokenizer = prepare_tokenizer(cfg, out, parallel.log(log))
         special, vocab = special_ids(tokenizer), tokenizer.get_vocab_size()
         cache = Path(cfg.cache_dir) if cfg.cache_dir else data_home() / "text-cache"
         corpus = load_pretrain_corpus(cfg.corpus, tokenizer, cache, max_documents=cfg.max_documents)
@@ -180,22 +191,15 @@ def pretrain(cfg: PretrainConfig, log: Callable[[str], None] = print) -> Pretrai
     parallel.check_epoch(len(train_set["input_ids"]), cfg.batch_size)
     torch.manual_seed(cfg.seed)
     model = build_text_model(cfg, vocab, special.pad, cfg.seq_len, task="pretrain").to(device)
-    per_epoch = num_batches(len(train_set["input_ids"]), cfg.batch_size)
-    optimizer, schedule = optimizer_and_schedule(cfg, model, total_steps(cfg, per_epoch))
-    net = compiled_if(cfg.compile, parallel.wrap(model, device), device)  # what the training steps run
-    task = PretrainTask(cfg, model, special, vocab, train_set, held_out, optimizer, schedule, device, amp,
-                        parallel, net)
+    task = PretrainTask(cfg, special, vocab, train_set, held_out, device, amp, parallel)
     params = count_parameters(model)
-    log(f"pretraining {cfg.model} ({params / 1e6:.3f}M params): {corpus.num_documents} documents, "
-        f"{corpus.num_tokens} tokens, {len(train_set['input_ids'])} training sequences of {cfg.seq_len}, "
-        f"{len(held_out['input_ids'])} held out; {device}" + (f", {amp}" if amp else "") + _workers(parallel))
     meta = dict(model=cfg.model, model_config=model.cfg.to_dict(), train_config=cfg.to_dict(),
                 tokenizer=dict(fingerprint=vocab_fingerprint(tokenizer), vocab_size=vocab))
     # A resumed run must use the vocabulary it started with.
-    result = run_loop(task.loop_task(), cfg, model, optimizer, schedule, meta, log, parallel,
-                      expected_meta=dict(tokenizer=meta["tokenizer"]))
-    return PretrainResult(out, params, result, model)
-
-
-def _workers(parallel: ParallelContext) -> str:
-    return f", {parallel.env.world_size} processes ({parallel.mode})" if parallel.distributed else ""
+    trainer = Trainer(cfg, task, model, parallel, device, amp, meta, log,
+                      expected_meta=dict(tokenizer=meta["tokenizer"]), started=started)
+    trainer.log(f"pretraining {cfg.model} ({params / 1e6:.3f}M params): {corpus.num_documents} documents, "
+                f"{corpus.num_tokens} tokens, {len(train_set['input_ids'])} training sequences of {cfg.seq_len}, "
+                f"{len(held_out['input_ids'])} held out; {trainer.progress.total} steps; {device}"
+                + (f", {amp}" if amp else "") + describe_processes(parallel, cfg.compile))
+    return PretrainResult(out, params, trainer.run(), model)

@@ -1,4 +1,4 @@
-"""Pieces shared by text pretraining and fine-tuning: batching, model, optimiser, one update."""
+"""Pieces shared by text pretraining and fine-tuning: batching, the model, reductions, log text."""
 
 from __future__ import annotations
 
@@ -11,8 +11,6 @@ from ..data.vision import epoch_order
 from ..distributed.env import all_reduce_sum
 from ..distributed.parallel import ParallelContext
 from ..models.registry import create_model
-from .optim import build_optimizer, build_schedule, clip_grad_norm
-from .runner import warmup_steps
 from .text_config import TextRunConfig
 
 Batch = dict[str, torch.Tensor]  # name -> tensor with the examples on dim 0
@@ -60,19 +58,12 @@ def global_sums(sums: dict[str, float], parallel: ParallelContext, device: torch
     return dict(zip(sums, t.tolist()))
 
 
-def optimizer_and_schedule(cfg: TextRunConfig, model: nn.Module, total: int):
-    optimizer = build_optimizer(cfg.optimizer, model, cfg.lr, cfg.weight_decay)
-    return optimizer, build_schedule(optimizer, warmup_steps(cfg, total), total, cfg.schedule)
+def describe_floats(result: dict[str, Any]) -> str:
+    """An evaluation's numbers in one log line: "mlm_loss 4.1234 mlm_accuracy 0.2500 ..."."""
+    return " ".join(f"{k} {v:.4f}" for k, v in result.items() if isinstance(v, float))
 
 
-def update(model: nn.Module, optimizer, schedule, loss: torch.Tensor, clip_norm: float) -> None:
-    """One optimizer update from `loss`."""
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    clip_grad_norm(model.parameters(), clip_norm)
-    optimizer.step()
-    schedule.step()
-
-
-def total_steps(cfg: TextRunConfig, per_epoch: int) -> int:
-    return cfg.max_steps or cfg.epochs * per_epoch
+def describe_processes(parallel: ParallelContext, compile: bool = False) -> str:
+    """", 2 processes (ddp)" on several processes, ", compiled" with --compile; else nothing."""
+    processes = f", {parallel.env.world_size} processes ({parallel.mode})" if parallel.distributed else ""
+    return processes + (", compiled (the first steps compile)" if compile else "")

@@ -12,6 +12,7 @@ from typing import ClassVar
 from .config import RecipeConfig, _choice, _positive
 
 TASK_NAMES = ("classify", "qa")
+PRETRAIN_STEPS = 1000  # pretraining's default length
 
 
 @dataclass
@@ -44,7 +45,7 @@ class PretrainConfig(TextRunConfig):
     max_documents: int | None = None  # use only the first N documents of the corpus
     vocab_size: int = 8000
     seq_len: int = 128
-    max_steps: int | None = 1000
+    max_steps: int | None = PRETRAIN_STEPS  # yields to a time_budget
     mask_prob: float = 0.15
     sop_weight: float = 1.0
     eval_examples: int = 512
@@ -54,6 +55,8 @@ class PretrainConfig(TextRunConfig):
     RESUME_FREE: ClassVar[tuple[str, ...]] = TextRunConfig.RESUME_FREE + ("cache_dir", "eval_every")
 
     def __post_init__(self) -> None:
+        if self.time_budget is not None and self.max_steps == PRETRAIN_STEPS:
+            self.max_steps = None  # the budget decides the length
         super().__post_init__()
         if not self.corpus:
             raise ValueError("no corpus given: pass one or more text files or folders with --corpus")

@@ -1,0 +1,178 @@
+"""Image classification (`widenet train`): the task the Trainer runs.
+
+One step: augment a uint8 batch on the device, optional mixup with smoothed
+targets, forward, loss = cross-entropy + aux_weight * summed MoE loss. Data
+order depends only on (seed, epoch); every other random draw comes from the
+global RNGs. Under torchrun every rank augments the whole global batch (the
+same draws everywhere) and trains on its slice (widenet.distributed.parallel).
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data.augment import AugmentConfig, augment_batch, mixup, normalize, one_hot_smoothed
+from ..data.vision import ImageDataset, iterate_batches, load_dataset, num_batches, subset
+from ..distributed.env import main_process_first
+from ..distributed.parallel import ParallelContext
+from ..models.registry import count_parameters, create_model
+from ..runtime import autocast, autocast_dtype, resolve_device
+from .budget import Cadence, time_per_call
+from .config import TrainConfig
+from .evaluate import EvalResult, evaluate
+from .trainer import StepResult, Trainer, TrainingError
+
+EMA_CALIBRATION_BATCHES = 20
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    steps: int
+    final_eval: EvalResult
+    params: int
+    train_images_per_s: float
+    model: nn.Module
+    ema_eval: EvalResult | None = None  # of the averaged weights, with --ema-decay
+
+
+def load_data(cfg: TrainConfig) -> tuple[ImageDataset, ImageDataset]:
+    """Train and test sets, decoded once, optionally subsampled."""
+    train = load_dataset(cfg.data, "train", cfg.data_dir, cfg.image_size, cfg.download)
+    test = load_dataset(cfg.data, "test", cfg.data_dir, cfg.image_size, cfg.download)
+    if cfg.train_subset:
+        train = subset(train, cfg.train_subset, cfg.seed)
+    if cfg.test_subset:
+        test = subset(test, cfg.test_subset, cfg.seed)
+    return train, test
+
+
+def build_model_for(cfg: TrainConfig, data: ImageDataset) -> nn.Module:
+    """The preset, sized for the data: classes, channels and image size follow it."""
+    overrides = dict(num_classes=data.num_classes, in_channels=data.channels, image_size=data.image_size)
+    if cfg.dropout:
+        overrides["dropout"] = cfg.dropout
+    overrides.update(cfg.model_overrides)
+    return create_model(cfg.model, **overrides)
+
+
+class ImageTask:
+    """Classification of augmented images: batches, loss, test-set evaluation (see the Trainer's Task)."""
+
+    unit, split = "images", "test"
+
+    def __init__(self, cfg: TrainConfig, data: tuple[ImageDataset, ImageDataset], parallel: ParallelContext,
+                 device: torch.device, amp: torch.dtype | None) -> None:
+        self.cfg, (self.train_set, self.test_set) = cfg, data
+        self.parallel, self.device, self.amp = parallel, device, amp
+        self.steps_per_epoch = num_batches(len(self.train_set), cfg.batch_size, drop_last=False)
+        self.cadence = Cadence(self.steps_per_epoch, every_epochs=cfg.eval_every)
+        self.augment = AugmentConfig(crop=cfg.crop, flip=cfg.flip, randaugment_n=cfg.randaugment_n,
+                                     randaugment_m=cfg.randaugment_m)
+        self.mean, self.std = self.train_set.mean, self.train_set.std
+
+    def batches(self, epoch: int, start_batch: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+        return iterate_batches(self.train_set, self.cfg.batch_size, shuffle=True, seed=self.cfg.seed, epoch=epoch,
+                               start_batch=start_batch)
+
+    def loss(self, net: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], step: int
+             ) -> tuple[torch.Tensor, Callable[[], StepResult]]:
+        """uint8 images (B, C, H, W), labels (B,) -> the loss of this rank's slice, and the step's global
+        (mean task loss, mean aux loss, accuracy) once the update is done."""
+        cfg, parallel, device = self.cfg, self.parallel, self.device
+        images, labels = batch[0].to(device), batch[1].to(device)
+        x = augment_batch(images, self.augment, self.mean, self.std)  # (B, C, H, W) float
+        targets = one_hot_smoothed(labels, self.train_set.num_classes, cfg.label_smoothing)  # (B, K)
+        if cfg.mixup > 0:
+            x, targets = mixup(x, targets, cfg.mixup)
+        x, targets, mine = parallel.shard(x), parallel.shard(targets), parallel.shard(labels)  # (b, ...) b = B / W
+        with parallel.forward_rng(step, device), autocast(device, self.amp):
+            out = net(x)
+            task = F.cross_entropy(out.logits.float(), targets)
+            scale = parallel.loss_scale(len(mine), len(labels))  # 1.0 unless the last batch splits unevenly
+            loss = (task if scale == 1.0 else task * scale) + cfg.aux_weight * out.aux_loss
+
+        def result() -> StepResult:
+            correct = int((out.logits.argmax(-1) == mine).sum())
+            task_loss, aux, correct = parallel.reduce_step(task.detach(), out.aux_loss.detach(), correct,
+                                                           len(mine), len(labels))
+            return StepResult(task_loss, dict(loss=task_loss, aux_loss=aux, accuracy=correct / len(labels)),
+                              len(labels))
+
+        return loss, result
+
+    def evaluate(self, model: nn.Module) -> EvalResult:
+        return self.parallel.evaluate(model, self.test_set, self.cfg.eval_batch_size, self.device, self.mean,
+                                      self.std, self.amp, self.cfg.tta)
+
+    def record(self, result: EvalResult) -> dict[str, Any]:
+        return dict(tta=self.cfg.tta, **result.to_record())
+
+    def describe(self, result: EvalResult) -> str:
+        views = ""
+        if result.single_accuracy is not None:
+            views = (f" ({self.cfg.tta} TTA; single images: accuracy {result.single_accuracy:.4f} "
+                     f"loss {result.single_loss:.4f})")
+        return f"test accuracy {result.accuracy:.4f} loss {result.loss:.4f}{views}"
+
+    def time_evaluation(self, model: nn.Module) -> float:
+        """An evaluation of at most two batches of test images, scaled to the whole test set."""
+        part = subset(self.test_set, min(len(self.test_set), 2 * self.cfg.eval_batch_size), self.cfg.seed)
+        seconds = time_per_call(lambda: evaluate(model, part, self.cfg.eval_batch_size, self.device, self.mean,
+                                                 self.std, self.amp, self.cfg.tta),
+                                warmup=1, min_calls=1, min_seconds=0.0)
+        return seconds * len(self.test_set) / len(part)
+
+    def calibration_inputs(self) -> Iterator[torch.Tensor]:
+        """The same normalised, unaugmented training batches every time: the first
+        EMA_CALIBRATION_BATCHES of epoch 0's order (batch size as in training)."""
+        batches = iterate_batches(self.train_set, self.cfg.batch_size, shuffle=True, seed=self.cfg.seed, epoch=0)
+        for images, _ in itertools.islice(batches, EMA_CALIBRATION_BATCHES):
+            yield normalize(images.to(self.device), self.mean, self.std)
+
+
+def train(cfg: TrainConfig, log: Callable[[str], None] = print,
+          data: tuple[ImageDataset, ImageDataset] | None = None) -> TrainResult:
+    """Run (or resume) training as `cfg` says; returns the final evaluation.
+
+    Under torchrun (after init_distributed) every process calls it with the
+    same cfg: see widenet.distributed.parallel for what then changes.
+    """
+    started = time.monotonic()
+    parallel = ParallelContext.for_run(cfg.batch_size, cfg.seed, cfg.fsdp, cfg.expert_parallel)
+    device = parallel.device(resolve_device(cfg.device))
+    amp = autocast_dtype(cfg.amp, device)
+    train_set, test_set = data if data is not None else _load_data_once(cfg, parallel)
+    torch.manual_seed(cfg.seed)
+    model = build_model_for(cfg, train_set).to(device)
+    parallel.check_epoch(len(train_set), cfg.batch_size)
+    task = ImageTask(cfg, (train_set, test_set), parallel, device, amp)
+    meta = dict(model=cfg.model, model_config=model.cfg.to_dict(), train_config=cfg.to_dict(),
+                data=dict(name=cfg.data, classes=train_set.classes, mean=list(task.mean), std=list(task.std)))
+    params = count_parameters(model)
+    trainer = Trainer(cfg, task, model, parallel, device, amp, meta, log, started=started)  # budget: loading too
+    workers = f", {parallel.env.world_size} processes ({parallel.mode})" if parallel.distributed else ""
+    trainer.log(f"training {cfg.model} ({params / 1e6:.3f}M params) on {cfg.data}: {len(train_set)} images, "
+                f"{trainer.progress.total} steps, batch {cfg.batch_size}, {device}" + (f", {amp}" if amp else "")
+                + workers + (", compiled (the first steps compile)" if cfg.compile else ""))
+    run = trainer.run()
+    return TrainResult(Path(cfg.out), run.steps, run.final_eval, params, run.examples_per_s, run.net, run.ema_eval)
+
+
+def _load_data_once(cfg: TrainConfig, parallel: ParallelContext) -> tuple[ImageDataset, ImageDataset]:
+    """load_data(); on several processes rank 0 first (it may download), then the others from its cache."""
+    if not parallel.distributed:
+        return load_data(cfg)
+    with main_process_first():
+        return load_data(cfg)
+
+
+__all__ = ["ImageTask", "TrainConfig", "TrainResult", "TrainingError", "build_model_for", "load_data", "train"]

@@ -1,0 +1,450 @@
+"""One training loop for every task: image classification, masked-LM pretraining, fine-tuning.
+
+A Task supplies what differs (see the protocol below): its batches, the loss of
+one global batch, and what evaluation reports. The Trainer owns the rest:
+
+    resume (weights before the model is wrapped, then optimizer, schedule, RNGs,
+      counters, log window, weight average and time-budget plan), the update step
+      (backward, parallel hooks, global-norm clipping, optimizer, schedule), the
+      non-finite-loss guard, the log window, metrics.jsonl, the progress bar,
+      evaluation and checkpoint cadence, the weight average (--ema-decay) and the
+      time budget (--time-budget, widenet.train.budget).
+
+Every random draw in a step comes from the global RNGs (checkpointed) or from
+generators seeded by (seed, step), so on CPU a run killed and resumed ends with
+exactly the weights and metrics of an uninterrupted one. Under torchrun the same
+loop runs on every process; ParallelContext (widenet.distributed.parallel) holds
+what differs, and rank 0 alone logs and writes checkpoints.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Protocol
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from ..distributed.parallel import ParallelContext
+from ..runtime import autocast, compiled_if
+from .budget import BudgetPlan, Cadence, Deadline, plan_budget
+from .checkpoint import (CheckpointError, capture_rng_state, find_latest_checkpoint, load_checkpoint,
+                         restore_rng_state, save_checkpoint)
+from .config import RecipeConfig
+from .ema import ModelEMA
+from .optim import build_optimizer, build_schedule
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. a non-finite loss); the message says why."""
+
+
+@dataclass
+class StepResult:
+    """One update's global values (averaged per step in the log window); `loss` is checked for finiteness."""
+
+    loss: float
+    values: dict[str, float]
+    examples: int
+    tokens: int = 0
+
+
+class Task(Protocol):
+    """What a kind of training supplies to the Trainer."""
+
+    unit: str  # what the speed counts: "images" or "tokens"
+    split: str  # the metrics.jsonl split of evaluations: "test", "validation"
+    steps_per_epoch: int
+    cadence: Cadence  # when to evaluate: every N epochs or every N steps, and at the end
+
+    def batches(self, epoch: int, start_batch: int) -> Iterable[Any]:
+        """The epoch's global batches from `start_batch` on, in an order fixed by (seed, epoch)."""
+
+    def loss(self, net: nn.Module, batch: Any, step: int) -> tuple[torch.Tensor, Callable[[], StepResult]]:
+        """Forward this process's rows of the global batch through `net`: the loss to differentiate
+        (scaled so that averaging over processes gives the global mean), and a function that gives
+        the step's global values once the update is done (reading numbers earlier would make the
+        host wait for the device before backward)."""
+
+    def evaluate(self, model: nn.Module) -> Any:
+        """Held-out results of `model` (the same on every process)."""
+
+    def record(self, result: Any) -> dict[str, Any]:
+        """The results as a metrics.jsonl record (numbers, lists, strings)."""
+
+    def describe(self, result: Any) -> str:
+        """The results in one log line."""
+
+    def time_evaluation(self, model: nn.Module) -> float:
+        """Seconds of one evaluation of `model` (for --time-budget; may time a part and scale)."""
+
+    def calibration_inputs(self) -> Iterable[torch.Tensor] | None:
+        """Fixed training inputs for the weight average's BatchNorm statistics (None: no BatchNorm)."""
+
+
+@dataclass
+class Progress:
+    step: int = 0
+    epoch: int = 0
+    batch: int = 0  # batches done within `epoch`
+    examples: int = 0
+    tokens: int = 0
+    train_seconds: float = 0.0
+    total: int = 0  # the run's planned steps (with --time-budget: re-planned after every epoch)
+    wall_seconds: float = 0.0  # with --time-budget: seconds of the budget spent at the last checkpoint
+    eval_seconds: float = 0.0  # how long the last evaluation took
+
+    @classmethod
+    def from_state(cls, state: dict) -> Progress:
+        """From a checkpoint's counters (those of earlier versions' image runs named examples `images`)."""
+        state = dict(state)
+        if "images" in state:
+            state["examples"] = state.pop("images")
+        return cls(**{k: v for k, v in state.items() if k in cls.__dataclass_fields__})
+
+
+@dataclass
+class LogWindow:
+    """Running sums between two log lines (saved in checkpoints for exact resume)."""
+
+    sums: dict[str, float] = field(default_factory=dict)
+    steps: int = 0
+    examples: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+
+    @classmethod
+    def from_state(cls, state: dict) -> LogWindow:
+        """From a checkpoint's window (earlier image runs kept loss/aux/correct/images sums)."""
+        if "sums" in state or not state:
+            return cls(**state)
+        steps = state.get("steps", 0)
+        accuracy = state.get("correct", 0) / max(state.get("images", 0), 1) * steps
+        return cls(dict(loss=state.get("loss", 0.0), aux_loss=state.get("aux", 0.0), accuracy=accuracy), steps,
+                   state.get("images", 0), 0, state.get("seconds", 0.0))
+
+    def add(self, r: StepResult, seconds: float) -> None:
+        for k, v in r.values.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.steps += 1
+        self.examples += r.examples
+        self.tokens += r.tokens
+        self.seconds += seconds
+
+    def speed(self, unit: str) -> float:
+        counted = self.tokens if unit == "tokens" else self.examples
+        return counted / self.seconds if self.seconds else 0.0
+
+    def record(self, p: Progress, lr: float, unit: str) -> dict[str, Any]:
+        n = max(self.steps, 1)
+        return dict(split="train", step=p.step, epoch=p.epoch, **{k: v / n for k, v in self.sums.items()},
+                    lr=lr, **{f"{unit}_per_s": self.speed(unit)})
+
+    def postfix(self, unit: str) -> str:
+        n = max(self.steps, 1)
+        values = " ".join(f"{k} {v / n:.4f}" for k, v in self.sums.items())
+        return f"{values} {self.speed(unit):.0f} {unit}/s"
+
+    def summary(self, p: Progress, unit: str) -> str:
+        return f"step {p.step}/{p.total} {self.postfix(unit)}"
+
+    def state(self) -> dict[str, Any]:
+        return dict(sums=dict(self.sums), steps=self.steps, examples=self.examples, tokens=self.tokens,
+                    seconds=self.seconds)
+
+
+@dataclass
+class RunResult:
+    steps: int
+    final_eval: Any
+    examples_per_s: float
+    tokens_per_s: float
+    net: nn.Module  # the plain model that trained (unwrapped)
+    ema_eval: Any = None  # of the weight average, with ema_decay
+
+
+class Trainer:
+    """Runs a Task under a RecipeConfig; see the module doc.
+
+    model: the plain model on its device. meta: what every checkpoint's meta.json
+    holds beyond the step (the model's and the run's settings...); expected_meta:
+    what a checkpoint must hold to be resumed (e.g. the tokenizer); started: the
+    time.monotonic() a --time-budget counts from (default: now).
+    """
+
+    def __init__(self, cfg: RecipeConfig, task: Task, model: nn.Module, parallel: ParallelContext,
+                 device: torch.device, amp: torch.dtype | None, meta: dict[str, Any],
+                 log: Callable[[str], None] = print, expected_meta: dict[str, Any] | None = None,
+                 started: float | None = None) -> None:
+        self.cfg, self.task, self.parallel, self.device, self.amp = cfg, task, parallel, device, amp
+        self.log, self.meta = parallel.log(log), meta
+        self.out = Path(cfg.out)
+        self.metrics = parallel.metrics_log(self.out / "metrics.jsonl")
+        self.started = time.monotonic() if started is None else started  # a --time-budget counts from here
+        saved = self._resume_weights(model, expected_meta) if cfg.resume else None
+        if saved is None and not cfg.resume and (self.out / "checkpoints").exists():
+            raise ValueError(f"{self.out} already holds checkpoints; pass --resume to continue, "
+                             "or choose another --out")
+        self.deadline: Deadline | None = None
+        total = self._total_steps(model, saved)
+        self.ema = ModelEMA(model, cfg.ema_decay) if cfg.ema_decay else None  # the plain model's copy
+        self.model = parallel.wrap(model, device)
+        self.net = compiled_if(cfg.compile, self.model, device)  # what the training steps run
+        self.optimizer = build_optimizer(cfg.optimizer, parallel.module(self.model), cfg.lr, cfg.weight_decay)
+        warmup = cfg.warmup_steps if cfg.warmup_steps is not None else round(cfg.warmup_fraction * total)
+        self.schedule = build_schedule(self.optimizer, min(warmup, total), total, cfg.schedule)
+        self.progress, self.window = Progress(total=total), LogWindow()
+        self._saved_at: int | None = None
+        if saved is not None:
+            self._resume_state(saved, total)
+
+    # -- the run ----------------------------------------------------------------------
+    def run(self) -> RunResult:
+        task, p = self.task, self.progress
+        final = final_ema = None
+        bar = _progress_bar(p.total, p.step, self.parallel.is_main)
+        mark = time.monotonic()
+        while p.step < p.total:
+            first = p.step
+            self.model.train()
+            for batch in task.batches(p.epoch, p.batch):
+                self._step(batch, bar)
+                if p.step >= p.total:
+                    break
+                if task.cadence.evaluates_after_step(p.step):
+                    final, final_ema = self._evaluate()
+                    self.model.train()
+                    self._checkpoint()
+                elif self.cfg.save_every and p.step % self.cfg.save_every == 0 and p.batch < task.steps_per_epoch:
+                    self._checkpoint()  # the epoch's last step is saved after its evaluation, below
+            if p.batch >= task.steps_per_epoch:
+                p.epoch += 1
+                p.batch = 0
+            if self.deadline is not None:
+                self._replan(p.step - first, time.monotonic() - mark, bar)
+            if p.step >= p.total or task.cadence.evaluates_after_epoch(p.epoch, p.batch == 0):
+                mark = time.monotonic()
+                final, final_ema = self._evaluate()
+                p.eval_seconds = time.monotonic() - mark
+                if self.deadline is not None:
+                    self.deadline.eval_s = p.eval_seconds
+            elif p.batch == 0 and task.cadence.every_epochs:
+                self.log(f"epoch {p.epoch}/{self._epochs()} step {p.step} "
+                         f"(evaluated every {task.cadence.every_epochs} epochs)")
+            mark = time.monotonic()  # the checkpoint counts towards the next epoch's step time
+            self._checkpoint()
+        bar.close()
+        if final is None:  # resumed a finished run: report without training
+            final, final_ema = self._evaluate(write=False)
+        seconds = p.train_seconds
+        return RunResult(p.step, final, p.examples / seconds if seconds else 0.0,
+                         p.tokens / seconds if seconds else 0.0, self.parallel.module(self.model), final_ema)
+
+    def _step(self, batch: Any, bar: tqdm) -> None:
+        p, task = self.progress, self.task
+        started = time.perf_counter()
+        result = self.update(self.net, self.optimizer, self.schedule, batch, p.step)
+        if not math.isfinite(result.loss):
+            last = find_latest_checkpoint(self.out)
+            kept = f"the last good checkpoint {last} is intact" if last else "no checkpoint was saved yet"
+            raise TrainingError(f"loss became {result.loss} at step {p.step + 1}; stopped ({kept}).")
+        if self.ema is not None:
+            self.ema.update(self.parallel.module(self.model))
+        seconds = time.perf_counter() - started
+        p.step += 1
+        p.batch += 1
+        p.examples += result.examples
+        p.tokens += result.tokens
+        p.train_seconds += seconds
+        self.window.add(result, seconds)
+        bar.update(1)
+        bar.set_postfix_str(self.window.postfix(task.unit), refresh=False)
+        if p.step % self.cfg.log_every == 0 or p.step == p.total:
+            self.metrics.write(self.window.record(p, self.schedule.get_last_lr()[0], task.unit))
+            self.log(self.window.summary(p, task.unit))
+            self.window = LogWindow()
+
+    def update(self, net: nn.Module, optimizer, schedule, batch: Any, step: int) -> StepResult:
+        """One optimizer update on a global batch: the task's loss, backward, the parallel hooks,
+        global-norm clipping, the optimizer and the schedule."""
+        loss, result = self.task.loss(net, batch, step)
+        apply_update(net, optimizer, loss, self.parallel, self.cfg.clip_norm, schedule)
+        return result()
+
+    # -- evaluation and checkpoints ---------------------------------------------------------
+    def _calibrate_average(self) -> None:
+        """Recompute the weight average's BatchNorm statistics, unless done since its last update."""
+        if self.ema is not None and self.ema.calibrated_at != self.ema.updates:
+            inputs = self.task.calibration_inputs()
+            with autocast(self.device, self.amp):
+                self.ema.recalibrate_batch_norm(inputs if inputs is not None else [])
+
+    def _evaluate(self, write: bool = True) -> tuple[Any, Any]:
+        """The trained weights' and (with --ema-decay) the averaged weights' results, logged."""
+        p, task = self.progress, self.task
+        final = task.evaluate(self.model)
+        final_ema = None
+        if self.ema is not None:
+            self._calibrate_average()
+            final_ema = task.evaluate(self.ema.module)
+        if write:
+            at = dict(step=p.step, epoch=p.epoch)
+            self.metrics.write(dict(split=task.split, **at, **task.record(final)))
+            if final_ema is not None:
+                self.metrics.write(dict(split=f"{task.split}_ema", **at, **task.record(final_ema)))
+        averaged = f" (EMA weights: {task.describe(final_ema)})" if final_ema is not None else ""
+        where = f"epoch {p.epoch}/{self._epochs()} step {p.step}" if task.cadence.every_epochs else f"step {p.step}"
+        self.log(f"{where}: {task.describe(final)}{averaged}")
+        return final, final_ema
+
+    def _checkpoint(self) -> None:
+        p, parallel = self.progress, self.parallel
+        if self._saved_at == p.step:  # an evaluation at an epoch's last step saved it already
+            return
+        self._saved_at = p.step
+        if self.deadline is not None:
+            p.wall_seconds = self.deadline.spent()
+        self._calibrate_average()  # so that an evaluation of any checkpoint's average finds fitting statistics
+        weights = parallel.model_state(self.model)  # collectives (if any) run on every rank
+        state = dict(optimizer=parallel.optimizer_state(self.model, self.optimizer),
+                     scheduler=self.schedule.state_dict(), rng=capture_rng_state(), progress=vars(p).copy(),
+                     window=self.window.state())
+        if self.ema is not None:
+            state["ema"] = self.ema.state_dict()
+        if parallel.is_main:
+            save_checkpoint(self.out, p.step, weights, state, dict(self.meta, epoch=p.epoch), self.cfg.keep_last)
+        parallel.barrier()
+
+    def _epochs(self) -> int:
+        return math.ceil(self.progress.total / self.task.steps_per_epoch)
+
+    # -- resume ---------------------------------------------------------------------------
+    def _resume_weights(self, model: nn.Module, expected_meta: dict[str, Any] | None) -> dict | None:
+        """Load the latest checkpoint's weights into the (unwrapped) model; its train state, or None."""
+        path = find_latest_checkpoint(self.out)
+        if path is None:
+            self.log(f"--resume: no checkpoint under {self.out}, starting from scratch")
+            self.metrics.truncate_after(0)  # records of the lost attempt would be duplicated
+            return None
+        ckpt = load_checkpoint(path, model, expected_meta={"model": self.cfg.model, **(expected_meta or {})})
+        saved = ckpt.meta.get("train_config", {})
+        changed = self.cfg.resume_conflicts(saved)
+        if changed:
+            detail = ", ".join(f"{k}: {saved[k]!r} -> {getattr(self.cfg, k)!r}" for k in changed)
+            raise CheckpointError(f"{path}: cannot resume with different settings ({detail})")
+        self.metrics.truncate_after(ckpt.step)
+        return dict(ckpt.train_state, path=str(path), step=ckpt.step)
+
+    def _resume_state(self, saved: dict, total: int) -> None:
+        """Optimizer, schedule, RNGs, counters, window and weight average from a checkpoint's train state."""
+        self.parallel.load_optimizer_state(self.model, self.optimizer, saved["optimizer"])
+        self.schedule.load_state_dict(saved["scheduler"])
+        self.parallel.restore_rng_state(saved["rng"])
+        self.progress = Progress.from_state(saved["progress"])
+        self.progress.total = total
+        self.window = LogWindow.from_state(saved.get("window", {}))
+        if self.ema is not None and "ema" in saved:
+            self.ema.load_state_dict(saved["ema"])
+        elif self.ema is not None:
+            self.log("--ema-decay: the checkpoint holds no weight average; it starts from the resumed weights")
+        if self.cfg.time_budget is not None:
+            p = self.progress
+            self.deadline = Deadline(60.0 * self.cfg.time_budget, self.task.cadence,
+                                     p.train_seconds / max(p.step, 1), p.eval_seconds, self.started,
+                                     spent_before=p.wall_seconds)
+        self.log(f"resumed from {saved['path']} (step {saved['step']})")
+
+    # -- the run's length and the time budget -------------------------------------------------
+    def _total_steps(self, model: nn.Module, saved: dict | None) -> int:
+        cfg, task = self.cfg, self.task
+        if cfg.time_budget is None:
+            return cfg.max_steps or cfg.epochs * task.steps_per_epoch
+        if saved is not None:  # the plan as it stood at the checkpoint; the deadline resumes with the state
+            return saved["progress"].get("total") or cfg.epochs * task.steps_per_epoch
+        plan = self._plan(model)
+        self.log(plan.describe(task.steps_per_epoch))
+        if plan.steps == 0:
+            raise ValueError(f"--time-budget {cfg.time_budget:g} min does not fit one training step and the "
+                             f"final evaluation ({plan.describe(task.steps_per_epoch)})")
+        self.deadline = Deadline(plan.budget_s, task.cadence, plan.step_s, plan.eval_s, self.started)
+        return plan.steps
+
+    def _plan(self, model: nn.Module) -> BudgetPlan:
+        """How many steps fit in --time-budget: timed on throwaway copies of the model and optimizer
+        (the global RNG states are restored afterwards, so training draws what it would have drawn)."""
+        cfg, task = self.cfg, self.task
+        if self.parallel.distributed:
+            raise ValueError("--time-budget plans a run on one process; under torchrun give --epochs or --max-steps")
+        rng = capture_rng_state()
+        twin = copy.deepcopy(model).train()
+        optimizer = build_optimizer(cfg.optimizer, twin, cfg.lr, cfg.weight_decay)
+        schedule = build_schedule(optimizer, 0, 1, "constant")
+        ema = ModelEMA(twin, cfg.ema_decay) if cfg.ema_decay else None
+        batches = _endless(task)
+        steps = itertools.count()
+
+        def step() -> None:
+            self.update(twin, optimizer, schedule, next(batches), next(steps))
+            if ema is not None:
+                ema.update(twin)
+
+        try:
+            return plan_budget(cfg.time_budget, lambda: time.monotonic() - self.started, step,
+                               lambda: task.time_evaluation(twin) * (2 if ema else 1), task.cadence)
+        finally:
+            restore_rng_state(rng)
+
+    def _replan(self, steps: int, seconds: float, bar: tqdm) -> None:
+        """Fit the rest of the run into the time left, with this epoch's `steps` taking `seconds`."""
+        p, deadline = self.progress, self.deadline
+        deadline.observe_steps(steps, seconds)
+        planned = deadline.steps(p.step)
+        if planned != p.total:
+            self.log(f"time budget: {deadline.budget_s - deadline.spent():.0f} s left, "
+                     f"{1000 * deadline.step_s:.1f} ms per step, {deadline.eval_s:.1f} s per evaluation: "
+                     f"{p.total} -> {planned} steps")
+            p.total = planned
+            self.schedule.lr_lambdas[0].total_steps = planned
+            bar.total = planned
+
+
+def apply_update(net: nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor,
+                 parallel: ParallelContext | None = None, clip_norm: float | None = None, schedule=None) -> None:
+    """One optimizer update from `loss`: backward, the parallel hooks and global-norm clipping (with a
+    ParallelContext), the optimizer and the schedule. The one backward of every training step."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if parallel is not None:
+        parallel.after_backward()
+        parallel.clip_grad_norm(net, clip_norm)
+    optimizer.step()
+    if schedule is not None:
+        schedule.step()
+
+
+def _endless(task: Task) -> Iterator[Any]:
+    """Training batches in the order of epochs 0, 1, 2, ... without end."""
+    for epoch in itertools.count():
+        yield from task.batches(epoch, 0)
+
+
+def _progress_bar(total: int, done: int, show: bool = True) -> tqdm:
+    """A live bar (the window's values and speed) on a terminal; silent in logs, in CI and on ranks > 0."""
+    return tqdm(total=total, initial=done, unit="step", dynamic_ncols=True, leave=False,
+                disable=not (show and sys.stderr.isatty()))
+
+
+def seeded_generator(seed: int, step: int) -> torch.Generator:
+    """A private generator for (seed, step): draws that must not depend on where a run resumed."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) % (2**63 - 1))
+
+
+__all__ = ["LogWindow", "Progress", "RunResult", "StepResult", "Task", "Trainer", "TrainingError", "apply_update",
+           "seeded_generator"]
