@@ -1,11 +1,11 @@
-"""widenet.data.atomic: a write either lands whole or leaves the old file untouched."""
+"""widenet.files: a write either lands whole or leaves the old file untouched."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from widenet.data.atomic import atomic_path, save_atomic
+from widenet.files import atomic_path, save_atomic
 
 
 def test_a_finished_block_replaces_the_file_and_leaves_no_temporary(tmp_path):

@@ -223,7 +223,7 @@ def test_keep_last_prunes_old_checkpoints(tmp_path):
 @pytest.mark.parametrize("atomic_swap", [True, False])
 def test_resave_same_step_replaces_it(tmp_path, monkeypatch, atomic_swap):
     if not atomic_swap:
-        monkeypatch.setattr(ckpt_mod, "_rename_exchange", lambda a, b: False)
+        monkeypatch.setattr(ckpt_mod.files, "rename_exchange", lambda a, b: False)
     _save_simple(tmp_path, 3, value=1.0)
     folder = _save_simple(tmp_path, 3, value=2.0)
     assert torch.all(load_checkpoint(folder).model_state["proj.weight"] == 2.0)
@@ -447,7 +447,7 @@ def _fork_writer(out: Path, start_version: int, ready: Path) -> int:
 @pytest.mark.parametrize("atomic_swap", [True, False], ids=["exchange", "two_renames"])
 def test_sigkill_during_saves_leaves_loadable_checkpoint(tmp_path, monkeypatch, atomic_swap):
     if not atomic_swap:  # the forked writer inherits this patch
-        monkeypatch.setattr(ckpt_mod, "_rename_exchange", lambda a, b: False)
+        monkeypatch.setattr(ckpt_mod.files, "rename_exchange", lambda a, b: False)
     rng = random.Random()
     version, delays = 0, []
     for i in range(6):

@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .atomic import atomic_path
+from ..files import atomic_path
 
 __all__ = [
     "GCIDE_PATH",

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any, Iterable
 
-from .atomic import atomic_path
+from ..files import atomic_path
 from .text_tasks import TaskDataError
 from .vision import data_home
 

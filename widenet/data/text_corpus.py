@@ -33,7 +33,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from widenet.data.atomic import save_atomic
+from widenet.files import save_atomic
 from widenet.data.gcide import GcideError, gcide_documents
 from widenet.text.tokenizer import SpecialIds, vocab_fingerprint
 

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .atomic import atomic_path, save_atomic
+from ..files import atomic_path, save_atomic
 import torch.nn.functional as F
 
 __all__ = [

@@ -41,7 +41,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..layers.moe import MoE, MoEConfig, RoutingStats
-from ..train.optim import mark_sharded
+from .shards import mark_sharded
 
 __all__ = ["ExpertParallelMoE", "consolidated_state_dict", "convert_to_expert_parallel",
            "expert_shard_keys", "load_consolidated_state_dict", "shard_state_dict"]

@@ -50,23 +50,20 @@ import contextlib
 import hashlib
 import warnings
 from collections.abc import Iterator, Mapping
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ..data.vision import ImageDataset, iterate_batches
-from ..train.checkpoint import restore_rng_state
-from ..train.evaluate import EvalResult, EvalSums, evaluate, evaluation_sums
-from ..train.metrics import MetricsLog
-from ..train.optim import clip_grad_norm as _clip_grad_norm
+from ..rng import restore_rng_state
+from .clip import clip_grad_norm, clip_grad_norm_with_shards
 from .env import DistEnv, all_reduce_sum, barrier
 from .expert_parallel import (ExpertParallelMoE, consolidated_optimizer_state, consolidated_state_dict,
                               convert_to_expert_parallel, expert_shard_keys, shard_optimizer_state)
 
-__all__ = ["MODES", "ParallelContext", "check_global_batch", "check_last_batch", "shard_bounds"]
+__all__ = ["MODES", "ParallelContext", "check_global_batch", "check_last_batch", "on_backend_device", "shard_bounds"]
 
 MODES = ("single", "ddp", "fsdp", "expert")
 
@@ -99,16 +96,6 @@ def shard_bounds(n: int, rank: int, world_size: int) -> tuple[int, int]:
 def _step_seed(seed: int, step: int, rank: int) -> int:
     digest = hashlib.blake2b(f"widenet:{seed}:{step}:{rank}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
-
-
-class _NoMetrics:
-    """MetricsLog stand-in for ranks other than 0."""
-
-    def write(self, record: dict[str, Any]) -> None:
-        pass
-
-    def truncate_after(self, step: int) -> None:
-        pass
 
 
 def _silent(_line: str) -> None:
@@ -163,9 +150,6 @@ class ParallelContext:
     def log(self, log: Callable[[str], None]) -> Callable[[str], None]:
         """Rank 0 logs; the others stay quiet."""
         return log if self.is_main else _silent
-
-    def metrics_log(self, path) -> MetricsLog | _NoMetrics:
-        return MetricsLog(path) if self.is_main else _NoMetrics()
 
     def barrier(self) -> None:
         if self.distributed:
@@ -253,14 +237,16 @@ class ParallelContext:
                     dist.all_reduce(p.grad, group=self._replica_group)
                 p.grad.div_(self.env.world_size)
 
-    def clip_grad_norm(self, model: nn.Module, max_norm: float | None) -> float:
-        """Global-norm clipping; the norm covers every rank's shard where weights are sharded."""
+    def clip_grad_norm(self, model: nn.Module, max_norm: float | None) -> torch.Tensor:
+        """Global-norm clipping; the norm (a 0-dim tensor) covers every rank's shard where weights
+        are sharded."""
         if self.mode == "expert":
-            return _clip_with_shards(model, self._expert_params, max_norm, self._expert_group)
+            return clip_grad_norm_with_shards(model, self._expert_params, max_norm, self._expert_group,
+                                              on_backend_device)
         if self.mode == "fsdp":
             params = [p for p in model.parameters() if p.grad is not None]
-            return float(torch.nn.utils.clip_grad_norm_(params, max_norm or float("inf")).full_tensor())
-        return _clip_grad_norm(model.parameters(), max_norm)
+            return torch.nn.utils.clip_grad_norm_(params, max_norm or float("inf")).full_tensor()
+        return clip_grad_norm(model.parameters(), max_norm)
 
     def reduce_step(self, task: torch.Tensor, aux: torch.Tensor, correct: int, local: int,
                     total: int) -> tuple[float, float, int]:
@@ -268,19 +254,8 @@ class ParallelContext:
         if not self.distributed:
             return float(task), float(aux), correct
         sums = torch.tensor([float(task) * local, float(aux), float(correct)], dtype=torch.float64)
-        all_reduce_sum(_on_backend_device(sums))
+        all_reduce_sum(on_backend_device(sums))
         return float(sums[0]) / total, float(sums[1]) / self.env.world_size, int(round(float(sums[2])))
-
-    # -- evaluation -------------------------------------------------------------------
-    def evaluate(self, model: nn.Module, data: ImageDataset, batch_size: int, device: torch.device,
-                 mean: Sequence[float], std: Sequence[float], amp: torch.dtype | None = None,
-                 tta: str = "none") -> EvalResult:
-        """The one-process evaluate(), or each rank's slices of every batch with the sums all-reduced."""
-        net = self.module(model)
-        if not self.distributed:
-            return evaluate(net, data, batch_size, device, mean, std, amp, tta)
-        batches = ((self.shard(x), self.shard(y)) for x, y in iterate_batches(data, batch_size, shuffle=False))
-        return _all_reduce_sums(evaluation_sums(net, batches, device, mean, std, amp, tta)).result()
 
     # -- checkpoints --------------------------------------------------------------------
     def model_state(self, model: nn.Module) -> nn.Module | dict[str, torch.Tensor]:
@@ -354,57 +329,11 @@ def _seeded_rng(seed: int, device: torch.device) -> Iterator[None]:
         yield
 
 
-def _on_backend_device(t: torch.Tensor) -> torch.Tensor:
+def on_backend_device(t: torch.Tensor) -> torch.Tensor:
     """NCCL reduces CUDA tensors only; gloo takes CPU tensors."""
     if dist.get_backend() == "nccl":
         return t.cuda()
     return t
-
-
-def _all_reduce_sums(sums: EvalSums) -> EvalSums:
-    """EvalSums summed over ranks (every rank saw the same MoE blocks)."""
-    blocks = sorted(sums.load)
-    parts = [torch.tensor([sums.loss, sums.correct, sums.seen, sums.single_loss, sums.single_correct],
-                          dtype=torch.float64)]
-    parts += [sums.load[b].double() for b in blocks]
-    parts.append(torch.tensor([sums.dropped[b] for b in blocks], dtype=torch.float64))
-    flat = _on_backend_device(torch.cat(parts))
-    all_reduce_sum(flat)
-    flat = flat.cpu()
-    out = EvalSums(loss=float(flat[0]), correct=int(round(float(flat[1]))), seen=int(round(float(flat[2]))),
-                   single_loss=float(flat[3]), single_correct=int(round(float(flat[4]))), tta=sums.tta)
-    offset = 5
-    for b in blocks:
-        n = sums.load[b].numel()
-        out.load[b] = flat[offset:offset + n].float()
-        offset += n
-    out.dropped = {b: float(flat[offset + i]) for i, b in enumerate(blocks)}
-    return out
-
-
-def _clip_with_shards(model: nn.Module, shards: list[nn.Parameter], max_norm: float | None,
-                      group=None) -> float:
-    """Clip to the global norm: replicated gradients count once, sharded ones summed over the
-    expert group (the ranks that split the experts; None: all ranks)."""
-    if max_norm is not None and max_norm < 0:
-        raise ValueError(f"max_norm must be >= 0 or None, got {max_norm}")
-    sharded = {id(p) for p in shards}
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    if not grads:
-        return 0.0
-
-    def squares(gs: list[torch.Tensor]) -> torch.Tensor:
-        zero = torch.zeros((), dtype=torch.float32, device=grads[0].device)
-        return sum((torch.linalg.vector_norm(g.detach(), dtype=torch.float32) ** 2 for g in gs), zero)
-
-    local = squares([p.grad for p in shards if p.grad is not None])
-    total = squares([p.grad for p in model.parameters() if p.grad is not None and id(p) not in sharded])
-    total = (total + all_reduce_sum(_on_backend_device(local), group).to(total.device)).sqrt()
-    if max_norm:
-        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-        for g in grads:
-            g.mul_(coef.to(g.device, g.dtype))
-    return float(total)
 
 
 def _full_state_options():

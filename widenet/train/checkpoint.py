@@ -25,15 +25,10 @@ rank 0) should save into a run folder at a time.
 
 from __future__ import annotations
 
-import ctypes
-import errno
 import json
 import os
-import random
 import re
 import shutil
-import sys
-import warnings
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -42,6 +37,16 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from .. import files
+from ..files import fsync_path, write_bytes_durably
+from ..rng import capture_rng_state, restore_rng_state
+from .checkpoint_layout import (CHECKPOINT_FILES, CHECKPOINTS_DIR, FORMAT, LATEST_FILE, META_FILE, MODEL_FILE,
+                                STATE_FILE, STEP_RE, TMP_PREFIX, CheckpointError, checkpoint_dir_name, checkpoints_root,
+                                clean_leftovers, find_latest_checkpoint, is_complete, list_checkpoints, remove_tree,
+                                step_folders)
+
+_MAX_LISTED = 5
 
 __all__ = [
     "CheckpointError",
@@ -59,22 +64,6 @@ __all__ = [
     "save_checkpoint",
 ]
 
-MODEL_FILE = "model.safetensors"
-STATE_FILE = "state.pt"
-META_FILE = "meta.json"
-LATEST_FILE = "latest"
-CHECKPOINTS_DIR = "checkpoints"
-FORMAT = "widenet-checkpoint-v1"
-_FILES = (MODEL_FILE, STATE_FILE, META_FILE)
-_TMP_PREFIX = ".tmp-"
-_STEP_RE = re.compile(r"^step_(\d{8,})$")
-_DISPLACED_RE = re.compile(r"^\.tmp-old-(step_\d{8,})-\d+$")
-_MAX_LISTED = 5
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, corrupt, or does not match the requested model."""
-
 
 @dataclass
 class LoadedCheckpoint:
@@ -85,95 +74,6 @@ class LoadedCheckpoint:
     meta: dict[str, Any]
     model_state: dict[str, torch.Tensor]
     train_state: dict[str, Any]
-
-
-# ---------------------------------------------------------------- small helpers
-
-
-def checkpoint_dir_name(step: int) -> str:
-    """Folder name of the checkpoint for ``step``: ``step_`` + 8-digit zero-padded step."""
-    return f"step_{step:08d}"
-
-
-def _fsync_path(path: Path) -> None:
-    """fsync a file or (on POSIX) a directory."""
-    if path.is_dir() and os.name == "nt":
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _pid_alive(pid: int) -> bool:
-    """Whether process ``pid`` exists (so its temp folder may still be in use)."""
-    if pid == os.getpid():
-        return False  # our own leftovers: saving is not re-entrant
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):
-        return True
-    return True
-
-
-def _rename_exchange(a: Path, b: Path) -> bool:
-    """Atomically swap ``a`` and ``b`` (Linux renameat2); False where unsupported."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        renameat2 = libc.renameat2
-    except (OSError, AttributeError):
-        return False
-    c_int, c_path = ctypes.c_int, ctypes.c_char_p
-    renameat2.argtypes = [c_int, c_path, c_int, c_path, ctypes.c_uint]
-    renameat2.restype = ctypes.c_int
-    at_fdcwd, rename_exchange = -100, 2
-    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
-        return False
-    raise OSError(err, os.strerror(err), str(a), None, str(b))
-
-
-def _remove_tree(path: Path) -> None:
-    """Delete a checkpoint folder: rename it to a ``.tmp-`` name first, then delete it."""
-    doomed = path.parent / f"{_TMP_PREFIX}del-{path.name}-{os.getpid()}"
-    try:
-        os.rename(path, doomed)
-    except FileNotFoundError:
-        return
-    shutil.rmtree(doomed, ignore_errors=True)
-
-
-def _clean_leftovers(root: Path) -> None:
-    """Remove ``.tmp-*`` entries left by crashed saves (skips those of live processes)."""
-    for entry in root.iterdir():
-        if not entry.name.startswith(_TMP_PREFIX):
-            continue
-        pid = entry.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and _pid_alive(int(pid)):
-            continue
-        if _restore_displaced(root, entry):
-            continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry, ignore_errors=True)
-        else:
-            entry.unlink(missing_ok=True)
-
-
-def _restore_displaced(root: Path, entry: Path) -> bool:
-    """Move an old checkpoint set aside by an interrupted replace back, if its slot is empty."""
-    match = _DISPLACED_RE.match(entry.name)
-    if not match or not _is_complete(entry) or (root / match.group(1)).exists():
-        return False
-    os.rename(entry, root / match.group(1))
-    _fsync_path(root)
-    return True
 
 
 def _widenet_version() -> str:
@@ -189,80 +89,6 @@ def _widenet_version() -> str:
         return dist_version("widenet")
     except Exception:
         return "unknown"
-
-
-# ------------------------------------------------------------- layout: finding
-
-
-def _is_complete(folder: Path) -> bool:
-    """A checkpoint folder with all three files present."""
-    return folder.is_dir() and all((folder / name).is_file() for name in _FILES)
-
-
-def _step_folders(root: Path) -> list[tuple[int, Path]]:
-    """``(step, path)`` of every ``step_*`` folder in ``root``, ascending by step."""
-    if not root.is_dir():
-        return []
-    found = []
-    for entry in root.iterdir():
-        match = _STEP_RE.match(entry.name)
-        if match and entry.is_dir():
-            found.append((int(match.group(1)), entry))
-    return sorted(found)
-
-
-def _checkpoints_root(out_dir: str | os.PathLike) -> Path:
-    """``OUT/checkpoints``; also accepts the ``checkpoints`` folder itself."""
-    out = Path(out_dir)
-    if (out / CHECKPOINTS_DIR).is_dir():
-        return out / CHECKPOINTS_DIR
-    if (out / LATEST_FILE).is_file() or _step_folders(out):
-        return out
-    return out / CHECKPOINTS_DIR
-
-
-def _read_latest(root: Path) -> Path | None:
-    """The folder named by ``root/latest``, or None if missing/unreadable/invalid."""
-    try:
-        name = (root / LATEST_FILE).read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError):
-        return None
-    return root / name if _STEP_RE.match(name) else None
-
-
-def _displaced_copy(root: Path, name: str) -> Path | None:
-    """Complete ``.tmp-old-<name>-<pid>`` folder left by an interrupted replace, if any."""
-    for entry in sorted(root.glob(f"{_TMP_PREFIX}old-{name}-*")):
-        if _DISPLACED_RE.match(entry.name) and _is_complete(entry):
-            return entry
-    return None
-
-
-def list_checkpoints(out_dir: str | os.PathLike) -> list[Path]:
-    """Complete checkpoint folders of a run, ascending by step."""
-    root = _checkpoints_root(out_dir)
-    return [path for _, path in _step_folders(root) if _is_complete(path)]
-
-
-def find_latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
-    """The newest complete checkpoint folder of run ``out_dir``, or None.
-
-    Uses ``OUT/checkpoints/latest`` when it names a complete folder; otherwise
-    falls back to the complete ``step_*`` folder with the highest step.
-    ``.tmp-*`` leftovers are ignored, except the old copy of the folder
-    ``latest`` names when a non-atomic replace of it was interrupted (only on
-    filesystems without ``RENAME_EXCHANGE``); the next save moves it back.
-    """
-    root = _checkpoints_root(out_dir)
-    named = _read_latest(root)
-    if named is not None and _is_complete(named):
-        return named
-    if named is not None and not named.exists():
-        displaced = _displaced_copy(root, named.name)
-        if displaced is not None:
-            return displaced
-    complete = list_checkpoints(root)
-    return complete[-1] if complete else None
 
 
 # --------------------------------------------------------------- saving: checks
@@ -332,27 +158,19 @@ def _build_meta(step: int, meta: Mapping | None, train_state: Mapping) -> dict:
 # ---------------------------------------------------------------- saving: files
 
 
-def _write_bytes_durably(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` and fsync it."""
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def _write_folder(tmp: Path, tensors: dict, train_state: Mapping, meta_text: str) -> None:
     """Write the three checkpoint files into ``tmp`` and fsync files and folder."""
     from safetensors.torch import save_file
 
     tmp.mkdir()
     save_file(tensors, str(tmp / MODEL_FILE), metadata={"format": "pt"})
-    _fsync_path(tmp / MODEL_FILE)
+    fsync_path(tmp / MODEL_FILE)
     with open(tmp / STATE_FILE, "wb") as f:
         torch.save(dict(train_state), f)
         f.flush()
         os.fsync(f.fileno())
-    _write_bytes_durably(tmp / META_FILE, meta_text.encode("utf-8"))
-    _fsync_path(tmp)
+    write_bytes_durably(tmp / META_FILE, meta_text.encode("utf-8"))
+    fsync_path(tmp)
 
 
 def _move_into_place(tmp: Path, final: Path) -> None:
@@ -360,35 +178,35 @@ def _move_into_place(tmp: Path, final: Path) -> None:
     root = final.parent
     if not final.exists():
         os.rename(tmp, final)
-    elif _rename_exchange(tmp, final):
-        _fsync_path(root)
+    elif files.rename_exchange(tmp, final):
+        fsync_path(root)
         shutil.rmtree(tmp, ignore_errors=True)  # now holds the old checkpoint
     else:  # no atomic swap: briefly only the .tmp-old- copy exists (see find_latest_checkpoint)
-        old = root / f"{_TMP_PREFIX}old-{final.name}-{os.getpid()}"
+        old = root / f"{TMP_PREFIX}old-{final.name}-{os.getpid()}"
         os.rename(final, old)
         os.rename(tmp, final)
-        _fsync_path(root)
+        fsync_path(root)
         shutil.rmtree(old, ignore_errors=True)
-    _fsync_path(root)
+    fsync_path(root)
 
 
 def _write_latest(root: Path, folder_name: str) -> None:
     """Atomically point ``root/latest`` at ``folder_name``."""
-    tmp = root / f"{_TMP_PREFIX}latest-{os.getpid()}"
-    _write_bytes_durably(tmp, (folder_name + "\n").encode("utf-8"))
+    tmp = root / f"{TMP_PREFIX}latest-{os.getpid()}"
+    write_bytes_durably(tmp, (folder_name + "\n").encode("utf-8"))
     os.replace(tmp, root / LATEST_FILE)
-    _fsync_path(root)
+    fsync_path(root)
 
 
 def _prune(root: Path, keep: Path, keep_last: int) -> None:
     """Keep ``keep`` plus the ``keep_last - 1`` other complete folders with highest steps."""
-    others = [path for _, path in reversed(_step_folders(root)) if path != keep]
+    others = [path for _, path in reversed(step_folders(root)) if path != keep]
     kept = 0
     for path in others:
-        if kept < keep_last - 1 and _is_complete(path):
+        if kept < keep_last - 1 and is_complete(path):
             kept += 1
         else:
-            _remove_tree(path)
+            remove_tree(path)
 
 
 def save_checkpoint(
@@ -428,10 +246,10 @@ def save_checkpoint(
     root = Path(out_dir) / CHECKPOINTS_DIR
     if not root.is_dir():
         root.mkdir(parents=True, exist_ok=True)
-        _fsync_path(root.parent)
-    _clean_leftovers(root)
+        fsync_path(root.parent)
+    clean_leftovers(root)
     final = root / checkpoint_dir_name(step)
-    tmp = root / f"{_TMP_PREFIX}{final.name}-{os.getpid()}"
+    tmp = root / f"{TMP_PREFIX}{final.name}-{os.getpid()}"
     try:
         _write_folder(tmp, tensors, train_state, meta_text)
         _move_into_place(tmp, final)
@@ -453,14 +271,14 @@ def _resolve_folder(path: str | os.PathLike) -> Path:
     if not p.exists():
         raise CheckpointError(f"{p}: checkpoint path does not exist")
     if p.is_file():
-        if p.name in _FILES:
+        if p.name in CHECKPOINT_FILES:
             return p.parent
-        raise CheckpointError(f"{p}: not a checkpoint file (expected one of {', '.join(_FILES)})")
-    if _STEP_RE.match(p.name) or any((p / name).exists() for name in _FILES):
+        raise CheckpointError(f"{p}: not a checkpoint file (expected one of {', '.join(CHECKPOINT_FILES)})")
+    if STEP_RE.match(p.name) or any((p / name).exists() for name in CHECKPOINT_FILES):
         return p
     latest = find_latest_checkpoint(p)
     if latest is None:
-        root = _checkpoints_root(p)
+        root = checkpoints_root(p)
         raise CheckpointError(f"{p}: no complete checkpoint found (looked in {root})")
     return latest
 
@@ -570,7 +388,7 @@ def load_checkpoint(
     differing from ``expected_meta``, or weights not matching ``model``.
     """
     folder = _resolve_folder(path)
-    for name in _FILES:
+    for name in CHECKPOINT_FILES:
         if not (folder / name).is_file():
             raise CheckpointError(f"{folder / name}: missing checkpoint file")
     meta = _read_meta(folder / META_FILE)
@@ -585,90 +403,3 @@ def load_checkpoint(
         except RuntimeError as e:
             raise CheckpointError(f"{folder / MODEL_FILE}: could not load weights ({e})") from e
     return LoadedCheckpoint(folder, meta["step"], meta, model_state, train_state)
-
-
-# ------------------------------------------------------------------------- RNG
-
-
-def _python_rng_state() -> dict:
-    """``random.getstate()`` as plain ints/lists."""
-    version, internal, gauss_next = random.getstate()
-    return {"version": version, "state": list(internal), "gauss_next": gauss_next}
-
-
-def _numpy_rng_state() -> dict | None:
-    """numpy's global (legacy) RNG state as tensors/ints/floats, or None without numpy."""
-    try:
-        import numpy as np
-    except ImportError:
-        return None
-    name, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
-    return {
-        "bit_generator": str(name),
-        "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64).copy()),
-        "pos": int(pos),
-        "has_gauss": int(has_gauss),
-        "cached_gaussian": float(cached),
-    }
-
-
-def capture_rng_state() -> dict[str, Any]:
-    """Snapshot torch (CPU and every CUDA device), numpy-global and ``random`` RNG states.
-
-    CUDA states are captured once CUDA is initialized (never initializing it
-    here).  The result holds only tensors, ints, floats, strings and lists, so
-    it can go into ``train_state`` and survive a ``weights_only`` load.
-    """
-    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": _python_rng_state()}
-    numpy_state = _numpy_rng_state()
-    if numpy_state is not None:
-        state["numpy"] = numpy_state
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = list(torch.cuda.get_rng_state_all())
-    return state
-
-
-def _restore_cuda(states: list[torch.Tensor]) -> None:
-    """Restore per-device CUDA RNG states, warning if the device count changed."""
-    if not torch.cuda.is_available():
-        warnings.warn("checkpoint has CUDA RNG states but CUDA is not available; skipped them")
-        return
-    count = torch.cuda.device_count()
-    if len(states) != count:
-        warnings.warn(f"checkpoint has CUDA RNG states for {len(states)} devices, found {count}")
-    for index, device_state in enumerate(states[:count]):
-        torch.cuda.set_rng_state(device_state.cpu(), index)
-
-
-def _restore_numpy(state: Mapping) -> None:
-    """Restore numpy's global RNG from :func:`_numpy_rng_state` output."""
-    import numpy as np
-
-    keys = np.asarray(torch.as_tensor(state["keys"]).numpy(), dtype=np.uint32)
-    np.random.set_state(
-        (
-            state["bit_generator"],
-            keys,
-            int(state["pos"]),
-            int(state["has_gauss"]),
-            float(state["cached_gaussian"]),
-        )
-    )
-
-
-def restore_rng_state(state: Mapping[str, Any]) -> None:
-    """Restore RNG states captured by :func:`capture_rng_state` (parts present are restored)."""
-    known = ("torch", "cuda", "numpy", "python")
-    if not isinstance(state, Mapping) or not any(k in state for k in known):
-        raise ValueError(f"not an RNG state from capture_rng_state(): expected keys among {known}")
-    if "torch" in state:
-        torch.set_rng_state(torch.as_tensor(state["torch"], dtype=torch.uint8).cpu())
-    if "cuda" in state:
-        _restore_cuda(list(state["cuda"]))
-    if "numpy" in state:
-        _restore_numpy(state["numpy"])
-    if "python" in state:
-        py = state["python"]
-        gauss = py["gauss_next"]
-        random.setstate((int(py["version"]), tuple(int(x) for x in py["state"]), gauss))
-

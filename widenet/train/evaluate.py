@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.augment import normalize
+from ..distributed.env import all_reduce_sum
+from ..distributed.parallel import ParallelContext, on_backend_device
 from ..data.vision import ImageDataset, iterate_batches
 from ..layers.moe import RoutingStats
 from ..runtime import autocast
@@ -152,3 +154,36 @@ def evaluation_sums(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torc
 def _loss_and_correct(log_probs: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
     """Summed NLL and number of correct argmax predictions of (B, K) log-probabilities."""
     return float(F.nll_loss(log_probs, labels, reduction="sum")), int((log_probs.argmax(-1) == labels).sum())
+
+
+def evaluate_on(parallel: ParallelContext, model: nn.Module, data: ImageDataset, batch_size: int,
+                device: torch.device, mean: Sequence[float], std: Sequence[float],
+                amp: torch.dtype | None = None, tta: str = "none") -> EvalResult:
+    """evaluate() on one process; on several, each rank's slices of every batch with the sums
+    all-reduced (needed anyway when the forward communicates: FSDP, expert parallel)."""
+    net = parallel.module(model)
+    if not parallel.distributed:
+        return evaluate(net, data, batch_size, device, mean, std, amp, tta)
+    batches = ((parallel.shard(x), parallel.shard(y)) for x, y in iterate_batches(data, batch_size, shuffle=False))
+    return _all_reduce_sums(evaluation_sums(net, batches, device, mean, std, amp, tta)).result()
+
+
+def _all_reduce_sums(sums: EvalSums) -> EvalSums:
+    """EvalSums summed over ranks (every rank saw the same MoE blocks)."""
+    blocks = sorted(sums.load)
+    parts = [torch.tensor([sums.loss, sums.correct, sums.seen, sums.single_loss, sums.single_correct],
+                          dtype=torch.float64)]
+    parts += [sums.load[b].double() for b in blocks]
+    parts.append(torch.tensor([sums.dropped[b] for b in blocks], dtype=torch.float64))
+    flat = on_backend_device(torch.cat(parts))
+    all_reduce_sum(flat)
+    flat = flat.cpu()
+    out = EvalSums(loss=float(flat[0]), correct=int(round(float(flat[1]))), seen=int(round(float(flat[2]))),
+                   single_loss=float(flat[3]), single_correct=int(round(float(flat[4]))), tta=sums.tta)
+    offset = 5
+    for b in blocks:
+        n = sums.load[b].numel()
+        out.load[b] = flat[offset:offset + n].float()
+        offset += n
+    out.dropped = {b: float(flat[offset + i]) for i, b in enumerate(blocks)}
+    return out

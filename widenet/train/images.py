@@ -27,7 +27,7 @@ from ..models.registry import count_parameters, create_model
 from ..runtime import autocast, autocast_dtype, resolve_device
 from .budget import Cadence, time_per_call
 from .config import TrainConfig
-from .evaluate import EvalResult, evaluate
+from .evaluate import EvalResult, evaluate, evaluate_on
 from .trainer import StepResult, Trainer, TrainingError
 
 EMA_CALIBRATION_BATCHES = 20
@@ -110,8 +110,8 @@ class ImageTask:
         return loss, result
 
     def evaluate(self, model: nn.Module) -> EvalResult:
-        return self.parallel.evaluate(model, self.test_set, self.cfg.eval_batch_size, self.device, self.mean,
-                                      self.std, self.amp, self.cfg.tta)
+        return evaluate_on(self.parallel, model, self.test_set, self.cfg.eval_batch_size, self.device, self.mean,
+                           self.std, self.amp, self.cfg.tta)
 
     def record(self, result: EvalResult) -> dict[str, Any]:
         return dict(tta=self.cfg.tta, **result.to_record())

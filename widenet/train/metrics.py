@@ -43,6 +43,16 @@ class MetricsLog:
         os.replace(tmp, self.path)
 
 
+class NullMetrics:
+    """MetricsLog stand-in for processes other than rank 0: writes nothing."""
+
+    def write(self, record: dict[str, Any]) -> None:
+        pass
+
+    def truncate_after(self, step: int) -> None:
+        pass
+
+
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
     """All complete records; a torn last line (from a kill) is skipped."""
     return list(_records(Path(path)))

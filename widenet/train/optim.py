@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from typing import Any
 
 import torch
 from torch import nn
+
+from ..distributed.shards import is_shard, shard_group
 
 __all__ = [
     "Lamb",
@@ -23,8 +24,6 @@ __all__ = [
     "WarmupDecay",
     "build_optimizer",
     "build_schedule",
-    "clip_grad_norm",
-    "mark_sharded",
     "param_groups",
 ]
 
@@ -142,20 +141,11 @@ def _adam_direction(
     return (exp_avg / (1.0 - beta1**step)).div_(denom)
 
 
-_SHARD_GROUP = "_widenet_shard_group"
-
-
-def mark_sharded(param: torch.Tensor, group: Any) -> None:
-    """Declare ``param`` one rank's shard of a tensor split over process ``group``
-    (None: the default group); see Lamb."""
-    setattr(param, _SHARD_GROUP, group)
-
-
 def _trust_ratio(weight: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
     """``||weight|| / ||update||`` as a 0-dim tensor, or 1 when either norm is 0."""
-    if hasattr(weight, _SHARD_GROUP):
+    if is_shard(weight):
         squares = torch.stack([torch.linalg.vector_norm(weight), torch.linalg.vector_norm(update)]).square()
-        torch.distributed.all_reduce(squares, group=getattr(weight, _SHARD_GROUP))  # sum over the shards
+        torch.distributed.all_reduce(squares, group=shard_group(weight))  # sum over the shards
         w_norm, u_norm = squares.sqrt().unbind()
     else:
         w_norm = torch.linalg.vector_norm(weight)
@@ -326,32 +316,3 @@ def build_schedule(
         raise ValueError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
     factor = WarmupDecay(warmup_steps, total_steps, decay, min_lr_ratio)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-# ----------------------------------------------------------------- grad clipping
-
-
-def clip_grad_norm(
-    parameters: torch.Tensor | Iterable[torch.Tensor], max_norm: float | None
-) -> float:
-    """Clip gradients to global L2 norm ``max_norm``; return the pre-clip norm.
-
-    ``max_norm`` of ``None`` or ``0`` only measures the norm.  Parameters
-    without gradients are ignored; with no gradients at all the norm is 0.0.
-    """
-    params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return 0.0
-    if max_norm is not None and max_norm < 0:
-        raise ValueError(f"max_norm must be >= 0 or None, got {max_norm}")
-    if not max_norm:
-        return _total_norm(grads)
-    return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-
-
-def _total_norm(grads: list[torch.Tensor]) -> float:
-    """Global L2 norm of ``grads`` (all on one device or mixed), as a float."""
-    norms = [torch.linalg.vector_norm(g.detach(), dtype=torch.float32) for g in grads]
-    device = norms[0].device
-    return float(torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms])))

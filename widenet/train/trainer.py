@@ -35,10 +35,11 @@ from tqdm import tqdm
 from ..distributed.parallel import ParallelContext
 from ..runtime import autocast, compiled_if
 from .budget import BudgetPlan, Cadence, Deadline, plan_budget
-from .checkpoint import (CheckpointError, capture_rng_state, find_latest_checkpoint, load_checkpoint,
-                         restore_rng_state, save_checkpoint)
+from ..rng import capture_rng_state, restore_rng_state
+from .checkpoint import CheckpointError, find_latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import RecipeConfig
 from .ema import ModelEMA
+from .metrics import MetricsLog, NullMetrics
 from .optim import build_optimizer, build_schedule
 
 
@@ -186,7 +187,7 @@ class Trainer:
         self.cfg, self.task, self.parallel, self.device, self.amp = cfg, task, parallel, device, amp
         self.log, self.meta = parallel.log(log), meta
         self.out = Path(cfg.out)
-        self.metrics = parallel.metrics_log(self.out / "metrics.jsonl")
+        self.metrics = MetricsLog(self.out / "metrics.jsonl") if parallel.is_main else NullMetrics()
         self.started = time.monotonic() if started is None else started  # a --time-budget counts from here
         saved = self._resume_weights(model, expected_meta) if cfg.resume else None
         if saved is None and not cfg.resume and (self.out / "checkpoints").exists():
