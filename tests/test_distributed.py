@@ -318,7 +318,7 @@ def _copy_back_to_step_2(run: Path, to: Path) -> None:
 
 
 def _train_set(data_dir: Path):
-    from widenet.data.vision import load_dataset
+    from widenet.data.images import load_dataset
 
     return load_dataset("fashion-mnist", "train", data_dir, download=False)
 
@@ -547,7 +547,7 @@ def _text_runs(tmp_path: Path):
 
     from test_text_train import PHRASES, TINY_TEXT, _write_classify
 
-    from widenet.text.tokenizer import save_tokenizer, train_tokenizer
+    from widenet.data.text.tokenizer import save_tokenizer, train_tokenizer
 
     rng = random.Random(0)
     docs = [" ".join(rng.choice(PHRASES).capitalize() for _ in range(rng.randint(3, 6))) for _ in range(60)]

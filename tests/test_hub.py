@@ -7,8 +7,10 @@ import types
 
 import pytest
 
-from widenet.data.hub import parse_hub_name, resolve_task_file
-from widenet.data.text_tasks import TaskDataError, read_classification, read_squad
+from widenet.data.text.classification import read_classification
+from widenet.data.text.hub import parse_hub_name, resolve_task_file
+from widenet.data.text.squad import read_squad
+from widenet.data.text.task_common import TaskDataError
 
 
 class _Rows(list):

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from widenet.analysis.squad_metrics import (
+from widenet.data.text.squad_metrics import (
     exact_match,
     f1_score,
     normalize_answer,
     squad_scores,
 )
-from widenet.data.text_tasks import SquadExample
+from widenet.data.text.squad import SquadExample
 
 
 def example(qid: str, answers: list[str], impossible: bool = False) -> SquadExample:

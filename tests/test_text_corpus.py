@@ -15,19 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from widenet.data.gcide import GCIDE_PATH, GcideEntry, gcide_documents, read_gcide, write_pos_task
-from widenet.data.text_corpus import (
-    CorpusError,
-    PretrainCorpus,
-    _truncation,
-    corpus_files,
-    iter_documents,
-    load_pretrain_corpus,
-    make_sop_examples,
-    mask_tokens,
-    split_sentences,
-)
-from widenet.text.tokenizer import SpecialIds, special_ids, train_tokenizer
+from widenet.data.text.corpus import PretrainCorpus, load_pretrain_corpus
+from widenet.data.text.documents import CorpusError, corpus_files, iter_documents
+from widenet.data.text.gcide import GCIDE_PATH, GcideEntry, gcide_documents, read_gcide
+from widenet.data.text.pos_task import write_pos_task
+from widenet.data.text.pretraining import _truncation, make_sop_examples, mask_tokens
+from widenet.data.text.sentences import split_sentences
+from widenet.data.text.tokenizer import SpecialIds, special_ids, train_tokenizer
 
 SPECIAL = SpecialIds(pad=0, unk=1, cls=2, sep=3, mask=4)
 

@@ -9,21 +9,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from widenet.analysis.squad_metrics import squad_scores
-from widenet.data.text_tasks import (
+from widenet.data.text.classification import (
     ClassificationExample,
-    QAFeatures,
-    SquadExample,
-    TaskDataError,
     _pair_lengths,
     check_labels,
     encode_classification,
-    encode_squad,
     label_vocabulary,
-    postprocess_squad,
     read_classification,
-    read_squad,
 )
+from widenet.data.text.squad import QAFeatures, SquadExample, encode_squad, postprocess_squad, read_squad
+from widenet.data.text.squad_metrics import squad_scores
+from widenet.data.text.task_common import TaskDataError
 
 tokenizers = pytest.importorskip("tokenizers")
 

@@ -112,7 +112,7 @@ def test_resume_refuses_changed_settings(corpus, tmp_path):
         pretrain(dataclasses.replace(cfg, lr=1e-2, resume=True), log=lambda _: None)
     with pytest.raises(ValueError, match="already holds checkpoints"):
         pretrain(cfg, log=lambda _: None)
-    from widenet.text.tokenizer import save_tokenizer, train_tokenizer
+    from widenet.data.text.tokenizer import save_tokenizer, train_tokenizer
     save_tokenizer(train_tokenizer(["other words entirely, other words"] * 3, vocab_size=60, min_frequency=1),
                    tmp_path / "other.json")
     with pytest.raises(ValueError, match="'tokenizer' is .* in the checkpoint"):
@@ -203,7 +203,7 @@ def test_finetune_errors_are_clear(pretrained, tmp_path, capsys):
     # A tokenizer that is not the pretraining one.
     other = tmp_path / "other.txt"
     other.write_text("completely different words here\n\nand more unrelated text\n", encoding="utf-8")
-    from widenet.text.tokenizer import save_tokenizer, train_tokenizer
+    from widenet.data.text.tokenizer import save_tokenizer, train_tokenizer
     save_tokenizer(train_tokenizer(["completely different words here"], vocab_size=60, min_frequency=1),
                    tmp_path / "other.json")
     _write_classify(tmp_path / "dev.tsv", 8, 1)
@@ -345,3 +345,35 @@ def test_pretraining_killed_with_sigkill_resumes_exactly(corpus, pretrained, tmp
         assert torch.equal(wa[key], wb[key]), key
     assert without_timing(read_metrics(tmp_path / "A" / "metrics.jsonl")) == \
         without_timing(read_metrics(tmp_path / "B" / "metrics.jsonl"))
+
+
+@pytest.mark.slow
+def test_compiled_pretraining_resumes_exactly(corpus, pretrained, tmp_path, monkeypatch):
+    """--compile on a text run: stopped after step 8 and resumed from step 6, it ends with exactly
+    the weights and metrics of an uninterrupted compiled run. The trainer's torch.compile call is
+    kept (fullgraph=True: one graph, no breaks) but given the aot_eager backend, which captures the
+    same forward and backward without generating C++ (inductor is tested in test_compile.py)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    real_compile = torch.compile
+
+    def aot_eager(model, **kwargs):
+        kwargs.pop("options", None)
+        return real_compile(model, backend="aot_eager", **kwargs)
+
+    monkeypatch.setattr(torch, "compile", aot_eager)
+    torch._dynamo.reset()
+    graphs = counters["stats"]["unique_graphs"]
+    kw = dict(max_steps=12, log_every=1, save_every=3, dropout=0.1, compile=True,
+              tokenizer=str(pretrained[0] / "tokenizer.json"))
+    ref = pretrain(_pretrain_cfg(corpus, tmp_path / "ref", **kw), log=lambda _: None)
+    assert counters["stats"]["unique_graphs"] > graphs, "nothing was compiled"
+    cfg = _pretrain_cfg(corpus, tmp_path / "cut", **kw)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(cfg, log=_stop_after(8))
+    resumed = pretrain(dataclasses.replace(cfg, resume=True), log=lambda _: None)
+    for (name, a), (_, b) in zip(ref.model.state_dict().items(), resumed.model.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert without_timing(read_metrics(tmp_path / "ref" / "metrics.jsonl")) == \
+        without_timing(read_metrics(tmp_path / "cut" / "metrics.jsonl"))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from widenet.text.tokenizer import (
+from widenet.data.text.tokenizer import (
     SPECIAL_TOKENS,
     SpecialIds,
     TokenizerError,

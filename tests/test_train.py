@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from widenet.cli import main
-from widenet.data.vision import load_dataset
+from widenet.data.images import load_dataset
 from widenet.train import images, trainer
 from widenet.train.checkpoint import (CheckpointError, checkpoint_dir_name, find_latest_checkpoint,
                                       list_checkpoints, load_checkpoint)

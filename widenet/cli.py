@@ -213,7 +213,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def _add_data_and_budget(p: argparse.ArgumentParser) -> None:
     """Arguments shared by `train` and `compare`: data, budget (one of epochs, steps, minutes), batch,
     lr, device."""
-    from .data.vision import DATASET_NAMES
+    from .data.images import DATASET_NAMES
 
     p.add_argument("--data", default="fashion-mnist", choices=DATASET_NAMES)
     p.add_argument("--data-dir")

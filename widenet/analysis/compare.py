@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 
 from ..data.augment import normalize
-from ..data.vision import ImageDataset, subset
+from ..data.images import ImageDataset, subset
 from ..train.config import TrainConfig
 from ..train.images import TrainResult, load_data, train
 from ..train.metrics import read_metrics

@@ -24,9 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from ..data.gcide import GCIDE_PATH, write_pos_task
-from ..data.text_corpus import iter_documents
-from ..text.tokenizer import save_tokenizer, train_tokenizer
+from ..data.text.documents import iter_documents
+from ..data.text.gcide import GCIDE_PATH
+from ..data.text.pos_task import write_pos_task
+from ..data.text.tokenizer import save_tokenizer, train_tokenizer
 from ..train.finetune import finetune
 from ..train.metrics import read_metrics
 from ..train.pretrain import TOKENIZER_FILE, pretrain

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from ..layers.experts import grouped_mm_works
 from ..layers.mlp import Mlp
-from ..layers.moe import MoE
+from ..layers.moe import MoE, MoEConfig
 from ..runtime import autocast, autocast_dtype
 
 KERNELS = ("loop", "padded", "grouped")
@@ -50,13 +50,13 @@ class MoEBenchConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("tokens", "dim", "hidden", "experts", "top_k", "repeats", "einsum_repeats"):
+        for name in ("tokens", "dim", "hidden", "repeats", "einsum_repeats"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.top_k > self.experts:
-            raise ValueError(f"--top-k {self.top_k} exceeds --experts {self.experts}")
-        if not self.capacity_factor > 0:
-            raise ValueError(f"--capacity-factor must be > 0, got {self.capacity_factor}")
+        self.moe_config()  # the MoE's own checks: experts, top-k, capacity
+
+    def moe_config(self) -> MoEConfig:
+        return MoEConfig(num_experts=self.experts, top_k=self.top_k, capacity_factor=self.capacity_factor)
 
 
 def einsum_dispatch(moe: MoE, x: torch.Tensor) -> torch.Tensor:
@@ -147,7 +147,7 @@ def run_moe_bench(cfg: MoEBenchConfig) -> dict:
     """Times (ms, medians), ratios (medians of per-round ratios) and memory of every implementation."""
     device = torch.device(cfg.device)
     torch.manual_seed(cfg.seed)
-    moe = MoE(cfg.dim, cfg.hidden, cfg.experts, cfg.top_k, capacity_factor=cfg.capacity_factor).to(device)
+    moe = MoE(cfg.dim, cfg.hidden, config=cfg.moe_config()).to(device)
     dense = Mlp(cfg.dim, cfg.top_k * cfg.hidden).to(device)
     x = torch.randn(cfg.tokens, cfg.dim, device=device, requires_grad=True)
 

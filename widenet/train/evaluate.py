@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.augment import normalize
+from ..data.images import ImageDataset, iterate_batches
 from ..distributed.env import all_reduce_sum
 from ..distributed.parallel import ParallelContext, on_backend_device
-from ..data.vision import ImageDataset, iterate_batches
 from ..layers.moe import RoutingStats
 from ..runtime import autocast
 from .config import TTA_NAMES

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..data.vision import load_dataset, subset
+from ..data.images import load_dataset, subset
 from ..models.registry import create_model
 from ..models.vision import VisionConfig
 from ..runtime import resolve_device

@@ -1,7 +1,7 @@
 """Fine-tuning a pretrained text encoder (`widenet finetune`).
 
 Data files may also be hub names, hf:DATASET[/CONFIG]:SPLIT (needs the
-`datasets` package and a network; see widenet.data.hub).
+`datasets` package and a network; see widenet.data.text.hub).
 
 --task classify: GLUE-style files (one sentence or a pair, and a label);
     reports accuracy. The label set comes from the training file; a
@@ -22,28 +22,25 @@ import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..analysis.squad_metrics import squad_scores
-from ..data.hub import resolve_task_file
-from ..data.text_tasks import (check_labels, encode_classification, encode_squad, label_vocabulary,
-                               postprocess_squad, read_classification, read_squad)
-from ..data.vision import num_batches
+from ..data.text.classification import check_labels, encode_classification, label_vocabulary, read_classification
+from ..data.text.hub import resolve_task_file
+from ..data.text.squad import encode_squad, postprocess_squad, read_squad
+from ..data.text.squad_metrics import squad_scores
+from ..data.text.tokenizer import TokenizerError, load_tokenizer, save_tokenizer, special_ids, vocab_fingerprint
 from ..distributed.parallel import ParallelContext
 from ..models.registry import apply_overrides, count_parameters
 from ..models.text import TextConfig, TextTransformer, load_backbone
 from ..runtime import autocast, autocast_dtype, resolve_device
-from ..text.tokenizer import TokenizerError, load_tokenizer, save_tokenizer, special_ids, vocab_fingerprint
 from .checkpoint import CheckpointError, LoadedCheckpoint, load_checkpoint
 from .evaluate import RoutingTally
-from .budget import Cadence, time_per_call
 from .pretrain import TOKENIZER_FILE
-from .text_common import (Batch, describe_floats, describe_processes, global_sums, local_rows, ordered_batches,
-                          shuffled_batches)
+from .text_common import Batch, TextTask, describe_processes, global_sums, local_rows, ordered_batches
 from .text_config import FinetuneConfig
 from .trainer import RunResult, StepResult, Trainer
 
@@ -99,21 +96,14 @@ def max_length(cfg: FinetuneConfig, model_cfg: dict) -> int:
 
 
 # --- tasks ------------------------------------------------------------------------------
-class _TextTask:
+class _FinetuneTask(TextTask):
     """What both fine-tuning tasks share: batching, the forward pass, the global step values
     (see the Trainer's Task). Evaluated after every epoch."""
 
-    unit, split = "tokens", "validation"
-
     def __init__(self, cfg: FinetuneConfig, pad_id: int, train: Batch, device: torch.device, amp,
                  parallel: ParallelContext) -> None:
-        self.cfg, self.pad_id, self.train = cfg, pad_id, train
-        self.device, self.amp, self.parallel = device, amp, parallel
-        self.steps_per_epoch = num_batches(len(train["input_ids"]), cfg.batch_size)
-        self.cadence = Cadence(self.steps_per_epoch, every_epochs=1)
-
-    def batches(self, epoch: int, start_batch: int) -> Iterator[Batch]:
-        return shuffled_batches(self.train, self.cfg.batch_size, self.cfg.seed, epoch, start_batch)
+        super().__init__(cfg, train, device, amp, parallel, every_epochs=1)
+        self.cfg, self.pad_id = cfg, pad_id
 
     def forward(self, batch: Batch, model: nn.Module):
         ids = batch["input_ids"].to(self.device)
@@ -141,20 +131,8 @@ class _TextTask:
 
         return world * loss_sum / n + self.cfg.aux_weight * out.aux_loss, result
 
-    record = staticmethod(dict)
-    describe = staticmethod(describe_floats)
 
-    def time_evaluation(self, model: nn.Module) -> float:
-        return time_per_call(lambda: self.evaluate(model), warmup=0, min_calls=1, min_seconds=0.0)
-
-    def calibration_inputs(self) -> None:
-        return None  # no BatchNorm in the text models
-
-    def evaluate(self, model: nn.Module) -> dict[str, Any]:
-        raise NotImplementedError
-
-
-class ClassifyTask(_TextTask):
+class ClassifyTask(_FinetuneTask):
     def __init__(self, *args, validation: Batch, labels: list[str], **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.validation, self.labels = validation, labels
@@ -183,7 +161,7 @@ class ClassifyTask(_TextTask):
                     routing=[vars(r) for r in routing.blocks()])
 
 
-class QATask(_TextTask):
+class QATask(_FinetuneTask):
     def __init__(self, *args, val_examples, val_features, version_2: bool, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.val_examples, self.val_features, self.version_2 = val_examples, val_features, version_2

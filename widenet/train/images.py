@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.augment import AugmentConfig, augment_batch, mixup, normalize, one_hot_smoothed
-from ..data.vision import ImageDataset, iterate_batches, load_dataset, num_batches, subset
+from ..data.batches import num_batches
+from ..data.images import ImageDataset, iterate_batches, load_dataset, subset
 from ..distributed.env import main_process_first
 from ..distributed.parallel import ParallelContext
 from ..models.registry import count_parameters, create_model

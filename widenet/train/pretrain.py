@@ -17,26 +17,27 @@ import time
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.text_corpus import iter_documents, load_pretrain_corpus, make_sop_examples, mask_tokens
-from ..data.vision import data_home, num_batches
+from ..data.downloads import data_home
+from ..data.text.corpus import load_pretrain_corpus
+from ..data.text.documents import iter_documents
+from ..data.text.pretraining import make_sop_examples, mask_tokens
+from ..data.text.tokenizer import (SpecialIds, load_tokenizer, save_tokenizer, special_ids, train_tokenizer,
+                                   vocab_fingerprint)
 from ..distributed.env import main_process_first
 from ..distributed.parallel import ParallelContext
 from ..models.registry import count_parameters
 from ..runtime import autocast, autocast_dtype, resolve_device
-from ..text.tokenizer import (SpecialIds, load_tokenizer, save_tokenizer, special_ids, train_tokenizer,
-                              vocab_fingerprint)
 from .evaluate import RoutingTally
-from .budget import Cadence, time_per_call
-from .text_common import (Batch, build_text_model, describe_floats, describe_processes, global_sums, local_rows,
-                          ordered_batches, shuffled_batches)
-from .trainer import RunResult, StepResult, Trainer, seeded_generator
+from .text_common import (Batch, TextTask, build_text_model, describe_processes, global_sums, local_rows,
+                          ordered_batches)
 from .text_config import PretrainConfig
+from .trainer import RunResult, StepResult, Trainer, seeded_generator
 
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -80,21 +81,13 @@ def split_held_out(examples: Batch, n_eval: int, seed: int) -> tuple[Batch, Batc
 
 
 # --- the task -----------------------------------------------------------------------
-class PretrainTask:
+class PretrainTask(TextTask):
     """MLM + SOP steps and the held-out evaluation (see the Trainer's Task)."""
-
-    unit, split = "tokens", "validation"
 
     def __init__(self, cfg: PretrainConfig, special: SpecialIds, vocab_size: int, train: Batch, held_out: Batch,
                  device: torch.device, amp, parallel: ParallelContext) -> None:
-        self.cfg, self.special, self.vocab_size = cfg, special, vocab_size
-        self.train, self.held_out = train, held_out
-        self.device, self.amp, self.parallel = device, amp, parallel
-        self.steps_per_epoch = num_batches(len(train["input_ids"]), cfg.batch_size)
-        self.cadence = Cadence(self.steps_per_epoch, every_steps=cfg.eval_every)
-
-    def batches(self, epoch: int, start_batch: int) -> Iterator[Batch]:
-        return shuffled_batches(self.train, self.cfg.batch_size, self.cfg.seed, epoch, start_batch)
+        super().__init__(cfg, train, device, amp, parallel, every_steps=cfg.eval_every)
+        self.cfg, self.special, self.vocab_size, self.held_out = cfg, special, vocab_size, held_out
 
     def masked(self, batch: Batch, generator: torch.Generator) -> Batch:
         """The batch with its MLM masking: masked input ids and labels (-100 where not masked)."""
@@ -156,15 +149,6 @@ class PretrainTask:
         return dict(mlm_loss=sums["mlm_loss"] / masked, mlm_accuracy=sums["mlm_correct"] / masked,
                     sop_accuracy=sums["sop_correct"] / n, examples=sums["examples"],
                     routing=[vars(r) for r in routing.blocks()])
-
-    record = staticmethod(dict)
-    describe = staticmethod(describe_floats)
-
-    def time_evaluation(self, model: nn.Module) -> float:
-        return time_per_call(lambda: self.evaluate(model), warmup=0, min_calls=1, min_seconds=0.0)
-
-    def calibration_inputs(self) -> None:
-        return None  # no BatchNorm in the text models
 
 
 def _correct(logits: torch.Tensor, labels: torch.Tensor) -> int:

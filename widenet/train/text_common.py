@@ -7,10 +7,11 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from ..data.vision import epoch_order
+from ..data.batches import epoch_order, num_batches
 from ..distributed.env import all_reduce_sum
 from ..distributed.parallel import ParallelContext
 from ..models.registry import create_model
+from .budget import Cadence, time_per_call
 from .text_config import TextRunConfig
 
 Batch = dict[str, torch.Tensor]  # name -> tensor with the examples on dim 0
@@ -61,6 +62,35 @@ def global_sums(sums: dict[str, float], parallel: ParallelContext, device: torch
 def describe_floats(result: dict[str, Any]) -> str:
     """An evaluation's numbers in one log line: "mlm_loss 4.1234 mlm_accuracy 0.2500 ..."."""
     return " ".join(f"{k} {v:.4f}" for k, v in result.items() if isinstance(v, float))
+
+
+class TextTask:
+    """What every text task shares (see the Trainer's Task): shuffled batches of a dict of
+    tensors, results that are plain dicts of numbers, evaluation timed by one call, and no
+    BatchNorm to recalibrate. Subclasses define loss and evaluate."""
+
+    unit, split = "tokens", "validation"
+    def __init__(self, cfg: TextRunConfig, train: Batch, device: torch.device, amp: torch.dtype | None,
+                 parallel: ParallelContext, **cadence: int | None) -> None:
+        self.cfg, self.train = cfg, train
+        self.device, self.amp, self.parallel = device, amp, parallel
+        self.steps_per_epoch = num_batches(len(train["input_ids"]), cfg.batch_size)
+        self.cadence = Cadence(self.steps_per_epoch, **cadence)
+
+    def batches(self, epoch: int, start_batch: int) -> Iterator[Batch]:
+        return shuffled_batches(self.train, self.cfg.batch_size, self.cfg.seed, epoch, start_batch)
+
+    def evaluate(self, model: nn.Module) -> dict[str, Any]:
+        raise NotImplementedError
+
+    record = staticmethod(dict)
+    describe = staticmethod(describe_floats)
+
+    def time_evaluation(self, model: nn.Module) -> float:
+        return time_per_call(lambda: self.evaluate(model), warmup=0, min_calls=1, min_seconds=0.0)
+
+    def calibration_inputs(self) -> None:
+        return None  # no BatchNorm in the text models
 
 
 def describe_processes(parallel: ParallelContext, compile: bool = False) -> str:

@@ -1,4 +1,4 @@
-"""Tests for widenet.data.vision: IDX/Fashion-MNIST, CIFAR, image folders, batching."""
+"""Tests for widenet.data.images: IDX/Fashion-MNIST, CIFAR, image folders, batching."""
 
 from __future__ import annotations
 
@@ -9,24 +9,25 @@ import os
 import pickle
 import struct
 import urllib.error
+import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from widenet.data import vision
-from widenet.data.vision import (
+from widenet.data.batches import epoch_order, num_batches
+from widenet.data.downloads import data_home
+from widenet.data.images import cifar, fashion_mnist
+from widenet.data.images import (
     DatasetError,
     DatasetNotFoundError,
     ImageDataset,
-    epoch_order,
     iterate_batches,
     load_cifar,
     load_dataset,
     load_fashion_mnist,
     load_image_folder,
-    num_batches,
     read_idx,
     subset,
 )
@@ -43,14 +44,14 @@ def _no_network(monkeypatch, tmp_path):
     def refuse(*args, **kwargs):
         raise AssertionError("tests must not touch the network")
 
-    monkeypatch.setattr(vision.urllib.request, "urlopen", refuse)
+    monkeypatch.setattr(urllib.request, "urlopen", refuse)
     monkeypatch.setenv("WIDENET_DATA_HOME", str(tmp_path / "data-home"))
 
 
 @pytest.fixture
 def no_debian(monkeypatch, tmp_path):
     """Pretend Debian's dataset-fashion-mnist package is not installed."""
-    monkeypatch.setattr(vision, "DEBIAN_FASHION_MNIST_DIR", tmp_path / "no-debian")
+    monkeypatch.setattr(fashion_mnist, "DEBIAN_FASHION_MNIST_DIR", tmp_path / "no-debian")
 
 
 def idx_bytes(array: np.ndarray) -> bytes:
@@ -70,7 +71,7 @@ def write_fashion(folder: Path, gz: bool = True, n_train: int = 12, n_test: int 
     blobs = {}
     for split, n in (("train", n_train), ("test", n_test)):
         images, labels = fake_fashion(n, seed=n)
-        for name, array in zip(vision.FASHION_MNIST_FILES[split], (images, labels), strict=True):
+        for name, array in zip(fashion_mnist.FASHION_MNIST_FILES[split], (images, labels), strict=True):
             raw = idx_bytes(array)
             blobs[name] = gzip.compress(raw)
             if gz:
@@ -186,20 +187,20 @@ def serve(monkeypatch, blobs: dict[str, bytes], calls: list[str]) -> None:
         calls.append(url)
         return FakeResponse(blobs[url.rsplit("/", 1)[-1]])
 
-    monkeypatch.setattr(vision.urllib.request, "urlopen", urlopen)
+    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
 
 
 def test_fashion_mnist_download_verifies_and_caches(tmp_path, monkeypatch, no_debian):
     blobs = write_fashion(tmp_path / "source")
     for name, blob in blobs.items():
-        monkeypatch.setitem(vision.FASHION_MNIST_SHA256, name, hashlib.sha256(blob).hexdigest())
+        monkeypatch.setitem(fashion_mnist.FASHION_MNIST_SHA256, name, hashlib.sha256(blob).hexdigest())
     calls: list[str] = []
     serve(monkeypatch, blobs, calls)
     train = load_fashion_mnist("train", download=True)
     assert len(train) == 12
     cache = tmp_path / "data-home" / "fashion-mnist"
     assert sorted(p.name for p in cache.iterdir()) == ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"]
-    assert all(url.startswith(vision.FASHION_MNIST_URL) for url in calls) and len(calls) == 2
+    assert all(url.startswith(fashion_mnist.FASHION_MNIST_URL) for url in calls) and len(calls) == 2
     load_fashion_mnist("train", download=True)  # cached: no new requests
     assert len(calls) == 2
 
@@ -217,18 +218,18 @@ def test_fashion_mnist_download_network_error(monkeypatch, no_debian):
     def offline(url, timeout=None):
         raise urllib.error.URLError("no route to host")
 
-    monkeypatch.setattr(vision.urllib.request, "urlopen", offline)
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
     with pytest.raises(DatasetNotFoundError, match="could not download"):
         load_fashion_mnist("test", download=True)
 
 
 def test_data_home_default(monkeypatch):
     monkeypatch.delenv("WIDENET_DATA_HOME")
-    assert vision.data_home() == Path.home() / ".cache" / "widenet"
+    assert data_home() == Path.home() / ".cache" / "widenet"
 
 
 debian = pytest.mark.skipif(
-    not (vision.DEBIAN_FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").is_file(),
+    not (fashion_mnist.DEBIAN_FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").is_file(),
     reason="Debian package dataset-fashion-mnist is not installed",
 )
 
@@ -247,9 +248,9 @@ def test_debian_fashion_mnist_loads():
 def test_debian_files_rebuild_the_canonical_gz_files():
     """Debian only rewrote the gzip headers: restoring them gives the canonical SHA-256s."""
     mtimes = {"train": 1504176606, "t10k": 1504176627}
-    for name, expected in vision.FASHION_MNIST_SHA256.items():
-        data = (vision.DEBIAN_FASHION_MNIST_DIR / name).read_bytes()
-        assert hashlib.sha256(data).hexdigest() == vision.FASHION_MNIST_DEBIAN_SHA256[name]
+    for name, expected in fashion_mnist.FASHION_MNIST_SHA256.items():
+        data = (fashion_mnist.DEBIAN_FASHION_MNIST_DIR / name).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == fashion_mnist.FASHION_MNIST_DEBIAN_SHA256[name]
         header = b"\x1f\x8b\x08\x08" + struct.pack("<I", mtimes[name.split("-")[0]]) + data[8:10]
         canonical = header + name.removesuffix(".gz").encode() + b"\0" + data[10:]
         assert hashlib.sha256(canonical).hexdigest() == expected
@@ -282,7 +283,7 @@ def write_cifar10(root: Path, n: int = 3, protocol: int = 2) -> Path:
     for i in range(1, 6):
         dump(folder / f"data_batch_{i}", cifar_batch(n, i, "labels", True), protocol)
     dump(folder / "test_batch", cifar_batch(n, 99, "labels", True), protocol)
-    dump(folder / "batches.meta", {b"label_names": [c.encode() for c in vision.CIFAR10_CLASSES]}, protocol)
+    dump(folder / "batches.meta", {b"label_names": [c.encode() for c in cifar.CIFAR10_CLASSES]}, protocol)
     return folder
 
 
@@ -301,7 +302,7 @@ def test_cifar10_layout(tmp_path, protocol):
     for root in (tmp_path, folder):
         train = load_cifar(root, "cifar10", "train")
         assert train.images.shape == (15, 3, 32, 32) and train.images.dtype == torch.uint8
-        assert train.classes == vision.CIFAR10_CLASSES and train.name == "cifar10-train"
+        assert train.classes == cifar.CIFAR10_CLASSES and train.name == "cifar10-train"
     first = cifar_batch(3, 1, "labels", True)
     assert torch.equal(train.images[:3].reshape(3, -1), torch.from_numpy(first[b"data"]))
     assert train.labels[:3].tolist() == first[b"labels"]

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-from ..files import atomic_path
+from ...files import atomic_path
 
 __all__ = [
     "SPECIAL_TOKENS",

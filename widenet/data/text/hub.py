@@ -13,9 +13,9 @@ import json
 from pathlib import Path
 from typing import Any, Iterable
 
-from ..files import atomic_path
-from .text_tasks import TaskDataError
-from .vision import data_home
+from ...files import atomic_path
+from ..downloads import data_home
+from .task_common import TaskDataError
 
 PREFIX = "hf:"
 

@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # only for annotations: keeps this module free of torch
-    from widenet.data.text_tasks import SquadExample
+    from .squad import SquadExample
 
 __all__ = ["exact_match", "f1_score", "normalize_answer", "squad_scores"]
 

@@ -11,43 +11,31 @@ abbreviation, then the definitions on indented lines::
           [1913 Webster]
 
 :func:`read_gcide` streams the entries as :class:`GcideEntry` records with
-the definitions cleaned into plain text, :func:`gcide_documents` turns them
-into pretraining documents and :func:`write_pos_task` builds a small labelled
-part-of-speech task (train/validation TSV files) from them.
+the definitions cleaned into plain text and
+:func:`gcide_documents` turns them into pretraining documents (pos_task.py builds
+a labelled part-of-speech task from them).
 """
 
 from __future__ import annotations
 
 import gzip
-import os
-import random
 import re
 import unicodedata
 import zlib
-from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..files import atomic_path
+from ..errors import DatasetError, PathLike
 
-__all__ = [
-    "GCIDE_PATH",
-    "POS_LABELS",
-    "GcideError",
-    "GcideEntry",
-    "read_gcide",
-    "gcide_documents",
-    "write_pos_task",
-]
+__all__ = ["GCIDE_PATH", "POS_LABELS", "GcideEntry", "GcideError", "clean_definition", "clean_markup", "gcide_documents", "read_gcide"]
 
-PathLike = str | os.PathLike
 
 GCIDE_PATH = Path("/usr/share/dictd/gcide.dict.dz")
 POS_LABELS = ("noun", "verb", "adjective", "adverb")
 
 
-class GcideError(ValueError):
+class GcideError(DatasetError):
     """The GCIDE file is missing, not gzip-compressed, or holds no entries."""
 
 
@@ -333,129 +321,3 @@ def clean_definition(text: str) -> str:
     text = clean_markup(text)
     text = _STRESS.sub("", text)
     return " ".join(text.split())
-
-
-# --------------------------------------------------------------------------
-# The part-of-speech development task
-# --------------------------------------------------------------------------
-
-# A quotation's source: "--Shak." (a dash used as punctuation is spaced: "; -- used").
-_ATTRIBUTION = re.compile(r"\s*--(?=[A-Z])")
-# A run-on derived form with its own part of speech: "-- Unfavorably, adv." or "-- n."
-_RUN_ON = re.compile(r"\s--\s+(?:[^\s,]+(?:\s[^\s,]+)?,+\s+)?[a-z]{1,4}\.(?=\s|$)")
-_UNINFORMATIVE = re.compile(r"^(?:see|same as|alt\. of|pl\. of|imp\. of|p\. p\.)\b", re.IGNORECASE)
-
-
-def _pos_example(entry: GcideEntry) -> tuple[str, str] | None:
-    """(sentence, label) from the entry's first definition sentence, headword masked as "_"."""
-    from widenet.data.text_corpus import split_sentences  # here: text_corpus imports this module
-
-    if entry.pos not in POS_LABELS:
-        return None
-    sentences = split_sentences(entry.text)
-    if not sentences:
-        return None
-    pattern = re.compile(rf"(?<!\w){re.escape(entry.headword)}(?!\w)", re.IGNORECASE)
-    sentence = pattern.sub("_", sentences[0])
-    sentence = _RUN_ON.split(_ATTRIBUTION.split(sentence, maxsplit=1)[0], maxsplit=1)[0]
-    sentence = " ".join(sentence.replace("\t", " ").split())
-    if len(sentence.split()) < 3 or _UNINFORMATIVE.match(sentence) or sentence.startswith("Syn:"):
-        return None
-    if sentence[0] in ",;.-()" or "\\" in sentence:  # left-overs of a header the parser did not follow
-        return None
-    return sentence, entry.pos
-
-
-def _collect_pos_examples(path: PathLike) -> dict[str, dict[str, list[str]]]:
-    """``{label: {headword (lowercased): [sentence, ...]}}`` over the whole dictionary."""
-    found: dict[str, dict[str, list[str]]] = {label: defaultdict(list) for label in POS_LABELS}
-    for entry in read_gcide(path):
-        example = _pos_example(entry)
-        if example is not None:
-            found[example[1]][entry.headword.lower()].append(example[0])
-    return found
-
-
-def _balanced_quotas(available: dict[str, int], total: int) -> dict[str, int]:
-    """Split ``total`` over the labels as evenly as their ``available`` counts allow.
-
-    Water filling: a label with fewer examples than its even share gives all
-    of them and the rest is shared among the others.
-    """
-    quotas = {label: 0 for label in available}
-    remaining = total
-    open_labels = [label for label in sorted(available, key=available.__getitem__) if available[label] > 0]
-    while open_labels and remaining > 0:
-        share = max(remaining // len(open_labels), 1)
-        for label in list(open_labels):
-            take = min(share, available[label] - quotas[label], remaining)
-            quotas[label] += take
-            remaining -= take
-            if quotas[label] == available[label]:
-                open_labels.remove(label)
-            if remaining == 0:
-                break
-    return quotas
-
-
-def _assign_splits(
-    found: dict[str, dict[str, list[str]]], train_size: int, validation_size: int, seed: int
-) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
-    """Class-balanced train/validation rows with no headword in both splits."""
-    available = {label: len(words) for label, words in found.items()}
-    quotas = _balanced_quotas(available, train_size + validation_size)
-    total = max(train_size + validation_size, 1)
-    val_left = {label: round(q * validation_size / total) for label, q in quotas.items()}
-    train_left = {label: quotas[label] - val_left[label] for label in quotas}
-    headwords = sorted({word for words in found.values() for word in words})
-    random.Random(seed).shuffle(headwords)
-    train: list[tuple[str, str]] = []
-    validation: list[tuple[str, str]] = []
-    for word in headwords:
-        labels = [label for label in POS_LABELS if word in found[label]]
-        split, left = (validation, val_left) if any(val_left[label] > 0 for label in labels) else (train, train_left)
-        for label in labels:
-            if left[label] > 0:
-                split.append((found[label][word][0], label))
-                left[label] -= 1
-    return train, validation
-
-
-def _write_tsv(rows: list[tuple[str, str]], path: Path) -> None:
-    """Write ``sentence<TAB>label`` rows with a header, atomically."""
-    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="\n") as handle:
-        handle.write("sentence\tlabel\n")
-        for sentence, label in rows:
-            clean = " ".join(sentence.replace("\t", " ").split())
-            handle.write(f"{clean}\t{label}\n")
-
-
-def write_pos_task(
-    path: PathLike,
-    out_dir: PathLike,
-    train_size: int = 4000,
-    validation_size: int = 1000,
-    seed: int = 0,
-) -> tuple[Path, Path]:
-    """Write ``train.tsv`` and ``validation.tsv``: part of speech from a definition sentence.
-
-    Each row is the first sentence of an entry's definitions with the headword
-    replaced by ``_`` and the label (noun, verb, adjective or adverb) of the
-    entry. The labels are balanced as far as the dictionary allows, a headword
-    appears in only one split, and the files are written atomically.
-    """
-    if train_size < 1 or validation_size < 1:
-        raise ValueError(f"train_size and validation_size must be positive, got {train_size}, {validation_size}")
-    found = _collect_pos_examples(path)
-    if not any(found.values()):
-        raise GcideError(f"{path}: no entry with a noun/verb/adjective/adverb label and a usable definition")
-    train, validation = _assign_splits(found, train_size, validation_size, seed)
-    rng = random.Random(seed + 1)
-    rng.shuffle(train)
-    rng.shuffle(validation)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    train_path, validation_path = out / "train.tsv", out / "validation.tsv"
-    _write_tsv(train, train_path)
-    _write_tsv(validation, validation_path)
-    return train_path, validation_path

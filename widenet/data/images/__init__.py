@@ -1,0 +1,49 @@
+"""Image classification datasets, decoded once into uint8 tensors.
+
+Sources: Fashion-MNIST (fashion_mnist.py), CIFAR-10/100 (cifar.py), a folder of
+images (folder.py); the container, batches and subsets in dataset.py.
+"""
+
+from __future__ import annotations
+
+from ..downloads import data_home
+from ..errors import DatasetError, DatasetNotFoundError, PathLike
+from .cifar import CIFAR10_CLASSES, load_cifar
+from .dataset import ImageDataset, iterate_batches, resize_dataset, subset
+from .fashion_mnist import FASHION_MNIST_CLASSES, load_fashion_mnist
+from .folder import load_image_folder
+from .idx import read_idx
+
+__all__ = ["CIFAR10_CLASSES", "DATASET_NAMES", "DatasetError", "DatasetNotFoundError", "FASHION_MNIST_CLASSES",
+           "ImageDataset", "iterate_batches", "load_cifar", "load_dataset", "load_fashion_mnist",
+           "load_image_folder", "read_idx", "resize_dataset", "subset"]
+
+DATASET_NAMES = ("fashion-mnist", "cifar10", "cifar100", "folder")
+
+
+def load_dataset(
+    name: str,
+    split: str,
+    data_dir: PathLike | None = None,
+    image_size: int | None = None,
+    download: bool = True,
+) -> ImageDataset:
+    """Load a dataset by name: 'fashion-mnist', 'cifar10', 'cifar100' or 'folder'.
+
+    ``image_size`` resizes the images once at load time (required for
+    'folder'). CIFAR is read from ``data_dir`` or, if not given, from
+    ``data_home()``; 'folder' needs ``data_dir``.
+    """
+    if name not in DATASET_NAMES:
+        raise ValueError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASET_NAMES)}")
+    if name == "folder":
+        if data_dir is None:
+            raise ValueError("dataset 'folder' needs data_dir (the folder holding <split>/<class>/<image>)")
+        if image_size is None:
+            raise ValueError("dataset 'folder' needs image_size")
+        return load_image_folder(data_dir, split, image_size)
+    if name == "fashion-mnist":
+        dataset = load_fashion_mnist(split, data_dir=data_dir, download=download)
+    else:
+        dataset = load_cifar(data_dir if data_dir is not None else data_home(), variant=name, split=split)
+    return resize_dataset(dataset, image_size) if image_size is not None else dataset

@@ -1,0 +1,159 @@
+"""The image dataset container: a whole split decoded once into uint8 tensors; batches and subsets.
+
+Every loader (Fashion-MNIST, CIFAR, image folders) returns an :class:`ImageDataset`
+holding uint8 images (N, C, H, W) and int64 labels. :func:`iterate_batches` walks
+it in a deterministic, exactly resumable order that never touches torch's global RNG.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+import torch.nn.functional as F
+
+from ..batches import epoch_order, num_batches, seed_for
+from ..errors import DatasetError
+
+__all__ = ["ImageDataset", "check_split", "iterate_batches", "resize_dataset", "subset"]
+
+
+@dataclass
+class ImageDataset:
+    """A whole image-classification split held in memory.
+
+    ``images`` is uint8 ``(N, C, H, W)``; ``labels`` is int64 ``(N,)`` with
+    values in ``[0, len(classes))``.
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    classes: list[str]
+    name: str
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != torch.uint8 or self.images.dim() != 4:
+            raise DatasetError(
+                f"{self.name}: images must be a uint8 tensor of shape (N, C, H, W), "
+                f"got {self.images.dtype} {tuple(self.images.shape)}"
+            )
+        if self.labels.dtype != torch.int64 or self.labels.dim() != 1:
+            raise DatasetError(
+                f"{self.name}: labels must be an int64 tensor of shape (N,), "
+                f"got {self.labels.dtype} {tuple(self.labels.shape)}"
+            )
+        if len(self.images) != len(self.labels):
+            raise DatasetError(f"{self.name}: {len(self.images)} images but {len(self.labels)} labels")
+        if len(self.labels) and (int(self.labels.min()) < 0 or int(self.labels.max()) >= len(self.classes)):
+            raise DatasetError(
+                f"{self.name}: labels span [{int(self.labels.min())}, {int(self.labels.max())}] "
+                f"but there are only {len(self.classes)} classes"
+            )
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes."""
+        return len(self.classes)
+
+    @property
+    def channels(self) -> int:
+        """Number of image channels (1 for grey, 3 for RGB)."""
+        return int(self.images.shape[1])
+
+    @property
+    def image_shape(self) -> tuple[int, int]:
+        """``(H, W)`` of every image."""
+        return int(self.images.shape[2]), int(self.images.shape[3])
+
+    @property
+    def image_size(self) -> int:
+        """Side of the (square) images; raises if they are not square."""
+        height, width = self.image_shape
+        if height != width:
+            raise ValueError(f"{self.name}: images are {height}x{width}, not square; use image_shape")
+        return height
+
+    @cached_property
+    def _moments(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        return _channel_moments(self.images)
+
+    @property
+    def mean(self) -> tuple[float, ...]:
+        """Per-channel mean of the pixels scaled to [0, 1]."""
+        return self._moments[0]
+
+    @property
+    def std(self) -> tuple[float, ...]:
+        """Per-channel standard deviation of the pixels scaled to [0, 1]."""
+        return self._moments[1]
+
+
+def _channel_moments(images: torch.Tensor, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of uint8 images in [0, 1] units, in float64 chunks."""
+    channels = images.shape[1]
+    total = torch.zeros(channels, dtype=torch.float64)
+    total_sq = torch.zeros(channels, dtype=torch.float64)
+    for start in range(0, len(images), chunk):
+        block = images[start : start + chunk].to(torch.float64) / 255.0
+        total += block.sum(dim=(0, 2, 3)).cpu()
+        total_sq += block.square().sum(dim=(0, 2, 3)).cpu()
+    count = max(images.numel() // max(channels, 1), 1)
+    mean = total / count
+    var = (total_sq / count - mean.square()).clamp_min(0.0)
+    return tuple(mean.tolist()), tuple(var.sqrt().tolist())
+
+
+def check_split(split: str) -> None:
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+
+
+def resize_dataset(dataset: ImageDataset, image_size: int) -> ImageDataset:
+    """Resize every image to ``image_size`` squared (bilinear, antialiased), once."""
+    if dataset.image_shape == (image_size, image_size):
+        return dataset
+    chunks = []
+    for start in range(0, len(dataset), 4096):
+        block = dataset.images[start : start + 4096].float()
+        block = F.interpolate(block, size=(image_size, image_size), mode="bilinear", antialias=True)
+        chunks.append(block.round_().clamp_(0, 255).to(torch.uint8))
+    images = torch.cat(chunks) if chunks else dataset.images.new_zeros((0, dataset.channels, image_size, image_size))
+    return ImageDataset(images, dataset.labels, list(dataset.classes), dataset.name)
+
+
+def iterate_batches(
+    dataset: ImageDataset,
+    batch_size: int,
+    *,
+    shuffle: bool,
+    seed: int = 0,
+    epoch: int = 0,
+    start_batch: int = 0,
+    drop_last: bool = False,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield ``(uint8 images (B, C, H, W), int64 labels (B,))`` for one epoch.
+
+    The order depends only on (seed, epoch), so resuming with ``start_batch=k``
+    yields exactly the batches k, k+1, ... of an uninterrupted epoch.
+    """
+    total = num_batches(len(dataset), batch_size, drop_last)
+    if not 0 <= start_batch <= total:
+        raise ValueError(f"start_batch must be in [0, {total}], got {start_batch}")
+    order = epoch_order(len(dataset), seed, epoch) if shuffle else torch.arange(len(dataset))
+    for index in range(start_batch, total):
+        chunk = order[index * batch_size : (index + 1) * batch_size]
+        yield dataset.images[chunk], dataset.labels[chunk]
+
+
+def subset(dataset: ImageDataset, n: int, seed: int = 0) -> ImageDataset:
+    """The first ``n`` examples of a seeded permutation (all of them if n >= len)."""
+    if n <= 0:
+        raise ValueError(f"subset size must be positive, got {n}")
+    generator = torch.Generator().manual_seed(seed_for(seed, -1))
+    chosen = torch.randperm(len(dataset), generator=generator)[:n]
+    return ImageDataset(dataset.images[chosen], dataset.labels[chosen], list(dataset.classes), dataset.name)

@@ -1,0 +1,131 @@
+"""A folder of images laid out as root/<split>/<class>/<image>: decoded with Pillow once and cached
+as a tensor file (invalidated when the files, the size or the decoding change)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ...files import save_atomic
+from ..errors import DatasetError, DatasetNotFoundError, PathLike
+from .dataset import ImageDataset
+
+__all__ = ["load_image_folder"]
+
+
+# Bump when the decoding below changes, so stale caches are not reused.
+_FOLDER_CACHE_VERSION = 1
+
+
+def _visible(path: Path) -> bool:
+    """False for hidden files and folders (such as the cache folder)."""
+    return not path.name.startswith(".")
+
+
+def _scan_folder(base: Path) -> tuple[list[str], list[tuple[Path, int]]]:
+    """Class names and (file, class index) pairs of ``base/<class>/...``, sorted."""
+    if not base.is_dir():
+        raise DatasetNotFoundError(f"image folder {base} does not exist")
+    classes = sorted(p.name for p in base.iterdir() if p.is_dir() and _visible(p))
+    if not classes:
+        raise DatasetError(f"{base}: no class folders found (expected {base}/<class>/<image>)")
+    files = [
+        (path, index)
+        for index, name in enumerate(classes)
+        for path in sorted((base / name).rglob("*"))
+        if path.is_file() and not any(part.startswith(".") for part in path.relative_to(base).parts)
+    ]
+    if not files:
+        raise DatasetError(f"{base}: the class folders {classes} contain no image files")
+    return classes, files
+
+
+def _folder_cache_key(base: Path, files: list[tuple[Path, int]], image_size: int, channels: int) -> str:
+    """Hash of the file list with sizes and mtimes plus the decoding settings."""
+    entries = []
+    for path, label in files:
+        stat = path.stat()
+        entries.append([path.relative_to(base).as_posix(), label, stat.st_size, stat.st_mtime_ns])
+    blob = json.dumps(
+        {"v": _FOLDER_CACHE_VERSION, "files": entries, "size": image_size, "channels": channels},
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _decode_image(path: Path, image_size: int, channels: int) -> torch.Tensor:
+    """Decode one file to uint8 (C, S, S): shorter side resized to S, then center crop."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+            image = image.convert("L" if channels == 1 else "RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise DatasetError(f"{path}: Pillow cannot read this image ({exc})") from exc
+    width, height = image.size
+    scale = image_size / min(width, height)
+    new_w, new_h = max(image_size, round(width * scale)), max(image_size, round(height * scale))
+    image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
+    left, top = (new_w - image_size) // 2, (new_h - image_size) // 2
+    image = image.crop((left, top, left + image_size, top + image_size))
+    array = np.asarray(image, dtype=np.uint8).reshape(image_size, image_size, channels)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1)
+
+
+def _load_cache(path: Path, key: str) -> dict[str, Any] | None:
+    """The cached tensors if ``path`` holds a valid cache for ``key``, else None."""
+    if not path.is_file():
+        return None
+    try:
+        cached = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a damaged cache is rebuilt, not fatal
+        warnings.warn(f"ignoring unreadable image cache {path} ({exc}); rebuilding it", stacklevel=3)
+        return None
+    if not isinstance(cached, dict) or cached.get("key") != key:
+        return None
+    return cached
+
+
+def load_image_folder(
+    root: PathLike,
+    split: str | None,
+    image_size: int,
+    channels: int = 3,
+    cache_dir: PathLike | None = None,
+) -> ImageDataset:
+    """Load ``root/<split>/<class>/<image>`` (or ``root/<class>/...`` if split is None).
+
+    Every file Pillow can read is converted to ``channels`` (1 or 3), its
+    shorter side resized to ``image_size`` (bicubic) and center-cropped to a
+    square. The decoded tensor is cached once in ``cache_dir`` (default
+    ``root/.widenet-cache``), keyed by the file list, sizes, mtimes and the
+    settings, and reused by later loads without opening the images.
+    """
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels}")
+    if image_size <= 0:
+        raise ValueError(f"image_size must be positive, got {image_size}")
+    root = Path(root)
+    base = root / split if split else root
+    classes, files = _scan_folder(base)
+    key = _folder_cache_key(base, files, image_size, channels)
+    cache_folder = Path(cache_dir) if cache_dir is not None else root / ".widenet-cache"
+    cache_path = cache_folder / f"{split or 'all'}-{image_size}px-{channels}ch-{key[:16]}.pt"
+    name = f"folder-{root.name}" + (f"-{split}" if split else "")
+    cached = _load_cache(cache_path, key)
+    if cached is not None:
+        return ImageDataset(cached["images"], cached["labels"], list(cached["classes"]), name)
+    images = torch.stack([_decode_image(path, image_size, channels) for path, _ in files])
+    labels = torch.tensor([label for _, label in files], dtype=torch.int64)
+    try:
+        save_atomic({"key": key, "images": images, "labels": labels, "classes": classes}, cache_path)
+    except OSError as exc:
+        warnings.warn(f"could not write image cache {cache_path} ({exc}); continuing without it", stacklevel=2)
+    return ImageDataset(images, labels, classes, name)

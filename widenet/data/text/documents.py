@@ -1,0 +1,159 @@
+"""Pretraining documents read from files: text, JSONL, GCIDE dictionaries and folders of them.
+
+``.txt`` / ``.txt.gz`` / ``.gz`` files hold documents separated by blank lines,
+``.jsonl`` / ``.jsonl.gz`` files one ``{"text": ...}`` object per line, and a
+GCIDE dictionary (``*.dict.dz``) one document per few entries.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import zlib
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..errors import DatasetError, PathLike
+from .gcide import GcideError, gcide_documents
+
+__all__ = ["CORPUS_SUFFIXES", "CorpusError", "corpus_files", "iter_documents"]
+
+
+CORPUS_SUFFIXES = (".txt", ".txt.gz", ".gz", ".jsonl", ".jsonl.gz", ".dict.dz")
+_LOOKED_FOR = ", ".join(f"*{suffix}" for suffix in CORPUS_SUFFIXES)
+
+
+class CorpusError(DatasetError):
+    """A corpus path is missing, unreadable, malformed or holds no text."""
+
+
+# --------------------------------------------------------------------------
+# Reading documents
+# --------------------------------------------------------------------------
+
+
+def _file_kind(path: Path) -> str | None:
+    """ "text", "jsonl" or "gcide" from the file name, None when unsupported."""
+    name = path.name.lower()
+    if name.endswith((".jsonl", ".jsonl.gz")):
+        return "jsonl"
+    if name.endswith(".dict.dz"):
+        return "gcide"
+    if name.endswith((".txt", ".gz")):
+        return "text"
+    return None
+
+
+def _as_path_list(paths: Sequence[PathLike] | PathLike) -> list[Path]:
+    """A single path or a sequence of them as a list of Paths."""
+    if isinstance(paths, (str, os.PathLike)):
+        return [Path(paths)]
+    return [Path(path) for path in paths]
+
+
+def _folder_files(folder: Path) -> list[Path]:
+    """Usable corpus files under ``folder``, recursively, sorted, hidden ones skipped."""
+    files = [
+        path
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+        and _file_kind(path) is not None
+        and not any(part.startswith(".") for part in path.relative_to(folder).parts)
+    ]
+    if not files:
+        raise CorpusError(f"{folder}: folder has no corpus files (looked for {_LOOKED_FOR}, recursively)")
+    return files
+
+
+def corpus_files(paths: Sequence[PathLike] | PathLike) -> list[Path]:
+    """The corpus files named by ``paths`` (files, or folders searched recursively)."""
+    path_list = _as_path_list(paths)
+    if not path_list:
+        raise CorpusError("no corpus paths given")
+    files: list[Path] = []
+    for path in path_list:
+        if path.is_dir():
+            files.extend(_folder_files(path))
+        elif path.is_file():
+            if _file_kind(path) is None:
+                raise CorpusError(f"{path}: unsupported corpus file type (expected one of {_LOOKED_FOR})")
+            files.append(path)
+        else:
+            raise CorpusError(f"{path}: corpus path not found (expected a folder or a {_LOOKED_FOR} file)")
+    return files
+
+
+def _open_text(path: Path) -> Any:
+    """A UTF-8 text handle on ``path``, gunzipping ``*.gz`` files."""
+    if path.name.lower().endswith(".gz"):
+        return gzip.open(path, "rt", encoding="utf-8")
+    return open(path, encoding="utf-8")
+
+
+def _text_documents(path: Path) -> Iterator[str]:
+    """Documents of a plain-text file: runs of lines separated by blank lines."""
+    lines: list[str] = []
+    with _open_text(path) as handle:
+        for line in handle:
+            if line.strip():
+                lines.append(line.rstrip("\r\n"))
+            elif lines:
+                yield "\n".join(lines)
+                lines = []
+    if lines:
+        yield "\n".join(lines)
+
+
+def _jsonl_documents(path: Path) -> Iterator[str]:
+    """The ``"text"`` field of every line of a JSON-lines file."""
+    with _open_text(path) as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise CorpusError(f"{path}:{number}: invalid JSON ({exc.msg}, column {exc.colno})") from None
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise CorpusError(f'{path}:{number}: expected a JSON object with a string "text" field')
+            yield record["text"]
+
+
+def _file_documents(path: Path) -> Iterator[str]:
+    """Documents of one corpus file, with read errors turned into CorpusError."""
+    kind = _file_kind(path)
+    try:
+        if kind == "gcide":
+            yield from gcide_documents(path)
+        elif kind == "jsonl":
+            yield from _jsonl_documents(path)
+        else:
+            yield from _text_documents(path)
+    except UnicodeDecodeError as exc:
+        raise CorpusError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start} of a chunk)") from None
+    except GcideError as exc:
+        raise CorpusError(str(exc)) from None
+    except (OSError, EOFError, zlib.error) as exc:
+        raise CorpusError(f"{path}: cannot read file ({exc})") from None
+
+
+def iter_documents(paths: Sequence[PathLike] | PathLike) -> Iterator[str]:
+    """Yield every non-empty document of the corpus named by ``paths``, in order.
+
+    Raises CorpusError for a missing path, a folder without corpus files, a
+    malformed file (naming ``file:line`` for JSON lines) or a corpus without
+    any text.
+    """
+    files = corpus_files(paths)
+    found = 0
+    for path in files:
+        for document in _file_documents(path):
+            document = document.strip()
+            if document:
+                found += 1
+                yield document
+    if not found:
+        names = ", ".join(str(path) for path in files[:5]) + (" ..." if len(files) > 5 else "")
+        raise CorpusError(f"no text found in the corpus ({names}); looked for documents in {_LOOKED_FOR} files")

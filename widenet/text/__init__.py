@@ -1,1 +1,0 @@
-"""Text side of widenet: word-piece tokenizers for ALBERT-style pretraining."""
