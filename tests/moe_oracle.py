@@ -10,6 +10,7 @@ Specification followed:
     probs  = softmax(logits)                                 (N, E)
     weight, index = top_k(probs)   (best first)              (N, K)
     weight /= weight.sum(-1) when renormalize
+    capacity = min(ceil(factor * k * N / E), N) slots per expert
     Priority: every token's 1st choice in token order, then every 2nd
     choice in token order, ... An assignment's position in its expert is the
     number of earlier assignments (in that order) to the same expert; it is
@@ -33,8 +34,9 @@ __all__ = ["dispatch_tensor", "einsum_moe", "kept_assignments", "oracle_balance_
 
 
 def oracle_capacity(num_tokens: int, num_experts: int, top_k: int, factor: float) -> int:
-    """ceil(factor * k * N / E), the spec's capacity per expert."""
-    return math.ceil(factor * top_k * num_tokens / num_experts)
+    """ceil(factor * k * N / E), at most N: the spec's capacity per expert (an expert can receive
+    at most one assignment per token, so slots beyond N could only stay empty)."""
+    return min(math.ceil(factor * top_k * num_tokens / num_experts), num_tokens)
 
 
 def dispatch_tensor(expert_index: torch.Tensor, num_experts: int, capacity: int) -> torch.Tensor:

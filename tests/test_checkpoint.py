@@ -330,8 +330,23 @@ def test_corrupt_meta_json(tmp_path, text):
 def test_state_with_arbitrary_object_is_refused(tmp_path):
     folder = _save_simple(tmp_path, 1)
     torch.save({"step": 1, "evil": _NotAllowed()}, folder / "state.pt")
-    with pytest.raises(CheckpointError, match=r"state\.pt: refused.*_NotAllowed"):
+    with pytest.raises(CheckpointError, match=r"state\.pt: this file tries to run code \(it asks for .*_NotAllowed\); "
+                                              r"it was not loaded") as info:
         load_checkpoint(folder)
+    assert "weights_only=False" not in str(info.value) and "\n" not in str(info.value)
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, ("echo this must never run",))
+
+
+def test_state_that_would_run_code_is_refused_without_advice_to_run_it(tmp_path):
+    folder = _save_simple(tmp_path, 1)
+    torch.save({"step": 1, "payload": _RunsCode()}, folder / "state.pt")
+    with pytest.raises(CheckpointError, match=r"tries to run code \(it asks for posix\.system\)") as info:
+        load_checkpoint(folder)
+    assert "weights_only" not in str(info.value).replace("(a state.pt", "")
 
 
 def test_save_refuses_unloadable_train_state(tmp_path):

@@ -59,7 +59,7 @@ def test_moe_settings_are_validated_even_without_moe_blocks():
     """The MoE settings are one MoEConfig, validated when built, whatever blocks use it."""
     with pytest.raises(ValueError, match="top_k=5 exceeds num_experts=4"):
         EncoderConfig.from_dict(dict(moe_blocks="none", top_k=5, num_experts=4))
-    with pytest.raises(ValueError, match="capacity_factor must be a number > 0, got nan"):
+    with pytest.raises(ValueError, match="capacity_factor must be a finite number, got nan"):
         EncoderConfig.from_dict(dict(capacity_factor=float("nan")))
     with pytest.raises(ValueError, match="dropless must be True or False, got 'false'"):
         EncoderConfig.from_dict(dict(dropless="false"))

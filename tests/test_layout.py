@@ -16,14 +16,14 @@ ROOT = Path(__file__).resolve().parents[1] / "widenet"
 # Lower tiers may not import higher ones. distributed/ sits below train/ and
 # beside data/: neither may import the other.
 TIERS: dict[str, int] = {
-    "files": 0, "rng": 0, "runtime": 0,
+    "files": 0, "rng": 0, "runtime": 0, "settings": 0,
     "layers": 1,
     "models": 2,
     "data": 3, "distributed": 3,
     "train": 4,
     "analysis": 5,
     "bench": 6,
-    "cli": 7, "cli_args": 7, "cli_run": 7, "cli_text": 7, "__main__": 7,
+    "cli": 7, "cli_args": 7, "cli_errors": 7, "cli_run": 7, "cli_text": 7, "__main__": 7,
 }
 SIBLINGS_APART = {("data", "distributed"), ("distributed", "data")}
 MAX_LINES = 460

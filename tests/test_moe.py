@@ -600,17 +600,29 @@ def test_bf16_input_under_autocast():
 def test_expert_capacity_is_exact_for_decimal_factors():
     """1.1 * 100 / 2 is 55.00000000000001 in floating point; capacity must be 55."""
     assert expert_capacity(100, 2, 1, 1.1) == 55
-    assert expert_capacity(50, 2, 2, 1.1) == 55
+    assert expert_capacity(100, 4, 2, 1.1) == 55
+    assert expert_capacity(50, 2, 2, 1.1) == 50  # at most N: an expert gets one assignment per token at most
+    assert expert_capacity(10, 4, 2, 1e30) == 10 and int(expert_capacity(torch.tensor(10), 4, 2, 1e30)) == 10
 
 
-def test_integer_padding_mask_means_the_same_as_bool():
+def test_padding_masks_take_one_convention_and_the_other_by_name():
+    """padding_mask is bool, True = padding; Hugging Face's attention_mask (1 = keep) goes in as keep_mask.
+    An integer padding_mask is refused: a mask of ones would otherwise mean all padding (zeros out)."""
     moe = _moe(experts=4, top_k=2, dtype=torch.float64)
     x = torch.randn(10, moe.dim, dtype=torch.float64)
-    as_bool = torch.tensor([False] * 5 + [True] * 5)
-    want = moe(x, padding_mask=as_bool).output
-    got = moe(x, padding_mask=as_bool.long()).output
-    torch.testing.assert_close(got, want)
-    assert torch.all(got[5:] == 0)
+    padding = torch.tensor([False] * 5 + [True] * 5)
+    want = moe(x, padding_mask=padding).output
+    assert torch.all(want[5:] == 0) and torch.all(want[:5].abs().sum(-1) > 0)
+    torch.testing.assert_close(moe(x, keep_mask=~padding).output, want)
+    torch.testing.assert_close(moe(x, keep_mask=(~padding).long()).output, want)
+    with pytest.raises(TypeError, match="padding_mask must be a bool tensor.*keep_mask"):
+        moe(x, padding_mask=torch.ones(10, dtype=torch.long))
+    with pytest.raises(ValueError, match="not both"):
+        moe(x, padding_mask=padding, keep_mask=~padding)
+    with pytest.raises(ValueError, match="only 0 .* and 1"):
+        moe(x, keep_mask=torch.full((10,), 2))
+    with pytest.raises(ValueError, match="keep_mask shape"):
+        moe(x, keep_mask=torch.ones(9, dtype=torch.long))
 
 
 def test_z_loss_statistic_reported_without_weight():

@@ -278,9 +278,11 @@ def test_explicit_padding_mask_overrides_the_pad_id():
     a = model(ids, padding_mask=mask)
     changed = ids.clone()
     changed[:, 8:] = 5  # content under an explicit mask does not matter
-    b = model(changed, padding_mask=mask.int())
+    b = model(changed, keep_mask=(~mask).int())  # Hugging Face's attention_mask convention, by name
     torch.testing.assert_close(b.hidden[:, :8], a.hidden[:, :8])
     torch.testing.assert_close(b.logits, a.logits)
+    with pytest.raises(TypeError, match="padding_mask must be a bool tensor"):
+        model(ids, padding_mask=mask.int())
 
 
 # ----------------------------------------------------------------------------

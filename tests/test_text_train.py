@@ -110,12 +110,12 @@ def test_resume_refuses_changed_settings(corpus, tmp_path):
     pretrain(cfg, log=lambda _: None)
     with pytest.raises(ValueError, match="lr"):
         pretrain(dataclasses.replace(cfg, lr=1e-2, resume=True), log=lambda _: None)
-    with pytest.raises(ValueError, match="already holds checkpoints"):
+    with pytest.raises(ValueError, match="already holds a run"):
         pretrain(cfg, log=lambda _: None)
     from widenet.data.text.tokenizer import save_tokenizer, train_tokenizer
     save_tokenizer(train_tokenizer(["other words entirely, other words"] * 3, vocab_size=60, min_frequency=1),
                    tmp_path / "other.json")
-    with pytest.raises(ValueError, match="'tokenizer' is .* in the checkpoint"):
+    with pytest.raises(ValueError, match="the checkpoint's tokenizer.fingerprint is .*, this run's is"):
         pretrain(dataclasses.replace(cfg, tokenizer=str(tmp_path / "other.json"), resume=True), log=lambda _: None)
 
 
@@ -233,7 +233,8 @@ def test_pretrain_cli_and_its_errors(corpus, tmp_path, capsys):
 
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(corpus, pretrained, tmp_path, monkeypatch):
     from widenet.train.pretrain import PretrainTask
-    from widenet.train.trainer import StepResult, TrainingError
+    from widenet.train.progress import StepResult
+    from widenet.train.trainer import TrainingError
 
     real_loss = PretrainTask.loss
 

@@ -297,7 +297,7 @@ def test_resume_refuses_changed_model_overrides(learned):
 
 def test_train_into_folder_with_checkpoints_needs_resume(learned):
     cfg, _ = learned
-    with pytest.raises(ValueError, match="already holds checkpoints"):
+    with pytest.raises(ValueError, match="already holds a run"):
         train(_config(cfg.data_dir, cfg.out, cfg.model_overrides), log=_quiet)
 
 
@@ -311,12 +311,17 @@ def test_resume_without_checkpoint_starts_from_scratch(tmp_path, fmnist_dir, tin
     assert [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")] == [2, 2]
 
 
-def test_resume_without_checkpoint_drops_records_of_the_lost_attempt(tmp_path, fmnist_dir, tiny_overrides):
-    """A run killed before its first checkpoint left metric lines; resuming restarts and must not keep them."""
+def test_resume_without_checkpoint_keeps_the_lost_attempts_records(tmp_path, fmnist_dir, tiny_overrides):
+    """A run killed before its first checkpoint left metric lines: --resume has nothing to continue and
+    refuses (touching nothing); --overwrite deletes them and starts again."""
     run = tmp_path / "run"
     run.mkdir()
-    (run / "metrics.jsonl").write_text('{"split": "train", "step": 1, "loss": 9.0}\n')
-    train(_config(fmnist_dir, run, tiny_overrides, max_steps=2, resume=True), log=_quiet)
+    lost = '{"split": "train", "step": 1, "loss": 9.0}\n'
+    (run / "metrics.jsonl").write_text(lost)
+    with pytest.raises(ValueError, match=r"holds no complete checkpoint to resume, only metrics.jsonl.*--overwrite"):
+        train(_config(fmnist_dir, run, tiny_overrides, max_steps=2, resume=True), log=_quiet)
+    assert (run / "metrics.jsonl").read_text() == lost
+    train(_config(fmnist_dir, run, tiny_overrides, max_steps=2, overwrite=True), log=_quiet)
     records = read_metrics(run / "metrics.jsonl")
     assert [r["step"] for r in records] == [2, 2]
     assert all(r.get("loss") != 9.0 for r in records)
@@ -631,7 +636,7 @@ def test_time_budget_settings_are_checked(tmp_path, fmnist_dir, tiny_overrides):
     with pytest.raises(ValueError, match="either time_budget or max_steps"):
         _config(fmnist_dir, tmp_path, tiny_overrides, time_budget=1.0)
     for bad in (0, -1.0, float("inf"), "5"):
-        with pytest.raises(ValueError, match="time_budget must be a positive number"):
+        with pytest.raises(ValueError, match="time_budget must be a (positive|finite) number"):
             _config(fmnist_dir, tmp_path, tiny_overrides, max_steps=None, time_budget=bad)
 
 

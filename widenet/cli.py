@@ -18,17 +18,16 @@ import argparse
 import json
 import os
 import sys
+import traceback
 from dataclasses import asdict
 from typing import Callable, Sequence
 
 from . import __version__
 from .cli_args import (add_budget_arguments, add_moe_arguments, add_process_arguments, add_recipe_arguments,
-                       add_run_arguments, model_overrides, parse_setting, positive_float, positive_int)
+                       add_run_arguments, finite_float, model_overrides, nonempty, parse_setting,
+                       positive_float, positive_int)
+from .cli_errors import BUG_REPORT, CLIError, explain
 from .cli_text import add_text_commands
-
-
-class CLIError(Exception):
-    """A user mistake: printed as one line, exit status 2."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -216,7 +215,7 @@ def _add_data_and_budget(p: argparse.ArgumentParser) -> None:
     from .data.images import DATASET_NAMES
 
     p.add_argument("--data", default="fashion-mnist", choices=DATASET_NAMES)
-    p.add_argument("--data-dir")
+    p.add_argument("--data-dir", type=nonempty)
     p.add_argument("--train-subset", type=positive_int, help="train on this many images (quick runs)")
     p.add_argument("--test-subset", type=positive_int)
     add_budget_arguments(p)
@@ -240,19 +239,19 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     _add_data_and_budget(p)
     p.add_argument("--image-size", type=positive_int)
     add_recipe_arguments(p)
-    p.add_argument("--label-smoothing", type=float)
-    p.add_argument("--mixup", type=float, help="Beta(alpha, alpha) mixup; 0 disables")
+    p.add_argument("--label-smoothing", type=finite_float)
+    p.add_argument("--mixup", type=finite_float, help="Beta(alpha, alpha) mixup; 0 disables")
     p.add_argument("--crop", choices=CROP_NAMES)
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
                    help="random horizontal flips (default on)")
     p.add_argument("--randaugment-n", type=int)
-    p.add_argument("--randaugment-m", type=float)
+    p.add_argument("--randaugment-m", type=finite_float)
     p.add_argument("--eval-every", type=positive_int, metavar="EPOCHS",
                    help="evaluate on the test set every N epochs (default 1); the last epoch always")
     _add_tta_argument(p)
     add_run_arguments(p, "share_norms=True")
     add_moe_arguments(p)
-    p.add_argument("--out", help="run folder (metrics.jsonl, checkpoints/)")
+    p.add_argument("--out", type=nonempty, help="run folder (metrics.jsonl, checkpoints/)")
     add_process_arguments(p, "train")
 
 
@@ -279,9 +278,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint: accuracy, loss, routing per block")
-    p.add_argument("--checkpoint", required=True, help="checkpoint folder, run folder or model.safetensors")
-    p.add_argument("--data", help="dataset (default: the one it was trained on)")
-    p.add_argument("--data-dir")
+    from .data.images import DATASET_NAMES
+    p.add_argument("--checkpoint", type=nonempty, required=True, help="checkpoint folder, run folder or model.safetensors")
+    p.add_argument("--data", choices=DATASET_NAMES, help="dataset (default: the one it was trained on)")
+    p.add_argument("--data-dir", type=nonempty)
     p.add_argument("--test-subset", type=positive_int)
     p.add_argument("--batch-size", type=positive_int, default=512)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -298,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_and_budget(p)
     p.add_argument("--no-ablation", action="store_true", help="skip WideNet with shared LayerNorms")
     add_moe_arguments(p)
-    p.add_argument("--out", default="runs/compare")
+    p.add_argument("--out", type=nonempty, default="runs/compare")
     p.set_defaults(func=cmd_compare)
 
     add_text_commands(sub)
@@ -343,12 +343,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _is_compile_failure(err: BaseException) -> bool:
-    """An error raised by torch.compile's machinery (only possible once it was imported)."""
-    dynamo = sys.modules.get("torch._dynamo.exc")
-    return dynamo is not None and isinstance(err, (dynamo.BackendCompilerFailed, dynamo.TorchDynamoException))
-
-
 def _show_library_notes() -> None:
     """The library's logged decisions (e.g. which expert kernel a GPU takes) as `widenet: ...` lines."""
     import logging
@@ -364,9 +358,7 @@ def _show_library_notes() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .runtime import CompileUnavailable, first_line
-    from .train.trainer import TrainingError
-
+    """Run one command; every expected failure ends as one line and status 2 (cli_errors.py)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     _show_library_notes()
@@ -375,10 +367,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = func(args)
         sys.stdout.flush()  # output still buffered for a closed pipe fails here, where it is handled
         return code
-    except (CLIError, ValueError, TrainingError, CompileUnavailable) as err:
-        # Library and user errors: one line, no traceback.
-        print(f"widenet: error: {first_line(err)}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("widenet: interrupted", file=sys.stderr)
         return 130
@@ -388,8 +376,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141  # 128 + SIGPIPE: what a shell reports for a process that signal ended
     except Exception as err:
-        if not _is_compile_failure(err):
-            raise
-        print(f"widenet: error: torch.compile failed ({first_line(err)}); run without --compile",
-              file=sys.stderr)
+        message = explain(err, getattr(args, "out", None))
+        if message is None:  # a bug: the traceback, and where to send it
+            traceback.print_exc()
+            print(BUG_REPORT, file=sys.stderr)
+            return 1
+        print(f"widenet: error: {message}", file=sys.stderr)
         return 2

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from typing import Any
+
+from .settings import FLOAT_LIMIT, INT_LIMIT
 
 
 def positive_int(text: str) -> int:
@@ -12,32 +15,42 @@ def positive_int(text: str) -> int:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    if not 1 <= value <= INT_LIMIT:
+        raise argparse.ArgumentTypeError(f"must be >= 1 (and below 2**63), got {value}")
     return value
 
 
-def positive_float(text: str) -> float:
+def finite_float(text: str) -> float:
+    """A number that is not NaN or infinite (every float flag's type)."""
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(value) and abs(value) <= FLOAT_LIMIT):
+        raise argparse.ArgumentTypeError(f"must be a finite number within +-{FLOAT_LIMIT:.3g}, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = finite_float(text)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
     return value
 
 
-def parse_setting(text: str) -> tuple[str, object]:
-    """KEY=VALUE with VALUE read as a Python literal when it is one (3, 0.5, True, None)."""
-    import ast
+def nonempty(value: str) -> str:
+    """A path or name that is not empty (an empty --out would mean the current folder)."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return value
 
+
+def parse_setting(text: str) -> tuple[str, str]:
+    """KEY=VALUE, both as written (model_overrides() reads VALUE as the setting's declared type)."""
     key, sep, value = text.partition("=")
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    try:
-        return key.replace("-", "_"), ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-        return key.replace("-", "_"), value
+    return key.strip().replace("-", "_"), value
 
 
 def add_recipe_arguments(p: argparse.ArgumentParser) -> None:
@@ -45,13 +58,13 @@ def add_recipe_arguments(p: argparse.ArgumentParser) -> None:
     from .train.config import OPTIMIZER_NAMES, SCHEDULE_NAMES
 
     p.add_argument("--optimizer", choices=OPTIMIZER_NAMES)
-    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--weight-decay", type=finite_float)
     p.add_argument("--warmup-steps", type=int)
     p.add_argument("--schedule", choices=SCHEDULE_NAMES)
-    p.add_argument("--clip-norm", type=float)
-    p.add_argument("--dropout", type=float)
-    p.add_argument("--aux-weight", type=float, help="weight of the summed balance loss (paper: 0.01)")
-    p.add_argument("--ema-decay", type=float, metavar="D",
+    p.add_argument("--clip-norm", type=finite_float)
+    p.add_argument("--dropout", type=finite_float)
+    p.add_argument("--aux-weight", type=finite_float, help="weight of the summed balance loss (paper: 0.01)")
+    p.add_argument("--ema-decay", type=finite_float, metavar="D",
                    help="also keep and evaluate an exponential moving average of the weights (e.g. 0.999)")
 
 
@@ -89,7 +102,10 @@ def add_run_arguments(p: argparse.ArgumentParser, example_setting: str) -> None:
     p.add_argument("--amp", choices=("auto", "off", "bf16", "fp16"))
     p.add_argument("--compile", action="store_true", default=None,
                    help="torch.compile the training step (the first steps compile: ~1 min on a CPU)")
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    again.add_argument("--overwrite", action="store_true",
+                       help="delete the run already in --out (its checkpoints and metrics) and start again")
 
 
 def add_moe_arguments(p: argparse.ArgumentParser) -> None:
@@ -103,7 +119,7 @@ def add_moe_arguments(p: argparse.ArgumentParser) -> None:
         if f.type == "bool":
             group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
-            kind = positive_int if f.type == "int" else float if "float" in f.type else str
+            kind = positive_int if f.type == "int" else finite_float if "float" in f.type else str
             group.add_argument(flag, dest=dest, type=kind, metavar=f.name.upper(), help=help_text)
 
 
@@ -116,5 +132,13 @@ def moe_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def model_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    """--set KEY=VALUE settings, then the MoE flags (which win)."""
-    return {**dict(getattr(args, "set", None) or []), **moe_overrides(args)}
+    """--set KEY=VALUE settings read as their declared types (share_norms=no -> False,
+    capacity_factor=nan -> an error naming it), then the MoE flags (which win)."""
+    from .models.registry import setting_kinds
+    from .settings import parse_setting_text
+
+    kinds, settings = setting_kinds(), {}
+    for key, text in getattr(args, "set", None) or []:
+        # An unknown key stays text: applying it names every unknown setting at once.
+        settings[key] = parse_setting_text(text, *kinds[key], key) if key in kinds else text
+    return {**settings, **moe_overrides(args)}

@@ -6,7 +6,8 @@ import argparse
 from typing import Any
 
 from .cli_args import (add_budget_arguments, add_moe_arguments, add_process_arguments, add_recipe_arguments,
-                       add_run_arguments, model_overrides, parse_setting, positive_float, positive_int)
+                       add_run_arguments, finite_float, model_overrides, nonempty, parse_setting,
+                       positive_float, positive_int)
 
 
 def _config_fields(args: argparse.Namespace, cls: type) -> dict[str, Any]:
@@ -68,7 +69,7 @@ def _add_common(p: argparse.ArgumentParser, command: str) -> None:
     add_recipe_arguments(p)
     add_run_arguments(p, "num_experts=8")
     add_moe_arguments(p)
-    p.add_argument("--tokenizer", help="tokenizer.json or vocab.txt")
+    p.add_argument("--tokenizer", type=nonempty, help="tokenizer.json or vocab.txt")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"))
     add_process_arguments(p, command)
 
@@ -77,30 +78,30 @@ def add_text_commands(sub) -> None:
     """Register `pretrain` and `finetune` on the CLI's subparsers."""
     p = sub.add_parser("pretrain", help="pretrain a text model: masked LM + sentence-order prediction")
     p.add_argument("--model", default="widenet_text_tiny")
-    p.add_argument("--corpus", nargs="+", required=True, metavar="PATH",
+    p.add_argument("--corpus", type=nonempty, nargs="+", required=True, metavar="PATH",
                    help="text files or folders (.txt, .txt.gz, .jsonl, GCIDE .dict.dz)")
     p.add_argument("--vocab-size", type=positive_int, help="pieces of the tokenizer trained when none is given")
     p.add_argument("--seq-len", type=positive_int)
-    p.add_argument("--mask-prob", type=float)
-    p.add_argument("--sop-weight", type=float)
+    p.add_argument("--mask-prob", type=finite_float)
+    p.add_argument("--sop-weight", type=finite_float)
     p.add_argument("--eval-every", type=positive_int, help="evaluate (and checkpoint) every N steps")
     p.add_argument("--eval-examples", type=positive_int, help="held-out sequences for evaluation")
-    p.add_argument("--cache-dir", help="where the tokenized corpus is cached")
-    p.add_argument("--out", default="runs/pretrain")
+    p.add_argument("--cache-dir", type=nonempty, help="where the tokenized corpus is cached")
+    p.add_argument("--out", type=nonempty, default="runs/pretrain")
     _add_common(p, "pretrain")
     p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("finetune", help="fine-tune a pretrained text model: classification or span QA")
     p.add_argument("--task", required=True, choices=("classify", "qa"))
-    p.add_argument("--init", required=True, help="pretraining checkpoint or run folder")
-    p.add_argument("--train", required=True, help="TSV/CSV/JSONL (classify) or SQuAD JSON (qa); or hf:DATASET[/CONFIG]:SPLIT "
+    p.add_argument("--init", type=nonempty, required=True, help="pretraining checkpoint or run folder")
+    p.add_argument("--train", type=nonempty, required=True, help="TSV/CSV/JSONL (classify) or SQuAD JSON (qa); or hf:DATASET[/CONFIG]:SPLIT "
                         "with the datasets package and a network, e.g. hf:glue/sst2:train")
-    p.add_argument("--validation", required=True)
+    p.add_argument("--validation", type=nonempty, required=True)
     p.add_argument("--max-len", type=positive_int, help="tokens per sequence (default 128 classify, 384 qa)")
     p.add_argument("--doc-stride", type=positive_int)
     p.add_argument("--max-query-len", type=positive_int)
-    p.add_argument("--null-threshold", type=float, help="SQuAD 2.0: answer '' when null beats the best span by this")
-    p.add_argument("--out", default="runs/finetune")
+    p.add_argument("--null-threshold", type=finite_float, help="SQuAD 2.0: answer '' when null beats the best span by this")
+    p.add_argument("--out", type=nonempty, default="runs/finetune")
     _add_common(p, "finetune")
     p.set_defaults(func=cmd_finetune)
 
@@ -110,12 +111,12 @@ def add_text_commands(sub) -> None:
     p.add_argument("--preset", default="quick", choices=("quick", "full"))
     p.add_argument("--seeds", type=positive_int)
     p.add_argument("--max-steps", type=positive_int, help="pretraining steps per model (default: the preset's)")
-    p.add_argument("--corpus", nargs="+", metavar="PATH", help="default: the GCIDE dictionary")
-    p.add_argument("--task-train", help="classification TSV/CSV/JSONL (default: GCIDE part of speech)")
-    p.add_argument("--task-validation")
+    p.add_argument("--corpus", type=nonempty, nargs="+", metavar="PATH", help="default: the GCIDE dictionary")
+    p.add_argument("--task-train", type=nonempty, help="classification TSV/CSV/JSONL (default: GCIDE part of speech)")
+    p.add_argument("--task-validation", type=nonempty)
     p.add_argument("--set", action="append", type=parse_setting, metavar="KEY=VALUE",
                    help="a model setting for every model, e.g. --set depth=2")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     add_moe_arguments(p)
-    p.add_argument("--out", default="runs/compare-text")
+    p.add_argument("--out", type=nonempty, default="runs/compare-text")
     p.set_defaults(func=cmd_compare_text)

@@ -1,7 +1,8 @@
-"""Filesystem helpers: atomic and durable writes, atomic swaps, live-process checks.
+"""Filesystem helpers: atomic and durable writes, atomic swaps, live-process checks, lock files.
 
-Used by the dataset downloads and caches, the tokenizer and the checkpoints:
-a reader never sees half a file, and a crash leaves the previous file whole.
+Used by the dataset downloads and caches, the tokenizer, the checkpoints and
+the run folders: a reader never sees half a file, a crash leaves the previous
+file whole, and two processes never write one run folder at once.
 """
 
 from __future__ import annotations
@@ -10,14 +11,21 @@ import contextlib
 import ctypes
 import errno
 import os
+import pickle
+import re
+import shutil
+import socket
 import sys
 import tempfile
+import time
+import warnings
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
-__all__ = ["atomic_path", "fsync_path", "pid_alive", "rename_exchange", "save_atomic", "write_bytes_durably"]
+__all__ = ["LockHeld", "RefusedPickle", "atomic_path", "disk_full", "fsync_path", "hold_lock", "load_weights_only",
+           "pid_alive", "raise_if_disk_full", "rename_exchange", "save_atomic", "write_bytes_durably"]
 
 
 @contextlib.contextmanager
@@ -45,6 +53,51 @@ def save_atomic(obj: Any, path: Path) -> None:
     """torch.save ``obj`` to ``path`` through atomic_path."""
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
+
+
+def disk_full(err: BaseException, folder: Path) -> bool:
+    """Whether a failed write into `folder` failed for want of space. torch.save says so only as
+    "unexpected pos" or "file write failed", safetensors as "os error 28": the text and the free
+    space together tell."""
+    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+        return True
+    text = str(err).lower()
+    if "no space left" in text or "os error 28" in text:
+        return True
+    if "unexpected pos" not in text and "file write failed" not in text:
+        return False
+    try:
+        return shutil.disk_usage(folder).free < 1 << 20
+    except OSError:
+        return False
+
+
+def raise_if_disk_full(err: BaseException, path: Path) -> None:
+    """Raise OSError(ENOSPC) naming `path` when `err` was a write failing on a full disk."""
+    if disk_full(err, path.parent):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path)) from None
+
+
+class RefusedPickle(ValueError):
+    """A torch file holds more than tensors and plain data: loading it would run code."""
+
+
+def load_weights_only(path: Path) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU. A file that would need code to load
+    raises RefusedPickle naming what it asked for; torch's own text, which suggests retrying with
+    ``weights_only=False`` (the one thing not to do with such a file), is not passed on."""
+    try:
+        with warnings.catch_warnings():  # torch warns about odd pickle protocols in damaged files
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "weights only load failed" not in str(err).lower():
+            raise
+        found = re.search(r"GLOBAL ([\w.]+)", str(err))
+        if found:
+            raise RefusedPickle(f"{path}: this file tries to run code (it asks for {found.group(1)}); "
+                                "it was not loaded") from None
+        raise pickle.UnpicklingError("malformed pickle data") from None
 
 
 def fsync_path(path: Path) -> None:
@@ -98,3 +151,71 @@ def write_bytes_durably(path: Path, data: bytes) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
+
+
+class LockHeld(RuntimeError):
+    """Another live process holds the lock; the message names it."""
+
+
+@contextlib.contextmanager
+def hold_lock(path: Path, warn: Callable[[str], None] = print) -> Iterator[None]:
+    """Hold an exclusive lock on the file ``path`` for the block, or raise LockHeld at once.
+
+    The lock is ``flock``'s, so the kernel drops it when its holder dies: no
+    lock outlives its process, whatever killed it. The file records the
+    holder ("pid PID on HOST since TIME") and is deleted on release; finding
+    it unlocked but still there means the last holder ended without releasing
+    it (a kill -9), which ``warn`` reports before the lock is taken over.
+    Where the filesystem has no locks, ``warn`` says so and the block runs
+    unlocked.
+    """
+    fd = _lock_file(path, warn)
+    try:
+        stale = _read_holder(fd)
+        if stale:
+            warn(f"widenet: warning: taking over {path.name} in {path.parent} from {stale}, "
+                 "which ended without releasing it")
+        stamp = f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"
+        with contextlib.suppress(OSError):  # the lock holds without it (e.g. on a full disk)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, stamp.encode(), 0)
+        yield
+    finally:  # on any exit, while still locked: a process waiting on this file then retries
+        with contextlib.suppress(OSError):
+            path.unlink()
+        os.close(fd)  # closing the descriptor releases the flock
+
+
+def _lock_file(path: Path, warn: Callable[[str], None]) -> int:
+    """A descriptor of ``path`` holding its flock (the file as it is now at that path, not one
+    unlinked by a holder that just ended)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no locks
+        return os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_holder(fd) or "another process"
+            os.close(fd)
+            raise LockHeld(f"{path.parent} is in use by {holder}") from None
+        except OSError as err:
+            if err.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                os.close(fd)
+                raise
+            warn(f"widenet: warning: {path.parent}'s filesystem has no file locks; "
+                 "a second run into it would not be stopped")
+            return fd
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)  # the holder before us deleted this file after we opened it: take the new one
+
+
+def _read_holder(fd: int) -> str:
+    return os.pread(fd, 200, 0).decode("utf-8", "replace").strip()

@@ -27,6 +27,7 @@ from ..data.images import ImageDataset, subset
 from ..train.config import TrainConfig
 from ..train.images import TrainResult, load_data, train
 from ..train.metrics import read_metrics
+from ..train.run_folder import resume_or_restart
 from . import plots
 from .flops import flops_per_image
 from .similarity import block_similarity
@@ -106,7 +107,7 @@ def _run_spec(spec: RunSpec, base: TrainConfig, data: tuple[ImageDataset, ImageD
         run_dir = out / "runs" / _slug(spec.label) / f"seed{seed}"
         overrides = {**base.model_overrides, **spec.overrides}
         cfg = dataclasses.replace(base, model=spec.model, model_overrides=overrides, seed=seed,
-                                  out=str(run_dir), resume=(run_dir / "checkpoints").exists())
+                                  out=str(run_dir), **resume_or_restart(run_dir))
         log(f"== {spec.label}, seed {seed} ==")
         runs.append(train(cfg, log=lambda line: log(f"  {line}"), data=data))
     first = runs[0]

@@ -30,6 +30,7 @@ from ..data.text.pos_task import write_pos_task
 from ..data.text.tokenizer import save_tokenizer, train_tokenizer
 from ..train.finetune import finetune
 from ..train.metrics import read_metrics
+from ..train.run_folder import resume_or_restart
 from ..train.pretrain import TOKENIZER_FILE, pretrain
 from ..train.text_config import FinetuneConfig, PretrainConfig
 from . import plots
@@ -132,13 +133,13 @@ def _run_seed(model: str, seed: int, out: Path, corpus: list[str], tokenizer: Pa
         max_steps=budget["pretrain_steps"], batch_size=budget["batch_size"], lr=budget["lr"],
         max_documents=budget["max_documents"], model_overrides=budget["model_overrides"], seed=seed,
         log_every=10, device=device,
-        out=str(run / "pretrain"), resume=(run / "pretrain" / "checkpoints").exists()), log=indent)
+        out=str(run / "pretrain"), **resume_or_restart(run / "pretrain")), log=indent)
     log(f"== {model}, seed {seed}: fine-tuning ==")
     fine = finetune(FinetuneConfig(
         task="classify", init=str(run / "pretrain"), train=task_train, validation=task_validation,
         tokenizer=str(tokenizer), max_len=budget["seq_len"], epochs=budget["finetune_epochs"],
         batch_size=budget["batch_size"], lr=budget["finetune_lr"], seed=seed, log_every=10, device=device,
-        out=str(run / "finetune"), resume=(run / "finetune" / "checkpoints").exists()), log=indent)
+        out=str(run / "finetune"), **resume_or_restart(run / "finetune")), log=indent)
     e = pre.run.final_eval
     return TextSeedResult(pre.params, pre.run.tokens_per_s, e["mlm_accuracy"], e["sop_accuracy"],
                           fine.run.final_eval["accuracy"], e["routing"], _mlm_curve(run / "pretrain"))

@@ -31,6 +31,7 @@ from ..layers.experts import grouped_mm_works
 from ..layers.mlp import Mlp
 from ..layers.moe import MoE, MoEConfig
 from ..runtime import autocast, autocast_dtype
+from ..settings import check_types
 
 KERNELS = ("loop", "padded", "grouped")
 
@@ -50,6 +51,7 @@ class MoEBenchConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        check_types(self)
         for name in ("tokens", "dim", "hidden", "repeats", "einsum_repeats"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")

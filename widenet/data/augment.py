@@ -19,6 +19,8 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
+from ..settings import check_types
+
 __all__ = [
     "CROP_MODES",
     "AugmentConfig",
@@ -331,11 +333,12 @@ class AugmentConfig:
     randaugment_group: int = 16
 
     def __post_init__(self) -> None:
+        check_types(self)
         if self.crop not in CROP_MODES:
             raise ValueError(f"crop must be one of {CROP_MODES}, got {self.crop!r}")
         if self.randaugment_n < 0:
             raise ValueError(f"randaugment_n must be >= 0, got {self.randaugment_n}")
-        if self.randaugment_n and not 0 < self.randaugment_m < 30:
+        if not 0 < self.randaugment_m < 30:
             raise ValueError(f"randaugment_m must be in (0, 30), got {self.randaugment_m}")
 
 

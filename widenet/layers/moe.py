@@ -48,8 +48,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..settings import SettingError, check_types
 from .dispatch import Combine, DispatchPlan, GatherTokens, RoutedExperts, plan_dispatch
 from .experts import EXPERT_BACKENDS, Experts, cast, grouped_mm_works
+from .masks import resolve_padding_mask
 from .router import Router, RouterOutput, at_least_one, load_balancing_loss, router_z_loss
 
 __all__ = ["MoE", "MoEConfig", "MOE_SETTINGS", "MoEOutput", "RoutingStats", "Router", "RouterOutput", "Experts", "EXPERT_BACKENDS",
@@ -154,24 +156,18 @@ class MoEConfig:
                                    default="auto")
 
     def __post_init__(self) -> None:
+        check_types(self, "MoE ")  # types, finite numbers
         for name in ("num_experts", "top_k"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"MoE {name} must be a positive integer, got {value!r}")
+            if getattr(self, name) < 1:
+                raise SettingError(f"MoE {name} must be a positive integer, got {getattr(self, name)!r}")
         if self.top_k > self.num_experts:
-            raise ValueError(f"MoE top_k={self.top_k} exceeds num_experts={self.num_experts}")
-        for name, least, optional in (("capacity_factor", 0, False), ("eval_capacity_factor", 0, True),
-                                      ("noise_std", None, True), ("z_loss_weight", None, False)):
+            raise SettingError(f"MoE top_k={self.top_k} exceeds num_experts={self.num_experts}")
+        for name, least in (("capacity_factor", 0), ("eval_capacity_factor", 0), ("noise_std", None),
+                            ("z_loss_weight", None)):
             value = getattr(self, name)
-            if value is None and optional:
-                continue
-            bad = not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value)
-            if bad or (value <= 0 if least == 0 else value < 0):
+            if value is not None and (value <= 0 if least == 0 else value < 0):
                 rule = "a number > 0" if least == 0 else "a number >= 0"
-                raise ValueError(f"MoE {name} must be {rule}, got {value!r}")
-        for name in ("dropless", "renormalize"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"MoE {name} must be True or False, got {getattr(self, name)!r}")
+                raise SettingError(f"MoE {name} must be {rule}, got {value!r}")
         if self.expert_backend not in EXPERT_BACKENDS:
             raise ValueError(f"MoE expert_backend must be one of {', '.join(EXPERT_BACKENDS)}, "
                              f"got {self.expert_backend!r}")
@@ -187,16 +183,17 @@ MOE_SETTINGS = tuple(f.name for f in fields(MoEConfig))
 
 def expert_capacity(num_tokens: int | torch.Tensor, num_experts: int, top_k: int,
                     factor: float) -> int | torch.Tensor:
-    """Slots per expert per call: ceil(factor * k * N / E); an int, or a () int64
-    tensor for a token count held on the device (padding masks).
+    """Slots per expert per call: ceil(factor * k * N / E), and at most N (an expert gets at most
+    one assignment per token, so more slots would only be empty); an int, or a () int64 tensor
+    for a token count held on the device (padding masks).
 
     Rounded to 9 decimals before the ceiling so that decimal factors give the
     exact answer (1.1 * 100 / 2 is 55.00000000000001 in floating point).
     """
     if isinstance(num_tokens, torch.Tensor):
         share = num_tokens.double() * (factor * top_k) / num_experts
-        return torch.ceil(torch.round(share, decimals=9)).long()
-    return math.ceil(round(factor * top_k * num_tokens / num_experts, 9))
+        return torch.minimum(torch.ceil(torch.round(share, decimals=9)), num_tokens.double()).long()
+    return min(math.ceil(round(factor * top_k * num_tokens / num_experts, 9)), num_tokens)
 
 
 # ----------------------------------------------------------------------------
@@ -245,14 +242,15 @@ class MoE(nn.Module):
             c.capacity_factor
         return expert_capacity(num_tokens, c.num_experts, c.top_k, factor)
 
-    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> MoEOutput:
+    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None, *,
+                keep_mask: torch.Tensor | None = None) -> MoEOutput:
+        """x (B, T, D) or (N, D); padding_mask bool, True = padding, or keep_mask (bool or 0/1
+        integers, 1 = a real token: Hugging Face's attention_mask), of shape x.shape[:-1]."""
         if x.shape[-1] != self.dim:
             raise ValueError(f"MoE expects token dimension {self.dim}, got input of shape {tuple(x.shape)}")
-        if padding_mask is not None and padding_mask.shape != x.shape[:-1]:
-            raise ValueError(f"padding_mask shape {tuple(padding_mask.shape)} does not match "
-                             f"tokens {tuple(x.shape[:-1])}")
+        padding_mask = resolve_padding_mask(x.shape[:-1], padding_mask, keep_mask)
         flat = x.reshape(-1, self.dim)  # (N, D)
-        valid = None if padding_mask is None else padding_mask.reshape(-1) == 0  # (N,); 0/1 masks as False/True
+        valid = None if padding_mask is None else ~padding_mask.reshape(-1)  # (N,)
         out, aux, stats = self._route_and_compute(flat, valid)
         return MoEOutput(out.reshape(x.shape), aux, stats)
 

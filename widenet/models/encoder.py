@@ -28,8 +28,10 @@ from torch.utils.checkpoint import checkpoint
 
 from ..layers.attention import Attention
 from ..layers.drop_path import block_rates, drop_path
+from ..layers.masks import resolve_padding_mask
 from ..layers.mlp import Mlp
 from ..layers.moe import MOE_SETTINGS, MoE, MoEConfig, RoutingStats
+from ..settings import SettingTypeError, check_types
 
 _MOE_BLOCKS = re.compile(r"^(none|all|last:[1-9]\d*|every:[1-9]\d*)$")
 
@@ -73,10 +75,14 @@ class EncoderConfig:
     def __post_init__(self) -> None:
         if isinstance(self.moe, dict):
             self.moe = MoEConfig(**self.moe)
+        if not isinstance(self.moe, MoEConfig):
+            raise SettingTypeError(f"moe must be a MoEConfig or a dict of its settings, got {self.moe!r}")
+        check_types(self)
         for name in ("dim", "depth", "num_heads", "mlp_dim"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.norm_eps <= 0:
+            raise ValueError(f"norm_eps must be > 0, got {self.norm_eps}")
         if self.expert_dim is not None and self.expert_dim < 1:
             raise ValueError(f"expert_dim must be a positive integer, got {self.expert_dim!r}")
         if self.dim % self.num_heads:
@@ -182,15 +188,12 @@ class Encoder(nn.Module):
                            else nn.Identity())
 
     def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None,
-                return_hidden_states: bool = False) -> EncoderOutput:
-        """x: (B, T, D) tokens; padding_mask: (B, T) bool, True = padding."""
+                return_hidden_states: bool = False, *, keep_mask: torch.Tensor | None = None) -> EncoderOutput:
+        """x: (B, T, D) tokens; padding_mask: (B, T) bool, True = padding, or keep_mask (B, T),
+        bool or 0/1 integers, 1 = a real token (layers/masks.py)."""
         if x.ndim != 3 or x.shape[-1] != self.cfg.dim:
             raise ValueError(f"encoder expects tokens of shape (B, T, {self.cfg.dim}), got {tuple(x.shape)}")
-        if padding_mask is not None:
-            if padding_mask.shape != x.shape[:2]:
-                raise ValueError(f"padding_mask shape {tuple(padding_mask.shape)} does not match tokens "
-                                 f"{tuple(x.shape[:2])}")
-            padding_mask = padding_mask != 0 if padding_mask.dtype != torch.bool else padding_mask
+        padding_mask = resolve_padding_mask(x.shape[:2], padding_mask, keep_mask)
         aux = x.new_zeros((), dtype=torch.float32)
         routing: list[RoutingStats | None] = []
         states: list[torch.Tensor] | None = [] if return_hidden_states else None

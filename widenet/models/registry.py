@@ -12,7 +12,8 @@ from typing import Any, Callable
 
 from torch import nn
 
-from ..layers.moe import MOE_SETTINGS
+from ..layers.moe import MOE_SETTINGS, MoEConfig
+from ..settings import field_kinds
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,19 @@ def apply_overrides(cfg: Any, overrides: dict[str, Any]) -> Any:
     enc_changes = {k: v for k, v in overrides.items() if k in inner and k not in top}
     top_changes = {k: v for k, v in overrides.items() if k in top}
     return dataclasses.replace(cfg, **top_changes, encoder=cfg.encoder.replace(**enc_changes))
+
+
+def setting_kinds() -> dict[str, tuple[type, bool]]:
+    """{name: (type, optional)} of every model setting an override may name (the model configs',
+    the encoder's and the MoE's), as widenet.settings reads them from the annotations."""
+    from .encoder import EncoderConfig
+    from .text import TextConfig
+    from .vision import VisionConfig
+
+    kinds: dict[str, tuple[type, bool]] = {"representation": (bool, False)}
+    for cls in (MoEConfig, EncoderConfig, TextConfig, VisionConfig):
+        kinds.update(field_kinds(cls))
+    return kinds
 
 
 def count_parameters(model: nn.Module) -> int:

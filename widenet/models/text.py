@@ -32,7 +32,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from ..layers.masks import resolve_padding_mask
 from ..layers.moe import RoutingStats
+from ..settings import SettingTypeError, check_types
 from .encoder import Encoder, EncoderConfig
 
 TASKS = ("pretrain", "classify", "qa")
@@ -70,6 +72,9 @@ class TextConfig:
     def __post_init__(self) -> None:
         if isinstance(self.encoder, dict):
             self.encoder = EncoderConfig.from_dict(self.encoder)
+        if not isinstance(self.encoder, EncoderConfig):
+            raise SettingTypeError(f"encoder must be an EncoderConfig or a dict of its settings, got {self.encoder!r}")
+        check_types(self)
         for name in ("vocab_size", "embedding_size", "max_positions", "type_vocab_size", "num_labels"):
             _check_positive_int(name, getattr(self, name))
         pad = self.pad_token_id
@@ -171,17 +176,19 @@ class TextBackbone(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
                 padding_mask: torch.Tensor | None = None,
-                return_hidden_states: bool = False) -> BackboneOutput:
+                return_hidden_states: bool = False, *, keep_mask: torch.Tensor | None = None) -> BackboneOutput:
         """input_ids (B, T) long; token_type_ids (B, T) (None: zeros);
-        padding_mask (B, T) bool, True = padding (None: input_ids == pad_token_id)."""
-        token_type_ids, padding_mask = self._check_inputs(input_ids, token_type_ids, padding_mask)
+        padding_mask (B, T) bool, True = padding, or keep_mask (B, T), 1 = a real token
+        (Hugging Face's attention_mask); neither: input_ids == pad_token_id."""
+        token_type_ids, padding_mask = self._check_inputs(input_ids, token_type_ids, padding_mask, keep_mask)
         x = self.embeddings(input_ids, token_type_ids)  # (B, T, D)
         enc = self.encoder(x, padding_mask, return_hidden_states=return_hidden_states)
         pooled = torch.tanh(self.pooler(enc.hidden[:, 0]))  # (B, D)
         return BackboneOutput(enc.hidden, pooled, enc.aux_loss, enc.routing, padding_mask, enc.hidden_states)
 
     def _check_inputs(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None,
-                      padding_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+                      padding_mask: torch.Tensor | None, keep_mask: torch.Tensor | None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
         """Validate the inputs; fill in the default token types and padding mask."""
         cfg = self.cfg
         if input_ids.ndim != 2:
@@ -200,11 +207,9 @@ class TextBackbone(nn.Module):
         else:
             _check_same_shape("token_type_ids", token_type_ids, input_ids)
             _check_id_range("token_type_ids", token_type_ids, cfg.type_vocab_size, "type_vocab_size")
+        padding_mask = resolve_padding_mask(input_ids.shape, padding_mask, keep_mask)
         if padding_mask is None:
             padding_mask = input_ids == cfg.pad_token_id
-        else:
-            _check_same_shape("padding_mask", padding_mask, input_ids)
-            padding_mask = padding_mask if padding_mask.dtype == torch.bool else padding_mask != 0
         return token_type_ids, padding_mask
 
 
@@ -312,9 +317,10 @@ class TextTransformer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
                 padding_mask: torch.Tensor | None = None, masked_positions: torch.Tensor | None = None,
-                return_hidden_states: bool = False) -> TextOutput:
+                return_hidden_states: bool = False, *, keep_mask: torch.Tensor | None = None) -> TextOutput:
         """input_ids (B, T); token_type_ids (B, T) or None (zeros); padding_mask (B, T)
-        bool, True = padding (None: input_ids == pad_token_id); masked_positions
+        bool, True = padding, or keep_mask (B, T), 1 = a real token (Hugging Face's
+        attention_mask; neither: input_ids == pad_token_id); masked_positions
         (B, T) bool: where to compute MLM logits (pretrain only)."""
         if masked_positions is not None and self.cfg.task != "pretrain":
             raise ValueError(f"masked_positions needs a task='pretrain' model, this one is {self.cfg.task!r}")
@@ -322,7 +328,7 @@ class TextTransformer(nn.Module):
             _check_same_shape("masked_positions", masked_positions, input_ids)
             if masked_positions.dtype != torch.bool:
                 raise ValueError(f"masked_positions must be a bool mask, got dtype {masked_positions.dtype}")
-        feats = self.backbone(input_ids, token_type_ids, padding_mask, return_hidden_states)
+        feats = self.backbone(input_ids, token_type_ids, padding_mask, return_hidden_states, keep_mask=keep_mask)
         out = TextOutput(feats.hidden, feats.pooled, feats.aux_loss, feats.routing, feats.hidden_states)
         task = self.cfg.task
         if task == "pretrain":

@@ -9,6 +9,7 @@ from torch import nn
 
 from ..layers.moe import RoutingStats
 from ..layers.patch_embed import make_stem, token_grid
+from ..settings import SettingTypeError, check_types
 from .encoder import Encoder, EncoderConfig
 
 
@@ -39,13 +40,15 @@ class VisionConfig:
     def __post_init__(self) -> None:
         if isinstance(self.encoder, dict):
             self.encoder = EncoderConfig.from_dict(self.encoder)
+        if not isinstance(self.encoder, EncoderConfig):
+            raise SettingTypeError(f"encoder must be an EncoderConfig or a dict of its settings, got {self.encoder!r}")
+        check_types(self)
         for name in ("image_size", "patch_size", "in_channels", "num_classes"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.pool not in ("token", "avg"):
             raise ValueError(f"pool must be 'token' or 'avg', got {self.pool!r}")
-        if self.stem_width is not None and (not isinstance(self.stem_width, int) or self.stem_width < 1):
+        if self.stem_width is not None and self.stem_width < 1:
             raise ValueError(f"stem_width must be a positive integer, got {self.stem_width!r}")
         token_grid(self.stem, self.image_size, self.patch_size, self.encoder.dim, self.stem_width)
         if self.representation_size is not None and self.representation_size < 1:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -39,7 +38,7 @@ import torch
 from torch import nn
 
 from .. import files
-from ..files import fsync_path, write_bytes_durably
+from ..files import RefusedPickle, fsync_path, load_weights_only, raise_if_disk_full, write_bytes_durably
 from ..rng import capture_rng_state, restore_rng_state
 from .checkpoint_layout import (CHECKPOINT_FILES, CHECKPOINTS_DIR, FORMAT, LATEST_FILE, META_FILE, MODEL_FILE,
                                 STATE_FILE, STEP_RE, TMP_PREFIX, CheckpointError, checkpoint_dir_name, checkpoints_root,
@@ -253,6 +252,9 @@ def save_checkpoint(
     try:
         _write_folder(tmp, tensors, train_state, meta_text)
         _move_into_place(tmp, final)
+    except Exception as err:
+        raise_if_disk_full(err, final)  # torch and safetensors word a full disk obscurely
+        raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -298,12 +300,18 @@ def _read_meta(file: Path) -> dict:
     return meta
 
 
-def _check_expected_meta(file: Path, meta: dict, expected: Mapping) -> None:
-    """Raise CheckpointError if any ``expected`` entry differs from ``meta``."""
+def _check_expected_meta(file: Path, meta: dict, expected: Mapping, within: str = "") -> None:
+    """Raise CheckpointError if any ``expected`` entry differs from ``meta`` (a dict entry: only the
+    keys it names, e.g. ``{"data": {"classes": [...]}}``)."""
     for key, want in expected.items():
         have = meta.get(key, "<missing>")
+        if isinstance(want, Mapping) and isinstance(have, Mapping):
+            _check_expected_meta(file, have, want, f"{within}{key}.")
+            continue
         if have == want:
             continue
+        if within:
+            raise CheckpointError(f"{file}: the checkpoint's {within}{key} is {have!r}, this run's is {want!r}")
         if key == "model":
             raise CheckpointError(
                 f"{file}: checkpoint is for model {have!r} but model {want!r} was requested"
@@ -326,14 +334,10 @@ def _read_model_state(file: Path) -> dict[str, torch.Tensor]:
 def _read_train_state(file: Path) -> dict:
     """Load state.pt with ``weights_only=True`` or raise CheckpointError."""
     try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
+        state = load_weights_only(file)
+    except RefusedPickle as e:
+        raise CheckpointError(f"{e} (a state.pt holds only tensors, numbers, strings, lists and dicts)") from None
     except Exception as e:
-        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
-        if found:
-            raise CheckpointError(
-                f"{file}: refused to load state: it contains an object of type {found.group(1)}; "
-                "only tensors, numbers, strings, lists, tuples and dicts are allowed (weights_only)"
-            ) from e
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{file}: corrupt or unreadable state.pt ({first_line})") from e
     if not isinstance(state, dict):

@@ -8,9 +8,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
+from ..data.augment import CROP_MODES, AugmentConfig
+from ..settings import SettingTypeError, check_types
+
 OPTIMIZER_NAMES = ("adamw", "lamb")
 SCHEDULE_NAMES = ("linear", "cosine", "constant")
-CROP_NAMES = ("none", "pad-crop", "inception")
+CROP_NAMES = CROP_MODES  # AugmentConfig defines them
 TTA_NAMES = ("none", "flip")  # test-time augmentation (widenet.train.evaluate)
 
 
@@ -50,12 +53,16 @@ class RecipeConfig:
     expert_parallel: int = 1  # under torchrun: split each MoE's experts over this many processes
     out: str = "runs/train"
     resume: bool = False
+    overwrite: bool = False  # delete a run already in `out` (widenet.train.run_folder)
 
     # Settings a resumed run may change: where and how it runs, not what it computes.
-    RESUME_FREE: ClassVar[tuple[str, ...]] = ("out", "resume", "device", "compile", "save_every", "keep_last",
+    RESUME_FREE: ClassVar[tuple[str, ...]] = ("out", "resume", "overwrite", "device", "compile", "save_every", "keep_last",
                                               "log_every", "eval_batch_size", "fsdp", "expert_parallel")
 
     def __post_init__(self) -> None:
+        check_types(self)  # every field of this class and its subclasses: types, finite numbers
+        if not isinstance(self.model_overrides, dict):
+            raise SettingTypeError(f"model_overrides must be a dict, got {self.model_overrides!r}")
         _positive(self, "epochs", "batch_size", "eval_batch_size", "log_every", "keep_last")
         _positive(self, "max_steps", "save_every", optional=True)
         _choice(self, "optimizer", OPTIMIZER_NAMES)
@@ -71,8 +78,9 @@ class RecipeConfig:
         if self.warmup_steps is not None and self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         _positive(self, "expert_parallel")
-        if self.time_budget is not None and not (isinstance(self.time_budget, (int, float))
-                                                 and 0 < self.time_budget < float("inf")):
+        if self.resume and self.overwrite:
+            raise ValueError("give resume or overwrite, not both")
+        if self.time_budget is not None and not self.time_budget > 0:
             raise ValueError(f"time_budget must be a positive number of minutes, got {self.time_budget!r}")
         if self.time_budget is not None and self.max_steps is not None:
             raise ValueError("give either time_budget or max_steps, not both")
@@ -123,13 +131,17 @@ class TrainConfig(RecipeConfig):
         super().__post_init__()
         _positive(self, "eval_every")
         _positive(self, "image_size", "train_subset", "test_subset", optional=True)
-        _choice(self, "crop", CROP_NAMES)
         _choice(self, "tta", TTA_NAMES)
-        for name in ("mixup", "randaugment_n"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        self.augment_config()  # crop, flip and RandAugment are checked where they are defined
+        if self.mixup < 0:
+            raise ValueError(f"mixup must be >= 0, got {self.mixup}")
         if not 0 <= self.label_smoothing < 1:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+
+
+    def augment_config(self) -> AugmentConfig:
+        return AugmentConfig(crop=self.crop, flip=self.flip, randaugment_n=self.randaugment_n,
+                             randaugment_m=self.randaugment_m)
 
 
 RESUME_FREE_KEYS = TrainConfig.RESUME_FREE
@@ -145,7 +157,7 @@ def _positive(cfg: Any, *names: str, optional: bool = False) -> None:
         value = getattr(cfg, name)
         if value is None and optional:
             continue
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        if value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..data.images import load_dataset, subset
+from ..data.images import check_same_classes, load_dataset, subset
 from ..models.registry import create_model
 from ..models.vision import VisionConfig
 from ..runtime import resolve_device
@@ -22,8 +22,11 @@ def evaluate_checkpoint(path: str, data: str | None = None, data_dir: str | None
     """
     ckpt = load_checkpoint(find_latest_checkpoint(path) or path)
     meta = ckpt.meta
-    if "model" not in meta or "model_config" not in meta:
+    if "model" not in meta or not isinstance(meta.get("model_config"), dict):
         raise CheckpointError(f"{ckpt.path}: meta.json lacks the model name/config")
+    if "tokenizer" in meta or "vocab_size" in meta["model_config"]:
+        raise CheckpointError(f"{ckpt.path}: a text run (pretraining or fine-tuning); widenet eval evaluates image "
+                              "classifiers (a text run's validation scores are in its metrics.jsonl)")
     cfg = VisionConfig(**meta["model_config"])
     model = create_model(meta["model"], **_flat(cfg))
     load_checkpoint(ckpt.path, model)
@@ -34,6 +37,8 @@ def evaluate_checkpoint(path: str, data: str | None = None, data_dir: str | None
     test = load_dataset(name, "test", data_dir or train_cfg.get("data_dir"), cfg.image_size)
     if test_subset:
         test = subset(test, test_subset, train_cfg.get("seed", 0))
+    if meta.get("data", {}).get("classes"):
+        check_same_classes(meta["data"]["classes"], test, "the checkpoint's")
     if test.channels != cfg.in_channels or test.num_classes > cfg.num_classes:
         raise ValueError(f"dataset {name!r} ({test.channels} channels, {test.num_classes} classes) does not fit "
                          f"the checkpoint's model ({cfg.in_channels} channels, {cfg.num_classes} classes)")

@@ -32,6 +32,7 @@ from ..data.text.classification import check_labels, encode_classification, labe
 from ..data.text.hub import resolve_task_file
 from ..data.text.squad import encode_squad, postprocess_squad, read_squad
 from ..data.text.squad_metrics import squad_scores
+from ..data.text.task_common import TaskDataError
 from ..data.text.tokenizer import TokenizerError, load_tokenizer, save_tokenizer, special_ids, vocab_fingerprint
 from ..distributed.parallel import ParallelContext
 from ..models.registry import apply_overrides, count_parameters
@@ -40,9 +41,11 @@ from ..runtime import autocast, autocast_dtype, resolve_device
 from .checkpoint import CheckpointError, LoadedCheckpoint, load_checkpoint
 from .evaluate import RoutingTally
 from .pretrain import TOKENIZER_FILE
+from .progress import StepResult
+from .run_folder import claim_run_folder
 from .text_common import Batch, TextTask, describe_processes, global_sums, local_rows, ordered_batches
 from .text_config import FinetuneConfig
-from .trainer import RunResult, StepResult, Trainer
+from .trainer import RunResult, Trainer
 
 DEFAULT_MAX_LEN = {"classify": 128, "qa": 384}
 
@@ -201,16 +204,27 @@ class QATask(_FinetuneTask):
 def _classify_data(cfg: FinetuneConfig, tokenizer, max_len: int) -> tuple[Batch, Batch, list[str]]:
     train_file, val_file = resolve_task_file(cfg.train, "classify"), resolve_task_file(cfg.validation, "classify")
     train_ex, val_ex = read_classification(train_file), read_classification(val_file)
+    _check_not_empty((train_file, train_ex), (val_file, val_ex))
     labels = label_vocabulary(train_ex)
+    if len(labels) < 2:
+        raise TaskDataError(f"{train_file}: every example has the label {labels[0]!r}; "
+                            "classification needs at least two labels")
     check_labels(val_ex, labels, val_file)
     train = encode_classification(train_ex, tokenizer, labels, max_len)
     validation = encode_classification(val_ex, tokenizer, labels, max_len)
     return train, validation, labels
 
 
+def _check_not_empty(*files: tuple[str, list]) -> None:
+    for path, examples in files:
+        if not examples:
+            raise TaskDataError(f"{path}: no examples")
+
+
 def _qa_data(cfg: FinetuneConfig, tokenizer, max_len: int):
-    train_ex, _ = read_squad(resolve_task_file(cfg.train, "qa"))
-    val_ex, version = read_squad(resolve_task_file(cfg.validation, "qa"))
+    train_file, val_file = resolve_task_file(cfg.train, "qa"), resolve_task_file(cfg.validation, "qa")
+    (train_ex, _), (val_ex, version) = read_squad(train_file), read_squad(val_file)
+    _check_not_empty((train_file, train_ex), (val_file, val_ex))
     kw = dict(max_len=max_len, doc_stride=cfg.doc_stride, max_query_len=cfg.max_query_len)
     tf = encode_squad(train_ex, tokenizer, **kw)
     train = dict(input_ids=tf.input_ids, token_type_ids=tf.token_type_ids, start_positions=tf.start_positions,
@@ -247,11 +261,12 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print) -> Finetun
     meta = dict(model=cfg.model, model_config=model.cfg.to_dict(), train_config=cfg.to_dict(),
                 tokenizer=ckpt.meta["tokenizer"], init=str(ckpt.path), data=data_meta)
     out = Path(cfg.out)
-    trainer = Trainer(cfg, task, model, parallel, device, amp, meta, log, started=started)
-    if parallel.is_main and not (out / TOKENIZER_FILE).exists():  # the run folder is self-contained
-        out.mkdir(parents=True, exist_ok=True)
-        save_tokenizer(tokenizer, out / TOKENIZER_FILE)
-    trainer.log(f"fine-tuning {cfg.model} ({params / 1e6:.3f}M params) for {cfg.task} from {ckpt.path}: "
-                f"{len(train['input_ids'])} training sequences of up to {max_len} tokens; "
-                f"{trainer.progress.total} steps; {device}" + describe_processes(parallel, cfg.compile))
-    return FinetuneResult(out, params, trainer.run(), model)
+    with claim_run_folder(out, cfg.resume, cfg.overwrite, parallel, log):
+        trainer = Trainer(cfg, task, model, parallel, device, amp, meta, log, started=started)
+        if parallel.is_main and not (out / TOKENIZER_FILE).exists():  # the run folder is self-contained
+            out.mkdir(parents=True, exist_ok=True)
+            save_tokenizer(tokenizer, out / TOKENIZER_FILE)
+        trainer.log(f"fine-tuning {cfg.model} ({params / 1e6:.3f}M params) for {cfg.task} from {ckpt.path}: "
+                    f"{len(train['input_ids'])} training sequences of up to {max_len} tokens; "
+                    f"{trainer.progress.total} steps; {device}" + describe_processes(parallel, cfg.compile))
+        return FinetuneResult(out, params, trainer.run(), model)

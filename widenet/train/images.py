@@ -19,9 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.augment import AugmentConfig, augment_batch, mixup, normalize, one_hot_smoothed
+from ..data.augment import augment_batch, mixup, normalize, one_hot_smoothed
 from ..data.batches import num_batches
-from ..data.images import ImageDataset, iterate_batches, load_dataset, subset
+from ..data.images import (ImageDataset, check_classification_pair, iterate_batches, load_dataset, resize_dataset,
+                           subset)
 from ..distributed.env import main_process_first
 from ..distributed.parallel import ParallelContext
 from ..models.registry import count_parameters, create_model
@@ -29,7 +30,9 @@ from ..runtime import autocast, autocast_dtype, resolve_device
 from .budget import Cadence, time_per_call
 from .config import TrainConfig
 from .evaluate import EvalResult, evaluate, evaluate_on
-from .trainer import StepResult, Trainer, TrainingError
+from .progress import StepResult
+from .run_folder import claim_run_folder
+from .trainer import Trainer, TrainingError
 
 EMA_CALIBRATION_BATCHES = 20
 
@@ -46,14 +49,16 @@ class TrainResult:
 
 
 def load_data(cfg: TrainConfig) -> tuple[ImageDataset, ImageDataset]:
-    """Train and test sets, decoded once, optionally subsampled."""
-    train = load_dataset(cfg.data, "train", cfg.data_dir, cfg.image_size, cfg.download)
-    test = load_dataset(cfg.data, "test", cfg.data_dir, cfg.image_size, cfg.download)
-    if cfg.train_subset:
-        train = subset(train, cfg.train_subset, cfg.seed)
-    if cfg.test_subset:
-        test = subset(test, cfg.test_subset, cfg.seed)
-    return train, test
+    """Train and test sets, decoded once, subsampled, then resized (--image-size), and checked to
+    make one classification task (check_classification_pair)."""
+    at_load = cfg.image_size if cfg.data == "folder" else None  # a folder's images are decoded at that size
+    splits = []
+    for split, size in (("train", cfg.train_subset), ("test", cfg.test_subset)):
+        data = load_dataset(cfg.data, split, cfg.data_dir, at_load, cfg.download)
+        data = subset(data, size, cfg.seed) if size else data
+        splits.append(resize_dataset(data, cfg.image_size) if cfg.image_size and not at_load else data)
+    check_classification_pair(*splits)
+    return splits[0], splits[1]
 
 
 def build_model_for(cfg: TrainConfig, data: ImageDataset) -> nn.Module:
@@ -76,8 +81,7 @@ class ImageTask:
         self.parallel, self.device, self.amp = parallel, device, amp
         self.steps_per_epoch = num_batches(len(self.train_set), cfg.batch_size, drop_last=False)
         self.cadence = Cadence(self.steps_per_epoch, every_epochs=cfg.eval_every)
-        self.augment = AugmentConfig(crop=cfg.crop, flip=cfg.flip, randaugment_n=cfg.randaugment_n,
-                                     randaugment_m=cfg.randaugment_m)
+        self.augment = cfg.augment_config()
         self.mean, self.std = self.train_set.mean, self.train_set.std
 
     def batches(self, epoch: int, start_batch: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
@@ -159,13 +163,15 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print,
     meta = dict(model=cfg.model, model_config=model.cfg.to_dict(), train_config=cfg.to_dict(),
                 data=dict(name=cfg.data, classes=train_set.classes, mean=list(task.mean), std=list(task.std)))
     params = count_parameters(model)
-    trainer = Trainer(cfg, task, model, parallel, device, amp, meta, log, started=started)  # budget: loading too
-    workers = f", {parallel.env.world_size} processes ({parallel.mode})" if parallel.distributed else ""
-    trainer.log(f"training {cfg.model} ({params / 1e6:.3f}M params) on {cfg.data}: {len(train_set)} images, "
-                f"{trainer.progress.total} steps, batch {cfg.batch_size}, {device}" + (f", {amp}" if amp else "")
-                + workers + (", compiled (the first steps compile)" if cfg.compile else ""))
-    run = trainer.run()
-    return TrainResult(Path(cfg.out), run.steps, run.final_eval, params, run.examples_per_s, run.net, run.ema_eval)
+    with claim_run_folder(cfg.out, cfg.resume, cfg.overwrite, parallel, log):
+        trainer = Trainer(cfg, task, model, parallel, device, amp, meta, log, started=started,  # budget: loading too
+                          expected_meta=dict(data=dict(classes=train_set.classes)))  # resume: the same classes
+        workers = f", {parallel.env.world_size} processes ({parallel.mode})" if parallel.distributed else ""
+        trainer.log(f"training {cfg.model} ({params / 1e6:.3f}M params) on {cfg.data}: {len(train_set)} images, "
+                    f"{trainer.progress.total} steps, batch {cfg.batch_size}, {device}" + (f", {amp}" if amp else "")
+                    + workers + (", compiled (the first steps compile)" if cfg.compile else ""))
+        run = trainer.run()
+        return TrainResult(Path(cfg.out), run.steps, run.final_eval, params, run.examples_per_s, run.net, run.ema_eval)
 
 
 def _load_data_once(cfg: TrainConfig, parallel: ParallelContext) -> tuple[ImageDataset, ImageDataset]:

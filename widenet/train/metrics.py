@@ -22,9 +22,12 @@ class MetricsLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def write(self, record: dict[str, Any]) -> None:
-        with self.path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-            f.flush()
+        try:
+            with self.path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+                f.flush()
+        except OSError as err:  # a full disk's error names no file
+            raise OSError(err.errno, err.strerror, str(self.path)) from None
 
     def truncate_after(self, step: int) -> None:
         """Keep only records with step <= `step` (a resumed run rewrites the rest).
@@ -53,18 +56,29 @@ class NullMetrics:
         pass
 
 
+class MetricsError(ValueError):
+    """metrics.jsonl holds a line that is not a record (other than a torn last line)."""
+
+
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """All complete records; a torn last line (from a kill) is skipped."""
+    """All records. A torn last line (a kill mid-write) is skipped; any other line that is not a
+    JSON object raises MetricsError naming it, since rewriting the file would drop it."""
     return list(_records(Path(path)))
 
 
 def _records(path: Path) -> Iterator[dict[str, Any]]:
-    with path.open(encoding="utf-8") as f:
-        for line in f:
-            try:
-                yield json.loads(line)
-            except json.JSONDecodeError:
-                continue
+    with path.open(encoding="utf-8", errors="replace") as f:
+        lines = f.readlines()
+    for number, line in enumerate(lines, start=1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if isinstance(record, dict):
+            yield record
+        elif line.strip() and not (number == len(lines) and not line.endswith("\n")):
+            raise MetricsError(f"{path} line {number}: not a metrics record ({line.strip()[:60]!r}); "
+                               "delete or repair the line")
 
 
 def without_timing(records: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.downloads import data_home
+from ..data.errors import DatasetError
 from ..data.text.corpus import load_pretrain_corpus
 from ..data.text.documents import iter_documents
 from ..data.text.pretraining import make_sop_examples, mask_tokens
@@ -34,10 +35,12 @@ from ..distributed.parallel import ParallelContext
 from ..models.registry import count_parameters
 from ..runtime import autocast, autocast_dtype, resolve_device
 from .evaluate import RoutingTally
+from .progress import StepResult
+from .run_folder import claim_run_folder
 from .text_common import (Batch, TextTask, build_text_model, describe_processes, global_sums, local_rows,
                           ordered_batches)
 from .text_config import PretrainConfig
-from .trainer import RunResult, StepResult, Trainer, seeded_generator
+from .trainer import RunResult, Trainer, seeded_generator
 
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -71,10 +74,13 @@ def prepare_tokenizer(cfg: PretrainConfig, out: Path, log: Callable[[str], None]
     return tokenizer
 
 
-def split_held_out(examples: Batch, n_eval: int, seed: int) -> tuple[Batch, Batch]:
+def split_held_out(examples: Batch, n_eval: int, seed: int, source: str = "the corpus") -> tuple[Batch, Batch]:
     """A seeded random slice of at most n_eval examples (and at most 10%) for evaluation."""
     n = len(examples["input_ids"])
     n_eval = min(n_eval, n // 10)
+    if n_eval < 1:
+        raise DatasetError(f"{source} gives only {n} sequences; at least 10 are needed to hold one out for "
+                           "evaluation (give more text, or a shorter --seq-len)")
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     held, kept = order[:n_eval].sort().values, order[n_eval:].sort().values
     return {k: v[kept] for k, v in examples.items()}, {k: v[held] for k, v in examples.items()}
@@ -163,27 +169,28 @@ def pretrain(cfg: PretrainConfig, log: Callable[[str], None] = print) -> Pretrai
     device = parallel.device(resolve_device(cfg.device))
     amp = autocast_dtype(cfg.amp, device)
     out = Path(cfg.out)
-    with main_process_first():  # rank 0 trains/saves the tokenizer and fills the cache; the others read them
-        tokenizer = prepare_tokenizer(cfg, out, parallel.log(log))
-        special, vocab = special_ids(tokenizer), tokenizer.get_vocab_size()
-        cache = Path(cfg.cache_dir) if cfg.cache_dir else data_home() / "text-cache"
-        corpus = load_pretrain_corpus(cfg.corpus, tokenizer, cache, max_documents=cfg.max_documents)
-    examples = make_sop_examples(corpus, cfg.seq_len, cfg.seed, special)
-    train_set, held_out = split_held_out(
-        dict(input_ids=examples.input_ids, token_type_ids=examples.token_type_ids, sop_labels=examples.sop_labels),
-        cfg.eval_examples, cfg.seed)
-    parallel.check_epoch(len(train_set["input_ids"]), cfg.batch_size)
-    torch.manual_seed(cfg.seed)
-    model = build_text_model(cfg, vocab, special.pad, cfg.seq_len, task="pretrain").to(device)
-    task = PretrainTask(cfg, special, vocab, train_set, held_out, device, amp, parallel)
-    params = count_parameters(model)
-    meta = dict(model=cfg.model, model_config=model.cfg.to_dict(), train_config=cfg.to_dict(),
-                tokenizer=dict(fingerprint=vocab_fingerprint(tokenizer), vocab_size=vocab))
-    # A resumed run must use the vocabulary it started with.
-    trainer = Trainer(cfg, task, model, parallel, device, amp, meta, log,
-                      expected_meta=dict(tokenizer=meta["tokenizer"]), started=started)
-    trainer.log(f"pretraining {cfg.model} ({params / 1e6:.3f}M params): {corpus.num_documents} documents, "
-                f"{corpus.num_tokens} tokens, {len(train_set['input_ids'])} training sequences of {cfg.seq_len}, "
-                f"{len(held_out['input_ids'])} held out; {trainer.progress.total} steps; {device}"
-                + (f", {amp}" if amp else "") + describe_processes(parallel, cfg.compile))
-    return PretrainResult(out, params, trainer.run(), model)
+    with claim_run_folder(out, cfg.resume, cfg.overwrite, parallel, log):
+        with main_process_first():  # rank 0 trains/saves the tokenizer and fills the cache; the others read them
+            tokenizer = prepare_tokenizer(cfg, out, parallel.log(log))
+            special, vocab = special_ids(tokenizer), tokenizer.get_vocab_size()
+            cache = Path(cfg.cache_dir) if cfg.cache_dir else data_home() / "text-cache"
+            corpus = load_pretrain_corpus(cfg.corpus, tokenizer, cache, max_documents=cfg.max_documents)
+        examples = make_sop_examples(corpus, cfg.seq_len, cfg.seed, special)
+        train_set, held_out = split_held_out(
+            dict(input_ids=examples.input_ids, token_type_ids=examples.token_type_ids, sop_labels=examples.sop_labels),
+            cfg.eval_examples, cfg.seed, ", ".join(cfg.corpus))
+        parallel.check_epoch(len(train_set["input_ids"]), cfg.batch_size)
+        torch.manual_seed(cfg.seed)
+        model = build_text_model(cfg, vocab, special.pad, cfg.seq_len, task="pretrain").to(device)
+        task = PretrainTask(cfg, special, vocab, train_set, held_out, device, amp, parallel)
+        params = count_parameters(model)
+        meta = dict(model=cfg.model, model_config=model.cfg.to_dict(), train_config=cfg.to_dict(),
+                    tokenizer=dict(fingerprint=vocab_fingerprint(tokenizer), vocab_size=vocab))
+        # A resumed run must use the vocabulary it started with.
+        trainer = Trainer(cfg, task, model, parallel, device, amp, meta, log,
+                          expected_meta=dict(tokenizer=meta["tokenizer"]), started=started)
+        trainer.log(f"pretraining {cfg.model} ({params / 1e6:.3f}M params): {corpus.num_documents} documents, "
+                    f"{corpus.num_tokens} tokens, {len(train_set['input_ids'])} training sequences of {cfg.seq_len}, "
+                    f"{len(held_out['input_ids'])} held out; {trainer.progress.total} steps; {device}"
+                    + (f", {amp}" if amp else "") + describe_processes(parallel, cfg.compile))
+        return PretrainResult(out, params, trainer.run(), model)

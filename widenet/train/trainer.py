@@ -24,7 +24,7 @@ import itertools
 import math
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Protocol
 
@@ -33,28 +33,21 @@ from torch import nn
 from tqdm import tqdm
 
 from ..distributed.parallel import ParallelContext
-from ..runtime import autocast, compiled_if
-from .budget import BudgetPlan, Cadence, Deadline, plan_budget
 from ..rng import capture_rng_state, restore_rng_state
+from ..runtime import autocast, compiled_if, first_line
+from .budget import BudgetPlan, Cadence, Deadline, plan_budget
 from .checkpoint import CheckpointError, find_latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import RecipeConfig
 from .ema import ModelEMA
 from .metrics import MetricsLog, NullMetrics
 from .optim import build_optimizer, build_schedule
+from .progress import LogWindow, Progress, StepResult
+
+TRAIN_STATE_KEYS = ("optimizer", "scheduler", "rng", "progress")  # what a resume needs from state.pt
 
 
 class TrainingError(RuntimeError):
     """Training cannot go on (e.g. a non-finite loss); the message says why."""
-
-
-@dataclass
-class StepResult:
-    """One update's global values (averaged per step in the log window); `loss` is checked for finiteness."""
-
-    loss: float
-    values: dict[str, float]
-    examples: int
-    tokens: int = 0
 
 
 class Task(Protocol):
@@ -91,77 +84,6 @@ class Task(Protocol):
 
 
 @dataclass
-class Progress:
-    step: int = 0
-    epoch: int = 0
-    batch: int = 0  # batches done within `epoch`
-    examples: int = 0
-    tokens: int = 0
-    train_seconds: float = 0.0
-    total: int = 0  # the run's planned steps (with --time-budget: re-planned after every epoch)
-    wall_seconds: float = 0.0  # with --time-budget: seconds of the budget spent at the last checkpoint
-    eval_seconds: float = 0.0  # how long the last evaluation took
-
-    @classmethod
-    def from_state(cls, state: dict) -> Progress:
-        """From a checkpoint's counters (those of earlier versions' image runs named examples `images`)."""
-        state = dict(state)
-        if "images" in state:
-            state["examples"] = state.pop("images")
-        return cls(**{k: v for k, v in state.items() if k in cls.__dataclass_fields__})
-
-
-@dataclass
-class LogWindow:
-    """Running sums between two log lines (saved in checkpoints for exact resume)."""
-
-    sums: dict[str, float] = field(default_factory=dict)
-    steps: int = 0
-    examples: int = 0
-    tokens: int = 0
-    seconds: float = 0.0
-
-    @classmethod
-    def from_state(cls, state: dict) -> LogWindow:
-        """From a checkpoint's window (earlier image runs kept loss/aux/correct/images sums)."""
-        if "sums" in state or not state:
-            return cls(**state)
-        steps = state.get("steps", 0)
-        accuracy = state.get("correct", 0) / max(state.get("images", 0), 1) * steps
-        return cls(dict(loss=state.get("loss", 0.0), aux_loss=state.get("aux", 0.0), accuracy=accuracy), steps,
-                   state.get("images", 0), 0, state.get("seconds", 0.0))
-
-    def add(self, r: StepResult, seconds: float) -> None:
-        for k, v in r.values.items():
-            self.sums[k] = self.sums.get(k, 0.0) + v
-        self.steps += 1
-        self.examples += r.examples
-        self.tokens += r.tokens
-        self.seconds += seconds
-
-    def speed(self, unit: str) -> float:
-        counted = self.tokens if unit == "tokens" else self.examples
-        return counted / self.seconds if self.seconds else 0.0
-
-    def record(self, p: Progress, lr: float, unit: str) -> dict[str, Any]:
-        n = max(self.steps, 1)
-        return dict(split="train", step=p.step, epoch=p.epoch, **{k: v / n for k, v in self.sums.items()},
-                    lr=lr, **{f"{unit}_per_s": self.speed(unit)})
-
-    def postfix(self, unit: str) -> str:
-        n = max(self.steps, 1)
-        values = " ".join(f"{k} {v / n:.4f}" for k, v in self.sums.items())
-        return f"{values} {self.speed(unit):.0f} {unit}/s"
-
-    def summary(self, p: Progress, unit: str) -> str:
-        return f"step {p.step}/{p.total} {self.postfix(unit)}"
-
-    def state(self) -> dict[str, Any]:
-        return dict(sums=dict(self.sums), steps=self.steps, examples=self.examples, tokens=self.tokens,
-                    seconds=self.seconds)
-
-
-@dataclass
 class RunResult:
     steps: int
     final_eval: Any
@@ -189,10 +111,7 @@ class Trainer:
         self.out = Path(cfg.out)
         self.metrics = MetricsLog(self.out / "metrics.jsonl") if parallel.is_main else NullMetrics()
         self.started = time.monotonic() if started is None else started  # a --time-budget counts from here
-        saved = self._resume_weights(model, expected_meta) if cfg.resume else None
-        if saved is None and not cfg.resume and (self.out / "checkpoints").exists():
-            raise ValueError(f"{self.out} already holds checkpoints; pass --resume to continue, "
-                             "or choose another --out")
+        saved = self._resume_weights(model, expected_meta) if cfg.resume else None  # run_folder checked OUT
         self.deadline: Deadline | None = None
         total = self._total_steps(model, saved)
         self.ema = ModelEMA(model, cfg.ema_decay) if cfg.ema_decay else None  # the plain model's copy
@@ -332,7 +251,6 @@ class Trainer:
         path = find_latest_checkpoint(self.out)
         if path is None:
             self.log(f"--resume: no checkpoint under {self.out}, starting from scratch")
-            self.metrics.truncate_after(0)  # records of the lost attempt would be duplicated
             return None
         ckpt = load_checkpoint(path, model, expected_meta={"model": self.cfg.model, **(expected_meta or {})})
         saved = ckpt.meta.get("train_config", {})
@@ -340,11 +258,25 @@ class Trainer:
         if changed:
             detail = ", ".join(f"{k}: {saved[k]!r} -> {getattr(self.cfg, k)!r}" for k in changed)
             raise CheckpointError(f"{path}: cannot resume with different settings ({detail})")
+        missing = [key for key in TRAIN_STATE_KEYS if key not in ckpt.train_state]
+        if missing:
+            raise CheckpointError(f"{path / 'state.pt'}: lacks {', '.join(missing)}; it was not written by "
+                                  "widenet's trainer, or was damaged")
         self.metrics.truncate_after(ckpt.step)
         return dict(ckpt.train_state, path=str(path), step=ckpt.step)
 
     def _resume_state(self, saved: dict, total: int) -> None:
         """Optimizer, schedule, RNGs, counters, window and weight average from a checkpoint's train state."""
+        try:
+            self._load_train_state(saved, total)
+        except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as err:
+            if isinstance(err, CheckpointError):
+                raise
+            raise CheckpointError(f"{saved['path']}: its train state does not fit this run "
+                                  f"({type(err).__name__}: {first_line(err)})") from err
+        self.log(f"resumed from {saved['path']} (step {saved['step']})")
+
+    def _load_train_state(self, saved: dict, total: int) -> None:
         self.parallel.load_optimizer_state(self.model, self.optimizer, saved["optimizer"])
         self.schedule.load_state_dict(saved["scheduler"])
         self.parallel.restore_rng_state(saved["rng"])
@@ -360,7 +292,6 @@ class Trainer:
             self.deadline = Deadline(60.0 * self.cfg.time_budget, self.task.cadence,
                                      p.train_seconds / max(p.step, 1), p.eval_seconds, self.started,
                                      spent_before=p.wall_seconds)
-        self.log(f"resumed from {saved['path']} (step {saved['step']})")
 
     # -- the run's length and the time budget -------------------------------------------------
     def _total_steps(self, model: nn.Module, saved: dict | None) -> int:

@@ -7,6 +7,7 @@ it in a deterministic, exactly resumable order that never touches torch's global
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
@@ -17,7 +18,8 @@ import torch.nn.functional as F
 from ..batches import epoch_order, num_batches, seed_for
 from ..errors import DatasetError
 
-__all__ = ["ImageDataset", "check_split", "iterate_batches", "resize_dataset", "subset"]
+__all__ = ["ImageDataset", "check_classification_pair", "check_same_classes", "check_split", "iterate_batches",
+           "resize_dataset", "subset"]
 
 
 @dataclass
@@ -93,6 +95,43 @@ class ImageDataset:
         return self._moments[1]
 
 
+def check_fits_in_memory(num_bytes: int, what: str) -> None:
+    """MemoryError naming ``what`` and the size when ``num_bytes`` exceed this machine's memory."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # not POSIX: let the allocation decide
+        return
+    if num_bytes > total:
+        raise MemoryError(f"{what} needs {num_bytes / 2**30:.1f} GiB, more than this machine's "
+                          f"{total / 2**30:.1f} GiB of memory")
+
+
+def check_classification_pair(train: ImageDataset, test: ImageDataset) -> None:
+    """DatasetError unless a training and a test split make a classification task: at least two
+    classes, the same class names in the same order (a model's output i must mean one class), and
+    neither split empty."""
+    for split in (train, test):
+        if not len(split):
+            raise DatasetError(f"{split.name}: no images")
+    if train.num_classes < 2:
+        raise DatasetError(f"{train.name}: only one class ({', '.join(train.classes)}); "
+                           "classification needs at least two")
+    check_same_classes(train.classes, test, f"{train.name}'s")
+
+
+def check_same_classes(expected: list[str], dataset: ImageDataset, whose: str) -> None:
+    """DatasetError unless ``dataset`` has exactly the classes ``expected`` (``whose``: where those
+    come from, for the message: "the checkpoint's", "fashion-mnist-train's")."""
+    if list(dataset.classes) == list(expected):
+        return
+    missing = [c for c in dataset.classes if c not in expected]
+    absent = [c for c in expected if c not in dataset.classes]
+    detail = (f"{', '.join(missing)} not among {whose} classes" if missing else
+              f"lacks {', '.join(absent)}" if absent else "the same names in another order")
+    raise DatasetError(f"{dataset.name}: its classes differ from {whose} ({detail}); "
+                       f"{whose} classes: {', '.join(expected)}")
+
+
 def _channel_moments(images: torch.Tensor, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and std of uint8 images in [0, 1] units, in float64 chunks."""
     channels = images.shape[1]
@@ -117,6 +156,7 @@ def resize_dataset(dataset: ImageDataset, image_size: int) -> ImageDataset:
     """Resize every image to ``image_size`` squared (bilinear, antialiased), once."""
     if dataset.image_shape == (image_size, image_size):
         return dataset
+    check_fits_in_memory(len(dataset) * dataset.channels * image_size**2, f"{dataset.name} resized to {image_size}px")
     chunks = []
     for start in range(0, len(dataset), 4096):
         block = dataset.images[start : start + 4096].float()

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ...files import save_atomic
+from ...files import load_weights_only, save_atomic
 from ..errors import DatasetError, DatasetNotFoundError, PathLike
 from .dataset import ImageDataset
 
@@ -84,7 +84,7 @@ def _load_cache(path: Path, key: str) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
-        cached = torch.load(path, map_location="cpu", weights_only=True)
+        cached = load_weights_only(path)
     except Exception as exc:  # a damaged cache is rebuilt, not fatal
         warnings.warn(f"ignoring unreadable image cache {path} ({exc}); rebuilding it", stacklevel=3)
         return None

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from ...files import save_atomic
+from ...files import load_weights_only, save_atomic
 from ..errors import PathLike
 from .documents import CorpusError, corpus_files, iter_documents
 from .sentences import split_sentences
@@ -170,7 +170,7 @@ def _load_corpus_cache(path: Path, key: str) -> PretrainCorpus | None:
     if not path.is_file():
         return None
     try:
-        cached = torch.load(path, map_location="cpu", weights_only=True)
+        cached = load_weights_only(path)
         if not isinstance(cached, dict) or cached.get("key") != key:
             return None
         return PretrainCorpus(

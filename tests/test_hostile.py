@@ -1,0 +1,416 @@
+"""Hostile use: nothing lost, nothing silently wrong.
+
+Each case either gives the right result or ends with one line on stderr and a
+non-zero status, with what was already saved untouched: two runs into one
+folder, a folder that already holds a run, settings of the wrong type or
+out of range, data whose classes do not line up, corpora and task files too
+small to evaluate, files that cannot be written (a file as --out, /proc, a
+read-only mount, a full disk), sizes that cannot be allocated, damaged run
+folders, and a bug (which keeps its traceback and asks for a report).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from widenet.cli import main
+from widenet.data.augment import AugmentConfig
+from widenet.layers.moe import MoEConfig
+from widenet.models.encoder import EncoderConfig
+from widenet.models.text import TextConfig
+from widenet.models.vision import VisionConfig
+from widenet.settings import SettingError, SettingTypeError, field_kinds, parse_setting_text
+from widenet.train.checkpoint import find_latest_checkpoint, load_checkpoint
+from widenet.train.config import TrainConfig
+from widenet.train.metrics import read_metrics
+from widenet.train.text_config import FinetuneConfig, PretrainConfig
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = Path(__file__).parent / "fixtures" / "v0"
+ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
+
+
+def _cli(argv, capsys) -> tuple[int, str, str]:
+    try:
+        rc = main([str(a) for a in argv])
+    except SystemExit as exit_:
+        rc = exit_.code
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err
+
+
+def _one_line_error(rc: int, err: str) -> str:
+    assert rc == 2, err
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.strip() and "warning" not in line]
+    assert len(lines) == 1, f"expected one line on stderr, got:\n{err}"
+    return lines[0]
+
+
+def _train_args(data_dir, out, tiny_set_args, *extra) -> list:
+    return ["train", "--data-dir", data_dir, "--out", out, "--batch-size", 32, "--log-every", 1, "--device", "cpu",
+            *tiny_set_args, *extra]
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder` (relative path -> bytes): what "untouched" is checked against."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _env(tmp_path: Path) -> dict:
+    env = dict(os.environ, WIDENET_DATA_HOME=str(tmp_path / "data-home"), OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    return env
+
+
+# --------------------------------------------------------------------------
+# The run folder: one run at a time, nothing of an earlier run replaced unasked
+# --------------------------------------------------------------------------
+def test_two_runs_into_one_folder(tmp_path, fmnist_dir, tiny_set_args, capsys):
+    """A second run into a folder a live run holds is refused, naming it; once that run was killed -9,
+    the lock it left is taken over with a warning."""
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "widenet", *map(str, _train_args(fmnist_dir, out, tiny_set_args)),
+               "--max-steps", "100000", "--save-every", "2"]
+    first = subprocess.Popen(command, env=_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while find_latest_checkpoint(out) is None and time.monotonic() < deadline and first.poll() is None:
+            time.sleep(0.05)
+        assert find_latest_checkpoint(out) is not None, "the first run never saved"
+        line = _one_line_error(*_cli(_train_args(fmnist_dir, out, tiny_set_args, "--max-steps", 2, "--resume"),
+                                     capsys)[::2])
+        assert f"{out} is in use by pid {first.pid} on " in line and "choose another --out" in line
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    assert load_checkpoint(out).step >= 2  # the killed run's checkpoints are intact
+    rc, _, err = _cli(_train_args(fmnist_dir, out, tiny_set_args, "--max-steps", 2, "--overwrite"), capsys)
+    assert rc == 0, err
+    assert f"from pid {first.pid}" in err and "ended without releasing it" in err
+    assert load_checkpoint(out).step == 2 and not (out / ".widenet.lock").exists()
+
+
+def test_a_folder_holding_a_run_needs_resume_or_overwrite(tmp_path, fmnist_dir, tiny_set_args, capsys):
+    out = tmp_path / "run"
+    assert _cli(_train_args(fmnist_dir, out, tiny_set_args, "--max-steps", 2), capsys)[0] == 0
+    before = _snapshot(out)
+    line = _one_line_error(*_cli(_train_args(fmnist_dir, out, tiny_set_args, "--max-steps", 3), capsys)[::2])
+    assert "already holds a run (checkpoints/, metrics.jsonl)" in line and "--overwrite" in line
+    assert _snapshot(out) == before
+    rc, _, err = _cli(_train_args(fmnist_dir, out, tiny_set_args, "--max-steps", 3, "--overwrite"), capsys)
+    assert rc == 0 and "--overwrite: deleted the earlier run's checkpoints/, metrics.jsonl" in err + _
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl") if r["split"] == "train"] == [1, 2, 3]
+    rc, _, err = _cli(_train_args(fmnist_dir, out, tiny_set_args, "--resume", "--overwrite"), capsys)
+    assert rc == 2 and "not allowed with argument" in err
+
+
+# --------------------------------------------------------------------------
+# Strict settings: the Python API and the command line refuse the same values
+# --------------------------------------------------------------------------
+CONFIGS = {
+    MoEConfig: {}, EncoderConfig: {}, VisionConfig: {}, TextConfig: {}, AugmentConfig: {}, TrainConfig: {},
+    PretrainConfig: dict(corpus=["corpus.txt"]), FinetuneConfig: dict(init="run", train="a.tsv", validation="b.tsv"),
+}
+
+
+@pytest.mark.parametrize("cls", list(CONFIGS), ids=lambda c: c.__name__)
+def test_every_config_refuses_wrong_types_and_numbers_out_of_range(cls):
+    """Each simple field of every config, given a value of the wrong type or a number without meaning."""
+    base = CONFIGS[cls]
+    cls(**base)  # the defaults are valid
+    checked = 0
+    for name, (kind, optional) in field_kinds(cls).items():
+        if name in base:
+            continue
+        wrong_type = {bool: ["false", 1, None], int: [1.5, True, "3", None], float: ["0.1", True, None],
+                      str: [3, None, True]}[kind]
+        out_of_range = {bool: [], int: [2**70], float: [math.nan, math.inf, -math.inf, 1e39], str: []}[kind]
+        for value, error in [(v, SettingTypeError) for v in wrong_type] + [(v, SettingError) for v in out_of_range]:
+            if value is None and optional:
+                continue
+            with pytest.raises(error, match=name):
+                cls(**base, **{name: value})
+            checked += 1
+        if optional:
+            cls(**base, **{name: None})
+    assert checked >= 3
+
+
+def test_boolean_words_on_the_command_line():
+    for word, value in [("true", True), ("Yes", True), ("1", True), ("FALSE", False), ("no", False), ("0", False)]:
+        assert parse_setting_text(word, bool, False, "share_norms") is value
+    for bad in ("maybe", "", "2", "nan", "'True'"):
+        with pytest.raises(SettingError, match="share_norms must be true or false"):
+            parse_setting_text(bad, bool, False, "share_norms")
+    with pytest.raises(SettingError, match="capacity_factor must be a finite number"):
+        parse_setting_text("nan", float, False, "capacity_factor")
+
+
+def test_share_norms_false_really_is_false(tmp_path, fmnist_dir, tiny_set_args, capsys):
+    """`--set share_norms=false` used to keep the truthy string "false": the norms were shared."""
+    runs = {}
+    for word in ("false", "yes"):
+        out = tmp_path / word
+        rc, _, err = _cli(_train_args(fmnist_dir, out, tiny_set_args, "--max-steps", 1, "--set",
+                                      f"share_norms={word}"), capsys)
+        assert rc == 0, err
+        runs[word] = load_checkpoint(out)
+    assert runs["false"].meta["model_config"]["encoder"]["share_norms"] is False
+    assert runs["yes"].meta["model_config"]["encoder"]["share_norms"] is True
+    norms = lambda c: sum(v.numel() for k, v in c.model_state.items() if "norm" in k)  # noqa: E731
+    assert norms(runs["false"]) > norms(runs["yes"])  # per-block norms hold more parameters
+
+
+@pytest.mark.parametrize("flags", [["--noise-std", "nan"], ["--mixup", "nan"], ["--capacity-factor", "inf"],
+                                   ["--set", "capacity_factor=nan"], ["--set", "share_norms=maybe"],
+                                   ["--lr", "1e300"], ["--set", "num_classes=" + "9" * 30],
+                                   ["--out", ""], ["--randaugment-m", "-1"]])
+def test_meaningless_values_stop_before_training(tmp_path, fmnist_dir, tiny_set_args, capsys, flags):
+    out = tmp_path / "run"
+    args = _train_args(fmnist_dir, out, tiny_set_args, "--max-steps", 1)
+    if flags[0] == "--out":
+        args[args.index("--out") + 1] = ""
+    else:
+        args += flags
+    rc, _, err = _cli(args, capsys)
+    assert rc == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert not (out / "metrics.jsonl").exists()
+
+
+# --------------------------------------------------------------------------
+# Data contracts
+# --------------------------------------------------------------------------
+def _image_folder(root: Path, classes: dict[str, list[str]]) -> Path:
+    """root/<split>/<class>/<i>.png, two small images per class, one brightness per class."""
+    for split, names in classes.items():
+        for k, name in enumerate(names):
+            (root / split / name).mkdir(parents=True, exist_ok=True)
+            for i in range(2):
+                Image.new("L", (8, 8), 40 * k + 5 * i).save(root / split / name / f"{i}.png")
+    return root
+
+
+def _folder_args(data_dir: Path, out: Path, tiny_set_args) -> list:
+    return ["train", "--data", "folder", "--data-dir", data_dir, "--image-size", 8, "--out", out, "--batch-size", 4,
+            "--max-steps", 1, "--device", "cpu", "--set", "patch_size=4", *tiny_set_args]
+
+
+@pytest.mark.parametrize("test_classes, expected", [
+    (["cat", "dog", "owl"], "owl not among"),  # a test class that train lacks: was "Target 2 is out of bounds"
+    (["ant", "bee"], "ant, bee not among"),  # the same count, other names: was trained and scored silently
+    (["cat"], "lacks dog"),
+])
+def test_train_and_test_classes_must_match(tmp_path, tiny_set_args, capsys, test_classes, expected):
+    data = _image_folder(tmp_path / "data", {"train": ["cat", "dog"], "test": test_classes})
+    line = _one_line_error(*_cli(_folder_args(data, tmp_path / "run", tiny_set_args), capsys)[::2])
+    assert "classes differ" in line and expected in line
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_one_class_is_refused(tmp_path, tiny_set_args, capsys):
+    data = _image_folder(tmp_path / "data", {"train": ["cat"], "test": ["cat"]})
+    line = _one_line_error(*_cli(_folder_args(data, tmp_path / "run", tiny_set_args), capsys)[::2])
+    assert "only one class (cat)" in line
+
+
+def test_eval_and_resume_check_the_class_names(tmp_path, tiny_set_args, capsys):
+    data = _image_folder(tmp_path / "data", {"train": ["cat", "dog"], "test": ["cat", "dog"]})
+    other = _image_folder(tmp_path / "other", {"train": ["ant", "bee"], "test": ["ant", "bee"]})
+    out = tmp_path / "run"
+    assert _cli(_folder_args(data, out, tiny_set_args), capsys)[0] == 0
+    before = _snapshot(out)
+    line = _one_line_error(*_cli(["eval", "--checkpoint", out, "--data-dir", other, "--device", "cpu"], capsys)[::2])
+    assert "classes differ from the checkpoint's" in line
+    args = _folder_args(other, out, tiny_set_args)
+    args[args.index("--max-steps") + 1] = 2
+    line = _one_line_error(*_cli(args + ["--resume"], capsys)[::2])
+    assert "the checkpoint's data.classes is ['cat', 'dog'], this run's is ['ant', 'bee']" in line
+    assert _snapshot(out) == before
+
+
+def test_eval_on_a_text_run_is_one_line(capsys):
+    line = _one_line_error(*_cli(["eval", "--checkpoint", FIXTURES / "text_run", "--device", "cpu"], capsys)[::2])
+    assert "a text run" in line
+
+
+def test_pretraining_corpus_too_small_to_hold_out(tmp_path, capsys):
+    corpus = tmp_path / "tiny.txt"
+    corpus.write_text("One short sentence. And another one.\n\nA second document here. It ends.\n")
+    args = ["pretrain", "--corpus", corpus, "--vocab-size", 60, "--seq-len", 16, "--max-steps", 1, "--device",
+            "cpu", "--cache-dir", tmp_path / "cache", "--out", tmp_path / "run", "--set", "dim=16",
+            "--set", "depth=1", "--set", "num_heads=2", "--set", "mlp_dim=32", "--set", "embedding_size=8"]
+    line = _one_line_error(*_cli(args, capsys)[::2])
+    assert str(corpus) in line and "at least 10 are needed to hold one out" in line
+
+
+def test_a_leftover_tokenizer_is_not_reused(tmp_path, capsys):
+    """An earlier attempt's OUT/tokenizer.json (no checkpoint) used to be reused, ignoring --vocab-size."""
+    out = tmp_path / "run"
+    out.mkdir()
+    shutil.copy(FIXTURES / "text_run" / "tokenizer.json", out / "tokenizer.json")
+    args = ["pretrain", "--corpus", FIXTURES / "corpus.txt", "--out", out, "--max-steps", 1, "--device", "cpu"]
+    line = _one_line_error(*_cli(args, capsys)[::2])
+    assert "already holds a run (tokenizer.json)" in line
+    line = _one_line_error(*_cli(args + ["--resume"], capsys)[::2])
+    assert "holds no complete checkpoint to resume, only tokenizer.json" in line
+
+
+def test_finetuning_needs_two_labels_and_a_validation_set(tmp_path, capsys):
+    one_label = tmp_path / "train.tsv"
+    one_label.write_text("sentence\tlabel\na b c\tgood\nd e f\tgood\n")
+    empty = tmp_path / "validation.tsv"
+    empty.write_text("sentence\tlabel\n")
+    base = ["finetune", "--task", "classify", "--init", FIXTURES / "text_run", "--out", tmp_path / "run", "--device",
+            "cpu"]
+    line = _one_line_error(*_cli(base + ["--train", one_label, "--validation", one_label], capsys)[::2])
+    assert "every example has the label 'good'" in line
+    two = tmp_path / "two.tsv"
+    two.write_text("sentence\tlabel\na b c\tgood\nd e f\tbad\n")
+    line = _one_line_error(*_cli(base + ["--train", two, "--validation", empty], capsys)[::2])
+    assert str(empty) in line and "no examples" in line
+
+
+# --------------------------------------------------------------------------
+# The error boundary: files, disks, memory, damaged runs, bugs
+# --------------------------------------------------------------------------
+def test_out_that_cannot_be_a_folder(tmp_path, fmnist_dir, tiny_set_args, capsys):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("precious")
+    line = _one_line_error(*_cli(_train_args(fmnist_dir, a_file, tiny_set_args, "--max-steps", 1), capsys)[::2])
+    assert "is a file, not a folder" in line and a_file.read_text() == "precious"
+    line = _one_line_error(*_cli(_train_args(fmnist_dir, a_file / "run", tiny_set_args, "--max-steps", 1),
+                                 capsys)[::2])
+    assert str(a_file) in line
+    if Path("/proc/self").exists():
+        line = _one_line_error(*_cli(_train_args(fmnist_dir, "/proc/widenet-run", tiny_set_args, "--max-steps", 1),
+                                     capsys)[::2])
+        assert "/proc/widenet-run" in line
+
+
+def _mount_tmpfs(folder: Path, options: str) -> None:
+    folder.mkdir(parents=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True)
+    if done.returncode:
+        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.decode().strip()})")
+
+
+@pytest.mark.skipif(not ROOT or not shutil.which("mount"), reason="needs root to mount a tmpfs")
+def test_read_only_folder(tmp_path, fmnist_dir, tiny_set_args, capsys):
+    mount = tmp_path / "ro"
+    _mount_tmpfs(mount, "ro,size=1m")
+    try:
+        line = _one_line_error(*_cli(_train_args(fmnist_dir, mount / "run", tiny_set_args, "--max-steps", 1),
+                                     capsys)[::2])
+        assert str(mount / "run") in line and "Read-only file system" in line
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
+
+
+@pytest.mark.skipif(not ROOT or not shutil.which("mount"), reason="needs root to mount a tmpfs")
+def test_full_disk_keeps_the_last_checkpoint(tmp_path, fmnist_dir, tiny_set_args, capsys, monkeypatch):
+    """The disk fills up right after the step-2 checkpoint: the step-4 save fails with one line, and the
+    step-2 checkpoint stays complete, named by `latest`, with no partial folder beside it."""
+    import widenet.train.trainer as trainer_module
+
+    mount = tmp_path / "small"
+    _mount_tmpfs(mount, "size=4m")
+    out, saved = mount / "run", {}
+    real_save = trainer_module.save_checkpoint
+
+    def save_then_fill_the_disk(*args, **kwargs):
+        folder = real_save(*args, **kwargs)
+        saved.update(_snapshot(out / "checkpoints"))
+        with open(mount / "filler", "ab", buffering=0) as f, contextlib.suppress(OSError):
+            while True:
+                f.write(b"\0" * 512)
+        return folder
+
+    monkeypatch.setattr(trainer_module, "save_checkpoint", save_then_fill_the_disk)
+    try:
+        line = _one_line_error(*_cli(_train_args(fmnist_dir, out, tiny_set_args, "--max-steps", 4, "--save-every",
+                                                 2), capsys)[::2])
+        assert line.startswith("widenet: error: no space left on device (") and str(out) in line
+        (mount / "filler").unlink()
+        assert _snapshot(out / "checkpoints") == saved and load_checkpoint(out).step == 2
+        assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step_00000002"]
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_an_image_size_that_cannot_fit_in_memory(tmp_path, fmnist_dir, tiny_set_args, capsys):
+    line = _one_line_error(*_cli(_train_args(fmnist_dir, tmp_path / "run", tiny_set_args, "--max-steps", 1,
+                                             "--image-size", 100000, "--train-subset", 2), capsys)[::2])
+    assert "out of memory" in line and "GiB" in line
+
+
+def test_damaged_run_folders_are_named(tmp_path, fmnist_dir, tiny_set_args, capsys):
+    out = tmp_path / "run"
+    assert _cli(_train_args(fmnist_dir, out, tiny_set_args, "--max-steps", 2), capsys)[0] == 0
+    resume = _train_args(fmnist_dir, out, tiny_set_args, "--max-steps", 2, "--resume")  # a finished run
+    # A metrics line that is not a record (not the torn last line of a kill).
+    metrics = (out / "metrics.jsonl").read_text()
+    (out / "metrics.jsonl").write_text("[1, 2]\n" + metrics)
+    line = _one_line_error(*_cli(resume, capsys)[::2])
+    assert "metrics.jsonl line 1: not a metrics record" in line
+    (out / "metrics.jsonl").write_text(metrics)
+    # A state.pt without the optimizer state.
+    state_file = find_latest_checkpoint(out) / "state.pt"
+    state = torch.load(state_file, weights_only=True)
+    del state["optimizer"]
+    torch.save(state, state_file)
+    before = _snapshot(out)
+    line = _one_line_error(*_cli(resume, capsys)[::2])
+    assert "state.pt: lacks optimizer" in line and _snapshot(out) == before
+
+
+def test_a_bug_keeps_its_traceback_and_asks_for_a_report(monkeypatch, capsys):
+    import widenet.cli as cli
+
+    def broken(args):
+        raise KeyError("internal")
+
+    monkeypatch.setattr(cli, "cmd_list", broken)
+    parser = cli.build_parser
+    monkeypatch.setattr(cli, "build_parser", lambda: _with_func(parser(), broken))
+    rc, _, err = _cli(["list"], capsys)
+    assert rc == 1 and "Traceback" in err and "KeyError: 'internal'" in err
+    assert err.strip().splitlines()[-1].startswith("widenet: this is a bug in widenet")
+
+
+def _with_func(parser, func):
+    parser.set_defaults(func=func)
+    for action in parser._subparsers._group_actions:  # every sub-command runs `func`
+        for sub in action.choices.values():
+            sub.set_defaults(func=func)
+    return parser
+
+
+class _Crafted:
+    """Any class: loading an instance would run its module's code."""
+
+
+def test_refused_pickles_never_advise_loading_them(tmp_path, fmnist_dir, tiny_set_args, capsys):
+    out = tmp_path / "run"
+    assert _cli(_train_args(fmnist_dir, out, tiny_set_args, "--max-steps", 1), capsys)[0] == 0
+    state_file = find_latest_checkpoint(out) / "state.pt"
+    torch.save({"payload": _Crafted()}, state_file)
+    line = _one_line_error(*_cli(["eval", "--checkpoint", out, "--ema", "--device", "cpu"], capsys)[::2])
+    assert "this file tries to run code" in line and "it was not loaded" in line
+    assert "weights_only" not in line.split("(a state.pt")[0]
+    json.loads((find_latest_checkpoint(out) / "meta.json").read_text())  # the rest of the run is intact

@@ -1,0 +1,74 @@
+"""The command line's error boundary: every expected failure in one line, a bug with its traceback.
+
+Expected failures are the user's or the machine's: bad settings and files
+(ValueError and the library's errors, all ValueErrors), a failed training run
+(TrainingError), a torch that cannot compile, files that cannot be read or
+written (OSError: the path and the cause; a full disk says "no space left on
+device"), and memory that cannot be had (the size asked for). Anything else is
+a bug: its traceback is shown, with a line asking for a report.
+"""
+
+from __future__ import annotations
+
+import errno
+import re
+import sys
+
+__all__ = ["CLIError", "BUG_REPORT", "explain"]
+
+BUG_REPORT = ("widenet: this is a bug in widenet, not a problem with your input; please report it with the "
+              "command and the traceback above")
+
+_ALLOCATION = re.compile(r"tried to allocate (\d+) bytes")
+_CUDA_ALLOCATION = re.compile(r"Tried to allocate ([\d.]+ [KMGT]?i?B)")
+
+
+class CLIError(Exception):
+    """A user mistake found by the command line itself: printed as one line, exit status 2."""
+
+
+def explain(err: BaseException, out: str | None = None) -> str | None:
+    """The one-line message for an expected failure (without the "widenet: error: " prefix), or
+    None for a bug. `out`: the command's --out, named when a write failed without a path."""
+    from .runtime import CompileUnavailable, first_line
+    from .train.trainer import TrainingError
+
+    if isinstance(err, MemoryError):
+        return f"out of memory: {first_line(err)}" if str(err).strip() else "out of memory"
+    if isinstance(err, OSError):
+        return describe_os_error(err, out)
+    if isinstance(err, RuntimeError) and (memory := _allocation_failure(err)):
+        return memory
+    if isinstance(err, (CLIError, ValueError, TrainingError, CompileUnavailable)):
+        return first_line(err)
+    if _is_compile_failure(err):
+        return f"torch.compile failed ({first_line(err)}); run without --compile"
+    return None
+
+
+def describe_os_error(err: OSError, out: str | None = None) -> str:
+    """"PATH: cause" (both paths of a rename); a full disk as "no space left on device"."""
+    paths = [str(p) for p in (err.filename, err.filename2) if p is not None]
+    where = " -> ".join(paths) if paths else (f"writing under {out}" if out else "")
+    if err.errno == errno.ENOSPC:
+        return f"no space left on device ({where or 'a write failed'}); free some space and --resume"
+    cause = err.strerror or str(err) or type(err).__name__
+    return f"{where}: {cause}" if where else cause
+
+
+def _allocation_failure(err: RuntimeError) -> str | None:
+    """torch's allocator failures (CPU: "can't allocate memory: you tried to allocate N bytes";
+    CUDA: torch.OutOfMemoryError) as one line with the size asked for."""
+    text = str(err)
+    if (found := _ALLOCATION.search(text)) and "allocate" in text:
+        return f"out of memory: an allocation of {int(found.group(1)) / 2**30:.1f} GiB failed"
+    if type(err).__name__ == "OutOfMemoryError":
+        found = _CUDA_ALLOCATION.search(text)
+        return "out of GPU memory" + (f": an allocation of {found.group(1)} failed" if found else "")
+    return None
+
+
+def _is_compile_failure(err: BaseException) -> bool:
+    """An error raised by torch.compile's machinery (only possible once it was imported)."""
+    dynamo = sys.modules.get("torch._dynamo.exc")
+    return dynamo is not None and isinstance(err, (dynamo.BackendCompilerFailed, dynamo.TorchDynamoException))

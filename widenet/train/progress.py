@@ -1,0 +1,93 @@
+"""What a run has done so far: its counters, one update's values and the log window between two lines.
+
+All three are saved in every checkpoint (their dicts), so a resumed run logs
+exactly what an uninterrupted one logs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["LogWindow", "Progress", "StepResult"]
+
+
+@dataclass
+class StepResult:
+    """One update's global values (averaged per step in the log window); `loss` is checked for finiteness."""
+
+    loss: float
+    values: dict[str, float]
+    examples: int
+    tokens: int = 0
+
+
+@dataclass
+class Progress:
+    step: int = 0
+    epoch: int = 0
+    batch: int = 0  # batches done within `epoch`
+    examples: int = 0
+    tokens: int = 0
+    train_seconds: float = 0.0
+    total: int = 0  # the run's planned steps (with --time-budget: re-planned after every epoch)
+    wall_seconds: float = 0.0  # with --time-budget: seconds of the budget spent at the last checkpoint
+    eval_seconds: float = 0.0  # how long the last evaluation took
+
+    @classmethod
+    def from_state(cls, state: dict) -> Progress:
+        """From a checkpoint's counters (those of earlier versions' image runs named examples `images`)."""
+        state = dict(state)
+        if "images" in state:
+            state["examples"] = state.pop("images")
+        return cls(**{k: v for k, v in state.items() if k in cls.__dataclass_fields__})
+
+
+@dataclass
+class LogWindow:
+    """Running sums between two log lines (saved in checkpoints for exact resume)."""
+
+    sums: dict[str, float] = field(default_factory=dict)
+    steps: int = 0
+    examples: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+
+    @classmethod
+    def from_state(cls, state: dict) -> LogWindow:
+        """From a checkpoint's window (earlier image runs kept loss/aux/correct/images sums)."""
+        if "sums" in state or not state:
+            return cls(**state)
+        steps = state.get("steps", 0)
+        accuracy = state.get("correct", 0) / max(state.get("images", 0), 1) * steps
+        return cls(dict(loss=state.get("loss", 0.0), aux_loss=state.get("aux", 0.0), accuracy=accuracy), steps,
+                   state.get("images", 0), 0, state.get("seconds", 0.0))
+
+    def add(self, r: StepResult, seconds: float) -> None:
+        for k, v in r.values.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.steps += 1
+        self.examples += r.examples
+        self.tokens += r.tokens
+        self.seconds += seconds
+
+    def speed(self, unit: str) -> float:
+        counted = self.tokens if unit == "tokens" else self.examples
+        return counted / self.seconds if self.seconds else 0.0
+
+    def record(self, p: Progress, lr: float, unit: str) -> dict[str, Any]:
+        n = max(self.steps, 1)
+        return dict(split="train", step=p.step, epoch=p.epoch, **{k: v / n for k, v in self.sums.items()},
+                    lr=lr, **{f"{unit}_per_s": self.speed(unit)})
+
+    def postfix(self, unit: str) -> str:
+        n = max(self.steps, 1)
+        values = " ".join(f"{k} {v / n:.4f}" for k, v in self.sums.items())
+        return f"{values} {self.speed(unit):.0f} {unit}/s"
+
+    def summary(self, p: Progress, unit: str) -> str:
+        return f"step {p.step}/{p.total} {self.postfix(unit)}"
+
+    def state(self) -> dict[str, Any]:
+        return dict(sums=dict(self.sums), steps=self.steps, examples=self.examples, tokens=self.tokens,
+                    seconds=self.seconds)
