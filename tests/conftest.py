@@ -88,3 +88,19 @@ def single_thread():
     yield
     torch.set_num_threads(before)
 
+
+
+@pytest.fixture
+def cli(capsys):
+    """cli(argv) runs widenet.cli.main in-process: (exit status, stdout, stderr)."""
+    from widenet.cli import main
+
+    def run(argv) -> tuple[int, str, str]:
+        try:
+            rc = main([str(a) for a in argv])
+        except SystemExit as exit_:  # argparse exits this way
+            rc = exit_.code
+        captured = capsys.readouterr()
+        return rc, captured.out, captured.err
+
+    return run

@@ -99,6 +99,10 @@ def add_run_arguments(p: argparse.ArgumentParser, example_setting: str) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--save-every", type=positive_int, help="also checkpoint every N steps")
     p.add_argument("--log-every", type=positive_int)
+    p.add_argument("--tensorboard", action="store_true", default=None,
+                   help="also write what metrics.jsonl records (losses, accuracy, lr, expert load and drops per "
+                        "MoE block) as TensorBoard event files in OUT/tensorboard/; needs the tensorboard package "
+                        "(pip install 'widenet[tensorboard]')")
     p.add_argument("--amp", choices=("auto", "off", "bf16", "fp16"))
     p.add_argument("--compile", action="store_true", default=None,
                    help="torch.compile the training step (the first steps compile: ~1 min on a CPU)")

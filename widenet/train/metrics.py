@@ -45,6 +45,9 @@ class MetricsLog:
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
 
+    def close(self) -> None:
+        """Nothing to close (every write opens and closes the file); TensorBoardMetrics closes its writer."""
+
 
 class NullMetrics:
     """MetricsLog stand-in for processes other than rank 0: writes nothing."""
@@ -53,6 +56,9 @@ class NullMetrics:
         pass
 
     def truncate_after(self, step: int) -> None:
+        pass
+
+    def close(self) -> None:
         pass
 
 

@@ -34,7 +34,7 @@ from .checkpoint_layout import CHECKPOINTS_DIR, LATEST_FILE, checkpoints_root, f
 __all__ = ["LOCK_FILE", "RUN_FILES", "RunFolderError", "claim_run_folder", "earlier_run", "resume_or_restart"]
 
 LOCK_FILE = ".widenet.lock"
-RUN_FILES = ("metrics.jsonl", "tokenizer.json")  # beside the checkpoints, what a run writes into OUT
+RUN_FILES = ("metrics.jsonl", "tokenizer.json", "tensorboard")  # beside the checkpoints, what a run writes into OUT
 
 
 class RunFolderError(ValueError):
@@ -113,7 +113,7 @@ def _remove_earlier_run(out: Path) -> None:
     elif root.is_dir():
         remove_tree(root)
     for name in RUN_FILES:
-        (out / name).unlink(missing_ok=True)
+        remove_tree(out / name) if (out / name).is_dir() else (out / name).unlink(missing_ok=True)
 
 
 def _agree(parallel: ParallelContext, failure: Exception | None, out: Path) -> None:

@@ -6,7 +6,8 @@ one global batch, and what evaluation reports. The Trainer owns the rest:
     resume (weights before the model is wrapped, then optimizer, schedule, RNGs,
       counters, log window, weight average and time-budget plan), the update step
       (backward, parallel hooks, global-norm clipping, optimizer, schedule), the
-      non-finite-loss guard, the log window, metrics.jsonl, the progress bar,
+      non-finite-loss guard, the log window, metrics.jsonl (and with --tensorboard the
+      same records as TensorBoard events, widenet.train.tensorboard), the progress bar,
       evaluation and checkpoint cadence, the weight average (--ema-decay) and the
       time budget (--time-budget, widenet.train.budget).
 
@@ -39,9 +40,10 @@ from .budget import BudgetPlan, Cadence, Deadline, plan_budget
 from .checkpoint import CheckpointError, find_latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import RecipeConfig
 from .ema import ModelEMA
-from .metrics import MetricsLog, NullMetrics
+from .metrics import NullMetrics
 from .optim import build_optimizer, build_schedule
 from .progress import LogWindow, Progress, StepResult
+from .tensorboard import open_metrics
 
 TRAIN_STATE_KEYS = ("optimizer", "scheduler", "rng", "progress")  # what a resume needs from state.pt
 
@@ -109,7 +111,8 @@ class Trainer:
         self.cfg, self.task, self.parallel, self.device, self.amp = cfg, task, parallel, device, amp
         self.log, self.meta = parallel.log(log), meta
         self.out = Path(cfg.out)
-        self.metrics = MetricsLog(self.out / "metrics.jsonl") if parallel.is_main else NullMetrics()
+        # metrics.jsonl (and with --tensorboard OUT/tensorboard/) on the main process only
+        self.metrics = open_metrics(self.out, cfg.tensorboard) if parallel.is_main else NullMetrics()
         self.started = time.monotonic() if started is None else started  # a --time-budget counts from here
         saved = self._resume_weights(model, expected_meta) if cfg.resume else None  # run_folder checked OUT
         self.deadline: Deadline | None = None
@@ -127,6 +130,12 @@ class Trainer:
 
     # -- the run ----------------------------------------------------------------------
     def run(self) -> RunResult:
+        try:
+            return self._run()
+        finally:
+            self.metrics.close()  # flushes and closes TensorBoard's event file, also after a failure
+
+    def _run(self) -> RunResult:
         task, p = self.task, self.progress
         final = final_ema = None
         bar = _progress_bar(p.total, p.step, self.parallel.is_main)

@@ -12,12 +12,12 @@ from .cifar import CIFAR10_CLASSES, load_cifar
 from .dataset import (ImageDataset, check_classification_pair, check_same_classes, iterate_batches, resize_dataset,
                       subset)
 from .fashion_mnist import FASHION_MNIST_CLASSES, load_fashion_mnist
-from .folder import load_image_folder
+from .folder import TEST_SPLIT_FOLDERS, load_image_folder
 from .idx import read_idx
 
 __all__ = ["CIFAR10_CLASSES", "DATASET_NAMES", "DatasetError", "DatasetNotFoundError", "FASHION_MNIST_CLASSES",
            "ImageDataset", "check_classification_pair", "check_same_classes", "iterate_batches", "load_cifar", "load_dataset", "load_fashion_mnist",
-           "load_image_folder", "read_idx", "resize_dataset", "subset"]
+           "load_image_folder", "read_idx", "resize_dataset", "subset", "TEST_SPLIT_FOLDERS"]
 
 DATASET_NAMES = ("fashion-mnist", "cifar10", "cifar100", "folder")
 
@@ -32,8 +32,11 @@ def load_dataset(
     """Load a dataset by name: 'fashion-mnist', 'cifar10', 'cifar100' or 'folder'.
 
     ``image_size`` resizes the images once at load time (required for
-    'folder'). CIFAR is read from ``data_dir`` or, if not given, from
-    ``data_home()``; 'folder' needs ``data_dir``.
+    'folder', whose images are decoded at that size; `widenet train` and
+    `widenet eval` pass the model's). CIFAR is read from ``data_dir`` or, if
+    not given, from ``data_home()``; 'folder' needs ``data_dir``, and reads
+    its "test" split from ``test/``, ``val/`` or ``validation/``, the first
+    that exists (folder.TEST_SPLIT_FOLDERS).
     """
     if name not in DATASET_NAMES:
         raise ValueError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASET_NAMES)}")
@@ -41,7 +44,7 @@ def load_dataset(
         if data_dir is None:
             raise ValueError("dataset 'folder' needs data_dir (the folder holding <split>/<class>/<image>)")
         if image_size is None:
-            raise ValueError("dataset 'folder' needs image_size")
+            raise ValueError("dataset 'folder' needs image_size (the size its images are decoded at)")
         return load_image_folder(data_dir, split, image_size)
     if name == "fashion-mnist":
         dataset = load_fashion_mnist(split, data_dir=data_dir, download=download)

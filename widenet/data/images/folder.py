@@ -1,5 +1,10 @@
 """A folder of images laid out as root/<split>/<class>/<image>: decoded with Pillow once and cached
-as a tensor file (invalidated when the files, the size or the decoding change)."""
+as a tensor file (invalidated when the files, the size or the decoding change).
+
+The held-out split may be named as datasets ship it: asked for "test", the
+loader takes ``root/test``, else ``root/val`` (ImageNet's layout), else
+``root/validation`` (TEST_SPLIT_FOLDERS, in that order).
+"""
 
 from __future__ import annotations
 
@@ -16,7 +21,10 @@ from ...files import load_weights_only, save_atomic
 from ..errors import DatasetError, DatasetNotFoundError, PathLike
 from .dataset import ImageDataset
 
-__all__ = ["load_image_folder"]
+__all__ = ["TEST_SPLIT_FOLDERS", "decode_image", "load_image_folder", "split_folder"]
+
+# The folders that hold the "test" split, in order of preference: the first that exists is used.
+TEST_SPLIT_FOLDERS = ("test", "val", "validation")
 
 
 # Bump when the decoding below changes, so stale caches are not reused.
@@ -26,6 +34,26 @@ _FOLDER_CACHE_VERSION = 1
 def _visible(path: Path) -> bool:
     """False for hidden files and folders (such as the cache folder)."""
     return not path.name.startswith(".")
+
+
+def split_folder(root: PathLike, split: str | None) -> Path:
+    """The folder holding ``split`` under ``root``: ``root`` itself for None, ``root/<split>`` for a
+    named split, and for "test" the first of ``root/test``, ``root/val``, ``root/validation`` that
+    exists (TEST_SPLIT_FOLDERS). A missing root or test split raises DatasetNotFoundError naming
+    what was looked for."""
+    root = Path(root)
+    if not split:
+        return root
+    if not root.is_dir():
+        raise DatasetNotFoundError(f"image folder {root} does not exist")
+    if split != "test":
+        return root / split
+    for name in TEST_SPLIT_FOLDERS:
+        if (root / name).is_dir():
+            return root / name
+    looked = ", ".join(f"{name}/" for name in TEST_SPLIT_FOLDERS)
+    raise DatasetNotFoundError(f"image folder {root} has no test split: looked for {looked} "
+                               f"(each holding <class>/<image>)")
 
 
 def _scan_folder(base: Path) -> tuple[list[str], list[tuple[Path, int]]]:
@@ -59,7 +87,7 @@ def _folder_cache_key(base: Path, files: list[tuple[Path, int]], image_size: int
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def _decode_image(path: Path, image_size: int, channels: int) -> torch.Tensor:
+def decode_image(path: Path, image_size: int, channels: int) -> torch.Tensor:
     """Decode one file to uint8 (C, S, S): shorter side resized to S, then center crop."""
     from PIL import Image
 
@@ -102,6 +130,10 @@ def load_image_folder(
 ) -> ImageDataset:
     """Load ``root/<split>/<class>/<image>`` (or ``root/<class>/...`` if split is None).
 
+    The split "test" is read from ``root/test``, else ``root/val``, else
+    ``root/validation`` (the first that exists; see split_folder); any other
+    split from ``root/<split>``.
+
     Every file Pillow can read is converted to ``channels`` (1 or 3), its
     shorter side resized to ``image_size`` (bicubic) and center-cropped to a
     square. The decoded tensor is cached once in ``cache_dir`` (default
@@ -113,16 +145,17 @@ def load_image_folder(
     if image_size <= 0:
         raise ValueError(f"image_size must be positive, got {image_size}")
     root = Path(root)
-    base = root / split if split else root
+    base = split_folder(root, split)
+    folder = base.name if split else None  # "val" when the test split lives in root/val
     classes, files = _scan_folder(base)
     key = _folder_cache_key(base, files, image_size, channels)
     cache_folder = Path(cache_dir) if cache_dir is not None else root / ".widenet-cache"
-    cache_path = cache_folder / f"{split or 'all'}-{image_size}px-{channels}ch-{key[:16]}.pt"
-    name = f"folder-{root.name}" + (f"-{split}" if split else "")
+    cache_path = cache_folder / f"{folder or 'all'}-{image_size}px-{channels}ch-{key[:16]}.pt"
+    name = f"folder-{root.name}" + (f"-{folder}" if folder else "")
     cached = _load_cache(cache_path, key)
     if cached is not None:
         return ImageDataset(cached["images"], cached["labels"], list(cached["classes"]), name)
-    images = torch.stack([_decode_image(path, image_size, channels) for path, _ in files])
+    images = torch.stack([decode_image(path, image_size, channels) for path, _ in files])
     labels = torch.tensor([label for _, label in files], dtype=torch.int64)
     try:
         save_atomic({"key": key, "images": images, "labels": labels, "classes": classes}, cache_path)

@@ -1,0 +1,110 @@
+"""Image folders laid out as datasets ship them: train/ plus test/, val/ (ImageNet's) or validation/,
+decoded by default at the model's own image size."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from widenet.cli import main
+from widenet.data.images import TEST_SPLIT_FOLDERS, DatasetNotFoundError, load_dataset, load_image_folder
+from widenet.models.registry import model_config
+from widenet.train.checkpoint import load_checkpoint
+from widenet.train.config import TrainConfig
+from widenet.train.images import folder_image_size, load_data
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+CLASSES = ("cat", "dog")
+
+
+def make_folder(root: Path, splits: dict[str, int]) -> Path:
+    """root/<split>/<class>/<i>.png: `splits[split]` 8x8 images per class, one brightness per class."""
+    for split, count in splits.items():
+        for k, name in enumerate(CLASSES):
+            (root / split / name).mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                Image.new("L", (8, 8), 60 + 120 * k + 3 * i).save(root / split / name / f"{i}.png")
+    return root
+
+
+def _config(root: Path, out: Path, **changes) -> TrainConfig:
+    settings = dict(data="folder", data_dir=str(root), out=str(out), batch_size=4, max_steps=1, device="cpu",
+                    model_overrides=dict(dim=32, depth=2, num_heads=2, mlp_dim=64))
+    settings.update(changes)
+    return TrainConfig(**settings)
+
+
+@pytest.mark.parametrize("held_out", ["test", "val", "validation"])
+def test_each_layout_gives_train_and_test_splits(tmp_path, held_out):
+    root = make_folder(tmp_path / "data", {"train": 3, held_out: 2})
+    test = load_dataset("folder", "test", root, image_size=8)
+    assert len(test) == 4 and test.classes == list(CLASSES) and test.name == f"folder-data-{held_out}"
+    train_set, test_set = load_data(_config(root, tmp_path / "run", image_size=8))
+    assert (len(train_set), len(test_set)) == (6, 4)
+    assert train_set.classes == test_set.classes == list(CLASSES)
+    assert sorted(test_set.labels.tolist()) == [0, 0, 1, 1]
+
+
+def test_test_is_preferred_over_val_over_validation(tmp_path):
+    assert TEST_SPLIT_FOLDERS == ("test", "val", "validation")
+    root = make_folder(tmp_path / "data", {"train": 1, "test": 1, "val": 2, "validation": 3})
+    assert len(load_image_folder(root, "test", image_size=8)) == 2  # test/: one per class
+    for name in ("test", "val"):
+        for path in (root / name).rglob("*.png"):
+            path.unlink()
+        for folder in sorted((root / name).rglob("*"), reverse=True):
+            folder.rmdir()
+        (root / name).rmdir()
+        expected = {"test": 4, "val": 6}[name]  # then val/ (2 per class), then validation/ (3 per class)
+        assert len(load_image_folder(root, "test", image_size=8)) == expected
+    # an explicit split is read from its own folder only
+    assert len(load_image_folder(root, "validation", image_size=8)) == 6
+    with pytest.raises(DatasetNotFoundError, match="does not exist"):
+        load_image_folder(root, "val", image_size=8)
+
+
+def test_missing_test_split_names_the_folders_looked_for(tmp_path, capsys):
+    root = make_folder(tmp_path / "data", {"train": 2, "valid": 2})
+    with pytest.raises(DatasetNotFoundError) as caught:
+        load_dataset("folder", "test", root, image_size=8)
+    message = str(caught.value)
+    assert str(root) in message and "test/, val/, validation/" in message
+    assert main(["train", "--data", "folder", "--data-dir", str(root), "--out", str(tmp_path / "run"),
+                 "--max-steps", "1", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [f"widenet: error: {message}"]
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_image_size_defaults_to_the_models(tmp_path):
+    root = make_folder(tmp_path / "data", {"train": 2, "val": 1})
+    size = model_config("widenet_tiny").image_size
+    assert size != 8  # the files' own size: decoding must have resized them
+    cfg = _config(root, tmp_path / "run")
+    assert cfg.image_size is None and folder_image_size(cfg) == size
+    train_set, test_set = load_data(cfg)
+    assert train_set.image_size == test_set.image_size == size
+    assert folder_image_size(_config(root, tmp_path / "run", image_size=12)) == 12
+    overridden = _config(root, tmp_path / "run", model_overrides=dict(image_size=16))
+    assert load_data(overridden)[0].image_size == 16
+
+
+def test_train_and_eval_on_an_imagenet_layout_without_image_size(tmp_path, tiny_set_args, capsys):
+    root = make_folder(tmp_path / "data", {"train": 4, "val": 2})
+    out = tmp_path / "run"
+    assert main([str(a) for a in ["train", "--data", "folder", "--data-dir", root, "--out", out, "--batch-size", 4,
+                                  "--max-steps", 2, "--device", "cpu", *tiny_set_args]]) == 0, capsys.readouterr().err
+    assert "test accuracy" in capsys.readouterr().out
+    ckpt = load_checkpoint(out)
+    assert ckpt.meta["model_config"]["image_size"] == model_config("widenet_tiny").image_size
+    assert ckpt.meta["train_config"]["image_size"] is None and ckpt.meta["data"]["classes"] == list(CLASSES)
+    assert main(["eval", "--checkpoint", str(out), "--device", "cpu", "--json"]) == 0
+    report = capsys.readouterr().out
+    assert '"examples": 4' in report and '"data": "folder"' in report
+    # the same run's eval on a copy laid out with validation/ instead
+    other = make_folder(tmp_path / "other", {"train": 1, "validation": 3})
+    assert main(["eval", "--checkpoint", str(out), "--data-dir", str(other), "--device", "cpu", "--json"]) == 0
+    assert '"examples": 6' in capsys.readouterr().out
