@@ -21,9 +21,9 @@ TIERS: dict[str, int] = {
     "models": 2,
     "data": 3, "distributed": 3,
     "train": 4,
-    "analysis": 5,
+    "analysis": 5, "inference": 5,
     "bench": 6,
-    "cli": 7, "cli_args": 7, "cli_errors": 7, "cli_run": 7, "cli_text": 7, "__main__": 7,
+    "cli": 7, "cli_args": 7, "cli_errors": 7, "cli_run": 7, "cli_text": 7, "cli_models": 7, "cli_predict": 7, "__main__": 7,
 }
 SIBLINGS_APART = {("data", "distributed"), ("distributed", "data")}
 MAX_LINES = 460

@@ -8,6 +8,8 @@
                   [--compile] [--out DIR] [--resume] ...
     widenet eval --checkpoint PATH [--data D] [--ema] [--tta flip] [--json]
     widenet compare [--models A,B,...] [--preset quick|full] [--seeds N] [--epochs N | --time-budget MIN] [--out DIR]
+    widenet import / upcycle / export (cli_models.py), widenet predict (cli_predict.py), pretrain / finetune /
+    compare-text (cli_text.py)
 
 Bad input exits with status 2 and a one-line message (no traceback).
 """
@@ -27,6 +29,8 @@ from .cli_args import (add_budget_arguments, add_moe_arguments, add_process_argu
                        add_run_arguments, finite_float, model_overrides, nonempty, parse_setting,
                        positive_float, positive_int)
 from .cli_errors import BUG_REPORT, CLIError, explain
+from .cli_models import add_model_commands
+from .cli_predict import add_predict_command
 from .cli_text import add_text_commands
 
 
@@ -236,8 +240,13 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     from .train.config import CROP_NAMES
 
     p.add_argument("--model", default="widenet_tiny")
+    p.add_argument("--init", type=nonempty, metavar="PATH",
+                   help="start from this model's config and weights instead of --model's init: a run, an "
+                        "exported or upcycled folder (widenet export/upcycle) or a Hugging Face ViT folder")
     _add_data_and_budget(p)
-    p.add_argument("--image-size", type=positive_int)
+    p.add_argument("--image-size", type=positive_int,
+                   help="image side: resize the data to it (default: the dataset's own; --data folder: the "
+                        "model's image size, at which the images are decoded)")
     add_recipe_arguments(p)
     p.add_argument("--label-smoothing", type=finite_float)
     p.add_argument("--mixup", type=finite_float, help="Beta(alpha, alpha) mixup; 0 disables")
@@ -302,6 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_compare)
 
     add_text_commands(sub)
+    add_model_commands(sub)
+    add_predict_command(sub)
 
     p = bench.add_parser("moe", help="MoE layer vs dense FFN, one-hot einsum and expert loop")
     p.add_argument("--tokens", type=positive_int, default=8192)

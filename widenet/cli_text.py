@@ -93,7 +93,9 @@ def add_text_commands(sub) -> None:
 
     p = sub.add_parser("finetune", help="fine-tune a pretrained text model: classification or span QA")
     p.add_argument("--task", required=True, choices=("classify", "qa"))
-    p.add_argument("--init", type=nonempty, required=True, help="pretraining checkpoint or run folder")
+    p.add_argument("--init", type=nonempty, required=True,
+                   help="pretraining run or checkpoint, a widenet folder (export, upcycle, import) or a Hugging "
+                        "Face ALBERT/BERT folder with its tokenizer")
     p.add_argument("--train", type=nonempty, required=True, help="TSV/CSV/JSONL (classify) or SQuAD JSON (qa); or hf:DATASET[/CONFIG]:SPLIT "
                         "with the datasets package and a network, e.g. hf:glue/sst2:train")
     p.add_argument("--validation", type=nonempty, required=True)

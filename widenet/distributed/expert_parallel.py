@@ -123,12 +123,12 @@ class ExpertParallelMoE(MoE):
 
     local_experts = False  # rows travel to the ranks that own their experts
 
-    def __init__(self, dim: int, hidden_dim: int, config: MoEConfig, group=None) -> None:
+    def __init__(self, dim: int, hidden_dim: int, config: MoEConfig, group=None, activation: str = "gelu") -> None:
         world, rank = _group_size_and_rank(group)
         if config.num_experts % world:
             raise ValueError(f"expert parallelism over {world} ranks needs num_experts divisible by {world}, "
                              f"got {config.num_experts}")
-        super().__init__(dim, hidden_dim, config=config)
+        super().__init__(dim, hidden_dim, config=config, activation=activation)
         self.group = group
         self.world = world
         self.rank = rank
@@ -143,7 +143,7 @@ class ExpertParallelMoE(MoE):
         if isinstance(moe, ExpertParallelMoE):
             raise TypeError("this MoE is already expert-parallel")
         with torch.device("meta"):  # skip initialising weights that are overwritten below
-            ep = cls(moe.dim, moe.experts.w1.shape[-1], moe.cfg, group=group)
+            ep = cls(moe.dim, moe.experts.w1.shape[-1], moe.cfg, group=group, activation=moe.experts.activation)
         ep.router = moe.router
         ep.experts = _slice_experts(moe.experts, ep.local_expert_range)
         ep._mark_expert_shards()
@@ -199,7 +199,7 @@ def _slice_experts(experts: nn.Module, ids: range) -> nn.Module:
 
     w1 = experts.w1
     with torch.device("meta"):
-        local = Experts(len(ids), w1.shape[1], w1.shape[2], experts.backend)
+        local = Experts(len(ids), w1.shape[1], w1.shape[2], experts.backend, experts.activation)
     part = slice(ids.start, ids.stop)
     for name in ("w1", "b1", "w2", "b2"):
         full = getattr(experts, name)

@@ -117,16 +117,16 @@ class RoutedExperts(torch.autograd.Function):
 
     x: (N, D); weight: (A,) combine weights by assignment; slot, inverse,
     row_expert (A,) and kept (E,) from plan_dispatch; w1, b1, w2, b2 the
-    experts' weights; kernel, runs, slots: see layers/experts.py.
+    experts' weights; kernel, runs, slots: see layers/experts.py; approximate: the GELU's.
     """
 
     @staticmethod
     def forward(ctx, x, weight, slot, inverse, row_expert, kept, w1, b1, w2, b2,
-                kernel: str, runs: tuple[int, ...] | None, slots: int, k: int):
+                kernel: str, runs: tuple[int, ...] | None, slots: int, k: int, approximate: str = "none"):
         n, a = x.shape[0], slot.shape[0]
         token = slot if k == 1 else slot % n  # (A,) each row's token
         rows = x.index_select(0, token)  # (A, D)
-        lay = row_layout(kernel, kept, a, runs, row_expert, slots)
+        lay = row_layout(kernel, kept, a, runs, row_expert, slots, approximate)
         y, pre, act = ffn_forward(rows, w1, b1, w2, b2, lay)  # (A, D), zero past M
         ctx.save_for_backward(rows, w1, w2, pre, act, y, weight, slot, token, inverse, *lay.tensors())
         ctx.lay, ctx.k = lay.with_tensors([None] * 4), k
@@ -141,7 +141,7 @@ class RoutedExperts(torch.autograd.Function):
         g.mul_(cast(weight.index_select(0, slot), g.dtype).unsqueeze(1))  # gradient of the expert outputs
         g_rows, gw1, gb1, gw2, gb2 = ffn_backward(g, rows, w1, w2, pre, act, ctx.lay.with_tensors(lay_tensors))
         g_x = _rows_to_tokens(g_rows, inverse, ctx.k, grad.shape[0])  # (N, D)
-        return g_x, g_weight, None, None, None, None, gw1, gb1, gw2, gb2, None, None, None, None
+        return g_x, g_weight, None, None, None, None, gw1, gb1, gw2, gb2, None, None, None, None, None
 
 
 class GatherTokens(torch.autograd.Function):

@@ -40,11 +40,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["EXPERT_BACKENDS", "Experts", "RowLayout", "cast", "ffn_backward", "ffn_forward", "grouped_mm_works",
+__all__ = ["ACTIVATIONS", "EXPERT_BACKENDS", "Experts", "gelu_approximation", "RowLayout", "cast", "ffn_backward", "ffn_forward", "grouped_mm_works",
            "row_layout"]
 
 EXPERT_BACKENDS = ("auto", "loop", "grouped", "padded")
 _log = logging.getLogger("widenet.moe")
+
+
+ACTIVATIONS = {"gelu": "none", "gelu_tanh": "tanh"}  # name -> F.gelu's `approximate`
+
+
+def gelu_approximation(activation: str) -> str:
+    """F.gelu's `approximate` for an activation name: "gelu" (exact, erf) or "gelu_tanh"
+    (the tanh approximation: BERT/ALBERT's "gelu_new")."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
+    return ACTIVATIONS[activation]
 
 
 def cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -65,11 +76,14 @@ class Experts(nn.Module):
             buffers would hold E times the work).
     """
 
-    def __init__(self, num_experts: int, dim: int, hidden_dim: int, backend: str = "auto") -> None:
+    def __init__(self, num_experts: int, dim: int, hidden_dim: int, backend: str = "auto",
+                 activation: str = "gelu") -> None:
         super().__init__()
         if backend not in EXPERT_BACKENDS:
             raise ValueError(f"expert backend must be one of {', '.join(EXPERT_BACKENDS)}, got {backend!r}")
         self.backend = backend
+        self.activation = activation
+        self.approximate = gelu_approximation(activation)
         self.w1 = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))
         self.b1 = nn.Parameter(torch.zeros(num_experts, hidden_dim))
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
@@ -125,7 +139,8 @@ class Experts(nn.Module):
         dtype = self.compute_dtype(rows.device)
         kernel = "grouped" if self.kernel(rows.device, dtype) == "grouped" else "loop"  # runs are on the host
         kept = torch.tensor(list(runs), device=rows.device)
-        return _ExpertFFN.apply(cast(rows, dtype), kept, *self.weights_in(dtype), kernel, tuple(runs))
+        return _ExpertFFN.apply(cast(rows, dtype), kept, *self.weights_in(dtype), kernel, tuple(runs),
+                                self.approximate)
 
 
 # ----------------------------------------------------------------------------
@@ -149,6 +164,7 @@ class RowLayout:
     slot_of_row: torch.Tensor | None = None
     row_of_slot: torch.Tensor | None = None
     slots: int = 0
+    approximate: str = "none"  # GELU: "none" (exact, erf) or "tanh"
 
     @property
     def num_experts(self) -> int:
@@ -159,17 +175,26 @@ class RowLayout:
 
     def with_tensors(self, tensors: Sequence[torch.Tensor | None]) -> RowLayout:
         offs, row_expert, slot_of_row, row_of_slot = tensors
-        return RowLayout(self.kernel, self.rows, self.runs, offs, row_expert, slot_of_row, row_of_slot, self.slots)
+        return RowLayout(self.kernel, self.rows, self.runs, offs, row_expert, slot_of_row, row_of_slot, self.slots,
+                         self.approximate)
 
 
 def row_layout(kernel: str, kept: torch.Tensor, rows: int, runs: Sequence[int] | None = None,
-               row_expert: torch.Tensor | None = None, slots: int = 0) -> RowLayout:
+               row_expert: torch.Tensor | None = None, slots: int = 0, approximate: str = "none") -> RowLayout:
     """The layout of `rows` buffer rows holding kept (E,) rows per expert, in expert order.
 
     runs: kept on the host (the loop kernel). row_expert (R,): each row's expert,
     E for spare rows, when the caller has it (else derived). slots: C, the
-    padded kernel's slots per expert (>= every kept count).
+    padded kernel's slots per expert (>= every kept count). approximate: the GELU's
+    ("none" or "tanh").
     """
+    lay = _row_layout(kernel, kept, rows, runs, row_expert, slots)
+    lay.approximate = approximate
+    return lay
+
+
+def _row_layout(kernel: str, kept: torch.Tensor, rows: int, runs: Sequence[int] | None,
+                row_expert: torch.Tensor | None, slots: int) -> RowLayout:
     if kernel == "loop":
         return RowLayout("loop", rows, runs=tuple(runs))
     num_experts = kept.shape[0]
@@ -195,16 +220,16 @@ def ffn_forward(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.T
     spare rows. x (R, D) -> y (R, D), and what backward needs: the hidden activations
     before and after GELU ((M, H) for loop, (R, H) for grouped, (E, C, H) for padded)."""
     if lay.kernel == "loop":
-        return _loop_forward(x, w1, b1, w2, b2, lay.runs)
+        return _loop_forward(x, w1, b1, w2, b2, lay.runs, lay.approximate)
     if lay.kernel == "grouped":
         pre = torch._grouped_mm(x, w1, offs=lay.offs) + _per_row(b1, lay.row_expert)  # (R, H)
-        act = F.gelu(pre)
+        act = F.gelu(pre, approximate=lay.approximate)
         y = torch._grouped_mm(act, w2, offs=lay.offs) + _per_row(b2, lay.row_expert)  # (R, D)
         return _zero_spare(y, lay), pre, act
     e, c = w1.shape[0], lay.slots
     buf = _take_rows(x, lay.row_of_slot).view(e, c, x.shape[1])  # (E, C, D), zeros in empty slots
     pre = torch.baddbmm(b1.unsqueeze(1), buf, w1)  # (E, C, H)
-    act = F.gelu(pre)
+    act = F.gelu(pre, approximate=lay.approximate)
     y = torch.baddbmm(b2.unsqueeze(1), act, w2)  # (E, C, D)
     return _take_rows(y.view(e * c, y.shape[2]), lay.slot_of_row), pre, act  # (R, D)
 
@@ -215,11 +240,12 @@ def ffn_backward(g: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2: torch.T
     values, never read). An expert without rows gets zero weight and bias gradients; spare
     rows of the x gradient are zero."""
     if lay.kernel == "loop":
-        return _loop_backward(g, x, w1, w2, pre, act, lay.runs)
+        return _loop_backward(g, x, w1, w2, pre, act, lay.runs, lay.approximate)
     if lay.kernel == "grouped":
         gw2 = _zero_empty(torch._grouped_mm(act.t(), g, offs=lay.offs), lay.offs)  # (E, H, D)
         gb2 = _sum_per_expert(g, lay)  # (E, D)
-        g_pre = torch.ops.aten.gelu_backward(torch._grouped_mm(g, w2.transpose(1, 2), offs=lay.offs), pre)
+        g_pre = torch.ops.aten.gelu_backward(torch._grouped_mm(g, w2.transpose(1, 2), offs=lay.offs), pre,
+                                             approximate=lay.approximate)
         g_pre = _zero_spare(g_pre, lay)  # (R, H): garbage past M would spoil the bias sums
         gw1 = _zero_empty(torch._grouped_mm(x.t(), g_pre, offs=lay.offs), lay.offs)  # (E, D, H)
         gb1 = _sum_per_expert(g_pre, lay)  # (E, H)
@@ -230,7 +256,8 @@ def ffn_backward(g: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2: torch.T
     g_y = _take_rows(g, lay.row_of_slot).view(e, c, g.shape[1])  # (E, C, D), zeros in empty slots
     gw2 = torch.bmm(act.transpose(1, 2), g_y)  # (E, H, D)
     gb2 = g_y.sum(1)
-    g_pre = torch.ops.aten.gelu_backward(torch.bmm(g_y, w2.transpose(1, 2)), pre)  # (E, C, H)
+    g_pre = torch.ops.aten.gelu_backward(torch.bmm(g_y, w2.transpose(1, 2)), pre,
+                                         approximate=lay.approximate)  # (E, C, H)
     gw1 = torch.bmm(buf.transpose(1, 2), g_pre)  # (E, D, H)
     gb1 = g_pre.sum(1)
     g_buf = torch.bmm(g_pre, w1.transpose(1, 2)).view(e * c, x.shape[1])  # (E*C, D)
@@ -268,7 +295,7 @@ def _zero_empty(grad: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     return torch.where(empty.view(-1, 1, 1), grad.new_zeros(()), grad)
 
 
-def _loop_forward(x, w1, b1, w2, b2, runs):
+def _loop_forward(x, w1, b1, w2, b2, runs, approximate="none"):
     """The loop kernel: one addmm per expert for each projection, GELU once over all rows.
     Views are cut in one call each (split_with_sizes/unbind): at small widths a CPU spends
     as much on per-op overhead as on arithmetic."""
@@ -280,14 +307,14 @@ def _loop_forward(x, w1, b1, w2, b2, runs):
     xs, pres, w1s, b1s = x[:m].split_with_sizes(runs), pre.split_with_sizes(runs), w1.unbind(0), b1.unbind(0)
     for e in experts:
         torch.addmm(b1s[e], xs[e], w1s[e], out=pres[e])
-    act = F.gelu(pre)
+    act = F.gelu(pre, approximate=approximate)
     acts, outs, w2s, b2s = act.split_with_sizes(runs), out[:m].split_with_sizes(runs), w2.unbind(0), b2.unbind(0)
     for e in experts:
         torch.addmm(b2s[e], acts[e], w2s[e], out=outs[e])
     return out, pre, act
 
 
-def _loop_backward(g, x, w1, w2, pre, act, runs):
+def _loop_backward(g, x, w1, w2, pre, act, runs, approximate="none"):
     m = sum(runs)
     gx = torch.empty_like(x)
     gx[m:] = 0
@@ -302,7 +329,8 @@ def _loop_backward(g, x, w1, w2, pre, act, runs):
         torch.mm(act_ts[e], gs[e], out=gw2s[e])
         torch.sum(gs[e], 0, out=gb2s[e])
         torch.mm(gs[e], w2ts[e], out=g_acts[e])
-    g_pre = torch.ops.aten.gelu_backward.grad_input(g_act, pre, grad_input=g_act)  # (M, H), in place
+    g_pre = torch.ops.aten.gelu_backward.grad_input(g_act, pre, approximate=approximate,
+                                                    grad_input=g_act)  # (M, H), in place
     x_ts, g_pres, gxs = x[:m].t().split_with_sizes(runs, 1), g_pre.split_with_sizes(runs), gx[:m].split_with_sizes(runs)
     w1ts, gw1s, gb1s = w1.transpose(1, 2).unbind(0), gw1.unbind(0), gb1.unbind(0)
     for e in experts:
@@ -316,8 +344,8 @@ class _ExpertFFN(torch.autograd.Function):
     """ffn_forward / ffn_backward on rows that all belong to experts (R = M), runs on the host."""
 
     @staticmethod
-    def forward(ctx, x, kept, w1, b1, w2, b2, kernel: str, runs: tuple[int, ...]):
-        lay = row_layout(kernel, kept, x.shape[0], runs)
+    def forward(ctx, x, kept, w1, b1, w2, b2, kernel: str, runs: tuple[int, ...], approximate: str = "none"):
+        lay = row_layout(kernel, kept, x.shape[0], runs, approximate=approximate)
         y, pre, act = ffn_forward(x, w1, b1, w2, b2, lay)
         ctx.save_for_backward(x, w1, w2, pre, act, *lay.tensors())
         ctx.lay = lay.with_tensors([None] * 4)
@@ -329,7 +357,7 @@ class _ExpertFFN(torch.autograd.Function):
         x, w1, w2, pre, act, *lay_tensors = ctx.saved_tensors
         lay = ctx.lay.with_tensors(lay_tensors)
         gx, gw1, gb1, gw2, gb2 = ffn_backward(g.contiguous(), x, w1, w2, pre, act, lay)
-        return gx, None, gw1, gb1, gw2, gb2, None, None
+        return gx, None, gw1, gb1, gw2, gb2, None, None, None
 
 
 # ----------------------------------------------------------------------------

@@ -214,7 +214,7 @@ class MoE(nn.Module):
     """
 
     def __init__(self, dim: int, hidden_dim: int, num_experts: int = 4, top_k: int = 2, *,
-                 config: MoEConfig | None = None, **settings: Any) -> None:
+                 config: MoEConfig | None = None, activation: str = "gelu", **settings: Any) -> None:
         super().__init__()
         if config is None:
             config = MoEConfig(num_experts=num_experts, top_k=top_k, **settings)
@@ -226,7 +226,7 @@ class MoE(nn.Module):
         self.cfg = config
         self.dim, self.num_experts, self.top_k = dim, config.num_experts, config.top_k
         self.router = Router(dim, config.num_experts, config.top_k, config.router_noise, config.renormalize)
-        self.experts = Experts(config.num_experts, dim, hidden_dim, config.expert_backend)
+        self.experts = Experts(config.num_experts, dim, hidden_dim, config.expert_backend, activation)
 
     def extra_repr(self) -> str:
         c = self.cfg
@@ -281,7 +281,8 @@ class MoE(nn.Module):
         if self.local_experts:  # gather, experts and combine in one autograd node
             slots = self.capacity(n) if kernel == "padded" else 0  # static: every token counted
             out = RoutedExperts.apply(cast(x, dtype), weight, plan.slot, plan.inverse, plan.row_expert, plan.kept,
-                                       *experts.weights_in(dtype), kernel, plan.runs, slots, self.top_k)
+                                       *experts.weights_in(dtype), kernel, plan.runs, slots, self.top_k,
+                                       experts.approximate)
         else:
             kept_ids = plan.slot[:sum(plan.runs)]  # (M,)
             y = self._run_experts(GatherTokens.apply(x, kept_ids, self.top_k), plan.runs)  # (M, D)

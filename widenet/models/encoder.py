@@ -28,6 +28,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..layers.attention import Attention
 from ..layers.drop_path import block_rates, drop_path
+from ..layers.experts import gelu_approximation
 from ..layers.masks import resolve_padding_mask
 from ..layers.mlp import Mlp
 from ..layers.moe import MOE_SETTINGS, MoE, MoEConfig, RoutingStats
@@ -71,6 +72,7 @@ class EncoderConfig:
     norm_eps: float = 1e-6
     activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~1/3 more compute
     norm_position: str = "pre"
+    activation: str = "gelu"  # of every FFN / expert: "gelu" (exact) or "gelu_tanh" (BERT/ALBERT's gelu_new)
 
     def __post_init__(self) -> None:
         if isinstance(self.moe, dict):
@@ -94,6 +96,7 @@ class EncoderConfig:
         for name in ("dropout", "attn_dropout", "drop_path"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        gelu_approximation(self.activation)  # a clear error for an unknown name
         if self.norm_position not in ("pre", "post"):
             raise ValueError(f"norm_position must be 'pre' or 'post', got {self.norm_position!r}")
 
@@ -179,7 +182,7 @@ class Encoder(nn.Module):
         self.attention = nn.ModuleList(
             Attention(cfg.dim, cfg.num_heads, cfg.attn_dropout, cfg.dropout) for _ in range(n_attn))
         self.norms = nn.ModuleList(BlockNorms(cfg.dim, cfg.norm_eps) for _ in range(n_norms))
-        self.mlps = nn.ModuleList(Mlp(cfg.dim, cfg.mlp_dim, cfg.dropout) for _ in range(n_mlp))
+        self.mlps = nn.ModuleList(Mlp(cfg.dim, cfg.mlp_dim, cfg.dropout, cfg.activation) for _ in range(n_mlp))
         self.moes = nn.ModuleList(_make_moe(cfg) for _ in range(n_moe))
         self.drop = nn.Dropout(cfg.dropout)
         self.drop_rates = block_rates(cfg.drop_path, cfg.depth)  # per block
@@ -253,4 +256,4 @@ def _plan_blocks(cfg: EncoderConfig) -> list[BlockPlan]:
 
 
 def _make_moe(cfg: EncoderConfig) -> MoE:
-    return MoE(cfg.dim, cfg.expert_dim or cfg.mlp_dim, config=cfg.moe)
+    return MoE(cfg.dim, cfg.expert_dim or cfg.mlp_dim, config=cfg.moe, activation=cfg.activation)

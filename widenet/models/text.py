@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from ..layers.experts import gelu_approximation
 from ..layers.masks import resolve_padding_mask
 from ..layers.moe import RoutingStats
 from ..settings import SettingTypeError, check_types
@@ -224,10 +225,11 @@ class MaskedLMHead(nn.Module):
     to the embedding (same tensor, one state-dict key, gradients from both uses).
     """
 
-    def __init__(self, dim: int, embedding_size: int, vocab_size: int, eps: float = 1e-6) -> None:
+    def __init__(self, dim: int, embedding_size: int, vocab_size: int, eps: float = 1e-6,
+                 activation: str = "gelu") -> None:
         super().__init__()
         self.dense = nn.Linear(dim, embedding_size)
-        self.act = nn.GELU()
+        self.act = nn.GELU(approximate=gelu_approximation(activation))
         self.norm = nn.LayerNorm(embedding_size, eps=eps)
         self.bias = nn.Parameter(torch.zeros(vocab_size))
 
@@ -293,7 +295,7 @@ class TextTransformer(nn.Module):
         enc = cfg.encoder
         self.backbone = TextBackbone(cfg)
         if cfg.task == "pretrain":
-            self.mlm_head = MaskedLMHead(enc.dim, cfg.embedding_size, cfg.vocab_size, enc.norm_eps)
+            self.mlm_head = MaskedLMHead(enc.dim, cfg.embedding_size, cfg.vocab_size, enc.norm_eps, enc.activation)
             self.sop_head = SentenceOrderHead(enc.dim, enc.dropout)
         elif cfg.task == "classify":
             self.classifier = PooledHead(enc.dim, cfg.num_labels, enc.dropout)

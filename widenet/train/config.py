@@ -10,6 +10,7 @@ from typing import Any, ClassVar
 
 from ..data.augment import CROP_MODES, AugmentConfig
 from ..settings import SettingTypeError, check_types
+from .tensorboard import require_tensorboard
 
 OPTIMIZER_NAMES = ("adamw", "lamb")
 SCHEDULE_NAMES = ("linear", "cosine", "constant")
@@ -44,6 +45,7 @@ class RecipeConfig:
     save_every: int | None = None
     keep_last: int = 2
     log_every: int = 50
+    tensorboard: bool = False  # also write every metrics.jsonl record to OUT/tensorboard/ (widenet.train.tensorboard)
     device: str = "auto"
     amp: str = "auto"
     compile: bool = False  # torch.compile the training forward and backward (widenet.runtime.compile_model)
@@ -57,7 +59,8 @@ class RecipeConfig:
 
     # Settings a resumed run may change: where and how it runs, not what it computes.
     RESUME_FREE: ClassVar[tuple[str, ...]] = ("out", "resume", "overwrite", "device", "compile", "save_every", "keep_last",
-                                              "log_every", "eval_batch_size", "fsdp", "expert_parallel")
+                                              "log_every", "eval_batch_size", "fsdp", "expert_parallel",
+                                              "tensorboard")
 
     def __post_init__(self) -> None:
         check_types(self)  # every field of this class and its subclasses: types, finite numbers
@@ -89,6 +92,8 @@ class RecipeConfig:
         if self.ema_decay is not None and (self.fsdp or self.expert_parallel > 1):
             raise ValueError("ema_decay works on one process or under plain data parallelism, "
                              "not with fsdp or expert_parallel (their weights are split across processes)")
+        if self.tensorboard:
+            require_tensorboard()  # before anything loads or trains: one line with the install command
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -111,7 +116,8 @@ class TrainConfig(RecipeConfig):
 
     data: str = "fashion-mnist"
     data_dir: str | None = None
-    image_size: int | None = None
+    init: str | None = None  # start from this model's config and weights (run, export, upcycled or HF folder)
+    image_size: int | None = None  # resize to this; an image folder is decoded at it (default: the model's size)
     train_subset: int | None = None
     test_subset: int | None = None
     label_smoothing: float = 0.1

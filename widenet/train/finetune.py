@@ -38,8 +38,9 @@ from ..distributed.parallel import ParallelContext
 from ..models.registry import apply_overrides, count_parameters
 from ..models.text import TextConfig, TextTransformer, load_backbone
 from ..runtime import autocast, autocast_dtype, resolve_device
-from .checkpoint import CheckpointError, LoadedCheckpoint, load_checkpoint
+from .checkpoint import CheckpointError, LoadedCheckpoint
 from .evaluate import RoutingTally
+from .exported import Source, load_source, model_kind
 from .pretrain import TOKENIZER_FILE
 from .progress import StepResult
 from .run_folder import claim_run_folder
@@ -60,25 +61,27 @@ class FinetuneResult:
 
 # --- the pretrained starting point ----------------------------------------------------
 def load_init(cfg: FinetuneConfig):
-    """The pretraining checkpoint and its tokenizer, checked to belong together."""
-    ckpt = load_checkpoint(cfg.init)
-    meta = ckpt.meta
-    if "model_config" not in meta or "tokenizer" not in meta:
-        raise CheckpointError(f"{ckpt.path}: not a text pretraining checkpoint (no model config / tokenizer in "
-                              "meta.json)")
-    path = Path(cfg.tokenizer) if cfg.tokenizer else ckpt.path.parent.parent / TOKENIZER_FILE
-    if not path.exists():
-        raise TokenizerError(f"no tokenizer found at {path}; pass the pretraining tokenizer with --tokenizer")
+    """The pretrained starting point (a pretraining run or checkpoint, an exported or upcycled
+    widenet folder, or a Hugging Face ALBERT/BERT folder) and its tokenizer, checked to belong
+    together."""
+    source = load_source(cfg.init)
+    meta = source.meta
+    if model_kind(meta.get("model_config") or {}) != "text":
+        raise CheckpointError(f"{source.path}: not a text model (fine-tuning starts from a pretrained text model)")
+    path = Path(cfg.tokenizer) if cfg.tokenizer else source.tokenizer_path
+    if path is None or not path.exists():
+        raise TokenizerError(f"no tokenizer found beside {source.path}; pass the pretraining tokenizer with "
+                             "--tokenizer")
     tokenizer = load_tokenizer(path)
-    want = meta["tokenizer"]
-    if vocab_fingerprint(tokenizer) != want.get("fingerprint"):
+    want = meta.get("tokenizer") or {}
+    vocab = meta["model_config"]["vocab_size"]
+    if (want and vocab_fingerprint(tokenizer) != want.get("fingerprint")) or tokenizer.get_vocab_size() != vocab:
         raise TokenizerError(f"tokenizer {path} ({tokenizer.get_vocab_size()} pieces) does not match the "
-                             f"vocabulary the checkpoint {ckpt.path} was trained with "
-                             f"({want.get('vocab_size')} pieces)")
-    return ckpt, tokenizer
+                             f"vocabulary the model {source.path} was trained with ({vocab} pieces)")
+    return source, tokenizer
 
 
-def build_finetune_model(ckpt: LoadedCheckpoint, cfg: FinetuneConfig, num_labels: int) -> TextTransformer:
+def build_finetune_model(ckpt: LoadedCheckpoint | Source, cfg: FinetuneConfig, num_labels: int) -> TextTransformer:
     """The pretrained backbone with a new head for cfg.task."""
     saved = dict(ckpt.meta["model_config"])
     text_cfg = TextConfig(**{**saved, "task": cfg.task, "num_labels": num_labels})
@@ -259,7 +262,8 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print) -> Finetun
     task = task_cls(cfg, pad, train, device, amp, parallel, **extra)
     params = count_parameters(model)
     meta = dict(model=cfg.model, model_config=model.cfg.to_dict(), train_config=cfg.to_dict(),
-                tokenizer=ckpt.meta["tokenizer"], init=str(ckpt.path), data=data_meta)
+                tokenizer=dict(fingerprint=vocab_fingerprint(tokenizer), vocab_size=tokenizer.get_vocab_size()),
+                init=str(ckpt.path), data=data_meta)
     out = Path(cfg.out)
     with claim_run_folder(out, cfg.resume, cfg.overwrite, parallel, log):
         trainer = Trainer(cfg, task, model, parallel, device, amp, meta, log, started=started)

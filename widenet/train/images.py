@@ -25,10 +25,13 @@ from ..data.images import (ImageDataset, check_classification_pair, iterate_batc
                            subset)
 from ..distributed.env import main_process_first
 from ..distributed.parallel import ParallelContext
-from ..models.registry import count_parameters, create_model
+from ..models.registry import apply_overrides, count_parameters, create_model, model_config
+from ..models.vision import VisionConfig, VisionTransformer
 from ..runtime import autocast, autocast_dtype, resolve_device
 from .budget import Cadence, time_per_call
+from .checkpoint import CheckpointError
 from .config import TrainConfig
+from .exported import load_source, model_kind, weights_from
 from .evaluate import EvalResult, evaluate, evaluate_on
 from .progress import StepResult
 from .run_folder import claim_run_folder
@@ -50,8 +53,9 @@ class TrainResult:
 
 def load_data(cfg: TrainConfig) -> tuple[ImageDataset, ImageDataset]:
     """Train and test sets, decoded once, subsampled, then resized (--image-size), and checked to
-    make one classification task (check_classification_pair)."""
-    at_load = cfg.image_size if cfg.data == "folder" else None  # a folder's images are decoded at that size
+    make one classification task (check_classification_pair). A folder's images are decoded at
+    --image-size, by default at the model's own image size (folder_image_size)."""
+    at_load = folder_image_size(cfg) if cfg.data == "folder" else None
     splits = []
     for split, size in (("train", cfg.train_subset), ("test", cfg.test_subset)):
         data = load_dataset(cfg.data, split, cfg.data_dir, at_load, cfg.download)
@@ -61,13 +65,32 @@ def load_data(cfg: TrainConfig) -> tuple[ImageDataset, ImageDataset]:
     return splits[0], splits[1]
 
 
+def folder_image_size(cfg: TrainConfig) -> int | None:
+    """The size an image folder is decoded at: --image-size, else the model's image size
+    (an image_size model override, else the preset's)."""
+    if cfg.image_size is not None:
+        return cfg.image_size
+    if cfg.model_overrides.get("image_size") is not None:
+        return cfg.model_overrides["image_size"]
+    return getattr(model_config(cfg.model), "image_size", None)
+
+
 def build_model_for(cfg: TrainConfig, data: ImageDataset) -> nn.Module:
-    """The preset, sized for the data: classes, channels and image size follow it."""
+    """The preset (or, with --init, the starting model's config and weights), sized for the data:
+    classes, channels and image size follow it. With --init, a head of another class count starts new."""
     overrides = dict(num_classes=data.num_classes, in_channels=data.channels, image_size=data.image_size)
     if cfg.dropout:
         overrides["dropout"] = cfg.dropout
     overrides.update(cfg.model_overrides)
-    return create_model(cfg.model, **overrides)
+    if not cfg.init:
+        return create_model(cfg.model, **overrides)
+    source = load_source(cfg.init)
+    if model_kind(source.meta.get("model_config") or {}) != "vision":
+        raise CheckpointError(f"{source.path}: --init needs an image model, this one is a text model")
+    model = VisionTransformer(apply_overrides(VisionConfig(**source.meta["model_config"]), overrides))
+    weights_from(source, model, skip_heads=True)
+    model.model_name = source.meta.get("model") or cfg.model
+    return model
 
 
 class ImageTask:
@@ -160,7 +183,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print,
     model = build_model_for(cfg, train_set).to(device)
     parallel.check_epoch(len(train_set), cfg.batch_size)
     task = ImageTask(cfg, (train_set, test_set), parallel, device, amp)
-    meta = dict(model=cfg.model, model_config=model.cfg.to_dict(), train_config=cfg.to_dict(),
+    meta = dict(model=getattr(model, "model_name", cfg.model), model_config=model.cfg.to_dict(), train_config=cfg.to_dict(),
                 data=dict(name=cfg.data, classes=train_set.classes, mean=list(task.mean), std=list(task.std)))
     params = count_parameters(model)
     with claim_run_folder(cfg.out, cfg.resume, cfg.overwrite, parallel, log):
@@ -182,4 +205,5 @@ def _load_data_once(cfg: TrainConfig, parallel: ParallelContext) -> tuple[ImageD
         return load_data(cfg)
 
 
-__all__ = ["ImageTask", "TrainConfig", "TrainResult", "TrainingError", "build_model_for", "load_data", "train"]
+__all__ = ["ImageTask", "TrainConfig", "TrainResult", "TrainingError", "build_model_for", "folder_image_size",
+           "load_data", "train"]

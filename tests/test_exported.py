@@ -1,0 +1,138 @@
+"""Model folders: export, from_pretrained, upcycling and --init, through the library and the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import widenet
+from widenet import create_model
+from widenet.cli import main
+from widenet.models.upcycle import UpcycleError, upcycle
+from widenet.train.checkpoint import CheckpointError
+from widenet.train.exported import write_export
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+
+
+def _one_line(rc, out, err):
+    assert rc == 2 and "Traceback" not in err, (rc, out, err)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def vit_run(tmp_path_factory, fmnist_dir, tiny_set_args):
+    """A dense ViT trained for a few steps on the synthetic Fashion-MNIST."""
+    out = tmp_path_factory.mktemp("vit-run")
+    rc = main(["train", "--model", "vit_tiny", "--data-dir", str(fmnist_dir), "--out", str(out), "--max-steps", "3",
+               "--batch-size", "32", *tiny_set_args])
+    assert rc == 0
+    return out
+
+
+def test_export_then_from_pretrained_gives_the_runs_model(vit_run, tmp_path, cli):
+    rc, out, err = cli(["export", vit_run, "--to", tmp_path / "exp"])
+    assert rc == 0, err
+    config = json.loads((tmp_path / "exp" / "config.json").read_text())
+    assert config["format"] == "widenet-model" and config["format_version"] == 1 and config["kind"] == "vision"
+    assert config["classes"][0] == "T-shirt/top" and len(config["image"]["mean"]) == 1
+    images = torch.randn(4, 1, 28, 28)
+    from_run, from_export = widenet.from_pretrained(vit_run), widenet.from_pretrained(tmp_path / "exp")
+    assert not from_export.training
+    with torch.no_grad():
+        torch.testing.assert_close(from_export(images).logits, from_run(images).logits, rtol=0, atol=0)
+    loaded = widenet.load_pretrained(tmp_path / "exp")
+    assert loaded.kind == "vision" and loaded.classes == config["classes"] and loaded.mean == tuple(config["image"]["mean"])
+    # an existing folder is not overwritten without --overwrite, and is with it
+    line = _one_line(*cli(["export", vit_run, "--to", tmp_path / "exp"]))
+    assert "already exists" in line and "--overwrite" in line
+    assert cli(["export", vit_run, "--to", tmp_path / "exp", "--overwrite"])[0] == 0
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_a_newer_format_and_broken_folders_are_refused(tmp_path):
+    write_export(tmp_path / "m", create_model("vit_tiny", dim=32, depth=2, num_heads=2, mlp_dim=64),
+                 model_name="vit_tiny")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**config, "format_version": 99}))
+    with pytest.raises(CheckpointError, match="format version 99 is newer"):
+        widenet.from_pretrained(tmp_path / "m")
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    (tmp_path / "m" / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="could not read the weights"):
+        widenet.from_pretrained(tmp_path / "m")
+    with pytest.raises(FileNotFoundError):
+        widenet.from_pretrained(tmp_path / "missing")
+
+
+def test_upcycled_vit_trains_with_init_and_keeps_the_dense_parts(vit_run, tmp_path, fmnist_dir, cli):
+    rc, out, err = cli(["upcycle", "--from", vit_run, "--experts", 4, "--top-k", 2, "--out", tmp_path / "up"])
+    assert rc == 0, err
+    dense, up = widenet.from_pretrained(vit_run), widenet.from_pretrained(tmp_path / "up")
+    enc = up.cfg.encoder
+    assert (enc.moe_blocks, enc.share_attention, enc.share_ffn, enc.share_norms) == ("all", True, True, False)
+    assert enc.moe.num_experts == 4 and enc.moe.renormalize
+    d, u = dense.state_dict(), up.state_dict()
+    for key in ("patch_embed.proj.weight", "pos_embed", "head.weight", "encoder.final_norm.weight",
+                "encoder.norms.1.ffn_norm.weight"):
+        assert torch.equal(d[key], u[key]), key
+    mean_qkv = (d["encoder.attention.0.qkv.weight"] + d["encoder.attention.1.qkv.weight"]) / 2
+    torch.testing.assert_close(u["encoder.attention.0.qkv.weight"], mean_qkv)
+    # 4 experts from 2 blocks' FFNs: cycling through them (0, 1, 0, 1), as W^T
+    for e, block in enumerate([0, 1, 0, 1]):
+        assert torch.equal(u["encoder.moes.0.experts.w1"][e], d[f"encoder.mlps.{block}.fc1.weight"].t())
+        assert torch.equal(u["encoder.moes.0.experts.b2"][e], d[f"encoder.mlps.{block}.fc2.bias"])
+    rc, out, err = cli(["train", "--init", tmp_path / "up", "--data-dir", fmnist_dir, "--out", tmp_path / "ft",
+                         "--max-steps", 2, "--batch-size", 32])
+    assert rc == 0, err
+    meta = json.loads(next((tmp_path / "ft" / "checkpoints").glob("step_*/meta.json")).read_text())
+    assert meta["model"] == "vit_tiny_upcycled" and meta["model_config"]["encoder"]["moe_blocks"] == "all"
+
+
+def test_upcycle_refuses_what_it_cannot_do(tmp_path, cli):
+    moe_model = create_model("widenet_tiny", dim=32, depth=2, num_heads=2, mlp_dim=64)
+    with pytest.raises(UpcycleError, match="already has an MoE"):
+        upcycle(moe_model, 4)
+    dense = create_model("vit_tiny", dim=32, depth=2, num_heads=2, mlp_dim=64)
+    with pytest.raises(UpcycleError, match=r"attention must be 'mean' or 'block:N' with N in 0..1"):
+        upcycle(dense, 4, attention="block:7")
+    with pytest.raises(ValueError, match="top_k=5 exceeds num_experts=4"):
+        upcycle(dense, 4, top_k=5)
+    write_export(tmp_path / "moe", moe_model, model_name="widenet_tiny")
+    line = _one_line(*cli(["upcycle", "--from", tmp_path / "moe", "--experts", 2, "--out", tmp_path / "o"]))
+    assert "already has an MoE" in line
+    line = _one_line(*cli(["import", tmp_path / "moe", "--out", tmp_path / "o"]))
+    assert "not a Hugging Face checkpoint folder" in line
+
+
+def test_upcycled_albert_computes_the_albert_exactly(tmp_path):
+    """With equal experts, renormalised top-k and no drops the WideNet is the ALBERT it came from."""
+    transformers = pytest.importorskip("transformers")
+    from widenet.models.hf import load_hf
+
+    torch.manual_seed(0)
+    config = transformers.AlbertConfig(vocab_size=60, embedding_size=8, hidden_size=16, num_hidden_layers=3,
+                                       num_attention_heads=2, intermediate_size=32, max_position_embeddings=24)
+    transformers.AlbertForPreTraining(config).save_pretrained(tmp_path)
+    albert = load_hf(tmp_path).model
+    wide = upcycle(albert, 4, 2, dropless=True).eval()
+    assert wide.cfg.encoder.norm_position == "post" and wide.cfg.encoder.activation == "gelu_tanh"
+    ids = torch.randint(1, 60, (3, 10))
+    keep = torch.ones_like(ids)
+    keep[2, 6:] = 0
+    masked = keep.bool()
+    with torch.no_grad():
+        a = albert(ids, keep_mask=keep, masked_positions=masked)
+        b = wide(ids, keep_mask=keep, masked_positions=masked)
+    torch.testing.assert_close(b.hidden[masked], a.hidden[masked], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(b.mlm_logits, a.mlm_logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(b.sop_logits, a.sop_logits, atol=1e-5, rtol=1e-5)
+    noisy = upcycle(albert, 4, 2, dropless=True, noise=0.05).eval()
+    with torch.no_grad():
+        assert not torch.allclose(noisy(ids, keep_mask=keep).hidden[masked], a.hidden[masked], atol=1e-5)

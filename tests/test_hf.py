@@ -1,0 +1,215 @@
+"""Hugging Face checkpoints load exactly: `transformers`' own models are the oracle.
+
+Small random ALBERT, BERT and ViT models are built locally and written with
+save_pretrained (no network); widenet's model loaded from the folder must give
+the same outputs on the same input.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from widenet.models.hf import HFCheckpointError, load_hf
+
+transformers = pytest.importorskip("transformers")
+
+TOL = dict(atol=2e-5, rtol=1e-4)
+SMALL = dict(hidden_size=16, num_hidden_layers=3, num_attention_heads=2, intermediate_size=32)
+TEXT = dict(vocab_size=60, max_position_embeddings=24, **SMALL)
+VIT = dict(image_size=8, patch_size=4, num_channels=2, **SMALL)
+
+
+def _text_inputs():
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, 60, (3, 9), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    mask[2, 4:] = 0
+    types = torch.zeros_like(ids)
+    types[:, 5:] = 1
+    return ids, mask, types
+
+
+def _save(model, folder):
+    torch.manual_seed(0)
+    model.eval().save_pretrained(folder)
+    return str(folder)
+
+
+def _real(t, mask):
+    return t[mask.bool()]
+
+
+@pytest.mark.parametrize("act", ["gelu_new", "gelu"])
+def test_albert_for_pretraining_equals_transformers(tmp_path, act):
+    torch.manual_seed(0)
+    hf = transformers.AlbertForPreTraining(transformers.AlbertConfig(embedding_size=8, hidden_act=act, **TEXT))
+    loaded = load_hf(_save(hf, tmp_path))
+    assert loaded.kind == "text" and loaded.model.cfg.task == "pretrain"
+    enc = loaded.model.cfg.encoder
+    assert (enc.share_attention, enc.share_ffn, enc.share_norms, enc.norm_position) == (True, True, True, "post")
+    ids, mask, types = _text_inputs()
+    everywhere = torch.ones_like(ids, dtype=torch.bool)
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask, token_type_ids=types, output_hidden_states=True)
+        out = loaded.model(ids, types, keep_mask=mask, masked_positions=everywhere)
+    torch.testing.assert_close(_real(out.hidden, mask), _real(ref.hidden_states[-1], mask), **TOL)
+    torch.testing.assert_close(_real(out.mlm_logits.view(3, 9, -1), mask), _real(ref.prediction_logits, mask), **TOL)
+    torch.testing.assert_close(out.sop_logits, ref.sop_logits, **TOL)
+
+
+@pytest.mark.parametrize("family", ["albert", "bert"])
+def test_classification_and_qa_heads_equal_transformers(tmp_path, family):
+    def config():
+        return (transformers.AlbertConfig(embedding_size=8, **TEXT) if family == "albert"
+                else transformers.BertConfig(**TEXT))
+
+    prefix = "Albert" if family == "albert" else "Bert"
+    ids, mask, types = _text_inputs()
+    labels = config()
+    labels.id2label, labels.label2id = {0: "neg", 1: "pos", 2: "mixed"}, {"neg": 0, "pos": 1, "mixed": 2}
+    torch.manual_seed(0)
+    clf = getattr(transformers, prefix + "ForSequenceClassification")(labels)
+    loaded = load_hf(_save(clf, tmp_path / "clf"))
+    assert loaded.classes == ["neg", "pos", "mixed"] and loaded.model.cfg.task == "classify"
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(ids, types, keep_mask=mask).logits,
+                                   clf(input_ids=ids, attention_mask=mask, token_type_ids=types).logits, **TOL)
+    qa = getattr(transformers, prefix + "ForQuestionAnswering")(config())
+    loaded = load_hf(_save(qa, tmp_path / "qa"))
+    with torch.no_grad():
+        ref = qa(input_ids=ids, attention_mask=mask, token_type_ids=types)
+        out = loaded.model(ids, types, keep_mask=mask)
+    torch.testing.assert_close(_real(out.start_logits, mask), _real(ref.start_logits, mask), **TOL)
+    torch.testing.assert_close(_real(out.end_logits, mask), _real(ref.end_logits, mask), **TOL)
+
+
+def test_bert_for_pretraining_equals_transformers(tmp_path):
+    torch.manual_seed(0)
+    hf = transformers.BertForPreTraining(transformers.BertConfig(**TEXT))
+    loaded = load_hf(_save(hf, tmp_path))
+    enc = loaded.model.cfg.encoder
+    assert not (enc.share_attention or enc.share_ffn or enc.share_norms) and enc.depth == 3
+    assert any("next-sentence" in note for note in loaded.notes)
+    ids, mask, types = _text_inputs()
+    everywhere = torch.ones_like(ids, dtype=torch.bool)
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask, token_type_ids=types, output_hidden_states=True)
+        out = loaded.model(ids, types, keep_mask=mask, masked_positions=everywhere, return_hidden_states=True)
+    for ours, theirs in zip(out.hidden_states, ref.hidden_states[1:]):  # block by block
+        torch.testing.assert_close(_real(ours, mask), _real(theirs, mask), **TOL)
+        pooled = hf.bert.pooler(ref.hidden_states[-1])
+    torch.testing.assert_close(out.pooled, pooled, **TOL)
+    torch.testing.assert_close(_real(out.mlm_logits.view(3, 9, -1), mask), _real(ref.prediction_logits, mask), **TOL)
+    torch.testing.assert_close(out.sop_logits, ref.seq_relationship_logits, **TOL)
+
+
+def test_bare_bert_model_keeps_the_backbone_and_says_the_heads_are_new(tmp_path):
+    torch.manual_seed(0)
+    hf = transformers.BertModel(transformers.BertConfig(**TEXT))
+    loaded = load_hf(_save(hf, tmp_path))
+    assert loaded.notes and "heads are new" in loaded.notes[0]
+    ids, mask, types = _text_inputs()
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask, token_type_ids=types)
+        out = loaded.model(ids, types, keep_mask=mask)
+    torch.testing.assert_close(_real(out.hidden, mask), _real(ref.last_hidden_state, mask), **TOL)
+    torch.testing.assert_close(out.pooled, ref.pooler_output, **TOL)
+
+
+def test_vit_for_image_classification_equals_transformers(tmp_path):
+    torch.manual_seed(0)
+    hf = transformers.ViTForImageClassification(transformers.ViTConfig(num_labels=5, **VIT))
+    with torch.no_grad():  # a non-zero classifier, so that the logits test something
+        hf.classifier.weight.normal_()
+    loaded = load_hf(_save(hf, tmp_path))
+    assert loaded.kind == "vision" and loaded.model.cfg.num_classes == 5 and loaded.classes[0] == "LABEL_0"
+    images = torch.randn(3, 2, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(images).logits, hf(pixel_values=images).logits, **TOL)
+
+
+def test_vit_model_with_pooler_without_qkv_bias_and_transformers5_names(tmp_path):
+    torch.manual_seed(0)
+    hf = transformers.ViTModel(transformers.ViTConfig(qkv_bias=False, **VIT)).eval()
+    hf.config.save_pretrained(tmp_path)  # transformers 5's own in-memory names, not the legacy file names
+    save_file({k: v.contiguous() for k, v in hf.state_dict().items()}, tmp_path / "model.safetensors")
+    loaded = load_hf(tmp_path)
+    assert "no classifier" in loaded.notes[0]
+    images = torch.randn(2, 2, 8, 8)
+    with torch.no_grad():
+        ref = hf(pixel_values=images)
+        feats = loaded.model.forward_features(images)
+        torch.testing.assert_close(feats.hidden, ref.last_hidden_state, **TOL)
+        torch.testing.assert_close(loaded.model.pre_logits(feats.hidden[:, 0]), ref.pooler_output, **TOL)
+
+
+def test_pytorch_model_bin_and_sharded_safetensors(tmp_path):
+    torch.manual_seed(0)
+    hf = transformers.AlbertModel(transformers.AlbertConfig(embedding_size=8, **TEXT)).eval()
+    state = {k: v.contiguous() for k, v in hf.state_dict().items()}
+    for name in ("bin", "sharded"):
+        (tmp_path / name).mkdir()
+        hf.config.save_pretrained(tmp_path / name)
+    torch.save(state, tmp_path / "bin" / "pytorch_model.bin")
+    keys = sorted(state)
+    shards = {"a.safetensors": keys[: len(keys) // 2], "b.safetensors": keys[len(keys) // 2:]}
+    for file, names in shards.items():
+        save_file({k: state[k] for k in names}, tmp_path / "sharded" / file)
+    index = {"weight_map": {k: file for file, names in shards.items() for k in names}}
+    (tmp_path / "sharded" / "model.safetensors.index.json").write_text(json.dumps(index))
+    ids, mask, types = _text_inputs()
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask, token_type_ids=types).last_hidden_state
+        for name in ("bin", "sharded"):
+            out = load_hf(tmp_path / name).model(ids, types, keep_mask=mask).hidden
+            torch.testing.assert_close(_real(out, mask), _real(ref, mask), **TOL)
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > pwned.txt",))
+
+
+def test_a_pickle_that_runs_code_is_refused(tmp_path):
+    transformers.AlbertConfig(embedding_size=8, **TEXT).save_pretrained(tmp_path)
+    torch.save({"x": _RunsCode()}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(HFCheckpointError, match="tries to run code .*posix.system|tries to run code"):
+        load_hf(tmp_path)
+    with open(tmp_path / "pytorch_model.bin", "wb") as f:  # a raw pickle, not torch's zip format
+        pickle.dump({"x": _RunsCode()}, f)
+    with pytest.raises(HFCheckpointError, match="refused: not a plain tensor file"):
+        load_hf(tmp_path)
+    assert not (tmp_path / "pwned.txt").exists() and not os.path.exists("pwned.txt")
+
+
+def test_bad_folders_give_one_clear_error(tmp_path):
+    with pytest.raises(HFCheckpointError, match="no config.json"):
+        load_hf(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    save_file({"x": torch.zeros(1)}, tmp_path / "model.safetensors")
+    with pytest.raises(HFCheckpointError, match="'gpt2' is not supported; widenet maps albert, bert, vit"):
+        load_hf(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"not safetensors")
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(HFCheckpointError, match="could not read the weights"):
+        load_hf(tmp_path)
+
+
+def test_unsupported_settings_and_shape_mismatches_are_named(tmp_path):
+    torch.manual_seed(0)
+    folder = _save(transformers.AlbertModel(transformers.AlbertConfig(embedding_size=8, **TEXT)), tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    for change, message in [({"num_hidden_groups": 2}, "num_hidden_groups=2 is not supported"),
+                            ({"hidden_act": "relu"}, "hidden_act 'relu' is not supported"),
+                            ({"intermediate_size": 48}, r"ffn.weight has shape \(32, 16\), widenet's "
+                                                        r"backbone.encoder.mlps.0.fc1.weight needs \(48, 16\)")]:
+        (tmp_path / "config.json").write_text(json.dumps({**config, **change}))
+        with pytest.raises(HFCheckpointError, match=message):
+            load_hf(folder)

@@ -1,0 +1,375 @@
+"""`widenet predict` and widenet.inference.predict: images, sentences and questions through a saved model.
+
+Predictions are checked against an independent computation: the test prepares
+the inputs by hand (Pillow + numpy for images, encode_classification /
+encode_squad for text) and runs the model itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import widenet.cli as cli
+from widenet import create_model
+from widenet.cli_predict import add_predict_command
+from widenet.data.text.classification import ClassificationExample, encode_classification
+from widenet.data.text.squad import SquadExample, encode_squad, postprocess_squad
+from widenet.data.text.tokenizer import save_tokenizer, special_ids, train_tokenizer
+from widenet.inference import (ImageFailure, ImagePrediction, PredictError, answer_questions, classify_texts,
+                               find_images, load_pretrained, predict_images, read_sentences)
+from widenet.train.exported import write_export
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+CLASSES = ["cat", "dog", "eel"]
+MEAN, STD = 0.5, 0.25
+SIZE = 8
+TEXTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "A dictionary lists words with their meanings and pronunciations.",
+    "Arrogant people make exorbitant claims of rank or estimation.",
+    "The arrow was feathered and barbed, to be shot from a bow.",
+    "Wider networks share one transformer block across all layers.",
+    "Mixture of experts layers route every token to a few experts.",
+] * 10
+TEXT_TINY = dict(depth=1, dim=32, num_heads=2, mlp_dim=64, embedding_size=16, max_positions=64)
+
+
+# --- fixtures: saved models --------------------------------------------------------------
+def _randomize(module: torch.nn.Module, seed: int) -> None:
+    """Heads start at zero (uniform predictions); give them weights so the classes differ."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen))
+
+
+@pytest.fixture(scope="module")
+def vision_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    model = create_model("vit_tiny", image_size=SIZE, in_channels=1, num_classes=3, dim=16, depth=1, num_heads=2,
+                         mlp_dim=32)
+    _randomize(model.head, 1)
+    return write_export(tmp_path_factory.mktemp("vision") / "model", model, model_name="vit_tiny", classes=CLASSES,
+                        image_stats={"mean": [MEAN], "std": [STD]})
+
+
+@pytest.fixture(scope="module")
+def tokenizer_file(tmp_path_factory):
+    tok = train_tokenizer(TEXTS, vocab_size=120, min_frequency=1)
+    return save_tokenizer(tok, tmp_path_factory.mktemp("tok") / "tokenizer.json"), tok
+
+
+def _text_export(path, tokenizer_file, task: str, num_labels: int = 2, seed: int = 0):
+    file, tok = tokenizer_file
+    torch.manual_seed(seed)
+    model = create_model("bert_text_tiny", vocab_size=tok.get_vocab_size(), task=task, num_labels=num_labels,
+                         **TEXT_TINY)
+    for head in ("classifier", "span_head"):
+        if hasattr(model, head):
+            _randomize(getattr(model, head), seed + 1)
+    classes = ["neg", "neu", "pos"] if task == "classify" else None
+    return write_export(path, model, model_name="bert_text_tiny", classes=classes, tokenizer_file=file)
+
+
+@pytest.fixture(scope="module")
+def classify_dir(tmp_path_factory, tokenizer_file):
+    return _text_export(tmp_path_factory.mktemp("cls") / "model", tokenizer_file, "classify", 3)
+
+
+@pytest.fixture(scope="module")
+def qa_dir(tmp_path_factory, tokenizer_file):
+    return _text_export(tmp_path_factory.mktemp("qa") / "model", tokenizer_file, "qa", seed=3)
+
+
+@pytest.fixture(scope="module")
+def pretrain_dir(tmp_path_factory, tokenizer_file):
+    return _text_export(tmp_path_factory.mktemp("pre") / "model", tokenizer_file, "pretrain")
+
+
+@pytest.fixture()
+def images(tmp_path):
+    """A folder of images of several sizes and modes, one nested, plus a non-image file."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "imgs"
+    (root / "sub").mkdir(parents=True)
+    Image.fromarray(rng.integers(0, 256, (10, 13), dtype=np.uint8), "L").save(root / "a.png")
+    Image.fromarray(rng.integers(0, 256, (16, 9, 3), dtype=np.uint8), "RGB").save(root / "b.jpg")
+    Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8), "L").save(root / "sub" / "c.bmp")
+    (root / "notes.txt").write_text("not an image")
+    return root
+
+
+# --- helpers --------------------------------------------------------------------------------
+def _reference_pixels(path) -> torch.Tensor:
+    """The image as the model should see it, prepared by hand: grey, shorter side to SIZE (bicubic),
+    center crop, [0, 1], normalised -> (1, SIZE, SIZE)."""
+    with Image.open(path) as im:
+        im = im.convert("L")
+    w, h = im.size
+    scale = SIZE / min(w, h)
+    nw, nh = max(SIZE, round(w * scale)), max(SIZE, round(h * scale))
+    im = im.resize((nw, nh), Image.Resampling.BICUBIC)
+    left, top = (nw - SIZE) // 2, (nh - SIZE) // 2
+    array = np.asarray(im.crop((left, top, left + SIZE, top + SIZE)), dtype=np.float32) / 255.0
+    return torch.from_numpy((array - MEAN) / STD)[None]
+
+
+def _reference_probs(model, files) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.stack([_reference_pixels(f) for f in files])).logits.softmax(-1)
+
+
+def _cli(argv, capsys, monkeypatch) -> tuple[int, str, str]:
+    """widenet.cli.main with `predict` registered (if cli.py does not register it yet)."""
+    build = cli.build_parser
+
+    def with_predict() -> argparse.ArgumentParser:
+        parser = build()
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        if "predict" not in sub.choices:
+            add_predict_command(sub)
+        return parser
+
+    monkeypatch.setattr(cli, "build_parser", with_predict)
+    try:
+        rc = cli.main([str(a) for a in argv])
+    except SystemExit as exit_:
+        rc = exit_.code
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def _one_line_error(rc, out, err) -> str:
+    assert rc == 2, (rc, out, err)
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+# --- images -------------------------------------------------------------------------------
+def test_image_predictions_match_hand_made_preprocessing(vision_dir, images):
+    pre = load_pretrained(vision_dir)
+    files = [images / "a.png", images / "b.jpg", images / "sub" / "c.bmp"]
+    results = predict_images(pre, files, top_k=3, batch_size=2, device="cpu")
+    want = _reference_probs(pre.model, files)
+    assert [r.file for r in results] == [str(f) for f in files]
+    for result, probs in zip(results, want):
+        assert isinstance(result, ImagePrediction) and result.ok
+        order = probs.argsort(descending=True).tolist()
+        assert [c.name for c in result.top] == [CLASSES[i] for i in order]
+        assert [c.probability for c in result.top] == pytest.approx(probs[order].tolist(), abs=1e-5)
+        assert result.top[0].probability >= result.top[1].probability >= result.top[2].probability
+    # batches of one give the same numbers
+    single = predict_images(pre, files, top_k=3, batch_size=1, device="cpu")
+    assert [c.probability for r in single for c in r.top] == pytest.approx(
+        [c.probability for r in results for c in r.top], abs=1e-5)
+
+
+def test_top_k_is_capped_and_truncates(vision_dir, images):
+    pre = load_pretrained(vision_dir)
+    assert len(predict_images(pre, [images / "a.png"], top_k=10, device="cpu")[0].top) == 3
+    full = predict_images(pre, [images / "a.png"], top_k=3, device="cpu")[0].top
+    assert predict_images(pre, [images / "a.png"], top_k=2, device="cpu")[0].top == full[:2]
+
+
+def test_folders_and_globs_expand_sorted(images, tmp_path):
+    assert find_images([images]) == [images / "a.png", images / "b.jpg", images / "sub" / "c.bmp"]
+    assert find_images([str(images / "*.png")]) == [images / "a.png"]
+    assert find_images([str(images / "**" / "*.bmp")]) == [images / "sub" / "c.bmp"]
+    # each file once, in the order first named; a file named outright is taken whatever its name
+    assert find_images([images / "b.jpg", images, images / "notes.txt"]) == [
+        images / "b.jpg", images / "a.png", images / "sub" / "c.bmp", images / "notes.txt"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(PredictError, match="no images in this folder"):
+        find_images([tmp_path / "empty"])
+    with pytest.raises(PredictError, match="no files match"):
+        find_images([str(tmp_path / "*.gif")])
+
+
+def test_undecodable_image_is_reported_and_the_rest_predicted(vision_dir, images):
+    (images / "x.png").write_bytes(b"\x00garbage, not a png" * 10)
+    results = predict_images(load_pretrained(vision_dir), [images], device="cpu", batch_size=2)
+    assert [r.file for r in results] == [str(images / n) for n in ("a.png", "b.jpg", "sub/c.bmp", "x.png")]
+    assert [r.ok for r in results] == [True, True, True, False]
+    assert isinstance(results[3], ImageFailure) and "Pillow" in results[3].reason
+
+
+def test_cli_images_table_json_and_bad_file(vision_dir, images, capsys, monkeypatch):
+    (images / "x.png").write_bytes(b"garbage" * 20)
+    rc, out, err = _cli(["predict", "--checkpoint", vision_dir, images, "--top-k", "2", "--device", "cpu"],
+                        capsys, monkeypatch)
+    assert rc == 1
+    assert err.strip().splitlines() == [f"widenet: cannot read image {images / 'x.png'}: not an image Pillow can "
+                                        "decode (unknown format or damaged file)"]
+    lines = out.splitlines()
+    assert lines[0].split() == ["file", "top", "1", "top", "2"]
+    assert len(lines) == 4 and lines[1].startswith(str(images / "a.png")) and "%" in lines[1]
+    # JSON lines: the same numbers as the Python API
+    rc, out, err = _cli(["predict", "--checkpoint", vision_dir, str(images / "*.png"), "--json", "--device", "cpu"],
+                        capsys, monkeypatch)
+    assert rc == 1 and "x.png" in err and "Traceback" not in err
+    records = [json.loads(line) for line in out.splitlines()]
+    api = predict_images(load_pretrained(vision_dir), [images / "a.png"], device="cpu")[0]
+    assert records == [{"file": str(images / "a.png"),
+                        "top": [{"class": c.name, "probability": pytest.approx(c.probability, abs=1e-6)}
+                                for c in api.top]}]
+
+
+def test_cli_all_good_images_exit_zero_and_columns_align(vision_dir, images, capsys, monkeypatch):
+    files = [images / "a.png", images / "sub" / "c.bmp", images / "b.jpg"]
+    rc, out, err = _cli(["predict", "--checkpoint", vision_dir, *files, "--device", "cpu", "--batch-size", "1"],
+                        capsys, monkeypatch)
+    assert (rc, err) == (0, "")
+    header, *rows = out.splitlines()
+    api = predict_images(load_pretrained(vision_dir), files, device="cpu")
+    assert len(rows) == len(files)
+    for rank in range(1, 4):  # every rank's column starts where its heading does
+        at = header.index(f"top {rank}")
+        for row, result in zip(rows, api):
+            assert row[at:].startswith(result.top[rank - 1].name + " ") and row[at - 1] == " "
+    assert [row.split()[0] for row in rows] == [str(f) for f in files]
+
+
+def test_cli_no_images_found_is_one_line(vision_dir, tmp_path, capsys, monkeypatch):
+    (tmp_path / "empty").mkdir()
+    line = _one_line_error(*_cli(["predict", "--checkpoint", vision_dir, tmp_path / "empty"], capsys, monkeypatch))
+    assert "no images in this folder" in line
+    line = _one_line_error(*_cli(["predict", "--checkpoint", vision_dir, str(tmp_path / "*.jpg")], capsys,
+                                 monkeypatch))
+    assert "no files match" in line
+
+
+def test_progress_bar_only_when_asked_or_long_on_a_terminal(vision_dir, images, capsys):
+    pre = load_pretrained(vision_dir)
+    predict_images(pre, [images], batch_size=1, device="cpu", progress=True)
+    assert "image" in capsys.readouterr().err
+    predict_images(pre, [images], batch_size=1, device="cpu")  # stderr is no terminal here
+    assert capsys.readouterr().err == ""
+
+
+# --- text classification --------------------------------------------------------------------
+def test_classify_texts_matches_the_model_on_encoded_ids(classify_dir):
+    pre = load_pretrained(classify_dir)
+    texts = ["the quick brown fox", ("a dictionary lists words", "arrogant people make claims"),
+             "mixture of experts route every token to a few experts across all layers"]
+    results = classify_texts(pre, texts, top_k=3, batch_size=2, device="cpu")
+    examples = [ClassificationExample(*(t if isinstance(t, tuple) else (t, None)), None) for t in texts]
+    enc = encode_classification(examples, pre.tokenizer, None, 64)
+    pad = special_ids(pre.tokenizer).pad
+    with torch.no_grad():
+        probs = pre.model(enc["input_ids"], enc["token_type_ids"],
+                          padding_mask=enc["input_ids"] == pad).logits.softmax(-1)
+    for result, text, p in zip(results, texts, probs):
+        order = p.argsort(descending=True).tolist()
+        assert [c.name for c in result.top] == [["neg", "neu", "pos"][i] for i in order]
+        assert [c.probability for c in result.top] == pytest.approx(p[order].tolist(), abs=1e-5)
+        assert (result.text, result.text_pair) == (text if isinstance(text, tuple) else (text, None))
+
+
+def test_read_sentences_lines_pairs_and_errors(tmp_path):
+    f = tmp_path / "s.txt"
+    f.write_text("one sentence\n\nfirst\tsecond\n", encoding="utf-8")
+    assert read_sentences(f) == ["one sentence", ("first", "second")]
+    assert read_sentences("-", stdin=io.StringIO("from stdin\n")) == ["from stdin"]
+    f.write_text("a\tb\tc\n")
+    with pytest.raises(PredictError, match="line 1"):
+        read_sentences(f)
+    f.write_text("\n \n")
+    with pytest.raises(PredictError, match="no sentences"):
+        read_sentences(f)
+
+
+def test_cli_text_from_stdin_json_and_table(classify_dir, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("the lazy dog\nwider networks\tshare one block\n"))
+    rc, out, err = _cli(["predict", "--checkpoint", classify_dir, "--text", "-", "--json", "--top-k", "2"],
+                        capsys, monkeypatch)
+    assert (rc, err) == (0, "")
+    records = [json.loads(line) for line in out.splitlines()]
+    api = classify_texts(load_pretrained(classify_dir), ["the lazy dog", ("wider networks", "share one block")],
+                         top_k=2, device="cpu")
+    assert [r["text"] for r in records] == ["the lazy dog", "wider networks"]
+    assert records[1]["text_pair"] == "share one block"
+    assert [[t["class"] for t in r["top"]] for r in records] == [[c.name for c in a.top] for a in api]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("the lazy dog\n"))
+    rc, out, err = _cli(["predict", "--checkpoint", classify_dir, "--text", "-"], capsys, monkeypatch)
+    assert rc == 0 and out.splitlines()[1].startswith("the lazy dog")
+
+
+def test_long_sentences_are_truncated_with_one_note(classify_dir, tmp_path, capsys, monkeypatch):
+    f = tmp_path / "long.txt"
+    f.write_text("\n".join(["the quick brown fox jumps over the lazy dog " * 3] * 3 + ["short one"]))
+    rc, out, err = _cli(["predict", "--checkpoint", classify_dir, "--text", f, "--max-len", "8",
+                         "--batch-size", "2"], capsys, monkeypatch)
+    assert rc == 0
+    assert err.strip().splitlines() == ["widenet: note: 3 of 4 texts were longer than 8 tokens and were "
+                                        "truncated (longest first)"]
+
+
+# --- question answering ---------------------------------------------------------------------
+def test_answers_are_spans_of_the_context_as_postprocess_picks_them(qa_dir):
+    pre = load_pretrained(qa_dir)
+    context = "The arrow was feathered and barbed, to be shot from a bow. " * 4
+    pairs = [("what was the arrow?", context), ("who lists words?", "A dictionary lists words with meanings.")]
+    answers = answer_questions(pre, pairs, max_len=24, doc_stride=8, batch_size=1, device="cpu")
+    for answer, (question, ctx) in zip(answers, pairs):
+        assert answer.question == question and answer.answer and answer.answer in ctx
+        assert 0.0 < answer.score <= 1.0
+    # the same answers as fine-tuning's evaluation path, run by hand
+    examples = [SquadExample(str(i), q, c, [], False) for i, (q, c) in enumerate(pairs)]
+    features = encode_squad(examples, pre.tokenizer, max_len=24, doc_stride=8)
+    ids = features.input_ids
+    with torch.no_grad():
+        out = pre.model(ids, features.token_type_ids, padding_mask=ids == special_ids(pre.tokenizer).pad)
+    want = postprocess_squad(examples, features, out.start_logits, out.end_logits, version_2=False)
+    assert [a.answer for a in answers] == [want["0"], want["1"]]
+
+
+def test_cli_qa_json_and_table(qa_dir, tmp_path, capsys, monkeypatch):
+    context = "Mixture of experts layers route every token to a few experts."
+    rc, out, err = _cli(["predict", "--checkpoint", qa_dir, "--question", "what routes tokens?", "--question",
+                         "where do tokens go?", "--context", context, "--json"], capsys, monkeypatch)
+    assert (rc, err) == (0, "")
+    records = [json.loads(line) for line in out.splitlines()]
+    assert [r["question"] for r in records] == ["what routes tokens?", "where do tokens go?"]
+    assert all(r["answer"] in context and 0 <= r["score"] <= 1 for r in records)
+    (tmp_path / "ctx.txt").write_text(context + "\n")
+    rc, out, err = _cli(["predict", "--checkpoint", qa_dir, "--question", "what routes tokens?", "--context-file",
+                         tmp_path / "ctx.txt"], capsys, monkeypatch)
+    assert rc == 0 and out.splitlines()[0].split() == ["question", "answer", "score"]
+    assert records[0]["answer"].split()[0] in out.splitlines()[1]
+
+
+# --- inputs that do not fit the model -------------------------------------------------------
+def test_wrong_kind_of_input_is_one_line(vision_dir, classify_dir, qa_dir, pretrain_dir, images, tmp_path, capsys,
+                                         monkeypatch):
+    text = tmp_path / "t.txt"
+    text.write_text("a sentence\n")
+    cases = [
+        (["--checkpoint", classify_dir, images], "text classifier; it takes sentences"),
+        (["--checkpoint", vision_dir, "--text", text], "image classifier; it takes image files"),
+        (["--checkpoint", classify_dir, "--question", "q?", "--context", "c"], "text classifier"),
+        (["--checkpoint", qa_dir, "--text", text], "question-answering model; it takes --question"),
+        (["--checkpoint", pretrain_dir, "--text", text], "fine-tune it first"),
+        (["--checkpoint", vision_dir], "nothing to predict on"),
+        (["--checkpoint", vision_dir, images, "--text", text], "one kind of input"),
+        (["--checkpoint", qa_dir, "--question", "q?"], "--question needs --context"),
+        (["--checkpoint", qa_dir, "--context", "c"], "--context needs a --question"),
+        (["--checkpoint", tmp_path / "missing", images], "missing"),
+    ]
+    for argv, expected in cases:
+        line = _one_line_error(*_cli(["predict", *argv], capsys, monkeypatch))
+        assert line.startswith("widenet: error: ") and expected in line, (argv, line)
+    with pytest.raises(PredictError, match="image classifier"):
+        classify_texts(load_pretrained(vision_dir), ["x"])
+    with pytest.raises(PredictError, match="text classifier"):
+        predict_images(load_pretrained(classify_dir), [images])

@@ -1,0 +1,108 @@
+"""Model folders on the command line: `widenet import`, `widenet upcycle` and `widenet export`.
+
+    widenet import HF_DIR --out DIR [--overwrite]
+    widenet upcycle --from HF_DIR|RUN|DIR --experts E [--top-k K] [--attention mean|block:N]
+                    [--noise X] [--seed S] [--dropless] --out DIR [--overwrite]
+    widenet export RUN --to DIR [--ema] [--overwrite]
+
+Each writes an export folder (widenet/train/exported.py) that
+`widenet.from_pretrained(DIR)`, `widenet predict --checkpoint DIR` and the
+training commands' `--init DIR` read.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from .cli_args import finite_float, nonempty, positive_int
+
+
+def _describe(source: Any) -> dict:
+    """What an export records of where its weights came from."""
+    return dict(path=str(source.path), step=source.step, model=source.meta.get("model", ""))
+
+
+def _write(args: argparse.Namespace, source: Any, model, out: str, note: str) -> int:
+    from .train.exported import write_export
+
+    data = source.meta.get("data") or {}
+    classes = data.get("classes") or data.get("labels")
+    image = {k: data[k] for k in ("mean", "std") if data.get(k)} or None
+    write_export(out, model, model_name=source.meta.get("model", ""), classes=classes, image_stats=image,
+                 tokenizer_file=source.tokenizer_path, source=dict(_describe(source), how=note),
+                 overwrite=args.overwrite)
+    for line in source.notes:
+        print(f"note: {line}")
+    print(f"wrote {out} ({note}); load it with widenet.from_pretrained({str(out)!r})")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from .models.hf import is_hf_folder
+    from .train.exported import load_model, load_source
+
+    if not is_hf_folder(args.hf_dir):
+        raise ValueError(f"{args.hf_dir}: not a Hugging Face checkpoint folder (no config.json with a model_type)")
+    source = load_source(args.hf_dir)
+    return _write(args, source, load_model(source), args.out, "imported from Hugging Face")
+
+
+def cmd_upcycle(args: argparse.Namespace) -> int:
+    from .models.upcycle import upcycle
+    from .train.exported import load_model, load_source
+
+    source = load_source(args.source)
+    moe = dict(dropless=True) if args.dropless else {}
+    model = upcycle(load_model(source), args.experts, args.top_k, attention=args.attention, noise=args.noise,
+                    seed=args.seed, **moe)
+    note = f"upcycled to {args.experts} experts, top-{args.top_k}, attention {args.attention}, noise {args.noise}"
+    source.meta = dict(source.meta, model=_widenet_name(source.meta.get("model", "")))
+    return _write(args, source, model, args.out, note)
+
+
+def _widenet_name(name: str) -> str:
+    return f"{name}_upcycled" if name else "widenet_upcycled"
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .train.exported import load_model, load_source
+
+    source = load_source(args.run)
+    if args.ema:
+        averaged = source.train_state.get("ema")
+        if not isinstance(averaged, dict) or "weights" not in averaged:
+            raise ValueError(f"{source.path}: no averaged weights (the run was trained without --ema-decay)")
+        source.model_state = averaged["weights"]
+    model = load_model(source)
+    return _write(args, source, model, args.to, f"exported from step {source.step}" + (" (EMA)" if args.ema else ""))
+
+
+def add_model_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("import", help="convert a Hugging Face ALBERT, BERT or ViT folder into a widenet folder")
+    p.add_argument("hf_dir", type=nonempty, metavar="HF_DIR", help="folder with config.json and model.safetensors")
+    p.add_argument("--out", type=nonempty, required=True)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("upcycle", help="sparse upcycling: a dense model's weights start a WideNet")
+    p.add_argument("--from", dest="source", type=nonempty, required=True, metavar="PATH",
+                   help="Hugging Face folder, run folder, checkpoint or widenet folder of a dense model")
+    p.add_argument("--experts", type=positive_int, required=True, help="number of experts E")
+    p.add_argument("--top-k", type=positive_int, default=2)
+    p.add_argument("--attention", default="mean", metavar="mean|block:N",
+                   help="the shared attention from per-block ones: their mean or block N's (default mean)")
+    p.add_argument("--noise", type=finite_float, default=0.0,
+                   help="add noise * std(W) * N(0,1) to each expert copy (default 0: exact copies)")
+    p.add_argument("--dropless", action="store_true", help="never drop an assignment (the MoE's dropless mode)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the router's init and the noise")
+    p.add_argument("--out", type=nonempty, required=True)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    p.set_defaults(func=cmd_upcycle)
+
+    p = sub.add_parser("export", help="write a run's model as a folder to ship (config.json, model.safetensors)")
+    p.add_argument("run", type=nonempty, metavar="RUN", help="run folder or checkpoint folder")
+    p.add_argument("--to", type=nonempty, required=True, metavar="DIR")
+    p.add_argument("--ema", action="store_true", help="export the weight average of --ema-decay")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing DIR")
+    p.set_defaults(func=cmd_export)

@@ -1,0 +1,60 @@
+"""Any saved model, ready for inference: `widenet.from_pretrained` and `load_pretrained`.
+
+A path may be an export folder (`widenet export` / `widenet upcycle` /
+`widenet import`), a run folder (its latest checkpoint), a checkpoint
+folder, or a Hugging Face checkpoint folder (ALBERT, BERT, ViT). See
+widenet.train.exported for the formats.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ..data.text.tokenizer import load_tokenizer
+from ..train.exported import load_model, load_source, model_kind
+
+__all__ = ["Pretrained", "from_pretrained", "load_pretrained"]
+
+
+@dataclass
+class Pretrained:
+    """A loaded model (eval mode, on the CPU) and what using it needs.
+
+    kind: "vision" or "text".   classes: class names (image classifiers and
+    text classifiers; None when unknown).   mean / std: the per-channel
+    statistics training normalised images with (vision).   tokenizer: a
+    `tokenizers.Tokenizer` (text models whose tokenizer was saved beside them).
+    """
+
+    model: nn.Module
+    model_name: str
+    kind: str
+    source: Path
+    classes: list[str] | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    tokenizer: Any = None
+    notes: list[str] = field(default_factory=list)
+
+
+def load_pretrained(path: str | os.PathLike) -> Pretrained:
+    """The model saved at `path` with its class names, image statistics and tokenizer."""
+    source = load_source(path)
+    model = load_model(source)
+    data = source.meta.get("data") or {}
+    classes = data.get("classes") or data.get("labels")
+    mean, std = data.get("mean"), data.get("std")
+    tokenizer = load_tokenizer(source.tokenizer_path) if source.tokenizer_path else None
+    return Pretrained(model, source.meta.get("model", ""), model_kind(source.meta["model_config"]), source.path,
+                      list(classes) if classes else None, tuple(mean) if mean else None,
+                      tuple(std) if std else None, tokenizer, list(source.notes))
+
+
+def from_pretrained(path: str | os.PathLike) -> nn.Module:
+    """The model saved at `path`, with its weights, in eval mode (see load_pretrained for the rest)."""
+    return load_pretrained(path).model

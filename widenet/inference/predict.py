@@ -1,0 +1,271 @@
+"""Predictions from a loaded model (`load_pretrained`): image classes, text classes, QA answers.
+
+    predict_images(pretrained, ["cat.png", "photos/", "shots/*.jpg"])  -> [ImagePrediction | ImageFailure]
+    classify_texts(pretrained, ["a sentence", ("premise", "hypothesis")]) -> [TextPrediction]
+    answer_questions(pretrained, [(question, context), ...])            -> [Answer]
+
+Inputs are prepared as training and evaluation prepared them: images decoded like
+an image folder (`decode_image`: shorter side resized to the model's image size,
+center crop) and normalised with the mean / std saved with the model; sentences
+by `encode_classification` (fine-tuning's default of 128 tokens); questions by
+`encode_squad` (384-token windows, stride 128), answers by `postprocess_squad`.
+An image that cannot be read comes back as an ImageFailure in its place; inputs
+that do not fit the model raise PredictError (a ValueError), one line. The
+iter_* forms yield results as their batches finish. MoE models with a capacity
+limit route per batch, so (as in evaluation) a prediction may depend slightly
+on the rest of its batch.
+"""
+
+from __future__ import annotations
+
+import glob
+import math
+import os
+import sys
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..data.augment import normalize
+from ..data.errors import DatasetError
+from ..data.images.folder import decode_image
+from ..runtime import first_line, resolve_device
+from .loading import Pretrained
+
+__all__ = ["IMAGE_SUFFIXES", "Answer", "ClassScore", "ImageFailure", "ImagePrediction", "PredictError",
+           "TextPrediction", "check_fits", "find_images", "iter_predict_images", "predict_images"]
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")  # what folders are searched for
+# Fine-tuning's default sequence lengths (widenet.train.finetune.DEFAULT_MAX_LEN) and QA windows.
+CLASSIFY_MAX_LEN, QA_MAX_LEN, QA_DOC_STRIDE, QA_MAX_QUERY_LEN = 128, 384, 128, 64
+N_BEST, MAX_ANSWER_LEN = 20, 30  # postprocess_squad's defaults: candidate starts / ends, longest answer
+FALLBACK_MEAN, FALLBACK_STD = 0.5, 0.5  # no image statistics saved (Hugging Face ViT): ViT's processor's
+PROGRESS_MIN_BATCHES = 3  # a progress bar for more batches than this (on a terminal)
+
+class PredictError(ValueError):
+    """Inputs that do not fit the model, or no inputs at all: one line saying what is wrong."""
+
+
+@dataclass
+class ClassScore:
+    name: str
+    probability: float
+
+    def to_record(self) -> dict[str, Any]:
+        return {"class": self.name, "probability": self.probability}
+
+
+@dataclass
+class ImagePrediction:
+    """The top classes of one image, most probable first."""
+    file: str
+    top: list[ClassScore]
+    ok = True
+
+    def to_record(self) -> dict[str, Any]:
+        return {"file": self.file, "top": [c.to_record() for c in self.top]}
+
+
+@dataclass
+class ImageFailure:
+    """An image that could not be read, and why (one line)."""
+    file: str
+    reason: str
+    ok = False
+
+    def to_record(self) -> dict[str, Any]:
+        return {"file": self.file, "error": self.reason}
+
+
+@dataclass
+class TextPrediction:
+    """The top classes of one sentence (pair), most probable first."""
+    text: str
+    text_pair: str | None
+    top: list[ClassScore]
+
+    def to_record(self) -> dict[str, Any]:
+        pair = {} if self.text_pair is None else {"text_pair": self.text_pair}
+        return {"text": self.text, **pair, "top": [c.to_record() for c in self.top]}
+
+
+@dataclass
+class Answer:
+    """The best span of the context ("" for none); score: its probability in its window,
+    softmax(start)[s] * softmax(end)[e]."""
+    question: str
+    answer: str
+    score: float
+    context: str = field(default="", repr=False)
+
+    def to_record(self) -> dict[str, Any]:
+        return {"question": self.question, "answer": self.answer, "score": self.score}
+
+
+# --- what a model takes ------------------------------------------------------------------
+_TAKES = {"images": "image files, folders or globs", "text": "sentences (--text FILE, or - for stdin)",
+          "qa": "--question with --context or --context-file"}
+_IS = {"vision": "an image classifier", "classify": "a text classifier", "qa": "a question-answering model",
+       "pretrain": "a pretrained text model (masked LM) without a task head"}
+
+
+def check_fits(pretrained: Pretrained, inputs: str) -> None:
+    """Raise PredictError unless `pretrained` predicts on `inputs` ("images", "text" or "qa")."""
+    if inputs not in _TAKES:
+        raise ValueError(f"inputs must be one of {', '.join(_TAKES)}, got {inputs!r}")
+    task = "vision" if pretrained.kind == "vision" else getattr(pretrained.model.cfg, "task", None)
+    described = f"{pretrained.model_name or 'the model'} is {_IS.get(task, f'a text model (task {task!r})')}"
+    if task == "pretrain":
+        raise PredictError(f"{described}: it predicts no classes or answers; fine-tune it first "
+                           f"(widenet finetune --task classify|qa --init {pretrained.source})")
+    wanted = {"vision": "images", "classify": "text", "qa": "qa"}.get(task)
+    if wanted is None:
+        raise PredictError(f"{described}, which predict does not handle")
+    if inputs != wanted:
+        raise PredictError(f"{described}; it takes {_TAKES[wanted]}, not {_TAKES[inputs]}")
+    if pretrained.kind == "text" and pretrained.tokenizer is None:
+        raise PredictError(f"{pretrained.source}: no tokenizer saved beside the model (tokenizer.json), "
+                           "so its text cannot be encoded")
+
+
+# --- shared machinery --------------------------------------------------------------------
+def _batches(items: Sequence, size: int) -> Iterator[Sequence]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def _check_sizes(**sizes: int) -> None:
+    for name, value in sizes.items():
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive whole number, got {value!r}")
+
+
+def _progress(total: int, batch_size: int, unit: str, show: bool | None):
+    """A tqdm bar on stderr: shown when asked (show=True), or, by default, for more than a few
+    batches on a terminal."""
+    from tqdm import tqdm
+
+    if show is None:
+        show = math.ceil(total / batch_size) > PROGRESS_MIN_BATCHES and sys.stderr.isatty()
+    return tqdm(total=total, unit=unit, dynamic_ncols=True, leave=False, disable=not show, file=sys.stderr)
+
+
+def _class_names(pretrained: Pretrained, count: int) -> list[str]:
+    """The saved class names when they fit the head, else the class indices as text."""
+    classes = pretrained.classes
+    return [str(c) for c in classes] if classes and len(classes) == count else [str(i) for i in range(count)]
+
+
+def _top(logits: torch.Tensor, names: list[str], top_k: int) -> list[list[ClassScore]]:
+    """(B, K) logits -> per row the top_k (capped at K) classes and their softmax probabilities."""
+    probs = logits.float().softmax(-1)
+    values, indices = probs.topk(min(top_k, probs.shape[-1]), dim=-1)
+    return [[ClassScore(names[i], p) for p, i in zip(row_p, row_i)]
+            for row_p, row_i in zip(values.cpu().tolist(), indices.cpu().tolist())]
+
+
+def _on_device(pretrained: Pretrained, device: str | torch.device) -> tuple[nn.Module, torch.device]:
+    """The model in eval mode on `device` (moved there: it stays, for the next call)."""
+    dev = device if isinstance(device, torch.device) else resolve_device(device)
+    return pretrained.model.to(dev).eval(), dev
+
+
+# --- images ------------------------------------------------------------------------------
+def _folder_images(folder: Path) -> list[Path]:
+    """The image files under `folder` (recursively, hidden files and folders skipped), sorted."""
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+
+
+def find_images(inputs: Iterable[str | os.PathLike]) -> list[Path]:
+    """The image files `inputs` name, in order, each once: a file as is (whatever its name; a missing
+    one fails when read), a folder's IMAGE_SUFFIXES files (recursively, sorted), a glob's matches
+    (sorted, `**` spans folders). A folder or glob that yields nothing raises PredictError."""
+    out: dict[Path, None] = {}
+    for item in inputs:
+        text = os.fspath(item)
+        path = Path(text)
+        if path.is_dir():
+            found = _folder_images(path)
+            if not found:
+                raise PredictError(f"{text}: no images in this folder (looked for "
+                                   f"{' '.join(IMAGE_SUFFIXES)}, in subfolders too)")
+        elif path.exists() or not any(c in text for c in "*?["):
+            found = [path]
+        else:
+            found = []
+            for match in sorted(glob.glob(text, recursive=True)):
+                m = Path(match)
+                found.extend(_folder_images(m) if m.is_dir() else [m] if m.is_file() else [])
+            if not found:
+                raise PredictError(f"{text}: no files match this pattern")
+        out.update(dict.fromkeys(found))
+    if not out:
+        raise PredictError("no images given")
+    return list(out)
+
+
+def _decode(path: Path, size: int, channels: int) -> torch.Tensor | ImageFailure:
+    """The image as decode_image gives it, or an ImageFailure saying in words why Pillow could not."""
+    from PIL import UnidentifiedImageError
+
+    try:
+        return decode_image(path, size, channels)
+    except DatasetError as err:
+        cause = err.__cause__
+        if isinstance(cause, UnidentifiedImageError):
+            return ImageFailure(str(path), "not an image Pillow can decode (unknown format or damaged file)")
+        if isinstance(cause, OSError) and cause.strerror:
+            return ImageFailure(str(path), cause.strerror)
+        return ImageFailure(str(path), first_line(cause if cause is not None else err))
+
+
+def _image_stats(pretrained: Pretrained, channels: int) -> tuple[Sequence[float], Sequence[float]]:
+    if pretrained.mean is not None and pretrained.std is not None:
+        return pretrained.mean, pretrained.std
+    warnings.warn(f"{pretrained.source}: no image mean / std saved with the model; normalising with "
+                  f"mean {FALLBACK_MEAN} and std {FALLBACK_STD} (ViT's)", stacklevel=3)
+    return (FALLBACK_MEAN,) * channels, (FALLBACK_STD,) * channels
+
+
+def iter_predict_images(pretrained: Pretrained, inputs: Iterable[str | os.PathLike], top_k: int = 5,
+                        batch_size: int = 64, device: str | torch.device = "auto", progress: bool | None = None,
+                        workers: int | None = None) -> Iterator[ImagePrediction | ImageFailure]:
+    """predict_images, one result at a time as the batches finish (same order)."""
+    _check_sizes(top_k=top_k, batch_size=batch_size)
+    check_fits(pretrained, "images")
+    paths = find_images(inputs)
+    cfg = pretrained.model.cfg
+    size, channels = cfg.image_size, cfg.in_channels
+    mean, std = _image_stats(pretrained, channels)
+    names = _class_names(pretrained, cfg.num_classes)
+    model, dev = _on_device(pretrained, device)
+    workers = workers or min(8, os.cpu_count() or 1)
+    with ThreadPoolExecutor(workers) as pool, _progress(len(paths), batch_size, "image", progress) as bar:
+        for batch in _batches(paths, batch_size):
+            decoded = list(pool.map(lambda p: _decode(p, size, channels), batch))
+            good = [i for i, d in enumerate(decoded) if isinstance(d, torch.Tensor)]
+            results: list[Any] = list(decoded)
+            if good:
+                images = torch.stack([decoded[i] for i in good]).to(dev)  # uint8 (B, C, S, S)
+                with torch.inference_mode():
+                    logits = model(normalize(images, mean, std)).logits
+                for i, top in zip(good, _top(logits, names, top_k)):
+                    results[i] = ImagePrediction(str(batch[i]), top)
+            bar.update(len(batch))
+            yield from results
+
+
+def predict_images(pretrained: Pretrained, inputs: Iterable[str | os.PathLike], top_k: int = 5,
+                   batch_size: int = 64, device: str | torch.device = "auto", progress: bool | None = None,
+                   workers: int | None = None) -> list[ImagePrediction | ImageFailure]:
+    """The top_k classes (at most all) of each image `inputs` name (files, folders, globs: find_images),
+    in order; one that cannot be read is an ImageFailure (`.ok` False). Decoded on `workers` threads,
+    classified `batch_size` at a time on `device` (auto, cpu, cuda or a torch.device; the model moves)."""
+    return list(iter_predict_images(pretrained, inputs, top_k, batch_size, device, progress, workers))

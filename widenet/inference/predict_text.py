@@ -1,0 +1,209 @@
+"""Predictions of text models: classes of sentences (or pairs) and answers to questions.
+
+See widenet.inference.predict for the shared machinery and the image side.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..data.text.classification import ClassificationExample, encode_classification
+from ..data.text.squad import SquadExample, _best_span, encode_squad, postprocess_squad
+from ..data.text.tokenizer import special_ids
+from .loading import Pretrained
+from .predict import (CLASSIFY_MAX_LEN, MAX_ANSWER_LEN, N_BEST, QA_DOC_STRIDE, QA_MAX_LEN, QA_MAX_QUERY_LEN,
+                      Answer, PredictError, TextPrediction, _batches, check_fits, _check_sizes, _class_names,
+                      _on_device, _progress, _top)
+
+
+__all__ = ["answer_questions", "classify_texts", "iter_answer_questions", "iter_classify_texts",
+           "read_sentences"]
+
+
+# --- text classification -----------------------------------------------------------------
+def read_sentences(source: str | os.PathLike, stdin: Any = None) -> list[str | tuple[str, str]]:
+    """The sentences of a UTF-8 file (or of stdin for "-"), one a line, blank lines skipped; a line
+    holding a TAB is a sentence pair (the text before it, the text after it)."""
+    where = "stdin" if os.fspath(source) == "-" else os.fspath(source)
+    try:
+        text = (stdin or sys.stdin).read() if where == "stdin" else Path(source).read_text(encoding="utf-8-sig")
+        lines = text.splitlines()
+    except UnicodeDecodeError as err:
+        raise PredictError(f"{where}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    sentences: list[str | tuple[str, str]] = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        parts = line.split("\t")
+        if len(parts) > 2:
+            raise PredictError(f"{where} line {number}: {len(parts) - 1} TABs; a line holds one sentence, or "
+                               "two separated by one TAB")
+        if any(not p.strip() for p in parts):
+            raise PredictError(f"{where} line {number}: an empty sentence beside the TAB")
+        sentences.append(parts[0] if len(parts) == 1 else (parts[0], parts[1]))
+    if not sentences:
+        raise PredictError(f"{where}: no sentences (one a line)")
+    return sentences
+
+
+def _max_len(pretrained: Pretrained, max_len: int | None, default: int) -> int:
+    limit = pretrained.model.cfg.max_positions
+    if max_len is None:
+        return min(default, limit)
+    if not isinstance(max_len, int) or max_len < 1:
+        raise ValueError(f"max_len must be a positive whole number, got {max_len!r}")
+    if max_len > limit:
+        raise PredictError(f"max_len {max_len} exceeds the model's {limit} positions")
+    return max_len
+
+
+def _encode(examples: list[ClassificationExample], tokenizer: Any, max_len: int) -> tuple[dict, int]:
+    """encode_classification's ids, and how many examples it truncated (its warning, kept for one
+    note on all the batches at the end)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        encoded = encode_classification(examples, tokenizer, None, max_len)
+    truncated = 0
+    for w in caught:
+        if found := re.match(r"(\d+) of \d+ examples were longer", str(w.message)):
+            truncated += int(found.group(1))
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return encoded, truncated
+
+
+def iter_classify_texts(pretrained: Pretrained, texts: Sequence[str | tuple[str, str]], top_k: int = 5,
+                        batch_size: int = 64, device: str | torch.device = "auto", max_len: int | None = None,
+                        progress: bool | None = None) -> Iterator[TextPrediction]:
+    """classify_texts, one result at a time as the batches finish (same order)."""
+    _check_sizes(top_k=top_k, batch_size=batch_size)
+    check_fits(pretrained, "text")
+    examples = []
+    for i, text in enumerate(texts):
+        pair = [text] if isinstance(text, str) else list(text) if isinstance(text, (tuple, list)) else []
+        if not 1 <= len(pair) <= 2 or not all(isinstance(t, str) and t.strip() for t in pair):
+            raise PredictError(f"text {i + 1}: expected a non-empty sentence or a pair of them, got {text!r}")
+        examples.append(ClassificationExample(pair[0], pair[1] if len(pair) == 2 else None, None))
+    if not examples:
+        raise PredictError("no sentences given")
+    length = _max_len(pretrained, max_len, CLASSIFY_MAX_LEN)
+    tokenizer, pad = pretrained.tokenizer, special_ids(pretrained.tokenizer).pad
+    names = _class_names(pretrained, pretrained.model.cfg.num_labels)
+    model, dev = _on_device(pretrained, device)
+    truncated = 0
+    with _progress(len(examples), batch_size, "text", progress) as bar:
+        for batch in _batches(examples, batch_size):
+            encoded, cut = _encode(list(batch), tokenizer, length)
+            truncated += cut
+            ids = encoded["input_ids"].to(dev)
+            with torch.inference_mode():
+                logits = model(ids, encoded["token_type_ids"].to(dev), padding_mask=ids == pad).logits
+            for ex, top in zip(batch, _top(logits, names, top_k)):
+                yield TextPrediction(ex.text_a, ex.text_b, top)
+            bar.update(len(batch))
+    if truncated:
+        warnings.warn(f"{truncated} of {len(examples)} texts were longer than {length} tokens and were "
+                      "truncated (longest first)", stacklevel=2)
+
+
+def classify_texts(pretrained: Pretrained, texts: Sequence[str | tuple[str, str]], top_k: int = 5,
+                   batch_size: int = 64, device: str | torch.device = "auto", max_len: int | None = None,
+                   progress: bool | None = None) -> list[TextPrediction]:
+    """The top_k classes (at most all) of each sentence or (a, b) pair, encoded as fine-tuning did
+    (encode_classification, max_len tokens, default 128), `batch_size` at a time on `device`."""
+    return list(iter_classify_texts(pretrained, texts, top_k, batch_size, device, max_len, progress))
+
+
+# --- question answering ------------------------------------------------------------------
+def _span_score(start: torch.Tensor, end: torch.Tensor, s: int, e: int) -> float:
+    """The probability of the span (s, e) in one window: softmax over the window's positions."""
+    return float(start.softmax(-1)[s] * end.softmax(-1)[e])
+
+
+def _scores(examples: list[SquadExample], features, starts: torch.Tensor, ends: torch.Tensor,
+            allow_no_answer: bool, null_threshold: float) -> list[float]:
+    """The probability of each example's answer, chosen by postprocess_squad's rule: the best span
+    (start + end logit) over the windows, unless there is none or (allow_no_answer) the no-answer
+    option beats it by more than null_threshold: then [CLS] of the window where that option is best."""
+    best: dict[int, tuple[float, int, int, int]] = {}  # example -> (score, feature, start, end)
+    null: dict[int, tuple[float, int]] = {}  # example -> (lowest null logit sum, its feature)
+    for f in range(len(features)):
+        ex = int(features.example_index[f])
+        value = float(starts[f, 0] + ends[f, 0])
+        if ex not in null or value < null[ex][0]:
+            null[ex] = (value, f)
+        context = torch.tensor([o is not None for o in features.offsets[f]])
+        span = _best_span(starts[f], ends[f], context, N_BEST, MAX_ANSWER_LEN)
+        if span is not None and (ex not in best or span[0] > best[ex][0]):
+            best[ex] = (span[0], f, span[1], span[2])
+    scores = []
+    for i in range(len(examples)):
+        if i in best and not (allow_no_answer and null[i][0] - best[i][0] > null_threshold):
+            _, f, s, e = best[i]
+            scores.append(_span_score(starts[f], ends[f], s, e))
+        else:
+            f = null[i][1]
+            scores.append(_span_score(starts[f], ends[f], 0, 0))
+    return scores
+
+
+def iter_answer_questions(pretrained: Pretrained, pairs: Sequence[tuple[str, str]], batch_size: int = 64,
+                          device: str | torch.device = "auto", max_len: int | None = None,
+                          doc_stride: int = QA_DOC_STRIDE, max_query_len: int = QA_MAX_QUERY_LEN,
+                          allow_no_answer: bool = False, null_threshold: float = 0.0,
+                          progress: bool | None = None) -> Iterator[Answer]:
+    """answer_questions, one answer at a time as the batches finish (same order)."""
+    _check_sizes(batch_size=batch_size)
+    check_fits(pretrained, "qa")
+    examples = []
+    for i, pair in enumerate(pairs):
+        if not (isinstance(pair, (tuple, list)) and len(pair) == 2
+                and all(isinstance(t, str) and t.strip() for t in pair)):
+            raise PredictError(f"question {i + 1}: expected a non-empty (question, context) pair, got {pair!r}")
+        examples.append(SquadExample(str(i), pair[0], pair[1], [], False))
+    if not examples:
+        raise PredictError("no questions given")
+    length = _max_len(pretrained, max_len, QA_MAX_LEN)
+    pad = special_ids(pretrained.tokenizer).pad
+    model, dev = _on_device(pretrained, device)
+    with _progress(len(examples), batch_size, "question", progress) as bar:
+        for chunk in _batches(examples, batch_size):
+            chunk = list(chunk)
+            features = encode_squad(chunk, pretrained.tokenizer, max_len=length, doc_stride=doc_stride,
+                                    max_query_len=max_query_len)
+            starts, ends = [], []
+            for rows in _batches(range(len(features)), batch_size):
+                ids = features.input_ids[rows.start:rows.stop].to(dev)
+                types = features.token_type_ids[rows.start:rows.stop].to(dev)
+                with torch.inference_mode():
+                    out = model(ids, types, padding_mask=ids == pad)
+                starts.append(out.start_logits.float().cpu())
+                ends.append(out.end_logits.float().cpu())
+            start, end = torch.cat(starts), torch.cat(ends)
+            answers = postprocess_squad(chunk, features, start, end, N_BEST, MAX_ANSWER_LEN,
+                                        version_2=allow_no_answer, null_threshold=null_threshold)
+            scores = _scores(chunk, features, start, end, allow_no_answer, null_threshold)
+            for example, score in zip(chunk, scores):
+                yield Answer(example.question, answers[example.id], score, example.context)
+            bar.update(len(chunk))
+
+
+def answer_questions(pretrained: Pretrained, pairs: Sequence[tuple[str, str]], batch_size: int = 64,
+                     device: str | torch.device = "auto", max_len: int | None = None,
+                     doc_stride: int = QA_DOC_STRIDE, max_query_len: int = QA_MAX_QUERY_LEN,
+                     allow_no_answer: bool = False, null_threshold: float = 0.0,
+                     progress: bool | None = None) -> list[Answer]:
+    """The answer to each (question, context): the best span, as fine-tuning's evaluation picks it
+    (encode_squad windows of max_len tokens, default 384, then postprocess_squad); allow_no_answer
+    (SQuAD 2.0 models): "" when no-answer beats the best span by more than null_threshold."""
+    return list(iter_answer_questions(pretrained, pairs, batch_size, device, max_len, doc_stride, max_query_len,
+                                      allow_no_answer, null_threshold, progress))
+

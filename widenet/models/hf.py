@@ -1,0 +1,387 @@
+"""Hugging Face checkpoints from a local folder into widenet's models, exactly.
+
+A folder with ``config.json`` and ``model.safetensors`` (or a sharded
+``model.safetensors.index.json``, or ``pytorch_model.bin``, read with
+``weights_only=True``: a pickle that would run code is refused) becomes:
+
+    model_type "albert"  -> TextTransformer, everything shared, post-norm (ALBERT)
+    model_type "bert"    -> TextTransformer, nothing shared, post-norm, embedding
+                            size = width with an identity projection (BERT has none)
+    model_type "vit"     -> VisionTransformer, patch stem, class token, pre-norm
+
+The head follows the architecture: *ForPreTraining / *ForMaskedLM -> task
+"pretrain" (BERT's next-sentence head becomes the sentence-order head, the
+same shape: (B, D) -> 2); *ForSequenceClassification -> "classify";
+*ForQuestionAnswering -> "qa"; ViTForImageClassification -> its classifier;
+a bare *Model keeps the backbone and gets freshly initialised heads. ViTModel's
+pooler (Linear + tanh on the class token) becomes the pre-logits layer.
+
+The results equal `transformers`' own models on the same input (tests build
+small random ones with save_pretrained). Unknown settings that change the
+function (grouped ALBERT layers, relative positions, other activations) are
+refused with a line naming them, as are missing tensors and shape mismatches.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle as pickle_module
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import nn
+
+from ..files import RefusedPickle, load_weights_only
+from .encoder import EncoderConfig
+from .presets import ALBERT_SHARING
+from .text import TextConfig, TextTransformer
+from .vision import VisionConfig, VisionTransformer
+
+__all__ = ["HFCheckpointError", "HFImport", "SUPPORTED", "is_hf_folder", "load_hf", "read_hf_folder"]
+
+SUPPORTED = ("albert", "bert", "vit")
+_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
+_TEXT_TASKS = {"ForPreTraining": "pretrain", "ForMaskedLM": "pretrain", "ForSequenceClassification": "classify",
+               "ForQuestionAnswering": "qa"}
+
+
+class HFCheckpointError(ValueError):
+    """A folder that is not a Hugging Face checkpoint widenet can map, or whose tensors do not fit."""
+
+
+@dataclass
+class HFImport:
+    """What load_hf returns: the model (eval mode), the preset it is shaped like, its kind
+    ("text" or "vision"), class names when the config has them, and notes (heads left new)."""
+
+    model: nn.Module
+    model_name: str
+    kind: str
+    classes: list[str] | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def is_hf_folder(path: str | Path) -> bool:
+    """A folder with a config.json that names a model_type (a Hugging Face checkpoint)."""
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        return "model_type" in json.loads(config.read_text())
+    except (OSError, ValueError):
+        return False
+
+
+def read_hf_folder(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(config.json as a dict, state dict in float32) of a Hugging Face checkpoint folder."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise HFCheckpointError(f"{folder}: not a folder (a Hugging Face checkpoint is a folder with config.json "
+                                "and model.safetensors)")
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except FileNotFoundError:
+        raise HFCheckpointError(f"{folder}: no config.json, so not a Hugging Face checkpoint") from None
+    except (OSError, ValueError) as err:
+        raise HFCheckpointError(f"{folder / 'config.json'}: unreadable ({err})") from None
+    if not isinstance(config, dict) or "model_type" not in config:
+        raise HFCheckpointError(f"{folder / 'config.json'}: no model_type, so not a Hugging Face model config")
+    state = _read_weights(folder)
+    return config, {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+
+
+def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    single, index, pickle = (folder / "model.safetensors", folder / "model.safetensors.index.json",
+                             folder / "pytorch_model.bin")
+    try:
+        if single.is_file():
+            return load_file(single)
+        if index.is_file():
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            state: dict[str, torch.Tensor] = {}
+            for shard in shards:
+                state.update(load_file(folder / shard))
+            return state
+        if pickle.is_file():
+            state = load_weights_only(pickle)
+            if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+                raise HFCheckpointError(f"{pickle}: not a state dict of tensors")
+            return state
+    except RefusedPickle as err:
+        raise HFCheckpointError(str(err)) from None
+    except pickle_module.UnpicklingError:
+        raise HFCheckpointError(f"{pickle}: refused: not a plain tensor file (widenet reads .bin files with "
+                                "weights_only=True and never runs their code); convert it to safetensors") from None
+    except (SafetensorError, OSError, ValueError, KeyError, RuntimeError) as err:
+        if isinstance(err, HFCheckpointError):
+            raise
+        raise HFCheckpointError(f"{folder}: could not read the weights ({str(err).splitlines()[0]})") from None
+    raise HFCheckpointError(f"{folder}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
+
+
+def load_hf(path: str | Path) -> HFImport:
+    """The widenet model equal to the Hugging Face checkpoint in folder `path` (see module doc)."""
+    config, state = read_hf_folder(path)
+    kind = config["model_type"]
+    if kind not in SUPPORTED:
+        raise HFCheckpointError(f"{path}: model_type {kind!r} is not supported; widenet maps "
+                                f"{', '.join(SUPPORTED)} (ALBERT, BERT, ViT)")
+    state = _strip_base_prefix(state, kind)
+    arch = (config.get("architectures") or [f"{kind.capitalize()}Model"])[0]
+    if kind == "vit":
+        return _load_vit(path, config, state, arch)
+    return _load_text(path, config, state, arch, kind)
+
+
+# ----------------------------------------------------------------------------
+# Text: ALBERT and BERT
+# ----------------------------------------------------------------------------
+def _text_task(arch: str, state: dict) -> tuple[str, list[str]]:
+    for suffix, task in _TEXT_TASKS.items():
+        if arch.endswith(suffix):
+            return task, []
+    has_heads = any(k.startswith(("predictions.", "cls.")) for k in state)
+    return "pretrain", [] if has_heads else [f"{arch} has no heads: the masked-LM and sentence-order heads are new"]
+
+
+def _load_text(path, config: dict, state: dict, arch: str, kind: str) -> HFImport:
+    _check_text_settings(path, config, kind)
+    task, notes = _text_task(arch, state)
+    dim = config["hidden_size"]
+    encoder = dict(dim=dim, depth=config["num_hidden_layers"], num_heads=config["num_attention_heads"],
+                   mlp_dim=config["intermediate_size"], norm_position="post",
+                   norm_eps=float(config.get("layer_norm_eps", 1e-12)), activation=_activation(path, config),
+                   dropout=0.0, attn_dropout=0.0)
+    if kind == "albert":
+        encoder.update(ALBERT_SHARING)
+    classes = _label_names(config) if task == "classify" else None
+    cfg = TextConfig(vocab_size=config["vocab_size"],
+                     embedding_size=config.get("embedding_size", dim) if kind == "albert" else dim,
+                     max_positions=config["max_position_embeddings"],
+                     type_vocab_size=config.get("type_vocab_size", 2), pad_token_id=config.get("pad_token_id") or 0,
+                     task=task, num_labels=len(classes) if classes else config.get("num_labels", 2),
+                     encoder=EncoderConfig.from_dict(encoder))
+    model = TextTransformer(cfg)
+    ours = (_albert_keys if kind == "albert" else _bert_keys)(cfg.encoder.depth)
+    if kind == "bert":  # BERT embeds at the full width: the projection is the identity
+        state["__identity__.weight"], state["__identity__.bias"] = torch.eye(dim), torch.zeros(dim)
+    tied = state.pop("predictions.decoder.weight", state.pop("cls.predictions.decoder.weight", None))
+    if tied is not None and "embeddings.word_embeddings.weight" in state and \
+            not torch.equal(tied, state["embeddings.word_embeddings.weight"]):
+        raise HFCheckpointError(f"{path}: the MLM decoder is not tied to the word embeddings; widenet ties them")
+    for key in ("predictions.decoder.bias", "cls.predictions.decoder.bias"):
+        state.pop(key, None)  # the same tensor as the head's own bias
+    _copy_into(path, model, state, ours, optional=_new_heads(task, state))
+    preset = "albert_base" if kind == "albert" else "bert_factorized"
+    return HFImport(model.eval(), preset, "text", classes, notes + _head_notes(model, state, task))
+
+
+def _check_text_settings(path, config: dict, kind: str) -> None:
+    position = config.get("position_embedding_type", "absolute")
+    if position != "absolute":
+        raise HFCheckpointError(f"{path}: position_embedding_type {position!r} is not supported (only 'absolute')")
+    if kind == "albert":
+        for name in ("num_hidden_groups", "inner_group_num"):
+            if config.get(name, 1) != 1:
+                raise HFCheckpointError(f"{path}: ALBERT with {name}={config[name]} is not supported: widenet "
+                                        "shares one layer across all blocks (num_hidden_groups = inner_group_num = 1)")
+
+
+def _albert_keys(depth: int) -> dict[str, str | list[str]]:
+    """widenet key -> HF key (a list: concatenated rows, q/k/v) for a shared ALBERT layer."""
+    layer = "encoder.albert_layer_groups.0.albert_layers.0."
+    keys = {
+        **_embedding_keys(),
+        "backbone.embeddings.project.": "encoder.embedding_hidden_mapping_in.",
+        "backbone.encoder.attention.0.qkv.": [layer + f"attention.{p}." for p in ("query", "key", "value")],
+        "backbone.encoder.attention.0.proj.": layer + "attention.dense.",
+        "backbone.encoder.norms.0.attn_norm.": layer + "attention.LayerNorm.",
+        "backbone.encoder.mlps.0.fc1.": layer + "ffn.",
+        "backbone.encoder.mlps.0.fc2.": layer + "ffn_output.",
+        "backbone.encoder.norms.0.ffn_norm.": layer + "full_layer_layer_norm.",
+        "backbone.pooler.": "pooler.",
+        "mlm_head.dense.": "predictions.dense.",
+        "mlm_head.norm.": "predictions.LayerNorm.",
+        "mlm_head.bias": "predictions.bias",
+        "sop_head.proj.": "sop_classifier.classifier.",
+    }
+    return {**keys, **_task_head_keys()}
+
+
+def _bert_keys(depth: int) -> dict[str, str | list[str]]:
+    keys: dict[str, str | list[str]] = {**_embedding_keys(), "backbone.embeddings.project.": "__identity__."}
+    for i in range(depth):
+        hf, ours = f"encoder.layer.{i}.", "backbone.encoder."
+        keys.update({
+            f"{ours}attention.{i}.qkv.": [hf + f"attention.self.{p}." for p in ("query", "key", "value")],
+            f"{ours}attention.{i}.proj.": hf + "attention.output.dense.",
+            f"{ours}norms.{i}.attn_norm.": hf + "attention.output.LayerNorm.",
+            f"{ours}mlps.{i}.fc1.": hf + "intermediate.dense.",
+            f"{ours}mlps.{i}.fc2.": hf + "output.dense.",
+            f"{ours}norms.{i}.ffn_norm.": hf + "output.LayerNorm.",
+        })
+    keys.update({"backbone.pooler.": "pooler.dense.", "mlm_head.dense.": "cls.predictions.transform.dense.",
+                 "mlm_head.norm.": "cls.predictions.transform.LayerNorm.", "mlm_head.bias": "cls.predictions.bias",
+                 "sop_head.proj.": "cls.seq_relationship."})
+    return {**keys, **_task_head_keys()}
+
+
+def _embedding_keys() -> dict[str, str]:
+    return {"backbone.embeddings.word.": "embeddings.word_embeddings.",
+            "backbone.embeddings.position.": "embeddings.position_embeddings.",
+            "backbone.embeddings.token_type.": "embeddings.token_type_embeddings.",
+            "backbone.embeddings.norm.": "embeddings.LayerNorm."}
+
+
+def _task_head_keys() -> dict[str, str]:
+    return {"classifier.proj.": "classifier.", "span_head.proj.": "qa_outputs."}
+
+
+def _new_heads(task: str, state: dict) -> tuple[str, ...]:
+    """Our keys that may stay freshly initialised: heads the checkpoint does not hold."""
+    if task == "qa":  # a QA model has no pooler (it reads every token, not [CLS])
+        return ("classifier.", "span_head.", "backbone.pooler.")
+    if task != "pretrain":
+        return ("classifier.", "span_head.")
+    heads = ("mlm_head.", "sop_head.")
+    return tuple(h for h, hf in zip(heads, (("predictions.", "cls.predictions."),
+                                            ("sop_classifier.", "cls.seq_relationship.")))
+                 if not any(k.startswith(hf) for k in state))
+
+
+def _head_notes(model: nn.Module, state: dict, task: str) -> list[str]:
+    if task == "pretrain" and any(k.startswith("cls.seq_relationship.") for k in state):
+        return ["BERT's next-sentence head is loaded as the sentence-order head (same shape, other task)"]
+    return []
+
+
+# ----------------------------------------------------------------------------
+# Vision: ViT
+# ----------------------------------------------------------------------------
+def _load_vit(path, config: dict, state: dict, arch: str) -> HFImport:
+    dim = config["hidden_size"]
+    classifier = "classifier.weight" in state
+    classes = _label_names(config) if classifier else None
+    pooled = "pooler.dense.weight" in state
+    encoder = EncoderConfig(dim=dim, depth=config["num_hidden_layers"], num_heads=config["num_attention_heads"],
+                            mlp_dim=config["intermediate_size"], norm_eps=float(config.get("layer_norm_eps", 1e-12)),
+                            activation=_activation(path, config), norm_position="pre")
+    num_classes = state["classifier.weight"].shape[0] if classifier else config.get("num_labels", 2) or 2
+    cfg = VisionConfig(image_size=_single(path, config, "image_size"), patch_size=_single(path, config, "patch_size"),
+                       in_channels=config.get("num_channels", 3), num_classes=num_classes, pool="token",
+                       stem="patch", representation_size=dim if pooled else None, encoder=encoder)
+    model = VisionTransformer(cfg)
+    if not config.get("qkv_bias", True):  # ViT without q/k/v biases: ours are zero
+        for key in [k for k in state if re.search(r"(query|key|value|[qkv]_proj)\.weight$", k)]:
+            state[key[:-len("weight")] + "bias"] = torch.zeros(dim)
+    keys = _vit_keys(cfg.encoder.depth, legacy=any(".attention.attention.query." in k for k in state))
+    _copy_into(path, model, state, keys, optional=() if classifier else ("head.",))
+    notes = [] if classifier else [f"{arch} has no classifier: the head ({num_classes} classes) is new"]
+    return HFImport(model.eval(), "vit_b16", "vision", classes, notes)
+
+
+def _vit_keys(depth: int, legacy: bool) -> dict[str, str | list[str]]:
+    """widenet key -> HF key; legacy: transformers 4's names (encoder.layer.N.attention.attention.query),
+    else transformers 5's (layers.N.attention.q_proj)."""
+    keys: dict[str, str | list[str]] = {
+        "cls_token": "embeddings.cls_token", "pos_embed": "embeddings.position_embeddings",
+        "patch_embed.proj.": "embeddings.patch_embeddings.projection.",
+        "encoder.final_norm.": "layernorm.", "pre_logits.0.": "pooler.dense.", "head.": "classifier.",
+    }
+    for i in range(depth):
+        if legacy:
+            hf = f"encoder.layer.{i}."
+            qkv = [hf + f"attention.attention.{p}." for p in ("query", "key", "value")]
+            names = dict(proj="attention.output.dense.", fc1="intermediate.dense.", fc2="output.dense.")
+        else:
+            hf = f"layers.{i}."
+            qkv = [hf + f"attention.{p}_proj." for p in "qkv"]
+            names = dict(proj="attention.o_proj.", fc1="mlp.fc1.", fc2="mlp.fc2.")
+        keys.update({
+            f"encoder.attention.{i}.qkv.": qkv, f"encoder.attention.{i}.proj.": hf + names["proj"],
+            f"encoder.norms.{i}.attn_norm.": hf + "layernorm_before.",
+            f"encoder.norms.{i}.ffn_norm.": hf + "layernorm_after.",
+            f"encoder.mlps.{i}.fc1.": hf + names["fc1"], f"encoder.mlps.{i}.fc2.": hf + names["fc2"],
+        })
+    return keys
+
+
+def _single(path, config: dict, name: str) -> int:
+    value = config.get(name)
+    if isinstance(value, (list, tuple)):
+        if len(set(value)) != 1:
+            raise HFCheckpointError(f"{path}: {name} {value} is not square; widenet's ViT takes square images")
+        value = value[0]
+    if not isinstance(value, int):
+        raise HFCheckpointError(f"{path}: config.json has no integer {name}")
+    return value
+
+
+# ----------------------------------------------------------------------------
+# Shared
+# ----------------------------------------------------------------------------
+def _activation(path, config: dict) -> str:
+    act = config.get("hidden_act", "gelu")
+    if act not in _ACTIVATIONS:
+        raise HFCheckpointError(f"{path}: hidden_act {act!r} is not supported (widenet has "
+                                f"{', '.join(_ACTIVATIONS)})")
+    return _ACTIVATIONS[act]
+
+
+def _label_names(config: dict) -> list[str] | None:
+    labels = config.get("id2label")
+    if not isinstance(labels, dict) or not labels:
+        return None
+    try:
+        return [str(labels.get(str(i), labels.get(i))) for i in range(len(labels))]
+    except (TypeError, ValueError):
+        return None
+
+
+def _strip_base_prefix(state: dict, kind: str) -> dict:
+    """Keys without the base model's prefix ('albert.', 'bert.', 'vit.'), as a bare *Model saves them."""
+    prefix = kind + "."
+    return {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in state.items()}
+
+
+def _copy_into(path, model: nn.Module, state: dict, mapping: dict[str, str | list[str]],
+               optional: tuple[str, ...] = ()) -> None:
+    """Fill every tensor of `model` from `state` through `mapping` (prefixes: "x." maps every
+    "x.weight"/"x.bias"; a list concatenates rows). Every tensor of the model must be found unless
+    its key starts with an `optional` prefix; shapes must agree (the error names the tensor)."""
+    own = model.state_dict()
+    new: dict[str, torch.Tensor] = {}
+    for key, target in own.items():
+        source = _resolve(key, mapping)
+        if source is None:
+            continue
+        parts = [source] if isinstance(source, str) else source
+        if not all(p in state for p in parts):
+            if key.startswith(optional):
+                continue
+            missing = next(p for p in parts if p not in state)
+            raise HFCheckpointError(f"{path}: the checkpoint lacks {missing} (needed for {key})")
+        tensor = torch.cat([state[p] for p in parts]) if len(parts) > 1 else state[parts[0]]
+        if tuple(tensor.shape) != tuple(target.shape):
+            raise HFCheckpointError(f"{path}: {' + '.join(parts)} has shape {tuple(tensor.shape)}, "
+                                    f"widenet's {key} needs {tuple(target.shape)}")
+        new[key] = tensor
+    unmapped = [k for k in own if k not in new and not k.startswith(optional)]
+    if unmapped:
+        raise HFCheckpointError(f"{path}: no checkpoint tensor for {', '.join(unmapped[:5])}")
+    model.load_state_dict(new, strict=False)
+
+
+def _resolve(key: str, mapping: dict[str, str | list[str]]) -> str | list[str] | None:
+    """The HF name(s) of widenet tensor `key` through a mapping of full names or prefixes."""
+    if key in mapping:
+        return mapping[key]
+    head, dot, leaf = key.rpartition(".")
+    if dot and head + "." in mapping:
+        source = mapping[head + "."]
+        return source + leaf if isinstance(source, str) else [s + leaf for s in source]
+    return None
