@@ -51,7 +51,7 @@ def test_export_then_from_pretrained_gives_the_runs_model(vit_run, tmp_path, cli
     assert loaded.kind == "vision" and loaded.classes == config["classes"] and loaded.mean == tuple(config["image"]["mean"])
     # an existing folder is not overwritten without --overwrite, and is with it
     line = _one_line(*cli(["export", vit_run, "--to", tmp_path / "exp"]))
-    assert "already exists" in line and "--overwrite" in line
+    assert "already holds a widenet model" in line and "--overwrite" in line
     assert cli(["export", vit_run, "--to", tmp_path / "exp", "--overwrite"])[0] == 0
     assert not list(tmp_path.glob(".tmp-*"))
 
@@ -93,6 +93,8 @@ def test_upcycled_vit_trains_with_init_and_keeps_the_dense_parts(vit_run, tmp_pa
     assert rc == 0, err
     meta = json.loads(next((tmp_path / "ft" / "checkpoints").glob("step_*/meta.json")).read_text())
     assert meta["model"] == "vit_tiny_upcycled" and meta["model_config"]["encoder"]["moe_blocks"] == "all"
+    rc, out, err = cli(["eval", "--checkpoint", tmp_path / "ft", "--data-dir", fmnist_dir])
+    assert rc == 0 and "vit_tiny_upcycled @ step 2" in out, err
 
 
 def test_upcycle_refuses_what_it_cannot_do(tmp_path, cli):
@@ -136,3 +138,46 @@ def test_upcycled_albert_computes_the_albert_exactly(tmp_path):
     noisy = upcycle(albert, 4, 2, dropless=True, noise=0.05).eval()
     with torch.no_grad():
         assert not torch.allclose(noisy(ids, keep_mask=keep).hidden[masked], a.hidden[masked], atol=1e-5)
+
+
+def test_overwrite_never_replaces_a_run_a_source_or_other_files(vit_run, tmp_path, cli):
+    """--overwrite replaces an earlier export only: never the source, a run folder or someone's files."""
+    checkpoints = sorted(p.name for p in (vit_run / "checkpoints").iterdir())
+    for dest in (vit_run, vit_run / "checkpoints"):  # the source itself, or a folder inside it
+        line = _one_line(*cli(["export", vit_run, "--to", dest, "--overwrite"]))
+        assert "apart from the source" in line
+    other = tmp_path / "other-run"
+    other.mkdir()
+    (other / "metrics.jsonl").write_text("{}\n")
+    line = _one_line(*cli(["upcycle", "--from", vit_run, "--experts", 2, "--out", other, "--overwrite"]))
+    assert "not a widenet model folder" in line and (other / "metrics.jsonl").exists()
+    assert sorted(p.name for p in (vit_run / "checkpoints").iterdir()) == checkpoints
+
+
+def test_nan_weights_are_refused_by_name(vit_run, tmp_path, cli):
+    model = widenet.from_pretrained(vit_run)
+    with torch.no_grad():
+        model.head.bias[0] = float("nan")
+    write_export(tmp_path / "nan", model, model_name="vit_tiny")
+    with pytest.raises(CheckpointError, match="head.bias holds NaN"):
+        widenet.from_pretrained(tmp_path / "nan")
+    line = _one_line(*cli(["upcycle", "--from", tmp_path / "nan", "--experts", 2, "--out", tmp_path / "o"]))
+    assert "head.bias holds NaN" in line
+
+
+def test_resume_of_an_init_run_needs_only_the_run(vit_run, tmp_path, fmnist_dir, cli):
+    import shutil
+
+    start = tmp_path / "start"
+    assert cli(["export", vit_run, "--to", start])[0] == 0
+    args = ["train", "--init", start, "--data-dir", fmnist_dir, "--out", tmp_path / "r", "--batch-size", 32,
+            "--max-steps", 4, "--save-every", 2]
+    assert cli(args)[0] == 0
+    shutil.rmtree(start)
+    shutil.rmtree(tmp_path / "r" / "checkpoints" / "step_00000004")  # as if stopped after step 2
+    (tmp_path / "r" / "checkpoints" / "latest").write_text("step_00000002")
+    rc, out, err = cli([*args, "--resume"])
+    assert rc == 0, err
+    assert (tmp_path / "r" / "checkpoints" / "step_00000004").is_dir()
+    line = _one_line(*cli(["train", "--init", tmp_path / "gone", "--data-dir", fmnist_dir, "--out", tmp_path / "x"]))
+    assert "gone: does not exist" in line

@@ -108,3 +108,22 @@ def test_train_and_eval_on_an_imagenet_layout_without_image_size(tmp_path, tiny_
     other = make_folder(tmp_path / "other", {"train": 1, "validation": 3})
     assert main(["eval", "--checkpoint", str(out), "--data-dir", str(other), "--device", "cpu", "--json"]) == 0
     assert '"examples": 6' in capsys.readouterr().out
+
+
+def test_decode_scales_16_bit_grey_and_refuses_float_pixels(tmp_path):
+    import numpy as np
+    import torch
+
+    from widenet.data.errors import DatasetError
+    from widenet.data.images.folder import decode_image
+
+    wide = np.full((6, 6), 65535, dtype=np.uint16)
+    wide[:, :3] = 257 * 10
+    Image.fromarray(wide).save(tmp_path / "wide.png")
+    grey = decode_image(tmp_path / "wide.png", 6, 1)  # 6 px: no resampling
+    assert grey.dtype == torch.uint8 and grey[0, 0, 0] == 10 and grey[0, 0, 5] == 255
+    Image.fromarray(np.ones((4, 4), dtype=np.float32)).save(tmp_path / "float.tiff")
+    with pytest.raises(DatasetError, match="floating-point pixels"):
+        decode_image(tmp_path / "float.tiff", 2, 1)
+    Image.new("RGB", (3000, 1), (200, 100, 50)).save(tmp_path / "thin.png")  # the central 1x1 square
+    assert decode_image(tmp_path / "thin.png", 224, 3)[:, 100, 100].tolist() == [200, 100, 50]

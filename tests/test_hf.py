@@ -213,3 +213,33 @@ def test_unsupported_settings_and_shape_mismatches_are_named(tmp_path):
         (tmp_path / "config.json").write_text(json.dumps({**config, **change}))
         with pytest.raises(HFCheckpointError, match=message):
             load_hf(folder)
+
+
+def test_configs_that_would_build_another_model_are_refused(tmp_path):
+    """A decoder BERT, a ViT pooler without tanh, or weights the config does not describe: refused, not guessed."""
+    torch.manual_seed(0)
+    bert = _save(transformers.BertModel(transformers.BertConfig(**TEXT)), tmp_path / "bert")
+    config = json.loads((tmp_path / "bert" / "config.json").read_text())
+    for change, message in [({"is_decoder": True}, "is_decoder=true is not supported"),
+                            ({"num_hidden_layers": 2}, "tensors widenet would not use .*encoder.layer.2"),
+                            ({"architectures": "BertModel", "hidden_size": "16"}, "does not describe a model"),
+                            ({"hidden_act": ["gelu"]}, "does not describe a model")]:
+        (tmp_path / "bert" / "config.json").write_text(json.dumps({**config, **change}))
+        with pytest.raises(HFCheckpointError, match=message):
+            load_hf(bert)
+    vit = _save(transformers.ViTModel(transformers.ViTConfig(pooler_act="relu", **VIT)), tmp_path / "vit")
+    with pytest.raises(HFCheckpointError, match="pooler_act 'relu' is not supported"):
+        load_hf(vit)
+
+
+def test_nan_weights_and_unnamed_labels(tmp_path):
+    torch.manual_seed(0)
+    config = transformers.ViTConfig(num_labels=3, **VIT)
+    config.id2label = {1: "a", 2: "b", 3: "c"}  # not ids 0..2: no names rather than wrong ones
+    hf = transformers.ViTForImageClassification(config)
+    loaded = load_hf(_save(hf, tmp_path / "ok"))
+    assert loaded.classes is None
+    with torch.no_grad():
+        hf.classifier.bias[1] = float("inf")
+    with pytest.raises(HFCheckpointError, match="classifier.bias holds NaN or infinite"):
+        load_hf(_save(hf, tmp_path / "inf"))

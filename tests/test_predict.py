@@ -110,16 +110,15 @@ def images(tmp_path):
 
 # --- helpers --------------------------------------------------------------------------------
 def _reference_pixels(path) -> torch.Tensor:
-    """The image as the model should see it, prepared by hand: grey, shorter side to SIZE (bicubic),
-    center crop, [0, 1], normalised -> (1, SIZE, SIZE)."""
+    """The image as the model should see it, prepared by hand: grey, the central square cut out,
+    resized to SIZE x SIZE (bicubic), [0, 1], normalised -> (1, SIZE, SIZE)."""
     with Image.open(path) as im:
         im = im.convert("L")
     w, h = im.size
-    scale = SIZE / min(w, h)
-    nw, nh = max(SIZE, round(w * scale)), max(SIZE, round(h * scale))
-    im = im.resize((nw, nh), Image.Resampling.BICUBIC)
-    left, top = (nw - SIZE) // 2, (nh - SIZE) // 2
-    array = np.asarray(im.crop((left, top, left + SIZE, top + SIZE)), dtype=np.float32) / 255.0
+    side = min(w, h)
+    left, top = (w - side) // 2, (h - side) // 2
+    im = im.crop((left, top, left + side, top + side)).resize((SIZE, SIZE), Image.Resampling.BICUBIC)
+    array = np.asarray(im, dtype=np.float32) / 255.0
     return torch.from_numpy((array - MEAN) / STD)[None]
 
 

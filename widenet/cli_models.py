@@ -24,14 +24,20 @@ def _describe(source: Any) -> dict:
 
 
 def _write(args: argparse.Namespace, source: Any, model, out: str, note: str) -> int:
-    from .train.exported import write_export
+    from .data.text.tokenizer import TokenizerError
+    from .train.exported import source_tokenizer, write_export
 
     data = source.meta.get("data") or {}
     classes = data.get("classes") or data.get("labels")
     image = {k: data[k] for k in ("mean", "std") if data.get(k)} or None
+    try:
+        tokenizer = source_tokenizer(source)
+    except TokenizerError as err:
+        tokenizer = None
+        source.notes.append(f"the tokenizer was not kept ({err}); pass one to finetune with --tokenizer")
     write_export(out, model, model_name=source.meta.get("model", ""), classes=classes, image_stats=image,
-                 tokenizer_file=source.tokenizer_path, source=dict(_describe(source), how=note),
-                 overwrite=args.overwrite)
+                 tokenizer=tokenizer, source=dict(_describe(source), how=note), overwrite=args.overwrite,
+                 protect=source.path if source.path.is_dir() else source.path.parent)
     for line in source.notes:
         print(f"note: {line}")
     print(f"wrote {out} ({note}); load it with widenet.from_pretrained({str(out)!r})")
@@ -59,6 +65,12 @@ def cmd_upcycle(args: argparse.Namespace) -> int:
     note = f"upcycled to {args.experts} experts, top-{args.top_k}, attention {args.attention}, noise {args.noise}"
     source.meta = dict(source.meta, model=_widenet_name(source.meta.get("model", "")))
     return _write(args, source, model, args.out, note)
+
+
+def _attention_choice(text: str) -> str:
+    if text == "mean" or (text.startswith("block:") and text[6:].isdigit()):
+        return text
+    raise argparse.ArgumentTypeError(f"expected mean or block:N, got {text!r}")
 
 
 def _widenet_name(name: str) -> str:
@@ -90,7 +102,7 @@ def add_model_commands(sub: argparse._SubParsersAction) -> None:
                    help="Hugging Face folder, run folder, checkpoint or widenet folder of a dense model")
     p.add_argument("--experts", type=positive_int, required=True, help="number of experts E")
     p.add_argument("--top-k", type=positive_int, default=2)
-    p.add_argument("--attention", default="mean", metavar="mean|block:N",
+    p.add_argument("--attention", default="mean", metavar="mean|block:N", type=_attention_choice,
                    help="the shared attention from per-block ones: their mean or block N's (default mean)")
     p.add_argument("--noise", type=finite_float, default=0.0,
                    help="add noise * std(W) * N(0,1) to each expert copy (default 0: exact copies)")

@@ -15,8 +15,8 @@ from typing import Any
 
 from torch import nn
 
-from ..data.text.tokenizer import load_tokenizer
-from ..train.exported import load_model, load_source, model_kind
+from ..data.text.tokenizer import TokenizerError
+from ..train.exported import load_model, load_source, model_kind, source_tokenizer
 
 __all__ = ["Pretrained", "from_pretrained", "load_pretrained"]
 
@@ -49,10 +49,15 @@ def load_pretrained(path: str | os.PathLike) -> Pretrained:
     data = source.meta.get("data") or {}
     classes = data.get("classes") or data.get("labels")
     mean, std = data.get("mean"), data.get("std")
-    tokenizer = load_tokenizer(source.tokenizer_path) if source.tokenizer_path else None
+    notes = list(source.notes)
+    try:
+        tokenizer = source_tokenizer(source)
+    except TokenizerError as err:  # the model is still usable (e.g. images, or ids made elsewhere)
+        tokenizer = None
+        notes.append(f"the tokenizer beside the model was not loaded: {err}")
     return Pretrained(model, source.meta.get("model", ""), model_kind(source.meta["model_config"]), source.path,
                       list(classes) if classes else None, tuple(mean) if mean else None,
-                      tuple(std) if std else None, tokenizer, list(source.notes))
+                      tuple(std) if std else None, tokenizer, notes)
 
 
 def from_pretrained(path: str | os.PathLike) -> nn.Module:

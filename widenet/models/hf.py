@@ -101,7 +101,10 @@ def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
         if single.is_file():
             return load_file(single)
         if index.is_file():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            weight_map = json.loads(index.read_text()).get("weight_map") if index.is_file() else None
+            if not isinstance(weight_map, dict):
+                raise HFCheckpointError(f"{index}: no weight_map of tensor names to files")
+            shards = sorted(set(map(str, weight_map.values())))
             state: dict[str, torch.Tensor] = {}
             for shard in shards:
                 state.update(load_file(folder / shard))
@@ -116,7 +119,7 @@ def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
     except pickle_module.UnpicklingError:
         raise HFCheckpointError(f"{pickle}: refused: not a plain tensor file (widenet reads .bin files with "
                                 "weights_only=True and never runs their code); convert it to safetensors") from None
-    except (SafetensorError, OSError, ValueError, KeyError, RuntimeError) as err:
+    except (SafetensorError, OSError, ValueError, KeyError, RuntimeError, AttributeError, TypeError) as err:
         if isinstance(err, HFCheckpointError):
             raise
         raise HFCheckpointError(f"{folder}: could not read the weights ({str(err).splitlines()[0]})") from None
@@ -131,10 +134,32 @@ def load_hf(path: str | Path) -> HFImport:
         raise HFCheckpointError(f"{path}: model_type {kind!r} is not supported; widenet maps "
                                 f"{', '.join(SUPPORTED)} (ALBERT, BERT, ViT)")
     state = _strip_base_prefix(state, kind)
-    arch = (config.get("architectures") or [f"{kind.capitalize()}Model"])[0]
-    if kind == "vit":
-        return _load_vit(path, config, state, arch)
-    return _load_text(path, config, state, arch, kind)
+    for key, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise HFCheckpointError(f"{path}: tensor {key} holds NaN or infinite values")
+    arch = _architecture(path, config, kind)
+    for name in ("is_decoder", "add_cross_attention"):
+        if config.get(name):
+            raise HFCheckpointError(f"{path}: {name}=true is not supported (widenet's encoders attend both ways)")
+    try:
+        if kind == "vit":
+            return _load_vit(path, config, state, arch)
+        return _load_text(path, config, state, arch, kind)
+    except KeyError as err:
+        raise HFCheckpointError(f"{path}: config.json lacks {err}") from None
+    except (TypeError, ValueError, AttributeError) as err:
+        if isinstance(err, HFCheckpointError):
+            raise
+        raise HFCheckpointError(f"{path}: config.json does not describe a model widenet can build "
+                                f"({str(err).splitlines()[0]})") from None
+
+
+def _architecture(path, config: dict, kind: str) -> str:
+    archs = config.get("architectures") or [f"{kind.capitalize()}Model"]
+    archs = [archs] if isinstance(archs, str) else archs
+    if not isinstance(archs, list) or not archs or not isinstance(archs[0], str):
+        raise HFCheckpointError(f"{path}: config.json 'architectures' must be a list of class names, got {archs!r}")
+    return archs[0]
 
 
 # ----------------------------------------------------------------------------
@@ -159,6 +184,8 @@ def _load_text(path, config: dict, state: dict, arch: str, kind: str) -> HFImpor
     if kind == "albert":
         encoder.update(ALBERT_SHARING)
     classes = _label_names(config) if task == "classify" else None
+    if classes is not None and "classifier.weight" in state and len(classes) != state["classifier.weight"].shape[0]:
+        classes = None  # id2label does not name the head's classes
     cfg = TextConfig(vocab_size=config["vocab_size"],
                      embedding_size=config.get("embedding_size", dim) if kind == "albert" else dim,
                      max_positions=config["max_position_embeddings"],
@@ -176,8 +203,7 @@ def _load_text(path, config: dict, state: dict, arch: str, kind: str) -> HFImpor
     for key in ("predictions.decoder.bias", "cls.predictions.decoder.bias"):
         state.pop(key, None)  # the same tensor as the head's own bias
     _copy_into(path, model, state, ours, optional=_new_heads(task, state))
-    preset = "albert_base" if kind == "albert" else "bert_factorized"
-    return HFImport(model.eval(), preset, "text", classes, notes + _head_notes(model, state, task))
+    return HFImport(model.eval(), f"hf-{kind}", "text", classes, notes + _head_notes(model, state, task))
 
 
 def _check_text_settings(path, config: dict, kind: str) -> None:
@@ -267,21 +293,26 @@ def _load_vit(path, config: dict, state: dict, arch: str) -> HFImport:
     classifier = "classifier.weight" in state
     classes = _label_names(config) if classifier else None
     pooled = "pooler.dense.weight" in state
+    if pooled and config.get("pooler_act", "tanh") != "tanh":
+        raise HFCheckpointError(f"{path}: pooler_act {config['pooler_act']!r} is not supported (widenet's pre-logits "
+                                "layer uses tanh)")
     encoder = EncoderConfig(dim=dim, depth=config["num_hidden_layers"], num_heads=config["num_attention_heads"],
                             mlp_dim=config["intermediate_size"], norm_eps=float(config.get("layer_norm_eps", 1e-12)),
                             activation=_activation(path, config), norm_position="pre")
     num_classes = state["classifier.weight"].shape[0] if classifier else config.get("num_labels", 2) or 2
+    if classes is not None and len(classes) != num_classes:
+        classes = None  # id2label does not name the head's classes
     cfg = VisionConfig(image_size=_single(path, config, "image_size"), patch_size=_single(path, config, "patch_size"),
                        in_channels=config.get("num_channels", 3), num_classes=num_classes, pool="token",
                        stem="patch", representation_size=dim if pooled else None, encoder=encoder)
     model = VisionTransformer(cfg)
     if not config.get("qkv_bias", True):  # ViT without q/k/v biases: ours are zero
         for key in [k for k in state if re.search(r"(query|key|value|[qkv]_proj)\.weight$", k)]:
-            state[key[:-len("weight")] + "bias"] = torch.zeros(dim)
+            state.setdefault(key[:-len("weight")] + "bias", torch.zeros(dim))
     keys = _vit_keys(cfg.encoder.depth, legacy=any(".attention.attention.query." in k for k in state))
     _copy_into(path, model, state, keys, optional=() if classifier else ("head.",))
     notes = [] if classifier else [f"{arch} has no classifier: the head ({num_classes} classes) is new"]
-    return HFImport(model.eval(), "vit_b16", "vision", classes, notes)
+    return HFImport(model.eval(), "hf-vit", "vision", classes, notes)
 
 
 def _vit_keys(depth: int, legacy: bool) -> dict[str, str | list[str]]:
@@ -334,12 +365,10 @@ def _activation(path, config: dict) -> str:
 
 def _label_names(config: dict) -> list[str] | None:
     labels = config.get("id2label")
-    if not isinstance(labels, dict) or not labels:
-        return None
-    try:
-        return [str(labels.get(str(i), labels.get(i))) for i in range(len(labels))]
-    except (TypeError, ValueError):
-        return None
+    if not isinstance(labels, dict) or not labels or {str(k) for k in labels} != {str(i) for i in range(len(labels))}:
+        return None  # not names for ids 0..n-1: the classes stay unnamed
+    by_id = {str(k): v for k, v in labels.items()}
+    return [str(by_id[str(i)]) for i in range(len(labels))]
 
 
 def _strip_base_prefix(state: dict, kind: str) -> dict:
@@ -355,6 +384,7 @@ def _copy_into(path, model: nn.Module, state: dict, mapping: dict[str, str | lis
     its key starts with an `optional` prefix; shapes must agree (the error names the tensor)."""
     own = model.state_dict()
     new: dict[str, torch.Tensor] = {}
+    used: set[str] = {"__identity__.weight", "__identity__.bias"}
     for key, target in own.items():
         source = _resolve(key, mapping)
         if source is None:
@@ -370,10 +400,18 @@ def _copy_into(path, model: nn.Module, state: dict, mapping: dict[str, str | lis
             raise HFCheckpointError(f"{path}: {' + '.join(parts)} has shape {tuple(tensor.shape)}, "
                                     f"widenet's {key} needs {tuple(target.shape)}")
         new[key] = tensor
+        used.update(parts)
     unmapped = [k for k in own if k not in new and not k.startswith(optional)]
     if unmapped:
         raise HFCheckpointError(f"{path}: no checkpoint tensor for {', '.join(unmapped[:5])}")
+    unused = sorted(k for k in set(state) - used if not k.endswith(_BUFFERS))
+    if unused:
+        raise HFCheckpointError(f"{path}: the checkpoint holds tensors widenet would not use ({', '.join(unused[:4])}"
+                                f"{', ...' if len(unused) > 4 else ''}): does config.json match the weights?")
     model.load_state_dict(new, strict=False)
+
+
+_BUFFERS = ("position_ids", "token_type_ids")  # buffers some checkpoints carry: not weights
 
 
 def _resolve(key: str, mapping: dict[str, str | list[str]]) -> str | list[str] | None:

@@ -67,8 +67,10 @@ def upcycle(source: nn.Module, num_experts: int, top_k: int = 2, *, attention: s
     if not isinstance(source, (TextTransformer, VisionTransformer)):
         raise UpcycleError(f"upcycling takes a widenet TextTransformer or VisionTransformer, "
                            f"got {type(source).__name__}")
-    if not (isinstance(noise, (int, float)) and 0 <= noise < float("inf")):
+    if isinstance(noise, bool) or not (isinstance(noise, (int, float)) and 0 <= noise < float("inf")):
         raise UpcycleError(f"noise must be a finite number >= 0, got {noise!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not isinstance(attention, str):
+        raise UpcycleError(f"seed must be an integer and attention a string, got {seed!r} and {attention!r}")
     cfg = upcycled_config(source.cfg, num_experts, top_k, **moe_settings)
     target = type(source)(cfg)
     gen = torch.Generator().manual_seed(seed)
@@ -132,8 +134,8 @@ def _expert_weights(encoder: nn.Module, prefix: str, num_experts: int, noise: fl
     w1 = torch.stack([mlps[i].fc1.weight.detach().t() for i in picks])
     w2 = torch.stack([mlps[i].fc2.weight.detach().t() for i in picks])
     if noise:
-        w1 = w1 + noise * w1.std() * torch.randn(w1.shape, generator=gen)
-        w2 = w2 + noise * w2.std() * torch.randn(w2.shape, generator=gen)
+        w1 = w1 + noise * w1.std() * torch.randn(w1.shape, generator=gen).to(w1)  # drawn on the CPU: reproducible
+        w2 = w2 + noise * w2.std() * torch.randn(w2.shape, generator=gen).to(w2)
     experts = prefix + "moes.0.experts."
     return {experts + "w1": w1.contiguous(), experts + "b1": torch.stack([mlps[i].fc1.bias.detach() for i in picks]),
             experts + "w2": w2.contiguous(), experts + "b2": torch.stack([mlps[i].fc2.bias.detach() for i in picks])}

@@ -5,10 +5,10 @@ from __future__ import annotations
 from torch import nn
 
 from ..data.images import check_same_classes, load_dataset, subset
-from ..models.registry import create_model
 from ..models.vision import VisionConfig
 from ..runtime import resolve_device
-from .checkpoint import CheckpointError, LoadedCheckpoint, find_latest_checkpoint, load_checkpoint
+from .checkpoint import CheckpointError
+from .exported import Source, load_model, load_source
 from .evaluate import evaluate
 
 
@@ -20,7 +20,7 @@ def evaluate_checkpoint(path: str, data: str | None = None, data_dir: str | None
     ema: evaluate the weight average that `widenet train --ema-decay` keeps in the train state.
     tta: "flip" averages each image's and its mirror image's predictions.
     """
-    ckpt = load_checkpoint(find_latest_checkpoint(path) or path)
+    ckpt = load_source(path)  # a run, a checkpoint, an exported folder or a Hugging Face ViT folder
     meta = ckpt.meta
     if "model" not in meta or not isinstance(meta.get("model_config"), dict):
         raise CheckpointError(f"{ckpt.path}: meta.json lacks the model name/config")
@@ -28,12 +28,13 @@ def evaluate_checkpoint(path: str, data: str | None = None, data_dir: str | None
         raise CheckpointError(f"{ckpt.path}: a text run (pretraining or fine-tuning); widenet eval evaluates image "
                               "classifiers (a text run's validation scores are in its metrics.jsonl)")
     cfg = VisionConfig(**meta["model_config"])
-    model = create_model(meta["model"], **_flat(cfg))
-    load_checkpoint(ckpt.path, model)
+    model = load_model(ckpt)
     if ema:
         _load_ema_weights(ckpt, model)
     train_cfg = meta.get("train_config", {})
     name = data or meta.get("data", {}).get("name") or train_cfg.get("data")
+    if not name:
+        raise ValueError(f"{ckpt.path} does not say which data it was trained on; pass --data")
     test = load_dataset(name, "test", data_dir or train_cfg.get("data_dir"), cfg.image_size)
     if test_subset:
         test = subset(test, test_subset, train_cfg.get("seed", 0))
@@ -50,7 +51,7 @@ def evaluate_checkpoint(path: str, data: str | None = None, data_dir: str | None
                 **result.to_record())
 
 
-def _load_ema_weights(ckpt: LoadedCheckpoint, model: nn.Module) -> None:
+def _load_ema_weights(ckpt: Source, model: nn.Module) -> None:
     averaged = ckpt.train_state.get("ema")
     if not isinstance(averaged, dict) or "weights" not in averaged:
         raise CheckpointError(f"{ckpt.path}: no averaged weights (the run was trained without --ema-decay)")
@@ -58,9 +59,3 @@ def _load_ema_weights(ckpt: LoadedCheckpoint, model: nn.Module) -> None:
         model.load_state_dict(averaged["weights"])
     except RuntimeError as err:
         raise CheckpointError(f"{ckpt.path}: averaged weights do not fit the model: {err}") from None
-
-
-def _flat(cfg: VisionConfig) -> dict:
-    """A VisionConfig as create_model overrides (top-level and encoder fields)."""
-    d = cfg.to_dict()
-    return {**d.pop("encoder"), **d}

@@ -17,7 +17,9 @@ written by a newer one is refused with a line saying so.
 
 from __future__ import annotations
 
+import errno
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..data.text.tokenizer import load_tokenizer, save_tokenizer, vocab_fingerprint
-from ..files import fsync_path, raise_if_disk_full
+from ..files import fsync_path, raise_if_disk_full, rename_exchange
 from ..models.hf import is_hf_folder, load_hf
 from ..models.text import TextConfig, TextTransformer
 from ..models.vision import VisionConfig, VisionTransformer
@@ -56,6 +58,7 @@ class Source:
     train_state: dict
     tokenizer_path: Path | None = None
     notes: list[str] = field(default_factory=list)
+    tokenizer_lowercase: bool = True  # a BERT vocab.txt: lowercase unless its tokenizer_config says cased
 
 
 def is_export(path: str | os.PathLike) -> bool:
@@ -88,42 +91,77 @@ def model_from_meta(meta: dict) -> nn.Module:
 
 def write_export(out: str | os.PathLike, model: nn.Module, *, model_name: str, classes: list[str] | None = None,
                  image_stats: dict | None = None, tokenizer_file: str | os.PathLike | None = None,
-                 source: Any = None, overwrite: bool = False) -> Path:
+                 tokenizer: Any = None, source: Any = None, overwrite: bool = False,
+                 protect: str | os.PathLike | None = None) -> Path:
     """Write `model` as an export folder at `out` (see module doc), atomically: a folder of the same
-    name appears whole or not at all. An existing non-empty `out` needs overwrite=True.
-    tokenizer_file: a tokenizer.json or BERT vocab.txt, saved in the folder as tokenizer.json."""
+    name appears whole or not at all, and an old one is swapped out only once the new one is
+    complete. overwrite=True replaces an earlier export folder (never a run folder, a folder
+    another run holds, or other files); `protect`: a folder (the model's source) that `out` must
+    not be, contain or lie inside. tokenizer_file: a tokenizer.json or BERT vocab.txt, saved in
+    the folder as tokenizer.json; or `tokenizer`, a tokenizers.Tokenizer."""
     from .. import __version__
 
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        if not overwrite:
-            raise FileExistsError(f"{out} already exists and is not empty; pass --overwrite to replace it")
-    tokenizer, token_meta = None, None
+    _check_destination(out, overwrite, protect)
+    token_meta = None
     if tokenizer_file is not None:
         tokenizer = load_tokenizer(tokenizer_file)
+    if tokenizer is not None:
         token_meta = dict(fingerprint=vocab_fingerprint(tokenizer), vocab_size=tokenizer.get_vocab_size())
     config = dict(format=EXPORT_FORMAT, format_version=EXPORT_VERSION, widenet_version=__version__,
                   model=model_name, kind=model_kind(model.cfg.to_dict()), model_config=model.cfg.to_dict(),
                   classes=classes, image=image_stats, tokenizer=token_meta, source=source)
     tmp = out.parent / f".tmp-{out.name}-{os.getpid()}"
-    remove_tree(tmp)
     try:
+        remove_tree(tmp)
         tmp.mkdir(parents=True)
         save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, tmp / WEIGHTS_FILE)
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=1) + "\n")
         if tokenizer is not None:
             save_tokenizer(tokenizer, tmp / TOKENIZER_FILE)
         for file in tmp.iterdir():
+            file.chmod(0o644)  # a folder to ship: readable by others, as a checkout would be
             fsync_path(file)
-        if out.exists():
-            remove_tree(out)
-        os.replace(tmp, out)
-        fsync_path(out.parent)
-    except OSError as err:
+        _move_into_place(tmp, out)
+    except (OSError, SafetensorError) as err:
         remove_tree(tmp)
         raise_if_disk_full(err, out)
-        raise
+        if isinstance(err, OSError):
+            raise
+        raise CheckpointError(f"{out}: could not write the weights ({err})") from None
     return out
+
+
+def _check_destination(out: Path, overwrite: bool, protect: str | os.PathLike | None) -> None:
+    """Refuse a destination whose replacement would lose work (see write_export)."""
+    if protect is not None:
+        src, dest = Path(protect).resolve(), out.resolve()
+        if dest == src or src.is_relative_to(dest) or dest.is_relative_to(src):
+            raise ValueError(f"{out}: the destination must be a folder apart from the source {protect}")
+    if not out.exists() and not out.is_symlink():
+        return
+    if not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a folder; choose another destination")
+    if not any(out.iterdir()):
+        return
+    if not is_export(out):
+        raise FileExistsError(f"{out} already holds files that are not a widenet model folder (a run, a download?); "
+                              "choose another destination")
+    if not overwrite:
+        raise FileExistsError(f"{out} already holds a widenet model; pass --overwrite to replace it")
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    """Rename the finished `tmp` to `out`; an existing `out` is swapped atomically where the OS can."""
+    if out.exists() and rename_exchange(tmp, out):
+        remove_tree(tmp)  # now the old folder
+    else:
+        old = out.parent / f".tmp-old-{out.name}-{os.getpid()}"
+        if out.exists():
+            os.replace(out, old)
+        os.replace(tmp, out)
+        remove_tree(old)
+    fsync_path(out.parent)
 
 
 def read_export(path: str | os.PathLike) -> Source:
@@ -134,16 +172,23 @@ def read_export(path: str | os.PathLike) -> Source:
     except (OSError, ValueError) as err:
         raise CheckpointError(f"{folder / CONFIG_FILE}: unreadable ({err})") from None
     version = config.get("format_version")
-    if not isinstance(version, int) or version > EXPORT_VERSION:
-        raise CheckpointError(f"{folder}: format version {version!r} is newer than this widenet reads "
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise CheckpointError(f"{folder / CONFIG_FILE}: format_version {version!r} is not a version number")
+    if version > EXPORT_VERSION:
+        raise CheckpointError(f"{folder}: format version {version} is newer than this widenet reads "
                               f"({EXPORT_VERSION}); upgrade widenet")
     try:
         state = load_file(folder / WEIGHTS_FILE)
     except (OSError, SafetensorError) as err:
         raise CheckpointError(f"{folder / WEIGHTS_FILE}: could not read the weights ({err})") from None
     image = config.get("image") or {}
+    classes = config.get("classes")
+    if not isinstance(image, dict) or not set(image) <= {"mean", "std"} or \
+            not all(_finite_numbers(v) for v in image.values()) or not (classes is None or (isinstance(classes, list) and all(isinstance(c, str) for c in classes))):
+        raise CheckpointError(f"{folder / CONFIG_FILE}: 'image' must be {{mean, std}} with finite numbers and "
+                              "'classes' a list of names")
     meta = dict(model=config.get("model", ""), model_config=config.get("model_config"), step=0,
-                data=dict(classes=config.get("classes"), **image))
+                data=dict(classes=classes, **image))
     if config.get("tokenizer"):
         meta["tokenizer"] = config["tokenizer"]
     tokenizer = folder / TOKENIZER_FILE
@@ -155,37 +200,80 @@ def load_source(path: str | os.PathLike) -> Source:
     folder (its latest checkpoint), a checkpoint folder or a model.safetensors inside one."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no such file or folder")
+        raise FileNotFoundError(errno.ENOENT, "does not exist", str(path))
     if is_export(path):
         return read_export(path)
     if is_hf_folder(path):
-        imported = load_hf(path)
-        model = imported.model
-        meta = dict(model=imported.model_name, model_config=model.cfg.to_dict(), step=0,
-                    data=dict(classes=imported.classes))
-        tokenizer = path / TOKENIZER_FILE if (path / TOKENIZER_FILE).is_file() else path / "vocab.txt"
-        return Source(path, 0, meta, model.state_dict(), {}, tokenizer if tokenizer.is_file() else None,
-                      list(imported.notes))
+        return _hf_source(path)
     ckpt = load_checkpoint(find_latest_checkpoint(path) or path)
     tokenizer = ckpt.path.parent.parent / TOKENIZER_FILE  # the run folder's
     return Source(ckpt.path, ckpt.step, ckpt.meta, ckpt.model_state, ckpt.train_state,
                   tokenizer if tokenizer.is_file() else None)
 
 
-def load_model(source: Source) -> nn.Module:
-    """The model of `source` with its weights, in eval mode."""
-    model = model_from_meta(source.meta)
+def _hf_source(path: Path) -> Source:
+    """A Hugging Face folder: the model (models/hf.py), its label names, the image statistics of its
+    preprocessor_config.json, and its tokenizer.json or vocab.txt (cased if tokenizer_config says so)."""
+    imported = load_hf(path)
+    model = imported.model
+    data: dict[str, Any] = dict(classes=imported.classes)
+    processor = _json_or_empty(path / "preprocessor_config.json")
+    mean, std = processor.get("image_mean"), processor.get("image_std")
+    if _finite_numbers(mean) and _finite_numbers(std):
+        data.update(mean=list(mean), std=list(std))
+    meta = dict(model=imported.model_name, model_config=model.cfg.to_dict(), step=0, data=data)
+    tokenizer = path / TOKENIZER_FILE if (path / TOKENIZER_FILE).is_file() else path / "vocab.txt"
+    lowercase = _json_or_empty(path / "tokenizer_config.json").get("do_lower_case", True) is not False
+    return Source(path, 0, meta, model.state_dict(), {}, tokenizer if tokenizer.is_file() else None,
+                  list(imported.notes), lowercase)
+
+
+def _json_or_empty(file: Path) -> dict:
     try:
-        model.load_state_dict(source.model_state, strict=True)
-    except RuntimeError as err:
-        raise CheckpointError(f"{source.path}: the weights do not fit the saved config: "
-                              f"{str(err).splitlines()[0]}") from None
+        value = json.loads(file.read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _finite_numbers(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+
+
+def source_tokenizer(source: Source):
+    """The tokenizer saved beside `source` (a tokenizers.Tokenizer), or None; TokenizerError if unusable."""
+    if source.tokenizer_path is None:
+        return None
+    return load_tokenizer(source.tokenizer_path, lowercase=source.tokenizer_lowercase)
+
+
+def load_model(source: Source) -> nn.Module:
+    """The model of `source` with its weights, in eval mode; every weight must be finite."""
+    model = model_from_meta(source.meta)
+    check_finite(source.model_state, source.path)
+    own = model.state_dict()
+    problems = [f"missing {k}" for k in own if k not in source.model_state]
+    problems += [f"unexpected {k}" for k in source.model_state if k not in own]
+    problems += [f"{k} has shape {tuple(v.shape)}, the config needs {tuple(own[k].shape)}"
+                 for k, v in source.model_state.items() if k in own and v.shape != own[k].shape]
+    if problems:
+        raise CheckpointError(f"{source.path}: the weights do not fit the saved config: {'; '.join(problems[:3])}")
+    model.load_state_dict(source.model_state, strict=True)
     return model.eval()
+
+
+def check_finite(state: dict[str, torch.Tensor], where: Any) -> None:
+    """CheckpointError naming the first floating tensor that holds NaN or infinity."""
+    for key, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(f"{where}: weight {key} holds NaN or infinite values")
 
 
 def weights_from(source: Source, model: nn.Module, skip_heads: bool) -> list[str]:
     """Copy `source`'s weights into `model` (same architecture); with skip_heads, tensors whose shape
     differs in a head (classes) are left as initialised. Returns the keys left out."""
+    check_finite(source.model_state, source.path)
     own = model.state_dict()
     left: list[str] = []
     new = {}
@@ -196,8 +284,9 @@ def weights_from(source: Source, model: nn.Module, skip_heads: bool) -> list[str
             if skip_heads and key.split(".")[0] in HEADS:
                 left.append(key)
                 continue
+            hint = _SHAPE_HINTS.get(key.split(".")[0], "")
             raise CheckpointError(f"{source.path}: {key} has shape {tuple(tensor.shape)}, the model needs "
-                                  f"{tuple(own[key].shape)}")
+                                  f"{tuple(own[key].shape)}{hint}")
         new[key] = tensor
     missing = [k for k in own if k not in new and k not in left]
     if missing:
@@ -207,3 +296,5 @@ def weights_from(source: Source, model: nn.Module, skip_heads: bool) -> list[str
 
 
 HEADS = ("head", "classifier", "span_head", "sop_head", "mlm_head")
+_SHAPE_HINTS = {"pos_embed": " (the images' size differs from the model's: pass --image-size)",
+                "patch_embed": " (the images' channels or size differ from the model's)"}

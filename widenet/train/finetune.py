@@ -40,7 +40,7 @@ from ..models.text import TextConfig, TextTransformer, load_backbone
 from ..runtime import autocast, autocast_dtype, resolve_device
 from .checkpoint import CheckpointError, LoadedCheckpoint
 from .evaluate import RoutingTally
-from .exported import Source, load_source, model_kind
+from .exported import Source, load_source, model_kind, source_tokenizer
 from .pretrain import TOKENIZER_FILE
 from .progress import StepResult
 from .run_folder import claim_run_folder
@@ -72,7 +72,7 @@ def load_init(cfg: FinetuneConfig):
     if path is None or not path.exists():
         raise TokenizerError(f"no tokenizer found beside {source.path}; pass the pretraining tokenizer with "
                              "--tokenizer")
-    tokenizer = load_tokenizer(path)
+    tokenizer = load_tokenizer(path) if cfg.tokenizer else source_tokenizer(source)
     want = meta.get("tokenizer") or {}
     vocab = meta["model_config"]["vocab_size"]
     if (want and vocab_fingerprint(tokenizer) != want.get("fingerprint")) or tokenizer.get_vocab_size() != vocab:

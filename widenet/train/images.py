@@ -9,6 +9,7 @@ same draws everywhere) and trains on its slice (widenet.distributed.parallel).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from ..models.registry import apply_overrides, count_parameters, create_model, m
 from ..models.vision import VisionConfig, VisionTransformer
 from ..runtime import autocast, autocast_dtype, resolve_device
 from .budget import Cadence, time_per_call
-from .checkpoint import CheckpointError
+from .checkpoint import CheckpointError, find_latest_checkpoint
 from .config import TrainConfig
 from .exported import load_source, model_kind, weights_from
 from .evaluate import EvalResult, evaluate, evaluate_on
@@ -84,7 +85,8 @@ def build_model_for(cfg: TrainConfig, data: ImageDataset) -> nn.Module:
     overrides.update(cfg.model_overrides)
     if not cfg.init:
         return create_model(cfg.model, **overrides)
-    source = load_source(cfg.init)
+    latest = find_latest_checkpoint(cfg.out) if cfg.resume else None
+    source = load_source(latest or cfg.init)  # resuming: the run's own config and weights suffice
     if model_kind(source.meta.get("model_config") or {}) != "vision":
         raise CheckpointError(f"{source.path}: --init needs an image model, this one is a text model")
     model = VisionTransformer(apply_overrides(VisionConfig(**source.meta["model_config"]), overrides))
@@ -181,9 +183,11 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print,
     train_set, test_set = data if data is not None else _load_data_once(cfg, parallel)
     torch.manual_seed(cfg.seed)
     model = build_model_for(cfg, train_set).to(device)
+    if cfg.init:  # the run trains the starting point's model, whatever --model says
+        cfg = dataclasses.replace(cfg, model=model.model_name)
     parallel.check_epoch(len(train_set), cfg.batch_size)
     task = ImageTask(cfg, (train_set, test_set), parallel, device, amp)
-    meta = dict(model=getattr(model, "model_name", cfg.model), model_config=model.cfg.to_dict(), train_config=cfg.to_dict(),
+    meta = dict(model=cfg.model, model_config=model.cfg.to_dict(), train_config=cfg.to_dict(),
                 data=dict(name=cfg.data, classes=train_set.classes, mean=list(task.mean), std=list(task.std)))
     params = count_parameters(model)
     with claim_run_folder(cfg.out, cfg.resume, cfg.overwrite, parallel, log):

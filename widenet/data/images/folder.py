@@ -28,7 +28,7 @@ TEST_SPLIT_FOLDERS = ("test", "val", "validation")
 
 
 # Bump when the decoding below changes, so stale caches are not reused.
-_FOLDER_CACHE_VERSION = 1
+_FOLDER_CACHE_VERSION = 2  # 2: the central square resized (not resized, then cropped)
 
 
 def _visible(path: Path) -> bool:
@@ -88,21 +88,29 @@ def _folder_cache_key(base: Path, files: list[tuple[Path, int]], image_size: int
 
 
 def decode_image(path: Path, image_size: int, channels: int) -> torch.Tensor:
-    """Decode one file to uint8 (C, S, S): shorter side resized to S, then center crop."""
+    """Decode one file to uint8 (C, S, S): the central square (side = the shorter side) cut out,
+    then resized to S x S (bicubic), so memory stays bounded whatever the aspect ratio. 16-bit grey images are
+    scaled to 8 bits; floating-point images are refused (their range is unknown)."""
     from PIL import Image
 
     try:
         with Image.open(path) as image:
             image.load()
+            if image.mode == "F":
+                raise DatasetError(f"{path}: floating-point pixels are not supported; save the image with 8 bits")
+            if image.mode.startswith("I"):  # 16-bit (or 32-bit integer) grey: to 8 bits
+                wide = np.clip(np.asarray(image, dtype=np.float64) / 257.0, 0, 255)
+                image = Image.fromarray(wide.round().astype(np.uint8), "L")
             image = image.convert("L" if channels == 1 else "RGB")
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        if isinstance(exc, DatasetError):
+            raise
         raise DatasetError(f"{path}: Pillow cannot read this image ({exc})") from exc
     width, height = image.size
-    scale = image_size / min(width, height)
-    new_w, new_h = max(image_size, round(width * scale)), max(image_size, round(height * scale))
-    image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
-    left, top = (new_w - image_size) // 2, (new_h - image_size) // 2
-    image = image.crop((left, top, left + image_size, top + image_size))
+    side = min(width, height)
+    left, top = (width - side) // 2, (height - side) // 2
+    image = image.crop((left, top, left + side, top + side)).resize((image_size, image_size),
+                                                                  Image.Resampling.BICUBIC)
     array = np.asarray(image, dtype=np.uint8).reshape(image_size, image_size, channels)
     return torch.from_numpy(array.copy()).permute(2, 0, 1)
 
