@@ -181,3 +181,25 @@ def test_resume_of_an_init_run_needs_only_the_run(vit_run, tmp_path, fmnist_dir,
     assert (tmp_path / "r" / "checkpoints" / "step_00000004").is_dir()
     line = _one_line(*cli(["train", "--init", tmp_path / "gone", "--data-dir", fmnist_dir, "--out", tmp_path / "x"]))
     assert "gone: does not exist" in line
+
+
+def test_pretraining_continues_from_an_upcycled_albert(tmp_path, cli):
+    """ALBERT pretrained here -> upcycled to a WideNet -> `pretrain --init` continues with its tokenizer."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join("the red fox jumps over the lazy dog. a small bird sings in the old tree. "
+                                  "the river runs down to the sea." for _ in range(60)))
+    sizes = [a for k, v in dict(embedding_size=16, dim=32, depth=2, num_heads=2, mlp_dim=64, max_positions=64).items()
+             for a in ("--set", f"{k}={v}")]
+    common = ["--corpus", corpus, "--seq-len", 32, "--max-steps", 2, "--batch-size", 8, "--eval-examples", 8]
+    assert cli(["pretrain", "--model", "albert_text_tiny", "--vocab-size", 120, *common, *sizes,
+                "--out", tmp_path / "albert"])[0] == 0
+    assert cli(["upcycle", "--from", tmp_path / "albert", "--experts", 2, "--out", tmp_path / "wide"])[0] == 0
+    rc, out, err = cli(["pretrain", "--init", tmp_path / "wide", *common, "--out", tmp_path / "more"])
+    assert rc == 0, err
+    assert "pretraining albert_text_tiny_upcycled" in out
+    meta = json.loads(next((tmp_path / "more" / "checkpoints").glob("step_*/meta.json")).read_text())
+    assert meta["model_config"]["encoder"]["moe_blocks"] == "all"
+    assert (tmp_path / "more" / "tokenizer.json").read_text() == (tmp_path / "wide" / "tokenizer.json").read_text()
+    line = _one_line(*cli(["pretrain", "--init", tmp_path / "wide", *common, "--tokenizer", tmp_path / "none.json",
+                           "--out", tmp_path / "x"]))
+    assert "none.json" in line

@@ -78,6 +78,9 @@ def add_text_commands(sub) -> None:
     """Register `pretrain` and `finetune` on the CLI's subparsers."""
     p = sub.add_parser("pretrain", help="pretrain a text model: masked LM + sentence-order prediction")
     p.add_argument("--model", default="widenet_text_tiny")
+    p.add_argument("--init", type=nonempty, metavar="PATH",
+                   help="continue from this text model (run, widenet folder such as an upcycled ALBERT, Hugging "
+                        "Face ALBERT/BERT folder): its config, weights and tokenizer; --model is then unused")
     p.add_argument("--corpus", type=nonempty, nargs="+", required=True, metavar="PATH",
                    help="text files or folders (.txt, .txt.gz, .jsonl, GCIDE .dict.dz)")
     p.add_argument("--vocab-size", type=positive_int, help="pieces of the tokenizer trained when none is given")

@@ -13,6 +13,7 @@ not depend on where a run was resumed.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from itertools import islice
@@ -28,16 +29,18 @@ from ..data.errors import DatasetError
 from ..data.text.corpus import load_pretrain_corpus
 from ..data.text.documents import iter_documents
 from ..data.text.pretraining import make_sop_examples, mask_tokens
-from ..data.text.tokenizer import (SpecialIds, load_tokenizer, save_tokenizer, special_ids, train_tokenizer,
+from ..data.text.tokenizer import (SpecialIds, TokenizerError, load_tokenizer, save_tokenizer, special_ids, train_tokenizer,
                                    vocab_fingerprint)
 from ..distributed.env import main_process_first
 from ..distributed.parallel import ParallelContext
 from ..models.registry import count_parameters
 from ..runtime import autocast, autocast_dtype, resolve_device
+from .checkpoint import find_latest_checkpoint
 from .evaluate import RoutingTally
+from .exported import Source, load_source, source_tokenizer
 from .progress import StepResult
 from .run_folder import claim_run_folder
-from .text_common import (Batch, TextTask, build_text_model, describe_processes, global_sums, local_rows,
+from .text_common import (Batch, TextTask, build_text_model, init_text_model, describe_processes, global_sums, local_rows,
                           ordered_batches)
 from .text_config import PretrainConfig
 from .trainer import RunResult, Trainer, seeded_generator
@@ -54,8 +57,9 @@ class PretrainResult:
 
 
 # --- data -----------------------------------------------------------------------
-def prepare_tokenizer(cfg: PretrainConfig, out: Path, log: Callable[[str], None]):
-    """The given tokenizer, else OUT/tokenizer.json from an earlier attempt, else one trained on the corpus.
+def prepare_tokenizer(cfg: PretrainConfig, out: Path, log: Callable[[str], None], init: Source | None = None):
+    """The given tokenizer, else OUT/tokenizer.json from an earlier attempt, else the --init model's,
+    else one trained on the corpus.
 
     A copy stays in OUT/tokenizer.json, so the run folder is all that fine-tuning needs.
     """
@@ -64,6 +68,10 @@ def prepare_tokenizer(cfg: PretrainConfig, out: Path, log: Callable[[str], None]
         tokenizer = load_tokenizer(cfg.tokenizer)
     elif saved.exists():
         tokenizer = load_tokenizer(saved)
+    elif init is not None:
+        tokenizer = source_tokenizer(init)
+        if tokenizer is None:
+            raise TokenizerError(f"no tokenizer beside {init.path}; pass the one its ids were made with: --tokenizer")
     else:
         log(f"training a WordPiece tokenizer ({cfg.vocab_size} pieces) on the corpus")
         tokenizer = train_tokenizer(islice(iter_documents(cfg.corpus), cfg.max_documents),
@@ -161,6 +169,14 @@ def _correct(logits: torch.Tensor, labels: torch.Tensor) -> int:
     return int((logits.detach().argmax(-1) == labels).sum())
 
 
+def _init_source(cfg: PretrainConfig) -> Source | None:
+    """The --init model (a resumed run's own latest checkpoint instead, when it has one)."""
+    if not cfg.init:
+        return None
+    latest = find_latest_checkpoint(cfg.out) if cfg.resume else None
+    return load_source(latest or cfg.init)
+
+
 # --- entry point --------------------------------------------------------------------
 def pretrain(cfg: PretrainConfig, log: Callable[[str], None] = print) -> PretrainResult:
     """Run (or resume) pretraining as `cfg` says; under torchrun, data, fully sharded or expert parallel."""
@@ -171,7 +187,8 @@ def pretrain(cfg: PretrainConfig, log: Callable[[str], None] = print) -> Pretrai
     out = Path(cfg.out)
     with claim_run_folder(out, cfg.resume, cfg.overwrite, parallel, log):
         with main_process_first():  # rank 0 trains/saves the tokenizer and fills the cache; the others read them
-            tokenizer = prepare_tokenizer(cfg, out, parallel.log(log))
+            init = _init_source(cfg)
+            tokenizer = prepare_tokenizer(cfg, out, parallel.log(log), init)
             special, vocab = special_ids(tokenizer), tokenizer.get_vocab_size()
             cache = Path(cfg.cache_dir) if cfg.cache_dir else data_home() / "text-cache"
             corpus = load_pretrain_corpus(cfg.corpus, tokenizer, cache, max_documents=cfg.max_documents)
@@ -181,7 +198,12 @@ def pretrain(cfg: PretrainConfig, log: Callable[[str], None] = print) -> Pretrai
             cfg.eval_examples, cfg.seed, ", ".join(cfg.corpus))
         parallel.check_epoch(len(train_set["input_ids"]), cfg.batch_size)
         torch.manual_seed(cfg.seed)
-        model = build_text_model(cfg, vocab, special.pad, cfg.seq_len, task="pretrain").to(device)
+        if init is None:
+            model = build_text_model(cfg, vocab, special.pad, cfg.seq_len, task="pretrain")
+        else:
+            model = init_text_model(init, cfg, vocab, cfg.seq_len, task="pretrain")
+            cfg = dataclasses.replace(cfg, model=model.model_name)
+        model = model.to(device)
         task = PretrainTask(cfg, special, vocab, train_set, held_out, device, amp, parallel)
         params = count_parameters(model)
         meta = dict(model=cfg.model, model_config=model.cfg.to_dict(), train_config=cfg.to_dict(),

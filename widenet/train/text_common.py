@@ -10,7 +10,7 @@ from torch import nn
 from ..data.batches import epoch_order, num_batches
 from ..distributed.env import all_reduce_sum
 from ..distributed.parallel import ParallelContext
-from ..models.registry import create_model
+from ..models.registry import apply_overrides, create_model
 from .budget import Cadence, time_per_call
 from .text_config import TextRunConfig
 
@@ -42,6 +42,27 @@ def build_text_model(cfg: TextRunConfig, vocab_size: int, pad_id: int, seq_len: 
     if seq_len > model.cfg.max_positions:
         raise ValueError(f"sequence length {seq_len} exceeds {cfg.model}'s {model.cfg.max_positions} positions; "
                          f"use a shorter length or --set max_positions={seq_len}")
+    return model
+
+
+def init_text_model(source: Any, cfg: TextRunConfig, vocab_size: int, seq_len: int, **task: Any) -> nn.Module:
+    """The --init model (train/exported.py Source) with its weights, set up for `task`; its heads are
+    kept where they fit, else new. The tokenizer must be the one the model's ids came from."""
+    from ..models.text import TextConfig, TextTransformer
+    from .exported import model_kind, weights_from
+
+    saved = source.meta.get("model_config") or {}
+    if model_kind(saved) != "text":
+        raise ValueError(f"{source.path}: --init needs a text model, this one is an image model")
+    if saved["vocab_size"] != vocab_size:
+        raise ValueError(f"the tokenizer has {vocab_size} pieces, the model {source.path} {saved['vocab_size']}: "
+                         "pass the tokenizer the model was trained with")
+    changes = dict(cfg.model_overrides, **({"dropout": cfg.dropout} if cfg.dropout else {}))
+    model = TextTransformer(apply_overrides(TextConfig(**{**saved, **task}), changes))
+    weights_from(source, model, skip_heads=True)
+    model.model_name = source.meta.get("model") or cfg.model
+    if seq_len > model.cfg.max_positions:
+        raise ValueError(f"sequence length {seq_len} exceeds the model's {model.cfg.max_positions} positions")
     return model
 
 

@@ -39,9 +39,13 @@ class PretrainConfig(TextRunConfig):
     corpus: text files/folders (.txt, .txt.gz, .jsonl, GCIDE .dict.dz).
     tokenizer: tokenizer.json / vocab.txt; None trains a WordPiece tokenizer of
         `vocab_size` on the corpus and saves it as OUT/tokenizer.json.
+    init: continue from this text model (a run, a widenet folder such as an
+        upcycled ALBERT, a Hugging Face ALBERT/BERT folder): its config,
+        weights and tokenizer (unless `tokenizer` is given); `model` is ignored.
     """
 
     corpus: list[str] = field(default_factory=list)
+    init: str | None = None
     max_documents: int | None = None  # use only the first N documents of the corpus
     vocab_size: int = 8000
     seq_len: int = 128
