@@ -90,17 +90,19 @@ def single_thread():
 
 
 
-@pytest.fixture
-def cli(capsys):
-    """cli(argv) runs widenet.cli.main in-process: (exit status, stdout, stderr)."""
+def run_cli(argv, capsys) -> tuple[int, str, str]:
+    """Run widenet.cli.main in-process: (exit status, stdout, stderr)."""
     from widenet.cli import main
 
-    def run(argv) -> tuple[int, str, str]:
-        try:
-            rc = main([str(a) for a in argv])
-        except SystemExit as exit_:  # argparse exits this way
-            rc = exit_.code
-        captured = capsys.readouterr()
-        return rc, captured.out, captured.err
+    try:
+        rc = main([str(a) for a in argv])
+    except SystemExit as exit_:  # argparse exits this way
+        rc = exit_.code
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err
 
-    return run
+
+@pytest.fixture
+def cli(capsys):
+    """cli(argv): run_cli with this test's captured output."""
+    return lambda argv: run_cli(argv, capsys)

@@ -15,9 +15,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_cli
 import torch
 
-from widenet.cli import main
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -28,14 +28,7 @@ PAPER_PARAMS_M = {"vit_b16": 87, "vit_l16": 305, "vit_moe_b16": 128, "vit_moe_l1
                   "widenet_b16": 29, "widenet_l16": 40, "widenet_h16": 63}
 
 
-def _cli(argv, capsys) -> tuple[int, str, str]:
-    """Run widenet.cli.main in-process: (exit status, stdout, stderr)."""
-    try:
-        rc = main([str(a) for a in argv])
-    except SystemExit as exit_:  # argparse exits this way
-        rc = exit_.code
-    captured = capsys.readouterr()
-    return rc, captured.out, captured.err
+_cli = run_cli  # (argv, capsys) -> (exit status, stdout, stderr)
 
 
 def _assert_one_line_error(rc, out: str, err: str) -> str:

@@ -14,6 +14,7 @@ import sys
 
 import numpy as np
 import pytest
+from test_tokenizer import TEXTS as TOKENIZER_TEXTS
 import torch
 from PIL import Image
 
@@ -32,14 +33,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 CLASSES = ["cat", "dog", "eel"]
 MEAN, STD = 0.5, 0.25
 SIZE = 8
-TEXTS = [
-    "The quick brown fox jumps over the lazy dog.",
-    "A dictionary lists words with their meanings and pronunciations.",
-    "Arrogant people make exorbitant claims of rank or estimation.",
-    "The arrow was feathered and barbed, to be shot from a bow.",
-    "Wider networks share one transformer block across all layers.",
-    "Mixture of experts layers route every token to a few experts.",
-] * 10
+TEXTS = TOKENIZER_TEXTS[: len(TOKENIZER_TEXTS) // 2]  # the sentences the tokenizer tests train on
 TEXT_TINY = dict(depth=1, dim=32, num_heads=2, mlp_dim=64, embedding_size=16, max_positions=64)
 
 
