@@ -378,3 +378,20 @@ def test_compiled_pretraining_resumes_exactly(corpus, pretrained, tmp_path, monk
         assert torch.equal(a, b), name
     assert without_timing(read_metrics(tmp_path / "ref" / "metrics.jsonl")) == \
         without_timing(read_metrics(tmp_path / "cut" / "metrics.jsonl"))
+
+
+def test_finetune_scratch_keeps_architecture_and_tokenizer_but_not_weights(pretrained, tmp_path):
+    """--scratch: the baseline for transfer: same model and vocabulary, random weights."""
+    from widenet.train.finetune import build_finetune_model, load_init
+
+    out, _ = pretrained
+    _write_classify(tmp_path / "train.tsv", 16, 0)
+    common = dict(task="classify", init=str(out), train=str(tmp_path / "train.tsv"),
+                  validation=str(tmp_path / "train.tsv"))
+    source, tokenizer = load_init(FinetuneConfig(**common, scratch=True))
+    pretrained_word = source.model_state["backbone.embeddings.word.weight"]
+    warm = build_finetune_model(source, FinetuneConfig(**common), 2)
+    cold = build_finetune_model(source, FinetuneConfig(**common, scratch=True), 2)
+    assert warm.cfg == cold.cfg and tokenizer.get_vocab_size() == cold.cfg.vocab_size
+    assert torch.equal(warm.backbone.embeddings.word.weight, pretrained_word)
+    assert not torch.allclose(cold.backbone.embeddings.word.weight, pretrained_word)

@@ -99,6 +99,9 @@ def add_text_commands(sub) -> None:
     p.add_argument("--init", type=nonempty, required=True,
                    help="pretraining run or checkpoint, a widenet folder (export, upcycle, import) or a Hugging "
                         "Face ALBERT/BERT folder with its tokenizer")
+    p.add_argument("--scratch", action="store_true", default=None,
+                   help="train the --init model's architecture and tokenizer from random weights (the baseline "
+                        "that shows what pretraining brings)")
     p.add_argument("--train", type=nonempty, required=True, help="TSV/CSV/JSONL (classify) or SQuAD JSON (qa); or hf:DATASET[/CONFIG]:SPLIT "
                         "with the datasets package and a network, e.g. hf:glue/sst2:train")
     p.add_argument("--validation", type=nonempty, required=True)

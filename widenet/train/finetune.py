@@ -82,13 +82,14 @@ def load_init(cfg: FinetuneConfig):
 
 
 def build_finetune_model(ckpt: LoadedCheckpoint | Source, cfg: FinetuneConfig, num_labels: int) -> TextTransformer:
-    """The pretrained backbone with a new head for cfg.task."""
+    """The pretrained backbone with a new head for cfg.task (cfg.scratch: random weights throughout)."""
     saved = dict(ckpt.meta["model_config"])
     text_cfg = TextConfig(**{**saved, "task": cfg.task, "num_labels": num_labels})
     changes = dict(cfg.model_overrides, **({"dropout": cfg.dropout} if cfg.dropout else {}))
     model = TextTransformer(apply_overrides(text_cfg, changes))  # e.g. a capacity factor for fine-tuning
     model.model_name = ckpt.meta["model"]
-    load_backbone(model, ckpt.model_state)
+    if not cfg.scratch:
+        load_backbone(model, ckpt.model_state)
     return model
 
 

@@ -79,14 +79,18 @@ class PretrainConfig(TextRunConfig):
 class FinetuneConfig(TextRunConfig):
     """Sequence classification (GLUE-style files) or span QA (SQuAD JSON) from a pretrained checkpoint.
 
-    init: a pretraining checkpoint (checkpoint folder or run folder); the
-        model preset and sizes come from it, the task head is new.
+    init: the pretrained text model (a run, a checkpoint, a widenet or Hugging
+        Face folder); the model preset, sizes and tokenizer come from it, the
+        task head is new.
+    scratch: the same model and tokenizer from random weights (the baseline
+        that shows what pretraining transfers).
     The defaults follow the paper's fine-tuning recipes scaled down (lr 5e-5
     suits the paper's base models; small models want more, e.g. 5e-4).
     """
 
     task: str = "classify"
     init: str = ""
+    scratch: bool = False
     train: str = ""
     validation: str = ""
     epochs: int = 3
