@@ -27,15 +27,13 @@ def _write(args: argparse.Namespace, source: Any, model, out: str, note: str) ->
     from .data.text.tokenizer import TokenizerError
     from .train.exported import source_tokenizer, write_export
 
-    data = source.meta.get("data") or {}
-    classes = data.get("classes") or data.get("labels")
-    image = {k: data[k] for k in ("mean", "std") if data.get(k)} or None
     try:
         tokenizer = source_tokenizer(source)
     except TokenizerError as err:
         tokenizer = None
         source.notes.append(f"the tokenizer was not kept ({err}); pass one to finetune with --tokenizer")
-    write_export(out, model, model_name=source.meta.get("model", ""), classes=classes, image_stats=image,
+    write_export(out, model, model_name=source.meta.get("model", ""), classes=source.classes,
+                 image_stats=source.image_stats,
                  tokenizer=tokenizer, source=dict(_describe(source), how=note), overwrite=args.overwrite,
                  protect=source.path if source.path.is_dir() else source.path.parent)
     for line in source.notes:

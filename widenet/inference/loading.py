@@ -46,18 +46,16 @@ def load_pretrained(path: str | os.PathLike) -> Pretrained:
     """The model saved at `path` with its class names, image statistics and tokenizer."""
     source = load_source(path)
     model = load_model(source)
-    data = source.meta.get("data") or {}
-    classes = data.get("classes") or data.get("labels")
-    mean, std = data.get("mean"), data.get("std")
     notes = list(source.notes)
     try:
         tokenizer = source_tokenizer(source)
     except TokenizerError as err:  # the model is still usable (e.g. images, or ids made elsewhere)
         tokenizer = None
         notes.append(f"the tokenizer beside the model was not loaded: {err}")
+    stats = source.image_stats or {}
+    mean, std = stats.get("mean"), stats.get("std")
     return Pretrained(model, source.meta.get("model", ""), model_kind(source.meta["model_config"]), source.path,
-                      list(classes) if classes else None, tuple(mean) if mean else None,
-                      tuple(std) if std else None, tokenizer, notes)
+                      source.classes, tuple(mean) if mean else None, tuple(std) if std else None, tokenizer, notes)
 
 
 def from_pretrained(path: str | os.PathLike) -> nn.Module:

@@ -41,7 +41,8 @@ from .presets import ALBERT_SHARING
 from .text import TextConfig, TextTransformer
 from .vision import VisionConfig, VisionTransformer
 
-__all__ = ["HFCheckpointError", "HFImport", "SUPPORTED", "is_hf_folder", "load_hf", "read_hf_folder"]
+__all__ = ["HFCheckpointError", "HFImport", "SUPPORTED", "is_hf_folder", "load_hf", "nonfinite_tensor",
+           "read_hf_folder"]
 
 SUPPORTED = ("albert", "bert", "vit")
 _ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
@@ -134,9 +135,8 @@ def load_hf(path: str | Path) -> HFImport:
         raise HFCheckpointError(f"{path}: model_type {kind!r} is not supported; widenet maps "
                                 f"{', '.join(SUPPORTED)} (ALBERT, BERT, ViT)")
     state = _strip_base_prefix(state, kind)
-    for key, tensor in state.items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise HFCheckpointError(f"{path}: tensor {key} holds NaN or infinite values")
+    if (bad := nonfinite_tensor(state)) is not None:
+        raise HFCheckpointError(f"{path}: tensor {bad} holds NaN or infinite values")
     arch = _architecture(path, config, kind)
     for name in ("is_decoder", "add_cross_attention"):
         if config.get(name):
@@ -152,6 +152,12 @@ def load_hf(path: str | Path) -> HFImport:
             raise
         raise HFCheckpointError(f"{path}: config.json does not describe a model widenet can build "
                                 f"({str(err).splitlines()[0]})") from None
+
+
+def nonfinite_tensor(state: dict[str, torch.Tensor]) -> str | None:
+    """The key of the first floating tensor holding NaN or infinity, or None."""
+    return next((key for key, tensor in state.items()
+                 if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())), None)
 
 
 def _architecture(path, config: dict, kind: str) -> str:

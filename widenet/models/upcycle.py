@@ -106,9 +106,7 @@ def _outside_blocks(key: str) -> bool:
 def _attention_weights(encoder: nn.Module, prefix: str, how: str) -> dict[str, torch.Tensor]:
     """The shared attention's tensors: the source's only one, their mean, or block N's."""
     modules = list(encoder.attention)
-    if len(modules) == 1:
-        chosen = modules
-    elif how == "mean":
+    if len(modules) == 1 or how == "mean":
         chosen = modules
     elif how.startswith("block:") and how[6:].isdigit() and int(how[6:]) < len(modules):
         chosen = [modules[int(how[6:])]]

@@ -55,6 +55,7 @@ __all__ = [
     "META_FILE",
     "LATEST_FILE",
     "capture_rng_state",
+    "check_model_keys",
     "checkpoint_dir_name",
     "find_latest_checkpoint",
     "list_checkpoints",
@@ -353,7 +354,7 @@ def _listed(items: list[str]) -> str:
     return shown + (f", ... and {rest} more" if rest > 0 else "")
 
 
-def _check_model_keys(file: Path, meta: dict, state: Mapping, model: nn.Module) -> None:
+def check_model_keys(file: Path, meta: dict, state: Mapping, model: nn.Module) -> None:
     """Raise CheckpointError listing missing/unexpected keys and shape mismatches."""
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
@@ -401,7 +402,7 @@ def load_checkpoint(
     model_state = _read_model_state(folder / MODEL_FILE)
     train_state = _read_train_state(folder / STATE_FILE)
     if model is not None:
-        _check_model_keys(folder / MODEL_FILE, meta, model_state, model)
+        check_model_keys(folder / MODEL_FILE, meta, model_state, model)
         try:
             model.load_state_dict(model_state, strict=True)
         except RuntimeError as e:

@@ -32,14 +32,14 @@ from torch import nn
 
 from ..data.text.tokenizer import load_tokenizer, save_tokenizer, vocab_fingerprint
 from ..files import fsync_path, raise_if_disk_full, rename_exchange
-from ..models.hf import is_hf_folder, load_hf
+from ..models.hf import is_hf_folder, load_hf, nonfinite_tensor
 from ..models.text import TextConfig, TextTransformer
 from ..models.vision import VisionConfig, VisionTransformer
-from .checkpoint import CheckpointError, find_latest_checkpoint, load_checkpoint
+from .checkpoint import CheckpointError, check_model_keys, find_latest_checkpoint, load_checkpoint
 from .checkpoint_layout import remove_tree
 
-__all__ = ["EXPORT_FORMAT", "EXPORT_VERSION", "HEADS", "Source", "is_export", "load_model", "load_source",
-           "model_from_meta", "read_export", "weights_from", "write_export"]
+__all__ = ["EXPORT_FORMAT", "EXPORT_VERSION", "HEADS", "Source", "init_source", "is_export", "load_model",
+           "load_source", "model_from_meta", "read_export", "weights_from", "write_export"]
 
 EXPORT_FORMAT = "widenet-model"
 EXPORT_VERSION = 1
@@ -59,6 +59,19 @@ class Source:
     tokenizer_path: Path | None = None
     notes: list[str] = field(default_factory=list)
     tokenizer_lowercase: bool = True  # a BERT vocab.txt: lowercase unless its tokenizer_config says cased
+
+    @property
+    def classes(self) -> list[str] | None:
+        """Class names: an image run's classes, a text classifier's labels; None when unknown."""
+        data = self.meta.get("data") or {}
+        names = data.get("classes") or data.get("labels")
+        return list(names) if names else None
+
+    @property
+    def image_stats(self) -> dict[str, list[float]] | None:
+        """{"mean", "std"} images were normalised with in training, or None."""
+        data = self.meta.get("data") or {}
+        return {k: list(data[k]) for k in ("mean", "std") if data.get(k)} or None
 
 
 def is_export(path: str | os.PathLike) -> bool:
@@ -183,8 +196,9 @@ def read_export(path: str | os.PathLike) -> Source:
         raise CheckpointError(f"{folder / WEIGHTS_FILE}: could not read the weights ({err})") from None
     image = config.get("image") or {}
     classes = config.get("classes")
-    if not isinstance(image, dict) or not set(image) <= {"mean", "std"} or \
-            not all(_finite_numbers(v) for v in image.values()) or not (classes is None or (isinstance(classes, list) and all(isinstance(c, str) for c in classes))):
+    names_ok = classes is None or (isinstance(classes, list) and all(isinstance(c, str) for c in classes))
+    stats_ok = isinstance(image, dict) and set(image) <= {"mean", "std"} and all(map(_finite_numbers, image.values()))
+    if not (names_ok and stats_ok):
         raise CheckpointError(f"{folder / CONFIG_FILE}: 'image' must be {{mean, std}} with finite numbers and "
                               "'classes' a list of names")
     meta = dict(model=config.get("model", ""), model_config=config.get("model_config"), step=0,
@@ -209,6 +223,13 @@ def load_source(path: str | os.PathLike) -> Source:
     tokenizer = ckpt.path.parent.parent / TOKENIZER_FILE  # the run folder's
     return Source(ckpt.path, ckpt.step, ckpt.meta, ckpt.model_state, ckpt.train_state,
                   tokenizer if tokenizer.is_file() else None)
+
+
+def init_source(init: str, out: str | os.PathLike, resume: bool) -> Source:
+    """What a run started with `--init` builds its model from: the init model, or when resuming
+    the run's own latest checkpoint (it holds the same config, and the init folder may be gone)."""
+    latest = find_latest_checkpoint(out) if resume else None
+    return load_source(latest or init)
 
 
 def _hf_source(path: Path) -> Source:
@@ -252,22 +273,15 @@ def load_model(source: Source) -> nn.Module:
     """The model of `source` with its weights, in eval mode; every weight must be finite."""
     model = model_from_meta(source.meta)
     check_finite(source.model_state, source.path)
-    own = model.state_dict()
-    problems = [f"missing {k}" for k in own if k not in source.model_state]
-    problems += [f"unexpected {k}" for k in source.model_state if k not in own]
-    problems += [f"{k} has shape {tuple(v.shape)}, the config needs {tuple(own[k].shape)}"
-                 for k, v in source.model_state.items() if k in own and v.shape != own[k].shape]
-    if problems:
-        raise CheckpointError(f"{source.path}: the weights do not fit the saved config: {'; '.join(problems[:3])}")
+    check_model_keys(source.path, source.meta, source.model_state, model)
     model.load_state_dict(source.model_state, strict=True)
     return model.eval()
 
 
 def check_finite(state: dict[str, torch.Tensor], where: Any) -> None:
     """CheckpointError naming the first floating tensor that holds NaN or infinity."""
-    for key, tensor in state.items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise CheckpointError(f"{where}: weight {key} holds NaN or infinite values")
+    if (bad := nonfinite_tensor(state)) is not None:
+        raise CheckpointError(f"{where}: weight {bad} holds NaN or infinite values")
 
 
 def weights_from(source: Source, model: nn.Module, skip_heads: bool) -> list[str]:

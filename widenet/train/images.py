@@ -30,9 +30,9 @@ from ..models.registry import apply_overrides, count_parameters, create_model, m
 from ..models.vision import VisionConfig, VisionTransformer
 from ..runtime import autocast, autocast_dtype, resolve_device
 from .budget import Cadence, time_per_call
-from .checkpoint import CheckpointError, find_latest_checkpoint
+from .checkpoint import CheckpointError
 from .config import TrainConfig
-from .exported import load_source, model_kind, weights_from
+from .exported import init_source, model_kind, weights_from
 from .evaluate import EvalResult, evaluate, evaluate_on
 from .progress import StepResult
 from .run_folder import claim_run_folder
@@ -85,8 +85,7 @@ def build_model_for(cfg: TrainConfig, data: ImageDataset) -> nn.Module:
     overrides.update(cfg.model_overrides)
     if not cfg.init:
         return create_model(cfg.model, **overrides)
-    latest = find_latest_checkpoint(cfg.out) if cfg.resume else None
-    source = load_source(latest or cfg.init)  # resuming: the run's own config and weights suffice
+    source = init_source(cfg.init, cfg.out, cfg.resume)
     if model_kind(source.meta.get("model_config") or {}) != "vision":
         raise CheckpointError(f"{source.path}: --init needs an image model, this one is a text model")
     model = VisionTransformer(apply_overrides(VisionConfig(**source.meta["model_config"]), overrides))

@@ -35,9 +35,8 @@ from ..distributed.env import main_process_first
 from ..distributed.parallel import ParallelContext
 from ..models.registry import count_parameters
 from ..runtime import autocast, autocast_dtype, resolve_device
-from .checkpoint import find_latest_checkpoint
 from .evaluate import RoutingTally
-from .exported import Source, load_source, source_tokenizer
+from .exported import Source, init_source, source_tokenizer
 from .progress import StepResult
 from .run_folder import claim_run_folder
 from .text_common import (Batch, TextTask, build_text_model, init_text_model, describe_processes, global_sums, local_rows,
@@ -169,14 +168,6 @@ def _correct(logits: torch.Tensor, labels: torch.Tensor) -> int:
     return int((logits.detach().argmax(-1) == labels).sum())
 
 
-def _init_source(cfg: PretrainConfig) -> Source | None:
-    """The --init model (a resumed run's own latest checkpoint instead, when it has one)."""
-    if not cfg.init:
-        return None
-    latest = find_latest_checkpoint(cfg.out) if cfg.resume else None
-    return load_source(latest or cfg.init)
-
-
 # --- entry point --------------------------------------------------------------------
 def pretrain(cfg: PretrainConfig, log: Callable[[str], None] = print) -> PretrainResult:
     """Run (or resume) pretraining as `cfg` says; under torchrun, data, fully sharded or expert parallel."""
@@ -187,7 +178,7 @@ def pretrain(cfg: PretrainConfig, log: Callable[[str], None] = print) -> Pretrai
     out = Path(cfg.out)
     with claim_run_folder(out, cfg.resume, cfg.overwrite, parallel, log):
         with main_process_first():  # rank 0 trains/saves the tokenizer and fills the cache; the others read them
-            init = _init_source(cfg)
+            init = init_source(cfg.init, cfg.out, cfg.resume) if cfg.init else None
             tokenizer = prepare_tokenizer(cfg, out, parallel.log(log), init)
             special, vocab = special_ids(tokenizer), tokenizer.get_vocab_size()
             cache = Path(cfg.cache_dir) if cfg.cache_dir else data_home() / "text-cache"
