@@ -55,14 +55,14 @@ def compared(single_thread, tmp_path_factory, fmnist_dir):
     """One `widenet compare` through the CLI, then the same comparison again through the API."""
     out = tmp_path_factory.mktemp("compare") / "out"
     argv = ["compare", "--models", ",".join(MODELS), "--seeds", str(SEEDS), "--data-dir", str(fmnist_dir),
-            "--out", str(out), "--device", "cpu"]
+            "--out", str(out), "--device", "cpu", "--ablation"]
     for key, value in BUDGET.items():
         argv += [f"--{key.replace('_', '-')}", str(value)]
     assert main(argv) == 0
     first_report = (out / "report.md").read_text(encoding="utf-8")
     first_files = _snapshot(out)
     first_metrics = {p: p.read_bytes() for p in out.glob("runs/*/seed*/metrics.jsonl")}
-    second_path = compare(MODELS, out, preset="quick", seeds=SEEDS, data="fashion-mnist",
+    second_path = compare(MODELS, out, preset="quick", seeds=SEEDS, data="fashion-mnist", ablation=True,
                           data_dir=str(fmnist_dir), device="cpu", log=_quiet, **BUDGET)
     return dict(out=out, first_report=first_report, first_files=first_files, first_metrics=first_metrics,
                 second_path=second_path)
@@ -134,7 +134,7 @@ def test_run_folders_per_model_and_seed(compared):
             assert ckpt.meta["train_config"]["seed"] == seed
             assert ckpt.meta["train_config"]["train_subset"] == BUDGET["train_subset"]
     shared = load_checkpoint(find_latest_checkpoint(out / "runs" / "widenet_tiny__shared_norms" / "seed0"))
-    assert shared.meta["train_config"]["model_overrides"] == {"share_norms": True}
+    assert shared.meta["train_config"]["model_overrides"] == {**compare_mod.CONV_STEM, "share_norms": True}
     assert shared.meta["model_config"]["encoder"]["share_norms"] is True
 
 
@@ -172,6 +172,19 @@ def test_single_dense_model_report(tmp_path, fmnist_dir):
     assert not any(name.startswith("expert_load") for name in names)
     for name in names:
         assert (tmp_path / "out" / name).read_bytes()[:8] == PNG_MAGIC
+
+
+def test_quick_preset_trains_with_the_conv_stem_and_gives_way_to_a_given_length(tmp_path, fmnist_dir):
+    """The quick preset's conv stem stays under the caller's overrides; a given step count replaces its
+    time budget; without WideNet there is nothing to ablate, and with it the preset skips the ablation."""
+    compare(["vit_tiny", "widenet_tiny"], tmp_path / "out", seeds=1, data_dir=str(fmnist_dir), log=_quiet,
+            model_overrides=dict(stem_width=32), **BUDGET)
+    assert sorted(p.name for p in (tmp_path / "out" / "runs").iterdir()) == ["vit_tiny", "widenet_tiny"]
+    meta = load_checkpoint(find_latest_checkpoint(tmp_path / "out" / "runs" / "vit_tiny" / "seed0")).meta
+    assert (meta["model_config"]["stem"], meta["model_config"]["patch_size"]) == ("conv", 8)
+    assert meta["model_config"]["stem_width"] == 32
+    assert meta["train_config"]["time_budget"] is None and meta["train_config"]["max_steps"] == 2
+    assert compare_mod.PRESETS["quick"]["time_budget"] == 1.2  # what the main job spends per run
 
 
 def test_model_overrides_are_honoured_or_refused(tmp_path, fmnist_dir):

@@ -6,6 +6,7 @@ import random
 
 from test_text_train import PHRASES, TINY_TEXT, _write_classify
 
+from widenet.analysis.compare_text import TextModelResult, TextSeedResult, _context_note, _transfer_note
 from widenet.cli import main
 from widenet.train.metrics import read_metrics
 
@@ -21,7 +22,7 @@ def test_compare_text_writes_the_report_and_reuses_finished_runs(tmp_path, capsy
     _write_classify(tmp_path / "train.tsv", 64, 0)
     _write_classify(tmp_path / "dev.tsv", 32, 1)
     out = tmp_path / "cmp"
-    args = ["compare-text", "--models", "bert_text_tiny,widenet_text_tiny", "--max-steps", "4",
+    args = ["compare-text", "--models", "bert_text_tiny,widenet_text_tiny", "--max-steps", "4", "--seeds", "2",
             "--corpus", str(tmp_path / "corpus.txt"), "--task-train", str(tmp_path / "train.tsv"),
             "--task-validation", str(tmp_path / "dev.tsv"), "--out", str(out)]
     args += [f"--set={k}={v}" for k, v in TINY_TEXT.items()]
@@ -29,6 +30,12 @@ def test_compare_text_writes_the_report_and_reuses_finished_runs(tmp_path, capsy
     report = (out / "report_text.md").read_text()
     assert "| bert_text_tiny |" in report and "| widenet_text_tiny |" in report
     assert "MLM acc" in report and "downstream acc" in report
+    assert "| no-context level (%) |" in report and "| from random weights (%) |" in report
+    row = next(line for line in report.splitlines() if line.startswith("| widenet_text_tiny |"))
+    assert len(row.strip("|").split("|")) == 8 and row.count("±") == 5  # every number over the 2 seeds
+    assert "Masked LM against its no-context level: bert_text_tiny " in report
+    assert "Pretraining against fine-tuning from random weights, downstream: bert_text_tiny " in report
+    assert (out / "runs" / "widenet_text_tiny" / "seed1" / "scratch" / "metrics.jsonl").exists()
     assert "widenet_text_tiny block 1:" in report  # expert load of every WideNet block
     assert "bert_text_tiny block" not in report  # dense model: no routing
     for png in ("text_accuracy_vs_params.png", "text_mlm_loss.png"):
@@ -44,3 +51,25 @@ def test_compare_text_needs_both_task_files(tmp_path, capsys):
     assert main(["compare-text", "--task-train", str(tmp_path / "t.tsv"), "--corpus", str(tmp_path),
                  "--out", str(tmp_path / "o")]) == 2
     assert "give both --task-train and --task-validation" in capsys.readouterr().err
+
+
+def _model(name: str, mlm: list[float], unigram: float, task: list[float], scratch: list[float]) -> TextModelResult:
+    seeds = [TextSeedResult(params=1, tokens_per_s=1.0, mlm_accuracy=m, unigram_accuracy=unigram, sop_accuracy=0.5,
+                            task_accuracy=t, scratch_accuracy=s, routing=[], curve={})
+             for m, t, s in zip(mlm, task, scratch)]
+    return TextModelResult(name, seeds)
+
+
+def test_context_and_transfer_notes_judge_by_the_seed_spread():
+    flat = _model("flat", [0.061, 0.061], 0.061, [0.40, 0.42], [0.41, 0.40])
+    learned = _model("learned", [0.30, 0.32], 0.06, [0.60, 0.62], [0.40, 0.41])
+    note = _context_note([flat, learned])
+    assert "flat +0.0 points" in note and "learned +25.0 points (spread 1.4)" in note
+    assert note.endswith("Clearly above it (more than twice the spread): learned; the others are not.")
+    assert "No model is clearly above it" in _context_note([flat])
+    assert _context_note([learned]).endswith("Every model has learned context beyond word-piece frequencies.")
+    transfer = _transfer_note([flat, learned])
+    assert "flat +0.5 points (spread 2.1, no clear effect)" in transfer
+    assert "learned +20.5 points (spread 0.7, helped)" in transfer
+    one = _model("one", [0.3], 0.06, [0.5], [0.3])
+    assert "one seed, no spread to judge by" in _transfer_note([one])

@@ -18,7 +18,7 @@ import torch
 from widenet.data.text.corpus import PretrainCorpus, load_pretrain_corpus
 from widenet.data.text.documents import CorpusError, corpus_files, iter_documents
 from widenet.data.text.gcide import GCIDE_PATH, GcideEntry, gcide_documents, read_gcide
-from widenet.data.text.pos_task import write_pos_task
+from widenet.data.text.gcide_tasks import write_gcide_task
 from widenet.data.text.pretraining import _truncation, make_sop_examples, mask_tokens
 from widenet.data.text.sentences import split_sentences
 from widenet.data.text.tokenizer import SpecialIds, special_ids, train_tokenizer
@@ -518,6 +518,8 @@ def test_read_gcide_entries(tmp_path):
     assert entries[5].text == "A place or room where laundering is done."
     assert entries[7].text == "Not favorable; adverse. -- Unfavorableness, n. -- Unfavorably, adv."  # stress marks gone
     assert entries[8].text == "Depending on free oxygen or air; as, aerobic bacteria."
+    # the subject field of the first sense: on the header line or opening it; "(Biol.)" is not a task label
+    assert [e.field for e in entries] == [None] * 6 + ["nautical", None, None]
 
 
 def test_gcide_documents_and_iter_documents(tmp_path):
@@ -567,7 +569,7 @@ def _headword_id(sentence: str) -> str:
 
 def test_write_pos_task(tmp_path):
     path = _write_gcide(tmp_path / "pos.dict.dz", _pos_entries(30))
-    train_path, val_path = write_pos_task(path, tmp_path / "task", train_size=60, validation_size=20, seed=0)
+    train_path, val_path = write_gcide_task(path, tmp_path / "task", "pos", train_size=60, validation_size=20, seed=0)
     train, val = _read_tsv(train_path), _read_tsv(val_path)
     assert all(len(row) == 2 for row in train + val)
     assert (len(train), len(val)) == (60, 20)
@@ -579,14 +581,43 @@ def test_write_pos_task(tmp_path):
         assert sentence.endswith(("unlike _.", "_ k9."))  # headword hidden
         assert "word" not in sentence.lower()
     assert not {_headword_id(s) for s, _ in train} & {_headword_id(s) for s, _ in val}
-    again = write_pos_task(path, tmp_path / "task2", train_size=60, validation_size=20, seed=0)
+    again = write_gcide_task(path, tmp_path / "task2", "pos", train_size=60, validation_size=20, seed=0)
     assert again[0].read_text() == train_path.read_text() and again[1].read_text() == val_path.read_text()
     assert sorted(p.name for p in (tmp_path / "task").iterdir()) == ["train.tsv", "validation.tsv"]
 
 
+def test_write_field_task(tmp_path, cli):
+    fields = {"Zool.": "An animal numbered", "Bot.": "A plant numbered", "Chem.": "A salt numbered"}
+    lines = []
+    for label, (mark, gloss) in enumerate(fields.items()):
+        for index in range(12):
+            word = f"Word{label}x{index}"
+            sense = f"1. ({mark})" if index % 2 else f"({mark})"  # numbered sense or not
+            lines.append(f"{word} \\{word}\\, n.\n   {sense} {gloss} k{label}x{index}, unlike {word.lower()}.\n")
+    lines.append("Wordless \\Wordless\\, n.\n   (Biol.) A cell numbered k8x0.\n")  # not a task field
+    lines.append("Wordy \\Wordy\\, n.\n   A word numbered k8x1; (Zool.) later.\n")  # field not on the first sense
+    path = _write_gcide(tmp_path / "fields.dict.dz", "\n".join(lines))
+    train_path, val_path = write_gcide_task(path, tmp_path / "task", "field", train_size=24, validation_size=9, seed=0)
+    train, val = _read_tsv(train_path), _read_tsv(val_path)
+    assert Counter(label for _, label in train) == {"zoology": 8, "botany": 8, "chemistry": 8}
+    assert Counter(label for _, label in val) == {"zoology": 3, "botany": 3, "chemistry": 3}
+    gloss = {"zoology": "An animal", "botany": "A plant", "chemistry": "A salt"}
+    for sentence, label in train + val:
+        assert sentence.startswith(gloss[label]) and sentence.endswith("unlike _.")  # no mark, headword hidden
+    assert not {_headword_id(s) for s, _ in train} & {_headword_id(s) for s, _ in val}
+    with pytest.raises(ValueError, match="unknown GCIDE task 'topic'; choose one of pos, field"):
+        write_gcide_task(path, tmp_path / "bad", "topic")
+    rc, out, _ = cli(["gcide-task", "field", "--gcide", path, "--out", tmp_path / "cli", "--train-size", 24,
+                      "--validation-size", 9])
+    assert rc == 0 and "wrote" in out
+    assert (tmp_path / "cli" / "train.tsv").read_text() == train_path.read_text()
+    rc, _, err = cli(["gcide-task", "field", "--gcide", tmp_path / "missing.dict.dz", "--out", tmp_path / "x"])
+    assert rc == 2 and "GCIDE file not found" in err and "Traceback" not in err
+
+
 def test_pos_rows_hide_headword_and_drop_attributions(tmp_path):
     path = _write_gcide(tmp_path / "small.dict.dz", GCIDE_ENTRIES)
-    train_path, val_path = write_pos_task(path, tmp_path, train_size=6, validation_size=2, seed=1)
+    train_path, val_path = write_gcide_task(path, tmp_path, "pos", train_size=6, validation_size=2, seed=1)
     train, val = _read_tsv(train_path), _read_tsv(val_path)
     rows = {sentence: label for sentence, label in train + val}
     assert len(train) + len(val) == len(rows) == 8  # every labelled entry (Abox has no usable label)

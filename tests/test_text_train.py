@@ -19,7 +19,8 @@ from widenet.cli import main
 from widenet.train.checkpoint import find_latest_checkpoint, load_checkpoint
 from widenet.train.finetune import finetune
 from widenet.train.metrics import read_metrics, without_timing
-from widenet.train.pretrain import pretrain
+from widenet.data.text.tokenizer import SpecialIds
+from widenet.train.pretrain import pretrain, unigram_log_probs
 from widenet.train.text_config import FinetuneConfig, PretrainConfig
 
 TINY_TEXT = dict(embedding_size=16, dim=32, depth=2, num_heads=2, mlp_dim=64, max_positions=64)
@@ -70,12 +71,22 @@ def test_pretraining_learns_and_records_everything(pretrained):
     assert train[-1]["sop_accuracy"] > 0.75 and train[0]["sop_accuracy"] < 0.7
     final = result.run.final_eval
     assert final["mlm_accuracy"] > 5 / 120
+    assert 0 < final["unigram_accuracy"] < 0.5 and final["unigram_loss"] > 1.0  # the no-context reference
     assert len(final["routing"]) == TINY_TEXT["depth"]  # every WideNet block routes through the shared MoE
     assert abs(sum(final["routing"][0]["expert_fraction"]) - 1) < 1e-5
     assert (out / "tokenizer.json").exists()
     meta = load_checkpoint(out).meta
     assert meta["tokenizer"]["vocab_size"] == result.model.cfg.vocab_size
     assert meta["model_config"]["task"] == "pretrain"
+
+
+def test_unigram_level_by_hand():
+    special = SpecialIds(pad=0, unk=1, cls=2, sep=3, mask=4)
+    ids = torch.tensor([[2, 5, 5, 6, 3, 0], [2, 5, 7, 3, 0, 0]])
+    log_probs = unigram_log_probs(ids, special, vocab_size=9)
+    # regular pieces 5..8 counted 3, 1, 1, 0, plus one each: 4/9, 2/9, 2/9, 1/9; the specials never
+    assert torch.allclose(log_probs[5:].exp(), torch.tensor([4, 2, 2, 1]) / 9.0)
+    assert torch.isinf(log_probs[:5]).all() and int(log_probs.argmax()) == 5
 
 
 def _stop_after(step: int):

@@ -9,7 +9,7 @@
     widenet eval --checkpoint PATH [--data D] [--ema] [--tta flip] [--json]
     widenet compare [--models A,B,...] [--preset quick|full] [--seeds N] [--epochs N | --time-budget MIN] [--out DIR]
     widenet import / upcycle / export (cli_models.py), widenet predict (cli_predict.py), pretrain / finetune /
-    compare-text (cli_text.py)
+    compare-text / gcide-task (cli_text.py)
 
 Bad input exits with status 2 and a one-line message (no traceback).
 """
@@ -208,7 +208,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if model_overrides(args):
         settings["model_overrides"] = model_overrides(args)
     report = compare(models, args.out, preset=args.preset, seeds=args.seeds, epochs=args.epochs,
-                     ablation=not args.no_ablation, **settings)
+                     ablation=args.ablation, **settings)
     print(f"report: {report}")
     return 0
 
@@ -305,7 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="quick", choices=("quick", "full"))
     p.add_argument("--seeds", type=positive_int)
     _add_data_and_budget(p)
-    p.add_argument("--no-ablation", action="store_true", help="skip WideNet with shared LayerNorms")
+    p.add_argument("--ablation", action=argparse.BooleanOptionalAction, default=None,
+                   help="also train WideNet with shared LayerNorms (default: full preset yes, quick no)")
     add_moe_arguments(p)
     p.add_argument("--out", type=nonempty, default="runs/compare")
     p.set_defaults(func=cmd_compare)

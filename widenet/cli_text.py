@@ -1,4 +1,4 @@
-"""The text commands of the CLI: `widenet pretrain` and `widenet finetune`."""
+"""The text commands of the CLI: `widenet pretrain`, `finetune`, `compare-text` and `gcide-task`."""
 
 from __future__ import annotations
 
@@ -27,8 +27,10 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     if result is None:
         return 0
     e, run = result.run.final_eval, result.run
-    print(f"done: {run.steps} steps, held-out MLM accuracy {e['mlm_accuracy']:.4f} (loss {e['mlm_loss']:.4f}), "
-          f"SOP accuracy {e['sop_accuracy']:.4f}, {run.tokens_per_s:.0f} tokens/s; run folder {result.out_dir}")
+    print(f"done: {run.steps} steps, held-out MLM accuracy {e['mlm_accuracy']:.4f} (loss {e['mlm_loss']:.4f}; "
+          f"without context, from word-piece frequencies alone: {e['unigram_accuracy']:.4f}, loss "
+          f"{e['unigram_loss']:.4f}), SOP accuracy {e['sop_accuracy']:.4f} (chance 0.5), "
+          f"{run.tokens_per_s:.0f} tokens/s; run folder {result.out_dir}")
     return 0
 
 
@@ -55,8 +57,18 @@ def cmd_compare_text(args: argparse.Namespace) -> int:
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     report = compare_text(models, args.out, preset=args.preset, seeds=args.seeds, corpus=args.corpus,
                           task_train=args.task_train, task_validation=args.task_validation,
-                          pretrain_steps=args.max_steps, device=args.device, model_overrides=model_overrides(args))
+                          pretrain_steps=args.max_steps, device=args.device, model_overrides=model_overrides(args),
+                          gcide_task=args.gcide_task)
     print(f"report: {report}")
+    return 0
+
+
+def cmd_gcide_task(args: argparse.Namespace) -> int:
+    from .data.text.gcide_tasks import write_gcide_task
+
+    train, validation = write_gcide_task(args.gcide, args.out, args.kind, args.train_size, args.validation_size,
+                                         args.seed)
+    print(f"wrote {train} and {validation}")
     return 0
 
 
@@ -75,7 +87,9 @@ def _add_common(p: argparse.ArgumentParser, command: str) -> None:
 
 
 def add_text_commands(sub) -> None:
-    """Register `pretrain` and `finetune` on the CLI's subparsers."""
+    """Register the text commands on the CLI's subparsers."""
+    from .data.text.gcide import GCIDE_PATH  # a constant; the module imports nothing heavy
+
     p = sub.add_parser("pretrain", help="pretrain a text model: masked LM + sentence-order prediction")
     p.add_argument("--model", default="widenet_text_tiny")
     p.add_argument("--init", type=nonempty, metavar="PATH",
@@ -120,11 +134,24 @@ def add_text_commands(sub) -> None:
     p.add_argument("--seeds", type=positive_int)
     p.add_argument("--max-steps", type=positive_int, help="pretraining steps per model (default: the preset's)")
     p.add_argument("--corpus", type=nonempty, nargs="+", metavar="PATH", help="default: the GCIDE dictionary")
-    p.add_argument("--task-train", type=nonempty, help="classification TSV/CSV/JSONL (default: GCIDE part of speech)")
+    p.add_argument("--task-train", type=nonempty, help="classification TSV/CSV/JSONL (default: a GCIDE task, "
+                                                       "--gcide-task)")
     p.add_argument("--task-validation", type=nonempty)
     p.add_argument("--set", action="append", type=parse_setting, metavar="KEY=VALUE",
                    help="a model setting for every model, e.g. --set depth=2")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     add_moe_arguments(p)
+    p.add_argument("--gcide-task", default="field", choices=("field", "pos"),
+                   help="the GCIDE task used without --task-train: a definition's subject field or part of speech")
     p.add_argument("--out", type=nonempty, default="runs/compare-text")
     p.set_defaults(func=cmd_compare_text)
+
+    p = sub.add_parser("gcide-task", help="write a classification task (train.tsv, validation.tsv) from GCIDE")
+    p.add_argument("kind", choices=("field", "pos"),
+                   help="field: a definition's subject (zoology, botany, ...); pos: the headword's part of speech")
+    p.add_argument("--out", type=nonempty, required=True, help="folder for train.tsv and validation.tsv")
+    p.add_argument("--train-size", type=positive_int, default=3000)
+    p.add_argument("--validation-size", type=positive_int, default=900)
+    p.add_argument("--seed", type=int, default=0, help="which headwords go to which split")
+    p.add_argument("--gcide", type=nonempty, default=str(GCIDE_PATH), help="the GCIDE .dict.dz file")
+    p.set_defaults(func=cmd_gcide_task)

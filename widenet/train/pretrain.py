@@ -3,9 +3,13 @@
 Pipeline: corpus files -> WordPiece tokenizer (trained on the corpus, or
 loaded) -> tokenized corpus (cached) -> "[CLS] A [SEP] B [SEP]" examples
 packed to seq_len, B and A swapped for half of them -> a held-out slice for
-evaluation -> steps. Each step masks 15% of the word pieces (80% [MASK],
-10% random, 10% kept) with a generator seeded by (seed, step), so masks do
-not depend on where a run was resumed.
+evaluation -> steps. Each step masks --mask-prob (15%) of the word pieces
+(80% [MASK], 10% random, 10% kept) with a generator seeded by (seed, step),
+so masks do not depend on where a run was resumed. The held-out evaluation
+always masks 15% with fixed masks, so runs with other masking rates compare,
+and reports the unigram level beside the model: the accuracy and loss of
+predicting every masked piece from the training pieces' frequencies alone,
+without context.
 
     loss = MLM cross-entropy (masked positions only)
          + sop_weight * SOP cross-entropy + aux_weight * summed MoE balance loss
@@ -45,6 +49,7 @@ from .text_config import PretrainConfig
 from .trainer import RunResult, Trainer, seeded_generator
 
 TOKENIZER_FILE = "tokenizer.json"
+EVAL_MASK_PROB = 0.15  # the held-out masking rate, whatever --mask-prob trains with
 
 
 @dataclass
@@ -101,10 +106,13 @@ class PretrainTask(TextTask):
                  device: torch.device, amp, parallel: ParallelContext) -> None:
         super().__init__(cfg, train, device, amp, parallel, every_steps=cfg.eval_every)
         self.cfg, self.special, self.vocab_size, self.held_out = cfg, special, vocab_size, held_out
+        self.unigram_log_probs = unigram_log_probs(train["input_ids"], special, vocab_size)  # (V,)
 
-    def masked(self, batch: Batch, generator: torch.Generator) -> Batch:
-        """The batch with its MLM masking: masked input ids and labels (-100 where not masked)."""
-        ids, labels = mask_tokens(batch["input_ids"], self.special, self.vocab_size, generator, self.cfg.mask_prob)
+    def masked(self, batch: Batch, generator: torch.Generator, mask_prob: float | None = None) -> Batch:
+        """The batch with its MLM masking (at cfg.mask_prob unless given): masked input ids and labels
+        (-100 where not masked)."""
+        ids, labels = mask_tokens(batch["input_ids"], self.special, self.vocab_size, generator,
+                                  mask_prob or self.cfg.mask_prob)
         return dict(batch, masked_ids=ids, mlm_labels=labels)
 
     def forward(self, model: nn.Module, batch: Batch):
@@ -144,15 +152,21 @@ class PretrainTask(TextTask):
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> dict[str, Any]:
-        """MLM loss/accuracy and SOP accuracy on the held-out examples, fixed masks; routing per block."""
+        """MLM loss/accuracy (and their unigram levels) and SOP accuracy on the held-out examples, fixed
+        masks at EVAL_MASK_PROB; routing per block."""
         was_training = model.training
         model.eval()
-        sums = dict(mlm_loss=0.0, mlm_correct=0, masked=0, sop_correct=0, examples=0)
+        sums = dict(mlm_loss=0.0, mlm_correct=0, unigram_loss=0.0, unigram_correct=0, masked=0, sop_correct=0,
+                    examples=0)
+        unigram = self.unigram_log_probs.to(self.device)
         routing = RoutingTally()
         for i, batch in enumerate(ordered_batches(self.held_out, self.cfg.eval_batch_size)):
-            out, mlm_labels = self.forward(model, self.masked(batch, seeded_generator(self.cfg.seed + 1, i)))
+            batch = self.masked(batch, seeded_generator(self.cfg.seed + 1, i), EVAL_MASK_PROB)
+            out, mlm_labels = self.forward(model, batch)
             sums["mlm_loss"] += float(F.cross_entropy(out.mlm_logits.float(), mlm_labels, reduction="sum"))
             sums["mlm_correct"] += int((out.mlm_logits.argmax(-1) == mlm_labels).sum())
+            sums["unigram_loss"] -= float(unigram[mlm_labels].sum())
+            sums["unigram_correct"] += int((mlm_labels == unigram.argmax()).sum())
             sums["masked"] += len(mlm_labels)
             sums["sop_correct"] += int((out.sop_logits.argmax(-1).cpu() == batch["sop_labels"]).sum())
             sums["examples"] += len(batch["sop_labels"])
@@ -160,8 +174,17 @@ class PretrainTask(TextTask):
         model.train(was_training)
         masked, n = max(sums["masked"], 1), max(sums["examples"], 1)
         return dict(mlm_loss=sums["mlm_loss"] / masked, mlm_accuracy=sums["mlm_correct"] / masked,
+                    unigram_loss=sums["unigram_loss"] / masked, unigram_accuracy=sums["unigram_correct"] / masked,
                     sop_accuracy=sums["sop_correct"] / n, examples=sums["examples"],
                     routing=[vars(r) for r in routing.blocks()])
+
+
+def unigram_log_probs(input_ids: torch.Tensor, special: SpecialIds, vocab_size: int) -> torch.Tensor:
+    """(V,) log-frequencies of the regular word pieces in ``input_ids`` (add-one smoothed; special ids
+    -inf): the best a model can do without context."""
+    counts = torch.bincount(input_ids.flatten(), minlength=vocab_size)[:vocab_size].double() + 1.0
+    counts[[i for i in special.as_tuple() if 0 <= i < vocab_size]] = 0.0
+    return (counts / counts.sum()).log().float()
 
 
 def _correct(logits: torch.Tensor, labels: torch.Tensor) -> int:

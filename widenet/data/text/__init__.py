@@ -13,7 +13,7 @@ Pretraining (MLM + sentence order):
 
 Fine-tuning: ``classification`` (GLUE-style files), ``squad`` (span QA) and
 ``squad_metrics`` (EM/F1), sharing ``task_common``; ``hub`` fetches either from
-the Hugging Face hub; ``pos_task`` builds a part-of-speech task from GCIDE.
+the Hugging Face hub; ``gcide_tasks`` builds part-of-speech and subject-field tasks from GCIDE.
 
 Import the submodules directly; this package imports nothing, so loading one
 reader does not load the tokenizer library.

@@ -12,8 +12,8 @@ abbreviation, then the definitions on indented lines::
 
 :func:`read_gcide` streams the entries as :class:`GcideEntry` records with
 the definitions cleaned into plain text and
-:func:`gcide_documents` turns them into pretraining documents (pos_task.py builds
-a labelled part-of-speech task from them).
+:func:`gcide_documents` turns them into pretraining documents (gcide_tasks.py
+builds labelled part-of-speech and subject-field tasks from them).
 """
 
 from __future__ import annotations
@@ -28,11 +28,15 @@ from pathlib import Path
 
 from ..errors import DatasetError, PathLike
 
-__all__ = ["GCIDE_PATH", "POS_LABELS", "GcideEntry", "GcideError", "clean_definition", "clean_markup", "gcide_documents", "read_gcide"]
+__all__ = ["FIELD_LABELS", "GCIDE_PATH", "POS_LABELS", "GcideEntry", "GcideError", "clean_definition", "clean_markup", "gcide_documents", "read_gcide"]
 
 
 GCIDE_PATH = Path("/usr/share/dictd/gcide.dict.dz")
 POS_LABELS = ("noun", "verb", "adjective", "adverb")
+# The subject fields GCIDE marks on the first sense of at least 400 entries ("(Zool.)"), by label.
+FIELD_LABELS = {"Zool.": "zoology", "Bot.": "botany", "Chem.": "chemistry", "Med.": "medicine",
+                "Anat.": "anatomy", "Min.": "mineralogy", "Naut.": "nautical", "Mus.": "music",
+                "Arch.": "architecture"}
 
 
 class GcideError(DatasetError):
@@ -41,11 +45,13 @@ class GcideError(DatasetError):
 
 @dataclass(frozen=True)
 class GcideEntry:
-    """One dictionary entry: headword, normalised part of speech and definition text."""
+    """One dictionary entry: headword, normalised part of speech, definition text, and the subject
+    field of its first sense (a FIELD_LABELS value, e.g. "zoology" for "(Zool.)"; None when unmarked)."""
 
     headword: str
     pos: str | None
     text: str
+    field: str | None = None
 
 
 # --------------------------------------------------------------------------
@@ -208,7 +214,8 @@ def _parse_entry(lines: list[str]) -> GcideEntry | None:
     text = clean_definition(raw[body_start:])
     if not headword or not text:
         return None
-    return GcideEntry(headword=headword, pos=pos, text=text)
+    label = _FIELD.match(raw, body_start)
+    return GcideEntry(headword=headword, pos=pos, text=text, field=FIELD_LABELS.get(label[1]) if label else None)
 
 
 def read_gcide(path: PathLike = GCIDE_PATH) -> Iterator[GcideEntry]:
@@ -249,6 +256,8 @@ _SOURCE = (
 _SOURCE_MARKER = re.compile(rf"\[\s*(?:{_SOURCE})(?:\s*\+?\s*(?:{_SOURCE}))*\s*\]")
 # "1. ", "(a) " and a field label such as "(Zool.)" or "(Civ. Law)" opening a line.
 _SENSE_PREFIX = re.compile(r"(?m)^[ \t]*(?:\d{1,2}\.[ \t]+|\([a-z]\)[ \t]+)*(?:\([A-Z][^()]{0,40}\)[ \t]*)?")
+# The field label of the first sense, where the definitions begin: "(Zool.)", "1. (Bot.)".
+_FIELD = re.compile(r"\s*(?:\d{1,2}\.\s+|\([a-z]\)\s+)*\(([A-Z][a-z]+\.)\)")
 # Syllable and stress marks inside a word: Un*fa"vor*a*bly -> Unfavorably.
 _STRESS = re.compile(r"(?<=\w)[*\"`](?=\w)")
 _ACCENT = re.compile(r"\[([\"'`^=\-.~,*])([A-Za-z]{1,2})\]|\[([A-Za-z]{1,2})\^\]")

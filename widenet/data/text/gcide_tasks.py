@@ -1,4 +1,13 @@
-"""A small labelled part-of-speech task (train/validation TSV files) built from GCIDE entries."""
+"""Labelled classification tasks (train/validation TSV files) built from GCIDE entries.
+
+Each row is the first sentence of an entry's definitions with its headword
+hidden as ``_``; the label is the entry's part of speech (``pos``: noun, verb,
+adjective, adverb) or the subject field of its first sense (``field``: zoology,
+botany, chemistry, ... from the "(Zool.)" marks, which the text never
+contains). The part of speech is often given away by the sentence's first
+word ("To ..." for verbs); the field must be read from what the definition
+talks about, so it shows better what pretraining has taught a model.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +18,16 @@ from pathlib import Path
 
 from ...files import atomic_path
 from ..errors import PathLike
-from .gcide import POS_LABELS, GcideEntry, GcideError, read_gcide
+from .gcide import FIELD_LABELS, POS_LABELS, GcideEntry, GcideError, read_gcide
 from .sentences import split_sentences
 
-__all__ = ["write_pos_task"]
+__all__ = ["TASK_KINDS", "write_gcide_task"]
+
+# kind -> (the labels, the entry attribute that holds an entry's label)
+TASK_KINDS: dict[str, tuple[tuple[str, ...], str]] = {
+    "pos": (POS_LABELS, "pos"),
+    "field": (tuple(FIELD_LABELS.values()), "field"),
+}
 
 
 # A quotation's source: "--Shak." (a dash used as punctuation is spaced: "; -- used").
@@ -22,10 +37,8 @@ _RUN_ON = re.compile(r"\s--\s+(?:[^\s,]+(?:\s[^\s,]+)?,+\s+)?[a-z]{1,4}\.(?=\s|$
 _UNINFORMATIVE = re.compile(r"^(?:see|same as|alt\. of|pl\. of|imp\. of|p\. p\.)\b", re.IGNORECASE)
 
 
-def _pos_example(entry: GcideEntry) -> tuple[str, str] | None:
-    """(sentence, label) from the entry's first definition sentence, headword masked as "_"."""
-    if entry.pos not in POS_LABELS:
-        return None
+def _first_sentence(entry: GcideEntry) -> str | None:
+    """The entry's first definition sentence, headword masked as "_"; None when it says too little."""
     sentences = split_sentences(entry.text)
     if not sentences:
         return None
@@ -37,16 +50,18 @@ def _pos_example(entry: GcideEntry) -> tuple[str, str] | None:
         return None
     if sentence[0] in ",;.-()" or "\\" in sentence:  # left-overs of a header the parser did not follow
         return None
-    return sentence, entry.pos
+    return sentence
 
 
-def _collect_pos_examples(path: PathLike) -> dict[str, dict[str, list[str]]]:
+def _collect_examples(path: PathLike, kind: str) -> dict[str, dict[str, list[str]]]:
     """``{label: {headword (lowercased): [sentence, ...]}}`` over the whole dictionary."""
-    found: dict[str, dict[str, list[str]]] = {label: defaultdict(list) for label in POS_LABELS}
+    labels, attribute = TASK_KINDS[kind]
+    found: dict[str, dict[str, list[str]]] = {label: defaultdict(list) for label in labels}
     for entry in read_gcide(path):
-        example = _pos_example(entry)
-        if example is not None:
-            found[example[1]][entry.headword.lower()].append(example[0])
+        label = getattr(entry, attribute)
+        sentence = _first_sentence(entry) if label in found else None
+        if sentence is not None:
+            found[label][entry.headword.lower()].append(sentence)
     return found
 
 
@@ -86,7 +101,7 @@ def _assign_splits(
     train: list[tuple[str, str]] = []
     validation: list[tuple[str, str]] = []
     for word in headwords:
-        labels = [label for label in POS_LABELS if word in found[label]]
+        labels = [label for label in found if word in found[label]]
         split, left = (validation, val_left) if any(val_left[label] > 0 for label in labels) else (train, train_left)
         for label in labels:
             if left[label] > 0:
@@ -104,25 +119,28 @@ def _write_tsv(rows: list[tuple[str, str]], path: Path) -> None:
             handle.write(f"{clean}\t{label}\n")
 
 
-def write_pos_task(
+def write_gcide_task(
     path: PathLike,
     out_dir: PathLike,
+    kind: str = "pos",
     train_size: int = 4000,
     validation_size: int = 1000,
     seed: int = 0,
 ) -> tuple[Path, Path]:
-    """Write ``train.tsv`` and ``validation.tsv``: part of speech from a definition sentence.
+    """Write ``train.tsv`` and ``validation.tsv`` of the task ``kind`` (a TASK_KINDS name).
 
     Each row is the first sentence of an entry's definitions with the headword
-    replaced by ``_`` and the label (noun, verb, adjective or adverb) of the
-    entry. The labels are balanced as far as the dictionary allows, a headword
-    appears in only one split, and the files are written atomically.
+    replaced by ``_`` and the entry's label. The labels are balanced as far as
+    the dictionary allows, a headword appears in only one split, and the files
+    are written atomically.
     """
+    if kind not in TASK_KINDS:
+        raise ValueError(f"unknown GCIDE task {kind!r}; choose one of {', '.join(TASK_KINDS)}")
     if train_size < 1 or validation_size < 1:
         raise ValueError(f"train_size and validation_size must be positive, got {train_size}, {validation_size}")
-    found = _collect_pos_examples(path)
+    found = _collect_examples(path, kind)
     if not any(found.values()):
-        raise GcideError(f"{path}: no entry with a noun/verb/adjective/adverb label and a usable definition")
+        raise GcideError(f"{path}: no entry with a {'/'.join(found)} label and a usable definition")
     train, validation = _assign_splits(found, train_size, validation_size, seed)
     rng = random.Random(seed + 1)
     rng.shuffle(train)
