@@ -134,7 +134,7 @@ def test_run_folders_per_model_and_seed(compared):
             assert ckpt.meta["train_config"]["seed"] == seed
             assert ckpt.meta["train_config"]["train_subset"] == BUDGET["train_subset"]
     shared = load_checkpoint(find_latest_checkpoint(out / "runs" / "widenet_tiny__shared_norms" / "seed0"))
-    assert shared.meta["train_config"]["model_overrides"] == {**compare_mod.CONV_STEM, "share_norms": True}
+    assert shared.meta["train_config"]["model_overrides"] == {**compare_mod.QUICK_MODEL, "share_norms": True}
     assert shared.meta["model_config"]["encoder"]["share_norms"] is True
 
 
