@@ -88,7 +88,8 @@ def _add_common(p: argparse.ArgumentParser, command: str) -> None:
 
 def add_text_commands(sub) -> None:
     """Register the text commands on the CLI's subparsers."""
-    from .data.text.gcide import GCIDE_PATH  # a constant; the module imports nothing heavy
+    from .data.text.gcide import GCIDE_PATH  # constants; the modules import nothing heavy
+    from .data.text.gcide_tasks import TASK_KINDS
 
     p = sub.add_parser("pretrain", help="pretrain a text model: masked LM + sentence-order prediction")
     p.add_argument("--model", default="widenet_text_tiny")
@@ -141,13 +142,13 @@ def add_text_commands(sub) -> None:
                    help="a model setting for every model, e.g. --set depth=2")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     add_moe_arguments(p)
-    p.add_argument("--gcide-task", default="field", choices=("field", "pos"),
+    p.add_argument("--gcide-task", default="field", choices=tuple(TASK_KINDS),
                    help="the GCIDE task used without --task-train: a definition's subject field or part of speech")
     p.add_argument("--out", type=nonempty, default="runs/compare-text")
     p.set_defaults(func=cmd_compare_text)
 
     p = sub.add_parser("gcide-task", help="write a classification task (train.tsv, validation.tsv) from GCIDE")
-    p.add_argument("kind", choices=("field", "pos"),
+    p.add_argument("kind", choices=tuple(TASK_KINDS),
                    help="field: a definition's subject (zoology, botany, ...); pos: the headword's part of speech")
     p.add_argument("--out", type=nonempty, required=True, help="folder for train.tsv and validation.tsv")
     p.add_argument("--train-size", type=positive_int, default=3000)
