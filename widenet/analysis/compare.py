@@ -97,10 +97,9 @@ def compare(models: list[str], out: str | Path, preset: str = "quick", seeds: in
     if not models:
         raise ValueError("no models to compare")
     budget = dict(PRESETS[preset])
-    n_seeds = seeds or budget["seeds"]
-    preset_ablation = budget.pop("ablation")
+    preset_seeds, preset_ablation = budget.pop("seeds"), budget.pop("ablation")
+    n_seeds = seeds or preset_seeds
     ablation = preset_ablation if ablation is None else ablation
-    budget.pop("seeds")
     if epochs:
         train_settings["epochs"] = epochs
     if {k for k, v in train_settings.items() if v is not None} & {"epochs", "max_steps", "time_budget"}:

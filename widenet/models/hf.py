@@ -102,7 +102,7 @@ def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
         if single.is_file():
             return load_file(single)
         if index.is_file():
-            weight_map = json.loads(index.read_text()).get("weight_map") if index.is_file() else None
+            weight_map = json.loads(index.read_text()).get("weight_map")
             if not isinstance(weight_map, dict):
                 raise HFCheckpointError(f"{index}: no weight_map of tensor names to files")
             shards = sorted(set(map(str, weight_map.values())))

@@ -35,8 +35,8 @@ from ..data.text.squad_metrics import squad_scores
 from ..data.text.task_common import TaskDataError
 from ..data.text.tokenizer import TokenizerError, load_tokenizer, save_tokenizer, special_ids, vocab_fingerprint
 from ..distributed.parallel import ParallelContext
-from ..models.registry import apply_overrides, count_parameters
-from ..models.text import TextConfig, TextTransformer, load_backbone
+from ..models.registry import count_parameters
+from ..models.text import TextTransformer, load_backbone
 from ..runtime import autocast, autocast_dtype, resolve_device
 from .checkpoint import CheckpointError, LoadedCheckpoint
 from .evaluate import RoutingTally
@@ -44,7 +44,8 @@ from .exported import Source, load_source, model_kind, source_tokenizer
 from .pretrain import TOKENIZER_FILE
 from .progress import StepResult
 from .run_folder import claim_run_folder
-from .text_common import Batch, TextTask, describe_processes, global_sums, local_rows, ordered_batches
+from .text_common import (Batch, TextTask, describe_processes, global_sums, local_rows, ordered_batches,
+                          saved_text_model)
 from .text_config import FinetuneConfig
 from .trainer import RunResult, Trainer
 
@@ -83,11 +84,8 @@ def load_init(cfg: FinetuneConfig):
 
 def build_finetune_model(ckpt: LoadedCheckpoint | Source, cfg: FinetuneConfig, num_labels: int) -> TextTransformer:
     """The pretrained backbone with a new head for cfg.task (cfg.scratch: random weights throughout)."""
-    saved = dict(ckpt.meta["model_config"])
-    text_cfg = TextConfig(**{**saved, "task": cfg.task, "num_labels": num_labels})
-    changes = dict(cfg.model_overrides, **({"dropout": cfg.dropout} if cfg.dropout else {}))
-    model = TextTransformer(apply_overrides(text_cfg, changes))  # e.g. a capacity factor for fine-tuning
-    model.model_name = ckpt.meta["model"]
+    # --set changes e.g. the capacity factor for fine-tuning
+    model = saved_text_model(ckpt.meta["model_config"], cfg, ckpt.meta["model"], task=cfg.task, num_labels=num_labels)
     if not cfg.scratch:
         load_backbone(model, ckpt.model_state)
     return model

@@ -159,6 +159,7 @@ class PretrainTask(TextTask):
         sums = dict(mlm_loss=0.0, mlm_correct=0, unigram_loss=0.0, unigram_correct=0, masked=0, sop_correct=0,
                     examples=0)
         unigram = self.unigram_log_probs.to(self.device)
+        most_frequent = unigram.argmax()
         routing = RoutingTally()
         for i, batch in enumerate(ordered_batches(self.held_out, self.cfg.eval_batch_size)):
             batch = self.masked(batch, seeded_generator(self.cfg.seed + 1, i), EVAL_MASK_PROB)
@@ -166,7 +167,7 @@ class PretrainTask(TextTask):
             sums["mlm_loss"] += float(F.cross_entropy(out.mlm_logits.float(), mlm_labels, reduction="sum"))
             sums["mlm_correct"] += int((out.mlm_logits.argmax(-1) == mlm_labels).sum())
             sums["unigram_loss"] -= float(unigram[mlm_labels].sum())
-            sums["unigram_correct"] += int((mlm_labels == unigram.argmax()).sum())
+            sums["unigram_correct"] += int((mlm_labels == most_frequent).sum())
             sums["masked"] += len(mlm_labels)
             sums["sop_correct"] += int((out.sop_logits.argmax(-1).cpu() == batch["sop_labels"]).sum())
             sums["examples"] += len(batch["sop_labels"])

@@ -45,10 +45,20 @@ def build_text_model(cfg: TextRunConfig, vocab_size: int, pad_id: int, seq_len: 
     return model
 
 
+def saved_text_model(saved: dict[str, Any], cfg: TextRunConfig, name: str, **task: Any) -> nn.Module:
+    """A new model (random weights) of a saved model config with `task`'s fields (task, num_labels) and
+    the run's --set settings and --dropout applied, named `name`."""
+    from ..models.text import TextConfig, TextTransformer
+
+    changes = dict(cfg.model_overrides, **({"dropout": cfg.dropout} if cfg.dropout else {}))
+    model = TextTransformer(apply_overrides(TextConfig(**{**saved, **task}), changes))
+    model.model_name = name
+    return model
+
+
 def init_text_model(source: Any, cfg: TextRunConfig, vocab_size: int, seq_len: int, **task: Any) -> nn.Module:
     """The --init model (train/exported.py Source) with its weights, set up for `task`; its heads are
     kept where they fit, else new. The tokenizer must be the one the model's ids came from."""
-    from ..models.text import TextConfig, TextTransformer
     from .exported import model_kind, weights_from
 
     saved = source.meta.get("model_config") or {}
@@ -57,10 +67,8 @@ def init_text_model(source: Any, cfg: TextRunConfig, vocab_size: int, seq_len: i
     if saved["vocab_size"] != vocab_size:
         raise ValueError(f"the tokenizer has {vocab_size} pieces, the model {source.path} {saved['vocab_size']}: "
                          "pass the tokenizer the model was trained with")
-    changes = dict(cfg.model_overrides, **({"dropout": cfg.dropout} if cfg.dropout else {}))
-    model = TextTransformer(apply_overrides(TextConfig(**{**saved, **task}), changes))
+    model = saved_text_model(saved, cfg, source.meta.get("model") or cfg.model, **task)
     weights_from(source, model, skip_heads=True)
-    model.model_name = source.meta.get("model") or cfg.model
     if seq_len > model.cfg.max_positions:
         raise ValueError(f"sequence length {seq_len} exceeds the model's {model.cfg.max_positions} positions")
     return model
