@@ -110,6 +110,31 @@ def test_bert_for_pretraining_equals_transformers(tmp_path):
     torch.testing.assert_close(out.sop_logits, ref.seq_relationship_logits, **TOL)
 
 
+@pytest.mark.parametrize("family", ["albert", "bert"])
+def test_masked_lm_with_an_untied_decoder_loads_it_as_its_own_table(tmp_path, family):
+    def masked_lm(**extra):
+        if family == "albert":
+            return transformers.AlbertForMaskedLM(transformers.AlbertConfig(embedding_size=8, **extra, **TEXT))
+        return transformers.BertForMaskedLM(transformers.BertConfig(**extra, **TEXT))
+
+    torch.manual_seed(0)
+    hf = masked_lm(tie_word_embeddings=False)
+    decoder = hf.get_output_embeddings().weight
+    with torch.no_grad():
+        decoder.normal_(0, 0.5)  # surely not the embedding table
+    loaded = load_hf(_save(hf, tmp_path))
+    assert not loaded.model.cfg.tie_word_embeddings
+    assert any("no pooler" in note for note in loaded.notes)  # *ForMaskedLM saves none: ours is new
+    torch.testing.assert_close(loaded.model.mlm_head.decoder, decoder)
+    ids, mask, types = _text_inputs()
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask, token_type_ids=types).logits
+        out = loaded.model(ids, types, keep_mask=mask, masked_positions=torch.ones_like(ids, dtype=torch.bool))
+    torch.testing.assert_close(_real(out.mlm_logits.view(3, 9, -1), mask), _real(ref, mask), **TOL)
+    tied = load_hf(_save(masked_lm(), tmp_path / "tied"))
+    assert tied.model.cfg.tie_word_embeddings and tied.model.mlm_head.decoder is None
+
+
 def test_bare_bert_model_keeps_the_backbone_and_says_the_heads_are_new(tmp_path):
     torch.manual_seed(0)
     hf = transformers.BertModel(transformers.BertConfig(**TEXT))

@@ -222,6 +222,30 @@ def test_word_embedding_gets_gradient_from_the_mlm_head():
     assert model.mlm_head.bias.grad is not None
 
 
+def test_untied_decoder_is_its_own_table_and_only_inputs_train_the_embedding():
+    torch.manual_seed(0)
+    cfg = _cfg("pretrain")
+    cfg.tie_word_embeddings = False
+    model = TextTransformer(cfg).train()
+    tied = _model("pretrain")
+    assert count_parameters(model) - count_parameters(tied) == V * 8  # one (V, E) table more
+    head = model.mlm_head
+    assert head.decoder.shape == (V, 8) and 0.01 < head.decoder.std() < 0.03
+    ids = torch.randint(1, 20, (2, T))  # ids 20.. never looked up
+    masked = torch.zeros(2, T, dtype=torch.bool)
+    masked[:, 1] = True
+    out = model(ids, masked_positions=masked)
+    hidden = model.backbone(ids).hidden[masked]  # (M, D): the logits by hand, from the head's own table
+    by_hand = F.layer_norm(F.gelu(hidden @ head.dense.weight.t() + head.dense.bias), (8,), head.norm.weight,
+                           head.norm.bias, head.norm.eps) @ head.decoder.t() + head.bias
+    torch.testing.assert_close(out.mlm_logits, by_hand)
+    F.cross_entropy(out.mlm_logits, torch.tensor([3, 40])).backward()
+    assert head.decoder.grad[20:].abs().sum(dim=1).gt(0).all()
+    assert model.word_embedding.grad[20:].abs().sum() == 0  # no push from the softmax
+    assert model.word_embedding.grad[1:20].abs().sum() > 0
+    assert TextConfig(**{k: v for k, v in cfg.to_dict().items() if k != "tie_word_embeddings"}).tie_word_embeddings
+
+
 def test_init():
     model = _model("pretrain")
     emb = model.backbone.embeddings

@@ -192,20 +192,23 @@ def _load_text(path, config: dict, state: dict, arch: str, kind: str) -> HFImpor
     classes = _label_names(config) if task == "classify" else None
     if classes is not None and "classifier.weight" in state and len(classes) != state["classifier.weight"].shape[0]:
         classes = None  # id2label does not name the head's classes
+    decoder = next((k for k in ("predictions.decoder.weight", "cls.predictions.decoder.weight") if k in state), None)
+    words = state.get("embeddings.word_embeddings.weight")
+    untied = decoder is not None and words is not None and not torch.equal(state[decoder], words)
     cfg = TextConfig(vocab_size=config["vocab_size"],
                      embedding_size=config.get("embedding_size", dim) if kind == "albert" else dim,
                      max_positions=config["max_position_embeddings"],
                      type_vocab_size=config.get("type_vocab_size", 2), pad_token_id=config.get("pad_token_id") or 0,
                      task=task, num_labels=len(classes) if classes else config.get("num_labels", 2),
-                     encoder=EncoderConfig.from_dict(encoder))
+                     encoder=EncoderConfig.from_dict(encoder), tie_word_embeddings=not untied)
     model = TextTransformer(cfg)
     ours = (_albert_keys if kind == "albert" else _bert_keys)(cfg.encoder.depth)
     if kind == "bert":  # BERT embeds at the full width: the projection is the identity
         state["__identity__.weight"], state["__identity__.bias"] = torch.eye(dim), torch.zeros(dim)
-    tied = state.pop("predictions.decoder.weight", state.pop("cls.predictions.decoder.weight", None))
-    if tied is not None and "embeddings.word_embeddings.weight" in state and \
-            not torch.equal(tied, state["embeddings.word_embeddings.weight"]):
-        raise HFCheckpointError(f"{path}: the MLM decoder is not tied to the word embeddings; widenet ties them")
+    if untied:  # tie_word_embeddings=False: the head keeps its own decoder
+        ours["mlm_head.decoder"] = decoder
+    elif decoder is not None:
+        del state[decoder]  # the word-embedding table itself
     for key in ("predictions.decoder.bias", "cls.predictions.decoder.bias"):
         state.pop(key, None)  # the same tensor as the head's own bias
     _copy_into(path, model, state, ours, optional=_new_heads(task, state))
@@ -279,14 +282,18 @@ def _new_heads(task: str, state: dict) -> tuple[str, ...]:
         return ("classifier.", "span_head.", "backbone.pooler.")
     if task != "pretrain":
         return ("classifier.", "span_head.")
-    heads = ("mlm_head.", "sop_head.")
+    heads = ("mlm_head.", "sop_head.", "backbone.pooler.")  # *ForMaskedLM saves no pooler
     return tuple(h for h, hf in zip(heads, (("predictions.", "cls.predictions."),
-                                            ("sop_classifier.", "cls.seq_relationship.")))
+                                            ("sop_classifier.", "cls.seq_relationship."), ("pooler.",)))
                  if not any(k.startswith(hf) for k in state))
 
 
 def _head_notes(model: nn.Module, state: dict, task: str) -> list[str]:
-    if task == "pretrain" and any(k.startswith("cls.seq_relationship.") for k in state):
+    if task != "pretrain":
+        return []
+    if not any(k.startswith("pooler.") for k in state):
+        return ["the checkpoint has no pooler (a masked-LM model): the pooler and sentence-order head are new"]
+    if any(k.startswith("cls.seq_relationship.") for k in state):
         return ["BERT's next-sentence head is loaded as the sentence-order head (same shape, other task)"]
     return []
 

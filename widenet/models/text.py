@@ -5,7 +5,8 @@
     by EncoderConfig: ALBERT, BERT, WideNet) -> hidden (B, T, D)
     -> pooler: tanh(Linear(hidden[:, 0])) on the [CLS] token -> pooled (B, D)
     -> heads by task:
-        "pretrain": masked-LM (decoder tied to the word embedding) + sentence order
+        "pretrain": masked-LM (decoder tied to the word embedding unless
+                    tie_word_embeddings=False) + sentence order
         "classify": dropout + Linear pooled -> num_labels (MNLI, SST-2)
         "qa":       Linear D -> 2, start / end logits per token (SQuAD)
 
@@ -69,6 +70,7 @@ class TextConfig:
     task: str = "pretrain"
     num_labels: int = 2
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    tie_word_embeddings: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.encoder, dict):
@@ -219,24 +221,27 @@ class TextBackbone(nn.Module):
 # ----------------------------------------------------------------------------
 class MaskedLMHead(nn.Module):
     """hidden (M, D) -> logits (M, V): Linear D -> E, GELU, LayerNorm(E), then the
-    decoder: a matmul with the word-embedding table (V, E) plus an own bias (V,).
+    decoder: a matmul with a (V, E) table plus an own bias (V,).
 
-    The table is passed to forward rather than stored, so the decoder is tied
-    to the embedding (same tensor, one state-dict key, gradients from both uses).
+    Tied (the default): the table is the word embedding, passed to forward rather
+    than stored (same tensor, one state-dict key, gradients from both uses).
+    Untied: the head holds its own `decoder` (V, E) and ignores the one passed.
     """
 
     def __init__(self, dim: int, embedding_size: int, vocab_size: int, eps: float = 1e-6,
-                 activation: str = "gelu") -> None:
+                 activation: str = "gelu", tied: bool = True) -> None:
         super().__init__()
         self.dense = nn.Linear(dim, embedding_size)
         self.act = nn.GELU(approximate=gelu_approximation(activation))
         self.norm = nn.LayerNorm(embedding_size, eps=eps)
+        self.decoder = None if tied else nn.Parameter(torch.empty(vocab_size, embedding_size))
         self.bias = nn.Parameter(torch.zeros(vocab_size))
 
     def forward(self, hidden: torch.Tensor, word_embedding: torch.Tensor) -> torch.Tensor:
         """hidden (..., D), word_embedding (V, E) -> logits (..., V)."""
         h = self.norm(self.act(self.dense(hidden)))  # (..., E)
-        return h @ word_embedding.t() + self.bias
+        table = word_embedding if self.decoder is None else self.decoder
+        return h @ table.t() + self.bias
 
 
 class PooledHead(nn.Module):
@@ -295,7 +300,8 @@ class TextTransformer(nn.Module):
         enc = cfg.encoder
         self.backbone = TextBackbone(cfg)
         if cfg.task == "pretrain":
-            self.mlm_head = MaskedLMHead(enc.dim, cfg.embedding_size, cfg.vocab_size, enc.norm_eps, enc.activation)
+            self.mlm_head = MaskedLMHead(enc.dim, cfg.embedding_size, cfg.vocab_size, enc.norm_eps, enc.activation,
+                                         tied=cfg.tie_word_embeddings)
             self.sop_head = SentenceOrderHead(enc.dim, enc.dropout)
         elif cfg.task == "classify":
             self.classifier = PooledHead(enc.dim, cfg.num_labels, enc.dropout)
@@ -304,17 +310,20 @@ class TextTransformer(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Backbone init (see TextBackbone), Xavier head weights, zero head biases."""
+        """Backbone init (see TextBackbone), Xavier head weights, zero head biases; an
+        untied MLM decoder is drawn like the word embedding (normal, std 0.02)."""
         self.backbone.reset_parameters()
         for name, child in self.named_children():
             if name != "backbone":
                 _xavier_linears(child)
         if self.cfg.task == "pretrain":
             nn.init.zeros_(self.mlm_head.bias)
+            if self.mlm_head.decoder is not None:
+                nn.init.normal_(self.mlm_head.decoder, std=0.02)
 
     @property
     def word_embedding(self) -> torch.Tensor:
-        """The (V, E) word-embedding table, also the MLM decoder's weight."""
+        """The (V, E) word-embedding table, also the MLM decoder's weight when tied."""
         return self.backbone.embeddings.word.weight
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
