@@ -15,6 +15,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -284,6 +285,19 @@ def test_finetuning_needs_two_labels_and_a_validation_set(tmp_path, capsys):
     two.write_text("sentence\tlabel\na b c\tgood\nd e f\tbad\n")
     line = _one_line_error(*_cli(base + ["--train", two, "--validation", empty], capsys)[::2])
     assert str(empty) in line and "no examples" in line
+
+
+def test_a_library_warning_reaches_the_user_as_one_note(tmp_path, capsys):
+    data = tmp_path / "train.tsv"
+    data.write_text("sentence\tlabel\n" + "".join(f"{'word ' * n}end\t{'ab'[n % 2]}\n" for n in range(1, 9)))
+    rc, _, err = _cli(["finetune", "--task", "classify", "--init", FIXTURES / "text_run", "--train", data,
+                       "--validation", data, "--max-len", 6, "--max-steps", 1, "--out", tmp_path / "run"], capsys)
+    assert rc == 0, err
+    notes = [line for line in err.splitlines() if "longer than" in line]
+    assert len(notes) == 2  # training and validation sets: the same file
+    assert all(re.fullmatch(r"widenet: note: \d of 8 examples were longer than max_len=6 tokens and were "
+                            r"truncated \(longest first\)", line) for line in notes), notes
+    assert "UserWarning" not in err and "encode_classification" not in err  # no file:line, no source line
 
 
 # --------------------------------------------------------------------------

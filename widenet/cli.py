@@ -28,7 +28,7 @@ from . import __version__
 from .cli_args import (add_budget_arguments, add_moe_arguments, add_process_arguments, add_recipe_arguments,
                        add_run_arguments, finite_float, model_overrides, nonempty, parse_setting,
                        positive_float, positive_int)
-from .cli_errors import BUG_REPORT, CLIError, explain
+from .cli_errors import BUG_REPORT, CLIError, explain, warnings_as_notes
 from .cli_models import add_model_commands
 from .cli_predict import add_predict_command
 from .cli_text import add_text_commands
@@ -376,7 +376,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     _show_library_notes()
     func: Callable[[argparse.Namespace], int] = args.func
     try:
-        code = func(args)
+        with warnings_as_notes():
+            code = func(args)
         sys.stdout.flush()  # output still buffered for a closed pipe fails here, where it is handled
         return code
     except KeyboardInterrupt:

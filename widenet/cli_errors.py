@@ -10,11 +10,14 @@ a bug: its traceback is shown, with a line asking for a report.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import re
 import sys
+import warnings
+from collections.abc import Iterator
 
-__all__ = ["CLIError", "BUG_REPORT", "explain"]
+__all__ = ["CLIError", "BUG_REPORT", "explain", "say", "warnings_as_notes"]
 
 BUG_REPORT = ("widenet: this is a bug in widenet, not a problem with your input; please report it with the "
               "command and the traceback above")
@@ -25,6 +28,22 @@ _CUDA_ALLOCATION = re.compile(r"Tried to allocate ([\d.]+ [KMGT]?i?B)")
 
 class CLIError(Exception):
     """A user mistake found by the command line itself: printed as one line, exit status 2."""
+
+
+def say(line: str) -> None:
+    """A line on stderr that leaves a progress bar intact."""
+    from tqdm import tqdm
+
+    tqdm.write(line, file=sys.stderr)
+
+
+@contextlib.contextmanager
+def warnings_as_notes() -> Iterator[None]:
+    """Warnings (e.g. truncated sentences) as one `widenet: note: ...` line each, not Python's
+    file:line form with a line of source."""
+    with warnings.catch_warnings():
+        warnings.showwarning = lambda message, *_args, **_kw: say(f"widenet: note: {message}")
+        yield
 
 
 def explain(err: BaseException, out: str | None = None) -> str | None:

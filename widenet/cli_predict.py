@@ -14,15 +14,12 @@ Everything else that is wrong ends the command with one line, status 2.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import sys
-import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from .cli_args import finite_float, nonempty, positive_int
-from .cli_errors import CLIError
+from .cli_errors import CLIError, say
 
 __all__ = ["add_predict_command", "cmd_predict"]
 
@@ -87,21 +84,6 @@ def _read_context(path: str) -> str:
     return text.strip()
 
 
-def _say(line: str) -> None:
-    """A line on stderr that leaves a progress bar intact."""
-    from tqdm import tqdm
-
-    tqdm.write(line, file=sys.stderr)
-
-
-@contextlib.contextmanager
-def _warnings_as_notes() -> Iterator[None]:
-    """The library's warnings (e.g. truncated sentences) as `widenet: note: ...` lines."""
-    with warnings.catch_warnings():
-        warnings.showwarning = lambda message, *_args, **_kw: _say(f"widenet: note: {message}")
-        yield
-
-
 def cmd_predict(args: argparse.Namespace) -> int:
     from .inference.loading import load_pretrained
     from .inference.predict import check_fits
@@ -114,16 +96,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
     context = None
     if kind == "qa":
         context = args.context if args.context is not None else _read_context(args.context_file)
-    with _warnings_as_notes():
-        pretrained = load_pretrained(args.checkpoint)
-        for note in pretrained.notes:
-            _say(f"widenet: note: {note}")
-        check_fits(pretrained, kind)
-        if kind == "images":
-            return _predict_images(args, pretrained, device)
-        if kind == "text":
-            return _classify_texts(args, pretrained, texts, device)
-        return _answer_questions(args, pretrained, [(q, context) for q in args.question], device)
+    pretrained = load_pretrained(args.checkpoint)
+    for note in pretrained.notes:
+        say(f"widenet: note: {note}")
+    check_fits(pretrained, kind)
+    if kind == "images":
+        return _predict_images(args, pretrained, device)
+    if kind == "text":
+        return _classify_texts(args, pretrained, texts, device)
+    return _answer_questions(args, pretrained, [(q, context) for q in args.question], device)
 
 
 def _print_json(record: dict) -> None:
@@ -137,7 +118,7 @@ def _predict_images(args: argparse.Namespace, pretrained, device) -> int:
     for result in iter_predict_images(pretrained, args.inputs, args.top_k, args.batch_size, device):
         if not result.ok:
             failed += 1
-            _say(f"widenet: cannot read image {result.file}: {result.reason}")
+            say(f"widenet: cannot read image {result.file}: {result.reason}")
         elif args.json:
             _print_json(result.to_record())
         else:
