@@ -6,7 +6,7 @@ import random
 
 from test_text_train import PHRASES, TINY_TEXT, _write_classify
 
-from widenet.analysis.compare_text import TextModelResult, TextSeedResult, _context_note, _transfer_note
+from widenet.analysis.compare_text import TextModelResult, TextSeedResult, _context_note, _sop_note, _transfer_note
 from widenet.cli import main
 from widenet.train.metrics import read_metrics
 
@@ -53,10 +53,11 @@ def test_compare_text_needs_both_task_files(tmp_path, capsys):
     assert "give both --task-train and --task-validation" in capsys.readouterr().err
 
 
-def _model(name: str, mlm: list[float], unigram: float, task: list[float], scratch: list[float]) -> TextModelResult:
-    seeds = [TextSeedResult(params=1, tokens_per_s=1.0, mlm_accuracy=m, unigram_accuracy=unigram, sop_accuracy=0.5,
+def _model(name: str, mlm: list[float], unigram: float, task: list[float], scratch: list[float],
+           sop: list[float] | None = None) -> TextModelResult:
+    seeds = [TextSeedResult(params=1, tokens_per_s=1.0, mlm_accuracy=m, unigram_accuracy=unigram, sop_accuracy=o,
                             task_accuracy=t, scratch_accuracy=s, routing=[], curve={})
-             for m, t, s in zip(mlm, task, scratch)]
+             for m, t, s, o in zip(mlm, task, scratch, sop or [0.5] * len(mlm))]
     return TextModelResult(name, seeds)
 
 
@@ -71,5 +72,12 @@ def test_context_and_transfer_notes_judge_by_the_seed_spread():
     transfer = _transfer_note([flat, learned])
     assert "flat +0.5 points (spread 2.1, no clear effect)" in transfer
     assert "learned +20.5 points (spread 0.7, helped)" in transfer
+    chance = _model("chance", [0.06, 0.06], 0.06, [0.4, 0.4], [0.4, 0.4], sop=[0.52, 0.55])  # +3.5, spread 2.1
+    ordered = _model("ordered", [0.06, 0.06], 0.06, [0.4, 0.4], [0.4, 0.4], sop=[0.64, 0.66])
+    sop = _sop_note([chance, ordered])
+    assert "chance +3.5 points (spread 2.1)" in sop and "ordered +15.0 points (spread 1.4)" in sop
+    assert sop.endswith("Clearly above it (more than twice the spread): ordered; the others are not.")
+    assert _sop_note([chance]).endswith("No model is clearly above chance.")
+    assert _sop_note([ordered]).endswith("Every model is clearly above chance.")
     one = _model("one", [0.3], 0.06, [0.5], [0.3])
     assert "one seed, no spread to judge by" in _transfer_note([one])

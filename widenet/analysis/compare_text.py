@@ -219,7 +219,8 @@ def _row(r: TextModelResult) -> str:
 def _text_verdict(results: list[TextModelResult]) -> list[str]:
     """Paragraphs: what masked LM learned (context or only frequencies), the downstream ranking, and
     what pretraining transferred."""
-    return [p for p in (_context_note(results), _downstream_verdict(results), _transfer_note(results)) if p]
+    return [p for p in (_context_note(results), _sop_note(results), _downstream_verdict(results),
+                        _transfer_note(results)) if p]
 
 
 def _context_note(results: list[TextModelResult]) -> str:
@@ -238,6 +239,22 @@ def _context_note(results: list[TextModelResult]) -> str:
     if len(learned) < len(results):
         return head + f"Clearly above it (more than twice the spread): {', '.join(learned)}; the others are not."
     return head + "Every model has learned context beyond word-piece frequencies."
+
+
+def _sop_note(results: list[TextModelResult]) -> str:
+    """Whether sentence-order accuracy rose above chance (50%) by more than twice the seeds' spread."""
+    parts, above = [], []
+    for r in results:
+        gain, spread = r.mean("sop_accuracy") - 0.5, r.std("sop_accuracy")
+        parts.append(f"{r.model} {100 * gain:+.1f} points (spread {100 * spread:.1f})")
+        if gain > max(0.02, 2 * spread):
+            above.append(r.model)
+    head = "Sentence order against chance (50%): " + "; ".join(parts) + ". "
+    if not above:
+        return head + "No model is clearly above chance."
+    if len(above) < len(results):
+        return head + f"Clearly above it (more than twice the spread): {', '.join(above)}; the others are not."
+    return head + "Every model is clearly above chance."
 
 
 def _gap(r: TextModelResult, name: str, baseline: str) -> tuple[float, float]:
