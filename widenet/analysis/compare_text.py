@@ -225,36 +225,36 @@ def _text_verdict(results: list[TextModelResult]) -> list[str]:
 
 def _context_note(results: list[TextModelResult]) -> str:
     """Whether held-out MLM rose above its no-context level by more than the seeds' spread, per model."""
-    parts, learned = [], []
-    for r in results:
-        gain, spread = _gap(r, "mlm_accuracy", "unigram_accuracy")
-        parts.append(f"{r.model} {100 * gain:+.1f} points (spread {100 * spread:.1f})")
-        if gain > max(0.01, 2 * spread):
-            learned.append(r.model)
-    head = "Masked LM against its no-context level: " + "; ".join(parts) + ". "
-    if not learned:
-        return head + ("No model is clearly above it: at this budget masked LM has learned word-piece "
-                       "frequencies, not context, so it does not rank the models; the 30-minute recipe "
-                       "of docs/text.md (or --preset full) is where context shows.")
-    if len(learned) < len(results):
-        return head + f"Clearly above it (more than twice the spread): {', '.join(learned)}; the others are not."
-    return head + "Every model has learned context beyond word-piece frequencies."
+    return _above_reference(
+        "Masked LM against its no-context level", results,
+        [_gap(r, "mlm_accuracy", "unigram_accuracy") for r in results], floor=0.01,
+        none=("No model is clearly above it: at this budget masked LM has learned word-piece frequencies, not "
+              "context, so it does not rank the models; the 30-minute recipe of docs/text.md (or --preset full) "
+              "is where context shows."),
+        every="Every model has learned context beyond word-piece frequencies.")
 
 
 def _sop_note(results: list[TextModelResult]) -> str:
     """Whether sentence-order accuracy rose above chance (50%) by more than twice the seeds' spread."""
-    parts, above = [], []
-    for r in results:
-        gain, spread = r.mean("sop_accuracy") - 0.5, r.std("sop_accuracy")
-        parts.append(f"{r.model} {100 * gain:+.1f} points (spread {100 * spread:.1f})")
-        if gain > max(0.02, 2 * spread):
-            above.append(r.model)
-    head = "Sentence order against chance (50%): " + "; ".join(parts) + ". "
+    return _above_reference(
+        "Sentence order against chance (50%)", results,
+        [(r.mean("sop_accuracy") - 0.5, r.std("sop_accuracy")) for r in results], floor=0.02,
+        none="No model is clearly above chance.", every="Every model is clearly above chance.")
+
+
+def _above_reference(head: str, results: list[TextModelResult], gaps: list[tuple[float, float]], floor: float,
+                     none: str, every: str) -> str:
+    """One verdict paragraph: each model's gain over a reference level with the seeds' spread (`gaps`,
+    fractions), then which models clear it by more than twice their spread and by more than `floor`."""
+    parts = [f"{r.model} {100 * gain:+.1f} points (spread {100 * spread:.1f})" for r, (gain, spread) in
+             zip(results, gaps)]
+    above = [r.model for r, (gain, spread) in zip(results, gaps) if gain > max(floor, 2 * spread)]
+    text = f"{head}: " + "; ".join(parts) + ". "
     if not above:
-        return head + "No model is clearly above chance."
+        return text + none
     if len(above) < len(results):
-        return head + f"Clearly above it (more than twice the spread): {', '.join(above)}; the others are not."
-    return head + "Every model is clearly above chance."
+        return text + f"Clearly above it (more than twice the spread): {', '.join(above)}; the others are not."
+    return text + every
 
 
 def _gap(r: TextModelResult, name: str, baseline: str) -> tuple[float, float]:
