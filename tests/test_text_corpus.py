@@ -605,7 +605,7 @@ def test_write_field_task(tmp_path, cli):
     for sentence, label in train + val:
         assert sentence.startswith(gloss[label]) and sentence.endswith("unlike _.")  # no mark, headword hidden
     assert not {_headword_id(s) for s, _ in train} & {_headword_id(s) for s, _ in val}
-    with pytest.raises(ValueError, match="unknown GCIDE task 'topic'; choose one of pos, field"):
+    with pytest.raises(ValueError, match="unknown GCIDE task 'topic'; choose one of pos, field, usage"):
         write_gcide_task(path, tmp_path / "bad", "topic")
     rc, out, _ = cli(["gcide-task", "field", "--gcide", path, "--out", tmp_path / "cli", "--train-size", 24,
                       "--validation-size", 9])
@@ -613,6 +613,34 @@ def test_write_field_task(tmp_path, cli):
     assert (tmp_path / "cli" / "train.tsv").read_text() == train_path.read_text()
     rc, _, err = cli(["gcide-task", "field", "--gcide", tmp_path / "missing.dict.dz", "--out", tmp_path / "x"])
     assert rc == 2 and "GCIDE file not found" in err and "Traceback" not in err
+
+
+def test_write_usage_task(tmp_path):
+    """usage: the first "as, ..." example that uses the headword, the headword hidden, labelled with the
+    part of speech; entries without such an example give no row."""
+    kinds = {"n.": ("A thing", "the {w} of a child"), "v. t.": ("To act", "to {w} a nuisance"),
+             "a.": ("Having a quality", "an {w} force")}
+    lines = []
+    for label, (abbrev, (gloss, use)) in enumerate(kinds.items()):
+        for index in range(8):
+            word = f"Word{label}x{index}"
+            example = use.format(w=word.lower()) + f" k{label}x{index}"
+            lines.append(f"{word} \\{word}\\, {abbrev}\n   {gloss}; as, a red rose; as, {example}. --Shak.\n")
+    lines.append("Bare \\Bare\\, a.\n   Naked; as, a red rose.\n")  # no example uses the headword
+    lines.append("Bold \\Bold\\, a.\n   Daring; as, bold men.\n")  # one that says too little (2 words)
+    lines.append("Calm \\Calm\\, a.\n   Still; as, the sea is calm.\n")
+    path = _write_gcide(tmp_path / "usage.dict.dz", "\n".join(lines))
+    train_path, val_path = write_gcide_task(path, tmp_path / "task", "usage", train_size=18, validation_size=7,
+                                            seed=0)
+    train, val = _read_tsv(train_path), _read_tsv(val_path)
+    rows = dict(train + val)
+    assert len(train) + len(val) == len(rows) == 25  # 24 examples and Calm's; not Bare's nor Bold's
+    assert rows["the sea is _"] == "adjective"
+    template = {"noun": "the _ of a child k0x", "verb": "to _ a nuisance k1x", "adjective": "an _ force k2x"}
+    for sentence, label in rows.items():
+        assert sentence == "the sea is _" or sentence.startswith(template[label])  # rose skipped, --Shak. cut
+    assert Counter(rows.values()) == {"noun": 8, "verb": 8, "adjective": 9}
+    assert not {_headword_id(s) for s, _ in train if "k" in s} & {_headword_id(s) for s, _ in val if "k" in s}
 
 
 def test_pos_rows_hide_headword_and_drop_attributions(tmp_path):

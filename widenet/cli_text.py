@@ -142,14 +142,16 @@ def add_text_commands(sub) -> None:
                    help="a model setting for every model, e.g. --set depth=2")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     add_moe_arguments(p)
-    p.add_argument("--gcide-task", default="field", choices=tuple(TASK_KINDS),
-                   help="the GCIDE task used without --task-train: a definition's subject field or part of speech")
+    p.add_argument("--gcide-task", default="usage", choices=tuple(TASK_KINDS),
+                   help="the GCIDE task used without --task-train: a definition's subject field, the headword's part of "
+                        "speech from its definition (pos) or from an example of its use (usage)")
     p.add_argument("--out", type=nonempty, default="runs/compare-text")
     p.set_defaults(func=cmd_compare_text)
 
     p = sub.add_parser("gcide-task", help="write a classification task (train.tsv, validation.tsv) from GCIDE")
     p.add_argument("kind", choices=tuple(TASK_KINDS),
-                   help="field: a definition's subject (zoology, botany, ...); pos: the headword's part of speech")
+                   help="field: a definition's subject (zoology, botany, ...); pos: the headword's part of speech from "
+                        "its definition; usage: the same from an example of its use")
     p.add_argument("--out", type=nonempty, required=True, help="folder for train.tsv and validation.tsv")
     p.add_argument("--train-size", type=positive_int, default=3000)
     p.add_argument("--validation-size", type=positive_int, default=900)

@@ -1,12 +1,17 @@
 """Labelled classification tasks (train/validation TSV files) built from GCIDE entries.
 
-Each row is the first sentence of an entry's definitions with its headword
-hidden as ``_``; the label is the entry's part of speech (``pos``: noun, verb,
-adjective, adverb) or the subject field of its first sense (``field``: zoology,
-botany, chemistry, ... from the "(Zool.)" marks, which the text never
-contains). The part of speech is often given away by the sentence's first
-word ("To ..." for verbs); the field must be read from what the definition
-talks about, so it shows better what pretraining has taught a model.
+Each row is a sentence with the entry's headword hidden as ``_``:
+    pos     the first sentence of the definitions; label: the part of speech
+            (noun, verb, adjective, adverb). Often given away by the first
+            word ("To ..." for verbs).
+    field   the same sentence; label: the subject field of the first sense
+            (zoology, botany, chemistry, ... from the "(Zool.)" marks, which
+            the text never contains): read from what the definition talks
+            about, mostly its rare content words.
+    usage   the first example of the headword in use ("as, the _ of a
+            child"); label: the part of speech, read from the words around
+            the gap alone (a syntactic task: what masked-LM pretraining
+            practises).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import random
 import re
 from collections import defaultdict
 from pathlib import Path
+from typing import Callable
 
 from ...files import atomic_path
 from ..errors import PathLike
@@ -22,12 +28,6 @@ from .gcide import FIELD_LABELS, POS_LABELS, GcideEntry, GcideError, read_gcide
 from .sentences import split_sentences
 
 __all__ = ["TASK_KINDS", "write_gcide_task"]
-
-# kind -> (the labels, the entry attribute that holds an entry's label)
-TASK_KINDS: dict[str, tuple[tuple[str, ...], str]] = {
-    "pos": (POS_LABELS, "pos"),
-    "field": (tuple(FIELD_LABELS.values()), "field"),
-}
 
 
 # A quotation's source: "--Shak." (a dash used as punctuation is spaced: "; -- used").
@@ -37,13 +37,21 @@ _RUN_ON = re.compile(r"\s--\s+(?:[^\s,]+(?:\s[^\s,]+)?,+\s+)?[a-z]{1,4}\.(?=\s|$
 _UNINFORMATIVE = re.compile(r"^(?:see|same as|alt\. of|pl\. of|imp\. of|p\. p\.)\b", re.IGNORECASE)
 
 
+# A usage example: "as, the _ of a child" up to the next ";" or the sentence's end.
+_USAGE = re.compile(r"(?<!\w)as, (.+?)(?=;|\.\s|\.?$)", re.MULTILINE)
+
+
+def _headword(entry: GcideEntry) -> re.Pattern[str]:
+    """The entry's headword as a whole word, any case."""
+    return re.compile(rf"(?<!\w){re.escape(entry.headword)}(?!\w)", re.IGNORECASE)
+
+
 def _first_sentence(entry: GcideEntry) -> str | None:
     """The entry's first definition sentence, headword masked as "_"; None when it says too little."""
     sentences = split_sentences(entry.text)
     if not sentences:
         return None
-    pattern = re.compile(rf"(?<!\w){re.escape(entry.headword)}(?!\w)", re.IGNORECASE)
-    sentence = pattern.sub("_", sentences[0])
+    sentence = _headword(entry).sub("_", sentences[0])
     sentence = _RUN_ON.split(_ATTRIBUTION.split(sentence, maxsplit=1)[0], maxsplit=1)[0]
     sentence = " ".join(sentence.replace("\t", " ").split())
     if len(sentence.split()) < 3 or _UNINFORMATIVE.match(sentence) or sentence.startswith("Syn:"):
@@ -53,13 +61,33 @@ def _first_sentence(entry: GcideEntry) -> str | None:
     return sentence
 
 
+def _usage_example(entry: GcideEntry) -> str | None:
+    """The first "as, ..." example in the entry's definitions that uses the headword, the headword
+    masked as "_" (its quotation's source dropped); None when there is none of 3 words or more."""
+    headword = _headword(entry)
+    for match in _USAGE.finditer(entry.text):
+        example, uses = headword.subn("_", _ATTRIBUTION.split(match[1], maxsplit=1)[0])
+        example = " ".join(example.split()).strip('"')
+        if uses and len(example.split()) >= 3 and "\\" not in example:
+            return example
+    return None
+
+
+# kind -> (the labels, the entry attribute that holds an entry's label, the row's sentence)
+TASK_KINDS: dict[str, tuple[tuple[str, ...], str, Callable[[GcideEntry], str | None]]] = {
+    "pos": (POS_LABELS, "pos", _first_sentence),
+    "field": (tuple(FIELD_LABELS.values()), "field", _first_sentence),
+    "usage": (POS_LABELS, "pos", _usage_example),
+}
+
+
 def _collect_examples(path: PathLike, kind: str) -> dict[str, dict[str, list[str]]]:
     """``{label: {headword (lowercased): [sentence, ...]}}`` over the whole dictionary."""
-    labels, attribute = TASK_KINDS[kind]
+    labels, attribute, text_of = TASK_KINDS[kind]
     found: dict[str, dict[str, list[str]]] = {label: defaultdict(list) for label in labels}
     for entry in read_gcide(path):
         label = getattr(entry, attribute)
-        sentence = _first_sentence(entry) if label in found else None
+        sentence = text_of(entry) if label in found else None
         if sentence is not None:
             found[label][entry.headword.lower()].append(sentence)
     return found
