@@ -30,6 +30,7 @@ def test_compare_text_writes_the_report_and_reuses_finished_runs(tmp_path, capsy
     report = (out / "report_text.md").read_text()
     assert "| bert_text_tiny |" in report and "| widenet_text_tiny |" in report
     assert "MLM acc" in report and "downstream acc" in report
+    assert "(model settings: top_k=1, " in report  # the preset's top-1 routing, then the --set settings
     assert "| no-context level (%) |" in report and "| from random weights (%) |" in report
     row = next(line for line in report.splitlines() if line.startswith("| widenet_text_tiny |"))
     assert len(row.strip("|").split("|")) == 8 and row.count("±") == 5  # every number over the 2 seeds

@@ -13,9 +13,10 @@ fine-tuned from random weights, so the report says whether pretraining
 taught context and whether it transferred.
 
 Offline default data: Debian's GCIDE dictionary as the corpus, and a task
-derived from it: the subject field of a definition (zoology, botany,
-chemistry, ...; data/text/gcide_tasks.py), or with gcide_task="pos" the
-part of speech.
+derived from it (data/text/gcide_tasks.py): a headword's part of speech
+from an example of its use, with the headword hidden ("usage", a syntactic
+task); with gcide_task="field" the subject field of a definition, with "pos"
+the part of speech from the definition.
 Runs live in OUT/runs/<model>/seed<k>/{pretrain,finetune}; rerunning the
 same command resumes unfinished runs and reuses finished ones.
 """
@@ -42,14 +43,19 @@ from ..train.text_config import FinetuneConfig, PretrainConfig
 from . import plots
 
 # Budgets. "quick" fits beside the vision comparison in the README's main job; it is far too short
-# to leave the no-context plateau (docs/experiments.md), which its report says. "full" is the
-# recipe of docs/text.md (batch 16 x 128, lr 1e-3, linear decay) for 20000 steps, about as many tokens as
-# 30 minutes on one core give 3.5 times over, and the fine-tuning recipe that served pretrained starts best.
+# to leave masked LM's no-context plateau, which its report says, but long enough for sentence order
+# to leave chance (docs/experiments.md). "full" is the
+# recipe of docs/text.md (batch 16 x 128, lr 1e-3, linear decay, WideNet top-1) for 20000 steps,
+# about 1.3 times the steps of its 30 minutes on 2 cores, and the fine-tuning recipe of its transfer
+# measurement. Both route WideNet's tokens to one expert: its blocks then do the FLOPs of the
+# dense models' (top-2 costs 1.5x and left it behind at equal minutes).
 TEXT_PRESETS: dict[str, dict] = {
-    "quick": dict(seeds=2, seq_len=64, pretrain_steps=100, batch_size=32, lr=2e-3, finetune_epochs=2,
-                  finetune_lr=1e-3, task_train=1500, task_validation=600, max_documents=3000, scratch=True),
-    "full": dict(seeds=3, seq_len=128, pretrain_steps=20000, batch_size=16, lr=1e-3, finetune_epochs=6,
-                 finetune_lr=3e-3, task_train=3000, task_validation=900, max_documents=None, scratch=True),
+    "quick": dict(seeds=2, seq_len=64, pretrain_steps=400, batch_size=16, lr=1e-3, finetune_epochs=2,
+                  finetune_lr=1e-3, task_train=1500, task_validation=600, max_documents=3000, scratch=True,
+                  model_overrides=dict(top_k=1)),
+    "full": dict(seeds=3, seq_len=128, pretrain_steps=20000, batch_size=16, lr=1e-3, finetune_epochs=3,
+                 finetune_lr=1e-3, task_train=3000, task_validation=900, max_documents=None, scratch=True,
+                 model_overrides=dict(top_k=1)),
 }
 DEFAULT_TEXT_MODELS = ("bert_text_tiny", "albert_text_tiny", "widenet_text_tiny")
 VOCAB_SIZE = 8000
@@ -84,7 +90,7 @@ class TextModelResult:
 def compare_text(models: list[str], out: str | Path, preset: str = "quick", seeds: int | None = None,
                  corpus: list[str] | None = None, task_train: str | None = None,
                  task_validation: str | None = None, pretrain_steps: int | None = None,
-                 device: str = "auto", model_overrides: dict | None = None, gcide_task: str = "field",
+                 device: str = "auto", model_overrides: dict | None = None, gcide_task: str = "usage",
                  log: Callable[[str], None] = print) -> Path:
     """Pretrain + fine-tune every (model, seed) (and fine-tune it from random weights too, when the
     preset says scratch), then write OUT/report_text.md and its figures. Without task files the task
@@ -98,7 +104,7 @@ def compare_text(models: list[str], out: str | Path, preset: str = "quick", seed
     budget = dict(TEXT_PRESETS[preset])
     budget["seeds"] = seeds or budget["seeds"]
     budget["pretrain_steps"] = pretrain_steps or budget["pretrain_steps"]
-    budget["model_overrides"] = dict(model_overrides or {})
+    budget["model_overrides"] = {**budget.get("model_overrides", {}), **(model_overrides or {})}
     out = Path(out)
     corpus = corpus or [str(_gcide())]
     if task_train is None:
@@ -183,8 +189,8 @@ def write_text_report(results: list[TextModelResult], budget: dict, preset: str,
         f"{_dt.datetime.now():%Y-%m-%d %H:%M}, {platform.machine()} CPU, preset `{preset}`: pretraining "
         f"{budget['pretrain_steps']} steps x {budget['batch_size']} sequences of {budget['seq_len']} tokens "
         f"on {', '.join(corpus)}; fine-tuning {budget['finetune_epochs']} epochs on {task_train}; "
-        f"{budget['seeds']} seed(s). Same tokenizer, budget and recipe for every model. Mean ± standard "
-        "deviation over seeds. *No-context level*: held-out MLM accuracy from word-piece frequencies alone; "
+        f"{budget['seeds']} seed(s). Same tokenizer, budget and recipe for every model{_settings(budget)}. "
+        "Mean ± standard deviation over seeds. *No-context level*: held-out MLM accuracy from word-piece frequencies alone; "
         "SOP's chance level is 50%.",
         "",
         "| model | params | pretrain tokens/s | MLM acc (%) | no-context level (%) | SOP acc (%) | "
@@ -203,6 +209,12 @@ def write_text_report(results: list[TextModelResult], budget: dict, preset: str,
     report = out / "report_text.md"
     report.write_text("\n".join(lines), encoding="utf-8")
     return report
+
+
+def _settings(budget: dict) -> str:
+    """The model settings every model ran with, for the report's first paragraph ("" when none)."""
+    changes = budget["model_overrides"]
+    return f" (model settings: {', '.join(f'{k}={v}' for k, v in changes.items())})" if changes else ""
 
 
 def _pm(r: TextModelResult, name: str) -> str:
