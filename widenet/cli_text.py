@@ -143,8 +143,8 @@ def add_text_commands(sub) -> None:
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     add_moe_arguments(p)
     p.add_argument("--gcide-task", default="usage", choices=tuple(TASK_KINDS),
-                   help="the GCIDE task used without --task-train: a definition's subject field, the headword's part of "
-                        "speech from its definition (pos) or from an example of its use (usage)")
+                   help="the GCIDE task used without --task-train: a definition's subject field, the headword's "
+                        "part of speech from its definition (pos) or from an example of its use (usage)")
     p.add_argument("--out", type=nonempty, default="runs/compare-text")
     p.set_defaults(func=cmd_compare_text)
 

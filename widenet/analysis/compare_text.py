@@ -46,7 +46,8 @@ from . import plots
 # to leave masked LM's no-context plateau, which its report says, but long enough for sentence order
 # to leave chance (docs/experiments.md). "full" is the
 # recipe of docs/text.md (batch 16 x 128, lr 1e-3, linear decay, WideNet top-1) for 20000 steps,
-# about 1.3 times the steps of its 30 minutes on 2 cores, and the fine-tuning recipe of its transfer
+# about 1.3 times the steps of its 30 minutes on 2 cores, but with pretraining's default warmup (10%
+# of the steps, where the 30-minute runs warm up for 80), and the fine-tuning recipe of its transfer
 # measurement. Both route WideNet's tokens to one expert: its blocks then do the FLOPs of the
 # dense models' (top-2 costs 1.5x and left it behind at equal minutes).
 TEXT_PRESETS: dict[str, dict] = {
@@ -190,8 +191,8 @@ def write_text_report(results: list[TextModelResult], budget: dict, preset: str,
         f"{budget['pretrain_steps']} steps x {budget['batch_size']} sequences of {budget['seq_len']} tokens "
         f"on {', '.join(corpus)}; fine-tuning {budget['finetune_epochs']} epochs on {task_train}; "
         f"{budget['seeds']} seed(s). Same tokenizer, budget and recipe for every model{_settings(budget)}. "
-        "Mean ± standard deviation over seeds. *No-context level*: held-out MLM accuracy from word-piece frequencies alone; "
-        "SOP's chance level is 50%.",
+        "Mean ± standard deviation over seeds. *No-context level*: held-out MLM accuracy from word-piece "
+        "frequencies alone; SOP's chance level is 50%.",
         "",
         "| model | params | pretrain tokens/s | MLM acc (%) | no-context level (%) | SOP acc (%) | "
         "downstream acc (%) | from random weights (%) |",
