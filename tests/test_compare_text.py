@@ -82,3 +82,31 @@ def test_context_and_transfer_notes_judge_by_the_seed_spread():
     assert _sop_note([ordered]).endswith("Every model is clearly above chance.")
     one = _model("one", [0.3], 0.06, [0.5], [0.3])
     assert "one seed, no spread to judge by" in _transfer_note([one])
+
+
+def test_full_preset_passes_its_warmup_and_fine_tuning_recipe_to_the_runs(tmp_path, capsys):
+    """--preset full: 80 warmup steps, cut to a tenth of a shortened run (here 2 of 20), and fine-tuning
+    at batch 32 and 64 tokens; the saved run settings say what each run trained with."""
+    import json
+
+    _corpus(tmp_path / "corpus.txt")
+    _write_classify(tmp_path / "train.tsv", 64, 0)
+    _write_classify(tmp_path / "dev.tsv", 32, 1)
+    out = tmp_path / "cmp"
+    assert main(["compare-text", "--preset", "full", "--models", "albert_text_tiny", "--max-steps", "20",
+                 "--seeds", "1", "--corpus", str(tmp_path / "corpus.txt"), "--task-train",
+                 str(tmp_path / "train.tsv"), "--task-validation", str(tmp_path / "dev.tsv"), "--out", str(out),
+                 *[f"--set={k}={v}" for k, v in dict(TINY_TEXT, max_positions=128).items()]]) == 0
+    run = out / "runs" / "albert_text_tiny" / "seed0"
+
+    def settings(name: str) -> dict:
+        latest = (run / name / "checkpoints" / "latest").read_text().strip()
+        return json.loads((run / name / "checkpoints" / latest / "meta.json").read_text())["train_config"]
+
+    assert {k: settings("pretrain")[k] for k in ("max_steps", "warmup_steps", "seq_len", "batch_size")} == \
+        dict(max_steps=20, warmup_steps=2, seq_len=128, batch_size=16)
+    for name in ("finetune", "scratch"):
+        assert {k: settings(name)[k] for k in ("max_len", "batch_size", "epochs")} == \
+            dict(max_len=64, batch_size=32, epochs=3)
+    assert "preset `full`: pretraining 20 steps x 16 sequences of 128 tokens" in (out / "report_text.md").read_text()
+    capsys.readouterr()

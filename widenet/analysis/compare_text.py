@@ -44,18 +44,20 @@ from . import plots
 
 # Budgets. "quick" fits beside the vision comparison in the README's main job; it is far too short
 # to leave masked LM's no-context plateau, which its report says, but long enough for sentence order
-# to leave chance (docs/experiments.md). "full" is the
-# recipe of docs/text.md (batch 16 x 128, lr 1e-3, linear decay, WideNet top-1) for 20000 steps,
-# about 1.3 times the steps of its 30 minutes on 2 cores, but with pretraining's default warmup (10%
-# of the steps, where the 30-minute runs warm up for 80), and the fine-tuning recipe of its transfer
-# measurement. Both route WideNet's tokens to one expert: its blocks then do the FLOPs of the
-# dense models' (top-2 costs 1.5x and left it behind at equal minutes).
+# to leave chance (docs/experiments.md). "full" is the recipe of docs/text.md (batch 16 x 128, lr 1e-3,
+# 80 warmup steps, linear decay, WideNet top-1) for 6000 steps, past the point where all three models
+# leave the plateau in its 30-minute runs, and the fine-tuning recipe of its transfer measurement
+# (3 epochs of batch 32 at lr 1e-3, 64 tokens); about 1 h 40 min on 2 cores. Both route WideNet's
+# tokens to one expert: its blocks then do the FLOPs of the dense models' (top-2 costs 1.5x and left it
+# behind at equal minutes). warmup_steps None: pretraining's default (10% of the steps).
 TEXT_PRESETS: dict[str, dict] = {
-    "quick": dict(seeds=2, seq_len=64, pretrain_steps=400, batch_size=16, lr=1e-3, finetune_epochs=2,
-                  finetune_lr=1e-3, task_train=1500, task_validation=600, max_documents=3000, scratch=True,
+    "quick": dict(seeds=2, seq_len=64, pretrain_steps=400, warmup_steps=None, batch_size=16, lr=1e-3,
+                  finetune_epochs=2, finetune_batch_size=16, finetune_max_len=64, finetune_lr=1e-3,
+                  task_train=1500, task_validation=600, max_documents=3000, scratch=True,
                   model_overrides=dict(top_k=1)),
-    "full": dict(seeds=3, seq_len=128, pretrain_steps=20000, batch_size=16, lr=1e-3, finetune_epochs=3,
-                 finetune_lr=1e-3, task_train=3000, task_validation=900, max_documents=None, scratch=True,
+    "full": dict(seeds=2, seq_len=128, pretrain_steps=6000, warmup_steps=80, batch_size=16, lr=1e-3,
+                 finetune_epochs=3, finetune_batch_size=32, finetune_max_len=64, finetune_lr=1e-3,
+                 task_train=3000, task_validation=900, max_documents=None, scratch=True,
                  model_overrides=dict(top_k=1)),
 }
 DEFAULT_TEXT_MODELS = ("bert_text_tiny", "albert_text_tiny", "widenet_text_tiny")
@@ -105,6 +107,8 @@ def compare_text(models: list[str], out: str | Path, preset: str = "quick", seed
     budget = dict(TEXT_PRESETS[preset])
     budget["seeds"] = seeds or budget["seeds"]
     budget["pretrain_steps"] = pretrain_steps or budget["pretrain_steps"]
+    if budget["warmup_steps"] is not None:  # a shortened run warms up over at most a tenth of its steps
+        budget["warmup_steps"] = min(budget["warmup_steps"], max(1, budget["pretrain_steps"] // 10))
     budget["model_overrides"] = {**budget.get("model_overrides", {}), **(model_overrides or {})}
     out = Path(out)
     corpus = corpus or [str(_gcide())]
@@ -151,7 +155,8 @@ def _run_seed(model: str, seed: int, out: Path, corpus: list[str], tokenizer: Pa
     pre = pretrain(PretrainConfig(
         model=model, corpus=corpus, tokenizer=str(tokenizer), seq_len=budget["seq_len"],
         max_steps=budget["pretrain_steps"], batch_size=budget["batch_size"], lr=budget["lr"],
-        max_documents=budget["max_documents"], model_overrides=budget["model_overrides"], seed=seed,
+        warmup_steps=budget["warmup_steps"], max_documents=budget["max_documents"],
+        model_overrides=budget["model_overrides"], seed=seed,
         log_every=10, device=device,
         out=str(run / "pretrain"), **resume_or_restart(run / "pretrain")), log=indent)
     fine = {}
@@ -159,8 +164,9 @@ def _run_seed(model: str, seed: int, out: Path, corpus: list[str], tokenizer: Pa
         log(f"== {model}, seed {seed}: fine-tuning" + (" from random weights ==" if name == "scratch" else " =="))
         fine[name] = finetune(FinetuneConfig(
             task="classify", init=str(run / "pretrain"), scratch=name == "scratch", train=task_train,
-            validation=task_validation, tokenizer=str(tokenizer), max_len=budget["seq_len"],
-            epochs=budget["finetune_epochs"], batch_size=budget["batch_size"], lr=budget["finetune_lr"], seed=seed,
+            validation=task_validation, tokenizer=str(tokenizer), max_len=budget["finetune_max_len"],
+            epochs=budget["finetune_epochs"], batch_size=budget["finetune_batch_size"], lr=budget["finetune_lr"],
+            seed=seed,
             log_every=10, device=device, out=str(run / name), **resume_or_restart(run / name)), log=indent)
     e = pre.run.final_eval
     scratch = fine["scratch"].run.final_eval["accuracy"] if "scratch" in fine else None
