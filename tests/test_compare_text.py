@@ -109,4 +109,5 @@ def test_full_preset_passes_its_warmup_and_fine_tuning_recipe_to_the_runs(tmp_pa
         assert {k: settings(name)[k] for k in ("max_len", "batch_size", "epochs")} == \
             dict(max_len=64, batch_size=32, epochs=3)
     assert "preset `full`: pretraining 20 steps x 16 sequences of 128 tokens" in (out / "report_text.md").read_text()
-    capsys.readouterr()
+    printed = capsys.readouterr()
+    assert "for classify from random weights (the architecture of " in printed.out + printed.err

@@ -269,7 +269,8 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print) -> Finetun
         if parallel.is_main and not (out / TOKENIZER_FILE).exists():  # the run folder is self-contained
             out.mkdir(parents=True, exist_ok=True)
             save_tokenizer(tokenizer, out / TOKENIZER_FILE)
-        trainer.log(f"fine-tuning {cfg.model} ({params / 1e6:.3f}M params) for {cfg.task} from {ckpt.path}: "
+        start = f"random weights (the architecture of {ckpt.path})" if cfg.scratch else ckpt.path
+        trainer.log(f"fine-tuning {cfg.model} ({params / 1e6:.3f}M params) for {cfg.task} from {start}: "
                     f"{len(train['input_ids'])} training sequences of up to {max_len} tokens; "
                     f"{trainer.progress.total} steps; {device}" + describe_processes(parallel, cfg.compile))
         return FinetuneResult(out, params, trainer.run(), model)
