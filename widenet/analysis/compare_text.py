@@ -47,7 +47,7 @@ from . import plots
 # to leave chance (docs/experiments.md). "full" is the recipe of docs/text.md (batch 16 x 128, lr 1e-3,
 # 80 warmup steps, linear decay, WideNet top-1) for 6000 steps, past the point where all three models
 # leave the plateau in its 30-minute runs, and the fine-tuning recipe of its transfer measurement
-# (3 epochs of batch 32 at lr 1e-3, 64 tokens); about 1 h 40 min on 2 cores. Both route WideNet's
+# (3 epochs of batch 32 at lr 1e-3, 64 tokens); 65 minutes on 2 cores. Both route WideNet's
 # tokens to one expert: its blocks then do the FLOPs of the dense models' (top-2 costs 1.5x and left it
 # behind at equal minutes). warmup_steps None: pretraining's default (10% of the steps).
 TEXT_PRESETS: dict[str, dict] = {
