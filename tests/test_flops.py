@@ -32,3 +32,17 @@ def test_flops_per_image_matches_a_hand_count(name, backend):
     c = model.cfg
     assert flops_per_image(model, (c.in_channels, c.image_size, c.image_size)) == _hand_count(c)
     assert all(m.backend == backend for m in model.modules() if hasattr(m, "backend"))  # restored
+
+
+def test_flops_count_every_top_k_assignment_however_the_router_spreads_the_tokens():
+    """With the capacity limit in force, a router that sends every token to the same two experts
+    drops most assignments; the count is still the model's top-k compute, and the layer keeps its limit."""
+    import torch
+
+    model = create_model("widenet_tiny", **dict(SMALL, dropless=False))
+    moe = model.encoder.moes[0]
+    with torch.no_grad():
+        moe.router.weight.zero_()  # equal logits: every token picks the same experts
+    c = model.cfg
+    assert flops_per_image(model, (c.in_channels, c.image_size, c.image_size)) == _hand_count(c)
+    assert moe.cfg.dropless is False

@@ -10,10 +10,17 @@ attention matmuls (4 x T^2 x D per block). The experts are counted on their
 per-expert loop for the same reason: torch._grouped_mm (the "grouped"
 backend, auto's pick on some GPUs) has no formula either, and the count lost
 every expert matmul.
+
+Every MoE layer is counted dropless: each token reaches its top-k experts.
+With the capacity limit the count followed the routing of the random
+probe images (which a trained router spreads unevenly: `widenet_tiny` read
+15.2M to 18.0M per image between two trainings of one configuration, where
+its top-2 compute is 19.8M), not the model's compute.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -22,7 +29,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..layers.moe import Experts
+from ..layers.moe import Experts, MoE
 
 
 def flops_per_image(model: nn.Module, image_shape: tuple[int, int, int], batch: int = 8) -> float:
@@ -32,21 +39,27 @@ def flops_per_image(model: nn.Module, image_shape: tuple[int, int, int], batch: 
     device = next(model.parameters()).device
     images = torch.randn(batch, *image_shape, device=device)
     counter = FlopCounterMode(display=False)
-    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), _experts_on_loop(model), counter:
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), _countable(model), counter:
         model(images)
     model.train(was_training)
     return counter.get_total_flops() / batch
 
 
 @contextmanager
-def _experts_on_loop(model: nn.Module) -> Iterator[None]:
-    """Every Experts module of the model runs its per-expert loop meanwhile (same FLOPs, countable)."""
+def _countable(model: nn.Module) -> Iterator[None]:
+    """Meanwhile every MoE layer of the model is dropless and its experts run their per-expert
+    loop (the top-k compute, on kernels FlopCounterMode can count)."""
     experts = [m for m in model.modules() if isinstance(m, Experts)]
-    saved = [m.backend for m in experts]
+    moes = [m for m in model.modules() if isinstance(m, MoE)]
+    saved = [m.backend for m in experts], [m.cfg for m in moes]
     for m in experts:
         m.backend = "loop"
+    for m in moes:
+        m.cfg = dataclasses.replace(m.cfg, dropless=True)
     try:
         yield
     finally:
-        for m, backend in zip(experts, saved):
+        for m, backend in zip(experts, saved[0]):
             m.backend = backend
+        for m, cfg in zip(moes, saved[1]):
+            m.cfg = cfg
