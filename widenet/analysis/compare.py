@@ -37,7 +37,7 @@ from .similarity import block_similarity
 # the ~52% of the patch stem's 49 tokens (docs/experiments.md). The MoE models keep the paper's
 # top-2 routing. "full" trains the same models 3 epochs each (a length in steps: the same for every
 # model, and unchanged by a busy machine), on the whole test set, with 3 seeds and the ablation
-# (WideNet with shared LayerNorms); about an hour on 2 cores. The models' own patch stems at 30 epochs
+# (WideNet with shared LayerNorms); 33 minutes on 2 cores. The models' own patch stems at 30 epochs
 # (~5 hours here) are `--preset full --set stem=patch --set patch_size=4 --set stem_width=none --epochs 30`.
 QUICK_MODEL = dict(stem="conv", patch_size=8, stem_width=96)
 _RECIPE = dict(train_subset=None, batch_size=128, lr=3e-3, warmup_fraction=0.05, crop="none", log_every=50,
