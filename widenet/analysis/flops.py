@@ -13,9 +13,9 @@ every expert matmul.
 
 Every MoE layer is counted dropless: each token reaches its top-k experts.
 With the capacity limit the count followed the routing of the random
-probe images (which a trained router spreads unevenly: `widenet_tiny` read
-15.2M to 18.0M per image between two trainings of one configuration, where
-its top-2 compute is 19.8M), not the model's compute.
+probe images, which a trained router spreads unevenly: two trainings of
+`widenet_tiny` (with its own and with shared LayerNorms, the same top-2
+compute of 19.8M per image) read 18.0M and 15.2M.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def _countable(model: nn.Module) -> Iterator[None]:
     loop (the top-k compute, on kernels FlopCounterMode can count)."""
     experts = [m for m in model.modules() if isinstance(m, Experts)]
     moes = [m for m in model.modules() if isinstance(m, MoE)]
-    saved = [m.backend for m in experts], [m.cfg for m in moes]
+    backends, configs = [m.backend for m in experts], [m.cfg for m in moes]
     for m in experts:
         m.backend = "loop"
     for m in moes:
@@ -59,7 +59,7 @@ def _countable(model: nn.Module) -> Iterator[None]:
     try:
         yield
     finally:
-        for m, backend in zip(experts, saved[0]):
+        for m, backend in zip(experts, backends):
             m.backend = backend
-        for m, cfg in zip(moes, saved[1]):
+        for m, cfg in zip(moes, configs):
             m.cfg = cfg
