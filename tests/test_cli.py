@@ -65,18 +65,43 @@ def test_list_same_output_from_script_module_and_main(capsys, tmp_path):
     assert set(PAPER_PARAMS_M) | {"vit_tiny", "vit_moe_tiny", "albert_tiny", "widenet_tiny"} <= set(names)
 
 
-def test_closed_stdout_pipe_ends_quietly():
+TORCHRUN_RANK_1 = dict(WORLD_SIZE="2", RANK="1", LOCAL_RANK="1")  # what torchrun gives its second process
+
+
+@pytest.mark.parametrize("launcher", [{}, TORCHRUN_RANK_1], ids=["alone", "under-torchrun"])
+def test_closed_stdout_pipe_ends_quietly(launcher):
     """`widenet list | head -0`: the reader is gone before anything is written. No traceback,
     no "Exception ignored" message; the status a shell reports for a process SIGPIPE ended."""
     read_end, write_end = os.pipe()
     os.close(read_end)
     try:
         proc = subprocess.run([sys.executable, "-m", "widenet", "list"], stdout=write_end,
-                              stderr=subprocess.PIPE, text=True, timeout=120)
+                              stderr=subprocess.PIPE, text=True, timeout=120, env=dict(_env(), **launcher))
     finally:
         os.close(write_end)
     assert proc.returncode == 141
     assert proc.stderr == ""
+
+
+def test_a_torchrun_process_keeps_its_output_and_status_but_skips_finalizing():
+    """Under torchrun the CLI ends with os._exit after flushing (distributed.env.exit_without_finalizing):
+    finalizing can abort a process after a successful run. An atexit hook shows which way it left."""
+    script = ("import atexit, sys; atexit.register(print, 'finalized'); sys.argv[0] = 'widenet'; "
+              "from widenet.cli import run; run()")
+
+    def launch(*args: str, **launcher: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=120,
+                              env=dict(_env(), **launcher))
+
+    alone, worker = launch("list"), launch("list", **TORCHRUN_RANK_1)
+    assert alone.returncode == worker.returncode == 0, alone.stderr + worker.stderr
+    assert alone.stdout.endswith("\nfinalized\n")
+    assert worker.stdout == alone.stdout.removesuffix("finalized\n")  # all of it, block-buffered into a pipe
+    failed = launch("params", "no_such_model", **TORCHRUN_RANK_1)
+    assert failed.returncode == 2 and failed.stdout == ""
+    assert failed.stderr.startswith("widenet: error: ") and "no_such_model" in failed.stderr
+    odd = launch("list", WORLD_SIZE="two")  # not a number: no command here needed it, so it ran and finalized
+    assert odd.returncode == 0 and odd.stdout == alone.stdout
 
 
 def test_list_json(capsys):

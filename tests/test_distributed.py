@@ -27,7 +27,7 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from widenet.cli import main
-from widenet.distributed.env import DistEnv, destroy_distributed, init_distributed
+from widenet.distributed.env import DistEnv, destroy_distributed, exit_without_finalizing, init_distributed
 from widenet.distributed.expert_parallel import (ExpertParallelMoE, consolidated_state_dict,
                                                  convert_to_expert_parallel, gather_shards,
                                                  load_consolidated_state_dict, source_to_expert_order)
@@ -334,6 +334,7 @@ def _entry(rank: int, port: int, world: int, checks: list[str], args: tuple) -> 
             globals()[name](rank, *args)
     finally:
         destroy_distributed()
+    exit_without_finalizing(0)  # as the CLI does: finalizing could abort a process whose checks all passed
 
 
 def _spawn(checks: list[str], *args, world: int = WORLD) -> None:

@@ -22,7 +22,7 @@ import os
 import sys
 import traceback
 from dataclasses import asdict
-from typing import Callable, Sequence
+from typing import Callable, NoReturn, Sequence
 
 from . import __version__
 from .cli_args import (add_budget_arguments, add_moe_arguments, add_process_arguments, add_recipe_arguments,
@@ -367,6 +367,26 @@ def _show_library_notes() -> None:
     if not logger.handlers:
         logger.addHandler(ToStderr())
         logger.setLevel(logging.INFO)
+
+
+def run() -> NoReturn:
+    """The console script (and `python -m widenet`): main(), then exit with its status.
+
+    A process started by torchrun (WORLD_SIZE > 1) exits without Python's
+    finalization, which can abort it after a successful run (see
+    widenet.distributed.env.exit_without_finalizing).
+    """
+    code = main()
+    if "WORLD_SIZE" in os.environ:  # torch is imported only then
+        from .distributed.env import DistEnv, exit_without_finalizing
+
+        try:
+            several = DistEnv.from_environ().distributed
+        except ValueError:  # a bad WORLD_SIZE, already reported by a command that needed it
+            several = False
+        if several:
+            exit_without_finalizing(code)
+    raise SystemExit(code)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -139,4 +139,7 @@ def format_ddp_bench(r: DDPBenchResult) -> str:
 
 
 if __name__ == "__main__":
+    from ..distributed.env import exit_without_finalizing
+
     _worker(sys.argv[1:])
+    exit_without_finalizing(0)  # what the CLI does under torchrun (see that function)
