@@ -132,10 +132,10 @@ def distributed_session(backend: str = "auto", timeout_s: float | None = None) -
 def exit_without_finalizing(code: int) -> NoReturn:
     """End a process that was in a process group: flush the output, then exit without Python's finalization.
 
-    Why: gloo's worker threads outlive destroy_process_group() (DDP keeps the
-    group alive), and the thread that ran the last collective drops its work
-    object, and with it references to Python tensors, a moment after the caller
-    was told the collective finished. Dropping those references takes the GIL.
+    Why: once DDP has used a gloo group, the group's worker threads outlive
+    destroy_process_group(), and the thread that ran the last collective drops
+    its work object, and with it references to Python tensors, a moment after
+    the caller was told the collective finished. Dropping those references takes the GIL.
     If the interpreter has begun finalizing by then, Python ends that thread by
     unwinding it through a C++ destructor, which calls std::terminate: the
     process aborts (SIGABRT, "terminate called without an active exception")
