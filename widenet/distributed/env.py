@@ -135,10 +135,10 @@ def exit_without_finalizing(code: int) -> NoReturn:
     Why: once DDP has used a gloo group, the group's worker threads outlive
     destroy_process_group(), and the thread that ran the last collective drops
     its work object, and with it references to Python tensors, a moment after
-    the caller was told the collective finished. Dropping those references takes the GIL.
-    If the interpreter has begun finalizing by then, Python ends that thread by
-    unwinding it through a C++ destructor, which calls std::terminate: the
-    process aborts (SIGABRT, "terminate called without an active exception")
+    the caller was told the collective finished. Dropping those references
+    takes the GIL. If the interpreter has begun finalizing by then, Python ends
+    that thread by unwinding it through a C++ destructor, which calls
+    std::terminate: the process aborts (SIGABRT, "terminate called without an active exception")
     after a run that succeeded, and torchrun reports the whole job as failed
     (1 in 50 runs of a 4-step two-process `widenet train` on a 2-core CPU).
     Everything this package writes is closed by the time a command returns, so
