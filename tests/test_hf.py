@@ -8,6 +8,7 @@ the same outputs on the same input.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import os
 import pickle
 
@@ -255,6 +256,21 @@ def test_configs_that_would_build_another_model_are_refused(tmp_path):
     vit = _save(transformers.ViTModel(transformers.ViTConfig(pooler_act="relu", **VIT)), tmp_path / "vit")
     with pytest.raises(HFCheckpointError, match="pooler_act 'relu' is not supported"):
         load_hf(vit)
+
+
+def test_labels_that_do_not_match_the_classifier_are_refused(tmp_path):
+    """A config.json naming 5 labels beside a 3-row classifier (transformers refuses it too):
+    no import that silently drops the names or keeps the wrong count."""
+    torch.manual_seed(0)
+    folder = _save(transformers.ViTForImageClassification(transformers.ViTConfig(num_labels=3, **VIT)),
+                   tmp_path / "vit")
+    folder = Path(folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["id2label"] = {str(i): f"c{i}" for i in range(5)}
+    config["label2id"] = {f"c{i}": i for i in range(5)}
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(HFCheckpointError, match="names 5 labels .id2label. but the classifier has 3 rows"):
+        load_hf(folder)
 
 
 def test_nan_weights_and_unnamed_labels(tmp_path):

@@ -287,6 +287,34 @@ def test_finetuning_needs_two_labels_and_a_validation_set(tmp_path, capsys):
     assert str(empty) in line and "no examples" in line
 
 
+def test_task_files_that_would_score_the_wrong_thing(tmp_path, capsys):
+    """Files that read fine one by one but would give a meaningless score: a header naming a
+    column twice (a row as a dict keeps the last), pairs for training but single sentences for
+    validation, and SQuAD questions sharing an id (answers and scores are looked up by id)."""
+    base = ["finetune", "--init", FIXTURES / "text_run", "--out", tmp_path / "run", "--device", "cpu",
+            "--max-steps", 1]
+    single = tmp_path / "single.tsv"
+    single.write_text("sentence\tlabel\na b c\tgood\nd e f\tbad\n")
+    twice = tmp_path / "twice.tsv"
+    twice.write_text("sentence\tsentence\tlabel\na b\tc d\tgood\ne f\tg h\tbad\n")
+    line = _one_line_error(*_cli(base + ["--task", "classify", "--train", twice, "--validation", single],
+                                 capsys)[::2])
+    assert "twice.tsv line 1: column 'sentence' appears more than once" in line
+    pairs = tmp_path / "pairs.tsv"
+    pairs.write_text("sentence1\tsentence2\tlabel\na b\tc d\tgood\ne f\tg h\tbad\n")
+    line = _one_line_error(*_cli(base + ["--task", "classify", "--train", pairs, "--validation", single],
+                                 capsys)[::2])
+    assert f"{single} has single sentences but {pairs} has sentence pairs" in line
+    context = "The Eiffel Tower is in Paris."
+    qas = [{"id": "1", "question": "Where is it?", "answers": [{"text": "Paris", "answer_start": 23}]},
+           {"id": "1", "question": "What is in Paris?", "answers": [{"text": "The Eiffel Tower", "answer_start": 0}]}]
+    squad = tmp_path / "dup.json"
+    squad.write_text(json.dumps({"data": [{"title": "T", "paragraphs": [{"context": context, "qas": qas}]}]}))
+    line = _one_line_error(*_cli(base + ["--task", "qa", "--train", squad, "--validation", squad], capsys)[::2])
+    assert "qas[1]: question id '1' appears twice (first at data[0] ('T') paragraphs[0] qas[0])" in line
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").rglob("*.safetensors"))
+
+
 def test_a_library_warning_reaches_the_user_as_one_note(tmp_path, capsys):
     data = tmp_path / "train.tsv"
     data.write_text("sentence\tlabel\n" + "".join(f"{'word ' * n}end\t{'ab'[n % 2]}\n" for n in range(1, 9)))

@@ -190,8 +190,8 @@ def _load_text(path, config: dict, state: dict, arch: str, kind: str) -> HFImpor
     if kind == "albert":
         encoder.update(ALBERT_SHARING)
     classes = _label_names(config) if task == "classify" else None
-    if classes is not None and "classifier.weight" in state and len(classes) != state["classifier.weight"].shape[0]:
-        classes = None  # id2label does not name the head's classes
+    if classes is not None and "classifier.weight" in state:
+        _check_label_count(path, classes, state["classifier.weight"].shape[0])
     decoder = next((k for k in ("predictions.decoder.weight", "cls.predictions.decoder.weight") if k in state), None)
     words = state.get("embeddings.word_embeddings.weight")
     untied = decoder is not None and words is not None and not torch.equal(state[decoder], words)
@@ -313,8 +313,8 @@ def _load_vit(path, config: dict, state: dict, arch: str) -> HFImport:
                             mlp_dim=config["intermediate_size"], norm_eps=float(config.get("layer_norm_eps", 1e-12)),
                             activation=_activation(path, config), norm_position="pre")
     num_classes = state["classifier.weight"].shape[0] if classifier else config.get("num_labels", 2) or 2
-    if classes is not None and len(classes) != num_classes:
-        classes = None  # id2label does not name the head's classes
+    if classes is not None:
+        _check_label_count(path, classes, num_classes)
     cfg = VisionConfig(image_size=_single(path, config, "image_size"), patch_size=_single(path, config, "patch_size"),
                        in_channels=config.get("num_channels", 3), num_classes=num_classes, pool="token",
                        stem="patch", representation_size=dim if pooled else None, encoder=encoder)
@@ -382,6 +382,14 @@ def _label_names(config: dict) -> list[str] | None:
         return None  # not names for ids 0..n-1: the classes stay unnamed
     by_id = {str(k): v for k, v in labels.items()}
     return [str(by_id[str(i)]) for i in range(len(labels))]
+
+
+def _check_label_count(path, classes: list[str], rows: int) -> None:
+    """The classifier's rows must be the classes config.json names (transformers refuses such a
+    folder too): taking either count would give some classes wrong or no names."""
+    if len(classes) != rows:
+        raise HFCheckpointError(f"{path}: config.json names {len(classes)} labels (id2label) but the classifier "
+                                f"has {rows} rows; fix id2label/num_labels to match the weights")
 
 
 def _strip_base_prefix(state: dict, kind: str) -> dict:

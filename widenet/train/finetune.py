@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.text.classification import check_labels, encode_classification, label_vocabulary, read_classification
+from ..data.text.classification import (check_labels, check_same_form, encode_classification, label_vocabulary,
+                                        read_classification)
 from ..data.text.hub import resolve_task_file
 from ..data.text.squad import encode_squad, postprocess_squad, read_squad
 from ..data.text.squad_metrics import squad_scores
@@ -211,6 +212,7 @@ def _classify_data(cfg: FinetuneConfig, tokenizer, max_len: int) -> tuple[Batch,
     if len(labels) < 2:
         raise TaskDataError(f"{train_file}: every example has the label {labels[0]!r}; "
                             "classification needs at least two labels")
+    check_same_form(train_ex, val_ex, train_file, val_file)
     check_labels(val_ex, labels, val_file)
     train = encode_classification(train_ex, tokenizer, labels, max_len)
     validation = encode_classification(val_ex, tokenizer, labels, max_len)

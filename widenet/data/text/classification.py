@@ -26,7 +26,7 @@ from ..errors import PathLike
 from .task_common import TaskDataError, at, pad_rows
 from .tokenizer import special_ids
 
-__all__ = ["LABEL_COLUMNS", "TEXT_PAIR_COLUMNS", "TEXT_SINGLE_COLUMNS", "ClassificationExample", "check_labels", "encode_classification", "label_vocabulary", "read_classification"]
+__all__ = ["LABEL_COLUMNS", "TEXT_PAIR_COLUMNS", "TEXT_SINGLE_COLUMNS", "ClassificationExample", "check_labels", "check_same_form", "encode_classification", "label_vocabulary", "read_classification"]
 
 
 # Recognised column names, in order of preference. Pairs come first so that
@@ -72,6 +72,10 @@ def _accepted_names() -> str:
 def _schema(columns: Sequence[str], path: PathLike, line: int) -> _Schema:
     """Pick the text and label columns out of a header / the first record's keys."""
     names = set(columns)
+    if len(names) < len(columns):  # a dict of the row would keep only the last of them
+        twice = sorted({c for c in columns if list(columns).count(c) > 1})
+        raise TaskDataError(f"{at(path, line)}: column {', '.join(map(repr, twice))} appears more than once "
+                            "in the header")
     label = next((c for c in LABEL_COLUMNS if c in names), None)
     for a, b in TEXT_PAIR_COLUMNS:
         if a in names and b in names:
@@ -206,6 +210,18 @@ def check_labels(examples: Sequence[ClassificationExample], labels: Sequence[str
             raise TaskDataError(
                 f"{where}: label {ex.label!r} is not one of the training labels: {', '.join(labels)}"
             )
+
+
+def check_same_form(train: Sequence[ClassificationExample], other: Sequence[ClassificationExample],
+                    train_path: PathLike, other_path: PathLike) -> None:
+    """Raise unless both sets hold sentence pairs or both hold single sentences (a model trained
+    on one form and scored on the other would give a meaningless accuracy)."""
+    if not train or not other:
+        return
+    forms = ["sentence pairs" if examples[0].text_b is not None else "single sentences" for examples in (train, other)]
+    if forms[0] != forms[1]:
+        raise TaskDataError(f"{other_path} has {forms[1]} but {train_path} has {forms[0]}; "
+                            "give both files the same text columns")
 
 
 def _pair_lengths(len_a: int, len_b: int, budget: int) -> tuple[int, int]:

@@ -121,6 +121,7 @@ def read_squad(path: PathLike) -> tuple[list[SquadExample], str]:
         raise TaskDataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
     articles = _require(data, "data", list, f"{path}: top level")
     examples: list[SquadExample] = []
+    first_seen: dict[str, str] = {}  # question id -> where it first appeared
     has_flag = False
     for i, article in enumerate(articles):
         title = article.get("title", "") if isinstance(article, dict) else ""
@@ -130,7 +131,13 @@ def read_squad(path: PathLike) -> tuple[list[SquadExample], str]:
             context = _require(para, "context", str, p_where)
             for k, qa in enumerate(_require(para, "qas", list, p_where)):
                 has_flag = has_flag or (isinstance(qa, dict) and "is_impossible" in qa)
-                examples.append(_read_qa(qa, context, f"{p_where} qas[{k}]"))
+                q_where = f"{p_where} qas[{k}]"
+                example = _read_qa(qa, context, q_where)
+                if example.id in first_seen:  # answers and scores are looked up by id
+                    raise TaskDataError(f"{q_where}: question id {example.id!r} appears twice "
+                                        f"(first at {first_seen[example.id].removeprefix(f'{path}: ')})")
+                first_seen[example.id] = q_where
+                examples.append(example)
     return examples, _squad_version(data, has_flag)
 
 
