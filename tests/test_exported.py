@@ -56,6 +56,24 @@ def test_export_then_from_pretrained_gives_the_runs_model(vit_run, tmp_path, cli
     assert not list(tmp_path.glob(".tmp-*"))
 
 
+def test_overwrite_keeps_what_the_user_added_beside_the_model(tmp_path):
+    """A model card or other files put into an export folder survive --overwrite; the model's own
+    files (a tokenizer the new model does not have included) are the new export's."""
+    dest = tmp_path / "m"
+    write_export(dest, create_model("vit_tiny", dim=32, depth=2, num_heads=2, mlp_dim=64), model_name="vit_tiny")
+    (dest / "README.md").write_text("my model card\n")
+    (dest / "assets").mkdir()
+    (dest / "assets" / "plot.txt").write_text("curve\n")
+    (dest / "tokenizer.json").write_text("{}")  # the old model's file: not carried over
+    write_export(dest, create_model("vit_tiny", dim=16, depth=1, num_heads=2, mlp_dim=32), model_name="vit_tiny",
+                 overwrite=True)
+    assert (dest / "README.md").read_text() == "my model card\n"
+    assert (dest / "assets" / "plot.txt").read_text() == "curve\n"
+    assert not (dest / "tokenizer.json").exists()
+    assert json.loads((dest / "config.json").read_text())["model_config"]["encoder"]["dim"] == 16
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
 def test_a_newer_format_and_broken_folders_are_refused(tmp_path):
     write_export(tmp_path / "m", create_model("vit_tiny", dim=32, depth=2, num_heads=2, mlp_dim=64),
                  model_name="vit_tiny")

@@ -114,5 +114,6 @@ def add_model_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("run", type=nonempty, metavar="RUN", help="run folder or checkpoint folder")
     p.add_argument("--to", type=nonempty, required=True, metavar="DIR")
     p.add_argument("--ema", action="store_true", help="export the weight average of --ema-decay")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing DIR")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the model in an existing DIR (files you added beside it, e.g. a README, stay)")
     p.set_defaults(func=cmd_export)

@@ -21,6 +21,7 @@ import errno
 import json
 import math
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -108,8 +109,9 @@ def write_export(out: str | os.PathLike, model: nn.Module, *, model_name: str, c
                  protect: str | os.PathLike | None = None) -> Path:
     """Write `model` as an export folder at `out` (see module doc), atomically: a folder of the same
     name appears whole or not at all, and an old one is swapped out only once the new one is
-    complete. overwrite=True replaces an earlier export folder (never a run folder, a folder
-    another run holds, or other files); `protect`: a folder (the model's source) that `out` must
+    complete. overwrite=True replaces an earlier export folder's model (never a run folder, a
+    folder another run holds, or other files; files the user added beside the model, such as a
+    model card, are carried into the new folder); `protect`: a folder (the model's source) that `out` must
     not be, contain or lie inside. tokenizer_file: a tokenizer.json or BERT vocab.txt, saved in
     the folder as tokenizer.json; or `tokenizer`, a tokenizers.Tokenizer."""
     from .. import __version__
@@ -135,6 +137,7 @@ def write_export(out: str | os.PathLike, model: nn.Module, *, model_name: str, c
         for file in tmp.iterdir():
             file.chmod(0o644)  # a folder to ship: readable by others, as a checkout would be
             fsync_path(file)
+        _carry_user_files(out, tmp)
         _move_into_place(tmp, out)
     except (OSError, SafetensorError) as err:
         remove_tree(tmp)
@@ -162,6 +165,20 @@ def _check_destination(out: Path, overwrite: bool, protect: str | os.PathLike | 
                               "choose another destination")
     if not overwrite:
         raise FileExistsError(f"{out} already holds a widenet model; pass --overwrite to replace it")
+
+
+def _carry_user_files(old: Path, new: Path) -> None:
+    """Copy what a user added to the export folder `old` (anything but the model's own files)
+    into `new`, which replaces it; copies, so `old` stays whole until the swap."""
+    if not old.is_dir():
+        return
+    for entry in old.iterdir():
+        if entry.name in (CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.copytree(entry, new / entry.name, symlinks=True)
+        else:
+            shutil.copy2(entry, new / entry.name, follow_symlinks=False)
 
 
 def _move_into_place(tmp: Path, out: Path) -> None:
