@@ -121,6 +121,19 @@ def test_a_folder_holding_a_run_needs_resume_or_overwrite(tmp_path, fmnist_dir, 
     assert rc == 2 and "not allowed with argument" in err
 
 
+def test_resume_names_a_changed_model_setting_before_loading_weights(tmp_path, fmnist_dir, tiny_set_args, capsys):
+    """A changed model setting on --resume is named with both values (it used to surface as a
+    list of weight shapes that do not fit), and the run is left as it was."""
+    out = tmp_path / "run"
+    assert _cli(_train_args(fmnist_dir, out, tiny_set_args, "--max-steps", 2), capsys)[0] == 0
+    before = _snapshot(out)
+    args = _train_args(fmnist_dir, out, tiny_set_args, "--max-steps", 2, "--resume", "--set", "num_experts=8",
+                       "--batch-size", 16)
+    line = _one_line_error(*_cli(args, capsys)[::2])
+    assert "cannot resume with different settings (batch_size: 32 -> 16, num_experts: 4 -> 8)" in line
+    assert _snapshot(out) == before
+
+
 # --------------------------------------------------------------------------
 # Strict settings: the Python API and the command line refuse the same values
 # --------------------------------------------------------------------------

@@ -60,6 +60,7 @@ __all__ = [
     "find_latest_checkpoint",
     "list_checkpoints",
     "load_checkpoint",
+    "read_checkpoint_meta",
     "restore_rng_state",
     "save_checkpoint",
 ]
@@ -298,6 +299,17 @@ def _read_meta(file: Path) -> dict:
     step = meta.get("step")
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise CheckpointError(f"{file}: corrupt meta.json ('step' is {step!r}, not an int >= 0)")
+    return meta
+
+
+def read_checkpoint_meta(path: str | os.PathLike, expected_meta: Mapping[str, Any] | None = None) -> dict:
+    """A checkpoint's meta.json (path: a checkpoint folder or a run folder, as for load_checkpoint),
+    checked against expected_meta as load_checkpoint does, without reading the weights: what a
+    resume compares before loading them."""
+    file = _resolve_folder(path) / META_FILE
+    meta = _read_meta(file)
+    if expected_meta:
+        _check_expected_meta(file, meta, expected_meta)
     return meta
 
 

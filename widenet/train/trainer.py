@@ -37,7 +37,7 @@ from ..distributed.parallel import ParallelContext
 from ..rng import capture_rng_state, restore_rng_state
 from ..runtime import autocast, compiled_if, first_line
 from .budget import BudgetPlan, Cadence, Deadline, plan_budget
-from .checkpoint import CheckpointError, find_latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, find_latest_checkpoint, load_checkpoint, read_checkpoint_meta, save_checkpoint
 from .config import RecipeConfig
 from .ema import ModelEMA
 from .metrics import NullMetrics
@@ -261,18 +261,29 @@ class Trainer:
         if path is None:
             self.log(f"--resume: no checkpoint under {self.out}, starting from scratch")
             return None
-        ckpt = load_checkpoint(path, model, expected_meta={"model": self.cfg.model, **(expected_meta or {})})
-        saved = ckpt.meta.get("train_config", {})
-        changed = self.cfg.resume_conflicts(saved)
-        if changed:
-            detail = ", ".join(f"{k}: {saved[k]!r} -> {getattr(self.cfg, k)!r}" for k in changed)
-            raise CheckpointError(f"{path}: cannot resume with different settings ({detail})")
+        expected_meta = {"model": self.cfg.model, **(expected_meta or {})}
+        self._refuse_changed_settings(path, read_checkpoint_meta(path, expected_meta))  # before weight shape errors
+        ckpt = load_checkpoint(path, model, expected_meta=expected_meta)
         missing = [key for key in TRAIN_STATE_KEYS if key not in ckpt.train_state]
         if missing:
             raise CheckpointError(f"{path / 'state.pt'}: lacks {', '.join(missing)}; it was not written by "
                                   "widenet's trainer, or was damaged")
         self.metrics.truncate_after(ckpt.step)
         return dict(ckpt.train_state, path=str(path), step=ckpt.step)
+
+    def _refuse_changed_settings(self, path: Path, saved_meta: dict[str, Any]) -> None:
+        """Raise naming each setting of the run or of the model that differs from the checkpoint's."""
+        saved = saved_meta.get("train_config", {})
+        conflicts = self.cfg.resume_conflicts(saved)
+        saved_model, model = saved_meta.get("model_config"), self.meta.get("model_config")
+        model_changes = []
+        if isinstance(saved_model, dict) and isinstance(model, dict) and saved_meta.get("model") == self.cfg.model:
+            model_changes = [f"{k}: {a!r} -> {b!r}" for k, a, b in _changed_entries(saved_model, model)]
+        if model_changes:  # named one by one: not also as the whole --set dictionary
+            conflicts = [k for k in conflicts if k != "model_overrides"]
+        changes = [f"{k}: {saved[k]!r} -> {getattr(self.cfg, k)!r}" for k in conflicts] + model_changes
+        if changes:
+            raise CheckpointError(f"{path}: cannot resume with different settings ({', '.join(changes)})")
 
     def _resume_state(self, saved: dict, total: int) -> None:
         """Optimizer, schedule, RNGs, counters, window and weight average from a checkpoint's train state."""
@@ -389,3 +400,16 @@ def seeded_generator(seed: int, step: int) -> torch.Generator:
 
 __all__ = ["LogWindow", "Progress", "RunResult", "StepResult", "Task", "Trainer", "TrainingError", "apply_update",
            "seeded_generator"]
+
+
+def _changed_entries(saved: dict[str, Any], now: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(name, saved value, new value) of every setting that differs, nested dicts flattened
+    (a model's encoder settings are named by their own names: num_experts, not encoder.num_experts)."""
+    out = []
+    for key in sorted(saved.keys() & now.keys()):  # a key only one side has: a newer widenet's default
+        a, b = saved.get(key), now.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _changed_entries(a, b)
+        elif a != b:
+            out.append((key, a, b))
+    return out
