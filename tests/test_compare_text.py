@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
 from test_text_train import PHRASES, TINY_TEXT, _write_classify
 
 from widenet.analysis.compare_text import TextModelResult, TextSeedResult, _context_note, _sop_note, _transfer_note
@@ -52,6 +54,73 @@ def test_compare_text_needs_both_task_files(tmp_path, capsys):
     assert main(["compare-text", "--task-train", str(tmp_path / "t.tsv"), "--corpus", str(tmp_path),
                  "--out", str(tmp_path / "o")]) == 2
     assert "give both --task-train and --task-validation" in capsys.readouterr().err
+
+
+def _no_training(monkeypatch) -> None:
+    """Any training (the shared tokenizer, pretraining) fails the test."""
+    def boom(*_args, **_kw):
+        raise AssertionError("training started")
+
+    monkeypatch.setattr("widenet.analysis.compare_text._shared_tokenizer", boom)
+    monkeypatch.setattr("widenet.analysis.compare_text.pretrain", boom)
+
+
+def test_compare_text_refuses_gcide_task_beside_task_files(tmp_path, capsys, monkeypatch):
+    _no_training(monkeypatch)
+    _write_classify(tmp_path / "t.tsv", 8, 0)
+    assert main(["compare-text", "--models", "widenet_text_tiny", "--corpus", str(tmp_path / "t.tsv"),
+                 "--task-train", str(tmp_path / "t.tsv"), "--task-validation", str(tmp_path / "t.tsv"),
+                 "--gcide-task", "usage", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == ["widenet: error: give --gcide-task or --task-train/--task-validation, not both"]
+    assert not (tmp_path / "o").exists()
+
+
+def test_compare_text_without_task_files_uses_the_usage_task(tmp_path, capsys, monkeypatch):
+    _no_training(monkeypatch)
+    asked = []
+
+    def gcide_task(out, budget, kind):
+        asked.append(kind)
+        raise ValueError("stop here")
+
+    monkeypatch.setattr("widenet.analysis.compare_text._gcide_task", gcide_task)
+    assert main(["compare-text", "--models", "widenet_text_tiny", "--corpus", str(tmp_path),
+                 "--out", str(tmp_path / "o")]) == 2
+    assert asked == ["usage"] and "stop here" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("models, train, message", [
+    ("widenet_text_tiny,nosuch", None, "widenet: error: unknown model 'nosuch'; choose one of: "),
+    ("widenet_tiny", None, "widenet: error: widenet_tiny is an image model; compare-text takes text models"),
+    ("widenet_text_tiny", "sentence\tlabel\nthe fox\tgood\nthe bird\n", "train.tsv line 3: expected 2 fields"),
+    ("widenet_text_tiny", "sentence\tlabel\nthe fox\tgood\n", "every example has the label 'good'"),
+])
+def test_compare_text_checks_models_and_task_files_before_training(tmp_path, capsys, monkeypatch, models, train,
+                                                                     message):
+    _no_training(monkeypatch)
+    _corpus(tmp_path / "corpus.txt")
+    if train is None:
+        _write_classify(tmp_path / "train.tsv", 16, 0)
+    else:
+        (tmp_path / "train.tsv").write_text(train, encoding="utf-8")
+    _write_classify(tmp_path / "dev.tsv", 8, 1)
+    assert main(["compare-text", "--models", models, "--corpus", str(tmp_path / "corpus.txt"), "--task-train",
+                 str(tmp_path / "train.tsv"), "--task-validation", str(tmp_path / "dev.tsv"),
+                 "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and message in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_compare_text_checks_validation_labels_before_training(tmp_path, capsys, monkeypatch):
+    _no_training(monkeypatch)
+    _write_classify(tmp_path / "train.tsv", 16, 0)
+    _write_classify(tmp_path / "dev.tsv", 8, 1, labels=("good", "meh"))
+    assert main(["compare-text", "--models", "widenet_text_tiny", "--corpus", str(tmp_path / "train.tsv"),
+                 "--task-train", str(tmp_path / "train.tsv"), "--task-validation", str(tmp_path / "dev.tsv"),
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "label 'meh' is not one of the training labels: bad, good" in capsys.readouterr().err
 
 
 def _model(name: str, mlm: list[float], unigram: float, task: list[float], scratch: list[float],

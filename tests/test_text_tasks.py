@@ -461,3 +461,113 @@ def test_gold_logits_end_to_end(tmp_path, tokenizer):
     scores = squad_scores(preds, examples)
     assert scores["exact"] == 100.0 and scores["f1"] == 100.0
     assert scores["HasAns_total"] == 2 and scores["NoAns_total"] == 1
+
+
+# --------------------------------------------------------------------------
+# GCIDE tasks (`widenet gcide-task`): sizes, refusals, existing files
+# --------------------------------------------------------------------------
+
+
+def _gcide_pos(tmp_path: Path) -> Path:
+    """30 nouns, 31 verbs (Word0x0 is both), 30 adjectives, 10 adverbs: 101 examples, 100 headwords."""
+    from test_text_corpus import _pos_entries, _write_gcide
+
+    return _write_gcide(tmp_path / "pos.dict.dz", _pos_entries(30))
+
+
+def _task_rows(path: Path) -> list[list[str]]:
+    lines = path.read_text(encoding="utf-8").splitlines()
+    assert lines[0] == "sentence\tlabel"
+    return [line.split("\t") for line in lines[1:]]
+
+
+def _headwords(rows: list[list[str]]) -> set[str]:
+    """The synthetic headword ids ("1x7") of rows; "k9" is Word0x0's verb sense."""
+    import re
+
+    return {"0x0" if "k9" in sentence else re.search(r"k(\d)x(\d+)", sentence).group(0)[1:] for sentence, _ in rows}
+
+
+@pytest.mark.parametrize("train_size, validation_size", [(10, 5), (11, 4), (7, 3), (1, 1), (60, 20), (91, 10),
+                                                         (100, 1), (2, 99)])
+def test_gcide_task_writes_exactly_the_sizes_asked_for(tmp_path, train_size, validation_size):
+    from widenet.data.text.gcide_tasks import write_gcide_task
+
+    train_path, val_path = write_gcide_task(_gcide_pos(tmp_path), tmp_path / "task", "pos", train_size,
+                                            validation_size, seed=3)
+    train, val = _task_rows(train_path), _task_rows(val_path)
+    assert (len(train), len(val)) == (train_size, validation_size)
+    assert len({tuple(row) for row in train + val}) == train_size + validation_size  # no row twice
+    assert not _headwords(train) & _headwords(val)  # a headword in one split only
+
+
+@pytest.mark.parametrize("train_size, validation_size", [(100000000, 10), (100, 2), (10, 92)])
+def test_gcide_task_refuses_more_examples_than_there_are(tmp_path, cli, train_size, validation_size):
+    rc, out, err = cli(["gcide-task", "pos", "--gcide", _gcide_pos(tmp_path), "--out", tmp_path / "task",
+                        "--train-size", train_size, "--validation-size", validation_size])
+    assert rc == 2 and out == ""
+    assert err.strip().splitlines() == [
+        f"widenet: error: {tmp_path / 'pos.dict.dz'}: the pos task has 101 examples, fewer than the {train_size} "
+        f"training + {validation_size} validation asked for; ask for at most 101 in all"]
+    assert not (tmp_path / "task").exists()  # nothing written, no empty set
+
+
+def _gcide_shared_headwords(tmp_path: Path) -> Path:
+    """Ann and Bob are nouns and verbs, Cal a verb, Dee and Eve adjectives: 7 examples, 5 headwords."""
+    from test_text_corpus import _write_gcide
+
+    senses = [("Ann", "n.", "A thing"), ("Ann", "v. t.", "To act"), ("Bob", "n.", "A thing"),
+              ("Bob", "v. t.", "To act"), ("Cal", "v. t.", "To act"), ("Dee", "a.", "Having a quality"),
+              ("Eve", "a.", "Having a quality")]
+    entries = [f"{word} \\{word}\\, {abbrev}\n   {gloss} named {i} after {word.lower()}.\n   [1913 Webster]\n"
+               for i, (word, abbrev, gloss) in enumerate(senses)]
+    return _write_gcide(tmp_path / "shared.dict.dz", "\n".join(entries))
+
+
+def test_gcide_task_refuses_sizes_a_headword_split_cannot_meet(tmp_path, cli):
+    """3 validation rows (a noun, a verb, an adjective) need Ann or Bob, whose verb sense is then lost to
+    training: 3 training rows fit, not 4; never a short training set written without a word."""
+    from widenet.data.text.gcide_tasks import write_gcide_task
+
+    path = _gcide_shared_headwords(tmp_path)
+    train_path, val_path = write_gcide_task(path, tmp_path / "ok", "pos", 3, 3, seed=0)
+    train, val = _task_rows(train_path), _task_rows(val_path)
+    assert (len(train), len(val)) == (3, 3)
+    assert sorted(label for _, label in val) == sorted(label for _, label in train) == ["adjective", "noun", "verb"]
+    numbers = lambda rows: {sentence.split()[-3] for sentence, _ in rows}  # noqa: E731 ("named 3 after _.")
+    headword = {"0": "Ann", "1": "Ann", "2": "Bob", "3": "Bob", "4": "Cal", "5": "Dee", "6": "Eve"}
+    assert not {headword[n] for n in numbers(train)} & {headword[n] for n in numbers(val)}
+    rc, out, err = cli(["gcide-task", "pos", "--gcide", path, "--out", tmp_path / "short", "--train-size", 4,
+                        "--validation-size", 3])
+    assert rc == 2 and out == "" and "Traceback" not in err
+    assert err.strip().splitlines() == [
+        f"widenet: error: {path}: the pos task has 7 examples, but with each headword in one set only and the "
+        "labels balanced, just 3 training examples fit beside 3 validation ones; ask for fewer"]
+    assert not (tmp_path / "short").exists()
+
+
+def test_gcide_task_refuses_to_replace_a_task_without_overwrite(tmp_path, cli):
+    path = _gcide_pos(tmp_path)
+    out = tmp_path / "task"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine\n")
+    rc, _, _ = cli(["gcide-task", "pos", "--gcide", path, "--out", out, "--train-size", 10, "--validation-size", 5])
+    assert rc == 0  # a folder without a task in it is fine
+    first = {name: (out / name).read_text() for name in ("train.tsv", "validation.tsv", "notes.txt")}
+    rc, stdout, err = cli(["gcide-task", "pos", "--gcide", path, "--out", out, "--train-size", 20,
+                           "--validation-size", 6])
+    assert rc == 2 and stdout == ""
+    assert err.strip().splitlines() == [
+        f"widenet: error: {out / 'train.tsv'} already exists; give --overwrite to replace it"]
+    assert {name: (out / name).read_text() for name in first} == first  # the earlier task kept
+    (out / "train.tsv").unlink()  # validation.tsv alone is refused too
+    rc, _, err = cli(["gcide-task", "pos", "--gcide", path, "--out", out, "--train-size", 20,
+                      "--validation-size", 6])
+    assert rc == 2 and f"{out / 'validation.tsv'} already exists; give --overwrite" in err
+    assert (out / "validation.tsv").read_text() == first["validation.tsv"]
+    rc, _, _ = cli(["gcide-task", "pos", "--gcide", path, "--out", out, "--train-size", 20, "--validation-size", 6,
+                    "--overwrite"])
+    assert rc == 0
+    assert (len(_task_rows(out / "train.tsv")), len(_task_rows(out / "validation.tsv"))) == (20, 6)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "train.tsv", "validation.tsv"]  # no temp files
+    assert (out / "notes.txt").read_text() == "mine\n"

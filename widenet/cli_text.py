@@ -67,7 +67,7 @@ def cmd_gcide_task(args: argparse.Namespace) -> int:
     from .data.text.gcide_tasks import write_gcide_task
 
     train, validation = write_gcide_task(args.gcide, args.out, args.kind, args.train_size, args.validation_size,
-                                         args.seed)
+                                         args.seed, overwrite=args.overwrite)
     print(f"wrote {train} and {validation}")
     return 0
 
@@ -142,9 +142,10 @@ def add_text_commands(sub) -> None:
                    help="a model setting for every model, e.g. --set depth=2")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     add_moe_arguments(p)
-    p.add_argument("--gcide-task", default="usage", choices=tuple(TASK_KINDS),
+    p.add_argument("--gcide-task", choices=tuple(TASK_KINDS),
                    help="the GCIDE task used without --task-train: a definition's subject field, the headword's "
-                        "part of speech from its definition (pos) or from an example of its use (usage)")
+                        "part of speech from its definition (pos) or from an example of its use (usage, the "
+                        "default)")
     p.add_argument("--out", type=nonempty, default="runs/compare-text")
     p.set_defaults(func=cmd_compare_text)
 
@@ -157,4 +158,6 @@ def add_text_commands(sub) -> None:
     p.add_argument("--validation-size", type=positive_int, default=900)
     p.add_argument("--seed", type=int, default=0, help="which headwords go to which split")
     p.add_argument("--gcide", type=nonempty, default=str(GCIDE_PATH), help="the GCIDE .dict.dz file")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace train.tsv and validation.tsv if --out already holds them")
     p.set_defaults(func=cmd_gcide_task)

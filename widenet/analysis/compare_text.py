@@ -93,32 +93,74 @@ class TextModelResult:
 def compare_text(models: list[str], out: str | Path, preset: str = "quick", seeds: int | None = None,
                  corpus: list[str] | None = None, task_train: str | None = None,
                  task_validation: str | None = None, pretrain_steps: int | None = None,
-                 device: str = "auto", model_overrides: dict | None = None, gcide_task: str = "usage",
+                 device: str = "auto", model_overrides: dict | None = None, gcide_task: str | None = None,
                  log: Callable[[str], None] = print) -> Path:
     """Pretrain + fine-tune every (model, seed) (and fine-tune it from random weights too, when the
     preset says scratch), then write OUT/report_text.md and its figures. Without task files the task
-    is GCIDE's `gcide_task` (data.text.gcide_tasks.TASK_KINDS)."""
+    is GCIDE's `gcide_task` (data.text.gcide_tasks.TASK_KINDS; default "usage"). The model names and
+    settings and the task files are checked before anything trains."""
     if preset not in TEXT_PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(TEXT_PRESETS)}")
     if not models:
         raise ValueError("no models to compare")
     if (task_train is None) != (task_validation is None):
         raise ValueError("give both --task-train and --task-validation, or neither (the GCIDE task)")
+    if task_train is not None and gcide_task is not None:
+        raise ValueError("give --gcide-task or --task-train/--task-validation, not both")
     budget = dict(TEXT_PRESETS[preset])
     budget["seeds"] = seeds or budget["seeds"]
     budget["pretrain_steps"] = pretrain_steps or budget["pretrain_steps"]
     if budget["warmup_steps"] is not None:  # a shortened run warms up over at most a tenth of its steps
         budget["warmup_steps"] = min(budget["warmup_steps"], max(1, budget["pretrain_steps"] // 10))
     budget["model_overrides"] = {**budget.get("model_overrides", {}), **(model_overrides or {})}
+    _check_models(models, budget)
     out = Path(out)
     corpus = corpus or [str(_gcide())]
     if task_train is None:
-        task_train, task_validation = map(str, _gcide_task(out, budget, gcide_task))
+        task_train, task_validation = map(str, _gcide_task(out, budget, gcide_task or "usage"))
+    _check_task_files(task_train, task_validation)
     tokenizer = _shared_tokenizer(out, corpus, budget, log)
     results = [TextModelResult(m, [_run_seed(m, seed, out, corpus, tokenizer, task_train, task_validation,
                                              budget, device, log) for seed in range(budget["seeds"])])
                for m in models]
     return write_text_report(results, budget, preset, corpus, task_train, out)
+
+
+def _check_models(models: list[str], budget: dict) -> None:
+    """Raise ValueError unless every name is a text preset that takes the budget's model settings and
+    sequence length."""
+    from ..models.registry import apply_overrides, get_entry
+    from ..models.text import TextConfig
+
+    for name in models:
+        cfg = get_entry(name).make_config()
+        if not isinstance(cfg, TextConfig):
+            raise ValueError(f"{name} is an image model; compare-text takes text models such as "
+                             f"{', '.join(DEFAULT_TEXT_MODELS)}")
+        cfg = apply_overrides(cfg, budget["model_overrides"])
+        if budget["seq_len"] > cfg.max_positions:
+            raise ValueError(f"sequence length {budget['seq_len']} exceeds {name}'s {cfg.max_positions} positions; "
+                             f"use --set max_positions={budget['seq_len']}")
+
+
+def _check_task_files(task_train: str, task_validation: str) -> None:
+    """Read both task files and raise TaskDataError as fine-tuning would (malformed rows, no examples,
+    fewer than two labels, validation labels or columns unlike training's)."""
+    from ..data.text.classification import check_labels, check_same_form, label_vocabulary, read_classification
+    from ..data.text.hub import resolve_task_file
+    from ..data.text.task_common import TaskDataError
+
+    train_file, val_file = resolve_task_file(task_train, "classify"), resolve_task_file(task_validation, "classify")
+    train, validation = read_classification(train_file), read_classification(val_file)
+    for path, examples in ((train_file, train), (val_file, validation)):
+        if not examples:
+            raise TaskDataError(f"{path}: no examples")
+    labels = label_vocabulary(train)
+    if len(labels) < 2:
+        raise TaskDataError(f"{train_file}: every example has the label {labels[0]!r}; "
+                            "classification needs at least two labels")
+    check_same_form(train, validation, train_file, val_file)
+    check_labels(validation, labels, val_file)
 
 
 def _gcide() -> Path:
@@ -132,7 +174,8 @@ def _gcide_task(out: Path, budget: dict, kind: str) -> tuple[Path, Path]:
     folder = out / f"gcide-{kind}"
     train, validation = folder / "train.tsv", folder / "validation.tsv"
     if not (train.exists() and validation.exists()):
-        train, validation = write_gcide_task(_gcide(), folder, kind, budget["task_train"], budget["task_validation"])
+        train, validation = write_gcide_task(_gcide(), folder, kind, budget["task_train"], budget["task_validation"],
+                                             overwrite=True)  # our own folder; a half-written pair is redone
     return train, validation
 
 

@@ -115,32 +115,66 @@ def _balanced_quotas(available: dict[str, int], total: int) -> dict[str, int]:
     return quotas
 
 
+def _apportion(quotas: dict[str, int], part: int) -> dict[str, int]:
+    """``part`` of ``sum(quotas)`` spread over the labels in proportion to their quotas (largest
+    remainders), summing to exactly ``part``, no label above its quota."""
+    total = sum(quotas.values())
+    shares = {label: q * part // total for label, q in quotas.items()}
+    remainder = {label: q * part % total for label, q in quotas.items()}
+    for label in sorted(quotas, key=lambda label: (-remainder[label], label))[:part - sum(shares.values())]:
+        shares[label] += 1
+    return shares
+
+
 def _assign_splits(
     found: dict[str, dict[str, list[str]]], train_size: int, validation_size: int, seed: int
 ) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
-    """Class-balanced train/validation rows with no headword in both splits."""
+    """Class-balanced train/validation rows with no headword in both splits.
+
+    The validation set gets exactly ``validation_size`` rows. The training set gets ``train_size``
+    rows unless headwords with several labels (an "Arrow" noun and verb), taken for validation,
+    leave too few; then it gets fewer and the caller refuses. Needs ``train_size +
+    validation_size`` examples in all.
+    """
     available = {label: len(words) for label, words in found.items()}
     quotas = _balanced_quotas(available, train_size + validation_size)
-    total = max(train_size + validation_size, 1)
-    val_left = {label: round(q * validation_size / total) for label, q in quotas.items()}
+    val_left = _apportion(quotas, validation_size)
     train_left = {label: quotas[label] - val_left[label] for label in quotas}
     headwords = sorted({word for words in found.values() for word in words})
     random.Random(seed).shuffle(headwords)
-    train: list[tuple[str, str]] = []
+    labels_of = {word: [label for label in found if word in found[label]] for word in headwords}
     validation: list[tuple[str, str]] = []
+    in_validation: set[str] = set()
+    # headwords with one label first: a validation headword's other labels are lost to training
+    for word in sorted(headwords, key=lambda word: len(labels_of[word]) > 1):
+        wanted = [label for label in labels_of[word] if val_left[label] > 0]
+        if wanted:
+            in_validation.add(word)
+            for label in wanted:
+                validation.append((found[label][word][0], label))
+                val_left[label] -= 1
+    train: list[tuple[str, str]] = []
+    spare: dict[str, list[tuple[str, str]]] = {label: [] for label in found}
     for word in headwords:
-        labels = [label for label in found if word in found[label]]
-        split, left = (validation, val_left) if any(val_left[label] > 0 for label in labels) else (train, train_left)
-        for label in labels:
-            if left[label] > 0:
-                split.append((found[label][word][0], label))
-                left[label] -= 1
+        if word in in_validation:
+            continue
+        for label in labels_of[word]:
+            row = (found[label][word][0], label)
+            if train_left[label] > 0:
+                train.append(row)
+                train_left[label] -= 1
+            else:
+                spare[label].append(row)
+    if short := sum(train_left.values()):  # labels that lost headwords to validation: fill from the others
+        extra = _balanced_quotas({label: len(rows) for label, rows in spare.items()}, short)
+        for label, count in extra.items():
+            train.extend(spare[label][:count])
     return train, validation
 
 
-def _write_tsv(rows: list[tuple[str, str]], path: Path) -> None:
-    """Write ``sentence<TAB>label`` rows with a header, atomically."""
-    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="\n") as handle:
+def _write_rows(rows: list[tuple[str, str]], path: Path) -> None:
+    """Write ``sentence<TAB>label`` rows with a header."""
+    with open(path, "w", encoding="utf-8", newline="\n") as handle:
         handle.write("sentence\tlabel\n")
         for sentence, label in rows:
             clean = " ".join(sentence.replace("\t", " ").split())
@@ -154,28 +188,49 @@ def write_gcide_task(
     train_size: int = 4000,
     validation_size: int = 1000,
     seed: int = 0,
+    overwrite: bool = False,
 ) -> tuple[Path, Path]:
     """Write ``train.tsv`` and ``validation.tsv`` of the task ``kind`` (a TASK_KINDS name).
 
     Each row is the first sentence of an entry's definitions with the headword
     replaced by ``_`` and the entry's label. The labels are balanced as far as
     the dictionary allows, a headword appears in only one split, and the files
-    are written atomically.
+    are written atomically. The files hold exactly ``train_size`` and
+    ``validation_size`` rows; a request the dictionary cannot meet raises
+    GcideError, and existing files raise ValueError unless ``overwrite``.
     """
     if kind not in TASK_KINDS:
         raise ValueError(f"unknown GCIDE task {kind!r}; choose one of {', '.join(TASK_KINDS)}")
     if train_size < 1 or validation_size < 1:
         raise ValueError(f"train_size and validation_size must be positive, got {train_size}, {validation_size}")
+    out = Path(out_dir)
+    train_path, validation_path = out / "train.tsv", out / "validation.tsv"
+    _refuse_existing(train_path, validation_path, overwrite)
     found = _collect_examples(path, kind)
     if not any(found.values()):
         raise GcideError(f"{path}: no entry with a {'/'.join(found)} label and a usable definition")
+    available = sum(len(words) for words in found.values())
+    if available < train_size + validation_size:
+        raise GcideError(f"{path}: the {kind} task has {available} examples, fewer than the {train_size} training + "
+                         f"{validation_size} validation asked for; ask for at most {available} in all")
     train, validation = _assign_splits(found, train_size, validation_size, seed)
+    if len(train) < train_size:
+        raise GcideError(f"{path}: the {kind} task has {available} examples, but with each headword in one set "
+                         f"only and the labels balanced, just {len(train)} training examples fit beside "
+                         f"{validation_size} validation ones; ask for fewer")
     rng = random.Random(seed + 1)
     rng.shuffle(train)
     rng.shuffle(validation)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    train_path, validation_path = out / "train.tsv", out / "validation.tsv"
-    _write_tsv(train, train_path)
-    _write_tsv(validation, validation_path)
+    _refuse_existing(train_path, validation_path, overwrite)  # again: reading the dictionary takes a while
+    with atomic_path(train_path) as train_tmp, atomic_path(validation_path) as validation_tmp:
+        _write_rows(train, train_tmp)
+        _write_rows(validation, validation_tmp)
     return train_path, validation_path
+
+
+def _refuse_existing(train_path: Path, validation_path: Path, overwrite: bool) -> None:
+    if overwrite:
+        return
+    for path in (train_path, validation_path):
+        if path.exists():
+            raise ValueError(f"{path} already exists; give --overwrite to replace it")
