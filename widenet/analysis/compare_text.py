@@ -146,21 +146,10 @@ def _check_models(models: list[str], budget: dict) -> None:
 def _check_task_files(task_train: str, task_validation: str) -> None:
     """Read both task files and raise TaskDataError as fine-tuning would (malformed rows, no examples,
     fewer than two labels, validation labels or columns unlike training's)."""
-    from ..data.text.classification import check_labels, check_same_form, label_vocabulary, read_classification
+    from ..data.text.classification import read_classification_task
     from ..data.text.hub import resolve_task_file
-    from ..data.text.task_common import TaskDataError
 
-    train_file, val_file = resolve_task_file(task_train, "classify"), resolve_task_file(task_validation, "classify")
-    train, validation = read_classification(train_file), read_classification(val_file)
-    for path, examples in ((train_file, train), (val_file, validation)):
-        if not examples:
-            raise TaskDataError(f"{path}: no examples")
-    labels = label_vocabulary(train)
-    if len(labels) < 2:
-        raise TaskDataError(f"{train_file}: every example has the label {labels[0]!r}; "
-                            "classification needs at least two labels")
-    check_same_form(train, validation, train_file, val_file)
-    check_labels(validation, labels, val_file)
+    read_classification_task(resolve_task_file(task_train, "classify"), resolve_task_file(task_validation, "classify"))
 
 
 def _gcide() -> Path:

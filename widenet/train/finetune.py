@@ -28,8 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.text.classification import (check_labels, check_same_form, encode_classification, label_vocabulary,
-                                        read_classification)
+from ..data.text.classification import encode_classification, read_classification_task
 from ..data.text.hub import resolve_task_file
 from ..data.text.squad import encode_squad, postprocess_squad, read_squad
 from ..data.text.squad_metrics import squad_scores
@@ -206,14 +205,7 @@ class QATask(_FinetuneTask):
 
 def _classify_data(cfg: FinetuneConfig, tokenizer, max_len: int) -> tuple[Batch, Batch, list[str]]:
     train_file, val_file = resolve_task_file(cfg.train, "classify"), resolve_task_file(cfg.validation, "classify")
-    train_ex, val_ex = read_classification(train_file), read_classification(val_file)
-    _check_not_empty((train_file, train_ex), (val_file, val_ex))
-    labels = label_vocabulary(train_ex)
-    if len(labels) < 2:
-        raise TaskDataError(f"{train_file}: every example has the label {labels[0]!r}; "
-                            "classification needs at least two labels")
-    check_same_form(train_ex, val_ex, train_file, val_file)
-    check_labels(val_ex, labels, val_file)
+    train_ex, val_ex, labels = read_classification_task(train_file, val_file)
     train = encode_classification(train_ex, tokenizer, labels, max_len)
     validation = encode_classification(val_ex, tokenizer, labels, max_len)
     return train, validation, labels

@@ -26,7 +26,7 @@ from ..errors import PathLike
 from .task_common import TaskDataError, at, pad_rows
 from .tokenizer import special_ids
 
-__all__ = ["LABEL_COLUMNS", "TEXT_PAIR_COLUMNS", "TEXT_SINGLE_COLUMNS", "ClassificationExample", "check_labels", "check_same_form", "encode_classification", "label_vocabulary", "read_classification"]
+__all__ = ["LABEL_COLUMNS", "TEXT_PAIR_COLUMNS", "TEXT_SINGLE_COLUMNS", "ClassificationExample", "check_labels", "check_same_form", "encode_classification", "label_vocabulary", "read_classification", "read_classification_task"]
 
 
 # Recognised column names, in order of preference. Pairs come first so that
@@ -222,6 +222,24 @@ def check_same_form(train: Sequence[ClassificationExample], other: Sequence[Clas
     if forms[0] != forms[1]:
         raise TaskDataError(f"{other_path} has {forms[1]} but {train_path} has {forms[0]}; "
                             "give both files the same text columns")
+
+
+def read_classification_task(train_path: PathLike, validation_path: PathLike
+                             ) -> tuple[list[ClassificationExample], list[ClassificationExample], list[str]]:
+    """(training examples, validation examples, labels) of a task, checked as fine-tuning needs
+    them: neither file empty, at least two training labels, the same text columns in both, and
+    every validation label among the training ones."""
+    train, validation = read_classification(train_path), read_classification(validation_path)
+    for path, examples in ((train_path, train), (validation_path, validation)):
+        if not examples:
+            raise TaskDataError(f"{path}: no examples")
+    labels = label_vocabulary(train)
+    if len(labels) < 2:
+        raise TaskDataError(f"{train_path}: every example has the label {labels[0]!r}; "
+                            "classification needs at least two labels")
+    check_same_form(train, validation, train_path, validation_path)
+    check_labels(validation, labels, validation_path)
+    return train, validation, labels
 
 
 def _pair_lengths(len_a: int, len_b: int, budget: int) -> tuple[int, int]:
