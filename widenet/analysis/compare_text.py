@@ -131,16 +131,14 @@ def _check_models(models: list[str], budget: dict) -> None:
     sequence length."""
     from ..models.registry import apply_overrides, get_entry
     from ..models.text import TextConfig
+    from ..train.text_common import check_fits_positions
 
     for name in models:
         cfg = get_entry(name).make_config()
         if not isinstance(cfg, TextConfig):
             raise ValueError(f"{name} is an image model; compare-text takes text models such as "
                              f"{', '.join(DEFAULT_TEXT_MODELS)}")
-        cfg = apply_overrides(cfg, budget["model_overrides"])
-        if budget["seq_len"] > cfg.max_positions:
-            raise ValueError(f"sequence length {budget['seq_len']} exceeds {name}'s {cfg.max_positions} positions; "
-                             f"use --set max_positions={budget['seq_len']}")
+        check_fits_positions(name, apply_overrides(cfg, budget["model_overrides"]).max_positions, budget["seq_len"])
 
 
 def _check_task_files(task_train: str, task_validation: str) -> None:

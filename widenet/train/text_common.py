@@ -39,10 +39,15 @@ def build_text_model(cfg: TextRunConfig, vocab_size: int, pad_id: int, seq_len: 
         overrides["dropout"] = cfg.dropout
     overrides.update(cfg.model_overrides)
     model = create_model(cfg.model, **overrides)
-    if seq_len > model.cfg.max_positions:
-        raise ValueError(f"sequence length {seq_len} exceeds {cfg.model}'s {model.cfg.max_positions} positions; "
-                         f"use a shorter length or --set max_positions={seq_len}")
+    check_fits_positions(cfg.model, model.cfg.max_positions, seq_len)
     return model
+
+
+def check_fits_positions(name: str, max_positions: int, seq_len: int) -> None:
+    """Raise ValueError unless sequences of seq_len fit the model's positions."""
+    if seq_len > max_positions:
+        raise ValueError(f"sequence length {seq_len} exceeds {name}'s {max_positions} positions; "
+                         f"use a shorter length or --set max_positions={seq_len}")
 
 
 def saved_text_model(saved: dict[str, Any], cfg: TextRunConfig, name: str, **task: Any) -> nn.Module:

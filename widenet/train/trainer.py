@@ -398,18 +398,19 @@ def seeded_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + step) % (2**63 - 1))
 
 
-__all__ = ["LogWindow", "Progress", "RunResult", "StepResult", "Task", "Trainer", "TrainingError", "apply_update",
-           "seeded_generator"]
-
-
 def _changed_entries(saved: dict[str, Any], now: dict[str, Any]) -> list[tuple[str, Any, Any]]:
     """(name, saved value, new value) of every setting that differs, nested dicts flattened
     (a model's encoder settings are named by their own names: num_experts, not encoder.num_experts)."""
     out = []
     for key in sorted(saved.keys() & now.keys()):  # a key only one side has: a newer widenet's default
-        a, b = saved.get(key), now.get(key)
+        a, b = saved[key], now[key]
         if isinstance(a, dict) and isinstance(b, dict):
             out += _changed_entries(a, b)
         elif a != b:
             out.append((key, a, b))
     return out
+
+
+__all__ = ["LogWindow", "Progress", "RunResult", "StepResult", "Task", "Trainer", "TrainingError", "apply_update",
+           "seeded_generator"]
+
