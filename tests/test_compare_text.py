@@ -113,6 +113,18 @@ def test_compare_text_checks_models_and_task_files_before_training(tmp_path, cap
     assert not (tmp_path / "o").exists()
 
 
+def test_compare_text_checks_the_sequence_length_before_training(tmp_path, capsys, monkeypatch):
+    _no_training(monkeypatch)
+    _write_classify(tmp_path / "train.tsv", 16, 0)
+    _write_classify(tmp_path / "dev.tsv", 8, 1)
+    assert main(["compare-text", "--models", "widenet_text_tiny", "--corpus", str(tmp_path / "train.tsv"),
+                 "--task-train", str(tmp_path / "train.tsv"), "--task-validation", str(tmp_path / "dev.tsv"),
+                 "--set", "max_positions=8", "--out", str(tmp_path / "o")]) == 2
+    assert "exceeds widenet_text_tiny's 8 positions; use a shorter length or --set max_positions=" \
+        in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
 def test_compare_text_checks_validation_labels_before_training(tmp_path, capsys, monkeypatch):
     _no_training(monkeypatch)
     _write_classify(tmp_path / "train.tsv", 16, 0)
