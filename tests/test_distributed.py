@@ -542,6 +542,24 @@ def test_bench_ddp_reports_scaling_efficiency(capsys):
     assert "must be divisible by 2" in capsys.readouterr().err
 
 
+def test_bench_ddp_checks_the_model_before_launching_and_names_a_worker_failure(capsys, monkeypatch):
+    from widenet.bench import ddp_bench
+
+    launched = []
+    monkeypatch.setattr(ddp_bench, "_launch", lambda *a: launched.append(a) or 1.0)
+    assert main(["bench", "ddp", "--model", "nosuch"]) == 2
+    assert "unknown model 'nosuch'" in capsys.readouterr().err
+    assert main(["bench", "ddp", "--model", "albert_text_tiny"]) == 2
+    assert "albert_text_tiny is a text model" in capsys.readouterr().err
+    assert launched == []  # neither reached torchrun
+    # torchrun frames a worker's failure with rules of "="; the message names the exception instead.
+    output = ("Traceback (most recent call last):\n  File \"w.py\", line 1\nRuntimeError: out of memory\n"
+              "E1201 12:00:00 failed (exitcode: 1)\n" + "=" * 60 + "\nRoot Cause:\n" + "=" * 60 + "\n")
+    assert ddp_bench._failure_line(output) == "RuntimeError: out of memory"
+    assert ddp_bench._failure_line("killed\n" + "=" * 60) == "killed"
+    assert ddp_bench._failure_line("") == "no output"
+
+
 def _text_runs(tmp_path: Path):
     """A corpus, one tokenizer, a classification task; command builders for pretrain and finetune."""
     import random

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -60,9 +61,20 @@ def _launch(n: int, args: list[str], timeout: float) -> float:
         raise LaunchError(f"the {n}-process benchmark did not finish within {timeout:.0f} s") from None
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0 or not lines:
-        tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
-        raise LaunchError(f"the {n}-process benchmark failed: {tail[0]}")
+        raise LaunchError(f"the {n}-process benchmark failed: {_failure_line(done.stderr or done.stdout)}")
     return json.loads(lines[-1])["images_per_s"]
+
+
+def _failure_line(output: str) -> str:
+    """The line of a failed launch's output that names the failure: the worker's last exception
+    ("ValueError: ..."), else its last line that is not a rule of "=" or "-" (torchrun frames its
+    summary with them)."""
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    errors = [line for line in lines if re.match(r"^[\w.]*(Error|Exception|Interrupt)\b.*:", line)]
+    if errors:
+        return errors[-1]
+    words = [line for line in lines if re.search(r"\w", line)]
+    return words[-1] if words else "no output"
 
 
 def run_ddp_bench(model: str = "widenet_tiny", processes: int = 2, batch_size: int = 64, steps: int = 10,
@@ -72,10 +84,19 @@ def run_ddp_bench(model: str = "widenet_tiny", processes: int = 2, batch_size: i
         raise ValueError(f"--processes must be >= 2 to measure scaling, got {processes}")
     if batch_size % processes:
         raise ValueError(f"--batch-size {batch_size} is the global batch: it must be divisible by {processes}")
+    _check_model(model)  # before two torchrun launches
     args = ["--model", model, "--batch-size", str(batch_size), "--steps", str(steps)]
     one = _launch(1, args, timeout)
     many = _launch(processes, args + (["--expert-parallel"] if expert_parallel else []), timeout)
     return DDPBenchResult(model, processes, batch_size, steps, one, many, many / (processes * one), expert_parallel)
+
+
+def _check_model(name: str) -> None:
+    """Raise ValueError unless name is a vision preset (the worker trains on random images)."""
+    from ..models.registry import get_entry
+
+    if not hasattr(get_entry(name).make_config(), "image_size"):
+        raise ValueError(f"widenet bench ddp times vision models; {name} is a text model")
 
 
 # --- the worker (one per process, under torchrun) -------------------------------------------------
