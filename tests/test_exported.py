@@ -128,7 +128,34 @@ def test_upcycle_refuses_what_it_cannot_do(tmp_path, cli):
     line = _one_line(*cli(["upcycle", "--from", tmp_path / "moe", "--experts", 2, "--out", tmp_path / "o"]))
     assert "already has an MoE" in line
     line = _one_line(*cli(["import", tmp_path / "moe", "--out", tmp_path / "o"]))
-    assert "not a Hugging Face checkpoint folder" in line
+    assert "already a widenet export" in line
+
+
+def test_a_broken_config_json_is_named_as_such(tmp_path, cli):
+    """A folder whose config.json is damaged is neither an export nor a Hugging Face folder: every
+    command that reads a model says what is wrong with that file, not that a checkpoint is missing."""
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "model.safetensors").write_bytes(b"")
+    (tmp_path / "in.txt").write_text("a sentence\n")
+    for text, expected in (('{"model_type": "vit",', "not valid JSON"), ("[1]", "not a JSON object"),
+                           ('{"format": "other"}', 'has no "format": "widenet-model" or "model_type"')):
+        (bad / "config.json").write_text(text)
+        for args in (["train", "--init", bad, "--out", tmp_path / "r", "--max-steps", 1],
+                     ["predict", "--checkpoint", bad, "--text", tmp_path / "in.txt"], ["export", bad, "--to", tmp_path / "e"]):
+            line = _one_line(*cli(args))
+            assert f"{bad / 'config.json'}: {expected}" in line, (args, line)
+        line = _one_line(*cli(["import", bad, "--out", tmp_path / "o"]))
+        assert expected.replace('"format": "widenet-model" or ', "") in line
+    assert "no config.json, so not a Hugging Face checkpoint" in _one_line(*cli(["import", tmp_path, "--out", bad]))
+    assert not (tmp_path / "r").exists() and not (tmp_path / "e").exists() and not (tmp_path / "o").exists()
+
+
+def test_export_of_an_export_says_what_it_copied(tmp_path, cli):
+    write_export(tmp_path / "m", create_model("vit_tiny", dim=32, depth=2, num_heads=2, mlp_dim=64),
+                 model_name="vit_tiny")
+    rc, out, err = cli(["export", tmp_path / "m", "--to", tmp_path / "copy"])
+    assert rc == 0 and "copied from a widenet export" in out and "step 0" not in out, (out, err)
 
 
 def test_upcycled_albert_computes_the_albert_exactly(tmp_path):

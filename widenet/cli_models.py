@@ -44,10 +44,13 @@ def _write(args: argparse.Namespace, source: Any, model, out: str, note: str) ->
 
 def cmd_import(args: argparse.Namespace) -> int:
     from .models.hf import is_hf_folder
-    from .train.exported import load_model, load_source
+    from .train.exported import config_problem, is_export, load_model, load_source
 
+    if is_export(args.hf_dir):
+        raise ValueError(f"{args.hf_dir}: already a widenet export (load it as it is, or `widenet export` "
+                         "it to a Hugging Face folder)")
     if not is_hf_folder(args.hf_dir):
-        raise ValueError(f"{args.hf_dir}: not a Hugging Face checkpoint folder (no config.json with a model_type)")
+        raise ValueError(config_problem(args.hf_dir, hf_only=True))
     source = load_source(args.hf_dir)
     return _write(args, source, load_model(source), args.out, "imported from Hugging Face")
 
@@ -76,16 +79,19 @@ def _widenet_name(name: str) -> str:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .train.exported import load_model, load_source
+    from .models.hf import is_hf_folder
+    from .train.exported import is_export, load_model, load_source
 
     source = load_source(args.run)
+    origin = ("copied from a widenet export" if is_export(args.run) else
+              "converted from a Hugging Face folder" if is_hf_folder(args.run) else f"exported from step {source.step}")
     if args.ema:
         averaged = source.train_state.get("ema")
         if not isinstance(averaged, dict) or "weights" not in averaged:
             raise ValueError(f"{source.path}: no averaged weights (the run was trained without --ema-decay)")
         source.model_state = averaged["weights"]
     model = load_model(source)
-    return _write(args, source, model, args.to, f"exported from step {source.step}" + (" (EMA)" if args.ema else ""))
+    return _write(args, source, model, args.to, origin + (" (EMA)" if args.ema else ""))
 
 
 def add_model_commands(sub: argparse._SubParsersAction) -> None:

@@ -39,7 +39,7 @@ from ..models.vision import VisionConfig, VisionTransformer
 from .checkpoint import CheckpointError, check_model_keys, find_latest_checkpoint, load_checkpoint
 from .checkpoint_layout import remove_tree
 
-__all__ = ["EXPORT_FORMAT", "EXPORT_VERSION", "HEADS", "Source", "init_source", "is_export", "load_model",
+__all__ = ["EXPORT_FORMAT", "EXPORT_VERSION", "HEADS", "Source", "config_problem", "init_source", "is_export", "load_model",
            "load_source", "model_from_meta", "read_export", "weights_from", "write_export"]
 
 EXPORT_FORMAT = "widenet-model"
@@ -81,6 +81,25 @@ def is_export(path: str | os.PathLike) -> bool:
         return config.is_file() and json.loads(config.read_text()).get("format") == EXPORT_FORMAT
     except (OSError, ValueError, AttributeError):
         return False
+
+
+def config_problem(folder: str | os.PathLike, hf_only: bool = False) -> str:
+    """Why folder's config.json makes it neither a widenet export nor a Hugging Face checkpoint
+    (hf_only: why it is not a Hugging Face checkpoint)."""
+    file = Path(folder) / CONFIG_FILE
+    wanted = "a Hugging Face checkpoint" if hf_only else "a widenet export or a Hugging Face checkpoint"
+    if not file.is_file():
+        return f"{folder}: no {CONFIG_FILE}, so not {wanted}"
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except ValueError as err:
+        return f"{file}: not valid JSON ({err})"
+    except OSError as err:
+        return f"{file}: unreadable ({err.strerror or err})"
+    if not isinstance(config, dict):
+        return f"{file}: not a JSON object"
+    lacks = '"model_type"' if hf_only else f'"format": "{EXPORT_FORMAT}" or "model_type"'
+    return f"{file}: has no {lacks}, so its folder is not {wanted}"
 
 
 def model_kind(model_config: dict) -> str:
@@ -236,6 +255,8 @@ def load_source(path: str | os.PathLike) -> Source:
         return read_export(path)
     if is_hf_folder(path):
         return _hf_source(path)
+    if (path / CONFIG_FILE).is_file():  # checkpoints hold meta.json: this was meant as an export or HF folder
+        raise CheckpointError(config_problem(path))
     ckpt = load_checkpoint(find_latest_checkpoint(path) or path)
     tokenizer = ckpt.path.parent.parent / TOKENIZER_FILE  # the run folder's
     return Source(ckpt.path, ckpt.step, ckpt.meta, ckpt.model_state, ckpt.train_state,
