@@ -26,6 +26,7 @@ from widenet.data.text.squad import SquadExample, encode_squad, postprocess_squa
 from widenet.data.text.tokenizer import save_tokenizer, special_ids, train_tokenizer
 from widenet.inference import (ImageFailure, ImagePrediction, PredictError, answer_questions, classify_texts,
                                find_images, load_pretrained, predict_images, read_sentences)
+from widenet.inference.predict_text import read_sentence_lines
 from widenet.train.exported import write_export
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -273,6 +274,7 @@ def test_read_sentences_lines_pairs_and_errors(tmp_path):
     f = tmp_path / "s.txt"
     f.write_text("one sentence\n\nfirst\tsecond\n", encoding="utf-8")
     assert read_sentences(f) == ["one sentence", ("first", "second")]
+    assert read_sentence_lines(f) == [(1, "one sentence"), (3, ("first", "second"))]
     assert read_sentences("-", stdin=io.StringIO("from stdin\n")) == ["from stdin"]
     f.write_text("a\tb\tc\n")
     with pytest.raises(PredictError, match="line 1"):
@@ -283,11 +285,12 @@ def test_read_sentences_lines_pairs_and_errors(tmp_path):
 
 
 def test_cli_text_from_stdin_json_and_table(classify_dir, capsys, monkeypatch):
-    monkeypatch.setattr(sys, "stdin", io.StringIO("the lazy dog\nwider networks\tshare one block\n"))
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\nthe lazy dog\n\n  \nwider networks\tshare one block\n"))
     rc, out, err = _cli(["predict", "--checkpoint", classify_dir, "--text", "-", "--json", "--top-k", "2"],
                         capsys, monkeypatch)
     assert (rc, err) == (0, "")
     records = [json.loads(line) for line in out.splitlines()]
+    assert [r["line"] for r in records] == [2, 5]  # blank lines skipped; each record says which line it is
     api = classify_texts(load_pretrained(classify_dir), ["the lazy dog", ("wider networks", "share one block")],
                          top_k=2, device="cpu")
     assert [r["text"] for r in records] == ["the lazy dog", "wider networks"]
@@ -340,6 +343,20 @@ def test_cli_qa_json_and_table(qa_dir, tmp_path, capsys, monkeypatch):
                          tmp_path / "ctx.txt"], capsys, monkeypatch)
     assert rc == 0 and out.splitlines()[0].split() == ["question", "answer", "score"]
     assert records[0]["answer"].split()[0] in out.splitlines()[1]
+
+
+def test_a_question_too_long_for_the_window_names_predicts_own_setting(qa_dir, capsys, monkeypatch):
+    """The model holds 64 positions; a 70-word question, cut to 64 tokens, leaves no room for the
+    context. The message names max_len (predict's --max-len), not fine-tuning's max_query_len."""
+    long_question = " ".join(["experts"] * 70) + "?"
+    rc, out, err = _cli(["predict", "--checkpoint", qa_dir, "--question", long_question, "--context", "a context."],
+                        capsys, monkeypatch)
+    assert rc == 2 and out == "" and len(err.strip().splitlines()) == 1, err
+    assert "question 1 takes 64 tokens" in err and "the model holds 64 positions" in err
+    assert "max_query_len" not in err
+    with pytest.raises(PredictError, match=r"question 2 takes \d+ tokens.*raise max_len to \d+ or more"):
+        answer_questions(load_pretrained(qa_dir), [("short?", "a context."), (" ".join(["why"] * 20), "c.")],
+                         max_len=16)
 
 
 # --- inputs that do not fit the model -------------------------------------------------------

@@ -4,8 +4,9 @@
     widenet predict --checkpoint RUN|DIR --text FILE|- [--top-k K] [--json]
     widenet predict --checkpoint RUN|DIR --question Q [--question Q2 ...] --context C | --context-file F [--json]
 
-Output: an aligned table, or with --json one JSON object a line ({"file"|"text",
-"top": [{"class", "probability"}, ...]}; QA: {"question", "answer", "score"}).
+Output: an aligned table, or with --json one JSON object a line ({"file", "top":
+[{"class", "probability"}, ...]}; sentences: {"line", "text", "top"}, line being the
+input line, blank ones skipped; QA: {"question", "answer", "score"}).
 An image that cannot be read is named on stderr (`widenet: cannot read image
 X: why`); the others are still predicted and the exit status is then 1.
 Everything else that is wrong ends the command with one line, status 2.
@@ -87,12 +88,12 @@ def _read_context(path: str) -> str:
 def cmd_predict(args: argparse.Namespace) -> int:
     from .inference.loading import load_pretrained
     from .inference.predict import check_fits
-    from .inference.predict_text import read_sentences
+    from .inference.predict_text import read_sentence_lines
     from .runtime import resolve_device
 
     kind = _input_kind(args)
     device = resolve_device(args.device)
-    texts = read_sentences(args.text) if kind == "text" else None
+    lines = read_sentence_lines(args.text) if kind == "text" else None
     context = None
     if kind == "qa":
         context = args.context if args.context is not None else _read_context(args.context_file)
@@ -103,7 +104,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if kind == "images":
         return _predict_images(args, pretrained, device)
     if kind == "text":
-        return _classify_texts(args, pretrained, texts, device)
+        return _classify_texts(args, pretrained, lines, device)
     return _answer_questions(args, pretrained, [(q, context) for q in args.question], device)
 
 
@@ -133,13 +134,17 @@ def _shorten(text: str, width: int = TEXT_COLUMN) -> str:
     return text if len(text) <= width else text[:width - 3] + "..."
 
 
-def _classify_texts(args: argparse.Namespace, pretrained, texts, device) -> int:
+def _classify_texts(args: argparse.Namespace, pretrained, lines, device) -> int:
+    """lines: (line number, sentence or pair) of the input; a JSON record names its line (blank
+    lines are skipped, so records and input lines need not pair up one to one)."""
     from .inference.predict_text import iter_classify_texts
 
     rows = []
-    for result in iter_classify_texts(pretrained, texts, args.top_k, args.batch_size, device, args.max_len):
+    texts = [text for _, text in lines]
+    results = iter_classify_texts(pretrained, texts, args.top_k, args.batch_size, device, args.max_len)
+    for result, (number, _) in zip(results, lines):  # results first: run to its end (its truncation note)
         if args.json:
-            _print_json(result.to_record())
+            _print_json({"line": number, **result.to_record()})
         else:
             shown = result.text if result.text_pair is None else f"{result.text} | {result.text_pair}"
             rows.append((_shorten(shown), result.top))

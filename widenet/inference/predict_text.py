@@ -25,20 +25,26 @@ from .predict import (CLASSIFY_MAX_LEN, MAX_ANSWER_LEN, N_BEST, QA_DOC_STRIDE, Q
 
 
 __all__ = ["answer_questions", "classify_texts", "iter_answer_questions", "iter_classify_texts",
-           "read_sentences"]
+           "read_sentence_lines", "read_sentences"]
 
 
 # --- text classification -----------------------------------------------------------------
 def read_sentences(source: str | os.PathLike, stdin: Any = None) -> list[str | tuple[str, str]]:
     """The sentences of a UTF-8 file (or of stdin for "-"), one a line, blank lines skipped; a line
     holding a TAB is a sentence pair (the text before it, the text after it)."""
+    return [sentence for _, sentence in read_sentence_lines(source, stdin)]
+
+
+def read_sentence_lines(source: str | os.PathLike, stdin: Any = None) -> list[tuple[int, str | tuple[str, str]]]:
+    """read_sentences with each sentence's line number (from 1), which says where the skipped blank
+    lines were."""
     where = "stdin" if os.fspath(source) == "-" else os.fspath(source)
     try:
         text = (stdin or sys.stdin).read() if where == "stdin" else Path(source).read_text(encoding="utf-8-sig")
         lines = text.splitlines()
     except UnicodeDecodeError as err:
         raise PredictError(f"{where}: not UTF-8 text ({err.reason} at byte {err.start})") from None
-    sentences: list[str | tuple[str, str]] = []
+    sentences: list[tuple[int, str | tuple[str, str]]] = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -48,7 +54,7 @@ def read_sentences(source: str | os.PathLike, stdin: Any = None) -> list[str | t
                                "two separated by one TAB")
         if any(not p.strip() for p in parts):
             raise PredictError(f"{where} line {number}: an empty sentence beside the TAB")
-        sentences.append(parts[0] if len(parts) == 1 else (parts[0], parts[1]))
+        sentences.append((number, parts[0] if len(parts) == 1 else (parts[0], parts[1])))
     if not sentences:
         raise PredictError(f"{where}: no sentences (one a line)")
     return sentences
@@ -172,6 +178,7 @@ def iter_answer_questions(pretrained: Pretrained, pairs: Sequence[tuple[str, str
     if not examples:
         raise PredictError("no questions given")
     length = _max_len(pretrained, max_len, QA_MAX_LEN)
+    _check_questions_fit(pretrained, examples, length, max_query_len)
     pad = special_ids(pretrained.tokenizer).pad
     model, dev = _on_device(pretrained, device)
     with _progress(len(examples), batch_size, "question", progress) as bar:
@@ -194,6 +201,21 @@ def iter_answer_questions(pretrained: Pretrained, pairs: Sequence[tuple[str, str
             for example, score in zip(chunk, scores):
                 yield Answer(example.question, answers[example.id], score, example.context)
             bar.update(len(chunk))
+
+
+def _check_questions_fit(pretrained: Pretrained, examples: list[SquadExample], length: int,
+                         max_query_len: int) -> None:
+    """Raise PredictError naming the first question that, cut to max_query_len tokens, leaves no room
+    in a window of `length` tokens for [CLS], two [SEP] and one context token."""
+    questions = pretrained.tokenizer.encode_batch([ex.question for ex in examples], add_special_tokens=False)
+    for number, encoded in enumerate(questions, start=1):
+        tokens = min(len(encoded.ids), max_query_len)
+        if tokens + 4 > length:
+            limit = pretrained.model.cfg.max_positions
+            room = (f"raise max_len to {tokens + 4} or more" if tokens + 4 <= limit else
+                    f"the model holds {limit} positions: shorten the question")
+            raise PredictError(f"question {number} takes {tokens} tokens, which leaves no room for the context "
+                               f"in max_len {length} ([CLS] question [SEP] context [SEP]); {room}")
 
 
 def answer_questions(pretrained: Pretrained, pairs: Sequence[tuple[str, str]], batch_size: int = 64,
