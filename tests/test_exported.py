@@ -248,3 +248,23 @@ def test_pretraining_continues_from_an_upcycled_albert(tmp_path, cli):
     line = _one_line(*cli(["pretrain", "--init", tmp_path / "wide", *common, "--tokenizer", tmp_path / "none.json",
                            "--out", tmp_path / "x"]))
     assert "none.json" in line
+
+
+def test_init_from_the_wrong_kind_of_model_is_named_first(tmp_path, fmnist_dir, cli):
+    """An image model given to pretraining or fine-tuning, or a text model to image training, is refused
+    by name before anything else is asked of it (pretraining used to ask for a tokenizer first)."""
+    vision = write_export(tmp_path / "vision", create_model("vit_tiny", dim=32, depth=2, num_heads=2, mlp_dim=64),
+                          model_name="vit_tiny")
+    text = write_export(tmp_path / "text", create_model("albert_text_tiny", vocab_size=50, dim=32, depth=1,
+                                                        num_heads=2, mlp_dim=64, embedding_size=16),
+                        model_name="albert_text_tiny")
+    (tmp_path / "corpus.txt").write_text("One sentence here. Another one there.\n")
+    (tmp_path / "t.tsv").write_text("sentence\tlabel\na\t0\nb\t1\n")
+    for args, expected in (
+            (["pretrain", "--init", vision, "--corpus", tmp_path / "corpus.txt"], "--init needs a text model"),
+            (["finetune", "--init", vision, "--task", "classify", "--train", tmp_path / "t.tsv", "--validation",
+              tmp_path / "t.tsv"], "fine-tuning needs a text model"),
+            (["train", "--init", text, "--data-dir", fmnist_dir, "--max-steps", 1], "--init needs an image model")):
+        line = _one_line(*cli([*args, "--out", tmp_path / "run"]))
+        assert f"{vision if 'text model' in expected else text}: {expected}, this one is" in line, line
+        assert not (tmp_path / "run" / "tokenizer.json").exists()

@@ -39,7 +39,7 @@ from ..models.vision import VisionConfig, VisionTransformer
 from .checkpoint import CheckpointError, check_model_keys, find_latest_checkpoint, load_checkpoint
 from .checkpoint_layout import remove_tree
 
-__all__ = ["EXPORT_FORMAT", "EXPORT_VERSION", "HEADS", "Source", "config_problem", "init_source", "is_export", "load_model",
+__all__ = ["EXPORT_FORMAT", "EXPORT_VERSION", "HEADS", "Source", "config_problem", "init_source", "require_kind", "is_export", "load_model",
            "load_source", "model_from_meta", "read_export", "weights_from", "write_export"]
 
 EXPORT_FORMAT = "widenet-model"
@@ -100,6 +100,14 @@ def config_problem(folder: str | os.PathLike, hf_only: bool = False) -> str:
         return f"{file}: not a JSON object"
     lacks = '"model_type"' if hf_only else f'"format": "{EXPORT_FORMAT}" or "model_type"'
     return f"{file}: has no {lacks}, so its folder is not {wanted}"
+
+
+def require_kind(source: Source, kind: str, command: str = "--init") -> None:
+    """Raise CheckpointError unless source holds a `kind` ("vision" or "text") model."""
+    names = {"vision": "an image model", "text": "a text model"}
+    found = model_kind(source.meta.get("model_config") or {})
+    if found != kind:
+        raise CheckpointError(f"{source.path}: {command} needs {names[kind]}, this one is {names[found]}")
 
 
 def model_kind(model_config: dict) -> str:

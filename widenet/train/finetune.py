@@ -38,9 +38,9 @@ from ..distributed.parallel import ParallelContext
 from ..models.registry import count_parameters
 from ..models.text import TextTransformer, load_backbone
 from ..runtime import autocast, autocast_dtype, resolve_device
-from .checkpoint import CheckpointError, LoadedCheckpoint
+from .checkpoint import LoadedCheckpoint
 from .evaluate import RoutingTally
-from .exported import Source, load_source, model_kind, source_tokenizer
+from .exported import Source, load_source, require_kind, source_tokenizer
 from .pretrain import TOKENIZER_FILE
 from .progress import StepResult
 from .run_folder import claim_run_folder
@@ -67,8 +67,7 @@ def load_init(cfg: FinetuneConfig):
     together."""
     source = load_source(cfg.init)
     meta = source.meta
-    if model_kind(meta.get("model_config") or {}) != "text":
-        raise CheckpointError(f"{source.path}: not a text model (fine-tuning starts from a pretrained text model)")
+    require_kind(source, "text", "fine-tuning")
     path = Path(cfg.tokenizer) if cfg.tokenizer else source.tokenizer_path
     if path is None or not path.exists():
         raise TokenizerError(f"no tokenizer found beside {source.path}; pass the pretraining tokenizer with "

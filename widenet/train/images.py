@@ -30,9 +30,8 @@ from ..models.registry import apply_overrides, count_parameters, create_model, m
 from ..models.vision import VisionConfig, VisionTransformer
 from ..runtime import autocast, autocast_dtype, resolve_device
 from .budget import Cadence, time_per_call
-from .checkpoint import CheckpointError
 from .config import TrainConfig
-from .exported import init_source, model_kind, weights_from
+from .exported import init_source, require_kind, weights_from
 from .evaluate import EvalResult, evaluate, evaluate_on
 from .progress import StepResult
 from .run_folder import claim_run_folder
@@ -86,8 +85,7 @@ def build_model_for(cfg: TrainConfig, data: ImageDataset) -> nn.Module:
     if not cfg.init:
         return create_model(cfg.model, **overrides)
     source = init_source(cfg.init, cfg.out, cfg.resume)
-    if model_kind(source.meta.get("model_config") or {}) != "vision":
-        raise CheckpointError(f"{source.path}: --init needs an image model, this one is a text model")
+    require_kind(source, "vision")
     model = VisionTransformer(apply_overrides(VisionConfig(**source.meta["model_config"]), overrides))
     weights_from(source, model, skip_heads=True)
     model.model_name = source.meta.get("model") or cfg.model

@@ -64,11 +64,10 @@ def saved_text_model(saved: dict[str, Any], cfg: TextRunConfig, name: str, **tas
 def init_text_model(source: Any, cfg: TextRunConfig, vocab_size: int, seq_len: int, **task: Any) -> nn.Module:
     """The --init model (train/exported.py Source) with its weights, set up for `task`; its heads are
     kept where they fit, else new. The tokenizer must be the one the model's ids came from."""
-    from .exported import model_kind, weights_from
+    from .exported import require_kind, weights_from
 
-    saved = source.meta.get("model_config") or {}
-    if model_kind(saved) != "text":
-        raise ValueError(f"{source.path}: --init needs a text model, this one is an image model")
+    require_kind(source, "text")
+    saved = source.meta["model_config"]
     if saved["vocab_size"] != vocab_size:
         raise ValueError(f"the tokenizer has {vocab_size} pieces, the model {source.path} {saved['vocab_size']}: "
                          "pass the tokenizer the model was trained with")
