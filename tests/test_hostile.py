@@ -134,6 +134,25 @@ def test_resume_names_a_changed_model_setting_before_loading_weights(tmp_path, f
     assert _snapshot(out) == before
 
 
+def test_resume_for_a_longer_run_says_how_to_train_on(tmp_path, fmnist_dir, tiny_set_args, capsys):
+    """A finished run cannot be resumed with a larger --max-steps (its schedule was planned for the
+    old length); the refusal says how to go on, and that command works."""
+    out = tmp_path / "run"
+    assert _cli(_train_args(fmnist_dir, out, tiny_set_args, "--max-steps", 2), capsys)[0] == 0
+    before = _snapshot(out)
+    line = _one_line_error(*_cli(_train_args(fmnist_dir, out, tiny_set_args, "--max-steps", 4, "--resume"),
+                                 capsys)[::2])
+    assert "cannot resume with different settings (max_steps: 2 -> 4)" in line
+    assert f"to train longer start a new run from this one's weights: --init {out} --out NEW_FOLDER" in line
+    assert _snapshot(out) == before
+    rc, stdout, err = _cli(["train", "--init", out, "--data-dir", fmnist_dir, "--max-steps", 2, "--batch-size", 32,
+                            "--out", tmp_path / "more"], capsys)
+    assert rc == 0, err
+    args = _train_args(fmnist_dir, out, tiny_set_args, "--max-steps", 2, "--lr", 0.5, "--resume")
+    line = _one_line_error(*_cli(args, capsys)[::2])
+    assert "--init" not in line  # a changed recipe gets no such hint
+
+
 # --------------------------------------------------------------------------
 # Strict settings: the Python API and the command line refuse the same values
 # --------------------------------------------------------------------------

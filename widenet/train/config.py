@@ -61,6 +61,9 @@ class RecipeConfig:
     RESUME_FREE: ClassVar[tuple[str, ...]] = ("out", "resume", "overwrite", "device", "compile", "save_every", "keep_last",
                                               "log_every", "eval_batch_size", "fsdp", "expert_parallel",
                                               "tensorboard")
+    # Whether `--init RUN` continues a run of this kind with all its weights, heads included (a
+    # resume refused for a longer run then says so).
+    INIT_CONTINUES: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         check_types(self)  # every field of this class and its subclasses: types, finite numbers
@@ -117,6 +120,7 @@ class TrainConfig(RecipeConfig):
     data: str = "fashion-mnist"
     data_dir: str | None = None
     init: str | None = None  # start from this model's config and weights (run, export, upcycled or HF folder)
+    INIT_CONTINUES: ClassVar[bool] = True
     image_size: int | None = None  # resize to this; an image folder is decoded at it (default: the model's size)
     train_subset: int | None = None
     test_subset: int | None = None

@@ -46,6 +46,7 @@ class PretrainConfig(TextRunConfig):
 
     corpus: list[str] = field(default_factory=list)
     init: str | None = None
+    INIT_CONTINUES: ClassVar[bool] = True
     max_documents: int | None = None  # use only the first N documents of the corpus
     vocab_size: int = 8000
     seq_len: int = 128

@@ -283,7 +283,11 @@ class Trainer:
             conflicts = [k for k in conflicts if k != "model_overrides"]
         changes = [f"{k}: {saved[k]!r} -> {getattr(self.cfg, k)!r}" for k in conflicts] + model_changes
         if changes:
-            raise CheckpointError(f"{path}: cannot resume with different settings ({', '.join(changes)})")
+            hint = ""
+            if set(conflicts) & _LENGTH_SETTINGS and self.cfg.INIT_CONTINUES:
+                hint = (f"; the learning-rate schedule was planned for the run's length, so to train longer start "
+                        f"a new run from this one's weights: --init {self.out} --out NEW_FOLDER")
+            raise CheckpointError(f"{path}: cannot resume with different settings ({', '.join(changes)}){hint}")
 
     def _resume_state(self, saved: dict, total: int) -> None:
         """Optimizer, schedule, RNGs, counters, window and weight average from a checkpoint's train state."""
@@ -396,6 +400,9 @@ def _progress_bar(total: int, done: int, show: bool = True) -> tqdm:
 def seeded_generator(seed: int, step: int) -> torch.Generator:
     """A private generator for (seed, step): draws that must not depend on where a run resumed."""
     return torch.Generator().manual_seed((seed * 1_000_003 + step) % (2**63 - 1))
+
+
+_LENGTH_SETTINGS = {"max_steps", "epochs", "time_budget"}  # what decides a run's length (and its schedule)
 
 
 def _changed_entries(saved: dict[str, Any], now: dict[str, Any]) -> list[tuple[str, Any, Any]]:
