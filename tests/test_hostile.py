@@ -34,7 +34,7 @@ from widenet.models.encoder import EncoderConfig
 from widenet.models.text import TextConfig
 from widenet.models.vision import VisionConfig
 from widenet.settings import SettingError, SettingTypeError, field_kinds, parse_setting_text
-from widenet.train.checkpoint import find_latest_checkpoint, load_checkpoint
+from widenet.train.checkpoint import find_latest_checkpoint, load_checkpoint, read_checkpoint_meta
 from widenet.train.config import TrainConfig
 from widenet.train.metrics import read_metrics
 from widenet.train.text_config import FinetuneConfig, PretrainConfig
@@ -115,10 +115,66 @@ def test_a_folder_holding_a_run_needs_resume_or_overwrite(tmp_path, fmnist_dir, 
     assert "already holds a run (checkpoints/, metrics.jsonl)" in line and "--overwrite" in line
     assert _snapshot(out) == before
     rc, _, err = _cli(_train_args(fmnist_dir, out, tiny_set_args, "--max-steps", 3, "--overwrite"), capsys)
-    assert rc == 0 and "--overwrite: deleted the earlier run's checkpoints/, metrics.jsonl" in err + _
+    assert rc == 0 and "--overwrite: set aside the earlier run's checkpoints/, metrics.jsonl" in err + _
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl") if r["split"] == "train"] == [1, 2, 3]
+    assert not (out / ".widenet-overwritten").exists() and load_checkpoint(out).step == 3
     rc, _, err = _cli(_train_args(fmnist_dir, out, tiny_set_args, "--resume", "--overwrite"), capsys)
     assert rc == 2 and "not allowed with argument" in err
+
+
+def test_overwrite_puts_the_earlier_run_back_when_the_new_one_fails_before_a_checkpoint(
+        tmp_path, fmnist_dir, tiny_set_args, capsys, monkeypatch):
+    """--overwrite used to delete the earlier run before anything of the new one was checked: a
+    setting the data refused, or a crash at the first step, lost both runs."""
+    from widenet.train.images import ImageTask
+
+    out = tmp_path / "run"
+    assert _cli(_train_args(fmnist_dir, out, tiny_set_args, "--max-steps", 2), capsys)[0] == 0
+    before = _snapshot(out)
+    for setting, named in (("num_classes=5", "fashion-mnist has 10 classes"),
+                           ("in_channels=3", "fashion-mnist's images have 1 channel"),
+                           ("image_size=32", "are 28x28; to train at another size, resize them with --image-size 32")):
+        line = _one_line_error(*_cli(_train_args(fmnist_dir, out, tiny_set_args, "--max-steps", 3, "--overwrite",
+                                                 "--set", setting), capsys)[::2])
+        assert f"--set {setting}: " in line and named in line, line
+        assert _snapshot(out) == before, setting
+
+    real_loss, calls = ImageTask.loss, []
+
+    def interrupted_at(step: int):
+        def loss(self, net, batch, step_):
+            calls.append(step_)
+            if len(calls) == step:
+                raise KeyboardInterrupt
+            return real_loss(self, net, batch, step_)
+        return loss
+
+    monkeypatch.setattr(ImageTask, "loss", interrupted_at(1))  # Ctrl-C before the new run's first checkpoint
+    rc, stdout, err = _cli(_train_args(fmnist_dir, out, tiny_set_args, "--max-steps", 3, "--save-every", 1,
+                                       "--overwrite"), capsys)
+    assert rc == 130 and "interrupted" in err and "put the earlier run back" in stdout + err
+    assert _snapshot(out) == before
+
+    calls.clear()  # Ctrl-C after the new run saved a checkpoint: the new run is the one kept, resumable
+    monkeypatch.setattr(ImageTask, "loss", interrupted_at(3))
+    rc, stdout, err = _cli(_train_args(fmnist_dir, out, tiny_set_args, "--max-steps", 4, "--save-every", 1,
+                                       "--overwrite"), capsys)
+    assert rc == 130 and "put the earlier run back" not in stdout + err
+    assert load_checkpoint(out).step == 2 and not (out / ".widenet-overwritten").exists()
+    assert read_checkpoint_meta(find_latest_checkpoint(out))["train_config"]["max_steps"] == 4
+
+    # a run killed before its first checkpoint leaves the earlier one set aside: the next run puts it back
+    monkeypatch.undo()
+    (out / ".widenet-overwritten").mkdir()
+    for name in ("checkpoints", "metrics.jsonl"):
+        (out / name).rename(out / ".widenet-overwritten" / name)
+    (out / "metrics.jsonl").write_text('{"split": "train", "step": 1}\n')  # what the killed run wrote
+    rc, stdout, err = _cli(_train_args(fmnist_dir, out, tiny_set_args, "--max-steps", 4, "--save-every", 1,
+                                       "--resume"), capsys)
+    assert rc == 0, err
+    assert "put the earlier run back" in stdout + err and "(step 2)" in stdout + err
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl") if r["split"] == "train"] == [1, 2, 3, 4]
+    assert not (out / ".widenet-overwritten").exists()
 
 
 def test_resume_names_a_changed_model_setting_before_loading_weights(tmp_path, fmnist_dir, tiny_set_args, capsys):

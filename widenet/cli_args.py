@@ -109,7 +109,8 @@ def add_run_arguments(p: argparse.ArgumentParser, example_setting: str) -> None:
     again = p.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
     again.add_argument("--overwrite", action="store_true",
-                       help="delete the run already in --out (its checkpoints and metrics) and start again")
+                       help="replace the run already in --out (its checkpoints and metrics; deleted once this run "
+                            "saves a checkpoint, put back if it stops before)")
 
 
 def add_moe_arguments(p: argparse.ArgumentParser) -> None:

@@ -82,6 +82,7 @@ def build_model_for(cfg: TrainConfig, data: ImageDataset) -> nn.Module:
     if cfg.dropout:
         overrides["dropout"] = cfg.dropout
     overrides.update(cfg.model_overrides)
+    _check_fits_data(overrides, data, cfg.data)
     if not cfg.init:
         return create_model(cfg.model, **overrides)
     source = init_source(cfg.init, cfg.out, cfg.resume)
@@ -90,6 +91,21 @@ def build_model_for(cfg: TrainConfig, data: ImageDataset) -> nn.Module:
     weights_from(source, model, skip_heads=True)
     model.model_name = source.meta.get("model") or cfg.model
     return model
+
+
+def _check_fits_data(overrides: dict[str, Any], data: ImageDataset, name: str) -> None:
+    """A --set of num_classes, in_channels or image_size that the data contradicts, named before
+    the run starts (not as a loss-shape error at its first step)."""
+    if overrides["num_classes"] != data.num_classes:
+        raise ValueError(f"--set num_classes={overrides['num_classes']}: {name} has {data.num_classes} classes "
+                         "(a model's classes follow its data: leave num_classes out)")
+    if overrides["in_channels"] != data.channels:
+        raise ValueError(f"--set in_channels={overrides['in_channels']}: {name}'s images have {data.channels} "
+                         "channel(s) (leave in_channels out)")
+    if overrides["image_size"] != data.image_size:
+        raise ValueError(f"--set image_size={overrides['image_size']}: {name}'s images are {data.image_size}x"
+                         f"{data.image_size}; to train at another size, resize them with --image-size "
+                         f"{overrides['image_size']}")
 
 
 class ImageTask:

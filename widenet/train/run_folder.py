@@ -10,7 +10,12 @@ warning) and decides what the folder may already hold:
 - ``--resume``: a checkpoint to continue from, or no trace of a run at all
   (then it starts from scratch). Files of an attempt that never saved a
   checkpoint are refused rather than overwritten;
-- ``--overwrite``: anything; the earlier run's files (only those) are deleted.
+- ``--overwrite``: anything; the earlier run's files (only those) are set
+  aside in ``OUT/.widenet-overwritten/`` and deleted once the new run has
+  saved a checkpoint or ended well. A run that fails before either (a setting
+  the data refuses, a crash at the first step, Ctrl-C) puts them back, and so
+  does the next run into OUT after one that was killed: --overwrite never
+  loses a run to a replacement that did not get going.
 
 Under torchrun the main process claims the folder and every process learns
 whether it could.
@@ -19,6 +24,7 @@ whether it could.
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from pathlib import Path
 from typing import Callable, Iterator
@@ -31,10 +37,12 @@ from ..files import LockHeld, hold_lock
 from .checkpoint_layout import CHECKPOINTS_DIR, LATEST_FILE, checkpoints_root, find_latest_checkpoint, remove_tree, \
     step_folders
 
-__all__ = ["LOCK_FILE", "RUN_FILES", "RunFolderError", "claim_run_folder", "earlier_run", "resume_or_restart"]
+__all__ = ["LOCK_FILE", "RUN_FILES", "SET_ASIDE_DIR", "RunFolderError", "claim_run_folder", "drop_set_aside",
+           "earlier_run", "resume_or_restart"]
 
 LOCK_FILE = ".widenet.lock"
 RUN_FILES = ("metrics.jsonl", "tokenizer.json", "tensorboard")  # beside the checkpoints, what a run writes into OUT
+SET_ASIDE_DIR = ".widenet-overwritten"  # an --overwrite run's predecessor until the new run has a checkpoint
 
 
 class RunFolderError(ValueError):
@@ -52,13 +60,22 @@ def claim_run_folder(out: str | Path, resume: bool, overwrite: bool, parallel: P
             try:
                 _make_folder(out)
                 stack.enter_context(hold_lock(out / LOCK_FILE, warn=lambda line: print(line, file=sys.stderr)))
+                _settle_set_aside(out, log)
                 _prepare(out, resume, overwrite, log)
             except LockHeld as err:
                 failure = RunFolderError(f"{err}; wait for that run to end or choose another --out")
             except (RunFolderError, OSError) as err:
                 failure = err
         _agree(parallel, failure, out)
-        yield out
+        try:
+            yield out
+        except BaseException:
+            if parallel.is_main:
+                with contextlib.suppress(OSError):  # the run's own failure is the one to report
+                    _settle_set_aside(out, log)
+            raise
+        if parallel.is_main:
+            drop_set_aside(out)
 
 
 def resume_or_restart(out: str | Path) -> dict[str, bool]:
@@ -91,8 +108,9 @@ def _prepare(out: Path, resume: bool, overwrite: bool, log: Callable[[str], None
     found = earlier_run(out)
     if overwrite:
         if found:
-            _remove_earlier_run(out)
-            log(f"--overwrite: deleted the earlier run's {', '.join(found)} in {out}")
+            _set_aside(out)
+            log(f"--overwrite: set aside the earlier run's {', '.join(found)} in {out} (deleted once this run "
+                "saves a checkpoint; put back if it fails before)")
         return
     if resume:
         if find_latest_checkpoint(out) is not None or not found:
@@ -104,16 +122,49 @@ def _prepare(out: Path, resume: bool, overwrite: bool, log: Callable[[str], None
                              "--overwrite to replace it, or choose another --out")
 
 
-def _remove_earlier_run(out: Path) -> None:
+def _run_paths(out: Path) -> list[Path]:
+    """The files and folders of the run in OUT: its checkpoints (either layout) and RUN_FILES."""
     root = checkpoints_root(out)
     if root == out:  # the layout before OUT/checkpoints/
-        for _, folder in step_folders(out):
-            remove_tree(folder)
-        (out / LATEST_FILE).unlink(missing_ok=True)
-    elif root.is_dir():
-        remove_tree(root)
-    for name in RUN_FILES:
-        remove_tree(out / name) if (out / name).is_dir() else (out / name).unlink(missing_ok=True)
+        paths = [folder for _, folder in step_folders(out)] + [out / LATEST_FILE]
+    else:
+        paths = [root]
+    return [path for path in paths + [out / name for name in RUN_FILES] if path.exists()]
+
+
+def _set_aside(out: Path) -> None:
+    """Move the earlier run's files into OUT/SET_ASIDE_DIR (renames within OUT: nothing is copied)."""
+    aside = out / SET_ASIDE_DIR
+    aside.mkdir()
+    for path in _run_paths(out):
+        os.replace(path, aside / path.name)
+
+
+def _settle_set_aside(out: Path, log: Callable[[str], None]) -> None:
+    """What an --overwrite run set aside, after that run stopped: deleted if the run saved a
+    checkpoint (it replaced the earlier run), else put back in place of what the run wrote."""
+    aside = out / SET_ASIDE_DIR
+    if not aside.is_dir():
+        return
+    if find_latest_checkpoint(out) is not None:
+        drop_set_aside(out)
+        return
+    for path in _run_paths(out):
+        _remove(path)
+    for path in aside.iterdir():
+        os.replace(path, out / path.name)
+    aside.rmdir()
+    log(f"--overwrite: the run stopped before saving a checkpoint; put the earlier run back in {out}")
+
+
+def drop_set_aside(out: Path) -> None:
+    """Delete what an --overwrite run set aside: called once the run saved a checkpoint (Trainer)."""
+    if (out / SET_ASIDE_DIR).is_dir():
+        remove_tree(out / SET_ASIDE_DIR)
+
+
+def _remove(path: Path) -> None:
+    remove_tree(path) if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)
 
 
 def _agree(parallel: ParallelContext, failure: Exception | None, out: Path) -> None:

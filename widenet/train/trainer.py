@@ -43,6 +43,7 @@ from .ema import ModelEMA
 from .metrics import NullMetrics
 from .optim import build_optimizer, build_schedule
 from .progress import LogWindow, Progress, StepResult
+from .run_folder import drop_set_aside
 from .tensorboard import open_metrics
 
 TRAIN_STATE_KEYS = ("optimizer", "scheduler", "rng", "progress")  # what a resume needs from state.pt
@@ -249,6 +250,7 @@ class Trainer:
             state["ema"] = self.ema.state_dict()
         if parallel.is_main:
             save_checkpoint(self.out, p.step, weights, state, dict(self.meta, epoch=p.epoch), self.cfg.keep_last)
+            drop_set_aside(self.out)  # this run has replaced an earlier one (--overwrite) for good
         parallel.barrier()
 
     def _epochs(self) -> int:
