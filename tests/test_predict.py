@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import shutil
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,6 +29,7 @@ from widenet.data.text.tokenizer import save_tokenizer, special_ids, train_token
 from widenet.inference import (ImageFailure, ImagePrediction, PredictError, answer_questions, classify_texts,
                                find_images, load_pretrained, predict_images, read_sentences)
 from widenet.inference.predict_text import read_sentence_lines
+from widenet.train.checkpoint import save_checkpoint
 from widenet.train.exported import write_export
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -383,3 +386,52 @@ def test_wrong_kind_of_input_is_one_line(vision_dir, classify_dir, qa_dir, pretr
         classify_texts(load_pretrained(vision_dir), ["x"])
     with pytest.raises(PredictError, match="text classifier"):
         predict_images(load_pretrained(classify_dir), [images])
+
+
+def _copy_with_huge_weights(folder, tmp_path) -> Path:
+    """The export at `folder` with every weight times 1e30: finite, but the activations overflow
+    (what `widenet upcycle --noise 1e30` makes)."""
+    from safetensors.torch import load_file, save_file
+
+    copy = tmp_path / f"{folder.parent.name}-huge"
+    shutil.copytree(folder, copy)
+    save_file({k: v * 1e30 for k, v in load_file(copy / "model.safetensors").items()}, copy / "model.safetensors")
+    return copy
+
+
+def test_nan_scores_are_refused_not_ranked(vision_dir, classify_dir, qa_dir, images, tmp_path, capsys, monkeypatch):
+    """A model whose scores come out NaN used to print 'nan%' rankings (images, sentences) and
+    arbitrary spans (QA) with exit status 0."""
+    broken = [_copy_with_huge_weights(folder, tmp_path) for folder in (vision_dir, classify_dir, qa_dir)]
+    (tmp_path / "lines.txt").write_text("a small red fox\n")
+    calls = (["predict", "--checkpoint", broken[0], images / "a.png"],
+             ["predict", "--checkpoint", broken[1], "--text", tmp_path / "lines.txt"],
+             ["predict", "--checkpoint", broken[2], "--question", "what runs?", "--context", "the river runs down"])
+    for argv in calls:
+        line = _one_line_error(*_cli(argv, capsys, monkeypatch))
+        assert "the model's scores are NaN or inf (its weights are finite but so large" in line, line
+    pretrained = load_pretrained(vision_dir)  # loading refuses NaN weights; a model changed in memory may hold them
+    with torch.no_grad():
+        pretrained.model.head.weight[0, 0] = float("nan")
+    with pytest.raises(PredictError, match=r"scores are NaN or inf \(1 of its weights are NaN or inf\)"):
+        predict_images(pretrained, [images / "a.png"], device="cpu")
+
+
+def test_damaged_image_statistics_are_named(tmp_path, capsys, monkeypatch):
+    """A run's meta.json whose std is NaN, zero or of the wrong length gave NaN scores or silently
+    different ones; eval printed 'loss NaN' (not JSON) with exit status 0."""
+    torch.manual_seed(0)
+    model = create_model("vit_tiny", image_size=SIZE, in_channels=1, num_classes=3, dim=16, depth=1, num_heads=2,
+                         mlp_dim=32)
+    meta = dict(model="vit_tiny", model_config=model.cfg.to_dict(),
+                data=dict(name="fashion-mnist", classes=CLASSES, mean=[MEAN], std=[STD]))
+    Image.fromarray(np.zeros((SIZE, SIZE), dtype=np.uint8), "L").save(tmp_path / "x.png")
+    for std, named in (([float("nan")], "[nan]"), ([0.0], "[0.0]"), ([0.3, 0.3], "[0.3, 0.3]")):
+        run = tmp_path / f"run-{len(list(tmp_path.iterdir()))}"
+        meta_file = save_checkpoint(run, 1, model, {}, meta) / "meta.json"
+        edited = json.loads(meta_file.read_text())
+        edited["data"]["std"] = std  # by hand: json writes NaN, which Python's reader accepts
+        meta_file.write_text(json.dumps(edited))
+        for argv in (["predict", "--checkpoint", run, tmp_path / "x.png"], ["eval", "--checkpoint", run]):
+            line = _one_line_error(*_cli(argv, capsys, monkeypatch))
+            assert f"the saved image std {named} should be one finite number per channel (1), each > 0" in line

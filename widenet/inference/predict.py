@@ -36,10 +36,11 @@ from ..data.augment import normalize
 from ..data.errors import DatasetError
 from ..data.images.folder import decode_image
 from ..runtime import first_line, resolve_device
+from ..train.exported import non_finite_problem
 from .loading import Pretrained
 
 __all__ = ["IMAGE_SUFFIXES", "Answer", "ClassScore", "ImageFailure", "ImagePrediction", "PredictError",
-           "TextPrediction", "check_fits", "find_images", "iter_predict_images", "predict_images"]
+           "TextPrediction", "check_finite_scores", "check_fits", "find_images", "iter_predict_images", "predict_images"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")  # what folders are searched for
 # Fine-tuning's default sequence lengths (widenet.train.finetune.DEFAULT_MAX_LEN) and QA windows.
@@ -162,9 +163,16 @@ def _class_names(pretrained: Pretrained, count: int) -> list[str]:
     return [str(c) for c in classes] if classes and len(classes) == count else [str(i) for i in range(count)]
 
 
-def _top(logits: torch.Tensor, names: list[str], top_k: int) -> list[list[ClassScore]]:
+def check_finite_scores(pretrained: Pretrained, *scores: torch.Tensor) -> None:
+    """Refuse NaN (or +inf) scores, which would be ranked and printed as if they meant something."""
+    if any(bool((s.isnan() | s.isposinf()).any()) for s in scores):
+        raise PredictError(non_finite_problem(pretrained.source, pretrained.model))
+
+
+def _top(pretrained: Pretrained, logits: torch.Tensor, names: list[str], top_k: int) -> list[list[ClassScore]]:
     """(B, K) logits -> per row the top_k (capped at K) classes and their softmax probabilities."""
     probs = logits.float().softmax(-1)
+    check_finite_scores(pretrained, probs)  # NaN also where a logit was inf
     values, indices = probs.topk(min(top_k, probs.shape[-1]), dim=-1)
     return [[ClassScore(names[i], p) for p, i in zip(row_p, row_i)]
             for row_p, row_i in zip(values.cpu().tolist(), indices.cpu().tolist())]
@@ -256,7 +264,7 @@ def iter_predict_images(pretrained: Pretrained, inputs: Iterable[str | os.PathLi
                 images = torch.stack([decoded[i] for i in good]).to(dev)  # uint8 (B, C, S, S)
                 with torch.inference_mode():
                     logits = model(normalize(images, mean, std)).logits
-                for i, top in zip(good, _top(logits, names, top_k)):
+                for i, top in zip(good, _top(pretrained, logits, names, top_k)):
                     results[i] = ImagePrediction(str(batch[i]), top)
             bar.update(len(batch))
             yield from results

@@ -20,8 +20,8 @@ from ..data.text.squad import SquadExample, _best_span, encode_squad, postproces
 from ..data.text.tokenizer import special_ids
 from .loading import Pretrained
 from .predict import (CLASSIFY_MAX_LEN, MAX_ANSWER_LEN, N_BEST, QA_DOC_STRIDE, QA_MAX_LEN, QA_MAX_QUERY_LEN,
-                      Answer, PredictError, TextPrediction, _batches, check_fits, _check_sizes, _class_names,
-                      _on_device, _progress, _top)
+                      Answer, PredictError, TextPrediction, _batches, _check_sizes, _class_names, _on_device,
+                      _progress, _top, check_finite_scores, check_fits)
 
 
 __all__ = ["answer_questions", "classify_texts", "iter_answer_questions", "iter_classify_texts",
@@ -112,7 +112,7 @@ def iter_classify_texts(pretrained: Pretrained, texts: Sequence[str | tuple[str,
             ids = encoded["input_ids"].to(dev)
             with torch.inference_mode():
                 logits = model(ids, encoded["token_type_ids"].to(dev), padding_mask=ids == pad).logits
-            for ex, top in zip(batch, _top(logits, names, top_k)):
+            for ex, top in zip(batch, _top(pretrained, logits, names, top_k)):
                 yield TextPrediction(ex.text_a, ex.text_b, top)
             bar.update(len(batch))
     if truncated:
@@ -195,6 +195,7 @@ def iter_answer_questions(pretrained: Pretrained, pairs: Sequence[tuple[str, str
                 starts.append(out.start_logits.float().cpu())
                 ends.append(out.end_logits.float().cpu())
             start, end = torch.cat(starts), torch.cat(ends)
+            check_finite_scores(pretrained, start, end)
             answers = postprocess_squad(chunk, features, start, end, N_BEST, MAX_ANSWER_LEN,
                                         version_2=allow_no_answer, null_threshold=null_threshold)
             scores = _scores(chunk, features, start, end, allow_no_answer, null_threshold)

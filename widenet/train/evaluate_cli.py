@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 from torch import nn
 
 from ..data.images import check_same_classes, load_dataset, subset
 from ..models.vision import VisionConfig
 from ..runtime import resolve_device
 from .checkpoint import CheckpointError
-from .exported import Source, load_model, load_source
+from .exported import Source, load_model, load_source, non_finite_problem
 from .evaluate import evaluate
 
 
@@ -29,6 +31,7 @@ def evaluate_checkpoint(path: str, data: str | None = None, data_dir: str | None
                               "classifiers (a text run's validation scores are in its metrics.jsonl)")
     cfg = VisionConfig(**meta["model_config"])
     model = load_model(ckpt)
+    stats = ckpt.image_stats or {}  # checked before the data is read
     if ema:
         _load_ema_weights(ckpt, model)
     train_cfg = meta.get("train_config", {})
@@ -43,10 +46,11 @@ def evaluate_checkpoint(path: str, data: str | None = None, data_dir: str | None
     if test.channels != cfg.in_channels or test.num_classes > cfg.num_classes:
         raise ValueError(f"dataset {name!r} ({test.channels} channels, {test.num_classes} classes) does not fit "
                          f"the checkpoint's model ({cfg.in_channels} channels, {cfg.num_classes} classes)")
-    stats = meta.get("data", {})
     mean, std = stats.get("mean", test.mean), stats.get("std", test.std)
     dev = resolve_device(device)
     result = evaluate(model.to(dev), test, batch_size, dev, mean, std, tta=tta)
+    if not math.isfinite(result.loss):
+        raise ValueError(non_finite_problem(ckpt.path, model))
     return dict(model=meta["model"], step=ckpt.step, data=name, checkpoint=str(ckpt.path), tta=tta,
                 **result.to_record())
 

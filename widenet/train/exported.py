@@ -40,7 +40,8 @@ from .checkpoint import CheckpointError, check_model_keys, find_latest_checkpoin
 from .checkpoint_layout import remove_tree
 
 __all__ = ["EXPORT_FORMAT", "EXPORT_VERSION", "HEADS", "Source", "config_problem", "init_source", "require_kind", "is_export", "load_model",
-           "load_source", "model_from_meta", "read_export", "weights_from", "write_export"]
+           "load_source", "model_from_meta", "non_finite_problem", "read_export", "weights_from",
+           "write_export"]
 
 EXPORT_FORMAT = "widenet-model"
 EXPORT_VERSION = 1
@@ -70,9 +71,19 @@ class Source:
 
     @property
     def image_stats(self) -> dict[str, list[float]] | None:
-        """{"mean", "std"} images were normalised with in training, or None."""
+        """{"mean", "std"} images were normalised with in training, or None. Saved statistics that
+        are not one finite number per channel (std > 0) raise CheckpointError: a hand-edited or
+        damaged meta.json would otherwise give NaN scores or silently wrong ones."""
         data = self.meta.get("data") or {}
-        return {k: list(data[k]) for k in ("mean", "std") if data.get(k)} or None
+        stats = {k: data[k] for k in ("mean", "std") if data.get(k) is not None}
+        channels = (self.meta.get("model_config") or {}).get("in_channels")
+        for key, values in stats.items():
+            fits = _finite_numbers(values) and (channels is None or len(values) == channels)
+            if not fits or (key == "std" and min(values) <= 0):
+                raise CheckpointError(f"{self.path}: the saved image {key} {values!r} should be one finite "
+                                      f"number per channel ({channels or 'as many as the model has'})"
+                                      + (", each > 0" if key == "std" else ""))
+        return {k: list(v) for k, v in stats.items()} or None
 
 
 def is_export(path: str | os.PathLike) -> bool:
@@ -301,6 +312,14 @@ def _json_or_empty(file: Path) -> dict:
     except (OSError, ValueError):
         return {}
     return value if isinstance(value, dict) else {}
+
+
+def non_finite_problem(source: str | os.PathLike, model: nn.Module) -> str:
+    """The line for a model whose scores came out NaN or inf: whether its weights are to blame."""
+    bad = sum(int((~p.detach().isfinite()).sum()) for p in model.parameters())
+    why = (f"{bad} of its weights are NaN or inf" if bad else
+           "its weights are finite but so large that the activations overflow")
+    return f"{source}: the model's scores are NaN or inf ({why}); its results would be meaningless"
 
 
 def _finite_numbers(value: Any) -> bool:
