@@ -282,6 +282,26 @@ def test_meaningless_values_stop_before_training(tmp_path, fmnist_dir, tiny_set_
     assert not (out / "metrics.jsonl").exists()
 
 
+def test_moe_settings_for_a_model_without_moe_layers_are_refused(tmp_path, fmnist_dir, tiny_set_args, capsys):
+    """--top-k, --dropless, --set num_experts=... on a dense model used to be accepted and ignored:
+    a run that said nothing about its MoE flags having no effect."""
+    from widenet import create_model
+    from widenet.models.registry import model_config, settings_for
+
+    for flags in (["--top-k", 1], ["--dropless"], ["--set", "num_experts=8"],
+                  ["--top-k", 1, "--set", "moe_blocks=every:4"]):  # every 4th of 2 blocks: none
+        line = _one_line_error(*_cli(_train_args(fmnist_dir, tmp_path / "run", tiny_set_args, "--model", "vit_tiny",
+                                                 "--max-steps", 1, *flags), capsys)[::2])
+        assert "the model has no MoE layer (moe_blocks=" in line and "--set moe_blocks=all" in line, line
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    with pytest.raises(ValueError, match=r"^top_k, dropless: the model has no MoE layer"):
+        create_model("albert_text_tiny", top_k=1, dropless=True)
+    assert create_model("vit_tiny", moe_blocks="last:1", top_k=1, depth=2).cfg.encoder.moe.top_k == 1
+    # a driver giving one set of settings to several models (compare) gives the dense ones none of the MoE's
+    assert settings_for(model_config("vit_tiny"), dict(top_k=1, depth=2)) == dict(depth=2)
+    assert settings_for(model_config("widenet_tiny"), dict(top_k=1, depth=2)) == dict(top_k=1, depth=2)
+
+
 # --------------------------------------------------------------------------
 # Data contracts
 # --------------------------------------------------------------------------

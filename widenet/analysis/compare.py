@@ -24,6 +24,7 @@ import torch
 
 from ..data.augment import normalize
 from ..data.images import ImageDataset, subset
+from ..models.registry import model_config, settings_for
 from ..train.config import TrainConfig
 from ..train.images import TrainResult, load_data, train
 from ..train.metrics import read_metrics
@@ -123,7 +124,7 @@ def _run_spec(spec: RunSpec, base: TrainConfig, data: tuple[ImageDataset, ImageD
     runs: list[TrainResult] = []
     for seed in range(n_seeds):
         run_dir = out / "runs" / _slug(spec.label) / f"seed{seed}"
-        overrides = {**base.model_overrides, **spec.overrides}
+        overrides = settings_for(model_config(spec.model), {**base.model_overrides, **spec.overrides})
         cfg = dataclasses.replace(base, model=spec.model, model_overrides=overrides, seed=seed,
                                   out=str(run_dir), **resume_or_restart(run_dir))
         log(f"== {spec.label}, seed {seed} ==")

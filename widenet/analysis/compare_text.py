@@ -35,6 +35,7 @@ from ..data.text.documents import iter_documents
 from ..data.text.gcide import GCIDE_PATH
 from ..data.text.gcide_tasks import write_gcide_task
 from ..data.text.tokenizer import save_tokenizer, train_tokenizer
+from ..models.registry import model_config, settings_for
 from ..train.finetune import finetune
 from ..train.metrics import read_metrics
 from ..train.run_folder import resume_or_restart
@@ -138,7 +139,8 @@ def _check_models(models: list[str], budget: dict) -> None:
         if not isinstance(cfg, TextConfig):
             raise ValueError(f"{name} is an image model; compare-text takes text models such as "
                              f"{', '.join(DEFAULT_TEXT_MODELS)}")
-        check_fits_positions(name, apply_overrides(cfg, budget["model_overrides"]).max_positions, budget["seq_len"])
+        settings = settings_for(cfg, budget["model_overrides"])
+        check_fits_positions(name, apply_overrides(cfg, settings).max_positions, budget["seq_len"])
 
 
 def _check_task_files(task_train: str, task_validation: str) -> None:
@@ -186,7 +188,7 @@ def _run_seed(model: str, seed: int, out: Path, corpus: list[str], tokenizer: Pa
         model=model, corpus=corpus, tokenizer=str(tokenizer), seq_len=budget["seq_len"],
         max_steps=budget["pretrain_steps"], batch_size=budget["batch_size"], lr=budget["lr"],
         warmup_steps=budget["warmup_steps"], max_documents=budget["max_documents"],
-        model_overrides=budget["model_overrides"], seed=seed,
+        model_overrides=settings_for(model_config(model), budget["model_overrides"]), seed=seed,
         log_every=10, device=device,
         out=str(run / "pretrain"), **resume_or_restart(run / "pretrain")), log=indent)
     fine = {}

@@ -63,7 +63,8 @@ def create_model(name: str, **overrides: Any) -> nn.Module:
 
 
 def apply_overrides(cfg: Any, overrides: dict[str, Any]) -> Any:
-    """Replace fields of cfg, cfg.encoder or cfg.encoder.moe by name; unknown names raise ValueError.
+    """Replace fields of cfg, cfg.encoder or cfg.encoder.moe by name; unknown names raise ValueError,
+    and so do MoE settings for a model left without MoE layers (they would be silently ignored).
 
     `representation=True` is shorthand for representation_size = encoder width.
     """
@@ -77,7 +78,20 @@ def apply_overrides(cfg: Any, overrides: dict[str, Any]) -> Any:
         raise ValueError(f"unknown model setting(s): {', '.join(unknown)}")
     enc_changes = {k: v for k, v in overrides.items() if k in inner and k not in top}
     top_changes = {k: v for k, v in overrides.items() if k in top}
-    return dataclasses.replace(cfg, **top_changes, encoder=cfg.encoder.replace(**enc_changes))
+    new = dataclasses.replace(cfg, **top_changes, encoder=cfg.encoder.replace(**enc_changes))
+    idle = [k for k in overrides if k in MOE_SETTINGS]
+    if idle and not new.encoder.moe_block_ids:
+        raise ValueError(f"{', '.join(idle)}: the model has no MoE layer (moe_blocks={new.encoder.moe_blocks!r}), so "
+                         "this would change nothing; give it MoE layers with --set moe_blocks=all (or last:N, "
+                         "every:N), or choose an MoE model")
+    return new
+
+
+def settings_for(cfg: Any, overrides: dict[str, Any]) -> dict[str, Any]:
+    """`overrides` less its MoE settings where the model they give has no MoE layer: what each
+    model gets from a driver that applies one set of settings to several (widenet compare)."""
+    dense = {k: v for k, v in overrides.items() if k not in MOE_SETTINGS}
+    return dict(overrides) if apply_overrides(cfg, dense).encoder.moe_block_ids else dense
 
 
 def setting_kinds() -> dict[str, tuple[type, bool]]:
