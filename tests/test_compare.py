@@ -207,6 +207,18 @@ def test_compare_rejects_bad_arguments(tmp_path):
     assert not (tmp_path / "report.md").exists()
 
 
+@pytest.mark.parametrize("models, message", [
+    (["vit_tiny", "widenet_tiny", "vit_tiny"], "vit_tiny named more than once in --models"),  # one folder, twice
+    (["vit_tiny", "nosuch"], "unknown model 'nosuch'"),  # was found after vit_tiny had trained
+    (["vit_tiny", "albert_text_tiny"], "albert_text_tiny is a text model; widenet compare-text compares text"),
+])
+def test_compare_checks_every_model_before_reading_data(tmp_path, models, message):
+    """The data folder does not exist: each refusal must come before anything is read or trained."""
+    with pytest.raises(ValueError, match=message):
+        compare(models, tmp_path / "out", data_dir=str(tmp_path / "no-data"), log=_quiet)
+    assert not (tmp_path / "out").exists()
+
+
 def _result(label: str, model: str, accuracies: list[float], overrides: dict | None = None) -> SpecResult:
     return SpecResult(spec=RunSpec(label, model, overrides or {}), accuracies=accuracies, params=1, flops=1.0,
                       images_per_s=1.0, steps=1.0, routing=[], similarity=[], curve={})

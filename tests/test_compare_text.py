@@ -93,6 +93,7 @@ def test_compare_text_without_task_files_uses_the_usage_task(tmp_path, capsys, m
 @pytest.mark.parametrize("models, train, message", [
     ("widenet_text_tiny,nosuch", None, "widenet: error: unknown model 'nosuch'; choose one of: "),
     ("widenet_tiny", None, "widenet: error: widenet_tiny is an image model; compare-text takes text models"),
+    ("albert_text_tiny,albert_text_tiny", None, "widenet: error: albert_text_tiny named more than once in --models"),
     ("widenet_text_tiny", "sentence\tlabel\nthe fox\tgood\nthe bird\n", "train.tsv line 3: expected 2 fields"),
     ("widenet_text_tiny", "sentence\tlabel\nthe fox\tgood\n", "every example has the label 'good'"),
 ])

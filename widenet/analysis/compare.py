@@ -25,6 +25,7 @@ import torch
 from ..data.augment import normalize
 from ..data.images import ImageDataset, subset
 from ..models.registry import model_config, settings_for
+from ..models.vision import VisionConfig
 from ..train.config import TrainConfig
 from ..train.images import TrainResult, load_data, train
 from ..train.metrics import read_metrics
@@ -78,6 +79,24 @@ class SpecResult:
         return statistics.stdev(self.accuracies) if len(self.accuracies) > 1 else 0.0
 
 
+def check_distinct(models: list[str]) -> None:
+    """At least one model, none named twice (its runs would share, and overwrite, one folder)."""
+    if not models:
+        raise ValueError("no models to compare")
+    twice = sorted({m for m in models if models.count(m) > 1})
+    if twice:
+        raise ValueError(f"{', '.join(twice)} named more than once in --models")
+
+
+def _check_models(models: list[str], overrides: dict) -> None:
+    """Every name an image model that takes the settings, before anything trains."""
+    for name in models:
+        cfg = model_config(name)
+        if not isinstance(cfg, VisionConfig):
+            raise ValueError(f"{name} is a text model; widenet compare-text compares text models")
+        model_config(name, **settings_for(cfg, overrides))
+
+
 def run_specs(models: list[str], ablation: bool) -> list[RunSpec]:
     """The models, plus WideNet with shared LayerNorms when WideNet is among them."""
     specs = [RunSpec(m, m) for m in models]
@@ -98,8 +117,7 @@ def compare(models: list[str], out: str | Path, preset: str = "quick", seeds: in
     """
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    if not models:
-        raise ValueError("no models to compare")
+    check_distinct(models)
     budget = dict(PRESETS[preset])
     preset_seeds, preset_ablation = budget.pop("seeds"), budget.pop("ablation")
     n_seeds = seeds or preset_seeds
@@ -111,6 +129,7 @@ def compare(models: list[str], out: str | Path, preset: str = "quick", seeds: in
         budget.pop("time_budget", None)
     train_settings["model_overrides"] = {**budget.pop("model_overrides", {}), **train_settings.get("model_overrides", {})}
     budget.update(train_settings)
+    _check_models(models, train_settings["model_overrides"])
     out = Path(out)
     base = TrainConfig(model=models[0], out=str(out), **budget)
     data = load_data(base)

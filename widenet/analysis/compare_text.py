@@ -42,6 +42,7 @@ from ..train.run_folder import resume_or_restart
 from ..train.pretrain import TOKENIZER_FILE, pretrain
 from ..train.text_config import FinetuneConfig, PretrainConfig
 from . import plots
+from .compare import check_distinct
 
 # Budgets. "quick" fits beside the vision comparison in the README's main job; it is far too short
 # to leave masked LM's no-context plateau, which its report says, but long enough for sentence order
@@ -102,8 +103,7 @@ def compare_text(models: list[str], out: str | Path, preset: str = "quick", seed
     settings and the task files are checked before anything trains."""
     if preset not in TEXT_PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(TEXT_PRESETS)}")
-    if not models:
-        raise ValueError("no models to compare")
+    check_distinct(models)
     if (task_train is None) != (task_validation is None):
         raise ValueError("give both --task-train and --task-validation, or neither (the GCIDE task)")
     if task_train is not None and gcide_task is not None:
