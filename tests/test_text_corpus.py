@@ -127,6 +127,22 @@ def test_folder_recursion_sorted_and_filtered(tmp_path):
     assert list(iter_documents([tmp_path])) == ["from a", "from b/c/y", "from b/z"]
 
 
+def test_a_file_named_twice_is_read_once(tmp_path):
+    """The same file twice, or a folder and a file inside it, used to double its documents (and
+    could put a copy of a held-out document in training)."""
+    _write_text(tmp_path / "a.txt", ["from a"])
+    _write_text(tmp_path / "b" / "z.txt", ["from b/z"])
+    with pytest.warns(UserWarning) as caught:
+        files = corpus_files([tmp_path / "a.txt", tmp_path, tmp_path / "b" / ".." / "a.txt"])
+    assert [p.relative_to(tmp_path).as_posix() for p in files] == ["a.txt", "b/z.txt"]
+    assert [str(w.message) for w in caught] == [
+        f"{tmp_path / 'a.txt'} is in the corpus more than once; it is read once",
+        f"{tmp_path / 'b' / '..' / 'a.txt'} is in the corpus more than once (also as {tmp_path / 'a.txt'}); "
+        "it is read once"]
+    with pytest.warns(UserWarning):
+        assert list(iter_documents([tmp_path, tmp_path / "b"])) == ["from a", "from b/z"]
+
+
 def test_missing_path_and_empty_folder(tmp_path):
     with pytest.raises(CorpusError, match="corpus path not found"):
         list(iter_documents([tmp_path / "missing.txt"]))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import warnings
 import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -82,7 +83,19 @@ def corpus_files(paths: Sequence[PathLike] | PathLike) -> list[Path]:
             files.append(path)
         else:
             raise CorpusError(f"{path}: corpus path not found (expected a folder or a {_LOOKED_FOR} file)")
-    return files
+    return _each_once(files)
+
+
+def _each_once(files: list[Path]) -> list[Path]:
+    """`files` without repeats (the same file named twice, or inside a folder also named): read
+    twice, its documents would be trained on twice and could land on both sides of the held-out split."""
+    seen: dict[Path, Path] = {}
+    for file in files:
+        first = seen.setdefault(file.resolve(), file)
+        if first is not file:
+            also = f" (also as {first})" if str(first) != str(file) else ""
+            warnings.warn(f"{file} is in the corpus more than once{also}; it is read once")
+    return list(seen.values())
 
 
 def _open_text(path: Path) -> Any:
