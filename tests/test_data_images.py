@@ -456,10 +456,29 @@ def test_image_folder_empty(tmp_path):
     with pytest.raises(DatasetError, match="no class folders"):
         load_image_folder(tmp_path, "train", image_size=8)
     (tmp_path / "train" / "cat").mkdir()
-    with pytest.raises(DatasetError, match="no image files"):
+    with pytest.raises(DatasetError, match="train/cat: class folder holds no images"):
         load_image_folder(tmp_path, "train", image_size=8)
     with pytest.raises(DatasetNotFoundError):
         load_image_folder(tmp_path, "valid", image_size=8)
+
+
+def test_an_empty_class_folder_is_named_and_other_files_are_skipped(tmp_path):
+    """An empty class folder used to become a class no image belongs to (a head output never
+    trained); a notes.txt or .DS_Store beside the images stopped the whole load."""
+    from PIL import Image
+
+    make_folder(tmp_path)
+    (tmp_path / "train" / "owl").mkdir()
+    with pytest.raises(DatasetError, match=r"train/owl: class folder holds no images \(.png .jpg"):
+        load_image_folder(tmp_path, "train", image_size=8)
+    (tmp_path / "train" / "owl").rmdir()
+    (tmp_path / "train" / "dog" / "notes.txt").write_text("labelled by hand")
+    (tmp_path / "train" / "cat" / "Thumbs.db").write_bytes(b"\0" * 8)
+    (tmp_path / "train" / "cat" / ".DS_Store").write_bytes(b"\0" * 8)  # hidden: skipped without a word
+    Image.new("L", (8, 8), 9).save(tmp_path / "train" / "dog" / "d.TIFF")
+    with pytest.warns(UserWarning, match=r"skipped 2 file\(s\) without an image extension, e.g. .*Thumbs.db"):
+        ds = load_image_folder(tmp_path, "train", image_size=8)
+    assert len(ds) == 4 and ds.labels.tolist() == [0, 0, 1, 1]
 
 
 # --------------------------------------------------------------------------

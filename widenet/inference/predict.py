@@ -34,15 +34,14 @@ from torch import nn
 
 from ..data.augment import normalize
 from ..data.errors import DatasetError
-from ..data.images.folder import decode_image
+from ..data.images.folder import IMAGE_SUFFIXES, decode_image, is_image_file
 from ..runtime import first_line, resolve_device
 from ..train.exported import non_finite_problem
 from .loading import Pretrained
 
-__all__ = ["IMAGE_SUFFIXES", "Answer", "ClassScore", "ImageFailure", "ImagePrediction", "PredictError",
+__all__ = ["Answer", "ClassScore", "ImageFailure", "ImagePrediction", "PredictError",
            "TextPrediction", "check_finite_scores", "check_fits", "find_images", "iter_predict_images", "predict_images"]
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")  # what folders are searched for
 # Fine-tuning's default sequence lengths (widenet.train.finetune.DEFAULT_MAX_LEN) and QA windows.
 CLASSIFY_MAX_LEN, QA_MAX_LEN, QA_DOC_STRIDE, QA_MAX_QUERY_LEN = 128, 384, 128, 64
 N_BEST, MAX_ANSWER_LEN = 20, 30  # postprocess_squad's defaults: candidate starts / ends, longest answer
@@ -187,7 +186,7 @@ def _on_device(pretrained: Pretrained, device: str | torch.device) -> tuple[nn.M
 # --- images ------------------------------------------------------------------------------
 def _folder_images(folder: Path) -> list[Path]:
     """The image files under `folder` (recursively, hidden files and folders skipped), sorted."""
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+    return sorted(p for p in folder.rglob("*") if is_image_file(p)
                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
 
 

@@ -21,10 +21,17 @@ from ...files import load_weights_only, save_atomic
 from ..errors import DatasetError, DatasetNotFoundError, PathLike
 from .dataset import ImageDataset
 
-__all__ = ["TEST_SPLIT_FOLDERS", "decode_image", "load_image_folder", "split_folder"]
+__all__ = ["IMAGE_SUFFIXES", "TEST_SPLIT_FOLDERS", "decode_image", "is_image_file", "load_image_folder",
+           "split_folder"]
 
 # The folders that hold the "test" split, in order of preference: the first that exists is used.
 TEST_SPLIT_FOLDERS = ("test", "val", "validation")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")  # any case
+
+
+def is_image_file(path: Path) -> bool:
+    """A file with an image's extension (IMAGE_SUFFIXES): what folders are searched for."""
+    return path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()
 
 
 # Bump when the decoding below changes, so stale caches are not reused.
@@ -63,14 +70,19 @@ def _scan_folder(base: Path) -> tuple[list[str], list[tuple[Path, int]]]:
     classes = sorted(p.name for p in base.iterdir() if p.is_dir() and _visible(p))
     if not classes:
         raise DatasetError(f"{base}: no class folders found (expected {base}/<class>/<image>)")
-    files = [
-        (path, index)
-        for index, name in enumerate(classes)
-        for path in sorted((base / name).rglob("*"))
-        if path.is_file() and not any(part.startswith(".") for part in path.relative_to(base).parts)
-    ]
-    if not files:
-        raise DatasetError(f"{base}: the class folders {classes} contain no image files")
+    files, others = [], []
+    for index, name in enumerate(classes):
+        found = [path for path in sorted((base / name).rglob("*"))
+                 if path.is_file() and not any(part.startswith(".") for part in path.relative_to(base).parts)]
+        images = [path for path in found if is_image_file(path)]
+        others += [path for path in found if not is_image_file(path)]
+        if not images:
+            raise DatasetError(f"{base / name}: class folder holds no images ({' '.join(IMAGE_SUFFIXES)}); add some "
+                               "or remove the folder, which would otherwise be a class never seen")
+        files += [(path, index) for path in images]
+    if others:
+        warnings.warn(f"{base}: skipped {len(others)} file(s) without an image extension, e.g. {others[0]}",
+                      stacklevel=3)
     return classes, files
 
 
