@@ -188,7 +188,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return 0
     weights = " (EMA weights)" if args.ema else ""
     weights += f" ({report['tta']} TTA)" if report["tta"] != "none" else ""
-    print(f"{report['model']} @ step {report['step']}{weights}: accuracy {report['accuracy']:.4f}, "
+    at = f"@ step {report['step']}" if report["step"] is not None else f"({report['checkpoint']})"
+    print(f"{report['model']} {at}{weights}: accuracy {report['accuracy']:.4f}, "
           f"loss {report['loss']:.4f} on {report['examples']} {report['data']} test images")
     if "single_accuracy" in report:
         print(f"  single images: accuracy {report['single_accuracy']:.4f}, loss {report['single_loss']:.4f}")

@@ -54,7 +54,7 @@ class Source:
     tokenizer file beside it (text models) or None, and notes for the user (e.g. new heads)."""
 
     path: Path
-    step: int
+    step: int | None  # the training step of a checkpoint; None for an export or a Hugging Face folder
     meta: dict
     model_state: dict[str, torch.Tensor]
     train_state: dict
@@ -233,7 +233,7 @@ def _move_into_place(tmp: Path, out: Path) -> None:
 
 
 def read_export(path: str | os.PathLike) -> Source:
-    """An export folder as a Source (meta in the shape of a training checkpoint's, step 0)."""
+    """An export folder as a Source (meta in the shape of a training checkpoint's, no step)."""
     folder = Path(path)
     try:
         config = json.loads((folder / CONFIG_FILE).read_text())
@@ -261,7 +261,7 @@ def read_export(path: str | os.PathLike) -> Source:
     if config.get("tokenizer"):
         meta["tokenizer"] = config["tokenizer"]
     tokenizer = folder / TOKENIZER_FILE
-    return Source(folder, 0, meta, state, {}, tokenizer if tokenizer.is_file() else None)
+    return Source(folder, None, meta, state, {}, tokenizer if tokenizer.is_file() else None)
 
 
 def load_source(path: str | os.PathLike) -> Source:
@@ -302,7 +302,7 @@ def _hf_source(path: Path) -> Source:
     meta = dict(model=imported.model_name, model_config=model.cfg.to_dict(), step=0, data=data)
     tokenizer = path / TOKENIZER_FILE if (path / TOKENIZER_FILE).is_file() else path / "vocab.txt"
     lowercase = _json_or_empty(path / "tokenizer_config.json").get("do_lower_case", True) is not False
-    return Source(path, 0, meta, model.state_dict(), {}, tokenizer if tokenizer.is_file() else None,
+    return Source(path, None, meta, model.state_dict(), {}, tokenizer if tokenizer.is_file() else None,
                   list(imported.notes), lowercase)
 
 
