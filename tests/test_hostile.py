@@ -302,6 +302,27 @@ def test_moe_settings_for_a_model_without_moe_layers_are_refused(tmp_path, fmnis
     assert settings_for(model_config("widenet_tiny"), dict(top_k=1, depth=2)) == dict(top_k=1, depth=2)
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--init", "RUN", "--model", "vit_tiny"], "--model vit_tiny and --init both given: the run trains "
+                                                        "--init's model; leave --model out"),
+    (["pretrain", "--init", "RUN", "--model", "bert_text_tiny", "--corpus", "c.txt"], "--model bert_text_tiny and "
+                                                                                      "--init both given"),
+    (["train", "--set", "depth=1", "--set", "dim=8", "--set", "depth=2"], "--set depth given more than once"),
+    (["pretrain", "--corpus", "c.txt", "--tokenizer", "t.json", "--vocab-size", 500],
+     "--vocab-size would change nothing with --tokenizer (it sizes a tokenizer trained on the corpus"),
+    (["pretrain", "--corpus", "c.txt", "--init", "RUN", "--vocab-size", 500], "--vocab-size would change nothing "
+                                                                              "with --init"),
+    (["finetune", "--task", "classify", "--init", "RUN", "--train", "t.tsv", "--validation", "v.tsv",
+      "--doc-stride", 64, "--null-threshold", 1], "--doc-stride, --null-threshold would change nothing with --task "
+                                                  "classify (they are span QA settings); leave them out"),
+])
+def test_flags_that_would_change_nothing_are_refused(tmp_path, capsys, argv, message):
+    """Each was accepted and ignored (the last --set won; --model trained --init's model anyway)."""
+    rc, _, err = _cli([*argv, "--out", tmp_path / "out"], capsys)
+    assert message in _one_line_error(rc, err)
+    assert not (tmp_path / "out").exists()
+
+
 # --------------------------------------------------------------------------
 # Data contracts
 # --------------------------------------------------------------------------

@@ -435,3 +435,15 @@ def test_damaged_image_statistics_are_named(tmp_path, capsys, monkeypatch):
         for argv in (["predict", "--checkpoint", run, tmp_path / "x.png"], ["eval", "--checkpoint", run]):
             line = _one_line_error(*_cli(argv, capsys, monkeypatch))
             assert f"the saved image std {named} should be one finite number per channel (1), each > 0" in line
+
+
+def test_text_settings_for_images_and_qa_settings_for_sentences_are_refused(vision_dir, classify_dir, images,
+                                                                              tmp_path, capsys, monkeypatch):
+    """--max-len on an image model and --null-threshold on a sentence classifier used to be ignored."""
+    line = _one_line_error(*_cli(["predict", "--checkpoint", vision_dir, images / "a.png", "--max-len", 16],
+                                 capsys, monkeypatch))
+    assert "--max-len would change nothing for images (text and QA settings); leave it out" in line
+    (tmp_path / "lines.txt").write_text("a small red fox\n")
+    line = _one_line_error(*_cli(["predict", "--checkpoint", classify_dir, "--text", tmp_path / "lines.txt",
+                                  "--null-threshold", 1], capsys, monkeypatch))
+    assert "--null-threshold would change nothing for sentence classification (a QA setting)" in line

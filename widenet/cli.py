@@ -26,7 +26,7 @@ from typing import Callable, NoReturn, Sequence
 
 from . import __version__
 from .cli_args import (add_budget_arguments, add_moe_arguments, add_process_arguments, add_recipe_arguments,
-                       add_run_arguments, finite_float, model_overrides, nonempty, parse_setting,
+                       add_run_arguments, config_fields, finite_float, model_overrides, nonempty, parse_setting,
                        positive_float, positive_int)
 from .cli_errors import BUG_REPORT, CLIError, explain, warnings_as_notes
 from .cli_models import add_model_commands
@@ -158,9 +158,7 @@ def cmd_bench_model(args: argparse.Namespace) -> int:
 def train_config_from_args(args: argparse.Namespace):
     from .train.config import TrainConfig
 
-    fields = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__ and v is not None}
-    fields["model_overrides"] = model_overrides(args)
-    return TrainConfig(**fields)
+    return TrainConfig(**config_fields(args, TrainConfig))
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -240,9 +238,9 @@ def _add_tta_argument(p: argparse.ArgumentParser) -> None:
 def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     from .train.config import CROP_NAMES
 
-    p.add_argument("--model", default="widenet_tiny")
+    p.add_argument("--model", help="a preset (widenet list; default widenet_tiny)")
     p.add_argument("--init", type=nonempty, metavar="PATH",
-                   help="start from this model's config and weights instead of --model's init: a run, an "
+                   help="start from this model's config and weights instead of a preset's: a run, an "
                         "exported or upcycled folder (widenet export/upcycle) or a Hugging Face ViT folder")
     _add_data_and_budget(p)
     p.add_argument("--image-size", type=positive_int,

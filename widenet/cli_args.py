@@ -7,6 +7,7 @@ import dataclasses
 import math
 from typing import Any
 
+from .cli_errors import CLIError
 from .settings import FLOAT_LIMIT, INT_LIMIT
 
 
@@ -143,7 +144,31 @@ def model_overrides(args: argparse.Namespace) -> dict[str, Any]:
     from .settings import parse_setting_text
 
     kinds, settings = setting_kinds(), {}
+    given = [key for key, _ in getattr(args, "set", None) or []]
+    twice = sorted({key for key in given if given.count(key) > 1})
+    if twice:
+        raise CLIError(f"--set {', '.join(twice)} given more than once; give each setting once")
     for key, text in getattr(args, "set", None) or []:
         # An unknown key stays text: applying it names every unknown setting at once.
         settings[key] = parse_setting_text(text, *kinds[key], key) if key in kinds else text
     return {**settings, **moe_overrides(args)}
+
+
+def refuse_unused(args: argparse.Namespace, names: tuple[str, ...], why: str) -> None:
+    """CLIError naming the flags among `names` (argument dests) that were given although they
+    would change nothing here (`why`: "with --tokenizer (...)"), rather than ignoring them."""
+    given = ["--" + name.replace("_", "-") for name in names if getattr(args, name, None) is not None]
+    if given:
+        raise CLIError(f"{', '.join(given)} would change nothing {why}; leave {'it' if len(given) == 1 else 'them'} "
+                       "out")
+
+
+def config_fields(args: argparse.Namespace, cls: type) -> dict[str, Any]:
+    """The arguments given on the command line that are fields of the config class `cls`, and the
+    model settings (--set, MoE flags). --model beside --init is refused: --init's model is trained."""
+    if getattr(args, "init", None) and getattr(args, "model", None):
+        raise CLIError(f"--model {args.model} and --init both given: the run trains --init's model; "
+                       "leave --model out")
+    fields = {k: v for k, v in vars(args).items() if k in cls.__dataclass_fields__ and v is not None}
+    fields["model_overrides"] = model_overrides(args)
+    return fields

@@ -19,7 +19,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from .cli_args import finite_float, nonempty, positive_int
+from .cli_args import finite_float, nonempty, positive_int, refuse_unused
 from .cli_errors import CLIError, say
 
 __all__ = ["add_predict_command", "cmd_predict"]
@@ -34,7 +34,8 @@ def add_predict_command(sub) -> None:
                                    "folder. Images: the top classes of files, folders (searched recursively) and "
                                    "globs. Text classifiers: --text. QA models: --question with --context.")
     p.add_argument("inputs", nargs="*", type=nonempty, metavar="IMAGE",
-                   help="image files, folders (their .png .jpg .jpeg .bmp .gif .webp files, recursively) or globs "
+                   help="image files, folders (their .png .jpg .jpeg .bmp .gif .webp .tif .tiff files, "
+                        "recursively) or globs "
                         "(quoted globs are expanded too; ** spans folders)")
     p.add_argument("--checkpoint", type=nonempty, required=True, metavar="RUN|DIR",
                    help="run folder (its latest checkpoint), checkpoint folder, export or Hugging Face folder")
@@ -102,8 +103,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
         say(f"widenet: note: {note}")
     check_fits(pretrained, kind)
     if kind == "images":
+        refuse_unused(args, ("max_len", "null_threshold"), "for images (text and QA settings)")
         return _predict_images(args, pretrained, device)
     if kind == "text":
+        refuse_unused(args, ("null_threshold",), "for sentence classification (a QA setting)")
         return _classify_texts(args, pretrained, lines, device)
     return _answer_questions(args, pretrained, [(q, context) for q in args.question], device)
 

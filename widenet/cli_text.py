@@ -3,18 +3,10 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
 
 from .cli_args import (add_budget_arguments, add_moe_arguments, add_process_arguments, add_recipe_arguments,
-                       add_run_arguments, finite_float, model_overrides, nonempty, parse_setting,
-                       positive_float, positive_int)
-
-
-def _config_fields(args: argparse.Namespace, cls: type) -> dict[str, Any]:
-    """Arguments given on the command line that are fields of the config class."""
-    fields = {k: v for k, v in vars(args).items() if k in cls.__dataclass_fields__ and v is not None}
-    fields["model_overrides"] = model_overrides(args)
-    return fields
+                       add_run_arguments, config_fields, finite_float, model_overrides, nonempty, parse_setting,
+                       positive_float, positive_int, refuse_unused)
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
@@ -22,7 +14,10 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     from .train.pretrain import pretrain
     from .train.text_config import PretrainConfig
 
-    result = run_on_processes(pretrain, PretrainConfig(**_config_fields(args, PretrainConfig)), args.ddp_backend,
+    if args.tokenizer or args.init:
+        refuse_unused(args, ("vocab_size",), "with " + ("--tokenizer" if args.tokenizer else "--init") +
+                      " (it sizes a tokenizer trained on the corpus when none is given)")
+    result = run_on_processes(pretrain, PretrainConfig(**config_fields(args, PretrainConfig)), args.ddp_backend,
                               args.ddp_timeout)
     if result is None:
         return 0
@@ -39,7 +34,10 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from .train.finetune import finetune
     from .train.text_config import FinetuneConfig
 
-    result = run_on_processes(finetune, FinetuneConfig(**_config_fields(args, FinetuneConfig)), args.ddp_backend,
+    if args.task != "qa":
+        refuse_unused(args, ("doc_stride", "max_query_len", "null_threshold"),
+                      f"with --task {args.task} (they are span QA settings)")
+    result = run_on_processes(finetune, FinetuneConfig(**config_fields(args, FinetuneConfig)), args.ddp_backend,
                               args.ddp_timeout)
     if result is None:
         return 0
@@ -92,10 +90,10 @@ def add_text_commands(sub) -> None:
     from .data.text.gcide_tasks import TASK_KINDS
 
     p = sub.add_parser("pretrain", help="pretrain a text model: masked LM + sentence-order prediction")
-    p.add_argument("--model", default="widenet_text_tiny")
+    p.add_argument("--model", help="a text preset (widenet list; default widenet_text_tiny)")
     p.add_argument("--init", type=nonempty, metavar="PATH",
                    help="continue from this text model (run, widenet folder such as an upcycled ALBERT, Hugging "
-                        "Face ALBERT/BERT folder): its config, weights and tokenizer; --model is then unused")
+                        "Face ALBERT/BERT folder): its config, weights and tokenizer, instead of a preset's")
     p.add_argument("--corpus", type=nonempty, nargs="+", required=True, metavar="PATH",
                    help="text files or folders (.txt, .txt.gz, .jsonl, GCIDE .dict.dz)")
     p.add_argument("--vocab-size", type=positive_int, help="pieces of the tokenizer trained when none is given")

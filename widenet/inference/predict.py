@@ -39,8 +39,8 @@ from ..runtime import first_line, resolve_device
 from ..train.exported import non_finite_problem
 from .loading import Pretrained
 
-__all__ = ["Answer", "ClassScore", "ImageFailure", "ImagePrediction", "PredictError",
-           "TextPrediction", "check_finite_scores", "check_fits", "find_images", "iter_predict_images", "predict_images"]
+__all__ = ["Answer", "ClassScore", "ImageFailure", "ImagePrediction", "PredictError", "TextPrediction",
+           "check_finite_scores", "check_fits", "find_images", "iter_predict_images", "predict_images"]
 
 # Fine-tuning's default sequence lengths (widenet.train.finetune.DEFAULT_MAX_LEN) and QA windows.
 CLASSIFY_MAX_LEN, QA_MAX_LEN, QA_DOC_STRIDE, QA_MAX_QUERY_LEN = 128, 384, 128, 64
