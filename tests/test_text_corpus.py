@@ -248,6 +248,21 @@ def test_corpus_layout(tmp_path, tok):
     assert int(corpus.tokens.min()) >= 5  # no special tokens
 
 
+def test_a_tokenizer_that_does_not_cover_the_corpus_is_refused(tmp_path, tok):
+    """A tokenizer of another script turned ~90% of a corpus into [UNK], and pretraining went on."""
+    greek = _write_text(tmp_path / "greek.txt", ["Ο ποταμός πλημμύρισε. Ο μύλος έχασε τον τροχό του.", "Κανείς δεν θυμόταν."])
+    for cache in (None, tmp_path / "cache", tmp_path / "cache"):  # built, then cached, then read from the cache
+        with pytest.raises(CorpusError, match=r"^\d+% of the corpus's word pieces are \[UNK\]: the tokenizer does "
+                                              r"not cover this text"):
+            load_pretrain_corpus([greek], tok, cache_dir=cache)
+    mixed = _write_text(tmp_path / "mixed.txt", _prose_documents(1, 10) + ["Κανείς δεν θυμόταν τον μύλο. " * 4])
+    unk = special_ids(tok).unk
+    with pytest.warns(UserWarning, match=r"of the corpus's word pieces are \[UNK\]; the tokenizer") as caught:
+        corpus = load_pretrain_corpus([mixed], tok)
+    share = float((corpus.tokens == unk).double().mean())  # the share the note names, counted here
+    assert 0.05 < share <= 0.5 and str(caught[0].message).startswith(f"{share:.0%} ")
+
+
 def test_cache_hit_does_not_tokenize_again(tmp_path, tok):
     path = _write_text(tmp_path / "c.txt", _prose_documents(3, 10))
     counting = CountingTokenizer(tok)

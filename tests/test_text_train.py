@@ -124,8 +124,8 @@ def test_resume_refuses_changed_settings(corpus, tmp_path):
     with pytest.raises(ValueError, match="already holds a run"):
         pretrain(cfg, log=lambda _: None)
     from widenet.data.text.tokenizer import save_tokenizer, train_tokenizer
-    save_tokenizer(train_tokenizer(["other words entirely, other words"] * 3, vocab_size=60, min_frequency=1),
-                   tmp_path / "other.json")
+    other = train_tokenizer(PHRASES * 3, vocab_size=70, min_frequency=1)  # covers the corpus, other vocabulary
+    save_tokenizer(other, tmp_path / "other.json")
     with pytest.raises(ValueError, match="the checkpoint's tokenizer.fingerprint is .*, this run's is"):
         pretrain(dataclasses.replace(cfg, tokenizer=str(tmp_path / "other.json"), resume=True), log=lambda _: None)
 

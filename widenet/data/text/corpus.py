@@ -24,7 +24,7 @@ from ...files import load_weights_only, save_atomic
 from ..errors import PathLike
 from .documents import CorpusError, corpus_files, iter_documents
 from .sentences import split_sentences
-from .tokenizer import vocab_fingerprint
+from .tokenizer import special_ids, vocab_fingerprint
 
 __all__ = ["PretrainCorpus", "load_pretrain_corpus"]
 
@@ -197,6 +197,22 @@ def _save_corpus_cache(corpus: PretrainCorpus, path: Path, key: str) -> None:
     save_atomic(payload, path)
 
 
+# The share of [UNK] word pieces above which a tokenizer is noted as a poor fit, and above which
+# it is refused: a model would learn to predict [UNK] (a BERT vocab.txt on Greek text gives ~90%).
+UNKNOWN_NOTE, UNKNOWN_LIMIT = 0.05, 0.5
+
+
+def _check_coverage(corpus: PretrainCorpus, tokenizer: Any) -> None:
+    """Refuse (or note) a tokenizer that turns much of the corpus into [UNK]."""
+    share = float((corpus.tokens == special_ids(tokenizer).unk).double().mean())
+    advice = ("the tokenizer does not cover this text (another language or script?); train one on the corpus "
+              "(leave --tokenizer out) or choose another")
+    if share > UNKNOWN_LIMIT:
+        raise CorpusError(f"{share:.0%} of the corpus's word pieces are [UNK]: {advice}")
+    if share > UNKNOWN_NOTE:
+        warnings.warn(f"{share:.0%} of the corpus's word pieces are [UNK]; {advice}", stacklevel=3)
+
+
 def load_pretrain_corpus(
     paths: Sequence[PathLike] | PathLike,
     tokenizer: Any,
@@ -221,6 +237,7 @@ def load_pretrain_corpus(
     if cache_path is not None:
         cached = _load_corpus_cache(cache_path, key)
         if cached is not None:
+            _check_coverage(cached, tokenizer)
             return cached
     builder = _CorpusBuilder(tokenizer, chunk_sentences)
     for document in itertools.islice(iter_documents(files), max_documents):
@@ -228,6 +245,7 @@ def load_pretrain_corpus(
     corpus = builder.finish(fingerprint)
     if corpus.num_tokens == 0:
         raise CorpusError(f"the corpus ({', '.join(map(str, files[:5]))}) tokenizes to no tokens at all")
+    _check_coverage(corpus, tokenizer)
     if cache_path is not None:
         try:
             _save_corpus_cache(corpus, cache_path, key)
