@@ -472,6 +472,14 @@ def test_out_that_cannot_be_a_folder(tmp_path, fmnist_dir, tiny_set_args, capsys
         line = _one_line_error(*_cli(_train_args(fmnist_dir, "/proc/widenet-run", tiny_set_args, "--max-steps", 1),
                                      capsys)[::2])
         assert "/proc/widenet-run" in line
+    # the model-folder writers (export, upcycle, import) name the destination, never their .tmp- folder
+    run = tmp_path / "run"
+    assert _cli(_train_args(fmnist_dir, run, tiny_set_args, "--max-steps", 1), capsys)[0] == 0
+    line = _one_line_error(*_cli(["export", run, "--to", a_file / "model"], capsys)[::2])
+    assert line.endswith(f"{a_file / 'model'}: {a_file} is a file, not a folder") and a_file.read_text() == "precious"
+    if Path("/proc/self").exists():
+        line = _one_line_error(*_cli(["export", run, "--to", "/proc/widenet-model"], capsys)[::2])
+        assert line.endswith("/proc/widenet-model: No such file or directory") and ".tmp-" not in line, line
 
 
 def _mount_tmpfs(folder: Path, options: str) -> None:

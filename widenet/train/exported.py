@@ -180,8 +180,8 @@ def write_export(out: str | os.PathLike, model: nn.Module, *, model_name: str, c
     except (OSError, SafetensorError) as err:
         remove_tree(tmp)
         raise_if_disk_full(err, out)
-        if isinstance(err, OSError):
-            raise
+        if isinstance(err, OSError):  # named by the destination, not the temporary folder beside it
+            raise OSError(err.errno, err.strerror, str(out)) from None
         raise CheckpointError(f"{out}: could not write the weights ({err})") from None
     return out
 
@@ -192,6 +192,9 @@ def _check_destination(out: Path, overwrite: bool, protect: str | os.PathLike | 
         src, dest = Path(protect).resolve(), out.resolve()
         if dest == src or src.is_relative_to(dest) or dest.is_relative_to(src):
             raise ValueError(f"{out}: the destination must be a folder apart from the source {protect}")
+    parent = next((p for p in out.parents if p.exists()), Path("."))  # the nearest folder above that exists
+    if not parent.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, f"{parent} is a file, not a folder", str(out))
     if not out.exists() and not out.is_symlink():
         return
     if not out.is_dir():
