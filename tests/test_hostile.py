@@ -302,6 +302,17 @@ def test_moe_settings_for_a_model_without_moe_layers_are_refused(tmp_path, fmnis
     assert settings_for(model_config("widenet_tiny"), dict(top_k=1, depth=2)) == dict(top_k=1, depth=2)
 
 
+def test_an_unknown_model_setting_names_the_nearest_and_all_settings(tmp_path, fmnist_dir, tiny_set_args, capsys):
+    line = _one_line_error(*_cli(_train_args(fmnist_dir, tmp_path / "run", tiny_set_args, "--set", "num_expert=8",
+                                             "--set", "topk=1"), capsys)[::2])
+    assert "unknown model setting(s): num_expert, topk (did you mean " in line
+    near = line.split("did you mean ")[1].split("?")[0].split(", ")
+    assert {"num_experts", "top_k"} <= set(near)
+    listed = line.split("the settings of VisionConfig are ")[1].split(", ")
+    assert listed == sorted(listed) and {"depth", "num_experts", "top_k", "stem"} <= set(listed)
+    assert "encoder" not in listed and "moe" not in listed  # nested configs, not settings
+
+
 @pytest.mark.parametrize("argv, message", [
     (["train", "--init", "RUN", "--model", "vit_tiny"], "--model vit_tiny and --init both given: the run trains "
                                                         "--init's model; leave --model out"),

@@ -7,6 +7,7 @@ name, to the model config or (for sizes and sharing) to its encoder config.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -75,7 +76,11 @@ def apply_overrides(cfg: Any, overrides: dict[str, Any]) -> Any:
     inner = {f.name for f in dataclasses.fields(cfg.encoder)} | set(MOE_SETTINGS)
     unknown = sorted(set(overrides) - top - inner)
     if unknown:
-        raise ValueError(f"unknown model setting(s): {', '.join(unknown)}")
+        known = sorted((top | inner) - {"encoder", "moe"})  # less the nested configs themselves
+        near = sorted({m for key in unknown for m in difflib.get_close_matches(key, known, n=2)})
+        hint = f" (did you mean {', '.join(near)}?)" if near else ""
+        raise ValueError(f"unknown model setting(s): {', '.join(unknown)}{hint}; the settings of "
+                         f"{type(cfg).__name__} are {', '.join(known)}")
     enc_changes = {k: v for k, v in overrides.items() if k in inner and k not in top}
     top_changes = {k: v for k, v in overrides.items() if k in top}
     new = dataclasses.replace(cfg, **top_changes, encoder=cfg.encoder.replace(**enc_changes))
