@@ -132,8 +132,12 @@ def test_corrupt_json(tmp_path):
 
 def test_json_that_is_not_a_tokenizer(tmp_path):
     path = tmp_path / "tokenizer.json"
-    path.write_text(json.dumps({"hello": "world"}), encoding="utf-8")
-    with pytest.raises(TokenizerError, match="not a Hugging Face tokenizer file"):
+    for other in ({"hello": "world"}, [1, 2], {"model": "bert"}):  # a parser's detail used to be all it said
+        path.write_text(json.dumps(other), encoding="utf-8")
+        with pytest.raises(TokenizerError, match=r"JSON, but not a Hugging Face tokenizer file \(it has no \"model\""):
+            load_tokenizer(path)
+    path.write_text(json.dumps({"model": {"type": "Nonsense"}}), encoding="utf-8")
+    with pytest.raises(TokenizerError, match="not a Hugging Face tokenizer file"):  # tokenizers' own reason
         load_tokenizer(path)
 
 

@@ -163,9 +163,12 @@ def _tokenizer_from_json(path: Path) -> Tokenizer:
     except OSError as exc:
         raise TokenizerError(f"{path}: cannot read tokenizer file ({exc})") from exc
     try:
-        json.loads(raw)
+        parsed = json.loads(raw)
     except json.JSONDecodeError as exc:
         raise TokenizerError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})") from None
+    if not (isinstance(parsed, dict) and isinstance(parsed.get("model"), dict)):
+        raise TokenizerError(f"{path}: JSON, but not a Hugging Face tokenizer file (it has no \"model\" object; "
+                             "a tokenizer.json has one, beside \"normalizer\", \"pre_tokenizer\", ...)")
     try:
         return Tokenizer.from_str(raw)
     except Exception as exc:  # tokenizers raises a bare Exception for a malformed config
