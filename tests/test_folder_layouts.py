@@ -110,6 +110,31 @@ def test_train_and_eval_on_an_imagenet_layout_without_image_size(tmp_path, tiny_
     assert '"examples": 6' in capsys.readouterr().out
 
 
+def test_a_grey_model_reads_a_folder_in_grey_and_init_decides_the_size(tmp_path, fmnist_dir, tiny_set_args, capsys):
+    """A folder was always decoded to RGB at the preset's size: a one-channel model (Fashion-MNIST's)
+    could not be fine-tuned with --init or evaluated on one."""
+    grey = tmp_path / "grey"
+    argv = ["train", "--data-dir", fmnist_dir, "--out", grey, "--batch-size", 32, "--max-steps", 1, "--device", "cpu",
+            *tiny_set_args, "--set", "image_size=32", "--image-size", 32]
+    assert main([str(a) for a in argv]) == 0, capsys.readouterr().err
+    root = make_folder(tmp_path / "data", {"train": 4, "test": 2})
+    cfg = _config(root, tmp_path / "run", init=str(grey), model_overrides={})
+    from widenet.train.images import folder_channels, read_init
+
+    source = read_init(cfg)
+    assert (folder_channels(cfg, source), folder_image_size(cfg, source)) == (1, 32)  # the init model's
+    assert folder_channels(_config(root, tmp_path / "run")) == 3  # a preset: RGB
+    assert folder_channels(_config(root, tmp_path / "run", model_overrides=dict(in_channels=1))) == 1
+    out = tmp_path / "tuned"
+    assert main([str(a) for a in ["train", "--init", grey, "--data", "folder", "--data-dir", root, "--out", out,
+                                  "--batch-size", 4, "--max-steps", 1, "--device", "cpu"]]) == 0, capsys.readouterr()
+    tuned = load_checkpoint(out).meta["model_config"]
+    assert (tuned["in_channels"], tuned["image_size"], tuned["num_classes"]) == (1, 32, 2)
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(out), "--device", "cpu", "--json"]) == 0
+    assert '"examples": 4' in capsys.readouterr().out
+
+
 def test_decode_scales_16_bit_grey_and_refuses_float_pixels(tmp_path):
     import numpy as np
     import torch

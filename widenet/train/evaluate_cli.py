@@ -38,7 +38,8 @@ def evaluate_checkpoint(path: str, data: str | None = None, data_dir: str | None
     name = data or meta.get("data", {}).get("name") or train_cfg.get("data")
     if not name:
         raise ValueError(f"{ckpt.path} does not say which data it was trained on; pass --data")
-    test = load_dataset(name, "test", data_dir or train_cfg.get("data_dir"), cfg.image_size)
+    test = load_dataset(name, "test", data_dir or train_cfg.get("data_dir"), cfg.image_size,
+                        channels=cfg.in_channels)  # a folder's images as the model sees them (grey or RGB)
     if test_subset:
         test = subset(test, test_subset, train_cfg.get("seed", 0))
     if meta.get("data", {}).get("classes"):

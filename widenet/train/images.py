@@ -31,7 +31,7 @@ from ..models.vision import VisionConfig, VisionTransformer
 from ..runtime import autocast, autocast_dtype, resolve_device
 from .budget import Cadence, time_per_call
 from .config import TrainConfig
-from .exported import init_source, require_kind, weights_from
+from .exported import Source, init_source, require_kind, weights_from
 from .evaluate import EvalResult, evaluate, evaluate_on
 from .progress import StepResult
 from .run_folder import claim_run_folder
@@ -51,33 +51,59 @@ class TrainResult:
     ema_eval: EvalResult | None = None  # of the averaged weights, with --ema-decay
 
 
-def load_data(cfg: TrainConfig) -> tuple[ImageDataset, ImageDataset]:
+def load_data(cfg: TrainConfig, source: Source | None = None) -> tuple[ImageDataset, ImageDataset]:
     """Train and test sets, decoded once, subsampled, then resized (--image-size), and checked to
     make one classification task (check_classification_pair). A folder's images are decoded at
-    --image-size, by default at the model's own image size (folder_image_size)."""
-    at_load = folder_image_size(cfg) if cfg.data == "folder" else None
+    --image-size, by default at the model's own image size, and to the model's channels
+    (folder_image_size, folder_channels; `source`: the --init model, which decides both)."""
+    at_load = folder_image_size(cfg, source) if cfg.data == "folder" else None
+    channels = folder_channels(cfg, source)
     splits = []
     for split, size in (("train", cfg.train_subset), ("test", cfg.test_subset)):
-        data = load_dataset(cfg.data, split, cfg.data_dir, at_load, cfg.download)
+        data = load_dataset(cfg.data, split, cfg.data_dir, at_load, cfg.download, channels)
         data = subset(data, size, cfg.seed) if size else data
         splits.append(resize_dataset(data, cfg.image_size) if cfg.image_size and not at_load else data)
     check_classification_pair(*splits)
     return splits[0], splits[1]
 
 
-def folder_image_size(cfg: TrainConfig) -> int | None:
+def folder_image_size(cfg: TrainConfig, source: Source | None = None) -> int | None:
     """The size an image folder is decoded at: --image-size, else the model's image size
-    (an image_size model override, else the preset's)."""
+    (an image_size model override, else the --init model's or the preset's)."""
     if cfg.image_size is not None:
         return cfg.image_size
-    if cfg.model_overrides.get("image_size") is not None:
-        return cfg.model_overrides["image_size"]
-    return getattr(model_config(cfg.model), "image_size", None)
+    return _model_setting(cfg, source, "image_size")
 
 
-def build_model_for(cfg: TrainConfig, data: ImageDataset) -> nn.Module:
-    """The preset (or, with --init, the starting model's config and weights), sized for the data:
-    classes, channels and image size follow it. With --init, a head of another class count starts new."""
+def folder_channels(cfg: TrainConfig, source: Source | None = None) -> int:
+    """The channels an image folder is decoded to: the model's when it has its own (an
+    in_channels model override, or the --init model's: a grey model reads grey images), else RGB."""
+    if cfg.model_overrides.get("in_channels") is not None or source is not None:
+        return _model_setting(cfg, source, "in_channels")
+    return 3
+
+
+def _model_setting(cfg: TrainConfig, source: Source | None, name: str) -> Any:
+    if cfg.model_overrides.get(name) is not None:
+        return cfg.model_overrides[name]
+    if source is not None:
+        return source.meta["model_config"].get(name)
+    return getattr(model_config(cfg.model), name, None)
+
+
+def read_init(cfg: TrainConfig) -> Source | None:
+    """The --init model (an image model, or ValueError), or None without --init."""
+    if not cfg.init:
+        return None
+    source = init_source(cfg.init, cfg.out, cfg.resume)
+    require_kind(source, "vision")
+    return source
+
+
+def build_model_for(cfg: TrainConfig, data: ImageDataset, source: Source | None = None) -> nn.Module:
+    """The preset (or, with --init, the starting model's config and weights; `source` when read
+    already), sized for the data: classes, channels and image size follow it. With --init, a head
+    of another class count starts new."""
     overrides = dict(num_classes=data.num_classes, in_channels=data.channels, image_size=data.image_size)
     if cfg.dropout:
         overrides["dropout"] = cfg.dropout
@@ -85,8 +111,7 @@ def build_model_for(cfg: TrainConfig, data: ImageDataset) -> nn.Module:
     _check_fits_data(overrides, data, cfg.data)
     if not cfg.init:
         return create_model(cfg.model, **overrides)
-    source = init_source(cfg.init, cfg.out, cfg.resume)
-    require_kind(source, "vision")
+    source = source or read_init(cfg)
     model = VisionTransformer(apply_overrides(VisionConfig(**source.meta["model_config"]), overrides))
     weights_from(source, model, skip_heads=True)
     model.model_name = source.meta.get("model") or cfg.model
@@ -193,9 +218,10 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print,
     parallel = ParallelContext.for_run(cfg.batch_size, cfg.seed, cfg.fsdp, cfg.expert_parallel)
     device = parallel.device(resolve_device(cfg.device))
     amp = autocast_dtype(cfg.amp, device)
-    train_set, test_set = data if data is not None else _load_data_once(cfg, parallel)
+    source = read_init(cfg)  # read once: it decides how a folder is decoded and what the model is
+    train_set, test_set = data if data is not None else _load_data_once(cfg, parallel, source)
     torch.manual_seed(cfg.seed)
-    model = build_model_for(cfg, train_set).to(device)
+    model = build_model_for(cfg, train_set, source).to(device)
     if cfg.init:  # the run trains the starting point's model, whatever --model says
         cfg = dataclasses.replace(cfg, model=model.model_name)
     parallel.check_epoch(len(train_set), cfg.batch_size)
@@ -214,13 +240,14 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print,
         return TrainResult(Path(cfg.out), run.steps, run.final_eval, params, run.examples_per_s, run.net, run.ema_eval)
 
 
-def _load_data_once(cfg: TrainConfig, parallel: ParallelContext) -> tuple[ImageDataset, ImageDataset]:
+def _load_data_once(cfg: TrainConfig, parallel: ParallelContext,
+                    source: Source | None) -> tuple[ImageDataset, ImageDataset]:
     """load_data(); on several processes rank 0 first (it may download), then the others from its cache."""
     if not parallel.distributed:
-        return load_data(cfg)
+        return load_data(cfg, source)
     with main_process_first():
-        return load_data(cfg)
+        return load_data(cfg, source)
 
 
-__all__ = ["ImageTask", "TrainConfig", "TrainResult", "TrainingError", "build_model_for", "folder_image_size",
-           "load_data", "train"]
+__all__ = ["ImageTask", "TrainConfig", "TrainResult", "TrainingError", "build_model_for", "folder_channels",
+           "folder_image_size", "load_data", "read_init", "train"]

@@ -28,6 +28,7 @@ def load_dataset(
     data_dir: PathLike | None = None,
     image_size: int | None = None,
     download: bool = True,
+    channels: int = 3,
 ) -> ImageDataset:
     """Load a dataset by name: 'fashion-mnist', 'cifar10', 'cifar100' or 'folder'.
 
@@ -36,7 +37,8 @@ def load_dataset(
     `widenet eval` pass the model's). CIFAR is read from ``data_dir`` or, if
     not given, from ``data_home()``; 'folder' needs ``data_dir``, and reads
     its "test" split from ``test/``, ``val/`` or ``validation/``, the first
-    that exists (folder.TEST_SPLIT_FOLDERS).
+    that exists (folder.TEST_SPLIT_FOLDERS), decoding every image to
+    ``channels`` (1: grey, 3: RGB; the other datasets keep their own).
     """
     if name not in DATASET_NAMES:
         raise ValueError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASET_NAMES)}")
@@ -45,7 +47,7 @@ def load_dataset(
             raise ValueError("dataset 'folder' needs data_dir (the folder holding <split>/<class>/<image>)")
         if image_size is None:
             raise ValueError("dataset 'folder' needs image_size (the size its images are decoded at)")
-        return load_image_folder(data_dir, split, image_size)
+        return load_image_folder(data_dir, split, image_size, channels)
     if name == "fashion-mnist":
         dataset = load_fashion_mnist(split, data_dir=data_dir, download=download)
     else:
