@@ -195,6 +195,12 @@ def test_bench_model_times_several_models_interleaved(capsys):
     rc, out, _ = _cli(["bench", "model", "vit_tiny", "widenet_tiny", "--batch-size", 2, "--steps", 1,
                        "--device", "cpu"], capsys)
     assert "widenet_tiny / vit_tiny: " in out and "x the images/s" in out
+    # MoE settings go to the models with MoE layers (the README's same-recipe comparison), or are refused
+    rc, out, err = _cli(["bench", "model", "vit_tiny", "widenet_tiny", "--batch-size", 2, "--steps", 1,
+                         "--device", "cpu", "--top-k", 1, "--set", "depth=2", "--json"], capsys)
+    assert rc == 0 and [r["model"] for r in json.loads(out)] == ["vit_tiny", "widenet_tiny"], err
+    rc, out, err = _cli(["bench", "model", "vit_tiny", "albert_tiny", "--steps", 1, "--top-k", 1], capsys)
+    assert rc == 2 and "top_k: the model has no MoE layer" in err
 
 
 def test_bench_model_reports_flops_utilisation(capsys):

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..analysis.flops import flops_per_image
-from ..models.registry import count_parameters, create_model
+from ..models.registry import count_parameters, create_model, model_config, settings_for
 from ..runtime import autocast, autocast_dtype, compile_model, resolve_device
 from ..train.trainer import apply_update
 from .moe_bench import interleaved_times, median_ratio
@@ -68,15 +68,20 @@ def bench_models(names: list[str], batch_size: int = 64, steps: int = 10, warmup
                  device: str = "auto", amp: str = "auto", peak: float | None = None,
                  compile: bool = False, **overrides) -> list[ModelBenchResult]:
     """bench_model for each name, their steps interleaved (see the module doc); the same
-    settings (overrides) for every model. amp "auto" is bf16 autocast on GPUs (the router
-    stays float32), off on CPUs. With compile, warm-up steps include the compilation."""
+    settings (overrides) for every model, MoE settings (top_k=1) for those with MoE layers
+    (models.registry.settings_for; refused when none has one). amp "auto" is bf16 autocast on
+    GPUs (the router stays float32), off on CPUs. With compile, warm-up steps include the
+    compilation."""
     if batch_size < 1 or steps < 1 or warmup < 0:
         raise ValueError("--batch-size and --steps must be >= 1")
     if not names:
         raise ValueError("name at least one model")
     dev = resolve_device(device)
     dtype = autocast_dtype(amp, dev)
-    runs = [_TrainStep(name, batch_size, dev, dtype, compile, overrides) for name in names]
+    settings = {name: settings_for(model_config(name), overrides) for name in names}
+    if all(settings[name] != overrides for name in names):  # no model takes the MoE settings: create_model says so
+        settings = dict.fromkeys(names, overrides)
+    runs = [_TrainStep(name, batch_size, dev, dtype, compile, settings[name]) for name in names]
     for run in runs:
         for _ in range(warmup):
             run()
