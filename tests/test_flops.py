@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from widenet.analysis.flops import flops_per_image
-from widenet.models.registry import create_model
+from widenet.models.registry import create_model, model_config, settings_for
 
 SMALL = dict(dim=32, depth=2, num_heads=2, mlp_dim=64, image_size=16, patch_size=4, in_channels=1,
              num_classes=10, dropless=True)  # dropless: every token reaches its top-k experts
@@ -28,7 +28,7 @@ def _hand_count(v) -> int:
 @pytest.mark.parametrize("name,backend", [("vit_tiny", "auto"), ("widenet_tiny", "loop"),
                                           ("widenet_tiny", "grouped")])
 def test_flops_per_image_matches_a_hand_count(name, backend):
-    model = create_model(name, **SMALL, expert_backend=backend)
+    model = create_model(name, **settings_for(model_config(name), dict(SMALL, expert_backend=backend)))
     c = model.cfg
     assert flops_per_image(model, (c.in_channels, c.image_size, c.image_size)) == _hand_count(c)
     assert all(m.backend == backend for m in model.modules() if hasattr(m, "backend"))  # restored
