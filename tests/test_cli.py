@@ -195,12 +195,22 @@ def test_bench_model_times_several_models_interleaved(capsys):
     rc, out, _ = _cli(["bench", "model", "vit_tiny", "widenet_tiny", "--batch-size", 2, "--steps", 1,
                        "--device", "cpu"], capsys)
     assert "widenet_tiny / vit_tiny: " in out and "x the images/s" in out
-    # MoE settings go to the models with MoE layers (the README's same-recipe comparison), or are refused
+
+
+def test_bench_model_gives_moe_settings_to_the_moe_models(capsys, monkeypatch):
+    """The same-recipe comparison (vit_tiny beside widenet_tiny with --set top_k=1) routes WideNet
+    top-1 and leaves ViT as it is; MoE settings no model takes are refused."""
+    import widenet.bench.model_bench as model_bench
+
+    built = {}
+    real = model_bench.create_model
+    monkeypatch.setattr(model_bench, "create_model", lambda name, **kw: built.setdefault(name, real(name, **kw)))
     rc, out, err = _cli(["bench", "model", "vit_tiny", "widenet_tiny", "--batch-size", 2, "--steps", 1,
                          "--device", "cpu", "--top-k", 1, "--set", "depth=2", "--json"], capsys)
     assert rc == 0 and [r["model"] for r in json.loads(out)] == ["vit_tiny", "widenet_tiny"], err
+    assert built["widenet_tiny"].cfg.encoder.moe.top_k == 1 and built["vit_tiny"].cfg.encoder.depth == 2
     rc, out, err = _cli(["bench", "model", "vit_tiny", "albert_tiny", "--steps", 1, "--top-k", 1], capsys)
-    assert rc == 2 and "top_k: the model has no MoE layer" in err
+    assert rc == 2 and "top_k: none of vit_tiny, albert_tiny has MoE layers" in err
 
 
 def test_bench_model_reports_flops_utilisation(capsys):

@@ -211,11 +211,13 @@ def test_compare_rejects_bad_arguments(tmp_path):
     (["vit_tiny", "widenet_tiny", "vit_tiny"], "vit_tiny named more than once in --models"),  # one folder, twice
     (["vit_tiny", "nosuch"], "unknown model 'nosuch'"),  # was found after vit_tiny had trained
     (["vit_tiny", "albert_text_tiny"], "albert_text_tiny is a text model; widenet compare-text compares text"),
+    (["vit_tiny", "albert_tiny"], "top_k: none of vit_tiny, albert_tiny has MoE layers"),  # --top-k was ignored
 ])
 def test_compare_checks_every_model_before_reading_data(tmp_path, models, message):
     """The data folder does not exist: each refusal must come before anything is read or trained."""
     with pytest.raises(ValueError, match=message):
-        compare(models, tmp_path / "out", data_dir=str(tmp_path / "no-data"), log=_quiet)
+        compare(models, tmp_path / "out", data_dir=str(tmp_path / "no-data"), log=_quiet,
+                model_overrides=dict(top_k=1))
     assert not (tmp_path / "out").exists()
 
 

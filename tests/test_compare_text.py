@@ -32,7 +32,7 @@ def test_compare_text_writes_the_report_and_reuses_finished_runs(tmp_path, capsy
     report = (out / "report_text.md").read_text()
     assert "| bert_text_tiny |" in report and "| widenet_text_tiny |" in report
     assert "MLM acc" in report and "downstream acc" in report
-    assert "(model settings: top_k=1, " in report  # the preset's top-1 routing, then the --set settings
+    assert "(model settings: embedding_size=" in report and "; MoE models: top_k=1)" in report  # the preset's top-1
     assert "| no-context level (%) |" in report and "| from random weights (%) |" in report
     row = next(line for line in report.splitlines() if line.startswith("| widenet_text_tiny |"))
     assert len(row.strip("|").split("|")) == 8 and row.count("±") == 5  # every number over the 2 seeds
@@ -94,6 +94,8 @@ def test_compare_text_without_task_files_uses_the_usage_task(tmp_path, capsys, m
     ("widenet_text_tiny,nosuch", None, "widenet: error: unknown model 'nosuch'; choose one of: "),
     ("widenet_tiny", None, "widenet: error: widenet_tiny is an image model; compare-text takes text models"),
     ("albert_text_tiny,albert_text_tiny", None, "widenet: error: albert_text_tiny named more than once in --models"),
+    ("albert_text_tiny --top-k 2", None, "widenet: error: top_k: none of albert_text_tiny has MoE layers, so this "
+                                         "would change nothing"),  # was accepted and ignored
     ("widenet_text_tiny", "sentence\tlabel\nthe fox\tgood\nthe bird\n", "train.tsv line 3: expected 2 fields"),
     ("widenet_text_tiny", "sentence\tlabel\nthe fox\tgood\n", "every example has the label 'good'"),
 ])
@@ -106,8 +108,8 @@ def test_compare_text_checks_models_and_task_files_before_training(tmp_path, cap
     else:
         (tmp_path / "train.tsv").write_text(train, encoding="utf-8")
     _write_classify(tmp_path / "dev.tsv", 8, 1)
-    assert main(["compare-text", "--models", models, "--corpus", str(tmp_path / "corpus.txt"), "--task-train",
-                 str(tmp_path / "train.tsv"), "--task-validation", str(tmp_path / "dev.tsv"),
+    assert main(["compare-text", "--models", *models.split(" "), "--corpus", str(tmp_path / "corpus.txt"),
+                 "--task-train", str(tmp_path / "train.tsv"), "--task-validation", str(tmp_path / "dev.tsv"),
                  "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and message in err and "Traceback" not in err

@@ -190,6 +190,33 @@ def test_resume_names_a_changed_model_setting_before_loading_weights(tmp_path, f
     assert _snapshot(out) == before
 
 
+def test_a_dense_run_saved_with_moe_settings_still_resumes(tmp_path, fmnist_dir, tiny_set_args, capsys):
+    """Before MoE settings were refused on a dense model, compare-text gave top_k=1 to every model
+    and runs saved it; resuming such a run (run.sh again) must not call that a changed setting."""
+    out = tmp_path / "run"
+    assert _cli(_train_args(fmnist_dir, out, tiny_set_args, "--model", "vit_tiny", "--max-steps", 2,
+                            "--save-every", 1), capsys)[0] == 0
+    for meta_file in out.glob("checkpoints/step_*/meta.json"):  # as the older widenet wrote it
+        meta = json.loads(meta_file.read_text())
+        meta["model_config"]["encoder"]["moe"]["top_k"] = 1
+        meta["train_config"]["model_overrides"]["top_k"] = 1
+        meta_file.write_text(json.dumps(meta))
+    rc, stdout, err = _cli(_train_args(fmnist_dir, out, tiny_set_args, "--model", "vit_tiny", "--max-steps", 3,
+                                       "--resume"), capsys)
+    assert rc == 2 and "max_steps: 2 -> 3" in err and "top_k" not in err  # only the real change is named
+    (out / "checkpoints" / "latest").write_text("step_00000001\n")
+    shutil.rmtree(out / "checkpoints" / "step_00000002")
+    rc, stdout, err = _cli(_train_args(fmnist_dir, out, tiny_set_args, "--model", "vit_tiny", "--max-steps", 2,
+                                       "--resume"), capsys)
+    assert rc == 0 and "(step 1)" in stdout + err, err
+    # an MoE model's top_k is still a setting a resume must keep
+    wide = tmp_path / "wide"
+    assert _cli(_train_args(fmnist_dir, wide, tiny_set_args, "--max-steps", 1), capsys)[0] == 0
+    line = _one_line_error(*_cli(_train_args(fmnist_dir, wide, tiny_set_args, "--max-steps", 1, "--resume",
+                                             "--top-k", 1), capsys)[::2])
+    assert "top_k: 2 -> 1" in line
+
+
 def test_resume_for_a_longer_run_says_how_to_train_on(tmp_path, fmnist_dir, tiny_set_args, capsys):
     """A finished run cannot be resumed with a larger --max-steps (its schedule was planned for the
     old length); the refusal says how to go on, and that command works."""

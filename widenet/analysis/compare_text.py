@@ -35,7 +35,8 @@ from ..data.text.documents import iter_documents
 from ..data.text.gcide import GCIDE_PATH
 from ..data.text.gcide_tasks import write_gcide_task
 from ..data.text.tokenizer import save_tokenizer, train_tokenizer
-from ..models.registry import model_config, settings_for
+from ..layers.moe import MOE_SETTINGS
+from ..models.registry import model_config, settings_for, settings_for_each
 from ..train.finetune import finetune
 from ..train.metrics import read_metrics
 from ..train.run_folder import resume_or_restart
@@ -114,7 +115,7 @@ def compare_text(models: list[str], out: str | Path, preset: str = "quick", seed
     if budget["warmup_steps"] is not None:  # a shortened run warms up over at most a tenth of its steps
         budget["warmup_steps"] = min(budget["warmup_steps"], max(1, budget["pretrain_steps"] // 10))
     budget["model_overrides"] = {**budget.get("model_overrides", {}), **(model_overrides or {})}
-    _check_models(models, budget)
+    _check_models(models, budget, model_overrides or {})
     out = Path(out)
     corpus = corpus or [str(_gcide())]
     if task_train is None:
@@ -127,9 +128,10 @@ def compare_text(models: list[str], out: str | Path, preset: str = "quick", seed
     return write_text_report(results, budget, preset, corpus, task_train, out)
 
 
-def _check_models(models: list[str], budget: dict) -> None:
+def _check_models(models: list[str], budget: dict, given: dict) -> None:
     """Raise ValueError unless every name is a text preset that takes the budget's model settings and
-    sequence length."""
+    sequence length, and the MoE settings `given` by the caller reach a model (the preset's own
+    top_k=1 is for the MoE models when there are any)."""
     from ..models.registry import apply_overrides, get_entry
     from ..models.text import TextConfig
     from ..train.text_common import check_fits_positions
@@ -141,6 +143,7 @@ def _check_models(models: list[str], budget: dict) -> None:
                              f"{', '.join(DEFAULT_TEXT_MODELS)}")
         settings = settings_for(cfg, budget["model_overrides"])
         check_fits_positions(name, apply_overrides(cfg, settings).max_positions, budget["seq_len"])
+    settings_for_each(models, given)
 
 
 def _check_task_files(task_train: str, task_validation: str) -> None:
@@ -251,9 +254,14 @@ def write_text_report(results: list[TextModelResult], budget: dict, preset: str,
 
 
 def _settings(budget: dict) -> str:
-    """The model settings every model ran with, for the report's first paragraph ("" when none)."""
+    """The model settings the models ran with, for the report's first paragraph ("" when none):
+    those for every model, and the MoE settings, which only the MoE models took."""
     changes = budget["model_overrides"]
-    return f" (model settings: {', '.join(f'{k}={v}' for k, v in changes.items())})" if changes else ""
+    common = [f"{k}={v}" for k, v in changes.items() if k not in MOE_SETTINGS]
+    moe = [f"{k}={v}" for k, v in changes.items() if k in MOE_SETTINGS]
+    parts = ([f"model settings: {', '.join(common)}"] if common else []) + (
+        [f"MoE models: {', '.join(moe)}"] if moe else [])
+    return f" ({'; '.join(parts)})" if parts else ""
 
 
 def _pm(r: TextModelResult, name: str) -> str:

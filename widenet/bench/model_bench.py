@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..analysis.flops import flops_per_image
-from ..models.registry import count_parameters, create_model, model_config, settings_for
+from ..models.registry import count_parameters, create_model, settings_for_each
 from ..runtime import autocast, autocast_dtype, compile_model, resolve_device
 from ..train.trainer import apply_update
 from .moe_bench import interleaved_times, median_ratio
@@ -78,9 +78,7 @@ def bench_models(names: list[str], batch_size: int = 64, steps: int = 10, warmup
         raise ValueError("name at least one model")
     dev = resolve_device(device)
     dtype = autocast_dtype(amp, dev)
-    settings = {name: settings_for(model_config(name), overrides) for name in names}
-    if all(settings[name] != overrides for name in names):  # no model takes the MoE settings: create_model says so
-        settings = dict.fromkeys(names, overrides)
+    settings = settings_for_each(names, overrides)
     runs = [_TrainStep(name, batch_size, dev, dtype, compile, settings[name]) for name in names]
     for run in runs:
         for _ in range(warmup):

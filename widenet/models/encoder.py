@@ -119,14 +119,7 @@ class EncoderConfig:
     @property
     def moe_block_ids(self) -> list[int]:
         """Indices of the blocks whose FFN is an MoE."""
-        kind, _, n = self.moe_blocks.partition(":")
-        if kind == "none":
-            return []
-        if kind == "all":
-            return list(range(self.depth))
-        if kind == "last":
-            return list(range(self.depth - int(n), self.depth))
-        return [i for i in range(self.depth) if (i + 1) % int(n) == 0]
+        return moe_block_ids(self.moe_blocks, self.depth)
 
     @property
     def uses_moe(self) -> bool:
@@ -134,6 +127,18 @@ class EncoderConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def moe_block_ids(moe_blocks: str, depth: int) -> list[int]:
+    """Indices of the blocks whose FFN is an MoE, for moe_blocks none, all, last:N or every:N."""
+    kind, _, n = moe_blocks.partition(":")
+    if kind == "none":
+        return []
+    if kind == "all":
+        return list(range(depth))
+    if kind == "last":
+        return list(range(depth - int(n), depth))
+    return [i for i in range(depth) if (i + 1) % int(n) == 0]
 
 
 @dataclass

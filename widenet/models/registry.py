@@ -87,8 +87,8 @@ def apply_overrides(cfg: Any, overrides: dict[str, Any]) -> Any:
     idle = [k for k in overrides if k in MOE_SETTINGS]
     if idle and not new.encoder.moe_block_ids:
         raise ValueError(f"{', '.join(idle)}: the model has no MoE layer (moe_blocks={new.encoder.moe_blocks!r}), so "
-                         "this would change nothing; give it MoE layers with --set moe_blocks=all (or last:N, "
-                         "every:N), or choose an MoE model")
+                         "this would change nothing; give it MoE layers (moe_blocks=all, last:N or every:N), "
+                         "choose an MoE model, or turn a trained dense model into one with widenet upcycle")
     return new
 
 
@@ -97,6 +97,17 @@ def settings_for(cfg: Any, overrides: dict[str, Any]) -> dict[str, Any]:
     model gets from a driver that applies one set of settings to several (widenet compare)."""
     dense = {k: v for k, v in overrides.items() if k not in MOE_SETTINGS}
     return dict(overrides) if apply_overrides(cfg, dense).encoder.moe_block_ids else dense
+
+
+def settings_for_each(names: list[str], overrides: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """settings_for of every named preset; ValueError when `overrides` holds MoE settings that
+    no model takes (they would change nothing: compare, compare-text and bench model)."""
+    each = {name: settings_for(model_config(name), overrides) for name in names}
+    moe = [k for k in overrides if k in MOE_SETTINGS]
+    if moe and not any(set(moe) <= each[name].keys() for name in names):
+        raise ValueError(f"{', '.join(moe)}: none of {', '.join(names)} has MoE layers, so this would change "
+                         "nothing; add an MoE model (widenet_tiny) or leave the MoE settings out")
+    return each
 
 
 def setting_kinds() -> dict[str, tuple[type, bool]]:

@@ -34,6 +34,8 @@ from torch import nn
 from tqdm import tqdm
 
 from ..distributed.parallel import ParallelContext
+from ..layers.moe import MOE_SETTINGS
+from ..models.encoder import moe_block_ids
 from ..rng import capture_rng_state, restore_rng_state
 from ..runtime import autocast, compiled_if, first_line
 from .budget import BudgetPlan, Cadence, Deadline, plan_budget
@@ -280,6 +282,11 @@ class Trainer:
         saved_model, model = saved_meta.get("model_config"), self.meta.get("model_config")
         model_changes = []
         if isinstance(saved_model, dict) and isinstance(model, dict) and saved_meta.get("model") == self.cfg.model:
+            if _without_moe_layers(saved_model) and _without_moe_layers(model):  # MoE settings do nothing there
+                saved_model, model = _moe_settings_dropped(saved_model), _moe_settings_dropped(model)
+                if "model_overrides" in conflicts and _moe_settings_dropped(saved.get("model_overrides") or {}) == \
+                        _moe_settings_dropped(self.cfg.model_overrides):
+                    conflicts.remove("model_overrides")  # a run from before they were refused on such a model
             model_changes = [f"{k}: {a!r} -> {b!r}" for k, a, b in _changed_entries(saved_model, model)]
         if model_changes:  # named one by one: not also as the whole --set dictionary
             conflicts = [k for k in conflicts if k != "model_overrides"]
@@ -288,7 +295,7 @@ class Trainer:
             hint = ""
             if set(conflicts) & _LENGTH_SETTINGS and self.cfg.INIT_CONTINUES:
                 hint = (f"; the learning-rate schedule was planned for the run's length, so to train longer start "
-                        f"a new run from this one's weights: --init {self.out} --out NEW_FOLDER")
+                        f"a new run from this one's weights: --init {self.out} --out NEW_FOLDER (without --model)")
             raise CheckpointError(f"{path}: cannot resume with different settings ({', '.join(changes)}){hint}")
 
     def _resume_state(self, saved: dict, total: int) -> None:
@@ -405,6 +412,25 @@ def seeded_generator(seed: int, step: int) -> torch.Generator:
 
 
 _LENGTH_SETTINGS = {"max_steps", "epochs", "time_budget"}  # what decides a run's length (and its schedule)
+
+
+def _without_moe_layers(model_config: dict[str, Any]) -> bool:
+    """A saved model config (dict) whose encoder has no MoE block."""
+    encoder = model_config.get("encoder")
+    if not isinstance(encoder, dict) or not isinstance(encoder.get("moe_blocks"), str):
+        return False
+    try:
+        return not moe_block_ids(encoder["moe_blocks"], int(encoder.get("depth", 0)))
+    except ValueError:
+        return False
+
+
+def _moe_settings_dropped(config: dict[str, Any]) -> dict[str, Any]:
+    """A model config (or a dict of model settings) without its MoE settings."""
+    out = {k: v for k, v in config.items() if k not in MOE_SETTINGS and k != "moe"}
+    if isinstance(out.get("encoder"), dict):
+        out["encoder"] = _moe_settings_dropped(out["encoder"])
+    return out
 
 
 def _changed_entries(saved: dict[str, Any], now: dict[str, Any]) -> list[tuple[str, Any, Any]]:
