@@ -319,7 +319,7 @@ def test_moe_settings_for_a_model_without_moe_layers_are_refused(tmp_path, fmnis
                   ["--top-k", 1, "--set", "moe_blocks=every:4"]):  # every 4th of 2 blocks: none
         line = _one_line_error(*_cli(_train_args(fmnist_dir, tmp_path / "run", tiny_set_args, "--model", "vit_tiny",
                                                  "--max-steps", 1, *flags), capsys)[::2])
-        assert "the model has no MoE layer (moe_blocks=" in line and "--set moe_blocks=all" in line, line
+        assert "the model has no MoE layer (moe_blocks=" in line and "give it MoE layers (moe_blocks=all" in line, line
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
     with pytest.raises(ValueError, match=r"^top_k, dropless: the model has no MoE layer"):
         create_model("albert_text_tiny", top_k=1, dropless=True)
