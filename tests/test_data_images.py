@@ -469,16 +469,22 @@ def test_an_empty_class_folder_is_named_and_other_files_are_skipped(tmp_path):
 
     make_folder(tmp_path)
     (tmp_path / "train" / "owl").mkdir()
-    with pytest.raises(DatasetError, match=r"train/owl: class folder holds no images \(.png .jpg"):
+    with pytest.raises(DatasetError, match=r"train/owl: class folder holds no images \(nothing; images are read"):
         load_image_folder(tmp_path, "train", image_size=8)
+    (tmp_path / "train" / "owl" / "owl.svg").write_text("<svg/>")
+    with pytest.raises(DatasetError, match=r"train/owl: class folder holds no images \(only 1 file\(s\) without an "
+                                           r"image extension, e.g. owl.svg; images are read by extension: .png"):
+        load_image_folder(tmp_path, "train", image_size=8)
+    (tmp_path / "train" / "owl" / "owl.svg").unlink()
     (tmp_path / "train" / "owl").rmdir()
     (tmp_path / "train" / "dog" / "notes.txt").write_text("labelled by hand")
     (tmp_path / "train" / "cat" / "Thumbs.db").write_bytes(b"\0" * 8)
     (tmp_path / "train" / "cat" / ".DS_Store").write_bytes(b"\0" * 8)  # hidden: skipped without a word
     Image.new("L", (8, 8), 9).save(tmp_path / "train" / "dog" / "d.TIFF")
+    Image.new("L", (8, 8), 9).save(tmp_path / "train" / "dog" / "e.pgm")  # netpbm, as the ORL faces ship
     with pytest.warns(UserWarning, match=r"skipped 2 file\(s\) without an image extension, e.g. .*Thumbs.db"):
         ds = load_image_folder(tmp_path, "train", image_size=8)
-    assert len(ds) == 4 and ds.labels.tolist() == [0, 0, 1, 1]
+    assert len(ds) == 5 and ds.labels.tolist() == [0, 0, 1, 1, 1]
 
 
 # --------------------------------------------------------------------------

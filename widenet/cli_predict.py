@@ -34,7 +34,7 @@ def add_predict_command(sub) -> None:
                                    "folder. Images: the top classes of files, folders (searched recursively) and "
                                    "globs. Text classifiers: --text. QA models: --question with --context.")
     p.add_argument("inputs", nargs="*", type=nonempty, metavar="IMAGE",
-                   help="image files, folders (their .png .jpg .jpeg .bmp .gif .webp .tif .tiff files, "
+                   help="image files, folders (their .png .jpg .bmp .gif .webp .tif .pgm ... files, "
                         "recursively) or globs "
                         "(quoted globs are expanded too; ** spans folders)")
     p.add_argument("--checkpoint", type=nonempty, required=True, metavar="RUN|DIR",

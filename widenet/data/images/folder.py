@@ -26,7 +26,9 @@ __all__ = ["IMAGE_SUFFIXES", "TEST_SPLIT_FOLDERS", "decode_image", "is_image_fil
 
 # The folders that hold the "test" split, in order of preference: the first that exists is used.
 TEST_SPLIT_FOLDERS = ("test", "val", "validation")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")  # any case
+# The raster formats Pillow reads, by extension (any case): what folders are searched for.
+IMAGE_SUFFIXES = (".png", ".apng", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".dib", ".gif", ".webp", ".tif", ".tiff",
+                  ".pgm", ".ppm", ".pbm", ".pnm", ".tga", ".ico", ".pcx", ".sgi", ".ras", ".qoi", ".jp2", ".j2k")
 
 
 def is_image_file(path: Path) -> bool:
@@ -75,10 +77,14 @@ def _scan_folder(base: Path) -> tuple[list[str], list[tuple[Path, int]]]:
         found = [path for path in sorted((base / name).rglob("*"))
                  if path.is_file() and not any(part.startswith(".") for part in path.relative_to(base).parts)]
         images = [path for path in found if is_image_file(path)]
-        others += [path for path in found if not is_image_file(path)]
+        skipped = [path for path in found if not is_image_file(path)]
+        others += skipped
         if not images:
-            raise DatasetError(f"{base / name}: class folder holds no images ({' '.join(IMAGE_SUFFIXES)}); add some "
-                               "or remove the folder, which would otherwise be a class never seen")
+            what = f"only {len(skipped)} file(s) without an image extension, e.g. {skipped[0].name}" if skipped \
+                else "nothing"
+            raise DatasetError(f"{base / name}: class folder holds no images ({what}; images are read by extension: "
+                               f"{' '.join(IMAGE_SUFFIXES[:6])} ...); add some or remove the folder, which would "
+                               "otherwise be a class never seen")
         files += [(path, index) for path in images]
     if others:
         warnings.warn(f"{base}: skipped {len(others)} file(s) without an image extension, e.g. {others[0]}",
@@ -154,7 +160,7 @@ def load_image_folder(
     ``root/validation`` (the first that exists; see split_folder); any other
     split from ``root/<split>``.
 
-    Every file Pillow can read is converted to ``channels`` (1 or 3), its
+    Every file with an image extension (IMAGE_SUFFIXES) is converted to ``channels`` (1 or 3), its
     shorter side resized to ``image_size`` (bicubic) and center-cropped to a
     square. The decoded tensor is cached once in ``cache_dir`` (default
     ``root/.widenet-cache``), keyed by the file list, sizes, mtimes and the
