@@ -125,6 +125,8 @@ def test_a_grey_model_reads_a_folder_in_grey_and_init_decides_the_size(tmp_path,
     assert (folder_channels(cfg, source), folder_image_size(cfg, source)) == (1, 32)  # the init model's
     assert folder_channels(_config(root, tmp_path / "run")) == 3  # a preset: RGB
     assert folder_channels(_config(root, tmp_path / "run", model_overrides=dict(in_channels=1))) == 1
+    with pytest.raises(ValueError, match="model takes 4-channel images, and an image folder is read as grey"):
+        folder_channels(_config(root, tmp_path / "run", model_overrides=dict(in_channels=4)))
     out = tmp_path / "tuned"
     assert main([str(a) for a in ["train", "--init", grey, "--data", "folder", "--data-dir", root, "--out", out,
                                   "--batch-size", 4, "--max-steps", 1, "--device", "cpu"]]) == 0, capsys.readouterr()

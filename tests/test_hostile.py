@@ -155,6 +155,14 @@ def test_overwrite_puts_the_earlier_run_back_when_the_new_one_fails_before_a_che
     assert rc == 130 and "interrupted" in err and "put the earlier run back" in stdout + err
     assert _snapshot(out) == before
 
+    def failing(self, net, batch, step_):  # an ordinary error inside the run (a bug: traceback, status 1)
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(ImageTask, "loss", failing)
+    rc, stdout, err = _cli(_train_args(fmnist_dir, out, tiny_set_args, "--max-steps", 3, "--overwrite"), capsys)
+    assert rc == 1 and "boom" in err and "put the earlier run back" in stdout + err
+    assert _snapshot(out) == before
+
     calls.clear()  # Ctrl-C after the new run saved a checkpoint: the new run is the one kept, resumable
     monkeypatch.setattr(ImageTask, "loss", interrupted_at(3))
     rc, stdout, err = _cli(_train_args(fmnist_dir, out, tiny_set_args, "--max-steps", 4, "--save-every", 1,
@@ -172,9 +180,35 @@ def test_overwrite_puts_the_earlier_run_back_when_the_new_one_fails_before_a_che
     rc, stdout, err = _cli(_train_args(fmnist_dir, out, tiny_set_args, "--max-steps", 4, "--save-every", 1,
                                        "--resume"), capsys)
     assert rc == 0, err
-    assert "put the earlier run back" in stdout + err and "(step 2)" in stdout + err
+    assert "ended (killed?) before saving a checkpoint; put back the run it was replacing" in stdout + err
+    assert "(step 2)" in stdout + err
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl") if r["split"] == "train"] == [1, 2, 3, 4]
     assert not (out / ".widenet-overwritten").exists()
+
+
+def test_overwrite_that_cannot_set_everything_aside_moves_nothing(tmp_path, fmnist_dir, tiny_set_args, capsys,
+                                                                  monkeypatch):
+    """A rename that fails half-way (a mount point inside OUT) used to leave part of the run set
+    aside, and the next run would have deleted the rest as the failed run's output."""
+    import widenet.train.run_folder as run_folder
+
+    out = tmp_path / "run"
+    assert _cli(_train_args(fmnist_dir, out, tiny_set_args, "--max-steps", 1), capsys)[0] == 0
+    before = _snapshot(out)
+    real, moves = os.replace, []
+
+    def second_fails(src, dst):
+        moves.append(src)
+        if len(moves) == 2:
+            raise OSError(16, "Device or resource busy", str(src))
+        real(src, dst)
+
+    monkeypatch.setattr(run_folder.os, "replace", second_fails)
+    line = _one_line_error(*_cli(_train_args(fmnist_dir, out, tiny_set_args, "--max-steps", 1, "--overwrite"),
+                                 capsys)[::2])
+    assert "Device or resource busy" in line
+    monkeypatch.undo()
+    assert _snapshot(out) == before and not (out / ".widenet-overwritten").exists()
 
 
 def test_resume_names_a_changed_model_setting_before_loading_weights(tmp_path, fmnist_dir, tiny_set_args, capsys):

@@ -163,8 +163,9 @@ def _class_names(pretrained: Pretrained, count: int) -> list[str]:
 
 
 def check_finite_scores(pretrained: Pretrained, *scores: torch.Tensor) -> None:
-    """Refuse NaN (or +inf) scores, which would be ranked and printed as if they meant something."""
-    if any(bool((s.isnan() | s.isposinf()).any()) for s in scores):
+    """Refuse NaN or infinite scores, which would be ranked and printed as if they meant something
+    (QA masks impossible spans with a finite score, so any inf is an overflow)."""
+    if any(not bool(s.isfinite().all()) for s in scores):
         raise PredictError(non_finite_problem(pretrained.source, pretrained.model))
 
 

@@ -180,8 +180,10 @@ def write_export(out: str | os.PathLike, model: nn.Module, *, model_name: str, c
     except (OSError, SafetensorError) as err:
         remove_tree(tmp)
         raise_if_disk_full(err, out)
-        if isinstance(err, OSError):  # named by the destination, not the temporary folder beside it
-            raise OSError(err.errno, err.strerror, str(out)) from None
+        if isinstance(err, OSError) and err.errno is not None and str(err.filename or "").startswith(str(tmp)):
+            raise OSError(err.errno, err.strerror, str(out)) from None  # the destination, not the folder beside it
+        if isinstance(err, OSError):
+            raise
         raise CheckpointError(f"{out}: could not write the weights ({err})") from None
     return out
 

@@ -78,9 +78,13 @@ def folder_image_size(cfg: TrainConfig, source: Source | None = None) -> int | N
 def folder_channels(cfg: TrainConfig, source: Source | None = None) -> int:
     """The channels an image folder is decoded to: the model's when it has its own (an
     in_channels model override, or the --init model's: a grey model reads grey images), else RGB."""
-    if cfg.model_overrides.get("in_channels") is not None or source is not None:
-        return _model_setting(cfg, source, "in_channels")
-    return 3
+    if cfg.model_overrides.get("in_channels") is None and source is None:
+        return 3
+    channels = _model_setting(cfg, source, "in_channels")
+    if channels not in (1, 3) and cfg.data == "folder":
+        raise ValueError(f"the model takes {channels}-channel images, and an image folder is read as grey (1) or "
+                         "RGB (3)" + (": leave in_channels out" if source is None else ""))
+    return channels
 
 
 def _model_setting(cfg: TrainConfig, source: Source | None, name: str) -> Any:
@@ -108,7 +112,7 @@ def build_model_for(cfg: TrainConfig, data: ImageDataset, source: Source | None 
     if cfg.dropout:
         overrides["dropout"] = cfg.dropout
     overrides.update(cfg.model_overrides)
-    _check_fits_data(overrides, data, cfg.data)
+    _check_fits_data(overrides, data, cfg)
     if not cfg.init:
         return create_model(cfg.model, **overrides)
     source = source or read_init(cfg)
@@ -118,9 +122,10 @@ def build_model_for(cfg: TrainConfig, data: ImageDataset, source: Source | None 
     return model
 
 
-def _check_fits_data(overrides: dict[str, Any], data: ImageDataset, name: str) -> None:
+def _check_fits_data(overrides: dict[str, Any], data: ImageDataset, cfg: TrainConfig) -> None:
     """A --set of num_classes, in_channels or image_size that the data contradicts, named before
     the run starts (not as a loss-shape error at its first step)."""
+    name = f"the image folder {cfg.data_dir}" if cfg.data == "folder" else cfg.data
     if overrides["num_classes"] != data.num_classes:
         raise ValueError(f"--set num_classes={overrides['num_classes']}: {name} has {data.num_classes} classes "
                          "(a model's classes follow its data: leave num_classes out)")
@@ -128,9 +133,11 @@ def _check_fits_data(overrides: dict[str, Any], data: ImageDataset, name: str) -
         raise ValueError(f"--set in_channels={overrides['in_channels']}: {name}'s images have {data.channels} "
                          "channel(s) (leave in_channels out)")
     if overrides["image_size"] != data.image_size:
+        fix = ("give --image-size and --set image_size the same size" if cfg.image_size is not None else
+               f"to train at another size, resize them with --image-size {overrides['image_size']}")
         raise ValueError(f"--set image_size={overrides['image_size']}: {name}'s images are {data.image_size}x"
-                         f"{data.image_size}; to train at another size, resize them with --image-size "
-                         f"{overrides['image_size']}")
+                         f"{data.image_size}" + (" after --image-size" if cfg.image_size is not None else "")
+                         + f"; {fix}")
 
 
 class ImageTask:

@@ -60,7 +60,7 @@ def claim_run_folder(out: str | Path, resume: bool, overwrite: bool, parallel: P
             try:
                 _make_folder(out)
                 stack.enter_context(hold_lock(out / LOCK_FILE, warn=lambda line: print(line, file=sys.stderr)))
-                _settle_set_aside(out, log)
+                _settle_set_aside(out, log, after_kill=True)
                 _prepare(out, resume, overwrite, log)
             except LockHeld as err:
                 failure = RunFolderError(f"{err}; wait for that run to end or choose another --out")
@@ -133,16 +133,26 @@ def _run_paths(out: Path) -> list[Path]:
 
 
 def _set_aside(out: Path) -> None:
-    """Move the earlier run's files into OUT/SET_ASIDE_DIR (renames within OUT: nothing is copied)."""
+    """Move the earlier run's files into OUT/SET_ASIDE_DIR (renames within OUT: nothing is copied);
+    when one cannot be moved, those already moved go back before the error is raised."""
     aside = out / SET_ASIDE_DIR
     aside.mkdir()
-    for path in _run_paths(out):
-        os.replace(path, aside / path.name)
+    moved: list[Path] = []
+    try:
+        for path in _run_paths(out):
+            os.replace(path, aside / path.name)
+            moved.append(path)
+    except OSError:
+        for path in moved:
+            os.replace(aside / path.name, path)
+        aside.rmdir()
+        raise
 
 
-def _settle_set_aside(out: Path, log: Callable[[str], None]) -> None:
-    """What an --overwrite run set aside, after that run stopped: deleted if the run saved a
-    checkpoint (it replaced the earlier run), else put back in place of what the run wrote."""
+def _settle_set_aside(out: Path, log: Callable[[str], None], after_kill: bool = False) -> None:
+    """What an --overwrite run set aside, after that run stopped (`after_kill`: found by the next
+    run): deleted if the run saved a checkpoint (it replaced the earlier run), else put back in
+    place of what the run wrote."""
     aside = out / SET_ASIDE_DIR
     if not aside.is_dir():
         return
@@ -154,7 +164,11 @@ def _settle_set_aside(out: Path, log: Callable[[str], None]) -> None:
     for path in aside.iterdir():
         os.replace(path, out / path.name)
     aside.rmdir()
-    log(f"--overwrite: the run stopped before saving a checkpoint; put the earlier run back in {out}")
+    if after_kill:
+        log(f"an earlier --overwrite run into {out} ended (killed?) before saving a checkpoint; put back the run "
+            "it was replacing")
+    else:
+        log(f"--overwrite: the run stopped before saving a checkpoint; put the earlier run back in {out}")
 
 
 def drop_set_aside(out: Path) -> None:

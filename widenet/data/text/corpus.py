@@ -204,7 +204,7 @@ UNKNOWN_NOTE, UNKNOWN_LIMIT = 0.05, 0.5
 
 def _check_coverage(corpus: PretrainCorpus, tokenizer: Any) -> None:
     """Refuse (or note) a tokenizer that turns much of the corpus into [UNK]."""
-    share = float((corpus.tokens == special_ids(tokenizer).unk).double().mean())
+    share = int((corpus.tokens == special_ids(tokenizer).unk).sum()) / max(corpus.num_tokens, 1)
     advice = ("the tokenizer does not cover this text (another language or script?); train one on the corpus "
               "(leave --tokenizer out) or choose another")
     if share > UNKNOWN_LIMIT:

@@ -91,10 +91,12 @@ def _each_once(files: list[Path]) -> list[Path]:
     twice, its documents would be trained on twice and could land on both sides of the held-out split."""
     seen: dict[Path, Path] = {}
     for file in files:
-        first = seen.setdefault(file.resolve(), file)
-        if first is not file:
-            also = f" (also as {first})" if str(first) != str(file) else ""
-            warnings.warn(f"{file} is in the corpus more than once{also}; it is read once")
+        first = seen.get(file.resolve())
+        if first is None:
+            seen[file.resolve()] = file
+            continue
+        also = f" (also as {first})" if str(first) != str(file) else ""
+        warnings.warn(f"{file} is in the corpus more than once{also}; it is read once")
     return list(seen.values())
 
 
