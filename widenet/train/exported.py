@@ -261,7 +261,7 @@ def read_export(path: str | os.PathLike) -> Source:
     if not (names_ok and stats_ok):
         raise CheckpointError(f"{folder / CONFIG_FILE}: 'image' must be {{mean, std}} with finite numbers and "
                               "'classes' a list of names")
-    meta = dict(model=config.get("model", ""), model_config=config.get("model_config"), step=0,
+    meta = dict(model=config.get("model", ""), model_config=config.get("model_config"),
                 data=dict(classes=classes, **image))
     if config.get("tokenizer"):
         meta["tokenizer"] = config["tokenizer"]
@@ -287,11 +287,15 @@ def load_source(path: str | os.PathLike) -> Source:
                   tokenizer if tokenizer.is_file() else None)
 
 
-def init_source(init: str, out: str | os.PathLike, resume: bool) -> Source:
+def init_source(init: str, out: str | os.PathLike, resume: bool, kind: str | None = None) -> Source:
     """What a run started with `--init` builds its model from: the init model, or when resuming
-    the run's own latest checkpoint (it holds the same config, and the init folder may be gone)."""
+    the run's own latest checkpoint (it holds the same config, and the init folder may be gone);
+    checked to hold a `kind` model ("vision" or "text") when one is named."""
     latest = find_latest_checkpoint(out) if resume else None
-    return load_source(latest or init)
+    source = load_source(latest or init)
+    if kind is not None:
+        require_kind(source, kind)
+    return source
 
 
 def _hf_source(path: Path) -> Source:
@@ -304,7 +308,7 @@ def _hf_source(path: Path) -> Source:
     mean, std = processor.get("image_mean"), processor.get("image_std")
     if _finite_numbers(mean) and _finite_numbers(std):
         data.update(mean=list(mean), std=list(std))
-    meta = dict(model=imported.model_name, model_config=model.cfg.to_dict(), step=0, data=data)
+    meta = dict(model=imported.model_name, model_config=model.cfg.to_dict(), data=data)
     tokenizer = path / TOKENIZER_FILE if (path / TOKENIZER_FILE).is_file() else path / "vocab.txt"
     lowercase = _json_or_empty(path / "tokenizer_config.json").get("do_lower_case", True) is not False
     return Source(path, None, meta, model.state_dict(), {}, tokenizer if tokenizer.is_file() else None,

@@ -31,7 +31,7 @@ from ..models.vision import VisionConfig, VisionTransformer
 from ..runtime import autocast, autocast_dtype, resolve_device
 from .budget import Cadence, time_per_call
 from .config import TrainConfig
-from .exported import Source, init_source, require_kind, weights_from
+from .exported import Source, init_source, weights_from
 from .evaluate import EvalResult, evaluate, evaluate_on
 from .progress import StepResult
 from .run_folder import claim_run_folder
@@ -99,9 +99,7 @@ def read_init(cfg: TrainConfig) -> Source | None:
     """The --init model (an image model, or ValueError), or None without --init."""
     if not cfg.init:
         return None
-    source = init_source(cfg.init, cfg.out, cfg.resume)
-    require_kind(source, "vision")
-    return source
+    return init_source(cfg.init, cfg.out, cfg.resume, kind="vision")
 
 
 def build_model_for(cfg: TrainConfig, data: ImageDataset, source: Source | None = None) -> nn.Module:

@@ -40,7 +40,7 @@ from ..distributed.parallel import ParallelContext
 from ..models.registry import count_parameters
 from ..runtime import autocast, autocast_dtype, resolve_device
 from .evaluate import RoutingTally
-from .exported import Source, init_source, require_kind, source_tokenizer
+from .exported import Source, init_source, source_tokenizer
 from .progress import StepResult
 from .run_folder import claim_run_folder
 from .text_common import (Batch, TextTask, build_text_model, init_text_model, describe_processes, global_sums, local_rows,
@@ -202,9 +202,7 @@ def pretrain(cfg: PretrainConfig, log: Callable[[str], None] = print) -> Pretrai
     out = Path(cfg.out)
     with claim_run_folder(out, cfg.resume, cfg.overwrite, parallel, log):
         with main_process_first():  # rank 0 trains/saves the tokenizer and fills the cache; the others read them
-            init = init_source(cfg.init, cfg.out, cfg.resume) if cfg.init else None
-            if init is not None:
-                require_kind(init, "text")  # before asking it for a tokenizer
+            init = init_source(cfg.init, cfg.out, cfg.resume, kind="text") if cfg.init else None  # then the tokenizer
             tokenizer = prepare_tokenizer(cfg, out, parallel.log(log), init)
             special, vocab = special_ids(tokenizer), tokenizer.get_vocab_size()
             cache = Path(cfg.cache_dir) if cfg.cache_dir else data_home() / "text-cache"
