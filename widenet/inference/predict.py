@@ -34,7 +34,7 @@ from torch import nn
 
 from ..data.augment import normalize
 from ..data.errors import DatasetError
-from ..data.images.folder import IMAGE_SUFFIXES, decode_image, is_image_file
+from ..data.images.folder import IMAGE_EXAMPLES, decode_image, folder_files
 from ..runtime import first_line, resolve_device
 from ..train.exported import non_finite_problem
 from .loading import Pretrained
@@ -185,12 +185,6 @@ def _on_device(pretrained: Pretrained, device: str | torch.device) -> tuple[nn.M
 
 
 # --- images ------------------------------------------------------------------------------
-def _folder_images(folder: Path) -> list[Path]:
-    """The image files under `folder` (recursively, hidden files and folders skipped), sorted."""
-    return sorted(p for p in folder.rglob("*") if is_image_file(p)
-                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
-
-
 def find_images(inputs: Iterable[str | os.PathLike]) -> list[Path]:
     """The image files `inputs` name, in order, each once: a file as is (whatever its name; a missing
     one fails when read), a folder's IMAGE_SUFFIXES files (recursively, sorted), a glob's matches
@@ -200,17 +194,17 @@ def find_images(inputs: Iterable[str | os.PathLike]) -> list[Path]:
         text = os.fspath(item)
         path = Path(text)
         if path.is_dir():
-            found = _folder_images(path)
+            found = folder_files(path)[0]
             if not found:
-                raise PredictError(f"{text}: no images in this folder (looked for "
-                                   f"{' '.join(IMAGE_SUFFIXES)}, in subfolders too)")
+                raise PredictError(f"{text}: no images in this folder (looked for {IMAGE_EXAMPLES} files, in "
+                                   "subfolders too)")
         elif path.exists() or not any(c in text for c in "*?["):
             found = [path]
         else:
             found = []
             for match in sorted(glob.glob(text, recursive=True)):
                 m = Path(match)
-                found.extend(_folder_images(m) if m.is_dir() else [m] if m.is_file() else [])
+                found.extend(folder_files(m)[0] if m.is_dir() else [m] if m.is_file() else [])
             if not found:
                 raise PredictError(f"{text}: no files match this pattern")
         out.update(dict.fromkeys(found))

@@ -21,19 +21,24 @@ from ...files import load_weights_only, save_atomic
 from ..errors import DatasetError, DatasetNotFoundError, PathLike
 from .dataset import ImageDataset
 
-__all__ = ["IMAGE_SUFFIXES", "TEST_SPLIT_FOLDERS", "decode_image", "is_image_file", "load_image_folder",
-           "split_folder"]
+__all__ = ["IMAGE_EXAMPLES", "IMAGE_SUFFIXES", "TEST_SPLIT_FOLDERS", "decode_image", "folder_files",
+           "load_image_folder", "split_folder"]
 
 # The folders that hold the "test" split, in order of preference: the first that exists is used.
 TEST_SPLIT_FOLDERS = ("test", "val", "validation")
 # The raster formats Pillow reads, by extension (any case): what folders are searched for.
 IMAGE_SUFFIXES = (".png", ".apng", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".dib", ".gif", ".webp", ".tif", ".tiff",
                   ".pgm", ".ppm", ".pbm", ".pnm", ".tga", ".ico", ".pcx", ".sgi", ".ras", ".qoi", ".jp2", ".j2k")
+IMAGE_EXAMPLES = ".png .jpg .jpeg .bmp .gif .webp .tif .pgm ..."  # IMAGE_SUFFIXES in a message
 
 
-def is_image_file(path: Path) -> bool:
-    """A file with an image's extension (IMAGE_SUFFIXES): what folders are searched for."""
-    return path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()
+def folder_files(folder: Path) -> tuple[list[Path], list[Path]]:
+    """(image files, other files) under `folder`, recursively, sorted, hidden files and folders
+    skipped; images are told by their extension (IMAGE_SUFFIXES, any case)."""
+    files = [path for path in sorted(folder.rglob("*"))
+             if not any(part.startswith(".") for part in path.relative_to(folder).parts) and path.is_file()]
+    images = [path for path in files if path.suffix.lower() in IMAGE_SUFFIXES]
+    return images, [path for path in files if path.suffix.lower() not in IMAGE_SUFFIXES]
 
 
 # Bump when the decoding below changes, so stale caches are not reused.
@@ -74,16 +79,13 @@ def _scan_folder(base: Path) -> tuple[list[str], list[tuple[Path, int]]]:
         raise DatasetError(f"{base}: no class folders found (expected {base}/<class>/<image>)")
     files, others = [], []
     for index, name in enumerate(classes):
-        found = [path for path in sorted((base / name).rglob("*"))
-                 if path.is_file() and not any(part.startswith(".") for part in path.relative_to(base).parts)]
-        images = [path for path in found if is_image_file(path)]
-        skipped = [path for path in found if not is_image_file(path)]
+        images, skipped = folder_files(base / name)
         others += skipped
         if not images:
             what = f"only {len(skipped)} file(s) without an image extension, e.g. {skipped[0].name}" if skipped \
                 else "nothing"
             raise DatasetError(f"{base / name}: class folder holds no images ({what}; images are read by extension: "
-                               f"{' '.join(IMAGE_SUFFIXES[:6])} ...); add some or remove the folder, which would "
+                               f"{IMAGE_EXAMPLES}); add some or remove the folder, which would "
                                "otherwise be a class never seen")
         files += [(path, index) for path in images]
     if others:
