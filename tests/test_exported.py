@@ -116,8 +116,8 @@ def test_upcycled_vit_trains_with_init_and_keeps_the_dense_parts(vit_run, tmp_pa
     rc, out, err = cli(["eval", "--checkpoint", tmp_path / "up", "--data", "fashion-mnist", "--data-dir", fmnist_dir,
                         "--json"])  # an export has no training step: it used to say "step 0"
     assert rc == 0 and json.loads(out)["step"] is None, err
-    rc, out, err = cli(["eval", "--checkpoint", tmp_path / "up", "--data", "fashion-mnist", "--data-dir", fmnist_dir])
-    assert rc == 0 and out.startswith(f"vit_tiny_upcycled ({tmp_path / 'up'}): accuracy "), out
+    rc, out, err = cli(["eval", "--checkpoint", tmp_path / "up", "--data-dir", fmnist_dir])  # the export names its data
+    assert rc == 0 and out.startswith(f"vit_tiny_upcycled ({tmp_path / 'up'}): accuracy "), (out, err)
 
 
 def test_upcycle_refuses_what_it_cannot_do(tmp_path, cli):

@@ -3,6 +3,7 @@
     DIR/config.json        {"format": "widenet-model", "format_version": 1, "widenet_version": ...,
                             "model": preset name, "kind": "vision" | "text", "model_config": {...},
                             "classes": [...] or null, "image": {"mean": [...], "std": [...]} (vision),
+                            "data": the dataset's name it was trained on (widenet eval's default), or absent,
                             "tokenizer": {"fingerprint", "vocab_size"} (text), "source": where it came from}
     DIR/model.safetensors  the weights, under the model's state-dict keys
     DIR/tokenizer.json     text models: the tokenizer the ids were made with
@@ -144,14 +145,15 @@ def model_from_meta(meta: dict) -> nn.Module:
 def write_export(out: str | os.PathLike, model: nn.Module, *, model_name: str, classes: list[str] | None = None,
                  image_stats: dict | None = None, tokenizer_file: str | os.PathLike | None = None,
                  tokenizer: Any = None, source: Any = None, overwrite: bool = False,
-                 protect: str | os.PathLike | None = None) -> Path:
+                 protect: str | os.PathLike | None = None, data: str | None = None) -> Path:
     """Write `model` as an export folder at `out` (see module doc), atomically: a folder of the same
     name appears whole or not at all, and an old one is swapped out only once the new one is
     complete. overwrite=True replaces an earlier export folder's model (never a run folder, a
     folder another run holds, or other files; files the user added beside the model, such as a
     model card, are carried into the new folder); `protect`: a folder (the model's source) that `out` must
     not be, contain or lie inside. tokenizer_file: a tokenizer.json or BERT vocab.txt, saved in
-    the folder as tokenizer.json; or `tokenizer`, a tokenizers.Tokenizer."""
+    the folder as tokenizer.json; or `tokenizer`, a tokenizers.Tokenizer. data: the name of the
+    dataset the model was trained on, which `widenet eval` then evaluates on by default."""
     from .. import __version__
 
     out = Path(out)
@@ -164,6 +166,8 @@ def write_export(out: str | os.PathLike, model: nn.Module, *, model_name: str, c
     config = dict(format=EXPORT_FORMAT, format_version=EXPORT_VERSION, widenet_version=__version__,
                   model=model_name, kind=model_kind(model.cfg.to_dict()), model_config=model.cfg.to_dict(),
                   classes=classes, image=image_stats, tokenizer=token_meta, source=source)
+    if data:
+        config["data"] = data
     tmp = out.parent / f".tmp-{out.name}-{os.getpid()}"
     try:
         remove_tree(tmp)
@@ -263,6 +267,8 @@ def read_export(path: str | os.PathLike) -> Source:
                               "'classes' a list of names")
     meta = dict(model=config.get("model", ""), model_config=config.get("model_config"),
                 data=dict(classes=classes, **image))
+    if isinstance(config.get("data"), str):
+        meta["data"]["name"] = config["data"]
     if config.get("tokenizer"):
         meta["tokenizer"] = config["tokenizer"]
     tokenizer = folder / TOKENIZER_FILE
