@@ -518,7 +518,7 @@ def test_task_files_that_would_score_the_wrong_thing(tmp_path, capsys):
 
 def test_a_library_warning_reaches_the_user_as_one_note(tmp_path, capsys):
     data = tmp_path / "train.tsv"
-    data.write_text("sentence\tlabel\n" + "".join(f"{'word ' * n}end\t{'ab'[n % 2]}\n" for n in range(1, 9)))
+    data.write_text("sentence\tlabel\n" + "".join(f"{'bird ' * n}sings\t{'ab'[n % 2]}\n" for n in range(1, 9)))
     rc, _, err = _cli(["finetune", "--task", "classify", "--init", FIXTURES / "text_run", "--train", data,
                        "--validation", data, "--max-len", 6, "--max-steps", 1, "--out", tmp_path / "run"], capsys)
     assert rc == 0, err

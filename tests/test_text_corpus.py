@@ -21,7 +21,7 @@ from widenet.data.text.gcide import GCIDE_PATH, GcideEntry, gcide_documents, rea
 from widenet.data.text.gcide_tasks import write_gcide_task
 from widenet.data.text.pretraining import _truncation, make_sop_examples, mask_tokens
 from widenet.data.text.sentences import split_sentences
-from widenet.data.text.tokenizer import SpecialIds, special_ids, train_tokenizer
+from widenet.data.text.tokenizer import SpecialIds, TokenizerError, special_ids, train_tokenizer
 
 SPECIAL = SpecialIds(pad=0, unk=1, cls=2, sep=3, mask=4)
 
@@ -252,7 +252,7 @@ def test_a_tokenizer_that_does_not_cover_the_corpus_is_refused(tmp_path, tok):
     """A tokenizer of another script turned ~90% of a corpus into [UNK], and pretraining went on."""
     greek = _write_text(tmp_path / "greek.txt", ["Ο ποταμός πλημμύρισε. Ο μύλος έχασε τον τροχό του.", "Κανείς δεν θυμόταν."])
     for cache in (None, tmp_path / "cache", tmp_path / "cache"):  # built, then cached, then read from the cache
-        with pytest.raises(CorpusError, match=r"^\d+% of the corpus's word pieces are \[UNK\]: the tokenizer does "
+        with pytest.raises(TokenizerError, match=r"^\d+% of the corpus's word pieces are \[UNK\]: the tokenizer does "
                                               r"not cover this text"):
             load_pretrain_corpus([greek], tok, cache_dir=cache)
     mixed = _write_text(tmp_path / "mixed.txt", _prose_documents(1, 10) + ["Κανείς δεν θυμόταν τον μύλο. " * 4])

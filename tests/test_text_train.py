@@ -19,7 +19,7 @@ from widenet.cli import main
 from widenet.train.checkpoint import find_latest_checkpoint, load_checkpoint
 from widenet.train.finetune import finetune
 from widenet.train.metrics import read_metrics, without_timing
-from widenet.data.text.tokenizer import SpecialIds
+from widenet.data.text.tokenizer import SpecialIds, TokenizerError
 from widenet.train.pretrain import pretrain, unigram_log_probs
 from widenet.train.text_config import FinetuneConfig, PretrainConfig
 
@@ -155,6 +155,21 @@ def test_finetune_classification_learns_the_label_word(pretrained, tmp_path):
     assert meta["model_config"]["task"] == "classify" and meta["model_config"]["num_labels"] == 2
     # The backbone started from the pretrained weights, not from scratch.
     assert meta["init"].startswith(str(out))
+
+
+def test_finetune_refuses_task_text_the_tokenizer_does_not_cover(pretrained, tmp_path):
+    """The pretrained tokenizer cannot change: a task in another script was fine-tuned on [UNK]s."""
+    out, _ = pretrained
+    rows = ["sentence\tlabel"] + [f"{w} μύλος ποταμός\t{label}" for w, label in
+                                  [("καλός", "good"), ("κακός", "bad")] * 8]
+    (tmp_path / "train.tsv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    _write_classify(tmp_path / "dev.tsv", 16, 1)
+    cfg = FinetuneConfig(task="classify", init=str(out), train=str(tmp_path / "train.tsv"),
+                         validation=str(tmp_path / "dev.tsv"), epochs=1, batch_size=8, out=str(tmp_path / "ft"))
+    with pytest.raises(TokenizerError, match=r"^100% of .*train.tsv's word pieces are \[UNK\]: the tokenizer does "
+                                             r"not cover this text .*; fine-tune a model pretrained on text like it"):
+        finetune(cfg, log=lambda _: None)
+    assert not (tmp_path / "ft" / "checkpoints").exists()
 
 
 def _squad(path, n: int, seed: int, impossible_every: int = 0) -> None:

@@ -33,7 +33,8 @@ from ..data.text.hub import resolve_task_file
 from ..data.text.squad import encode_squad, postprocess_squad, read_squad
 from ..data.text.squad_metrics import squad_scores
 from ..data.text.task_common import TaskDataError
-from ..data.text.tokenizer import TokenizerError, load_tokenizer, save_tokenizer, special_ids, vocab_fingerprint
+from ..data.text.tokenizer import (TokenizerError, check_coverage, load_tokenizer, save_tokenizer, special_ids,
+                                  vocab_fingerprint)
 from ..distributed.parallel import ParallelContext
 from ..models.registry import count_parameters
 from ..models.text import TextTransformer, load_backbone
@@ -206,8 +207,15 @@ def _classify_data(cfg: FinetuneConfig, tokenizer, max_len: int) -> tuple[Batch,
     train_file, val_file = resolve_task_file(cfg.train, "classify"), resolve_task_file(cfg.validation, "classify")
     train_ex, val_ex, labels = read_classification_task(train_file, val_file)
     train = encode_classification(train_ex, tokenizer, labels, max_len)
+    _check_task_coverage(train["input_ids"], tokenizer, train_file)
     validation = encode_classification(val_ex, tokenizer, labels, max_len)
     return train, validation, labels
+
+
+def _check_task_coverage(input_ids: torch.Tensor, tokenizer, task_file: str | Path) -> None:
+    """The pretrained model's tokenizer must cover the task's text (it cannot be changed here)."""
+    check_coverage(input_ids, special_ids(tokenizer), str(task_file),
+                   "fine-tune a model pretrained on text like it")
 
 
 def _check_not_empty(*files: tuple[str, list]) -> None:
@@ -222,6 +230,7 @@ def _qa_data(cfg: FinetuneConfig, tokenizer, max_len: int):
     _check_not_empty((train_file, train_ex), (val_file, val_ex))
     kw = dict(max_len=max_len, doc_stride=cfg.doc_stride, max_query_len=cfg.max_query_len)
     tf = encode_squad(train_ex, tokenizer, **kw)
+    _check_task_coverage(tf.input_ids, tokenizer, train_file)
     train = dict(input_ids=tf.input_ids, token_type_ids=tf.token_type_ids, start_positions=tf.start_positions,
                  end_positions=tf.end_positions)
     version_2 = version == "2.0" or any(e.is_impossible for e in val_ex)

@@ -24,7 +24,7 @@ from ...files import load_weights_only, save_atomic
 from ..errors import PathLike
 from .documents import CorpusError, corpus_files, iter_documents
 from .sentences import split_sentences
-from .tokenizer import special_ids, vocab_fingerprint
+from .tokenizer import check_coverage, special_ids, vocab_fingerprint
 
 __all__ = ["PretrainCorpus", "load_pretrain_corpus"]
 
@@ -197,20 +197,9 @@ def _save_corpus_cache(corpus: PretrainCorpus, path: Path, key: str) -> None:
     save_atomic(payload, path)
 
 
-# The share of [UNK] word pieces above which a tokenizer is noted as a poor fit, and above which
-# it is refused: a model would learn to predict [UNK] (a BERT vocab.txt on Greek text gives ~90%).
-UNKNOWN_NOTE, UNKNOWN_LIMIT = 0.05, 0.5
-
-
 def _check_coverage(corpus: PretrainCorpus, tokenizer: Any) -> None:
-    """Refuse (or note) a tokenizer that turns much of the corpus into [UNK]."""
-    share = int((corpus.tokens == special_ids(tokenizer).unk).sum()) / max(corpus.num_tokens, 1)
-    advice = ("the tokenizer does not cover this text (another language or script?); train one on the corpus "
-              "(leave --tokenizer out) or choose another")
-    if share > UNKNOWN_LIMIT:
-        raise CorpusError(f"{share:.0%} of the corpus's word pieces are [UNK]: {advice}")
-    if share > UNKNOWN_NOTE:
-        warnings.warn(f"{share:.0%} of the corpus's word pieces are [UNK]; {advice}", stacklevel=3)
+    check_coverage(corpus.tokens, special_ids(tokenizer), "the corpus",
+                   "train one on the corpus (leave --tokenizer out) or choose another")
 
 
 def load_pretrain_corpus(

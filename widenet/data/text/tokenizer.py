@@ -15,10 +15,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from ...files import atomic_path
@@ -31,6 +33,7 @@ __all__ = [
     "load_tokenizer",
     "save_tokenizer",
     "special_ids",
+    "check_coverage",
     "vocab_fingerprint",
 ]
 
@@ -258,3 +261,23 @@ def vocab_fingerprint(tok: Tokenizer) -> str:
     for index, token in pairs:
         digest.update(f"{index}\t{token}\n".encode("utf-8", "surrogatepass"))
     return digest.hexdigest()
+
+
+# The share of [UNK] word pieces above which a tokenizer is noted as a poor fit for a text, and
+# above which it is refused: a model would learn to predict [UNK] (a BERT vocab.txt on Greek text
+# gives ~90%).
+UNKNOWN_NOTE, UNKNOWN_LIMIT = 0.05, 0.5
+
+
+def check_coverage(ids: torch.Tensor, special: SpecialIds, what: str, advice: str) -> None:
+    """Refuse (TokenizerError) or note (a warning) token ids of which too many are [UNK], among the
+    word pieces (the other special tokens not counted). `what` names the text, `advice` the way out."""
+    ids = ids.flatten()
+    pieces = int((~torch.isin(ids, torch.tensor([special.pad, special.cls, special.sep, special.mask]))).sum())
+    share = int((ids == special.unk).sum()) / max(pieces, 1)
+    reason = f"{share:.0%} of {what}'s word pieces are [UNK]"
+    if share > UNKNOWN_LIMIT:
+        raise TokenizerError(f"{reason}: the tokenizer does not cover this text (another language or script?); "
+                             f"{advice}")
+    if share > UNKNOWN_NOTE:
+        warnings.warn(f"{reason}; the tokenizer does not cover this text well; {advice}", stacklevel=3)
