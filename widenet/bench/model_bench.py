@@ -69,7 +69,7 @@ def bench_models(names: list[str], batch_size: int = 64, steps: int = 10, warmup
                  compile: bool = False, **overrides) -> list[ModelBenchResult]:
     """bench_model for each name, their steps interleaved (see the module doc); the same
     settings (overrides) for every model, MoE settings (top_k=1) for those with MoE layers
-    (models.registry.settings_for; refused when none has one). amp "auto" is bf16 autocast on
+    (models.registry.settings_for_each; refused when none has one). amp "auto" is bf16 autocast on
     GPUs (the router stays float32), off on CPUs. With compile, warm-up steps include the
     compilation."""
     if batch_size < 1 or steps < 1 or warmup < 0:

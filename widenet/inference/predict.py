@@ -187,8 +187,9 @@ def _on_device(pretrained: Pretrained, device: str | torch.device) -> tuple[nn.M
 # --- images ------------------------------------------------------------------------------
 def find_images(inputs: Iterable[str | os.PathLike]) -> list[Path]:
     """The image files `inputs` name, in order, each once: a file as is (whatever its name; a missing
-    one fails when read), a folder's IMAGE_SUFFIXES files (recursively, sorted), a glob's matches
-    (sorted, `**` spans folders). A folder or glob that yields nothing raises PredictError."""
+    one fails when read), a folder's image files (data.images.folder.folder_files: recursively,
+    sorted), a glob's matches (sorted, `**` spans folders). A folder or glob that yields nothing
+    raises PredictError."""
     out: dict[Path, None] = {}
     for item in inputs:
         text = os.fspath(item)
