@@ -122,6 +122,19 @@ def test_a_folder_holding_a_run_needs_resume_or_overwrite(tmp_path, fmnist_dir, 
     assert rc == 2 and "not allowed with argument" in err
 
 
+def test_a_folder_holding_a_saved_model_is_not_a_run_folder(tmp_path, fmnist_dir, tiny_set_args, capsys):
+    """A run into an export would leave eval, predict and export reading the exported model, not the run."""
+    out = tmp_path / "run"
+    assert _cli(_train_args(fmnist_dir, out, tiny_set_args, "--max-steps", 1), capsys)[0] == 0
+    assert _cli(["export", out, "--to", tmp_path / "shipped"], capsys)[0] == 0
+    before = _snapshot(tmp_path / "shipped")
+    for extra in ((), ("--resume",), ("--overwrite",)):
+        line = _one_line_error(*_cli(_train_args(fmnist_dir, tmp_path / "shipped", tiny_set_args, "--max-steps", 1,
+                                                 *extra), capsys)[::2])
+        assert "holds a saved model (config.json" in line and "choose another --out" in line
+    assert _snapshot(tmp_path / "shipped") == before
+
+
 def test_overwrite_puts_the_earlier_run_back_when_the_new_one_fails_before_a_checkpoint(
         tmp_path, fmnist_dir, tiny_set_args, capsys, monkeypatch):
     """--overwrite used to delete the earlier run before anything of the new one was checked: a
@@ -459,6 +472,16 @@ def test_pretraining_corpus_too_small_to_hold_out(tmp_path, capsys):
             "--set", "depth=1", "--set", "num_heads=2", "--set", "mlp_dim=32", "--set", "embedding_size=8"]
     line = _one_line_error(*_cli(args, capsys)[::2])
     assert str(corpus) in line and "at least 10 are needed to hold one out" in line
+
+
+def test_sequences_much_longer_than_the_documents_are_noted(tmp_path, capsys):
+    args = ["pretrain", "--corpus", FIXTURES / "corpus.txt", "--vocab-size", 200, "--max-steps", 1, "--device",
+            "cpu", "--cache-dir", tmp_path / "cache", "--set", "dim=16", "--set", "depth=1", "--set", "num_heads=2",
+            "--set", "mlp_dim=32", "--set", "embedding_size=8"]
+    rc, _, err = _cli(args + ["--seq-len", 128, "--out", tmp_path / "long"], capsys)
+    assert rc == 0 and "% padding: the corpus's documents are much shorter than --seq-len 128" in err
+    rc, _, err = _cli(args + ["--seq-len", 16, "--out", tmp_path / "short"], capsys)
+    assert rc == 0 and "padding" not in err
 
 
 def test_a_leftover_tokenizer_is_not_reused(tmp_path, capsys):

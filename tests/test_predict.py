@@ -447,3 +447,22 @@ def test_text_settings_for_images_and_qa_settings_for_sentences_are_refused(visi
     line = _one_line_error(*_cli(["predict", "--checkpoint", classify_dir, "--text", tmp_path / "lines.txt",
                                   "--null-threshold", 1], capsys, monkeypatch))
     assert "--null-threshold would change nothing for sentence classification (a QA setting)" in line
+
+
+def test_a_tokenizer_that_is_not_the_models_is_refused_not_used(classify_dir, tokenizer_file, tmp_path, capsys,
+                                                                monkeypatch):
+    # Another tokenizer of the same size copied over the model's: predict would encode with the wrong ids.
+    other = train_tokenizer(TOKENIZER_TEXTS[len(TOKENIZER_TEXTS) // 2:], vocab_size=120, min_frequency=1)
+    assert other.get_vocab_size() == tokenizer_file[1].get_vocab_size()
+    folder = shutil.copytree(classify_dir, tmp_path / "model")
+    save_tokenizer(other, folder / "tokenizer.json")
+    (tmp_path / "in.txt").write_text("the lazy dog\n")
+    line = _one_line_error(*_cli(["predict", "--checkpoint", folder, "--text", tmp_path / "in.txt"], capsys,
+                                 monkeypatch))
+    assert "is not the one the model" in line and "vocabularies differ" in line
+    # An export of it leaves the wrong tokenizer behind (and says so) instead of recording its fingerprint.
+    rc, out, err = _cli(["export", folder, "--to", tmp_path / "shipped"], capsys, monkeypatch)
+    assert rc == 0, err
+    assert "the tokenizer was not kept" in out + err
+    assert not (tmp_path / "shipped" / "tokenizer.json").exists()
+    assert json.loads((tmp_path / "shipped" / "config.json").read_text())["tokenizer"] is None

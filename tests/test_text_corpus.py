@@ -364,6 +364,18 @@ def test_long_sentences_are_truncated_to_fit():
     _check_layout(ex, 24)
 
 
+def test_a_sentence_longer_than_a_sequence_is_used_whole_in_pieces():
+    """Text without sentence punctuation is one long sentence: it is cut into sequence-sized pieces,
+    not trimmed to a single sequence (which used 9 of these 99 tokens)."""
+    long_sentence = list(range(5, 104))  # 99 distinct tokens; seq_len 12 leaves 9 per pair
+    corpus = _corpus([[long_sentence], [[200, 201, 202], [203, 204]]])
+    ex = make_sop_examples(corpus, seq_len=12, seed=0, special=SPECIAL, short_seq_prob=0.0)
+    _check_layout(ex, 12)
+    used = sorted(t for t in ex.input_ids.flatten().tolist() if t > 4)
+    assert used == long_sentence + [200, 201, 202, 203, 204]  # every token once, the next document intact
+    assert len(ex) == 12
+
+
 def test_truncation_matches_the_reference_loop():
     for len_a, len_b, max_total in itertools.product(range(1, 12), range(1, 12), range(2, 14)):
         a, b = len_a, len_b

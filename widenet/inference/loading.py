@@ -28,7 +28,9 @@ class Pretrained:
     kind: "vision" or "text".   classes: class names (image classifiers and
     text classifiers; None when unknown).   mean / std: the per-channel
     statistics training normalised images with (vision).   tokenizer: a
-    `tokenizers.Tokenizer` (text models whose tokenizer was saved beside them).
+    `tokenizers.Tokenizer` (text models whose tokenizer was saved beside them);
+    tokenizer_problem: why the one beside the model was not loaded (unreadable, or not the
+    model's own vocabulary).
     """
 
     model: nn.Module
@@ -40,6 +42,7 @@ class Pretrained:
     std: tuple[float, ...] | None = None
     tokenizer: Any = None
     notes: list[str] = field(default_factory=list)
+    tokenizer_problem: str | None = None  # why the tokenizer beside the model was not loaded
 
 
 def load_pretrained(path: str | os.PathLike) -> Pretrained:
@@ -50,12 +53,14 @@ def load_pretrained(path: str | os.PathLike) -> Pretrained:
     try:
         tokenizer = source_tokenizer(source)
     except TokenizerError as err:  # the model is still usable (e.g. images, or ids made elsewhere)
-        tokenizer = None
-        notes.append(f"the tokenizer beside the model was not loaded: {err}")
+        tokenizer, problem = None, str(err)  # predict says it when it needs the tokenizer
+    else:
+        problem = None
     stats = source.image_stats or {}
     mean, std = stats.get("mean"), stats.get("std")
     return Pretrained(model, source.meta.get("model", ""), model_kind(source.meta["model_config"]), source.path,
-                      source.classes, tuple(mean) if mean else None, tuple(std) if std else None, tokenizer, notes)
+                      source.classes, tuple(mean) if mean else None, tuple(std) if std else None, tokenizer, notes,
+                      problem)
 
 
 def from_pretrained(path: str | os.PathLike) -> nn.Module:

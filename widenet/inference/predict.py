@@ -130,6 +130,8 @@ def check_fits(pretrained: Pretrained, inputs: str) -> None:
     if inputs != wanted:
         raise PredictError(f"{described}; it takes {_TAKES[wanted]}, not {_TAKES[inputs]}")
     if pretrained.kind == "text" and pretrained.tokenizer is None:
+        if pretrained.tokenizer_problem:
+            raise PredictError(f"{pretrained.tokenizer_problem}, so its text cannot be encoded")
         raise PredictError(f"{pretrained.source}: no tokenizer saved beside the model (tokenizer.json), "
                            "so its text cannot be encoded")
 

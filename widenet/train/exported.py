@@ -32,7 +32,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..data.text.tokenizer import load_tokenizer, save_tokenizer, vocab_fingerprint
+from ..data.text.tokenizer import TokenizerError, load_tokenizer, save_tokenizer, vocab_fingerprint
 from ..files import fsync_path, raise_if_disk_full, rename_exchange
 from ..models.hf import is_hf_folder, load_hf, nonfinite_tensor
 from ..models.text import TextConfig, TextTransformer
@@ -343,10 +343,27 @@ def _finite_numbers(value: Any) -> bool:
 
 
 def source_tokenizer(source: Source):
-    """The tokenizer saved beside `source` (a tokenizers.Tokenizer), or None; TokenizerError if unusable."""
+    """The tokenizer saved beside `source` (a tokenizers.Tokenizer), or None; TokenizerError if unusable
+    or not the one the model was trained with."""
     if source.tokenizer_path is None:
         return None
-    return load_tokenizer(source.tokenizer_path, lowercase=source.tokenizer_lowercase)
+    tokenizer = load_tokenizer(source.tokenizer_path, lowercase=source.tokenizer_lowercase)
+    check_tokenizer_matches(tokenizer, source.tokenizer_path, source)
+    return tokenizer
+
+
+def check_tokenizer_matches(tokenizer, path: Path, source: Source) -> None:
+    """TokenizerError unless `tokenizer` (read from `path`) is the one source's model was trained with:
+    the vocabulary fingerprint its checkpoint or export recorded (when it did), and its embedding's size."""
+    want = source.meta.get("tokenizer") or {}
+    vocab = source.meta["model_config"].get("vocab_size")
+    size = tokenizer.get_vocab_size()
+    if want.get("fingerprint") and vocab_fingerprint(tokenizer) != want["fingerprint"]:
+        raise TokenizerError(f"tokenizer {path} ({size} pieces) is not the one the model {source.path} was "
+                             f"trained with ({want.get('vocab_size', vocab)} pieces; the vocabularies differ)")
+    if vocab is not None and size != vocab:
+        raise TokenizerError(f"tokenizer {path} ({size} pieces) does not match the vocabulary the model "
+                             f"{source.path} was trained with ({vocab} pieces)")
 
 
 def load_model(source: Source) -> nn.Module:

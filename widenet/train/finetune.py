@@ -41,7 +41,7 @@ from ..models.text import TextTransformer, load_backbone
 from ..runtime import autocast, autocast_dtype, resolve_device
 from .checkpoint import LoadedCheckpoint
 from .evaluate import RoutingTally
-from .exported import Source, load_source, require_kind, source_tokenizer
+from .exported import Source, check_tokenizer_matches, load_source, require_kind, source_tokenizer
 from .pretrain import TOKENIZER_FILE
 from .progress import StepResult
 from .run_folder import claim_run_folder
@@ -67,18 +67,16 @@ def load_init(cfg: FinetuneConfig):
     widenet folder, or a Hugging Face ALBERT/BERT folder) and its tokenizer, checked to belong
     together."""
     source = load_source(cfg.init)
-    meta = source.meta
     require_kind(source, "text", "fine-tuning")
     path = Path(cfg.tokenizer) if cfg.tokenizer else source.tokenizer_path
     if path is None or not path.exists():
         raise TokenizerError(f"no tokenizer found beside {source.path}; pass the pretraining tokenizer with "
                              "--tokenizer")
-    tokenizer = load_tokenizer(path) if cfg.tokenizer else source_tokenizer(source)
-    want = meta.get("tokenizer") or {}
-    vocab = meta["model_config"]["vocab_size"]
-    if (want and vocab_fingerprint(tokenizer) != want.get("fingerprint")) or tokenizer.get_vocab_size() != vocab:
-        raise TokenizerError(f"tokenizer {path} ({tokenizer.get_vocab_size()} pieces) does not match the "
-                             f"vocabulary the model {source.path} was trained with ({vocab} pieces)")
+    if cfg.tokenizer:
+        tokenizer = load_tokenizer(path)
+        check_tokenizer_matches(tokenizer, path, source)
+    else:
+        tokenizer = source_tokenizer(source)
     return source, tokenizer
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -208,6 +209,9 @@ def pretrain(cfg: PretrainConfig, log: Callable[[str], None] = print) -> Pretrai
             cache = Path(cfg.cache_dir) if cfg.cache_dir else data_home() / "text-cache"
             corpus = load_pretrain_corpus(cfg.corpus, tokenizer, cache, max_documents=cfg.max_documents)
         examples = make_sop_examples(corpus, cfg.seq_len, cfg.seed, special)
+        if (fill := examples.fill_ratio(special.pad)) < 0.5:
+            warnings.warn(f"the training sequences are {1 - fill:.0%} padding: the corpus's documents are much "
+                          f"shorter than --seq-len {cfg.seq_len}; a smaller --seq-len trains on the same text faster")
         train_set, held_out = split_held_out(
             dict(input_ids=examples.input_ids, token_type_ids=examples.token_type_ids, sop_labels=examples.sop_labels),
             cfg.eval_examples, cfg.seed, ", ".join(cfg.corpus))

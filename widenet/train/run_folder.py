@@ -5,6 +5,8 @@
 with the holder's pid; a lock left by a killed run is taken over with a
 warning) and decides what the folder may already hold:
 
+- never a folder holding a saved model (``config.json``: an export, an
+  import, a Hugging Face folder), whose model would shadow the run's;
 - a new run (neither ``--resume`` nor ``--overwrite``): nothing of an earlier
   run (checkpoints, ``metrics.jsonl``, ``tokenizer.json``);
 - ``--resume``: a checkpoint to continue from, or no trace of a run at all
@@ -42,6 +44,7 @@ __all__ = ["LOCK_FILE", "RUN_FILES", "SET_ASIDE_DIR", "RunFolderError", "claim_r
 
 LOCK_FILE = ".widenet.lock"
 RUN_FILES = ("metrics.jsonl", "tokenizer.json", "tensorboard")  # beside the checkpoints, what a run writes into OUT
+MODEL_CONFIG = "config.json"  # what marks a saved model's folder (widenet.train.exported, Hugging Face)
 SET_ASIDE_DIR = ".widenet-overwritten"  # an --overwrite run's predecessor until the new run has a checkpoint
 
 
@@ -105,6 +108,10 @@ def earlier_run(out: Path) -> list[str]:
 def _prepare(out: Path, resume: bool, overwrite: bool, log: Callable[[str], None]) -> None:
     if resume and overwrite:
         raise RunFolderError("give --resume or --overwrite, not both")
+    if (out / MODEL_CONFIG).exists():  # eval, predict and export would read that model, not this run
+        raise RunFolderError(f"{out} holds a saved model ({MODEL_CONFIG}: an export, an import or a Hugging Face "
+                             "folder), which eval, predict and export would go on reading instead of the run; "
+                             "choose another --out")
     found = earlier_run(out)
     if overwrite:
         if found:

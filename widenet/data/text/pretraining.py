@@ -107,6 +107,22 @@ def _document_pairs(
             yield span_a, span_b, 0
 
 
+def _split_long_sentences(starts: np.ndarray, documents: np.ndarray, max_tokens: int
+                          ) -> tuple[np.ndarray, np.ndarray]:
+    """Sentence and document offsets with every sentence longer than max_tokens cut into pieces of
+    max_tokens (the last one shorter): a chunk holding such a sentence would otherwise be trimmed
+    to one sequence and the rest of the sentence lost (text without sentence punctuation is one
+    long sentence). starts (S+1,) token offsets, documents (D+1,) sentence offsets."""
+    lengths = np.diff(starts)  # (S,)
+    pieces = np.maximum(-(-lengths // max_tokens), 1)  # (S,) ceil, an empty sentence stays one
+    if (pieces == 1).all():
+        return starts, documents
+    first_piece = np.concatenate([[0], np.cumsum(pieces)])  # (S+1,) each sentence's first piece
+    piece = np.arange(first_piece[-1]) - np.repeat(first_piece[:-1], pieces)  # (P,) index within its sentence
+    new_starts = np.repeat(starts[:-1], pieces) + piece * max_tokens  # (P,)
+    return np.append(new_starts, starts[-1]), first_piece[documents]
+
+
 def _pack(
     tokens: np.ndarray, pairs: list[tuple[tuple[int, int], tuple[int, int], int]], seq_len: int, special: SpecialIds
 ) -> SOPExamples:
@@ -137,7 +153,8 @@ def make_sop_examples(
 ) -> SOPExamples:
     """ALBERT-style sentence-order examples from every document of ``corpus``.
 
-    Each document is walked sentence by sentence; consecutive sentences are
+    Each document is walked sentence by sentence (one longer than ``seq_len - 3``
+    tokens counts as pieces of that length); consecutive sentences are
     gathered until they reach ``seq_len - 3`` tokens (or, with probability
     ``short_seq_prob``, a random shorter target) and the chunk is split at a
     random sentence boundary into A and B (a one-sentence chunk at a random
@@ -151,8 +168,8 @@ def make_sop_examples(
         raise ValueError(f"short_seq_prob must be in [0, 1], got {short_seq_prob}")
     rng = np.random.default_rng(seed)
     tokens = corpus.tokens.numpy()
-    starts = corpus.sentence_offsets.numpy()
-    documents = corpus.document_offsets.numpy()
+    starts, documents = _split_long_sentences(corpus.sentence_offsets.numpy(), corpus.document_offsets.numpy(),
+                                              seq_len - 3)
     pairs = []
     for doc in range(corpus.num_documents):
         pairs.extend(
