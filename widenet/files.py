@@ -50,9 +50,14 @@ def atomic_path(path: Path, suffix: str = ".tmp") -> Iterator[Path]:
 
 
 def save_atomic(obj: Any, path: Path) -> None:
-    """torch.save ``obj`` to ``path`` through atomic_path."""
+    """torch.save ``obj`` to ``path`` through atomic_path; a full disk raises OSError(ENOSPC)
+    (torch.save reports it as a RuntimeError)."""
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        try:
+            torch.save(obj, tmp)
+        except RuntimeError as err:
+            raise_if_disk_full(err, path)
+            raise
 
 
 def disk_full(err: BaseException, folder: Path) -> bool:

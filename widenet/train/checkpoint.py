@@ -39,6 +39,7 @@ from torch import nn
 
 from .. import files
 from ..files import RefusedPickle, fsync_path, load_weights_only, raise_if_disk_full, write_bytes_durably
+from ..models.hf import nonfinite_tensor
 from ..rng import capture_rng_state, restore_rng_state
 from .checkpoint_layout import (CHECKPOINT_FILES, CHECKPOINTS_DIR, FORMAT, LATEST_FILE, META_FILE, MODEL_FILE,
                                 STATE_FILE, STEP_RE, TMP_PREFIX, CheckpointError, checkpoint_dir_name, checkpoints_root,
@@ -391,6 +392,12 @@ def check_model_keys(file: Path, meta: dict, state: Mapping, model: nn.Module) -
         )
 
 
+def check_finite(state: dict[str, torch.Tensor], where: Any) -> None:
+    """CheckpointError naming the first floating tensor that holds NaN or infinity."""
+    if (bad := nonfinite_tensor(state)) is not None:
+        raise CheckpointError(f"{where}: weight {bad} holds NaN or infinite values")
+
+
 def load_checkpoint(
     path: str | os.PathLike,
     model: nn.Module | None = None,
@@ -402,7 +409,8 @@ def load_checkpoint(
     used) or ``model.safetensors`` itself.  Every file is read and checked
     before ``model`` is touched.  Raises :class:`CheckpointError` naming the file
     for missing/corrupt files, refused (non weights-only) state, a meta entry
-    differing from ``expected_meta``, or weights not matching ``model``.
+    differing from ``expected_meta``, or weights not matching ``model`` or, when
+    loaded into it, not finite.
     """
     folder = _resolve_folder(path)
     for name in CHECKPOINT_FILES:
@@ -415,6 +423,7 @@ def load_checkpoint(
     train_state = _read_train_state(folder / STATE_FILE)
     if model is not None:
         check_model_keys(folder / MODEL_FILE, meta, model_state, model)
+        check_finite(model_state, folder / MODEL_FILE)  # a damaged file would train to a NaN loss
         try:
             model.load_state_dict(model_state, strict=True)
         except RuntimeError as e:

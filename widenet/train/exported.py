@@ -34,10 +34,10 @@ from torch import nn
 
 from ..data.text.tokenizer import TokenizerError, load_tokenizer, save_tokenizer, vocab_fingerprint
 from ..files import fsync_path, raise_if_disk_full, rename_exchange
-from ..models.hf import is_hf_folder, load_hf, nonfinite_tensor
+from ..models.hf import is_hf_folder, load_hf
 from ..models.text import TextConfig, TextTransformer
 from ..models.vision import VisionConfig, VisionTransformer
-from .checkpoint import CheckpointError, check_model_keys, find_latest_checkpoint, load_checkpoint
+from .checkpoint import CheckpointError, check_finite, check_model_keys, find_latest_checkpoint, load_checkpoint
 from .checkpoint_layout import remove_tree
 
 __all__ = ["EXPORT_FORMAT", "EXPORT_VERSION", "HEADS", "Source", "config_problem", "init_source", "require_kind", "is_export", "load_model",
@@ -373,12 +373,6 @@ def load_model(source: Source) -> nn.Module:
     check_model_keys(source.path, source.meta, source.model_state, model)
     model.load_state_dict(source.model_state, strict=True)
     return model.eval()
-
-
-def check_finite(state: dict[str, torch.Tensor], where: Any) -> None:
-    """CheckpointError naming the first floating tensor that holds NaN or infinity."""
-    if (bad := nonfinite_tensor(state)) is not None:
-        raise CheckpointError(f"{where}: weight {bad} holds NaN or infinite values")
 
 
 def weights_from(source: Source, model: nn.Module, skip_heads: bool) -> list[str]:

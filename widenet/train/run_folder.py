@@ -36,7 +36,7 @@ import torch
 from ..distributed.env import all_reduce_sum
 from ..distributed.parallel import ParallelContext, on_backend_device
 from ..files import LockHeld, hold_lock
-from .checkpoint_layout import CHECKPOINTS_DIR, LATEST_FILE, checkpoints_root, find_latest_checkpoint, remove_tree, \
+from .checkpoint_layout import CHECKPOINT_FILES, CHECKPOINTS_DIR, LATEST_FILE, checkpoints_root, find_latest_checkpoint, remove_tree, \
     step_folders
 
 __all__ = ["LOCK_FILE", "RUN_FILES", "SET_ASIDE_DIR", "RunFolderError", "claim_run_folder", "drop_set_aside",
@@ -122,11 +122,21 @@ def _prepare(out: Path, resume: bool, overwrite: bool, log: Callable[[str], None
     if resume:
         if find_latest_checkpoint(out) is not None or not found:
             return  # a checkpoint to resume, or an empty folder: the trainer says which
+        damaged = _incomplete_checkpoints(out)
+        if damaged:  # saved, then damaged: the weights may still be there; deleting them is not the advice
+            raise RunFolderError(f"{out} holds no complete checkpoint to resume: {'; '.join(damaged)}; put the "
+                                 "missing files back, or choose another --out (--overwrite would delete them)")
         raise RunFolderError(f"{out} holds no complete checkpoint to resume, only {', '.join(found)} of a run "
                              "that never saved one; pass --overwrite to delete them and start again")
     if found:
         raise RunFolderError(f"{out} already holds a run ({', '.join(found)}); pass --resume to continue it, "
                              "--overwrite to replace it, or choose another --out")
+
+
+def _incomplete_checkpoints(out: Path) -> list[str]:
+    """Each step_* checkpoint folder of OUT that lacks files, with what it lacks."""
+    return [f"{folder} lacks {', '.join(missing)}" for _, folder in step_folders(checkpoints_root(out))
+            if (missing := [name for name in CHECKPOINT_FILES if not (folder / name).is_file()])]
 
 
 def _run_paths(out: Path) -> list[Path]:
