@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import TINY
 import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
@@ -34,6 +35,7 @@ from widenet.data.augment import AugmentConfig
 from widenet.files import save_atomic
 from widenet.layers.moe import MoEConfig
 from widenet.models.encoder import EncoderConfig
+from widenet.models.registry import create_model
 from widenet.models.text import TextConfig
 from widenet.models.vision import VisionConfig
 from widenet.settings import SettingError, SettingTypeError, field_kinds, parse_setting_text
@@ -656,6 +658,26 @@ def test_an_image_size_that_cannot_fit_in_memory(tmp_path, fmnist_dir, tiny_set_
     line = _one_line_error(*_cli(_train_args(fmnist_dir, tmp_path / "run", tiny_set_args, "--max-steps", 1,
                                              "--image-size", 100000, "--train-subset", 2), capsys)[::2])
     assert "out of memory" in line and "GiB" in line
+
+
+def test_weights_or_training_state_beyond_the_memory_are_refused_before_allocating(
+        tmp_path, fmnist_dir, tiny_set_args, capsys, monkeypatch):
+    """Weights that each fit but together do not used to fill the machine until the kernel killed the
+    process without a word; now the sizes are checked against the memory available first."""
+    import widenet.memory as memory
+
+    weights = 4 * sum(p.numel() for p in create_model("widenet_tiny", **TINY).parameters())
+    monkeypatch.setattr(memory, "available_memory", lambda: weights - 1)
+    with pytest.raises(MemoryError, match=r"the model's weights \(.* parameters\) need .* GiB, more than the"):
+        create_model("widenet_tiny", **TINY)
+    line = _one_line_error(*_cli(["bench", "moe", "--tokens", 64, "--dim", 4096, "--hidden", 16384, "--experts", 64,
+                                  "--repeats", 1], capsys)[::2])
+    assert line.startswith("widenet: error: out of memory: the model's weights (8,591,507,456 parameters) need")
+    # The weights fit, their gradients and AdamW's moments do not.
+    monkeypatch.setattr(memory, "available_memory", lambda: 2 * weights)
+    line = _one_line_error(*_cli(_train_args(fmnist_dir, tmp_path / "run", tiny_set_args, "--max-steps", 1),
+                                 capsys)[::2])
+    assert "the gradients and optimizer state of training need" in line
 
 
 def test_damaged_run_folders_are_named(tmp_path, fmnist_dir, tiny_set_args, capsys):

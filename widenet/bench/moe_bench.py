@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from ..layers.experts import grouped_mm_works
 from ..layers.mlp import Mlp
 from ..layers.moe import MoE, MoEConfig
+from ..memory import check_model_fits
 from ..runtime import autocast, autocast_dtype
 from ..settings import check_types
 
@@ -149,6 +150,7 @@ def run_moe_bench(cfg: MoEBenchConfig) -> dict:
     """Times (ms, medians), ratios (medians of per-round ratios) and memory of every implementation."""
     device = torch.device(cfg.device)
     torch.manual_seed(cfg.seed)
+    check_model_fits(lambda: MoE(cfg.dim, cfg.hidden, config=cfg.moe_config()))
     moe = MoE(cfg.dim, cfg.hidden, config=cfg.moe_config()).to(device)
     dense = Mlp(cfg.dim, cfg.top_k * cfg.hidden).to(device)
     x = torch.randn(cfg.tokens, cfg.dim, device=device, requires_grad=True)

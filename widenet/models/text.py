@@ -36,6 +36,7 @@ from torch import nn
 from ..layers.experts import gelu_approximation
 from ..layers.masks import resolve_padding_mask
 from ..layers.moe import RoutingStats
+from ..memory import check_model_fits
 from ..settings import SettingTypeError, check_types
 from .encoder import Encoder, EncoderConfig
 
@@ -296,6 +297,7 @@ class TextTransformer(nn.Module):
 
     def __init__(self, cfg: TextConfig) -> None:
         super().__init__()
+        check_model_fits(lambda: type(self)(cfg))  # before any weight is allocated
         self.cfg = cfg
         enc = cfg.encoder
         self.backbone = TextBackbone(cfg)
