@@ -112,6 +112,21 @@ def test_two_runs_into_one_folder(tmp_path, fmnist_dir, tiny_set_args, capsys):
     assert load_checkpoint(out).step == 2 and not (out / ".widenet.lock").exists()
 
 
+def test_a_reader_that_goes_away_does_not_end_the_training(tmp_path, fmnist_dir, tiny_set_args):
+    """`widenet train ... | head -1` used to die of the broken pipe at the next progress line, before
+    its next checkpoint."""
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "widenet", *map(str, _train_args(fmnist_dir, out, tiny_set_args)),
+               "--max-steps", "4", "--save-every", "1"]
+    run = subprocess.Popen(command, env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert run.stdout.readline().startswith(b"training widenet_tiny")
+    run.stdout.close()  # as head does after its line
+    _, err = run.communicate(timeout=120)
+    assert run.returncode == 0, err.decode()
+    assert b"the reader of the output went away; training goes on without printing" in err
+    assert load_checkpoint(out).step == 4
+
+
 def test_a_folder_holding_a_run_needs_resume_or_overwrite(tmp_path, fmnist_dir, tiny_set_args, capsys):
     out = tmp_path / "run"
     assert _cli(_train_args(fmnist_dir, out, tiny_set_args, "--max-steps", 2), capsys)[0] == 0
