@@ -52,9 +52,9 @@ def atomic_path(path: Path, suffix: str = ".tmp") -> Iterator[Path]:
 def save_atomic(obj: Any, path: Path) -> None:
     """torch.save ``obj`` to ``path`` through atomic_path; a full disk raises OSError(ENOSPC)
     (torch.save reports it as a RuntimeError)."""
-    with atomic_path(path) as tmp:
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:  # closed on failure too (the tmpfs can go)
         try:
-            torch.save(obj, tmp)
+            torch.save(obj, handle)
         except RuntimeError as err:
             raise_if_disk_full(err, path)
             raise
