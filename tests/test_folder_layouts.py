@@ -137,7 +137,7 @@ def test_a_grey_model_reads_a_folder_in_grey_and_init_decides_the_size(tmp_path,
     assert '"examples": 4' in capsys.readouterr().out
 
 
-def test_decode_scales_16_bit_grey_and_refuses_float_pixels(tmp_path):
+def test_decode_scales_16_bit_grey_and_refuses_float_and_32_bit_pixels(tmp_path):
     import numpy as np
     import torch
 
@@ -152,5 +152,9 @@ def test_decode_scales_16_bit_grey_and_refuses_float_pixels(tmp_path):
     Image.fromarray(np.ones((4, 4), dtype=np.float32)).save(tmp_path / "float.tiff")
     with pytest.raises(DatasetError, match="floating-point pixels"):
         decode_image(tmp_path / "float.tiff", 2, 1)
+    # 32-bit integers (0..255 here) used to be divided by 257 as if 16-bit: a black image.
+    Image.fromarray(np.full((4, 4), 255, dtype=np.int32)).save(tmp_path / "int32.tiff")
+    with pytest.raises(DatasetError, match="32-bit integer pixels are not supported"):
+        decode_image(tmp_path / "int32.tiff", 2, 1)
     Image.new("RGB", (3000, 1), (200, 100, 50)).save(tmp_path / "thin.png")  # the central 1x1 square
     assert decode_image(tmp_path / "thin.png", 224, 3)[:, 100, 100].tolist() == [200, 100, 50]

@@ -437,8 +437,8 @@ def test_damaged_image_statistics_are_named(tmp_path, capsys, monkeypatch):
             assert f"the saved image std {named} should be one finite number per channel (1), each > 0" in line
 
 
-def test_text_settings_for_images_and_qa_settings_for_sentences_are_refused(vision_dir, classify_dir, images,
-                                                                              tmp_path, capsys, monkeypatch):
+def test_text_settings_for_images_and_qa_settings_for_sentences_are_refused(vision_dir, classify_dir, qa_dir,
+                                                                              images, tmp_path, capsys, monkeypatch):
     """--max-len on an image model and --null-threshold on a sentence classifier used to be ignored."""
     line = _one_line_error(*_cli(["predict", "--checkpoint", vision_dir, images / "a.png", "--max-len", 16],
                                  capsys, monkeypatch))
@@ -447,6 +447,9 @@ def test_text_settings_for_images_and_qa_settings_for_sentences_are_refused(visi
     line = _one_line_error(*_cli(["predict", "--checkpoint", classify_dir, "--text", tmp_path / "lines.txt",
                                   "--null-threshold", 1], capsys, monkeypatch))
     assert "--null-threshold would change nothing for sentence classification (a QA setting)" in line
+    line = _one_line_error(*_cli(["predict", "--checkpoint", qa_dir, "--question", "Where?", "--context",
+                                  "In the box.", "--top-k", 3], capsys, monkeypatch))
+    assert "--top-k would change nothing for questions (one answer each)" in line
 
 
 def test_a_tokenizer_that_is_not_the_models_is_refused_not_used(classify_dir, tokenizer_file, tmp_path, capsys,

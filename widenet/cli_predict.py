@@ -25,6 +25,7 @@ from .cli_errors import CLIError, say
 __all__ = ["add_predict_command", "cmd_predict"]
 
 TEXT_COLUMN = 60  # characters of a sentence or question shown in a table (JSON has them whole)
+TOP_K = 5  # classes shown per image or sentence unless --top-k says
 
 
 def add_predict_command(sub) -> None:
@@ -46,7 +47,7 @@ def add_predict_command(sub) -> None:
     context = p.add_mutually_exclusive_group()
     context.add_argument("--context", type=nonempty, metavar="TEXT", help="the passage the answer is taken from")
     context.add_argument("--context-file", type=nonempty, metavar="FILE", help="the passage, from a UTF-8 file")
-    p.add_argument("--top-k", type=positive_int, default=5, help="classes shown per input (default 5)")
+    p.add_argument("--top-k", type=positive_int, help=f"classes shown per input (default {TOP_K})")
     p.add_argument("--batch-size", type=positive_int, default=64, help="inputs per forward pass (default 64)")
     p.add_argument("--max-len", type=positive_int,
                    help="text: tokens per sequence (default fine-tuning's: 128 classify, 384 qa)")
@@ -108,6 +109,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if kind == "text":
         refuse_unused(args, ("null_threshold",), "for sentence classification (a QA setting)")
         return _classify_texts(args, pretrained, lines, device)
+    refuse_unused(args, ("top_k",), "for questions (one answer each)")
     return _answer_questions(args, pretrained, [(q, context) for q in args.question], device)
 
 
@@ -119,7 +121,7 @@ def _predict_images(args: argparse.Namespace, pretrained, device) -> int:
     from .inference.predict import iter_predict_images
 
     rows, failed = [], 0
-    for result in iter_predict_images(pretrained, args.inputs, args.top_k, args.batch_size, device):
+    for result in iter_predict_images(pretrained, args.inputs, args.top_k or TOP_K, args.batch_size, device):
         if not result.ok:
             failed += 1
             say(f"widenet: cannot read image {result.file}: {result.reason}")
@@ -144,7 +146,7 @@ def _classify_texts(args: argparse.Namespace, pretrained, lines, device) -> int:
 
     rows = []
     texts = [text for _, text in lines]
-    results = iter_classify_texts(pretrained, texts, args.top_k, args.batch_size, device, args.max_len)
+    results = iter_classify_texts(pretrained, texts, args.top_k or TOP_K, args.batch_size, device, args.max_len)
     for result, (number, _) in zip(results, lines):  # results first: run to its end (its truncation note)
         if args.json:
             _print_json({"line": number, **result.to_record()})

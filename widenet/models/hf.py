@@ -189,7 +189,7 @@ def _load_text(path, config: dict, state: dict, arch: str, kind: str) -> HFImpor
                    dropout=0.0, attn_dropout=0.0)
     if kind == "albert":
         encoder.update(ALBERT_SHARING)
-    classes = _label_names(config) if task == "classify" else None
+    classes = _label_names(config, notes) if task == "classify" else None
     if classes is not None and "classifier.weight" in state:
         _check_label_count(path, classes, state["classifier.weight"].shape[0])
     decoder = next((k for k in ("predictions.decoder.weight", "cls.predictions.decoder.weight") if k in state), None)
@@ -304,7 +304,8 @@ def _head_notes(model: nn.Module, state: dict, task: str) -> list[str]:
 def _load_vit(path, config: dict, state: dict, arch: str) -> HFImport:
     dim = config["hidden_size"]
     classifier = "classifier.weight" in state
-    classes = _label_names(config) if classifier else None
+    notes: list[str] = []
+    classes = _label_names(config, notes) if classifier else None
     pooled = "pooler.dense.weight" in state
     if pooled and config.get("pooler_act", "tanh") != "tanh":
         raise HFCheckpointError(f"{path}: pooler_act {config['pooler_act']!r} is not supported (widenet's pre-logits "
@@ -324,7 +325,8 @@ def _load_vit(path, config: dict, state: dict, arch: str) -> HFImport:
             state.setdefault(key[:-len("weight")] + "bias", torch.zeros(dim))
     keys = _vit_keys(cfg.encoder.depth, legacy=any(".attention.attention.query." in k for k in state))
     _copy_into(path, model, state, keys, optional=() if classifier else ("head.",))
-    notes = [] if classifier else [f"{arch} has no classifier: the head ({num_classes} classes) is new"]
+    if not classifier:
+        notes.append(f"{arch} has no classifier: the head ({num_classes} classes) is new")
     return HFImport(model.eval(), "hf-vit", "vision", classes, notes)
 
 
@@ -376,12 +378,24 @@ def _activation(path, config: dict) -> str:
     return _ACTIVATIONS[act]
 
 
-def _label_names(config: dict) -> list[str] | None:
+def _label_names(config: dict, notes: list[str]) -> list[str] | None:
+    """The class names of id2label, by id; None without one. With ids other than 0..n-1, or a
+    name given to two outputs, the classes stay unnamed (numbered) rather than some named wrongly,
+    and a note says why."""
     labels = config.get("id2label")
-    if not isinstance(labels, dict) or not labels or {str(k) for k in labels} != {str(i) for i in range(len(labels))}:
-        return None  # not names for ids 0..n-1: the classes stay unnamed
-    by_id = {str(k): v for k, v in labels.items()}
-    return [str(by_id[str(i)]) for i in range(len(labels))]
+    if not isinstance(labels, dict) or not labels:
+        return None
+    by_id = {str(k): str(v) for k, v in labels.items()}
+    if set(by_id) != {str(i) for i in range(len(by_id))}:
+        notes.append(f"config.json's id2label names ids {', '.join(sorted(by_id))}, not 0..{len(by_id) - 1}: "
+                     "the classes are left unnamed (numbered)")
+        return None
+    names = [by_id[str(i)] for i in range(len(by_id))]
+    if twice := sorted({name for name in names if names.count(name) > 1}):
+        notes.append(f"config.json's id2label gives {', '.join(map(repr, twice))} to more than one output: the "
+                     "classes are left unnamed (numbered)")
+        return None
+    return names
 
 
 def _check_label_count(path, classes: list[str], rows: int) -> None:

@@ -110,15 +110,18 @@ def _folder_cache_key(base: Path, files: list[tuple[Path, int]], image_size: int
 def decode_image(path: Path, image_size: int, channels: int) -> torch.Tensor:
     """Decode one file to uint8 (C, S, S): the central square (side = the shorter side) cut out,
     then resized to S x S (bicubic), so memory stays bounded whatever the aspect ratio. 16-bit grey images are
-    scaled to 8 bits; floating-point images are refused (their range is unknown)."""
+    scaled to 8 bits (full 16-bit range assumed); floating-point and 32-bit integer images are refused
+    (their range is unknown)."""
     from PIL import Image
 
     try:
         with Image.open(path) as image:
             image.load()
-            if image.mode == "F":
-                raise DatasetError(f"{path}: floating-point pixels are not supported; save the image with 8 bits")
-            if image.mode.startswith("I"):  # 16-bit (or 32-bit integer) grey: to 8 bits
+            if image.mode in ("F", "I"):  # Pillow opens 16-bit files as I;16*, so "I" is 32-bit
+                kind = "floating-point" if image.mode == "F" else "32-bit integer"
+                raise DatasetError(f"{path}: {kind} pixels are not supported (their range is unknown); save the "
+                                   "image with 8 or 16 bits")
+            if image.mode.startswith("I;16"):  # 16-bit grey: to 8 bits
                 wide = np.clip(np.asarray(image, dtype=np.float64) / 257.0, 0, 255)
                 image = Image.fromarray(wide.round().astype(np.uint8), "L")
             image = image.convert("L" if channels == 1 else "RGB")
