@@ -10,7 +10,7 @@ import pytest
 from widenet.analysis import compare as compare_mod
 from widenet.analysis.compare import RunSpec, SpecResult, compare
 from widenet.cli import main
-from widenet.train.checkpoint import find_latest_checkpoint, load_checkpoint
+from widenet.train.checkpoint import SettingsChanged, find_latest_checkpoint, load_checkpoint
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -167,6 +167,13 @@ def test_single_dense_model_report(tmp_path, fmnist_dir):
     report = report_path.read_text(encoding="utf-8")
     assert list(_table_rows(_section(report, "Results"))) == ["vit_tiny"]
     assert "ablation" not in report.lower()  # no WideNet: nothing to ablate
+    # The same folder with another budget: named as the earlier call's, not given train's --init advice.
+    with pytest.raises(SettingsChanged) as caught:
+        compare(["vit_tiny"], tmp_path / "out", seeds=1, data_dir=str(fmnist_dir), log=_quiet,
+                **dict(BUDGET, max_steps=3))
+    message = str(caught.value)
+    assert "seed0 was made by an earlier call with other settings (max_steps: 2 -> 3)" in message
+    assert "another --out" in message and "--init" not in message
     assert "(no MoE model in the comparison)" in _section(report, "Routing")
     names = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
     assert not any(name.startswith("expert_load") for name in names)

@@ -133,7 +133,7 @@ def test_upcycle_refuses_what_it_cannot_do(tmp_path, cli):
     line = _one_line(*cli(["upcycle", "--from", tmp_path / "moe", "--experts", 2, "--out", tmp_path / "o"]))
     assert "already has an MoE" in line
     line = _one_line(*cli(["import", tmp_path / "moe", "--out", tmp_path / "o"]))
-    assert "already a widenet export" in line
+    assert "already a widenet export" in line and "read it as it is" in line and "Hugging Face" not in line
 
 
 def test_a_broken_config_json_is_named_as_such(tmp_path, cli):

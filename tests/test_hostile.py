@@ -529,6 +529,10 @@ def test_finetuning_needs_two_labels_and_a_validation_set(tmp_path, capsys):
     two.write_text("sentence\tlabel\na b c\tgood\nd e f\tbad\n")
     line = _one_line_error(*_cli(base + ["--train", two, "--validation", empty], capsys)[::2])
     assert str(empty) in line and "no examples" in line
+    unnamed = tmp_path / "category.tsv"  # a label column under a name the reader does not know
+    unnamed.write_text("sentence\tcategory\na b c\tgood\nd e f\tbad\n")
+    line = _one_line_error(*_cli(base + ["--train", unnamed, "--validation", two], capsys)[::2])
+    assert f"{unnamed}: no label column; name it gold_label or label or is_duplicate" in line
 
 
 def test_task_files_that_would_score_the_wrong_thing(tmp_path, capsys):
@@ -640,6 +644,7 @@ def test_full_disk_keeps_the_last_checkpoint(tmp_path, fmnist_dir, tiny_set_args
         line = _one_line_error(*_cli(_train_args(fmnist_dir, out, tiny_set_args, "--max-steps", 4, "--save-every",
                                                  2), capsys)[::2])
         assert line.startswith("widenet: error: no space left on device (") and str(out) in line
+        assert line.endswith("free some space and --resume")
         (mount / "filler").unlink()
         assert _snapshot(out / "checkpoints") == saved and load_checkpoint(out).step == 2
         assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step_00000002"]
@@ -667,6 +672,26 @@ def test_a_cache_on_a_full_disk_is_skipped_with_a_note(tmp_path, capsys):
         assert rc == 0 and "could not write corpus cache" in err and "continuing without it" in err
     finally:
         assert subprocess.run(["umount", str(mount)]).returncode == 0  # no file left open on it
+
+
+def test_a_full_disk_advises_resume_only_where_there_is_one(tmp_path, capsys, monkeypatch):
+    def full(*_args, **_kw):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "shipped"))
+
+    monkeypatch.setattr("widenet.train.exported.write_export", full)
+    line = _one_line_error(*_cli(["export", FIXTURES / "text_run", "--to", tmp_path / "shipped"], capsys)[::2])
+    assert line == f"widenet: error: no space left on device ({tmp_path / 'shipped'}); free some space and run it again"
+
+
+@pytest.mark.skipif(not ROOT or not shutil.which("mount"), reason="needs root to mount a tmpfs")
+def test_an_export_to_a_read_only_disk_names_the_destination(tmp_path, capsys):
+    mount = tmp_path / "ro"
+    _mount_tmpfs(mount, "ro,size=1m")
+    try:
+        line = _one_line_error(*_cli(["export", FIXTURES / "text_run", "--to", mount / "shipped"], capsys)[::2])
+        assert line == f"widenet: error: {mount / 'shipped'}: Read-only file system"  # not its .tmp- folder
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
 
 
 def test_an_image_size_that_cannot_fit_in_memory(tmp_path, fmnist_dir, tiny_set_args, capsys):

@@ -307,8 +307,9 @@ def test_read_squad_fixes_small_offsets(tmp_path):
         ({"data": [{"title": "T", "paragraphs": [{"qas": []}]}]}, "data[0] ('T') paragraphs[0]: missing key 'context'"),
         ({"version": "1.1"}, "top level: missing key 'data'"),
         (squad_json(None, [qa("e3", "Where?", [])], []), "'e3'): answerable question has no answers"),
+        (squad_json(None, [qa("e4", "Where?", [("Paris", -5)])], []), "answer_start=-5 is negative"),
     ],
-    ids=["mismatch", "qa-key", "paragraph-key", "data-key", "no-answers"],
+    ids=["mismatch", "qa-key", "paragraph-key", "data-key", "no-answers", "negative-start"],
 )
 def test_read_squad_errors(tmp_path, data, message):
     with pytest.raises(TaskDataError) as info:

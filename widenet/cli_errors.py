@@ -46,16 +46,17 @@ def warnings_as_notes() -> Iterator[None]:
         yield
 
 
-def explain(err: BaseException, out: str | None = None) -> str | None:
+def explain(err: BaseException, out: str | None = None, resumable: bool = False) -> str | None:
     """The one-line message for an expected failure (without the "widenet: error: " prefix), or
-    None for a bug. `out`: the command's --out, named when a write failed without a path."""
+    None for a bug. `out`: the command's --out, named when a write failed without a path;
+    resumable: the command can continue with --resume (a full disk then says so)."""
     from .runtime import CompileUnavailable, first_line
     from .train.trainer import TrainingError
 
     if isinstance(err, MemoryError):
         return f"out of memory: {first_line(err)}" if str(err).strip() else "out of memory"
     if isinstance(err, OSError):
-        return describe_os_error(err, out)
+        return describe_os_error(err, out, resumable)
     if isinstance(err, RuntimeError) and (memory := _allocation_failure(err)):
         return memory
     if isinstance(err, (CLIError, ValueError, TrainingError, CompileUnavailable)):
@@ -65,12 +66,13 @@ def explain(err: BaseException, out: str | None = None) -> str | None:
     return None
 
 
-def describe_os_error(err: OSError, out: str | None = None) -> str:
+def describe_os_error(err: OSError, out: str | None = None, resumable: bool = False) -> str:
     """"PATH: cause" (both paths of a rename); a full disk as "no space left on device"."""
     paths = [str(p) for p in (err.filename, err.filename2) if p is not None]
     where = " -> ".join(paths) if paths else (f"writing under {out}" if out else "")
     if err.errno == errno.ENOSPC:
-        return f"no space left on device ({where or 'a write failed'}); free some space and --resume"
+        then = "and --resume" if resumable else "and run it again"
+        return f"no space left on device ({where or 'a write failed'}); free some space {then}"
     cause = err.strerror or str(err) or type(err).__name__
     return f"{where}: {cause}" if where else cause
 

@@ -48,8 +48,8 @@ def cmd_import(args: argparse.Namespace) -> int:
     from .train.exported import config_problem, is_export, load_model, load_source
 
     if is_export(args.hf_dir):
-        raise ValueError(f"{args.hf_dir}: already a widenet export (load it as it is, or `widenet export` "
-                         "it to a Hugging Face folder)")
+        raise ValueError(f"{args.hf_dir}: already a widenet export; eval, predict, finetune --init and "
+                         "from_pretrained read it as it is")
     if not is_hf_folder(args.hf_dir):
         raise ValueError(config_problem(args.hf_dir, hf_only=True))
     source = load_source(args.hf_dir)

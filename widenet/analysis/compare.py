@@ -29,7 +29,7 @@ from ..models.vision import VisionConfig
 from ..train.config import TrainConfig
 from ..train.images import TrainResult, load_data, train
 from ..train.metrics import read_metrics
-from ..train.run_folder import resume_or_restart
+from ..train.run_folder import driver_run, resume_or_restart
 from . import plots
 from .flops import flops_per_image
 from .similarity import block_similarity
@@ -147,7 +147,8 @@ def _run_spec(spec: RunSpec, base: TrainConfig, data: tuple[ImageDataset, ImageD
         cfg = dataclasses.replace(base, model=spec.model, model_overrides=overrides, seed=seed,
                                   out=str(run_dir), **resume_or_restart(run_dir))
         log(f"== {spec.label}, seed {seed} ==")
-        runs.append(train(cfg, log=lambda line: log(f"  {line}"), data=data))
+        with driver_run(run_dir):
+            runs.append(train(cfg, log=lambda line: log(f"  {line}"), data=data))
     first = runs[0]
     model = first.model
     c = model.cfg

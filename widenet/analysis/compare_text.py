@@ -39,7 +39,7 @@ from ..layers.moe import MOE_SETTINGS
 from ..models.registry import model_config, settings_for, settings_for_each
 from ..train.finetune import finetune
 from ..train.metrics import read_metrics
-from ..train.run_folder import resume_or_restart
+from ..train.run_folder import driver_run, resume_or_restart
 from ..train.pretrain import TOKENIZER_FILE, pretrain
 from ..train.text_config import FinetuneConfig, PretrainConfig
 from . import plots
@@ -185,6 +185,12 @@ def _shared_tokenizer(out: Path, corpus: list[str], budget: dict, log: Callable[
 def _run_seed(model: str, seed: int, out: Path, corpus: list[str], tokenizer: Path, task_train: str,
               task_validation: str, budget: dict, device: str, log: Callable[[str], None]) -> TextSeedResult:
     run = out / "runs" / model / f"seed{seed}"
+    with driver_run(run):
+        return _train_seed(model, seed, run, corpus, tokenizer, task_train, task_validation, budget, device, log)
+
+
+def _train_seed(model: str, seed: int, run: Path, corpus: list[str], tokenizer: Path, task_train: str,
+                task_validation: str, budget: dict, device: str, log: Callable[[str], None]) -> TextSeedResult:
     indent = lambda line: log(f"  {line}")  # noqa: E731
     log(f"== {model}, seed {seed}: pretraining ==")
     pre = pretrain(PretrainConfig(

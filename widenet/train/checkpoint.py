@@ -42,14 +42,15 @@ from ..files import RefusedPickle, fsync_path, load_weights_only, raise_if_disk_
 from ..models.hf import nonfinite_tensor
 from ..rng import capture_rng_state, restore_rng_state
 from .checkpoint_layout import (CHECKPOINT_FILES, CHECKPOINTS_DIR, FORMAT, LATEST_FILE, META_FILE, MODEL_FILE,
-                                STATE_FILE, STEP_RE, TMP_PREFIX, CheckpointError, checkpoint_dir_name, checkpoints_root,
-                                clean_leftovers, find_latest_checkpoint, is_complete, list_checkpoints, remove_tree,
+                                STATE_FILE, STEP_RE, TMP_PREFIX, CheckpointError, SettingsChanged, checkpoint_dir_name,
+                                checkpoints_root, clean_leftovers, find_latest_checkpoint, is_complete, list_checkpoints, remove_tree,
                                 step_folders)
 
 _MAX_LISTED = 5
 
 __all__ = [
     "CheckpointError",
+    "SettingsChanged",
     "LoadedCheckpoint",
     "MODEL_FILE",
     "STATE_FILE",

@@ -31,6 +31,14 @@ class CheckpointError(ValueError):
     """A checkpoint is missing, corrupt, or does not match the requested model."""
 
 
+class SettingsChanged(CheckpointError):
+    """A run resumed with other settings than its checkpoint was made with; `changes` names them."""
+
+    def __init__(self, message: str, changes: str) -> None:
+        super().__init__(message)
+        self.changes = changes
+
+
 
 def checkpoint_dir_name(step: int) -> str:
     """Folder name of the checkpoint for ``step``: ``step_`` + 8-digit zero-padded step."""

@@ -18,6 +18,7 @@ written by a newer one is refused with a line saying so.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import math
@@ -182,7 +183,8 @@ def write_export(out: str | os.PathLike, model: nn.Module, *, model_name: str, c
         _carry_user_files(out, tmp)
         _move_into_place(tmp, out)
     except (OSError, SafetensorError) as err:
-        remove_tree(tmp)
+        with contextlib.suppress(OSError):  # the write's own failure is the one to report
+            remove_tree(tmp)
         raise_if_disk_full(err, out)
         if isinstance(err, OSError) and err.errno is not None and str(err.filename or "").startswith(str(tmp)):
             raise OSError(err.errno, err.strerror, str(out)) from None  # the destination, not the folder beside it

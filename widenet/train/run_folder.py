@@ -36,11 +36,11 @@ import torch
 from ..distributed.env import all_reduce_sum
 from ..distributed.parallel import ParallelContext, on_backend_device
 from ..files import LockHeld, hold_lock
-from .checkpoint_layout import CHECKPOINT_FILES, CHECKPOINTS_DIR, LATEST_FILE, checkpoints_root, find_latest_checkpoint, remove_tree, \
-    step_folders
+from .checkpoint_layout import (CHECKPOINT_FILES, CHECKPOINTS_DIR, LATEST_FILE, SettingsChanged, checkpoints_root,
+                                find_latest_checkpoint, remove_tree, step_folders)
 
 __all__ = ["LOCK_FILE", "RUN_FILES", "SET_ASIDE_DIR", "RunFolderError", "claim_run_folder", "drop_set_aside",
-           "earlier_run", "resume_or_restart"]
+           "driver_run", "earlier_run", "resume_or_restart"]
 
 LOCK_FILE = ".widenet.lock"
 RUN_FILES = ("metrics.jsonl", "tokenizer.json", "tensorboard")  # beside the checkpoints, what a run writes into OUT
@@ -86,6 +86,18 @@ def resume_or_restart(out: str | Path) -> dict[str, bool]:
     continue where a checkpoint exists, else start again over what an unsaved attempt left."""
     resume = find_latest_checkpoint(Path(out)) is not None
     return dict(resume=resume, overwrite=not resume)
+
+
+@contextlib.contextmanager
+def driver_run(out: str | Path) -> Iterator[None]:
+    """Around one run of a driver that owns its run folders (widenet compare): a run there made by an
+    earlier call with other settings is named as such; the trainer's advice (--resume, --init) is
+    for commands the user gives, not for the driver's."""
+    try:
+        yield
+    except SettingsChanged as err:
+        raise SettingsChanged(f"{out} was made by an earlier call with other settings ({err.changes}); repeat "
+                              "that call to continue it, or give this one another --out", err.changes) from None
 
 
 def _make_folder(out: Path) -> None:

@@ -40,7 +40,8 @@ from ..rng import capture_rng_state, restore_rng_state
 from ..memory import check_fits_memory
 from ..runtime import autocast, compiled_if, first_line
 from .budget import BudgetPlan, Cadence, Deadline, plan_budget
-from .checkpoint import CheckpointError, find_latest_checkpoint, load_checkpoint, read_checkpoint_meta, save_checkpoint
+from .checkpoint import (CheckpointError, SettingsChanged, find_latest_checkpoint, load_checkpoint, read_checkpoint_meta,
+                         save_checkpoint)
 from .config import RecipeConfig
 from .ema import ModelEMA
 from .metrics import NullMetrics
@@ -301,7 +302,8 @@ class Trainer:
             if set(conflicts) & _LENGTH_SETTINGS and self.cfg.INIT_CONTINUES:
                 hint = (f"; the learning-rate schedule was planned for the run's length, so to train longer start "
                         f"a new run from this one's weights: --init {self.out} --out NEW_FOLDER (without --model)")
-            raise CheckpointError(f"{path}: cannot resume with different settings ({', '.join(changes)}){hint}")
+            raise SettingsChanged(f"{path}: cannot resume with different settings ({', '.join(changes)}){hint}",
+                                  ", ".join(changes))
 
     def _resume_state(self, saved: dict, total: int) -> None:
         """Optimizer, schedule, RNGs, counters, window and weight average from a checkpoint's train state."""

@@ -233,7 +233,12 @@ def read_classification_task(train_path: PathLike, validation_path: PathLike
     for path, examples in ((train_path, train), (validation_path, validation)):
         if not examples:
             raise TaskDataError(f"{path}: no examples")
-    labels = label_vocabulary(train)
+    if all(ex.label is None for ex in train):  # no label column: GLUE test files look like this
+        raise TaskDataError(f"{train_path}: no label column; name it {' or '.join(LABEL_COLUMNS)} in the header")
+    try:
+        labels = label_vocabulary(train)
+    except TaskDataError as err:  # it names the line, not the file
+        raise TaskDataError(f"{train_path}: {err}") from None
     if len(labels) < 2:
         raise TaskDataError(f"{train_path}: every example has the label {labels[0]!r}; "
                             "classification needs at least two labels")

@@ -67,7 +67,9 @@ def _align_answer(text: str, start: int, context: str, where: str) -> int:
         s = start + delta
         if 0 <= s and context[s : s + len(text)] == text:
             return s
-    found = context[max(start, 0) : max(start, 0) + len(text)]
+    if start < 0:
+        raise TaskDataError(f"{where}: answer_start={start} is negative (a character offset into the context)")
+    found = context[start : start + len(text)]
     raise TaskDataError(
         f"{where}: answer {text!r} does not match the context at answer_start={start} (found {found!r})"
     )
