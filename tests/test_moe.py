@@ -623,6 +623,18 @@ def test_padding_masks_take_one_convention_and_the_other_by_name():
         moe(x, keep_mask=torch.full((10,), 2))
     with pytest.raises(ValueError, match="keep_mask shape"):
         moe(x, keep_mask=torch.ones(9, dtype=torch.long))
+    with pytest.raises(TypeError, match="padding_mask must be a torch.Tensor, got list"):
+        moe(x, padding_mask=[False] * 10)
+
+
+def test_tokens_that_are_not_floating_point_tensors_are_refused():
+    """Token ids passed by mistake were cast to float and routed; a numpy array failed deep inside."""
+    moe = _moe(experts=4, top_k=2, dtype=torch.float32)
+    for bad, name in ((torch.ones(2, 5, moe.dim, dtype=torch.int64), "torch.int64"),
+                      (torch.ones(2, moe.dim, dtype=torch.bool), "torch.bool"),
+                      (torch.ones(2, moe.dim).numpy(), "ndarray")):
+        with pytest.raises(TypeError, match=f"MoE expects a floating-point torch.Tensor of tokens, got {name}"):
+            moe(bad)
 
 
 def test_z_loss_statistic_reported_without_weight():

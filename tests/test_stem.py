@@ -98,3 +98,11 @@ def test_model_token_count_follows_the_stem():
         create_model("widenet_tiny", stem_width=32)
     with pytest.raises(ValueError, match="stem_width must be a positive integer"):
         create_model("widenet_tiny", stem="conv", stem_width=0)
+
+
+@pytest.mark.parametrize("stem", ["patch", "conv"])
+def test_images_that_are_not_floating_point_are_refused_by_name(stem):
+    """uint8 pixels straight from a decoder failed deep in the convolution (a bias dtype mismatch)."""
+    model = create_model("vit_tiny", stem=stem, dim=32, depth=1, num_heads=2, mlp_dim=64)
+    with pytest.raises(ValueError, match="expected floating-point images .* got torch.uint8"):
+        model(torch.zeros(1, 1, 28, 28, dtype=torch.uint8))

@@ -23,6 +23,8 @@ def resolve_padding_mask(shape: torch.Size | tuple[int, ...], padding_mask: torc
     name, mask = ("padding_mask", padding_mask) if keep_mask is None else ("keep_mask", keep_mask)
     if mask is None:
         return None
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(mask).__name__}")
     if tuple(mask.shape) != tuple(shape):
         raise ValueError(f"{name} shape {tuple(mask.shape)} does not match the tokens' {tuple(shape)}")
     if name == "padding_mask":

@@ -246,6 +246,9 @@ class MoE(nn.Module):
                 keep_mask: torch.Tensor | None = None) -> MoEOutput:
         """x (B, T, D) or (N, D); padding_mask bool, True = padding, or keep_mask (bool or 0/1
         integers, 1 = a real token: Hugging Face's attention_mask), of shape x.shape[:-1]."""
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
+            raise TypeError(f"MoE expects a floating-point torch.Tensor of tokens, got {got}")
         if x.shape[-1] != self.dim:
             raise ValueError(f"MoE expects token dimension {self.dim}, got input of shape {tuple(x.shape)}")
         padding_mask = resolve_padding_mask(x.shape[:-1], padding_mask, keep_mask)

@@ -30,6 +30,9 @@ class _ImageTokenizer(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if images.ndim != 4:
             raise ValueError(f"expected images of shape (B, C, H, W), got {tuple(images.shape)}")
+        if not images.is_floating_point():
+            raise ValueError(f"expected floating-point images (normalised pixels), got {images.dtype}; "
+                             "convert and normalise them first (uint8 pixels: images.float() / 255, then mean/std)")
         _, c, h, w = images.shape
         if c != self.in_channels:
             raise ValueError(f"model expects {self.in_channels} channel(s), got images with {c}")

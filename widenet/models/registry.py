@@ -70,6 +70,8 @@ def apply_overrides(cfg: Any, overrides: dict[str, Any]) -> Any:
     `representation=True` is shorthand for representation_size = encoder width.
     """
     overrides = dict(overrides)
+    if "encoder" in overrides:  # it would reach dataclasses.replace twice
+        raise ValueError("give encoder settings one by one by name (e.g. dim=32, depth=4), not as encoder=...")
     if overrides.pop("representation", False):
         overrides.setdefault("representation_size", cfg.encoder.dim)
     top = {f.name for f in dataclasses.fields(cfg)}
