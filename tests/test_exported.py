@@ -129,6 +129,9 @@ def test_upcycle_refuses_what_it_cannot_do(tmp_path, cli):
         upcycle(dense, 4, attention="block:7")
     with pytest.raises(ValueError, match="top_k=5 exceeds num_experts=4"):
         upcycle(dense, 4, top_k=5)
+    for noise in (-0.1, 1e30, float("nan")):  # 1e30 made a model whose activations overflow
+        with pytest.raises(UpcycleError, match=r"noise must be a number from 0 to 1.0 \(a multiple of the weights"):
+            upcycle(dense, 4, noise=noise)
     write_export(tmp_path / "moe", moe_model, model_name="widenet_tiny")
     line = _one_line(*cli(["upcycle", "--from", tmp_path / "moe", "--experts", 2, "--out", tmp_path / "o"]))
     assert "already has an MoE" in line

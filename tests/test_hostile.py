@@ -494,6 +494,14 @@ def test_pretraining_corpus_too_small_to_hold_out(tmp_path, capsys):
     assert str(corpus) in line and "at least 10 are needed to hold one out" in line
 
 
+def test_a_sequence_longer_than_the_positions_is_refused_before_any_work(tmp_path, capsys):
+    out = tmp_path / "run"
+    line = _one_line_error(*_cli(["pretrain", "--corpus", FIXTURES / "corpus.txt", "--seq-len", 200, "--out", out,
+                                  "--device", "cpu"], capsys)[::2])
+    assert "sequence length 200 exceeds widenet_text_tiny's 128 positions" in line
+    assert not out.exists()  # no tokenizer trained on the corpus first, no folder claimed
+
+
 def test_sequences_much_longer_than_the_documents_are_noted(tmp_path, capsys):
     args = ["pretrain", "--corpus", FIXTURES / "corpus.txt", "--vocab-size", 200, "--max-steps", 1, "--device",
             "cpu", "--cache-dir", tmp_path / "cache", "--set", "dim=16", "--set", "depth=1", "--set", "num_heads=2",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -191,6 +192,9 @@ def test_folders_and_globs_expand_sorted(images, tmp_path):
         find_images([tmp_path / "empty"])
     with pytest.raises(PredictError, match="no files match"):
         find_images([str(tmp_path / "*.gif")])
+    os.mkfifo(tmp_path / "pipe.png")  # reading it would wait for a writer forever
+    with pytest.raises(PredictError, match="pipe.png: not a regular file or a folder"):
+        find_images([tmp_path / "pipe.png"])
 
 
 def test_undecodable_image_is_reported_and_the_rest_predicted(vision_dir, images):
@@ -390,7 +394,7 @@ def test_wrong_kind_of_input_is_one_line(vision_dir, classify_dir, qa_dir, pretr
 
 def _copy_with_huge_weights(folder, tmp_path) -> Path:
     """The export at `folder` with every weight times 1e30: finite, but the activations overflow
-    (what `widenet upcycle --noise 1e30` makes)."""
+    (what `widenet upcycle --noise 1e30` made before noise was capped)."""
     from safetensors.torch import load_file, save_file
 
     copy = tmp_path / f"{folder.parent.name}-huge"

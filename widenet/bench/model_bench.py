@@ -76,6 +76,8 @@ def bench_models(names: list[str], batch_size: int = 64, steps: int = 10, warmup
         raise ValueError("--batch-size and --steps must be >= 1")
     if not names:
         raise ValueError("name at least one model")
+    if twice := sorted({n for n in names if names.count(n) > 1}):
+        raise ValueError(f"{', '.join(twice)} named more than once; a model timed against itself compares nothing")
     dev = resolve_device(device)
     dtype = autocast_dtype(amp, dev)
     settings = settings_for_each(names, overrides)

@@ -201,6 +201,8 @@ def find_images(inputs: Iterable[str | os.PathLike]) -> list[Path]:
             if not found:
                 raise PredictError(f"{text}: no images in this folder (looked for {IMAGE_EXAMPLES} files, in "
                                    "subfolders too)")
+        elif path.exists() and not path.is_file():  # a FIFO or a device would block or never end
+            raise PredictError(f"{text}: not a regular file or a folder")
         elif path.exists() or not any(c in text for c in "*?["):
             found = [path]
         else:

@@ -61,14 +61,18 @@ def upcycled_config(cfg, num_experts: int, top_k: int = 2, **moe_settings):
     return dataclasses.replace(cfg, encoder=encoder)
 
 
+MAX_NOISE = 1.0  # noise is relative to the weights' std: past 1 the copies are mostly noise
+
+
 def upcycle(source: nn.Module, num_experts: int, top_k: int = 2, *, attention: str = "mean",
             noise: float = 0.0, seed: int = 0, **moe_settings) -> nn.Module:
     """A WideNet (same class as `source`) started from the dense `source`'s weights (module doc)."""
     if not isinstance(source, (TextTransformer, VisionTransformer)):
         raise UpcycleError(f"upcycling takes a widenet TextTransformer or VisionTransformer, "
                            f"got {type(source).__name__}")
-    if isinstance(noise, bool) or not (isinstance(noise, (int, float)) and 0 <= noise < float("inf")):
-        raise UpcycleError(f"noise must be a finite number >= 0, got {noise!r}")
+    if isinstance(noise, bool) or not (isinstance(noise, (int, float)) and 0 <= noise <= MAX_NOISE):
+        raise UpcycleError(f"noise must be a number from 0 to {MAX_NOISE} (a multiple of the weights' std; above "
+                           f"it an expert is more noise than copy), got {noise!r}")
     if isinstance(seed, bool) or not isinstance(seed, int) or not isinstance(attention, str):
         raise UpcycleError(f"seed must be an integer and attention a string, got {seed!r} and {attention!r}")
     cfg = upcycled_config(source.cfg, num_experts, top_k, **moe_settings)

@@ -38,14 +38,14 @@ from ..data.text.tokenizer import (SpecialIds, TokenizerError, load_tokenizer, s
                                    vocab_fingerprint)
 from ..distributed.env import main_process_first
 from ..distributed.parallel import ParallelContext
-from ..models.registry import count_parameters
+from ..models.registry import count_parameters, model_config
 from ..runtime import autocast, autocast_dtype, resolve_device
 from .evaluate import RoutingTally
 from .exported import Source, init_source, source_tokenizer
 from .progress import StepResult
 from .run_folder import claim_run_folder
-from .text_common import (Batch, TextTask, build_text_model, init_text_model, describe_processes, global_sums, local_rows,
-                          ordered_batches)
+from .text_common import (Batch, TextTask, build_text_model, check_fits_positions, describe_processes, global_sums,
+                          init_text_model, local_rows, ordered_batches)
 from .text_config import PretrainConfig
 from .trainer import RunResult, Trainer, seeded_generator
 
@@ -201,6 +201,8 @@ def pretrain(cfg: PretrainConfig, log: Callable[[str], None] = print) -> Pretrai
     device = parallel.device(resolve_device(cfg.device))
     amp = autocast_dtype(cfg.amp, device)
     out = Path(cfg.out)
+    if cfg.init is None:  # before a tokenizer is trained on the whole corpus (--init models are checked later)
+        check_fits_positions(cfg.model, model_config(cfg.model, **cfg.model_overrides).max_positions, cfg.seq_len)
     with claim_run_folder(out, cfg.resume, cfg.overwrite, parallel, log):
         with main_process_first():  # rank 0 trains/saves the tokenizer and fills the cache; the others read them
             init = init_source(cfg.init, cfg.out, cfg.resume, kind="text") if cfg.init else None  # then the tokenizer
