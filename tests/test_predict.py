@@ -173,6 +173,27 @@ def test_image_predictions_match_hand_made_preprocessing(vision_dir, images):
         [c.probability for r in results for c in r.top], abs=1e-5)
 
 
+def test_an_moe_models_answer_does_not_depend_on_its_batch_neighbours(images, tmp_path):
+    """With a capacity per call, an image's tokens competed with its neighbours' for expert slots:
+    its answer changed with what it was batched with. predict routes every token."""
+    torch.manual_seed(0)
+    model = create_model("widenet_tiny", image_size=SIZE, in_channels=1, num_classes=3, dim=16, depth=2,
+                         num_heads=2, expert_dim=32, capacity_factor=0.25, eval_capacity_factor=0.25)
+    _randomize(model, 2)  # sharp routing: many tokens want one expert
+    pre = load_pretrained(write_export(tmp_path / "moe", model, model_name="widenet_tiny", classes=CLASSES,
+                                       image_stats={"mean": [MEAN], "std": [STD]}))
+    files = [images / "a.png", images / "b.jpg", images / "sub" / "c.bmp"]
+    with torch.no_grad():  # the model as trained drops tokens here, and the batch changes the answer
+        pixels = torch.stack([_reference_pixels(f) for f in files])
+        alone, together = model.eval()(pixels[:1]).logits, model(pixels).logits[:1]
+    assert not torch.allclose(alone, together)
+    together = predict_images(pre, files, top_k=3, batch_size=3, device="cpu")[0]
+    alone = predict_images(pre, files[:1], top_k=3, batch_size=1, device="cpu")[0]
+    assert [(c.name, c.probability) for c in alone.top] == [(c.name, pytest.approx(c.probability, abs=1e-6))
+                                                            for c in together.top]
+    assert pre.model.cfg.encoder.moe.dropless is False  # the model's own settings are not changed
+
+
 def test_top_k_is_capped_and_truncates(vision_dir, images):
     pre = load_pretrained(vision_dir)
     assert len(predict_images(pre, [images / "a.png"], top_k=10, device="cpu")[0].top) == 3

@@ -18,6 +18,7 @@ on the rest of its batch.
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import math
 import os
@@ -35,6 +36,7 @@ from torch import nn
 from ..data.augment import normalize
 from ..data.errors import DatasetError
 from ..data.images.folder import IMAGE_EXAMPLES, decode_image, folder_files
+from ..layers.moe import MoE
 from ..runtime import first_line, resolve_device
 from ..train.exported import non_finite_problem
 from .loading import Pretrained
@@ -181,8 +183,13 @@ def _top(pretrained: Pretrained, logits: torch.Tensor, names: list[str], top_k: 
 
 
 def _on_device(pretrained: Pretrained, device: str | torch.device) -> tuple[nn.Module, torch.device]:
-    """The model in eval mode on `device` (moved there: it stays, for the next call)."""
+    """The model in eval mode on `device` (moved there: it stays, for the next call), its MoE layers
+    dropless: with a capacity per call, an input's tokens would compete with its batch neighbours'
+    for expert slots, and its answer would depend on what it was batched with (and --batch-size)."""
     dev = device if isinstance(device, torch.device) else resolve_device(device)
+    for module in pretrained.model.modules():
+        if isinstance(module, MoE) and not module.cfg.dropless:
+            module.cfg = dataclasses.replace(module.cfg, dropless=True)
     return pretrained.model.to(dev).eval(), dev
 
 
