@@ -210,6 +210,8 @@ def test_overwrite_puts_the_earlier_run_back_when_the_new_one_fails_before_a_che
     for name in ("checkpoints", "metrics.jsonl"):
         (out / name).rename(out / ".widenet-overwritten" / name)
     (out / "metrics.jsonl").write_text('{"split": "train", "step": 1}\n')  # what the killed run wrote
+    line = _one_line_error(*_cli(["eval", "--checkpoint", out, "--device", "cpu"], capsys)[::2])
+    assert "no complete checkpoint found" in line and "set aside waits in" in line and "puts it back" in line
     rc, stdout, err = _cli(_train_args(fmnist_dir, out, tiny_set_args, "--max-steps", 4, "--save-every", 1,
                                        "--resume"), capsys)
     assert rc == 0, err

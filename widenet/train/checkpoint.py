@@ -42,9 +42,9 @@ from ..files import RefusedPickle, fsync_path, load_weights_only, raise_if_disk_
 from ..models.hf import nonfinite_tensor
 from ..rng import capture_rng_state, restore_rng_state
 from .checkpoint_layout import (CHECKPOINT_FILES, CHECKPOINTS_DIR, FORMAT, LATEST_FILE, META_FILE, MODEL_FILE,
-                                STATE_FILE, STEP_RE, TMP_PREFIX, CheckpointError, SettingsChanged, checkpoint_dir_name,
-                                checkpoints_root, clean_leftovers, find_latest_checkpoint, is_complete, list_checkpoints, remove_tree,
-                                step_folders)
+                                SET_ASIDE_DIR, STATE_FILE, STEP_RE, TMP_PREFIX, CheckpointError, SettingsChanged,
+                                checkpoint_dir_name, checkpoints_root, clean_leftovers, find_latest_checkpoint,
+                                is_complete, list_checkpoints, remove_tree, step_folders)
 
 _MAX_LISTED = 5
 
@@ -285,7 +285,11 @@ def _resolve_folder(path: str | os.PathLike) -> Path:
     latest = find_latest_checkpoint(p)
     if latest is None:
         root = checkpoints_root(p)
-        raise CheckpointError(f"{p}: no complete checkpoint found (looked in {root})")
+        waiting = ""
+        if (p / SET_ASIDE_DIR).is_dir():
+            waiting = (f"; an earlier run that a killed --overwrite set aside waits in {p / SET_ASIDE_DIR}, and "
+                       "the next train or pretrain into this folder puts it back")
+        raise CheckpointError(f"{p}: no complete checkpoint found (looked in {root}){waiting}")
     return latest
 
 

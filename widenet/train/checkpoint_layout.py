@@ -25,6 +25,7 @@ CHECKPOINT_FILES = (MODEL_FILE, STATE_FILE, META_FILE)
 TMP_PREFIX = ".tmp-"
 STEP_RE = re.compile(r"^step_(\d{8,})$")
 _DISPLACED_RE = re.compile(r"^\.tmp-old-(step_\d{8,})-\d+$")
+SET_ASIDE_DIR = ".widenet-overwritten"  # an --overwrite run's predecessor until the new run has a checkpoint
 
 
 class CheckpointError(ValueError):

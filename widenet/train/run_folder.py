@@ -36,8 +36,8 @@ import torch
 from ..distributed.env import all_reduce_sum
 from ..distributed.parallel import ParallelContext, on_backend_device
 from ..files import LockHeld, hold_lock
-from .checkpoint_layout import (CHECKPOINT_FILES, CHECKPOINTS_DIR, LATEST_FILE, SettingsChanged, checkpoints_root,
-                                find_latest_checkpoint, remove_tree, step_folders)
+from .checkpoint_layout import (CHECKPOINT_FILES, CHECKPOINTS_DIR, LATEST_FILE, SET_ASIDE_DIR, SettingsChanged,
+                                checkpoints_root, find_latest_checkpoint, remove_tree, step_folders)
 
 __all__ = ["LOCK_FILE", "RUN_FILES", "SET_ASIDE_DIR", "RunFolderError", "claim_run_folder", "drop_set_aside",
            "driver_run", "earlier_run", "resume_or_restart"]
@@ -45,7 +45,6 @@ __all__ = ["LOCK_FILE", "RUN_FILES", "SET_ASIDE_DIR", "RunFolderError", "claim_r
 LOCK_FILE = ".widenet.lock"
 RUN_FILES = ("metrics.jsonl", "tokenizer.json", "tensorboard")  # beside the checkpoints, what a run writes into OUT
 MODEL_CONFIG = "config.json"  # what marks a saved model's folder (widenet.train.exported, Hugging Face)
-SET_ASIDE_DIR = ".widenet-overwritten"  # an --overwrite run's predecessor until the new run has a checkpoint
 
 
 class RunFolderError(ValueError):
