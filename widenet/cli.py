@@ -17,19 +17,18 @@ Bad input exits with status 2 and a one-line message (no traceback).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
 import traceback
 from dataclasses import asdict
-from typing import Any, Callable, Iterator, NoReturn, Sequence
+from typing import Callable, NoReturn, Sequence
 
 from . import __version__
 from .cli_args import (add_budget_arguments, add_moe_arguments, add_process_arguments, add_recipe_arguments,
                        add_run_arguments, config_fields, finite_float, model_overrides, nonempty, parse_setting,
                        positive_float, positive_int)
-from .cli_errors import BUG_REPORT, CLIError, explain, warnings_as_notes
+from .cli_errors import BUG_REPORT, CLIError, explain, output_survives_its_reader, warnings_as_notes
 from .cli_models import add_model_commands
 from .cli_predict import add_predict_command
 from .cli_text import add_text_commands
@@ -392,53 +391,6 @@ def run() -> NoReturn:
 _TRAINING_COMMANDS = ("train", "pretrain", "finetune", "compare", "compare-text")  # the first three: --resume
 
 
-@contextlib.contextmanager
-def _output_survives_its_reader(training: bool) -> Iterator[None]:
-    """For a training command, a reader of stdout that goes away (`| head`, a closed pager, a dead
-    `tee`) must not end the run before its next checkpoint: the rest of its output is dropped
-    with one note and training goes on. Other commands stop quietly (main)."""
-    if not training:
-        yield
-        return
-    stdout = sys.stdout
-    sys.stdout = _PipeTolerant(stdout)
-    try:
-        yield
-    finally:
-        sys.stdout = stdout
-
-
-class _PipeTolerant:
-    """A text stream that, once writing to it fails with a broken pipe, writes to nothing."""
-
-    def __init__(self, stream: Any) -> None:
-        self._stream, self._closed = stream, False
-
-    def write(self, text: str) -> int:
-        if not self._closed:
-            try:
-                return self._stream.write(text)
-            except BrokenPipeError:
-                self._drop()
-        return len(text)
-
-    def flush(self) -> None:
-        if not self._closed:
-            try:
-                self._stream.flush()
-            except BrokenPipeError:
-                self._drop()
-
-    def _drop(self) -> None:
-        self._closed = True
-        os.dup2(os.open(os.devnull, os.O_WRONLY), self._stream.fileno())  # the interpreter's last flush too
-        print("widenet: note: the reader of the output went away; training goes on without printing",
-              file=sys.stderr)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._stream, name)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; every expected failure ends as one line and status 2 (cli_errors.py)."""
     parser = build_parser()
@@ -446,7 +398,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _show_library_notes()
     func: Callable[[argparse.Namespace], int] = args.func
     try:
-        with warnings_as_notes(), _output_survives_its_reader(args.command in _TRAINING_COMMANDS):
+        with warnings_as_notes(), output_survives_its_reader(args.command in _TRAINING_COMMANDS):
             code = func(args)
         sys.stdout.flush()  # output still buffered for a closed pipe fails here, where it is handled
         return code

@@ -5,17 +5,21 @@ Expected failures are the user's or the machine's: bad settings and files
 (TrainingError), a torch that cannot compile, files that cannot be read or
 written (OSError: the path and the cause; a full disk says "no space left on
 device"), and memory that cannot be had (the size asked for). Anything else is
-a bug: its traceback is shown, with a line asking for a report.
+a bug: its traceback is shown, with a line asking for a report. Also how
+output reaches the user: notes on stderr, and a training command's stdout
+outliving a reader that goes away.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import os
 import re
 import sys
 import warnings
 from collections.abc import Iterator
+from typing import Any
 
 __all__ = ["CLIError", "BUG_REPORT", "explain", "say", "warnings_as_notes"]
 
@@ -44,6 +48,53 @@ def warnings_as_notes() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.showwarning = lambda message, *_args, **_kw: say(f"widenet: note: {message}")
         yield
+
+
+@contextlib.contextmanager
+def output_survives_its_reader(training: bool) -> Iterator[None]:
+    """For a training command, a reader of stdout that goes away (`| head`, a closed pager, a dead
+    `tee`) must not end the run before its next checkpoint: the rest of its output is dropped
+    with one note and training goes on. Other commands stop quietly (main)."""
+    if not training:
+        yield
+        return
+    stdout = sys.stdout
+    sys.stdout = _PipeTolerant(stdout)
+    try:
+        yield
+    finally:
+        sys.stdout = stdout
+
+
+class _PipeTolerant:
+    """A text stream that, once writing to it fails with a broken pipe, writes to nothing."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream, self._closed = stream, False
+
+    def write(self, text: str) -> int:
+        if not self._closed:
+            try:
+                return self._stream.write(text)
+            except BrokenPipeError:
+                self._drop()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self._closed:
+            try:
+                self._stream.flush()
+            except BrokenPipeError:
+                self._drop()
+
+    def _drop(self) -> None:
+        self._closed = True
+        os.dup2(os.open(os.devnull, os.O_WRONLY), self._stream.fileno())  # the interpreter's last flush too
+        print("widenet: note: the reader of the output went away; training goes on without printing",
+              file=sys.stderr)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
 
 
 def explain(err: BaseException, out: str | None = None, resumable: bool = False) -> str | None:
