@@ -360,12 +360,12 @@ def check_tokenizer_matches(tokenizer, path: Path, source: Source) -> None:
     want = source.meta.get("tokenizer") or {}
     vocab = source.meta["model_config"].get("vocab_size")
     size = tokenizer.get_vocab_size()
-    if want.get("fingerprint") and vocab_fingerprint(tokenizer) != want["fingerprint"]:
-        raise TokenizerError(f"tokenizer {path} ({size} pieces) is not the one the model {source.path} was "
-                             f"trained with ({want.get('vocab_size', vocab)} pieces; the vocabularies differ)")
     if vocab is not None and size != vocab:
         raise TokenizerError(f"tokenizer {path} ({size} pieces) does not match the vocabulary the model "
                              f"{source.path} was trained with ({vocab} pieces)")
+    if want.get("fingerprint") and vocab_fingerprint(tokenizer) != want["fingerprint"]:
+        raise TokenizerError(f"tokenizer {path} ({size} pieces) is not the one the model {source.path} was "
+                             f"trained with (as many pieces, but the vocabularies differ)")
 
 
 def load_model(source: Source) -> nn.Module:
