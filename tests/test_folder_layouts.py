@@ -149,6 +149,8 @@ def test_decode_scales_16_bit_grey_and_refuses_float_and_32_bit_pixels(tmp_path)
     Image.fromarray(wide).save(tmp_path / "wide.png")
     grey = decode_image(tmp_path / "wide.png", 6, 1)  # 6 px: no resampling
     assert grey.dtype == torch.uint8 and grey[0, 0, 0] == 10 and grey[0, 0, 5] == 255
+    Image.fromarray(wide).save(tmp_path / "wide.pgm")  # Pillow opens 16-bit PGM as mode "I", as if 32-bit
+    assert torch.equal(decode_image(tmp_path / "wide.pgm", 6, 1), grey)
     Image.fromarray(np.ones((4, 4), dtype=np.float32)).save(tmp_path / "float.tiff")
     with pytest.raises(DatasetError, match="floating-point pixels"):
         decode_image(tmp_path / "float.tiff", 2, 1)

@@ -280,9 +280,9 @@ def test_nan_weights_and_unnamed_labels(tmp_path):
     hf = transformers.ViTForImageClassification(config)
     loaded = load_hf(_save(hf, tmp_path / "ok"))
     assert loaded.classes is None and "id2label names ids 1, 2, 3, not 0..2" in " ".join(loaded.notes)
-    hf.config.id2label = {0: "a", 1: "b", 2: "a"}  # two outputs named alike: no names either, and a note
+    hf.config.id2label = {0: "a", 1: "b", 2: "a"}  # two outputs named alike (ImageNet has two "crane"s)
     loaded = load_hf(_save(hf, tmp_path / "twice"))
-    assert loaded.classes is None and "gives 'a' to more than one output" in " ".join(loaded.notes)
+    assert loaded.classes == ["a (0)", "b", "a (2)"] and "gives 'a' to more than one output" in " ".join(loaded.notes)
     with torch.no_grad():
         hf.classifier.bias[1] = float("inf")
     with pytest.raises(HFCheckpointError, match="classifier.bias holds NaN or infinite"):

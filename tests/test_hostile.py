@@ -118,7 +118,8 @@ def test_a_reader_that_goes_away_does_not_end_the_training(tmp_path, fmnist_dir,
     out = tmp_path / "run"
     command = [sys.executable, "-m", "widenet", *map(str, _train_args(fmnist_dir, out, tiny_set_args)),
                "--max-steps", "4", "--save-every", "1"]
-    run = subprocess.Popen(command, env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    env = {k: v for k, v in _env(tmp_path).items() if k != "PYTHONUNBUFFERED"}  # stdout to a pipe: buffered
+    run = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert run.stdout.readline().startswith(b"training widenet_tiny")
     run.stdout.close()  # as head does after its line
     _, err = run.communicate(timeout=120)
@@ -710,6 +711,23 @@ def test_an_image_size_that_cannot_fit_in_memory(tmp_path, fmnist_dir, tiny_set_
     assert "out of memory" in line and "GiB" in line
 
 
+def test_available_memory_counts_reclaimable_cache_and_can_be_overruled(tmp_path, monkeypatch):
+    """A container's memory.current counts page cache (checkpoints just written): left in, a model
+    that fits was refused ("0.0 GiB > -0.0 GiB")."""
+    import widenet.memory as memory
+
+    (tmp_path / "memory.max").write_text("1000000000\n")
+    (tmp_path / "memory.current").write_text("1100000000\n")  # over the limit, mostly cache
+    (tmp_path / "memory.stat").write_text("anon 500000000\ninactive_file 500000000\n")
+    monkeypatch.setattr(memory, "_CGROUP", tmp_path)
+    assert memory.available_memory() == 1000000000 - 600000000
+    memory.check_fits_memory(300_000_000, "the weights")  # fits
+    with pytest.raises(MemoryError, match="WIDENET_NO_MEMORY_CHECK=1 skips this check"):
+        memory.check_fits_memory(500_000_000, "the weights")
+    monkeypatch.setenv("WIDENET_NO_MEMORY_CHECK", "1")
+    memory.check_fits_memory(500_000_000, "the weights")
+
+
 def test_weights_or_training_state_beyond_the_memory_are_refused_before_allocating(
         tmp_path, fmnist_dir, tiny_set_args, capsys, monkeypatch):
     """Weights that each fit but together do not used to fill the machine until the kernel killed the
@@ -718,7 +736,7 @@ def test_weights_or_training_state_beyond_the_memory_are_refused_before_allocati
 
     weights = 4 * sum(p.numel() for p in create_model("widenet_tiny", **TINY).parameters())
     monkeypatch.setattr(memory, "available_memory", lambda: weights - 1)
-    with pytest.raises(MemoryError, match=r"the model's weights \(.* parameters\) need .* GiB, more than the"):
+    with pytest.raises(MemoryError, match=r"the model's weights \(.* parameters\) need .* MiB, more than the"):
         create_model("widenet_tiny", **TINY)
     line = _one_line_error(*_cli(["bench", "moe", "--tokens", 64, "--dim", 4096, "--hidden", 16384, "--experts", 64,
                                   "--repeats", 1], capsys)[::2])

@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 import widenet.cli as cli
-from widenet import create_model
+from widenet import MoE, create_model
 from widenet.cli_predict import add_predict_command
 from widenet.data.text.classification import ClassificationExample, encode_classification
 from widenet.data.text.squad import SquadExample, encode_squad, postprocess_squad
@@ -191,7 +191,8 @@ def test_an_moe_models_answer_does_not_depend_on_its_batch_neighbours(images, tm
     alone = predict_images(pre, files[:1], top_k=3, batch_size=1, device="cpu")[0]
     assert [(c.name, c.probability) for c in alone.top] == [(c.name, pytest.approx(c.probability, abs=1e-6))
                                                             for c in together.top]
-    assert pre.model.cfg.encoder.moe.dropless is False  # the model's own settings are not changed
+    # The model's own layers are as they were: a caller's model is not left dropless.
+    assert [m.cfg.dropless for m in pre.model.modules() if isinstance(m, MoE)] == [False]
 
 
 def test_top_k_is_capped_and_truncates(vision_dir, images):
@@ -494,3 +495,9 @@ def test_a_tokenizer_that_is_not_the_models_is_refused_not_used(classify_dir, to
     assert "the tokenizer was not kept" in out + err
     assert not (tmp_path / "shipped" / "tokenizer.json").exists()
     assert json.loads((tmp_path / "shipped" / "config.json").read_text())["tokenizer"] is None
+    # A config.json whose tokenizer record is not one (hand-edited): named, not a traceback.
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(dict(config, tokenizer="abc")))
+    line = _one_line_error(*_cli(["predict", "--checkpoint", folder, "--text", tmp_path / "in.txt"], capsys,
+                                 monkeypatch))
+    assert "config.json: 'tokenizer' must be {fingerprint, vocab_size}" in line

@@ -179,8 +179,6 @@ def test_bad_images(shape):
         model(torch.randn(*shape))
 
 
-
-
 def test_encoder_settings_as_one_dictionary_are_refused_with_the_way_to_give_them():
     with pytest.raises(ValueError, match="give encoder settings one by one by name"):
         widenet.create_model("widenet_tiny", encoder={"dim": 32})

@@ -388,7 +388,8 @@ def run() -> NoReturn:
     raise SystemExit(code)
 
 
-_TRAINING_COMMANDS = ("train", "pretrain", "finetune", "compare", "compare-text")  # the first three: --resume
+_RESUMABLE = ("train", "pretrain", "finetune")  # a full disk: free some space and --resume
+_TRAINING_COMMANDS = (*_RESUMABLE, "compare", "compare-text")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -411,7 +412,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141  # 128 + SIGPIPE: what a shell reports for a process that signal ended
     except Exception as err:
-        message = explain(err, getattr(args, "out", None), args.command in _TRAINING_COMMANDS[:3])
+        message = explain(err, getattr(args, "out", None), args.command in _RESUMABLE)
         if message is None:  # a bug: the traceback, and where to send it
             traceback.print_exc()
             print(BUG_REPORT, file=sys.stderr)

@@ -21,7 +21,7 @@ import warnings
 from collections.abc import Iterator
 from typing import Any
 
-__all__ = ["CLIError", "BUG_REPORT", "explain", "say", "warnings_as_notes"]
+__all__ = ["CLIError", "BUG_REPORT", "explain", "output_survives_its_reader", "say", "warnings_as_notes"]
 
 BUG_REPORT = ("widenet: this is a bug in widenet, not a problem with your input; please report it with the "
               "command and the traceback above")
@@ -59,10 +59,13 @@ def output_survives_its_reader(training: bool) -> Iterator[None]:
         yield
         return
     stdout = sys.stdout
-    sys.stdout = _PipeTolerant(stdout)
+    if hasattr(stdout, "reconfigure"):  # each progress line reaches a pipe (| tee) when printed
+        stdout.reconfigure(line_buffering=True)
+    sys.stdout = guarded = _PipeTolerant(stdout)
     try:
         yield
     finally:
+        guarded.flush()  # what is still buffered, while a broken pipe is still forgiven
         sys.stdout = stdout
 
 

@@ -110,7 +110,7 @@ def add_model_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--attention", default="mean", metavar="mean|block:N", type=_attention_choice,
                    help="the shared attention from per-block ones: their mean or block N's (default mean)")
     p.add_argument("--noise", type=finite_float, default=0.0,
-                   help="add noise * std(W) * N(0,1) to each expert copy (default 0: exact copies)")
+                   help="add noise * std(W) * N(0,1) to each expert copy, noise from 0 to 1 (default 0: exact copies)")
     p.add_argument("--dropless", action="store_true", help="never drop an assignment (the MoE's dropless mode)")
     p.add_argument("--seed", type=int, default=0, help="seed of the router's init and the noise")
     p.add_argument("--out", type=nonempty, required=True)

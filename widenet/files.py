@@ -55,7 +55,8 @@ def save_atomic(obj: Any, path: Path) -> None:
     with atomic_path(path) as tmp, open(tmp, "wb") as handle:  # closed on failure too (the tmpfs can go)
         try:
             torch.save(obj, handle)
-        except RuntimeError as err:
+            handle.flush()  # here, where a full disk is still named by its file
+        except (RuntimeError, OSError) as err:
             raise_if_disk_full(err, path)
             raise
 

@@ -4,6 +4,7 @@ each small enough to be granted, together fill the machine)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Callable
 
@@ -16,36 +17,47 @@ _CGROUP = Path("/sys/fs/cgroup")
 
 
 def available_memory() -> int | None:
-    """Bytes this process can still take on this machine (Linux: MemAvailable, and the cgroup's
-    limit when one is set), or None where that cannot be read."""
+    """Bytes this process can still take on this machine: Linux's MemAvailable plus free swap, and
+    no more than the cgroup's limit less what it holds other than reclaimable file cache; None
+    where that cannot be read (then nothing is refused)."""
     found = []
     try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                found.append(int(line.split()[1]) * 1024)
-    except (OSError, ValueError, IndexError):
+        info = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines() if ":" in line)
+        found.append((int(info["MemAvailable"].split()[0]) + int(info.get("SwapFree", "0 kB").split()[0])) * 1024)
+    except (OSError, ValueError, KeyError, IndexError):
         pass
     try:
         limit = (_CGROUP / "memory.max").read_text().strip()
         if limit != "max":
-            found.append(int(limit) - int((_CGROUP / "memory.current").read_text()))
+            used = int((_CGROUP / "memory.current").read_text())
+            stat = dict(line.split() for line in (_CGROUP / "memory.stat").read_text().splitlines())
+            used -= int(stat.get("inactive_file", 0))  # page cache the kernel gives back when asked
+            found.append(max(int(limit) - used, 0))
     except (OSError, ValueError):
         pass
     return min(found) if found else None
 
 
 def check_fits_memory(num_bytes: int, what: str) -> None:
-    """MemoryError when num_bytes exceed the memory available (nothing when it is unknown)."""
+    """MemoryError when num_bytes exceed the memory available (nothing when it is unknown, or when
+    WIDENET_NO_MEMORY_CHECK=1 says the user knows better)."""
+    if os.environ.get("WIDENET_NO_MEMORY_CHECK") == "1":
+        return
     free = available_memory()
     if free is not None and num_bytes > free:
-        raise MemoryError(f"{what} need {num_bytes / 2**30:.1f} GiB, more than the {free / 2**30:.1f} GiB of "
-                          "memory available; choose smaller sizes")
+        raise MemoryError(f"{what} need {_size(num_bytes)}, more than the {_size(free)} of memory available "
+                          "(WIDENET_NO_MEMORY_CHECK=1 skips this check)")
+
+
+def _size(num_bytes: int) -> str:
+    return f"{num_bytes / 2**30:.1f} GiB" if num_bytes >= 2**30 else f"{num_bytes / 2**20:.1f} MiB"
 
 
 def check_model_fits(build: Callable[[], nn.Module]) -> None:
-    """Run build() on the meta device (no memory) and check the weights it makes fit, unless this
-    is that meta build itself (or any other, e.g. `widenet params`)."""
-    if torch.empty(()).device.type == "meta":
+    """Run build() on the meta device (no memory) and check the weights it makes fit in the
+    machine's memory, when they would be made there (not in the meta build itself, nor under
+    `with torch.device("cuda")`)."""
+    if torch.empty(()).device.type != "cpu":  # the meta build itself, or weights made on a GPU
         return
     with torch.device("meta"):
         ghost = build()

@@ -11,13 +11,14 @@ by `encode_classification` (fine-tuning's default of 128 tokens); questions by
 `encode_squad` (384-token windows, stride 128), answers by `postprocess_squad`.
 An image that cannot be read comes back as an ImageFailure in its place; inputs
 that do not fit the model raise PredictError (a ValueError), one line. The
-iter_* forms yield results as their batches finish. MoE models with a capacity
-limit route per batch, so (as in evaluation) a prediction may depend slightly
-on the rest of its batch.
+iter_* forms yield results as their batches finish. MoE layers route every
+token (dropless) here, whatever their capacity, so that an input's prediction
+does not depend on the rest of its batch (`every_token_routed`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import math
@@ -183,14 +184,25 @@ def _top(pretrained: Pretrained, logits: torch.Tensor, names: list[str], top_k: 
 
 
 def _on_device(pretrained: Pretrained, device: str | torch.device) -> tuple[nn.Module, torch.device]:
-    """The model in eval mode on `device` (moved there: it stays, for the next call), its MoE layers
-    dropless: with a capacity per call, an input's tokens would compete with its batch neighbours'
-    for expert slots, and its answer would depend on what it was batched with (and --batch-size)."""
+    """The model in eval mode on `device` (moved there: it stays, for the next call)."""
     dev = device if isinstance(device, torch.device) else resolve_device(device)
-    for module in pretrained.model.modules():
-        if isinstance(module, MoE) and not module.cfg.dropless:
-            module.cfg = dataclasses.replace(module.cfg, dropless=True)
     return pretrained.model.to(dev).eval(), dev
+
+
+@contextlib.contextmanager
+def every_token_routed(model: nn.Module) -> Iterator[None]:
+    """The model's MoE layers dropless for the block, as they were after it. With a capacity per
+    call, an input's tokens would compete with its batch neighbours' for expert slots, and its
+    answer would depend on what it was batched with (and on the batch size)."""
+    layers = [m for m in model.modules() if isinstance(m, MoE) and not m.cfg.dropless]
+    saved = [m.cfg for m in layers]
+    for m in layers:
+        m.cfg = dataclasses.replace(m.cfg, dropless=True)
+    try:
+        yield
+    finally:
+        for m, cfg in zip(layers, saved):
+            m.cfg = cfg
 
 
 # --- images ------------------------------------------------------------------------------
@@ -269,7 +281,8 @@ def iter_predict_images(pretrained: Pretrained, inputs: Iterable[str | os.PathLi
             if good:
                 images = torch.stack([decoded[i] for i in good]).to(dev)  # uint8 (B, C, S, S)
                 with torch.inference_mode():
-                    logits = model(normalize(images, mean, std)).logits
+                    with every_token_routed(model):
+                        logits = model(normalize(images, mean, std)).logits
                 for i, top in zip(good, _top(pretrained, logits, names, top_k)):
                     results[i] = ImagePrediction(str(batch[i]), top)
             bar.update(len(batch))

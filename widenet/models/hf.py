@@ -379,9 +379,9 @@ def _activation(path, config: dict) -> str:
 
 
 def _label_names(config: dict, notes: list[str]) -> list[str] | None:
-    """The class names of id2label, by id; None without one. With ids other than 0..n-1, or a
-    name given to two outputs, the classes stay unnamed (numbered) rather than some named wrongly,
-    and a note says why."""
+    """The class names of id2label, by id; None without one. With ids other than 0..n-1 the classes
+    stay unnamed (numbered) rather than some named wrongly; a name given to several outputs gets
+    each one's index. A note says which."""
     labels = config.get("id2label")
     if not isinstance(labels, dict) or not labels:
         return None
@@ -391,10 +391,10 @@ def _label_names(config: dict, notes: list[str]) -> list[str] | None:
                      "the classes are left unnamed (numbered)")
         return None
     names = [by_id[str(i)] for i in range(len(by_id))]
-    if twice := sorted({name for name in names if names.count(name) > 1}):
-        notes.append(f"config.json's id2label gives {', '.join(map(repr, twice))} to more than one output: the "
-                     "classes are left unnamed (numbered)")
-        return None
+    if twice := sorted({name for name in names if names.count(name) > 1}):  # ImageNet's has two "crane"s
+        notes.append(f"config.json's id2label gives {', '.join(map(repr, twice))} to more than one output: "
+                     "those classes are named with their index too (e.g. 'crane (134)')")
+        names = [f"{name} ({i})" if name in twice else name for i, name in enumerate(names)]
     return names
 
 

@@ -297,7 +297,7 @@ class TextTransformer(nn.Module):
 
     def __init__(self, cfg: TextConfig) -> None:
         super().__init__()
-        check_model_fits(lambda: type(self)(cfg))  # before any weight is allocated
+        check_model_fits(lambda: TextTransformer(cfg))  # before any weight is allocated
         self.cfg = cfg
         enc = cfg.encoder
         self.backbone = TextBackbone(cfg)

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from ..layers.moe import RoutingStats
-from ..memory import check_model_fits
 from ..layers.patch_embed import make_stem, token_grid
+from ..memory import check_model_fits
 from ..settings import SettingTypeError, check_types
 from .encoder import Encoder, EncoderConfig
 
@@ -82,7 +82,7 @@ class VisionTransformer(nn.Module):
 
     def __init__(self, cfg: VisionConfig) -> None:
         super().__init__()
-        check_model_fits(lambda: type(self)(cfg))  # before any weight is allocated
+        check_model_fits(lambda: VisionTransformer(cfg))  # before any weight is allocated
         self.cfg = cfg
         dim = cfg.encoder.dim
         self.patch_embed = make_stem(cfg.stem, cfg.image_size, cfg.patch_size, cfg.in_channels, dim,

@@ -288,7 +288,7 @@ def _resolve_folder(path: str | os.PathLike) -> Path:
         waiting = ""
         if (p / SET_ASIDE_DIR).is_dir():
             waiting = (f"; an earlier run that a killed --overwrite set aside waits in {p / SET_ASIDE_DIR}, and "
-                       "the next train or pretrain into this folder puts it back")
+                       "the next train, pretrain or finetune into this folder puts it back")
         raise CheckpointError(f"{p}: no complete checkpoint found (looked in {root}){waiting}")
     return latest
 

@@ -40,7 +40,6 @@ class SettingsChanged(CheckpointError):
         self.changes = changes
 
 
-
 def checkpoint_dir_name(step: int) -> str:
     """Folder name of the checkpoint for ``step``: ``step_`` + 8-digit zero-padded step."""
     return f"step_{step:08d}"

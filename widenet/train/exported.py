@@ -272,7 +272,11 @@ def read_export(path: str | os.PathLike) -> Source:
     if isinstance(config.get("data"), str):
         meta["data"]["name"] = config["data"]
     if config.get("tokenizer"):
-        meta["tokenizer"] = config["tokenizer"]
+        token = config["tokenizer"]
+        if not isinstance(token, dict) or not isinstance(token.get("fingerprint"), str):
+            raise CheckpointError(f"{folder / CONFIG_FILE}: 'tokenizer' must be {{fingerprint, vocab_size}} as "
+                                  f"widenet export writes it, got {token!r}")
+        meta["tokenizer"] = token
     tokenizer = folder / TOKENIZER_FILE
     return Source(folder, None, meta, state, {}, tokenizer if tokenizer.is_file() else None)
 
@@ -360,7 +364,9 @@ def check_tokenizer_matches(tokenizer, path: Path, source: Source) -> None:
     want = source.meta.get("tokenizer") or {}
     vocab = source.meta["model_config"].get("vocab_size")
     size = tokenizer.get_vocab_size()
-    if vocab is not None and size != vocab:
+    # Without a recorded fingerprint (Hugging Face folders, whose embeddings may be padded to a round
+    # size) a smaller tokenizer is fine: its ids all have rows.
+    if vocab is not None and (size > vocab or (size != vocab and want.get("fingerprint"))):
         raise TokenizerError(f"tokenizer {path} ({size} pieces) does not match the vocabulary the model "
                              f"{source.path} was trained with ({vocab} pieces)")
     if want.get("fingerprint") and vocab_fingerprint(tokenizer) != want["fingerprint"]:

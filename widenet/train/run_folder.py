@@ -38,13 +38,13 @@ from ..distributed.parallel import ParallelContext, on_backend_device
 from ..files import LockHeld, hold_lock
 from .checkpoint_layout import (CHECKPOINT_FILES, CHECKPOINTS_DIR, LATEST_FILE, SET_ASIDE_DIR, SettingsChanged,
                                 checkpoints_root, find_latest_checkpoint, remove_tree, step_folders)
+from .exported import CONFIG_FILE  # what marks a saved model's folder (an export, an HF folder)
 
 __all__ = ["LOCK_FILE", "RUN_FILES", "SET_ASIDE_DIR", "RunFolderError", "claim_run_folder", "drop_set_aside",
            "driver_run", "earlier_run", "resume_or_restart"]
 
 LOCK_FILE = ".widenet.lock"
 RUN_FILES = ("metrics.jsonl", "tokenizer.json", "tensorboard")  # beside the checkpoints, what a run writes into OUT
-MODEL_CONFIG = "config.json"  # what marks a saved model's folder (widenet.train.exported, Hugging Face)
 
 
 class RunFolderError(ValueError):
@@ -119,8 +119,8 @@ def earlier_run(out: Path) -> list[str]:
 def _prepare(out: Path, resume: bool, overwrite: bool, log: Callable[[str], None]) -> None:
     if resume and overwrite:
         raise RunFolderError("give --resume or --overwrite, not both")
-    if (out / MODEL_CONFIG).exists():  # eval, predict and export would read that model, not this run
-        raise RunFolderError(f"{out} holds a saved model ({MODEL_CONFIG}: an export, an import or a Hugging Face "
+    if (out / CONFIG_FILE).exists():  # eval, predict and export would read that model, not this run
+        raise RunFolderError(f"{out} holds a saved model ({CONFIG_FILE}: an export, an import or a Hugging Face "
                              "folder), which eval, predict and export would go on reading instead of the run; "
                              "choose another --out")
     found = earlier_run(out)

@@ -35,9 +35,9 @@ from tqdm import tqdm
 
 from ..distributed.parallel import ParallelContext
 from ..layers.moe import MOE_SETTINGS
+from ..memory import check_fits_memory
 from ..models.encoder import moe_block_ids
 from ..rng import capture_rng_state, restore_rng_state
-from ..memory import check_fits_memory
 from ..runtime import autocast, compiled_if, first_line
 from .budget import BudgetPlan, Cadence, Deadline, plan_budget
 from .checkpoint import (CheckpointError, SettingsChanged, find_latest_checkpoint, load_checkpoint, read_checkpoint_meta,
@@ -122,7 +122,8 @@ class Trainer:
         saved = self._resume_weights(model, expected_meta) if cfg.resume else None  # run_folder checked OUT
         self.deadline: Deadline | None = None
         total = self._total_steps(model, saved)
-        if device.type == "cpu":  # gradients, AdamW's two moments (and the EMA): more copies of the weights
+        if device.type == "cpu" and not parallel.distributed:  # (processes sharing a machine each hold a part)
+            # gradients, AdamW's two moments (and the EMA): more copies of the weights
             copies = 3 + (1 if cfg.ema_decay else 0)
             check_fits_memory(copies * sum(p.numel() * p.element_size() for p in model.parameters()),
                               "the gradients and optimizer state of training")

@@ -107,6 +107,8 @@ def _folder_cache_key(base: Path, files: list[tuple[Path, int]], image_size: int
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+_SIXTEEN_BIT_AT_MOST = ("PNG", "PPM")  # Pillow's format names (PPM: PGM and PPM files too)
+
 def decode_image(path: Path, image_size: int, channels: int) -> torch.Tensor:
     """Decode one file to uint8 (C, S, S): the central square (side = the shorter side) cut out,
     then resized to S x S (bicubic), so memory stays bounded whatever the aspect ratio. 16-bit grey images are
@@ -117,11 +119,13 @@ def decode_image(path: Path, image_size: int, channels: int) -> torch.Tensor:
     try:
         with Image.open(path) as image:
             image.load()
-            if image.mode in ("F", "I"):  # Pillow opens 16-bit files as I;16*, so "I" is 32-bit
+            # Mode "I" is 32-bit integers, except from PNG and PNM files, which hold at most 16 bits
+            # (Pillow opens 16-bit PGM, and 16-bit PNG before 10.3, as "I").
+            if image.mode == "F" or (image.mode == "I" and image.format not in _SIXTEEN_BIT_AT_MOST):
                 kind = "floating-point" if image.mode == "F" else "32-bit integer"
                 raise DatasetError(f"{path}: {kind} pixels are not supported (their range is unknown); save the "
                                    "image with 8 or 16 bits")
-            if image.mode.startswith("I;16"):  # 16-bit grey: to 8 bits
+            if image.mode.startswith("I"):  # 16-bit grey: to 8 bits
                 wide = np.clip(np.asarray(image, dtype=np.float64) / 257.0, 0, 255)
                 image = Image.fromarray(wide.round().astype(np.uint8), "L")
             image = image.convert("L" if channels == 1 else "RGB")
