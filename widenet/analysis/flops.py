@@ -20,7 +20,6 @@ compute of 19.8M per image) read 18.0M and 15.2M.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -29,7 +28,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..layers.moe import Experts, MoE
+from ..layers.moe import Experts, dropless_routing
 
 
 def flops_per_image(model: nn.Module, image_shape: tuple[int, int, int], batch: int = 8) -> float:
@@ -50,16 +49,12 @@ def _countable(model: nn.Module) -> Iterator[None]:
     """Meanwhile every MoE layer of the model is dropless and its experts run their per-expert
     loop (the top-k compute, on kernels FlopCounterMode can count)."""
     experts = [m for m in model.modules() if isinstance(m, Experts)]
-    moes = [m for m in model.modules() if isinstance(m, MoE)]
-    backends, configs = [m.backend for m in experts], [m.cfg for m in moes]
+    backends = [m.backend for m in experts]
     for m in experts:
         m.backend = "loop"
-    for m in moes:
-        m.cfg = dataclasses.replace(m.cfg, dropless=True)
     try:
-        yield
+        with dropless_routing(model):
+            yield
     finally:
         for m, backend in zip(experts, backends):
             m.backend = backend
-        for m, cfg in zip(moes, configs):
-            m.cfg = cfg

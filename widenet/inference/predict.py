@@ -13,13 +13,11 @@ An image that cannot be read comes back as an ImageFailure in its place; inputs
 that do not fit the model raise PredictError (a ValueError), one line. The
 iter_* forms yield results as their batches finish. MoE layers route every
 token (dropless) here, whatever their capacity, so that an input's prediction
-does not depend on the rest of its batch (`every_token_routed`).
+does not depend on the rest of its batch (`layers.moe.dropless_routing`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import glob
 import math
 import os
@@ -37,7 +35,7 @@ from torch import nn
 from ..data.augment import normalize
 from ..data.errors import DatasetError
 from ..data.images.folder import IMAGE_EXAMPLES, decode_image, folder_files
-from ..layers.moe import MoE
+from ..layers.moe import dropless_routing
 from ..runtime import first_line, resolve_device
 from ..train.exported import non_finite_problem
 from .loading import Pretrained
@@ -189,22 +187,6 @@ def _on_device(pretrained: Pretrained, device: str | torch.device) -> tuple[nn.M
     return pretrained.model.to(dev).eval(), dev
 
 
-@contextlib.contextmanager
-def every_token_routed(model: nn.Module) -> Iterator[None]:
-    """The model's MoE layers dropless for the block, as they were after it. With a capacity per
-    call, an input's tokens would compete with its batch neighbours' for expert slots, and its
-    answer would depend on what it was batched with (and on the batch size)."""
-    layers = [m for m in model.modules() if isinstance(m, MoE) and not m.cfg.dropless]
-    saved = [m.cfg for m in layers]
-    for m in layers:
-        m.cfg = dataclasses.replace(m.cfg, dropless=True)
-    try:
-        yield
-    finally:
-        for m, cfg in zip(layers, saved):
-            m.cfg = cfg
-
-
 # --- images ------------------------------------------------------------------------------
 def find_images(inputs: Iterable[str | os.PathLike]) -> list[Path]:
     """The image files `inputs` name, in order, each once: a file as is (whatever its name; a missing
@@ -281,7 +263,7 @@ def iter_predict_images(pretrained: Pretrained, inputs: Iterable[str | os.PathLi
             if good:
                 images = torch.stack([decoded[i] for i in good]).to(dev)  # uint8 (B, C, S, S)
                 with torch.inference_mode():
-                    with every_token_routed(model):
+                    with dropless_routing(model):  # an answer must not depend on its batch
                         logits = model(normalize(images, mean, std)).logits
                 for i, top in zip(good, _top(pretrained, logits, names, top_k)):
                     results[i] = ImagePrediction(str(batch[i]), top)

@@ -18,10 +18,11 @@ import torch
 from ..data.text.classification import ClassificationExample, encode_classification
 from ..data.text.squad import SquadExample, _best_span, encode_squad, postprocess_squad
 from ..data.text.tokenizer import special_ids
+from ..layers.moe import dropless_routing
 from .loading import Pretrained
 from .predict import (CLASSIFY_MAX_LEN, MAX_ANSWER_LEN, N_BEST, QA_DOC_STRIDE, QA_MAX_LEN, QA_MAX_QUERY_LEN,
                       Answer, PredictError, TextPrediction, _batches, _check_sizes, _class_names, _on_device, _progress,
-                      _top, check_finite_scores, check_fits, every_token_routed)
+                      _top, check_finite_scores, check_fits)
 
 
 __all__ = ["answer_questions", "classify_texts", "iter_answer_questions", "iter_classify_texts",
@@ -111,7 +112,7 @@ def iter_classify_texts(pretrained: Pretrained, texts: Sequence[str | tuple[str,
             truncated += cut
             ids = encoded["input_ids"].to(dev)
             with torch.inference_mode():
-                with every_token_routed(model):
+                with dropless_routing(model):
                     logits = model(ids, encoded["token_type_ids"].to(dev), padding_mask=ids == pad).logits
             for ex, top in zip(batch, _top(pretrained, logits, names, top_k)):
                 yield TextPrediction(ex.text_a, ex.text_b, top)
@@ -192,7 +193,7 @@ def iter_answer_questions(pretrained: Pretrained, pairs: Sequence[tuple[str, str
                 ids = features.input_ids[rows.start:rows.stop].to(dev)
                 types = features.token_type_ids[rows.start:rows.stop].to(dev)
                 with torch.inference_mode():
-                    with every_token_routed(model):
+                    with dropless_routing(model):
                         out = model(ids, types, padding_mask=ids == pad)
                 starts.append(out.start_logits.float().cpu())
                 ends.append(out.end_logits.float().cpu())

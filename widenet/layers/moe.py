@@ -40,8 +40,11 @@ between ranks; it reads the run lengths on the host for the split sizes.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -54,7 +57,7 @@ from .experts import EXPERT_BACKENDS, Experts, cast, grouped_mm_works
 from .masks import resolve_padding_mask
 from .router import Router, RouterOutput, at_least_one, load_balancing_loss, router_z_loss
 
-__all__ = ["MoE", "MoEConfig", "MOE_SETTINGS", "MoEOutput", "RoutingStats", "Router", "RouterOutput", "Experts", "EXPERT_BACKENDS",
+__all__ = ["MoE", "MoEConfig", "dropless_routing", "MOE_SETTINGS", "MoEOutput", "RoutingStats", "Router", "RouterOutput", "Experts", "EXPERT_BACKENDS",
            "DispatchPlan", "grouped_mm_works", "plan_dispatch",
            "expert_capacity", "load_balancing_loss", "router_z_loss"]
 
@@ -303,3 +306,19 @@ class MoE(nn.Module):
         the ranks owning their experts and bring the results back).
         """
         return self.experts(rows, runs)
+
+
+@contextlib.contextmanager
+def dropless_routing(model: nn.Module) -> Iterator[None]:
+    """Every MoE layer of `model` dropless for the block (each token gets its top-k experts, whatever
+    the capacity), and as it was after it: what inference that must not depend on an input's batch
+    neighbours (predict) and FLOP counting (the top-k compute) need."""
+    layers = [m for m in model.modules() if isinstance(m, MoE) and not m.cfg.dropless]
+    saved = [m.cfg for m in layers]
+    for m in layers:
+        m.cfg = dataclasses.replace(m.cfg, dropless=True)
+    try:
+        yield
+    finally:
+        for m, cfg in zip(layers, saved):
+            m.cfg = cfg
