@@ -8,7 +8,7 @@ import math
 from typing import Any
 
 from .cli_errors import CLIError
-from .settings import FLOAT_LIMIT, INT_LIMIT
+from .settings import FLOAT_LIMIT, INT_LIMIT, repeated
 
 
 def positive_int(text: str) -> int:
@@ -144,9 +144,7 @@ def model_overrides(args: argparse.Namespace) -> dict[str, Any]:
     from .settings import parse_setting_text
 
     kinds, settings = setting_kinds(), {}
-    given = [key for key, _ in getattr(args, "set", None) or []]
-    twice = sorted({key for key in given if given.count(key) > 1})
-    if twice:
+    if twice := repeated(key for key, _ in getattr(args, "set", None) or []):
         raise CLIError(f"--set {', '.join(twice)} given more than once; give each setting once")
     for key, text in getattr(args, "set", None) or []:
         # An unknown key stays text: applying it names every unknown setting at once.

@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-__all__ = ["available_memory", "check_fits_memory", "check_model_fits"]
+__all__ = ["available_memory", "check_fits_memory", "check_model_fits", "parameter_bytes"]
 
 _CGROUP = Path("/sys/fs/cgroup")
 
@@ -61,5 +61,10 @@ def check_model_fits(build: Callable[[], nn.Module]) -> None:
         return
     with torch.device("meta"):
         ghost = build()
-    size = sum(t.numel() * t.element_size() for t in (*ghost.parameters(), *ghost.buffers()))
+    size = parameter_bytes(ghost) + sum(t.numel() * t.element_size() for t in ghost.buffers())
     check_fits_memory(size, f"the model's weights ({sum(p.numel() for p in ghost.parameters()):,} parameters)")
+
+
+def parameter_bytes(model: nn.Module) -> int:
+    """The bytes of the model's parameters: also what each of their gradients and optimizer moments takes."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())

@@ -24,11 +24,13 @@ import dataclasses
 import math
 import types
 import typing
+from collections import Counter
+from collections.abc import Hashable, Iterable
 from functools import lru_cache
 from typing import Any
 
 __all__ = ["FLOAT_LIMIT", "INT_LIMIT", "SettingError", "SettingTypeError", "check_types", "field_kinds", "parse_bool",
-           "parse_setting_text"]
+           "parse_setting_text", "repeated"]
 
 _TRUE, _FALSE = ("true", "yes", "1"), ("false", "no", "0")
 FLOAT_LIMIT = 3.4e38  # float32's largest finite value, rounded down
@@ -87,6 +89,12 @@ def _check_range(value: float, limit: float, key: str, kind: str, shown: str) ->
         raise SettingError(f"{key} must be a finite number, got {shown}")
     if not -limit <= value <= limit:
         raise SettingError(f"{key} must be {kind} within +-{limit:.3g}, got {shown}")
+
+
+def repeated(names: Iterable[Hashable]) -> list:
+    """The names given more than once (model names, --set keys, columns, labels), sorted, each once."""
+    counts = Counter(names)
+    return sorted(name for name, count in counts.items() if count > 1)
 
 
 def parse_bool(text: str, key: str) -> bool:

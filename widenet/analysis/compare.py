@@ -26,6 +26,7 @@ from ..data.augment import normalize
 from ..data.images import ImageDataset, subset
 from ..models.registry import model_config, settings_for, settings_for_each
 from ..models.vision import VisionConfig
+from ..settings import repeated
 from ..train.config import TrainConfig
 from ..train.images import TrainResult, load_data, train
 from ..train.metrics import read_metrics
@@ -83,8 +84,7 @@ def check_distinct(models: list[str]) -> None:
     """At least one model, none named twice (its runs would share, and overwrite, one folder)."""
     if not models:
         raise ValueError("no models to compare")
-    twice = sorted({m for m in models if models.count(m) > 1})
-    if twice:
+    if twice := repeated(models):
         raise ValueError(f"{', '.join(twice)} named more than once in --models")
 
 

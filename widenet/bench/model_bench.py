@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from ..analysis.flops import flops_per_image
 from ..models.registry import count_parameters, create_model, settings_for_each
 from ..runtime import autocast, autocast_dtype, compile_model, resolve_device
+from ..settings import repeated
 from ..train.trainer import apply_update
 from .moe_bench import interleaved_times, median_ratio
 
@@ -76,7 +77,7 @@ def bench_models(names: list[str], batch_size: int = 64, steps: int = 10, warmup
         raise ValueError("--batch-size and --steps must be >= 1")
     if not names:
         raise ValueError("name at least one model")
-    if twice := sorted({n for n in names if names.count(n) > 1}):
+    if twice := repeated(names):
         raise ValueError(f"{', '.join(twice)} named more than once; a model timed against itself compares nothing")
     dev = resolve_device(device)
     dtype = autocast_dtype(amp, dev)

@@ -36,6 +36,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from ..files import RefusedPickle, load_weights_only
+from ..settings import repeated
 from .encoder import EncoderConfig
 from .presets import ALBERT_SHARING
 from .text import TextConfig, TextTransformer
@@ -189,7 +190,7 @@ def _load_text(path, config: dict, state: dict, arch: str, kind: str) -> HFImpor
                    dropout=0.0, attn_dropout=0.0)
     if kind == "albert":
         encoder.update(ALBERT_SHARING)
-    classes = _label_names(config, notes) if task == "classify" else None
+    classes, label_notes = _label_names(config) if task == "classify" else (None, [])
     if classes is not None and "classifier.weight" in state:
         _check_label_count(path, classes, state["classifier.weight"].shape[0])
     decoder = next((k for k in ("predictions.decoder.weight", "cls.predictions.decoder.weight") if k in state), None)
@@ -212,7 +213,7 @@ def _load_text(path, config: dict, state: dict, arch: str, kind: str) -> HFImpor
     for key in ("predictions.decoder.bias", "cls.predictions.decoder.bias"):
         state.pop(key, None)  # the same tensor as the head's own bias
     _copy_into(path, model, state, ours, optional=_new_heads(task, state))
-    return HFImport(model.eval(), f"hf-{kind}", "text", classes, notes + _head_notes(model, state, task))
+    return HFImport(model.eval(), f"hf-{kind}", "text", classes, notes + label_notes + _head_notes(model, state, task))
 
 
 def _check_text_settings(path, config: dict, kind: str) -> None:
@@ -304,8 +305,7 @@ def _head_notes(model: nn.Module, state: dict, task: str) -> list[str]:
 def _load_vit(path, config: dict, state: dict, arch: str) -> HFImport:
     dim = config["hidden_size"]
     classifier = "classifier.weight" in state
-    notes: list[str] = []
-    classes = _label_names(config, notes) if classifier else None
+    classes, notes = _label_names(config) if classifier else (None, [])
     pooled = "pooler.dense.weight" in state
     if pooled and config.get("pooler_act", "tanh") != "tanh":
         raise HFCheckpointError(f"{path}: pooler_act {config['pooler_act']!r} is not supported (widenet's pre-logits "
@@ -378,24 +378,23 @@ def _activation(path, config: dict) -> str:
     return _ACTIVATIONS[act]
 
 
-def _label_names(config: dict, notes: list[str]) -> list[str] | None:
-    """The class names of id2label, by id; None without one. With ids other than 0..n-1 the classes
-    stay unnamed (numbered) rather than some named wrongly; a name given to several outputs gets
-    each one's index. A note says which."""
+def _label_names(config: dict) -> tuple[list[str] | None, list[str]]:
+    """The class names of id2label, by id (None without one), and notes. With ids other than 0..n-1
+    the classes stay unnamed (numbered) rather than some named wrongly; a name given to several
+    outputs gets each one's index. A note says which."""
     labels = config.get("id2label")
     if not isinstance(labels, dict) or not labels:
-        return None
+        return None, []
     by_id = {str(k): str(v) for k, v in labels.items()}
     if set(by_id) != {str(i) for i in range(len(by_id))}:
-        notes.append(f"config.json's id2label names ids {', '.join(sorted(by_id))}, not 0..{len(by_id) - 1}: "
-                     "the classes are left unnamed (numbered)")
-        return None
+        return None, [f"config.json's id2label names ids {', '.join(sorted(by_id))}, not 0..{len(by_id) - 1}: "
+                      "the classes are left unnamed (numbered)"]
     names = [by_id[str(i)] for i in range(len(by_id))]
-    if twice := sorted({name for name in names if names.count(name) > 1}):  # ImageNet's has two "crane"s
-        notes.append(f"config.json's id2label gives {', '.join(map(repr, twice))} to more than one output: "
-                     "those classes are named with their index too (e.g. 'crane (134)')")
-        names = [f"{name} ({i})" if name in twice else name for i, name in enumerate(names)]
-    return names
+    if not (twice := repeated(names)):  # ImageNet's has two "crane"s
+        return names, []
+    return [f"{name} ({i})" if name in twice else name for i, name in enumerate(names)], [
+        f"config.json's id2label gives {', '.join(map(repr, twice))} to more than one output: those classes are "
+        "named with their index too (e.g. 'crane (134)')"]
 
 
 def _check_label_count(path, classes: list[str], rows: int) -> None:

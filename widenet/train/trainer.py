@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from ..distributed.parallel import ParallelContext
 from ..layers.moe import MOE_SETTINGS
-from ..memory import check_fits_memory
+from ..memory import check_fits_memory, parameter_bytes
 from ..models.encoder import moe_block_ids
 from ..rng import capture_rng_state, restore_rng_state
 from ..runtime import autocast, compiled_if, first_line
@@ -125,8 +125,7 @@ class Trainer:
         if device.type == "cpu" and not parallel.distributed:  # (processes sharing a machine each hold a part)
             # gradients, AdamW's two moments (and the EMA): more copies of the weights
             copies = 3 + (1 if cfg.ema_decay else 0)
-            check_fits_memory(copies * sum(p.numel() * p.element_size() for p in model.parameters()),
-                              "the gradients and optimizer state of training")
+            check_fits_memory(copies * parameter_bytes(model), "the gradients and optimizer state of training")
         self.ema = ModelEMA(model, cfg.ema_decay) if cfg.ema_decay else None  # the plain model's copy
         self.model = parallel.wrap(model, device)
         self.net = compiled_if(cfg.compile, self.model, device)  # what the training steps run

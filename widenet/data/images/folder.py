@@ -30,6 +30,8 @@ TEST_SPLIT_FOLDERS = ("test", "val", "validation")
 IMAGE_SUFFIXES = (".png", ".apng", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".dib", ".gif", ".webp", ".tif", ".tiff",
                   ".pgm", ".ppm", ".pbm", ".pnm", ".tga", ".ico", ".pcx", ".sgi", ".ras", ".qoi", ".jp2", ".j2k")
 IMAGE_EXAMPLES = ".png .jpg .jpeg .bmp .gif .webp .tif .pgm ..."  # IMAGE_SUFFIXES in a message
+# Formats (Pillow's names; PPM covers PGM too) that hold at most 16 bits even where Pillow says mode "I".
+_SIXTEEN_BIT_AT_MOST = ("PNG", "PPM")
 
 
 def folder_files(folder: Path) -> tuple[list[Path], list[Path]]:
@@ -106,8 +108,6 @@ def _folder_cache_key(base: Path, files: list[tuple[Path, int]], image_size: int
     )
     return hashlib.sha256(blob.encode()).hexdigest()
 
-
-_SIXTEEN_BIT_AT_MOST = ("PNG", "PPM")  # Pillow's format names (PPM: PGM and PPM files too)
 
 def decode_image(path: Path, image_size: int, channels: int) -> torch.Tensor:
     """Decode one file to uint8 (C, S, S): the central square (side = the shorter side) cut out,

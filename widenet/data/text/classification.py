@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ...settings import repeated
 from ..errors import PathLike
 from .task_common import TaskDataError, at, pad_rows
 from .tokenizer import special_ids
@@ -73,9 +74,8 @@ def _schema(columns: Sequence[str], path: PathLike, line: int) -> _Schema:
     """Pick the text and label columns out of a header / the first record's keys."""
     names = set(columns)
     if len(names) < len(columns):  # a dict of the row would keep only the last of them
-        twice = sorted({c for c in columns if list(columns).count(c) > 1})
-        raise TaskDataError(f"{at(path, line)}: column {', '.join(map(repr, twice))} appears more than once "
-                            "in the header")
+        twice = ", ".join(map(repr, repeated(columns)))
+        raise TaskDataError(f"{at(path, line)}: column {twice} appears more than once in the header")
     label = next((c for c in LABEL_COLUMNS if c in names), None)
     for a, b in TEXT_PAIR_COLUMNS:
         if a in names and b in names:
