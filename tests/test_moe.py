@@ -111,7 +111,7 @@ def test_matches_einsum_oracle(experts, top_k, factor, dropless, renorm, tokens)
         moe.router.weight.mul_(3.0)
         moe.router.weight[0] += 0.5
     x = _skewed_x(tokens, moe.dim)
-    capacity = tokens * top_k if dropless else oracle_capacity(tokens, experts, top_k, factor)
+    capacity = tokens if dropless else oracle_capacity(tokens, experts, top_k, factor)
     assert moe.capacity(tokens) == capacity
     res, (out, probs, index, aux), lib_g, ref_g = _run_both(moe, x, capacity)
 
@@ -191,14 +191,16 @@ def test_eval_capacity_defaults_to_training_factor():
 
 
 def test_dropless_skewed_router_equals_oracle_full_capacity():
-    """Every token prefers expert 0: dropless keeps all, equal to the oracle at capacity N*k."""
+    """Every token prefers expert 0: dropless keeps all, equal to the oracle at capacity N (no
+    expert can get more than one assignment per token)."""
     moe = _moe(experts=4, top_k=2, capacity_factor=0.5, dropless=True)
     x = _skewed_x(24, moe.dim)
     x[:, 0] = x[:, 0].abs() + 1.0
     with torch.no_grad():
         moe.router.weight[0, 0] = 15.0  # expert 0 is everyone's first choice
-    n, k = 24, 2
-    res, (out, _probs, index, _), lib_g, ref_g = _run_both(moe, x, n * k)
+    n = 24
+    assert moe.capacity(n) == n
+    res, (out, _probs, index, _), lib_g, ref_g = _run_both(moe, x, n)
     assert (index[:, 0] == 0).all()
     assert res.stats.dropped_assignment_fraction.item() == 0.0
     assert res.stats.dropped_fraction.item() == 0.0

@@ -232,7 +232,7 @@ def test_moe_matches_oracle_and_keeps_the_priority_order(case: Case) -> None:
 
     capacity = moe.capacity(n)
     if case.dropless:
-        assert capacity == case.top_k * n
+        assert capacity == n  # a token's K choices are distinct experts
     else:
         assert capacity == oracle_capacity(n, case.experts, case.top_k, case.active_factor) \
             == exact_capacity(n, case.experts, case.top_k, case.active_factor)
@@ -323,12 +323,12 @@ def test_grouped_kernel_matches_oracle_in_float32(case: Case) -> None:
        factor=st.one_of(st.sampled_from(BINARY_FACTORS), st.integers(1, 400).map(lambda c: c / 100)),
        dropless=st.booleans())
 def test_capacity_formula(tokens: int, experts: int, top_k: int, factor: float, dropless: bool) -> None:
-    """capacity() is ceil(C * K * N / E) capped at N, exactly (decimal factors included), K * N when dropless,
+    """capacity() is ceil(C * K * N / E) capped at N, exactly (decimal factors included), N when dropless,
     the same as an int and as a device tensor; for factors exact in binary it is also the
     oracle's plain floating-point formula."""
     top_k = min(top_k, experts)
     moe = MoE(4, 4, experts, top_k, capacity_factor=factor, dropless=dropless)
-    want = top_k * tokens if dropless else exact_capacity(tokens, experts, top_k, factor)
+    want = tokens if dropless else exact_capacity(tokens, experts, top_k, factor)
     assert moe.capacity(tokens) == want
     assert int(moe.capacity(torch.tensor(tokens))) == want
     if factor in BINARY_FACTORS and not dropless:

@@ -73,7 +73,7 @@ class Experts(nn.Module):
             "grouped" where it is sync-free and passed a one-time check
             against the loop, else "padded" with C = the capacity; a dropless
             layer outside torch.compile takes "loop" instead (its padded
-            buffers would hold E times the work).
+            buffers, N slots per expert, would hold E/K times the work).
     """
 
     def __init__(self, num_experts: int, dim: int, hidden_dim: int, backend: str = "auto",

@@ -237,10 +237,11 @@ class MoE(nn.Module):
                 f"capacity_factor={c.capacity_factor}, dropless={c.dropless}")
 
     def capacity(self, num_tokens: int | torch.Tensor) -> int | torch.Tensor:
-        """Slots per expert for a call with num_tokens routed (non-padding) tokens."""
+        """Slots per expert for a call with num_tokens routed (non-padding) tokens; dropless: every
+        token (a token's K choices are distinct experts, so no expert gets more than one per token)."""
         c = self.cfg
         if c.dropless:
-            return c.top_k * num_tokens
+            return num_tokens
         factor = c.eval_capacity_factor if not self.training and c.eval_capacity_factor is not None else \
             c.capacity_factor
         return expert_capacity(num_tokens, c.num_experts, c.top_k, factor)
