@@ -16,6 +16,7 @@ from widenet.data.text.classification import (
     encode_classification,
     label_vocabulary,
     read_classification,
+    read_classification_task,
 )
 from widenet.data.text.squad import QAFeatures, SquadExample, encode_squad, postprocess_squad, read_squad
 from widenet.data.text.squad_metrics import squad_scores
@@ -235,6 +236,29 @@ def test_encode_classification_truncates_and_warns_once(tokenizer):
     assert row[-len(mill) - 1 : -1] == mill  # the short text survives longest-first truncation
     with pytest.raises(TaskDataError, match="not one of"), pytest.warns(UserWarning):
         encode_classification(examples, tokenizer, ["0"], max_len=10)
+    assert "lost every token" not in str(record[0].message)  # both texts of the pair kept some
+
+
+def test_a_pair_text_cut_to_nothing_is_named(tokenizer):
+    """max_len 4 leaves one token for a pair: longest-first keeps it in text_a and drops text_b
+    whole, which the truncation note says."""
+    examples = [ClassificationExample("the river flows", "the mill", "1"), ClassificationExample("a", None, "0")]
+    with pytest.warns(UserWarning, match="1 of 2 examples were longer .*; in 1 of them one text of the pair "
+                                         "lost every token"):
+        out = encode_classification(examples, tokenizer, ["0", "1"], max_len=4)
+    assert out["token_type_ids"][0].tolist() == [0, 0, 0, 1]  # [CLS] a [SEP] [SEP]: nothing of b
+
+
+def test_labels_differing_only_in_case_or_spaces_are_noted(tmp_path):
+    rows = ["sentence\tlabel", "a\tpos", "b\tPos ", "c\tneg", "d\tneg"]
+    train = write(tmp_path / "train.tsv", "\n".join(rows) + "\n")
+    dev = write(tmp_path / "dev.tsv", "sentence\tlabel\ne\tpos\n")
+    with pytest.warns(UserWarning, match="train.tsv: labels 'Pos ' and 'pos' differ only in case or spaces"):
+        _, _, labels = read_classification_task(train, dev)
+    assert labels == ["Pos ", "neg", "pos"]  # kept as given
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # distinct labels: no note
+        read_classification_task(write(tmp_path / "t2.tsv", "sentence\tlabel\na\tpos\nb\tneg\n"), dev)
 
 
 # --------------------------------------------------------------------------

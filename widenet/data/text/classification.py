@@ -242,9 +242,22 @@ def read_classification_task(train_path: PathLike, validation_path: PathLike
     if len(labels) < 2:
         raise TaskDataError(f"{train_path}: every example has the label {labels[0]!r}; "
                             "classification needs at least two labels")
+    _note_look_alike_labels(labels, train_path)
     check_same_form(train, validation, train_path, validation_path)
     check_labels(validation, labels, validation_path)
     return train, validation, labels
+
+
+def _note_look_alike_labels(labels: Sequence[str], path: PathLike) -> None:
+    """Warn about labels that differ only in case or surrounding spaces ("pos" and "Pos "): kept
+    as separate classes, as given, but more likely one class typed two ways."""
+    groups: dict[str, list[str]] = {}
+    for label in labels:
+        groups.setdefault(label.strip().casefold(), []).append(label)
+    alike = [" and ".join(repr(name) for name in names) for names in groups.values() if len(names) > 1]
+    if alike:
+        warnings.warn(f"{path}: labels {'; '.join(alike)} differ only in case or spaces; "
+                      "they are trained as separate classes", stacklevel=3)
 
 
 def _pair_lengths(len_a: int, len_b: int, budget: int) -> tuple[int, int]:
@@ -290,7 +303,7 @@ def encode_classification(
         raise TaskDataError(f"max_len={max_len} is too small to hold the special tokens plus text")
     enc_a = tokenizer.encode_batch([ex.text_a for ex in examples], add_special_tokens=False)
     enc_b = tokenizer.encode_batch([ex.text_b or "" for ex in examples], add_special_tokens=False)
-    ids, types, truncated = [], [], 0
+    ids, types, truncated, emptied = [], [], 0, 0
     for ex, ea, eb in zip(examples, enc_a, enc_b):
         a, b = ea.ids, (eb.ids if ex.text_b is not None else None)
         if b is None:
@@ -301,12 +314,14 @@ def encode_classification(
         else:
             keep_a, keep_b = _pair_lengths(len(a), len(b), max_len - 3)
             truncated += (keep_a, keep_b) != (len(a), len(b))
+            emptied += (keep_a == 0 < len(a)) or (keep_b == 0 < len(b))
             ids.append([cls, *a[:keep_a], sep, *b[:keep_b], sep])
             types.append([0] * (keep_a + 2) + [1] * (keep_b + 1))
     if truncated:
         warnings.warn(
             f"{truncated} of {len(examples)} examples were longer than max_len={max_len} tokens "
-            "and were truncated (longest first)",
+            "and were truncated (longest first)"
+            + (f"; in {emptied} of them one text of the pair lost every token" if emptied else ""),
             stacklevel=2,
         )
     out = {"input_ids": pad_rows(ids, pad), "token_type_ids": pad_rows(types, 0)}
