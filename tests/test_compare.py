@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import statistics
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,9 @@ import pytest
 from widenet.analysis import compare as compare_mod
 from widenet.analysis.compare import RunSpec, SpecResult, compare
 from widenet.cli import main
+from widenet.models.registry import count_parameters
+from widenet.train.exported import model_from_meta
+from widenet.train.metrics import read_metrics
 from widenet.train.checkpoint import SettingsChanged, find_latest_checkpoint, load_checkpoint
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -79,6 +83,24 @@ def test_report_results_table(compared):
         assert 0 <= float(cells[3].split(" ± ")[0]) <= 100
     assert "**Winner:" in report
     assert f"Seeds: {SEEDS}." in report
+
+
+def test_report_numbers_are_the_runs_numbers(compared):
+    """Each accuracy cell is the mean ± sample std of the seeds' final test accuracies (read back from
+    their metrics.jsonl), each params cell the saved model's parameter count, and the budget line the
+    steps the runs took: max_steps 2 of 64 images / batch 16 = 4 steps per epoch, half an epoch, not
+    the quick preset's 2 epochs."""
+    rows = {**_table_rows(_section(compared["first_report"], "LayerNorm ablation")),
+            **_table_rows(_section(compared["first_report"], "Results"))}
+    for label, slug in zip(LABELS, SLUGS):
+        seeds = [compared["out"] / "runs" / slug / f"seed{seed}" for seed in range(SEEDS)]
+        accuracy = [100 * [r for r in read_metrics(d / "metrics.jsonl") if r["split"] == "test"][-1]["accuracy"]
+                    for d in seeds]
+        assert rows[label][3] == f"{statistics.fmean(accuracy):.2f} ± {statistics.stdev(accuracy):.2f}", label
+        meta = load_checkpoint(find_latest_checkpoint(seeds[0])).meta
+        assert rows[label][0] == f"{count_parameters(model_from_meta(meta)) / 1e6:.3f}M", label
+    budget = next(line for line in compared["first_report"].splitlines() if line.startswith("Budget per run"))
+    assert "2 steps (0.50 epochs)" in budget, budget
 
 
 def test_report_ablation_section(compared):
@@ -151,16 +173,6 @@ def test_second_call_reuses_finished_runs(compared):
     assert strip(compared["second_path"].read_text(encoding="utf-8")) == strip(compared["first_report"])
 
 
-def test_report_budget_line_states_the_step_budget(compared):
-    """With max_steps the runs stop after that many steps; the report must not claim whole epochs.
-
-    The quick preset's epochs=2 is overridden by max_steps=2 (64 images / batch 16 = 4 steps per
-    epoch), so "2 epochs" is wrong: the runs trained for 2 steps, half an epoch.
-    """
-    budget = next(line for line in compared["first_report"].splitlines() if line.startswith("Budget per run"))
-    assert "2 epochs" not in budget, budget
-
-
 def test_single_dense_model_report(tmp_path, fmnist_dir):
     report_path = compare(["vit_tiny"], tmp_path / "out", seeds=1, data_dir=str(fmnist_dir), log=_quiet,
                           **BUDGET)
@@ -194,16 +206,14 @@ def test_quick_preset_trains_with_the_conv_stem_and_gives_way_to_a_given_length(
     assert compare_mod.PRESETS["quick"]["time_budget"] == 1.2  # what the main job spends per run
 
 
-def test_model_overrides_are_honoured_or_refused(tmp_path, fmnist_dir):
-    """compare(**train_settings) passes TrainConfig fields; model_overrides must not vanish silently."""
+def test_model_overrides_are_honoured(tmp_path, fmnist_dir):
+    """compare(**train_settings) passes TrainConfig fields on: model_overrides reach every run's model."""
     tiny = dict(dim=32, depth=2, num_heads=2, mlp_dim=64)
-    try:
-        compare(["widenet_tiny"], tmp_path / "out", seeds=1, ablation=False, data_dir=str(fmnist_dir),
-                log=_quiet, model_overrides=tiny, **BUDGET)
-    except ValueError:
-        return  # refused with a message: fine
+    compare(["widenet_tiny"], tmp_path / "out", seeds=1, ablation=False, data_dir=str(fmnist_dir),
+            log=_quiet, model_overrides=tiny, **BUDGET)
     ckpt = load_checkpoint(find_latest_checkpoint(tmp_path / "out" / "runs" / "widenet_tiny" / "seed0"))
-    assert ckpt.meta["model_config"]["encoder"]["dim"] == 32, "model_overrides were silently dropped"
+    encoder = ckpt.meta["model_config"]["encoder"]
+    assert (encoder["dim"], encoder["depth"], encoder["num_heads"], encoder["mlp_dim"]) == (32, 2, 2, 64)
 
 
 def test_compare_rejects_bad_arguments(tmp_path):

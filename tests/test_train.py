@@ -290,8 +290,11 @@ def test_resume_refuses_changed_training_recipe(learned, tmp_path, name, value):
 
 def test_resume_refuses_changed_model_overrides(learned):
     cfg, _ = learned
-    changed = dict(cfg.model_overrides, mlp_dim=96)
-    with pytest.raises(CheckpointError):
+    changed = dict(cfg.model_overrides, mlp_dim=96)  # other weight shapes
+    with pytest.raises(CheckpointError, match=r"cannot resume with different settings \(mlp_dim: 64 -> 96\)"):
+        train(_config(cfg.data_dir, cfg.out, changed, resume=True), log=_quiet)
+    changed = dict(cfg.model_overrides, capacity_factor=2.0)  # the same weights, another MoE
+    with pytest.raises(CheckpointError, match=r"cannot resume with different settings \(capacity_factor: 1\.2 -> 2\.0\)"):
         train(_config(cfg.data_dir, cfg.out, changed, resume=True), log=_quiet)
 
 
