@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import random
+import statistics
+from pathlib import Path
 
 import pytest
 
@@ -38,7 +40,7 @@ def test_compare_text_writes_the_report_and_reuses_finished_runs(tmp_path, capsy
     assert len(row.strip("|").split("|")) == 8 and row.count("±") == 5  # every number over the 2 seeds
     assert "Masked LM against its no-context level: bert_text_tiny " in report
     assert "Pretraining against fine-tuning from random weights, downstream: bert_text_tiny " in report
-    assert (out / "runs" / "widenet_text_tiny" / "seed1" / "scratch" / "metrics.jsonl").exists()
+    _assert_rows_are_the_runs_numbers(report, out, ["bert_text_tiny", "widenet_text_tiny"], seeds=2)
     assert "widenet_text_tiny block 1:" in report  # expert load of every WideNet block
     assert "bert_text_tiny block" not in report  # dense model: no routing
     for png in ("text_accuracy_vs_params.png", "text_mlm_loss.png"):
@@ -48,6 +50,35 @@ def test_compare_text_writes_the_report_and_reuses_finished_runs(tmp_path, capsy
     assert main(args) == 0  # the same command again: finished runs are reused, nothing retrains
     assert read_metrics(metrics) == before
     capsys.readouterr()
+
+
+def _last(path: Path, key: str) -> float:
+    """The last value of `key` among the evaluation (non-train) records of a metrics.jsonl."""
+    return [r[key] for r in read_metrics(path) if r.get("split") != "train" and key in r][-1]
+
+
+def _assert_rows_are_the_runs_numbers(report: str, out: Path, models: list[str], seeds: int) -> None:
+    """Every number of a model's row is the mean ± sample std over the seeds of what its runs wrote,
+    read back here from each run's metrics.jsonl, in the column the header names."""
+    lines = report.splitlines()
+    header = next(line for line in lines if line.startswith("| model |"))
+    columns = [c.strip() for c in header.strip("|").split("|")]
+    for model in models:
+        runs = [out / "runs" / model / f"seed{seed}" for seed in range(seeds)]
+        pre = [r / "pretrain" / "metrics.jsonl" for r in runs]
+        numbers = {
+            "MLM acc": [_last(p, "mlm_accuracy") for p in pre],
+            "no-context level": [_last(p, "unigram_accuracy") for p in pre],
+            "SOP acc": [_last(p, "sop_accuracy") for p in pre],
+            "downstream acc": [_last(r / "finetune" / "metrics.jsonl", "accuracy") for r in runs],
+            "from random weights": [_last(r / "scratch" / "metrics.jsonl", "accuracy") for r in runs],
+        }
+        row = next(line for line in lines if line.startswith(f"| {model} |"))
+        cells = dict(zip(columns, (c.strip() for c in row.strip("|").split("|"))))
+        for name, values in numbers.items():
+            column = next(c for c in columns if c.startswith(name))
+            want = f"{100 * statistics.fmean(values):.1f} ± {100 * statistics.stdev(values):.1f}"
+            assert cells[column] == want, (model, column, cells[column], want)
 
 
 def test_compare_text_needs_both_task_files(tmp_path, capsys):
