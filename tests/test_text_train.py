@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from widenet.cli import main
+from widenet.inference import answer_questions, load_pretrained
 from widenet.train.checkpoint import find_latest_checkpoint, load_checkpoint
 from widenet.train.finetune import finetune
 from widenet.train.metrics import read_metrics, without_timing
@@ -205,6 +206,15 @@ def test_finetune_qa_reports_squad_scores_and_learns(pretrained, tmp_path):
     assert e["f1"] >= e["exact"]
     records = [r for r in read_metrics(tmp_path / "qa" / "metrics.jsonl") if r["split"] == "train"]
     assert records[-1]["loss"] < 0.7 * records[0]["loss"]
+    # The reported exact match is the share of questions whose answer is the keeper's name, counted
+    # here from the saved model's own answers (the predict path, every token routed).
+    dev = json.loads((tmp_path / "dev.json").read_text(encoding="utf-8"))["data"][0]["paragraphs"]
+    pairs = [(p["qas"][0]["question"], p["context"]) for p in dev]
+    gold = [p["qas"][0]["answers"][0]["text"] for p in dev]
+    answers = answer_questions(load_pretrained(tmp_path / "qa"), pairs, max_len=48, device="cpu")
+    exact = 100 * sum(a.answer == g for a, g in zip(answers, gold)) / len(gold)
+    assert exact >= 50, [a.answer for a in answers]  # a span picked at random is almost never the name (~60-70%)
+    assert abs(e["exact"] - exact) <= 100 * 2 / 32  # two answers may differ (capacity routing in evaluation)
 
 
 def test_finetune_qa_squad2_reports_no_answer_breakdown(pretrained, tmp_path):
@@ -216,6 +226,8 @@ def test_finetune_qa_squad2_reports_no_answer_breakdown(pretrained, tmp_path):
                          out=str(tmp_path / "qa2"))
     e = finetune(cfg, log=lambda _: None).run.final_eval
     assert e["HasAns_total"] == 8 and e["NoAns_total"] == 4
+    for key in ("exact", "f1"):  # the whole is the two parts weighted by their counts
+        assert e[key] == pytest.approx((8 * e[f"HasAns_{key}"] + 4 * e[f"NoAns_{key}"]) / 12)
 
 
 def test_finetune_errors_are_clear(pretrained, tmp_path, capsys):
