@@ -107,10 +107,15 @@ def test_upcycled_vit_trains_with_init_and_keeps_the_dense_parts(vit_run, tmp_pa
         assert torch.equal(u["encoder.moes.0.experts.w1"][e], d[f"encoder.mlps.{block}.fc1.weight"].t())
         assert torch.equal(u["encoder.moes.0.experts.b2"][e], d[f"encoder.mlps.{block}.fc2.bias"])
     rc, out, err = cli(["train", "--init", tmp_path / "up", "--data-dir", fmnist_dir, "--out", tmp_path / "ft",
-                         "--max-steps", 2, "--batch-size", 32])
+                         "--max-steps", 2, "--batch-size", 32, "--lr", "1e-9"])
     assert rc == 0, err
     meta = json.loads(next((tmp_path / "ft" / "checkpoints").glob("step_*/meta.json")).read_text())
     assert meta["model"] == "vit_tiny_upcycled" and meta["model_config"]["encoder"]["moe_blocks"] == "all"
+    # Training started from the upcycled weights (at lr 1e-9 two AdamW steps move none by 1e-7), not new ones.
+    trained = widenet.from_pretrained(tmp_path / "ft").state_dict()
+    assert trained.keys() == u.keys()
+    for key, value in u.items():
+        torch.testing.assert_close(trained[key], value, rtol=0, atol=1e-7, msg=key)
     rc, out, err = cli(["eval", "--checkpoint", tmp_path / "ft", "--data-dir", fmnist_dir])
     assert rc == 0 and "vit_tiny_upcycled @ step 2" in out, err
     rc, out, err = cli(["eval", "--checkpoint", tmp_path / "up", "--data", "fashion-mnist", "--data-dir", fmnist_dir,
