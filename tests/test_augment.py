@@ -217,6 +217,25 @@ def test_augment_batch_none_is_normalisation():
     torch.testing.assert_close(augment_batch(x, AugmentConfig(), (0.5,) * 3, (0.2,) * 3), normalize(x, 0.5, 0.2))
 
 
+def test_augment_batch_pad_crop_and_flip_give_shifted_and_mirrored_windows():
+    """The training default: every output image, un-normalised, is one window of the zero-padded input
+    or its mirror; over 32 images some are shifted, and some mirrored and some not (drawn per image)."""
+    x = uint8_batch(b=32, size=6)
+    config = AugmentConfig(crop="pad-crop", crop_padding=2, flip=True)
+    out = augment_batch(x, config, mean=(0.5,) * 3, std=(0.25,) * 3, generator=torch.Generator().manual_seed(0))
+    pixels = torch.round((out * 0.25 + 0.5) * 255).to(torch.uint8)
+    padded = F.pad(x, (2, 2, 2, 2))
+    shifted = mirrored = 0
+    for i in range(len(x)):
+        windows = {(r, c): padded[i, :, r : r + 6, c : c + 6] for r in range(5) for c in range(5)}
+        plain = [at for at, w in windows.items() if torch.equal(pixels[i], w)]
+        flipped = [at for at, w in windows.items() if torch.equal(pixels[i], w.flip(-1))]
+        assert plain or flipped, f"image {i} is no window of the padded input"
+        shifted += (2, 2) not in plain + flipped
+        mirrored += not plain
+    assert shifted > 0 and 0 < mirrored < len(x), (shifted, mirrored)
+
+
 def test_augment_batch_reproducible_from_saved_rng_state():
     x = uint8_batch(b=8)
     augmenter = Augmenter(FULL, mean=(0.5,) * 3, std=(0.25,) * 3)
