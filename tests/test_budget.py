@@ -71,11 +71,21 @@ def test_steps_within_rejects_non_positive_step_time():
         steps_within(10.0, 0.0, 1.0, Cadence(10, 1))
 
 
-def test_time_per_call_counts_warmup_and_minimum_calls():
-    calls = []
-    seconds = time_per_call(lambda: calls.append(1), warmup=2, min_calls=5, min_seconds=0.0)
+def test_time_per_call_counts_warmup_and_minimum_calls(monkeypatch):
+    """On a fake clock: the two warm-up calls (10 s each) are run but not timed; the mean is over the
+    timed calls (1 s each), at least min_calls of them and until min_seconds have passed."""
+    now, calls = [0.0], []
+
+    def call() -> None:
+        now[0] += 10.0 if len(calls) < 2 else 1.0
+        calls.append(1)
+
+    monkeypatch.setattr("widenet.train.budget.time.perf_counter", lambda: now[0])
+    assert time_per_call(call, warmup=2, min_calls=5, min_seconds=0.0) == 1.0
     assert len(calls) == 7
-    assert seconds >= 0
+    calls.clear()
+    assert time_per_call(call, warmup=2, min_calls=5, min_seconds=8.0) == 1.0
+    assert len(calls) == 2 + 8  # 5 calls were not yet 8 seconds
 
 
 def _steps_after_by_scan(seconds, step_s, eval_s, per_epoch, eval_every, done, most):

@@ -7,7 +7,6 @@ encode_squad for text) and runs the model itself.
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import os
@@ -23,7 +22,6 @@ from PIL import Image
 
 import widenet.cli as cli
 from widenet import MoE, create_model
-from widenet.cli_predict import add_predict_command
 from widenet.data.text.classification import ClassificationExample, encode_classification
 from widenet.data.text.squad import SquadExample, encode_squad, postprocess_squad
 from widenet.data.text.tokenizer import save_tokenizer, special_ids, train_tokenizer
@@ -127,17 +125,7 @@ def _reference_probs(model, files) -> torch.Tensor:
 
 
 def _cli(argv, capsys, monkeypatch) -> tuple[int, str, str]:
-    """widenet.cli.main with `predict` registered (if cli.py does not register it yet)."""
-    build = cli.build_parser
-
-    def with_predict() -> argparse.ArgumentParser:
-        parser = build()
-        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-        if "predict" not in sub.choices:
-            add_predict_command(sub)
-        return parser
-
-    monkeypatch.setattr(cli, "build_parser", with_predict)
+    """widenet.cli.main(argv): (exit code, stdout, stderr)."""
     try:
         rc = cli.main([str(a) for a in argv])
     except SystemExit as exit_:
