@@ -154,7 +154,8 @@ def test_finetune_classification_learns_the_label_word(pretrained, tmp_path):
     meta = load_checkpoint(tmp_path / "ft").meta
     assert meta["data"]["labels"] == ["bad", "good"]
     assert meta["model_config"]["task"] == "classify" and meta["model_config"]["num_labels"] == 2
-    # The backbone started from the pretrained weights, not from scratch.
+    # It names the pretrained run it started from (test_finetune_scratch_keeps_architecture_and_tokenizer_but_not_weights
+    # checks that the weights are loaded).
     assert meta["init"].startswith(str(out))
 
 
