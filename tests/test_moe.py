@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
 
+from widenet.layers import dispatch
 from widenet.layers.moe import MoE, expert_capacity, load_balancing_loss, router_z_loss
 
 if str(Path(__file__).resolve().parent) not in sys.path:  # the oracle lives next to this file
@@ -23,6 +27,21 @@ from moe_oracle import (
 )
 
 F64 = {"rtol": 1e-6, "atol": 1e-7}
+
+
+@contextlib.contextmanager
+def kernels_used() -> Iterator[list[str]]:
+    """The expert kernels the MoE calls inside the block ran, one entry per call (the row layout
+    each call asks for): a test comparing kernels must know that the kernel it names ran."""
+    used: list[str] = []
+    real = dispatch.row_layout
+
+    def spy(kernel: str, *args, **kw):
+        used.append(kernel)
+        return real(kernel, *args, **kw)
+
+    with mock.patch.object(dispatch, "row_layout", spy):
+        yield used
 
 
 def _moe(dim=6, hidden=10, experts=4, top_k=2, seed=0, dtype=torch.float64, **kw):
@@ -594,8 +613,16 @@ def test_bf16_input_under_autocast():
     """Experts compute in the autocast dtype; the result stays close to float32."""
     moe = _moe(experts=4, top_k=2, dtype=torch.float32)
     x = torch.randn(10, moe.dim)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    seen = []
+    real = dispatch.RoutedExperts.forward
+
+    def spy(ctx, x, *args):
+        seen.append((x.dtype, args[5].dtype))  # the tokens and w1 (after weight, slot, inverse, row_expert, kept)
+        return real(ctx, x, *args)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16), mock.patch.object(dispatch.RoutedExperts, "forward", spy):
         out = moe(x.bfloat16()).output
+    assert seen == [(torch.bfloat16, torch.bfloat16)] and out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), moe(x).output, rtol=0.05, atol=0.05)
 
 
@@ -672,7 +699,10 @@ def _assert_same_results(reference: MoE, other: MoE, tokens: int, padding: bool 
     results = []
     for m in (reference, other):
         xi = x.clone().requires_grad_(True)
-        res = m(xi, padding_mask=mask)
+        with kernels_used() as used:
+            res = m(xi, padding_mask=mask)
+        if m.experts.backend != "auto" and m.local_experts:
+            assert used == [m.experts.backend], f"asked for the {m.experts.backend} kernel, ran {used}"
         g = torch.randn(res.output.shape, generator=torch.Generator().manual_seed(1), dtype=x.dtype)
         ((res.output * g).sum() + 0.3 * res.aux_loss).backward()
         results.append([res.output, res.aux_loss, res.stats.dropped_fraction, xi.grad]
@@ -720,7 +750,9 @@ def test_an_expert_without_tokens_gets_zero_gradients(kernel):
     with torch.no_grad():
         moe.router.weight[3] = -50.0  # positive tokens: expert 3's logit is far below the others
     x = _skewed_x(12, moe.dim).float().abs() + 0.1
-    res = moe(x)
+    with kernels_used() as used:
+        res = moe(x)
+    assert used == [kernel]
     assert res.stats.expert_fraction[3] == 0
     res.output.sum().backward()
     for p in (moe.experts.w1, moe.experts.b1, moe.experts.w2, moe.experts.b2):
@@ -733,7 +765,9 @@ def test_grouped_kernel_zeroes_the_rows_it_leaves_unwritten():
     dropped assignments must still add exactly nothing, and no NaN may leak into gradients."""
     _, moe = _twins("grouped", experts=4, top_k=2, capacity_factor=0.25)
     x = _skewed_x(40, moe.dim).float().requires_grad_(True)
-    res = moe(x)
+    with kernels_used() as used:
+        res = moe(x)
+    assert used == ["grouped"]
     assert res.stats.dropped_assignment_fraction > 0.5
     res.output.square().sum().backward()
     assert torch.isfinite(res.output).all() and torch.isfinite(x.grad).all()

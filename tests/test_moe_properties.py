@@ -40,6 +40,7 @@ from widenet.layers.moe import MoE, MoEOutput
 if str(Path(__file__).resolve().parent) not in sys.path:  # the oracle lives next to this file
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 from moe_oracle import dispatch_tensor, einsum_moe, kept_assignments, oracle_balance_loss, oracle_capacity
+from test_moe import kernels_used
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tiny tensors: a second thread only adds overhead
 
@@ -300,7 +301,9 @@ def test_grouped_kernel_matches_oracle_in_float32(case: Case) -> None:
     x, mask, upstream = inputs(case, torch.float32)
     valid = torch.ones(case.tokens, dtype=torch.bool) if mask is None else ~mask.reshape(-1)
     n = int(valid.sum())
-    run = run_layer(moe, x, mask, upstream)
+    with kernels_used() as used:
+        run = run_layer(moe, x, mask, upstream)
+    assert used == ([] if case.tokens == 0 else ["grouped"])
     flat_out = run.result.output.detach().reshape(-1, DIM)
     assert torch.count_nonzero(flat_out[~valid]) == 0
     if n == 0:
