@@ -393,12 +393,16 @@ def test_activation_checkpointing_gives_the_same_forward_and_gradients(norm_posi
     recomputing = Encoder(EncoderConfig.from_dict({**cfg.to_dict(), "activation_checkpointing": True})).double()
     recomputing.load_state_dict(plain.state_dict())
     x = torch.randn(2, 5, 16, dtype=torch.float64)
-    results = []
+    results, calls = [], []
     for model in (plain, recomputing):
         torch.manual_seed(1)
+        runs = [0]
+        model.moes[0].register_forward_hook(lambda *_: runs.__setitem__(0, runs[0] + 1))  # the shared MoE
         out = model(x)
         (out.hidden.square().sum() + out.aux_loss).backward()
         results.append((out.hidden.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+        calls.append(runs[0])
+    assert calls == [3, 6]  # once per block, and again in backward when the blocks are recomputed
     (h0, g0), (h1, g1) = results
     assert torch.equal(h0, h1)
     for name in g0:

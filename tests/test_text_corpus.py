@@ -275,6 +275,11 @@ def test_cache_hit_does_not_tokenize_again(tmp_path, tok):
     assert torch.equal(again.tokens, first.tokens) and torch.equal(again.document_offsets, first.document_offsets)
     assert again.vocab_fingerprint == first.vocab_fingerprint
     assert [p.name for p in (tmp_path / "cache").iterdir()] == [cache_file.name]  # nothing half-written
+    # another vocabulary (same file, same everything else) misses it: its own ids, its own cache file
+    other = CountingTokenizer(train_tokenizer(PROSE[:2], vocab_size=60, min_frequency=1))
+    theirs = load_pretrain_corpus([path], other, cache_dir=tmp_path / "cache")
+    assert other.calls > 0 and not torch.equal(theirs.tokens, first.tokens)
+    assert len(list((tmp_path / "cache").glob("corpus-*.pt"))) == 2
     # changing the file invalidates the cache
     _write_text(path, _prose_documents(2, 10, seed=1))
     os.utime(path, ns=(1, 1))

@@ -93,6 +93,15 @@ def test_fingerprint_depends_on_vocab_and_case(tok):
     assert vocab_fingerprint(tok) == vocab_fingerprint(tok)
 
 
+def test_fingerprint_tells_apart_vocabularies_of_one_size_and_case(tmp_path):
+    """Two word pieces swapped: the same size, the same case, other ids for the same text."""
+    swapped = BERT_VOCAB[:6] + ["world", "hello"] + BERT_VOCAB[8:]
+    a = load_tokenizer(_write_vocab(tmp_path / "a.txt", BERT_VOCAB))
+    b = load_tokenizer(_write_vocab(tmp_path / "b.txt", swapped))
+    assert a.get_vocab_size() == b.get_vocab_size() and a.encode("hello").ids != b.encode("hello").ids
+    assert vocab_fingerprint(a) != vocab_fingerprint(b)
+
+
 def test_load_bert_vocab_txt(tmp_path):
     path = _write_vocab(tmp_path / "vocab.txt", BERT_VOCAB)
     tok = load_tokenizer(path)
