@@ -13,7 +13,10 @@ contract checked (widenet/cli.py):
   never a Python traceback;
 * a value that means nothing (nan or inf for a rate, a negative weight, a
   string for a boolean setting, a path that is not there) is refused: status
-  0 for it is a silently accepted bad value.
+  0 for it is a silently accepted bad value; given alone, its refusal names
+  the flag (else some later step tripped over it by accident);
+* a plain valid value of every train flag is accepted (a flag that refused
+  everything would pass the rest).
 
 Everything runs in-process, in a scratch working folder, with the network
 blocked and a time limit per example, so nothing trains for long. Examples are
@@ -149,6 +152,7 @@ class Flag:
     refuse: Judge
     replaces: tuple[str, ...] = ()
     meaning: Callable[[str], object] | None = None  # the setting a run that accepts the text must record
+    path: bool = False  # its values are kinds of paths; a refusal names the path rather than the flag
 
     def render(self, value: str) -> list[str]:
         if self.values is None:
@@ -161,7 +165,7 @@ class Flag:
 def path_flag(option: str, refused: tuple[str, ...]) -> Flag:
     """A path flag: the values are kinds of paths (Sandbox.path) and `refused` are those it must refuse."""
     kinds = PATH_KINDS + tuple(k for k in refused if k not in PATH_KINDS)
-    return Flag(option, st.sampled_from(kinds), lambda kind: kind in refused)
+    return Flag(option, st.sampled_from(kinds), lambda kind: kind in refused, path=True)
 
 
 def float_flag(option: str, judge: Judge, bound: float | None = None) -> Flag:
@@ -479,7 +483,15 @@ def run_cli(argv: list[str]) -> Outcome:
     return Outcome(status, out.getvalue(), err.getvalue(), from_argparse)
 
 
-def check_contract(argv: list[str], result: Outcome, must_refuse: bool) -> None:
+def spellings(option: str) -> tuple[str, ...]:
+    """How a refusal may name a flag: --max-steps, max-steps or max_steps; a --set key as itself."""
+    name = option.removeprefix("--set:").lstrip("-")
+    return option, name, name.replace("-", "_")
+
+
+def check_contract(argv: list[str], result: Outcome, must_refuse: bool, named: str | None = None) -> None:
+    """named: the one flag given a value that means nothing; its refusal must name it (a refusal
+    that names something else came from some later step tripping over the value)."""
     said = f"argv {argv}\nstatus {result.status!r}\nstderr:\n{result.err}\nstdout (end):\n{result.out[-500:]}"
     assert isinstance(result.status, int) and not isinstance(result.status, bool), said
     assert "Traceback" not in result.err and "Traceback" not in result.out, said
@@ -492,6 +504,8 @@ def check_contract(argv: list[str], result: Outcome, must_refuse: bool) -> None:
     assert lines[0].startswith("widenet"), said
     if result.from_argparse:
         assert ": error: " in lines[0], said
+    if named is not None:
+        assert any(name in lines[0] for name in spellings(named)), f"the refusal does not name {named}: {said}"
 
 
 def _with_value(flag: Flag) -> st.SearchStrategy[tuple[str, str]]:
@@ -530,7 +544,10 @@ def recorded_setting(argv: list[str], key: str) -> object:
 def fuzz(box: Sandbox, command: Command, chosen: list[tuple[str, str]]) -> None:
     argv = command.argv(box, chosen)
     result = run_cli(argv)
-    check_contract(argv, result, command.must_refuse(chosen))
+    refused = [option for option, value in chosen if command.flag(option).refuse(value)]
+    named = refused[0] if len(chosen) == 1 and refused and command.flag(refused[0]).values is not None \
+        and not command.flag(refused[0]).path else None
+    check_contract(argv, result, bool(refused), named)
     for option, value in chosen:
         flag = command.flag(option)
         if result.status == 0 and flag.meaning is not None:
@@ -557,6 +574,20 @@ def fuzz(box: Sandbox, command: Command, chosen: list[tuple[str, str]]) -> None:
 @example(chosen=[("--randaugment-m", "-1")])
 def test_train_survives_hostile_flags(sandbox: Sandbox, chosen: list[tuple[str, str]]) -> None:
     fuzz(sandbox, TRAIN, chosen)
+
+
+PLAIN = ("0.5", "1", "true", "all", "loop")  # the first a flag must accept is its plain value, unless:
+PLAIN_FOR = {"--num-experts": "4", "--set:num_experts": "4", "--image-size": "28", "--model": "vit_tiny"}
+
+
+@pytest.mark.parametrize("flag", [f for f in TRAIN.flags if f.values is not None and not f.path
+                                  and f.option not in ("--set", "--time-budget")], ids=lambda f: f.option)
+def test_train_accepts_a_plain_value_of_every_flag(sandbox: Sandbox, flag: Flag) -> None:
+    """The other half of the contract: a flag that refused everything would pass the fuzzing."""
+    value = PLAIN_FOR.get(flag.option) or next(text for text in PLAIN if not flag.refuse(text))
+    argv = TRAIN.argv(sandbox, [(flag.option, value)])
+    result = run_cli(argv)
+    assert result.status == 0, f"{flag.option}={value} refused: {result.err}"
 
 
 @FUZZ

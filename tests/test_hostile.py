@@ -363,11 +363,22 @@ def test_share_norms_false_really_is_false(tmp_path, fmnist_dir, tiny_set_args, 
     assert norms(runs["false"]) > norms(runs["yes"])  # per-block norms hold more parameters
 
 
-@pytest.mark.parametrize("flags", [["--noise-std", "nan"], ["--mixup", "nan"], ["--capacity-factor", "inf"],
-                                   ["--set", "capacity_factor=nan"], ["--set", "share_norms=maybe"],
-                                   ["--lr", "1e300"], ["--set", "num_classes=" + "9" * 30],
-                                   ["--out", ""], ["--randaugment-m", "-1"]])
-def test_meaningless_values_stop_before_training(tmp_path, fmnist_dir, tiny_set_args, capsys, flags):
+FINITE = "must be a finite number within +-3.4e+38, got"
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--noise-std", "nan"], f"argument --noise-std: {FINITE} 'nan'"),
+    (["--mixup", "nan"], f"argument --mixup: {FINITE} 'nan'"),
+    (["--capacity-factor", "inf"], f"argument --capacity-factor: {FINITE} 'inf'"),
+    (["--set", "capacity_factor=nan"], "capacity_factor must be a finite number, got 'nan'"),
+    (["--set", "share_norms=maybe"], "share_norms must be true or false (or yes/no, 1/0), got 'maybe'"),
+    (["--lr", "1e300"], f"argument --lr: {FINITE} '1e300'"),
+    (["--set", "num_classes=" + "9" * 30], "num_classes must be an integer within +-9.22e+18"),
+    (["--out", ""], "argument --out: must not be empty"),
+    (["--randaugment-m", "-1"], "randaugment_m must be in (0, 30), got -1.0"),
+])
+def test_meaningless_values_stop_before_training(tmp_path, fmnist_dir, tiny_set_args, capsys, flags, message):
+    """Each is refused in one line that names the value and what it must be, before anything trains."""
     out = tmp_path / "run"
     args = _train_args(fmnist_dir, out, tiny_set_args, "--max-steps", 1)
     if flags[0] == "--out":
@@ -376,6 +387,7 @@ def test_meaningless_values_stop_before_training(tmp_path, fmnist_dir, tiny_set_
         args += flags
     rc, _, err = _cli(args, capsys)
     assert rc == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert message in err, err
     assert not (out / "metrics.jsonl").exists()
 
 
