@@ -254,9 +254,16 @@ def test_init():
     for name, p in model.named_parameters():
         if name.endswith("bias") and "norm" not in name:
             assert torch.all(p == 0), name
-    assert model.sop_head.proj.weight.abs().sum() > 0  # Xavier, not zero
-    bound = math.sqrt(6 / (16 + 16))
-    assert model.backbone.pooler.weight.abs().max() <= bound
+    # Every nn.Linear is Xavier-uniform: U(-b, b) with b = sqrt(6 / (fan_in + fan_out)), std b / sqrt(3) (torch's
+    # default, kaiming-uniform with a = sqrt(5), would give b = 1 / sqrt(fan_in): 0.25 against 0.43 at 16 x 16).
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    assert any(n == "sop_head.proj" for n, _ in linears) and any(n == "backbone.pooler" for n, _ in linears)
+    for name, m in linears:
+        fan_out, fan_in = m.weight.shape
+        bound = math.sqrt(6 / (fan_in + fan_out))
+        w = m.weight.detach()
+        assert w.abs().max() <= bound and w.abs().max() > 0.8 * bound, name
+        assert abs(w.std().item() - bound / math.sqrt(3)) < 0.2 * bound / math.sqrt(3), name
 
 
 # ----------------------------------------------------------------------------
