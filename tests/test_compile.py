@@ -20,18 +20,21 @@ import torch.nn.functional as F
 
 import widenet
 from widenet.cli import main
-from widenet.runtime import CompileUnavailable, check_compile_available
+from widenet.runtime import CompileUnavailable, check_compile_available, compile_model
 
 pytestmark = pytest.mark.slow
 
 
 def _compiled(model, backend):
+    """inductor: exactly as `--compile` compiles (runtime.compile_model); another backend: the same
+    capture (fullgraph, the masked-LM head's data-dependent gather) without inductor's code."""
     import torch._dynamo
 
     torch._dynamo.reset()
-    torch._dynamo.config.capture_dynamic_output_shape_ops = True  # the masked-LM head's gather
-    options = {"options": {"fallback_random": True}} if backend == "inductor" else {}
-    return torch.compile(model, fullgraph=True, backend=backend, **options)
+    if backend == "inductor":
+        return compile_model(model)
+    torch._dynamo.config.capture_dynamic_output_shape_ops = True
+    return torch.compile(model, fullgraph=True, backend=backend)
 
 
 def _graphs() -> int:
