@@ -117,8 +117,17 @@ def test_params_widenet_b16_matches_paper(capsys):
     rc, out, _ = _cli(["params", "widenet_b16", "--num-classes", 1001, "--representation", "--json"], capsys)
     assert rc == 0
     row = json.loads(out)
-    assert row == {"model": "widenet_b16", "params": 29692137, "num_classes": 1001, "representation": True}
-    assert math.floor(row["params"] / 1e6) == 29
+    # By hand: D 768, 12 blocks sharing one attention and one MoE of 4 experts (hidden 4096), own norms;
+    # 224 px in 16 px patches (196 + [CLS] positions); a 768-wide representation layer; 1001 classes.
+    d, h, e = 768, 4096, 4
+    attention = 4 * d * d + 4 * d  # qkv and output projections with biases
+    moe = e * d + e * (2 * d * h + h + d)  # router (no bias), experts
+    norms = 12 * 2 * 2 * d + 2 * d  # two LayerNorms per block, the final one
+    stem = 3 * 16 * 16 * d + d + d + 197 * d  # patch conv with bias, [CLS], positions
+    head = d * d + d + d * 1001 + 1001  # representation layer, classifier
+    want = stem + attention + moe + norms + head
+    assert row == {"model": "widenet_b16", "params": want, "num_classes": 1001, "representation": True}
+    assert math.floor(row["params"] / 1e6) == 29  # the paper's 29M
 
 
 def test_params_paper_models_in_one_call(capsys):
