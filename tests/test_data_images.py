@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from widenet.data.batches import epoch_order, num_batches
 from widenet.data.downloads import data_home
@@ -498,6 +499,11 @@ def test_load_dataset_dispatch(tmp_path, no_debian):
     assert ds.images.shape == (5, 1, 28, 28)
     big = load_dataset("fashion-mnist", "test", data_dir=tmp_path / "fm", image_size=32, download=False)
     assert big.images.shape == (5, 1, 32, 32) and big.images.dtype == torch.uint8
+    # the same pictures, larger: Pillow's bilinear resize of each one as the oracle (to rounding)
+    for small, large in zip(ds.images, big.images):
+        want = np.asarray(Image.fromarray(small[0].numpy()).resize((32, 32), Image.BILINEAR), dtype=np.int16)
+        assert np.abs(large[0].numpy().astype(np.int16) - want).max() <= 1
+    assert torch.equal(big.labels, ds.labels)
     write_cifar100(tmp_path / "c")
     assert load_dataset("cifar100", "train", data_dir=tmp_path / "c").num_classes == 100
     make_folder(tmp_path / "f")
