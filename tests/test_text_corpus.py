@@ -363,10 +363,22 @@ def test_one_sentence_documents_split_at_a_token_and_tiny_docs_skipped():
 
 
 def test_long_sentences_are_truncated_to_fit():
+    """Every token is its position in the corpus (5, 6, 7, ...): each segment kept must be a run of
+    consecutive tokens of one document (truncation trims ends, never the middle), and the two
+    segments of an example sit next to each other in the text (swapped when the label says so)."""
     rng = random.Random(0)
-    docs = [[[rng.randrange(5, 100) for _ in range(rng.randrange(1, 60))] for _ in range(6)] for _ in range(20)]
+    counter = itertools.count(5)
+    docs = [[[next(counter) for _ in range(rng.randrange(1, 60))] for _ in range(6)] for _ in range(20)]
     ex = make_sop_examples(_corpus(docs), seq_len=24, seed=3, special=SPECIAL)
     _check_layout(ex, 24)
+    document_of = {t: d for d, doc in enumerate(docs) for sentence in doc for t in sentence}
+    for ids, label in zip(ex.input_ids.tolist(), ex.sop_labels.tolist()):
+        first_sep = ids.index(SPECIAL.sep)
+        a, b = ids[1:first_sep], ids[first_sep + 1 : ids.index(SPECIAL.sep, first_sep + 1)]
+        for segment in (a, b):
+            assert segment == list(range(segment[0], segment[0] + len(segment))), segment
+        earlier, later = (b, a) if label == 1 else (a, b)
+        assert earlier[-1] < later[0] and document_of[earlier[0]] == document_of[later[-1]]
 
 
 def test_a_sentence_longer_than_a_sequence_is_used_whole_in_pieces():
