@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import json
 import math
 import os
@@ -30,6 +31,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+import widenet
 from widenet.cli import main
 from widenet.data.augment import AugmentConfig
 from widenet.files import save_atomic
@@ -39,7 +41,7 @@ from widenet.models.registry import create_model
 from widenet.models.text import TextConfig
 from widenet.models.vision import VisionConfig
 from widenet.settings import SettingError, SettingTypeError, field_kinds, parse_setting_text
-from widenet.train.checkpoint import find_latest_checkpoint, load_checkpoint, read_checkpoint_meta
+from widenet.train.checkpoint import checkpoint_dir_name, find_latest_checkpoint, load_checkpoint, read_checkpoint_meta
 from widenet.train.config import TrainConfig
 from widenet.train.metrics import read_metrics
 from widenet.train.text_config import FinetuneConfig, PretrainConfig
@@ -837,3 +839,35 @@ def test_refused_pickles_never_advise_loading_them(tmp_path, fmnist_dir, tiny_se
     assert "this file tries to run code" in line and "it was not loaded" in line
     assert "weights_only" not in line.split("(a state.pt")[0]
     json.loads((find_latest_checkpoint(out) / "meta.json").read_text())  # the rest of the run is intact
+
+
+def _main_in_a_utf8_terminal(argv) -> tuple[int, bytes, bytes]:
+    """main(argv) with stdout and stderr as a UTF-8 locale gives them (strict errors): (status, bytes written)."""
+    streams = [io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="strict") for _ in range(2)]
+    with contextlib.redirect_stdout(streams[0]), contextlib.redirect_stderr(streams[1]):
+        rc = main([str(a) for a in argv])
+    for stream in streams:
+        stream.flush()
+    return rc, streams[0].buffer.getvalue(), streams[1].buffer.getvalue()
+
+
+def test_a_run_folder_named_in_another_encoding_is_written_and_read(tmp_path, fmnist_dir, tiny_set_args):
+    """A run under a Latin-1 folder name trained and saved, then failed printing its last line (a
+    UTF-8 stdout refuses the name), and every reader (--resume, eval, export) called its intact
+    weights "corrupt or unreadable" (safetensors opens UTF-8 paths only)."""
+    out = tmp_path / os.fsdecode(b"caf\xe9") / "run"  # b"\xe9" is not UTF-8: Python holds it as a surrogate
+    rc, printed, err = _main_in_a_utf8_terminal(_train_args(fmnist_dir, out, tiny_set_args, "--max-steps", 2,
+                                                            "--save-every", 1))
+    assert rc == 0, err
+    assert os.fsencode(out) in printed  # the folder named as the bytes it is called by
+    rc, printed, err = _main_in_a_utf8_terminal(["eval", "--checkpoint", out, "--data-dir", fmnist_dir])
+    assert rc == 0 and b"@ step 2" in printed, err
+    rc, _, err = _main_in_a_utf8_terminal(["export", out, "--to", out.parent / "exported"])
+    assert rc == 0, err
+    exported = widenet.from_pretrained(out.parent / "exported").state_dict()
+    saved = load_checkpoint(out).model_state
+    assert all(torch.equal(exported[k], saved[k]) for k in saved)
+    (out / "checkpoints" / checkpoint_dir_name(2)).rename(out.parent / "gone")  # as if killed after step 1
+    rc, _, err = _main_in_a_utf8_terminal(_train_args(fmnist_dir, out, tiny_set_args, "--max-steps", 2,
+                                                      "--save-every", 1, "--resume"))
+    assert rc == 0 and load_checkpoint(out).meta["step"] == 2, err

@@ -50,6 +50,15 @@ def warnings_as_notes() -> Iterator[None]:
         yield
 
 
+def print_any_file_name() -> None:
+    """File names that are not UTF-8 reach Python as surrogates (PEP 383), which stdout and stderr
+    refuse to encode in a UTF-8 locale: a run in such a folder trained, saved, then failed at its
+    last line. They are written back as the bytes they came from, as ls writes them."""
+    for stream in (sys.stdout, sys.stderr):
+        if getattr(stream, "errors", None) == "strict" and hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="surrogateescape")
+
+
 @contextlib.contextmanager
 def output_survives_its_reader(training: bool) -> Iterator[None]:
     """For a training command, a reader of stdout that goes away (`| head`, a closed pager, a dead

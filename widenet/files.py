@@ -24,8 +24,9 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-__all__ = ["LockHeld", "RefusedPickle", "atomic_path", "disk_full", "fsync_path", "hold_lock", "load_weights_only",
-           "pid_alive", "raise_if_disk_full", "rename_exchange", "save_atomic", "write_bytes_durably"]
+__all__ = ["LockHeld", "RefusedPickle", "atomic_path", "disk_full", "fsync_path", "hold_lock", "load_safetensors",
+           "load_weights_only", "pid_alive", "raise_if_disk_full", "rename_exchange", "save_atomic", "save_safetensors",
+           "write_bytes_durably"]
 
 
 @contextlib.contextmanager
@@ -104,6 +105,42 @@ def load_weights_only(path: Path) -> Any:
             raise RefusedPickle(f"{path}: this file tries to run code (it asks for {found.group(1)}); "
                                 "it was not loaded") from None
         raise pickle.UnpicklingError("malformed pickle data") from None
+
+
+def _utf8_name(path: str | os.PathLike) -> str | None:
+    """The path as a str safetensors can open (it takes UTF-8 paths only), or None for a name in
+    another encoding (Python keeps its undecodable bytes as surrogates)."""
+    name = os.fspath(path)
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return None
+    return name
+
+
+def load_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A .safetensors file's tensors on the CPU, wherever it lies (a folder named in another
+    encoding is read through a Python file handle)."""
+    from safetensors.torch import load, load_file
+
+    name = _utf8_name(path)
+    if name is not None:
+        return load_file(name, device="cpu")
+    with open(path, "rb") as f:
+        return load(f.read())
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
+                     metadata: dict[str, str] | None = None) -> None:
+    """Write tensors as a .safetensors file, wherever it goes (see load_safetensors)."""
+    from safetensors.torch import save, save_file
+
+    name = _utf8_name(path)
+    if name is not None:
+        save_file(tensors, name, metadata=metadata)
+        return
+    with open(path, "wb") as f:
+        f.write(save(tensors, metadata=metadata))
 
 
 def fsync_path(path: Path) -> None:

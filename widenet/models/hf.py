@@ -32,10 +32,9 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch import nn
 
-from ..files import RefusedPickle, load_weights_only
+from ..files import RefusedPickle, load_safetensors, load_weights_only
 from ..settings import repeated
 from .encoder import EncoderConfig
 from .presets import ALBERT_SHARING
@@ -101,7 +100,7 @@ def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
                              folder / "pytorch_model.bin")
     try:
         if single.is_file():
-            return load_file(single)
+            return load_safetensors(single)
         if index.is_file():
             weight_map = json.loads(index.read_text()).get("weight_map")
             if not isinstance(weight_map, dict):
@@ -109,7 +108,7 @@ def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
             shards = sorted(set(map(str, weight_map.values())))
             state: dict[str, torch.Tensor] = {}
             for shard in shards:
-                state.update(load_file(folder / shard))
+                state.update(load_safetensors(folder / shard))
             return state
         if pickle.is_file():
             state = load_weights_only(pickle)

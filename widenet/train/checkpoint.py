@@ -38,7 +38,8 @@ import torch
 from torch import nn
 
 from .. import files
-from ..files import RefusedPickle, fsync_path, load_weights_only, raise_if_disk_full, write_bytes_durably
+from ..files import (RefusedPickle, fsync_path, load_safetensors, load_weights_only, raise_if_disk_full,
+                     save_safetensors, write_bytes_durably)
 from ..models.hf import nonfinite_tensor
 from ..rng import capture_rng_state, restore_rng_state
 from .checkpoint_layout import (CHECKPOINT_FILES, CHECKPOINTS_DIR, FORMAT, LATEST_FILE, META_FILE, MODEL_FILE,
@@ -163,10 +164,8 @@ def _build_meta(step: int, meta: Mapping | None, train_state: Mapping) -> dict:
 
 def _write_folder(tmp: Path, tensors: dict, train_state: Mapping, meta_text: str) -> None:
     """Write the three checkpoint files into ``tmp`` and fsync files and folder."""
-    from safetensors.torch import save_file
-
     tmp.mkdir()
-    save_file(tensors, str(tmp / MODEL_FILE), metadata={"format": "pt"})
+    save_safetensors(tensors, tmp / MODEL_FILE, metadata={"format": "pt"})
     fsync_path(tmp / MODEL_FILE)
     with open(tmp / STATE_FILE, "wb") as f:
         torch.save(dict(train_state), f)
@@ -342,10 +341,8 @@ def _check_expected_meta(file: Path, meta: dict, expected: Mapping, within: str 
 
 def _read_model_state(file: Path) -> dict[str, torch.Tensor]:
     """Load model.safetensors or raise CheckpointError."""
-    from safetensors.torch import load_file
-
     try:
-        return load_file(str(file), device="cpu")
+        return load_safetensors(file)
     except Exception as e:  # safetensors raises SafetensorError, OSError, ...
         raise CheckpointError(f"{file}: corrupt or unreadable safetensors file ({e})") from e
 

@@ -30,11 +30,10 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..data.text.tokenizer import TokenizerError, load_tokenizer, save_tokenizer, vocab_fingerprint
-from ..files import fsync_path, raise_if_disk_full, rename_exchange
+from ..files import fsync_path, load_safetensors, raise_if_disk_full, rename_exchange, save_safetensors
 from ..models.hf import is_hf_folder, load_hf
 from ..models.text import TextConfig, TextTransformer
 from ..models.vision import VisionConfig, VisionTransformer
@@ -173,7 +172,7 @@ def write_export(out: str | os.PathLike, model: nn.Module, *, model_name: str, c
     try:
         remove_tree(tmp)
         tmp.mkdir(parents=True)
-        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, tmp / WEIGHTS_FILE)
+        save_safetensors({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, tmp / WEIGHTS_FILE)
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=1) + "\n")
         if tokenizer is not None:
             save_tokenizer(tokenizer, tmp / TOKENIZER_FILE)
@@ -257,7 +256,7 @@ def read_export(path: str | os.PathLike) -> Source:
         raise CheckpointError(f"{folder}: format version {version} is newer than this widenet reads "
                               f"({EXPORT_VERSION}); upgrade widenet")
     try:
-        state = load_file(folder / WEIGHTS_FILE)
+        state = load_safetensors(folder / WEIGHTS_FILE)
     except (OSError, SafetensorError) as err:
         raise CheckpointError(f"{folder / WEIGHTS_FILE}: could not read the weights ({err})") from None
     image = config.get("image") or {}
