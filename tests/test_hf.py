@@ -91,6 +91,27 @@ def test_classification_and_qa_heads_equal_transformers(tmp_path, family):
     torch.testing.assert_close(_real(out.end_logits, mask), _real(ref.end_logits, mask), **TOL)
 
 
+@pytest.mark.parametrize("family", ["bert", "vit"])
+def test_regression_and_multi_label_heads_are_refused(tmp_path, family):
+    """transformers' classifiers also regress (one output) or tag several labels at once (a sigmoid
+    each); read as one-label softmax classifiers they printed "LABEL_0 100%" for every sentence."""
+    def folder(name, **settings):
+        if family == "bert":
+            model = transformers.BertForSequenceClassification(transformers.BertConfig(**TEXT, **settings))
+        else:
+            model = transformers.ViTForImageClassification(transformers.ViTConfig(**VIT, **settings))
+        return _save(model, tmp_path / name)
+
+    for name, settings, message in [
+        ("one", dict(num_labels=1), r"a regression head \(one output and no problem_type"),
+        ("regression", dict(num_labels=2, problem_type="regression"), r"a regression head \(problem_type regression"),
+        ("tags", dict(num_labels=3, problem_type="multi_label_classification"), "a multi-label classifier"),
+    ]:
+        with pytest.raises(HFCheckpointError, match=message + ".*widenet's classifiers pick one label of several"):
+            load_hf(folder(name, **settings))
+    assert load_hf(folder("single", num_labels=3, problem_type="single_label_classification")).model is not None
+
+
 def test_bert_for_pretraining_equals_transformers(tmp_path):
     torch.manual_seed(0)
     hf = transformers.BertForPreTraining(transformers.BertConfig(**TEXT))

@@ -35,8 +35,8 @@ from safetensors import SafetensorError
 from torch import nn
 
 from ..files import RefusedPickle, load_safetensors, load_weights_only
-from ..settings import repeated
 from .encoder import EncoderConfig
+from .hf_labels import classifier_problem, label_names
 from .presets import ALBERT_SHARING
 from .text import TextConfig, TextTransformer
 from .vision import VisionConfig, VisionTransformer
@@ -189,9 +189,9 @@ def _load_text(path, config: dict, state: dict, arch: str, kind: str) -> HFImpor
                    dropout=0.0, attn_dropout=0.0)
     if kind == "albert":
         encoder.update(ALBERT_SHARING)
-    classes, label_notes = _label_names(config) if task == "classify" else (None, [])
-    if classes is not None and "classifier.weight" in state:
-        _check_label_count(path, classes, state["classifier.weight"].shape[0])
+    classes, label_notes = label_names(config) if task == "classify" else (None, [])
+    if task == "classify":
+        _check_classifier(path, config, classes, state)
     decoder = next((k for k in ("predictions.decoder.weight", "cls.predictions.decoder.weight") if k in state), None)
     words = state.get("embeddings.word_embeddings.weight")
     untied = decoder is not None and words is not None and not torch.equal(state[decoder], words)
@@ -292,7 +292,7 @@ def _head_notes(model: nn.Module, state: dict, task: str) -> list[str]:
     if task != "pretrain":
         return []
     if not any(k.startswith("pooler.") for k in state):
-        return ["the checkpoint has no pooler (a masked-LM model): the pooler and sentence-order head are new"]
+        return ["the checkpoint has no pooler: the pooler and sentence-order head are new"]
     if any(k.startswith("cls.seq_relationship.") for k in state):
         return ["BERT's next-sentence head is loaded as the sentence-order head (same shape, other task)"]
     return []
@@ -304,7 +304,7 @@ def _head_notes(model: nn.Module, state: dict, task: str) -> list[str]:
 def _load_vit(path, config: dict, state: dict, arch: str) -> HFImport:
     dim = config["hidden_size"]
     classifier = "classifier.weight" in state
-    classes, notes = _label_names(config) if classifier else (None, [])
+    classes, notes = label_names(config) if classifier else (None, [])
     pooled = "pooler.dense.weight" in state
     if pooled and config.get("pooler_act", "tanh") != "tanh":
         raise HFCheckpointError(f"{path}: pooler_act {config['pooler_act']!r} is not supported (widenet's pre-logits "
@@ -313,8 +313,8 @@ def _load_vit(path, config: dict, state: dict, arch: str) -> HFImport:
                             mlp_dim=config["intermediate_size"], norm_eps=float(config.get("layer_norm_eps", 1e-12)),
                             activation=_activation(path, config), norm_position="pre")
     num_classes = state["classifier.weight"].shape[0] if classifier else config.get("num_labels", 2) or 2
-    if classes is not None:
-        _check_label_count(path, classes, num_classes)
+    if classifier:
+        _check_classifier(path, config, classes, state)
     cfg = VisionConfig(image_size=_single(path, config, "image_size"), patch_size=_single(path, config, "patch_size"),
                        in_channels=config.get("num_channels", 3), num_classes=num_classes, pool="token",
                        stem="patch", representation_size=dim if pooled else None, encoder=encoder)
@@ -377,31 +377,10 @@ def _activation(path, config: dict) -> str:
     return _ACTIVATIONS[act]
 
 
-def _label_names(config: dict) -> tuple[list[str] | None, list[str]]:
-    """The class names of id2label, by id (None without one), and notes. With ids other than 0..n-1
-    the classes stay unnamed (numbered) rather than some named wrongly; a name given to several
-    outputs gets each one's index. A note says which."""
-    labels = config.get("id2label")
-    if not isinstance(labels, dict) or not labels:
-        return None, []
-    by_id = {str(k): str(v) for k, v in labels.items()}
-    if set(by_id) != {str(i) for i in range(len(by_id))}:
-        return None, [f"config.json's id2label names ids {', '.join(sorted(by_id))}, not 0..{len(by_id) - 1}: "
-                      "the classes are left unnamed (numbered)"]
-    names = [by_id[str(i)] for i in range(len(by_id))]
-    if not (twice := repeated(names)):  # ImageNet's has two "crane"s
-        return names, []
-    return [f"{name} ({i})" if name in twice else name for i, name in enumerate(names)], [
-        f"config.json's id2label gives {', '.join(map(repr, twice))} to more than one output: those classes are "
-        "named with their index too (e.g. 'crane (134)')"]
-
-
-def _check_label_count(path, classes: list[str], rows: int) -> None:
-    """The classifier's rows must be the classes config.json names (transformers refuses such a
-    folder too): taking either count would give some classes wrong or no names."""
-    if len(classes) != rows:
-        raise HFCheckpointError(f"{path}: config.json names {len(classes)} labels (id2label) but the classifier "
-                                f"has {rows} rows; fix id2label/num_labels to match the weights")
+def _check_classifier(path, config: dict, classes: list[str] | None, state: dict) -> None:
+    rows = state["classifier.weight"].shape[0] if "classifier.weight" in state else config.get("num_labels", 2)
+    if problem := classifier_problem(config, classes, rows):
+        raise HFCheckpointError(f"{path}: {problem}")
 
 
 def _strip_base_prefix(state: dict, kind: str) -> dict:
