@@ -377,6 +377,18 @@ def test_non_finite_loss_through_cli(tmp_path, fmnist_dir, tiny_set_args, monkey
     assert find_latest_checkpoint(tmp_path / "run") is None
 
 
+def test_an_update_that_breaks_the_weights_stops_at_the_evaluation(tmp_path, fmnist_dir, tiny_overrides):
+    """lr 1e30: the one step's loss (computed before its update) is finite, the weights after it are
+    not. The run used to save them, report "loss nan" and exit 0 (and compare ranked such models)."""
+    out = tmp_path / "run"
+    cfg = _config(fmnist_dir, out, tiny_overrides, max_steps=1, lr=1e30, warmup_steps=0)
+    with pytest.raises(TrainingError, match=r"the evaluation at step 1 gave loss nan: the weights are no longer "
+                                            r"finite; stopped \(no checkpoint was saved yet\)"):
+        train(cfg, log=_quiet)
+    assert find_latest_checkpoint(out) is None
+    assert [r["split"] for r in read_metrics(out / "metrics.jsonl")] == ["train"]  # no NaN evaluation recorded
+
+
 # --- kill -9 and resume == uninterrupted ---------------------------------------------------
 RESUME_STEPS = 40  # 8 steps per epoch: the resumed run crosses epoch boundaries
 SAVE_EVERY = 5

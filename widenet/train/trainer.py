@@ -34,9 +34,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..distributed.parallel import ParallelContext
-from ..layers.moe import MOE_SETTINGS
 from ..memory import check_fits_memory, parameter_bytes
-from ..models.encoder import moe_block_ids
 from ..rng import capture_rng_state, restore_rng_state
 from ..runtime import autocast, compiled_if, first_line
 from .budget import BudgetPlan, Cadence, Deadline, plan_budget
@@ -48,6 +46,7 @@ from .metrics import NullMetrics
 from .optim import build_optimizer, build_schedule
 from .progress import LogWindow, Progress, StepResult
 from .run_folder import drop_set_aside
+from .setting_changes import changed_settings
 from .tensorboard import open_metrics
 
 TRAIN_STATE_KEYS = ("optimizer", "scheduler", "rng", "progress")  # what a resume needs from state.pt
@@ -190,9 +189,7 @@ class Trainer:
         started = time.perf_counter()
         result = self.update(self.net, self.optimizer, self.schedule, batch, p.step)
         if not math.isfinite(result.loss):
-            last = find_latest_checkpoint(self.out)
-            kept = f"the last good checkpoint {last} is intact" if last else "no checkpoint was saved yet"
-            raise TrainingError(f"loss became {result.loss} at step {p.step + 1}; stopped ({kept}).")
+            raise TrainingError(f"loss became {result.loss} at step {p.step + 1}; stopped ({self._last_good()}).")
         if self.ema is not None:
             self.ema.update(self.parallel.module(self.model))
         seconds = time.perf_counter() - started
@@ -232,6 +229,8 @@ class Trainer:
         if self.ema is not None:
             self._calibrate_average()
             final_ema = task.evaluate(self.ema.module)
+        for result in (final, final_ema):
+            self._refuse_non_finite(result)
         if write:
             at = dict(step=p.step, epoch=p.epoch)
             self.metrics.write(dict(split=task.split, **at, **task.record(final)))
@@ -241,6 +240,20 @@ class Trainer:
         where = f"epoch {p.epoch}/{self._epochs()} step {p.step}" if task.cadence.every_epochs else f"step {p.step}"
         self.log(f"{where}: {task.describe(final)}{averaged}")
         return final, final_ema
+
+    def _refuse_non_finite(self, result: Any) -> None:
+        """An evaluation whose loss is NaN or infinite: the last update broke the weights (the training
+        loss, checked before each update, had not shown it yet). Stop before they are saved."""
+        if result is None:
+            return
+        bad = [f"{k} {v}" for k, v in self.task.record(result).items() if isinstance(v, float) and not math.isfinite(v)]
+        if bad:
+            raise TrainingError(f"the evaluation at step {self.progress.step} gave {', '.join(bad)}: the weights are "
+                                f"no longer finite; stopped ({self._last_good()}).")
+
+    def _last_good(self) -> str:
+        last = find_latest_checkpoint(self.out)
+        return f"the last good checkpoint {last} is intact" if last else "no checkpoint was saved yet"
 
     def _checkpoint(self) -> None:
         p, parallel = self.progress, self.parallel
@@ -283,20 +296,7 @@ class Trainer:
 
     def _refuse_changed_settings(self, path: Path, saved_meta: dict[str, Any]) -> None:
         """Raise naming each setting of the run or of the model that differs from the checkpoint's."""
-        saved = saved_meta.get("train_config", {})
-        conflicts = self.cfg.resume_conflicts(saved)
-        saved_model, model = saved_meta.get("model_config"), self.meta.get("model_config")
-        model_changes = []
-        if isinstance(saved_model, dict) and isinstance(model, dict) and saved_meta.get("model") == self.cfg.model:
-            if _without_moe_layers(saved_model) and _without_moe_layers(model):  # MoE settings do nothing there
-                saved_model, model = _moe_settings_dropped(saved_model), _moe_settings_dropped(model)
-                if "model_overrides" in conflicts and _moe_settings_dropped(saved.get("model_overrides") or {}) == \
-                        _moe_settings_dropped(self.cfg.model_overrides):
-                    conflicts.remove("model_overrides")  # a run from before they were refused on such a model
-            model_changes = [f"{k}: {a!r} -> {b!r}" for k, a, b in _changed_entries(saved_model, model)]
-        if model_changes:  # named one by one: not also as the whole --set dictionary
-            conflicts = [k for k in conflicts if k != "model_overrides"]
-        changes = [f"{k}: {saved[k]!r} -> {getattr(self.cfg, k)!r}" for k in conflicts] + model_changes
+        conflicts, changes = changed_settings(self.cfg, self.meta, saved_meta)
         if changes:
             hint = ""
             if set(conflicts) & _LENGTH_SETTINGS and self.cfg.INIT_CONTINUES:
@@ -419,38 +419,6 @@ def seeded_generator(seed: int, step: int) -> torch.Generator:
 
 
 _LENGTH_SETTINGS = {"max_steps", "epochs", "time_budget"}  # what decides a run's length (and its schedule)
-
-
-def _without_moe_layers(model_config: dict[str, Any]) -> bool:
-    """A saved model config (dict) whose encoder has no MoE block."""
-    encoder = model_config.get("encoder")
-    if not isinstance(encoder, dict) or not isinstance(encoder.get("moe_blocks"), str):
-        return False
-    try:
-        return not moe_block_ids(encoder["moe_blocks"], int(encoder.get("depth", 0)))
-    except ValueError:
-        return False
-
-
-def _moe_settings_dropped(config: dict[str, Any]) -> dict[str, Any]:
-    """A model config (or a dict of model settings) without its MoE settings."""
-    out = {k: v for k, v in config.items() if k not in MOE_SETTINGS and k != "moe"}
-    if isinstance(out.get("encoder"), dict):
-        out["encoder"] = _moe_settings_dropped(out["encoder"])
-    return out
-
-
-def _changed_entries(saved: dict[str, Any], now: dict[str, Any]) -> list[tuple[str, Any, Any]]:
-    """(name, saved value, new value) of every setting that differs, nested dicts flattened
-    (a model's encoder settings are named by their own names: num_experts, not encoder.num_experts)."""
-    out = []
-    for key in sorted(saved.keys() & now.keys()):  # a key only one side has: a newer widenet's default
-        a, b = saved[key], now[key]
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _changed_entries(a, b)
-        elif a != b:
-            out.append((key, a, b))
-    return out
 
 
 __all__ = ["LogWindow", "Progress", "RunResult", "StepResult", "Task", "Trainer", "TrainingError", "apply_update",
