@@ -755,11 +755,20 @@ def test_weights_or_training_state_beyond_the_memory_are_refused_before_allocati
     line = _one_line_error(*_cli(["bench", "moe", "--tokens", 64, "--dim", 4096, "--hidden", 16384, "--experts", 64,
                                   "--repeats", 1], capsys)[::2])
     assert line.startswith("widenet: error: out of memory: the model's weights (8,591,507,456 parameters) need")
-    # The weights fit, their gradients and AdamW's moments do not.
+    # The weights fit, their gradients and AdamW's moments do not (a batch's activations would: at least
+    # 1 image x 50 tokens x 8 vectors of width 32 x 2 blocks x 4 bytes).
+    assert 1 * 50 * 8 * TINY["dim"] * TINY["depth"] * 4 < 2 * weights
     monkeypatch.setattr(memory, "available_memory", lambda: 2 * weights)
-    line = _one_line_error(*_cli(_train_args(fmnist_dir, tmp_path / "run", tiny_set_args, "--max-steps", 1),
-                                 capsys)[::2])
+    line = _one_line_error(*_cli(_train_args(fmnist_dir, tmp_path / "run", tiny_set_args, "--max-steps", 1,
+                                             "--batch-size", 1), capsys)[::2])
     assert "the gradients and optimizer state of training need" in line
+    # Images resized to 280 px: 4901 tokens each (--image-size 5000 got the process killed after 90 s);
+    # 32 x 4901 x 8 x 32 x 2 x 4 bytes = 306.3 MiB.
+    monkeypatch.setattr(memory, "available_memory", lambda: 2**28)
+    line = _one_line_error(*_cli(_train_args(fmnist_dir, tmp_path / "big", tiny_set_args, "--max-steps", 1,
+                                             "--image-size", 280), capsys)[::2])
+    assert "the activations of a batch of 32 images of 280 px (4901 tokens each) need 306.3 MiB, more than the " \
+           "256.0 MiB of memory available" in line
 
 
 def test_damaged_run_folders_are_named(tmp_path, fmnist_dir, tiny_set_args, capsys):

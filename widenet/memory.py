@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-__all__ = ["available_memory", "check_fits_memory", "check_model_fits", "parameter_bytes"]
+__all__ = ["available_memory", "check_activations_fit", "check_fits_memory", "check_model_fits", "parameter_bytes"]
 
 _CGROUP = Path("/sys/fs/cgroup")
 
@@ -47,6 +47,13 @@ def check_fits_memory(num_bytes: int, what: str) -> None:
     if free is not None and num_bytes > free:
         raise MemoryError(f"{what} need {_size(num_bytes)}, more than the {_size(free)} of memory available "
                           "(WIDENET_NO_MEMORY_CHECK=1 skips this check)")
+
+
+def check_activations_fit(examples: int, tokens: int, dim: int, depth: int, what: str) -> None:
+    """MemoryError when even a lower bound of what autograd keeps for one batch exceeds the memory:
+    per block and token at least 8 float32 vectors of width D (the block's input, q, k, v, the
+    attention's output and the FFN's input, of the 13 D or more a block saves)."""
+    check_fits_memory(examples * tokens * dim * depth * 8 * 4, what)
 
 
 def _size(num_bytes: int) -> str:

@@ -26,6 +26,7 @@ from ..data.images import (ImageDataset, check_classification_pair, iterate_batc
                            subset)
 from ..distributed.env import main_process_first
 from ..distributed.parallel import ParallelContext
+from ..memory import check_activations_fit
 from ..models.registry import apply_overrides, count_parameters, create_model, model_config
 from ..models.vision import VisionConfig, VisionTransformer
 from ..runtime import autocast, autocast_dtype, resolve_device
@@ -227,6 +228,10 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print,
     train_set, test_set = data if data is not None else _load_data_once(cfg, parallel, source)
     torch.manual_seed(cfg.seed)
     model = build_model_for(cfg, train_set, source).to(device)
+    if device.type == "cpu" and not parallel.distributed:
+        tokens, enc = model.cfg.num_patches + 1, model.cfg.encoder
+        check_activations_fit(cfg.batch_size, tokens, enc.dim, enc.depth, f"the activations of a batch of "
+                              f"{cfg.batch_size} images of {model.cfg.image_size} px ({tokens} tokens each)")
     if cfg.init:  # the run trains the starting point's model, whatever --model says
         cfg = dataclasses.replace(cfg, model=model.model_name)
     parallel.check_epoch(len(train_set), cfg.batch_size)

@@ -7,7 +7,6 @@ it in a deterministic, exactly resumable order that never touches torch's global
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
@@ -16,10 +15,13 @@ import torch
 import torch.nn.functional as F
 
 from ..batches import epoch_order, num_batches, seed_for
+from ...memory import check_fits_memory
 from ..errors import DatasetError
 
 __all__ = ["ImageDataset", "check_classification_pair", "check_same_classes", "check_split", "iterate_batches",
            "resize_dataset", "subset"]
+
+_BLOCK_BYTES = 64 * 2**20  # the float copy of the images one step of a resize or of the statistics works on
 
 
 @dataclass
@@ -95,17 +97,6 @@ class ImageDataset:
         return self._moments[1]
 
 
-def check_fits_in_memory(num_bytes: int, what: str) -> None:
-    """MemoryError naming ``what`` and the size when ``num_bytes`` exceed this machine's memory."""
-    try:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, ValueError, OSError):  # not POSIX: let the allocation decide
-        return
-    if num_bytes > total:
-        raise MemoryError(f"{what} needs {num_bytes / 2**30:.1f} GiB, more than this machine's "
-                          f"{total / 2**30:.1f} GiB of memory")
-
-
 def check_classification_pair(train: ImageDataset, test: ImageDataset) -> None:
     """DatasetError unless a training and a test split make a classification task: at least two
     classes, the same class names in the same order (a model's output i must mean one class), and
@@ -132,11 +123,17 @@ def check_same_classes(expected: list[str], dataset: ImageDataset, whose: str) -
                        f"{whose} classes: {', '.join(expected)}")
 
 
-def _channel_moments(images: torch.Tensor, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def _block(image_elements: int, element_bytes: int) -> int:
+    """How many images to convert at a time: a working copy of at most _BLOCK_BYTES (and 4096 images)."""
+    return max(1, min(4096, _BLOCK_BYTES // (element_bytes * max(image_elements, 1))))
+
+
+def _channel_moments(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and std of uint8 images in [0, 1] units, in float64 chunks."""
     channels = images.shape[1]
     total = torch.zeros(channels, dtype=torch.float64)
     total_sq = torch.zeros(channels, dtype=torch.float64)
+    chunk = _block(images[0].numel() if len(images) else 1, 8)
     for start in range(0, len(images), chunk):
         block = images[start : start + chunk].to(torch.float64) / 255.0
         total += block.sum(dim=(0, 2, 3)).cpu()
@@ -156,10 +153,13 @@ def resize_dataset(dataset: ImageDataset, image_size: int) -> ImageDataset:
     """Resize every image to ``image_size`` squared (bilinear, antialiased), once."""
     if dataset.image_shape == (image_size, image_size):
         return dataset
-    check_fits_in_memory(len(dataset) * dataset.channels * image_size**2, f"{dataset.name} resized to {image_size}px")
+    per_image = dataset.channels * image_size**2  # bytes of one resized uint8 image
+    step = _block(per_image, 4)  # images resized at a time, in float32
+    check_fits_memory(len(dataset) * per_image + 2 * 4 * step * max(per_image, dataset.images[0].numel()),
+                      f"{dataset.name} resized to {image_size}px")
     chunks = []
-    for start in range(0, len(dataset), 4096):
-        block = dataset.images[start : start + 4096].float()
+    for start in range(0, len(dataset), step):
+        block = dataset.images[start : start + step].float()
         block = F.interpolate(block, size=(image_size, image_size), mode="bilinear", antialias=True)
         chunks.append(block.round_().clamp_(0, 255).to(torch.uint8))
     images = torch.cat(chunks) if chunks else dataset.images.new_zeros((0, dataset.channels, image_size, image_size))
