@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -19,6 +20,7 @@ from safetensors.torch import load_file
 
 from widenet.cli import main
 from widenet.data.images import load_dataset
+from widenet.layers.moe import MoE
 from widenet.train import images, trainer
 from widenet.train.checkpoint import (CheckpointError, checkpoint_dir_name, find_latest_checkpoint,
                                       list_checkpoints, load_checkpoint)
@@ -228,6 +230,47 @@ def test_cli_eval_checkpoint_json(learned, capsys):
     assert len(report["routing"]) == 2
     for block in report["routing"]:
         assert sum(block["expert_fraction"]) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_cli_eval_of_other_data_does_not_look_in_the_runs_data_folder(learned, capsys, monkeypatch):
+    """--data cifar10 without --data-dir read CIFAR from the run's Fashion-MNIST folder ("no cifar10
+    batches found in .../fashion-mnist"): the run's folder is only for the run's own data."""
+    from widenet.train import evaluate_cli
+
+    asked = []
+
+    def record(name, split, data_dir=None, *args, **kw):
+        asked.append((name, data_dir))
+        raise SystemExit(0)
+
+    monkeypatch.setattr(evaluate_cli, "load_dataset", record)
+    for data in ("cifar10", "fashion-mnist"):
+        _cli(["eval", "--checkpoint", learned[0].out, "--data", data], capsys)
+    assert asked == [("cifar10", None), ("fashion-mnist", learned[0].data_dir)]
+
+
+def test_cli_eval_dropless_does_not_depend_on_the_batch_size(learned, capsys):
+    """Capacity holds per forward pass, so an MoE model's loss depends on --batch-size; --dropless routes every
+    token, and then one image at a time gives what 512 at a time give. Dropping nothing, it is also the
+    model evaluated with a capacity no call can fill (checked against evaluate on a dropless copy)."""
+    cfg, result = learned
+    reports = {}
+    for args in (["--batch-size", 1], ["--batch-size", 512], ["--batch-size", 1, "--dropless"],
+                 ["--batch-size", 512, "--dropless"]):
+        rc, out, err = _cli(["eval", "--checkpoint", cfg.out, "--json", *args], capsys)
+        assert rc == 0, err
+        reports[" ".join(map(str, args))] = json.loads(out)
+    capped_1, capped_512, free_1, free_512 = reports.values()
+    assert capped_1["loss"] != capped_512["loss"]  # the batch changed what was dropped
+    assert free_1["loss"] == pytest.approx(free_512["loss"], rel=1e-6) and free_1["accuracy"] == free_512["accuracy"]
+    assert all(block["dropped_fraction"] == 0 for block in free_512["routing"])
+    model = copy.deepcopy(result.model)
+    for moe in (m for m in model.modules() if isinstance(m, MoE)):
+        moe.cfg = dataclasses.replace(moe.cfg, capacity_factor=1e6, eval_capacity_factor=1e6)
+    test_set = load_dataset("fashion-mnist", "test", cfg.data_dir, download=False)
+    train_set = load_dataset("fashion-mnist", "train", cfg.data_dir, download=False)
+    direct = evaluate(model, test_set, 7, torch.device("cpu"), train_set.mean, train_set.std)
+    assert free_512["loss"] == pytest.approx(direct.loss, rel=1e-6)
 
 
 def test_cli_eval_missing_checkpoint(tmp_path, capsys):

@@ -181,12 +181,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     report = evaluate_checkpoint(args.checkpoint, data=args.data, data_dir=args.data_dir,
                                  batch_size=args.batch_size, device=args.device, test_subset=args.test_subset,
-                                 ema=args.ema, tta=args.tta or "none")
+                                 ema=args.ema, tta=args.tta or "none", dropless=args.dropless)
     if args.json:
         _print_json(report)
         return 0
     weights = " (EMA weights)" if args.ema else ""
     weights += f" ({report['tta']} TTA)" if report["tta"] != "none" else ""
+    weights += " (every token routed)" if args.dropless else ""
     at = f"@ step {report['step']}" if report["step"] is not None else f"({report['checkpoint']})"
     print(f"{report['model']} {at}{weights}: accuracy {report['accuracy']:.4f}, "
           f"loss {report['loss']:.4f} on {report['examples']} {report['data']} test images")
@@ -292,7 +293,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", choices=DATASET_NAMES, help="dataset (default: the one it was trained on)")
     p.add_argument("--data-dir", type=nonempty)
     p.add_argument("--test-subset", type=positive_int)
-    p.add_argument("--batch-size", type=positive_int, default=512)
+    p.add_argument("--batch-size", type=positive_int, default=512,
+                   help="images per forward pass (default 512, as a run on one process evaluates). An MoE "
+                        "layer's capacity holds per pass, so its results depend on it (a run on N processes "
+                        "evaluated 512/N per pass and process); --dropless removes the dependence")
+    p.add_argument("--dropless", action="store_true",
+                   help="route every token to its top-k experts whatever the capacity (as predict does): "
+                        "results that do not depend on --batch-size or on which images share a pass")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--ema", action="store_true", help="the averaged weights of a run trained with --ema-decay")
     _add_tta_argument(p)

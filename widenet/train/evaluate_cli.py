@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 from torch import nn
 
 from ..data.images import check_same_classes, load_dataset, subset
+from ..layers.moe import dropless_routing
 from ..models.vision import VisionConfig
 from ..runtime import resolve_device
 from .checkpoint import CheckpointError
@@ -16,11 +18,13 @@ from .evaluate import evaluate
 
 def evaluate_checkpoint(path: str, data: str | None = None, data_dir: str | None = None,
                         batch_size: int = 512, device: str = "auto", test_subset: int | None = None,
-                        ema: bool = False, tta: str = "none") -> dict:
+                        ema: bool = False, tta: str = "none", dropless: bool = False) -> dict:
     """Accuracy, loss and per-block routing of a saved model on a test split.
 
     ema: evaluate the weight average that `widenet train --ema-decay` keeps in the train state.
     tta: "flip" averages each image's and its mirror image's predictions.
+    dropless: every MoE layer routes every token (no capacity): the results do not depend on
+        batch_size, which otherwise sets how many images share each layer's capacity.
     """
     ckpt = load_source(path)  # a run, a checkpoint, an exported folder or a Hugging Face ViT folder
     meta = ckpt.meta
@@ -38,7 +42,10 @@ def evaluate_checkpoint(path: str, data: str | None = None, data_dir: str | None
     name = data or meta.get("data", {}).get("name") or train_cfg.get("data")
     if not name:
         raise ValueError(f"{ckpt.path} does not say which data it was trained on; pass --data")
-    test = load_dataset(name, "test", data_dir or train_cfg.get("data_dir"), cfg.image_size,
+    trained_on = meta.get("data", {}).get("name") or train_cfg.get("data")
+    if data_dir is None and name == trained_on:  # the run's folder holds its own data, not another set's
+        data_dir = train_cfg.get("data_dir")
+    test = load_dataset(name, "test", data_dir, cfg.image_size,
                         channels=cfg.in_channels)  # a folder's images as the model sees them (grey or RGB)
     if test_subset:
         test = subset(test, test_subset, train_cfg.get("seed", 0))
@@ -49,7 +56,8 @@ def evaluate_checkpoint(path: str, data: str | None = None, data_dir: str | None
                          f"the checkpoint's model ({cfg.in_channels} channels, {cfg.num_classes} classes)")
     mean, std = stats.get("mean", test.mean), stats.get("std", test.std)
     dev = resolve_device(device)
-    result = evaluate(model.to(dev), test, batch_size, dev, mean, std, tta=tta)
+    with dropless_routing(model) if dropless else contextlib.nullcontext():
+        result = evaluate(model.to(dev), test, batch_size, dev, mean, std, tta=tta)
     if not math.isfinite(result.loss):
         raise ValueError(non_finite_problem(ckpt.path, model))
     return dict(model=meta["model"], step=ckpt.step, data=name, checkpoint=str(ckpt.path), tta=tta,
