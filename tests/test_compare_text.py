@@ -195,8 +195,10 @@ def test_context_and_transfer_notes_judge_by_the_seed_spread():
     assert sop.endswith("Clearly above it (more than twice the spread): ordered; the others are not.")
     assert _sop_note([chance]).endswith("No model is clearly above chance.")
     assert _sop_note([ordered]).endswith("Every model is clearly above chance.")
-    one = _model("one", [0.3], 0.06, [0.5], [0.3])
+    one = _model("one", [0.3], 0.06, [0.5], [0.3], sop=[0.524])
     assert "one seed, no spread to judge by" in _transfer_note([one])
+    for note in (_sop_note([one]), _context_note([one])):  # +2.4 points of one seed: not "clearly above"
+        assert note.endswith("With one seed per model there is no spread to judge these by (--seeds 2 or more)."), note
 
 
 def test_full_preset_passes_its_warmup_and_fine_tuning_recipe_to_the_runs(tmp_path, capsys):

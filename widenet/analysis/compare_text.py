@@ -315,6 +315,8 @@ def _above_reference(head: str, results: list[TextModelResult], gaps: list[tuple
              zip(results, gaps)]
     above = [r.model for r, (gain, spread) in zip(results, gaps) if gain > max(floor, 2 * spread)]
     text = f"{head}: " + "; ".join(parts) + ". "
+    if all(len(r.seeds) == 1 for r in results):  # a spread of 0 from one seed says nothing
+        return text + "With one seed per model there is no spread to judge these by (--seeds 2 or more)."
     if not above:
         return text + none
     if len(above) < len(results):
