@@ -378,6 +378,7 @@ FINITE = "must be a finite number within +-3.4e+38, got"
     (["--set", "num_classes=" + "9" * 30], "num_classes must be an integer within +-9.22e+18"),
     (["--out", ""], "argument --out: must not be empty"),
     (["--randaugment-m", "-1"], "randaugment_m must be in (0, 30), got -1.0"),
+    (["--set", "image_size=0"], "--set image_size=0: image_size must be a positive integer"),  # not "--image-size 0"
 ])
 def test_meaningless_values_stop_before_training(tmp_path, fmnist_dir, tiny_set_args, capsys, flags, message):
     """Each is refused in one line that names the value and what it must be, before anything trains."""

@@ -250,6 +250,10 @@ def test_finetune_errors_are_clear(pretrained, tmp_path, capsys):
     assert "does not match the vocabulary" in capsys.readouterr().err
     assert main(args + ["--max-len", "500"]) == 2
     assert "exceeds the model's 64 positions" in capsys.readouterr().err
+    # The labels come from the task file (2 here): a --set of another count was silently dropped.
+    assert main(args + ["--set", "num_labels=5"]) == 2
+    assert "--set num_labels=5: the run's task gives num_labels 2 (it follows the task and its data: leave " \
+           "num_labels out)" in capsys.readouterr().err
     assert not (tmp_path / "ft").exists()  # nothing written for a run that never started
 
 

@@ -132,6 +132,8 @@ def _check_fits_data(overrides: dict[str, Any], data: ImageDataset, cfg: TrainCo
         raise ValueError(f"--set in_channels={overrides['in_channels']}: {name}'s images have {data.channels} "
                          "channel(s) (leave in_channels out)")
     if overrides["image_size"] != data.image_size:
+        if not isinstance(overrides["image_size"], int) or overrides["image_size"] < 1:
+            raise ValueError(f"--set image_size={overrides['image_size']}: image_size must be a positive integer")
         fix = ("give --image-size and --set image_size the same size" if cfg.image_size is not None else
                f"to train at another size, resize them with --image-size {overrides['image_size']}")
         raise ValueError(f"--set image_size={overrides['image_size']}: {name}'s images are {data.image_size}x"

@@ -55,6 +55,10 @@ def saved_text_model(saved: dict[str, Any], cfg: TextRunConfig, name: str, **tas
     the run's --set settings and --dropout applied, named `name`."""
     from ..models.text import TextConfig, TextTransformer
 
+    for key, value in task.items():  # what the run's task decides, not a setting
+        if key in cfg.model_overrides and cfg.model_overrides[key] != value:
+            raise ValueError(f"--set {key}={cfg.model_overrides[key]}: the run's task gives {key} {value!r} "
+                             f"(it follows the task and its data: leave {key} out)")
     changes = dict(cfg.model_overrides, **({"dropout": cfg.dropout} if cfg.dropout else {}))
     model = TextTransformer(apply_overrides(TextConfig(**{**saved, **task}), changes))
     model.model_name = name
