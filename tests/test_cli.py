@@ -99,7 +99,7 @@ def test_a_torchrun_process_keeps_its_output_and_status_but_skips_finalizing():
     assert worker.stdout == alone.stdout.removesuffix("finalized\n")  # all of it, block-buffered into a pipe
     failed = launch("params", "no_such_model", **TORCHRUN_RANK_1)
     assert failed.returncode == 2 and failed.stdout == ""
-    assert failed.stderr.startswith("widenet: error: ") and "no_such_model" in failed.stderr
+    assert failed.stderr.startswith("widenet: error (process 1 of 2): ") and "no_such_model" in failed.stderr
     odd = launch("list", WORLD_SIZE="two")  # not a number: no command here needed it, so it ran and finalized
     assert odd.returncode == 0 and odd.stdout == alone.stdout
 
@@ -305,3 +305,32 @@ def test_argument_errors_are_one_line(argv, expected, capsys):
     assert rc == 2
     assert expected in err
     _assert_one_line_error(rc, out, err)
+
+
+def test_an_error_line_is_one_write_and_names_its_process(monkeypatch):
+    """Under torchrun every process meets a bad setting; written in pieces (unbuffered stderr), the
+    processes' lines ran into each other ("...MoE layerswidenet: error: ...")."""
+    from widenet.cli_errors import say_error
+
+    class Stream:
+        writes: list[str] = []
+
+        def write(self, text: str) -> int:
+            self.writes.append(text)
+            return len(text)
+
+        def flush(self) -> None:
+            pass
+
+    stream = Stream()
+    monkeypatch.setattr("sys.stderr", stream)
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    say_error("bad setting")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    say_error("bad setting")
+    monkeypatch.setenv("RANK", "0")
+    say_error("bad setting")
+    assert stream.writes == ["widenet: error: bad setting\n", "widenet: error (process 1 of 2): bad setting\n",
+                             "widenet: error: bad setting\n"]

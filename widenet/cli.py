@@ -29,7 +29,7 @@ from .cli_args import (add_budget_arguments, add_moe_arguments, add_process_argu
                        add_run_arguments, config_fields, finite_float, model_overrides, nonempty, parse_setting,
                        positive_float, positive_int)
 from .cli_errors import (BUG_REPORT, CLIError, explain, output_survives_its_reader, print_any_file_name,
-                         warnings_as_notes)
+                         say_error, warnings_as_notes)
 from .cli_models import add_model_commands
 from .cli_predict import add_predict_command
 from .cli_text import add_text_commands
@@ -426,5 +426,5 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
             print(BUG_REPORT, file=sys.stderr)
             return 1
-        print(f"widenet: error: {message}", file=sys.stderr)
+        say_error(message)
         return 2

@@ -41,6 +41,16 @@ def say(line: str) -> None:
     tqdm.write(line, file=sys.stderr)
 
 
+def say_error(message: str) -> None:
+    """`widenet: error: message` as one write: under torchrun every process meets a bad setting, and
+    lines written in pieces ran into each other; a process other than the first says which it is."""
+    rank, world = os.environ.get("RANK", "0"), os.environ.get("WORLD_SIZE", "1")
+    named = message.startswith(f"process {rank} ")  # e.g. "process 1 lost the other processes"
+    who = f" (process {rank} of {world})" if world not in ("", "1") and rank not in ("", "0") and not named else ""
+    sys.stderr.write(f"widenet: error{who}: {message}\n")
+    sys.stderr.flush()
+
+
 @contextlib.contextmanager
 def warnings_as_notes() -> Iterator[None]:
     """Warnings (e.g. truncated sentences) as one `widenet: note: ...` line each, not Python's
