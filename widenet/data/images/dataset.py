@@ -14,8 +14,8 @@ from functools import cached_property
 import torch
 import torch.nn.functional as F
 
-from ..batches import epoch_order, num_batches, seed_for
 from ...memory import check_fits_memory
+from ..batches import epoch_order, num_batches, seed_for
 from ..errors import DatasetError
 
 __all__ = ["ImageDataset", "check_classification_pair", "check_same_classes", "check_split", "iterate_batches",
@@ -155,7 +155,8 @@ def resize_dataset(dataset: ImageDataset, image_size: int) -> ImageDataset:
         return dataset
     per_image = dataset.channels * image_size**2  # bytes of one resized uint8 image
     step = _block(per_image, 4)  # images resized at a time, in float32
-    check_fits_memory(len(dataset) * per_image + 2 * 4 * step * max(per_image, dataset.images[0].numel()),
+    source = dataset.images[0].numel() if len(dataset) else 0  # elements of one image before
+    check_fits_memory(len(dataset) * per_image + 2 * 4 * step * max(per_image, source),
                       f"{dataset.name} resized to {image_size}px")
     chunks = []
     for start in range(0, len(dataset), step):
