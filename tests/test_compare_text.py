@@ -197,8 +197,12 @@ def test_context_and_transfer_notes_judge_by_the_seed_spread():
     assert _sop_note([ordered]).endswith("Every model is clearly above chance.")
     one = _model("one", [0.3], 0.06, [0.5], [0.3], sop=[0.524])
     assert "one seed, no spread to judge by" in _transfer_note([one])
-    for note in (_sop_note([one]), _context_note([one])):  # +2.4 points of one seed: not "clearly above"
-        assert note.endswith("With one seed per model there is no spread to judge these by (--seeds 2 or more)."), note
+    sop = _sop_note([one])  # +2.4 points of one seed: not "clearly above chance", and no "spread 0.0"
+    assert sop == ("Sentence order against chance (50%): one +2.4 points. With one seed per model there is no "
+                   "spread to judge the gains above 2 points by (--seeds 2 or more).")
+    flat_one = _model("flat", [0.061], 0.061, [0.4], [0.4], sop=[0.51])  # within the floors: no gain, seeds or not
+    assert _sop_note([flat_one]).endswith("+1.0 points. No model is clearly above chance.")
+    assert "No model is clearly above it" in _context_note([flat_one])
 
 
 def test_full_preset_passes_its_warmup_and_fine_tuning_recipe_to_the_runs(tmp_path, capsys):

@@ -851,6 +851,13 @@ def test_refused_pickles_never_advise_loading_them(tmp_path, fmnist_dir, tiny_se
     json.loads((find_latest_checkpoint(out) / "meta.json").read_text())  # the rest of the run is intact
 
 
+def _make_or_skip(folder: Path) -> None:
+    try:
+        folder.mkdir()
+    except OSError:  # a file system that takes only UTF-8 names (APFS)
+        pytest.skip("this file system refuses names that are not UTF-8")
+
+
 def _main_in_a_utf8_terminal(argv) -> tuple[int, bytes, bytes]:
     """main(argv) with stdout and stderr as a UTF-8 locale gives them (strict errors): (status, bytes written)."""
     streams = [io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="strict") for _ in range(2)]
@@ -866,6 +873,7 @@ def test_a_run_folder_named_in_another_encoding_is_written_and_read(tmp_path, fm
     UTF-8 stdout refuses the name), and every reader (--resume, eval, export) called its intact
     weights "corrupt or unreadable" (safetensors opens UTF-8 paths only)."""
     out = tmp_path / os.fsdecode(b"caf\xe9") / "run"  # b"\xe9" is not UTF-8: Python holds it as a surrogate
+    _make_or_skip(out.parent)
     rc, printed, err = _main_in_a_utf8_terminal(_train_args(fmnist_dir, out, tiny_set_args, "--max-steps", 2,
                                                             "--save-every", 1))
     assert rc == 0, err
@@ -881,3 +889,17 @@ def test_a_run_folder_named_in_another_encoding_is_written_and_read(tmp_path, fm
     rc, _, err = _main_in_a_utf8_terminal(_train_args(fmnist_dir, out, tiny_set_args, "--max-steps", 2,
                                                       "--save-every", 1, "--resume"))
     assert rc == 0 and load_checkpoint(out).meta["step"] == 2, err
+
+
+def test_safetensors_files_named_in_another_encoding_are_written_and_read(tmp_path):
+    """Both ways round safetensors' UTF-8-only paths: a file in such a folder (opened through the
+    folder's descriptor) and a file so named itself (read and written whole through Python)."""
+    from widenet.files import load_safetensors, save_safetensors
+
+    tensors = {"w": torch.arange(6.0).view(2, 3), "b": torch.ones(2, dtype=torch.int64)}
+    folder = tmp_path / os.fsdecode(b"caf\xe9")
+    _make_or_skip(folder)
+    for path in (folder / "model.safetensors", tmp_path / os.fsdecode(b"model-\xe9.safetensors")):
+        save_safetensors(tensors, path, metadata={"format": "pt"})
+        loaded = load_safetensors(path)
+        assert loaded.keys() == tensors.keys() and all(torch.equal(loaded[k], v) for k, v in tensors.items())

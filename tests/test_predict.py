@@ -236,6 +236,22 @@ def test_cli_images_table_json_and_bad_file(vision_dir, images, capsys, monkeypa
                                 for c in api.top]}]
 
 
+def test_cli_json_of_a_file_named_in_another_encoding_is_valid_utf8(vision_dir, images, capsys, monkeypatch):
+    """A Latin-1 file name reaches Python with a lone surrogate: written raw into a JSON line it made
+    the line invalid UTF-8 (exit 0, and json.loads of the bytes failed). Such a line is ASCII-escaped."""
+    named = images / os.fsdecode(b"caf\xe9.png")
+    try:
+        shutil.copy(images / "a.png", named)
+    except OSError:  # a file system that takes only UTF-8 names (APFS)
+        pytest.skip("this file system refuses names that are not UTF-8")
+    rc, out, err = _cli(["predict", "--checkpoint", vision_dir, named, images / "b.jpg", "--json", "--device", "cpu"],
+                        capsys, monkeypatch)
+    assert rc == 0, err
+    lines = out.splitlines()
+    assert all(line.encode("utf-8") for line in lines)  # raises on a lone surrogate
+    assert [json.loads(line)["file"] for line in lines] == [str(named), str(images / "b.jpg")]
+
+
 def test_cli_all_good_images_exit_zero_and_columns_align(vision_dir, images, capsys, monkeypatch):
     files = [images / "a.png", images / "sub" / "c.bmp", images / "b.jpg"]
     rc, out, err = _cli(["predict", "--checkpoint", vision_dir, *files, "--device", "cpu", "--batch-size", "1"],

@@ -291,7 +291,9 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(corpus, pretrained,
     monkeypatch.setattr(PretrainTask, "loss", loss)
     cfg = _pretrain_cfg(corpus, tmp_path / "run", max_steps=10, save_every=2,
                         tokenizer=str(pretrained[0] / "tokenizer.json"))
-    with pytest.raises(TrainingError, match="loss became nan at step 5.*step_00000004 is intact"):
+    with pytest.raises(TrainingError, match=r"loss became nan at step 5; stopped \(the newest checkpoint \S*step_00000004 "
+                                            r"holds the weights that gave it; \S*step_00000002 before it is intact "
+                                            r"\(remove step_00000004 to --resume from it\)\)"):
         pretrain(cfg, log=lambda _: None)
     assert load_checkpoint(tmp_path / "run").step == 4
 

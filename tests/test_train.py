@@ -264,6 +264,8 @@ def test_cli_eval_dropless_does_not_depend_on_the_batch_size(learned, capsys):
     assert capped_1["loss"] != capped_512["loss"]  # the batch changed what was dropped
     assert free_1["loss"] == pytest.approx(free_512["loss"], rel=1e-6) and free_1["accuracy"] == free_512["accuracy"]
     assert all(block["dropped_fraction"] == 0 for block in free_512["routing"])
+    assert (free_512["batch_size"], free_512["dropless"], capped_1["batch_size"], capped_1["dropless"]) == \
+        (512, True, 1, False)
     model = copy.deepcopy(result.model)
     for moe in (m for m in model.modules() if isinstance(m, MoE)):
         moe.cfg = dataclasses.replace(moe.cfg, capacity_factor=1e6, eval_capacity_factor=1e6)
@@ -397,7 +399,9 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, fmnist_dir, t
     cfg = _config(fmnist_dir, out, tiny_overrides, max_steps=8, save_every=2, log_every=1)
     with pytest.raises(TrainingError, match=r"loss became nan at step 5") as info:
         train(cfg, log=_quiet)
-    assert "checkpoint" in str(info.value)
+    # step 5's loss is that of the weights after 4 updates: the ones step_00000004 holds
+    assert f"the newest checkpoint {out / 'checkpoints' / checkpoint_dir_name(4)} holds the weights that gave it; " \
+           f"{out / 'checkpoints' / checkpoint_dir_name(2)} before it is intact" in str(info.value)
     assert fake.calls == 5
     latest = find_latest_checkpoint(out)
     assert latest is not None and latest.name == checkpoint_dir_name(4)
@@ -425,7 +429,7 @@ def test_an_update_that_breaks_the_weights_stops_at_the_evaluation(tmp_path, fmn
     not. The run used to save them, report "loss nan" and exit 0 (and compare ranked such models)."""
     out = tmp_path / "run"
     cfg = _config(fmnist_dir, out, tiny_overrides, max_steps=1, lr=1e30, warmup_steps=0)
-    with pytest.raises(TrainingError, match=r"the evaluation at step 1 gave loss nan: the weights are no longer "
+    with pytest.raises(TrainingError, match=r"the evaluation at step 1 gave loss nan: the model.s outputs are no longer "
                                             r"finite; stopped \(no checkpoint was saved yet\)"):
         train(cfg, log=_quiet)
     assert find_latest_checkpoint(out) is None

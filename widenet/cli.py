@@ -28,7 +28,7 @@ from . import __version__
 from .cli_args import (add_budget_arguments, add_moe_arguments, add_process_arguments, add_recipe_arguments,
                        add_run_arguments, config_fields, finite_float, model_overrides, nonempty, parse_setting,
                        positive_float, positive_int)
-from .cli_errors import (BUG_REPORT, CLIError, explain, output_survives_its_reader, print_any_file_name,
+from .cli_errors import (BUG_REPORT, CLIError, explain, file_names_printable, output_survives_its_reader,
                          say_error, warnings_as_notes)
 from .cli_models import add_model_commands
 from .cli_predict import add_predict_command
@@ -402,7 +402,11 @@ _TRAINING_COMMANDS = (*_RESUMABLE, "compare", "compare-text")
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; every expected failure ends as one line and status 2 (cli_errors.py)."""
-    print_any_file_name()
+    with file_names_printable():
+        return _main(argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _show_library_notes()

@@ -60,13 +60,23 @@ def warnings_as_notes() -> Iterator[None]:
         yield
 
 
-def print_any_file_name() -> None:
-    """File names that are not UTF-8 reach Python as surrogates (PEP 383), which stdout and stderr
-    refuse to encode in a UTF-8 locale: a run in such a folder trained, saved, then failed at its
-    last line. They are written back as the bytes they came from, as ls writes them."""
+@contextlib.contextmanager
+def file_names_printable() -> Iterator[None]:
+    """File names that are not UTF-8 reach Python as surrogates (PEP 383), which stdout refuses to
+    encode in a UTF-8 locale: a run in such a folder trained, saved, then failed at its last line.
+    For the block they are written as the bytes they came from, as ls writes them (stderr already
+    escapes them, as \\udcXX)."""
+    changed = []
     for stream in (sys.stdout, sys.stderr):
         if getattr(stream, "errors", None) == "strict" and hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="surrogateescape")
+            changed.append(stream)
+    try:
+        yield
+    finally:
+        for stream in changed:
+            with contextlib.suppress(ValueError, OSError):  # closed meanwhile
+                stream.reconfigure(errors="strict")
 
 
 @contextlib.contextmanager

@@ -107,25 +107,42 @@ def load_weights_only(path: Path) -> Any:
         raise pickle.UnpicklingError("malformed pickle data") from None
 
 
-def _utf8_name(path: str | os.PathLike) -> str | None:
-    """The path as a str safetensors can open (it takes UTF-8 paths only), or None for a name in
-    another encoding (Python keeps its undecodable bytes as surrogates)."""
+@contextlib.contextmanager
+def _openable_name(path: str | os.PathLike) -> Iterator[str | None]:
+    """A name of `path` that safetensors can open (it takes UTF-8 paths only): the path itself; for a
+    folder named in another encoding (its undecodable bytes held as surrogates), the file inside the
+    folder opened by descriptor (/proc/self/fd/N/NAME, Linux); None where neither works."""
     name = os.fspath(path)
+    if _is_utf8(name):
+        yield name
+        return
+    folder, base = os.path.split(name)
+    if not (_is_utf8(base) and os.path.isdir("/proc/self/fd")):
+        yield None
+        return
+    fd = os.open(folder or ".", os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        yield f"/proc/self/fd/{fd}/{base}"
+    finally:
+        os.close(fd)
+
+
+def _is_utf8(name: str) -> bool:
     try:
         name.encode("utf-8")
     except UnicodeEncodeError:
-        return None
-    return name
+        return False
+    return True
 
 
 def load_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """A .safetensors file's tensors on the CPU, wherever it lies (a folder named in another
-    encoding is read through a Python file handle)."""
+    """A .safetensors file's tensors on the CPU, wherever it lies (see _openable_name; where no name
+    serves, the file is read whole through a Python file handle)."""
     from safetensors.torch import load, load_file
 
-    name = _utf8_name(path)
-    if name is not None:
-        return load_file(name, device="cpu")
+    with _openable_name(path) as name:
+        if name is not None:
+            return load_file(name, device="cpu")
     with open(path, "rb") as f:
         return load(f.read())
 
@@ -135,10 +152,10 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
     """Write tensors as a .safetensors file, wherever it goes (see load_safetensors)."""
     from safetensors.torch import save, save_file
 
-    name = _utf8_name(path)
-    if name is not None:
-        save_file(tensors, name, metadata=metadata)
-        return
+    with _openable_name(path) as name:
+        if name is not None:
+            save_file(tensors, name, metadata=metadata)
+            return
     with open(path, "wb") as f:
         f.write(save(tensors, metadata=metadata))
 

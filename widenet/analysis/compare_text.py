@@ -311,12 +311,14 @@ def _above_reference(head: str, results: list[TextModelResult], gaps: list[tuple
                      none: str, every: str) -> str:
     """One verdict paragraph: each model's gain over a reference level with the seeds' spread (`gaps`,
     fractions), then which models clear it by more than twice their spread and by more than `floor`."""
-    parts = [f"{r.model} {100 * gain:+.1f} points (spread {100 * spread:.1f})" for r, (gain, spread) in
-             zip(results, gaps)]
+    one_seed = all(len(r.seeds) == 1 for r in results)  # its spread of 0 says nothing
+    parts = [f"{r.model} {100 * gain:+.1f} points" + ("" if one_seed else f" (spread {100 * spread:.1f})")
+             for r, (gain, spread) in zip(results, gaps)]
     above = [r.model for r, (gain, spread) in zip(results, gaps) if gain > max(floor, 2 * spread)]
     text = f"{head}: " + "; ".join(parts) + ". "
-    if all(len(r.seeds) == 1 for r in results):  # a spread of 0 from one seed says nothing
-        return text + "With one seed per model there is no spread to judge these by (--seeds 2 or more)."
+    if one_seed and above:  # a gain within the floor is no gain whatever the spread; one above it cannot be judged
+        return text + (f"With one seed per model there is no spread to judge the gains above {100 * floor:g} points "
+                       "by (--seeds 2 or more).")
     if not above:
         return text + none
     if len(above) < len(results):

@@ -378,7 +378,8 @@ def _activation(path, config: dict) -> str:
 
 
 def _check_classifier(path, config: dict, classes: list[str] | None, state: dict) -> None:
-    rows = state["classifier.weight"].shape[0] if "classifier.weight" in state else config.get("num_labels", 2)
+    rows = state["classifier.weight"].shape[0] if "classifier.weight" in state else \
+        len(classes) if classes else config.get("num_labels", 2)
     if problem := classifier_problem(config, classes, rows):
         raise HFCheckpointError(f"{path}: {problem}")
 

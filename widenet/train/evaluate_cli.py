@@ -61,6 +61,7 @@ def evaluate_checkpoint(path: str, data: str | None = None, data_dir: str | None
     if not math.isfinite(result.loss):
         raise ValueError(non_finite_problem(ckpt.path, model))
     return dict(model=meta["model"], step=ckpt.step, data=name, checkpoint=str(ckpt.path), tta=tta,
+                batch_size=batch_size, dropless=dropless,
                 **result.to_record())
 
 

@@ -233,7 +233,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print,
     if device.type == "cpu" and not parallel.distributed:
         tokens, enc = model.cfg.num_patches + (model.cfg.pool == "token"), model.cfg.encoder
         check_activations_fit(cfg.batch_size, tokens, enc.dim, enc.depth, f"the activations of a batch of "
-                              f"{cfg.batch_size} images of {model.cfg.image_size} px ({tokens} tokens each)")
+                              f"{cfg.batch_size} images of {model.cfg.image_size} px ({tokens} tokens each)",
+                              checkpointed=enc.activation_checkpointing)
     if cfg.init:  # the run trains the starting point's model, whatever --model says
         cfg = dataclasses.replace(cfg, model=model.model_name)
     parallel.check_epoch(len(train_set), cfg.batch_size)

@@ -38,8 +38,8 @@ from ..memory import check_fits_memory, parameter_bytes
 from ..rng import capture_rng_state, restore_rng_state
 from ..runtime import autocast, compiled_if, first_line
 from .budget import BudgetPlan, Cadence, Deadline, plan_budget
-from .checkpoint import (CheckpointError, SettingsChanged, find_latest_checkpoint, load_checkpoint, read_checkpoint_meta,
-                         save_checkpoint)
+from .checkpoint import (CheckpointError, SettingsChanged, checkpoint_dir_name, find_latest_checkpoint, list_checkpoints,
+                         load_checkpoint, read_checkpoint_meta, save_checkpoint)
 from .config import RecipeConfig
 from .ema import ModelEMA
 from .metrics import NullMetrics
@@ -188,8 +188,8 @@ class Trainer:
         p, task = self.progress, self.task
         started = time.perf_counter()
         result = self.update(self.net, self.optimizer, self.schedule, batch, p.step)
-        if not math.isfinite(result.loss):
-            raise TrainingError(f"loss became {result.loss} at step {p.step + 1}; stopped ({self._last_good()}).")
+        if not math.isfinite(result.loss):  # the loss of the weights after p.step updates
+            raise TrainingError(f"loss became {result.loss} at step {p.step + 1}; stopped ({self._kept(p.step)}).")
         if self.ema is not None:
             self.ema.update(self.parallel.module(self.model))
         seconds = time.perf_counter() - started
@@ -248,12 +248,18 @@ class Trainer:
             return
         bad = [f"{k} {v}" for k, v in self.task.record(result).items() if isinstance(v, float) and not math.isfinite(v)]
         if bad:
-            raise TrainingError(f"the evaluation at step {self.progress.step} gave {', '.join(bad)}: the weights are "
-                                f"no longer finite; stopped ({self._last_good()}).")
+            raise TrainingError(f"the evaluation at step {self.progress.step} gave {', '.join(bad)}: the model's "
+                                f"outputs are no longer finite; stopped ({self._kept(self.progress.step)}).")
 
-    def _last_good(self) -> str:
-        last = find_latest_checkpoint(self.out)
-        return f"the last good checkpoint {last} is intact" if last else "no checkpoint was saved yet"
+    def _kept(self, bad_step: int) -> str:
+        """What a stop for a non-finite loss leaves: the checkpoints before the weights of step
+        `bad_step`, which gave the loss (a --save-every checkpoint may hold those very weights)."""
+        saved = list_checkpoints(self.out)
+        if saved and saved[-1].name == checkpoint_dir_name(bad_step):
+            before = (f"; {saved[-2]} before it is intact (remove {saved[-1].name} to --resume from it)"
+                      if len(saved) > 1 else "")
+            return f"the newest checkpoint {saved[-1]} holds the weights that gave it{before}"
+        return f"the last good checkpoint {saved[-1]} is intact" if saved else "no checkpoint was saved yet"
 
     def _checkpoint(self) -> None:
         p, parallel = self.progress, self.parallel

@@ -154,10 +154,10 @@ def resize_dataset(dataset: ImageDataset, image_size: int) -> ImageDataset:
     if dataset.image_shape == (image_size, image_size):
         return dataset
     per_image = dataset.channels * image_size**2  # bytes of one resized uint8 image
-    step = _block(per_image, 4)  # images resized at a time, in float32
     source = dataset.images[0].numel() if len(dataset) else 0  # elements of one image before
+    step = _block(max(per_image, source), 4)  # images resized at a time, in float32
     check_fits_memory(len(dataset) * per_image + 2 * 4 * step * max(per_image, source),
-                      f"{dataset.name} resized to {image_size}px")
+                      f"the images of {dataset.name} resized to {image_size}px")
     chunks = []
     for start in range(0, len(dataset), step):
         block = dataset.images[start : start + step].float()
