@@ -21,7 +21,8 @@ import warnings
 from collections.abc import Iterator
 from typing import Any
 
-__all__ = ["CLIError", "BUG_REPORT", "explain", "output_survives_its_reader", "say", "warnings_as_notes"]
+__all__ = ["CLIError", "BUG_REPORT", "explain", "file_names_printable", "output_survives_its_reader", "say", "say_error",
+           "warnings_as_notes"]
 
 BUG_REPORT = ("widenet: this is a bug in widenet, not a problem with your input; please report it with the "
               "command and the traceback above")

@@ -39,10 +39,10 @@ def evaluate_checkpoint(path: str, data: str | None = None, data_dir: str | None
     if ema:
         _load_ema_weights(ckpt, model)
     train_cfg = meta.get("train_config", {})
-    name = data or meta.get("data", {}).get("name") or train_cfg.get("data")
+    trained_on = meta.get("data", {}).get("name") or train_cfg.get("data")
+    name = data or trained_on
     if not name:
         raise ValueError(f"{ckpt.path} does not say which data it was trained on; pass --data")
-    trained_on = meta.get("data", {}).get("name") or train_cfg.get("data")
     if data_dir is None and name == trained_on:  # the run's folder holds its own data, not another set's
         data_dir = train_cfg.get("data_dir")
     test = load_dataset(name, "test", data_dir, cfg.image_size,

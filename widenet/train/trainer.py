@@ -229,24 +229,24 @@ class Trainer:
         if self.ema is not None:
             self._calibrate_average()
             final_ema = task.evaluate(self.ema.module)
-        for result in (final, final_ema):
-            self._refuse_non_finite(result)
+        records = [(task.split, task.record(final))]
+        if final_ema is not None:
+            records.append((f"{task.split}_ema", task.record(final_ema)))
+        for _, record in records:
+            self._refuse_non_finite(record)
         if write:
             at = dict(step=p.step, epoch=p.epoch)
-            self.metrics.write(dict(split=task.split, **at, **task.record(final)))
-            if final_ema is not None:
-                self.metrics.write(dict(split=f"{task.split}_ema", **at, **task.record(final_ema)))
+            for split, record in records:
+                self.metrics.write(dict(split=split, **at, **record))
         averaged = f" (EMA weights: {task.describe(final_ema)})" if final_ema is not None else ""
         where = f"epoch {p.epoch}/{self._epochs()} step {p.step}" if task.cadence.every_epochs else f"step {p.step}"
         self.log(f"{where}: {task.describe(final)}{averaged}")
         return final, final_ema
 
-    def _refuse_non_finite(self, result: Any) -> None:
-        """An evaluation whose loss is NaN or infinite: the last update broke the weights (the training
-        loss, checked before each update, had not shown it yet). Stop before they are saved."""
-        if result is None:
-            return
-        bad = [f"{k} {v}" for k, v in self.task.record(result).items() if isinstance(v, float) and not math.isfinite(v)]
+    def _refuse_non_finite(self, record: dict[str, Any]) -> None:
+        """An evaluation (its metrics record) whose loss is NaN or infinite: the last update broke the
+        model (the training loss, checked before each update, had not shown it yet). Stop before it is saved."""
+        bad = [f"{k} {v}" for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)]
         if bad:
             raise TrainingError(f"the evaluation at step {self.progress.step} gave {', '.join(bad)}: the model's "
                                 f"outputs are no longer finite; stopped ({self._kept(self.progress.step)}).")
