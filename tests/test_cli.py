@@ -104,6 +104,63 @@ def test_a_torchrun_process_keeps_its_output_and_status_but_skips_finalizing():
     assert odd.returncode == 0 and odd.stdout == alone.stdout
 
 
+# Ctrl-C arrives as a KeyboardInterrupt raised wherever Python is; an import hook raises it at a
+# chosen import, so the test does not depend on when a signal lands.
+_INTERRUPT_AT = """
+import sys
+at = sys.argv.pop(1)
+class Interrupt:
+    def find_spec(self, name, path=None, target=None):
+        if name == at:
+            raise KeyboardInterrupt
+sys.meta_path.insert(0, Interrupt())
+sys.argv[0] = "widenet"
+from widenet.__main__ import run
+run()
+"""
+
+
+@pytest.mark.parametrize("module", ["torch", "widenet.train.config"], ids=["loading-torch", "building-the-parser"])
+def test_ctrl_c_before_the_command_starts_is_one_line(module):
+    """Ctrl-C in the second or two before a command starts (torch loading, the parser being built)
+    ends like Ctrl-C during a command: one line and status 130, not Python's traceback."""
+    proc = subprocess.run([sys.executable, "-c", _INTERRUPT_AT, module, "train", "--help"], capture_output=True,
+                          text=True, timeout=120, env=_env())
+    assert (proc.returncode, proc.stderr, proc.stdout) == (130, "widenet: interrupted\n", "")
+    unhooked = subprocess.run([sys.executable, "-c", _INTERRUPT_AT, "no_such_module", "train", "--help"],
+                              capture_output=True, text=True, timeout=120, env=_env())
+    assert unhooked.returncode == 0 and "--model" in unhooked.stdout  # the hook alone changes nothing
+
+
+def test_the_package_loads_torch_when_a_name_is_first_used():
+    """`import widenet` and the entry point are torch-free (so the CLI can catch Ctrl-C while torch
+    loads); every public name and subpackage is there on first use, the same object as in its module."""
+    code = """
+import importlib, sys, widenet
+from widenet.__main__ import run
+assert "torch" not in sys.modules, "torch loaded by the package or the entry point"
+assert set(widenet.__all__) == {*widenet._HOME, "__version__"}
+for name in widenet.__all__:
+    value = getattr(widenet, name)
+    if name != "__version__":
+        assert value is getattr(importlib.import_module(f"widenet.{widenet._HOME[name]}"), name), name
+assert set(widenet.__all__) <= set(dir(widenet))
+assert widenet.models.create_model is widenet.create_model and widenet.layers.moe.MoE is widenet.MoE
+try:
+    widenet.no_such_name
+except AttributeError as err:
+    assert "no_such_name" in str(err)
+else:
+    raise AssertionError("an unknown name was not refused")
+namespace = {}
+exec("from widenet import *", namespace)
+assert set(widenet.__all__) <= set(namespace)
+print("ok")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=_env())
+    assert proc.stdout == "ok\n", proc.stderr
+
+
 def test_list_json(capsys):
     rc, out, _ = _cli(["list", "--json"], capsys)
     assert rc == 0

@@ -28,7 +28,7 @@ from . import __version__
 from .cli_args import (add_budget_arguments, add_moe_arguments, add_process_arguments, add_recipe_arguments,
                        add_run_arguments, config_fields, finite_float, model_overrides, nonempty, parse_setting,
                        positive_float, positive_int)
-from .cli_errors import (BUG_REPORT, CLIError, explain, file_names_printable, output_survives_its_reader,
+from .cli_errors import (BUG_REPORT, INTERRUPTED, CLIError, explain, file_names_printable, output_survives_its_reader,
                          say_error, warnings_as_notes)
 from .cli_models import add_model_commands
 from .cli_predict import add_predict_command
@@ -417,7 +417,7 @@ def _main(argv: Sequence[str] | None) -> int:
         sys.stdout.flush()  # output still buffered for a closed pipe fails here, where it is handled
         return code
     except KeyboardInterrupt:
-        print("widenet: interrupted", file=sys.stderr)
+        print(INTERRUPTED, file=sys.stderr)
         return 130
     except BrokenPipeError:
         # The reader closed the pipe (`widenet list | head -1`): stop quietly, as cat does,

@@ -21,11 +21,13 @@ import warnings
 from collections.abc import Iterator
 from typing import Any
 
-__all__ = ["CLIError", "BUG_REPORT", "explain", "file_names_printable", "output_survives_its_reader", "say", "say_error",
-           "warnings_as_notes"]
+__all__ = ["CLIError", "BUG_REPORT", "INTERRUPTED", "explain", "file_names_printable", "output_survives_its_reader",
+           "say", "say_error", "warnings_as_notes"]
 
 BUG_REPORT = ("widenet: this is a bug in widenet, not a problem with your input; please report it with the "
               "command and the traceback above")
+
+INTERRUPTED = "widenet: interrupted"  # Ctrl-C, whenever it comes; the status is 130 (128 + SIGINT)
 
 _ALLOCATION = re.compile(r"tried to allocate (\d+) bytes")
 _CUDA_ALLOCATION = re.compile(r"Tried to allocate ([\d.]+ [KMGT]?i?B)")
