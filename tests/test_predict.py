@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 import widenet.cli as cli
+import widenet.inference.predict_text
 from widenet import MoE, create_model
 from widenet.data.text.classification import ClassificationExample, encode_classification
 from widenet.data.text.squad import SquadExample, encode_squad, postprocess_squad
@@ -28,8 +29,9 @@ from widenet.data.text.tokenizer import save_tokenizer, special_ids, train_token
 from widenet.inference import (ImageFailure, ImagePrediction, PredictError, answer_questions, classify_texts,
                                find_images, load_pretrained, predict_images, read_sentences)
 from widenet.inference.predict_text import read_sentence_lines
-from widenet.train.checkpoint import save_checkpoint
+from widenet.train.checkpoint import CheckpointError, save_checkpoint
 from widenet.train.exported import write_export
+from widenet.train.text_inputs import recorded_inputs
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -65,7 +67,7 @@ def tokenizer_file(tmp_path_factory):
     return save_tokenizer(tok, tmp_path_factory.mktemp("tok") / "tokenizer.json"), tok
 
 
-def _text_export(path, tokenizer_file, task: str, num_labels: int = 2, seed: int = 0):
+def _text_export(path, tokenizer_file, task: str, num_labels: int = 2, seed: int = 0, inputs: dict | None = None):
     file, tok = tokenizer_file
     torch.manual_seed(seed)
     model = create_model("bert_text_tiny", vocab_size=tok.get_vocab_size(), task=task, num_labels=num_labels,
@@ -74,7 +76,7 @@ def _text_export(path, tokenizer_file, task: str, num_labels: int = 2, seed: int
         if hasattr(model, head):
             _randomize(getattr(model, head), seed + 1)
     classes = ["neg", "neu", "pos"] if task == "classify" else None
-    return write_export(path, model, model_name="bert_text_tiny", classes=classes, tokenizer_file=file)
+    return write_export(path, model, model_name="bert_text_tiny", classes=classes, tokenizer_file=file, inputs=inputs)
 
 
 @pytest.fixture(scope="module")
@@ -390,6 +392,90 @@ def test_a_question_too_long_for_the_window_names_predicts_own_setting(qa_dir, c
     with pytest.raises(PredictError, match=r"question 2 takes \d+ tokens.*raise max_len to \d+ or more"):
         answer_questions(load_pretrained(qa_dir), [("short?", "a context."), (" ".join(["why"] * 20), "c.")],
                          max_len=16)
+
+
+# --- the inputs as fine-tuning prepared them ------------------------------------------------
+def test_fine_tuning_records_its_inputs_and_predict_and_export_keep_them(pretrain_dir, tmp_path, cli):
+    """A classifier fine-tuned on sentence pairs at 16 tokens: its checkpoint and its export say so,
+    and predict refuses a single sentence (line 2 of the file) instead of scoring a form it never saw."""
+    rows = [f"{a}\t{b}\t{label}" for a, b, label in
+            zip(TEXTS[:12], TEXTS[1:13], ["x", "y"] * 6)]
+    (tmp_path / "t.tsv").write_text("sentence1\tsentence2\tlabel\n" + "\n".join(rows) + "\n")
+    rc, _, err = cli(["finetune", "--task", "classify", "--init", pretrain_dir, "--train", tmp_path / "t.tsv",
+                      "--validation", tmp_path / "t.tsv", "--max-len", "16", "--epochs", "1", "--batch-size", "4",
+                      "--out", tmp_path / "run"])
+    assert rc == 0, err
+    rc, _, err = cli(["export", tmp_path / "run", "--to", tmp_path / "export"])
+    assert rc == 0, err
+    for folder in (tmp_path / "run", tmp_path / "export"):
+        assert load_pretrained(folder).inputs == {"pairs": True, "max_len": 16}
+    (tmp_path / "s.txt").write_text(f"{TEXTS[0]}\t{TEXTS[1]}\n{TEXTS[2]}\n")
+    rc, out, err = cli(["predict", "--checkpoint", tmp_path / "export", "--text", tmp_path / "s.txt"])
+    assert (rc, out) == (2, "") and err.count("\n") == 1
+    assert f"{tmp_path / 's.txt'} line 2: one sentence, but the model was fine-tuned on sentence pairs" in err
+
+
+def test_texts_of_the_other_form_than_fine_tunings_are_refused(tokenizer_file, classify_dir, tmp_path):
+    pairs = load_pretrained(_text_export(tmp_path / "p", tokenizer_file, "classify", 3,
+                                         inputs=dict(pairs=True, max_len=64)))
+    single = load_pretrained(_text_export(tmp_path / "s", tokenizer_file, "classify", 3,
+                                          inputs=dict(pairs=False, max_len=64)))
+    with pytest.raises(PredictError, match="text 2: one sentence, but the model was fine-tuned on sentence pairs"):
+        classify_texts(pairs, [("the lazy dog", "a bow"), "the lazy dog"], device="cpu")
+    with pytest.raises(PredictError, match="text 1: a sentence pair, but the model was fine-tuned on single"):
+        classify_texts(single, [("the lazy dog", "a bow")], device="cpu")
+    assert len(classify_texts(single, ["the lazy dog"], device="cpu")) == 1
+    # a model that does not say (fine-tuned before this was recorded, or from Hugging Face) takes both
+    assert load_pretrained(classify_dir).inputs is None
+    assert len(classify_texts(load_pretrained(classify_dir), [("a", "b"), "c"], device="cpu")) == 2
+
+
+def test_predict_uses_the_lengths_the_model_was_fine_tuned_with(tokenizer_file, tmp_path, monkeypatch):
+    saved = dict(max_len=24, doc_stride=8, max_query_len=6)
+    qa = load_pretrained(_text_export(tmp_path / "qa", tokenizer_file, "qa", seed=3, inputs=saved))
+    calls = []
+    real = widenet.inference.predict_text.encode_squad
+    monkeypatch.setattr(widenet.inference.predict_text, "encode_squad",
+                        lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    context = "The arrow was feathered and barbed, to be shot from a bow. " * 4
+    question = "what was the arrow feathered and barbed to be shot from?"  # more than 6 tokens
+    with pytest.warns(UserWarning, match="1 of 1 questions were longer than 6 tokens"):
+        by_default = answer_questions(qa, [(question, context)], device="cpu")
+    assert calls == [saved]
+    assert by_default == answer_questions(qa, [(question, context)], device="cpu", **saved)
+    cls = load_pretrained(_text_export(tmp_path / "cls", tokenizer_file, "classify", 3,
+                                       inputs=dict(pairs=False, max_len=8)))
+    with pytest.warns(UserWarning, match="1 of 1 texts were longer than 8 tokens"):
+        classify_texts(cls, [TEXTS[1]], device="cpu")
+
+
+def test_saved_inputs_are_checked_and_older_runs_read_from_their_settings():
+    model = {"max_positions": 64}
+    older_qa = dict(model_config=model, train_config=dict(task="qa", max_len=None, doc_stride=16, max_query_len=8))
+    assert recorded_inputs(older_qa, "m") == {"max_len": 64, "doc_stride": 16, "max_query_len": 8}
+    older_cls = dict(model_config=model, train_config=dict(task="classify", max_len=32, doc_stride=128))
+    assert recorded_inputs(older_cls, "m") == {"max_len": 32}
+    assert recorded_inputs(dict(model_config=model, train_config=dict(mask_prob=0.15)), "m") is None  # pretraining
+    for bad in ({"max_len": 0}, {"max_len": "32"}, {"pairs": "yes"}, {"doc_stride": True}, {"stride": 8}, [1]):
+        with pytest.raises(CheckpointError, match="m/meta.json: the saved inputs"):
+            recorded_inputs({"data": {"inputs": bad}}, "m/meta.json")
+
+
+def test_lines_end_only_at_line_breaks_and_text_must_be_utf8(classify_dir, qa_dir, tmp_path, capsys, monkeypatch):
+    f = tmp_path / "s.txt"
+    f.write_bytes("page one\x0cstill one\r\nsix\u2028seven\xc2\x85eight\rlast\n".encode("utf-8"))
+    assert read_sentence_lines(f) == [(1, "page one\x0cstill one"), (2, "six\u2028seven\xc2\x85eight"), (3, "last")]
+    stdin = io.TextIOWrapper(io.BytesIO(b"caf\xe9 au lait\n"), encoding="utf-8", errors="surrogateescape")
+    with pytest.raises(PredictError, match=r"stdin: not UTF-8 text \(invalid continuation byte at byte 3\)"):
+        read_sentence_lines("-", stdin)
+    monkeypatch.setattr(sys, "stdin", None)
+    rc, out, err = _cli(["predict", "--checkpoint", classify_dir, "--text", "-"], capsys, monkeypatch)
+    assert (rc, out, err) == (2, "", "widenet: error: stdin is closed: give the sentences in a file, or on stdin\n")
+    rc, out, err = _cli(["predict", "--checkpoint", qa_dir, "--question", "caf\udce9?", "--context", "a context"],
+                        capsys, monkeypatch)  # bytes on a command line that are not UTF-8 (PEP 383)
+    assert (rc, out) == (2, "") and err == "widenet: error: question 1: not UTF-8 text (the byte 0xe9 at character 3)\n"
+    with pytest.raises(PredictError, match=r"text 1: not UTF-8 text \(the byte 0xe9 at character 3\)"):
+        classify_texts(load_pretrained(classify_dir), ["caf\udce9"], device="cpu")
 
 
 # --- inputs that do not fit the model -------------------------------------------------------

@@ -50,7 +50,8 @@ def add_predict_command(sub) -> None:
     p.add_argument("--top-k", type=positive_int, help=f"classes shown per input (default {TOP_K})")
     p.add_argument("--batch-size", type=positive_int, default=64, help="inputs per forward pass (default 64)")
     p.add_argument("--max-len", type=positive_int,
-                   help="text: tokens per sequence (default fine-tuning's: 128 classify, 384 qa)")
+                   help="text: tokens per sequence (default: the model's fine-tuning length, else 128 classify, "
+                        "384 qa)")
     p.add_argument("--null-threshold", type=finite_float,
                    help="QA (SQuAD 2.0 models): answer nothing when the no-answer option beats the best span "
                         "by more than this")
@@ -90,7 +91,7 @@ def _read_context(path: str) -> str:
 def cmd_predict(args: argparse.Namespace) -> int:
     from .inference.loading import load_pretrained
     from .inference.predict import check_fits
-    from .inference.predict_text import read_sentence_lines
+    from .inference.predict_text import check_text_form, read_sentence_lines
     from .runtime import resolve_device
 
     kind = _input_kind(args)
@@ -108,6 +109,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         return _predict_images(args, pretrained, device)
     if kind == "text":
         refuse_unused(args, ("null_threshold",), "for sentence classification (a QA setting)")
+        where = "stdin" if args.text == "-" else args.text
+        check_text_form(pretrained, [(f"{where} line {number}", text) for number, text in lines])
         return _classify_texts(args, pretrained, lines, device)
     refuse_unused(args, ("top_k",), "for questions (one answer each)")
     return _answer_questions(args, pretrained, [(q, context) for q in args.question], device)

@@ -30,7 +30,8 @@ class Pretrained:
     statistics training normalised images with (vision).   tokenizer: a
     `tokenizers.Tokenizer` (text models whose tokenizer was saved beside them);
     tokenizer_problem: why the one beside the model was not loaded (unreadable, or not the
-    model's own vocabulary).
+    model's own vocabulary).   inputs: how fine-tuning prepared the texts (a fine-tuned text
+    model; widenet.train.text_inputs), which prediction reuses; None when unknown.
     """
 
     model: nn.Module
@@ -43,6 +44,7 @@ class Pretrained:
     tokenizer: Any = None
     notes: list[str] = field(default_factory=list)
     tokenizer_problem: str | None = None  # why the tokenizer beside the model was not loaded
+    inputs: dict[str, Any] | None = None
 
 
 def load_pretrained(path: str | os.PathLike) -> Pretrained:
@@ -60,7 +62,7 @@ def load_pretrained(path: str | os.PathLike) -> Pretrained:
     mean, std = stats.get("mean"), stats.get("std")
     return Pretrained(model, source.meta.get("model", ""), model_kind(source.meta["model_config"]), source.path,
                       source.classes, tuple(mean) if mean else None, tuple(std) if std else None, tokenizer, notes,
-                      problem)
+                      problem, source.text_inputs)
 
 
 def from_pretrained(path: str | os.PathLike) -> nn.Module:

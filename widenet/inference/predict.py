@@ -43,8 +43,6 @@ from .loading import Pretrained
 __all__ = ["Answer", "ClassScore", "ImageFailure", "ImagePrediction", "PredictError", "TextPrediction",
            "check_finite_scores", "check_fits", "find_images", "iter_predict_images", "predict_images"]
 
-# Fine-tuning's default sequence lengths (widenet.train.finetune.DEFAULT_MAX_LEN) and QA windows.
-CLASSIFY_MAX_LEN, QA_MAX_LEN, QA_DOC_STRIDE, QA_MAX_QUERY_LEN = 128, 384, 128, 64
 N_BEST, MAX_ANSWER_LEN = 20, 30  # postprocess_squad's defaults: candidate starts / ends, longest answer
 FALLBACK_MEAN, FALLBACK_STD = 0.5, 0.5  # no image statistics saved (Hugging Face ViT): ViT's processor's
 PROGRESS_MIN_BATCHES = 3  # a progress bar for more batches than this (on a terminal)

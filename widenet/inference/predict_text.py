@@ -20,12 +20,12 @@ from ..data.text.squad import SquadExample, _best_span, encode_squad, postproces
 from ..data.text.tokenizer import special_ids
 from ..layers.moe import dropless_routing
 from .loading import Pretrained
-from .predict import (CLASSIFY_MAX_LEN, MAX_ANSWER_LEN, N_BEST, QA_DOC_STRIDE, QA_MAX_LEN, QA_MAX_QUERY_LEN,
-                      Answer, PredictError, TextPrediction, _batches, _check_sizes, _class_names, _on_device, _progress,
+from ..train.text_inputs import DEFAULT_MAX_LEN, QA_DOC_STRIDE, QA_MAX_QUERY_LEN
+from .predict import (MAX_ANSWER_LEN, N_BEST, Answer, PredictError, TextPrediction, _batches, _check_sizes, _class_names, _on_device, _progress,
                       _top, check_finite_scores, check_fits)
 
 
-__all__ = ["answer_questions", "classify_texts", "iter_answer_questions", "iter_classify_texts",
+__all__ = ["answer_questions", "check_text_form", "classify_texts", "iter_answer_questions", "iter_classify_texts",
            "read_sentence_lines", "read_sentences"]
 
 
@@ -38,13 +38,21 @@ def read_sentences(source: str | os.PathLike, stdin: Any = None) -> list[str | t
 
 def read_sentence_lines(source: str | os.PathLike, stdin: Any = None) -> list[tuple[int, str | tuple[str, str]]]:
     """read_sentences with each sentence's line number (from 1), which says where the skipped blank
-    lines were."""
+    lines were. Lines end at a line break as a text editor's do (\\n, \\r\\n or \\r), not at the other
+    characters str.splitlines() also breaks on (a form feed, U+2028, ...)."""
     where = "stdin" if os.fspath(source) == "-" else os.fspath(source)
     try:
-        text = (stdin or sys.stdin).read() if where == "stdin" else Path(source).read_text(encoding="utf-8-sig")
-        lines = text.splitlines()
+        if where == "stdin":
+            stream = stdin or sys.stdin
+            if stream is None:
+                raise PredictError("stdin is closed: give the sentences in a file, or on stdin")
+            data = getattr(stream, "buffer", stream).read()  # bytes where it can: decoded strictly below
+            text = data.decode("utf-8-sig") if isinstance(data, bytes) else data
+        else:
+            text = Path(source).read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as err:
         raise PredictError(f"{where}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
     sentences: list[tuple[int, str | tuple[str, str]]] = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
@@ -61,10 +69,36 @@ def read_sentence_lines(source: str | os.PathLike, stdin: Any = None) -> list[tu
     return sentences
 
 
-def _max_len(pretrained: Pretrained, max_len: int | None, default: int) -> int:
+def check_text_form(pretrained: Pretrained, texts: Sequence[tuple[Any, str | tuple[str, str]]]) -> None:
+    """Raise PredictError at the first text whose form (one sentence, or a pair) is not the one the
+    classifier was fine-tuned on; texts: (where, sentence or pair), e.g. ("stdin line 3", "...").
+    Nothing is checked when the model does not say (runs fine-tuned before this was recorded)."""
+    pairs = (pretrained.inputs or {}).get("pairs")
+    if pairs is None:
+        return
+    for where, text in texts:
+        if isinstance(text, str) == pairs:
+            got, trained = ("one sentence", "sentence pairs") if pairs else ("a sentence pair", "single sentences")
+            hint = "two texts separated by a TAB" if pairs else "a line without a TAB"
+            raise PredictError(f"{where}: {got}, but the model was fine-tuned on {trained} ({hint} on each line of "
+                               "--text; a model's scores for the other form mean nothing)")
+
+
+def _check_utf8(text: str, where: str) -> None:
+    """Text from a command line or stdin that was not UTF-8 reaches Python as lone surrogates (PEP 383)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        byte = ord(text[err.start]) - 0xDC00 if 0xDC80 <= ord(text[err.start]) <= 0xDCFF else None
+        shown = f"the byte 0x{byte:02x}" if byte is not None else repr(text[err.start])
+        raise PredictError(f"{where}: not UTF-8 text ({shown} at character {err.start})") from None
+
+
+def _max_len(pretrained: Pretrained, max_len: int | None, task: str) -> int:
+    """max_len, else the length the model was fine-tuned with, else fine-tuning's default for task."""
     limit = pretrained.model.cfg.max_positions
     if max_len is None:
-        return min(default, limit)
+        return min((pretrained.inputs or {}).get("max_len") or DEFAULT_MAX_LEN[task], limit)
     if not isinstance(max_len, int) or max_len < 1:
         raise ValueError(f"max_len must be a positive whole number, got {max_len!r}")
     if max_len > limit:
@@ -98,10 +132,14 @@ def iter_classify_texts(pretrained: Pretrained, texts: Sequence[str | tuple[str,
         pair = [text] if isinstance(text, str) else list(text) if isinstance(text, (tuple, list)) else []
         if not 1 <= len(pair) <= 2 or not all(isinstance(t, str) and t.strip() for t in pair):
             raise PredictError(f"text {i + 1}: expected a non-empty sentence or a pair of them, got {text!r}")
+        for t in pair:
+            _check_utf8(t, f"text {i + 1}")
         examples.append(ClassificationExample(pair[0], pair[1] if len(pair) == 2 else None, None))
     if not examples:
         raise PredictError("no sentences given")
-    length = _max_len(pretrained, max_len, CLASSIFY_MAX_LEN)
+    check_text_form(pretrained, [(f"text {i + 1}", ex.text_a if ex.text_b is None else (ex.text_a, ex.text_b))
+                                 for i, ex in enumerate(examples)])
+    length = _max_len(pretrained, max_len, "classify")
     tokenizer, pad = pretrained.tokenizer, special_ids(pretrained.tokenizer).pad
     names = _class_names(pretrained, pretrained.model.cfg.num_labels)
     model, dev = _on_device(pretrained, device)
@@ -126,7 +164,9 @@ def classify_texts(pretrained: Pretrained, texts: Sequence[str | tuple[str, str]
                    batch_size: int = 64, device: str | torch.device = "auto", max_len: int | None = None,
                    progress: bool | None = None) -> list[TextPrediction]:
     """The top_k classes (at most all) of each sentence or (a, b) pair, encoded as fine-tuning did
-    (encode_classification, max_len tokens, default 128), `batch_size` at a time on `device`."""
+    (encode_classification, max_len tokens, default the model's fine-tuning length, else 128),
+    `batch_size` at a time on `device`. A text of the other form than fine-tuning's (one sentence
+    for a model fine-tuned on pairs, or the reverse) is refused."""
     return list(iter_classify_texts(pretrained, texts, top_k, batch_size, device, max_len, progress))
 
 
@@ -165,7 +205,7 @@ def _scores(examples: list[SquadExample], features, starts: torch.Tensor, ends: 
 
 def iter_answer_questions(pretrained: Pretrained, pairs: Sequence[tuple[str, str]], batch_size: int = 64,
                           device: str | torch.device = "auto", max_len: int | None = None,
-                          doc_stride: int = QA_DOC_STRIDE, max_query_len: int = QA_MAX_QUERY_LEN,
+                          doc_stride: int | None = None, max_query_len: int | None = None,
                           allow_no_answer: bool = False, null_threshold: float = 0.0,
                           progress: bool | None = None) -> Iterator[Answer]:
     """answer_questions, one answer at a time as the batches finish (same order)."""
@@ -176,10 +216,15 @@ def iter_answer_questions(pretrained: Pretrained, pairs: Sequence[tuple[str, str
         if not (isinstance(pair, (tuple, list)) and len(pair) == 2
                 and all(isinstance(t, str) and t.strip() for t in pair)):
             raise PredictError(f"question {i + 1}: expected a non-empty (question, context) pair, got {pair!r}")
+        _check_utf8(pair[0], f"question {i + 1}")
+        _check_utf8(pair[1], f"the context of question {i + 1}")
         examples.append(SquadExample(str(i), pair[0], pair[1], [], False))
     if not examples:
         raise PredictError("no questions given")
-    length = _max_len(pretrained, max_len, QA_MAX_LEN)
+    length = _max_len(pretrained, max_len, "qa")
+    saved = pretrained.inputs or {}
+    doc_stride = _positive_or(doc_stride, "doc_stride", saved.get("doc_stride") or QA_DOC_STRIDE)
+    max_query_len = _positive_or(max_query_len, "max_query_len", saved.get("max_query_len") or QA_MAX_QUERY_LEN)
     _check_questions_fit(pretrained, examples, length, max_query_len)
     pad = special_ids(pretrained.tokenizer).pad
     model, dev = _on_device(pretrained, device)
@@ -207,10 +252,19 @@ def iter_answer_questions(pretrained: Pretrained, pairs: Sequence[tuple[str, str
             bar.update(len(chunk))
 
 
+def _positive_or(value: int | None, name: str, default: int) -> int:
+    if value is None:
+        return default
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive whole number, got {value!r}")
+    return value
+
+
 def _check_questions_fit(pretrained: Pretrained, examples: list[SquadExample], length: int,
                          max_query_len: int) -> None:
     """Raise PredictError naming the first question that, cut to max_query_len tokens, leaves no room
-    in a window of `length` tokens for [CLS], two [SEP] and one context token."""
+    in a window of `length` tokens for [CLS], two [SEP] and one context token; a note for questions
+    cut (as fine-tuning cut them)."""
     questions = pretrained.tokenizer.encode_batch([ex.question for ex in examples], add_special_tokens=False)
     for number, encoded in enumerate(questions, start=1):
         tokens = min(len(encoded.ids), max_query_len)
@@ -220,15 +274,20 @@ def _check_questions_fit(pretrained: Pretrained, examples: list[SquadExample], l
                     f"the model holds {limit} positions: shorten the question")
             raise PredictError(f"question {number} takes {tokens} tokens, which leaves no room for the context "
                                f"in max_len {length} ([CLS] question [SEP] context [SEP]); {room}")
+    cut = sum(len(encoded.ids) > max_query_len for encoded in questions)
+    if cut:
+        warnings.warn(f"{cut} of {len(examples)} questions were longer than {max_query_len} tokens (max_query_len) "
+                      "and were cut to their first ones, as fine-tuning cut them", stacklevel=3)
 
 
 def answer_questions(pretrained: Pretrained, pairs: Sequence[tuple[str, str]], batch_size: int = 64,
                      device: str | torch.device = "auto", max_len: int | None = None,
-                     doc_stride: int = QA_DOC_STRIDE, max_query_len: int = QA_MAX_QUERY_LEN,
+                     doc_stride: int | None = None, max_query_len: int | None = None,
                      allow_no_answer: bool = False, null_threshold: float = 0.0,
                      progress: bool | None = None) -> list[Answer]:
     """The answer to each (question, context): the best span, as fine-tuning's evaluation picks it
-    (encode_squad windows of max_len tokens, default 384, then postprocess_squad); allow_no_answer
+    (encode_squad windows of max_len tokens, stride doc_stride, questions cut to max_query_len: by
+    default as the model was fine-tuned, else 384, 128, 64; then postprocess_squad); allow_no_answer
     (SQuAD 2.0 models): "" when no-answer beats the best span by more than null_threshold."""
     return list(iter_answer_questions(pretrained, pairs, batch_size, device, max_len, doc_stride, max_query_len,
                                       allow_no_answer, null_threshold, progress))

@@ -39,6 +39,7 @@ from ..models.text import TextConfig, TextTransformer
 from ..models.vision import VisionConfig, VisionTransformer
 from .checkpoint import CheckpointError, check_finite, check_model_keys, find_latest_checkpoint, load_checkpoint
 from .checkpoint_layout import remove_tree
+from .text_inputs import recorded_inputs
 
 __all__ = ["EXPORT_FORMAT", "EXPORT_VERSION", "HEADS", "Source", "config_problem", "init_source", "require_kind", "is_export", "load_model",
            "load_source", "model_from_meta", "non_finite_problem", "read_export", "weights_from",
@@ -69,6 +70,11 @@ class Source:
         data = self.meta.get("data") or {}
         names = data.get("classes") or data.get("labels")
         return list(names) if names else None
+
+    @property
+    def text_inputs(self) -> dict[str, Any] | None:
+        """How fine-tuning prepared a text model's inputs (train.text_inputs), or None."""
+        return recorded_inputs(self.meta, self.path)
 
     @property
     def image_stats(self) -> dict[str, list[float]] | None:
@@ -145,7 +151,8 @@ def model_from_meta(meta: dict) -> nn.Module:
 def write_export(out: str | os.PathLike, model: nn.Module, *, model_name: str, classes: list[str] | None = None,
                  image_stats: dict | None = None, tokenizer_file: str | os.PathLike | None = None,
                  tokenizer: Any = None, source: Any = None, overwrite: bool = False,
-                 protect: str | os.PathLike | None = None, data: str | None = None) -> Path:
+                 protect: str | os.PathLike | None = None, data: str | None = None,
+                 inputs: dict | None = None) -> Path:
     """Write `model` as an export folder at `out` (see module doc), atomically: a folder of the same
     name appears whole or not at all, and an old one is swapped out only once the new one is
     complete. overwrite=True replaces an earlier export folder's model (never a run folder, a
@@ -153,7 +160,8 @@ def write_export(out: str | os.PathLike, model: nn.Module, *, model_name: str, c
     model card, are carried into the new folder); `protect`: a folder (the model's source) that `out` must
     not be, contain or lie inside. tokenizer_file: a tokenizer.json or BERT vocab.txt, saved in
     the folder as tokenizer.json; or `tokenizer`, a tokenizers.Tokenizer. data: the name of the
-    dataset the model was trained on, which `widenet eval` then evaluates on by default."""
+    dataset the model was trained on, which `widenet eval` then evaluates on by default. inputs: how
+    fine-tuning prepared a text model's inputs (train.text_inputs), which predict reuses."""
     from .. import __version__
 
     out = Path(out)
@@ -168,6 +176,8 @@ def write_export(out: str | os.PathLike, model: nn.Module, *, model_name: str, c
                   classes=classes, image=image_stats, tokenizer=token_meta, source=source)
     if data:
         config["data"] = data
+    if inputs:
+        config["inputs"] = inputs
     tmp = out.parent / f".tmp-{out.name}-{os.getpid()}"
     try:
         remove_tree(tmp)
@@ -270,6 +280,8 @@ def read_export(path: str | os.PathLike) -> Source:
                 data=dict(classes=classes, **image))
     if isinstance(config.get("data"), str):
         meta["data"]["name"] = config["data"]
+    if "inputs" in config:
+        meta["data"]["inputs"] = config["inputs"]
     if config.get("tokenizer"):
         token = config["tokenizer"]
         if not isinstance(token, dict) or not isinstance(token.get("fingerprint"), str):

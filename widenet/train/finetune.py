@@ -48,9 +48,9 @@ from .run_folder import claim_run_folder
 from .text_common import (Batch, TextTask, describe_processes, global_sums, local_rows, ordered_batches,
                           saved_text_model)
 from .text_config import FinetuneConfig
+from .text_inputs import DEFAULT_MAX_LEN
 from .trainer import RunResult, Trainer
 
-DEFAULT_MAX_LEN = {"classify": 128, "qa": 384}
 
 
 @dataclass
@@ -201,13 +201,14 @@ class QATask(_FinetuneTask):
                     routing=[vars(r) for r in routing.blocks()])
 
 
-def _classify_data(cfg: FinetuneConfig, tokenizer, max_len: int) -> tuple[Batch, Batch, list[str]]:
+def _classify_data(cfg: FinetuneConfig, tokenizer, max_len: int) -> tuple[Batch, Batch, list[str], bool]:
+    """(training batch, validation batch, labels, whether the texts are sentence pairs)."""
     train_file, val_file = resolve_task_file(cfg.train, "classify"), resolve_task_file(cfg.validation, "classify")
     train_ex, val_ex, labels = read_classification_task(train_file, val_file)
     train = encode_classification(train_ex, tokenizer, labels, max_len)
     _check_task_coverage(train["input_ids"], tokenizer, train_file)
     validation = encode_classification(val_ex, tokenizer, labels, max_len)
-    return train, validation, labels
+    return train, validation, labels, train_ex[0].text_b is not None
 
 
 def _check_task_coverage(input_ids: torch.Tensor, tokenizer, task_file: str | Path) -> None:
@@ -247,13 +248,14 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print) -> Finetun
     max_len = max_length(cfg, ckpt.meta["model_config"])
     pad = special_ids(tokenizer).pad
     if cfg.task == "classify":
-        train, validation, labels = _classify_data(cfg, tokenizer, max_len)
+        train, validation, labels, pairs = _classify_data(cfg, tokenizer, max_len)
         extra, num_labels = dict(validation=validation, labels=labels), len(labels)
-        data_meta = dict(labels=labels)
+        data_meta = dict(labels=labels, inputs=dict(pairs=pairs, max_len=max_len))
     else:
         train, val_ex, val_features, version_2 = _qa_data(cfg, tokenizer, max_len)
         extra, num_labels = dict(val_examples=val_ex, val_features=val_features, version_2=version_2), 2
-        data_meta = dict(squad_version="2.0" if version_2 else "1.1")
+        data_meta = dict(squad_version="2.0" if version_2 else "1.1",
+                         inputs=dict(max_len=max_len, doc_stride=cfg.doc_stride, max_query_len=cfg.max_query_len))
     torch.manual_seed(cfg.seed)
     model = build_finetune_model(ckpt, cfg, num_labels).to(device)
     parallel.check_epoch(len(train["input_ids"]), cfg.batch_size)

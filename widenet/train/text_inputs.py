@@ -1,0 +1,51 @@
+"""How a fine-tuned text model's inputs were prepared: the settings prediction must reuse.
+
+Fine-tuning records them in a checkpoint's meta (data.inputs) and `widenet
+export` carries them into config.json ("inputs"):
+    classify: {"pairs": whether the texts were sentence pairs, "max_len": tokens per sequence}
+    qa:       {"max_len": tokens per window, "doc_stride", "max_query_len": tokens of a question}
+Runs fine-tuned before the record have them read back from their train_config
+(all but "pairs"). Hugging Face folders and pretraining runs have none.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .checkpoint import CheckpointError
+from .text_config import FinetuneConfig
+
+__all__ = ["DEFAULT_MAX_LEN", "QA_DOC_STRIDE", "QA_MAX_QUERY_LEN", "recorded_inputs"]
+
+DEFAULT_MAX_LEN = {"classify": 128, "qa": 384}  # tokens per sequence, unless the model has fewer positions
+QA_DOC_STRIDE, QA_MAX_QUERY_LEN = FinetuneConfig.doc_stride, FinetuneConfig.max_query_len  # fine-tuning's defaults
+_LENGTHS = ("max_len", "doc_stride", "max_query_len")
+
+
+def recorded_inputs(meta: dict, where: Any) -> dict[str, Any] | None:
+    """The input settings saved with a model (see the module doc), checked; None when there are none.
+    where: the file or folder to name when they are not what fine-tuning writes (CheckpointError)."""
+    inputs = (meta.get("data") or {}).get("inputs")
+    if inputs is None:
+        inputs = _from_train_config(meta)
+        if inputs is None:
+            return None
+    whole = lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0  # noqa: E731
+    if not (isinstance(inputs, dict) and set(inputs) <= {"pairs", *_LENGTHS}
+            and all(whole(inputs[k]) for k in _LENGTHS if k in inputs)
+            and isinstance(inputs.get("pairs", False), bool)):
+        raise CheckpointError(f"{where}: the saved inputs {inputs!r} should hold max_len, doc_stride and "
+                              "max_query_len as positive whole numbers and pairs as true or false")
+    return dict(inputs)
+
+
+def _from_train_config(meta: dict) -> dict[str, Any] | None:
+    config = meta.get("train_config") or {}
+    task = config.get("task")
+    if task not in DEFAULT_MAX_LEN or "doc_stride" not in config:  # not a fine-tuning run
+        return None
+    limit = (meta.get("model_config") or {}).get("max_positions")
+    inputs = {"max_len": config.get("max_len") or min(DEFAULT_MAX_LEN[task], limit)} if limit else {}
+    if task == "qa":
+        inputs.update(doc_stride=config["doc_stride"], max_query_len=config["max_query_len"])
+    return inputs or None
