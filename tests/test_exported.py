@@ -144,6 +144,25 @@ def test_upcycle_refuses_what_it_cannot_do(tmp_path, cli):
     assert "already a widenet export" in line and "read it as it is" in line and "Hugging Face" not in line
 
 
+def test_upcycling_beyond_the_memory_is_refused_before_copying(tmp_path, cli, monkeypatch):
+    """The upcycled model and the stacked copies it is loaded from are both in memory at once: an
+    expert count whose model alone would fit but not twice is refused by name, not killed by the kernel."""
+    import widenet.memory as memory
+
+    dense = create_model("vit_tiny", dim=32, depth=2, num_heads=2, mlp_dim=64)
+    with torch.device("meta"):
+        size = memory.parameter_bytes(create_model("widenet_tiny", dim=32, depth=2, num_heads=2, mlp_dim=64,
+                                                   num_experts=64))
+    monkeypatch.setattr(memory, "available_memory", lambda: size * 3 // 2)  # once fits, twice does not
+    with pytest.raises(MemoryError, match="upcycling to 64 experts: the new model and the copies .* need"):
+        upcycle(dense, 64)
+    write_export(tmp_path / "vit", dense, model_name="vit_tiny")
+    line = _one_line(*cli(["upcycle", "--from", tmp_path / "vit", "--experts", 64, "--out", tmp_path / "o"]))
+    assert "upcycling to 64 experts" in line and not (tmp_path / "o").exists()
+    monkeypatch.setattr(memory, "available_memory", lambda: size * 2)
+    assert sum(p.numel() for p in upcycle(dense, 64).parameters()) * 4 == size
+
+
 def test_a_broken_config_json_is_named_as_such(tmp_path, cli):
     """A folder whose config.json is damaged is neither an export nor a Hugging Face folder: every
     command that reads a model says what is wrong with that file, not that a checkpoint is missing."""
