@@ -700,6 +700,40 @@ def test_a_cache_on_a_full_disk_is_skipped_with_a_note(tmp_path, capsys):
         assert subprocess.run(["umount", str(mount)]).returncode == 0  # no file left open on it
 
 
+def test_a_full_disk_advises_what_will_work_once_space_is_freed(tmp_path, fmnist_dir, tiny_set_args, capsys,
+                                                               monkeypatch):
+    """--resume only where a checkpoint of this run waits: a run whose first save failed has none (--resume
+    would refuse), and an --overwrite run that failed before its first save put the earlier run back
+    (--resume would continue that one). Each piece of advice is then followed and works."""
+    import widenet.train.trainer as trainer_module
+
+    real_save = trainer_module.save_checkpoint
+
+    def disk_full(*_args, **_kw):
+        raise OSError(errno.ENOSPC, "No space left on device", str(out / "checkpoints"))
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(trainer_module, "save_checkpoint", disk_full)
+    line = _one_line_error(*_cli(_train_args(fmnist_dir, out, tiny_set_args, "--max-steps", 2), capsys)[::2])
+    assert line.endswith("free some space and run it again with --overwrite (the run saved no checkpoint to "
+                         "resume from)")
+    monkeypatch.setattr(trainer_module, "save_checkpoint", real_save)
+    assert "holds no complete checkpoint" in _one_line_error(
+        *_cli(_train_args(fmnist_dir, out, tiny_set_args, "--max-steps", 2, "--resume"), capsys)[::2])
+    assert _cli(_train_args(fmnist_dir, out, tiny_set_args, "--max-steps", 2, "--overwrite"), capsys)[0] == 0
+    kept = _snapshot(out / "checkpoints")
+
+    monkeypatch.setattr(trainer_module, "save_checkpoint", disk_full)  # replacing that run fails at its first save
+    rc, _, err = _cli(_train_args(fmnist_dir, out, tiny_set_args, "--max-steps", 2, "--overwrite", "--seed", 5),
+                      capsys)
+    assert rc == 2 and err.rstrip().endswith("free some space and run it again with --overwrite (the earlier run in "
+                                             "the folder was put back)"), err
+    assert _snapshot(out / "checkpoints") == kept
+    monkeypatch.setattr(trainer_module, "save_checkpoint", real_save)
+    assert _cli(_train_args(fmnist_dir, out, tiny_set_args, "--max-steps", 2, "--overwrite", "--seed", 5),
+                capsys)[0] == 0
+
+
 def test_a_full_disk_advises_resume_only_where_there_is_one(tmp_path, capsys, monkeypatch):
     def full(*_args, **_kw):
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "shipped"))

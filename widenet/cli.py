@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import sys
+import time
 import traceback
 from dataclasses import asdict
 from typing import Callable, NoReturn, Sequence
@@ -406,7 +407,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _main(argv)
 
 
+def _after_full_disk(args: argparse.Namespace, started: float) -> str:
+    """What a full disk's message advises once space is freed: --resume only where OUT holds a
+    checkpoint this command can continue (its own, or the run it resumed)."""
+    out = getattr(args, "out", None)
+    if args.command not in _RESUMABLE or not out:
+        return "run it again"
+    from .train.checkpoint_layout import find_latest_checkpoint
+
+    try:
+        latest = find_latest_checkpoint(out)
+        earlier = latest is not None and getattr(args, "overwrite", False) and latest.stat().st_mtime < started
+    except OSError:
+        return "run it again"
+    if latest is None:
+        return "run it again with --overwrite (the run saved no checkpoint to resume from)"
+    if earlier:  # the run --overwrite was to replace was put back: resuming would continue that one
+        return "run it again with --overwrite (the earlier run in the folder was put back)"
+    return "--resume"
+
+
 def _main(argv: Sequence[str] | None) -> int:
+    started = time.time()
     parser = build_parser()
     args = parser.parse_args(argv)
     _show_library_notes()
@@ -425,7 +447,7 @@ def _main(argv: Sequence[str] | None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141  # 128 + SIGPIPE: what a shell reports for a process that signal ended
     except Exception as err:
-        message = explain(err, getattr(args, "out", None), args.command in _RESUMABLE)
+        message = explain(err, getattr(args, "out", None), _after_full_disk(args, started))
         if message is None:  # a bug: the traceback, and where to send it
             traceback.print_exc()
             print(BUG_REPORT, file=sys.stderr)

@@ -132,17 +132,17 @@ class _PipeTolerant:
         return getattr(self._stream, name)
 
 
-def explain(err: BaseException, out: str | None = None, resumable: bool = False) -> str | None:
+def explain(err: BaseException, out: str | None = None, after_full_disk: str = "run it again") -> str | None:
     """The one-line message for an expected failure (without the "widenet: error: " prefix), or
     None for a bug. `out`: the command's --out, named when a write failed without a path;
-    resumable: the command can continue with --resume (a full disk then says so)."""
+    after_full_disk: what to do once space is freed (e.g. "--resume" where a checkpoint waits)."""
     from .runtime import CompileUnavailable, first_line
     from .train.trainer import TrainingError
 
     if isinstance(err, MemoryError):
         return f"out of memory: {first_line(err)}" if str(err).strip() else "out of memory"
     if isinstance(err, OSError):
-        return describe_os_error(err, out, resumable)
+        return describe_os_error(err, out, after_full_disk)
     if isinstance(err, RuntimeError) and (memory := _allocation_failure(err)):
         return memory
     if isinstance(err, (CLIError, ValueError, TrainingError, CompileUnavailable)):
@@ -152,13 +152,13 @@ def explain(err: BaseException, out: str | None = None, resumable: bool = False)
     return None
 
 
-def describe_os_error(err: OSError, out: str | None = None, resumable: bool = False) -> str:
-    """"PATH: cause" (both paths of a rename); a full disk as "no space left on device"."""
+def describe_os_error(err: OSError, out: str | None = None, after_full_disk: str = "run it again") -> str:
+    """"PATH: cause" (both paths of a rename); a full disk as "no space left on device", with what to
+    do once space is freed."""
     paths = [str(p) for p in (err.filename, err.filename2) if p is not None]
     where = " -> ".join(paths) if paths else (f"writing under {out}" if out else "")
     if err.errno == errno.ENOSPC:
-        then = "and --resume" if resumable else "and run it again"
-        return f"no space left on device ({where or 'a write failed'}); free some space {then}"
+        return f"no space left on device ({where or 'a write failed'}); free some space and {after_full_disk}"
     cause = err.strerror or str(err) or type(err).__name__
     return f"{where}: {cause}" if where else cause
 
