@@ -533,6 +533,17 @@ def test_nan_scores_are_refused_not_ranked(vision_dir, classify_dir, qa_dir, ima
         predict_images(pretrained, [images / "a.png"], device="cpu")
 
 
+def test_class_names_that_do_not_fit_the_head_are_noted_not_used(vision_dir, images, tmp_path):
+    edited = tmp_path / "edited"
+    shutil.copytree(vision_dir, edited)
+    config = json.loads((edited / "config.json").read_text())
+    config["classes"] = ["cat", "dog"]  # the head has 3 outputs
+    (edited / "config.json").write_text(json.dumps(config))
+    with pytest.warns(UserWarning, match="2 class names are saved for the model's 3 outputs; classes are shown by"):
+        result = predict_images(load_pretrained(edited), [images / "a.png"], top_k=3, device="cpu")[0]
+    assert sorted(c.name for c in result.top) == ["0", "1", "2"]
+
+
 def test_damaged_image_statistics_are_named(tmp_path, capsys, monkeypatch):
     """A run's meta.json whose std is NaN, zero or of the wrong length gave NaN scores or silently
     different ones; eval printed 'loss NaN' (not JSON) with exit status 0."""

@@ -158,9 +158,15 @@ def _progress(total: int, batch_size: int, unit: str, show: bool | None):
 
 
 def _class_names(pretrained: Pretrained, count: int) -> list[str]:
-    """The saved class names when they fit the head, else the class indices as text."""
+    """The saved class names when they fit the head, else the class indices as text (with a note when
+    names were saved: a hand-edited list, or the names of another model)."""
     classes = pretrained.classes
-    return [str(c) for c in classes] if classes and len(classes) == count else [str(i) for i in range(count)]
+    if classes and len(classes) == count:
+        return [str(c) for c in classes]
+    if classes:
+        warnings.warn(f"{pretrained.source}: {len(classes)} class names are saved for the model's {count} outputs; "
+                      "classes are shown by number", stacklevel=3)
+    return [str(i) for i in range(count)]
 
 
 def check_finite_scores(pretrained: Pretrained, *scores: torch.Tensor) -> None:
