@@ -261,6 +261,21 @@ def test_labels_differing_only_in_case_or_spaces_are_noted(tmp_path):
         read_classification_task(write(tmp_path / "t2.tsv", "sentence\tlabel\na\tpos\nb\tneg\n"), dev)
 
 
+def test_score_labels_are_noted_and_non_finite_labels_refused(tmp_path):
+    """STS-B-style similarity scores become one class per distinct score (noted); JSON's NaN is no class."""
+    train = write(tmp_path / "sts.tsv", "sentence1\tsentence2\tlabel\na\tb\t3.8\nc\td\t0.25\ne\tf\t5\n")
+    with pytest.warns(UserWarning, match=r"sts.tsv: the labels are numbers, some with fractions \('0.25'\), as "
+                                         r"scores are; they are trained as 3 separate classes"):
+        read_classification_task(train, train)
+    whole = write(tmp_path / "whole.tsv", "sentence\tlabel\na\t0\nb\t1\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # class numbers are classes: no note
+        read_classification_task(whole, whole)
+    bad = write(tmp_path / "nan.jsonl", '{"sentence": "a", "label": 1}\n{"sentence": "b", "label": NaN}\n')
+    with pytest.raises(TaskDataError, match=r"nan.jsonl.*line 2: label nan is not a class"):
+        read_classification(bad)
+
+
 # --------------------------------------------------------------------------
 # SQuAD reading
 # --------------------------------------------------------------------------

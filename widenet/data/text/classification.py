@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -93,6 +94,8 @@ def _label_string(value: Any, path: PathLike, line: int) -> str:
     """A label as a string: JSON ints become "0"/"1", bools "1"/"0"."""
     if isinstance(value, bool):
         return "1" if value else "0"
+    if isinstance(value, float) and not math.isfinite(value):  # JSON's NaN / Infinity
+        raise TaskDataError(f"{at(path, line)}: label {value!r} is not a class (a string or a finite number)")
     if isinstance(value, (int, float, str)):
         return str(value)
     raise TaskDataError(f"{at(path, line)}: label must be a string or number, got {value!r}")
@@ -243,6 +246,7 @@ def read_classification_task(train_path: PathLike, validation_path: PathLike
         raise TaskDataError(f"{train_path}: every example has the label {labels[0]!r}; "
                             "classification needs at least two labels")
     _note_look_alike_labels(labels, train_path)
+    _note_score_labels(labels, train_path)
     check_same_form(train, validation, train_path, validation_path)
     check_labels(validation, labels, validation_path)
     return train, validation, labels
@@ -258,6 +262,20 @@ def _note_look_alike_labels(labels: Sequence[str], path: PathLike) -> None:
     if alike:
         warnings.warn(f"{path}: labels {'; '.join(alike)} differ only in case or spaces; "
                       "they are trained as separate classes", stacklevel=3)
+
+
+def _note_score_labels(labels: Sequence[str], path: PathLike) -> None:
+    """Warn when the labels are numbers with fractions (STS-B's similarity scores): fine-tuning
+    classifies, so every distinct score becomes a class of its own."""
+    try:
+        values = [float(label) for label in labels]
+    except ValueError:
+        return
+    fractions = [label for label, value in zip(labels, values) if not value.is_integer()]
+    if fractions:
+        warnings.warn(f"{path}: the labels are numbers, some with fractions ({fractions[0]!r}), as scores are; "
+                      f"they are trained as {len(labels)} separate classes (fine-tuning classifies, it does not "
+                      "regress)", stacklevel=3)
 
 
 def _pair_lengths(len_a: int, len_b: int, budget: int) -> tuple[int, int]:
