@@ -305,6 +305,29 @@ def test_classify_texts_matches_the_model_on_encoded_ids(classify_dir):
         assert (result.text, result.text_pair) == (text if isinstance(text, tuple) else (text, None))
 
 
+def test_a_sentences_classes_do_not_depend_on_its_batch_neighbours(tokenizer_file, tmp_path):
+    """The text side of the image test above: an MoE classifier with little capacity per call."""
+    file, tok = tokenizer_file
+    torch.manual_seed(0)
+    model = create_model("widenet_text_tiny", vocab_size=tok.get_vocab_size(), task="classify", num_labels=3,
+                         capacity_factor=0.25, eval_capacity_factor=0.25, **TEXT_TINY)
+    _randomize(model, 2)
+    pre = load_pretrained(write_export(tmp_path / "moe", model, model_name="widenet_text_tiny",
+                                       classes=["neg", "neu", "pos"], tokenizer_file=file))
+    texts = [TEXTS[0], TEXTS[1], TEXTS[2]]
+    enc = encode_classification([ClassificationExample(t, None, None) for t in texts], pre.tokenizer, None, 64)
+    with torch.no_grad():  # the model as trained drops tokens here, and the batch changes the answer
+        ids, types = enc["input_ids"], enc["token_type_ids"]
+        pad = ids == special_ids(pre.tokenizer).pad
+        alone = model.eval()(ids[-1:], types[-1:], padding_mask=pad[-1:]).logits
+        together = model(ids, types, padding_mask=pad).logits[-1:]  # the last text: its tokens lose the slots
+    assert not torch.allclose(alone, together)
+    together = classify_texts(pre, texts, top_k=3, batch_size=3, device="cpu")[-1]
+    alone = classify_texts(pre, texts[-1:], top_k=3, batch_size=1, device="cpu")[0]
+    assert [(c.name, c.probability) for c in alone.top] == [(c.name, pytest.approx(c.probability, abs=1e-6))
+                                                            for c in together.top]
+
+
 def test_read_sentences_lines_pairs_and_errors(tmp_path):
     f = tmp_path / "s.txt"
     f.write_text("one sentence\n\nfirst\tsecond\n", encoding="utf-8")
@@ -363,6 +386,56 @@ def test_answers_are_spans_of_the_context_as_postprocess_picks_them(qa_dir):
         out = pre.model(ids, features.token_type_ids, padding_mask=ids == special_ids(pre.tokenizer).pad)
     want = postprocess_squad(examples, features, out.start_logits, out.end_logits, version_2=False)
     assert [a.answer for a in answers] == [want["0"], want["1"]]
+
+
+def _window_logits(pre, question: str, context: str, **windows):
+    """encode_squad's windows of one question and the model's start/end logits for them, run by hand."""
+    features = encode_squad([SquadExample("0", question, context, [], False)], pre.tokenizer, **windows)
+    ids = features.input_ids
+    with torch.no_grad():
+        out = pre.model(ids, features.token_type_ids, padding_mask=ids == special_ids(pre.tokenizer).pad)
+    return features, out.start_logits, out.end_logits
+
+
+def test_an_answers_score_is_its_spans_probability(qa_dir):
+    """One window: the best span by start + end logit is also the one with the largest product of the
+    two softmax probabilities, found here by trying every span of the context up to 30 tokens."""
+    pre = load_pretrained(qa_dir)
+    question, context = "who makes claims?", "Arrogant people make exorbitant claims of rank or estimation."
+    features, start, end = _window_logits(pre, question, context, max_len=64)
+    assert len(features) == 1
+    inside = [i for i, o in enumerate(features.offsets[0]) if o is not None]
+    p_start, p_end = start[0].softmax(-1), end[0].softmax(-1)
+    best, s, e = max((float(p_start[s] * p_end[e]), s, e) for s in inside for e in inside if s <= e < s + 30)
+    assert s < e  # a span of several tokens: its start and end probabilities differ
+    answer = answer_questions(pre, [(question, context)], max_len=64, device="cpu")[0]
+    assert answer.score == pytest.approx(best, rel=1e-5)
+
+
+def test_no_answer_is_scored_in_the_window_most_sure_of_it(qa_dir, capsys, monkeypatch):
+    """allow_no_answer with a threshold below every gap answers nothing; its score is the [CLS] span's
+    probability in the window whose no-answer logits (start + end at [CLS]) are highest... by the rule
+    SQuAD 2.0 evaluation uses: the lowest null score across windows is the example's null score."""
+    pre = load_pretrained(qa_dir)
+    question, context = "what was the arrow?", "The arrow was feathered and barbed, to be shot from a bow. " * 4
+    windows = dict(max_len=24, doc_stride=8, max_query_len=64)
+    features, start, end = _window_logits(pre, question, context, **windows)
+    assert len(features) > 2
+    null = start[:, 0] + end[:, 0]
+    f = int(null.argmin())
+    assert int(null.argmax()) != f  # the windows disagree: the rule is tested
+    nothing = answer_questions(pre, [(question, context)], device="cpu", allow_no_answer=True, null_threshold=-1e9,
+                               **windows)[0]
+    assert nothing.answer == ""
+    assert nothing.score == pytest.approx(float(start[f].softmax(-1)[0] * end[f].softmax(-1)[0]), rel=1e-5)
+    span = answer_questions(pre, [(question, context)], device="cpu", allow_no_answer=True, null_threshold=1e9,
+                            **windows)[0]
+    assert span.answer and span.answer in context
+    for threshold, says_nothing in (("-1e9", True), ("1e9", False)):
+        rc, out, err = _cli(["predict", "--checkpoint", qa_dir, "--question", question, "--context", context,
+                             "--max-len", 24, f"--null-threshold={threshold}", "--json"], capsys, monkeypatch)
+        assert (rc, err) == (0, "")
+        assert (json.loads(out)["answer"] == "") == says_nothing
 
 
 def test_cli_qa_json_and_table(qa_dir, tmp_path, capsys, monkeypatch):
