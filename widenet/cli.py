@@ -29,8 +29,8 @@ from . import __version__
 from .cli_args import (add_budget_arguments, add_moe_arguments, add_process_arguments, add_recipe_arguments,
                        add_run_arguments, config_fields, finite_float, model_overrides, nonempty, parse_setting,
                        positive_float, positive_int)
-from .cli_errors import (BUG_REPORT, INTERRUPTED, CLIError, explain, file_names_printable, output_survives_its_reader,
-                         say_error, warnings_as_notes)
+from .cli_errors import (BUG_REPORT, INTERRUPTED, CLIError, explain, file_names_printable, full_disk_advice,
+                         output_survives_its_reader, say_error, warnings_as_notes)
 from .cli_models import add_model_commands
 from .cli_predict import add_predict_command
 from .cli_text import add_text_commands
@@ -407,26 +407,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _main(argv)
 
 
-def _after_full_disk(args: argparse.Namespace, started: float) -> str:
-    """What a full disk's message advises once space is freed: --resume only where OUT holds a
-    checkpoint this command can continue (its own, or the run it resumed)."""
-    out = getattr(args, "out", None)
-    if args.command not in _RESUMABLE or not out:
-        return "run it again"
-    from .train.checkpoint_layout import find_latest_checkpoint
-
-    try:
-        latest = find_latest_checkpoint(out)
-        earlier = latest is not None and getattr(args, "overwrite", False) and latest.stat().st_mtime < started
-    except OSError:
-        return "run it again"
-    if latest is None:
-        return "run it again with --overwrite (the run saved no checkpoint to resume from)"
-    if earlier:  # the run --overwrite was to replace was put back: resuming would continue that one
-        return "run it again with --overwrite (the earlier run in the folder was put back)"
-    return "--resume"
-
-
 def _main(argv: Sequence[str] | None) -> int:
     started = time.time()
     parser = build_parser()
@@ -447,7 +427,9 @@ def _main(argv: Sequence[str] | None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141  # 128 + SIGPIPE: what a shell reports for a process that signal ended
     except Exception as err:
-        message = explain(err, getattr(args, "out", None), _after_full_disk(args, started))
+        out = getattr(args, "out", None)
+        advice = full_disk_advice(out, args.command in _RESUMABLE, getattr(args, "overwrite", False), started)
+        message = explain(err, out, advice)
         if message is None:  # a bug: the traceback, and where to send it
             traceback.print_exc()
             print(BUG_REPORT, file=sys.stderr)

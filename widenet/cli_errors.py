@@ -21,8 +21,8 @@ import warnings
 from collections.abc import Iterator
 from typing import Any
 
-__all__ = ["CLIError", "BUG_REPORT", "INTERRUPTED", "explain", "file_names_printable", "output_survives_its_reader",
-           "say", "say_error", "warnings_as_notes"]
+__all__ = ["CLIError", "BUG_REPORT", "INTERRUPTED", "explain", "file_names_printable", "full_disk_advice",
+           "output_survives_its_reader", "say", "say_error", "warnings_as_notes"]
 
 BUG_REPORT = ("widenet: this is a bug in widenet, not a problem with your input; please report it with the "
               "command and the traceback above")
@@ -161,6 +161,26 @@ def describe_os_error(err: OSError, out: str | None = None, after_full_disk: str
         return f"no space left on device ({where or 'a write failed'}); free some space and {after_full_disk}"
     cause = err.strerror or str(err) or type(err).__name__
     return f"{where}: {cause}" if where else cause
+
+
+def full_disk_advice(out: str | None, resumable: bool, overwrite: bool, started: float) -> str:
+    """What a full disk's message advises once space is freed: --resume only where `out` holds a
+    checkpoint the command (resumable: train, pretrain, finetune) can continue, its own or the run it
+    resumed; started: when the command began (time.time())."""
+    if not resumable or not out:
+        return "run it again"
+    from .train.checkpoint_layout import find_latest_checkpoint
+
+    try:
+        latest = find_latest_checkpoint(out)
+        earlier = latest is not None and overwrite and latest.stat().st_mtime < started
+    except OSError:
+        return "run it again"
+    if latest is None:
+        return "run it again with --overwrite (the run saved no checkpoint to resume from)"
+    if earlier:  # the run --overwrite was to replace was put back: resuming would continue that one
+        return "run it again with --overwrite (the earlier run in the folder was put back)"
+    return "--resume"
 
 
 def _allocation_failure(err: RuntimeError) -> str | None:
