@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import stat
+
 import pytest
 import torch
 
@@ -33,3 +36,20 @@ def test_save_atomic_round_trips_tensors(tmp_path):
     target = tmp_path / "cache.pt"
     save_atomic({"x": torch.arange(3)}, target)
     assert torch.equal(torch.load(target, weights_only=True)["x"], torch.arange(3))
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permission bits")
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_files_get_the_permissions_of_a_plain_open(tmp_path, umask, mode):
+    """They used to keep mkstemp's 0600 whatever the umask: a tokenizer.json or TSV others could not read."""
+    old = os.umask(umask)
+    try:
+        with atomic_path(tmp_path / "atomic.txt") as tmp:
+            tmp.write_text("x")
+        save_atomic({"x": 1}, tmp_path / "saved.pt")
+        with open(tmp_path / "plain.txt", "w") as handle:  # the oracle
+            handle.write("x")
+    finally:
+        os.umask(old)
+    modes = {name: stat.S_IMODE((tmp_path / name).stat().st_mode) for name in ("atomic.txt", "saved.pt", "plain.txt")}
+    assert modes == {"atomic.txt": mode, "saved.pt": mode, "plain.txt": mode}

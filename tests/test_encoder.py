@@ -82,12 +82,26 @@ def test_flat_and_nested_moe_settings_give_one_config():
     ("every:2", 6, [1, 3, 5]),
     ("every:3", 7, [2, 5]),
     ("every:1", 3, [0, 1, 2]),
-    ("every:9", 4, []),
+    ("every:4", 4, [3]),
 ])
 def test_moe_block_ids(spec, depth, expected):
     cfg = EncoderConfig.from_dict(dict(dim=16, depth=depth, num_heads=2, moe_blocks=spec))
     assert cfg.moe_block_ids == expected
     assert cfg.uses_moe == (spec != "none")
+
+
+def test_every_n_beyond_the_depth_is_refused_not_built_dense():
+    """every:7 of 6 blocks picks none: it used to build a model without any MoE layer, silently."""
+    from widenet.layers.moe import MoE
+
+    with pytest.raises(ValueError, match=r"moe_blocks='every:7' picks no block of depth=6"):
+        EncoderConfig.from_dict(dict(dim=16, depth=6, num_heads=2, moe_blocks="every:7"))
+    with pytest.raises(ValueError, match=r"moe_blocks='every:3' picks no block of depth=2"):
+        EncoderConfig.from_dict(dict(dim=16, depth=3, num_heads=2, moe_blocks="every:3")).replace(depth=2)
+    for depth, spec in ((6, "every:6"), (1, "every:1")):  # the largest N allowed: the last block only
+        enc = Encoder(EncoderConfig.from_dict(dict(dim=16, depth=depth, num_heads=2, moe_blocks=spec)))
+        assert sum(isinstance(module, MoE) for module in enc.modules()) == 1
+        assert enc.cfg.moe_block_ids == [depth - 1]
 
 
 # ----------------------------------------------------------------------------

@@ -160,3 +160,22 @@ def test_decode_scales_16_bit_grey_and_refuses_float_and_32_bit_pixels(tmp_path)
         decode_image(tmp_path / "int32.tiff", 2, 1)
     Image.new("RGB", (3000, 1), (200, 100, 50)).save(tmp_path / "thin.png")  # the central 1x1 square
     assert decode_image(tmp_path / "thin.png", 224, 3)[:, 100, 100].tolist() == [200, 100, 50]
+
+
+def test_decode_turns_images_upright_as_their_exif_orientation_says(tmp_path):
+    """Orientation 6 (a phone held upright): the stored pixels are shown turned 90 degrees clockwise."""
+    import numpy as np
+    from PIL import ImageOps
+
+    from widenet.data.images.folder import decode_image
+
+    pixels = np.random.default_rng(0).integers(0, 256, size=(4, 6, 3), dtype=np.uint8)  # 4 rows, 6 columns
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(pixels).save(tmp_path / "phone.png", exif=exif)  # PNG: lossless
+    upright = np.rot90(pixels, k=-1)  # 6 rows, 4 columns; its central square: rows 1..4
+    with Image.open(tmp_path / "phone.png") as image:
+        assert np.array_equal(np.asarray(ImageOps.exif_transpose(image)), upright)  # the oracle agrees with Pillow
+    decoded = decode_image(tmp_path / "phone.png", 4, 3).permute(1, 2, 0).numpy()  # 4 px: no resampling
+    assert np.array_equal(decoded, upright[1:5])
+    assert not np.array_equal(decoded, pixels[:, 1:5])  # the stored pixels' central square, unturned

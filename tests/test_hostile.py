@@ -400,11 +400,13 @@ def test_moe_settings_for_a_model_without_moe_layers_are_refused(tmp_path, fmnis
     from widenet import create_model
     from widenet.models.registry import model_config, settings_for
 
-    for flags in (["--top-k", 1], ["--dropless"], ["--set", "num_experts=8"],
-                  ["--top-k", 1, "--set", "moe_blocks=every:4"]):  # every 4th of 2 blocks: none
+    for flags in (["--top-k", 1], ["--dropless"], ["--set", "num_experts=8"]):
         line = _one_line_error(*_cli(_train_args(fmnist_dir, tmp_path / "run", tiny_set_args, "--model", "vit_tiny",
                                                  "--max-steps", 1, *flags), capsys)[::2])
         assert "the model has no MoE layer (moe_blocks=" in line and "give it MoE layers (moe_blocks=all" in line, line
+    line = _one_line_error(*_cli(_train_args(fmnist_dir, tmp_path / "run", tiny_set_args, "--max-steps", 1,
+                                             "--set", "moe_blocks=every:4"), capsys)[::2])  # every 4th of 2 blocks
+    assert "moe_blocks='every:4' picks no block of depth=2" in line, line
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
     with pytest.raises(ValueError, match=r"^top_k, dropless: the model has no MoE layer"):
         create_model("albert_text_tiny", top_k=1, dropless=True)

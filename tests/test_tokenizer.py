@@ -113,6 +113,31 @@ def test_load_bert_vocab_txt(tmp_path):
     assert vocab_fingerprint(load_tokenizer(tmp_path)) == vocab_fingerprint(tok)  # the folder works too
 
 
+def test_vocab_txt_lines_and_ids_as_hugging_face_reads_them(tmp_path):
+    """Only \\n, \\r\\n and \\r end a line (splitlines() also broke at \\x85, \\u2028, \\x0c, \\x1c...) and
+    the rest of the line is the token: every id after such a token used to be shifted from Hugging Face's."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.bert.tokenization_bert import load_vocab
+
+    # Read alike by both of Hugging Face's readers: load_vocab and from_pretrained (tokenizers' WordPiece).
+    odd = ["x\u2028y", "a\x85b", "\x0cpage", "rec\x1esep", "\x1c"]
+    lines = BERT_VOCAB[:6] + odd + BERT_VOCAB[6:]
+    path = tmp_path / "vocab.txt"
+    path.write_bytes(("\n".join(lines[:3]) + "\r\n" + "\n".join(lines[3:]) + "\n").encode("utf-8"))
+    expected = {token: index for index, token in enumerate(lines)}
+    hf = transformers.BertTokenizer.from_pretrained(str(tmp_path))  # (its vocab_file= argument is ignored)
+    assert dict(load_vocab(str(path))) == hf.get_vocab() == expected  # the oracles read what was written
+    tok = load_tokenizer(path)
+    assert tok.get_vocab(with_added_tokens=True) == expected
+    sentence = "Hello, playing World."
+    assert tok.encode(sentence).ids == hf.encode(sentence) == [3] + [6 + len(odd) + k for k in (0, 4, 2, 3, 1, 5)] + [4]
+    # Where tokenizers' reader differs (it trims a line's end and keeps a lone \\r), load_vocab's reading (as
+    # BertTokenizer's own) is followed: spaces and a lone \\x85 are tokens, a lone \\r ends a line.
+    path.write_bytes("[PAD]\r[UNK]\r\n[CLS]\n \x85\n[SEP]\rspaced \n[MASK]".encode("utf-8"))  # no final newline
+    assert load_tokenizer(path).get_vocab(with_added_tokens=True) == dict(load_vocab(str(path))) == {
+        "[PAD]": 0, "[UNK]": 1, "[CLS]": 2, " \x85": 3, "[SEP]": 4, "spaced ": 5, "[MASK]": 6}
+
+
 def test_vocab_txt_cased(tmp_path):
     path = _write_vocab(tmp_path / "vocab.txt", BERT_VOCAB)
     cased = load_tokenizer(path, lowercase=False)

@@ -13,10 +13,10 @@ import errno
 import os
 import pickle
 import re
+import secrets
 import shutil
 import socket
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -36,18 +36,33 @@ def atomic_path(path: Path, suffix: str = ".tmp") -> Iterator[Path]:
     When the block ends without an error the file is renamed onto ``path``
     (atomic on POSIX and Windows within one folder); on any error, Ctrl-C
     included, it is removed and ``path`` is left as it was. The folder is
-    created if missing.
+    created if missing. The file gets the permissions a plain ``open(path, "w")`` would give
+    (0666 less the umask, e.g. 0644), not mkstemp's private 0600.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = _create_new_file(path.parent, f".{path.name}.", suffix)
     try:
         yield tmp
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _create_new_file(folder: Path, prefix: str, suffix: str) -> Path:
+    """An empty file of a new random name in ``folder``, created as mkstemp does (O_EXCL: never an
+    existing file or link) but with mode 0666, which the kernel narrows by the umask and the folder's
+    default ACL as for any other new file: read no umask here (os.umask can only be read by setting
+    it, a race with other threads creating files), and chmod nothing."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(100):
+        candidate = folder / f"{prefix}{secrets.token_hex(6)}{suffix}"
+        try:
+            os.close(os.open(candidate, flags, 0o666))
+        except FileExistsError:
+            continue
+        return candidate
+    raise FileExistsError(errno.EEXIST, "no unused temporary file name found", str(folder))
 
 
 def save_atomic(obj: Any, path: Path) -> None:

@@ -336,10 +336,14 @@ class AugmentConfig:
         check_types(self)
         if self.crop not in CROP_MODES:
             raise ValueError(f"crop must be one of {CROP_MODES}, got {self.crop!r}")
-        if self.randaugment_n < 0:
-            raise ValueError(f"randaugment_n must be >= 0, got {self.randaugment_n}")
         if not 0 < self.randaugment_m < 30:
             raise ValueError(f"randaugment_m must be in (0, 30), got {self.randaugment_m}")
+        # kornia draws the n operations from the policy's without repeats, and refused more in its own words
+        # only once the data had loaded.
+        operations = len(tf_randaugment_policy(self.randaugment_m))
+        if not 0 <= self.randaugment_n <= operations:
+            raise ValueError(f"randaugment_n (--randaugment-n) must be in 0..{operations} (0: no RandAugment; it "
+                             f"applies n of its {operations} operations, none twice), got {self.randaugment_n}")
 
 
 class Augmenter:

@@ -93,6 +93,10 @@ class EncoderConfig:
             raise ValueError(f"moe_blocks must be none, all, last:N or every:N, got {self.moe_blocks!r}")
         if self.moe_blocks.startswith("last:") and int(self.moe_blocks[5:]) > self.depth:
             raise ValueError(f"moe_blocks={self.moe_blocks!r} asks for more blocks than depth={self.depth}")
+        # every:N picks blocks N, 2N, ... (from 1): none at all when N > depth, a dense model that asked for MoE.
+        if self.moe_blocks.startswith("every:") and int(self.moe_blocks[6:]) > self.depth:
+            raise ValueError(f"moe_blocks={self.moe_blocks!r} picks no block of depth={self.depth} (every:N takes "
+                             "every N-th block, so N may be at most the depth)")
         for name in ("dropout", "attn_dropout", "drop_path"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")

@@ -44,7 +44,7 @@ def folder_files(folder: Path) -> tuple[list[Path], list[Path]]:
 
 
 # Bump when the decoding below changes, so stale caches are not reused.
-_FOLDER_CACHE_VERSION = 2  # 2: the central square resized (not resized, then cropped)
+_FOLDER_CACHE_VERSION = 3  # 2: the central square resized (not resized, then cropped); 3: EXIF orientation applied
 
 
 def _visible(path: Path) -> bool:
@@ -110,15 +110,17 @@ def _folder_cache_key(base: Path, files: list[tuple[Path, int]], image_size: int
 
 
 def decode_image(path: Path, image_size: int, channels: int) -> torch.Tensor:
-    """Decode one file to uint8 (C, S, S): the central square (side = the shorter side) cut out,
-    then resized to S x S (bicubic), so memory stays bounded whatever the aspect ratio. 16-bit grey images are
-    scaled to 8 bits (full 16-bit range assumed); floating-point and 32-bit integer images are refused
-    (their range is unknown)."""
-    from PIL import Image
+    """Decode one file to uint8 (C, S, S): turned upright as its EXIF Orientation tag says (as viewers
+    show it), the central square (side = the shorter side) cut out, then resized to S x S (bicubic), so
+    memory stays bounded whatever the aspect ratio. 16-bit grey images are scaled to 8 bits (full 16-bit
+    range assumed); floating-point and 32-bit integer images are refused (their range is unknown)."""
+    from PIL import Image, ImageOps
 
     try:
         with Image.open(path) as image:
             image.load()
+            # A phone photo's pixels are stored as the sensor saw them, with the turn to apply in EXIF.
+            ImageOps.exif_transpose(image, in_place=True)
             # Mode "I" is 32-bit integers, except from PNG and PNM files, which hold at most 16 bits
             # (Pillow opens 16-bit PGM, and 16-bit PNG before 10.3, as "I").
             if image.mode == "F" or (image.mode == "I" and image.format not in _SIXTEEN_BIT_AT_MOST):

@@ -125,16 +125,21 @@ def train_tokenizer(
 
 
 def _read_vocab_txt(path: Path) -> dict[str, int]:
-    """``{token: line index}`` of a BERT ``vocab.txt`` (one token per line)."""
+    """``{token: line index}`` of a BERT ``vocab.txt`` (one token per line), read as Hugging Face's
+    BertTokenizer reads it (``load_vocab``): lines end at \\n, \\r\\n or \\r only (Python's text mode) and
+    keep everything else, spaces and other Unicode line separators included, so the ids agree with
+    it. Empty lines and repeated tokens are refused."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8")  # text mode: \r\n and \r become \n
     except UnicodeDecodeError as exc:
         raise TokenizerError(f"{path}: vocabulary file is not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
     except OSError as exc:
         raise TokenizerError(f"{path}: cannot read vocabulary file ({exc})") from exc
     vocab: dict[str, int] = {}
-    for index, line in enumerate(text.splitlines()):
-        token = line.strip()
+    lines = text.split("\n")  # not splitlines(), which also breaks at \x85, \u2028, \x0c, \x1c...
+    if lines[-1] == "":  # the newline ending the last line
+        lines.pop()
+    for index, token in enumerate(lines):
         if not token:
             raise TokenizerError(f"{path}:{index + 1}: empty line in vocabulary (expected one token per line)")
         if token in vocab:
