@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from widenet.data.text.tokenizer import (
     SPECIAL_TOKENS,
@@ -203,3 +204,32 @@ def test_vocab_duplicate_and_empty_lines(tmp_path):
 def test_bad_arguments():
     with pytest.raises(ValueError, match="vocab_size"):
         train_tokenizer(TEXTS, vocab_size=5)
+
+
+def test_uncased_strips_accents_as_bert_uncased_does(tmp_path):
+    """An uncased vocabulary reads "Café" as "cafe" (BERT-uncased lowercases and strips accents); a cased
+    one keeps the accent. Oracle: Hugging Face's BertTokenizer on the same vocab.txt."""
+    transformers = pytest.importorskip("transformers")
+    path = _write_vocab(tmp_path / "vocab.txt", BERT_VOCAB[:6] + ["cafe", "naive", "resume", "é", "ï", "c", "##a",
+                                                                  "##f", "##é", "##e"])
+    uncased, cased = load_tokenizer(path), load_tokenizer(path, lowercase=False)
+    text = "Café naïve RÉSUMÉ"
+    ours = uncased.encode(text, add_special_tokens=False)
+    assert ours.tokens == ["cafe", "naive", "resume"]
+    hf = transformers.BertTokenizer.from_pretrained(str(tmp_path), do_lower_case=True)
+    assert ours.ids == hf.convert_tokens_to_ids(hf.tokenize(text))
+    assert cased.encode("café", add_special_tokens=False).tokens == ["c", "##a", "##f", "##é"]
+
+
+def test_coverage_counts_only_word_pieces(tok):
+    """[UNK] is measured among word pieces: padding and the other special tokens are not text. A batch
+    that is 30% [UNK] and 70% padding is all unknown text."""
+    from widenet.data.text.tokenizer import check_coverage
+
+    special = special_ids(tok)
+    ids = torch.tensor([[special.unk] * 3 + [special.pad] * 7])
+    with pytest.raises(TokenizerError, match="100% of the task's word pieces are \\[UNK\\]"):
+        check_coverage(ids, special, "the task", "advice")
+    framed = torch.tensor([[special.cls] + [5] * 9 + [special.unk] + [special.sep, special.mask] + [special.pad] * 7])
+    with pytest.warns(UserWarning, match="10% of the task's word pieces are \\[UNK\\]"):  # 1 of 10 pieces
+        check_coverage(framed, special, "the task", "advice")
