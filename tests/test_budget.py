@@ -143,3 +143,95 @@ def test_step_cadence_counts_evaluations_like_the_trainer(every_steps):
         assert cadence.evaluations(total) == _evaluations_by_step_simulation(total, every_steps), total
         done = total // 2
         assert cadence.evaluated(done) == (sum(1 for s in range(1, done + 1) if every_steps and s % every_steps == 0))
+
+
+# --- planning: the seconds already spent and the weight average's second evaluation ----------------
+def test_plan_budget_fits_the_steps_into_what_is_left_on_a_fake_clock(monkeypatch):
+    """1 min budget, 30 s already spent (data loading, measuring): a step takes 1 s on the fake clock and
+    the one final evaluation 5 s, so S * 1 + 5 <= 60 - 30 gives S = 25 (not the 55 of the whole minute)."""
+    from widenet.train.budget import plan_budget
+
+    now = [0.0]
+    monkeypatch.setattr("widenet.train.budget.time.perf_counter", lambda: now[0])
+
+    def step() -> None:
+        now[0] += 1.0
+
+    plan = plan_budget(1.0, lambda: 30.0, step, lambda: 5.0, Cadence(per_epoch=10))
+    assert (plan.budget_s, plan.spent_s, plan.step_s, plan.eval_s) == (60.0, 30.0, 1.0, 5.0)
+    assert plan.steps == 25
+    nothing_spent = plan_budget(1.0, lambda: 0.0, step, lambda: 5.0, Cadence(per_epoch=10))
+    assert nothing_spent.steps == 55
+    # an evaluation after every epoch of 10 steps, 10 s spent (50 s left): 30 steps and their 3 evaluations
+    # (after steps 10, 20 and 30, the last one also the final) cost 45 s; 31 steps add a step and a final
+    # evaluation: 51 s.
+    assert plan_budget(1.0, lambda: 10.0, step, lambda: 5.0, Cadence(per_epoch=10, every_epochs=1)).steps == 30
+
+
+class _CountingTask:
+    """A Task for a one-layer model whose every training step takes 1 s on the fake clock `now` and
+    whose one evaluation is measured at `eval_s` seconds."""
+
+    unit, split, steps_per_epoch = "examples", "test", 4
+
+    def __init__(self, now: list, eval_s: float) -> None:
+        self.now, self.eval_s, self.cadence = now, eval_s, Cadence(per_epoch=4)
+
+    def batches(self, epoch, start_batch):
+        import torch
+
+        gen = torch.Generator().manual_seed(epoch)
+        for _ in range(start_batch, self.steps_per_epoch):
+            yield torch.randn(2, 3, generator=gen)
+
+    def loss(self, net, batch, step):
+        from widenet.train.progress import StepResult
+
+        self.now[0] += 1.0
+        loss = net(batch).square().mean()
+        return loss, lambda: StepResult(float(loss.detach()), {}, len(batch))
+
+    def time_evaluation(self, model) -> float:
+        return self.eval_s
+
+    def calibration_inputs(self):
+        return None
+
+
+@pytest.mark.parametrize("ema_decay,eval_counted", [(None, 3.0), (0.9, 6.0)])
+def test_trainer_plan_counts_the_spent_seconds_and_both_evaluations_with_a_weight_average(
+        tmp_path, monkeypatch, ema_decay, eval_counted):
+    """The Trainer plans --time-budget 1 (60 s) with the run started 10 s earlier: steps take 1 s each
+    (fake clock), one evaluation 3 s, twice that with --ema-decay (the averaged weights are evaluated
+    too). The steps are the largest S with S * 1 + eval <= 60 - spent, spent being those 10 s plus
+    the real time the planning took (read from the plan)."""
+    import math
+    import time
+
+    import torch
+
+    from widenet.distributed.env import DistEnv
+    from widenet.distributed.parallel import ParallelContext
+    from widenet.train import trainer as trainer_module
+    from widenet.train.config import RecipeConfig
+
+    now, plans = [0.0], []
+    monkeypatch.setattr("widenet.train.budget.time.perf_counter", lambda: now[0])
+    real_plan = trainer_module.plan_budget
+
+    def plan(*args, **kwargs):
+        plans.append(real_plan(*args, **kwargs))
+        return plans[-1]
+
+    monkeypatch.setattr(trainer_module, "plan_budget", plan)
+    cfg = RecipeConfig(time_budget=1.0, ema_decay=ema_decay, out=str(tmp_path / "run"))
+    torch.manual_seed(0)
+    started = time.monotonic() - 10.0
+    trainer = trainer_module.Trainer(cfg, _CountingTask(now, 3.0), torch.nn.Linear(3, 2), ParallelContext(DistEnv()),
+                                     torch.device("cpu"), None, {}, log=lambda _: None, started=started)
+    elapsed = time.monotonic() - started
+    (made,) = plans
+    assert 10.0 <= made.spent_s <= elapsed
+    assert made.step_s == 1.0 and made.eval_s == eval_counted
+    assert trainer.progress.total == made.steps == math.floor(60.0 - made.spent_s - eval_counted)
+    assert trainer.deadline.eval_s == eval_counted

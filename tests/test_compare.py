@@ -10,6 +10,7 @@ import pytest
 
 from widenet.analysis import compare as compare_mod
 from widenet.analysis.compare import RunSpec, SpecResult, compare
+from widenet.analysis.similarity import block_similarity
 from widenet.cli import main
 from widenet.models.registry import count_parameters
 from widenet.train.exported import model_from_meta
@@ -274,3 +275,44 @@ def test_time_budget_report_gives_each_models_steps(tmp_path, fmnist_dir):
     cells = _table_rows(_section(report, "Results"))["vit_tiny"]
     last = load_checkpoint(find_latest_checkpoint(tmp_path / "out" / "runs" / "vit_tiny" / "seed0"))
     assert int(cells[4]) == last.step >= 1
+
+
+class _HiddenStates:
+    """A stand-in model whose forward returns fixed hidden states (L x (B, T, D)) of varied scales."""
+
+    def __init__(self, states):
+        self.states, self.training, self.modes = states, True, []
+
+    def eval(self):
+        self.training = False
+        return self
+
+    def train(self, mode=True):
+        self.training = mode
+        self.modes.append(mode)
+        return self
+
+    def __call__(self, images, return_hidden_states=False):
+        assert return_hidden_states and not self.training  # measured in eval mode
+        from types import SimpleNamespace
+        return SimpleNamespace(hidden_states=self.states)
+
+
+def test_block_similarity_is_the_mean_token_cosine_of_a_naive_loop():
+    """Entry (i, j): the mean over every (image, token) of cos(h_i, h_j) along the features, as
+    F.cosine_similarity gives it pair by pair; diagonal 1, symmetric; the model's mode restored."""
+    import torch
+    import torch.nn.functional as F
+
+    gen = torch.Generator().manual_seed(0)
+    # per-token scales and an offset, so that normalising over anything but the features shows
+    states = [torch.randn(3, 5, 8, generator=gen) * torch.rand(3, 5, 1, generator=gen) * 10 + 0.3 * i
+              for i in range(4)]
+    model = _HiddenStates(states)
+    sim = block_similarity(model, torch.zeros(3, 1, 8, 8))
+    naive = torch.tensor([[F.cosine_similarity(a.double(), b.double(), dim=-1).mean().item() for b in states]
+                          for a in states], dtype=torch.float64)
+    torch.testing.assert_close(sim.double(), naive, atol=1e-6, rtol=0)
+    torch.testing.assert_close(sim.diagonal().double(), torch.ones(4, dtype=torch.float64), atol=1e-6, rtol=0)
+    torch.testing.assert_close(sim, sim.T)
+    assert model.training is True

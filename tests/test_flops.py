@@ -46,3 +46,13 @@ def test_flops_count_every_top_k_assignment_however_the_router_spreads_the_token
     c = model.cfg
     assert flops_per_image(model, (c.in_channels, c.image_size, c.image_size)) == _hand_count(c)
     assert moe.cfg.dropless is False
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_flops_per_image_leaves_the_models_mode_as_it_was(training):
+    """Counting runs the model in eval mode, then puts it (and every submodule) back as it was."""
+    model = create_model("widenet_tiny", **SMALL).train(training)
+    c = model.cfg
+    flops_per_image(model, (c.in_channels, c.image_size, c.image_size))
+    assert model.training is training
+    assert all(m.training is training for m in model.modules())

@@ -122,6 +122,44 @@ def test_resume_appends_and_replaces_the_steps_it_redoes(tmp_path, fmnist_dir, t
     _assert_same_numbers(out, events, "test", ("accuracy", "loss"))
 
 
+@needs_tensorboard
+def test_overwrite_run_replaces_the_earlier_runs_events(tmp_path, fmnist_dir, tiny_overrides):
+    """A run of 4 steps, then an --overwrite run of 2 into the same folder: TensorBoard shows the
+    second run's steps 1 and 2 only, with the values of its metrics.jsonl."""
+    settings = dict(data_dir=str(fmnist_dir), out=str(tmp_path / "run"), batch_size=32, log_every=1,
+                    model_overrides=dict(tiny_overrides), download=False, tensorboard=True)
+    train(TrainConfig(**settings, max_steps=4), log=lambda _: None)
+    assert sorted(_curve(_events(tmp_path / "run"), "train/loss")) == [1, 2, 3, 4]
+    train(TrainConfig(**settings, max_steps=2, lr=1e-4, overwrite=True), log=lambda _: None)
+    out = tmp_path / "run"
+    events = _events(out)
+    assert sorted(_curve(events, "train/loss")) == [1, 2]
+    assert sorted(_curve(events, "test/accuracy")) == [2]
+    _assert_same_numbers(out, events, "train", ("loss", "lr"))
+
+
+@needs_tensorboard
+def test_a_new_runs_event_file_drops_what_earlier_files_in_the_folder_hold(tmp_path):
+    """open_metrics for a new run (no truncate_after: not a resume) into a folder whose tensorboard/
+    still holds an earlier run's events at steps 1..5: after two records at steps 1 and 2, TensorBoard
+    reads only those two (the earlier steps 3..5 and values at 1 and 2 are gone)."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    from widenet.train.tensorboard import open_metrics
+
+    out = tmp_path / "run"
+    earlier = SummaryWriter(log_dir=str(out / "tensorboard"))
+    for step in range(1, 6):
+        earlier.add_scalar("train/loss", 100.0 + step, step)
+    earlier.close()
+    assert _curve(_events(out), "train/loss") == {s: 100.0 + s for s in range(1, 6)}
+    metrics = open_metrics(out, tensorboard=True)
+    metrics.write(dict(split="train", step=1, epoch=0, loss=1.5))
+    metrics.write(dict(split="train", step=2, epoch=0, loss=0.5))
+    metrics.close()
+    assert _curve(_events(out), "train/loss") == {1: 1.5, 2: 0.5}
+
+
 def _corpus(folder: Path) -> Path:
     import random
 

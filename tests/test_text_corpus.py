@@ -287,6 +287,28 @@ def test_cache_hit_does_not_tokenize_again(tmp_path, tok):
     assert counting.calls > calls
 
 
+def test_max_documents_keeps_the_first_documents_and_has_its_own_cache_entry(tmp_path, tok):
+    """max_documents=1 reads the first document only (its tokens are those of that document read on
+    its own); the same call without the limit, into the same cache, gets all three documents, not the
+    limited corpus cached just before; each limit has its own cache file, and each is hit again."""
+    docs = _prose_documents(3, 4)
+    path = _write_text(tmp_path / "c.txt", docs)
+    alone = load_pretrain_corpus([_write_text(tmp_path / "first.txt", docs[:1])], tok, cache_dir=None)
+    cache = tmp_path / "cache"
+    one = load_pretrain_corpus([path], tok, cache_dir=cache, max_documents=1)
+    assert one.num_documents == 1
+    assert torch.equal(one.tokens, alone.tokens) and torch.equal(one.sentence_offsets, alone.sentence_offsets)
+    everything = load_pretrain_corpus([path], tok, cache_dir=cache, max_documents=None)
+    assert everything.num_documents == 3 and everything.num_tokens > one.num_tokens
+    assert len(list(cache.glob("corpus-*.pt"))) == 2
+    counting = CountingTokenizer(tok)
+    again_one = load_pretrain_corpus([path], counting, cache_dir=cache, max_documents=1)
+    again_all = load_pretrain_corpus([path], counting, cache_dir=cache)
+    assert counting.calls == 0  # both from the cache
+    assert again_one.num_documents == 1 and torch.equal(again_one.tokens, one.tokens)
+    assert again_all.num_documents == 3 and torch.equal(again_all.tokens, everything.tokens)
+
+
 def test_corrupt_cache_is_rebuilt(tmp_path, tok):
     path = _write_text(tmp_path / "c.txt", _prose_documents(2, 5))
     first = load_pretrain_corpus([path], tok, cache_dir=tmp_path)
@@ -474,6 +496,23 @@ def test_mask_deterministic_and_leaves_global_rng_alone():
     assert torch.equal(torch.get_rng_state(), state)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     assert not torch.equal(a[1], c[1])
+
+
+def test_unk_and_mask_ids_in_the_input_are_never_chosen():
+    """The docstring: never a special token. [UNK] and [MASK] already in the input (as well as
+    [CLS], [SEP] and [PAD]) keep their ids and get no label, even when nearly every regular piece is
+    chosen; the regular pieces alone are counted."""
+    unk, mask = SPECIAL.unk, SPECIAL.mask
+    row = [SPECIAL.cls, 7, unk, 8, mask, 9, unk, SPECIAL.sep, 10, mask, SPECIAL.sep, SPECIAL.pad, SPECIAL.pad]
+    ids = torch.tensor([row] * 64)
+    special_positions = torch.tensor([i not in (1, 3, 5, 8) for i in range(len(row))])
+    for seed in range(20):
+        masked, labels = mask_tokens(ids, SPECIAL, vocab_size=12, generator=torch.Generator().manual_seed(seed),
+                                     mask_prob=0.99)
+        assert (labels[:, special_positions] == -100).all(), seed
+        assert torch.equal(masked[:, special_positions], ids[:, special_positions]), seed
+        # round(0.99 * 4) = 4: every regular piece is chosen, labelled with its own id
+        assert torch.equal(labels[:, ~special_positions], ids[:, ~special_positions]), seed
 
 
 def test_random_replacements_skip_scattered_special_ids():

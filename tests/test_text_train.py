@@ -131,6 +131,46 @@ def test_resume_refuses_changed_settings(corpus, tmp_path):
         pretrain(dataclasses.replace(cfg, tokenizer=str(tmp_path / "other.json"), resume=True), log=lambda _: None)
 
 
+def test_training_masks_per_step_and_evaluation_masks_at_the_fixed_rate(corpus, tmp_path, monkeypatch):
+    """--mask-prob 0.4: each training step's masks are mask_tokens with the generator of (seed, step),
+    so two steps differ; the held-out evaluation masks round(0.15 n) of each sequence's n regular
+    pieces whatever --mask-prob trains with (counted by hand from the labels)."""
+    from tokenizers import Tokenizer
+
+    from widenet.data.text import pretraining
+    from widenet.train import pretrain as pretrain_module
+    from widenet.train.trainer import seeded_generator
+
+    calls = []
+    real_mask = pretraining.mask_tokens
+
+    def spy(input_ids, special, vocab_size, generator, mask_prob=0.15):
+        masked, labels = real_mask(input_ids, special, vocab_size, generator, mask_prob)
+        calls.append(dict(ids=input_ids.clone(), special=special, vocab=vocab_size, masked=masked, labels=labels))
+        return masked, labels
+
+    monkeypatch.setattr(pretrain_module, "mask_tokens", spy)
+    cfg = _pretrain_cfg(corpus, tmp_path / "run", max_steps=2, mask_prob=0.4, seed=3, log_every=1)
+    pretrain(cfg, log=lambda _: None)
+    train_calls, eval_calls = calls[:2], calls[2:]
+    assert eval_calls, "the final evaluation masked nothing"
+    for step, call in enumerate(train_calls):
+        masked, labels = real_mask(call["ids"], call["special"], call["vocab"], seeded_generator(3, step), 0.4)
+        assert torch.equal(call["labels"], labels) and torch.equal(call["masked"], masked), step
+    # step 1 did not reuse step 0's generator: that one masks step 1's batch otherwise
+    _, reused = real_mask(train_calls[1]["ids"], train_calls[1]["special"], train_calls[1]["vocab"],
+                          seeded_generator(3, 0), 0.4)
+    assert not torch.equal(reused, train_calls[1]["labels"])
+
+    tokenizer = Tokenizer.from_file(str(tmp_path / "run" / "tokenizer.json"))
+    specials = torch.tensor([tokenizer.token_to_id(t) for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")])
+    for call in eval_calls + train_calls:
+        regular = (~torch.isin(call["ids"], specials)).sum(1)
+        rate = 0.15 if any(call is c for c in eval_calls) else 0.4
+        wanted = [max(1, round(rate * n)) if n else 0 for n in regular.tolist()]
+        assert (call["labels"] != -100).sum(1).tolist() == wanted, rate
+
+
 def _write_classify(path, n: int, seed: int, labels=("good", "bad")) -> None:
     rng = random.Random(seed)
     lines = ["sentence\tlabel"]

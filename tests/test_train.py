@@ -155,6 +155,30 @@ def test_eval_every_and_tta_change_evaluation_not_training(learned, tmp_path, ca
         assert flag in err and not (tmp_path / "bad").exists()
 
 
+def test_randaugment_n_beyond_its_operations_is_refused_before_the_data_loads(tmp_path, capsys, monkeypatch):
+    """--randaugment-n 16 used to fail in kornia's words ("Expect `n` in [1, 15]"), once the data had loaded."""
+    from kornia.augmentation.auto import RandAugment
+
+    from widenet.data.augment import tf_randaugment_policy
+
+    operations = len(tf_randaugment_policy(15.0))
+    with pytest.raises(ValueError, match="Expect `n`"):  # kornia's own limit: the policy's operations
+        RandAugment(n=operations + 1, m=15, policy=tf_randaugment_policy(15.0))
+    assert operations == 15 and TrainConfig(randaugment_n=operations).randaugment_n == operations
+    with pytest.raises(ValueError, match=r"^randaugment_n \(--randaugment-n\) must be in 0\.\.15 .*got 16$"):
+        TrainConfig(randaugment_n=16)
+
+    def no_data(*_args, **_kwargs):
+        raise AssertionError("the data was loaded")
+
+    monkeypatch.setattr("widenet.train.images.load_dataset", no_data)
+    argv = ["train", "--model", "vit_tiny", "--data", "fashion-mnist", "--data-dir", tmp_path / "none",
+            "--randaugment-n", "16", "--max-steps", "1", "--device", "cpu", "--out", tmp_path / "bad"]
+    rc, _, err = _cli(argv, capsys)
+    _assert_one_line_error(rc, err)
+    assert "--randaugment-n" in err and "0..15" in err and not (tmp_path / "bad").exists()
+
+
 def test_mean_of_views_by_hand():
     """softmax([0, ln 3]) = [1/4, 3/4] and its mirror [3/4, 1/4] average to [1/2, 1/2]."""
     a = torch.tensor([[0.0, math.log(3.0)]])
@@ -723,3 +747,73 @@ def test_compiled_run_resumes_exactly(tmp_path, fmnist_dir, tiny_overrides, monk
     resumed = train(_config(fmnist_dir, tmp_path / "A", tiny_overrides, resume=True, **settings), log=_quiet)
 
     _assert_same_run(resumed, uninterrupted, tmp_path / "A", tmp_path / "B")
+
+
+# --- the update step's schedule and clipping, as the Trainer applies them ------------------------
+def _spy_optimizer(monkeypatch) -> list[dict]:
+    """Wrap the trainer's optimizer so that each update records the lr it applies and the global L2
+    norm of the gradients it is given (after the trainer's clipping), summed by hand here."""
+    updates: list[dict] = []
+    real_build = trainer.build_optimizer
+
+    def build(*args, **kwargs):
+        optimizer = real_build(*args, **kwargs)
+
+        def before_step(opt, _args, _kwargs):
+            grads = [p.grad.detach().double() for g in opt.param_groups for p in g["params"] if p.grad is not None]
+            norm = math.sqrt(sum(float((g * g).sum()) for g in grads))
+            updates.append(dict(lr=[g["lr"] for g in opt.param_groups], grad_norm=norm))
+
+        optimizer.register_step_pre_hook(before_step)
+        return optimizer
+
+    monkeypatch.setattr(trainer, "build_optimizer", build)
+    return updates
+
+
+def _factor_by_hand(s: int, warmup: int, total: int, decay: str) -> float:
+    """The schedule's factor for the update of 0-based index s: (s + 1) / W during the W warmup
+    updates, then linear or cosine decay from 1 (at s = W) to 0 (at s = T)."""
+    if s < warmup:
+        return (s + 1) / warmup
+    p = min(1.0, (s - warmup) / (total - warmup))
+    return 1.0 - p if decay == "linear" else 0.5 * (1.0 + math.cos(math.pi * p))
+
+
+@pytest.mark.parametrize("decay", ["linear", "cosine"])
+def test_trainer_applies_warmup_steps_and_the_chosen_schedule(tmp_path, fmnist_dir, tiny_overrides, monkeypatch,
+                                                               decay):
+    """warmup_steps=3 of 6 updates: the lr of every update, and the lr logged after each step (the
+    next update's), follow the hand formula for the chosen decay, not a default."""
+    total, warmup, lr = 6, 3, 1e-3
+    updates = _spy_optimizer(monkeypatch)
+    train(_config(fmnist_dir, tmp_path / "run", tiny_overrides, max_steps=total, warmup_steps=warmup, lr=lr,
+                  schedule=decay, log_every=1), log=_quiet)
+    expected = [lr * _factor_by_hand(s, warmup, total, decay) for s in range(total)]
+    assert len(updates) == total
+    for s, update in enumerate(updates):
+        assert update["lr"] == pytest.approx([expected[s]] * len(update["lr"]), rel=1e-12, abs=1e-15), s
+    logged = {r["step"]: r["lr"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["split"] == "train"}
+    assert sorted(logged) == list(range(1, total + 1))
+    for step, value in logged.items():  # after `step` updates: the lr of update index `step`
+        assert value == pytest.approx(lr * _factor_by_hand(step, warmup, total, decay), rel=1e-12, abs=1e-15), step
+    # the hand values themselves: 1/3, 2/3, 1 while warming up, then 1 at s = W
+    assert [round(e / lr, 12) for e in expected[:4]] == [round(1 / 3, 12), round(2 / 3, 12), 1.0, 1.0]
+
+
+def test_trainer_clips_the_global_gradient_norm(tmp_path, fmnist_dir, tiny_overrides, monkeypatch):
+    """clip_norm 1e-3: every update sees gradients of global norm at most 1e-3, while the same run
+    without clipping (clip_norm 0) sees larger ones, and ends with other weights."""
+    clip = 1e-3
+    updates = _spy_optimizer(monkeypatch)
+    clipped = train(_config(fmnist_dir, tmp_path / "clipped", tiny_overrides, max_steps=3, clip_norm=clip),
+                    log=_quiet)
+    seen_clipped = [u["grad_norm"] for u in updates]
+    updates.clear()
+    free = train(_config(fmnist_dir, tmp_path / "free", tiny_overrides, max_steps=3, clip_norm=0.0), log=_quiet)
+    seen_free = [u["grad_norm"] for u in updates]
+    assert len(seen_clipped) == len(seen_free) == 3
+    assert all(0 < n <= clip * (1 + 1e-6) for n in seen_clipped), seen_clipped
+    assert all(n > 10 * clip for n in seen_free), seen_free  # so the clip did act
+    differs = [k for k, v in clipped.model.state_dict().items() if not torch.equal(v, free.model.state_dict()[k])]
+    assert differs
