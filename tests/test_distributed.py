@@ -4,8 +4,9 @@ Two launches keep the file fast: one `torchrun ... -m widenet train` (data
 parallel through the CLI, from scratch, then resumed in one process) and one
 torch.multiprocessing spawn that runs every expert-parallel check and three
 training runs (DDP and expert parallel resuming a one-process checkpoint,
-FSDP from scratch) in the same two processes. Both are bounded by timeouts,
-so a hang fails instead of blocking.
+FSDP from scratch) in the same two processes; a short spawn checks clipping and
+LAMB on a tensor split over the ranks. All are bounded by timeouts, so a hang
+fails instead of blocking.
 """
 
 from __future__ import annotations
@@ -81,6 +82,19 @@ def _train_losses(run: Path) -> list[float]:
     return [r["loss"] for r in read_metrics(run / "metrics.jsonl") if r["split"] == "train"]
 
 
+def _train_metric(run: Path, key: str) -> list[float]:
+    return [r[key] for r in read_metrics(run / "metrics.jsonl") if r["split"] == "train"]
+
+
+def _assert_same_step_metrics(run: Path, reference: Path) -> None:
+    """Logged accuracy and aux loss per step are global: the correct predictions summed over the
+    ranks, and the mean of the ranks' aux losses (each rank's balance loss is computed on its own
+    tokens, so that is close to, not equal to, the one-process value: up to ~2% apart here, where
+    a sum instead of a mean is 100% off)."""
+    assert _train_metric(run, "accuracy") == pytest.approx(_train_metric(reference, "accuracy"), abs=1e-9)
+    assert _train_metric(run, "aux_loss") == pytest.approx(_train_metric(reference, "aux_loss"), rel=0.05)
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, fmnist_dir, tiny_overrides):
     """The one-process run every multi-process run is compared with."""
@@ -124,6 +138,55 @@ def test_shards_cover_the_batch_contiguously():
     check_last_batch(256, 32, 2)
     with pytest.raises(ValueError, match="last batch of every epoch holds 1 of 257 images"):
         check_last_batch(257, 32, 2)
+
+
+def test_loss_scale_makes_an_uneven_last_batch_the_global_mean():
+    """25 rows on 2 ranks: 13 and 12. Each rank's mean loss is scaled by local * W / total, so DDP's
+    average of the two is the mean over all 25 rows; an even split is left alone (1.0)."""
+    ranks = [ParallelContext(DistEnv(r, 2, r), "ddp") for r in range(2)]
+    assert ranks[0].loss_scale(13, 25) == pytest.approx(26 / 25, abs=1e-15)
+    assert ranks[1].loss_scale(12, 25) == pytest.approx(24 / 25, abs=1e-15)
+    assert [c.loss_scale(16, 32) for c in ranks] == [1.0, 1.0]
+    assert ParallelContext(DistEnv(), "single").loss_scale(13, 25) == 1.0  # one process: its mean is global
+    rows = torch.rand(25, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    scaled = []
+    for rank, ctx in enumerate(ranks):
+        start, stop = shard_bounds(25, rank, 2)
+        scaled.append(rows[start:stop].mean() * ctx.loss_scale(stop - start, 25))
+    assert float(sum(scaled) / 2) == pytest.approx(float(rows.mean()), abs=1e-15)  # DDP's average
+
+
+def test_forward_rng_depends_on_seed_step_and_rank_and_restores_the_global_rng():
+    """Dropout / router noise inside the forward: a (seed, step, rank) stream, the global RNG untouched."""
+    cpu = torch.device("cpu")
+
+    def draw(rank: int, step: int, seed: int = 7) -> torch.Tensor:
+        with ParallelContext(DistEnv(rank, 2, rank), "ddp", seed=seed).forward_rng(step, cpu):
+            return torch.rand(16)
+
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    first = [draw(rank, 5) for rank in range(2)]
+    assert torch.equal(torch.get_rng_state(), before)  # the shared augmentation stream stays in step
+    assert not torch.equal(first[0], first[1])  # ranks draw different masks
+    assert all(torch.equal(draw(rank, 5), first[rank]) for rank in range(2))  # repeatable (resume)
+    assert not torch.equal(draw(0, 6), first[0])  # a new mask every step
+    assert not torch.equal(draw(0, 5, seed=8), first[0])
+    expected = torch.rand(16)  # the global stream continues as if nothing had been drawn
+    torch.set_rng_state(before)
+    with ParallelContext(DistEnv(), "single").forward_rng(5, cpu):  # one process: the global RNG itself
+        assert torch.equal(torch.rand(16), expected)
+
+
+def test_clipping_accepts_float64_gradients():
+    """Norms were measured with vector_norm(dtype=float32), which refuses float64 gradients."""
+    from widenet.distributed.clip import clip_grad_norm, clip_grad_norm_with_shards
+
+    model = torch.nn.Linear(2, 2).double()
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    assert float(clip_grad_norm(model.parameters(), None)) == pytest.approx(6 ** 0.5)
+    assert float(clip_grad_norm_with_shards(model, [], 1.0)) == pytest.approx(6 ** 0.5)  # no group: no reduce
 
 
 def test_source_to_expert_order():
@@ -241,6 +304,7 @@ def test_ddp_two_processes_match_one_process(tmp_path, fmnist_dir, tiny_set_args
     final = "checkpoints/step_00000004/model.safetensors"
     _assert_close_weights(load_file(str(out / final)), load_file(str(reference / final)))
     assert _train_losses(out) == pytest.approx(_train_losses(reference), abs=1e-5)
+    _assert_same_step_metrics(out, reference)
     assert records[-1]["examples"] == 64  # evaluation sharded over both ranks, reduced
     alone = evaluate_checkpoint(str(out), device="cpu", tta="flip")  # the same weights in one process
     for key in ("accuracy", "single_accuracy", "loss", "single_loss"):
@@ -455,6 +519,50 @@ def ddp_activation_checkpointing(rank: int, data_dir: str, tiny: dict, *_) -> No
         assert torch.allclose(p.grad, q.grad, atol=1e-10), name
 
 
+def sharded_clip_and_lamb(rank: int, *_) -> None:
+    """Each rank holds half the rows of one tensor (a marked shard), the halves 10x apart in scale:
+    clipping and one LAMB step give what one process gives for the whole tensor. Clipping runs in
+    float32 (it measures norms in float32 and rejects float64 gradients, see the xfail test below),
+    LAMB in float64."""
+    from widenet.distributed.clip import clip_grad_norm_with_shards
+    from widenet.distributed.shards import mark_sharded
+    from widenet.train.optim import Lamb
+
+    g = torch.Generator().manual_seed(11)
+    weight, grad = (torch.randn(6, 3, generator=g, dtype=torch.float64) for _ in range(2))
+    weight[3:] *= 10  # rank 1's weight rows are large
+    grad[:3] *= 10  # rank 0's gradient rows are large
+    bias, bias_grad = (torch.randn(3, generator=g, dtype=torch.float64) for _ in range(2))  # replicated
+    mine = slice(3 * rank, 3 * rank + 3)
+
+    def module(w: torch.Tensor, dtype: torch.dtype) -> torch.nn.Module:
+        m = torch.nn.Module()
+        m.w, m.b = torch.nn.Parameter(w.to(dtype, copy=True)), torch.nn.Parameter(bias.to(dtype, copy=True))
+        m.b.grad = bias_grad.to(dtype, copy=True)
+        return m
+
+    whole, shard = module(weight, torch.float32), module(weight[mine], torch.float32)
+    whole.w.grad, shard.w.grad = grad.float(), grad[mine].float()
+    want = torch.nn.utils.clip_grad_norm_(whole.parameters(), 0.5)  # one process, the whole tensor
+    assert float(want) > 5.0  # clipping really scales the gradients down
+    norm = clip_grad_norm_with_shards(shard, [shard.w], 0.5)
+    assert float(norm) == pytest.approx(float(want), rel=1e-6)
+    assert torch.allclose(shard.w.grad, whole.w.grad[mine], rtol=1e-6, atol=0)
+    assert torch.allclose(shard.b.grad, whole.b.grad, rtol=1e-6, atol=0)
+
+    whole, shard = module(weight, torch.float64), module(weight[mine], torch.float64)
+    whole.w.grad, shard.w.grad = grad.clone(), grad[mine].clone()
+    mark_sharded(shard.w, None)  # split over the default group
+    for m in (whole, shard):
+        Lamb([m.w], lr=0.1, weight_decay=0.01).step()
+    assert torch.allclose(shard.w.detach(), whole.w.detach()[mine], rtol=0, atol=1e-12)
+
+
+@pytest.mark.slow
+def test_sharded_clipping_and_lamb_use_the_norms_of_the_whole_tensor():
+    _spawn(["sharded_clip_and_lamb"])
+
+
 def _parallel_run(rank: int, data_dir: str, tiny: dict, out: str, **changes) -> None:
     cfg = _config(Path(data_dir), Path(out), tiny, **changes)
     lines: list[str] = []
@@ -505,6 +613,7 @@ def test_expert_parallel_and_fsdp_on_two_processes(tmp_path, fmnist_dir, tiny_ov
         # Consolidated checkpoints: the plain model's keys and shapes, the one-process result.
         _assert_close_weights(load_file(str(tmp_path / mode / final)), expected)
         assert _train_losses(tmp_path / mode) == pytest.approx(_train_losses(reference), abs=1e-5)
+        _assert_same_step_metrics(tmp_path / mode, reference)
         state = load_checkpoint(tmp_path / mode).train_state["optimizer"]
         assert state["state"].keys() == ref_state["state"].keys()
         for index, entry in ref_state["state"].items():
@@ -512,6 +621,7 @@ def test_expert_parallel_and_fsdp_on_two_processes(tmp_path, fmnist_dir, tiny_ov
     for mode in ("fsdp_lamb", "ep_lamb"):
         _assert_close_weights(load_file(str(tmp_path / mode / final)), load_file(str(reference_lamb / final)))
         assert _train_losses(tmp_path / mode) == pytest.approx(_train_losses(reference_lamb), abs=1e-5), mode
+        _assert_same_step_metrics(tmp_path / mode, reference_lamb)
 
 
 def expert_and_data_parallel_training(rank: int, data_dir: str, tiny: dict, out: str) -> None:

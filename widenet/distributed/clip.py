@@ -29,7 +29,7 @@ def clip_grad_norm(parameters: torch.Tensor | Iterable[torch.Tensor], max_norm: 
     if not grads:
         return torch.zeros(())
     if not max_norm:
-        norms = [torch.linalg.vector_norm(g.detach(), dtype=torch.float32) for g in grads]
+        norms = [torch.linalg.vector_norm(g.detach(), dtype=_norm_dtype(g)) for g in grads]
         return torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]))
     return torch.nn.utils.clip_grad_norm_(params, max_norm)
 
@@ -46,9 +46,11 @@ def clip_grad_norm_with_shards(model: nn.Module, shards: list[nn.Parameter], max
     if not grads:
         return torch.zeros(())
 
+    dtype = torch.promote_types(torch.float32, grads[0].dtype)
+
     def squares(gs: list[torch.Tensor]) -> torch.Tensor:
-        zero = torch.zeros((), dtype=torch.float32, device=grads[0].device)
-        return sum((torch.linalg.vector_norm(g.detach(), dtype=torch.float32) ** 2 for g in gs), zero)
+        zero = torch.zeros((), dtype=dtype, device=grads[0].device)
+        return sum((torch.linalg.vector_norm(g.detach(), dtype=_norm_dtype(g)).to(dtype) ** 2 for g in gs), zero)
 
     local = squares([p.grad for p in shards if p.grad is not None])
     total = squares([p.grad for p in model.parameters() if p.grad is not None and id(p) not in sharded])
@@ -58,3 +60,8 @@ def clip_grad_norm_with_shards(model: nn.Module, shards: list[nn.Parameter], max
         for g in grads:
             g.mul_(coef.to(g.device, g.dtype))
     return total
+
+
+def _norm_dtype(g: torch.Tensor) -> torch.dtype:
+    """float32 for float32 and narrower gradients (bf16, fp16 are summed in float32), float64 for float64."""
+    return torch.promote_types(torch.float32, g.dtype)
