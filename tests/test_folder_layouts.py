@@ -163,19 +163,42 @@ def test_decode_scales_16_bit_grey_and_refuses_float_and_32_bit_pixels(tmp_path)
 
 
 def test_decode_turns_images_upright_as_their_exif_orientation_says(tmp_path):
-    """Orientation 6 (a phone held upright): the stored pixels are shown turned 90 degrees clockwise."""
+    """Orientation 6 (a phone held upright): the stored pixels are shown turned 90 degrees clockwise; the
+    other seven orientations as Pillow's exif_transpose turns them."""
     import numpy as np
     from PIL import ImageOps
 
     from widenet.data.images.folder import decode_image
 
     pixels = np.random.default_rng(0).integers(0, 256, size=(4, 6, 3), dtype=np.uint8)  # 4 rows, 6 columns
-    exif = Image.Exif()
-    exif[0x0112] = 6
-    Image.fromarray(pixels).save(tmp_path / "phone.png", exif=exif)  # PNG: lossless
-    upright = np.rot90(pixels, k=-1)  # 6 rows, 4 columns; its central square: rows 1..4
-    with Image.open(tmp_path / "phone.png") as image:
-        assert np.array_equal(np.asarray(ImageOps.exif_transpose(image)), upright)  # the oracle agrees with Pillow
-    decoded = decode_image(tmp_path / "phone.png", 4, 3).permute(1, 2, 0).numpy()  # 4 px: no resampling
-    assert np.array_equal(decoded, upright[1:5])
-    assert not np.array_equal(decoded, pixels[:, 1:5])  # the stored pixels' central square, unturned
+    for orientation in range(1, 9):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        file = tmp_path / f"phone{orientation}.png"
+        Image.fromarray(pixels).save(file, exif=exif)  # PNG: lossless
+        with Image.open(file) as image:
+            upright = np.asarray(ImageOps.exif_transpose(image))  # the oracle
+        side = min(upright.shape[:2])
+        top, left = (upright.shape[0] - side) // 2, (upright.shape[1] - side) // 2
+        decoded = decode_image(file, side, 3).permute(1, 2, 0).numpy()  # 4 px: no resampling
+        assert np.array_equal(decoded, upright[top:top + side, left:left + side]), orientation
+        if orientation == 6:
+            assert np.array_equal(upright, np.rot90(pixels, k=-1))  # the oracle turns as the tag means
+            assert not np.array_equal(decoded, pixels[:, 1:5])  # the stored pixels' central square, unturned
+
+
+def test_a_damaged_exif_block_leaves_the_image_readable():
+    """A JPEG whose EXIF block is damaged elsewhere (found by fuzzing): Pillow's exif_transpose raised
+    TypeError rewriting the block; the image decodes, turned by its readable orientation tag (6)."""
+    import numpy as np
+
+    from widenet.data.images.folder import decode_image
+
+    file = Path(__file__).parent / "fixtures" / "damaged_exif.jpg"
+    with Image.open(file) as image:
+        stored = np.asarray(image.convert("L"))
+    turned = np.rot90(stored, k=-1)
+    side = min(turned.shape)
+    top, left = (turned.shape[0] - side) // 2, (turned.shape[1] - side) // 2
+    decoded = decode_image(file, side, 1)[0].numpy()
+    assert np.array_equal(decoded, turned[top:top + side, left:left + side])

@@ -114,13 +114,12 @@ def decode_image(path: Path, image_size: int, channels: int) -> torch.Tensor:
     show it), the central square (side = the shorter side) cut out, then resized to S x S (bicubic), so
     memory stays bounded whatever the aspect ratio. 16-bit grey images are scaled to 8 bits (full 16-bit
     range assumed); floating-point and 32-bit integer images are refused (their range is unknown)."""
-    from PIL import Image, ImageOps
+    from PIL import Image
 
     try:
         with Image.open(path) as image:
             image.load()
-            # A phone photo's pixels are stored as the sensor saw them, with the turn to apply in EXIF.
-            ImageOps.exif_transpose(image, in_place=True)
+            image = _upright(image)
             # Mode "I" is 32-bit integers, except from PNG and PNM files, which hold at most 16 bits
             # (Pillow opens 16-bit PGM, and 16-bit PNG before 10.3, as "I").
             if image.mode == "F" or (image.mode == "I" and image.format not in _SIXTEEN_BIT_AT_MOST):
@@ -142,6 +141,27 @@ def decode_image(path: Path, image_size: int, channels: int) -> torch.Tensor:
                                                                   Image.Resampling.BICUBIC)
     array = np.asarray(image, dtype=np.uint8).reshape(image_size, image_size, channels)
     return torch.from_numpy(array.copy()).permute(2, 0, 1)
+
+
+# EXIF orientation (1-8) -> the Pillow transpose that turns the stored pixels upright (1: none).
+_ORIENTATION_TURNS = {2: "FLIP_LEFT_RIGHT", 3: "ROTATE_180", 4: "FLIP_TOP_BOTTOM", 5: "TRANSPOSE", 6: "ROTATE_270",
+                      7: "TRANSVERSE", 8: "ROTATE_90"}
+
+
+def _upright(image):
+    """The image turned as its EXIF Orientation tag says (a phone photo is stored as the sensor saw it).
+    Only the tag is read, and a damaged EXIF block counts as no tag: Pillow's exif_transpose also
+    rewrote the block and raised on some damaged ones (TypeError, struct.error) that decode fine."""
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Pillow's notes on damaged tags name no file
+            orientation = image.getexif().get(0x0112, 1)
+    except Exception:  # noqa: BLE001 - any damage in the EXIF block: the pixels stay as stored
+        return image
+    turn = _ORIENTATION_TURNS.get(orientation) if isinstance(orientation, int) else None
+    return image.transpose(getattr(Image.Transpose, turn)) if turn else image
 
 
 def _load_cache(path: Path, key: str) -> dict[str, Any] | None:
