@@ -95,9 +95,14 @@ def test_every_n_beyond_the_depth_is_refused_not_built_dense():
     from widenet.layers.moe import MoE
 
     with pytest.raises(ValueError, match=r"moe_blocks='every:7' picks no block of depth=6"):
-        EncoderConfig.from_dict(dict(dim=16, depth=6, num_heads=2, moe_blocks="every:7"))
+        EncoderConfig(dim=16, depth=6, num_heads=2, moe_blocks="every:7")
     with pytest.raises(ValueError, match=r"moe_blocks='every:3' picks no block of depth=2"):
         EncoderConfig.from_dict(dict(dim=16, depth=3, num_heads=2, moe_blocks="every:3")).replace(depth=2)
+    # A saved config (a dict: a checkpoint's or an export's) from before the refusal still loads, as the
+    # dense model it built, with a note.
+    with pytest.warns(UserWarning, match=r"moe_blocks='every:7' picks no block of depth=6; read as 'none'"):
+        saved = EncoderConfig.from_dict(dict(dim=16, depth=6, num_heads=2, moe_blocks="every:7"))
+    assert saved.moe_blocks == "none" and not any(isinstance(m, MoE) for m in Encoder(saved).modules())
     for depth, spec in ((6, "every:6"), (1, "every:1")):  # the largest N allowed: the last block only
         enc = Encoder(EncoderConfig.from_dict(dict(dim=16, depth=depth, num_heads=2, moe_blocks=spec)))
         assert sum(isinstance(module, MoE) for module in enc.modules()) == 1

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import re
 import dataclasses
+import warnings
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -109,6 +110,12 @@ class EncoderConfig:
         """An EncoderConfig from a dict, e.g. a checkpoint's; the MoE settings may sit in `moe` or,
         as in checkpoints before MoEConfig existed, among the encoder's own keys."""
         settings = dict(settings)
+        blocks, depth = settings.get("moe_blocks"), settings.get("depth", cls.depth)
+        if (isinstance(blocks, str) and blocks.startswith("every:") and blocks[6:].isdigit() and isinstance(depth, int)
+                and int(blocks[6:]) > depth):  # saved before this was refused: the dense model it built
+            warnings.warn(f"moe_blocks={blocks!r} picks no block of depth={depth}; read as 'none', the dense model "
+                          "it built", stacklevel=2)
+            settings["moe_blocks"] = "none"
         moe = dict(settings.pop("moe", None) or {})
         moe.update({k: settings.pop(k) for k in MOE_SETTINGS if k in settings})
         return cls(**settings, moe=MoEConfig(**moe))
