@@ -735,6 +735,19 @@ def test_a_full_disk_advises_what_will_work_once_space_is_freed(tmp_path, fmnist
     assert _cli(_train_args(fmnist_dir, out, tiny_set_args, "--max-steps", 2, "--overwrite", "--seed", 5),
                 capsys)[0] == 0
 
+    saves = []  # a longer run whose second save fails: its first checkpoint waits for --resume
+
+    def second_save_fails(*args, **kwargs):
+        saves.append(1)
+        return real_save(*args, **kwargs) if len(saves) == 1 else disk_full()
+
+    monkeypatch.setattr(trainer_module, "save_checkpoint", second_save_fails)
+    longer = _train_args(fmnist_dir, out, tiny_set_args, "--max-steps", 4, "--save-every", 2, "--seed", 5)
+    line = _one_line_error(*_cli([*longer, "--overwrite"], capsys)[::2])
+    assert line.endswith("free some space and --resume"), line
+    monkeypatch.setattr(trainer_module, "save_checkpoint", real_save)
+    assert _cli([*longer, "--resume"], capsys)[0] == 0 and load_checkpoint(out).step == 4
+
 
 def test_a_full_disk_advises_resume_only_where_there_is_one(tmp_path, capsys, monkeypatch):
     def full(*_args, **_kw):

@@ -17,10 +17,10 @@ Bad input exits with status 2 and a one-line message (no traceback).
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
-import time
 import traceback
 from dataclasses import asdict
 from typing import Callable, NoReturn, Sequence
@@ -30,7 +30,7 @@ from .cli_args import (add_budget_arguments, add_moe_arguments, add_process_argu
                        add_run_arguments, config_fields, finite_float, model_overrides, nonempty, parse_setting,
                        positive_float, positive_int)
 from .cli_errors import (BUG_REPORT, INTERRUPTED, CLIError, explain, file_names_printable, full_disk_advice,
-                         output_survives_its_reader, say_error, warnings_as_notes)
+                         latest_checkpoint_identity, output_survives_its_reader, say_error, warnings_as_notes)
 from .cli_models import add_model_commands
 from .cli_predict import add_predict_command
 from .cli_text import add_text_commands
@@ -397,7 +397,7 @@ def run() -> NoReturn:
     raise SystemExit(code)
 
 
-_RESUMABLE = ("train", "pretrain", "finetune")  # a full disk: free some space and --resume
+_RESUMABLE = ("train", "pretrain", "finetune")  # --resume after a full disk, where a checkpoint waits
 _TRAINING_COMMANDS = (*_RESUMABLE, "compare", "compare-text")
 
 
@@ -408,9 +408,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(argv: Sequence[str] | None) -> int:
-    started = time.time()
     parser = build_parser()
     args = parser.parse_args(argv)
+    before = latest_checkpoint_identity(getattr(args, "out", None)) if args.command in _RESUMABLE else None
     _show_library_notes()
     func: Callable[[argparse.Namespace], int] = args.func
     try:
@@ -427,8 +427,10 @@ def _main(argv: Sequence[str] | None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141  # 128 + SIGPIPE: what a shell reports for a process that signal ended
     except Exception as err:
-        out = getattr(args, "out", None)
-        advice = full_disk_advice(out, args.command in _RESUMABLE, getattr(args, "overwrite", False), started)
+        out, resumable = getattr(args, "out", None), args.command in _RESUMABLE
+        full = isinstance(err, OSError) and err.errno == errno.ENOSPC
+        advice = full_disk_advice(out, resumable, getattr(args, "overwrite", False), before) if full else \
+            "run it again"
         message = explain(err, out, advice)
         if message is None:  # a bug: the traceback, and where to send it
             traceback.print_exc()

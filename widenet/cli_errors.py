@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from typing import Any
 
 __all__ = ["CLIError", "BUG_REPORT", "INTERRUPTED", "explain", "file_names_printable", "full_disk_advice",
-           "output_survives_its_reader", "say", "say_error", "warnings_as_notes"]
+           "latest_checkpoint_identity", "output_survives_its_reader", "say", "say_error", "warnings_as_notes"]
 
 BUG_REPORT = ("widenet: this is a bug in widenet, not a problem with your input; please report it with the "
               "command and the traceback above")
@@ -163,22 +163,33 @@ def describe_os_error(err: OSError, out: str | None = None, after_full_disk: str
     return f"{where}: {cause}" if where else cause
 
 
-def full_disk_advice(out: str | None, resumable: bool, overwrite: bool, started: float) -> str:
-    """What a full disk's message advises once space is freed: --resume only where `out` holds a
-    checkpoint the command (resumable: train, pretrain, finetune) can continue, its own or the run it
-    resumed; started: when the command began (time.time())."""
-    if not resumable or not out:
-        return "run it again"
+def latest_checkpoint_identity(out: str | None) -> tuple | None:
+    """Which checkpoint folder is the newest in run folder `out` (path, inode, mtime), or None: taken
+    before a command runs, it tells at a failure whether the checkpoint there now is an earlier one."""
+    if not out:
+        return None
     from .train.checkpoint_layout import find_latest_checkpoint
 
     try:
         latest = find_latest_checkpoint(out)
-        earlier = latest is not None and overwrite and latest.stat().st_mtime < started
+        if latest is None:
+            return None
+        status = latest.stat()
     except OSError:
+        return None
+    return str(latest), status.st_ino, status.st_mtime_ns
+
+
+def full_disk_advice(out: str | None, resumable: bool, overwrite: bool, before: tuple | None) -> str:
+    """What a full disk's message advises once space is freed: --resume only where `out` holds a
+    checkpoint the command (resumable: train, pretrain, finetune) can continue, its own or the run it
+    resumed. before: latest_checkpoint_identity(out) when the command began."""
+    if not resumable or not out:
         return "run it again"
-    if latest is None:
+    now = latest_checkpoint_identity(out)
+    if now is None:
         return "run it again with --overwrite (the run saved no checkpoint to resume from)"
-    if earlier:  # the run --overwrite was to replace was put back: resuming would continue that one
+    if overwrite and now == before:  # the run --overwrite was to replace was put back: resuming would continue it
         return "run it again with --overwrite (the earlier run in the folder was put back)"
     return "--resume"
 
