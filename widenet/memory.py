@@ -63,16 +63,16 @@ def _size(num_bytes: int) -> str:
     return f"{num_bytes / 2**30:.1f} GiB" if num_bytes >= 2**30 else f"{num_bytes / 2**20:.1f} MiB"
 
 
-def check_model_fits(build: Callable[[], nn.Module]) -> None:
-    """Run build() on the meta device (no memory) and check the weights it makes fit in the
-    machine's memory, when they would be made there (not in the meta build itself, nor under
-    `with torch.device("cuda")`)."""
+def check_model_fits(build: Callable[[], nn.Module], copies: int = 1, what: str = "the model's weights") -> None:
+    """Run build() on the meta device (no memory) and check that `copies` of the weights it makes fit
+    in the machine's memory, when they would be made there (not in the meta build itself, nor under
+    `with torch.device("cuda")`); `what` names them in the refusal."""
     if torch.empty(()).device.type != "cpu":  # the meta build itself, or weights made on a GPU
         return
     with torch.device("meta"):
         ghost = build()
     size = parameter_bytes(ghost) + sum(t.numel() * t.element_size() for t in ghost.buffers())
-    check_fits_memory(size, f"the model's weights ({sum(p.numel() for p in ghost.parameters()):,} parameters)")
+    check_fits_memory(copies * size, f"{what} ({sum(p.numel() for p in ghost.parameters()):,} parameters)")
 
 
 def parameter_bytes(model: nn.Module) -> int:

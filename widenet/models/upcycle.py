@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from ..layers.moe import MoEConfig
-from ..memory import check_fits_memory, parameter_bytes
+from ..memory import check_model_fits
 from .presets import WIDENET_SHARING
 from .text import TextTransformer
 from .vision import VisionTransformer
@@ -77,10 +77,9 @@ def upcycle(source: nn.Module, num_experts: int, top_k: int = 2, *, attention: s
     if isinstance(seed, bool) or not isinstance(seed, int) or not isinstance(attention, str):
         raise UpcycleError(f"seed must be an integer and attention a string, got {seed!r} and {attention!r}")
     cfg = upcycled_config(source.cfg, num_experts, top_k, **moe_settings)
-    with torch.device("meta"):  # the size of the result, before any memory is taken
-        size = parameter_bytes(type(source)(cfg))
-    check_fits_memory(2 * size, f"upcycling to {num_experts} experts: the new model and the copies of its "
-                                "weights it starts from")
+    check_model_fits(lambda: type(source)(cfg), copies=2,
+                     what=f"upcycling to {num_experts} experts: the new model and the copies of its weights it "
+                          "starts from")
     target = type(source)(cfg)
     gen = torch.Generator().manual_seed(seed)
     src_enc, enc = source.cfg.encoder, cfg.encoder
