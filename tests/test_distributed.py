@@ -187,6 +187,10 @@ def test_clipping_accepts_float64_gradients():
         p.grad = torch.ones_like(p)
     assert float(clip_grad_norm(model.parameters(), None)) == pytest.approx(6 ** 0.5)
     assert float(clip_grad_norm_with_shards(model, [], 1.0)) == pytest.approx(6 ** 0.5)  # no group: no reduce
+    for p in model.parameters():  # a norm of 2e39: inf in float32, which would zero every gradient
+        p.grad = torch.full_like(p, 1e39)
+    assert float(clip_grad_norm_with_shards(model, [], 1.0)) == pytest.approx(6 ** 0.5 * 1e39)
+    assert all(torch.allclose(p.grad, torch.full_like(p, 6 ** -0.5)) for p in model.parameters())
 
 
 def test_source_to_expert_order():
@@ -522,8 +526,7 @@ def ddp_activation_checkpointing(rank: int, data_dir: str, tiny: dict, *_) -> No
 def sharded_clip_and_lamb(rank: int, *_) -> None:
     """Each rank holds half the rows of one tensor (a marked shard), the halves 10x apart in scale:
     clipping and one LAMB step give what one process gives for the whole tensor. Clipping runs in
-    float32 (it measures norms in float32 and rejects float64 gradients, see the xfail test below),
-    LAMB in float64."""
+    float32 (training's dtype), LAMB in float64."""
     from widenet.distributed.clip import clip_grad_norm_with_shards
     from widenet.distributed.shards import mark_sharded
     from widenet.train.optim import Lamb

@@ -529,6 +529,10 @@ def test_saved_inputs_are_checked_and_older_runs_read_from_their_settings():
     older_cls = dict(model_config=model, train_config=dict(task="classify", max_len=32, doc_stride=128))
     assert recorded_inputs(older_cls, "m") == {"max_len": 32}
     assert recorded_inputs(dict(model_config=model, train_config=dict(mask_prob=0.15)), "m") is None  # pretraining
+    partial = dict(model_config=model, train_config=dict(task="qa", doc_stride=16))  # a hand-edited meta
+    assert recorded_inputs(partial, "m") == {"max_len": 64, "doc_stride": 16}
+    with pytest.raises(CheckpointError, match="m: the fine-tuning settings .* should hold"):
+        recorded_inputs(dict(model_config=model, train_config=dict(task="qa", doc_stride="16")), "m")
     for bad in ({"max_len": 0}, {"max_len": "32"}, {"pairs": "yes"}, {"doc_stride": True}, {"stride": 8}, [1]):
         with pytest.raises(CheckpointError, match="m/meta.json: the saved inputs"):
             recorded_inputs({"data": {"inputs": bad}}, "m/meta.json")

@@ -5,10 +5,12 @@
     answer_questions(pretrained, [(question, context), ...])            -> [Answer]
 
 Inputs are prepared as training and evaluation prepared them: images decoded like
-an image folder (`decode_image`: shorter side resized to the model's image size,
-center crop) and normalised with the mean / std saved with the model; sentences
-by `encode_classification` (fine-tuning's default of 128 tokens); questions by
-`encode_squad` (384-token windows, stride 128), answers by `postprocess_squad`.
+an image folder (`decode_image`: turned upright by their EXIF orientation, shorter
+side resized to the model's image size, center crop) and normalised with the mean /
+std saved with the model; sentences by `encode_classification`, questions by
+`encode_squad`, with the lengths the model was fine-tuned with (train.text_inputs;
+else fine-tuning's defaults: 128 tokens, 384-token windows, stride 128), answers
+by `postprocess_squad`.
 An image that cannot be read comes back as an ImageFailure in its place; inputs
 that do not fit the model raise PredictError (a ValueError), one line. The
 iter_* forms yield results as their batches finish. MoE layers route every

@@ -20,7 +20,7 @@ from ..data.text.squad import SquadExample, _best_span, encode_squad, postproces
 from ..data.text.tokenizer import special_ids
 from ..layers.moe import dropless_routing
 from .loading import Pretrained
-from ..train.text_inputs import DEFAULT_MAX_LEN, QA_DOC_STRIDE, QA_MAX_QUERY_LEN
+from ..train.text_inputs import QA_DOC_STRIDE, QA_MAX_QUERY_LEN, default_max_len
 from .predict import (MAX_ANSWER_LEN, N_BEST, Answer, PredictError, TextPrediction, _batches, _check_sizes, _class_names, _on_device, _progress,
                       _top, check_finite_scores, check_fits)
 
@@ -98,7 +98,8 @@ def _max_len(pretrained: Pretrained, max_len: int | None, task: str) -> int:
     """max_len, else the length the model was fine-tuned with, else fine-tuning's default for task."""
     limit = pretrained.model.cfg.max_positions
     if max_len is None:
-        return min((pretrained.inputs or {}).get("max_len") or DEFAULT_MAX_LEN[task], limit)
+        saved = (pretrained.inputs or {}).get("max_len")
+        return min(saved, limit) if saved else default_max_len(task, limit)
     if not isinstance(max_len, int) or max_len < 1:
         raise ValueError(f"max_len must be a positive whole number, got {max_len!r}")
     if max_len > limit:

@@ -48,7 +48,7 @@ from .run_folder import claim_run_folder
 from .text_common import (Batch, TextTask, describe_processes, global_sums, local_rows, ordered_batches,
                           saved_text_model)
 from .text_config import FinetuneConfig
-from .text_inputs import DEFAULT_MAX_LEN
+from .text_inputs import default_max_len
 from .trainer import RunResult, Trainer
 
 
@@ -92,7 +92,7 @@ def build_finetune_model(ckpt: LoadedCheckpoint | Source, cfg: FinetuneConfig, n
 def max_length(cfg: FinetuneConfig, model_cfg: dict) -> int:
     limit = model_cfg["max_positions"]
     if cfg.max_len is None:
-        return min(DEFAULT_MAX_LEN[cfg.task], limit)
+        return default_max_len(cfg.task, limit)
     if cfg.max_len > limit:
         raise ValueError(f"--max-len {cfg.max_len} exceeds the model's {limit} positions")
     return cfg.max_len

@@ -15,37 +15,45 @@ from typing import Any
 from .checkpoint import CheckpointError
 from .text_config import FinetuneConfig
 
-__all__ = ["DEFAULT_MAX_LEN", "QA_DOC_STRIDE", "QA_MAX_QUERY_LEN", "recorded_inputs"]
+__all__ = ["DEFAULT_MAX_LEN", "QA_DOC_STRIDE", "QA_MAX_QUERY_LEN", "default_max_len", "recorded_inputs"]
 
 DEFAULT_MAX_LEN = {"classify": 128, "qa": 384}  # tokens per sequence, unless the model has fewer positions
 QA_DOC_STRIDE, QA_MAX_QUERY_LEN = FinetuneConfig.doc_stride, FinetuneConfig.max_query_len  # fine-tuning's defaults
 _LENGTHS = ("max_len", "doc_stride", "max_query_len")
 
 
+def default_max_len(task: str, max_positions: int) -> int:
+    """Fine-tuning's tokens per sequence when none is given: the task's default, or fewer where the
+    model has fewer positions."""
+    return min(DEFAULT_MAX_LEN[task], max_positions)
+
+
 def recorded_inputs(meta: dict, where: Any) -> dict[str, Any] | None:
     """The input settings saved with a model (see the module doc), checked; None when there are none.
     where: the file or folder to name when they are not what fine-tuning writes (CheckpointError)."""
     inputs = (meta.get("data") or {}).get("inputs")
+    saved = "saved inputs"
     if inputs is None:
-        inputs = _from_train_config(meta)
+        inputs, saved = _from_train_config(meta), "fine-tuning settings"
         if inputs is None:
             return None
     whole = lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0  # noqa: E731
     if not (isinstance(inputs, dict) and set(inputs) <= {"pairs", *_LENGTHS}
             and all(whole(inputs[k]) for k in _LENGTHS if k in inputs)
             and isinstance(inputs.get("pairs", False), bool)):
-        raise CheckpointError(f"{where}: the saved inputs {inputs!r} should hold max_len, doc_stride and "
+        raise CheckpointError(f"{where}: the {saved} {inputs!r} should hold max_len, doc_stride and "
                               "max_query_len as positive whole numbers and pairs as true or false")
     return dict(inputs)
 
 
 def _from_train_config(meta: dict) -> dict[str, Any] | None:
+    """The inputs a run fine-tuned before they were recorded used, from its settings (all but pairs)."""
     config = meta.get("train_config") or {}
     task = config.get("task")
     if task not in DEFAULT_MAX_LEN or "doc_stride" not in config:  # not a fine-tuning run
         return None
     limit = (meta.get("model_config") or {}).get("max_positions")
-    inputs = {"max_len": config.get("max_len") or min(DEFAULT_MAX_LEN[task], limit)} if limit else {}
+    inputs = {"max_len": config.get("max_len") or default_max_len(task, limit)} if isinstance(limit, int) else {}
     if task == "qa":
-        inputs.update(doc_stride=config["doc_stride"], max_query_len=config["max_query_len"])
+        inputs.update({k: config[k] for k in ("doc_stride", "max_query_len") if k in config})
     return inputs or None
