@@ -311,3 +311,31 @@ def test_nan_weights_and_unnamed_labels(tmp_path):
         hf.classifier.bias[1] = float("inf")
     with pytest.raises(HFCheckpointError, match="classifier.bias holds NaN or infinite"):
         load_hf(_save(hf, tmp_path / "inf"))
+
+
+def _without(folder: str, *prefixes: str) -> str:
+    """The folder's model.safetensors with the tensors under `prefixes` taken out (a damaged or edited file)."""
+    from safetensors.torch import load_file
+
+    file = Path(folder) / "model.safetensors"
+    state = load_file(file)
+    save_file({k: v for k, v in state.items() if not k.startswith(prefixes)}, file, metadata={"format": "pt"})
+    return folder
+
+
+def test_a_task_head_missing_from_the_weights_is_noted_and_half_of_one_refused(tmp_path):
+    """A *ForSequenceClassification / *ForQuestionAnswering folder without its head's tensors loaded a
+    random head silently (its "predictions" changed on every load); only half a head is refused."""
+    cls = transformers.BertForSequenceClassification(transformers.BertConfig(num_labels=3, **TEXT))
+    loaded = load_hf(_without(_save(cls, tmp_path / "cls"), "classifier."))
+    assert any("hold no classifier (classifier.*): the head is new and untrained" in n for n in loaded.notes)
+    qa = transformers.BertForQuestionAnswering(transformers.BertConfig(**TEXT))
+    loaded = load_hf(_without(_save(qa, tmp_path / "qa"), "qa_outputs."))
+    assert any("hold no span head (qa_outputs.*)" in n for n in loaded.notes)
+    assert not load_hf(_save(qa, tmp_path / "whole")).notes  # with its head: nothing to say
+    with pytest.raises(HFCheckpointError, match=r"the classifier is incomplete \(classifier.weight of"):
+        load_hf(_without(_save(cls, tmp_path / "half"), "classifier.bias"))
+    vit = transformers.ViTForImageClassification(transformers.ViTConfig(num_labels=10, **VIT))
+    loaded = load_hf(_without(_save(vit, tmp_path / "vit"), "classifier."))
+    assert loaded.model.cfg.num_classes == 10 and len(loaded.classes) == 10  # id2label's count, not 2
+    assert any("has no classifier: the head (10 classes) is new" in n for n in loaded.notes)

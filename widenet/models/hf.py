@@ -192,6 +192,8 @@ def _load_text(path, config: dict, state: dict, arch: str, kind: str) -> HFImpor
     classes, label_notes = label_names(config) if task == "classify" else (None, [])
     if task == "classify":
         _check_classifier(path, config, classes, state)
+    notes += _missing_head(path, arch, state, *{"classify": ("classifier.", "classifier"),
+                                               "qa": ("qa_outputs.", "span head")}.get(task, ("", "")))
     decoder = next((k for k in ("predictions.decoder.weight", "cls.predictions.decoder.weight") if k in state), None)
     words = state.get("embeddings.word_embeddings.weight")
     untied = decoder is not None and words is not None and not torch.equal(state[decoder], words)
@@ -304,7 +306,7 @@ def _head_notes(model: nn.Module, state: dict, task: str) -> list[str]:
 def _load_vit(path, config: dict, state: dict, arch: str) -> HFImport:
     dim = config["hidden_size"]
     classifier = "classifier.weight" in state
-    classes, notes = label_names(config) if classifier else (None, [])
+    classes, notes = label_names(config) if classifier or config.get("id2label") else (None, [])
     pooled = "pooler.dense.weight" in state
     if pooled and config.get("pooler_act", "tanh") != "tanh":
         raise HFCheckpointError(f"{path}: pooler_act {config['pooler_act']!r} is not supported (widenet's pre-logits "
@@ -312,7 +314,8 @@ def _load_vit(path, config: dict, state: dict, arch: str) -> HFImport:
     encoder = EncoderConfig(dim=dim, depth=config["num_hidden_layers"], num_heads=config["num_attention_heads"],
                             mlp_dim=config["intermediate_size"], norm_eps=float(config.get("layer_norm_eps", 1e-12)),
                             activation=_activation(path, config), norm_position="pre")
-    num_classes = state["classifier.weight"].shape[0] if classifier else config.get("num_labels", 2) or 2
+    num_classes = state["classifier.weight"].shape[0] if classifier else len(classes) if classes else \
+        config.get("num_labels", 2) or 2
     if classifier:
         _check_classifier(path, config, classes, state)
     cfg = VisionConfig(image_size=_single(path, config, "image_size"), patch_size=_single(path, config, "patch_size"),
@@ -375,6 +378,19 @@ def _activation(path, config: dict) -> str:
         raise HFCheckpointError(f"{path}: hidden_act {act!r} is not supported (widenet has "
                                 f"{', '.join(_ACTIVATIONS)})")
     return _ACTIVATIONS[act]
+
+
+def _missing_head(path, arch: str, state: dict, prefix: str, what: str) -> list[str]:
+    """A note when the task head named by the architecture has no weights in the checkpoint (it is then
+    new and untrained: its outputs mean nothing until fine-tuned); HFCheckpointError when only part of it."""
+    if not prefix:
+        return []
+    held = sorted(k for k in state if k.startswith(prefix))
+    if held and held != [prefix + "bias", prefix + "weight"]:
+        raise HFCheckpointError(f"{path}: the {what} is incomplete ({', '.join(held) or 'nothing'} of {prefix}weight "
+                                f"and {prefix}bias); the weights file is damaged or was edited")
+    return [] if held else [f"{arch}'s weights hold no {what} ({prefix}*): the head is new and untrained, its "
+                            "outputs mean nothing until it is fine-tuned"]
 
 
 def _check_classifier(path, config: dict, classes: list[str] | None, state: dict) -> None:
