@@ -952,3 +952,16 @@ def test_safetensors_files_named_in_another_encoding_are_written_and_read(tmp_pa
         save_safetensors(tensors, path, metadata={"format": "pt"})
         loaded = load_safetensors(path)
         assert loaded.keys() == tensors.keys() and all(torch.equal(loaded[k], v) for k, v in tensors.items())
+
+
+@pytest.mark.parametrize("command", ["compare", "compare-text"])
+def test_comparisons_under_torchrun_are_one_line(tmp_path, capsys, monkeypatch, command):
+    """WORLD_SIZE=2 (torchrun, or left set) made compare's first run wait for a process group nobody had
+    started: a traceback ending in "this is a bug in widenet"."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    line = _one_line_error(*_cli([command, "--models", "vit_tiny" if command == "compare" else "bert_text_tiny",
+                                  "--out", tmp_path / "c"], capsys)[::2])
+    assert line == (f"widenet: error: {command} runs its models one after another in one process; run it "
+                    "without torchrun (WORLD_SIZE=2 is set)")
+    assert not (tmp_path / "c").exists()

@@ -202,7 +202,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from .analysis.compare import compare
+    from .cli_run import refuse_several_processes
 
+    refuse_several_processes("compare")
     settings = {k: v for k, v in vars(args).items()
                 if k in ("train_subset", "test_subset", "batch_size", "lr", "data", "data_dir", "device",
                          "max_steps", "time_budget") and v is not None}

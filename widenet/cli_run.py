@@ -8,6 +8,7 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
+from .cli_errors import CLIError
 from .distributed.env import DistEnv, distributed_session, is_peer_failure
 from .distributed.parallel import check_global_batch
 from .train.trainer import TrainingError
@@ -17,6 +18,15 @@ R = TypeVar("R")
 
 class LauncherStop(RuntimeError):
     """SIGTERM in a torchrun process: the launcher stops the survivors after a process failed."""
+
+
+def refuse_several_processes(command: str) -> None:
+    """A driver of several runs (compare, compare-text) runs in one process: under torchrun (or with
+    WORLD_SIZE > 1 left set) each process would start every run, and their processes never meet."""
+    env = DistEnv.from_environ()
+    if env.distributed:
+        raise CLIError(f"{command} runs its models one after another in one process; run it without torchrun "
+                       f"(WORLD_SIZE={env.world_size} is set)")
 
 
 def run_on_processes(entry: Callable[[Any], R], cfg: Any, backend: str = "auto",

@@ -51,7 +51,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 def cmd_compare_text(args: argparse.Namespace) -> int:
     from .analysis.compare_text import compare_text
+    from .cli_run import refuse_several_processes
 
+    refuse_several_processes("compare-text")
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     report = compare_text(models, args.out, preset=args.preset, seeds=args.seeds, corpus=args.corpus,
                           task_train=args.task_train, task_validation=args.task_validation,
