@@ -276,7 +276,7 @@ def test_bench_model_gives_moe_settings_to_the_moe_models(capsys, monkeypatch):
     assert rc == 0 and [r["model"] for r in json.loads(out)] == ["vit_tiny", "widenet_tiny"], err
     assert built["widenet_tiny"].cfg.encoder.moe.top_k == 1 and built["vit_tiny"].cfg.encoder.depth == 2
     rc, out, err = _cli(["bench", "model", "vit_tiny", "albert_tiny", "--steps", 1, "--top-k", 1], capsys)
-    assert rc == 2 and "top_k: none of vit_tiny, albert_tiny has MoE layers" in err
+    assert rc == 2 and "top_k: none of vit_tiny, albert_tiny has MoE layers" in err and "(widenet_tiny)" in err
     rc, out, err = _cli(["bench", "model", "widenet_tiny", "widenet_tiny", "--steps", 1], capsys)
     assert rc == 2 and "widenet_tiny named more than once; a model timed against itself compares nothing" in err
 

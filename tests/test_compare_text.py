@@ -126,7 +126,7 @@ def test_compare_text_without_task_files_uses_the_usage_task(tmp_path, capsys, m
     ("widenet_tiny", None, "widenet: error: widenet_tiny is an image model; compare-text takes text models"),
     ("albert_text_tiny,albert_text_tiny", None, "widenet: error: albert_text_tiny named more than once in --models"),
     ("albert_text_tiny --top-k 2", None, "widenet: error: top_k: none of albert_text_tiny has MoE layers, so this "
-                                         "would change nothing"),  # was accepted and ignored
+                                         "would change nothing; add an MoE model (widenet_text_tiny)"),  # was ignored
     ("widenet_text_tiny", "sentence\tlabel\nthe fox\tgood\nthe bird\n", "train.tsv line 3: expected 2 fields"),
     ("widenet_text_tiny", "sentence\tlabel\nthe fox\tgood\n", "every example has the label 'good'"),
 ])

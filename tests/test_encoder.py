@@ -90,6 +90,13 @@ def test_moe_block_ids(spec, depth, expected):
     assert cfg.uses_moe == (spec != "none")
 
 
+def test_an_unknown_moe_setting_in_a_moe_dict_is_named():
+    """create_model(..., moe={"bogus": 1}) raised MoEConfig's own TypeError."""
+    with pytest.raises(ValueError, match=r"unknown MoE setting\(s\) 'bogus' in moe; known: num_experts, top_k"):
+        EncoderConfig(dim=16, depth=2, num_heads=2, moe={"bogus": 1, "top_k": 1})
+    assert EncoderConfig(dim=16, depth=2, num_heads=2, moe={"top_k": 1}).moe.top_k == 1
+
+
 def test_every_n_beyond_the_depth_is_refused_not_built_dense():
     """every:7 of 6 blocks picks none: it used to build a model without any MoE layer, silently."""
     from widenet.layers.moe import MoE

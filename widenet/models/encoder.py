@@ -77,6 +77,10 @@ class EncoderConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.moe, dict):
+            unknown = sorted(set(self.moe) - set(MOE_SETTINGS), key=str)
+            if unknown:
+                raise ValueError(f"unknown MoE setting(s) {', '.join(map(repr, unknown))} in moe; known: "
+                                 f"{', '.join(MOE_SETTINGS)}")
             self.moe = MoEConfig(**self.moe)
         if not isinstance(self.moe, MoEConfig):
             raise SettingTypeError(f"moe must be a MoEConfig or a dict of its settings, got {self.moe!r}")
