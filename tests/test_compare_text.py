@@ -121,6 +121,42 @@ def test_compare_text_without_task_files_uses_the_usage_task(tmp_path, capsys, m
     assert asked == ["usage"] and "stop here" in capsys.readouterr().err
 
 
+def test_shared_files_made_with_other_settings_are_named_not_reused(tmp_path, monkeypatch):
+    """An interrupted quick call left OUT/tokenizer.json and the GCIDE task files; a later call with other
+    settings (the full preset) reused them and reported a recipe it had not run."""
+    import widenet.analysis.compare_text as ct
+    from widenet.train.checkpoint_layout import SettingsChanged
+
+    corpus = tmp_path / "corpus.txt"
+    _corpus(corpus)
+    lines = []
+    first = ct._shared_tokenizer(tmp_path / "o", [str(corpus)], dict(max_documents=5), lines.append)
+    assert ct._shared_tokenizer(tmp_path / "o", [str(corpus)], dict(max_documents=5), lines.append) == first
+    assert len(lines) == 1  # trained once, then reused
+    with pytest.raises(SettingsChanged, match=r"tokenizer.json was made by an earlier call with other settings "
+                                              r"\(max_documents: 5 -> None\); repeat that call"):
+        ct._shared_tokenizer(tmp_path / "o", [str(corpus)], dict(max_documents=None), lines.append)
+
+    made = []
+
+    def write_task(_dictionary, folder, kind, train, validation, overwrite):
+        made.append((kind, train, validation))
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in ("train.tsv", "validation.tsv"):
+            (folder / name).write_text("sentence\tlabel\n")
+        return folder / "train.tsv", folder / "validation.tsv"
+
+    monkeypatch.setattr(ct, "write_gcide_task", write_task)
+    monkeypatch.setattr(ct, "_gcide", lambda: corpus)
+    quick, full = dict(task_train=1500, task_validation=600), dict(task_train=3000, task_validation=900)
+    ct._gcide_task(tmp_path / "o", quick, "usage")
+    ct._gcide_task(tmp_path / "o", quick, "usage")
+    assert made == [("usage", 1500, 600)]
+    with pytest.raises(SettingsChanged, match=r"gcide-usage was made by an earlier call with other settings "
+                                              r"\(train: 1500 -> 3000; validation: 600 -> 900\)"):
+        ct._gcide_task(tmp_path / "o", full, "usage")
+
+
 @pytest.mark.parametrize("models, train, message", [
     ("widenet_text_tiny,nosuch", None, "widenet: error: unknown model 'nosuch'; choose one of: "),
     ("widenet_tiny", None, "widenet: error: widenet_tiny is an image model; compare-text takes text models"),

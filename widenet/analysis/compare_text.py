@@ -24,6 +24,7 @@ same command resumes unfinished runs and reuses finished ones.
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import platform
 import statistics
 from itertools import islice
@@ -38,6 +39,7 @@ from ..data.text.tokenizer import save_tokenizer, train_tokenizer
 from ..layers.moe import MOE_SETTINGS
 from ..models.registry import model_config, settings_for, settings_for_each
 from ..train.finetune import finetune
+from ..train.checkpoint_layout import SettingsChanged
 from ..train.metrics import read_metrics
 from ..train.run_folder import driver_run, resume_or_restart
 from ..train.pretrain import TOKENIZER_FILE, pretrain
@@ -65,6 +67,7 @@ TEXT_PRESETS: dict[str, dict] = {
 }
 DEFAULT_TEXT_MODELS = ("bert_text_tiny", "albert_text_tiny", "widenet_text_tiny")
 VOCAB_SIZE = 8000
+MADE_WITH_FILE = "made-with.json"  # the settings a shared file of OUT (task files, tokenizer) was made with
 
 
 @dataclass
@@ -165,21 +168,48 @@ def _gcide() -> Path:
 def _gcide_task(out: Path, budget: dict, kind: str) -> tuple[Path, Path]:
     folder = out / f"gcide-{kind}"
     train, validation = folder / "train.tsv", folder / "validation.tsv"
-    if not (train.exists() and validation.exists()):
-        train, validation = write_gcide_task(_gcide(), folder, kind, budget["task_train"], budget["task_validation"],
-                                             overwrite=True)  # our own folder; a half-written pair is redone
+    made_with = dict(kind=kind, train=budget["task_train"], validation=budget["task_validation"],
+                     dictionary=str(GCIDE_PATH))
+    if train.exists() and validation.exists():
+        _check_made_alike(folder / MADE_WITH_FILE, made_with, folder)
+        return train, validation
+    train, validation = write_gcide_task(_gcide(), folder, kind, budget["task_train"], budget["task_validation"],
+                                         overwrite=True)  # our own folder; a half-written pair is redone
+    (folder / MADE_WITH_FILE).write_text(json.dumps(made_with) + "\n")
     return train, validation
 
 
 def _shared_tokenizer(out: Path, corpus: list[str], budget: dict, log: Callable[[str], None]) -> Path:
     """One WordPiece tokenizer for every model, trained once on (a prefix of) the corpus."""
     path = out / TOKENIZER_FILE
-    if not path.exists():
-        log(f"training a shared WordPiece tokenizer ({VOCAB_SIZE} pieces)")
-        out.mkdir(parents=True, exist_ok=True)
-        save_tokenizer(train_tokenizer(islice(iter_documents(corpus), budget["max_documents"]),
-                                       vocab_size=VOCAB_SIZE), path)
+    made_with = dict(corpus=[str(Path(c).resolve()) for c in corpus], max_documents=budget["max_documents"],
+                     vocab_size=VOCAB_SIZE)
+    record = out / f"tokenizer.{MADE_WITH_FILE}"
+    if path.exists():
+        _check_made_alike(record, made_with, path)
+        return path
+    log(f"training a shared WordPiece tokenizer ({VOCAB_SIZE} pieces)")
+    out.mkdir(parents=True, exist_ok=True)
+    save_tokenizer(train_tokenizer(islice(iter_documents(corpus), budget["max_documents"]), vocab_size=VOCAB_SIZE),
+                   path)
+    record.write_text(json.dumps(made_with) + "\n")
     return path
+
+
+def _check_made_alike(record: Path, settings: dict, made: Path) -> None:
+    """SettingsChanged when `made` (already there) was made with other settings than `settings`, as its
+    record says (the runs of OUT were made with it); nothing when they agree or when a widenet that
+    kept no record made it."""
+    try:
+        before = json.loads(record.read_text())
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError):
+        before = {}
+    changes = [f"{k}: {before.get(k)!r} -> {v!r}" for k, v in settings.items() if before.get(k) != v]
+    if changes:
+        raise SettingsChanged(f"{made} was made by an earlier call with other settings ({'; '.join(changes)}); "
+                              "repeat that call to continue it, or give this one another --out", "; ".join(changes))
 
 
 def _run_seed(model: str, seed: int, out: Path, corpus: list[str], tokenizer: Path, task_train: str,
