@@ -220,6 +220,16 @@ def test_pytorch_model_bin_and_sharded_safetensors(tmp_path):
         for name in ("bin", "sharded"):
             out = load_hf(tmp_path / name).model(ids, types, keep_mask=mask).hidden
             torch.testing.assert_close(_real(out, mask), _real(ref, mask), **TOL)
+    # an index naming a file outside the folder is refused, not read
+    (tmp_path / "sharded" / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {keys[0]: "../bin/a.safetensors"}}))
+    save_file({keys[0]: state[keys[0]]}, tmp_path / "bin" / "a.safetensors")
+    with pytest.raises(HFCheckpointError, match=r"shard '../bin/a.safetensors' lies outside the checkpoint's folder"):
+        load_hf(tmp_path / "sharded")
+    (tmp_path / "bin" / "pytorch_model.bin").rename(tmp_path / "bin" / "pytorch_model-00001-of-00001.bin")
+    (tmp_path / "bin" / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": {}}))
+    with pytest.raises(HFCheckpointError, match=r"sharded pytorch_model-\*.bin files are not read"):
+        load_hf(tmp_path / "bin")
 
 
 class _RunsCode:

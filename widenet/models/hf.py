@@ -106,6 +106,9 @@ def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
             if not isinstance(weight_map, dict):
                 raise HFCheckpointError(f"{index}: no weight_map of tensor names to files")
             shards = sorted(set(map(str, weight_map.values())))
+            outside = [s for s in shards if not (folder / s).resolve().is_relative_to(folder.resolve())]
+            if outside:  # a checkpoint is its folder: an index naming other files is damaged, or hostile
+                raise HFCheckpointError(f"{index}: shard {outside[0]!r} lies outside the checkpoint's folder")
             state: dict[str, torch.Tensor] = {}
             for shard in shards:
                 state.update(load_safetensors(folder / shard))
@@ -124,7 +127,10 @@ def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
         if isinstance(err, HFCheckpointError):
             raise
         raise HFCheckpointError(f"{folder}: could not read the weights ({str(err).splitlines()[0]})") from None
-    raise HFCheckpointError(f"{folder}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
+    sharded_bin = " (sharded pytorch_model-*.bin files are not read: convert them to safetensors)" \
+        if (folder / "pytorch_model.bin.index.json").is_file() else ""
+    raise HFCheckpointError(f"{folder}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin"
+                            + sharded_bin)
 
 
 def load_hf(path: str | Path) -> HFImport:
