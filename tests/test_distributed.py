@@ -756,3 +756,35 @@ def test_text_pretraining_fully_sharded_and_expert_parallel_match_one_process(tm
                    tmp_path / "ep.log", "expert")
     _assert_same_text_run(tmp_path / "bert1", tmp_path / "fsdp", "mlm_loss")
     _assert_same_text_run(tmp_path / "wide1", tmp_path / "ep", "mlm_loss")
+
+
+def test_a_slow_join_says_what_it_waits_for_and_a_quick_one_says_nothing(monkeypatch, caplog):
+    """WORLD_SIZE and RANK left set without torchrun: the process waited for peers that never came,
+    for torch's whole rendezvous timeout, without a word."""
+    import time
+
+    import widenet.distributed.env as env_module
+
+    joins, joins_delay = [], [0.5]
+
+    def join(*_args, **_kwargs):  # the rendezvous, taking joins_delay[0] seconds
+        time.sleep(joins_delay[0])
+        joins.append(1)
+
+    monkeypatch.setattr(env_module, "JOIN_NOTE_AFTER_S", 0.05)
+    monkeypatch.setattr(env_module.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(env_module.dist, "init_process_group", join)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("MASTER_ADDR", "10.0.0.7")
+    monkeypatch.setenv("MASTER_PORT", "29533")
+    with caplog.at_level("WARNING", logger="widenet.distributed"):
+        env_module.init_distributed("gloo")
+    assert caplog.messages == ["process 1 of 2 is still waiting for the others at 10.0.0.7:29533; started "
+                               "without torchrun? then unset WORLD_SIZE and RANK"]
+    caplog.clear()
+    joins_delay[0] = 0.0
+    with caplog.at_level("WARNING", logger="widenet.distributed"):
+        env_module.init_distributed("gloo")
+        time.sleep(0.2)  # past the note's time: the timer was cancelled when the join ended
+    assert caplog.messages == [] and len(joins) == 2

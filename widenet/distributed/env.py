@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 import sys
+import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
@@ -27,6 +28,8 @@ __all__ = ["BACKENDS", "DistEnv", "all_reduce_mean", "all_reduce_sum", "barrier"
            "main_process_first"]
 
 BACKENDS = ("auto", "gloo", "nccl")
+JOIN_NOTE_AFTER_S = 10.0  # joining the process group takes longer than this: say what it waits for
+_log = logging.getLogger("widenet.distributed")
 
 
 @dataclass(frozen=True)
@@ -107,7 +110,16 @@ def init_distributed(backend: str = "auto", timeout_s: float | None = None) -> D
     if name == "nccl":
         torch.cuda.set_device(env.local_rank)
     kwargs = {} if timeout_s is None else {"timeout": timedelta(seconds=timeout_s)}
-    dist.init_process_group(name, rank=env.rank, world_size=env.world_size, **kwargs)
+    where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+    waiting = threading.Timer(JOIN_NOTE_AFTER_S, _log.warning, [
+        f"process {env.rank} of {env.world_size} is still waiting for the others at {where}; started without "
+        "torchrun? then unset WORLD_SIZE and RANK"])
+    waiting.daemon = True
+    waiting.start()  # a run that joins in time says nothing
+    try:
+        dist.init_process_group(name, rank=env.rank, world_size=env.world_size, **kwargs)
+    finally:
+        waiting.cancel()
     return env
 
 
