@@ -21,8 +21,8 @@ from ..data.text.tokenizer import special_ids
 from ..layers.moe import dropless_routing
 from .loading import Pretrained
 from ..train.text_inputs import QA_DOC_STRIDE, QA_MAX_QUERY_LEN, default_max_len
-from .predict import (MAX_ANSWER_LEN, N_BEST, Answer, PredictError, TextPrediction, _batches, _check_sizes, _class_names, _on_device, _progress,
-                      _top, check_finite_scores, check_fits)
+from .predict import (MAX_ANSWER_LEN, N_BEST, Answer, PredictError, TextPrediction, _batches, _check_sizes,
+                      _class_names, _on_device, _progress, _top, check_finite_scores, check_fits)
 
 
 __all__ = ["answer_questions", "check_text_form", "classify_texts", "iter_answer_questions", "iter_classify_texts",
