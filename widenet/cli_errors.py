@@ -175,7 +175,7 @@ def latest_checkpoint_identity(out: str | None) -> tuple | None:
         if latest is None:
             return None
         status = latest.stat()
-    except OSError:
+    except (OSError, ValueError):  # advice only: a folder it cannot read has no checkpoint to resume
         return None
     return str(latest), status.st_ino, status.st_mtime_ns
 
