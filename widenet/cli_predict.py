@@ -119,12 +119,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def _print_json(record: dict) -> None:
     """One JSON line, text as it is, except where a file name is not UTF-8 (its undecodable bytes,
     held as lone surrogates, would make the line invalid UTF-8): that line is written in ASCII escapes."""
+    from .files import is_utf8
+
     line = json.dumps(record, ensure_ascii=False)
-    try:
-        line.encode("utf-8")
-    except UnicodeEncodeError:
-        line = json.dumps(record)
-    print(line, flush=True)
+    print(line if is_utf8(line) else json.dumps(record), flush=True)
 
 
 def _predict_images(args: argparse.Namespace, pretrained, device) -> int:

@@ -24,9 +24,9 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-__all__ = ["LockHeld", "RefusedPickle", "atomic_path", "disk_full", "fsync_path", "hold_lock", "load_safetensors",
-           "load_weights_only", "pid_alive", "raise_if_disk_full", "rename_exchange", "save_atomic", "save_safetensors",
-           "write_bytes_durably"]
+__all__ = ["LockHeld", "RefusedPickle", "atomic_path", "disk_full", "fsync_path", "hold_lock", "is_utf8",
+           "load_safetensors", "load_weights_only", "pid_alive", "raise_if_disk_full", "rename_exchange", "save_atomic",
+           "save_safetensors", "write_bytes_durably"]
 
 
 @contextlib.contextmanager
@@ -128,11 +128,11 @@ def _openable_name(path: str | os.PathLike) -> Iterator[str | None]:
     folder named in another encoding (its undecodable bytes held as surrogates), the file inside the
     folder opened by descriptor (/proc/self/fd/N/NAME, Linux); None where neither works."""
     name = os.fspath(path)
-    if _is_utf8(name):
+    if is_utf8(name):
         yield name
         return
     folder, base = os.path.split(name)
-    if not (_is_utf8(base) and os.path.isdir("/proc/self/fd")):
+    if not (is_utf8(base) and os.path.isdir("/proc/self/fd")):
         yield None
         return
     fd = os.open(folder or ".", os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
@@ -142,9 +142,11 @@ def _openable_name(path: str | os.PathLike) -> Iterator[str | None]:
         os.close(fd)
 
 
-def _is_utf8(name: str) -> bool:
+def is_utf8(text: str) -> bool:
+    """Whether `text` encodes as UTF-8: text from a command line, stdin or a file name that was not UTF-8
+    reaches Python with its undecodable bytes as lone surrogates (PEP 383), which do not."""
     try:
-        name.encode("utf-8")
+        text.encode("utf-8")
     except UnicodeEncodeError:
         return False
     return True

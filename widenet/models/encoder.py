@@ -98,8 +98,7 @@ class EncoderConfig:
             raise ValueError(f"moe_blocks must be none, all, last:N or every:N, got {self.moe_blocks!r}")
         if self.moe_blocks.startswith("last:") and int(self.moe_blocks[5:]) > self.depth:
             raise ValueError(f"moe_blocks={self.moe_blocks!r} asks for more blocks than depth={self.depth}")
-        # every:N picks blocks N, 2N, ... (from 1): none at all when N > depth, a dense model that asked for MoE.
-        if self.moe_blocks.startswith("every:") and int(self.moe_blocks[6:]) > self.depth:
+        if _picks_no_block(self.moe_blocks, self.depth):
             raise ValueError(f"moe_blocks={self.moe_blocks!r} picks no block of depth={self.depth} (every:N takes "
                              "every N-th block, so N may be at most the depth)")
         for name in ("dropout", "attn_dropout", "drop_path"):
@@ -115,8 +114,7 @@ class EncoderConfig:
         as in checkpoints before MoEConfig existed, among the encoder's own keys."""
         settings = dict(settings)
         blocks, depth = settings.get("moe_blocks"), settings.get("depth", cls.depth)
-        if (isinstance(blocks, str) and blocks.startswith("every:") and blocks[6:].isdigit() and isinstance(depth, int)
-                and int(blocks[6:]) > depth):  # saved before this was refused: the dense model it built
+        if _picks_no_block(blocks, depth):  # saved before this was refused: the dense model it built
             warnings.warn(f"moe_blocks={blocks!r} picks no block of depth={depth}; read as 'none', the dense model "
                           "it built", stacklevel=2)
             settings["moe_blocks"] = "none"
@@ -142,6 +140,13 @@ class EncoderConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _picks_no_block(moe_blocks: object, depth: object) -> bool:
+    """moe_blocks "every:N" with N beyond the depth: it picks blocks N, 2N, ... (from 1), so none, a dense
+    model that asked for MoE. False for anything else (other forms are checked on their own)."""
+    return (isinstance(moe_blocks, str) and moe_blocks.startswith("every:") and bool(_MOE_BLOCKS.match(moe_blocks))
+            and isinstance(depth, int) and not moe_block_ids(moe_blocks, depth))
 
 
 def moe_block_ids(moe_blocks: str, depth: int) -> list[int]:

@@ -15,6 +15,7 @@ from torch import nn
 
 from ..layers.moe import MOE_SETTINGS, MoEConfig
 from ..settings import field_kinds
+from .text import TextConfig
 
 
 @dataclass(frozen=True)
@@ -107,8 +108,7 @@ def settings_for_each(names: list[str], overrides: dict[str, Any]) -> dict[str, 
     each = {name: settings_for(model_config(name), overrides) for name in names}
     moe = [k for k in overrides if k in MOE_SETTINGS]
     if moe and not any(set(moe) <= each[name].keys() for name in names):
-        example = "widenet_text_tiny" if all("vocab_size" in model_config(n).to_dict() for n in names) else \
-            "widenet_tiny"
+        example = "widenet_text_tiny" if all(isinstance(model_config(n), TextConfig) for n in names) else "widenet_tiny"
         raise ValueError(f"{', '.join(moe)}: none of {', '.join(names)} has MoE layers, so this would change "
                          f"nothing; add an MoE model ({example}) or leave the MoE settings out")
     return each
