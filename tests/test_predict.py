@@ -399,17 +399,23 @@ def _window_logits(pre, question: str, context: str, **windows):
 
 def test_an_answers_score_is_its_spans_probability(qa_dir):
     """One window: the best span by start + end logit is also the one with the largest product of the
-    two softmax probabilities, found here by trying every span of the context up to 30 tokens."""
+    two softmax probabilities, found here by trying every span of the context up to 30 tokens. Several
+    questions and contexts (which spans win depends on the tokenizer's ids): at least one answer must be
+    several tokens long, where a start and an end probability taken at the same place would differ."""
     pre = load_pretrained(qa_dir)
-    question, context = "who makes claims?", "Arrogant people make exorbitant claims of rank or estimation."
-    features, start, end = _window_logits(pre, question, context, max_len=64)
-    assert len(features) == 1
-    inside = [i for i, o in enumerate(features.offsets[0]) if o is not None]
-    p_start, p_end = start[0].softmax(-1), end[0].softmax(-1)
-    best, s, e = max((float(p_start[s] * p_end[e]), s, e) for s in inside for e in inside if s <= e < s + 30)
-    assert s < e  # a span of several tokens: its start and end probabilities differ
-    answer = answer_questions(pre, [(question, context)], max_len=64, device="cpu")[0]
-    assert answer.score == pytest.approx(best, rel=1e-5)
+    pairs = [(question, context) for question in ("who makes claims?", "what jumps?", "what routes tokens?")
+             for context in TEXTS[:6]]
+    answers = answer_questions(pre, pairs, max_len=64, device="cpu")
+    longer = 0
+    for (question, context), answer in zip(pairs, answers):
+        features, start, end = _window_logits(pre, question, context, max_len=64)
+        assert len(features) == 1
+        inside = [i for i, o in enumerate(features.offsets[0]) if o is not None]
+        p_start, p_end = start[0].softmax(-1), end[0].softmax(-1)
+        best, s, e = max((float(p_start[s] * p_end[e]), s, e) for s in inside for e in inside if s <= e < s + 30)
+        assert answer.score == pytest.approx(best, rel=1e-5)
+        longer += s < e
+    assert longer > 0
 
 
 def test_no_answer_is_scored_in_the_window_most_sure_of_it(qa_dir, capsys, monkeypatch):
