@@ -34,6 +34,7 @@ from .cli_errors import (BUG_REPORT, INTERRUPTED, CLIError, explain, file_names_
 from .cli_models import add_model_commands
 from .cli_predict import add_predict_command
 from .cli_text import add_text_commands
+from .train.stopping import TrainingStopped
 
 
 class _Parser(argparse.ArgumentParser):
@@ -423,6 +424,9 @@ def _main(argv: Sequence[str] | None) -> int:
     except KeyboardInterrupt:
         print(INTERRUPTED, file=sys.stderr)
         return 130
+    except TrainingStopped as err:  # Ctrl-C or SIGTERM, after the run saved its checkpoint
+        print(f"widenet: {err}", file=sys.stderr)
+        return err.status
     except BrokenPipeError:
         # The reader closed the pipe (`widenet list | head -1`): stop quietly, as cat does,
         # and keep the interpreter's final flush of stdout from raising again.

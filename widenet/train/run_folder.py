@@ -39,6 +39,7 @@ from ..files import LockHeld, hold_lock
 from .checkpoint_layout import (CHECKPOINT_FILES, CHECKPOINTS_DIR, LATEST_FILE, SET_ASIDE_DIR, SettingsChanged,
                                 checkpoints_root, find_latest_checkpoint, remove_tree, step_folders)
 from .exported import CONFIG_FILE  # what marks a saved model's folder (an export, an HF folder)
+from .stopping import TrainingStopped
 
 __all__ = ["LOCK_FILE", "RUN_FILES", "SET_ASIDE_DIR", "RunFolderError", "claim_run_folder", "drop_set_aside",
            "driver_run", "earlier_run", "resume_or_restart"]
@@ -97,6 +98,8 @@ def driver_run(out: str | Path) -> Iterator[None]:
     except SettingsChanged as err:
         raise SettingsChanged(f"{out} was made by an earlier call with other settings ({err.changes}); repeat "
                               "that call to continue it, or give this one another --out", err.changes) from None
+    except TrainingStopped as err:  # Ctrl-C or SIGTERM, after the run saved its checkpoint
+        raise err.advising("run the same command again to continue") from None
 
 
 def _make_folder(out: Path) -> None:

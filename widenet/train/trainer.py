@@ -8,8 +8,9 @@ one global batch, and what evaluation reports. The Trainer owns the rest:
       (backward, parallel hooks, global-norm clipping, optimizer, schedule), the
       non-finite-loss guard, the log window, metrics.jsonl (and with --tensorboard the
       same records as TensorBoard events, widenet.train.tensorboard), the progress bar,
-      evaluation and checkpoint cadence, the weight average (--ema-decay) and the
-      time budget (--time-budget, widenet.train.budget).
+      evaluation and checkpoint cadence, the weight average (--ema-decay), the
+      time budget (--time-budget, widenet.train.budget) and stopping on Ctrl-C or
+      SIGTERM after saving a checkpoint (widenet.train.stopping).
 
 Every random draw in a step comes from the global RNGs (checkpointed) or from
 generators seeded by (seed, step), so on CPU a run killed and resumed ends with
@@ -47,6 +48,7 @@ from .optim import build_optimizer, build_schedule
 from .progress import LogWindow, Progress, StepResult
 from .run_folder import drop_set_aside
 from .setting_changes import changed_settings
+from .stopping import StopRequest, TrainingStopped, stop_on_signals
 from .tensorboard import open_metrics
 
 TRAIN_STATE_KEYS = ("optimizer", "scheduler", "rng", "progress")  # what a resume needs from state.pt
@@ -133,15 +135,19 @@ class Trainer:
         self.schedule = build_schedule(self.optimizer, min(warmup, total), total, cfg.schedule)
         self.progress, self.window = Progress(total=total), LogWindow()
         self._saved_at: int | None = None
+        self._stop = StopRequest()  # replaced by the live one while run() runs
         if saved is not None:
             self._resume_state(saved, total)
 
     # -- the run ----------------------------------------------------------------------
     def run(self) -> RunResult:
-        try:
-            return self._run()
-        finally:
-            self.metrics.close()  # flushes and closes TensorBoard's event file, also after a failure
+        """Train to the end; a first Ctrl-C or SIGTERM (one process) saves a checkpoint at the next step
+        boundary and raises TrainingStopped."""
+        with stop_on_signals(not self.parallel.distributed) as self._stop:
+            try:
+                return self._run()
+            finally:
+                self.metrics.close()  # flushes and closes TensorBoard's event file, also after a failure
 
     def _run(self) -> RunResult:
         task, p = self.task, self.progress
@@ -161,6 +167,8 @@ class Trainer:
                     self._checkpoint()
                 elif self.cfg.save_every and p.step % self.cfg.save_every == 0 and p.batch < task.steps_per_epoch:
                     self._checkpoint()  # the epoch's last step is saved after its evaluation, below
+                if p.batch < task.steps_per_epoch:  # (the epoch's last step: after its evaluation, below)
+                    self._stop_if_asked()
             if p.batch >= task.steps_per_epoch:
                 p.epoch += 1
                 p.batch = 0
@@ -177,6 +185,7 @@ class Trainer:
                          f"(evaluated every {task.cadence.every_epochs} epochs)")
             mark = time.monotonic()  # the checkpoint counts towards the next epoch's step time
             self._checkpoint()
+            self._stop_if_asked()
         bar.close()
         if final is None:  # resumed a finished run: report without training
             final, final_ema = self._evaluate(write=False)
@@ -279,6 +288,15 @@ class Trainer:
             save_checkpoint(self.out, p.step, weights, state, dict(self.meta, epoch=p.epoch), self.cfg.keep_last)
             drop_set_aside(self.out)  # this run has replaced an earlier one (--overwrite) for good
         parallel.barrier()
+
+    def _stop_if_asked(self) -> None:
+        """After a stop signal: save this step's checkpoint (if not saved yet) and raise TrainingStopped."""
+        if self._stop.signum is None:
+            return
+        self._checkpoint()
+        p = self.progress
+        where = f"at step {p.step} of {p.total}; saved {find_latest_checkpoint(self.out)}"
+        raise TrainingStopped(self._stop.signum, where, complete=p.step >= p.total)
 
     def _epochs(self) -> int:
         return math.ceil(self.progress.total / self.task.steps_per_epoch)

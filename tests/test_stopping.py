@@ -1,0 +1,175 @@
+"""Ctrl-C or SIGTERM while training: the step finishes, a checkpoint is saved, the run stops with one
+line, and --resume ends with exactly the weights and metrics of an uninterrupted run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from widenet.analysis.compare import compare
+from widenet.cli import main
+from widenet.train import trainer
+from widenet.train.checkpoint import checkpoint_dir_name, find_latest_checkpoint, list_checkpoints, load_checkpoint
+from widenet.train.config import TrainConfig
+from widenet.train.images import train
+from widenet.train.metrics import read_metrics, without_timing
+from widenet.train.stopping import TrainingStopped, stop_on_signals
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 12  # 256 examples / 32: 8 steps per epoch, so the run crosses an epoch's end
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def _config(data_dir: Path, out: Path, overrides: dict, **changes) -> TrainConfig:
+    settings = dict(model="widenet_tiny", data_dir=str(data_dir), out=str(out), max_steps=STEPS, batch_size=32,
+                    lr=3e-3, log_every=4, model_overrides=dict(overrides), download=False)
+    return TrainConfig(**{**settings, **changes})
+
+
+def _signal_during_steps(monkeypatch, at: dict[int, list[int]]) -> None:
+    """Send this process the signals at[k] while the run's k-th update (1-based) is computing."""
+    real_update = trainer.Trainer.update
+    calls = []
+
+    def update(self, *args, **kwargs):
+        calls.append(1)
+        for signum in at.get(len(calls), []):
+            os.kill(os.getpid(), signum)
+        return real_update(self, *args, **kwargs)
+
+    monkeypatch.setattr(trainer.Trainer, "update", update)
+
+
+def _assert_same_run(resumed, uninterrupted, run_a: Path, run_b: Path) -> None:
+    for key, value in uninterrupted.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[key], value), key
+    metrics_a = without_timing(read_metrics(run_a / "metrics.jsonl"))
+    assert metrics_a == without_timing(read_metrics(run_b / "metrics.jsonl"))
+    assert [r["step"] for r in metrics_a if r["split"] == "train"] == [4, 8, 12]
+
+
+@pytest.mark.parametrize("signum, stop_step", [(signal.SIGTERM, 3), (signal.SIGINT, 8)], ids=["SIGTERM-3", "SIGINT-8"])
+def test_a_stop_signal_saves_that_step_and_resume_matches_an_uninterrupted_run(
+        tmp_path, fmnist_dir, tiny_overrides, monkeypatch, signum, stop_step):
+    """Step 3 is mid-epoch (saved at once); step 8 ends the first epoch (its evaluation runs first, then
+    the save). No --save-every: without the stop the run would have saved nothing before step 8."""
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    uninterrupted = train(_config(fmnist_dir, tmp_path / "B", tiny_overrides), log=lambda _: None)
+
+    _signal_during_steps(monkeypatch, {stop_step: [signum]})
+    with pytest.raises(TrainingStopped) as stopped:
+        train(_config(fmnist_dir, tmp_path / "A", tiny_overrides), log=lambda _: None)
+    saved = tmp_path / "A" / "checkpoints" / checkpoint_dir_name(stop_step)
+    assert str(stopped.value) == (f"stopped by {signal.Signals(signum).name} at step {stop_step} of {STEPS}; "
+                                  f"saved {saved}; continue it with --resume")
+    assert stopped.value.status == 128 + signum
+    assert list_checkpoints(tmp_path / "A") == [saved]
+    assert load_checkpoint(saved).step == stop_step
+    metrics = tmp_path / "A" / "metrics.jsonl"  # (written from the first log line, step 4, on)
+    evaluated = [r["step"] for r in read_metrics(metrics) if r["split"] == "test"] if metrics.exists() else []
+    assert evaluated == ([8] if stop_step == 8 else [])
+    assert {s: signal.getsignal(s) for s in handlers} == handlers  # put back after the run
+
+    monkeypatch.undo()
+    resumed = train(_config(fmnist_dir, tmp_path / "A", tiny_overrides, resume=True), log=lambda _: None)
+    _assert_same_run(resumed, uninterrupted, tmp_path / "A", tmp_path / "B")
+
+
+def test_a_second_ctrl_c_stops_at_once_without_saving(tmp_path, fmnist_dir, tiny_overrides, monkeypatch):
+    _signal_during_steps(monkeypatch, {3: [signal.SIGINT, signal.SIGINT]})
+    with pytest.raises(KeyboardInterrupt):
+        train(_config(fmnist_dir, tmp_path / "A", tiny_overrides), log=lambda _: None)
+    assert find_latest_checkpoint(tmp_path / "A") is None
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_stop_after_the_last_step_says_the_run_is_complete(tmp_path, fmnist_dir, tiny_overrides, monkeypatch):
+    _signal_during_steps(monkeypatch, {STEPS: [signal.SIGTERM]})
+    with pytest.raises(TrainingStopped, match=rf"at step {STEPS} of {STEPS}; saved .*; the run is complete$"):
+        train(_config(fmnist_dir, tmp_path / "A", tiny_overrides), log=lambda _: None)
+    assert load_checkpoint(find_latest_checkpoint(tmp_path / "A")).step == STEPS
+
+
+def test_the_cli_says_where_it_stopped_in_one_line(tmp_path, fmnist_dir, tiny_set_args, monkeypatch, capsys):
+    _signal_during_steps(monkeypatch, {2: [signal.SIGTERM]})
+    out = tmp_path / "run"
+    rc = main(["train", "--model", "widenet_tiny", "--data-dir", str(fmnist_dir), *tiny_set_args, "--max-steps", "6",
+               "--batch-size", "32", "--device", "cpu", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 143 and "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("widenet:")]
+    assert lines == [
+        "widenet: SIGTERM: finishing this step (and an evaluation due with it), saving a checkpoint, then stopping "
+        "(another signal stops at once)",
+        f"widenet: stopped by SIGTERM at step 2 of 6; saved {out / 'checkpoints' / checkpoint_dir_name(2)}; "
+        "continue it with --resume"], err
+
+
+def test_handlers_are_left_alone_outside_the_main_thread_and_when_inactive():
+    import threading
+
+    before = signal.getsignal(signal.SIGTERM)
+    with stop_on_signals(active=False) as request:
+        assert signal.getsignal(signal.SIGTERM) is before and request.signum is None
+    seen = []
+    thread = threading.Thread(target=lambda: seen.append(stop_on_signals().__enter__().signum))
+    thread.start()
+    thread.join()
+    assert seen == [None] and signal.getsignal(signal.SIGTERM) is before
+
+
+def test_ctrl_c_from_the_terminal_stops_a_pretraining_process_with_its_checkpoint(tmp_path):
+    """A real SIGINT from outside, to `python -m widenet pretrain` (the text side runs the same loop)."""
+    out, corpus = tmp_path / "pre", tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join("The red fox jumps over the lazy dog. A small bird sings in the old tree. "
+                                  "The river runs down to the sea." for _ in range(60)), encoding="utf-8")
+    sizes = [a for k, v in dict(embedding_size=16, dim=32, depth=2, num_heads=2, mlp_dim=64, max_positions=64).items()
+             for a in ("--set", f"{k}={v}")]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(filter(None, [str(REPO),
+                                                                                         os.environ.get("PYTHONPATH")])))
+    command = [sys.executable, "-m", "widenet", "pretrain", "--model", "widenet_text_tiny", "--corpus", str(corpus),
+               "--vocab-size", "120", "--seq-len", "32", "--eval-examples", "8", *sizes, "--max-steps", "400",
+               "--log-every", "1", "--batch-size", "8", "--device", "cpu", "--out", str(out)]
+    proc = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            if (out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text().count("\n") >= 2:
+                proc.send_signal(signal.SIGINT)
+                break
+            time.sleep(0.01)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("widenet: stopped by SIGINT at step ") and last.endswith("continue it with --resume"), err
+    step = int(last.split(" at step ")[1].split(" ")[0])
+    assert 2 <= step < 400 and load_checkpoint(find_latest_checkpoint(out)).step == step
+
+
+def test_a_stopped_comparison_says_to_run_it_again_and_then_finishes(tmp_path, fmnist_dir, monkeypatch):
+    """compare continues its own runs: the advice is its command again, not train's --resume."""
+    budget = dict(seeds=1, data_dir=str(fmnist_dir), log=lambda _: None, max_steps=4, train_subset=64,
+                  test_subset=32, batch_size=16)
+    _signal_during_steps(monkeypatch, {2: [signal.SIGINT]})
+    with pytest.raises(TrainingStopped) as stopped:
+        compare(["vit_tiny"], tmp_path / "out", **budget)
+    run = tmp_path / "out" / "runs" / "vit_tiny" / "seed0"
+    saved = run / "checkpoints" / checkpoint_dir_name(2)
+    assert str(stopped.value) == (f"stopped by SIGINT at step 2 of 4; saved {saved}"
+                                  "; run the same command again to continue")
+    monkeypatch.undo()
+    assert compare(["vit_tiny"], tmp_path / "out", **budget).exists()
+    assert [r["step"] for r in read_metrics(run / "metrics.jsonl") if r["split"] == "test"] == [4]

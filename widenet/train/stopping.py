@@ -1,0 +1,82 @@
+"""Stopping a run on request without losing its work: Ctrl-C (SIGINT) or SIGTERM (a cluster's
+preemption notice, `kill`, `timeout`) while training asks the Trainer to finish the step at hand,
+save a checkpoint and stop; `--resume` then continues exactly where the run stopped.
+
+A second Ctrl-C stops at once (the work since the last checkpoint is lost), as does a second
+SIGTERM. Under several processes (torchrun) the processes cannot agree on the step to save at
+without a collective in every step, so there the signals keep their plain meaning (Ctrl-C stops,
+the launcher's SIGTERM is a lost peer: widenet.cli_run).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+import threading
+from collections.abc import Iterator
+
+__all__ = ["StopRequest", "TrainingStopped", "stop_on_signals"]
+
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class TrainingStopped(RuntimeError):
+    """A run stopped on request after saving its checkpoint. where: "at step N of M; saved PATH";
+    then: what continues it; status: the process's exit status, 128 + the signal's number, as a shell
+    reports a process that signal ended."""
+
+    def __init__(self, signum: int, where: str, complete: bool, then: str = "continue it with --resume") -> None:
+        self.signum, self.where, self.complete, self.status = signum, where, complete, 128 + signum
+        super().__init__(f"stopped by {signal.Signals(signum).name} {where}; "
+                         f"{'the run is complete' if complete else then}")
+
+    def advising(self, then: str) -> TrainingStopped:
+        """The same stop with other advice, which holds also where this run was complete (a driver of
+        several runs, compare, continues its runs itself)."""
+        return TrainingStopped(self.signum, self.where, False, then)
+
+
+class StopRequest:
+    """Which stop signal arrived, if any (set by the handlers of stop_on_signals)."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum is not None else ""
+
+
+@contextlib.contextmanager
+def stop_on_signals(active: bool = True) -> Iterator[StopRequest]:
+    """While inside, the first SIGINT or SIGTERM only sets request.signum (and says so on stderr); a
+    second one gets the handler that was there before (Ctrl-C: KeyboardInterrupt). Handlers can only
+    be set in the main thread: elsewhere, or when not active, nothing changes."""
+    request = StopRequest()
+    if not active or threading.current_thread() is not threading.main_thread():
+        yield request
+        return
+    previous = {signum: signal.getsignal(signum) for signum in _SIGNALS}
+
+    def first(signum: int, _frame) -> None:
+        request.signum = signum
+        for s in _SIGNALS:  # the next signal of either kind acts at once
+            signal.signal(s, previous[s] if previous[s] is not None else signal.SIG_DFL)
+        again = "Ctrl-C again" if signum == signal.SIGINT else "another signal"
+        note = (f"widenet: {request.name}: finishing this step (and an evaluation due with it), saving a "
+                f"checkpoint, then stopping ({again} stops at once)\n")
+        try:  # os.write: the handler may run in the middle of a print to the same stream
+            os.write(sys.stderr.fileno(), note.encode(errors="replace"))
+        except (OSError, ValueError, AttributeError):  # a stream without a file descriptor (a notebook)
+            with contextlib.suppress(Exception):
+                print(note, end="", file=sys.stderr, flush=True)
+
+    for signum in _SIGNALS:
+        signal.signal(signum, first)
+    try:
+        yield request
+    finally:
+        for signum in _SIGNALS:
+            signal.signal(signum, previous[signum] if previous[signum] is not None else signal.SIG_DFL)
