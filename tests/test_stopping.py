@@ -113,6 +113,19 @@ def test_the_cli_says_where_it_stopped_in_one_line(tmp_path, fmnist_dir, tiny_se
         "continue it with --resume"], err
 
 
+def test_an_ignored_signal_stays_ignored(tmp_path, fmnist_dir, tiny_overrides, monkeypatch):
+    """A shell's background job ignores Ctrl-C (SIGINT is SIG_IGN from the start): a Ctrl-C meant for the
+    foreground must not stop it; SIGTERM still does."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        _signal_during_steps(monkeypatch, {2: [signal.SIGINT], 3: [signal.SIGTERM]})
+        with pytest.raises(TrainingStopped, match="stopped by SIGTERM at step 3 of 12"):
+            train(_config(fmnist_dir, tmp_path / "A", tiny_overrides), log=lambda _: None)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def test_handlers_are_left_alone_outside_the_main_thread_and_when_inactive():
     import threading
 

@@ -53,17 +53,18 @@ class StopRequest:
 def stop_on_signals(active: bool = True) -> Iterator[StopRequest]:
     """While inside, the first SIGINT or SIGTERM only sets request.signum (and says so on stderr); a
     second one gets the handler that was there before (Ctrl-C: KeyboardInterrupt). Handlers can only
-    be set in the main thread: elsewhere, or when not active, nothing changes."""
+    be set in the main thread: elsewhere, or when not active, nothing changes; nor for a signal
+    that is ignored."""
     request = StopRequest()
     if not active or threading.current_thread() is not threading.main_thread():
         yield request
         return
-    previous = {signum: signal.getsignal(signum) for signum in _SIGNALS}
+    # A signal ignored from the start stays ignored (`nohup`, a shell's background job and Ctrl-C).
+    previous = {s: handler for s in _SIGNALS if (handler := signal.getsignal(s)) is not signal.SIG_IGN}
 
     def first(signum: int, _frame) -> None:
         request.signum = signum
-        for s in _SIGNALS:  # the next signal of either kind acts at once
-            signal.signal(s, previous[s] if previous[s] is not None else signal.SIG_DFL)
+        _put_back(previous)  # the next signal of either kind acts at once
         again = "Ctrl-C again" if signum == signal.SIGINT else "another signal"
         note = (f"widenet: {request.name}: finishing this step (and an evaluation due with it), saving a "
                 f"checkpoint, then stopping ({again} stops at once)\n")
@@ -73,10 +74,14 @@ def stop_on_signals(active: bool = True) -> Iterator[StopRequest]:
             with contextlib.suppress(Exception):
                 print(note, end="", file=sys.stderr, flush=True)
 
-    for signum in _SIGNALS:
+    for signum in previous:
         signal.signal(signum, first)
     try:
         yield request
     finally:
-        for signum in _SIGNALS:
-            signal.signal(signum, previous[signum] if previous[signum] is not None else signal.SIG_DFL)
+        _put_back(previous)
+
+
+def _put_back(handlers: dict) -> None:
+    for signum, handler in handlers.items():  # None: set outside Python, which Python cannot put back
+        signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
