@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+import re
+import string
 
 import pytest
 import torch
@@ -20,7 +22,8 @@ from widenet.inference import answer_questions, load_pretrained
 from widenet.train.checkpoint import find_latest_checkpoint, load_checkpoint
 from widenet.train.finetune import finetune
 from widenet.train.metrics import read_metrics, without_timing
-from widenet.data.text.tokenizer import SpecialIds, TokenizerError
+from widenet.data.text.squad import SquadExample, encode_squad, postprocess_squad
+from widenet.data.text.tokenizer import SpecialIds, TokenizerError, special_ids
 from widenet.train.pretrain import pretrain, unigram_log_probs
 from widenet.train.text_config import FinetuneConfig, PretrainConfig
 
@@ -234,6 +237,12 @@ def _squad(path, n: int, seed: int, impossible_every: int = 0) -> None:
     path.write_text(json.dumps(data), encoding="utf-8")
 
 
+def _squad_normalized(answer: str) -> str:
+    """The official SQuAD evaluation script's normalize_answer: lower case, no punctuation, no articles."""
+    answer = "".join(c for c in answer.lower() if c not in string.punctuation)
+    return " ".join(re.sub(r"\b(a|an|the)\b", " ", answer).split())
+
+
 def test_finetune_qa_reports_squad_scores_and_learns(pretrained, tmp_path):
     out, _ = pretrained
     _squad(tmp_path / "train.json", 160, 0)
@@ -247,15 +256,33 @@ def test_finetune_qa_reports_squad_scores_and_learns(pretrained, tmp_path):
     assert e["f1"] >= e["exact"]
     records = [r for r in read_metrics(tmp_path / "qa" / "metrics.jsonl") if r["split"] == "train"]
     assert records[-1]["loss"] < 0.7 * records[0]["loss"]
-    # The reported exact match is the share of questions whose answer is the keeper's name, counted
-    # here from the saved model's own answers (the predict path, every token routed).
     dev = json.loads((tmp_path / "dev.json").read_text(encoding="utf-8"))["data"][0]["paragraphs"]
     pairs = [(p["qas"][0]["question"], p["context"]) for p in dev]
     gold = [p["qas"][0]["answers"][0]["text"] for p in dev]
-    answers = answer_questions(load_pretrained(tmp_path / "qa"), pairs, max_len=48, device="cpu")
+    # The saved model's own answers (the predict path, every token routed) are mostly the keeper's name.
+    pre = load_pretrained(tmp_path / "qa")
+    answers = answer_questions(pre, pairs, max_len=48, device="cpu")
     exact = 100 * sum(a.answer == g for a, g in zip(answers, gold)) / len(gold)
     assert exact >= 50, [a.answer for a in answers]  # a span picked at random is almost never the name (~60-70%)
-    assert abs(e["exact"] - exact) <= 100 * 2 / 32  # two answers may differ (capacity routing in evaluation)
+    # The reported exact match is the share of questions whose answer is the keeper's name, counted here
+    # from the saved model's answers as evaluation makes them: its windows, its batches of eval_batch_size
+    # and capacity routing (tokens over an expert's capacity are dropped, so the batch matters). How many
+    # answers that changes from the predict path's depends on the tokenizer, whose ties fall differently
+    # in each process: the reported number is checked against this count, not against the predict path's.
+    examples = [SquadExample(p["qas"][0]["id"], question, context, [], False)
+                for p, (question, context) in zip(dev, pairs)]
+    features = encode_squad(examples, pre.tokenizer, max_len=48, doc_stride=cfg.doc_stride,
+                            max_query_len=cfg.max_query_len)
+    pad, rows, starts, ends = special_ids(pre.tokenizer).pad, cfg.eval_batch_size, [], []
+    with torch.no_grad():
+        for i in range(0, len(features), rows):
+            ids = features.input_ids[i:i + rows]
+            out = pre.model.eval()(ids, features.token_type_ids[i:i + rows], padding_mask=ids == pad)
+            starts.append(out.start_logits.float())
+            ends.append(out.end_logits.float())
+    evaluated = postprocess_squad(examples, features, torch.cat(starts), torch.cat(ends), version_2=False)
+    counted = 100 * sum(_squad_normalized(evaluated[ex.id]) == g for ex, g in zip(examples, gold)) / len(gold)
+    assert e["exact"] == pytest.approx(counted), (evaluated, gold)
 
 
 def test_finetune_qa_squad2_reports_no_answer_breakdown(pretrained, tmp_path):
