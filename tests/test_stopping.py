@@ -3,7 +3,9 @@ line, and --resume ends with exactly the weights and metrics of an uninterrupted
 
 from __future__ import annotations
 
+import contextlib
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -48,6 +50,52 @@ def _signal_during_steps(monkeypatch, at: dict[int, list[int]]) -> None:
     monkeypatch.setattr(trainer.Trainer, "update", update)
 
 
+def _env() -> dict:
+    return dict(os.environ, OMP_NUM_THREADS="1",
+                PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+
+
+def _files(folder: Path) -> dict:
+    return {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*")
+            if p.is_file() and p.name != ".widenet.lock"}
+
+
+def _endless_training(data_dir: Path, set_args: list[str], out: Path) -> list[str]:
+    """A `widenet train` process that logs every step, saves every 4 and runs until stopped."""
+    return [sys.executable, "-m", "widenet", "train", "--model", "widenet_tiny", "--data-dir", str(data_dir), *set_args,
+            "--max-steps", "100000", "--log-every", "1", "--save-every", "4", "--batch-size", "32", "--device", "cpu",
+            "--out", str(out)]
+
+
+def _signal_once_saved(proc: subprocess.Popen, out: Path, signum: int = signal.SIGTERM,
+                       terminal: int | None = None) -> None:
+    """Send a training process `signum` as soon as it has saved a checkpoint; wait for it to end.
+    terminal: the pty the process writes to, read meanwhile (as a terminal does), closed before the
+    signal (a terminal that went away: the process's writes fail with EIO from then on)."""
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None and find_latest_checkpoint(out) is None:
+            if terminal is None:
+                time.sleep(0.01)
+            elif select.select([terminal], [], [], 0.01)[0]:
+                with contextlib.suppress(OSError):
+                    os.read(terminal, 65536)
+        if terminal is not None:
+            os.close(terminal)
+        proc.send_signal(signum)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _assert_saved_the_last_step(out: Path) -> None:
+    """The run (logging every step) saved the step it stopped at: its last record's."""
+    last = [r["step"] for r in read_metrics(out / "metrics.jsonl") if r["split"] == "train"][-1]
+    assert load_checkpoint(find_latest_checkpoint(out)).step == last >= 4
+
+
 def _assert_same_run(resumed, uninterrupted, run_a: Path, run_b: Path) -> None:
     for key, value in uninterrupted.model.state_dict().items():
         assert torch.equal(resumed.model.state_dict()[key], value), key
@@ -61,7 +109,7 @@ def test_a_stop_signal_saves_that_step_and_resume_matches_an_uninterrupted_run(
         tmp_path, fmnist_dir, tiny_overrides, monkeypatch, signum, stop_step):
     """Step 3 is mid-epoch (saved at once); step 8 ends the first epoch (its evaluation runs first, then
     the save). No --save-every: without the stop the run would have saved nothing before step 8."""
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     uninterrupted = train(_config(fmnist_dir, tmp_path / "B", tiny_overrides), log=lambda _: None)
 
     _signal_during_steps(monkeypatch, {stop_step: [signum]})
@@ -96,6 +144,78 @@ def test_a_stop_after_the_last_step_says_the_run_is_complete(tmp_path, fmnist_di
     with pytest.raises(TrainingStopped, match=rf"at step {STEPS} of {STEPS}; saved .*; the run is complete$"):
         train(_config(fmnist_dir, tmp_path / "A", tiny_overrides), log=lambda _: None)
     assert load_checkpoint(find_latest_checkpoint(tmp_path / "A")).step == STEPS
+
+
+def test_an_overwrite_run_stopped_before_its_first_save_keeps_the_earlier_run(
+        tmp_path, fmnist_dir, tiny_overrides, monkeypatch):
+    """Saving the step would delete the run --overwrite set aside for good: a stop before this run's
+    first checkpoint saves nothing and puts the earlier run back, as any failure there does."""
+    out = tmp_path / "A"
+    train(_config(fmnist_dir, out, tiny_overrides, max_steps=4), log=lambda _: None)
+    earlier = _files(out)
+    _signal_during_steps(monkeypatch, {2: [signal.SIGINT]})
+    with pytest.raises(TrainingStopped) as stopped:
+        train(_config(fmnist_dir, out, tiny_overrides, overwrite=True), log=lambda _: None)
+    assert str(stopped.value) == (f"stopped by SIGINT at step 2 of {STEPS}, before this run's first checkpoint: "
+                                  "nothing saved, and --overwrite keeps the earlier run; run the same command again "
+                                  "to start over")
+    assert stopped.value.status == 130
+    assert _files(out) == earlier
+
+
+def test_a_stop_while_a_finished_run_reports_is_not_ignored(tmp_path, fmnist_dir, tiny_overrides, monkeypatch):
+    """--resume of a finished run only evaluates it; a signal then (or in compare, between its runs'
+    reports) stops the command instead of being announced and dropped."""
+    out = tmp_path / "A"
+    train(_config(fmnist_dir, out, tiny_overrides, max_steps=4), log=lambda _: None)
+    real_evaluate = trainer.Trainer._evaluate
+
+    def evaluate(self, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real_evaluate(self, *args, **kwargs)
+
+    monkeypatch.setattr(trainer.Trainer, "_evaluate", evaluate)
+    with pytest.raises(TrainingStopped, match=r"^stopped by SIGTERM at step 4 of 4; saved .*; the run is complete$"):
+        train(_config(fmnist_dir, out, tiny_overrides, max_steps=4, resume=True), log=lambda _: None)
+
+
+def test_a_stop_still_saves_when_the_reader_of_its_output_is_gone(tmp_path, fmnist_dir, tiny_set_args):
+    """`widenet train ... 2>&1 | tee log`, and the whole group signalled: tee dies first, so the next
+    line to stdout or stderr meets a broken pipe, which used to end the run (status 141) unsaved."""
+    out = tmp_path / "run"
+    command = _endless_training(fmnist_dir, tiny_set_args, out)
+    proc = subprocess.Popen(command, env=_env(), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert proc.stdout.readline().startswith(b"training widenet_tiny")
+    proc.stdout.close()  # the reader is gone; the run goes on printing (a line a step) into the pipe
+    _signal_once_saved(proc, out)
+    assert proc.returncode == 143
+    _assert_saved_the_last_step(out)
+
+
+def test_a_stop_without_stderr_keeps_its_status(tmp_path, fmnist_dir, tiny_set_args):
+    """Started with stderr closed (`2>&-`): the last line has nowhere to go, the status still says why."""
+    out = tmp_path / "run"
+    command = ["sh", "-c", 'exec "$@" 2>&-', "sh", *_endless_training(fmnist_dir, tiny_set_args, out)]
+    proc = subprocess.Popen(command, env=_env(), cwd=tmp_path, stdout=subprocess.DEVNULL)
+    _signal_once_saved(proc, out)
+    assert proc.returncode == 143
+    _assert_saved_the_last_step(out)
+
+
+def test_a_closed_terminal_stops_the_run_with_its_checkpoint(tmp_path, fmnist_dir, tiny_set_args):
+    """The terminal goes away (a dropped ssh session): SIGHUP, and every later write to it fails (EIO).
+    The run used to die of the signal at once, unsaved, leaving its lock behind."""
+    pty = pytest.importorskip("pty")
+    out = tmp_path / "run"
+    command = _endless_training(fmnist_dir, tiny_set_args, out)
+    terminal, side = pty.openpty()
+    proc = subprocess.Popen(command, env=_env(), cwd=tmp_path, stdin=side, stdout=side, stderr=side,
+                            start_new_session=True)
+    os.close(side)
+    _signal_once_saved(proc, out, signal.SIGHUP, terminal)
+    assert proc.returncode == 129
+    _assert_saved_the_last_step(out)
+    assert not (out / ".widenet.lock").exists()
 
 
 def test_the_cli_says_where_it_stopped_in_one_line(tmp_path, fmnist_dir, tiny_set_args, monkeypatch, capsys):
@@ -146,12 +266,10 @@ def test_ctrl_c_from_the_terminal_stops_a_pretraining_process_with_its_checkpoin
                                   "The river runs down to the sea." for _ in range(60)), encoding="utf-8")
     sizes = [a for k, v in dict(embedding_size=16, dim=32, depth=2, num_heads=2, mlp_dim=64, max_positions=64).items()
              for a in ("--set", f"{k}={v}")]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(filter(None, [str(REPO),
-                                                                                         os.environ.get("PYTHONPATH")])))
     command = [sys.executable, "-m", "widenet", "pretrain", "--model", "widenet_text_tiny", "--corpus", str(corpus),
                "--vocab-size", "120", "--seq-len", "32", "--eval-examples", "8", *sizes, "--max-steps", "400",
                "--log-every", "1", "--batch-size", "8", "--device", "cpu", "--out", str(out)]
-    proc = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    proc = subprocess.Popen(command, env=_env(), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True)
     try:
         deadline = time.monotonic() + 120

@@ -30,7 +30,8 @@ from .cli_args import (add_budget_arguments, add_moe_arguments, add_process_argu
                        add_run_arguments, config_fields, finite_float, model_overrides, nonempty, parse_setting,
                        positive_float, positive_int)
 from .cli_errors import (BUG_REPORT, INTERRUPTED, CLIError, explain, file_names_printable, full_disk_advice,
-                         latest_checkpoint_identity, output_survives_its_reader, say_error, warnings_as_notes)
+                         latest_checkpoint_identity, missing_outputs_to_devnull, output_survives_its_reader,
+                         say_error, say_last, warnings_as_notes)
 from .cli_models import add_model_commands
 from .cli_predict import add_predict_command
 from .cli_text import add_text_commands
@@ -406,6 +407,7 @@ _TRAINING_COMMANDS = (*_RESUMABLE, "compare", "compare-text")
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; every expected failure ends as one line and status 2 (cli_errors.py)."""
+    missing_outputs_to_devnull()
     with file_names_printable():
         return _main(argv)
 
@@ -422,10 +424,10 @@ def _main(argv: Sequence[str] | None) -> int:
         sys.stdout.flush()  # output still buffered for a closed pipe fails here, where it is handled
         return code
     except KeyboardInterrupt:
-        print(INTERRUPTED, file=sys.stderr)
+        say_last(INTERRUPTED)
         return 130
     except TrainingStopped as err:  # Ctrl-C or SIGTERM, after the run saved its checkpoint
-        print(f"widenet: {err}", file=sys.stderr)
+        say_last(f"widenet: {err}")
         return err.status
     except BrokenPipeError:
         # The reader closed the pipe (`widenet list | head -1`): stop quietly, as cat does,

@@ -22,7 +22,8 @@ from collections.abc import Iterator
 from typing import Any
 
 __all__ = ["CLIError", "BUG_REPORT", "INTERRUPTED", "explain", "file_names_printable", "full_disk_advice",
-           "latest_checkpoint_identity", "output_survives_its_reader", "say", "say_error", "warnings_as_notes"]
+           "latest_checkpoint_identity", "missing_outputs_to_devnull", "output_survives_its_reader", "say",
+           "say_error", "say_last", "warnings_as_notes"]
 
 BUG_REPORT = ("widenet: this is a bug in widenet, not a problem with your input; please report it with the "
               "command and the traceback above")
@@ -82,51 +83,86 @@ def file_names_printable() -> Iterator[None]:
                 stream.reconfigure(errors="strict")
 
 
+def missing_outputs_to_devnull() -> None:
+    """A command started with stdout or stderr closed (`2>&-`, some daemons) writes them to /dev/null:
+    Python leaves sys.stderr None there, which ended training at its progress bar, and the next file
+    opened would take descriptor 2, where a library's C++ warnings would then land."""
+    for fd, name in ((1, "stdout"), (2, "stderr")):
+        try:
+            os.fstat(fd)
+            continue
+        except OSError:
+            pass
+        null = os.open(os.devnull, os.O_WRONLY)
+        if null != fd:
+            os.dup2(null, fd)
+            os.close(null)
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(fd, "w", closefd=False))
+
+
 @contextlib.contextmanager
 def output_survives_its_reader(training: bool) -> Iterator[None]:
-    """For a training command, a reader of stdout that goes away (`| head`, a closed pager, a dead
-    `tee`) must not end the run before its next checkpoint: the rest of its output is dropped
-    with one note and training goes on. Other commands stop quietly (main)."""
+    """For a training command, a reader that goes away (`| head`, a closed pager, a `tee` killed with
+    its process group, a closed terminal) must not end the run before its next checkpoint: the rest
+    of stdout is dropped with one note on stderr, the rest of stderr silently, and training goes on.
+    Other commands stop quietly (main)."""
     if not training:
         yield
         return
-    stdout = sys.stdout
+    stdout, stderr = sys.stdout, sys.stderr
     if hasattr(stdout, "reconfigure"):  # each progress line reaches a pipe (| tee) when printed
         stdout.reconfigure(line_buffering=True)
-    sys.stdout = guarded = _PipeTolerant(stdout)
+    if stdout is not None:  # (None: Python started without the file descriptor, as `2>&-` makes it)
+        sys.stdout = _ReaderTolerant(stdout, "widenet: note: the reader of the output went away; training goes "
+                                             "on without printing")
+    if stderr is not None:
+        sys.stderr = _ReaderTolerant(stderr, None)  # the note above goes through it
+    guarded = [stream for stream in (sys.stdout, sys.stderr) if isinstance(stream, _ReaderTolerant)]
     try:
         yield
     finally:
-        guarded.flush()  # what is still buffered, while a broken pipe is still forgiven
-        sys.stdout = stdout
+        for stream in guarded:  # what is still buffered, while a lost reader is still forgiven
+            stream.flush()
+        sys.stdout, sys.stderr = stdout, stderr
 
 
-class _PipeTolerant:
-    """A text stream that, once writing to it fails with a broken pipe, writes to nothing."""
+def say_last(line: str) -> None:
+    """A command's last line on stderr, which may have no reader left (a killed `tee`, `2>&-`)."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        print(line, file=sys.stderr, flush=True)
 
-    def __init__(self, stream: Any) -> None:
-        self._stream, self._closed = stream, False
+
+class _ReaderTolerant:
+    """A text stream that, once its reader has gone (a broken pipe, or EIO from a terminal that
+    closed), writes to nothing, after a note on stderr if one is given."""
+
+    def __init__(self, stream: Any, note: str | None) -> None:
+        self._stream, self._note, self._closed = stream, note, False
 
     def write(self, text: str) -> int:
         if not self._closed:
             try:
                 return self._stream.write(text)
-            except BrokenPipeError:
-                self._drop()
+            except OSError as err:
+                self._drop(err)
         return len(text)
 
     def flush(self) -> None:
         if not self._closed:
             try:
                 self._stream.flush()
-            except BrokenPipeError:
-                self._drop()
+            except OSError as err:
+                self._drop(err)
 
-    def _drop(self) -> None:
+    def _drop(self, err: OSError) -> None:
+        if err.errno not in (errno.EPIPE, errno.EIO):
+            raise err
         self._closed = True
-        os.dup2(os.open(os.devnull, os.O_WRONLY), self._stream.fileno())  # the interpreter's last flush too
-        print("widenet: note: the reader of the output went away; training goes on without printing",
-              file=sys.stderr)
+        with contextlib.suppress(OSError, ValueError, AttributeError):  # the interpreter's last flush too
+            os.dup2(os.open(os.devnull, os.O_WRONLY), self._stream.fileno())
+        if self._note:
+            print(self._note, file=sys.stderr)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._stream, name)

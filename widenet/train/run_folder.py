@@ -42,7 +42,7 @@ from .exported import CONFIG_FILE  # what marks a saved model's folder (an expor
 from .stopping import TrainingStopped
 
 __all__ = ["LOCK_FILE", "RUN_FILES", "SET_ASIDE_DIR", "RunFolderError", "claim_run_folder", "drop_set_aside",
-           "driver_run", "earlier_run", "resume_or_restart"]
+           "driver_run", "earlier_run", "replaces_earlier_run", "resume_or_restart"]
 
 LOCK_FILE = ".widenet.lock"
 RUN_FILES = ("metrics.jsonl", "tokenizer.json", "tensorboard")  # beside the checkpoints, what a run writes into OUT
@@ -200,6 +200,12 @@ def _settle_set_aside(out: Path, log: Callable[[str], None], after_kill: bool = 
             "it was replacing")
     else:
         log(f"--overwrite: the run stopped before saving a checkpoint; put the earlier run back in {out}")
+
+
+def replaces_earlier_run(out: Path) -> bool:
+    """Whether this --overwrite run has set an earlier run aside and saved nothing yet (which puts
+    that run back if the run stops now)."""
+    return (out / SET_ASIDE_DIR).is_dir()
 
 
 def drop_set_aside(out: Path) -> None:

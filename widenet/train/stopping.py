@@ -1,9 +1,10 @@
-"""Stopping a run on request without losing its work: Ctrl-C (SIGINT) or SIGTERM (a cluster's
-preemption notice, `kill`, `timeout`) while training asks the Trainer to finish the step at hand,
-save a checkpoint and stop; `--resume` then continues exactly where the run stopped.
+"""Stopping a run on request without losing its work: Ctrl-C (SIGINT), SIGTERM (a cluster's
+preemption notice, `kill`, `timeout`) or SIGHUP (the terminal closed: a dropped ssh session) while
+training asks the Trainer to finish the step at hand, save a checkpoint and stop; `--resume` then
+continues exactly where the run stopped. (Output to a terminal that is gone is dropped: cli_errors.)
 
 A second Ctrl-C stops at once (the work since the last checkpoint is lost), as does a second
-SIGTERM. Under several processes (torchrun) the processes cannot agree on the step to save at
+signal of the other kinds. Under several processes (torchrun) the processes cannot agree on the step to save at
 without a collective in every step, so there the signals keep their plain meaning (Ctrl-C stops,
 the launcher's SIGTERM is a lost peer: widenet.cli_run).
 """
@@ -16,10 +17,12 @@ import signal
 import sys
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 __all__ = ["StopRequest", "TrainingStopped", "stop_on_signals"]
 
-_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP")  # (no SIGHUP on Windows)
+                 if hasattr(signal, name))
 
 
 class TrainingStopped(RuntimeError):
@@ -48,13 +51,22 @@ class StopRequest:
     def name(self) -> str:
         return signal.Signals(self.signum).name if self.signum is not None else ""
 
+    def stopped(self, step: int, total: int, saved: Path | None) -> TrainingStopped:
+        """The stop at `step` of `total`. saved: the checkpoint the run stopped with; None for an
+        --overwrite run stopped before its first, which keeps the run it was replacing (run_folder)."""
+        if saved is None:
+            return TrainingStopped(self.signum, f"at step {step} of {total}, before this run's first checkpoint: "
+                                   "nothing saved, and --overwrite keeps the earlier run", complete=False,
+                                   then="run the same command again to start over")
+        return TrainingStopped(self.signum, f"at step {step} of {total}; saved {saved}", complete=step >= total)
+
 
 @contextlib.contextmanager
 def stop_on_signals(active: bool = True) -> Iterator[StopRequest]:
-    """While inside, the first SIGINT or SIGTERM only sets request.signum (and says so on stderr); a
-    second one gets the handler that was there before (Ctrl-C: KeyboardInterrupt). Handlers can only
-    be set in the main thread: elsewhere, or when not active, nothing changes; nor for a signal
-    that is ignored."""
+    """While inside, the first SIGINT, SIGTERM or SIGHUP only sets request.signum (and says so on
+    stderr); a second one gets the handler that was there before (Ctrl-C: KeyboardInterrupt).
+    Handlers can only be set in the main thread: elsewhere, or when not active, nothing changes;
+    nor for a signal that is ignored (`nohup` ignores SIGHUP)."""
     request = StopRequest()
     if not active or threading.current_thread() is not threading.main_thread():
         yield request

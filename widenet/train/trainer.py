@@ -46,7 +46,7 @@ from .ema import ModelEMA
 from .metrics import NullMetrics
 from .optim import build_optimizer, build_schedule
 from .progress import LogWindow, Progress, StepResult
-from .run_folder import drop_set_aside
+from .run_folder import drop_set_aside, replaces_earlier_run
 from .setting_changes import changed_settings
 from .stopping import StopRequest, TrainingStopped, stop_on_signals
 from .tensorboard import open_metrics
@@ -145,9 +145,12 @@ class Trainer:
         boundary and raises TrainingStopped."""
         with stop_on_signals(not self.parallel.distributed) as self._stop:
             try:
-                return self._run()
+                result = self._run()
             finally:
                 self.metrics.close()  # flushes and closes TensorBoard's event file, also after a failure
+            if self._stop.signum is not None:  # came after the last save (a finished run's re-evaluation)
+                raise self._stopped()
+            return result
 
     def _run(self) -> RunResult:
         task, p = self.task, self.progress
@@ -290,13 +293,18 @@ class Trainer:
         parallel.barrier()
 
     def _stop_if_asked(self) -> None:
-        """After a stop signal: save this step's checkpoint (if not saved yet) and raise TrainingStopped."""
-        if self._stop.signum is None:
-            return
-        self._checkpoint()
+        """After a stop signal: save this step's checkpoint (if not saved yet) and raise TrainingStopped;
+        but an --overwrite run that saved nothing yet saves nothing: its first save would delete the
+        run it replaces, which the run folder puts back instead."""
+        if self._stop.signum is not None:
+            keeps_earlier = replaces_earlier_run(self.out)
+            if not keeps_earlier:
+                self._checkpoint()
+            raise self._stopped(keeps_earlier)
+
+    def _stopped(self, unsaved: bool = False) -> TrainingStopped:
         p = self.progress
-        where = f"at step {p.step} of {p.total}; saved {find_latest_checkpoint(self.out)}"
-        raise TrainingStopped(self._stop.signum, where, complete=p.step >= p.total)
+        return self._stop.stopped(p.step, p.total, None if unsaved else find_latest_checkpoint(self.out))
 
     def _epochs(self) -> int:
         return math.ceil(self.progress.total / self.task.steps_per_epoch)
