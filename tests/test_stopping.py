@@ -233,6 +233,33 @@ def test_the_cli_says_where_it_stopped_in_one_line(tmp_path, fmnist_dir, tiny_se
         "continue it with --resume"], err
 
 
+@pytest.mark.parametrize("when", ["before the training loop", "a second SIGTERM in a step"])
+def test_sigterm_where_nothing_can_be_saved_ends_with_one_line_and_keeps_the_earlier_run(
+        tmp_path, fmnist_dir, tiny_set_args, monkeypatch, capsys, when):
+    """Before the loop (data loading, a tokenizer's training) or at a second signal, SIGTERM stops at once;
+    it used to kill silently, leaving the run --overwrite set aside for the next run to put back."""
+    out = tmp_path / "run"
+    command = ["train", "--model", "widenet_tiny", "--data-dir", str(fmnist_dir), *tiny_set_args, "--batch-size",
+               "32", "--device", "cpu", "--out", str(out)]
+    assert main([*command, "--max-steps", "2"]) == 0
+    earlier = _files(out)
+    if when == "before the training loop":
+        real_run = trainer.Trainer.run
+
+        def run(self):
+            os.kill(os.getpid(), signal.SIGTERM)
+            return real_run(self)
+
+        monkeypatch.setattr(trainer.Trainer, "run", run)
+    else:
+        _signal_during_steps(monkeypatch, {3: [signal.SIGTERM, signal.SIGTERM]})
+    capsys.readouterr()
+    assert main([*command, "--max-steps", "6", "--overwrite"]) == 143
+    assert capsys.readouterr().err.splitlines()[-1] == "widenet: stopped by SIGTERM"
+    assert _files(out) == earlier and not (out / ".widenet.lock").exists()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
 def test_an_ignored_signal_stays_ignored(tmp_path, fmnist_dir, tiny_overrides, monkeypatch):
     """A shell's background job ignores Ctrl-C (SIGINT is SIG_IGN from the start): a Ctrl-C meant for the
     foreground must not stop it; SIGTERM still does."""

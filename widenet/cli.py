@@ -31,7 +31,7 @@ from .cli_args import (add_budget_arguments, add_moe_arguments, add_process_argu
                        positive_float, positive_int)
 from .cli_errors import (BUG_REPORT, INTERRUPTED, CLIError, explain, file_names_printable, full_disk_advice,
                          latest_checkpoint_identity, missing_outputs_to_devnull, output_survives_its_reader,
-                         say_error, say_last, warnings_as_notes)
+                         say_error, say_last, termination_interrupts, Terminated, warnings_as_notes)
 from .cli_models import add_model_commands
 from .cli_predict import add_predict_command
 from .cli_text import add_text_commands
@@ -419,10 +419,14 @@ def _main(argv: Sequence[str] | None) -> int:
     _show_library_notes()
     func: Callable[[argparse.Namespace], int] = args.func
     try:
-        with warnings_as_notes(), output_survives_its_reader(args.command in _TRAINING_COMMANDS):
+        with termination_interrupts(), warnings_as_notes(), output_survives_its_reader(
+                args.command in _TRAINING_COMMANDS):
             code = func(args)
         sys.stdout.flush()  # output still buffered for a closed pipe fails here, where it is handled
         return code
+    except Terminated as err:  # SIGTERM or SIGHUP (Ctrl-C below) where no run could save first
+        say_last(str(err))
+        return err.status
     except KeyboardInterrupt:
         say_last(INTERRUPTED)
         return 130

@@ -16,14 +16,16 @@ import contextlib
 import errno
 import os
 import re
+import signal
 import sys
+import threading
 import warnings
 from collections.abc import Iterator
 from typing import Any
 
 __all__ = ["CLIError", "BUG_REPORT", "INTERRUPTED", "explain", "file_names_printable", "full_disk_advice",
            "latest_checkpoint_identity", "missing_outputs_to_devnull", "output_survives_its_reader", "say",
-           "say_error", "say_last", "warnings_as_notes"]
+           "say_error", "say_last", "termination_interrupts", "Terminated", "warnings_as_notes"]
 
 BUG_REPORT = ("widenet: this is a bug in widenet, not a problem with your input; please report it with the "
               "command and the traceback above")
@@ -81,6 +83,37 @@ def file_names_printable() -> Iterator[None]:
         for stream in changed:
             with contextlib.suppress(ValueError, OSError):  # closed meanwhile
                 stream.reconfigure(errors="strict")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP where a run cannot first save (no run is training, or a second signal):
+    raised as Ctrl-C raises KeyboardInterrupt, so that the command lets go of what it holds (a run
+    folder's lock, a run that --overwrite set aside) and ends with one line instead of silently."""
+
+    def __init__(self, signum: int) -> None:
+        self.status = 128 + signum  # what a shell reports for a process the signal ended
+        super().__init__(f"widenet: stopped by {signal.Signals(signum).name}")
+
+
+@contextlib.contextmanager
+def termination_interrupts() -> Iterator[None]:
+    """While inside (the main thread only), SIGTERM and SIGHUP raise Terminated; a signal ignored
+    from the start (`nohup`) stays ignored. A training run replaces these while it trains (train.stopping)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, _frame) -> None:
+        raise Terminated(signum)
+
+    names = ("SIGTERM", "SIGHUP")  # (no SIGHUP on Windows)
+    previous = {s: signal.signal(s, interrupt) for name in names if hasattr(signal, name)
+                if signal.getsignal(s := getattr(signal, name)) is not signal.SIG_IGN}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
 
 
 def missing_outputs_to_devnull() -> None:
