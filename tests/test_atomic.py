@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+import signal
 import stat
 
 import pytest
 import torch
 
-from widenet.files import atomic_path, save_atomic
+from widenet.files import atomic_path, save_atomic, signals_held
 
 
 def test_a_finished_block_replaces_the_file_and_leaves_no_temporary(tmp_path):
@@ -53,3 +54,16 @@ def test_files_get_the_permissions_of_a_plain_open(tmp_path, umask, mode):
         os.umask(old)
     modes = {name: stat.S_IMODE((tmp_path / name).stat().st_mode) for name in ("atomic.txt", "saved.pt", "plain.txt")}
     assert modes == {"atomic.txt": mode, "saved.pt": mode, "plain.txt": mode}
+
+
+@pytest.mark.skipif(not hasattr(signal, "pthread_sigmask"), reason="signals cannot be held here")
+def test_signals_held_arrive_when_the_block_ends():
+    seen = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, _frame: seen.append(signum))
+    try:
+        with signals_held():
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert seen == []  # pending, not lost
+        assert seen == [signal.SIGTERM]
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -74,6 +74,21 @@ def test_overwrite_keeps_what_the_user_added_beside_the_model(tmp_path):
     assert not list(tmp_path.glob(".tmp-*"))
 
 
+def test_an_interrupted_export_leaves_no_half_written_folder(tmp_path, monkeypatch):
+    """Ctrl-C or SIGTERM (a KeyboardInterrupt) while the files are written: nothing at the destination,
+    and no .tmp-NAME-PID folder beside it for ever (its name carries the pid, so no later export clears it)."""
+    import widenet.train.exported as exported
+
+    def interrupted(_path):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(exported, "fsync_path", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_export(tmp_path / "m", create_model("vit_tiny", dim=32, depth=2, num_heads=2, mlp_dim=64),
+                     model_name="vit_tiny")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_newer_format_and_broken_folders_are_refused(tmp_path):
     write_export(tmp_path / "m", create_model("vit_tiny", dim=32, depth=2, num_heads=2, mlp_dim=64),
                  model_name="vit_tiny")

@@ -17,7 +17,7 @@ import torch
 
 from widenet.analysis.compare import compare
 from widenet.cli import main
-from widenet.train import trainer
+from widenet.train import run_folder, trainer
 from widenet.train.checkpoint import checkpoint_dir_name, find_latest_checkpoint, list_checkpoints, load_checkpoint
 from widenet.train.config import TrainConfig
 from widenet.train.images import train
@@ -157,7 +157,7 @@ def test_an_overwrite_run_stopped_before_its_first_save_keeps_the_earlier_run(
     with pytest.raises(TrainingStopped) as stopped:
         train(_config(fmnist_dir, out, tiny_overrides, overwrite=True), log=lambda _: None)
     assert str(stopped.value) == (f"stopped by SIGINT at step 2 of {STEPS}, before this run's first checkpoint: "
-                                  "nothing saved, and --overwrite keeps the earlier run; run the same command again "
+                                  "nothing saved, and the run it was replacing is kept; run the same command again "
                                   "to start over")
     assert stopped.value.status == 130
     assert _files(out) == earlier
@@ -233,7 +233,8 @@ def test_the_cli_says_where_it_stopped_in_one_line(tmp_path, fmnist_dir, tiny_se
         "continue it with --resume"], err
 
 
-@pytest.mark.parametrize("when", ["before the training loop", "a second SIGTERM in a step"])
+@pytest.mark.parametrize("when", ["as the earlier run is set aside", "before the training loop",
+                                  "a second SIGTERM in a step"])
 def test_sigterm_where_nothing_can_be_saved_ends_with_one_line_and_keeps_the_earlier_run(
         tmp_path, fmnist_dir, tiny_set_args, monkeypatch, capsys, when):
     """Before the loop (data loading, a tokenizer's training) or at a second signal, SIGTERM stops at once;
@@ -243,7 +244,15 @@ def test_sigterm_where_nothing_can_be_saved_ends_with_one_line_and_keeps_the_ear
                "32", "--device", "cpu", "--out", str(out)]
     assert main([*command, "--max-steps", "2"]) == 0
     earlier = _files(out)
-    if when == "before the training loop":
+    if when == "as the earlier run is set aside":
+        real_prepare = run_folder._prepare
+
+        def prepare(*args):
+            real_prepare(*args)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        monkeypatch.setattr(run_folder, "_prepare", prepare)
+    elif when == "before the training loop":
         real_run = trainer.Trainer.run
 
         def run(self):

@@ -15,6 +15,7 @@ import pickle
 import re
 import secrets
 import shutil
+import signal
 import socket
 import sys
 import time
@@ -26,7 +27,7 @@ import torch
 
 __all__ = ["LockHeld", "RefusedPickle", "atomic_path", "disk_full", "fsync_path", "hold_lock", "is_utf8",
            "load_safetensors", "load_weights_only", "pid_alive", "raise_if_disk_full", "rename_exchange", "save_atomic",
-           "save_safetensors", "write_bytes_durably"]
+           "save_safetensors", "signals_held", "write_bytes_durably"]
 
 
 @contextlib.contextmanager
@@ -220,6 +221,22 @@ def rename_exchange(a: Path, b: Path) -> bool:
     if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
         return False
     raise OSError(err, os.strerror(err), str(a), None, str(b))
+
+
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """Ctrl-C, SIGTERM and SIGHUP wait until the block ends (they are acted on then): for a few
+    renames that must all happen or none (a run put back in its folder). Where the platform cannot
+    hold signals (Windows), the block runs as it is."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    held = {getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP")}
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
 def write_bytes_durably(path: Path, data: bytes) -> None:

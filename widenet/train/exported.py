@@ -33,7 +33,8 @@ from safetensors import SafetensorError
 from torch import nn
 
 from ..data.text.tokenizer import TokenizerError, load_tokenizer, save_tokenizer, vocab_fingerprint
-from ..files import fsync_path, load_safetensors, raise_if_disk_full, rename_exchange, save_safetensors
+from ..files import (fsync_path, load_safetensors, raise_if_disk_full, rename_exchange, save_safetensors,
+                     signals_held)
 from ..models.hf import is_hf_folder, load_hf
 from ..models.text import TextConfig, TextTransformer
 from ..models.vision import VisionConfig, VisionTransformer
@@ -191,9 +192,11 @@ def write_export(out: str | os.PathLike, model: nn.Module, *, model_name: str, c
             fsync_path(file)
         _carry_user_files(out, tmp)
         _move_into_place(tmp, out)
-    except (OSError, SafetensorError) as err:
+    except BaseException as err:  # also Ctrl-C and SIGTERM: no half-written folder is left beside OUT
         with contextlib.suppress(OSError):  # the write's own failure is the one to report
             remove_tree(tmp)
+        if not isinstance(err, (OSError, SafetensorError)):
+            raise
         raise_if_disk_full(err, out)
         if isinstance(err, OSError) and err.errno is not None and str(err.filename or "").startswith(str(tmp)):
             raise OSError(err.errno, err.strerror, str(out)) from None  # the destination, not the folder beside it
@@ -240,15 +243,17 @@ def _carry_user_files(old: Path, new: Path) -> None:
 
 
 def _move_into_place(tmp: Path, out: Path) -> None:
-    """Rename the finished `tmp` to `out`; an existing `out` is swapped atomically where the OS can."""
-    if out.exists() and rename_exchange(tmp, out):
-        remove_tree(tmp)  # now the old folder
-    else:
-        old = out.parent / f".tmp-old-{out.name}-{os.getpid()}"
-        if out.exists():
-            os.replace(out, old)
-        os.replace(tmp, out)
-        remove_tree(old)
+    """Rename the finished `tmp` to `out`; an existing `out` is swapped atomically where the OS can
+    (elsewhere two renames, which a signal does not come between)."""
+    with signals_held():
+        if out.exists() and rename_exchange(tmp, out):
+            remove_tree(tmp)  # now the old folder
+        else:
+            old = out.parent / f".tmp-old-{out.name}-{os.getpid()}"
+            if out.exists():
+                os.replace(out, old)
+            os.replace(tmp, out)
+            remove_tree(old)
     fsync_path(out.parent)
 
 

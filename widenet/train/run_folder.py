@@ -35,7 +35,7 @@ import torch
 
 from ..distributed.env import all_reduce_sum
 from ..distributed.parallel import ParallelContext, on_backend_device
-from ..files import LockHeld, hold_lock
+from ..files import LockHeld, hold_lock, signals_held
 from .checkpoint_layout import (CHECKPOINT_FILES, CHECKPOINTS_DIR, LATEST_FILE, SET_ASIDE_DIR, SettingsChanged,
                                 checkpoints_root, find_latest_checkpoint, remove_tree, step_folders)
 from .exported import CONFIG_FILE  # what marks a saved model's folder (an export, an HF folder)
@@ -59,21 +59,23 @@ def claim_run_folder(out: str | Path, resume: bool, overwrite: bool, parallel: P
     out = Path(out)
     with contextlib.ExitStack() as stack:
         failure: Exception | None = None
-        if parallel.is_main:
-            try:
-                _make_folder(out)
-                stack.enter_context(hold_lock(out / LOCK_FILE, warn=lambda line: print(line, file=sys.stderr)))
-                _settle_set_aside(out, log, after_kill=True)
-                _prepare(out, resume, overwrite, log)
-            except LockHeld as err:
-                failure = RunFolderError(f"{err}; wait for that run to end or choose another --out")
-            except (RunFolderError, OSError) as err:
-                failure = err
-        _agree(parallel, failure, out)
+        held = False  # the lock: only then is what OUT holds this call's to settle
         try:
-            yield out
-        except BaseException:
             if parallel.is_main:
+                try:
+                    _make_folder(out)
+                    stack.enter_context(hold_lock(out / LOCK_FILE, warn=lambda line: print(line, file=sys.stderr)))
+                    held = True
+                    _settle_set_aside(out, log, after_kill=True)
+                    _prepare(out, resume, overwrite, log)
+                except LockHeld as err:
+                    failure = RunFolderError(f"{err}; wait for that run to end or choose another --out")
+                except (RunFolderError, OSError) as err:
+                    failure = err
+            _agree(parallel, failure, out)
+            yield out
+        except BaseException:  # (also a signal before the run began: the earlier run is put back at once)
+            if held:
                 with contextlib.suppress(OSError):  # the run's own failure is the one to report
                     _settle_set_aside(out, log)
             raise
@@ -169,15 +171,16 @@ def _set_aside(out: Path) -> None:
     aside = out / SET_ASIDE_DIR
     aside.mkdir()
     moved: list[Path] = []
-    try:
-        for path in _run_paths(out):
-            os.replace(path, aside / path.name)
-            moved.append(path)
-    except OSError:
-        for path in moved:
-            os.replace(aside / path.name, path)
-        aside.rmdir()
-        raise
+    with signals_held():  # a run half set aside would be taken for two runs' files
+        try:
+            for path in _run_paths(out):
+                os.replace(path, aside / path.name)
+                moved.append(path)
+        except OSError:
+            for path in moved:
+                os.replace(aside / path.name, path)
+            aside.rmdir()
+            raise
 
 
 def _settle_set_aside(out: Path, log: Callable[[str], None], after_kill: bool = False) -> None:
@@ -190,11 +193,12 @@ def _settle_set_aside(out: Path, log: Callable[[str], None], after_kill: bool = 
     if find_latest_checkpoint(out) is not None:
         drop_set_aside(out)
         return
-    for path in _run_paths(out):
-        _remove(path)
-    for path in aside.iterdir():
-        os.replace(path, out / path.name)
-    aside.rmdir()
+    with signals_held():  # half put back, the earlier run's files would be taken for this run's
+        for path in _run_paths(out):
+            _remove(path)
+        for path in aside.iterdir():
+            os.replace(path, out / path.name)
+        aside.rmdir()
     if after_kill:
         log(f"an earlier --overwrite run into {out} ended (killed?) before saving a checkpoint; put back the run "
             "it was replacing")

@@ -56,7 +56,7 @@ class StopRequest:
         --overwrite run stopped before its first, which keeps the run it was replacing (run_folder)."""
         if saved is None:
             return TrainingStopped(self.signum, f"at step {step} of {total}, before this run's first checkpoint: "
-                                   "nothing saved, and --overwrite keeps the earlier run", complete=False,
+                                   "nothing saved, and the run it was replacing is kept", complete=False,
                                    then="run the same command again to start over")
         return TrainingStopped(self.signum, f"at step {step} of {total}; saved {saved}", complete=step >= total)
 
