@@ -424,15 +424,12 @@ def _main(argv: Sequence[str] | None) -> int:
             code = func(args)
         sys.stdout.flush()  # output still buffered for a closed pipe fails here, where it is handled
         return code
-    except Terminated as err:  # SIGTERM or SIGHUP (Ctrl-C below) where no run could save first
-        say_last(str(err))
+    except (TrainingStopped, Terminated) as err:  # a stop signal, after the run saved (or where none could)
+        say_last(f"widenet: {err}")
         return err.status
     except KeyboardInterrupt:
         say_last(INTERRUPTED)
         return 130
-    except TrainingStopped as err:  # Ctrl-C or SIGTERM, after the run saved its checkpoint
-        say_last(f"widenet: {err}")
-        return err.status
     except BrokenPipeError:
         # The reader closed the pipe (`widenet list | head -1`): stop quietly, as cat does,
         # and keep the interpreter's final flush of stdout from raising again.

@@ -92,7 +92,7 @@ class Terminated(KeyboardInterrupt):
 
     def __init__(self, signum: int) -> None:
         self.status = 128 + signum  # what a shell reports for a process the signal ended
-        super().__init__(f"widenet: stopped by {signal.Signals(signum).name}")
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
 
 
 @contextlib.contextmanager
@@ -146,12 +146,10 @@ def output_survives_its_reader(training: bool) -> Iterator[None]:
     stdout, stderr = sys.stdout, sys.stderr
     if hasattr(stdout, "reconfigure"):  # each progress line reaches a pipe (| tee) when printed
         stdout.reconfigure(line_buffering=True)
-    if stdout is not None:  # (None: Python started without the file descriptor, as `2>&-` makes it)
-        sys.stdout = _ReaderTolerant(stdout, "widenet: note: the reader of the output went away; training goes "
-                                             "on without printing")
-    if stderr is not None:
-        sys.stderr = _ReaderTolerant(stderr, None)  # the note above goes through it
-    guarded = [stream for stream in (sys.stdout, sys.stderr) if isinstance(stream, _ReaderTolerant)]
+    sys.stdout = _ReaderTolerant(stdout, "widenet: note: the reader of the output went away; training goes on "
+                                         "without printing")
+    sys.stderr = _ReaderTolerant(stderr, None)  # the note above goes through it
+    guarded = (sys.stdout, sys.stderr)
     try:
         yield
     finally:
