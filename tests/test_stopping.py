@@ -264,9 +264,25 @@ def test_sigterm_where_nothing_can_be_saved_ends_with_one_line_and_keeps_the_ear
         _signal_during_steps(monkeypatch, {3: [signal.SIGTERM, signal.SIGTERM]})
     capsys.readouterr()
     assert main([*command, "--max-steps", "6", "--overwrite"]) == 143
-    assert capsys.readouterr().err.splitlines()[-1] == "widenet: stopped by SIGTERM"
+    assert capsys.readouterr().err.splitlines()[-1] == ("widenet: stopped by SIGTERM; next: run it again with "
+                                                        "--overwrite (the earlier run in the folder was put back)")
     assert _files(out) == earlier and not (out / ".widenet.lock").exists()
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+@pytest.mark.parametrize("save_every, advice", [(2, "--resume"), (0, "run it again")])
+def test_a_second_sigterm_says_how_to_go_on(tmp_path, fmnist_dir, tiny_set_args, monkeypatch, capsys,
+                                           save_every, advice):
+    """Stopped at once at step 3: with step 2 saved the run continues with --resume; with nothing saved
+    in a folder that held nothing, the same command again."""
+    _signal_during_steps(monkeypatch, {3: [signal.SIGTERM, signal.SIGTERM]})
+    out = tmp_path / "run"
+    saving = ["--save-every", str(save_every)] if save_every else []
+    rc = main(["train", "--model", "widenet_tiny", "--data-dir", str(fmnist_dir), *tiny_set_args, "--max-steps", "6",
+               *saving, "--batch-size", "32", "--device", "cpu", "--out", str(out)])
+    assert rc == 143
+    assert capsys.readouterr().err.splitlines()[-1] == f"widenet: stopped by SIGTERM; next: {advice}"
+    assert [load_checkpoint(path).step for path in list_checkpoints(out)] == ([2] if save_every else [])
 
 
 def test_an_ignored_signal_stays_ignored(tmp_path, fmnist_dir, tiny_overrides, monkeypatch):

@@ -29,9 +29,9 @@ from . import __version__
 from .cli_args import (add_budget_arguments, add_moe_arguments, add_process_arguments, add_recipe_arguments,
                        add_run_arguments, config_fields, finite_float, model_overrides, nonempty, parse_setting,
                        positive_float, positive_int)
-from .cli_errors import (BUG_REPORT, INTERRUPTED, CLIError, explain, file_names_printable, full_disk_advice,
+from .cli_errors import (BUG_REPORT, INTERRUPTED, CLIError, explain, file_names_printable,
                          latest_checkpoint_identity, missing_outputs_to_devnull, output_survives_its_reader,
-                         say_error, say_last, termination_interrupts, Terminated, warnings_as_notes)
+                         rerun_advice, say_error, say_last, termination_interrupts, Terminated, warnings_as_notes)
 from .cli_models import add_model_commands
 from .cli_predict import add_predict_command
 from .cli_text import add_text_commands
@@ -425,7 +425,10 @@ def _main(argv: Sequence[str] | None) -> int:
         sys.stdout.flush()  # output still buffered for a closed pipe fails here, where it is handled
         return code
     except (TrainingStopped, Terminated) as err:  # a stop signal, after the run saved (or where none could)
-        say_last(f"widenet: {err}")
+        next_step = ""
+        if isinstance(err, Terminated) and args.command in _RESUMABLE:
+            next_step = "; next: " + rerun_advice(args.out, True, getattr(args, "overwrite", False), before)
+        say_last(f"widenet: {err}{next_step}")
         return err.status
     except KeyboardInterrupt:
         say_last(INTERRUPTED)
@@ -438,7 +441,7 @@ def _main(argv: Sequence[str] | None) -> int:
     except Exception as err:
         out, resumable = getattr(args, "out", None), args.command in _RESUMABLE
         full = isinstance(err, OSError) and err.errno == errno.ENOSPC
-        advice = full_disk_advice(out, resumable, getattr(args, "overwrite", False), before) if full else \
+        advice = rerun_advice(out, resumable, getattr(args, "overwrite", False), before) if full else \
             "run it again"
         message = explain(err, out, advice)
         if message is None:  # a bug: the traceback, and where to send it

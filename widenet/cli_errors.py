@@ -21,11 +21,12 @@ import sys
 import threading
 import warnings
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
-__all__ = ["CLIError", "BUG_REPORT", "INTERRUPTED", "explain", "file_names_printable", "full_disk_advice",
-           "latest_checkpoint_identity", "missing_outputs_to_devnull", "output_survives_its_reader", "say",
-           "say_error", "say_last", "termination_interrupts", "Terminated", "warnings_as_notes"]
+__all__ = ["CLIError", "BUG_REPORT", "INTERRUPTED", "explain", "file_names_printable",
+           "latest_checkpoint_identity", "missing_outputs_to_devnull", "output_survives_its_reader", "rerun_advice",
+           "say", "say_error", "say_last", "termination_interrupts", "Terminated", "warnings_as_notes"]
 
 BUG_REPORT = ("widenet: this is a bug in widenet, not a problem with your input; please report it with the "
               "command and the traceback above")
@@ -247,14 +248,20 @@ def latest_checkpoint_identity(out: str | None) -> tuple | None:
     return str(latest), status.st_ino, status.st_mtime_ns
 
 
-def full_disk_advice(out: str | None, resumable: bool, overwrite: bool, before: tuple | None) -> str:
-    """What a full disk's message advises once space is freed: --resume only where `out` holds a
-    checkpoint the command (resumable: train, pretrain, finetune) can continue, its own or the run it
-    resumed. before: latest_checkpoint_identity(out) when the command began."""
+def rerun_advice(out: str | None, resumable: bool, overwrite: bool, before: tuple | None) -> str:
+    """How to go on after a run failed (a full disk, once space is freed) or was stopped at once:
+    --resume only where `out` holds a checkpoint the command (resumable: train, pretrain, finetune)
+    can continue, its own or the run it resumed. before: latest_checkpoint_identity(out) when the
+    command began."""
     if not resumable or not out:
         return "run it again"
     now = latest_checkpoint_identity(out)
     if now is None:
+        from .train.run_folder import earlier_run
+
+        with contextlib.suppress(OSError):
+            if not earlier_run(Path(out)):  # nothing a plain run would refuse
+                return "run it again"
         return "run it again with --overwrite (the run saved no checkpoint to resume from)"
     if overwrite and now == before:  # the run --overwrite was to replace was put back: resuming would continue it
         return "run it again with --overwrite (the earlier run in the folder was put back)"
