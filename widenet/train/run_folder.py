@@ -100,7 +100,7 @@ def driver_run(out: str | Path) -> Iterator[None]:
     except SettingsChanged as err:
         raise SettingsChanged(f"{out} was made by an earlier call with other settings ({err.changes}); repeat "
                               "that call to continue it, or give this one another --out", err.changes) from None
-    except TrainingStopped as err:  # Ctrl-C or SIGTERM, after the run saved its checkpoint
+    except TrainingStopped as err:  # a stop signal, after the run saved its checkpoint
         raise err.advising("run the same command again to continue") from None
 
 

@@ -4,9 +4,9 @@ training asks the Trainer to finish the step at hand, save a checkpoint and stop
 continues exactly where the run stopped. (Output to a terminal that is gone is dropped: cli_errors.)
 
 A second Ctrl-C stops at once (the work since the last checkpoint is lost), as does a second
-signal of the other kinds. Under several processes (torchrun) the processes cannot agree on the step to save at
-without a collective in every step, so there the signals keep their plain meaning (Ctrl-C stops,
-the launcher's SIGTERM is a lost peer: widenet.cli_run).
+signal of the other kinds. Under several processes (torchrun) the processes cannot agree on the
+step to save at without a collective in every step, so there the signals keep their plain meaning
+(Ctrl-C stops, the launcher's SIGTERM is a lost peer: widenet.cli_run).
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def stop_on_signals(active: bool = True) -> Iterator[StopRequest]:
 
     def first(signum: int, _frame) -> None:
         request.signum = signum
-        _put_back(previous)  # the next signal of either kind acts at once
+        _put_back(previous)  # the next signal of any of these kinds acts at once
         again = "Ctrl-C again" if signum == signal.SIGINT else "another signal"
         note = (f"widenet: {request.name}: finishing this step (and an evaluation due with it), saving a "
                 f"checkpoint, then stopping ({again} stops at once)\n")

@@ -9,8 +9,8 @@ one global batch, and what evaluation reports. The Trainer owns the rest:
       non-finite-loss guard, the log window, metrics.jsonl (and with --tensorboard the
       same records as TensorBoard events, widenet.train.tensorboard), the progress bar,
       evaluation and checkpoint cadence, the weight average (--ema-decay), the
-      time budget (--time-budget, widenet.train.budget) and stopping on Ctrl-C or
-      SIGTERM after saving a checkpoint (widenet.train.stopping).
+      time budget (--time-budget, widenet.train.budget) and stopping on Ctrl-C,
+      SIGTERM or SIGHUP after saving a checkpoint (widenet.train.stopping).
 
 Every random draw in a step comes from the global RNGs (checkpointed) or from
 generators seeded by (seed, step), so on CPU a run killed and resumed ends with
@@ -141,8 +141,8 @@ class Trainer:
 
     # -- the run ----------------------------------------------------------------------
     def run(self) -> RunResult:
-        """Train to the end; a first Ctrl-C or SIGTERM (one process) saves a checkpoint at the next step
-        boundary and raises TrainingStopped."""
+        """Train to the end; a first Ctrl-C, SIGTERM or SIGHUP (one process) saves a checkpoint at the
+        next step boundary and raises TrainingStopped."""
         with stop_on_signals(not self.parallel.distributed) as self._stop:
             try:
                 result = self._run()
