@@ -424,15 +424,15 @@ def _main(argv: Sequence[str] | None) -> int:
             code = func(args)
         sys.stdout.flush()  # output still buffered for a closed pipe fails here, where it is handled
         return code
-    except (TrainingStopped, Terminated) as err:  # a stop signal, after the run saved (or where none could)
-        next_step = ""
-        if isinstance(err, Terminated) and args.command in _RESUMABLE:
-            next_step = "; next: " + rerun_advice(args.out, True, getattr(args, "overwrite", False), before)
-        say_last(f"widenet: {err}{next_step}")
+    except TrainingStopped as err:  # a stop signal, after the run saved its checkpoint
+        say_last(f"widenet: {err}")
         return err.status
-    except KeyboardInterrupt:
-        say_last(INTERRUPTED)
-        return 130
+    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM / SIGHUP (Terminated), where no run could save first
+        line, status = (f"widenet: {err}", err.status) if isinstance(err, Terminated) else (INTERRUPTED, 130)
+        if args.command in _RESUMABLE:  # how to go on, as after a full disk
+            line += "; next: " + rerun_advice(args.out, True, getattr(args, "overwrite", False), before)
+        say_last(line)
+        return status
     except BrokenPipeError:
         # The reader closed the pipe (`widenet list | head -1`): stop quietly, as cat does,
         # and keep the interpreter's final flush of stdout from raising again.
