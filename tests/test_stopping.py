@@ -1,5 +1,7 @@
-"""Ctrl-C or SIGTERM while training: the step finishes, a checkpoint is saved, the run stops with one
-line, and --resume ends with exactly the weights and metrics of an uninterrupted run."""
+"""Ctrl-C, SIGTERM or SIGHUP while training: the step finishes, a checkpoint is saved, the run stops
+with one line, and --resume ends with exactly the weights and metrics of an uninterrupted run; also
+what stops at once (a second signal, a signal before the loop), output whose reader is gone, and
+what an --overwrite run keeps."""
 
 from __future__ import annotations
 
