@@ -18,11 +18,12 @@ import os
 import re
 import signal
 import sys
-import threading
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from .train.stopping import handling, signal_numbers
 
 __all__ = ["CLIError", "BUG_REPORT", "INTERRUPTED", "explain", "file_names_printable",
            "latest_checkpoint_identity", "missing_outputs_to_devnull", "output_survives_its_reader", "rerun_advice",
@@ -100,21 +101,11 @@ class Terminated(KeyboardInterrupt):
 def termination_interrupts() -> Iterator[None]:
     """While inside (the main thread only), SIGTERM and SIGHUP raise Terminated; a signal ignored
     from the start (`nohup`) stays ignored. A training run replaces these while it trains (train.stopping)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
     def interrupt(signum: int, _frame) -> None:
         raise Terminated(signum)
 
-    names = ("SIGTERM", "SIGHUP")  # (no SIGHUP on Windows)
-    previous = {s: signal.signal(s, interrupt) for name in names if hasattr(signal, name)
-                if signal.getsignal(s := getattr(signal, name)) is not signal.SIG_IGN}
-    try:
+    with handling(signal_numbers("SIGTERM", "SIGHUP"), interrupt):
         yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
 
 
 def missing_outputs_to_devnull() -> None:

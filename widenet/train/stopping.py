@@ -16,13 +16,19 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
-__all__ = ["StopRequest", "TrainingStopped", "stop_on_signals"]
+__all__ = ["StopRequest", "TrainingStopped", "handling", "signal_numbers", "stop_on_signals"]
 
-_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP")  # (no SIGHUP on Windows)
-                 if hasattr(signal, name))
+
+def signal_numbers(*names: str) -> tuple[int, ...]:
+    """The named signals this platform has (Windows: no SIGHUP)."""
+    return tuple(getattr(signal, name) for name in names if hasattr(signal, name))
+
+
+_SIGNALS = signal_numbers("SIGINT", "SIGTERM", "SIGHUP")
 
 
 class TrainingStopped(RuntimeError):
@@ -67,12 +73,7 @@ def stop_on_signals(active: bool = True) -> Iterator[StopRequest]:
     stderr); a second one gets the handler that was there before (Ctrl-C: KeyboardInterrupt).
     Handlers can only be set in the main thread: elsewhere, or when not active, nothing changes;
     nor for a signal that is ignored (`nohup` ignores SIGHUP)."""
-    request = StopRequest()
-    if not active or threading.current_thread() is not threading.main_thread():
-        yield request
-        return
-    # A signal ignored from the start stays ignored (`nohup`, a shell's background job and Ctrl-C).
-    previous = {s: handler for s in _SIGNALS if (handler := signal.getsignal(s)) is not signal.SIG_IGN}
+    request, previous = StopRequest(), {}  # previous: filled before the handlers are set
 
     def first(signum: int, _frame) -> None:
         request.signum = signum
@@ -86,10 +87,26 @@ def stop_on_signals(active: bool = True) -> Iterator[StopRequest]:
             with contextlib.suppress(Exception):
                 print(note, end="", file=sys.stderr, flush=True)
 
-    for signum in previous:
-        signal.signal(signum, first)
-    try:
+    with handling(_SIGNALS if active else (), first, previous):
         yield request
+
+
+@contextlib.contextmanager
+def handling(signums: tuple[int, ...], handler: Callable[[int, Any], None],
+             previous: dict | None = None) -> Iterator[None]:
+    """Give each of `signums` `handler` for the block, then put back the handlers it replaced, which
+    are recorded in `previous` (signal -> handler) before `handler` can run. Handlers can only be
+    set in the main thread: elsewhere nothing changes; nor does a signal ignored from the start
+    (`nohup`, a shell's background job and Ctrl-C), which stays ignored."""
+    previous = {} if previous is None else previous
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous.update({s: h for s in signums if (h := signal.getsignal(s)) is not signal.SIG_IGN})
+    for signum in previous:
+        signal.signal(signum, handler)
+    try:
+        yield
     finally:
         _put_back(previous)
 
