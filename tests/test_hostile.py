@@ -823,6 +823,38 @@ def test_weights_or_training_state_beyond_the_memory_are_refused_before_allocati
            "256.0 MiB of memory available" in line
 
 
+def test_a_text_batch_beyond_the_memory_is_refused_before_training(tmp_path, capsys, monkeypatch):
+    """Text runs had no activation check: 64 sequences of 512 tokens at width 2048 trained a tokenizer,
+    then were left to the kernel's out-of-memory killer. Lower bound: batch x tokens x 8 vectors of
+    width D per block x 4 bytes."""
+    import widenet.memory as memory
+
+    monkeypatch.setattr(memory, "available_memory", lambda: 3 * 2**19)  # 1.5 MiB
+    out = tmp_path / "pretrain"  # widenet_text_tiny: D 128, 4 blocks; 16 x 128 x 128 x 32 x 4 = 32 MiB
+    line = _one_line_error(*_cli(["pretrain", "--corpus", FIXTURES / "corpus.txt", "--batch-size", 16, "--out", out,
+                                  "--device", "cpu"], capsys)[::2])
+    assert "the activations of a batch of 16 sequences of 128 tokens need 32.0 MiB, more than the 1.5 MiB" in line
+    assert not out.exists()  # refused before a tokenizer was trained and a folder claimed
+    # The fixture's model: D 16, 2 blocks; 128 x 32 x 16 x 16 x 4 = 4 MiB, and 2 MiB at batch 64.
+    line = _one_line_error(*_cli(["pretrain", "--corpus", FIXTURES / "corpus.txt", "--init", FIXTURES / "text_run",
+                                  "--seq-len", 32, "--batch-size", 128, "--out", tmp_path / "more", "--device", "cpu"],
+                                 capsys)[::2])
+    assert "the activations of a batch of 128 sequences of 32 tokens need 4.0 MiB" in line
+    data = tmp_path / "train.tsv"  # rows truncated to --max-len 16 tokens: the longest is 16
+    data.write_text("sentence\tlabel\n" + "".join(f"{'the cat sat on the mat ' * 6}\t{label}\n"
+                                                  for label in ("good", "bad") * 4))
+    rc, _, err = _cli(["finetune", "--task", "classify", "--init", FIXTURES / "text_run", "--train", data,
+                       "--validation", data, "--max-len", 16, "--batch-size", 128, "--out", tmp_path / "tuned",
+                       "--device", "cpu"], capsys)
+    line = err.strip().splitlines()[-1]  # after the truncation notes
+    assert rc == 2 and "Traceback" not in err and "the activations of a batch of 128 sequences of 16 tokens need 2.0 MiB, more than the 1.5 MiB" in line
+    monkeypatch.setattr(memory, "available_memory", lambda: 2**30)  # and the same batch trains where it fits
+    rc, _, err = _cli(["finetune", "--task", "classify", "--init", FIXTURES / "text_run", "--train", data,
+                       "--validation", data, "--max-len", 16, "--batch-size", 128, "--epochs", 1, "--out",
+                       tmp_path / "tuned", "--device", "cpu"], capsys)
+    assert rc == 0, err
+
+
 def test_damaged_run_folders_are_named(tmp_path, fmnist_dir, tiny_set_args, capsys):
     out = tmp_path / "run"
     assert _cli(_train_args(fmnist_dir, out, tiny_set_args, "--max-steps", 2), capsys)[0] == 0

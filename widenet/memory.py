@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -49,14 +49,15 @@ def check_fits_memory(num_bytes: int, what: str) -> None:
                           "(WIDENET_NO_MEMORY_CHECK=1 skips this check)")
 
 
-def check_activations_fit(examples: int, tokens: int, dim: int, depth: int, what: str,
-                          checkpointed: bool = False) -> None:
-    """MemoryError when even a lower bound of what autograd keeps for one batch exceeds the memory:
-    per block and token at least 8 float32 vectors of width D (the block's input, q, k, v, the
-    attention's output and the FFN's input, of the 13 D or more a block saves); with activation
-    checkpointing, each block's input and one block's 8 while it is recomputed."""
-    vectors = depth + 8 if checkpointed else 8 * depth
-    check_fits_memory(examples * tokens * dim * vectors * 4, what)
+def check_activations_fit(examples: int, tokens: int, encoder: Any, what: str) -> None:
+    """MemoryError when even a lower bound of what autograd keeps for one batch of `examples` inputs
+    of `tokens` tokens through `encoder` (an EncoderConfig: dim D, depth, activation_checkpointing)
+    exceeds the memory: per block and token at least 8 float32 vectors of width D (the block's
+    input, q, k, v, the attention's output and the FFN's input, of the 13 D or more a block saves);
+    with activation checkpointing, each block's input and one block's 8 while it is recomputed."""
+    depth = encoder.depth
+    vectors = depth + 8 if encoder.activation_checkpointing else 8 * depth
+    check_fits_memory(examples * tokens * encoder.dim * vectors * 4, what)
 
 
 def _size(num_bytes: int) -> str:

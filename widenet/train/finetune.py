@@ -45,8 +45,8 @@ from .exported import Source, check_tokenizer_matches, load_source, require_kind
 from .pretrain import TOKENIZER_FILE
 from .progress import StepResult
 from .run_folder import claim_run_folder
-from .text_common import (Batch, TextTask, describe_processes, global_sums, local_rows, ordered_batches,
-                          saved_text_model)
+from .text_common import (Batch, TextTask, check_batch_fits, describe_processes, global_sums, local_rows,
+                          ordered_batches, saved_text_model)
 from .text_config import FinetuneConfig
 from .text_inputs import default_max_len
 from .trainer import RunResult, Trainer
@@ -257,7 +257,9 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print) -> Finetun
         data_meta = dict(squad_version="2.0" if version_2 else "1.1",
                          inputs=dict(max_len=max_len, doc_stride=cfg.doc_stride, max_query_len=cfg.max_query_len))
     torch.manual_seed(cfg.seed)
-    model = build_finetune_model(ckpt, cfg, num_labels).to(device)
+    model = build_finetune_model(ckpt, cfg, num_labels)
+    check_batch_fits(model.cfg, cfg.batch_size, train["input_ids"].shape[1], parallel, device)
+    model = model.to(device)
     parallel.check_epoch(len(train["input_ids"]), cfg.batch_size)
     task_cls = ClassifyTask if cfg.task == "classify" else QATask
     task = task_cls(cfg, pad, train, device, amp, parallel, **extra)

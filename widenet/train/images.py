@@ -231,10 +231,9 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print,
     torch.manual_seed(cfg.seed)
     model = build_model_for(cfg, train_set, source).to(device)
     if device.type == "cpu" and not parallel.distributed:
-        tokens, enc = model.cfg.num_patches + (model.cfg.pool == "token"), model.cfg.encoder
-        check_activations_fit(cfg.batch_size, tokens, enc.dim, enc.depth, f"the activations of a batch of "
-                              f"{cfg.batch_size} images of {model.cfg.image_size} px ({tokens} tokens each)",
-                              checkpointed=enc.activation_checkpointing)
+        tokens = model.cfg.num_patches + (model.cfg.pool == "token")
+        check_activations_fit(cfg.batch_size, tokens, model.cfg.encoder, f"the activations of a batch of "
+                              f"{cfg.batch_size} images of {model.cfg.image_size} px ({tokens} tokens each)")
     if cfg.init:  # the run trains the starting point's model, whatever --model says
         cfg = dataclasses.replace(cfg, model=model.model_name)
     parallel.check_epoch(len(train_set), cfg.batch_size)

@@ -44,8 +44,8 @@ from .evaluate import RoutingTally
 from .exported import Source, init_source, source_tokenizer
 from .progress import StepResult
 from .run_folder import claim_run_folder
-from .text_common import (Batch, TextTask, build_text_model, check_fits_positions, describe_processes, global_sums,
-                          init_text_model, local_rows, ordered_batches)
+from .text_common import (Batch, TextTask, build_text_model, check_batch_fits, check_fits_positions, describe_processes,
+                          global_sums, init_text_model, local_rows, ordered_batches)
 from .text_config import PretrainConfig
 from .trainer import RunResult, Trainer, seeded_generator
 
@@ -202,7 +202,9 @@ def pretrain(cfg: PretrainConfig, log: Callable[[str], None] = print) -> Pretrai
     amp = autocast_dtype(cfg.amp, device)
     out = Path(cfg.out)
     if cfg.init is None:  # before a tokenizer is trained on the whole corpus (--init models are checked later)
-        check_fits_positions(cfg.model, model_config(cfg.model, **cfg.model_overrides).max_positions, cfg.seq_len)
+        config = model_config(cfg.model, **cfg.model_overrides)
+        check_fits_positions(cfg.model, config.max_positions, cfg.seq_len)
+        check_batch_fits(config, cfg.batch_size, cfg.seq_len, parallel, device)
     with claim_run_folder(out, cfg.resume, cfg.overwrite, parallel, log):
         with main_process_first():  # rank 0 trains/saves the tokenizer and fills the cache; the others read them
             init = init_source(cfg.init, cfg.out, cfg.resume, kind="text") if cfg.init else None  # then the tokenizer
@@ -224,6 +226,7 @@ def pretrain(cfg: PretrainConfig, log: Callable[[str], None] = print) -> Pretrai
         else:
             model = init_text_model(init, cfg, vocab, cfg.seq_len, task="pretrain")
             cfg = dataclasses.replace(cfg, model=model.model_name)
+            check_batch_fits(model.cfg, cfg.batch_size, cfg.seq_len, parallel, device)
         model = model.to(device)
         task = PretrainTask(cfg, special, vocab, train_set, held_out, device, amp, parallel)
         params = count_parameters(model)

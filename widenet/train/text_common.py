@@ -10,6 +10,7 @@ from torch import nn
 from ..data.batches import epoch_order, num_batches
 from ..distributed.env import all_reduce_sum
 from ..distributed.parallel import ParallelContext
+from ..memory import check_activations_fit
 from ..models.registry import apply_overrides, create_model
 from .budget import Cadence, time_per_call
 from .text_config import TextRunConfig
@@ -41,6 +42,16 @@ def build_text_model(cfg: TextRunConfig, vocab_size: int, pad_id: int, seq_len: 
     model = create_model(cfg.model, **overrides)
     check_fits_positions(cfg.model, model.cfg.max_positions, seq_len)
     return model
+
+
+def check_batch_fits(model_cfg: Any, batch_size: int, seq_len: int, parallel: ParallelContext,
+                     device: torch.device) -> None:
+    """MemoryError before training when a batch of batch_size sequences of seq_len tokens cannot
+    keep its activations in this machine's memory (one process on the CPU; see
+    widenet.memory.check_activations_fit), rather than the kernel ending the process later."""
+    if device.type == "cpu" and not parallel.distributed:
+        check_activations_fit(batch_size, seq_len, model_cfg.encoder, f"the activations of a batch of "
+                              f"{batch_size} sequences of {seq_len} tokens")
 
 
 def check_fits_positions(name: str, max_positions: int, seq_len: int) -> None:
