@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -342,6 +343,35 @@ def test_ctrl_c_from_the_terminal_stops_a_pretraining_process_with_its_checkpoin
     assert last.startswith("widenet: stopped by SIGINT at step ") and last.endswith("continue it with --resume"), err
     step = int(last.split(" at step ")[1].split(" ")[0])
     assert 2 <= step < 400 and load_checkpoint(find_latest_checkpoint(out)).step == step
+
+
+def test_ctrl_c_while_the_tokenizer_trains_stops_at_once(tmp_path):
+    """The Rust trainer is one native call (~13 s on GCIDE); Python ran the SIGINT handler only once
+    it returned. 80,000 documents of 400,000 made-up words keep it busy for ~9 s (~5 s after the signal
+    on a fast machine)."""
+    rng = np.random.default_rng(0)
+    words = rng.integers(ord("a"), ord("z") + 1, size=(400_000, 7), dtype=np.uint8).view("S7").ravel().astype(str)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(" ".join(row) + "." for row in words[rng.integers(0, len(words), (80_000, 10))]),
+                      encoding="utf-8")
+    command = [sys.executable, "-m", "widenet", "pretrain", "--corpus", str(corpus), "--vocab-size", "30000",
+               "--max-steps", "1", "--device", "cpu", "--out", str(tmp_path / "pre")]
+    proc = subprocess.Popen(command, env=dict(_env(), PYTHONUNBUFFERED="1"), cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert "training a WordPiece tokenizer" in proc.stdout.readline()
+        time.sleep(1.0)  # the documents are read by now: the trainer counts and merges
+        proc.send_signal(signal.SIGINT)
+        sent = time.monotonic()
+        _, err = proc.communicate(timeout=120)
+        waited = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130 and err.strip().splitlines()[-1] == "widenet: interrupted; next: run it again", err
+    assert waited < 1.5, f"{waited:.1f} s from Ctrl-C to the end"
+    assert not (tmp_path / "pre" / "tokenizer.json").exists()
 
 
 def test_a_stopped_comparison_says_to_run_it_again_and_then_finishes(tmp_path, fmnist_dir, monkeypatch):

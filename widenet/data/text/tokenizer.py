@@ -15,10 +15,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
@@ -87,6 +89,33 @@ def _bert_pipeline(tok: Tokenizer, lowercase: bool) -> None:
     tok.decoder = decoders.WordPiece(prefix=_CONTINUING_PREFIX)
 
 
+_T = TypeVar("_T")
+
+
+def _while_responsive(call: Callable[[], _T]) -> _T:
+    """call() in a daemon thread while the main thread waits for it. Python runs its signal
+    handlers only between the main thread's bytecodes, so one long native call (the Rust trainer:
+    ~13 s on GCIDE, minutes on a large corpus) held Ctrl-C and SIGTERM back until it returned.
+    Interrupted, the wait ends at once and the call is abandoned (the process is ending)."""
+    if threading.current_thread() is not threading.main_thread():
+        return call()
+    outcome: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = call()
+        except BaseException as err:  # re-raised in the waiting thread
+            outcome["error"] = err
+
+    worker = threading.Thread(target=run, name="widenet-native-call", daemon=True)
+    worker.start()
+    while worker.is_alive():
+        worker.join(0.1)
+    if "error" in outcome:
+        raise outcome["error"]  # type: ignore[misc]
+    return outcome["value"]  # type: ignore[return-value]
+
+
 def train_tokenizer(
     texts: Iterable[str],
     vocab_size: int = 8000,
@@ -111,7 +140,7 @@ def train_tokenizer(
         continuing_subword_prefix=_CONTINUING_PREFIX,
         show_progress=False,
     )
-    tok.train_from_iterator(texts, trainer=trainer)
+    _while_responsive(lambda: tok.train_from_iterator(texts, trainer=trainer))
     ids = special_ids(tok, source="the trained tokenizer")
     if ids.as_tuple() != tuple(range(len(SPECIAL_TOKENS))):  # pragma: no cover - a tokenizers change
         raise TokenizerError(f"trained tokenizer has special ids {ids}, expected 0..4")
