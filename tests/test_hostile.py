@@ -546,6 +546,56 @@ def test_a_leftover_tokenizer_is_not_reused(tmp_path, capsys):
     assert "holds no complete checkpoint to resume, only tokenizer.json" in line
 
 
+def test_a_text_run_that_saved_nothing_leaves_no_tokenizer_behind(tmp_path, capsys, monkeypatch):
+    """A pretraining or fine-tuning run that ended before its first checkpoint (Ctrl-C while the corpus
+    was read, a crash in the first step) left OUT/tokenizer.json, so running it again was refused
+    until --overwrite; now it leaves nothing, unless it logged steps (their metrics are kept)."""
+    from widenet.train import pretrain as pretrain_module
+    from widenet.train import trainer
+
+    out = tmp_path / "pre"
+    args = ["pretrain", "--corpus", FIXTURES / "corpus.txt", "--vocab-size", 200, "--seq-len", 16, "--max-steps", 1,
+            "--device", "cpu", "--cache-dir", tmp_path / "cache", "--out", out, "--set", "dim=16", "--set", "depth=1",
+            "--set", "num_heads=2", "--set", "mlp_dim=32", "--set", "embedding_size=8"]
+
+    def interrupted(*_args, **_kwargs):
+        assert (out / "tokenizer.json").is_file()  # saved by then
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(pretrain_module, "load_pretrain_corpus", interrupted)
+        rc, _, err = _cli(args, capsys)
+    assert rc == 130 and err.strip().splitlines()[-1] == "widenet: interrupted; next: run it again", err
+    assert sorted(p.name for p in out.iterdir()) == []
+    assert _cli(args, capsys)[0] == 0  # no --overwrite needed
+
+    data = tmp_path / "train.tsv"
+    data.write_text("sentence\tlabel\n" + "".join(f"the cat sat {i}\t{('good', 'bad')[i % 2]}\n" for i in range(8)))
+    tune = ["finetune", "--task", "classify", "--init", out, "--train", data, "--validation", data, "--epochs", 1,
+            "--batch-size", 2, "--log-every", 1, "--device", "cpu", "--out", tmp_path / "tuned"]
+    real_update, calls = trainer.Trainer.update, []
+
+    def fails_at(step: int):
+        def update(self, *a, **kw):
+            calls.append(1)
+            if len(calls) == step:
+                raise RuntimeError("a crash in the step")
+            return real_update(self, *a, **kw)
+        return update
+
+    with monkeypatch.context() as patch:
+        patch.setattr(trainer.Trainer, "update", fails_at(1))
+        assert _cli(tune, capsys)[0] == 1
+    assert not (tmp_path / "tuned").exists() or not any((tmp_path / "tuned").iterdir())
+    calls.clear()
+    with monkeypatch.context() as patch:  # a crash after a logged step: its metrics stay, and so does the tokenizer
+        patch.setattr(trainer.Trainer, "update", fails_at(2))
+        assert _cli(tune, capsys)[0] == 1
+    assert {p.name for p in (tmp_path / "tuned").iterdir()} >= {"metrics.jsonl", "tokenizer.json"}
+    rc, _, err = _cli(tune, capsys)
+    assert rc == 2 and "already holds a run (metrics.jsonl, tokenizer.json)" in err.strip().splitlines()[-1]
+
+
 def test_finetuning_needs_two_labels_and_a_validation_set(tmp_path, capsys):
     one_label = tmp_path / "train.tsv"
     one_label.write_text("sentence\tlabel\na b c\tgood\nd e f\tgood\n")

@@ -40,9 +40,10 @@ from ..layers.moe import MOE_SETTINGS
 from ..models.registry import model_config, settings_for, settings_for_each
 from ..train.finetune import finetune
 from ..train.checkpoint_layout import SettingsChanged
+from ..train.exported import TOKENIZER_FILE
 from ..train.metrics import read_metrics
 from ..train.run_folder import driver_run, resume_or_restart
-from ..train.pretrain import TOKENIZER_FILE, pretrain
+from ..train.pretrain import pretrain
 from ..train.text_config import FinetuneConfig, PretrainConfig
 from . import plots
 from .compare import check_distinct

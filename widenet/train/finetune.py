@@ -41,8 +41,7 @@ from ..models.text import TextTransformer, load_backbone
 from ..runtime import autocast, autocast_dtype, resolve_device
 from .checkpoint import LoadedCheckpoint
 from .evaluate import RoutingTally
-from .exported import Source, check_tokenizer_matches, load_source, require_kind, source_tokenizer
-from .pretrain import TOKENIZER_FILE
+from .exported import TOKENIZER_FILE, Source, check_tokenizer_matches, load_source, require_kind, source_tokenizer
 from .progress import StepResult
 from .run_folder import claim_run_folder
 from .text_common import (Batch, TextTask, check_batch_fits, describe_processes, global_sums, local_rows,

@@ -41,7 +41,7 @@ from ..distributed.parallel import ParallelContext
 from ..models.registry import count_parameters, model_config
 from ..runtime import autocast, autocast_dtype, resolve_device
 from .evaluate import RoutingTally
-from .exported import Source, init_source, source_tokenizer
+from .exported import TOKENIZER_FILE, Source, init_source, source_tokenizer
 from .progress import StepResult
 from .run_folder import claim_run_folder
 from .text_common import (Batch, TextTask, build_text_model, check_batch_fits, check_fits_positions, describe_processes,
@@ -49,7 +49,6 @@ from .text_common import (Batch, TextTask, build_text_model, check_batch_fits, c
 from .text_config import PretrainConfig
 from .trainer import RunResult, Trainer, seeded_generator
 
-TOKENIZER_FILE = "tokenizer.json"
 EVAL_MASK_PROB = 0.15  # the held-out masking rate, whatever --mask-prob trains with
 
 

@@ -8,7 +8,9 @@ warning) and decides what the folder may already hold:
 - never a folder holding a saved model (``config.json``: an export, an
   import, a Hugging Face folder), whose model would shadow the run's;
 - a new run (neither ``--resume`` nor ``--overwrite``): nothing of an earlier
-  run (checkpoints, ``metrics.jsonl``, ``tokenizer.json``);
+  run (checkpoints, ``metrics.jsonl``, ``tokenizer.json``). A run that ends
+  having written only ``tokenizer.json`` (a text run stopped or failed before
+  it logged a step) removes it, so that it does not count as a run;
 - ``--resume``: a checkpoint to continue from, or no trace of a run at all
   (then it starts from scratch). Files of an attempt that never saved a
   checkpoint are refused rather than overwritten;
@@ -38,14 +40,14 @@ from ..distributed.parallel import ParallelContext, on_backend_device
 from ..files import LockHeld, hold_lock, signals_held
 from .checkpoint_layout import (CHECKPOINT_FILES, CHECKPOINTS_DIR, LATEST_FILE, SET_ASIDE_DIR, SettingsChanged,
                                 checkpoints_root, find_latest_checkpoint, remove_tree, step_folders)
-from .exported import CONFIG_FILE  # what marks a saved model's folder (an export, an HF folder)
+from .exported import CONFIG_FILE, TOKENIZER_FILE  # CONFIG_FILE marks a saved model's folder (an export, HF)
 from .stopping import TrainingStopped
 
 __all__ = ["LOCK_FILE", "RUN_FILES", "SET_ASIDE_DIR", "RunFolderError", "claim_run_folder", "drop_set_aside",
            "driver_run", "earlier_run", "replaces_earlier_run", "resume_or_restart"]
 
 LOCK_FILE = ".widenet.lock"
-RUN_FILES = ("metrics.jsonl", "tokenizer.json", "tensorboard")  # beside the checkpoints, what a run writes into OUT
+RUN_FILES = ("metrics.jsonl", TOKENIZER_FILE, "tensorboard")  # beside the checkpoints, what a run writes into OUT
 
 
 class RunFolderError(ValueError):
@@ -60,6 +62,7 @@ def claim_run_folder(out: str | Path, resume: bool, overwrite: bool, parallel: P
     with contextlib.ExitStack() as stack:
         failure: Exception | None = None
         held = False  # the lock: only then is what OUT holds this call's to settle
+        fresh = False  # OUT held no run once prepared: what the block writes is all this run's
         try:
             if parallel.is_main:
                 try:
@@ -68,6 +71,7 @@ def claim_run_folder(out: str | Path, resume: bool, overwrite: bool, parallel: P
                     held = True
                     _settle_set_aside(out, log, after_kill=True)
                     _prepare(out, resume, overwrite, log)
+                    fresh = not earlier_run(out)
                 except LockHeld as err:
                     failure = RunFolderError(f"{err}; wait for that run to end or choose another --out")
                 except (RunFolderError, OSError) as err:
@@ -77,6 +81,8 @@ def claim_run_folder(out: str | Path, resume: bool, overwrite: bool, parallel: P
         except BaseException:  # (also a signal before the run began: the earlier run is put back at once)
             if held:
                 with contextlib.suppress(OSError):  # the run's own failure is the one to report
+                    if fresh and earlier_run(out) == [TOKENIZER_FILE]:  # a copy, or trained again in seconds:
+                        (out / TOKENIZER_FILE).unlink()  # kept, it would make the next run need --overwrite
                     _settle_set_aside(out, log)
             raise
         if parallel.is_main:
