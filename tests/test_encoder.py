@@ -7,6 +7,7 @@ import torch
 
 import widenet
 from widenet.layers.drop_path import drop_path
+from widenet.layers.moe import MoE, MoEConfig
 from widenet.models.encoder import Encoder, EncoderConfig
 
 SMALL = {"dim": 16, "depth": 4, "num_heads": 2, "mlp_dim": 24, "expert_dim": 20, "num_experts": 4, "top_k": 2}
@@ -72,6 +73,23 @@ def test_flat_and_nested_moe_settings_give_one_config():
     assert flat == nested and flat.moe.num_experts == 8
     assert flat.to_dict()["moe"]["top_k"] == 1 and "top_k" not in flat.to_dict()
     assert flat.replace(top_k=2, depth=3).moe.top_k == 2
+
+
+def test_a_depth_no_machine_can_build_is_refused():
+    """depth=10**9 was accepted and building it got the process killed for memory."""
+    with pytest.raises(ValueError, match="depth must be at most 10,000, got 1,000,000,000"):
+        widenet.create_model("widenet_tiny", depth=10**9)
+    assert EncoderConfig(dim=16, depth=10_000, num_heads=2).depth == 10_000
+
+
+def test_named_moe_settings_apply_on_top_of_a_given_moe_config():
+    """create_model(..., moe=MoEConfig(num_experts=8), top_k=1) built the preset's 4 experts."""
+    model = widenet.create_model("widenet_tiny", moe=MoEConfig(num_experts=8), top_k=1)
+    assert (model.cfg.encoder.moe.num_experts, model.cfg.encoder.moe.top_k) == (8, 1)
+    assert [m.router.weight.shape[0] for m in model.modules() if isinstance(m, MoE)] == [8]
+    assert widenet.create_model("widenet_tiny", moe=dict(num_experts=8), top_k=1).cfg.encoder.moe.num_experts == 8
+    with pytest.raises(ValueError, match="moe: the model has no MoE layer"):  # as top_k=1 there is refused
+        widenet.create_model("vit_tiny", moe=MoEConfig(num_experts=8))
 
 
 @pytest.mark.parametrize("spec,depth,expected", [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import sys
 from collections.abc import Iterator
@@ -12,8 +13,9 @@ from unittest import mock
 import pytest
 import torch
 
+import widenet
 from widenet.layers import dispatch
-from widenet.layers.moe import MoE, expert_capacity, load_balancing_loss, router_z_loss
+from widenet.layers.moe import MoE, MoEConfig, expert_capacity, load_balancing_loss, router_z_loss
 
 if str(Path(__file__).resolve().parent) not in sys.path:  # the oracle lives next to this file
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -226,7 +228,7 @@ def test_dropless_skewed_router_equals_oracle_full_capacity():
     torch.testing.assert_close(res.output, out, **F64)
     _assert_grads_close(lib_g, ref_g, **F64)
     # The same router with capacity would drop: dropless is really doing something.
-    moe.cfg.dropless = False
+    moe.cfg = dataclasses.replace(moe.cfg, dropless=False)
     assert moe(x).stats.dropped_assignment_fraction.item() > 0.0
 
 
@@ -362,6 +364,59 @@ def test_padding_3d_matches_unpadded_and_gets_no_gradient():
     torch.testing.assert_close(res.stats.z_loss, ref.stats.z_loss, rtol=1e-6, atol=1e-7)
     assert torch.count_nonzero(xg.grad[mask]) == 0
     assert torch.count_nonzero(xg.grad[~mask]) > 0
+
+
+def test_whatever_padding_holds_stays_out():
+    """NaN or inf in padding rows (an empty buffer) used to reach the balance loss, the router's
+    gradient and the padding rows' output (NaN * 0 is NaN): the call must equal one whose padding
+    holds ordinary numbers."""
+    moe = _moe(experts=4, top_k=2, capacity_factor=0.75, z_loss_weight=0.1).train()
+    x = _skewed_x(10, moe.dim)
+    mask = torch.zeros(10, dtype=torch.bool)
+    mask[7:] = True
+    results = []
+    for fill in (0.5, float("nan"), float("inf")):
+        moe.zero_grad()
+        xg = x.clone()
+        xg[mask] = fill
+        xg.requires_grad_(True)
+        res = moe(xg, padding_mask=mask)
+        (res.output.sum() + res.aux_loss).backward()
+        results.append((res.output, res.aux_loss, xg.grad, moe.router.weight.grad.clone(), moe.experts.w1.grad.clone()))
+    for other in results[1:]:
+        for got, want in zip(other, results[0]):
+            torch.testing.assert_close(got, want, **F64)
+    assert torch.count_nonzero(results[1][0][mask]) == 0 and torch.count_nonzero(results[1][2][mask]) == 0
+
+
+def test_settings_go_in_config_or_as_keywords_not_both():
+    """MoE(..., top_k=1, config=MoEConfig(top_k=2)) built top-2 without a word."""
+    with pytest.raises(TypeError, match=r"not both \(top_k\)"):
+        MoE(6, 10, top_k=1, config=MoEConfig(top_k=2))
+    with pytest.raises(TypeError, match=r"not both \(num_experts\)"):
+        MoE(6, 10, 8, config=MoEConfig())
+    with pytest.raises(TypeError, match="must be a MoEConfig or a dict of its settings, got int"):
+        MoE(6, 10, config=3)
+    assert MoE(6, 10, config=dict(num_experts=8, top_k=1)).router.weight.shape == (8, 6)
+    assert (MoE(6, 10).num_experts, MoE(6, 10).top_k, MoE(6, 10, 8, 1).top_k) == (4, 2, 1)
+    with pytest.raises(ValueError, match=r"expects token dimension 6, got input of shape \(\)"):
+        MoE(6, 10)(torch.tensor(1.0))
+    with pytest.raises(dataclasses.FrozenInstanceError):  # it would half apply (top_k is read at build time)
+        MoE(6, 10).cfg.top_k = 1
+
+
+def test_dropless_routing_makes_answers_independent_of_the_batch():
+    """With capacity, an eval-mode token's output depends on its batch neighbours and their order;
+    inside dropless_routing it does not, and the layer's settings are back afterwards."""
+    moe = _moe(experts=4, top_k=2, capacity_factor=0.5).eval()
+    x = _skewed_x(24, moe.dim)
+    order = torch.randperm(24, generator=torch.Generator().manual_seed(0))
+    alone = torch.cat([moe(x[i:i + 1]).output for i in range(24)])  # one token per call: never dropped
+    assert not torch.allclose(moe(x).output, alone)
+    with widenet.dropless_routing(moe):
+        torch.testing.assert_close(moe(x).output, alone, **F64)
+        torch.testing.assert_close(moe(x[order]).output, alone[order], **F64)
+    assert not moe.cfg.dropless and not torch.allclose(moe(x).output, alone)
 
 
 def test_all_padding_gives_zero_output_and_loss():

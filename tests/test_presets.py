@@ -82,6 +82,9 @@ def test_representation_shorthand():
     model = widenet.create_model("widenet_tiny", representation=True, num_classes=5)
     assert model.head.weight.shape == (5, cfg.encoder.dim)
     assert model.model_name == "widenet_tiny"
+    for value in ("no", 1, None):  # a truthy or falsy non-boolean added (or not) a pre-logits layer
+        with pytest.raises(TypeError, match=f"representation must be True or False, got {value!r}"):
+            model_config("widenet_tiny", representation=value)
 
 
 # ----------------------------------------------------------------------------

@@ -138,7 +138,7 @@ def _setting(help_text: str, **kw: Any):
     return field(metadata={"help": help_text}, **kw)
 
 
-@dataclass
+@dataclass(frozen=True)
 class MoEConfig:
     """The settings of an MoE layer (its sizes come from the model: width D, hidden width H).
 
@@ -206,7 +206,7 @@ class MoE(nn.Module):
     """Mixture-of-experts FFN with noisy top-k routing (WideNet, Sec. 3.1).
 
     MoE(dim, hidden_dim, num_experts=4, top_k=2, **settings) or
-    MoE(dim, hidden_dim, config=MoEConfig(...)): token width D, expert hidden
+    MoE(dim, hidden_dim, config=MoEConfig(...)) (not both): token width D, expert hidden
     width H, and the MoEConfig settings (capacity, noise, dropless,
     renormalize, z-loss, expert backend).
 
@@ -216,13 +216,19 @@ class MoE(nn.Module):
     output. Returns MoEOutput(output, aux_loss, stats).
     """
 
-    def __init__(self, dim: int, hidden_dim: int, num_experts: int = 4, top_k: int = 2, *,
-                 config: MoEConfig | None = None, activation: str = "gelu", **settings: Any) -> None:
+    def __init__(self, dim: int, hidden_dim: int, num_experts: int | None = None, top_k: int | None = None, *,
+                 config: MoEConfig | dict[str, Any] | None = None, activation: str = "gelu",
+                 **settings: Any) -> None:
         super().__init__()
+        settings.update((k, v) for k, v in (("num_experts", num_experts), ("top_k", top_k)) if v is not None)
         if config is None:
-            config = MoEConfig(num_experts=num_experts, top_k=top_k, **settings)
+            config = MoEConfig(**settings)  # num_experts 4, top_k 2 unless given
         elif settings:
             raise TypeError(f"give MoE settings in config or as keywords, not both ({', '.join(settings)})")
+        elif isinstance(config, dict):
+            config = MoEConfig(**config)
+        elif not isinstance(config, MoEConfig):
+            raise TypeError(f"MoE config must be a MoEConfig or a dict of its settings, got {type(config).__name__}")
         for name, value in (("dim", dim), ("hidden_dim", hidden_dim)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"MoE {name} must be a positive integer, got {value!r}")
@@ -253,11 +259,13 @@ class MoE(nn.Module):
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
             got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
             raise TypeError(f"MoE expects a floating-point torch.Tensor of tokens, got {got}")
-        if x.shape[-1] != self.dim:
+        if x.ndim == 0 or x.shape[-1] != self.dim:
             raise ValueError(f"MoE expects token dimension {self.dim}, got input of shape {tuple(x.shape)}")
         padding_mask = resolve_padding_mask(x.shape[:-1], padding_mask, keep_mask)
         flat = x.reshape(-1, self.dim)  # (N, D)
         valid = None if padding_mask is None else ~padding_mask.reshape(-1)  # (N,)
+        if valid is not None:  # whatever padding holds (NaN from an empty buffer) stays out: NaN * 0 is NaN
+            flat = torch.where(valid.unsqueeze(1), flat, 0.0)
         out, aux, stats = self._route_and_compute(flat, valid)
         return MoEOutput(out.reshape(x.shape), aux, stats)
 

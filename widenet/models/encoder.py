@@ -38,6 +38,9 @@ from ..settings import SettingTypeError, check_types
 _MOE_BLOCKS = re.compile(r"^(none|all|last:[1-9]\d*|every:[1-9]\d*)$")
 
 
+MAX_DEPTH = 10_000  # far beyond any trained transformer
+
+
 @dataclass
 class EncoderConfig:
     """Sizes and sharing of the encoder.
@@ -88,6 +91,9 @@ class EncoderConfig:
         for name in ("dim", "depth", "num_heads", "mlp_dim"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.depth > MAX_DEPTH:  # every block is Python objects: 10**9 of them filled the memory unchecked
+            raise ValueError(f"depth must be at most {MAX_DEPTH:,}, got {self.depth:,} (every block is a module of "
+                             "its own: 10,000 take seconds to build, 10**9 more memory than any machine has)")
         if self.norm_eps <= 0:
             raise ValueError(f"norm_eps must be > 0, got {self.norm_eps}")
         if self.expert_dim is not None and self.expert_dim < 1:
@@ -125,8 +131,9 @@ class EncoderConfig:
     def replace(self, **changes) -> EncoderConfig:
         """A copy with `changes` applied; MoE settings may be named directly (top_k=1)."""
         moe = {k: changes.pop(k) for k in MOE_SETTINGS if k in changes}
-        if moe:
-            changes["moe"] = dataclasses.replace(self.moe, **moe)
+        if moe:  # on top of a MoEConfig given beside them (moe=...), else the current one
+            base = changes.get("moe", self.moe)
+            changes["moe"] = dataclasses.replace(MoEConfig(**base) if isinstance(base, dict) else base, **moe)
         return dataclasses.replace(self, **changes)
 
     @property

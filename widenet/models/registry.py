@@ -14,7 +14,7 @@ from typing import Any, Callable
 from torch import nn
 
 from ..layers.moe import MOE_SETTINGS, MoEConfig
-from ..settings import field_kinds
+from ..settings import SettingTypeError, field_kinds
 from .text import TextConfig
 
 
@@ -73,7 +73,10 @@ def apply_overrides(cfg: Any, overrides: dict[str, Any]) -> Any:
     overrides = dict(overrides)
     if "encoder" in overrides:  # it would reach dataclasses.replace twice
         raise ValueError("give encoder settings one by one by name (e.g. dim=32, depth=4), not as encoder=...")
-    if overrides.pop("representation", False):
+    representation = overrides.pop("representation", False)
+    if not isinstance(representation, bool):  # strict, like every setting ("no" is truthy)
+        raise SettingTypeError(f"representation must be True or False, got {representation!r}")
+    if representation:
         overrides.setdefault("representation_size", cfg.encoder.dim)
     top = {f.name for f in dataclasses.fields(cfg)}
     inner = {f.name for f in dataclasses.fields(cfg.encoder)} | set(MOE_SETTINGS)
@@ -87,7 +90,7 @@ def apply_overrides(cfg: Any, overrides: dict[str, Any]) -> Any:
     enc_changes = {k: v for k, v in overrides.items() if k in inner and k not in top}
     top_changes = {k: v for k, v in overrides.items() if k in top}
     new = dataclasses.replace(cfg, **top_changes, encoder=cfg.encoder.replace(**enc_changes))
-    idle = [k for k in overrides if k in MOE_SETTINGS]
+    idle = [k for k in overrides if k in MOE_SETTINGS or k == "moe"]
     if idle and not new.encoder.moe_block_ids:
         raise ValueError(f"{', '.join(idle)}: the model has no MoE layer (moe_blocks={new.encoder.moe_blocks!r}), so "
                          "this would change nothing; give it MoE layers (moe_blocks=all, last:N or every:N), "
