@@ -272,7 +272,11 @@ def test_resume_of_an_init_run_needs_only_the_run(vit_run, tmp_path, fmnist_dir,
     assert rc == 0, err
     assert (tmp_path / "r" / "checkpoints" / "step_00000004").is_dir()
     line = _one_line(*cli(["train", "--init", tmp_path / "gone", "--data-dir", fmnist_dir, "--out", tmp_path / "x"]))
-    assert "gone: does not exist" in line
+    assert "gone: does not exist" in line and "hub" not in line
+    for hub_id in ("albert-base-v2", "google/vit-base-patch16-224"):  # never downloaded: say so
+        with pytest.raises(FileNotFoundError, match="if it names a Hugging Face hub model: widenet reads local "
+                                                    "folders only, so download it first"):
+            widenet.from_pretrained(hub_id)
 
 
 def test_pretraining_continues_from_an_upcycled_albert(tmp_path, cli):

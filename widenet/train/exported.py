@@ -302,7 +302,10 @@ def load_source(path: str | os.PathLike) -> Source:
     folder (its latest checkpoint), a checkpoint folder or a model.safetensors inside one."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(errno.ENOENT, "does not exist", str(path))
+        hub = len(path.parts) <= 2 and not path.is_absolute() and str(path)[:1] not in (".", "~")
+        hint = ("; if it names a Hugging Face hub model: widenet reads local folders only, so download it "
+                "first (e.g. huggingface_hub's snapshot_download) and pass that folder" if hub else "")
+        raise FileNotFoundError(errno.ENOENT, "does not exist" + hint, str(path))
     if is_export(path):
         return read_export(path)
     if is_hf_folder(path):
