@@ -403,6 +403,10 @@ def test_settings_go_in_config_or_as_keywords_not_both():
         MoE(6, 10)(torch.tensor(1.0))
     with pytest.raises(dataclasses.FrozenInstanceError):  # it would half apply (top_k is read at build time)
         MoE(6, 10).cfg.top_k = 1
+    with pytest.raises(TypeError, match="MoE input is torch.float64 and its weights torch.float32"):
+        MoE(6, 10)(torch.randn(3, 6, dtype=torch.float64))  # was computed in float32 without a word
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # where a mixed input is expected
+        assert MoE(6, 10)(torch.randn(3, 6)).output.dtype == torch.bfloat16
 
 
 def test_dropless_routing_makes_answers_independent_of_the_batch():

@@ -259,6 +259,10 @@ class MoE(nn.Module):
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
             got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
             raise TypeError(f"MoE expects a floating-point torch.Tensor of tokens, got {got}")
+        weights = self.experts.w1.dtype
+        if x.dtype != weights and not torch.is_autocast_enabled(x.device.type):  # as nn.Linear refuses it
+            raise TypeError(f"MoE input is {x.dtype} and its weights {weights}: convert one to the other "
+                            f"(x.to({weights}) or moe.to({x.dtype})), or run under torch.autocast")
         if x.ndim == 0 or x.shape[-1] != self.dim:
             raise ValueError(f"MoE expects token dimension {self.dim}, got input of shape {tuple(x.shape)}")
         padding_mask = resolve_padding_mask(x.shape[:-1], padding_mask, keep_mask)
