@@ -349,3 +349,30 @@ def test_a_task_head_missing_from_the_weights_is_noted_and_half_of_one_refused(t
     loaded = load_hf(_without(_save(vit, tmp_path / "vit"), "classifier."))
     assert loaded.model.cfg.num_classes == 10 and len(loaded.classes) == 10  # id2label's count, not 2
     assert any("has no classifier: the head (10 classes) is new" in n for n in loaded.notes)
+
+
+def test_predict_refuses_a_head_the_checkpoint_did_not_hold(tmp_path, capsys):
+    """Such a folder, and its import (which kept no trace of it), printed labelled predictions from
+    a random head with status 0."""
+    from widenet.cli import main
+    from widenet.inference.loading import load_pretrained
+    from widenet.inference.predict import PredictError, check_fits
+
+    cls = transformers.BertForSequenceClassification(transformers.BertConfig(num_labels=3, **TEXT))
+    qa = transformers.BertForQuestionAnswering(transformers.BertConfig(**TEXT))
+    vit = transformers.ViTForImageClassification(transformers.ViTConfig(num_labels=10, **VIT))
+    cases = [(_without(_save(cls, tmp_path / "cls"), "classifier."), "text", "the classifier"),
+             (_without(_save(qa, tmp_path / "qa"), "qa_outputs."), "qa", "the span head"),
+             (_without(_save(vit, tmp_path / "vit"), "classifier."), "images", "the classifier"),
+             (_save(transformers.ViTModel(transformers.ViTConfig(**VIT)), tmp_path / "bare"), "images",
+              "the classifier")]
+    for folder, inputs, head in cases:
+        assert main(["import", folder, "--out", folder + "-imported"]) == 0
+        for source in (folder, folder + "-imported"):
+            with pytest.raises(PredictError, match=f"{source}: {head} was never trained .* fine-tune it first"):
+                check_fits(load_pretrained(source), inputs)
+    whole = _save(vit, tmp_path / "whole")
+    assert main(["import", whole, "--out", whole + "-imported"]) == 0
+    for source in (whole, whole + "-imported"):
+        check_fits(load_pretrained(source), "images")  # its head was there: nothing to refuse
+    capsys.readouterr()

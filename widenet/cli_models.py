@@ -36,7 +36,8 @@ def _write(args: argparse.Namespace, source: Any, model, out: str, note: str) ->
                  image_stats=source.image_stats,
                  tokenizer=tokenizer, source=dict(_describe(source), how=note), overwrite=args.overwrite,
                  protect=source.path if source.path.is_dir() else source.path.parent,
-                 data=(source.meta.get("data") or {}).get("name"), inputs=source.text_inputs)
+                 data=(source.meta.get("data") or {}).get("name"), inputs=source.text_inputs,
+                 untrained_head=source.untrained_head)
     for line in source.notes:
         print(f"note: {line}")
     print(f"wrote {out} ({note}); load it with widenet.from_pretrained({str(out)!r})")

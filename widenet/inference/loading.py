@@ -32,6 +32,7 @@ class Pretrained:
     tokenizer_problem: why the one beside the model was not loaded (unreadable, or not the
     model's own vocabulary).   inputs: how fine-tuning prepared the texts (a fine-tuned text
     model; widenet.train.text_inputs), which prediction reuses; None when unknown.
+    untrained_head: the task head the checkpoint held no weights for (random), else None.
     """
 
     model: nn.Module
@@ -45,6 +46,7 @@ class Pretrained:
     notes: list[str] = field(default_factory=list)
     tokenizer_problem: str | None = None  # why the tokenizer beside the model was not loaded
     inputs: dict[str, Any] | None = None
+    untrained_head: str | None = None
 
 
 def load_pretrained(path: str | os.PathLike) -> Pretrained:
@@ -62,7 +64,7 @@ def load_pretrained(path: str | os.PathLike) -> Pretrained:
     mean, std = stats.get("mean"), stats.get("std")
     return Pretrained(model, source.meta.get("model", ""), model_kind(source.meta["model_config"]), source.path,
                       source.classes, tuple(mean) if mean else None, tuple(std) if std else None, tokenizer, notes,
-                      problem, source.text_inputs)
+                      problem, source.text_inputs, source.untrained_head)
 
 
 def from_pretrained(path: str | os.PathLike) -> nn.Module:

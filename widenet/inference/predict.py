@@ -130,6 +130,11 @@ def check_fits(pretrained: Pretrained, inputs: str) -> None:
         raise PredictError(f"{described}, which predict does not handle")
     if inputs != wanted:
         raise PredictError(f"{described}; it takes {_TAKES[wanted]}, not {_TAKES[inputs]}")
+    if pretrained.untrained_head:
+        how = "widenet train --init" if task == "vision" else f"widenet finetune --task {task} --init"
+        raise PredictError(f"{pretrained.source}: {pretrained.untrained_head} was never trained (the checkpoint "
+                           f"holds no weights for it, so they are random) and its predictions would mean "
+                           f"nothing; fine-tune it first ({how} {pretrained.source})")
     if pretrained.kind == "text" and pretrained.tokenizer is None:
         if pretrained.tokenizer_problem:
             raise PredictError(f"{pretrained.tokenizer_problem}, so its text cannot be encoded")

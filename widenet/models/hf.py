@@ -57,13 +57,15 @@ class HFCheckpointError(ValueError):
 @dataclass
 class HFImport:
     """What load_hf returns: the model (eval mode), the preset it is shaped like, its kind
-    ("text" or "vision"), class names when the config has them, and notes (heads left new)."""
+    ("text" or "vision"), class names when the config has them, notes (heads left new), and the
+    task head that predicts (a classifier, a span head) when the checkpoint held no weights for it."""
 
     model: nn.Module
     model_name: str
     kind: str
     classes: list[str] | None = None
     notes: list[str] = field(default_factory=list)
+    untrained_head: str | None = None  # e.g. "the classifier": new, random weights; predictions mean nothing
 
 
 def is_hf_folder(path: str | Path) -> bool:
@@ -198,8 +200,9 @@ def _load_text(path, config: dict, state: dict, arch: str, kind: str) -> HFImpor
     classes, label_notes = label_names(config) if task == "classify" else (None, [])
     if task == "classify":
         _check_classifier(path, config, classes, state)
-    notes += _missing_head(path, arch, state, *{"classify": ("classifier.", "classifier"),
-                                               "qa": ("qa_outputs.", "span head")}.get(task, ("", "")))
+    head = {"classify": ("classifier.", "classifier"), "qa": ("qa_outputs.", "span head")}.get(task, ("", ""))
+    missing = _missing_head(path, arch, state, *head)
+    notes += missing
     decoder = next((k for k in ("predictions.decoder.weight", "cls.predictions.decoder.weight") if k in state), None)
     words = state.get("embeddings.word_embeddings.weight")
     untied = decoder is not None and words is not None and not torch.equal(state[decoder], words)
@@ -220,7 +223,8 @@ def _load_text(path, config: dict, state: dict, arch: str, kind: str) -> HFImpor
     for key in ("predictions.decoder.bias", "cls.predictions.decoder.bias"):
         state.pop(key, None)  # the same tensor as the head's own bias
     _copy_into(path, model, state, ours, optional=_new_heads(task, state))
-    return HFImport(model.eval(), f"hf-{kind}", "text", classes, notes + label_notes + _head_notes(model, state, task))
+    return HFImport(model.eval(), f"hf-{kind}", "text", classes, notes + label_notes + _head_notes(model, state, task),
+                    f"the {head[1]}" if missing else None)
 
 
 def _check_text_settings(path, config: dict, kind: str) -> None:
@@ -335,7 +339,7 @@ def _load_vit(path, config: dict, state: dict, arch: str) -> HFImport:
     _copy_into(path, model, state, keys, optional=() if classifier else ("head.",))
     if not classifier:
         notes.append(f"{arch} has no classifier: the head ({num_classes} classes) is new")
-    return HFImport(model.eval(), "hf-vit", "vision", classes, notes)
+    return HFImport(model.eval(), "hf-vit", "vision", classes, notes, None if classifier else "the classifier")
 
 
 def _vit_keys(depth: int, legacy: bool) -> dict[str, str | list[str]]:

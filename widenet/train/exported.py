@@ -78,6 +78,13 @@ class Source:
         return recorded_inputs(self.meta, self.path)
 
     @property
+    def untrained_head(self) -> str | None:
+        """The task head whose weights the model's checkpoint did not hold (a Hugging Face folder
+        saved without its classifier, or an import of one): random, so predictions mean nothing."""
+        head = (self.meta.get("data") or {}).get("untrained_head")
+        return head if isinstance(head, str) else None
+
+    @property
     def image_stats(self) -> dict[str, list[float]] | None:
         """{"mean", "std"} images were normalised with in training, or None. Saved statistics that
         are not one finite number per channel (std > 0) raise CheckpointError: a hand-edited or
@@ -153,7 +160,7 @@ def write_export(out: str | os.PathLike, model: nn.Module, *, model_name: str, c
                  image_stats: dict | None = None, tokenizer_file: str | os.PathLike | None = None,
                  tokenizer: Any = None, source: Any = None, overwrite: bool = False,
                  protect: str | os.PathLike | None = None, data: str | None = None,
-                 inputs: dict | None = None) -> Path:
+                 inputs: dict | None = None, untrained_head: str | None = None) -> Path:
     """Write `model` as an export folder at `out` (see module doc), atomically: a folder of the same
     name appears whole or not at all, and an old one is swapped out only once the new one is
     complete. overwrite=True replaces an earlier export folder's model (never a run folder, a
@@ -162,7 +169,8 @@ def write_export(out: str | os.PathLike, model: nn.Module, *, model_name: str, c
     not be, contain or lie inside. tokenizer_file: a tokenizer.json or BERT vocab.txt, saved in
     the folder as tokenizer.json; or `tokenizer`, a tokenizers.Tokenizer. data: the name of the
     dataset the model was trained on, which `widenet eval` then evaluates on by default. inputs: how
-    fine-tuning prepared a text model's inputs (train.text_inputs), which predict reuses."""
+    fine-tuning prepared a text model's inputs (train.text_inputs), which predict reuses.
+    untrained_head: the task head the source held no weights for (Source.untrained_head)."""
     from .. import __version__
 
     out = Path(out)
@@ -179,6 +187,8 @@ def write_export(out: str | os.PathLike, model: nn.Module, *, model_name: str, c
         config["data"] = data
     if inputs:
         config["inputs"] = inputs
+    if untrained_head:
+        config["untrained_head"] = untrained_head
     tmp = out.parent / f".tmp-{out.name}-{os.getpid()}"
     try:
         remove_tree(tmp)
@@ -287,6 +297,8 @@ def read_export(path: str | os.PathLike) -> Source:
         meta["data"]["name"] = config["data"]
     if "inputs" in config:
         meta["data"]["inputs"] = config["inputs"]
+    if isinstance(config.get("untrained_head"), str):
+        meta["data"]["untrained_head"] = config["untrained_head"]
     if config.get("tokenizer"):
         token = config["tokenizer"]
         if not isinstance(token, dict) or not isinstance(token.get("fingerprint"), str):
@@ -339,6 +351,8 @@ def _hf_source(path: Path) -> Source:
     mean, std = processor.get("image_mean"), processor.get("image_std")
     if _finite_numbers(mean) and _finite_numbers(std):
         data.update(mean=list(mean), std=list(std))
+    if imported.untrained_head:
+        data["untrained_head"] = imported.untrained_head
     meta = dict(model=imported.model_name, model_config=model.cfg.to_dict(), data=data)
     tokenizer = path / TOKENIZER_FILE if (path / TOKENIZER_FILE).is_file() else path / "vocab.txt"
     lowercase = _json_or_empty(path / "tokenizer_config.json").get("do_lower_case", True) is not False
