@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 from widenet.models.hf import HFCheckpointError, load_hf
+from widenet.train.checkpoint import CheckpointError
 
 transformers = pytest.importorskip("transformers")
 
@@ -376,3 +377,46 @@ def test_predict_refuses_a_head_the_checkpoint_did_not_hold(tmp_path, capsys):
     for source in (whole, whole + "-imported"):
         check_fits(load_pretrained(source), "images")  # its head was there: nothing to refuse
     capsys.readouterr()
+
+
+@pytest.mark.parametrize("processor", [
+    dict(),  # ViT's: squashed to the size (bilinear), pixels / 255, mean and std 0.5
+    dict(do_normalize=False),
+    dict(rescale_factor=1 / 127.5, image_mean=[1.0, 1.0, 1.0], image_std=[1.0, 1.0, 1.0]),
+    dict(resample=3, image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]),
+], ids=["vit", "no-normalize", "rescale", "bicubic-imagenet"])
+def test_predict_prepares_images_as_the_folders_processor_does(tmp_path, processor):
+    """Only the processor's mean and std were read: do_normalize, rescale_factor, the squash (not a
+    central crop) and the filter were not, so probabilities and even the top class differed."""
+    from PIL import Image
+
+    from widenet.cli import main
+    from widenet.inference.loading import load_pretrained
+    from widenet.inference.predict import predict_images
+
+    config = transformers.ViTConfig(num_labels=3, **dict(VIT, num_channels=3, image_size=16))
+    folder = _save(transformers.ViTForImageClassification(config), tmp_path / "vit")
+    hf_processor = transformers.ViTImageProcessor(size={"height": 16, "width": 16}, **processor)
+    hf_processor.save_pretrained(folder)
+    gen = torch.Generator().manual_seed(0)
+    files = []
+    for name, (w, h) in dict(wide=(48, 16), big=(40, 40), tall=(9, 30)).items():
+        pixels = torch.randint(0, 256, (h, w, 3), generator=gen, dtype=torch.uint8).numpy()
+        Image.fromarray(pixels).save(tmp_path / f"{name}.png")
+        files.append(tmp_path / f"{name}.png")
+    model = transformers.ViTForImageClassification.from_pretrained(folder).eval()
+    with torch.no_grad():
+        inputs = hf_processor([Image.open(f).convert("RGB") for f in files], return_tensors="pt")
+        expected = model(**inputs).logits.softmax(-1)
+    assert main(["import", folder, "--out", str(tmp_path / "imported")]) == 0
+    for source in (folder, tmp_path / "imported"):
+        results = predict_images(load_pretrained(source), files, top_k=3)
+        got = torch.tensor([[dict((c.name, c.probability) for c in r.top)[model.config.id2label[i]]
+                             for i in range(3)] for r in results])
+        torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
+    config_file = tmp_path / "imported" / "config.json"
+    saved = json.loads(config_file.read_text())
+    assert saved["image_resize"] == dict(crop=False, resample="bicubic" if processor.get("resample") else "bilinear")
+    config_file.write_text(json.dumps(dict(saved, image_resize=dict(crop="no", resample="bilinear"))))
+    with pytest.raises(CheckpointError, match="the saved image resize .* should be {crop: true|false, resample: "):
+        load_pretrained(tmp_path / "imported")

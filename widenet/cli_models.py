@@ -37,7 +37,7 @@ def _write(args: argparse.Namespace, source: Any, model, out: str, note: str) ->
                  tokenizer=tokenizer, source=dict(_describe(source), how=note), overwrite=args.overwrite,
                  protect=source.path if source.path.is_dir() else source.path.parent,
                  data=(source.meta.get("data") or {}).get("name"), inputs=source.text_inputs,
-                 untrained_head=source.untrained_head)
+                 untrained_head=source.untrained_head, image_resize=source.image_resize)
     for line in source.notes:
         print(f"note: {line}")
     print(f"wrote {out} ({note}); load it with widenet.from_pretrained({str(out)!r})")

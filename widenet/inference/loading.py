@@ -33,6 +33,8 @@ class Pretrained:
     model's own vocabulary).   inputs: how fine-tuning prepared the texts (a fine-tuned text
     model; widenet.train.text_inputs), which prediction reuses; None when unknown.
     untrained_head: the task head the checkpoint held no weights for (random), else None.
+    resize: how images reach the model's size when not as widenet's training does
+    (data.images.folder.decode_image's crop and resample; a Hugging Face ViT's), else None.
     """
 
     model: nn.Module
@@ -47,6 +49,7 @@ class Pretrained:
     tokenizer_problem: str | None = None  # why the tokenizer beside the model was not loaded
     inputs: dict[str, Any] | None = None
     untrained_head: str | None = None
+    resize: dict[str, Any] | None = None
 
 
 def load_pretrained(path: str | os.PathLike) -> Pretrained:
@@ -64,7 +67,7 @@ def load_pretrained(path: str | os.PathLike) -> Pretrained:
     mean, std = stats.get("mean"), stats.get("std")
     return Pretrained(model, source.meta.get("model", ""), model_kind(source.meta["model_config"]), source.path,
                       source.classes, tuple(mean) if mean else None, tuple(std) if std else None, tokenizer, notes,
-                      problem, source.text_inputs, source.untrained_head)
+                      problem, source.text_inputs, source.untrained_head, source.image_resize)
 
 
 def from_pretrained(path: str | os.PathLike) -> nn.Module:

@@ -6,8 +6,9 @@
 
 Inputs are prepared as training and evaluation prepared them: images decoded like
 an image folder (`decode_image`: turned upright by their EXIF orientation, shorter
-side resized to the model's image size, center crop) and normalised with the mean /
-std saved with the model; sentences by `encode_classification`, questions by
+side resized to the model's image size, center crop; a Hugging Face ViT's as its
+processor does: squashed, with its filter) and normalised with the mean / std
+saved with the model; sentences by `encode_classification`, questions by
 `encode_squad`, with the lengths the model was fine-tuned with (train.text_inputs;
 else fine-tuning's defaults: 128 tokens, 384-token windows, stride 128), answers
 by `postprocess_squad`.
@@ -230,12 +231,14 @@ def find_images(inputs: Iterable[str | os.PathLike]) -> list[Path]:
     return list(out)
 
 
-def _decode(path: Path, size: int, channels: int) -> torch.Tensor | ImageFailure:
-    """The image as decode_image gives it, or an ImageFailure saying in words why Pillow could not."""
+def _decode(path: Path, size: int, channels: int, resize: dict[str, Any] | None = None
+            ) -> torch.Tensor | ImageFailure:
+    """The image as decode_image gives it (resize: its crop and resample, when the model's own), or an
+    ImageFailure saying in words why Pillow could not."""
     from PIL import UnidentifiedImageError
 
     try:
-        return decode_image(path, size, channels)
+        return decode_image(path, size, channels, **(resize or {}))
     except DatasetError as err:
         cause = err.__cause__
         if isinstance(cause, UnidentifiedImageError):
@@ -268,7 +271,7 @@ def iter_predict_images(pretrained: Pretrained, inputs: Iterable[str | os.PathLi
     workers = workers or min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(workers) as pool, _progress(len(paths), batch_size, "image", progress) as bar:
         for batch in _batches(paths, batch_size):
-            decoded = list(pool.map(lambda p: _decode(p, size, channels), batch))
+            decoded = list(pool.map(lambda p: _decode(p, size, channels, pretrained.resize), batch))
             good = [i for i, d in enumerate(decoded) if isinstance(d, torch.Tensor)]
             results: list[Any] = list(decoded)
             if good:

@@ -32,6 +32,7 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
+from ..data.images.folder import RESAMPLING
 from ..data.text.tokenizer import TokenizerError, load_tokenizer, save_tokenizer, vocab_fingerprint
 from ..files import (fsync_path, load_safetensors, raise_if_disk_full, rename_exchange, save_safetensors,
                      signals_held)
@@ -83,6 +84,12 @@ class Source:
         saved without its classifier, or an import of one): random, so predictions mean nothing."""
         head = (self.meta.get("data") or {}).get("untrained_head")
         return head if isinstance(head, str) else None
+
+    @property
+    def image_resize(self) -> dict[str, Any] | None:
+        """How images are brought to the model's size when it is not widenet's own way (the central
+        square, bicubic): {"crop": bool, "resample": one of RESAMPLING}, or None."""
+        return _resize_setting((self.meta.get("data") or {}).get("resize"), self.path)
 
     @property
     def image_stats(self) -> dict[str, list[float]] | None:
@@ -160,7 +167,8 @@ def write_export(out: str | os.PathLike, model: nn.Module, *, model_name: str, c
                  image_stats: dict | None = None, tokenizer_file: str | os.PathLike | None = None,
                  tokenizer: Any = None, source: Any = None, overwrite: bool = False,
                  protect: str | os.PathLike | None = None, data: str | None = None,
-                 inputs: dict | None = None, untrained_head: str | None = None) -> Path:
+                 inputs: dict | None = None, untrained_head: str | None = None,
+                 image_resize: dict | None = None) -> Path:
     """Write `model` as an export folder at `out` (see module doc), atomically: a folder of the same
     name appears whole or not at all, and an old one is swapped out only once the new one is
     complete. overwrite=True replaces an earlier export folder's model (never a run folder, a
@@ -170,7 +178,8 @@ def write_export(out: str | os.PathLike, model: nn.Module, *, model_name: str, c
     the folder as tokenizer.json; or `tokenizer`, a tokenizers.Tokenizer. data: the name of the
     dataset the model was trained on, which `widenet eval` then evaluates on by default. inputs: how
     fine-tuning prepared a text model's inputs (train.text_inputs), which predict reuses.
-    untrained_head: the task head the source held no weights for (Source.untrained_head)."""
+    untrained_head: the task head the source held no weights for (Source.untrained_head);
+    image_resize: Source.image_resize."""
     from .. import __version__
 
     out = Path(out)
@@ -189,6 +198,8 @@ def write_export(out: str | os.PathLike, model: nn.Module, *, model_name: str, c
         config["inputs"] = inputs
     if untrained_head:
         config["untrained_head"] = untrained_head
+    if image_resize:
+        config["image_resize"] = image_resize
     tmp = out.parent / f".tmp-{out.name}-{os.getpid()}"
     try:
         remove_tree(tmp)
@@ -299,6 +310,8 @@ def read_export(path: str | os.PathLike) -> Source:
         meta["data"]["inputs"] = config["inputs"]
     if isinstance(config.get("untrained_head"), str):
         meta["data"]["untrained_head"] = config["untrained_head"]
+    if config.get("image_resize") is not None:
+        meta["data"]["resize"] = _resize_setting(config["image_resize"], folder / CONFIG_FILE)
     if config.get("tokenizer"):
         token = config["tokenizer"]
         if not isinstance(token, dict) or not isinstance(token.get("fingerprint"), str):
@@ -347,10 +360,8 @@ def _hf_source(path: Path) -> Source:
     imported = load_hf(path)
     model = imported.model
     data: dict[str, Any] = dict(classes=imported.classes)
-    processor = _json_or_empty(path / "preprocessor_config.json")
-    mean, std = processor.get("image_mean"), processor.get("image_std")
-    if _finite_numbers(mean) and _finite_numbers(std):
-        data.update(mean=list(mean), std=list(std))
+    if imported.kind == "vision":
+        data.update(_hf_image_preparation(_json_or_empty(path / "preprocessor_config.json"), model.cfg.in_channels))
     if imported.untrained_head:
         data["untrained_head"] = imported.untrained_head
     meta = dict(model=imported.model_name, model_config=model.cfg.to_dict(), data=data)
@@ -358,6 +369,26 @@ def _hf_source(path: Path) -> Source:
     lowercase = _json_or_empty(path / "tokenizer_config.json").get("do_lower_case", True) is not False
     return Source(path, None, meta, model.state_dict(), {}, tokenizer if tokenizer.is_file() else None,
                   list(imported.notes), lowercase)
+
+
+def _hf_image_preparation(processor: dict, channels: int) -> dict[str, Any]:
+    """What a Hugging Face image processor's settings ask of widenet's decoding, as meta["data"]
+    fields: mean / std with its rescale factor folded in (widenet divides by 255: p * r - m over s is
+    p / 255 - m / 255r over s / 255r), none of them without do_normalize; and resize (whole image
+    squashed, with its filter) for a processor that resizes to a height and width, as ViT's does."""
+    factor = processor.get("rescale_factor", 1 / 255) if processor.get("do_rescale", True) else 1.0
+    mean, std = processor.get("image_mean"), processor.get("image_std")
+    if processor.get("do_normalize", True) is False:
+        mean, std = [0.0] * channels, [1.0] * channels
+    found: dict[str, Any] = {}
+    if _finite_numbers(mean) and _finite_numbers(std) and isinstance(factor, (int, float)) and factor > 0:
+        scale = 255 * factor
+        found.update(mean=[m / scale for m in mean], std=[v / scale for v in std])
+    size, resample = processor.get("size"), processor.get("resample", 2)
+    squash = isinstance(size, int) or (isinstance(size, dict) and {"height", "width"} <= set(size))
+    if squash and isinstance(resample, int) and 0 <= resample < len(RESAMPLING):
+        found["resize"] = dict(crop=False, resample=RESAMPLING[resample])
+    return found
 
 
 def _json_or_empty(file: Path) -> dict:
@@ -374,6 +405,17 @@ def non_finite_problem(source: str | os.PathLike, model: nn.Module) -> str:
     why = (f"{bad} of its weights are NaN or inf" if bad else
            "its weights are finite but so large that the activations overflow")
     return f"{source}: the model's scores are NaN or inf ({why}); its results would be meaningless"
+
+
+def _resize_setting(value: Any, where: Path) -> dict[str, Any] | None:
+    """A saved resize setting checked (CheckpointError when it is not one widenet reads)."""
+    if value is None:
+        return None
+    if not (isinstance(value, dict) and set(value) == {"crop", "resample"} and isinstance(value["crop"], bool)
+            and value["resample"] in RESAMPLING):
+        raise CheckpointError(f"{where}: the saved image resize {value!r} should be {{crop: true|false, resample: "
+                              f"{'|'.join(RESAMPLING)}}}")
+    return dict(value)
 
 
 def _finite_numbers(value: Any) -> bool:

@@ -109,11 +109,17 @@ def _folder_cache_key(base: Path, files: list[tuple[Path, int]], image_size: int
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def decode_image(path: Path, image_size: int, channels: int) -> torch.Tensor:
+RESAMPLING = ("nearest", "lanczos", "bilinear", "bicubic", "box", "hamming")  # Pillow's filters, by their codes
+
+
+def decode_image(path: Path, image_size: int, channels: int, crop: bool = True,
+                 resample: str = "bicubic") -> torch.Tensor:
     """Decode one file to uint8 (C, S, S): turned upright as its EXIF Orientation tag says (as viewers
     show it), the central square (side = the shorter side) cut out, then resized to S x S (bicubic), so
     memory stays bounded whatever the aspect ratio. 16-bit grey images are scaled to 8 bits (full 16-bit
-    range assumed); floating-point and 32-bit integer images are refused (their range is unknown)."""
+    range assumed); floating-point and 32-bit integer images are refused (their range is unknown).
+    crop=False resizes the whole image to S x S instead (squashed, as Hugging Face's ViT processor
+    does); resample: one of RESAMPLING."""
     from PIL import Image
 
     try:
@@ -134,11 +140,12 @@ def decode_image(path: Path, image_size: int, channels: int) -> torch.Tensor:
         if isinstance(exc, DatasetError):
             raise
         raise DatasetError(f"{path}: Pillow cannot read this image ({exc})") from exc
-    width, height = image.size
-    side = min(width, height)
-    left, top = (width - side) // 2, (height - side) // 2
-    image = image.crop((left, top, left + side, top + side)).resize((image_size, image_size),
-                                                                  Image.Resampling.BICUBIC)
+    if crop:
+        width, height = image.size
+        side = min(width, height)
+        left, top = (width - side) // 2, (height - side) // 2
+        image = image.crop((left, top, left + side, top + side))
+    image = image.resize((image_size, image_size), Image.Resampling(RESAMPLING.index(resample)))
     array = np.asarray(image, dtype=np.uint8).reshape(image_size, image_size, channels)
     return torch.from_numpy(array.copy()).permute(2, 0, 1)
 
