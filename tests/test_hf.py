@@ -420,3 +420,27 @@ def test_predict_prepares_images_as_the_folders_processor_does(tmp_path, process
     config_file.write_text(json.dumps(dict(saved, image_resize=dict(crop="no", resample="bilinear"))))
     with pytest.raises(CheckpointError, match="the saved image resize .* should be {crop: true|false, resample: "):
         load_pretrained(tmp_path / "imported")
+
+
+@pytest.mark.parametrize("settings", [
+    dict(do_lower_case=True),
+    dict(do_lower_case=True, strip_accents=False),
+    dict(do_lower_case=False),
+    dict(do_lower_case=False, strip_accents=True),
+    dict(do_lower_case=True, tokenize_chinese_chars=False),
+], ids=["uncased", "keeps-accents", "cased", "cased-strips", "cjk-joined"])
+def test_a_vocab_txt_is_read_as_its_tokenizer_config_says(tmp_path, settings):
+    """Only do_lower_case was read: with strip_accents false, "café" became [UNK] (transformers keeps it)."""
+    from widenet.train.exported import load_source, source_tokenizer
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "café", "cafe", "Café", "naïve", "naive", "the", "cat",
+             "CAT", "猫", "猫猫", "##s", "."]
+    words += [f"w{i}" for i in range(TEXT["vocab_size"] - len(words))]
+    folder = tmp_path / "bert"
+    _save(transformers.BertForSequenceClassification(transformers.BertConfig(num_labels=2, **TEXT)), folder)
+    (folder / "vocab.txt").write_text("\n".join(words) + "\n", encoding="utf-8")
+    (folder / "tokenizer_config.json").write_text(json.dumps(dict(settings, tokenizer_class="BertTokenizer")))
+    theirs = transformers.BertTokenizer(str(folder / "vocab.txt"), **settings)
+    ours = source_tokenizer(load_source(folder))
+    for text in ("Café naïve cats.", "猫猫 the CAT", "cafe naive"):
+        assert ours.encode(text).ids == theirs(text)["input_ids"], text

@@ -64,7 +64,8 @@ class Source:
     train_state: dict
     tokenizer_path: Path | None = None
     notes: list[str] = field(default_factory=list)
-    tokenizer_lowercase: bool = True  # a BERT vocab.txt: lowercase unless its tokenizer_config says cased
+    # A BERT vocab.txt: load_tokenizer's lowercase, strip_accents and chinese_chars, as its tokenizer_config says.
+    tokenizer_settings: dict[str, Any] = field(default_factory=dict)
 
     @property
     def classes(self) -> list[str] | None:
@@ -366,9 +367,18 @@ def _hf_source(path: Path) -> Source:
         data["untrained_head"] = imported.untrained_head
     meta = dict(model=imported.model_name, model_config=model.cfg.to_dict(), data=data)
     tokenizer = path / TOKENIZER_FILE if (path / TOKENIZER_FILE).is_file() else path / "vocab.txt"
-    lowercase = _json_or_empty(path / "tokenizer_config.json").get("do_lower_case", True) is not False
+    settings = _vocab_settings(_json_or_empty(path / "tokenizer_config.json"))
     return Source(path, None, meta, model.state_dict(), {}, tokenizer if tokenizer.is_file() else None,
-                  list(imported.notes), lowercase)
+                  list(imported.notes), settings)
+
+
+def _vocab_settings(config: dict) -> dict[str, Any]:
+    """load_tokenizer's settings for a BERT vocab.txt from its tokenizer_config.json (BertTokenizer's
+    do_lower_case, strip_accents, tokenize_chinese_chars; their defaults where absent)."""
+    accents = config.get("strip_accents")
+    return dict(lowercase=config.get("do_lower_case", True) is not False,
+                strip_accents=accents if isinstance(accents, bool) else None,
+                chinese_chars=config.get("tokenize_chinese_chars", True) is not False)
 
 
 def _hf_image_preparation(processor: dict, channels: int) -> dict[str, Any]:
@@ -428,7 +438,7 @@ def source_tokenizer(source: Source):
     or not the one the model was trained with."""
     if source.tokenizer_path is None:
         return None
-    tokenizer = load_tokenizer(source.tokenizer_path, lowercase=source.tokenizer_lowercase)
+    tokenizer = load_tokenizer(source.tokenizer_path, **source.tokenizer_settings)
     check_tokenizer_matches(tokenizer, source.tokenizer_path, source)
     return tokenizer
 

@@ -80,10 +80,12 @@ def _post_processor(cls_id: int, sep_id: int) -> processors.TemplateProcessing:
     )
 
 
-def _bert_pipeline(tok: Tokenizer, lowercase: bool) -> None:
-    """Attach the BERT normalizer, pre-tokenizer and WordPiece decoder to ``tok``."""
+def _bert_pipeline(tok: Tokenizer, lowercase: bool, strip_accents: bool | None = None,
+                   chinese_chars: bool = True) -> None:
+    """Attach the BERT normalizer, pre-tokenizer and WordPiece decoder to ``tok`` (strip_accents
+    None: as lowercase says, as BERT's)."""
     tok.normalizer = normalizers.BertNormalizer(
-        clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=lowercase
+        clean_text=True, handle_chinese_chars=chinese_chars, strip_accents=strip_accents, lowercase=lowercase
     )
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece(prefix=_CONTINUING_PREFIX)
@@ -179,14 +181,15 @@ def _read_vocab_txt(path: Path) -> dict[str, int]:
     return vocab
 
 
-def _tokenizer_from_vocab(path: Path, lowercase: bool) -> Tokenizer:
+def _tokenizer_from_vocab(path: Path, lowercase: bool, strip_accents: bool | None = None,
+                          chinese_chars: bool = True) -> Tokenizer:
     """A BERT WordPiece tokenizer around the vocabulary in ``path``."""
     vocab = _read_vocab_txt(path)
     missing = [token for token in SPECIAL_TOKENS if token not in vocab]
     if missing:
         raise TokenizerError(f"{path}: vocabulary lacks the special token(s) {', '.join(missing)}")
     tok = Tokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]", continuing_subword_prefix=_CONTINUING_PREFIX))
-    _bert_pipeline(tok, lowercase)
+    _bert_pipeline(tok, lowercase, strip_accents, chinese_chars)
     tok.post_processor = _post_processor(vocab["[CLS]"], vocab["[SEP]"])
     return tok
 
@@ -226,16 +229,21 @@ def _resolve_tokenizer_file(path: Path) -> Path:
     return path
 
 
-def load_tokenizer(path: PathLike, lowercase: bool = True) -> Tokenizer:
+def load_tokenizer(path: PathLike, lowercase: bool = True, strip_accents: bool | None = None,
+                   chinese_chars: bool = True) -> Tokenizer:
     """Load a ``tokenizer.json``, a BERT ``vocab.txt``, or a folder holding one.
 
     A ``vocab.txt`` is wrapped in the BERT pipeline (normalizer lowercasing
-    unless ``lowercase`` is false, pre-tokenizer, ``[CLS]/[SEP]`` template); a
+    unless ``lowercase`` is false, and stripping accents as ``strip_accents``
+    says, by default when lowercasing; CJK characters split apart unless
+    ``chinese_chars`` is false: BertTokenizer's do_lower_case, strip_accents and
+    tokenize_chinese_chars; pre-tokenizer, ``[CLS]/[SEP]`` template); a
     ``tokenizer.json`` is used as saved. Either way the five special tokens
     must be in the vocabulary.
     """
     file = _resolve_tokenizer_file(Path(path))
-    tok = _tokenizer_from_json(file) if file.suffix == ".json" else _tokenizer_from_vocab(file, lowercase)
+    tok = (_tokenizer_from_json(file) if file.suffix == ".json"
+           else _tokenizer_from_vocab(file, lowercase, strip_accents, chinese_chars))
     special_ids(tok, source=str(file))
     return tok
 
