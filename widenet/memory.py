@@ -5,6 +5,7 @@ each small enough to be granted, together fill the machine)."""
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -51,13 +52,24 @@ def check_fits_memory(num_bytes: int, what: str) -> None:
 
 def check_activations_fit(examples: int, tokens: int, encoder: Any, what: str) -> None:
     """MemoryError when even a lower bound of what autograd keeps for one batch of `examples` inputs
-    of `tokens` tokens through `encoder` (an EncoderConfig: dim D, depth, activation_checkpointing)
-    exceeds the memory: per block and token at least 8 float32 vectors of width D (the block's
-    input, q, k, v, the attention's output and the FFN's input, of the 13 D or more a block saves);
-    with activation checkpointing, each block's input and one block's 8 while it is recomputed."""
-    depth = encoder.depth
-    vectors = depth + 8 if encoder.activation_checkpointing else 8 * depth
-    check_fits_memory(examples * tokens * encoder.dim * vectors * 4, what)
+    of `tokens` tokens through `encoder` (an EncoderConfig) exceeds the memory; a warning when it
+    takes more than half of it (the true figure is ~1.2-1.5x the bound, and the kernel's
+    out-of-memory killer ends a process without a word). Per block and token, float32: 8 vectors
+    of width D (the block's input, q, k, v, the attention's output, the FFN's input, ...) and 2 of
+    the FFN's active hidden width (before and after the activation; top_k x the expert width in an
+    MoE block). With activation checkpointing: each block's input and one block's whole while it
+    is recomputed."""
+    moe_ids = set(encoder.moe_block_ids)
+    expert = encoder.moe.top_k * (encoder.expert_dim or encoder.mlp_dim)
+    per_block = [8 * encoder.dim + 2 * (expert if i in moe_ids else encoder.mlp_dim) for i in range(encoder.depth)]
+    vectors = encoder.depth * encoder.dim + max(per_block) if encoder.activation_checkpointing else sum(per_block)
+    need = examples * tokens * vectors * 4
+    check_fits_memory(need, what)
+    free = available_memory()
+    if free is not None and need > free / 2 and os.environ.get("WIDENET_NO_MEMORY_CHECK") != "1":
+        warnings.warn(f"{what} need at least {_size(need)} of the {_size(free)} of memory available (likely "
+                      "1.2-1.5x that): the process may be stopped for memory; a smaller batch is safer",
+                      stacklevel=2)
 
 
 def _size(num_bytes: int) -> str:

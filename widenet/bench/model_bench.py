@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..analysis.flops import flops_per_image
+from ..memory import check_activations_fit
 from ..models.registry import count_parameters, create_model, settings_for_each
 from ..runtime import autocast, autocast_dtype, compile_model, resolve_device
 from ..settings import repeated
@@ -112,6 +113,10 @@ class _TrainStep:
         if not hasattr(cfg, "image_size"):
             raise ValueError(f"widenet bench model times vision models; {name} is a text model")
         shape = (cfg.in_channels, cfg.image_size, cfg.image_size)
+        if dev.type == "cpu":
+            tokens = cfg.num_patches + (cfg.pool == "token")
+            check_activations_fit(batch_size, tokens, cfg.encoder, f"the activations of {name} for a batch of "
+                                  f"{batch_size} images of {cfg.image_size} px ({tokens} tokens each)")
         self.train_flops = 3 * flops_per_image(self.model, shape)
         self.images = torch.randn(batch_size, *shape, device=dev)
         self.labels = torch.randint(0, cfg.num_classes, (batch_size,), device=dev)

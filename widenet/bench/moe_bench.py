@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from ..layers.experts import grouped_mm_works
 from ..layers.mlp import Mlp
 from ..layers.moe import MoE, MoEConfig
-from ..memory import check_model_fits
+from ..memory import check_fits_memory, check_model_fits
 from ..runtime import autocast, autocast_dtype
 from ..settings import check_types
 
@@ -152,6 +152,11 @@ def run_moe_bench(cfg: MoEBenchConfig) -> dict:
     torch.manual_seed(cfg.seed)
     check_model_fits(lambda: MoE(cfg.dim, cfg.hidden, config=cfg.moe_config()))
     moe = MoE(cfg.dim, cfg.hidden, config=cfg.moe_config()).to(device)
+    if device.type == "cpu":  # a lower bound: the one-hot dispatch and combine tensors, the FFN's saved rows
+        n, slots = cfg.tokens, moe.capacity(cfg.tokens)
+        check_fits_memory(4 * (2 * n * cfg.experts * slots + n * (2 * cfg.dim + 2 * cfg.top_k * cfg.hidden)),
+                          f"the activations of {n:,} tokens (the one-hot einsum's two {n:,} x {cfg.experts} x "
+                          f"{slots:,} tensors among them)")
     dense = Mlp(cfg.dim, cfg.top_k * cfg.hidden).to(device)
     x = torch.randn(cfg.tokens, cfg.dim, device=device, requires_grad=True)
 
