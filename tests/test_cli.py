@@ -83,6 +83,23 @@ def test_closed_stdout_pipe_ends_quietly(launcher):
     assert proc.stderr == ""
 
 
+def test_a_closed_stdout_is_refused_where_the_output_is_the_result(tmp_path):
+    """`widenet predict ... >&-` exited 0 with every prediction written nowhere (a closed stdout is
+    opened on /dev/null so that training can run); commands whose product is their output refuse."""
+    def closed_stdout(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["sh", "-c", 'exec "$@" >&-', "sh", sys.executable, "-m", "widenet", *args],
+                              stderr=subprocess.PIPE, text=True, timeout=120, env=_env(), cwd=tmp_path)
+
+    for args in (["list"], ["params", "vit_tiny"]):
+        proc = closed_stdout(*args)
+        assert proc.returncode == 2 and proc.stderr == (f"widenet: error: standard output is closed, so what "
+                                                        f"{args[0]} prints would be lost; send it to a file (or to "
+                                                        "/dev/null to discard it)\n")
+    proc = closed_stdout("gcide-task", "pos", "--out", str(tmp_path / "task"), "--gcide", str(tmp_path / "none.dz"))
+    assert proc.returncode == 2 and "none.dz" in proc.stderr
+    assert "standard output is closed" not in proc.stderr  # its product is files: it goes on (to its own error)
+
+
 def test_a_torchrun_process_keeps_its_output_and_status_but_skips_finalizing():
     """Under torchrun the CLI ends with os._exit after flushing (distributed.env.exit_without_finalizing):
     finalizing can abort a process after a successful run. An atexit hook shows which way it left."""

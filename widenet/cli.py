@@ -30,8 +30,9 @@ from .cli_args import (add_budget_arguments, add_moe_arguments, add_process_argu
                        add_run_arguments, config_fields, finite_float, model_overrides, nonempty, parse_setting,
                        positive_float, positive_int)
 from .cli_errors import (BUG_REPORT, INTERRUPTED, CLIError, explain, file_names_printable,
-                         latest_checkpoint_identity, missing_outputs_to_devnull, output_survives_its_reader,
-                         rerun_advice, say_error, say_last, termination_interrupts, Terminated, warnings_as_notes)
+                         latest_checkpoint_identity, lost_results, missing_outputs_to_devnull,
+                         output_survives_its_reader, rerun_advice, say_error, say_last, termination_interrupts,
+                         Terminated, warnings_as_notes)
 from .cli_models import add_model_commands
 from .cli_predict import add_predict_command
 from .cli_text import add_text_commands
@@ -407,14 +408,17 @@ _TRAINING_COMMANDS = (*_RESUMABLE, "compare", "compare-text")
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; every expected failure ends as one line and status 2 (cli_errors.py)."""
-    missing_outputs_to_devnull()
+    closed = missing_outputs_to_devnull()
     with file_names_printable():
-        return _main(argv)
+        return _main(argv, closed)
 
 
-def _main(argv: Sequence[str] | None) -> int:
+def _main(argv: Sequence[str] | None, closed: list[str]) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if (lost := lost_results(args.command, closed)) is not None:
+        say_error(lost)
+        return 2
     before = latest_checkpoint_identity(getattr(args, "out", None)) if args.command in _RESUMABLE else None
     _show_library_notes()
     func: Callable[[argparse.Namespace], int] = args.func

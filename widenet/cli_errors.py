@@ -26,7 +26,7 @@ from typing import Any
 from .train.stopping import handling, signal_numbers
 
 __all__ = ["CLIError", "BUG_REPORT", "INTERRUPTED", "explain", "file_names_printable",
-           "latest_checkpoint_identity", "missing_outputs_to_devnull", "output_survives_its_reader", "rerun_advice",
+           "latest_checkpoint_identity", "lost_results", "missing_outputs_to_devnull", "output_survives_its_reader", "rerun_advice",
            "say", "say_error", "say_last", "termination_interrupts", "Terminated", "warnings_as_notes"]
 
 BUG_REPORT = ("widenet: this is a bug in widenet, not a problem with your input; please report it with the "
@@ -108,22 +108,37 @@ def termination_interrupts() -> Iterator[None]:
         yield
 
 
-def missing_outputs_to_devnull() -> None:
+def missing_outputs_to_devnull() -> list[str]:
     """A command started with stdout or stderr closed (`2>&-`, some daemons) writes them to /dev/null:
     Python leaves sys.stderr None there, which ended training at its progress bar, and the next file
-    opened would take descriptor 2, where a library's C++ warnings would then land."""
+    opened would take descriptor 2, where a library's C++ warnings would then land. Returns the names
+    of those that were closed (lost_results says when that loses a command's product)."""
+    closed = []
     for fd, name in ((1, "stdout"), (2, "stderr")):
         try:
             os.fstat(fd)
             continue
         except OSError:
-            pass
+            closed.append(name)
         null = os.open(os.devnull, os.O_WRONLY)
         if null != fd:
             os.dup2(null, fd)
             os.close(null)
         if getattr(sys, name) is None:
             setattr(sys, name, open(fd, "w", closefd=False))
+    return closed
+
+
+RESULTS_ON_STDOUT = ("list", "params", "eval", "predict", "bench")  # commands whose product is their output
+
+
+def lost_results(command: str, closed: list[str]) -> str | None:
+    """The error for a command whose results would go to a closed stdout (`>&-`: predict exited 0
+    having printed its predictions nowhere), else None."""
+    if "stdout" in closed and command in RESULTS_ON_STDOUT:
+        return (f"standard output is closed, so what {command} prints would be lost; send it to a file "
+                "(or to /dev/null to discard it)")
+    return None
 
 
 @contextlib.contextmanager
