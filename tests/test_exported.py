@@ -49,6 +49,8 @@ def test_export_then_from_pretrained_gives_the_runs_model(vit_run, tmp_path, cli
         torch.testing.assert_close(from_export(images).logits, from_run(images).logits, rtol=0, atol=0)
     loaded = widenet.load_pretrained(tmp_path / "exp")
     assert loaded.kind == "vision" and loaded.classes == config["classes"] and loaded.mean == tuple(config["image"]["mean"])
+    for file in ("model.safetensors", "config.json"):  # a file of the folder named instead (was: "state.pt missing")
+        assert widenet.load_pretrained(tmp_path / "exp" / file).classes == config["classes"]
     # an existing folder is not overwritten without --overwrite, and is with it
     line = _one_line(*cli(["export", vit_run, "--to", tmp_path / "exp"]))
     assert "already holds a widenet model" in line and "--overwrite" in line

@@ -328,10 +328,13 @@ def load_source(path: str | os.PathLike) -> Source:
     folder (its latest checkpoint), a checkpoint folder or a model.safetensors inside one."""
     path = Path(path)
     if not path.exists():
-        hub = len(path.parts) <= 2 and not path.is_absolute() and str(path)[:1] not in (".", "~")
+        hub = len(path.parts) <= 2 and not (path.is_absolute() or path.suffix or str(path)[:1] in (".", "~"))
         hint = ("; if it names a Hugging Face hub model: widenet reads local folders only, so download it "
                 "first (e.g. huggingface_hub's snapshot_download) and pass that folder" if hub else "")
         raise FileNotFoundError(errno.ENOENT, "does not exist" + hint, str(path))
+    if path.is_file() and path.name in (WEIGHTS_FILE, CONFIG_FILE) and (
+            is_export(path.parent) or is_hf_folder(path.parent)):
+        path = path.parent  # a file of a model folder (only a checkpoint's model.safetensors is read alone)
     if is_export(path):
         return read_export(path)
     if is_hf_folder(path):
