@@ -610,4 +610,6 @@ def test_gcide_task_refuses_to_replace_a_task_without_overwrite(tmp_path, cli):
     assert rc == 0
     assert (len(_task_rows(out / "train.tsv")), len(_task_rows(out / "validation.tsv"))) == (20, 6)
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "train.tsv", "validation.tsv"]  # no temp files
+    rc, _, err = cli(["gcide-task", "pos", "--gcide", path, "--out", out / "notes.txt"])  # was "File exists"
+    assert rc == 2 and f"--out {out / 'notes.txt'} is a file, not a folder" in err
     assert (out / "notes.txt").read_text() == "mine\n"

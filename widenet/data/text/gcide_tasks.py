@@ -204,6 +204,8 @@ def write_gcide_task(
     if train_size < 1 or validation_size < 1:
         raise ValueError(f"train_size and validation_size must be positive, got {train_size}, {validation_size}")
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder; choose a folder for train.tsv and validation.tsv")
     train_path, validation_path = out / "train.tsv", out / "validation.tsv"
     _refuse_existing(train_path, validation_path, overwrite)
     found = _collect_examples(path, kind)
