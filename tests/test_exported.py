@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -245,6 +246,11 @@ def test_overwrite_never_replaces_a_run_a_source_or_other_files(vit_run, tmp_pat
     (other / "metrics.jsonl").write_text("{}\n")
     line = _one_line(*cli(["upcycle", "--from", vit_run, "--experts", 2, "--out", other, "--overwrite"]))
     assert "not a widenet model folder" in line and (other / "metrics.jsonl").exists()
+    copy = tmp_path / "copy"  # among another run's checkpoints, where training would take it for one
+    shutil.copytree(vit_run, copy)
+    for command in (["export", copy, "--to"], ["upcycle", "--from", copy, "--experts", 2, "--out"]):
+        line = _one_line(*cli([*command, vit_run / "checkpoints" / "step_00000099"]))
+        assert f"lies inside {(vit_run / 'checkpoints').resolve()}, which holds a run's checkpoints" in line
     assert sorted(p.name for p in (vit_run / "checkpoints").iterdir()) == checkpoints
 
 
@@ -260,8 +266,6 @@ def test_nan_weights_are_refused_by_name(vit_run, tmp_path, cli):
 
 
 def test_resume_of_an_init_run_needs_only_the_run(vit_run, tmp_path, fmnist_dir, cli):
-    import shutil
-
     start = tmp_path / "start"
     assert cli(["export", vit_run, "--to", start])[0] == 0
     args = ["train", "--init", start, "--data-dir", fmnist_dir, "--out", tmp_path / "r", "--batch-size", 32,

@@ -40,7 +40,7 @@ from ..models.hf import is_hf_folder, load_hf
 from ..models.text import TextConfig, TextTransformer
 from ..models.vision import VisionConfig, VisionTransformer
 from .checkpoint import CheckpointError, check_finite, check_model_keys, find_latest_checkpoint, load_checkpoint
-from .checkpoint_layout import remove_tree
+from .checkpoint_layout import LATEST_FILE, remove_tree, step_folders
 from .text_inputs import recorded_inputs
 
 __all__ = ["EXPORT_FORMAT", "EXPORT_VERSION", "HEADS", "Source", "config_problem", "init_source", "require_kind", "is_export", "load_model",
@@ -237,6 +237,10 @@ def _check_destination(out: Path, overwrite: bool, protect: str | os.PathLike | 
     parent = next((p for p in out.parents if p.exists()), Path("."))  # the nearest folder above that exists
     if not parent.is_dir():
         raise NotADirectoryError(errno.ENOTDIR, f"{parent} is a file, not a folder", str(out))
+    holder = next((p for p in out.resolve().parents if (p / LATEST_FILE).is_file() or step_folders(p)), None)
+    if holder is not None:  # among a run's checkpoints, where training would take it for one (and prune it)
+        raise ValueError(f"{out}: the destination lies inside {holder}, which holds a run's checkpoints; "
+                         "choose a folder outside it")
     if not out.exists() and not out.is_symlink():
         return
     if not out.is_dir():
