@@ -246,6 +246,7 @@ def test_overwrite_never_replaces_a_run_a_source_or_other_files(vit_run, tmp_pat
     (other / "metrics.jsonl").write_text("{}\n")
     line = _one_line(*cli(["upcycle", "--from", vit_run, "--experts", 2, "--out", other, "--overwrite"]))
     assert "not a widenet model folder" in line and (other / "metrics.jsonl").exists()
+    assert line.startswith(f"widenet: error: {other} already holds files")  # not "writing under OTHER: OTHER ..."
     copy = tmp_path / "copy"  # among another run's checkpoints, where training would take it for one
     shutil.copytree(vit_run, copy)
     for command in (["export", copy, "--to"], ["upcycle", "--from", copy, "--experts", 2, "--out"]):

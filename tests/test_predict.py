@@ -216,6 +216,11 @@ def test_undecodable_image_is_reported_and_the_rest_predicted(vision_dir, images
     assert [r.file for r in results] == [str(images / n) for n in ("a.png", "b.jpg", "sub/c.bmp", "x.png")]
     assert [r.ok for r in results] == [True, True, True, False]
     assert isinstance(results[3], ImageFailure) and "Pillow" in results[3].reason
+    from PIL import Image
+
+    Image.fromarray(np.zeros((4, 4), dtype=np.float32), "F").save(images / "float.tiff")
+    failure = predict_images(load_pretrained(vision_dir), [images / "float.tiff"], device="cpu")[0]
+    assert failure.reason.startswith("floating-point pixels are not supported")  # the path was said twice
 
 
 def test_cli_images_table_json_and_bad_file(vision_dir, images, capsys, monkeypatch):

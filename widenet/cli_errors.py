@@ -233,6 +233,8 @@ def describe_os_error(err: OSError, out: str | None = None, after_full_disk: str
     where = " -> ".join(paths) if paths else (f"writing under {out}" if out else "")
     if err.errno == errno.ENOSPC:
         return f"no space left on device ({where or 'a write failed'}); free some space and {after_full_disk}"
+    if not paths and err.strerror is None and str(err):  # raised with a message of its own, paths in it
+        return str(err)
     cause = err.strerror or str(err) or type(err).__name__
     return f"{where}: {cause}" if where else cause
 

@@ -245,7 +245,7 @@ def _decode(path: Path, size: int, channels: int, resize: dict[str, Any] | None 
             return ImageFailure(str(path), "not an image Pillow can decode (unknown format or damaged file)")
         if isinstance(cause, OSError) and cause.strerror:
             return ImageFailure(str(path), cause.strerror)
-        return ImageFailure(str(path), first_line(cause if cause is not None else err))
+        return ImageFailure(str(path), first_line(cause if cause is not None else err).removeprefix(f"{path}: "))
 
 
 def _image_stats(pretrained: Pretrained, channels: int) -> tuple[Sequence[float], Sequence[float]]:
