@@ -16,7 +16,8 @@ __version__ = "0.1.0"
 # public name -> the module that defines it
 _HOME = {
     "Pretrained": "inference", "from_pretrained": "inference", "load_pretrained": "inference",
-    "MoE": "layers.moe", "MoEOutput": "layers.moe", "RoutingStats": "layers.moe", "dropless_routing": "layers.moe",
+    "MoE": "layers.moe", "MoEOutput": "layers.moe", "RoutingStats": "layers.moe",
+    "dropless_routing": "layers.moe",
     "Encoder": "models", "EncoderConfig": "models", "TextConfig": "models", "TextOutput": "models",
     "TextTransformer": "models", "VisionConfig": "models", "VisionTransformer": "models",
     "count_parameters": "models", "create_model": "models", "list_models": "models", "model_config": "models",
@@ -25,7 +26,8 @@ _HOME = {
 
 __all__ = ["MoE", "MoEOutput", "RoutingStats", "Encoder", "EncoderConfig", "Pretrained", "TextConfig", "TextOutput",
            "TextTransformer", "VisionConfig", "VisionTransformer", "count_parameters", "create_model",
-           "dropless_routing", "from_pretrained", "list_models", "load_hf", "load_pretrained", "model_config", "upcycle", "__version__"]
+           "dropless_routing", "from_pretrained", "list_models", "load_hf", "load_pretrained", "model_config",
+           "upcycle", "__version__"]
 
 if TYPE_CHECKING:  # for type checkers and editors; at run time __getattr__ imports these
     from .inference import Pretrained, from_pretrained, load_pretrained

@@ -29,8 +29,8 @@ from collections.abc import Hashable, Iterable
 from functools import lru_cache
 from typing import Any
 
-__all__ = ["FLOAT_LIMIT", "INT_LIMIT", "SettingError", "SettingTypeError", "check_types", "field_kinds", "parse_bool",
-           "parse_setting_text", "repeated"]
+__all__ = ["FLOAT_LIMIT", "INT_LIMIT", "SettingError", "SettingTypeError", "check_types", "field_kinds",
+           "finite_numbers", "parse_bool", "parse_setting_text", "repeated"]
 
 _TRUE, _FALSE = ("true", "yes", "1"), ("false", "no", "0")
 FLOAT_LIMIT = 3.4e38  # float32's largest finite value, rounded down
@@ -89,6 +89,12 @@ def _check_range(value: float, limit: float, key: str, kind: str, shown: str) ->
         raise SettingError(f"{key} must be a finite number, got {shown}")
     if not -limit <= value <= limit:
         raise SettingError(f"{key} must be {kind} within +-{limit:.3g}, got {shown}")
+
+
+def finite_numbers(value: Any) -> bool:
+    """Whether value is a non-empty list of finite real numbers (bools are not numbers here)."""
+    return isinstance(value, list) and bool(value) and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
 
 
 def repeated(names: Iterable[Hashable]) -> list:

@@ -9,17 +9,15 @@ A folder with ``config.json`` and ``model.safetensors`` (or a sharded
                             size = width with an identity projection (BERT has none)
     model_type "vit"     -> VisionTransformer, patch stem, class token, pre-norm
 
-The head follows the architecture: *ForPreTraining / *ForMaskedLM -> task
-"pretrain" (BERT's next-sentence head becomes the sentence-order head, the
-same shape: (B, D) -> 2); *ForSequenceClassification -> "classify";
-*ForQuestionAnswering -> "qa"; ViTForImageClassification -> its classifier;
-a bare *Model keeps the backbone and gets freshly initialised heads. ViTModel's
+The head follows the architecture: *ForPreTraining / *ForMaskedLM -> task "pretrain" (BERT's
+next-sentence head becomes the sentence-order head, the same shape: (B, D) -> 2);
+*ForSequenceClassification -> "classify"; *ForQuestionAnswering -> "qa"; ViTForImageClassification
+-> its classifier; a bare *Model keeps the backbone and gets freshly initialised heads. ViTModel's
 pooler (Linear + tanh on the class token) becomes the pre-logits layer.
 
-The results equal `transformers`' own models on the same input (tests build
-small random ones with save_pretrained). Unknown settings that change the
-function (grouped ALBERT layers, relative positions, other activations) are
-refused with a line naming them, as are missing tensors and shape mismatches.
+The results equal `transformers`' own models on the same input (tests build small random ones
+with save_pretrained). Unknown settings that change the function (grouped ALBERT layers, relative
+positions, other activations) are refused by name, as are missing tensors and shape mismatches.
 """
 
 from __future__ import annotations
@@ -56,16 +54,14 @@ class HFCheckpointError(ValueError):
 
 @dataclass
 class HFImport:
-    """What load_hf returns: the model (eval mode), the preset it is shaped like, its kind
-    ("text" or "vision"), class names when the config has them, notes (heads left new), and the
-    task head that predicts (a classifier, a span head) when the checkpoint held no weights for it."""
+    """What load_hf returns: the model (eval mode), its preset, kind, class names, notes (new heads)."""
 
     model: nn.Module
     model_name: str
     kind: str
     classes: list[str] | None = None
     notes: list[str] = field(default_factory=list)
-    untrained_head: str | None = None  # e.g. "the classifier": new, random weights; predictions mean nothing
+    untrained_head: str | None = None  # the task head held no weights ("the classifier"): it predicts nothing
 
 
 def is_hf_folder(path: str | Path) -> bool:
@@ -201,8 +197,7 @@ def _load_text(path, config: dict, state: dict, arch: str, kind: str) -> HFImpor
     if task == "classify":
         _check_classifier(path, config, classes, state)
     head = {"classify": ("classifier.", "classifier"), "qa": ("qa_outputs.", "span head")}.get(task, ("", ""))
-    missing = _missing_head(path, arch, state, *head)
-    notes += missing
+    notes += (missing := _missing_head(path, arch, state, *head))
     decoder = next((k for k in ("predictions.decoder.weight", "cls.predictions.decoder.weight") if k in state), None)
     words = state.get("embeddings.word_embeddings.weight")
     untied = decoder is not None and words is not None and not torch.equal(state[decoder], words)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
-import math
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -36,16 +35,18 @@ from ..data.images.folder import RESAMPLING
 from ..data.text.tokenizer import TokenizerError, load_tokenizer, save_tokenizer, vocab_fingerprint
 from ..files import (fsync_path, load_safetensors, raise_if_disk_full, rename_exchange, save_safetensors,
                      signals_held)
-from ..models.hf import is_hf_folder, load_hf
+from ..models.hf import is_hf_folder
 from ..models.text import TextConfig, TextTransformer
 from ..models.vision import VisionConfig, VisionTransformer
+from ..settings import finite_numbers
 from .checkpoint import CheckpointError, check_finite, check_model_keys, find_latest_checkpoint, load_checkpoint
 from .checkpoint_layout import LATEST_FILE, remove_tree, step_folders
+from .hf_folder import read_hf_source
 from .text_inputs import recorded_inputs
 
-__all__ = ["EXPORT_FORMAT", "EXPORT_VERSION", "HEADS", "Source", "config_problem", "init_source", "require_kind", "is_export", "load_model",
-           "load_source", "model_from_meta", "non_finite_problem", "read_export", "weights_from",
-           "write_export"]
+__all__ = ["EXPORT_FORMAT", "EXPORT_VERSION", "HEADS", "Source", "config_problem", "init_source", "require_kind",
+           "is_export", "load_model", "load_source", "model_from_meta", "non_finite_problem", "read_export",
+           "weights_from", "write_export"]
 
 EXPORT_FORMAT = "widenet-model"
 EXPORT_VERSION = 1
@@ -101,7 +102,7 @@ class Source:
         stats = {k: data[k] for k in ("mean", "std") if data.get(k) is not None}
         channels = (self.meta.get("model_config") or {}).get("in_channels")
         for key, values in stats.items():
-            fits = _finite_numbers(values) and (channels is None or len(values) == channels)
+            fits = finite_numbers(values) and (channels is None or len(values) == channels)
             if not fits or (key == "std" and min(values) <= 0):
                 raise CheckpointError(f"{self.path}: the saved image {key} {values!r} should be one finite "
                                       f"number per channel ({channels or 'as many as the model has'})"
@@ -303,7 +304,7 @@ def read_export(path: str | os.PathLike) -> Source:
     image = config.get("image") or {}
     classes = config.get("classes")
     names_ok = classes is None or (isinstance(classes, list) and all(isinstance(c, str) for c in classes))
-    stats_ok = isinstance(image, dict) and set(image) <= {"mean", "std"} and all(map(_finite_numbers, image.values()))
+    stats_ok = isinstance(image, dict) and set(image) <= {"mean", "std"} and all(map(finite_numbers, image.values()))
     if not (names_ok and stats_ok):
         raise CheckpointError(f"{folder / CONFIG_FILE}: 'image' must be {{mean, std}} with finite numbers and "
                               "'classes' a list of names")
@@ -342,7 +343,8 @@ def load_source(path: str | os.PathLike) -> Source:
     if is_export(path):
         return read_export(path)
     if is_hf_folder(path):
-        return _hf_source(path)
+        hf = read_hf_source(path)
+        return Source(path, None, hf.meta, hf.model_state, {}, hf.tokenizer_path, hf.notes, hf.tokenizer_settings)
     if (path / CONFIG_FILE).is_file():  # checkpoints hold meta.json: this was meant as an export or HF folder
         raise CheckpointError(config_problem(path))
     ckpt = load_checkpoint(find_latest_checkpoint(path) or path)
@@ -362,60 +364,6 @@ def init_source(init: str, out: str | os.PathLike, resume: bool, kind: str | Non
     return source
 
 
-def _hf_source(path: Path) -> Source:
-    """A Hugging Face folder: the model (models/hf.py), its label names, the image statistics of its
-    preprocessor_config.json, and its tokenizer.json or vocab.txt (cased if tokenizer_config says so)."""
-    imported = load_hf(path)
-    model = imported.model
-    data: dict[str, Any] = dict(classes=imported.classes)
-    if imported.kind == "vision":
-        data.update(_hf_image_preparation(_json_or_empty(path / "preprocessor_config.json"), model.cfg.in_channels))
-    if imported.untrained_head:
-        data["untrained_head"] = imported.untrained_head
-    meta = dict(model=imported.model_name, model_config=model.cfg.to_dict(), data=data)
-    tokenizer = path / TOKENIZER_FILE if (path / TOKENIZER_FILE).is_file() else path / "vocab.txt"
-    settings = _vocab_settings(_json_or_empty(path / "tokenizer_config.json"))
-    return Source(path, None, meta, model.state_dict(), {}, tokenizer if tokenizer.is_file() else None,
-                  list(imported.notes), settings)
-
-
-def _vocab_settings(config: dict) -> dict[str, Any]:
-    """load_tokenizer's settings for a BERT vocab.txt from its tokenizer_config.json (BertTokenizer's
-    do_lower_case, strip_accents, tokenize_chinese_chars; their defaults where absent)."""
-    accents = config.get("strip_accents")
-    return dict(lowercase=config.get("do_lower_case", True) is not False,
-                strip_accents=accents if isinstance(accents, bool) else None,
-                chinese_chars=config.get("tokenize_chinese_chars", True) is not False)
-
-
-def _hf_image_preparation(processor: dict, channels: int) -> dict[str, Any]:
-    """What a Hugging Face image processor's settings ask of widenet's decoding, as meta["data"]
-    fields: mean / std with its rescale factor folded in (widenet divides by 255: p * r - m over s is
-    p / 255 - m / 255r over s / 255r), none of them without do_normalize; and resize (whole image
-    squashed, with its filter) for a processor that resizes to a height and width, as ViT's does."""
-    factor = processor.get("rescale_factor", 1 / 255) if processor.get("do_rescale", True) else 1.0
-    mean, std = processor.get("image_mean"), processor.get("image_std")
-    if processor.get("do_normalize", True) is False:
-        mean, std = [0.0] * channels, [1.0] * channels
-    found: dict[str, Any] = {}
-    if _finite_numbers(mean) and _finite_numbers(std) and isinstance(factor, (int, float)) and factor > 0:
-        scale = 255 * factor
-        found.update(mean=[m / scale for m in mean], std=[v / scale for v in std])
-    size, resample = processor.get("size"), processor.get("resample", 2)
-    squash = isinstance(size, int) or (isinstance(size, dict) and {"height", "width"} <= set(size))
-    if squash and isinstance(resample, int) and 0 <= resample < len(RESAMPLING):
-        found["resize"] = dict(crop=False, resample=RESAMPLING[resample])
-    return found
-
-
-def _json_or_empty(file: Path) -> dict:
-    try:
-        value = json.loads(file.read_text())
-    except (OSError, ValueError):
-        return {}
-    return value if isinstance(value, dict) else {}
-
-
 def non_finite_problem(source: str | os.PathLike, model: nn.Module) -> str:
     """The line for a model whose scores came out NaN or inf: whether its weights are to blame."""
     bad = sum(int((~p.detach().isfinite()).sum()) for p in model.parameters())
@@ -433,11 +381,6 @@ def _resize_setting(value: Any, where: Path) -> dict[str, Any] | None:
         raise CheckpointError(f"{where}: the saved image resize {value!r} should be {{crop: true|false, resample: "
                               f"{'|'.join(RESAMPLING)}}}")
     return dict(value)
-
-
-def _finite_numbers(value: Any) -> bool:
-    return isinstance(value, list) and bool(value) and all(
-        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
 
 
 def source_tokenizer(source: Source):

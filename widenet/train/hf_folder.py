@@ -1,0 +1,86 @@
+"""What a Hugging Face checkpoint folder gives widenet (train/exported.py makes a Source of it): the
+model (models/hf.py), its label names, how its image processor prepares images, and how its
+vocab.txt is tokenized."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..data.images.folder import RESAMPLING
+from ..models.hf import load_hf
+from ..settings import finite_numbers
+
+__all__ = ["HFSource", "read_hf_source", "image_preparation", "vocab_settings"]
+
+
+@dataclass
+class HFSource:
+    """meta (model, model_config, data: classes, image preparation, untrained_head) and weights as a
+    checkpoint holds them; the tokenizer file (tokenizer.json, else a BERT vocab.txt) and load_tokenizer's
+    settings for a vocab.txt; notes for the user (heads left new)."""
+
+    meta: dict
+    model_state: dict[str, torch.Tensor]
+    tokenizer_path: Path | None
+    tokenizer_settings: dict[str, Any]
+    notes: list[str] = field(default_factory=list)
+
+
+def read_hf_source(path: Path) -> HFSource:
+    """A Hugging Face folder: the model (models/hf.py), its label names, what its
+    preprocessor_config.json asks of images (image_preparation), the head it lacks weights for, and
+    its tokenizer.json or vocab.txt (read as its tokenizer_config.json says: vocab_settings)."""
+    imported = load_hf(path)
+    model = imported.model
+    data: dict[str, Any] = dict(classes=imported.classes)
+    if imported.kind == "vision":
+        data.update(image_preparation(_json_or_empty(path / "preprocessor_config.json"), model.cfg.in_channels))
+    if imported.untrained_head:
+        data["untrained_head"] = imported.untrained_head
+    meta = dict(model=imported.model_name, model_config=model.cfg.to_dict(), data=data)
+    tokenizer = path / "tokenizer.json" if (path / "tokenizer.json").is_file() else path / "vocab.txt"
+    settings = vocab_settings(_json_or_empty(path / "tokenizer_config.json"))
+    return HFSource(meta, model.state_dict(), tokenizer if tokenizer.is_file() else None, settings,
+                    list(imported.notes))
+
+
+def vocab_settings(config: dict) -> dict[str, Any]:
+    """load_tokenizer's settings for a BERT vocab.txt from its tokenizer_config.json (BertTokenizer's
+    do_lower_case, strip_accents, tokenize_chinese_chars; their defaults where absent)."""
+    accents = config.get("strip_accents")
+    return dict(lowercase=config.get("do_lower_case", True) is not False,
+                strip_accents=accents if isinstance(accents, bool) else None,
+                chinese_chars=config.get("tokenize_chinese_chars", True) is not False)
+
+
+def image_preparation(processor: dict, channels: int) -> dict[str, Any]:
+    """What a Hugging Face image processor's settings ask of widenet's decoding, as meta["data"]
+    fields: mean / std with its rescale factor folded in (widenet divides by 255: p * r - m over s is
+    p / 255 - m / 255r over s / 255r), none of them without do_normalize; and resize (whole image
+    squashed, with its filter) for a processor that resizes to a height and width, as ViT's does."""
+    factor = processor.get("rescale_factor", 1 / 255) if processor.get("do_rescale", True) else 1.0
+    mean, std = processor.get("image_mean"), processor.get("image_std")
+    if processor.get("do_normalize", True) is False:
+        mean, std = [0.0] * channels, [1.0] * channels
+    found: dict[str, Any] = {}
+    if finite_numbers(mean) and finite_numbers(std) and isinstance(factor, (int, float)) and factor > 0:
+        scale = 255 * factor
+        found.update(mean=[m / scale for m in mean], std=[v / scale for v in std])
+    size, resample = processor.get("size"), processor.get("resample", 2)
+    squash = isinstance(size, int) or (isinstance(size, dict) and {"height", "width"} <= set(size))
+    if squash and isinstance(resample, int) and 0 <= resample < len(RESAMPLING):
+        found["resize"] = dict(crop=False, resample=RESAMPLING[resample])
+    return found
+
+
+def _json_or_empty(file: Path) -> dict:
+    try:
+        value = json.loads(file.read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
