@@ -13,6 +13,7 @@ from widenet import create_model
 from widenet.cli import main
 from widenet.models.upcycle import UpcycleError, upcycle
 from widenet.train.checkpoint import CheckpointError
+from widenet.train import exported
 from widenet.train.exported import write_export
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -252,6 +253,18 @@ def test_overwrite_never_replaces_a_run_a_source_or_other_files(vit_run, tmp_pat
     for command in (["export", copy, "--to"], ["upcycle", "--from", copy, "--experts", 2, "--out"]):
         line = _one_line(*cli([*command, vit_run / "checkpoints" / "step_00000099"]))
         assert f"lies inside {(vit_run / 'checkpoints').resolve()}, which holds a run's checkpoints" in line
+    shared = tmp_path / "shared" / "checkpoints"  # a folder one may enter but not list (as /home often is)
+    shared.mkdir(parents=True)
+    real = exported.step_folders
+
+    def unlistable(folder):
+        if folder == shared:
+            raise PermissionError(13, "Permission denied", str(folder))
+        return real(folder)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(exported, "step_folders", unlistable)
+        assert cli(["export", copy, "--to", shared / "model"])[0] == 0
     assert sorted(p.name for p in (vit_run / "checkpoints").iterdir()) == checkpoints
 
 

@@ -414,6 +414,7 @@ def test_predict_prepares_images_as_the_folders_processor_does(tmp_path, process
         got = torch.tensor([[dict((c.name, c.probability) for c in r.top)[model.config.id2label[i]]
                              for i in range(3)] for r in results])
         torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
+    assert not load_pretrained(folder).notes  # nothing it does that predict does not
     config_file = tmp_path / "imported" / "config.json"
     saved = json.loads(config_file.read_text())
     assert saved["image_resize"] == dict(crop=False, resample="bicubic" if processor.get("resample") else "bilinear")
@@ -444,3 +445,15 @@ def test_a_vocab_txt_is_read_as_its_tokenizer_config_says(tmp_path, settings):
     ours = source_tokenizer(load_source(folder))
     for text in ("Café naïve cats.", "猫猫 the CAT", "cafe naive"):
         assert ours.encode(text).ids == theirs(text)["input_ids"], text
+
+
+def test_a_processor_that_crops_is_noted():
+    """DeiT's processor resizes to 256 and crops 224; predict does not reproduce that: said, not hidden."""
+    from widenet.train.hf_folder import preparation_gaps
+
+    crop = dict(size={"height": 256, "width": 256}, do_center_crop=True, crop_size={"height": 224, "width": 224})
+    assert "which widenet's predict does not reproduce for a 224 px model" in preparation_gaps(crop, 224)[0]
+    assert preparation_gaps(dict(size={"shortest_edge": 224}), 224)
+    assert preparation_gaps(dict(size={"height": 384, "width": 384}), 224)
+    assert not preparation_gaps(dict(size={"height": 224, "width": 224}, do_center_crop=False), 224)
+    assert not preparation_gaps({}, 224)  # no processor file: nothing to compare

@@ -116,7 +116,7 @@ class _TrainStep:
         if dev.type == "cpu":
             tokens = cfg.num_patches + (cfg.pool == "token")
             check_activations_fit(batch_size, tokens, cfg.encoder, f"the activations of {name} for a batch of "
-                                  f"{batch_size} images of {cfg.image_size} px ({tokens} tokens each)")
+                                  f"{batch_size} images of {cfg.image_size} px ({tokens} tokens each)", dtype)
         self.train_flops = 3 * flops_per_image(self.model, shape)
         self.images = torch.randn(batch_size, *shape, device=dev)
         self.labels = torch.randint(0, cfg.num_classes, (batch_size,), device=dev)

@@ -40,7 +40,7 @@ from ..models.text import TextConfig, TextTransformer
 from ..models.vision import VisionConfig, VisionTransformer
 from ..settings import finite_numbers
 from .checkpoint import CheckpointError, check_finite, check_model_keys, find_latest_checkpoint, load_checkpoint
-from .checkpoint_layout import LATEST_FILE, remove_tree, step_folders
+from .checkpoint_layout import CHECKPOINTS_DIR, LATEST_FILE, remove_tree, step_folders
 from .hf_folder import read_hf_source
 from .text_inputs import recorded_inputs
 
@@ -238,7 +238,7 @@ def _check_destination(out: Path, overwrite: bool, protect: str | os.PathLike | 
     parent = next((p for p in out.parents if p.exists()), Path("."))  # the nearest folder above that exists
     if not parent.is_dir():
         raise NotADirectoryError(errno.ENOTDIR, f"{parent} is a file, not a folder", str(out))
-    holder = next((p for p in out.resolve().parents if (p / LATEST_FILE).is_file() or step_folders(p)), None)
+    holder = next((p for p in out.resolve().parents if _holds_checkpoints(p)), None)
     if holder is not None:  # among a run's checkpoints, where training would take it for one (and prune it)
         raise ValueError(f"{out}: the destination lies inside {holder}, which holds a run's checkpoints; "
                          "choose a folder outside it")
@@ -253,6 +253,16 @@ def _check_destination(out: Path, overwrite: bool, protect: str | os.PathLike | 
                               "choose another destination")
     if not overwrite:
         raise FileExistsError(f"{out} already holds a widenet model; pass --overwrite to replace it")
+
+
+def _holds_checkpoints(folder: Path) -> bool:
+    """Whether folder is a run's checkpoints folder (OUT/checkpoints, or OUT itself in the layout
+    before it): a `latest` file, or step_* folders in one named checkpoints. Folders that cannot be
+    read (an ancestor one may enter but not list, as /home often is) are not."""
+    try:
+        return (folder / LATEST_FILE).is_file() or (folder.name == CHECKPOINTS_DIR and bool(step_folders(folder)))
+    except OSError:
+        return False
 
 
 def _carry_user_files(old: Path, new: Path) -> None:

@@ -257,7 +257,7 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print) -> Finetun
                          inputs=dict(max_len=max_len, doc_stride=cfg.doc_stride, max_query_len=cfg.max_query_len))
     torch.manual_seed(cfg.seed)
     model = build_finetune_model(ckpt, cfg, num_labels)
-    check_batch_fits(model.cfg, cfg.batch_size, train["input_ids"].shape[1], parallel, device)
+    check_batch_fits(model.cfg, cfg.batch_size, train["input_ids"].shape[1], parallel, device, amp)
     model = model.to(device)
     parallel.check_epoch(len(train["input_ids"]), cfg.batch_size)
     task_cls = ClassifyTask if cfg.task == "classify" else QATask

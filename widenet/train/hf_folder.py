@@ -15,7 +15,7 @@ from ..data.images.folder import RESAMPLING
 from ..models.hf import load_hf
 from ..settings import finite_numbers
 
-__all__ = ["HFSource", "read_hf_source", "image_preparation", "vocab_settings"]
+__all__ = ["HFSource", "image_preparation", "preparation_gaps", "read_hf_source", "vocab_settings"]
 
 
 @dataclass
@@ -38,15 +38,17 @@ def read_hf_source(path: Path) -> HFSource:
     imported = load_hf(path)
     model = imported.model
     data: dict[str, Any] = dict(classes=imported.classes)
+    notes = list(imported.notes)
     if imported.kind == "vision":
-        data.update(image_preparation(_json_or_empty(path / "preprocessor_config.json"), model.cfg.in_channels))
+        processor = _json_or_empty(path / "preprocessor_config.json")
+        data.update(image_preparation(processor, model.cfg.in_channels))
+        notes += preparation_gaps(processor, model.cfg.image_size)
     if imported.untrained_head:
         data["untrained_head"] = imported.untrained_head
     meta = dict(model=imported.model_name, model_config=model.cfg.to_dict(), data=data)
     tokenizer = path / "tokenizer.json" if (path / "tokenizer.json").is_file() else path / "vocab.txt"
     settings = vocab_settings(_json_or_empty(path / "tokenizer_config.json"))
-    return HFSource(meta, model.state_dict(), tokenizer if tokenizer.is_file() else None, settings,
-                    list(imported.notes))
+    return HFSource(meta, model.state_dict(), tokenizer if tokenizer.is_file() else None, settings, notes)
 
 
 def vocab_settings(config: dict) -> dict[str, Any]:
@@ -76,6 +78,19 @@ def image_preparation(processor: dict, channels: int) -> dict[str, Any]:
     if squash and isinstance(resample, int) and 0 <= resample < len(RESAMPLING):
         found["resize"] = dict(crop=False, resample=RESAMPLING[resample])
     return found
+
+
+def preparation_gaps(processor: dict, image_size: int) -> list[str]:
+    """A note when the processor prepares images in a way widenet's predict does not (a center crop
+    after the resize, a resize by the shorter side or to another size than the model's)."""
+    size = processor.get("size")
+    sides = {size} if isinstance(size, int) else {size.get("height"), size.get("width")} \
+        if isinstance(size, dict) and "shortest_edge" not in size else {None}
+    if processor and (processor.get("do_center_crop") or sides != {image_size}):
+        return [f"its image processor resizes to {size} and crops {processor.get('crop_size') or 'nothing'}, which "
+                f"widenet's predict does not reproduce for a {image_size} px model: its probabilities differ a "
+                "little from transformers'"]
+    return []
 
 
 def _json_or_empty(file: Path) -> dict:

@@ -233,7 +233,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print,
     if device.type == "cpu" and not parallel.distributed:
         tokens = model.cfg.num_patches + (model.cfg.pool == "token")
         check_activations_fit(cfg.batch_size, tokens, model.cfg.encoder, f"the activations of a batch of "
-                              f"{cfg.batch_size} images of {model.cfg.image_size} px ({tokens} tokens each)")
+                              f"{cfg.batch_size} images of {model.cfg.image_size} px ({tokens} tokens each)", amp)
     if cfg.init:  # the run trains the starting point's model, whatever --model says
         cfg = dataclasses.replace(cfg, model=model.model_name)
     parallel.check_epoch(len(train_set), cfg.batch_size)

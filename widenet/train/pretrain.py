@@ -203,7 +203,7 @@ def pretrain(cfg: PretrainConfig, log: Callable[[str], None] = print) -> Pretrai
     if cfg.init is None:  # before a tokenizer is trained on the whole corpus (--init models are checked later)
         config = model_config(cfg.model, **cfg.model_overrides)
         check_fits_positions(cfg.model, config.max_positions, cfg.seq_len)
-        check_batch_fits(config, cfg.batch_size, cfg.seq_len, parallel, device)
+        check_batch_fits(config, cfg.batch_size, cfg.seq_len, parallel, device, amp)
     with claim_run_folder(out, cfg.resume, cfg.overwrite, parallel, log):
         with main_process_first():  # rank 0 trains/saves the tokenizer and fills the cache; the others read them
             init = init_source(cfg.init, cfg.out, cfg.resume, kind="text") if cfg.init else None  # then the tokenizer
@@ -225,7 +225,7 @@ def pretrain(cfg: PretrainConfig, log: Callable[[str], None] = print) -> Pretrai
         else:
             model = init_text_model(init, cfg, vocab, cfg.seq_len, task="pretrain")
             cfg = dataclasses.replace(cfg, model=model.model_name)
-            check_batch_fits(model.cfg, cfg.batch_size, cfg.seq_len, parallel, device)
+            check_batch_fits(model.cfg, cfg.batch_size, cfg.seq_len, parallel, device, amp)
         model = model.to(device)
         task = PretrainTask(cfg, special, vocab, train_set, held_out, device, amp, parallel)
         params = count_parameters(model)

@@ -81,8 +81,8 @@ def claim_run_folder(out: str | Path, resume: bool, overwrite: bool, parallel: P
         except BaseException:  # (also a signal before the run began: the earlier run is put back at once)
             if held:
                 with contextlib.suppress(OSError):  # the run's own failure is the one to report
-                    if fresh and earlier_run(out) == [TOKENIZER_FILE]:  # a copy, or trained again in seconds:
-                        (out / TOKENIZER_FILE).unlink()  # kept, it would make the next run need --overwrite
+                    if fresh and earlier_run(out) == [TOKENIZER_FILE]:  # kept, it would make the next run
+                        (out / TOKENIZER_FILE).unlink()  # need --overwrite (which trains it again anyway)
                     _settle_set_aside(out, log)
             raise
         if parallel.is_main:

@@ -45,13 +45,13 @@ def build_text_model(cfg: TextRunConfig, vocab_size: int, pad_id: int, seq_len: 
 
 
 def check_batch_fits(model_cfg: Any, batch_size: int, seq_len: int, parallel: ParallelContext,
-                     device: torch.device) -> None:
+                     device: torch.device, amp: torch.dtype | None) -> None:
     """MemoryError before training when a batch of batch_size sequences of seq_len tokens cannot
     keep its activations in this machine's memory (one process on the CPU; see
     widenet.memory.check_activations_fit), rather than the kernel ending the process later."""
     if device.type == "cpu" and not parallel.distributed:
         check_activations_fit(batch_size, seq_len, model_cfg.encoder, f"the activations of a batch of "
-                              f"{batch_size} sequences of {seq_len} tokens")
+                              f"{batch_size} sequences of {seq_len} tokens", amp)
 
 
 def check_fits_positions(name: str, max_positions: int, seq_len: int) -> None:

@@ -98,7 +98,8 @@ def _while_responsive(call: Callable[[], _T]) -> _T:
     """call() in a daemon thread while the main thread waits for it. Python runs its signal
     handlers only between the main thread's bytecodes, so one long native call (the Rust trainer:
     ~13 s on GCIDE, minutes on a large corpus) held Ctrl-C and SIGTERM back until it returned.
-    Interrupted, the wait ends at once and the call is abandoned (the process is ending)."""
+    Interrupted, the wait ends at once and the call is abandoned: the command line's process ends;
+    in a long-lived one (a notebook) the thread goes on until the trainer returns, then is gone."""
     if threading.current_thread() is not threading.main_thread():
         return call()
     outcome: dict[str, object] = {}
