@@ -79,10 +79,11 @@ def claim_run_folder(out: str | Path, resume: bool, overwrite: bool, parallel: P
             _agree(parallel, failure, out)
             yield out
         except BaseException:  # (also a signal before the run began: the earlier run is put back at once)
-            if held:
-                with contextlib.suppress(OSError):  # the run's own failure is the one to report
-                    if fresh and earlier_run(out) == [TOKENIZER_FILE]:  # kept, it would make the next run
-                        (out / TOKENIZER_FILE).unlink()  # need --overwrite (which trains it again anyway)
+            if held:  # (OSError: the run's own failure is the one to report)
+                if fresh and earlier_run(out) == [TOKENIZER_FILE]:  # kept, it would make the next run need
+                    with contextlib.suppress(OSError):  # --overwrite (which trains it again anyway)
+                        (out / TOKENIZER_FILE).unlink()
+                with contextlib.suppress(OSError):
                     _settle_set_aside(out, log)
             raise
         if parallel.is_main:
