@@ -370,7 +370,7 @@ def test_ctrl_c_while_the_tokenizer_trains_stops_at_once(tmp_path):
             proc.kill()
             proc.wait()
     assert proc.returncode == 130 and err.strip().splitlines()[-1] == "widenet: interrupted; next: run it again", err
-    assert waited < 1.5, f"{waited:.1f} s from Ctrl-C to the end"
+    assert waited < 3.0, f"{waited:.1f} s from Ctrl-C to the end"  # ~0.2 s; without the thread ~7 s here
     assert not (tmp_path / "pre" / "tokenizer.json").exists()
 
 
