@@ -27,8 +27,7 @@ from .train.stopping import handling, signal_numbers
 
 __all__ = ["CLIError", "BUG_REPORT", "INTERRUPTED", "explain", "file_names_printable",
            "latest_checkpoint_identity", "lost_results", "missing_outputs_to_devnull", "output_survives_its_reader",
-           "rerun_advice",
-           "say", "say_error", "say_last", "termination_interrupts", "Terminated", "warnings_as_notes"]
+           "rerun_advice", "say", "say_error", "say_last", "termination_interrupts", "Terminated", "warnings_as_notes"]
 
 BUG_REPORT = ("widenet: this is a bug in widenet, not a problem with your input; please report it with the "
               "command and the traceback above")

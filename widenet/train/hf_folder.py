@@ -73,20 +73,28 @@ def image_preparation(processor: dict, channels: int) -> dict[str, Any]:
     if finite_numbers(mean) and finite_numbers(std) and isinstance(factor, (int, float)) and factor > 0:
         scale = 255 * factor
         found.update(mean=[m / scale for m in mean], std=[v / scale for v in std])
-    size, resample = processor.get("size"), processor.get("resample", 2)
-    squash = isinstance(size, int) or (isinstance(size, dict) and {"height", "width"} <= set(size))
-    if squash and isinstance(resample, int) and 0 <= resample < len(RESAMPLING):
+    resample = processor.get("resample", 2)
+    if _squashed_to(processor) is not None and isinstance(resample, int) and 0 <= resample < len(RESAMPLING):
         found["resize"] = dict(crop=False, resample=RESAMPLING[resample])
     return found
+
+
+def _squashed_to(processor: dict) -> set | None:
+    """The sides a processor squashes whole images to ({S} for a size S, {H, W} for a height and
+    width), or None for another resize (by the shorter side)."""
+    size = processor.get("size")
+    if isinstance(size, int):
+        return {size}
+    if isinstance(size, dict) and {"height", "width"} <= set(size):
+        return {size["height"], size["width"]}
+    return None
 
 
 def preparation_gaps(processor: dict, image_size: int) -> list[str]:
     """A note when the processor prepares images in a way widenet's predict does not (a center crop
     after the resize, a resize by the shorter side or to another size than the model's)."""
-    size = processor.get("size")
-    sides = {size} if isinstance(size, int) else {size.get("height"), size.get("width")} \
-        if isinstance(size, dict) and "shortest_edge" not in size else {None}
-    if processor and (processor.get("do_center_crop") or sides != {image_size}):
+    if processor and (processor.get("do_center_crop") or _squashed_to(processor) != {image_size}):
+        size = processor.get("size")
         return [f"its image processor resizes to {size} and crops {processor.get('crop_size') or 'nothing'}, which "
                 f"widenet's predict does not reproduce for a {image_size} px model: its probabilities differ a "
                 "little from transformers'"]
