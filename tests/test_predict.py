@@ -458,6 +458,29 @@ def test_no_answer_is_scored_in_the_window_most_sure_of_it(qa_dir, capsys, monke
         assert (json.loads(out)["answer"] == "") == says_nothing
 
 
+def test_no_answer_follows_the_squad_version_the_model_was_fine_tuned_on(tokenizer_file, tmp_path, capsys,
+                                                                          monkeypatch):
+    """A SQuAD 2.0 model answers "" where its fine-tuning's evaluation would (its recorded threshold),
+    without being told; a SQuAD 1.1 model, whose no-answer score never trained, refuses a threshold.
+    Before, predict answered every question of a 2.0 model with a span unless given --null-threshold."""
+    question, context = "what was the arrow?", "The arrow was feathered and barbed, to be shot from a bow. " * 4
+    windows = dict(max_len=24, doc_stride=8, max_query_len=64)
+    v2 = load_pretrained(_text_export(tmp_path / "v2", tokenizer_file, "qa", seed=3,
+                                      inputs=dict(windows, no_answer=True, null_threshold=-1e9)))
+    assert answer_questions(v2, [(question, context)], device="cpu")[0].answer == ""  # its threshold: always ""
+    for given in (dict(null_threshold=1e9), dict(allow_no_answer=False)):
+        assert answer_questions(v2, [(question, context)], device="cpu", **given)[0].answer in context
+    v1 = _text_export(tmp_path / "v1", tokenizer_file, "qa", seed=3, inputs=dict(windows, no_answer=False))
+    assert answer_questions(load_pretrained(v1), [(question, context)], device="cpu")[0].answer in context
+    for given in (dict(null_threshold=0.0), dict(allow_no_answer=True)):
+        with pytest.raises(PredictError, match="fine-tuned on SQuAD 1.1 data, without unanswerable questions"):
+            answer_questions(load_pretrained(v1), [(question, context)], device="cpu", **given)
+    rc, out, err = _cli(["predict", "--checkpoint", v1, "--question", question, "--context", context,
+                         "--null-threshold", "1"], capsys, monkeypatch)
+    assert (rc, out) == (2, "") and err.startswith(f"widenet: error: {v1} was fine-tuned on SQuAD 1.1 data")
+    assert err.count("\n") == 1
+
+
 def test_cli_qa_json_and_table(qa_dir, tmp_path, capsys, monkeypatch):
     context = "Mixture of experts layers route every token to a few experts."
     rc, out, err = _cli(["predict", "--checkpoint", qa_dir, "--question", "what routes tokens?", "--question",
@@ -553,7 +576,15 @@ def test_saved_inputs_are_checked_and_older_runs_read_from_their_settings():
     assert recorded_inputs(partial, "m") == {"max_len": 64, "doc_stride": 16}
     with pytest.raises(CheckpointError, match="m: the fine-tuning settings .* should hold"):
         recorded_inputs(dict(model_config=model, train_config=dict(task="qa", doc_stride="16")), "m")
-    for bad in ({"max_len": 0}, {"max_len": "32"}, {"pairs": "yes"}, {"doc_stride": True}, {"stride": 8}, [1]):
+    # A run fine-tuned before no_answer was recorded: from the SQuAD version saved with its data.
+    v2 = dict(model_config=model, train_config=dict(task="qa", doc_stride=16, max_len=32, null_threshold=1.5),
+              data=dict(squad_version="2.0", inputs=dict(max_len=32, doc_stride=16, max_query_len=8)))
+    assert recorded_inputs(v2, "m") == dict(max_len=32, doc_stride=16, max_query_len=8, no_answer=True,
+                                            null_threshold=1.5)
+    v2["data"]["squad_version"] = "1.1"
+    assert recorded_inputs(v2, "m")["no_answer"] is False
+    for bad in ({"max_len": 0}, {"max_len": "32"}, {"pairs": "yes"}, {"doc_stride": True}, {"stride": 8}, [1],
+                {"no_answer": 1}, {"null_threshold": float("nan")}, {"null_threshold": "0"}):
         with pytest.raises(CheckpointError, match="m/meta.json: the saved inputs"):
             recorded_inputs({"data": {"inputs": bad}}, "m/meta.json")
 

@@ -261,6 +261,7 @@ def test_finetune_qa_reports_squad_scores_and_learns(pretrained, tmp_path):
     gold = [p["qas"][0]["answers"][0]["text"] for p in dev]
     # The saved model's own answers (the predict path, every token routed) are mostly the keeper's name.
     pre = load_pretrained(tmp_path / "qa")
+    assert pre.inputs["no_answer"] is False  # SQuAD 1.1 data: predict never answers ""
     answers = answer_questions(pre, pairs, max_len=48, device="cpu")
     exact = 100 * sum(a.answer == g for a, g in zip(answers, gold)) / len(gold)
     assert exact >= 50, [a.answer for a in answers]  # a span picked at random is almost never the name (~60-70%)
@@ -296,6 +297,12 @@ def test_finetune_qa_squad2_reports_no_answer_breakdown(pretrained, tmp_path):
     assert e["HasAns_total"] == 8 and e["NoAns_total"] == 4
     for key in ("exact", "f1"):  # the whole is the two parts weighted by their counts
         assert e[key] == pytest.approx((8 * e[f"HasAns_{key}"] + 4 * e[f"NoAns_{key}"]) / 12)
+    # predict answers "" by the rule this evaluation used: recorded in the run and kept by an export
+    assert main(["export", str(tmp_path / "qa2"), "--to", str(tmp_path / "shipped")]) == 0
+    saved = json.loads((tmp_path / "shipped" / "config.json").read_text())["inputs"]
+    assert saved == dict(max_len=48, doc_stride=cfg.doc_stride, max_query_len=cfg.max_query_len, no_answer=True,
+                         null_threshold=0.0)
+    assert load_pretrained(tmp_path / "qa2").inputs == saved
 
 
 def test_finetune_errors_are_clear(pretrained, tmp_path, capsys):

@@ -53,8 +53,9 @@ def add_predict_command(sub) -> None:
                    help="text: tokens per sequence (default: the model's fine-tuning length, else 128 classify, "
                         "384 qa)")
     p.add_argument("--null-threshold", type=finite_float,
-                   help="QA (SQuAD 2.0 models): answer nothing when the no-answer option beats the best span "
-                        "by more than this")
+                   help="QA: answer nothing when the no-answer option beats the best span by more than this "
+                        "(default: a model fine-tuned on SQuAD 2.0 data uses its fine-tuning's threshold, other "
+                        "models always answer a span; refused for SQuAD 1.1 models)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--json", action="store_true", help="one JSON object a line")
     p.set_defaults(func=cmd_predict)
@@ -169,9 +170,9 @@ def _classify_texts(args: argparse.Namespace, pretrained, lines, device) -> int:
 def _answer_questions(args: argparse.Namespace, pretrained, pairs, device) -> int:
     from .inference.predict_text import iter_answer_questions
 
-    extra = {} if args.null_threshold is None else dict(allow_no_answer=True, null_threshold=args.null_threshold)
     rows = []
-    for answer in iter_answer_questions(pretrained, pairs, args.batch_size, device, args.max_len, **extra):
+    for answer in iter_answer_questions(pretrained, pairs, args.batch_size, device, args.max_len,
+                                        null_threshold=args.null_threshold):
         if args.json:
             _print_json(answer.to_record())
         else:

@@ -207,7 +207,7 @@ def _scores(examples: list[SquadExample], features, starts: torch.Tensor, ends: 
 def iter_answer_questions(pretrained: Pretrained, pairs: Sequence[tuple[str, str]], batch_size: int = 64,
                           device: str | torch.device = "auto", max_len: int | None = None,
                           doc_stride: int | None = None, max_query_len: int | None = None,
-                          allow_no_answer: bool = False, null_threshold: float = 0.0,
+                          allow_no_answer: bool | None = None, null_threshold: float | None = None,
                           progress: bool | None = None) -> Iterator[Answer]:
     """answer_questions, one answer at a time as the batches finish (same order)."""
     _check_sizes(batch_size=batch_size)
@@ -227,6 +227,7 @@ def iter_answer_questions(pretrained: Pretrained, pairs: Sequence[tuple[str, str
     doc_stride = _positive_or(doc_stride, "doc_stride", saved.get("doc_stride") or QA_DOC_STRIDE)
     max_query_len = _positive_or(max_query_len, "max_query_len", saved.get("max_query_len") or QA_MAX_QUERY_LEN)
     _check_questions_fit(pretrained, examples, length, max_query_len)
+    allow_no_answer, null_threshold = _no_answer_rule(pretrained, allow_no_answer, null_threshold)
     pad = special_ids(pretrained.tokenizer).pad
     model, dev = _on_device(pretrained, device)
     with _progress(len(examples), batch_size, "question", progress) as bar:
@@ -251,6 +252,22 @@ def iter_answer_questions(pretrained: Pretrained, pairs: Sequence[tuple[str, str
             for example, score in zip(chunk, scores):
                 yield Answer(example.question, answers[example.id], score, example.context)
             bar.update(len(chunk))
+
+
+def _no_answer_rule(pretrained: Pretrained, allow_no_answer: bool | None,
+                    null_threshold: float | None) -> tuple[bool, float]:
+    """Whether an answer may be "" and the margin no-answer must win by: by default as the model's
+    fine-tuning evaluated it (SQuAD 2.0 data: allowed, with its null threshold); a threshold given
+    allows it. Refused for a model fine-tuned on SQuAD 1.1 data, whose no-answer score never trained."""
+    saved = pretrained.inputs or {}
+    learned = saved.get("no_answer")  # None: not known (a Hugging Face folder, an older export)
+    if allow_no_answer is None:
+        allow_no_answer = null_threshold is not None or bool(learned)
+    if allow_no_answer and learned is False:
+        raise PredictError(f"{pretrained.source} was fine-tuned on SQuAD 1.1 data, without unanswerable "
+                           "questions: its no-answer score was never trained, so it cannot answer nothing "
+                           "(leave out the null threshold)")
+    return allow_no_answer, saved.get("null_threshold", 0.0) if null_threshold is None else null_threshold
 
 
 def _positive_or(value: int | None, name: str, default: int) -> int:
@@ -284,12 +301,15 @@ def _check_questions_fit(pretrained: Pretrained, examples: list[SquadExample], l
 def answer_questions(pretrained: Pretrained, pairs: Sequence[tuple[str, str]], batch_size: int = 64,
                      device: str | torch.device = "auto", max_len: int | None = None,
                      doc_stride: int | None = None, max_query_len: int | None = None,
-                     allow_no_answer: bool = False, null_threshold: float = 0.0,
+                     allow_no_answer: bool | None = None, null_threshold: float | None = None,
                      progress: bool | None = None) -> list[Answer]:
     """The answer to each (question, context): the best span, as fine-tuning's evaluation picks it
     (encode_squad windows of max_len tokens, stride doc_stride, questions cut to max_query_len: by
-    default as the model was fine-tuned, else 384, 128, 64; then postprocess_squad); allow_no_answer
-    (SQuAD 2.0 models): "" when no-answer beats the best span by more than null_threshold."""
+    default as the model was fine-tuned, else 384, 128, 64; then postprocess_squad); "" when
+    no-answer beats the best span by more than null_threshold. By default a model fine-tuned on
+    SQuAD 2.0 data answers "" as its fine-tuning's evaluation did (its null threshold) and other
+    models never do; a null_threshold given (or allow_no_answer=True) allows it, except for a model
+    fine-tuned on SQuAD 1.1 data (refused: its no-answer score never trained)."""
     return list(iter_answer_questions(pretrained, pairs, batch_size, device, max_len, doc_stride, max_query_len,
                                       allow_no_answer, null_threshold, progress))
 

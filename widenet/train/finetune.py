@@ -254,7 +254,8 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print) -> Finetun
         train, val_ex, val_features, version_2 = _qa_data(cfg, tokenizer, max_len)
         extra, num_labels = dict(val_examples=val_ex, val_features=val_features, version_2=version_2), 2
         data_meta = dict(squad_version="2.0" if version_2 else "1.1",
-                         inputs=dict(max_len=max_len, doc_stride=cfg.doc_stride, max_query_len=cfg.max_query_len))
+                         inputs=dict(max_len=max_len, doc_stride=cfg.doc_stride, max_query_len=cfg.max_query_len,
+                                     no_answer=version_2, null_threshold=cfg.null_threshold))
     torch.manual_seed(cfg.seed)
     model = build_finetune_model(ckpt, cfg, num_labels)
     check_batch_fits(model.cfg, cfg.batch_size, train["input_ids"].shape[1], parallel, device, amp)

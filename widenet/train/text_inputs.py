@@ -3,15 +3,19 @@
 Fine-tuning records them in a checkpoint's meta (data.inputs) and `widenet
 export` carries them into config.json ("inputs"):
     classify: {"pairs": whether the texts were sentence pairs, "max_len": tokens per sequence}
-    qa:       {"max_len": tokens per window, "doc_stride", "max_query_len": tokens of a question}
+    qa:       {"max_len": tokens per window, "doc_stride", "max_query_len": tokens of a question,
+               "no_answer": whether it learned SQuAD 2.0's "no answer" (its evaluation then allowed it),
+               "null_threshold": the margin by which "no answer" had to beat the best span there}
 Runs fine-tuned before the record have them read back from their train_config
-(all but "pairs"). Hugging Face folders and pretraining runs have none.
+(all but "pairs"; "no_answer" from the SQuAD version recorded with the data).
+Hugging Face folders and pretraining runs have none.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from ..settings import finite_numbers
 from .checkpoint import CheckpointError
 from .text_config import FinetuneConfig
 
@@ -38,12 +42,20 @@ def recorded_inputs(meta: dict, where: Any) -> dict[str, Any] | None:
         if inputs is None:
             return None
     whole = lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0  # noqa: E731
-    if not (isinstance(inputs, dict) and set(inputs) <= {"pairs", *_LENGTHS}
+    if not (isinstance(inputs, dict) and set(inputs) <= {"pairs", "no_answer", "null_threshold", *_LENGTHS}
             and all(whole(inputs[k]) for k in _LENGTHS if k in inputs)
-            and isinstance(inputs.get("pairs", False), bool)):
+            and all(isinstance(inputs.get(k, False), bool) for k in ("pairs", "no_answer"))
+            and finite_numbers([inputs.get("null_threshold", 0.0)])):
         raise CheckpointError(f"{where}: the {saved} {inputs!r} should hold max_len, doc_stride and "
-                              "max_query_len as positive whole numbers and pairs as true or false")
-    return dict(inputs)
+                              "max_query_len as positive whole numbers, pairs and no_answer as true or false "
+                              "and null_threshold as a number")
+    inputs = dict(inputs)
+    version = (meta.get("data") or {}).get("squad_version")
+    if "no_answer" not in inputs and version in ("1.1", "2.0"):  # fine-tuned before no_answer was recorded
+        inputs["no_answer"] = version == "2.0"
+        threshold = (meta.get("train_config") or {}).get("null_threshold", 0.0)
+        inputs["null_threshold"] = float(threshold) if finite_numbers([threshold]) else 0.0
+    return inputs
 
 
 def _from_train_config(meta: dict) -> dict[str, Any] | None:
