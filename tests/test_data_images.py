@@ -439,6 +439,64 @@ def test_image_folder_cache_invalidated_by_changes(tmp_path):
     assert grey.images.shape == (4, 1, 6, 6)
 
 
+def test_a_file_replaced_with_the_same_size_and_mtime_is_decoded_again(tmp_path):
+    """The cache was keyed by size and mtime only: a dataset unpacked again from an archive packed
+    with fixed times (or `cp -p`, `touch -r`) kept serving the old pixels to training and eval. The
+    older entry, now describing files that are gone, is removed."""
+    make_folder(tmp_path)
+    first = load_image_folder(tmp_path, "train", image_size=8)
+    target = tmp_path / "train" / "dog" / "c.png"
+    stat = target.stat()
+    inverted = Image.open(target).point(lambda v: 255 - v)
+    inverted.save(target)
+    assert target.stat().st_size == stat.st_size  # the same bytes, one palette entry apart: a hard case
+    os.utime(target, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    again = load_image_folder(tmp_path, "train", image_size=8)
+    assert torch.equal(again.images[2], 255 - first.images[2])
+    assert len(list((tmp_path / ".widenet-cache").glob("*.pt"))) == 1
+    assert again.contents == first.contents  # the same files for a resumed run: names, classes, sizes
+
+
+def test_images_the_folder_would_skip_are_followed_or_named(tmp_path):
+    """Images in a linked folder inside a class were left out, and images lying beside the class
+    folders or broken links were skipped without a word."""
+    make_folder(tmp_path)
+    extra = tmp_path / "elsewhere"
+    extra.mkdir()
+    Image.new("RGB", (8, 8), (0, 255, 0)).save(extra / "e.png")
+    (tmp_path / "train" / "cat" / "linked").symlink_to(extra)
+    (tmp_path / "train" / "cat" / "loop").symlink_to(tmp_path / "train")  # followed once, not forever
+    (tmp_path / "train" / "cat" / "gone.png").symlink_to(tmp_path / "missing.png")
+    Image.new("RGB", (8, 8)).save(tmp_path / "train" / "loose.png")
+    with pytest.warns(UserWarning) as notes:
+        ds = load_image_folder(tmp_path, "train", image_size=8)
+    assert ds.labels.tolist() == [0, 0, 0, 1]  # cat: a.png, b.jpg, linked/e.png; dog: c.png
+    assert (ds.images[2, 1] == 255).all() and (ds.images[2, 0] == 0).all()  # the green e.png
+    messages = sorted(str(n.message) for n in notes)
+    assert any("skipped 1 file(s) outside the class folders" in m and "loose.png" in m for m in messages)
+    assert any("skipped 2 file(s) that are not regular files" in m and "gone.png" in m for m in messages)  # + loop
+
+
+def test_decoding_a_folder_beyond_the_memory_is_refused_first(tmp_path, monkeypatch):
+    import widenet.memory as memory
+
+    make_folder(tmp_path)
+    monkeypatch.setattr(memory, "available_memory", lambda: 3 * 3 * 64 * 64 - 1)
+    with pytest.raises(MemoryError, match=r"the 3 images of .*train decoded at 64 px need"):
+        load_image_folder(tmp_path, "train", image_size=64)
+    assert not (tmp_path / ".widenet-cache").exists()
+
+
+def test_a_channel_that_never_varies_is_centred_not_divided_by_zero():
+    images = torch.zeros(4, 3, 2, 2, dtype=torch.uint8)
+    images[:, 0] = torch.arange(16, dtype=torch.uint8).view(4, 2, 2)
+    images[:, 2] = 255
+    ds = ImageDataset(images, torch.tensor([0, 1, 0, 1]), ["a", "b"], "rg")
+    assert ds.constant_channels == [1, 2]
+    assert ds.std[0] == pytest.approx(float(images[:, 0].double().div(255).std(unbiased=False)))
+    assert ds.std[1:] == (1.0, 1.0)
+
+
 def test_image_folder_without_split(tmp_path):
     make_folder(tmp_path)
     ds = load_image_folder(tmp_path / "train", None, image_size=4)

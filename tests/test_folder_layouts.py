@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from widenet.cli import main
-from widenet.data.images import TEST_SPLIT_FOLDERS, DatasetNotFoundError, load_dataset, load_image_folder
+from widenet.data.images import (TEST_SPLIT_FOLDERS, DatasetError, DatasetNotFoundError, load_dataset,
+                                  load_image_folder)
 from widenet.models.registry import model_config
 from widenet.train.checkpoint import load_checkpoint
 from widenet.train.config import TrainConfig
@@ -62,7 +63,8 @@ def test_test_is_preferred_over_val_over_validation(tmp_path):
         assert len(load_image_folder(root, "test", image_size=8)) == expected
     # an explicit split is read from its own folder only
     assert len(load_image_folder(root, "validation", image_size=8)) == 6
-    with pytest.raises(DatasetNotFoundError, match="does not exist"):
+    with pytest.raises(DatasetNotFoundError, match=r"data has no val/ \(it holds train/, validation/\); the folder to "
+                                                   r"pass holds val/<class>/<image>$"):
         load_image_folder(root, "val", image_size=8)
 
 
@@ -135,6 +137,62 @@ def test_a_grey_model_reads_a_folder_in_grey_and_init_decides_the_size(tmp_path,
     capsys.readouterr()
     assert main(["eval", "--checkpoint", str(out), "--device", "cpu", "--json"]) == 0
     assert '"examples": 4' in capsys.readouterr().out
+
+
+def test_a_run_knows_its_folder_wherever_it_is_evaluated_or_resumed(tmp_path, tiny_set_args, capsys, monkeypatch):
+    """A relative --data-dir was recorded as typed: eval from another directory read whatever folder
+    had that name there. A resume after images were added trained on them (and on new statistics)."""
+    make_folder(tmp_path / "data", {"train": 4, "test": 2})
+    monkeypatch.chdir(tmp_path)
+    args = [str(a) for a in ["train", "--data", "folder", "--data-dir", "data", "--out", "run", "--batch-size", 4,
+                             "--image-size", 8, "--device", "cpu", *tiny_set_args, "--set", "patch_size=4"]]
+    assert main(args + ["--max-steps", "1"]) == 0, capsys.readouterr().err
+    assert load_checkpoint(tmp_path / "run").meta["train_config"]["data_dir"] == str(tmp_path / "data")
+    elsewhere = tmp_path / "elsewhere"
+    make_folder(elsewhere / "data", {"train": 1, "test": 5})  # a folder of the same name: not the run's
+    monkeypatch.chdir(elsewhere)
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(tmp_path / "run"), "--device", "cpu"]) == 0
+    assert f"on 4 folder test images (from {tmp_path / 'data'})" in capsys.readouterr().out
+    monkeypatch.chdir(tmp_path)
+    Image.new("L", (8, 8), 10).save(tmp_path / "data" / "train" / "cat" / "new.png")
+    assert main(args + ["--max-steps", "2", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "this run's data differs from the checkpoint's (its contents are '9 images, file list" in err
+    assert "the checkpoint's '8 images, file list" in err and err.count("\n") == 1
+
+
+def test_an_image_size_the_model_cannot_take_is_refused_before_decoding(tmp_path, tiny_set_args, capsys):
+    """Refused only after both splits were decoded and cached (minutes on a large folder); with
+    --init, the hint said "pass --image-size" when --image-size was the cause."""
+    root = make_folder(tmp_path / "data", {"train": 2, "test": 1})
+    base = ["train", "--data", "folder", "--data-dir", root, "--batch-size", 2, "--max-steps", 1, "--device", "cpu"]
+    argv = [str(a) for a in base + ["--out", tmp_path / "a", "--image-size", 18, *tiny_set_args,
+                                    "--set", "patch_size=4"]]
+    assert main(argv) == 2
+    assert capsys.readouterr().err == "widenet: error: image size 18 is not divisible by patch size 4\n"
+    assert not (root / ".widenet-cache").exists()
+    argv = [str(a) for a in base + ["--out", tmp_path / "b", "--image-size", 8, *tiny_set_args, "--set",
+                                    "patch_size=4"]]
+    assert main(argv) == 0, capsys.readouterr().err
+    assert main([str(a) for a in base + ["--out", tmp_path / "c", "--init", tmp_path / "b", "--image-size", 12]]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("widenet: error: --image-size 12: the --init model ") and err.endswith(
+        " takes 8 px images (its position embeddings are for that size); pass --image-size 8 or leave it out\n")
+
+
+def test_a_folder_given_at_the_wrong_level_or_with_other_accents_is_explained(tmp_path):
+    root = make_folder(tmp_path / "data", {"train": 1, "test": 1})
+    with pytest.raises(DatasetNotFoundError, match=r"data/train has no train/ \(it holds cat/, dog/\); the folder "
+                                                   r"to pass holds train/<class>/<image> and test/<class>/<image>"):
+        load_dataset("folder", "train", root / "train", image_size=8)
+    with pytest.raises(DatasetNotFoundError, match=r"0.png is a file, not a folder"):
+        load_dataset("folder", "train", root / "train" / "cat" / "0.png", image_size=8)
+    nfd = "cafe\u0301"  # the test split copied from a Mac: the same name, decomposed
+    (root / "train" / "cat").rename(root / "train" / "caf\u00e9")
+    (root / "test" / "cat").rename(root / "test" / nfd)
+    with pytest.raises(DatasetError, match="the names look alike but are written with other Unicode characters"):
+        load_data(_config(root, tmp_path / "run", image_size=8))
 
 
 def test_decode_scales_16_bit_grey_and_refuses_float_and_32_bit_pixels(tmp_path):

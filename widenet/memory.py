@@ -27,15 +27,20 @@ def available_memory() -> int | None:
         found.append((int(info["MemAvailable"].split()[0]) + int(info.get("SwapFree", "0 kB").split()[0])) * 1024)
     except (OSError, ValueError, KeyError, IndexError):
         pass
-    try:
-        limit = (_CGROUP / "memory.max").read_text().strip()
-        if limit != "max":
-            used = int((_CGROUP / "memory.current").read_text())
-            stat = dict(line.split() for line in (_CGROUP / "memory.stat").read_text().splitlines())
-            used -= int(stat.get("inactive_file", 0))  # page cache the kernel gives back when asked
+    # cgroup v2, then v1 (older container hosts): limit, usage, and the stat naming reclaimable cache
+    for folder, limit_file, used_file, cache in ((_CGROUP, "memory.max", "memory.current", "inactive_file"),
+                                                 (_CGROUP / "memory", "memory.limit_in_bytes", "memory.usage_in_bytes",
+                                                  "total_inactive_file")):
+        try:
+            limit = (folder / limit_file).read_text().strip()
+            if limit == "max" or int(limit) >= 2**62:  # no limit (v1 writes a number near 2**63)
+                continue
+            used = int((folder / used_file).read_text())
+            stat = dict(line.split() for line in (folder / "memory.stat").read_text().splitlines())
+            used -= int(stat.get(cache, 0))  # page cache the kernel gives back when asked
             found.append(max(int(limit) - used, 0))
-    except (OSError, ValueError):
-        pass
+        except (OSError, ValueError):
+            pass
     return min(found) if found else None
 
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 
 from torch import nn
 
+from ..data.errors import DatasetNotFoundError
 from ..data.images import check_same_classes, load_dataset, subset
 from ..layers.moe import dropless_routing
 from ..models.vision import VisionConfig
@@ -43,10 +45,20 @@ def evaluate_checkpoint(path: str, data: str | None = None, data_dir: str | None
     name = data or trained_on
     if not name:
         raise ValueError(f"{ckpt.path} does not say which data it was trained on; pass --data")
-    if data_dir is None and name == trained_on:  # the run's folder holds its own data, not another set's
+    recorded = data_dir is None and name == trained_on  # the run's folder holds its own data, not another set's
+    if recorded:
         data_dir = train_cfg.get("data_dir")
-    test = load_dataset(name, "test", data_dir, cfg.image_size,
-                        channels=cfg.in_channels)  # a folder's images as the model sees them (grey or RGB)
+        if data_dir is None and name == "folder":
+            raise ValueError(f"{ckpt.path} was trained on an image folder it does not name (an export keeps no data "
+                             "path); pass --data-dir")
+    try:
+        test = load_dataset(name, "test", data_dir, cfg.image_size,
+                            channels=cfg.in_channels)  # a folder's images as the model sees them (grey or RGB)
+    except DatasetNotFoundError as err:
+        if recorded and data_dir is not None:
+            raise DatasetNotFoundError(f"{err} (the folder the run was trained on); pass --data-dir where it is "
+                                       "now") from None
+        raise
     if test_subset:
         test = subset(test, test_subset, train_cfg.get("seed", 0))
     if meta.get("data", {}).get("classes"):
@@ -61,6 +73,7 @@ def evaluate_checkpoint(path: str, data: str | None = None, data_dir: str | None
     if not math.isfinite(result.loss):
         raise ValueError(non_finite_problem(ckpt.path, model))
     return dict(model=meta["model"], step=ckpt.step, data=name, checkpoint=str(ckpt.path), tta=tta,
+                data_dir=None if data_dir is None else os.path.abspath(data_dir),
                 batch_size=batch_size, dropless=dropless,
                 **result.to_record())
 

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -121,6 +123,22 @@ def build_model_for(cfg: TrainConfig, data: ImageDataset, source: Source | None 
     return model
 
 
+def _check_size_before_loading(cfg: TrainConfig, source: Source | None) -> None:
+    """The image size refused before the data is read and decoded (a large folder takes minutes):
+    one that the --init model's position embeddings cannot take, or that its patches do not divide."""
+    size = folder_image_size(cfg, source) if cfg.data == "folder" else cfg.image_size
+    if size is None:
+        return
+    if source is not None:
+        own = source.meta["model_config"].get("image_size")
+        if cfg.image_size is not None and cfg.image_size != own and "image_size" not in cfg.model_overrides:
+            raise ValueError(f"--image-size {cfg.image_size}: the --init model {source.path} takes {own} px images "
+                             f"(its position embeddings are for that size); pass --image-size {own} or leave it out")
+        apply_overrides(VisionConfig(**source.meta["model_config"]), dict(cfg.model_overrides, image_size=size))
+    else:  # the config is built for its checks (a size its patches divide)
+        model_config(cfg.model, **dict(cfg.model_overrides, image_size=size))
+
+
 def _check_fits_data(overrides: dict[str, Any], data: ImageDataset, cfg: TrainConfig) -> None:
     """A --set of num_classes, in_channels or image_size that the data contradicts, named before
     the run starts (not as a loss-shape error at its first step)."""
@@ -223,11 +241,17 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print,
     same cfg: see widenet.distributed.parallel for what then changes.
     """
     started = time.monotonic()
+    if cfg.data_dir is not None:  # recorded so that eval reads it from anywhere
+        cfg = dataclasses.replace(cfg, data_dir=os.path.abspath(cfg.data_dir))
     parallel = ParallelContext.for_run(cfg.batch_size, cfg.seed, cfg.fsdp, cfg.expert_parallel)
     device = parallel.device(resolve_device(cfg.device))
     amp = autocast_dtype(cfg.amp, device)
     source = read_init(cfg)  # read once: it decides how a folder is decoded and what the model is
+    _check_size_before_loading(cfg, source)
     train_set, test_set = data if data is not None else _load_data_once(cfg, parallel, source)
+    if train_set.constant_channels:
+        warnings.warn(f"{train_set.name}: channel(s) {', '.join(map(str, train_set.constant_channels))} of "
+                      "the training images never vary: normalised by their mean only (their std is 0)", stacklevel=2)
     torch.manual_seed(cfg.seed)
     model = build_model_for(cfg, train_set, source).to(device)
     if device.type == "cpu" and not parallel.distributed:
@@ -238,12 +262,15 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print,
         cfg = dataclasses.replace(cfg, model=model.model_name)
     parallel.check_epoch(len(train_set), cfg.batch_size)
     task = ImageTask(cfg, (train_set, test_set), parallel, device, amp)
+    same_data = dict(classes=train_set.classes)  # what --resume must find again
+    if train_set.contents is not None:  # an image folder, whose files can change under its name
+        same_data["contents"] = train_set.contents
     meta = dict(model=cfg.model, model_config=model.cfg.to_dict(), train_config=cfg.to_dict(),
-                data=dict(name=cfg.data, classes=train_set.classes, mean=list(task.mean), std=list(task.std)))
+                data=dict(name=cfg.data, mean=list(task.mean), std=list(task.std), **same_data))
     params = count_parameters(model)
     with claim_run_folder(cfg.out, cfg.resume, cfg.overwrite, parallel, log):
         trainer = Trainer(cfg, task, model, parallel, device, amp, meta, log, started=started,  # budget: loading too
-                          expected_meta=dict(data=dict(classes=train_set.classes)))  # resume: the same classes
+                          expected_meta=dict(data=same_data))
         workers = f", {parallel.env.world_size} processes ({parallel.mode})" if parallel.distributed else ""
         trainer.log(f"training {cfg.model} ({params / 1e6:.3f}M params) on {cfg.data}: {len(train_set)} images, "
                     f"{trainer.progress.total} steps, batch {cfg.batch_size}, {device}" + (f", {amp}" if amp else "")

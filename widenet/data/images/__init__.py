@@ -44,7 +44,7 @@ def load_dataset(
         raise ValueError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASET_NAMES)}")
     if name == "folder":
         if data_dir is None:
-            raise ValueError("dataset 'folder' needs data_dir (the folder holding <split>/<class>/<image>)")
+            raise ValueError("dataset 'folder' needs data_dir (--data-dir: the folder holding <split>/<class>/<image>)")
         if image_size is None:
             raise ValueError("dataset 'folder' needs image_size (the size its images are decoded at)")
         return load_image_folder(data_dir, split, image_size, channels)

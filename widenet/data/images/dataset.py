@@ -7,6 +7,7 @@ it in a deterministic, exactly resumable order that never touches torch's global
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
@@ -29,13 +30,16 @@ class ImageDataset:
     """A whole image-classification split held in memory.
 
     ``images`` is uint8 ``(N, C, H, W)``; ``labels`` is int64 ``(N,)`` with
-    values in ``[0, len(classes))``.
+    values in ``[0, len(classes))``. ``contents``: what identifies the files the split was read
+    from, where they can change under the same name (an image folder; see
+    folder.folder_contents), else None; subsets and resizes keep it.
     """
 
     images: torch.Tensor
     labels: torch.Tensor
     classes: list[str]
     name: str
+    contents: str | None = None
 
     def __post_init__(self) -> None:
         if self.images.dtype != torch.uint8 or self.images.dim() != 4:
@@ -93,8 +97,15 @@ class ImageDataset:
 
     @property
     def std(self) -> tuple[float, ...]:
-        """Per-channel standard deviation of the pixels scaled to [0, 1]."""
-        return self._moments[1]
+        """Per-channel standard deviation of the pixels scaled to [0, 1]; 1 for a channel that never
+        varies (constant_channels), which normalisation then centres without scaling."""
+        return tuple(1.0 if i in self.constant_channels else s for i, s in enumerate(self._moments[1]))
+
+    @property
+    def constant_channels(self) -> list[int]:
+        """The channels whose pixels all hold one value (std under a millionth of the range), such as
+        the blue of red-and-green images."""
+        return [i for i, s in enumerate(self._moments[1]) if s < 1e-6]
 
 
 def check_classification_pair(train: ImageDataset, test: ImageDataset) -> None:
@@ -119,6 +130,10 @@ def check_same_classes(expected: list[str], dataset: ImageDataset, whose: str) -
     absent = [c for c in expected if c not in dataset.classes]
     detail = (f"{', '.join(missing)} not among {whose} classes" if missing else
               f"lacks {', '.join(absent)}" if absent else "the same names in another order")
+    if sorted(unicodedata.normalize("NFC", c) for c in dataset.classes) == sorted(
+            unicodedata.normalize("NFC", c) for c in expected):
+        detail += ("; the names look alike but are written with other Unicode characters (composed and "
+                   "decomposed accents, as macOS and Linux copies can differ): rename the folders alike")
     raise DatasetError(f"{dataset.name}: its classes differ from {whose} ({detail}); "
                        f"{whose} classes: {', '.join(expected)}")
 
@@ -164,7 +179,7 @@ def resize_dataset(dataset: ImageDataset, image_size: int) -> ImageDataset:
         block = F.interpolate(block, size=(image_size, image_size), mode="bilinear", antialias=True)
         chunks.append(block.round_().clamp_(0, 255).to(torch.uint8))
     images = torch.cat(chunks) if chunks else dataset.images.new_zeros((0, dataset.channels, image_size, image_size))
-    return ImageDataset(images, dataset.labels, list(dataset.classes), dataset.name)
+    return ImageDataset(images, dataset.labels, list(dataset.classes), dataset.name, dataset.contents)
 
 
 def iterate_batches(
@@ -197,4 +212,5 @@ def subset(dataset: ImageDataset, n: int, seed: int = 0) -> ImageDataset:
         raise ValueError(f"subset size must be positive, got {n}")
     generator = torch.Generator().manual_seed(seed_for(seed, -1))
     chosen = torch.randperm(len(dataset), generator=generator)[:n]
-    return ImageDataset(dataset.images[chosen], dataset.labels[chosen], list(dataset.classes), dataset.name)
+    return ImageDataset(dataset.images[chosen], dataset.labels[chosen], list(dataset.classes), dataset.name,
+                        dataset.contents)

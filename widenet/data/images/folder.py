@@ -8,8 +8,10 @@ loader takes ``root/test``, else ``root/val`` (ImageNet's layout), else
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
+import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,7 @@ import numpy as np
 import torch
 
 from ...files import load_weights_only, save_atomic
+from ...memory import check_fits_memory
 from ..errors import DatasetError, DatasetNotFoundError, PathLike
 from .dataset import ImageDataset
 
@@ -35,16 +38,28 @@ _SIXTEEN_BIT_AT_MOST = ("PNG", "PPM")
 
 
 def folder_files(folder: Path) -> tuple[list[Path], list[Path]]:
-    """(image files, other files) under `folder`, recursively, sorted, hidden files and folders
-    skipped; images are told by their extension (IMAGE_SUFFIXES, any case)."""
-    files = [path for path in sorted(folder.rglob("*"))
-             if not any(part.startswith(".") for part in path.relative_to(folder).parts) and path.is_file()]
-    images = [path for path in files if path.suffix.lower() in IMAGE_SUFFIXES]
-    return images, [path for path in files if path.suffix.lower() not in IMAGE_SUFFIXES]
+    """(image files, everything else) under `folder`, recursively, sorted, hidden files and folders
+    skipped; linked folders are followed, each real folder once, except a link back up to `folder`
+    or above it (a loop); images are regular files told by their extension (IMAGE_SUFFIXES, any
+    case). Everything else: other files, and entries that are no regular file (a broken link, a
+    pipe, a link back up)."""
+    found, seen, root = [], set(), os.path.realpath(folder)
+    for top, folders, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(top)
+        if real in seen or (real != root and (root + os.sep).startswith(real + os.sep)):
+            found.append(Path(top))  # a second link to one folder, or a loop
+            folders[:] = []
+            continue
+        seen.add(real)
+        folders[:] = [name for name in folders if not name.startswith(".")]
+        found += [Path(top, name) for name in names if not name.startswith(".")]
+    images = [path for path in found if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()]
+    return sorted(images), sorted(set(found) - set(images))
 
 
 # Bump when the decoding below changes, so stale caches are not reused.
-_FOLDER_CACHE_VERSION = 3  # 2: the central square resized (not resized, then cropped); 3: EXIF orientation applied
+_FOLDER_CACHE_VERSION = 4  # 2: the central square resized (not resized, then cropped); 3: EXIF orientation
+# applied; 4: keyed by change times too (a file replaced with one of the same size and mtime)
 
 
 def _visible(path: Path) -> bool:
@@ -60,22 +75,32 @@ def split_folder(root: PathLike, split: str | None) -> Path:
     root = Path(root)
     if not split:
         return root
-    if not root.is_dir():
-        raise DatasetNotFoundError(f"image folder {root} does not exist")
+    _check_is_folder(root)
+    holds = sorted(p.name + "/" for p in root.iterdir() if p.is_dir() and _visible(p))
+    holding = f" (it holds {', '.join(holds[:5])}{', ...' if len(holds) > 5 else ''})" if holds else ""
     if split != "test":
+        if not (root / split).is_dir():
+            layout = f"{split}/<class>/<image>" + (" and test/<class>/<image>" if split == "train" else "")
+            raise DatasetNotFoundError(f"image folder {root} has no {split}/{holding}; the folder to pass holds "
+                                       f"{layout}")
         return root / split
     for name in TEST_SPLIT_FOLDERS:
         if (root / name).is_dir():
             return root / name
     looked = ", ".join(f"{name}/" for name in TEST_SPLIT_FOLDERS)
-    raise DatasetNotFoundError(f"image folder {root} has no test split: looked for {looked} "
+    raise DatasetNotFoundError(f"image folder {root} has no test split{holding}: looked for {looked} "
                                f"(each holding <class>/<image>)")
+
+
+def _check_is_folder(path: Path) -> None:
+    if not path.is_dir():
+        raise DatasetNotFoundError(f"image folder {path} " + ("is a file, not a folder" if path.exists() else
+                                                              "does not exist"))
 
 
 def _scan_folder(base: Path) -> tuple[list[str], list[tuple[Path, int]]]:
     """Class names and (file, class index) pairs of ``base/<class>/...``, sorted."""
-    if not base.is_dir():
-        raise DatasetNotFoundError(f"image folder {base} does not exist")
+    _check_is_folder(base)
     classes = sorted(p.name for p in base.iterdir() if p.is_dir() and _visible(p))
     if not classes:
         raise DatasetError(f"{base}: no class folders found (expected {base}/<class>/<image>)")
@@ -84,24 +109,33 @@ def _scan_folder(base: Path) -> tuple[list[str], list[tuple[Path, int]]]:
         images, skipped = folder_files(base / name)
         others += skipped
         if not images:
-            what = f"only {len(skipped)} file(s) without an image extension, e.g. {skipped[0].name}" if skipped \
-                else "nothing"
+            kind = "without an image extension" if all(path.is_file() for path in skipped) else "that are not images"
+            what = f"only {len(skipped)} file(s) {kind}, e.g. {skipped[0].name}" if skipped else "nothing"
             raise DatasetError(f"{base / name}: class folder holds no images ({what}; images are read by extension: "
                                f"{IMAGE_EXAMPLES}); add some or remove the folder, which would "
                                "otherwise be a class never seen")
         files += [(path, index) for path in images]
-    if others:
-        warnings.warn(f"{base}: skipped {len(others)} file(s) without an image extension, e.g. {others[0]}",
-                      stacklevel=3)
+    unread = [path for path in others if not path.is_file()]  # a broken link, a pipe
+    plain = [path for path in others if path.is_file()]
+    loose = sorted(path for path in base.iterdir() if _visible(path) and not path.is_dir()
+                   and path.suffix.lower() in IMAGE_SUFFIXES)
+    for skipped, why in ((plain, "without an image extension"), (unread, "that are not regular files (broken links, "
+                         "pipes, ...)"), (loose, f"outside the class folders (each class is a folder: {base}/<class>/"
+                         "<image>)")):
+        if skipped:
+            warnings.warn(f"{base}: skipped {len(skipped)} file(s) {why}, e.g. {skipped[0]}", stacklevel=3)
     return classes, files
 
 
 def _folder_cache_key(base: Path, files: list[tuple[Path, int]], image_size: int, channels: int) -> str:
-    """Hash of the file list with sizes and mtimes plus the decoding settings."""
+    """Hash of the file list with sizes, modification and change times, plus the decoding settings.
+    The change time (st_ctime) is set by the system whenever a file is written, replaced or touched,
+    and cannot be set back: a file replaced by another of the same size and modification time (an
+    archive packed with fixed times, `cp -p`, `touch -r`) still gets a new key."""
     entries = []
     for path, label in files:
         stat = path.stat()
-        entries.append([path.relative_to(base).as_posix(), label, stat.st_size, stat.st_mtime_ns])
+        entries.append([path.relative_to(base).as_posix(), label, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns])
     blob = json.dumps(
         {"v": _FOLDER_CACHE_VERSION, "files": entries, "size": image_size, "channels": channels},
         sort_keys=True,
@@ -123,7 +157,12 @@ def decode_image(path: Path, image_size: int, channels: int, crop: bool = True,
     from PIL import Image
 
     try:
-        with Image.open(path) as image:
+        with warnings.catch_warnings(record=True) as caught:  # Pillow's notes (a very large image) name no file
+            warnings.simplefilter("always", Image.DecompressionBombWarning)
+            opened = Image.open(path)
+        for note in caught:
+            warnings.warn(f"{path}: {note.message}", stacklevel=2)
+        with opened as image:
             image.load()
             image = _upright(image)
             # Mode "I" is 32-bit integers, except from PNG and PNM files, which hold at most 16 bits
@@ -201,8 +240,9 @@ def load_image_folder(
     Every file with an image extension (IMAGE_SUFFIXES) is converted to ``channels`` (1 or 3), its
     shorter side resized to ``image_size`` (bicubic) and center-cropped to a
     square. The decoded tensor is cached once in ``cache_dir`` (default
-    ``root/.widenet-cache``), keyed by the file list, sizes, mtimes and the
-    settings, and reused by later loads without opening the images.
+    ``root/.widenet-cache``, where an entry replaced for a changed folder is removed), keyed by the
+    file list, sizes, modification and change times and the settings, and reused by later loads
+    without opening the images. The dataset's ``contents`` names the files (folder_contents).
     """
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
@@ -214,15 +254,35 @@ def load_image_folder(
     classes, files = _scan_folder(base)
     key = _folder_cache_key(base, files, image_size, channels)
     cache_folder = Path(cache_dir) if cache_dir is not None else root / ".widenet-cache"
-    cache_path = cache_folder / f"{folder or 'all'}-{image_size}px-{channels}ch-{key[:16]}.pt"
+    prefix = f"{folder or 'all'}-{image_size}px-{channels}ch-"
+    cache_path = cache_folder / f"{prefix}{key[:16]}.pt"
     name = f"folder-{root.name}" + (f"-{folder}" if folder else "")
+    contents = folder_contents(base, files)
     cached = _load_cache(cache_path, key)
     if cached is not None:
-        return ImageDataset(cached["images"], cached["labels"], list(cached["classes"]), name)
-    images = torch.stack([decode_image(path, image_size, channels) for path, _ in files])
+        return ImageDataset(cached["images"], cached["labels"], list(cached["classes"]), name, contents)
+    check_fits_memory(len(files) * channels * image_size**2,
+                      f"the {len(files)} images of {base} decoded at {image_size} px")
+    images = torch.empty((len(files), channels, image_size, image_size), dtype=torch.uint8)
+    for i, (path, _) in enumerate(files):
+        images[i] = decode_image(path, image_size, channels)
     labels = torch.tensor([label for _, label in files], dtype=torch.int64)
     try:
         save_atomic({"key": key, "images": images, "labels": labels, "classes": classes}, cache_path)
     except OSError as exc:
         warnings.warn(f"could not write image cache {cache_path} ({exc}); continuing without it", stacklevel=2)
-    return ImageDataset(images, labels, classes, name)
+    else:
+        if cache_dir is None:  # the folder's own cache: its older entries for these settings describe files gone
+            for stale in cache_folder.glob(f"{glob.escape(prefix)}*.pt"):
+                if stale != cache_path:
+                    stale.unlink(missing_ok=True)
+    return ImageDataset(images, labels, classes, name, contents)
+
+
+def folder_contents(base: Path, files: list[tuple[Path, int]]) -> str:
+    """What a resumed run compares to know its training folder is the one it started on: the
+    number of images and a hash of their paths (relative to the split), classes and sizes. Times are
+    left out, so a folder copied or moved elsewhere (with --data-dir) still counts as the same."""
+    entries = [[path.relative_to(base).as_posix(), label, path.stat().st_size] for path, label in files]
+    digest = hashlib.sha256(json.dumps(entries).encode()).hexdigest()
+    return f"{len(files)} images, file list {digest[:12]}"
