@@ -202,7 +202,7 @@ def test_compare_text_checks_validation_labels_before_training(tmp_path, capsys,
     assert main(["compare-text", "--models", "widenet_text_tiny", "--corpus", str(tmp_path / "train.tsv"),
                  "--task-train", str(tmp_path / "train.tsv"), "--task-validation", str(tmp_path / "dev.tsv"),
                  "--out", str(tmp_path / "o")]) == 2
-    assert "label 'meh' is not one of the training labels: bad, good" in capsys.readouterr().err
+    assert "label 'meh' is not one of the training labels: 'bad', 'good'" in capsys.readouterr().err
 
 
 def _model(name: str, mlm: list[float], unigram: float, task: list[float], scratch: list[float],

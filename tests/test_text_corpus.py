@@ -146,6 +146,8 @@ def test_a_file_named_twice_is_read_once(tmp_path):
 def test_missing_path_and_empty_folder(tmp_path):
     with pytest.raises(CorpusError, match="corpus path not found"):
         list(iter_documents([tmp_path / "missing.txt"]))
+    with pytest.raises(CorpusError, match="/dev/null: not a regular file or a folder"):  # it was "not found"
+        list(iter_documents(["/dev/null"]))
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "readme.md").write_text("x", encoding="utf-8")
     with pytest.raises(CorpusError, match=r"folder has no corpus files \(looked for \*\.txt"):
@@ -285,6 +287,25 @@ def test_cache_hit_does_not_tokenize_again(tmp_path, tok):
     os.utime(path, ns=(1, 1))
     load_pretrain_corpus([path], counting, cache_dir=tmp_path / "cache")
     assert counting.calls > calls
+
+
+def test_a_file_swapped_for_one_of_the_same_size_and_date_is_read_again(tmp_path, tok):
+    """Keyed by size and mtime only, two files of one size and date swapped under their names (an
+    archive packed with fixed times, `cp -p`, `touch -r`) served the other file's tokens."""
+    docs = _prose_documents(4, 10)
+    a = _write_text(tmp_path / "a.txt", docs)
+    b = _write_text(tmp_path / "b.txt", list(reversed(docs)))
+    assert a.stat().st_size == b.stat().st_size
+    for path in (a, b):
+        os.utime(path, ns=(1, 1))
+    first = load_pretrain_corpus([a], tok, cache_dir=tmp_path / "cache")
+    a.rename(tmp_path / "swap")
+    b.rename(a)
+    (tmp_path / "swap").rename(b)
+    assert (a.stat().st_size, a.stat().st_mtime_ns) == (b.stat().st_size, 1)
+    counting = CountingTokenizer(tok)
+    again = load_pretrain_corpus([a], counting, cache_dir=tmp_path / "cache")
+    assert counting.calls > 0 and not torch.equal(again.tokens, first.tokens)
 
 
 def test_max_documents_keeps_the_first_documents_and_has_its_own_cache_entry(tmp_path, tok):

@@ -143,6 +143,8 @@ def test_jsonl_premise_hypothesis_and_int_labels(tmp_path):
         ("value.tsv", "sentence\tlabel\nok\t1\nok\t1\nno label\t\n", "value.tsv line 4: missing value for column 'label'"),
         ("bad.jsonl", '{"text": "a"}\n{"text": \n', "bad.jsonl line 2: bad JSON"),
         ("key.jsonl", '{"text": "a", "label": 1}\n{"label": 0}\n', "key.jsonl line 2: missing value for column 'text'"),
+        ("first.jsonl", '{"text": "a"}\n{"text": "b", "label": 0}\n', "first.jsonl line 2: has 'label', which the "
+         "first record (line 1) lacks: the first record's keys choose the columns, so give it a label too"),
         ("kind.txt", "sentence\n", "unsupported file type '.txt'"),
     ],
 )
@@ -171,7 +173,7 @@ def test_label_vocabulary_and_check(tmp_path):
     dev = read_classification(path)
     with pytest.raises(TaskDataError) as info:
         check_labels(dev, labels, path.name)
-    assert str(info.value) == "validation.tsv line 7: label 'maybe' is not one of the training labels: negative, positive"
+    assert str(info.value) == "validation.tsv line 7: label 'maybe' is not one of the training labels: 'negative', 'positive'"
     check_labels(dev[:5], labels, path.name)  # fine
     with pytest.raises(TaskDataError, match="no label"):
         label_vocabulary([ClassificationExample("a", None, None)])
@@ -434,6 +436,8 @@ def test_question_truncation_and_too_small_max_len(tokenizer):
     ex = long_example()
     feats = encode_squad([ex], tokenizer, max_len=32, doc_stride=8, max_query_len=3)
     assert feats.input_ids[0, 4].item() == SEP  # [CLS] q q q [SEP]
+    assert feats.questions_cut == 1  # fine-tuning says it (it cut every question without a word)
+    assert encode_squad([ex], tokenizer, max_len=32, doc_stride=8, max_query_len=64).questions_cut == 0
     with pytest.raises(TaskDataError, match="cannot hold question 'long'"):
         encode_squad([ex], tokenizer, max_len=8, max_query_len=64)
 

@@ -130,7 +130,7 @@ def test_resume_refuses_changed_settings(corpus, tmp_path):
     from widenet.data.text.tokenizer import save_tokenizer, train_tokenizer
     other = train_tokenizer(PHRASES * 3, vocab_size=70, min_frequency=1)  # covers the corpus, other vocabulary
     save_tokenizer(other, tmp_path / "other.json")
-    with pytest.raises(ValueError, match="the checkpoint's tokenizer.fingerprint is .*, this run's is"):
+    with pytest.raises(ValueError, match=r"cannot resume with different settings \(vocab_size: 120 -> 70\)"):
         pretrain(dataclasses.replace(cfg, tokenizer=str(tmp_path / "other.json"), resume=True), log=lambda _: None)
 
 
@@ -172,6 +172,79 @@ def test_training_masks_per_step_and_evaluation_masks_at_the_fixed_rate(corpus, 
         rate = 0.15 if any(call is c for c in eval_calls) else 0.4
         wanted = [max(1, round(rate * n)) if n else 0 for n in regular.tolist()]
         assert (call["labels"] != -100).sum(1).tolist() == wanted, rate
+
+
+def test_a_resumed_run_must_find_the_text_it_started_on(corpus, pretrained, tmp_path):
+    """A corpus or task file rewritten under its name was trained on after --resume without a word
+    (another plan of steps, other held-out text)."""
+    text = tmp_path / "docs.txt"
+    text.write_bytes(corpus.read_bytes())
+    tok = str(pretrained[0] / "tokenizer.json")
+    cfg = _pretrain_cfg(text, tmp_path / "pre", max_steps=4, save_every=2, log_every=1, tokenizer=tok)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(cfg, log=_stop_after(3))
+    text.write_text(text.read_text(encoding="utf-8").replace("fox", "cat"), encoding="utf-8")
+    with pytest.raises(ValueError, match=r"this run's data differs from the checkpoint's \(its contents are '\d+ "
+                                         r"training sequences, token ids \w+', the checkpoint's '\d+ training"):
+        pretrain(dataclasses.replace(cfg, resume=True), log=lambda _: None)
+    _write_classify(tmp_path / "train.tsv", 16, 0)
+    _write_classify(tmp_path / "dev.tsv", 8, 1)
+    ft = FinetuneConfig(task="classify", init=str(pretrained[0]), train=str(tmp_path / "train.tsv"),
+                        validation=str(tmp_path / "dev.tsv"), max_steps=4, save_every=2, log_every=1, batch_size=8,
+                        out=str(tmp_path / "ft"))
+    with pytest.raises(KeyboardInterrupt):
+        finetune(ft, log=_stop_after(3))
+    _write_classify(tmp_path / "train.tsv", 16, 5)  # other sentences, the same labels
+    with pytest.raises(ValueError, match="this run's data differs from the checkpoint's"):
+        finetune(dataclasses.replace(ft, resume=True), log=lambda _: None)
+
+
+def test_a_tokenizer_is_the_models_own_only_if_it_cuts_text_alike(corpus, pretrained, tmp_path, capsys):
+    """Equal vocabularies passed as the same tokenizer, whatever their pipelines: one that keeps
+    accents gives [UNK] where the model's strips them. --init with another vocabulary of the same size
+    was accepted by pretraining; --set vocab_size was applied against the tokenizer."""
+    import json as json_module
+
+    from widenet.data.text.tokenizer import load_tokenizer, pipeline_fingerprint, save_tokenizer
+
+    out = pretrained[0]
+    config = json_module.loads((out / "tokenizer.json").read_text(encoding="utf-8"))
+    config["normalizer"]["strip_accents"] = False
+    variant = tmp_path / "variant.json"
+    variant.write_text(json_module.dumps(config), encoding="utf-8")
+    original = load_tokenizer(out / "tokenizer.json")
+    assert pipeline_fingerprint(load_tokenizer(variant)) != pipeline_fingerprint(original)
+    assert original.encode("tr\u00e9e").ids != load_tokenizer(variant).encode("tr\u00e9e").ids  # tree vs [UNK]
+    _write_classify(tmp_path / "train.tsv", 16, 0)
+    args = ["finetune", "--task", "classify", "--init", str(out), "--train", str(tmp_path / "train.tsv"),
+            "--validation", str(tmp_path / "train.tsv"), "--max-steps", "1", "--out", str(tmp_path / "ft")]
+    assert main(args + ["--tokenizer", str(variant)]) == 2
+    assert "normalises or splits text differently" in capsys.readouterr().err
+    vocab = config["model"]["vocab"]  # the same pieces, their ids shuffled (the special tokens kept)
+    pieces = sorted((i, t) for t, i in vocab.items() if i >= 5)
+    shuffled = [t for _, t in pieces][::-1]
+    config["model"]["vocab"] = {**{t: i for t, i in vocab.items() if i < 5},
+                                **{t: i for (i, _), t in zip(pieces, shuffled)}}
+    config["normalizer"]["strip_accents"] = None
+    save_tokenizer(load_tokenizer_from(config, tmp_path), tmp_path / "shuffled.json")
+    with pytest.raises(ValueError, match="as many pieces, but the vocabularies differ"):
+        pretrain(_pretrain_cfg(corpus, tmp_path / "again", init=str(out), max_steps=1,
+                               tokenizer=str(tmp_path / "shuffled.json")), log=lambda _: None)
+    assert main(args + ["--set", "pad_token_id=3"]) == 2
+    assert "--set pad_token_id=3: the model's tokenizer gives pad_token_id 0" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"--set vocab_size=500: the tokenizer gives vocab_size \d+"):
+        pretrain(_pretrain_cfg(corpus, tmp_path / "sized", max_steps=1, tokenizer=str(out / "tokenizer.json"),
+                               model_overrides=dict(TINY_TEXT, vocab_size=500)), log=lambda _: None)
+
+
+def load_tokenizer_from(config: dict, folder):
+    import json as json_module
+
+    from widenet.data.text.tokenizer import load_tokenizer
+
+    path = folder / "from-config.json"
+    path.write_text(json_module.dumps(config), encoding="utf-8")
+    return load_tokenizer(path)
 
 
 def _write_classify(path, n: int, seed: int, labels=("good", "bad")) -> None:

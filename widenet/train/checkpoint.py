@@ -320,14 +320,14 @@ def read_checkpoint_meta(path: str | os.PathLike, expected_meta: Mapping[str, An
 
 def _check_expected_meta(file: Path, meta: dict, expected: Mapping, within: str = "") -> None:
     """Raise CheckpointError if any ``expected`` entry differs from ``meta`` (a dict entry: only the
-    keys it names, e.g. ``{"data": {"classes": [...]}}``; a key inside one that the checkpoint does
-    not hold, as one written before widenet recorded it, is not compared)."""
+    keys it names, e.g. ``{"data": {"classes": [...]}}``; such a record, or a key inside one, that
+    the checkpoint does not hold, as one written before widenet recorded it, is not compared)."""
     for key, want in expected.items():
         have = meta.get(key, "<missing>")
         if isinstance(want, Mapping) and isinstance(have, Mapping):
             _check_expected_meta(file, have, want, f"{within}{key}.")
             continue
-        if have == want or (within and key not in meta):
+        if have == want or (key not in meta and (within or isinstance(want, Mapping))):
             continue
         if within == "data.":
             raise CheckpointError(f"{file}: this run's data differs from the checkpoint's (its {key} are {want!r}, "

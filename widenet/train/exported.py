@@ -32,7 +32,7 @@ from safetensors import SafetensorError
 from torch import nn
 
 from ..data.images.folder import RESAMPLING
-from ..data.text.tokenizer import TokenizerError, load_tokenizer, save_tokenizer, vocab_fingerprint
+from ..data.text.tokenizer import check_same_tokenizer, load_tokenizer, save_tokenizer, tokenizer_record
 from ..files import (fsync_path, load_safetensors, raise_if_disk_full, rename_exchange, save_safetensors,
                      signals_held)
 from ..models.hf import is_hf_folder
@@ -190,7 +190,7 @@ def write_export(out: str | os.PathLike, model: nn.Module, *, model_name: str, c
     if tokenizer_file is not None:
         tokenizer = load_tokenizer(tokenizer_file)
     if tokenizer is not None:
-        token_meta = dict(fingerprint=vocab_fingerprint(tokenizer), vocab_size=tokenizer.get_vocab_size())
+        token_meta = tokenizer_record(tokenizer)
     config = dict(format=EXPORT_FORMAT, format_version=EXPORT_VERSION, widenet_version=__version__,
                   model=model_name, kind=model_kind(model.cfg.to_dict()), model_config=model.cfg.to_dict(),
                   classes=classes, image=image_stats, tokenizer=token_meta, source=source)
@@ -404,19 +404,10 @@ def source_tokenizer(source: Source):
 
 
 def check_tokenizer_matches(tokenizer, path: Path, source: Source) -> None:
-    """TokenizerError unless `tokenizer` (read from `path`) is the one source's model was trained with:
-    the vocabulary fingerprint its checkpoint or export recorded (when it did), and its embedding's size."""
-    want = source.meta.get("tokenizer") or {}
-    vocab = source.meta["model_config"].get("vocab_size")
-    size = tokenizer.get_vocab_size()
-    # Without a recorded fingerprint (Hugging Face folders, whose embeddings may be padded to a round
-    # size) a smaller tokenizer is fine: its ids all have rows.
-    if vocab is not None and (size > vocab or (size != vocab and want.get("fingerprint"))):
-        raise TokenizerError(f"tokenizer {path} ({size} pieces) does not match the vocabulary the model "
-                             f"{source.path} was trained with ({vocab} pieces)")
-    if want.get("fingerprint") and vocab_fingerprint(tokenizer) != want["fingerprint"]:
-        raise TokenizerError(f"tokenizer {path} ({size} pieces) is not the one the model {source.path} was "
-                             f"trained with (as many pieces, but the vocabularies differ)")
+    """TokenizerError unless `tokenizer` (read from `path`) is the one source's model was trained with
+    (data.text.tokenizer.check_same_tokenizer, against what its checkpoint or export recorded)."""
+    check_same_tokenizer(tokenizer, path, source.meta.get("tokenizer") or {},
+                         source.meta["model_config"].get("vocab_size"), source.path)
 
 
 def load_model(source: Source) -> nn.Module:

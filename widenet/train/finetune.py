@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -34,7 +35,7 @@ from ..data.text.squad import encode_squad, postprocess_squad, read_squad
 from ..data.text.squad_metrics import squad_scores
 from ..data.text.task_common import TaskDataError
 from ..data.text.tokenizer import (TokenizerError, check_coverage, load_tokenizer, save_tokenizer, special_ids,
-                                  vocab_fingerprint)
+                                  tokenizer_record)
 from ..distributed.parallel import ParallelContext
 from ..models.registry import count_parameters
 from ..models.text import TextTransformer, load_backbone
@@ -45,7 +46,7 @@ from .exported import TOKENIZER_FILE, Source, check_tokenizer_matches, load_sour
 from .progress import StepResult
 from .run_folder import claim_run_folder
 from .text_common import (Batch, TextTask, check_batch_fits, describe_processes, global_sums, local_rows,
-                          ordered_batches, saved_text_model)
+                          ordered_batches, saved_text_model, training_contents)
 from .text_config import FinetuneConfig
 from .text_inputs import default_max_len
 from .trainer import RunResult, Trainer
@@ -204,9 +205,9 @@ def _classify_data(cfg: FinetuneConfig, tokenizer, max_len: int) -> tuple[Batch,
     """(training batch, validation batch, labels, whether the texts are sentence pairs)."""
     train_file, val_file = resolve_task_file(cfg.train, "classify"), resolve_task_file(cfg.validation, "classify")
     train_ex, val_ex, labels = read_classification_task(train_file, val_file)
-    train = encode_classification(train_ex, tokenizer, labels, max_len)
+    train = encode_classification(train_ex, tokenizer, labels, max_len, str(train_file))
     _check_task_coverage(train["input_ids"], tokenizer, train_file)
-    validation = encode_classification(val_ex, tokenizer, labels, max_len)
+    validation = encode_classification(val_ex, tokenizer, labels, max_len, str(val_file))
     return train, validation, labels, train_ex[0].text_b is not None
 
 
@@ -227,12 +228,16 @@ def _qa_data(cfg: FinetuneConfig, tokenizer, max_len: int):
     (train_ex, _), (val_ex, version) = read_squad(train_file), read_squad(val_file)
     _check_not_empty((train_file, train_ex), (val_file, val_ex))
     kw = dict(max_len=max_len, doc_stride=cfg.doc_stride, max_query_len=cfg.max_query_len)
-    tf = encode_squad(train_ex, tokenizer, **kw)
+    tf, vf = encode_squad(train_ex, tokenizer, **kw), encode_squad(val_ex, tokenizer, **kw)
+    for file, examples, features in ((train_file, train_ex, tf), (val_file, val_ex, vf)):
+        if features.questions_cut:
+            warnings.warn(f"{file}: {features.questions_cut} of {len(examples)} questions were longer than "
+                          f"--max-query-len {cfg.max_query_len} tokens and were cut to their first ones", stacklevel=2)
     _check_task_coverage(tf.input_ids, tokenizer, train_file)
     train = dict(input_ids=tf.input_ids, token_type_ids=tf.token_type_ids, start_positions=tf.start_positions,
                  end_positions=tf.end_positions)
     version_2 = version == "2.0" or any(e.is_impossible for e in val_ex)
-    return train, val_ex, encode_squad(val_ex, tokenizer, **kw), version_2
+    return train, val_ex, vf, version_2
 
 
 # --- entry point ------------------------------------------------------------------------
@@ -256,6 +261,7 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print) -> Finetun
         data_meta = dict(squad_version="2.0" if version_2 else "1.1",
                          inputs=dict(max_len=max_len, doc_stride=cfg.doc_stride, max_query_len=cfg.max_query_len,
                                      no_answer=version_2, null_threshold=cfg.null_threshold))
+    data_meta["contents"] = training_contents(train)
     torch.manual_seed(cfg.seed)
     model = build_finetune_model(ckpt, cfg, num_labels)
     check_batch_fits(model.cfg, cfg.batch_size, train["input_ids"].shape[1], parallel, device, amp)
@@ -265,11 +271,12 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print) -> Finetun
     task = task_cls(cfg, pad, train, device, amp, parallel, **extra)
     params = count_parameters(model)
     meta = dict(model=cfg.model, model_config=model.cfg.to_dict(), train_config=cfg.to_dict(),
-                tokenizer=dict(fingerprint=vocab_fingerprint(tokenizer), vocab_size=tokenizer.get_vocab_size()),
+                tokenizer=tokenizer_record(tokenizer),
                 init=str(ckpt.path), data=data_meta)
     out = Path(cfg.out)
     with claim_run_folder(out, cfg.resume, cfg.overwrite, parallel, log):
-        trainer = Trainer(cfg, task, model, parallel, device, amp, meta, log, started=started)
+        trainer = Trainer(cfg, task, model, parallel, device, amp, meta, log, started=started,
+                          expected_meta=dict(data=dict(contents=data_meta["contents"])))  # resume: the same data
         if parallel.is_main and not (out / TOKENIZER_FILE).exists():  # the run folder is self-contained
             out.mkdir(parents=True, exist_ok=True)
             save_tokenizer(tokenizer, out / TOKENIZER_FILE)

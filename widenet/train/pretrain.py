@@ -34,18 +34,18 @@ from ..data.errors import DatasetError
 from ..data.text.corpus import load_pretrain_corpus
 from ..data.text.documents import iter_documents
 from ..data.text.pretraining import make_sop_examples, mask_tokens
-from ..data.text.tokenizer import (SpecialIds, TokenizerError, load_tokenizer, save_tokenizer, special_ids, train_tokenizer,
-                                   vocab_fingerprint)
+from ..data.text.tokenizer import (SpecialIds, TokenizerError, load_tokenizer, save_tokenizer, special_ids,
+                                   tokenizer_record, train_tokenizer)
 from ..distributed.env import main_process_first
 from ..distributed.parallel import ParallelContext
 from ..models.registry import count_parameters, model_config
 from ..runtime import autocast, autocast_dtype, resolve_device
 from .evaluate import RoutingTally
-from .exported import TOKENIZER_FILE, Source, init_source, source_tokenizer
+from .exported import TOKENIZER_FILE, Source, check_tokenizer_matches, init_source, source_tokenizer
 from .progress import StepResult
 from .run_folder import claim_run_folder
 from .text_common import (Batch, TextTask, build_text_model, check_batch_fits, check_fits_positions, describe_processes,
-                          global_sums, init_text_model, local_rows, ordered_batches)
+                          global_sums, init_text_model, local_rows, ordered_batches, training_contents)
 from .text_config import PretrainConfig
 from .trainer import RunResult, Trainer, seeded_generator
 
@@ -70,6 +70,8 @@ def prepare_tokenizer(cfg: PretrainConfig, out: Path, log: Callable[[str], None]
     saved = out / TOKENIZER_FILE
     if cfg.tokenizer:
         tokenizer = load_tokenizer(cfg.tokenizer)
+        if init is not None:  # the --init model's embedding rows belong to its own pieces
+            check_tokenizer_matches(tokenizer, Path(cfg.tokenizer), init)
     elif saved.exists():
         tokenizer = load_tokenizer(saved)
     elif init is not None:
@@ -230,10 +232,10 @@ def pretrain(cfg: PretrainConfig, log: Callable[[str], None] = print) -> Pretrai
         task = PretrainTask(cfg, special, vocab, train_set, held_out, device, amp, parallel)
         params = count_parameters(model)
         meta = dict(model=cfg.model, model_config=model.cfg.to_dict(), train_config=cfg.to_dict(),
-                    tokenizer=dict(fingerprint=vocab_fingerprint(tokenizer), vocab_size=vocab))
-        # A resumed run must use the vocabulary it started with.
+                    tokenizer=tokenizer_record(tokenizer), data=dict(contents=training_contents(train_set)))
+        # A resumed run must use the tokenizer and the text it started with.
         trainer = Trainer(cfg, task, model, parallel, device, amp, meta, log,
-                          expected_meta=dict(tokenizer=meta["tokenizer"]), started=started)
+                          expected_meta=dict(tokenizer=meta["tokenizer"], data=meta["data"]), started=started)
         trainer.log(f"pretraining {cfg.model} ({params / 1e6:.3f}M params): {corpus.num_documents} documents, "
                     f"{corpus.num_tokens} tokens, {len(train_set['input_ids'])} training sequences of {cfg.seq_len}, "
                     f"{len(held_out['input_ids'])} held out; {trainer.progress.total} steps; {device}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any, Iterator
 
 import torch
@@ -27,6 +28,17 @@ def shuffled_batches(data: Batch, batch_size: int, seed: int, epoch: int, start_
         yield {k: v[idx] for k, v in data.items()}
 
 
+def training_contents(data: Batch) -> str:
+    """What a resumed run compares to know it trains on the data it started on (a corpus or task file
+    can change under its name): the number of training sequences and a hash of their tensors."""
+    digest = hashlib.sha256()
+    for key in sorted(data):
+        tensor = data[key].detach().cpu().contiguous()
+        digest.update(f"{key} {tensor.dtype} {tuple(tensor.shape)}".encode())
+        digest.update(tensor.numpy())
+    return f"{len(data['input_ids'])} training sequences, token ids {digest.hexdigest()[:12]}"
+
+
 def ordered_batches(data: Batch, batch_size: int) -> Iterator[Batch]:
     n = len(next(iter(data.values())))
     for start in range(0, n, batch_size):
@@ -35,6 +47,7 @@ def ordered_batches(data: Batch, batch_size: int) -> Iterator[Batch]:
 
 def build_text_model(cfg: TextRunConfig, vocab_size: int, pad_id: int, seq_len: int, **task: Any) -> nn.Module:
     """The preset sized for the tokenizer; seq_len must fit the model's positions."""
+    _refuse_given_settings(cfg, dict(vocab_size=vocab_size, pad_token_id=pad_id), "the tokenizer", "the tokenizer")
     overrides: dict[str, Any] = dict(vocab_size=vocab_size, pad_token_id=pad_id, **task)
     if cfg.dropout:
         overrides["dropout"] = cfg.dropout
@@ -66,14 +79,22 @@ def saved_text_model(saved: dict[str, Any], cfg: TextRunConfig, name: str, **tas
     the run's --set settings and --dropout applied, named `name`."""
     from ..models.text import TextConfig, TextTransformer
 
-    for key, value in task.items():  # what the run's task decides, not a setting
-        if key in cfg.model_overrides and cfg.model_overrides[key] != value:
-            raise ValueError(f"--set {key}={cfg.model_overrides[key]}: the run's task gives {key} {value!r} "
-                             f"(it follows the task and its data: leave {key} out)")
+    _refuse_given_settings(cfg, task, "the run's task", "the task and its data")
+    _refuse_given_settings(cfg, {key: saved.get(key) for key in ("vocab_size", "pad_token_id")}, "the model's "
+                           "tokenizer", "the tokenizer the model was trained with")
     changes = dict(cfg.model_overrides, **({"dropout": cfg.dropout} if cfg.dropout else {}))
     model = TextTransformer(apply_overrides(TextConfig(**{**saved, **task}), changes))
     model.model_name = name
     return model
+
+
+def _refuse_given_settings(cfg: TextRunConfig, given: dict[str, Any], source: str, follows: str) -> None:
+    """ValueError for a --set of a model setting that `source` decides (the task: num_labels; the
+    tokenizer: vocab_size, pad_token_id), where the two differ: applied, it was silently wrong."""
+    for key, value in given.items():
+        if key in cfg.model_overrides and value is not None and cfg.model_overrides[key] != value:
+            raise ValueError(f"--set {key}={cfg.model_overrides[key]}: {source} gives {key} {value!r} "
+                             f"(it follows {follows}: leave {key} out)")
 
 
 def init_text_model(source: Any, cfg: TextRunConfig, vocab_size: int, seq_len: int, **task: Any) -> nn.Module:

@@ -317,7 +317,7 @@ class Trainer:
             self.log(f"--resume: no checkpoint under {self.out}, starting from scratch")
             return None
         expected_meta = {"model": self.cfg.model, **(expected_meta or {})}
-        self._refuse_changed_settings(path, read_checkpoint_meta(path, expected_meta))  # before weight shape errors
+        self._refuse_changed_settings(path, read_checkpoint_meta(path))  # before data and weight shape errors
         ckpt = load_checkpoint(path, model, expected_meta=expected_meta)
         missing = [key for key in TRAIN_STATE_KEYS if key not in ckpt.train_state]
         if missing:

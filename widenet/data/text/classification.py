@@ -161,7 +161,10 @@ def _read_jsonl(path: Path) -> list[ClassificationExample]:
             if not isinstance(record, dict):
                 raise TaskDataError(f"{at(path, line)}: expected a JSON object, got {type(record).__name__}")
             if schema is None:
-                schema = _schema(list(record), path, line)
+                schema, first = _schema(list(record), path, line), line
+            elif schema.label is None and (named := [k for k in LABEL_COLUMNS if k in record]):
+                raise TaskDataError(f"{at(path, line)}: has {named[0]!r}, which the first record (line {first}) "
+                                    "lacks: the first record's keys choose the columns, so give it a label too")
             examples.append(_example(record, schema, path, line))
     if schema is None:
         raise TaskDataError(f"{path}: file is empty")
@@ -211,7 +214,7 @@ def check_labels(examples: Sequence[ClassificationExample], labels: Sequence[str
             raise TaskDataError(f"{where}: example has no label")
         if ex.label not in known:
             raise TaskDataError(
-                f"{where}: label {ex.label!r} is not one of the training labels: {', '.join(labels)}"
+                f"{where}: label {ex.label!r} is not one of the training labels: {', '.join(map(repr, labels))}"
             )
 
 
@@ -306,13 +309,14 @@ def encode_classification(
     tokenizer: Any,
     labels: Sequence[str] | None,
     max_len: int,
+    where: str | None = None,
 ) -> dict[str, Tensor]:
     """Encode examples as ``[CLS] a [SEP]`` or ``[CLS] a [SEP] b [SEP]``.
 
     Returns ``input_ids`` (N, L) padded with [PAD], ``token_type_ids`` (N, L)
     (1 on ``b [SEP]``) and, unless ``labels`` is None, ``labels`` (N,) indexing
     into ``labels``. Sequences longer than ``max_len`` are truncated
-    longest-first; one warning says how many were.
+    longest-first; one warning says how many were (in `where`, a file, when given).
     """
     ids = special_ids(tokenizer)
     cls, sep, pad = ids.cls, ids.sep, ids.pad
@@ -337,7 +341,8 @@ def encode_classification(
             types.append([0] * (keep_a + 2) + [1] * (keep_b + 1))
     if truncated:
         warnings.warn(
-            f"{truncated} of {len(examples)} examples were longer than max_len={max_len} tokens "
+            (f"{where}: " if where else "")
+            + f"{truncated} of {len(examples)} examples were longer than max_len={max_len} tokens "
             "and were truncated (longest first)"
             + (f"; in {emptied} of them one text of the pair lost every token" if emptied else ""),
             stacklevel=2,

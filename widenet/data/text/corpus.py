@@ -24,7 +24,7 @@ from ...files import load_weights_only, save_atomic
 from ..errors import PathLike
 from .documents import CorpusError, corpus_files, iter_documents
 from .sentences import split_sentences
-from .tokenizer import check_coverage, special_ids, vocab_fingerprint
+from .tokenizer import check_coverage, pipeline_fingerprint, special_ids, vocab_fingerprint
 
 __all__ = ["PretrainCorpus", "load_pretrain_corpus"]
 
@@ -96,12 +96,13 @@ class _BatchEncoder(Protocol):
 
 
 def _corpus_cache_key(files: list[Path], fingerprint: str, max_documents: int | None) -> str:
-    """SHA-256 of the resolved files with sizes and mtimes, the vocabulary, the document limit and the
-    format version."""
+    """SHA-256 of the resolved files with sizes, modification and change times (a file replaced by
+    another of the same size and date still changes its st_ctime, which cannot be set back), the
+    tokenizer (fingerprint: its vocabulary and its pipeline), the document limit and the format version."""
     entries = []
     for path in sorted(files, key=lambda p: str(p.resolve())):
         stat = path.stat()
-        entries.append([str(path.resolve()), stat.st_size, stat.st_mtime_ns])
+        entries.append([str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns])
     blob = json.dumps({"v": _CORPUS_CACHE_VERSION, "files": entries, "vocab": fingerprint,
                        "max_documents": max_documents}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
@@ -214,14 +215,14 @@ def load_pretrain_corpus(
     ``tokenizer`` is a ``tokenizers.Tokenizer`` (anything with
     ``encode_batch`` and a vocabulary). The result is cached as
     ``cache_dir/corpus-<key>.pt``, the key hashing the resolved files, their
-    sizes and mtimes, the tokenizer's vocabulary fingerprint and a format
-    version; a later call with the same inputs loads it without tokenizing.
+    sizes, modification and change times, the tokenizer's vocabulary and
+    pipeline fingerprints and a format version; a later call with the same inputs loads it without tokenizing.
     A damaged cache file is ignored with a warning and rebuilt.
     ``max_documents`` keeps only the first N documents (quick runs).
     """
     files = corpus_files(paths)
     fingerprint = vocab_fingerprint(tokenizer)
-    key = _corpus_cache_key(files, fingerprint, max_documents)
+    key = _corpus_cache_key(files, f"{fingerprint} {pipeline_fingerprint(tokenizer)}", max_documents)
     cache_path = Path(cache_dir) / f"corpus-{key}.pt" if cache_dir is not None else None
     if cache_path is not None:
         cached = _load_corpus_cache(cache_path, key)

@@ -81,6 +81,9 @@ def corpus_files(paths: Sequence[PathLike] | PathLike) -> list[Path]:
             if _file_kind(path) is None:
                 raise CorpusError(f"{path}: unsupported corpus file type (expected one of {_LOOKED_FOR})")
             files.append(path)
+        elif path.exists():  # a device or a pipe (<(zcat ...)): read twice (tokenizer, then corpus), it would be empty
+            raise CorpusError(f"{path}: not a regular file or a folder (a pipe or a device is read more than once; "
+                              "save the text to a file)")
         else:
             raise CorpusError(f"{path}: corpus path not found (expected a folder or a {_LOOKED_FOR} file)")
     return _each_once(files)

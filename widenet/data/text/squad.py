@@ -160,6 +160,7 @@ class QAFeatures:
     example_index   (F,)   int64  which example the window belongs to
     offsets         F lists of L entries: (char_start, char_end) into the context
                     for context tokens, None for question/special/pad tokens
+    questions_cut   how many examples' questions were longer than max_query_len tokens (cut)
     """
 
     input_ids: Tensor
@@ -168,6 +169,7 @@ class QAFeatures:
     end_positions: Tensor
     example_index: Tensor
     offsets: list[list[tuple[int, int] | None]]
+    questions_cut: int = 0
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
@@ -249,6 +251,7 @@ def encode_squad(
         end_positions=torch.tensor(ends, dtype=torch.long),
         example_index=torch.tensor(owner, dtype=torch.long),
         offsets=offsets,
+        questions_cut=sum(len(q_enc.ids) > max_query_len for q_enc in questions),
     )
 
 

@@ -20,7 +20,7 @@ import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
@@ -37,6 +37,9 @@ __all__ = [
     "special_ids",
     "check_coverage",
     "vocab_fingerprint",
+    "pipeline_fingerprint",
+    "tokenizer_record",
+    "check_same_tokenizer",
 ]
 
 PathLike = str | os.PathLike
@@ -295,7 +298,8 @@ def vocab_fingerprint(tok: Tokenizer) -> str:
     """SHA-256 over the (token, id) pairs sorted by id and the lowercase flag.
 
     Stable across :func:`save_tokenizer` / :func:`load_tokenizer`; two
-    tokenizers with the same fingerprint map text to the same ids.
+    tokenizers with the same fingerprint give the same ids to the same pieces,
+    and with the same pipeline_fingerprint too, the same ids to the same text.
     """
     vocab = tok.get_vocab(with_added_tokens=True)
     pairs = sorted(((index, token) for token, index in vocab.items()))
@@ -304,6 +308,42 @@ def vocab_fingerprint(tok: Tokenizer) -> str:
     for index, token in pairs:
         digest.update(f"{index}\t{token}\n".encode("utf-8", "surrogatepass"))
     return digest.hexdigest()
+
+
+def pipeline_fingerprint(tok: Tokenizer) -> str:
+    """SHA-256 over how the tokenizer cuts text before looking pieces up: its normalizer, pre-tokenizer,
+    post-processor and model settings (all but the vocabulary, which vocab_fingerprint covers). Two
+    vocabularies alike can still give other ids: one strips accents ("äpplé" -> apple), the other does
+    not ([UNK])."""
+    config = json.loads(tok.to_str())
+    model = {key: value for key, value in (config.get("model") or {}).items() if key != "vocab"}
+    parts = {key: config.get(key) for key in ("normalizer", "pre_tokenizer", "post_processor")}
+    return hashlib.sha256(json.dumps(dict(parts, model=model), sort_keys=True).encode()).hexdigest()
+
+
+def tokenizer_record(tok: Tokenizer) -> dict[str, Any]:
+    """What a checkpoint or an export records of its tokenizer, for the checks that the same one is
+    used again: the vocabulary's fingerprint and size, and the pipeline's fingerprint."""
+    return dict(fingerprint=vocab_fingerprint(tok), vocab_size=tok.get_vocab_size(), pipeline=pipeline_fingerprint(tok))
+
+
+def check_same_tokenizer(tok: Tokenizer, path: PathLike, recorded: dict[str, Any], vocab_size: int | None,
+                         model: PathLike) -> None:
+    """TokenizerError unless `tok` (read from `path`) is the tokenizer that `model` was trained with, as
+    far as its checkpoint or export recorded it (`recorded`: tokenizer_record's fields, each where
+    present) and as its embedding (`vocab_size` rows) allows."""
+    size = tok.get_vocab_size()
+    # Without a recorded fingerprint (Hugging Face folders, whose embeddings may be padded to a round
+    # size) a smaller tokenizer is fine: its ids all have rows.
+    if vocab_size is not None and (size > vocab_size or (size != vocab_size and recorded.get("fingerprint"))):
+        raise TokenizerError(f"tokenizer {path} ({size} pieces) does not match the vocabulary the model "
+                             f"{model} was trained with ({vocab_size} pieces)")
+    if recorded.get("fingerprint") and vocab_fingerprint(tok) != recorded["fingerprint"]:
+        raise TokenizerError(f"tokenizer {path} ({size} pieces) is not the one the model {model} was "
+                             f"trained with (as many pieces, but the vocabularies differ)")
+    if recorded.get("pipeline") and pipeline_fingerprint(tok) != recorded["pipeline"]:
+        raise TokenizerError(f"tokenizer {path} is not the one the model {model} was trained with (the same "
+                             "pieces, but it normalises or splits text differently, e.g. accents or case)")
 
 
 # The share of [UNK] word pieces above which a tokenizer is noted as a poor fit for a text, and
