@@ -32,6 +32,7 @@ from widenet.data.images import (
     read_idx,
     subset,
 )
+from widenet.data.images.folder import folder_files
 
 # --------------------------------------------------------------------------
 # Fixtures and helpers
@@ -454,7 +455,10 @@ def test_a_file_replaced_with_the_same_size_and_mtime_is_decoded_again(tmp_path)
     again = load_image_folder(tmp_path, "train", image_size=8)
     assert torch.equal(again.images[2], 255 - first.images[2])
     assert len(list((tmp_path / ".widenet-cache").glob("*.pt"))) == 1
-    assert again.contents == first.contents  # the same files for a resumed run: names, classes, sizes
+    assert again.contents != first.contents  # a resumed run sees other pixels (the same names and sizes)
+    assert again.contents.startswith("3 images, pixels ")
+    os.utime(target)  # touched, not changed: decoded again, the same contents
+    assert load_image_folder(tmp_path, "train", image_size=8).contents == again.contents
 
 
 def test_images_the_folder_would_skip_are_followed_or_named(tmp_path):
@@ -475,6 +479,27 @@ def test_images_the_folder_would_skip_are_followed_or_named(tmp_path):
     messages = sorted(str(n.message) for n in notes)
     assert any("skipped 1 file(s) outside the class folders" in m and "loose.png" in m for m in messages)
     assert any("skipped 2 file(s) that are not regular files" in m and "gone.png" in m for m in messages)  # + loop
+
+
+def test_a_folder_reached_twice_counts_by_its_real_path_and_stale_entries_go_quietly(tmp_path, monkeypatch):
+    """Which of two paths to one folder counted followed readdir's order (so did the training order
+    and the cache key); an old cache entry that could not be deleted failed a load that had worked."""
+    make_folder(tmp_path)
+    cat = tmp_path / "train" / "cat"
+    (cat / "z").mkdir()
+    Image.new("RGB", (8, 8)).save(cat / "z" / "deep.png")
+    (cat / "a").symlink_to(cat / "z")  # sorts first
+    images, others = folder_files(cat)
+    assert images == [cat / "a.png", cat / "b.jpg", cat / "z" / "deep.png"] and others == [cat / "a"]
+    load_image_folder(tmp_path, "train", image_size=8)
+    os.utime(cat / "a.png")
+
+    def refuse(self, missing_ok=False):
+        raise PermissionError(f"cannot remove {self}")
+
+    monkeypatch.setattr(Path, "unlink", refuse)
+    assert len(load_image_folder(tmp_path, "train", image_size=8)) == 4
+    assert len(list((tmp_path / ".widenet-cache").glob("*.pt"))) == 2  # the old entry stays, the load goes on
 
 
 def test_decoding_a_folder_beyond_the_memory_is_refused_first(tmp_path, monkeypatch):

@@ -158,8 +158,8 @@ def test_a_run_knows_its_folder_wherever_it_is_evaluated_or_resumed(tmp_path, ti
     Image.new("L", (8, 8), 10).save(tmp_path / "data" / "train" / "cat" / "new.png")
     assert main(args + ["--max-steps", "1", "--resume"]) == 2
     err = capsys.readouterr().err
-    assert "this run's data differs from the checkpoint's (its contents are '9 images, file list" in err
-    assert "the checkpoint's '8 images, file list" in err and err.count("\n") == 1
+    assert "this run's data differs from the checkpoint's (contents '9 images, pixels" in err
+    assert "here, '8 images, pixels" in err and err.count("\n") == 1
 
 
 def test_an_image_size_the_model_cannot_take_is_refused_before_decoding(tmp_path, tiny_set_args, capsys):

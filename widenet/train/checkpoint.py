@@ -329,11 +329,10 @@ def _check_expected_meta(file: Path, meta: dict, expected: Mapping, within: str 
             continue
         if have == want or (key not in meta and (within or isinstance(want, Mapping))):
             continue
-        if within == "data.":
-            raise CheckpointError(f"{file}: this run's data differs from the checkpoint's (its {key} are {want!r}, "
-                                  f"the checkpoint's {have!r}); a resumed run trains on the data it started on")
-        if within:
-            raise CheckpointError(f"{file}: the checkpoint's {within}{key} is {have!r}, this run's is {want!r}")
+        if within:  # a record: the data, the tokenizer
+            record = within.rstrip(".")
+            raise CheckpointError(f"{file}: this run's {record} differs from the checkpoint's ({key} {want!r} here, "
+                                  f"{have!r} in the checkpoint); a resumed run keeps the {record} it started with")
         if key == "model":
             raise CheckpointError(
                 f"{file}: checkpoint is for model {have!r} but model {want!r} was requested"

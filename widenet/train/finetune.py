@@ -225,7 +225,7 @@ def _check_not_empty(*files: tuple[str, list]) -> None:
 
 def _qa_data(cfg: FinetuneConfig, tokenizer, max_len: int):
     train_file, val_file = resolve_task_file(cfg.train, "qa"), resolve_task_file(cfg.validation, "qa")
-    (train_ex, _), (val_ex, version) = read_squad(train_file), read_squad(val_file)
+    (train_ex, train_version), (val_ex, version) = read_squad(train_file), read_squad(val_file)
     _check_not_empty((train_file, train_ex), (val_file, val_ex))
     kw = dict(max_len=max_len, doc_stride=cfg.doc_stride, max_query_len=cfg.max_query_len)
     tf, vf = encode_squad(train_ex, tokenizer, **kw), encode_squad(val_ex, tokenizer, **kw)
@@ -237,7 +237,8 @@ def _qa_data(cfg: FinetuneConfig, tokenizer, max_len: int):
     train = dict(input_ids=tf.input_ids, token_type_ids=tf.token_type_ids, start_positions=tf.start_positions,
                  end_positions=tf.end_positions)
     version_2 = version == "2.0" or any(e.is_impossible for e in val_ex)
-    return train, val_ex, vf, version_2
+    trained = train_version == "2.0" or any(e.is_impossible for e in train_ex)  # no-answer scores learned
+    return train, val_ex, vf, version_2, trained
 
 
 # --- entry point ------------------------------------------------------------------------
@@ -256,11 +257,12 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print) -> Finetun
         extra, num_labels = dict(validation=validation, labels=labels), len(labels)
         data_meta = dict(labels=labels, inputs=dict(pairs=pairs, max_len=max_len))
     else:
-        train, val_ex, val_features, version_2 = _qa_data(cfg, tokenizer, max_len)
+        train, val_ex, val_features, version_2, trained = _qa_data(cfg, tokenizer, max_len)
         extra, num_labels = dict(val_examples=val_ex, val_features=val_features, version_2=version_2), 2
         data_meta = dict(squad_version="2.0" if version_2 else "1.1",
                          inputs=dict(max_len=max_len, doc_stride=cfg.doc_stride, max_query_len=cfg.max_query_len,
-                                     no_answer=version_2, null_threshold=cfg.null_threshold))
+                                     no_answer=version_2, null_threshold=cfg.null_threshold,
+                                     trained_no_answer=trained))
     data_meta["contents"] = training_contents(train)
     torch.manual_seed(cfg.seed)
     model = build_finetune_model(ckpt, cfg, num_labels)

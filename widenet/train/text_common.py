@@ -47,7 +47,10 @@ def ordered_batches(data: Batch, batch_size: int) -> Iterator[Batch]:
 
 def build_text_model(cfg: TextRunConfig, vocab_size: int, pad_id: int, seq_len: int, **task: Any) -> nn.Module:
     """The preset sized for the tokenizer; seq_len must fit the model's positions."""
-    _refuse_given_settings(cfg, dict(vocab_size=vocab_size, pad_token_id=pad_id), "the tokenizer", "the tokenizer")
+    _refuse_given_settings(cfg, dict(pad_token_id=pad_id), "the tokenizer", "the tokenizer")
+    if cfg.model_overrides.get("vocab_size", vocab_size) < vocab_size:  # larger: embedding rows to spare
+        raise ValueError(f"--set vocab_size={cfg.model_overrides['vocab_size']}: the tokenizer has {vocab_size} "
+                         "pieces, which all need an embedding row (leave vocab_size out)")
     overrides: dict[str, Any] = dict(vocab_size=vocab_size, pad_token_id=pad_id, **task)
     if cfg.dropout:
         overrides["dropout"] = cfg.dropout
@@ -80,8 +83,8 @@ def saved_text_model(saved: dict[str, Any], cfg: TextRunConfig, name: str, **tas
     from ..models.text import TextConfig, TextTransformer
 
     _refuse_given_settings(cfg, task, "the run's task", "the task and its data")
-    _refuse_given_settings(cfg, {key: saved.get(key) for key in ("vocab_size", "pad_token_id")}, "the model's "
-                           "tokenizer", "the tokenizer the model was trained with")
+    _refuse_given_settings(cfg, {key: saved.get(key) for key in ("vocab_size", "pad_token_id")}, "the model",
+                           "the tokenizer the model was trained with")
     changes = dict(cfg.model_overrides, **({"dropout": cfg.dropout} if cfg.dropout else {}))
     model = TextTransformer(apply_overrides(TextConfig(**{**saved, **task}), changes))
     model.model_name = name

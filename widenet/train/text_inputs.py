@@ -4,8 +4,9 @@ Fine-tuning records them in a checkpoint's meta (data.inputs) and `widenet
 export` carries them into config.json ("inputs"):
     classify: {"pairs": whether the texts were sentence pairs, "max_len": tokens per sequence}
     qa:       {"max_len": tokens per window, "doc_stride", "max_query_len": tokens of a question,
-               "no_answer": whether it learned SQuAD 2.0's "no answer" (its evaluation then allowed it),
-               "null_threshold": the margin by which "no answer" had to beat the best span there}
+               "no_answer": whether its evaluation allowed SQuAD 2.0's "no answer" (2.0 validation data),
+               "null_threshold": the margin by which "no answer" had to beat the best span there,
+               "trained_no_answer": whether its training data held unanswerable questions}
 Runs fine-tuned before the record have them read back from their train_config
 (all but "pairs"; "no_answer" from the SQuAD version recorded with the data).
 Hugging Face folders and pretraining runs have none.
@@ -24,6 +25,7 @@ __all__ = ["DEFAULT_MAX_LEN", "QA_DOC_STRIDE", "QA_MAX_QUERY_LEN", "default_max_
 DEFAULT_MAX_LEN = {"classify": 128, "qa": 384}  # tokens per sequence, unless the model has fewer positions
 QA_DOC_STRIDE, QA_MAX_QUERY_LEN = FinetuneConfig.doc_stride, FinetuneConfig.max_query_len  # fine-tuning's defaults
 _LENGTHS = ("max_len", "doc_stride", "max_query_len")
+_FLAGS = ("pairs", "no_answer", "trained_no_answer")
 
 
 def default_max_len(task: str, max_positions: int) -> int:
@@ -42,12 +44,12 @@ def recorded_inputs(meta: dict, where: Any) -> dict[str, Any] | None:
         if inputs is None:
             return None
     whole = lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0  # noqa: E731
-    if not (isinstance(inputs, dict) and set(inputs) <= {"pairs", "no_answer", "null_threshold", *_LENGTHS}
+    if not (isinstance(inputs, dict) and set(inputs) <= {"null_threshold", *_FLAGS, *_LENGTHS}
             and all(whole(inputs[k]) for k in _LENGTHS if k in inputs)
-            and all(isinstance(inputs.get(k, False), bool) for k in ("pairs", "no_answer"))
+            and all(isinstance(inputs.get(k, False), bool) for k in _FLAGS)
             and finite_numbers([inputs.get("null_threshold", 0.0)])):
         raise CheckpointError(f"{where}: the {saved} {inputs!r} should hold max_len, doc_stride and "
-                              "max_query_len as positive whole numbers, pairs and no_answer as true or false "
+                              "max_query_len as positive whole numbers, pairs and no_answer(s) as true or false "
                               "and null_threshold as a number")
     inputs = dict(inputs)
     version = (meta.get("data") or {}).get("squad_version")

@@ -32,7 +32,7 @@ class ImageDataset:
     ``images`` is uint8 ``(N, C, H, W)``; ``labels`` is int64 ``(N,)`` with
     values in ``[0, len(classes))``. ``contents``: what identifies the files the split was read
     from, where they can change under the same name (an image folder; see
-    folder.folder_contents), else None; subsets and resizes keep it.
+    folder.pixel_contents), else None; subsets and resizes keep it.
     """
 
     images: torch.Tensor

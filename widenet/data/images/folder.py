@@ -8,6 +8,7 @@ loader takes ``root/test``, else ``root/val`` (ImageNet's layout), else
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import json
@@ -50,8 +51,9 @@ def folder_files(folder: Path) -> tuple[list[Path], list[Path]]:
             found.append(Path(top))  # a second link to one folder, or a loop
             folders[:] = []
             continue
-        seen.add(real)
-        folders[:] = [name for name in folders if not name.startswith(".")]
+        seen.add(real)  # real folders before links, so which path to a folder counts does not depend on readdir
+        folders[:] = sorted((name for name in folders if not name.startswith(".")),
+                            key=lambda name: (os.path.islink(os.path.join(top, name)), name))
         found += [Path(top, name) for name in names if not name.startswith(".")]
     images = [path for path in found if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()]
     return sorted(images), sorted(set(found) - set(images))
@@ -119,9 +121,10 @@ def _scan_folder(base: Path) -> tuple[list[str], list[tuple[Path, int]]]:
     plain = [path for path in others if path.is_file()]
     loose = sorted(path for path in base.iterdir() if _visible(path) and not path.is_dir()
                    and path.suffix.lower() in IMAGE_SUFFIXES)
-    for skipped, why in ((plain, "without an image extension"), (unread, "that are not regular files (broken links, "
-                         "pipes, ...)"), (loose, f"outside the class folders (each class is a folder: {base}/<class>/"
-                         "<image>)")):
+    reasons = ((plain, "without an image extension"),
+               (unread, "that are not regular files (broken links, pipes, second links to a folder read already)"),
+               (loose, f"outside the class folders (each class is a folder: {base}/<class>/<image>)"))
+    for skipped, why in reasons:
         if skipped:
             warnings.warn(f"{base}: skipped {len(skipped)} file(s) {why}, e.g. {skipped[0]}", stacklevel=3)
     return classes, files
@@ -156,13 +159,14 @@ def decode_image(path: Path, image_size: int, channels: int, crop: bool = True,
     does); resample: one of RESAMPLING."""
     from PIL import Image
 
+    _quiet_pillow_notes()
     try:
-        with warnings.catch_warnings(record=True) as caught:  # Pillow's notes (a very large image) name no file
-            warnings.simplefilter("always", Image.DecompressionBombWarning)
-            opened = Image.open(path)
-        for note in caught:
-            warnings.warn(f"{path}: {note.message}", stacklevel=2)
-        with opened as image:
+        with Image.open(path) as image:
+            pixels, limit = image.width * image.height, Image.MAX_IMAGE_PIXELS
+            if limit and pixels > limit:  # Pillow's own note names no file
+                warnings.warn(f"{path}: {image.width}x{image.height} pixels, above Pillow's limit of {limit} "
+                              "(its guard against decompression bombs); decoded anyway",
+                              Image.DecompressionBombWarning, stacklevel=2)
             image.load()
             image = _upright(image)
             # Mode "I" is 32-bit integers, except from PNG and PNM files, which hold at most 16 bits
@@ -189,6 +193,19 @@ def decode_image(path: Path, image_size: int, channels: int, crop: bool = True,
     return torch.from_numpy(array.copy()).permute(2, 0, 1)
 
 
+def _quiet_pillow_notes() -> None:
+    """Silence the notes Pillow writes without naming the file: a very large image (decode_image
+    writes its own, with the path) and a damaged EXIF tag (the image decodes; the tag is taken as
+    absent). Filters on Pillow's modules, added where missing (a caller may reset the filters), not
+    warnings.catch_warnings: that swaps the process's warning hooks, and predict decodes on several
+    threads, whose swaps could leave every later warning lost."""
+    from PIL import Image
+
+    for category, module in ((Image.DecompressionBombWarning, r"PIL\."), (UserWarning, r"PIL\.TiffImagePlugin")):
+        if not any(f[0] == "ignore" and f[2] is category and f[3] is not None and f[3].pattern == module
+                   for f in warnings.filters):
+            warnings.filterwarnings("ignore", category=category, module=module)
+
 # EXIF orientation (1-8) -> the Pillow transpose that turns the stored pixels upright (1: none).
 _ORIENTATION_TURNS = {2: "FLIP_LEFT_RIGHT", 3: "ROTATE_180", 4: "FLIP_TOP_BOTTOM", 5: "TRANSPOSE", 6: "ROTATE_270",
                       7: "TRANSVERSE", 8: "ROTATE_90"}
@@ -201,9 +218,7 @@ def _upright(image):
     from PIL import Image
 
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # Pillow's notes on damaged tags name no file
-            orientation = image.getexif().get(0x0112, 1)
+        orientation = image.getexif().get(0x0112, 1)
     except Exception:  # noqa: BLE001 - any damage in the EXIF block: the pixels stay as stored
         return image
     turn = _ORIENTATION_TURNS.get(orientation) if isinstance(orientation, int) else None
@@ -242,7 +257,7 @@ def load_image_folder(
     square. The decoded tensor is cached once in ``cache_dir`` (default
     ``root/.widenet-cache``, where an entry replaced for a changed folder is removed), keyed by the
     file list, sizes, modification and change times and the settings, and reused by later loads
-    without opening the images. The dataset's ``contents`` names the files (folder_contents).
+    without opening the images. The dataset's ``contents`` identifies the images (pixel_contents).
     """
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
@@ -257,9 +272,9 @@ def load_image_folder(
     prefix = f"{folder or 'all'}-{image_size}px-{channels}ch-"
     cache_path = cache_folder / f"{prefix}{key[:16]}.pt"
     name = f"folder-{root.name}" + (f"-{folder}" if folder else "")
-    contents = folder_contents(base, files)
     cached = _load_cache(cache_path, key)
     if cached is not None:
+        contents = cached.get("contents") or pixel_contents(cached["images"], cached["labels"])
         return ImageDataset(cached["images"], cached["labels"], list(cached["classes"]), name, contents)
     check_fits_memory(len(files) * channels * image_size**2,
                       f"the {len(files)} images of {base} decoded at {image_size} px")
@@ -267,22 +282,25 @@ def load_image_folder(
     for i, (path, _) in enumerate(files):
         images[i] = decode_image(path, image_size, channels)
     labels = torch.tensor([label for _, label in files], dtype=torch.int64)
+    contents = pixel_contents(images, labels)
     try:
-        save_atomic({"key": key, "images": images, "labels": labels, "classes": classes}, cache_path)
+        save_atomic({"key": key, "images": images, "labels": labels, "classes": classes, "contents": contents},
+                    cache_path)
     except OSError as exc:
         warnings.warn(f"could not write image cache {cache_path} ({exc}); continuing without it", stacklevel=2)
     else:
         if cache_dir is None:  # the folder's own cache: its older entries for these settings describe files gone
             for stale in cache_folder.glob(f"{glob.escape(prefix)}*.pt"):
                 if stale != cache_path:
-                    stale.unlink(missing_ok=True)
+                    with contextlib.suppress(OSError):  # best effort (another user's file, an immutable one)
+                        stale.unlink(missing_ok=True)
     return ImageDataset(images, labels, classes, name, contents)
 
 
-def folder_contents(base: Path, files: list[tuple[Path, int]]) -> str:
-    """What a resumed run compares to know its training folder is the one it started on: the
-    number of images and a hash of their paths (relative to the split), classes and sizes. Times are
-    left out, so a folder copied or moved elsewhere (with --data-dir) still counts as the same."""
-    entries = [[path.relative_to(base).as_posix(), label, path.stat().st_size] for path, label in files]
-    digest = hashlib.sha256(json.dumps(entries).encode()).hexdigest()
-    return f"{len(files)} images, file list {digest[:12]}"
+def pixel_contents(images: torch.Tensor, labels: torch.Tensor) -> str:
+    """What a resumed run compares to know its training images are the ones it started on: their
+    number and a hash of the decoded pixels and labels, in order (a file added, removed, renamed or
+    replaced changes it; a folder copied or moved elsewhere, with --data-dir, does not)."""
+    digest = hashlib.sha256(images.contiguous().numpy())
+    digest.update(labels.contiguous().numpy())
+    return f"{len(labels)} images, pixels {digest.hexdigest()[:12]}"

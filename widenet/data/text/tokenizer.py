@@ -310,15 +310,30 @@ def vocab_fingerprint(tok: Tokenizer) -> str:
     return digest.hexdigest()
 
 
+# Texts that tell tokenizers apart where their vocabularies agree: accents, case, scripts with and
+# without spaces, punctuation, digits, control and zero-width characters, whitespace, a long word.
+_PIPELINE_PROBES = (
+    "H\u00e9llo WORLD, na\u00efve caf\u00e9 d\u00e9j\u00e0-vu! \u00c4\u00d6\u00dc \u00e4\u00f6\u00fc \u00df "
+    "\u00c6\u00d8 \u0153 \u00f1 \u00e7 cafe\u0301",
+    "\u4e2d\u6587\u5b57\u7b26 \u65e5\u672c\u8a9e \ud55c\uad6d\uc5b4 \u03b1\u03b2\u03b3 \u0394\u03a3 "
+    "\u043a\u0438\u0440\u0438\u043b\u043b\u0438\u0446\u0430 \u05e2\u05d1\u05e8\u05d9\u05ea "
+    "\u0627\u0644\u0639\u0631\u0628\u064a\u0629",
+    "tabs\tand\nlines\u00a0and   spaces zero\u200bwidth\u200d joiner\ufeff control\x00\x07 chars",
+    "punctuation: ... -- \u2014 (brackets) [x] {y} \"quoted\" 'single' `tick` it's e.g. U.S.A. #tag @user 50%",
+    "numbers 1234567890 3.14 1,000 42nd \u00bd \u2162 \ufb01 \uff21\uff22 emoji \U0001f600\U0001f44d\U0001f3fd "
+    "\u00a9 \u20ac",
+    "UPPER lower MiXeD " + "a" * 120 + " supercalifragilisticexpialidocious",
+)
+
+
 def pipeline_fingerprint(tok: Tokenizer) -> str:
-    """SHA-256 over how the tokenizer cuts text before looking pieces up: its normalizer, pre-tokenizer,
-    post-processor and model settings (all but the vocabulary, which vocab_fingerprint covers). Two
-    vocabularies alike can still give other ids: one strips accents ("äpplé" -> apple), the other does
-    not ([UNK])."""
-    config = json.loads(tok.to_str())
-    model = {key: value for key, value in (config.get("model") or {}).items() if key != "vocab"}
-    parts = {key: config.get(key) for key in ("normalizer", "pre_tokenizer", "post_processor")}
-    return hashlib.sha256(json.dumps(dict(parts, model=model), sort_keys=True).encode()).hexdigest()
+    """SHA-256 over the ids the tokenizer gives a fixed set of texts (_PIPELINE_PROBES, without special
+    tokens, as widenet encodes): how it normalises and cuts text, judged by what it does rather than by
+    its saved form (which changes between `tokenizers` versions, and holds parts widenet never uses).
+    Two vocabularies alike can still give other ids: one strips accents ("\u00e4ppl\u00e9" -> apple), the
+    other does not ([UNK])."""
+    ids = [encoding.ids for encoding in tok.encode_batch(list(_PIPELINE_PROBES), add_special_tokens=False)]
+    return hashlib.sha256(json.dumps(ids).encode()).hexdigest()
 
 
 def tokenizer_record(tok: Tokenizer) -> dict[str, Any]:
@@ -333,14 +348,14 @@ def check_same_tokenizer(tok: Tokenizer, path: PathLike, recorded: dict[str, Any
     far as its checkpoint or export recorded it (`recorded`: tokenizer_record's fields, each where
     present) and as its embedding (`vocab_size` rows) allows."""
     size = tok.get_vocab_size()
-    # Without a recorded fingerprint (Hugging Face folders, whose embeddings may be padded to a round
-    # size) a smaller tokenizer is fine: its ids all have rows.
-    if vocab_size is not None and (size > vocab_size or (size != vocab_size and recorded.get("fingerprint"))):
+    # A smaller tokenizer is fine (an embedding padded to a round size: Hugging Face folders, runs
+    # pretrained with a larger --set vocab_size): its ids all have rows; the fingerprint decides.
+    if vocab_size is not None and size > vocab_size:
         raise TokenizerError(f"tokenizer {path} ({size} pieces) does not match the vocabulary the model "
                              f"{model} was trained with ({vocab_size} pieces)")
     if recorded.get("fingerprint") and vocab_fingerprint(tok) != recorded["fingerprint"]:
         raise TokenizerError(f"tokenizer {path} ({size} pieces) is not the one the model {model} was "
-                             f"trained with (as many pieces, but the vocabularies differ)")
+                             "trained with (the vocabularies differ)")
     if recorded.get("pipeline") and pipeline_fingerprint(tok) != recorded["pipeline"]:
         raise TokenizerError(f"tokenizer {path} is not the one the model {model} was trained with (the same "
                              "pieces, but it normalises or splits text differently, e.g. accents or case)")
