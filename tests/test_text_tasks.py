@@ -173,7 +173,8 @@ def test_label_vocabulary_and_check(tmp_path):
     dev = read_classification(path)
     with pytest.raises(TaskDataError) as info:
         check_labels(dev, labels, path.name)
-    assert str(info.value) == "validation.tsv line 7: label 'maybe' is not one of the training labels: 'negative', 'positive'"
+    assert str(info.value) == ("validation.tsv line 7: label 'maybe' is not one of the training labels: "
+                               "'negative', 'positive'")
     check_labels(dev[:5], labels, path.name)  # fine
     with pytest.raises(TaskDataError, match="no label"):
         label_vocabulary([ClassificationExample("a", None, None)])

@@ -60,8 +60,9 @@ def folder_files(folder: Path) -> tuple[list[Path], list[Path]]:
 
 
 # Bump when the decoding below changes, so stale caches are not reused.
-_FOLDER_CACHE_VERSION = 4  # 2: the central square resized (not resized, then cropped); 3: EXIF orientation
-# applied; 4: keyed by change times too (a file replaced with one of the same size and mtime)
+# 2: the central square resized (not resized, then cropped); 3: EXIF orientation applied;
+# 4: keyed by change times too (a file replaced with one of the same size and mtime), pixels hashed.
+_FOLDER_CACHE_VERSION = 4
 
 
 def _visible(path: Path) -> bool:
@@ -205,6 +206,7 @@ def _quiet_pillow_notes() -> None:
         if not any(f[0] == "ignore" and f[2] is category and f[3] is not None and f[3].pattern == module
                    for f in warnings.filters):
             warnings.filterwarnings("ignore", category=category, module=module)
+
 
 # EXIF orientation (1-8) -> the Pillow transpose that turns the stored pixels upright (1: none).
 _ORIENTATION_TURNS = {2: "FLIP_LEFT_RIGHT", 3: "ROTATE_180", 4: "FLIP_TOP_BOTTOM", 5: "TRANSPOSE", 6: "ROTATE_270",
