@@ -473,6 +473,12 @@ def test_no_answer_follows_the_squad_version_the_model_was_fine_tuned_on(tokeniz
     v1 = _text_export(tmp_path / "v1", tokenizer_file, "qa", seed=3,
                       inputs=dict(windows, no_answer=False, trained_no_answer=False))
     assert answer_questions(load_pretrained(v1), [(question, context)], device="cpu")[0].answer in context
+    # trained on SQuAD 1.1, evaluated on 2.0 data: spans by default (it was refused without any flag)
+    v1_val2 = load_pretrained(_text_export(tmp_path / "v1v2", tokenizer_file, "qa", seed=3,
+                                           inputs=dict(windows, no_answer=True, trained_no_answer=False)))
+    assert answer_questions(v1_val2, [(question, context)], device="cpu")[0].answer in context
+    with pytest.raises(PredictError, match="without unanswerable questions"):
+        answer_questions(v1_val2, [(question, context)], device="cpu", null_threshold=0.0)
     # trained on SQuAD 2.0, evaluated on 1.1 data (or recorded before trained_no_answer): a threshold applies
     for inputs in (dict(windows, no_answer=False, trained_no_answer=True), dict(windows, no_answer=False)):
         mixed = load_pretrained(_text_export(tmp_path / "mixed", tokenizer_file, "qa", seed=3, inputs=inputs))

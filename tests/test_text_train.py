@@ -241,6 +241,7 @@ def test_a_tokenizer_is_the_models_own_only_if_it_cuts_text_alike(corpus, pretra
     pretrain(_pretrain_cfg(corpus, padded, max_steps=1, tokenizer=str(out / "tokenizer.json"),
                            model_overrides=dict(TINY_TEXT, vocab_size=128)), log=lambda _: None)
     assert main(args[:4] + [str(padded)] + args[5:-1] + [str(tmp_path / "ft-padded")]) == 0, capsys.readouterr().err
+    pretrain(_pretrain_cfg(corpus, tmp_path / "continued", max_steps=1, init=str(padded)), log=lambda _: None)
 
 
 def load_tokenizer_from(config: dict, folder):

@@ -257,13 +257,14 @@ def iter_answer_questions(pretrained: Pretrained, pairs: Sequence[tuple[str, str
 def _no_answer_rule(pretrained: Pretrained, allow_no_answer: bool | None,
                     null_threshold: float | None) -> tuple[bool, float]:
     """Whether an answer may be "" and the margin no-answer must win by: by default as the model's
-    fine-tuning evaluated it (SQuAD 2.0 validation data: allowed, with its null threshold); a threshold
-    given allows it. Refused for a model whose training data held no unanswerable question (SQuAD 1.1),
-    so that its no-answer score never trained."""
+    fine-tuning evaluated it (SQuAD 2.0 validation data: allowed, with its null threshold), unless its
+    training data held no unanswerable question (SQuAD 1.1: its no-answer score never trained; then a
+    threshold given is refused); a threshold given allows it."""
     saved = pretrained.inputs or {}
+    trained = saved.get("trained_no_answer")  # None: not known (recorded before; other folders)
     if allow_no_answer is None:  # as its evaluation did; unknown (a Hugging Face folder, an older export): no
-        allow_no_answer = null_threshold is not None or bool(saved.get("no_answer"))
-    if allow_no_answer and saved.get("trained_no_answer") is False:
+        allow_no_answer = null_threshold is not None or (bool(saved.get("no_answer")) and trained is not False)
+    if allow_no_answer and trained is False:
         raise PredictError(f"{pretrained.source} was fine-tuned on SQuAD 1.1 data, without unanswerable "
                            "questions: its no-answer score was never trained, so it cannot answer nothing "
                            "(leave out the null threshold)")

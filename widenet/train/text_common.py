@@ -107,7 +107,7 @@ def init_text_model(source: Any, cfg: TextRunConfig, vocab_size: int, seq_len: i
 
     require_kind(source, "text")
     saved = source.meta["model_config"]
-    if saved["vocab_size"] != vocab_size:
+    if saved["vocab_size"] < vocab_size:  # more rows than pieces: an embedding padded to spare rows
         raise ValueError(f"the tokenizer has {vocab_size} pieces, the model {source.path} {saved['vocab_size']}: "
                          "pass the tokenizer the model was trained with")
     model = saved_text_model(saved, cfg, source.meta.get("model") or cfg.model, **task)

@@ -139,6 +139,21 @@ def _jsonl_documents(path: Path) -> Iterator[str]:
             yield record["text"]
 
 
+def _where_not_utf8(path: Path) -> str:
+    """Where the first byte that is not UTF-8 lies: " on line N, byte B of the line" (read again in
+    binary, line by line: a newline byte is never part of a multi-byte character)."""
+    try:
+        with gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb") as handle:
+            for number, raw in enumerate(handle, start=1):
+                try:
+                    raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    return f" on line {number}, byte {exc.start + 1} of the line"
+    except (OSError, EOFError, zlib.error):
+        pass
+    return ""
+
+
 def _file_documents(path: Path) -> Iterator[str]:
     """Documents of one corpus file, with read errors turned into CorpusError."""
     kind = _file_kind(path)
@@ -150,7 +165,7 @@ def _file_documents(path: Path) -> Iterator[str]:
         else:
             yield from _text_documents(path)
     except UnicodeDecodeError as exc:
-        raise CorpusError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start} of a chunk)") from None
+        raise CorpusError(f"{path}: not UTF-8 text ({exc.reason}{_where_not_utf8(path)})") from None
     except GcideError as exc:
         raise CorpusError(str(exc)) from None
     except (OSError, EOFError, zlib.error) as exc:
