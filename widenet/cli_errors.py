@@ -23,7 +23,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .train.stopping import handling, signal_numbers
+from .files import signal_numbers
+from .train.stopping import handling
 
 __all__ = ["CLIError", "BUG_REPORT", "INTERRUPTED", "explain", "file_names_printable",
            "latest_checkpoint_identity", "lost_results", "missing_outputs_to_devnull", "output_survives_its_reader",

@@ -27,7 +27,7 @@ import torch
 
 __all__ = ["LockHeld", "RefusedPickle", "atomic_path", "disk_full", "fsync_path", "hold_lock", "is_utf8",
            "load_safetensors", "load_weights_only", "pid_alive", "raise_if_disk_full", "rename_exchange", "save_atomic",
-           "save_safetensors", "signals_held", "write_bytes_durably"]
+           "save_safetensors", "signal_numbers", "signals_held", "STOP_SIGNALS", "write_bytes_durably"]
 
 
 @contextlib.contextmanager
@@ -223,6 +223,14 @@ def rename_exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(a), None, str(b))
 
 
+def signal_numbers(*names: str) -> tuple[int, ...]:
+    """The named signals this platform has (Windows: no SIGHUP)."""
+    return tuple(getattr(signal, name) for name in names if hasattr(signal, name))
+
+
+STOP_SIGNALS = signal_numbers("SIGINT", "SIGTERM", "SIGHUP")  # what stops a command (train.stopping, cli_errors)
+
+
 @contextlib.contextmanager
 def signals_held() -> Iterator[None]:
     """Ctrl-C, SIGTERM and SIGHUP wait until the block ends (they are acted on then): for a few
@@ -231,8 +239,7 @@ def signals_held() -> Iterator[None]:
     if not hasattr(signal, "pthread_sigmask"):
         yield
         return
-    held = {getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP")}
-    before = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
         yield
     finally:

@@ -20,15 +20,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["StopRequest", "TrainingStopped", "handling", "signal_numbers", "stop_on_signals"]
+from ..files import STOP_SIGNALS
 
-
-def signal_numbers(*names: str) -> tuple[int, ...]:
-    """The named signals this platform has (Windows: no SIGHUP)."""
-    return tuple(getattr(signal, name) for name in names if hasattr(signal, name))
-
-
-_SIGNALS = signal_numbers("SIGINT", "SIGTERM", "SIGHUP")
+__all__ = ["StopRequest", "TrainingStopped", "handling", "stop_on_signals"]
 
 
 class TrainingStopped(RuntimeError):
@@ -87,7 +81,7 @@ def stop_on_signals(active: bool = True) -> Iterator[StopRequest]:
             with contextlib.suppress(Exception):
                 print(note, end="", file=sys.stderr, flush=True)
 
-    with handling(_SIGNALS if active else (), first, previous):
+    with handling(STOP_SIGNALS if active else (), first, previous):
         yield request
 
 
