@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .files import signal_numbers
+from .signals import signal_numbers
 from .train.stopping import handling
 
 __all__ = ["CLIError", "BUG_REPORT", "INTERRUPTED", "explain", "file_names_printable",

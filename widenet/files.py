@@ -25,9 +25,11 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from .signals import STOP_SIGNALS
+
 __all__ = ["LockHeld", "RefusedPickle", "atomic_path", "disk_full", "fsync_path", "hold_lock", "is_utf8",
            "load_safetensors", "load_weights_only", "pid_alive", "raise_if_disk_full", "rename_exchange", "save_atomic",
-           "save_safetensors", "signal_numbers", "signals_held", "STOP_SIGNALS", "write_bytes_durably"]
+           "save_safetensors", "signals_held", "write_bytes_durably"]
 
 
 @contextlib.contextmanager
@@ -221,14 +223,6 @@ def rename_exchange(a: Path, b: Path) -> bool:
     if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
         return False
     raise OSError(err, os.strerror(err), str(a), None, str(b))
-
-
-def signal_numbers(*names: str) -> tuple[int, ...]:
-    """The named signals this platform has (Windows: no SIGHUP)."""
-    return tuple(getattr(signal, name) for name in names if hasattr(signal, name))
-
-
-STOP_SIGNALS = signal_numbers("SIGINT", "SIGTERM", "SIGHUP")  # what stops a command (train.stopping, cli_errors)
 
 
 @contextlib.contextmanager

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from ..files import STOP_SIGNALS
+from ..signals import STOP_SIGNALS
 
 __all__ = ["StopRequest", "TrainingStopped", "handling", "stop_on_signals"]
 
