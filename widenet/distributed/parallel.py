@@ -160,6 +160,11 @@ class ParallelContext:
         if self.distributed:
             check_last_batch(num_examples, batch_size, self.env.world_size)
 
+    def checks_host_memory(self, device: torch.device) -> bool:
+        """Whether the run's tensors on `device` are all this one process's, in this machine's memory:
+        where widenet.memory's checks apply (processes sharing a machine each hold a part)."""
+        return device.type == "cpu" and not self.distributed
+
     def device(self, device: torch.device) -> torch.device:
         """cuda -> cuda:LOCAL_RANK on several processes."""
         if self.distributed and device.type == "cuda" and device.index is None:

@@ -254,7 +254,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print,
                       "the training images never vary: normalised by their mean only (their std is 0)", stacklevel=2)
     torch.manual_seed(cfg.seed)
     model = build_model_for(cfg, train_set, source).to(device)
-    if device.type == "cpu" and not parallel.distributed:
+    if parallel.checks_host_memory(device):
         tokens = model.cfg.num_patches + (model.cfg.pool == "token")
         check_activations_fit(cfg.batch_size, tokens, model.cfg.encoder, f"the activations of a batch of "
                               f"{cfg.batch_size} images of {model.cfg.image_size} px ({tokens} tokens each)", amp)

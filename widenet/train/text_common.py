@@ -65,7 +65,7 @@ def check_batch_fits(model_cfg: Any, batch_size: int, seq_len: int, parallel: Pa
     """MemoryError before training when a batch of batch_size sequences of seq_len tokens cannot
     keep its activations in this machine's memory (one process on the CPU; see
     widenet.memory.check_activations_fit), rather than the kernel ending the process later."""
-    if device.type == "cpu" and not parallel.distributed:
+    if parallel.checks_host_memory(device):
         check_activations_fit(batch_size, seq_len, model_cfg.encoder, f"the activations of a batch of "
                               f"{batch_size} sequences of {seq_len} tokens", amp)
 

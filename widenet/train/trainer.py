@@ -123,7 +123,7 @@ class Trainer:
         saved = self._resume_weights(model, expected_meta) if cfg.resume else None  # run_folder checked OUT
         self.deadline: Deadline | None = None
         total = self._total_steps(model, saved)
-        if device.type == "cpu" and not parallel.distributed:  # (processes sharing a machine each hold a part)
+        if parallel.checks_host_memory(device):
             # gradients, AdamW's two moments (and the EMA): more copies of the weights
             copies = 3 + (1 if cfg.ema_decay else 0)
             check_fits_memory(copies * parameter_bytes(model), "the gradients and optimizer state of training")
