@@ -15,6 +15,7 @@ import torch
 
 import widenet
 from widenet.layers import dispatch
+from widenet.layers import experts as experts_module
 from widenet.layers.moe import MoE, MoEConfig, expert_capacity, load_balancing_loss, router_z_loss
 
 if str(Path(__file__).resolve().parent) not in sys.path:  # the oracle lives next to this file
@@ -789,6 +790,39 @@ def test_padded_kernel_takes_any_dtype_and_width():
     """float64 and widths grouped matmuls refuse (6, 10): the padded kernel matches the loop exactly."""
     loop, padded = _moe(expert_backend="loop"), _moe(expert_backend="padded")  # dim 6, hidden 10, float64
     _assert_same_results(loop, padded, 24, True, **F64)
+
+
+def test_loop_chunks_cut_by_bytes_of_hidden_rows():
+    """Hand values: experts without rows are skipped; a chunk closes before the limit is
+    reached; an expert over the limit alone is a chunk of its own."""
+    limit = experts_module._CHUNK_BYTES
+    assert experts_module._chunks([3, 0, 5, 2, 7], limit // 8, 1) == [[0], [2, 3], [4]]
+    assert experts_module._chunks([20], limit, 4) == [[0]]
+    assert experts_module._chunks([1, 1, 1], 16, 4) == [[0, 1, 2]]  # small layers: one chunk
+    assert experts_module._chunks([0, 0], 16, 4) == []
+
+
+@pytest.mark.parametrize("limit_rows", [1, 30], ids=["an-expert-a-chunk", "several-experts-a-chunk"])
+def test_loop_kernel_in_chunks_equals_the_oracle(monkeypatch, limit_rows):
+    """Large layers run the loop kernel's experts in chunks with a hidden buffer each. With the
+    limit lowered to `limit_rows` hidden rows, 24 tokens run in several chunks (an unused expert
+    among the five) and still give the oracle's outputs and gradients."""
+    moe = _moe(experts=5, top_k=2, capacity_factor=4.0, expert_backend="loop")
+    x = _skewed_x(24, moe.dim)
+    x[:, 0] = x[:, 0].abs() + 1.0
+    with torch.no_grad():
+        moe.router.weight[4] = 0.0
+        moe.router.weight[4, 0] = -20.0  # expert 4 is never chosen
+    monkeypatch.setattr(experts_module, "_CHUNK_BYTES", limit_rows * moe.experts.w1.shape[-1] * 8)  # float64
+    cuts = []
+    real = experts_module._chunks
+    monkeypatch.setattr(experts_module, "_chunks", lambda *a: cuts.append(real(*a)) or cuts[-1])
+    res, (out, *_), lib_g, ref_g = _run_both(moe, x, oracle_capacity(24, 5, 2, 4.0))
+    assert cuts and cuts[0] == cuts[-1], cuts  # forward and backward cut alike
+    assert len(cuts[0]) > 1 and 4 not in sum(cuts[0], []), cuts
+    assert (max(map(len, cuts[0])) > 1) == (limit_rows > 1), cuts
+    torch.testing.assert_close(res.output, out, **F64)
+    _assert_grads_close(lib_g, ref_g, **F64)
 
 
 @pytest.mark.parametrize("experts,top_k,factor,dropless,renorm,tokens", CASES)

@@ -127,19 +127,19 @@ class RoutedExperts(torch.autograd.Function):
         token = slot if k == 1 else slot % n  # (A,) each row's token
         rows = x.index_select(0, token)  # (A, D)
         lay = row_layout(kernel, kept, a, runs, row_expert, slots, approximate)
-        y, pre, act = ffn_forward(rows, w1, b1, w2, b2, lay)  # (A, D), zero past M
-        ctx.save_for_backward(rows, w1, w2, pre, act, y, weight, slot, token, inverse, *lay.tensors())
+        y, saved = ffn_forward(rows, w1, b1, w2, b2, lay)  # (A, D), zero past M
+        ctx.save_for_backward(rows, w1, w2, y, weight, slot, token, inverse, *lay.tensors(), *saved)
         ctx.lay, ctx.k = lay.with_tensors([None] * 4), k
         return _rows_to_tokens(y, inverse, k, n, weight)  # (N, D)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):  # grad: (N, D)
-        rows, w1, w2, pre, act, y, weight, slot, token, inverse, *lay_tensors = ctx.saved_tensors
+        rows, w1, w2, y, weight, slot, token, inverse, *rest = ctx.saved_tensors
         g = grad.contiguous().index_select(0, token)  # (A, D)
         g_weight = cast(torch.linalg.vecdot(g, y).index_select(0, inverse), weight.dtype)  # (A,); 0 if dropped
         g.mul_(cast(weight.index_select(0, slot), g.dtype).unsqueeze(1))  # gradient of the expert outputs
-        g_rows, gw1, gb1, gw2, gb2 = ffn_backward(g, rows, w1, w2, pre, act, ctx.lay.with_tensors(lay_tensors))
+        g_rows, gw1, gb1, gw2, gb2 = ffn_backward(g, rows, w1, w2, rest[4:], ctx.lay.with_tensors(rest[:4]))
         g_x = _rows_to_tokens(g_rows, inverse, ctx.k, grad.shape[0])  # (N, D)
         return g_x, g_weight, None, None, None, None, gw1, gb1, gw2, gb2, None, None, None, None, None
 
