@@ -164,6 +164,40 @@ def test_image_predictions_match_hand_made_preprocessing(vision_dir, images):
         [c.probability for r in results for c in r.top], abs=1e-5)
 
 
+def test_a_model_trained_on_resized_images_sees_them_resized_alike_in_predict(fmnist_dir, tiny_set_args, tmp_path,
+                                                                              cli):
+    """--image-size resizes Fashion-MNIST bilinearly, while predict resized files bicubically (more than 8
+    levels apart on these pictures). The run records its resize; predict follows it, from the run and
+    from its export."""
+    from widenet.data.images import load_dataset, resize_dataset
+    from widenet.data.images.folder import decode_image
+
+    run = tmp_path / "run"
+    assert cli(["train", "--data", "fashion-mnist", "--data-dir", fmnist_dir, "--image-size", 32, "--out", run,
+                "--max-steps", 1, "--batch-size", 8, "--device", "cpu", "--set", "patch_size=8",
+                *tiny_set_args])[0] == 0
+    assert cli(["export", str(run), "--to", str(tmp_path / "export")])[0] == 0
+    test = load_dataset("fashion-mnist", "test", data_dir=fmnist_dir, download=False)
+    trained_on = resize_dataset(test, 32).images[:4]
+    for i, image in enumerate(test.images[:4]):
+        Image.fromarray(image[0].numpy()).save(tmp_path / f"{i}.png")
+    files = [tmp_path / f"{i}.png" for i in range(4)]
+    bicubic = torch.stack([decode_image(f, 32, 1) for f in files])
+    assert (bicubic.int() - trained_on.int()).abs().max() > 8  # the mismatch this test is about
+    for saved in (run, tmp_path / "export"):
+        pre = load_pretrained(saved)
+        assert pre.resize == {"crop": True, "resample": "bilinear"}
+        seen = torch.stack([decode_image(f, 32, 1, **pre.resize) for f in files])
+        assert (seen.int() - trained_on.int()).abs().max() <= 1
+        results = predict_images(pre, files, top_k=10, device="cpu")
+        x = ((trained_on.float() / 255 - torch.tensor(pre.mean)) / torch.tensor(pre.std))
+        with torch.no_grad():
+            want = pre.model.eval()(x).logits.softmax(-1)
+        for result, probs in zip(results, want):
+            got = {c.name: c.probability for c in result.top}
+            assert [got[name] for name in pre.classes] == pytest.approx(probs.tolist(), abs=2e-2)
+
+
 def test_an_moe_models_answer_does_not_depend_on_its_batch_neighbours(images, tmp_path):
     """With a capacity per call, an image's tokens competed with its neighbours' for expert slots:
     its answer changed with what it was batched with. predict routes every token."""

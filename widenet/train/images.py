@@ -24,8 +24,8 @@ from torch import nn
 
 from ..data.augment import augment_batch, mixup, normalize, one_hot_smoothed
 from ..data.batches import num_batches
-from ..data.images import (ImageDataset, check_classification_pair, iterate_batches, load_dataset, resize_dataset,
-                           subset)
+from ..data.images import (RESIZE_RESAMPLE, ImageDataset, check_classification_pair, iterate_batches, load_dataset,
+                           resize_dataset, subset)
 from ..distributed.env import main_process_first
 from ..distributed.parallel import ParallelContext
 from ..memory import check_activations_fit
@@ -265,8 +265,10 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print,
     same_data = dict(classes=train_set.classes)  # what --resume must find again
     if train_set.contents is not None:  # an image folder, whose files can change under its name
         same_data["contents"] = train_set.contents
-    meta = dict(model=cfg.model, model_config=model.cfg.to_dict(), train_config=cfg.to_dict(),
-                data=dict(name=cfg.data, mean=list(task.mean), std=list(task.std), **same_data))
+    data_meta = dict(name=cfg.data, mean=list(task.mean), std=list(task.std), **same_data)
+    if cfg.image_size is not None and cfg.data != "folder":  # resize_dataset's: predict resizes alike
+        data_meta["resize"] = dict(crop=True, resample=RESIZE_RESAMPLE)
+    meta = dict(model=cfg.model, model_config=model.cfg.to_dict(), train_config=cfg.to_dict(), data=data_meta)
     params = count_parameters(model)
     with claim_run_folder(cfg.out, cfg.resume, cfg.overwrite, parallel, log):
         trainer = Trainer(cfg, task, model, parallel, device, amp, meta, log, started=started,  # budget: loading too

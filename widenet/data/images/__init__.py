@@ -9,13 +9,13 @@ from __future__ import annotations
 from ..downloads import data_home
 from ..errors import DatasetError, DatasetNotFoundError, PathLike
 from .cifar import CIFAR10_CLASSES, load_cifar
-from .dataset import (ImageDataset, check_classification_pair, check_same_classes, iterate_batches, resize_dataset,
-                      subset)
+from .dataset import (RESIZE_RESAMPLE, ImageDataset, check_classification_pair, check_same_classes, iterate_batches,
+                      resize_dataset, subset)
 from .fashion_mnist import FASHION_MNIST_CLASSES, load_fashion_mnist
 from .folder import TEST_SPLIT_FOLDERS, load_image_folder
 from .idx import read_idx
 
-__all__ = ["CIFAR10_CLASSES", "DATASET_NAMES", "DatasetError", "DatasetNotFoundError", "FASHION_MNIST_CLASSES",
+__all__ = ["CIFAR10_CLASSES", "DATASET_NAMES", "RESIZE_RESAMPLE", "DatasetError", "DatasetNotFoundError", "FASHION_MNIST_CLASSES",
            "ImageDataset", "check_classification_pair", "check_same_classes", "iterate_batches", "load_cifar", "load_dataset", "load_fashion_mnist",
            "load_image_folder", "read_idx", "resize_dataset", "subset", "TEST_SPLIT_FOLDERS"]
 

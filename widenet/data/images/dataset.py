@@ -19,8 +19,8 @@ from ...memory import check_fits_memory
 from ..batches import epoch_order, num_batches, seed_for
 from ..errors import DatasetError
 
-__all__ = ["ImageDataset", "check_classification_pair", "check_same_classes", "check_split", "iterate_batches",
-           "resize_dataset", "subset"]
+__all__ = ["ImageDataset", "RESIZE_RESAMPLE", "check_classification_pair", "check_same_classes", "check_split",
+           "iterate_batches", "resize_dataset", "subset"]
 
 _BLOCK_BYTES = 64 * 2**20  # the float copy of the images one step of a resize or of the statistics works on
 
@@ -162,6 +162,9 @@ def _channel_moments(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[flo
 def check_split(split: str) -> None:
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+
+
+RESIZE_RESAMPLE = "bilinear"  # resize_dataset's, as Pillow names it (its filter gives the same pixels, to rounding)
 
 
 def resize_dataset(dataset: ImageDataset, image_size: int) -> ImageDataset:
