@@ -423,6 +423,38 @@ def test_predict_prepares_images_as_the_folders_processor_does(tmp_path, process
         load_pretrained(tmp_path / "imported")
 
 
+def test_eval_on_a_folder_prepares_images_as_the_folders_processor_does(tmp_path):
+    """widenet eval decoded a folder widenet's way (central square, bicubic) while predict squashed the
+    images as the ViT processor does: the two disagreed on the same files."""
+    from PIL import Image
+
+    from widenet.train.evaluate_cli import evaluate_checkpoint
+
+    config = transformers.ViTConfig(num_labels=3, **dict(VIT, num_channels=3, image_size=16))
+    folder = _save(transformers.ViTForImageClassification(config), tmp_path / "vit")
+    hf_processor = transformers.ViTImageProcessor(size={"height": 16, "width": 16})
+    hf_processor.save_pretrained(folder)
+    model = transformers.ViTForImageClassification.from_pretrained(folder).eval()
+    gen = torch.Generator().manual_seed(0)
+    files, labels = [], []
+    for i, (w, h) in enumerate([(48, 16), (40, 40), (9, 30), (30, 12), (16, 50), (25, 20)]):
+        label = i % 3
+        (tmp_path / "data" / "test" / model.config.id2label[label]).mkdir(parents=True, exist_ok=True)
+        path = tmp_path / "data" / "test" / model.config.id2label[label] / f"{i}.png"
+        Image.fromarray(torch.randint(0, 256, (h, w, 3), generator=gen, dtype=torch.uint8).numpy()).save(path)
+        files.append(path)
+        labels.append(label)
+    with torch.no_grad():
+        logits = model(**hf_processor([Image.open(f).convert("RGB") for f in files], return_tensors="pt")).logits
+    want_loss = torch.nn.functional.cross_entropy(logits, torch.tensor(labels)).item()
+    want_accuracy = (logits.argmax(-1) == torch.tensor(labels)).float().mean().item()
+    got = evaluate_checkpoint(folder, data="folder", data_dir=str(tmp_path / "data"), device="cpu")
+    assert got["loss"] == pytest.approx(want_loss, rel=1e-4)
+    assert got["accuracy"] == pytest.approx(want_accuracy)
+    assert sorted(p.name for p in (tmp_path / "data" / ".widenet-cache").iterdir())[0].startswith(
+        "test-16px-squash-bilinear-3ch-")  # kept apart from widenet's own decoding of the folder
+
+
 @pytest.mark.parametrize("settings", [
     dict(do_lower_case=True),
     dict(do_lower_case=True, strip_accents=False),

@@ -52,8 +52,8 @@ def evaluate_checkpoint(path: str, data: str | None = None, data_dir: str | None
             raise ValueError(f"{ckpt.path} was trained on an image folder it does not name (an export keeps no data "
                              "path); pass --data-dir")
     try:
-        test = load_dataset(name, "test", data_dir, cfg.image_size,
-                            channels=cfg.in_channels)  # a folder's images as the model sees them (grey or RGB)
+        test = load_dataset(name, "test", data_dir, cfg.image_size, channels=cfg.in_channels,
+                            resize=ckpt.image_resize)  # a folder's images as the model sees them (as predict does)
     except DatasetNotFoundError as err:
         if recorded and data_dir is not None:
             raise DatasetNotFoundError(f"{err} (the folder the run was trained on); pass --data-dir where it is "

@@ -6,6 +6,8 @@ images (folder.py); the container, batches and subsets in dataset.py.
 
 from __future__ import annotations
 
+from typing import Any
+
 from ..downloads import data_home
 from ..errors import DatasetError, DatasetNotFoundError, PathLike
 from .cifar import CIFAR10_CLASSES, load_cifar
@@ -29,6 +31,7 @@ def load_dataset(
     image_size: int | None = None,
     download: bool = True,
     channels: int = 3,
+    resize: dict[str, Any] | None = None,
 ) -> ImageDataset:
     """Load a dataset by name: 'fashion-mnist', 'cifar10', 'cifar100' or 'folder'.
 
@@ -38,7 +41,8 @@ def load_dataset(
     not given, from ``data_home()``; 'folder' needs ``data_dir``, and reads
     its "test" split from ``test/``, ``val/`` or ``validation/``, the first
     that exists (folder.TEST_SPLIT_FOLDERS), decoding every image to
-    ``channels`` (1: grey, 3: RGB; the other datasets keep their own).
+    ``channels`` (1: grey, 3: RGB; the other datasets keep their own) the way ``resize`` says
+    (folder.load_image_folder; the other datasets are resized by resize_dataset).
     """
     if name not in DATASET_NAMES:
         raise ValueError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASET_NAMES)}")
@@ -47,7 +51,7 @@ def load_dataset(
             raise ValueError("dataset 'folder' needs data_dir (--data-dir: the folder holding <split>/<class>/<image>)")
         if image_size is None:
             raise ValueError("dataset 'folder' needs image_size (the size its images are decoded at)")
-        return load_image_folder(data_dir, split, image_size, channels)
+        return load_image_folder(data_dir, split, image_size, channels, resize=resize)
     if name == "fashion-mnist":
         dataset = load_fashion_mnist(split, data_dir=data_dir, download=download)
     else:

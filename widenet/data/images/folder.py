@@ -131,7 +131,8 @@ def _scan_folder(base: Path) -> tuple[list[str], list[tuple[Path, int]]]:
     return classes, files
 
 
-def _folder_cache_key(base: Path, files: list[tuple[Path, int]], image_size: int, channels: int) -> str:
+def _folder_cache_key(base: Path, files: list[tuple[Path, int]], image_size: int, channels: int,
+                      resize: dict[str, Any] | None = None) -> str:
     """Hash of the file list with sizes, modification and change times, plus the decoding settings.
     The change time (st_ctime) is set by the system whenever a file is written, replaced or touched,
     and cannot be set back: a file replaced by another of the same size and modification time (an
@@ -140,10 +141,10 @@ def _folder_cache_key(base: Path, files: list[tuple[Path, int]], image_size: int
     for path, label in files:
         stat = path.stat()
         entries.append([path.relative_to(base).as_posix(), label, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns])
-    blob = json.dumps(
-        {"v": _FOLDER_CACHE_VERSION, "files": entries, "size": image_size, "channels": channels},
-        sort_keys=True,
-    )
+    settings = {"v": _FOLDER_CACHE_VERSION, "files": entries, "size": image_size, "channels": channels}
+    if resize is not None:  # widenet's own decoding keeps the keys it always had
+        settings["resize"] = resize
+    blob = json.dumps(settings, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -247,6 +248,7 @@ def load_image_folder(
     image_size: int,
     channels: int = 3,
     cache_dir: PathLike | None = None,
+    resize: dict[str, Any] | None = None,
 ) -> ImageDataset:
     """Load ``root/<split>/<class>/<image>`` (or ``root/<class>/...`` if split is None).
 
@@ -256,7 +258,8 @@ def load_image_folder(
 
     Every file with an image extension (IMAGE_SUFFIXES) is converted to ``channels`` (1 or 3), its
     shorter side resized to ``image_size`` (bicubic) and center-cropped to a
-    square. The decoded tensor is cached once in ``cache_dir`` (default
+    square; ``resize`` ({"crop": bool, "resample": one of RESAMPLING}, decode_image's) decodes
+    another way, as a model's recorded resize says. The decoded tensor is cached once in ``cache_dir`` (default
     ``root/.widenet-cache``, where an entry replaced for a changed folder is removed), keyed by the
     file list, sizes, modification and change times and the settings, and reused by later loads
     without opening the images. The dataset's ``contents`` identifies the images (pixel_contents).
@@ -269,9 +272,10 @@ def load_image_folder(
     base = split_folder(root, split)
     folder = base.name if split else None  # "val" when the test split lives in root/val
     classes, files = _scan_folder(base)
-    key = _folder_cache_key(base, files, image_size, channels)
+    key = _folder_cache_key(base, files, image_size, channels, resize)
     cache_folder = Path(cache_dir) if cache_dir is not None else root / ".widenet-cache"
-    prefix = f"{folder or 'all'}-{image_size}px-{channels}ch-"
+    way = "" if resize is None else f"-{'crop' if resize['crop'] else 'squash'}-{resize['resample']}"
+    prefix = f"{folder or 'all'}-{image_size}px{way}-{channels}ch-"
     cache_path = cache_folder / f"{prefix}{key[:16]}.pt"
     name = f"folder-{root.name}" + (f"-{folder}" if folder else "")
     cached = _load_cache(cache_path, key)
@@ -282,7 +286,7 @@ def load_image_folder(
                       f"the {len(files)} images of {base} decoded at {image_size} px")
     images = torch.empty((len(files), channels, image_size, image_size), dtype=torch.uint8)
     for i, (path, _) in enumerate(files):
-        images[i] = decode_image(path, image_size, channels)
+        images[i] = decode_image(path, image_size, channels, **(resize or {}))
     labels = torch.tensor([label for _, label in files], dtype=torch.int64)
     contents = pixel_contents(images, labels)
     try:
