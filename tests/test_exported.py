@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -109,8 +111,12 @@ def test_a_newer_format_and_broken_folders_are_refused(tmp_path):
 
 
 def test_upcycled_vit_trains_with_init_and_keeps_the_dense_parts(vit_run, tmp_path, fmnist_dir, cli):
-    rc, out, err = cli(["upcycle", "--from", vit_run, "--experts", 4, "--top-k", 2, "--out", tmp_path / "up"])
+    rc, out, err = cli(["upcycle", "--from", os.path.relpath(vit_run), "--experts", 4, "--top-k", 2,
+                        "--out", tmp_path / "up"])
     assert rc == 0, err
+    saved = json.loads((tmp_path / "up" / "config.json").read_text())
+    assert saved["model"] == "vit_tiny_upcycled"  # the source is named as it was, where it is from anywhere
+    assert saved["source"]["model"] == "vit_tiny" and Path(saved["source"]["path"]).is_absolute()
     dense, up = widenet.from_pretrained(vit_run), widenet.from_pretrained(tmp_path / "up")
     enc = up.cfg.encoder
     assert (enc.moe_blocks, enc.share_attention, enc.share_ffn, enc.share_norms) == ("all", True, True, False)
@@ -151,6 +157,10 @@ def test_upcycle_refuses_what_it_cannot_do(tmp_path, cli):
     dense = create_model("vit_tiny", dim=32, depth=2, num_heads=2, mlp_dim=64)
     with pytest.raises(UpcycleError, match=r"attention must be 'mean' or 'block:N' with N in 0..1"):
         upcycle(dense, 4, attention="block:7")
+    albert = create_model("albert_tiny", dim=32, depth=3, num_heads=2, mlp_dim=64)  # one shared attention
+    for how in ("block:5", "first"):  # were taken as "its one attention" without a word
+        with pytest.raises(UpcycleError, match=rf"attention must be 'mean' or 'block:N' with N in 0..2, got '{how}'"):
+            upcycle(albert, 4, attention=how)
     with pytest.raises(ValueError, match="top_k=5 exceeds num_experts=4"):
         upcycle(dense, 4, top_k=5)
     for noise in (-0.1, 1e30, float("nan")):  # 1e30 made a model whose activations overflow
@@ -207,6 +217,16 @@ def test_export_of_an_export_says_what_it_copied(tmp_path, cli):
                  model_name="vit_tiny")
     rc, out, err = cli(["export", tmp_path / "m", "--to", tmp_path / "copy"])
     assert rc == 0 and "copied from a widenet export" in out and "step 0" not in out, (out, err)
+
+
+def test_the_experts_are_as_wide_as_the_dense_ffns_they_copy():
+    """A dense model's expert_dim (vit_moe_b16's 4096 beside mlp_dim 3072, kept with moe_blocks=none)
+    sized the experts: loading the mlp_dim-wide copies failed with a size mismatch."""
+    dense = create_model("vit_tiny", dim=32, depth=2, num_heads=2, mlp_dim=64, expert_dim=128)
+    experts = upcycle(dense, 4).encoder.moes[0].experts
+    assert experts.w1.shape == (4, 32, 64) and experts.w2.shape == (4, 64, 32)
+    assert torch.equal(experts.w1[0], dense.encoder.mlps[0].fc1.weight.t())
+    assert torch.equal(experts.w1[3], dense.encoder.mlps[1].fc1.weight.t())
 
 
 def test_upcycled_albert_computes_the_albert_exactly(tmp_path):

@@ -20,10 +20,12 @@ from .cli_args import finite_float, nonempty, positive_int
 
 def _describe(source: Any) -> dict:
     """What an export records of where its weights came from."""
-    return dict(path=str(source.path), step=source.step, model=source.meta.get("model", ""))
+    return dict(path=str(source.path.absolute()), step=source.step, model=source.meta.get("model", ""))
 
 
-def _write(args: argparse.Namespace, source: Any, model, out: str, note: str) -> int:
+def _write(args: argparse.Namespace, source: Any, model, out: str, note: str, model_name: str | None = None) -> int:
+    """Write `model` as an export of `source` (its name, classes, statistics, tokenizer, inputs), named
+    model_name when it is another model than the source's."""
     from .data.text.tokenizer import TokenizerError
     from .train.exported import source_tokenizer, write_export
 
@@ -32,7 +34,7 @@ def _write(args: argparse.Namespace, source: Any, model, out: str, note: str) ->
     except TokenizerError as err:
         tokenizer = None
         source.notes.append(f"the tokenizer was not kept ({err}); pass one to finetune with --tokenizer")
-    write_export(out, model, model_name=source.meta.get("model", ""), classes=source.classes,
+    write_export(out, model, model_name=model_name or source.meta.get("model", ""), classes=source.classes,
                  image_stats=source.image_stats,
                  tokenizer=tokenizer, source=dict(_describe(source), how=note), overwrite=args.overwrite,
                  protect=source.path if source.path.is_dir() else source.path.parent,
@@ -66,8 +68,7 @@ def cmd_upcycle(args: argparse.Namespace) -> int:
     model = upcycle(load_model(source), args.experts, args.top_k, attention=args.attention, noise=args.noise,
                     seed=args.seed, **moe)
     note = f"upcycled to {args.experts} experts, top-{args.top_k}, attention {args.attention}, noise {args.noise}"
-    source.meta = dict(source.meta, model=_widenet_name(source.meta.get("model", "")))
-    return _write(args, source, model, args.out, note)
+    return _write(args, source, model, args.out, note, _widenet_name(source.meta.get("model", "")))
 
 
 def _attention_choice(text: str) -> str:

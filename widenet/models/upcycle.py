@@ -58,7 +58,9 @@ def upcycled_config(cfg, num_experts: int, top_k: int = 2, **moe_settings):
                            "upcycling starts from a dense model")
     moe = MoEConfig(**{**dataclasses.asdict(enc.moe), "renormalize": True, **moe_settings,
                        "num_experts": num_experts, "top_k": top_k})
-    encoder = dataclasses.replace(enc, **WIDENET_SHARING, expert_dim=enc.expert_dim or enc.mlp_dim, moe=moe)
+    # The experts are copies of the dense FFNs, mlp_dim wide: a dense model's expert_dim (a preset's
+    # setting for its MoE variant, e.g. vit_moe_b16 with moe_blocks=none) describes nothing it has.
+    encoder = dataclasses.replace(enc, **WIDENET_SHARING, expert_dim=enc.mlp_dim, moe=moe)
     return dataclasses.replace(cfg, encoder=encoder)
 
 
@@ -112,14 +114,15 @@ def _outside_blocks(key: str) -> bool:
 
 
 def _attention_weights(encoder: nn.Module, prefix: str, how: str) -> dict[str, torch.Tensor]:
-    """The shared attention's tensors: the source's only one, their mean, or block N's."""
-    modules = list(encoder.attention)
-    if len(modules) == 1 or how == "mean":
+    """The shared attention's tensors: the mean of the source's attentions ("mean"), or the one
+    block N uses ("block:N"; in a source with one shared attention, that one)."""
+    modules, depth = list(encoder.attention), len(encoder.plan)
+    if how == "mean":
         chosen = modules
-    elif how.startswith("block:") and how[6:].isdigit() and int(how[6:]) < len(modules):
-        chosen = [modules[int(how[6:])]]
+    elif how.startswith("block:") and how[6:].isdigit() and int(how[6:]) < depth:
+        chosen = [modules[encoder.plan[int(how[6:])].attention]]
     else:
-        raise UpcycleError(f"attention must be 'mean' or 'block:N' with N in 0..{len(modules) - 1}, got {how!r}")
+        raise UpcycleError(f"attention must be 'mean' or 'block:N' with N in 0..{depth - 1}, got {how!r}")
     states = [m.state_dict() for m in chosen]
     return {f"{prefix}attention.0.{k}": torch.stack([s[k] for s in states]).mean(0) for k in states[0]}
 
