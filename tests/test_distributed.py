@@ -664,8 +664,22 @@ def test_bench_ddp_checks_the_model_before_launching_and_names_a_worker_failure(
     assert "unknown model 'nosuch'" in capsys.readouterr().err
     assert main(["bench", "ddp", "--model", "albert_text_tiny"]) == 2
     assert "albert_text_tiny is a text model" in capsys.readouterr().err
-    assert launched == []  # neither reached torchrun
-    # torchrun frames a worker's failure with rules of "="; the message names the exception instead.
+    assert main(["bench", "ddp", "--model", "vit_tiny", "--expert-parallel"]) == 2  # was timed as "expert parallel"
+    assert "vit_tiny has no MoE layers, so there are no experts to split" in capsys.readouterr().err
+    assert main(["bench", "ddp", "--model", "widenet_tiny", "--processes", "3", "--batch-size", "6",
+                 "--expert-parallel"]) == 2
+    assert "divisible by 3; widenet_tiny has 4" in capsys.readouterr().err
+    assert launched == []  # none reached torchrun
+    monkeypatch.setattr(ddp_bench.os, "cpu_count", lambda: 1)
+    assert main(["bench", "ddp", "--model", "vit_tiny", "--batch-size", "8", "--steps", "1"]) == 0
+    out, err = capsys.readouterr()
+    assert "2 processes on 1 CPU core(s): they take turns" in err and "global batch 8, 1 step: " in out
+    # torchrun frames a worker's failure with rules of "="; the message names the exception instead,
+    # a worker's before torchrun's own, with the "[rankN]: " torchrun puts before each worker line.
+    output = ("[rank1]: Traceback (most recent call last):\n[rank1]: ValueError: expert parallelism needs 4\n"
+              "Traceback (most recent call last):\n"
+              "torch.distributed.elastic.multiprocessing.errors.ChildFailedError:\n" + "=" * 60 + "\n")
+    assert ddp_bench._failure_line(output) == "ValueError: expert parallelism needs 4"
     output = ("Traceback (most recent call last):\n  File \"w.py\", line 1\nRuntimeError: out of memory\n"
               "E1201 12:00:00 failed (exitcode: 1)\n" + "=" * 60 + "\nRoot Cause:\n" + "=" * 60 + "\n")
     assert ddp_bench._failure_line(output) == "RuntimeError: out of memory"

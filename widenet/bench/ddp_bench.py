@@ -22,6 +22,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -66,11 +67,12 @@ def _launch(n: int, args: list[str], timeout: float) -> float:
 
 
 def _failure_line(output: str) -> str:
-    """The line of a failed launch's output that names the failure: the worker's last exception
-    ("ValueError: ..."), else its last line that is not a rule of "=" or "-" (torchrun frames its
-    summary with them)."""
-    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    """The line of a failed launch's output that names the failure: a worker's last exception
+    ("ValueError: ...", which torchrun prints as "[rank0]: ValueError: ..."), else torchrun's own,
+    else its last line that is not a rule of "=" or "-" (torchrun frames its summary with them)."""
+    lines = [re.sub(r"^\[\w+\]:\s*", "", line.strip()) for line in output.splitlines() if line.strip()]
     errors = [line for line in lines if re.match(r"^[\w.]*(Error|Exception|Interrupt)\b.*:", line)]
+    errors = [line for line in errors if "ChildFailedError" not in line] or errors  # torchrun's: "a child failed"
     if errors:
         return errors[-1]
     words = [line for line in lines if re.search(r"\w", line)]
@@ -84,19 +86,32 @@ def run_ddp_bench(model: str = "widenet_tiny", processes: int = 2, batch_size: i
         raise ValueError(f"--processes must be >= 2 to measure scaling, got {processes}")
     if batch_size % processes:
         raise ValueError(f"--batch-size {batch_size} is the global batch: it must be divisible by {processes}")
-    _check_model(model)  # before two torchrun launches
+    _check_model(model, processes if expert_parallel else None)  # before two torchrun launches
+    cores = os.cpu_count() or 1
+    if not torch.cuda.is_available() and processes > cores:
+        warnings.warn(f"{processes} processes on {cores} CPU core(s): they take turns on the cores, so the "
+                      "efficiency measures that, not the scaling", stacklevel=2)
     args = ["--model", model, "--batch-size", str(batch_size), "--steps", str(steps)]
     one = _launch(1, args, timeout)
     many = _launch(processes, args + (["--expert-parallel"] if expert_parallel else []), timeout)
     return DDPBenchResult(model, processes, batch_size, steps, one, many, many / (processes * one), expert_parallel)
 
 
-def _check_model(name: str) -> None:
-    """Raise ValueError unless name is a vision preset (the worker trains on random images)."""
+def _check_model(name: str, expert_ranks: int | None = None) -> None:
+    """Raise ValueError unless name is a vision preset (the worker trains on random images) and,
+    for expert parallelism over expert_ranks processes, has MoE layers whose experts they share."""
     from ..models.registry import get_entry
 
-    if not hasattr(get_entry(name).make_config(), "image_size"):
+    cfg = get_entry(name).make_config()
+    if not hasattr(cfg, "image_size"):
         raise ValueError(f"widenet bench ddp times vision models; {name} is a text model")
+    if expert_ranks is not None:
+        if not cfg.encoder.uses_moe:
+            raise ValueError(f"--expert-parallel: {name} has no MoE layers, so there are no experts to split")
+        experts = cfg.encoder.moe.num_experts
+        if experts % expert_ranks:
+            raise ValueError(f"--expert-parallel over {expert_ranks} processes needs a number of experts divisible "
+                             f"by {expert_ranks}; {name} has {experts}")
 
 
 # --- the worker (one per process, under torchrun) -------------------------------------------------
@@ -154,7 +169,8 @@ def _sync(env, device: torch.device) -> None:
 
 def format_ddp_bench(r: DDPBenchResult) -> str:
     mode = "data + expert parallel" if r.expert_parallel else "data parallel"
-    return (f"{r.model}, global batch {r.batch_size}, {r.steps} steps: 1 process {r.images_per_s_1:.1f} images/s, "
+    steps = f"{r.steps} step" + ("s" if r.steps != 1 else "")
+    return (f"{r.model}, global batch {r.batch_size}, {steps}: 1 process {r.images_per_s_1:.1f} images/s, "
             f"{r.processes} processes ({mode}) {r.images_per_s_n:.1f} images/s -> scaling efficiency "
             f"{100 * r.efficiency:.0f}%")
 
