@@ -1,4 +1,4 @@
-"""The loop kernel's chunk limit (layers/experts.py _CHUNK_BYTES), swept in one process.
+"""The loop kernel's chunk limit (layers/expert_loop.py CHUNK_BYTES), swept in one process.
 
 Each variant runs the same MoE layer (forward + backward) or the same training
 step with the limit set to its value; rounds interleave the variants in a
@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch
 
-import widenet.layers.experts as experts_module
+import widenet.layers.expert_loop as expert_loop
 from widenet.bench.model_bench import _TrainStep
 from widenet.bench.moe_bench import interleaved_times, median_ratio
 from widenet.layers.moe import MoE
@@ -33,7 +33,7 @@ def sweep(step: Callable[[], None], limits: dict[str, int], rounds: int) -> dict
     """Median per-round time ratio of each limit to ONE."""
     def at(limit: int) -> Callable[[], None]:
         def run() -> None:
-            experts_module._CHUNK_BYTES = limit
+            expert_loop.CHUNK_BYTES = limit
             step()
         return run
 

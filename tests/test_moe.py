@@ -15,7 +15,7 @@ import torch
 
 import widenet
 from widenet.layers import dispatch
-from widenet.layers import experts as experts_module
+from widenet.layers import expert_loop
 from widenet.layers.moe import MoE, MoEConfig, expert_capacity, load_balancing_loss, router_z_loss
 
 if str(Path(__file__).resolve().parent) not in sys.path:  # the oracle lives next to this file
@@ -795,11 +795,11 @@ def test_padded_kernel_takes_any_dtype_and_width():
 def test_loop_chunks_cut_by_bytes_of_hidden_rows():
     """Hand values: experts without rows are skipped; a chunk closes before the limit is
     reached; an expert over the limit alone is a chunk of its own."""
-    limit = experts_module._CHUNK_BYTES
-    assert experts_module._chunks([3, 0, 5, 2, 7], limit // 8, 1) == [[0], [2, 3], [4]]
-    assert experts_module._chunks([20], limit, 4) == [[0]]
-    assert experts_module._chunks([1, 1, 1], 16, 4) == [[0, 1, 2]]  # small layers: one chunk
-    assert experts_module._chunks([0, 0], 16, 4) == []
+    limit = expert_loop.CHUNK_BYTES
+    assert expert_loop.chunks([3, 0, 5, 2, 7], limit // 8, 1) == [[0], [2, 3], [4]]
+    assert expert_loop.chunks([20], limit, 4) == [[0]]
+    assert expert_loop.chunks([1, 1, 1], 16, 4) == [[0, 1, 2]]  # small layers: one chunk
+    assert expert_loop.chunks([0, 0], 16, 4) == []
 
 
 @pytest.mark.parametrize("limit_rows", [1, 30], ids=["an-expert-a-chunk", "several-experts-a-chunk"])
@@ -813,10 +813,10 @@ def test_loop_kernel_in_chunks_equals_the_oracle(monkeypatch, limit_rows):
     with torch.no_grad():
         moe.router.weight[4] = 0.0
         moe.router.weight[4, 0] = -20.0  # expert 4 is never chosen
-    monkeypatch.setattr(experts_module, "_CHUNK_BYTES", limit_rows * moe.experts.w1.shape[-1] * 8)  # float64
+    monkeypatch.setattr(expert_loop, "CHUNK_BYTES", limit_rows * moe.experts.w1.shape[-1] * 8)  # float64
     cuts = []
-    real = experts_module._chunks
-    monkeypatch.setattr(experts_module, "_chunks", lambda *a: cuts.append(real(*a)) or cuts[-1])
+    real = expert_loop.chunks
+    monkeypatch.setattr(expert_loop, "chunks", lambda *a: cuts.append(real(*a)) or cuts[-1])
     res, (out, *_), lib_g, ref_g = _run_both(moe, x, oracle_capacity(24, 5, 2, 4.0))
     assert cuts and cuts[0] == cuts[-1], cuts  # forward and backward cut alike
     assert len(cuts[0]) > 1 and 4 not in sum(cuts[0], []), cuts
