@@ -155,6 +155,30 @@ def test_eval_every_and_tta_change_evaluation_not_training(learned, tmp_path, ca
         assert flag in err and not (tmp_path / "bad").exists()
 
 
+def test_folder_settings_are_recorded_absolute_and_compared_as_the_paths_they_name(tmp_path, monkeypatch):
+    """--init up as ./up or /abs/up was refused at --resume ("init: 'up' -> '/abs/up'"), while the same
+    'up' typed in another folder, naming another model, was accepted."""
+    from widenet.train.config import TrainConfig
+    from widenet.train.text_config import FinetuneConfig, PretrainConfig
+
+    monkeypatch.chdir(tmp_path)
+    run = TrainConfig(init="up", data_dir="data/")
+    assert run.with_absolute_paths().init == str(tmp_path / "up")
+    assert run.with_absolute_paths().data_dir == str(tmp_path / "data")
+    saved = run.with_absolute_paths().to_dict()
+    for same in ("up", "./up", str(tmp_path / "up"), "../" + tmp_path.name + "/up"):
+        assert TrainConfig(init=same, data_dir="data").resume_conflicts(saved) == [], same
+    assert TrainConfig(init="up").resume_conflicts(run.to_dict()) == []  # a run recorded before: relative
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert TrainConfig(init="up").resume_conflicts(saved) == ["init"]
+    corpus = PretrainConfig(corpus=[str(tmp_path / "c.txt")], init=None).to_dict()
+    assert PretrainConfig(corpus=["../c.txt"]).resume_conflicts(corpus) == []
+    hub = dict(FinetuneConfig(init="m", train="hf:glue/sst2:train", validation="v.tsv").to_dict())
+    assert FinetuneConfig(init="m", train="hf:glue/sst2:train", validation="./v.tsv").resume_conflicts(hub) == []
+    assert FinetuneConfig(init="m", train="hf:glue/cola:train", validation="v.tsv").resume_conflicts(hub) == ["train"]
+
+
 def test_randaugment_n_beyond_its_operations_is_refused_before_the_data_loads(tmp_path, capsys, monkeypatch):
     """--randaugment-n 16 used to fail in kornia's words ("Expect `n` in [1, 15]"), once the data had loaded."""
     from kornia.augmentation.auto import RandAugment

@@ -5,10 +5,13 @@ Text runs extend the same base in `text_config.py`.
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
 from ..data.augment import CROP_MODES, AugmentConfig
+from ..data.text.hub import is_hub_name
 from ..settings import SettingTypeError, check_types
 from .tensorboard import require_tensorboard
 
@@ -101,10 +104,26 @@ class RecipeConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    # Settings that name files or folders: compared on resume as the paths they resolve to (an
+    # --init given as ./run, run or /abs/run is one setting).
+    PATH_SETTINGS: ClassVar[tuple[str, ...]] = ("init", "data_dir", "corpus", "train", "validation")
+
+    def with_absolute_paths(self) -> RecipeConfig:
+        """This config with its folder settings (init, data_dir) as absolute paths: recorded so, a run
+        resumed or evaluated from another folder finds the same ones."""
+        paths = {k: os.path.abspath(v) for k in ("init", "data_dir") if isinstance(v := getattr(self, k, None), str) and v}
+        return dataclasses.replace(self, **paths) if paths else self
+
     def resume_conflicts(self, saved: dict[str, Any]) -> list[str]:
         """Settings that differ between a saved run and this one and would change training."""
         now = self.to_dict()
-        return [k for k in now if k not in self.RESUME_FREE and k in saved and saved[k] != now[k]]
+
+        def same(key: str) -> bool:
+            if key in self.PATH_SETTINGS:
+                return _resolved(saved[key]) == _resolved(now[key])
+            return saved[key] == now[key]
+
+        return [k for k in now if k not in self.RESUME_FREE and k in saved and not same(k)]
 
 
 @dataclass
@@ -160,6 +179,13 @@ RESUME_FREE_KEYS = TrainConfig.RESUME_FREE
 def resume_conflicts(saved: dict[str, Any], cfg: RecipeConfig) -> list[str]:
     """Settings that differ between a saved run and `cfg` and would change training."""
     return cfg.resume_conflicts(saved)
+
+
+def _resolved(value: Any) -> Any:
+    """A path setting (a string, or a list of them) as absolute paths; hub names and the rest as they are."""
+    if isinstance(value, list):
+        return [_resolved(v) for v in value]
+    return os.path.abspath(value) if isinstance(value, str) and value and not is_hub_name(value) else value
 
 
 def _positive(cfg: Any, *names: str, optional: bool = False) -> None:

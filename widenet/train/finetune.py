@@ -245,6 +245,7 @@ def _qa_data(cfg: FinetuneConfig, tokenizer, max_len: int):
 def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print) -> FinetuneResult:
     """Run (or resume) fine-tuning as `cfg` says; under torchrun, data, fully sharded or expert parallel."""
     started = time.monotonic()
+    cfg = cfg.with_absolute_paths()
     parallel = ParallelContext.for_run(cfg.batch_size, cfg.seed, cfg.fsdp, cfg.expert_parallel)
     device = parallel.device(resolve_device(cfg.device))
     amp = autocast_dtype(cfg.amp, device)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import os
 import time
 import warnings
 from dataclasses import dataclass
@@ -241,8 +240,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print,
     same cfg: see widenet.distributed.parallel for what then changes.
     """
     started = time.monotonic()
-    if cfg.data_dir is not None:  # recorded so that eval reads it from anywhere
-        cfg = dataclasses.replace(cfg, data_dir=os.path.abspath(cfg.data_dir))
+    cfg = cfg.with_absolute_paths()  # recorded so: eval and --resume find them from anywhere
     parallel = ParallelContext.for_run(cfg.batch_size, cfg.seed, cfg.fsdp, cfg.expert_parallel)
     device = parallel.device(resolve_device(cfg.device))
     amp = autocast_dtype(cfg.amp, device)

@@ -198,6 +198,7 @@ def _correct(logits: torch.Tensor, labels: torch.Tensor) -> int:
 def pretrain(cfg: PretrainConfig, log: Callable[[str], None] = print) -> PretrainResult:
     """Run (or resume) pretraining as `cfg` says; under torchrun, data, fully sharded or expert parallel."""
     started = time.monotonic()
+    cfg = cfg.with_absolute_paths()
     parallel = ParallelContext.for_run(cfg.batch_size, cfg.seed, cfg.fsdp, cfg.expert_parallel)
     device = parallel.device(resolve_device(cfg.device))
     amp = autocast_dtype(cfg.amp, device)
