@@ -150,6 +150,23 @@ def test_upcycled_vit_trains_with_init_and_keeps_the_dense_parts(vit_run, tmp_pa
     assert rc == 0 and out.startswith(f"vit_tiny_upcycled ({tmp_path / 'up'}): accuracy "), (out, err)
 
 
+def test_an_export_through_a_symbolic_link_fills_the_folder_it_points_to(tmp_path, cli):
+    """--to LINK --overwrite replaced the link with a folder and left '.tmp-del-LINK-PID' -> TARGET
+    beside it (rmtree refuses links); the target kept the old model."""
+    first = create_model("vit_tiny", dim=32, depth=2, num_heads=2, mlp_dim=64)
+    second = create_model("vit_tiny", dim=32, depth=2, num_heads=2, mlp_dim=64)
+    write_export(tmp_path / "a", first, model_name="vit_tiny")
+    write_export(tmp_path / "b", second, model_name="vit_tiny")
+    (tmp_path / "link").symlink_to(tmp_path / "a")
+    assert cli(["export", tmp_path / "b", "--to", tmp_path / "link", "--overwrite"])[0] == 0
+    assert (tmp_path / "link").is_symlink() and sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "link"]
+    got = widenet.from_pretrained(tmp_path / "a").state_dict()
+    assert all(torch.equal(got[k], v) for k, v in second.state_dict().items())
+    exported.remove_tree(tmp_path / "link")  # a link removed is the link alone
+    assert not (tmp_path / "link").exists() and (tmp_path / "a" / "config.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
+
+
 def test_upcycle_refuses_what_it_cannot_do(tmp_path, cli):
     moe_model = create_model("widenet_tiny", dim=32, depth=2, num_heads=2, mlp_dim=64)
     with pytest.raises(UpcycleError, match="already has an MoE"):

@@ -52,7 +52,10 @@ def remove_tree(path: Path) -> None:
         os.rename(path, doomed)
     except FileNotFoundError:
         return
-    shutil.rmtree(doomed, ignore_errors=True)
+    if doomed.is_symlink():  # the link goes, not what it points to (rmtree refuses links)
+        doomed.unlink()
+    else:
+        shutil.rmtree(doomed, ignore_errors=True)
 
 
 def clean_leftovers(root: Path) -> None:

@@ -175,7 +175,8 @@ def write_export(out: str | os.PathLike, model: nn.Module, *, model_name: str, c
     name appears whole or not at all, and an old one is swapped out only once the new one is
     complete. overwrite=True replaces an earlier export folder's model (never a run folder, a
     folder another run holds, or other files; files the user added beside the model, such as a
-    model card, are carried into the new folder); `protect`: a folder (the model's source) that `out` must
+    model card, are carried into the new folder; an `out` that is a symbolic link stays one, and
+    the folder it points to gets the model); `protect`: a folder (the model's source) that `out` must
     not be, contain or lie inside. tokenizer_file: a tokenizer.json or BERT vocab.txt, saved in
     the folder as tokenizer.json; or `tokenizer`, a tokenizers.Tokenizer. data: the name of the
     dataset the model was trained on, which `widenet eval` then evaluates on by default. inputs: how
@@ -185,6 +186,8 @@ def write_export(out: str | os.PathLike, model: nn.Module, *, model_name: str, c
     from .. import __version__
 
     out = Path(out)
+    if out.is_symlink():  # a link names where the model goes: it stays a link, its folder gets the model
+        out = Path(os.path.realpath(out))
     _check_destination(out, overwrite, protect)
     token_meta = None
     if tokenizer_file is not None:
