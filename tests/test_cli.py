@@ -311,6 +311,10 @@ def test_bench_model_reports_flops_utilisation(capsys):
     assert r["train_flops_per_image"] == 3 * forward
     assert r["achieved_tflops"] == pytest.approx(r["train_flops_per_image"] * r["images_per_s"] / 1e12)
     assert r["peak_tflops"] == 2 and r["mfu"] == pytest.approx(r["achieved_tflops"] / 2)
+    assert "above the peak" not in err
+    rc, out, err = _cli(["bench", "model", "vit_tiny", "--batch-size", 4, "--steps", 1, "--device", "cpu",
+                         "--peak-tflops", "1e-9"], capsys)  # an MFU of millions of percent, without a word
+    assert rc == 0 and "above the peak of 1e-09 TFLOP/s the MFU is taken against: is --peak-tflops" in err, err
 
 
 # --- error exits ----------------------------------------------------------------------------------

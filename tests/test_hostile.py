@@ -300,7 +300,8 @@ def test_resume_for_a_longer_run_says_how_to_train_on(tmp_path, fmnist_dir, tiny
     line = _one_line_error(*_cli(_train_args(fmnist_dir, out, tiny_set_args, "--max-steps", 4, "--resume"),
                                  capsys)[::2])
     assert "cannot resume with different settings (max_steps: 2 -> 4)" in line
-    assert f"to train longer start a new run from this one's weights: --init {out} --out NEW_FOLDER" in line
+    assert ("to train for another length start a new run from this one's weights: "
+            f"--init {out} --out NEW_FOLDER") in line
     assert _snapshot(out) == before
     rc, stdout, err = _cli(["train", "--init", out, "--data-dir", fmnist_dir, "--max-steps", 2, "--batch-size", 32,
                             "--out", tmp_path / "more"], capsys)

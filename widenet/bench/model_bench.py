@@ -14,6 +14,7 @@ and the ratio to the first model is the median of the per-round ratios.
 from __future__ import annotations
 
 import statistics
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -94,6 +95,9 @@ def bench_models(names: list[str], batch_size: int = 64, steps: int = 10, warmup
         seconds = statistics.median(times[f"{i}"])
         speed = batch_size / seconds
         achieved = run.train_flops * speed / 1e12
+        if peak and achieved > peak:
+            warnings.warn(f"{run.name} ran at {achieved:.3g} TFLOP/s, above the peak of {peak:g} TFLOP/s the MFU is "
+                          "taken against: is --peak-tflops this device's?", stacklevel=2)
         results.append(ModelBenchResult(
             run.name, batch_size, steps, seconds, speed, count_parameters(run.model), str(dev),
             str(dtype).removeprefix("torch.") if dtype else None, run.train_flops, achieved, peak,

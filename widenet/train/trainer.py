@@ -332,8 +332,9 @@ class Trainer:
         if changes:
             hint = ""
             if set(conflicts) & _LENGTH_SETTINGS and self.cfg.INIT_CONTINUES:
-                hint = (f"; the learning-rate schedule was planned for the run's length, so to train longer start "
-                        f"a new run from this one's weights: --init {self.out} --out NEW_FOLDER (without --model)")
+                hint = (f"; the learning-rate schedule was planned for the run's length, so to train for another "
+                        f"length start a new run from this one's weights: --init {self.out} --out NEW_FOLDER "
+                        "(without --model)")
             raise SettingsChanged(f"{path}: cannot resume with different settings ({', '.join(changes)}){hint}",
                                   ", ".join(changes))
 
