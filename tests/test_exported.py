@@ -346,7 +346,11 @@ def test_pretraining_continues_from_an_upcycled_albert(tmp_path, cli):
     common = ["--corpus", corpus, "--seq-len", 32, "--max-steps", 2, "--batch-size", 8, "--eval-examples", 8]
     assert cli(["pretrain", "--model", "albert_text_tiny", "--vocab-size", 120, *common, *sizes,
                 "--out", tmp_path / "albert"])[0] == 0
-    assert cli(["upcycle", "--from", tmp_path / "albert", "--experts", 2, "--out", tmp_path / "wide"])[0] == 0
+    rc, out, err = cli(["upcycle", "--from", tmp_path / "albert", "--experts", 2, "--out", tmp_path / "wide"])
+    assert rc == 0 and "note: the experts keep a capacity (1.2 x their share of the tokens)" in out, err
+    rc, out, err = cli(["upcycle", "--from", tmp_path / "albert", "--experts", 2, "--dropless", "--out",
+                        tmp_path / "exact"])
+    assert rc == 0 and "capacity" not in out, out
     rc, out, err = cli(["pretrain", "--init", tmp_path / "wide", *common, "--out", tmp_path / "more"])
     assert rc == 0, err
     assert "pretraining albert_text_tiny_upcycled" in out

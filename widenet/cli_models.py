@@ -65,8 +65,14 @@ def cmd_upcycle(args: argparse.Namespace) -> int:
 
     source = load_source(args.source)
     moe = dict(dropless=True) if args.dropless else {}
-    model = upcycle(load_model(source), args.experts, args.top_k, attention=args.attention, noise=args.noise,
-                    seed=args.seed, **moe)
+    dense = load_model(source)
+    model = upcycle(dense, args.experts, args.top_k, attention=args.attention, noise=args.noise, seed=args.seed,
+                    **moe)
+    enc = dense.cfg.encoder
+    if enc.share_attention and enc.share_ffn and not args.dropless and not args.noise:
+        source.notes.append(f"the experts keep a capacity ({model.cfg.encoder.moe.capacity_factor} x their share "
+                            "of the tokens): a token over an expert's capacity is dropped there, and its output "
+                            "differs from the dense model's; with --dropless every output is the dense model's")
     note = f"upcycled to {args.experts} experts, top-{args.top_k}, attention {args.attention}, noise {args.noise}"
     return _write(args, source, model, args.out, note, _widenet_name(source.meta.get("model", "")))
 
