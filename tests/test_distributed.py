@@ -670,7 +670,8 @@ def test_bench_ddp_checks_the_model_before_launching_and_names_a_worker_failure(
                  "--expert-parallel"]) == 2
     assert "divisible by 3; widenet_tiny has 4" in capsys.readouterr().err
     assert launched == []  # none reached torchrun
-    monkeypatch.setattr(ddp_bench.os, "cpu_count", lambda: 1)
+    monkeypatch.setattr(ddp_bench.os, "sched_getaffinity", lambda pid: {0})  # this process may use one core
+    monkeypatch.setattr(ddp_bench.torch.cuda, "is_available", lambda: False)
     assert main(["bench", "ddp", "--model", "vit_tiny", "--batch-size", "8", "--steps", "1"]) == 0
     out, err = capsys.readouterr()
     assert "2 processes on 1 CPU core(s): they take turns" in err and "global batch 8, 1 step: " in out

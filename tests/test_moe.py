@@ -806,7 +806,8 @@ def test_loop_chunks_cut_by_bytes_of_hidden_rows():
 def test_loop_kernel_in_chunks_equals_the_oracle(monkeypatch, limit_rows):
     """Large layers run the loop kernel's experts in chunks with a hidden buffer each. With the
     limit lowered to `limit_rows` hidden rows, 24 tokens run in several chunks (an unused expert
-    among the five) and still give the oracle's outputs and gradients."""
+    among the five) and still give the oracle's outputs and gradients, also when the limit
+    changes between forward and backward."""
     moe = _moe(experts=5, top_k=2, capacity_factor=4.0, expert_backend="loop")
     x = _skewed_x(24, moe.dim)
     x[:, 0] = x[:, 0].abs() + 1.0
@@ -816,10 +817,15 @@ def test_loop_kernel_in_chunks_equals_the_oracle(monkeypatch, limit_rows):
     monkeypatch.setattr(expert_loop, "CHUNK_BYTES", limit_rows * moe.experts.w1.shape[-1] * 8)  # float64
     cuts = []
     real = expert_loop.chunks
-    monkeypatch.setattr(expert_loop, "chunks", lambda *a: cuts.append(real(*a)) or cuts[-1])
+
+    def cut_then_change_the_limit(*args):
+        cuts.append(real(*args))
+        expert_loop.CHUNK_BYTES = 1 << 62  # before backward, which reads the chunks off what forward saved
+        return cuts[-1]
+
+    monkeypatch.setattr(expert_loop, "chunks", cut_then_change_the_limit)
     res, (out, *_), lib_g, ref_g = _run_both(moe, x, oracle_capacity(24, 5, 2, 4.0))
-    assert cuts and cuts[0] == cuts[-1], cuts  # forward and backward cut alike
-    assert len(cuts[0]) > 1 and 4 not in sum(cuts[0], []), cuts
+    assert len(cuts) == 1 and len(cuts[0]) > 1 and 4 not in sum(cuts[0], []), cuts
     assert (max(map(len, cuts[0])) > 1) == (limit_rows > 1), cuts
     torch.testing.assert_close(res.output, out, **F64)
     _assert_grads_close(lib_g, ref_g, **F64)

@@ -165,7 +165,7 @@ def test_image_predictions_match_hand_made_preprocessing(vision_dir, images):
 
 
 def test_a_model_trained_on_resized_images_sees_them_resized_alike_in_predict(fmnist_dir, tiny_set_args, tmp_path,
-                                                                              cli):
+                                                                              cli, monkeypatch):
     """--image-size resizes Fashion-MNIST bilinearly, while predict resized files bicubically (more than 8
     levels apart on these pictures). The run records its resize; predict follows it, from the run and
     from its export."""
@@ -184,12 +184,19 @@ def test_a_model_trained_on_resized_images_sees_them_resized_alike_in_predict(fm
     files = [tmp_path / f"{i}.png" for i in range(4)]
     bicubic = torch.stack([decode_image(f, 32, 1) for f in files])
     assert (bicubic.int() - trained_on.int()).abs().max() > 8  # the mismatch this test is about
+    seen = {}  # what predict decodes, by file: the pixels its model gets
+
+    def decode(path, *args, **kw):
+        seen[path] = decode_image(path, *args, **kw)
+        return seen[path]
+
+    monkeypatch.setattr(widenet.inference.predict, "decode_image", decode)
     for saved in (run, tmp_path / "export"):
         pre = load_pretrained(saved)
         assert pre.resize == {"crop": True, "resample": "bilinear"}
-        seen = torch.stack([decode_image(f, 32, 1, **pre.resize) for f in files])
-        assert (seen.int() - trained_on.int()).abs().max() <= 1
+        seen.clear()
         results = predict_images(pre, files, top_k=10, device="cpu")
+        assert (torch.stack([seen[f] for f in files]).int() - trained_on.int()).abs().max() <= 1
         x = ((trained_on.float() / 255 - torch.tensor(pre.mean)) / torch.tensor(pre.std))
         with torch.no_grad():
             want = pre.model.eval()(x).logits.softmax(-1)

@@ -13,6 +13,7 @@ training commands' `--init DIR` read.
 from __future__ import annotations
 
 import argparse
+import os
 from typing import Any
 
 from .cli_args import finite_float, nonempty, positive_int
@@ -20,7 +21,7 @@ from .cli_args import finite_float, nonempty, positive_int
 
 def _describe(source: Any) -> dict:
     """What an export records of where its weights came from."""
-    return dict(path=str(source.path.absolute()), step=source.step, model=source.meta.get("model", ""))
+    return dict(path=os.path.abspath(source.path), step=source.step, model=source.meta.get("model", ""))
 
 
 def _write(args: argparse.Namespace, source: Any, model, out: str, note: str, model_name: str | None = None) -> int:

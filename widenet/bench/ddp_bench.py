@@ -87,7 +87,7 @@ def run_ddp_bench(model: str = "widenet_tiny", processes: int = 2, batch_size: i
     if batch_size % processes:
         raise ValueError(f"--batch-size {batch_size} is the global batch: it must be divisible by {processes}")
     _check_model(model, processes if expert_parallel else None)  # before two torchrun launches
-    cores = os.cpu_count() or 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     if not torch.cuda.is_available() and processes > cores:
         warnings.warn(f"{processes} processes on {cores} CPU core(s): they take turns on the cores, so the "
                       "efficiency measures that, not the scaling", stacklevel=2)

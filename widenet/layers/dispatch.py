@@ -139,7 +139,8 @@ class RoutedExperts(torch.autograd.Function):
         g = grad.contiguous().index_select(0, token)  # (A, D)
         g_weight = cast(torch.linalg.vecdot(g, y).index_select(0, inverse), weight.dtype)  # (A,); 0 if dropped
         g.mul_(cast(weight.index_select(0, slot), g.dtype).unsqueeze(1))  # gradient of the expert outputs
-        g_rows, gw1, gb1, gw2, gb2 = ffn_backward(g, rows, w1, w2, rest[4:], ctx.lay.with_tensors(rest[:4]))
+        lay, saved = ctx.lay.restored(rest)
+        g_rows, gw1, gb1, gw2, gb2 = ffn_backward(g, rows, w1, w2, saved, lay)
         g_x = _rows_to_tokens(g_rows, inverse, ctx.k, grad.shape[0])  # (N, D)
         return g_x, g_weight, None, None, None, None, gw1, gb1, gw2, gb2, None, None, None, None, None
 

@@ -60,7 +60,8 @@ def loop_forward(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.
     xs, outs = x[:m].split_with_sizes(runs), out[:m].split_with_sizes(runs)
     w1s, b1s, w2s, b2s = w1.unbind(0), b1.unbind(0), w2.unbind(0), b2.unbind(0)
     saved = []
-    for chunk in chunks(runs, w1.shape[-1], x.element_size()):
+    cut = chunks(runs, w1.shape[-1], x.element_size()) if x.is_cpu else [[e for e, n_e in enumerate(runs) if n_e]]
+    for chunk in cut:  # on a GPU one chunk: what the chunks avoid is the CPU's
         sizes = [runs[e] for e in chunk]
         pre = x.new_empty(sum(sizes), w1.shape[-1])  # (rows of the chunk, H)
         for e, pre_e in zip(chunk, pre.split_with_sizes(sizes)):
@@ -76,7 +77,8 @@ def loop_backward(g: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2: torch.
                   saved: Sequence[torch.Tensor], runs: Sequence[int], approximate: str = "none"
                   ) -> tuple[torch.Tensor, ...]:
     """Gradients (x, w1, b1, w2, b2) of loop_forward given g (R, D) and what it saved; zero for
-    spare rows and for experts without rows."""
+    spare rows and for experts without rows. The chunks are read off the saved buffers' rows,
+    so a CHUNK_BYTES changed in between cannot mismatch them."""
     m = sum(runs)
     gx = torch.empty_like(x)
     gx[m:] = 0
@@ -86,10 +88,13 @@ def loop_backward(g: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2: torch.
     gs, x_ts, gxs = g[:m].split_with_sizes(runs), x[:m].t().split_with_sizes(runs, 1), gx[:m].split_with_sizes(runs)
     w1ts, gw1s, gb1s = w1.transpose(1, 2).unbind(0), gw1.unbind(0), gb1.unbind(0)
     w2ts, gw2s, gb2s = w2.transpose(1, 2).unbind(0), gw2.unbind(0), gb2.unbind(0)
-    hidden = iter(saved)
-    for chunk in chunks(runs, w1.shape[-1], x.element_size()):
+    with_rows = iter(e for e, n_e in enumerate(runs) if n_e)
+    for pre, act in zip(saved[0::2], saved[1::2]):  # (rows of the chunk, H)
+        chunk, rows = [], 0
+        while rows < pre.shape[0]:
+            chunk.append(next(with_rows))
+            rows += runs[chunk[-1]]
         sizes = [runs[e] for e in chunk]
-        pre, act = next(hidden), next(hidden)  # (rows of the chunk, H)
         g_act = g.new_empty(pre.shape)
         for e, act_t, g_act_e in zip(chunk, act.t().split_with_sizes(sizes, 1), g_act.split_with_sizes(sizes)):
             torch.mm(act_t, gs[e], out=gw2s[e])

@@ -175,6 +175,12 @@ class RowLayout:
     def tensors(self) -> list[torch.Tensor | None]:
         return [self.offs, self.row_expert, self.slot_of_row, self.row_of_slot]
 
+    def restored(self, saved: Sequence[torch.Tensor | None]) -> tuple[RowLayout, list[torch.Tensor]]:
+        """From saved tensors laid out as [*tensors(), *what ffn_forward saved]: this layout with its
+        tensors back, and the kernel's tensors."""
+        n = len(self.tensors())
+        return self.with_tensors(saved[:n]), list(saved[n:])
+
     def with_tensors(self, tensors: Sequence[torch.Tensor | None]) -> RowLayout:
         offs, row_expert, slot_of_row, row_of_slot = tensors
         return RowLayout(self.kernel, self.rows, self.runs, offs, row_expert, slot_of_row, row_of_slot, self.slots,
@@ -315,8 +321,8 @@ class _ExpertFFN(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
         x, w1, w2, *rest = ctx.saved_tensors
-        lay = ctx.lay.with_tensors(rest[:4])
-        gx, gw1, gb1, gw2, gb2 = ffn_backward(g.contiguous(), x, w1, w2, rest[4:], lay)
+        lay, saved = ctx.lay.restored(rest)
+        gx, gw1, gb1, gw2, gb2 = ffn_backward(g.contiguous(), x, w1, w2, saved, lay)
         return gx, None, gw1, gb1, gw2, gb2, None, None, None
 
 

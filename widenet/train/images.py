@@ -264,7 +264,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print,
     if train_set.contents is not None:  # an image folder, whose files can change under its name
         same_data["contents"] = train_set.contents
     data_meta = dict(name=cfg.data, mean=list(task.mean), std=list(task.std), **same_data)
-    if cfg.image_size is not None and cfg.data != "folder":  # resize_dataset's: predict resizes alike
+    if cfg.image_size is not None and cfg.data != "folder":  # resize_dataset's way (also at the data's own
+        # size, where it changed nothing): predict resizes files of other sizes alike
         data_meta["resize"] = dict(crop=True, resample=RESIZE_RESAMPLE)
     meta = dict(model=cfg.model, model_config=model.cfg.to_dict(), train_config=cfg.to_dict(), data=data_meta)
     params = count_parameters(model)

@@ -257,9 +257,9 @@ def load_image_folder(
     split from ``root/<split>``.
 
     Every file with an image extension (IMAGE_SUFFIXES) is converted to ``channels`` (1 or 3), its
-    shorter side resized to ``image_size`` (bicubic) and center-cropped to a
-    square; ``resize`` ({"crop": bool, "resample": one of RESAMPLING}, decode_image's) decodes
-    another way, as a model's recorded resize says. The decoded tensor is cached once in ``cache_dir`` (default
+    central square cut out and resized to ``image_size`` (bicubic); ``resize`` ({"crop": bool,
+    "resample": one of RESAMPLING}, decode_image's) decodes another way, as a model's recorded
+    resize says. The decoded tensor is cached once in ``cache_dir`` (default
     ``root/.widenet-cache``, where an entry replaced for a changed folder is removed), keyed by the
     file list, sizes, modification and change times and the settings, and reused by later loads
     without opening the images. The dataset's ``contents`` identifies the images (pixel_contents).
