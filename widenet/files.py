@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import hashlib
+import json
 import os
 import pickle
 import re
@@ -27,9 +29,9 @@ import torch
 
 from .signals import STOP_SIGNALS
 
-__all__ = ["LockHeld", "RefusedPickle", "atomic_path", "disk_full", "fsync_path", "hold_lock", "is_utf8",
-           "load_safetensors", "load_weights_only", "pid_alive", "raise_if_disk_full", "rename_exchange", "save_atomic",
-           "save_safetensors", "signals_held", "write_bytes_durably"]
+__all__ = ["LockHeld", "RefusedPickle", "WeightsDamaged", "atomic_path", "disk_full", "fsync_path", "hold_lock",
+           "is_utf8", "load_safetensors", "load_weights_only", "pid_alive", "raise_if_disk_full", "rename_exchange",
+           "save_atomic", "save_safetensors", "signals_held", "tensors_digest", "write_bytes_durably"]
 
 
 @contextlib.contextmanager
@@ -155,23 +157,63 @@ def is_utf8(text: str) -> bool:
     return True
 
 
+class WeightsDamaged(ValueError):
+    """A .safetensors file whose tensors no longer hash to the digest widenet saved with them."""
+
+
+_DIGEST_KEY = "widenet_sha256"  # in a .safetensors file's metadata: tensors_digest of what was saved
+
+
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of named tensors: each one's name, dtype, shape and bytes, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
 def load_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """A .safetensors file's tensors on the CPU, wherever it lies (see _openable_name; where no name
-    serves, the file is read whole through a Python file handle)."""
+    serves, the file is read whole through a Python file handle). A file widenet wrote carries a
+    digest of its tensors: tensors that no longer match it (a damaged disk or copy that kept the
+    file's size) raise WeightsDamaged."""
     from safetensors.torch import load, load_file
 
     with _openable_name(path) as name:
         if name is not None:
-            return load_file(name, device="cpu")
-    with open(path, "rb") as f:
-        return load(f.read())
+            tensors, saved = load_file(name, device="cpu"), _safetensors_metadata(name).get(_DIGEST_KEY)
+        else:
+            with open(path, "rb") as f:
+                data = f.read()
+            tensors, saved = load(data), _header_metadata(data).get(_DIGEST_KEY)
+    if saved is not None and tensors_digest(tensors) != saved:
+        raise WeightsDamaged(f"{os.fspath(path)}: the weights do not match the checksum saved with them: the file "
+                             "was damaged after it was written (a failing disk or an incomplete copy)")
+    return tensors
+
+
+def _safetensors_metadata(name: str) -> dict[str, str]:
+    from safetensors import safe_open
+
+    with safe_open(name, framework="pt") as f:
+        return f.metadata() or {}
+
+
+def _header_metadata(data: bytes) -> dict[str, str]:
+    """The metadata in a .safetensors file's header (8 bytes of its length, then JSON)."""
+    length = int.from_bytes(data[:8], "little")
+    return json.loads(data[8:8 + length]).get("__metadata__") or {}
 
 
 def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
                      metadata: dict[str, str] | None = None) -> None:
-    """Write tensors as a .safetensors file, wherever it goes (see load_safetensors)."""
+    """Write tensors as a .safetensors file, wherever it goes (see load_safetensors), with a digest
+    of them in its metadata."""
     from safetensors.torch import save, save_file
 
+    metadata = {**(metadata or {}), _DIGEST_KEY: tensors_digest(tensors)}
     with _openable_name(path) as name:
         if name is not None:
             save_file(tensors, name, metadata=metadata)

@@ -38,8 +38,8 @@ import torch
 from torch import nn
 
 from .. import files
-from ..files import (RefusedPickle, fsync_path, load_safetensors, load_weights_only, raise_if_disk_full,
-                     save_safetensors, write_bytes_durably)
+from ..files import (RefusedPickle, WeightsDamaged, fsync_path, load_safetensors, load_weights_only,
+                     raise_if_disk_full, save_safetensors, write_bytes_durably)
 from ..models.hf import nonfinite_tensor
 from ..rng import capture_rng_state, restore_rng_state
 from .checkpoint_layout import (CHECKPOINT_FILES, CHECKPOINTS_DIR, FORMAT, LATEST_FILE, META_FILE, MODEL_FILE,
@@ -346,6 +346,8 @@ def _read_model_state(file: Path) -> dict[str, torch.Tensor]:
     """Load model.safetensors or raise CheckpointError."""
     try:
         return load_safetensors(file)
+    except WeightsDamaged as e:
+        raise CheckpointError(str(e)) from None
     except Exception as e:  # safetensors raises SafetensorError, OSError, ...
         raise CheckpointError(f"{file}: corrupt or unreadable safetensors file ({e})") from e
 

@@ -33,8 +33,8 @@ from torch import nn
 
 from ..data.images.folder import RESAMPLING
 from ..data.text.tokenizer import check_same_tokenizer, load_tokenizer, save_tokenizer, tokenizer_record
-from ..files import (fsync_path, load_safetensors, raise_if_disk_full, rename_exchange, save_safetensors,
-                     signals_held)
+from ..files import (WeightsDamaged, fsync_path, load_safetensors, raise_if_disk_full, rename_exchange,
+                     save_safetensors, signals_held)
 from ..models.hf import is_hf_folder
 from ..models.text import TextConfig, TextTransformer
 from ..models.vision import VisionConfig, VisionTransformer
@@ -312,6 +312,8 @@ def read_export(path: str | os.PathLike) -> Source:
                               f"({EXPORT_VERSION}); upgrade widenet")
     try:
         state = load_safetensors(folder / WEIGHTS_FILE)
+    except WeightsDamaged as err:
+        raise CheckpointError(str(err)) from None
     except (OSError, SafetensorError) as err:
         raise CheckpointError(f"{folder / WEIGHTS_FILE}: could not read the weights ({err})") from None
     image = config.get("image") or {}
