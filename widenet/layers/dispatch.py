@@ -129,7 +129,7 @@ class RoutedExperts(torch.autograd.Function):
         lay = row_layout(kernel, kept, a, runs, row_expert, slots, approximate)
         y, saved = ffn_forward(rows, w1, b1, w2, b2, lay)  # (A, D), zero past M
         ctx.save_for_backward(rows, w1, w2, y, weight, slot, token, inverse, *lay.tensors(), *saved)
-        ctx.lay, ctx.k = lay.with_tensors([None] * 4), k
+        ctx.lay, ctx.k = lay.without_tensors(), k
         return _rows_to_tokens(y, inverse, k, n, weight)  # (N, D)
 
     @staticmethod

@@ -181,6 +181,10 @@ class RowLayout:
         n = len(self.tensors())
         return self.with_tensors(saved[:n]), list(saved[n:])
 
+    def without_tensors(self) -> RowLayout:
+        """This layout with its tensors left out (they go to save_for_backward; restored brings them back)."""
+        return self.with_tensors([None] * len(self.tensors()))
+
     def with_tensors(self, tensors: Sequence[torch.Tensor | None]) -> RowLayout:
         offs, row_expert, slot_of_row, row_of_slot = tensors
         return RowLayout(self.kernel, self.rows, self.runs, offs, row_expert, slot_of_row, row_of_slot, self.slots,
@@ -314,7 +318,7 @@ class _ExpertFFN(torch.autograd.Function):
         lay = row_layout(kernel, kept, x.shape[0], runs, approximate=approximate)
         y, saved = ffn_forward(x, w1, b1, w2, b2, lay)
         ctx.save_for_backward(x, w1, w2, *lay.tensors(), *saved)
-        ctx.lay = lay.with_tensors([None] * 4)
+        ctx.lay = lay.without_tensors()
         return y
 
     @staticmethod

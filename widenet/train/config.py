@@ -5,9 +5,8 @@ Text runs extend the same base in `text_config.py`.
 
 from __future__ import annotations
 
-import dataclasses
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, ClassVar
 
 from ..data.augment import CROP_MODES, AugmentConfig
@@ -111,8 +110,9 @@ class RecipeConfig:
     def with_absolute_paths(self) -> RecipeConfig:
         """This config with its folder settings (init, data_dir) as absolute paths: recorded so, a run
         resumed or evaluated from another folder finds the same ones."""
-        paths = {k: os.path.abspath(v) for k in ("init", "data_dir") if isinstance(v := getattr(self, k, None), str) and v}
-        return dataclasses.replace(self, **paths) if paths else self
+        paths = {k: os.path.abspath(v) for k in ("init", "data_dir")
+                 if isinstance(v := getattr(self, k, None), str) and v}
+        return replace(self, **paths) if paths else self
 
     def resume_conflicts(self, saved: dict[str, Any]) -> list[str]:
         """Settings that differ between a saved run and this one and would change training."""
