@@ -17,9 +17,10 @@ from .fashion_mnist import FASHION_MNIST_CLASSES, load_fashion_mnist
 from .folder import TEST_SPLIT_FOLDERS, load_image_folder
 from .idx import read_idx
 
-__all__ = ["CIFAR10_CLASSES", "DATASET_NAMES", "RESIZE_RESAMPLE", "DatasetError", "DatasetNotFoundError", "FASHION_MNIST_CLASSES",
-           "ImageDataset", "check_classification_pair", "check_same_classes", "iterate_batches", "load_cifar", "load_dataset", "load_fashion_mnist",
-           "load_image_folder", "read_idx", "resize_dataset", "subset", "TEST_SPLIT_FOLDERS"]
+__all__ = ["CIFAR10_CLASSES", "DATASET_NAMES", "RESIZE_RESAMPLE", "DatasetError", "DatasetNotFoundError",
+           "FASHION_MNIST_CLASSES", "ImageDataset", "check_classification_pair", "check_same_classes",
+           "iterate_batches", "load_cifar", "load_dataset", "load_fashion_mnist", "load_image_folder", "read_idx",
+           "resize_dataset", "subset", "TEST_SPLIT_FOLDERS"]
 
 DATASET_NAMES = ("fashion-mnist", "cifar10", "cifar100", "folder")
 
