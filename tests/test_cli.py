@@ -317,6 +317,18 @@ def test_bench_model_reports_flops_utilisation(capsys):
     assert rc == 0 and "above the peak of 1e-09 TFLOP/s the MFU is taken against: is --peak-tflops" in err, err
 
 
+def test_compare_takes_model_settings_as_the_docs_say(monkeypatch, capsys):
+    """vision.md's `compare --preset full --set stem=patch ...` was refused: compare had no --set."""
+    from widenet.analysis import compare as compare_mod
+
+    got = {}
+    monkeypatch.setattr(compare_mod, "compare", lambda models, out, **kw: got.update(kw) or "report.md")
+    rc, out, err = _cli(["compare", "--preset", "full", "--set", "stem=patch", "--set", "patch_size=4",
+                         "--set", "stem_width=none", "--epochs", 30], capsys)
+    assert rc == 0, err
+    assert got["model_overrides"] == {"stem": "patch", "patch_size": 4, "stem_width": None}
+
+
 # --- error exits ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("flags, flip", [([], True), (["--flip"], True), (["--no-flip"], False)])
 def test_train_flip_flag_reaches_the_config(flags, flip):

@@ -260,6 +260,8 @@ def test_verdict_clear_and_unclear_wins():
     assert "not a clear win" not in compare_mod._verdict([b, a], 2)
     noisy = _result("c", "c", [0.70, 0.99])
     assert "not a clear win" in compare_mod._verdict([noisy, b], 2)
+    twin = _result("d", "d", [0.92, 0.90])  # a's mean: was "**Winner: a** ... 0.00 points ahead of d"
+    assert compare_mod._verdict([b, twin, a], 2) == "**No winner:** d, a tie at 91.00% test accuracy."
 
 
 def test_time_budget_report_gives_each_models_steps(tmp_path, fmnist_dir):

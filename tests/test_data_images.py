@@ -225,6 +225,25 @@ def test_fashion_mnist_download_network_error(monkeypatch, no_debian):
         load_fashion_mnist("test", download=True)
 
 
+def test_a_given_data_dir_without_the_files_says_it_was_the_only_place_looked_in(tmp_path, monkeypatch, no_debian):
+    """--data-dir naming a missing folder: the download into it failed, the message advised installing
+    the Debian package that was installed, and an empty folder was left behind."""
+    def offline(url, timeout=None):
+        raise urllib.error.URLError("no route to host")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    missing = tmp_path / "typo"
+    with pytest.raises(DatasetNotFoundError, match=rf"With --data-dir only {missing} is searched\.$") as err:
+        load_fashion_mnist("test", data_dir=missing)
+    assert "apt-get install dataset-fashion-mnist" in str(err.value) and not missing.exists()
+    write_fashion(fashion_mnist.DEBIAN_FASHION_MNIST_DIR)
+    with pytest.raises(DatasetNotFoundError, match=rf"only {missing} is searched; the files are in "
+                                                   rf"{fashion_mnist.DEBIAN_FASHION_MNIST_DIR}: pass that folder"
+                       ) as err:
+        load_fashion_mnist("test", data_dir=missing)
+    assert "apt-get" not in str(err.value) and not missing.exists()
+
+
 def test_data_home_default(monkeypatch):
     monkeypatch.delenv("WIDENET_DATA_HOME")
     assert data_home() == Path.home() / ".cache" / "widenet"

@@ -167,6 +167,7 @@ def test_cli_eval_ema_reproduces_the_training_record(averaged_run, capsys):
     out = capsys.readouterr().out
     assert rc == 0
     report = json.loads(out)
+    assert report["ema"] is True  # the record says which weights it scored
     assert report["accuracy"] == result.ema_eval.accuracy
     assert report["loss"] == pytest.approx(result.ema_eval.loss, rel=1e-6)
 

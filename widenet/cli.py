@@ -27,7 +27,7 @@ from typing import Callable, NoReturn, Sequence
 
 from . import __version__
 from .cli_args import (add_budget_arguments, add_moe_arguments, add_process_arguments, add_recipe_arguments,
-                       add_run_arguments, config_fields, finite_float, model_overrides, nonempty, parse_setting,
+                       add_run_arguments, add_set_argument, config_fields, finite_float, model_overrides, nonempty,
                        positive_float, positive_int)
 from .cli_errors import (BUG_REPORT, INTERRUPTED, CLIError, explain, file_names_printable,
                          latest_checkpoint_identity, lost_results, missing_outputs_to_devnull,
@@ -321,6 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_and_budget(p)
     p.add_argument("--ablation", action=argparse.BooleanOptionalAction, default=None,
                    help="also train WideNet with shared LayerNorms (default: full preset yes, quick no)")
+    add_set_argument(p, "a model setting for every model, e.g. --set stem=patch")
     add_moe_arguments(p)
     p.add_argument("--out", type=nonempty, default="runs/compare")
     p.set_defaults(func=cmd_compare)
@@ -347,8 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one or more presets; several are timed interleaved, with ratios to the first")
     p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--steps", type=positive_int, default=10)
-    p.add_argument("--set", action="append", type=parse_setting, metavar="KEY=VALUE",
-                   help="any model setting, e.g. --set moe_blocks=all")
+    add_set_argument(p, "any model setting, e.g. --set moe_blocks=all")
     p.add_argument("--device", default="auto")
     p.add_argument("--amp", default="auto", choices=("auto", "off", "bf16", "fp16"),
                    help="autocast (auto: bf16 on GPUs, off on CPUs)")

@@ -93,10 +93,14 @@ def add_process_arguments(p: argparse.ArgumentParser, command: str) -> None:
                       help="fail a collective that waits longer than this (default: torch's 30 minutes)")
 
 
+def add_set_argument(p: argparse.ArgumentParser, help_text: str) -> None:
+    """--set KEY=VALUE, repeatable: model settings (read by model_overrides)."""
+    p.add_argument("--set", action="append", type=parse_setting, metavar="KEY=VALUE", help=help_text)
+
+
 def add_run_arguments(p: argparse.ArgumentParser, example_setting: str) -> None:
     """Model settings, seed, checkpointing, logging, precision and resume."""
-    p.add_argument("--set", action="append", type=parse_setting, metavar="KEY=VALUE",
-                   help=f"any model setting, e.g. --set {example_setting}")
+    add_set_argument(p, f"any model setting, e.g. --set {example_setting}")
     p.add_argument("--seed", type=int)
     p.add_argument("--save-every", type=positive_int, help="also checkpoint every N steps")
     p.add_argument("--log-every", type=positive_int)

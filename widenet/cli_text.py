@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from .cli_args import (add_budget_arguments, add_moe_arguments, add_process_arguments, add_recipe_arguments,
-                       add_run_arguments, config_fields, finite_float, model_overrides, nonempty, parse_setting,
+                       add_run_arguments, add_set_argument, config_fields, finite_float, model_overrides, nonempty,
                        positive_float, positive_int, refuse_unused)
 
 
@@ -138,8 +138,7 @@ def add_text_commands(sub) -> None:
     p.add_argument("--task-train", type=nonempty, help="classification TSV/CSV/JSONL (default: a GCIDE task, "
                                                        "--gcide-task)")
     p.add_argument("--task-validation", type=nonempty)
-    p.add_argument("--set", action="append", type=parse_setting, metavar="KEY=VALUE",
-                   help="a model setting for every model, e.g. --set depth=2")
+    add_set_argument(p, "a model setting for every model, e.g. --set depth=2")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     add_moe_arguments(p)
     p.add_argument("--gcide-task", choices=tuple(TASK_KINDS),

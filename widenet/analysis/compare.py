@@ -223,7 +223,7 @@ def _budget(cfg: TrainConfig, num_images: int) -> str:
         return f"{cfg.time_budget:g} minutes of wall-clock time, evaluations included (steps in the tables)"
     per_epoch = math.ceil(num_images / cfg.batch_size)
     steps = cfg.max_steps or cfg.epochs * per_epoch
-    return f"{steps} steps ({steps / per_epoch:.2f} epochs)"
+    return f"{steps} step{'s' if steps != 1 else ''} ({steps / per_epoch:.2f} epochs)"
 
 
 def _table(rows: list[SpecResult], steps: bool = False) -> str:
@@ -241,6 +241,9 @@ def _verdict(rows: list[SpecResult], n_seeds: int) -> str:
         return ""
     ranked = sorted(rows, key=lambda r: r.acc_mean, reverse=True)
     best, second = ranked[0], (ranked[1] if len(ranked) > 1 else None)
+    tied = [r.spec.label for r in ranked if r.acc_mean == best.acc_mean]
+    if len(tied) > 1:  # no winner to name: the order among equals is the table's
+        return f"**No winner:** {', '.join(tied)} tie at {100 * best.acc_mean:.2f}% test accuracy."
     text = f"**Winner: {best.spec.label}** with {100 * best.acc_mean:.2f}% test accuracy"
     if second is not None:
         gap = 100 * (best.acc_mean - second.acc_mean)

@@ -72,7 +72,7 @@ def evaluate_checkpoint(path: str, data: str | None = None, data_dir: str | None
         result = evaluate(model.to(dev), test, batch_size, dev, mean, std, tta=tta)
     if not math.isfinite(result.loss):
         raise ValueError(non_finite_problem(ckpt.path, model))
-    return dict(model=meta["model"], step=ckpt.step, data=name, checkpoint=str(ckpt.path), tta=tta,
+    return dict(model=meta["model"], step=ckpt.step, data=name, checkpoint=str(ckpt.path), ema=ema, tta=tta,
                 data_dir=None if data_dir is None else os.path.abspath(data_dir),
                 batch_size=batch_size, dropless=dropless,
                 **result.to_record())

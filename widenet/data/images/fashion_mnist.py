@@ -3,6 +3,7 @@ checksum-verified download."""
 
 from __future__ import annotations
 
+import contextlib
 import urllib.error
 from collections.abc import Sequence
 from pathlib import Path
@@ -128,8 +129,26 @@ def load_fashion_mnist(split: str, data_dir: PathLike | None = None, download: b
             raise DatasetNotFoundError(
                 f"Fashion-MNIST {split} files {names[0]} / {names[1]} not found in: {searched}. " + _FASHION_MNIST_HELP
             )
-        found = _download_fashion_mnist(names, cache)
+        created = not cache.exists()
+        try:
+            found = _download_fashion_mnist(names, cache)
+        except DatasetNotFoundError as err:
+            if created:  # nothing came: no empty folder left behind
+                with contextlib.suppress(OSError):
+                    cache.rmdir()
+            if data_dir is None:
+                raise
+            raise DatasetNotFoundError(_only_there(str(err), data_dir, names)) from err.__cause__
     return _fashion_mnist_from_files(*found, split=split)
+
+
+def _only_there(message: str, data_dir: PathLike, names: tuple[str, str]) -> str:
+    """A failed download's message for an explicit folder: it was the only place looked in, and
+    where the files are when Debian's package holds them (then installing it is no advice)."""
+    if _find_pair([DEBIAN_FASHION_MNIST_DIR], names) is None:
+        return f"{message} With --data-dir only {data_dir} is searched."
+    return (f"{message.removesuffix(_FASHION_MNIST_HELP).rstrip()} With --data-dir only {data_dir} is searched; "
+            f"the files are in {DEBIAN_FASHION_MNIST_DIR}: pass that folder, or leave --data-dir out.")
 
 
 def _fashion_mnist_from_files(images_path: Path, labels_path: Path, split: str) -> ImageDataset:
