@@ -165,11 +165,12 @@ _DIGEST_KEY = "widenet_sha256"  # in a .safetensors file's metadata: tensors_dig
 
 
 def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
-    """SHA-256 of named tensors: each one's name, dtype, shape and bytes, in name order."""
+    """SHA-256 of named tensors: each one's name, dtype and shape ("name dtype shape"), then its bytes,
+    in name order. Weights files carry it; training runs record a text run's data by it."""
     digest = hashlib.sha256()
     for name in sorted(tensors):
         t = tensors[name].detach().cpu().contiguous()
-        digest.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        digest.update(f"{name} {t.dtype} {tuple(t.shape)}".encode())
         digest.update(t.reshape(-1).view(torch.uint8).numpy())
     return digest.hexdigest()
 

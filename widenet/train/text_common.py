@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any, Iterator
 
 import torch
@@ -11,6 +10,7 @@ from torch import nn
 from ..data.batches import epoch_order, num_batches
 from ..distributed.env import all_reduce_sum
 from ..distributed.parallel import ParallelContext
+from ..files import tensors_digest
 from ..memory import check_activations_fit
 from ..models.registry import apply_overrides, create_model
 from .budget import Cadence, time_per_call
@@ -31,12 +31,7 @@ def shuffled_batches(data: Batch, batch_size: int, seed: int, epoch: int, start_
 def training_contents(data: Batch) -> str:
     """What a resumed run compares to know it trains on the data it started on (a corpus or task file
     can change under its name): the number of training sequences and a hash of their tensors."""
-    digest = hashlib.sha256()
-    for key in sorted(data):
-        tensor = data[key].detach().cpu().contiguous()
-        digest.update(f"{key} {tensor.dtype} {tuple(tensor.shape)}".encode())
-        digest.update(tensor.numpy())
-    return f"{len(data['input_ids'])} training sequences, token ids {digest.hexdigest()[:12]}"
+    return f"{len(data['input_ids'])} training sequences, token ids {tensors_digest(data)[:12]}"
 
 
 def ordered_batches(data: Batch, batch_size: int) -> Iterator[Batch]:
