@@ -29,9 +29,10 @@ import torch
 
 from .signals import STOP_SIGNALS
 
-__all__ = ["LockHeld", "RefusedPickle", "WeightsDamaged", "atomic_path", "disk_full", "fsync_path", "hold_lock",
-           "is_utf8", "load_safetensors", "load_weights_only", "pid_alive", "raise_if_disk_full", "rename_exchange",
-           "save_atomic", "save_safetensors", "signals_held", "tensors_digest", "write_bytes_durably"]
+__all__ = ["LockHeld", "RefusedPickle", "WeightsDamaged", "atomic_path", "disk_full", "file_stamp", "fsync_path",
+           "hold_lock", "is_utf8", "load_safetensors", "load_weights_only", "pid_alive", "raise_if_disk_full",
+           "rename_exchange", "save_atomic", "save_safetensors", "signals_held", "tensors_digest",
+           "write_bytes_durably"]
 
 
 @contextlib.contextmanager
@@ -155,6 +156,15 @@ def is_utf8(text: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
+
+
+def file_stamp(path: Path) -> list[int]:
+    """A file's size and its modification and change times (ns): what a cache keys on to notice that
+    the file changed. The change time (st_ctime) is set by the system whenever a file is written,
+    replaced or touched, and cannot be set back: a file replaced by another of the same size and
+    modification time (an archive packed with fixed times, `cp -p`, `touch -r`) still stamps anew."""
+    stat = path.stat()
+    return [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns]
 
 
 class WeightsDamaged(ValueError):

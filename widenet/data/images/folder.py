@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ...files import load_weights_only, save_atomic
+from ...files import file_stamp, load_weights_only, save_atomic
 from ...memory import check_fits_memory
 from ..errors import DatasetError, DatasetNotFoundError, PathLike
 from .dataset import ImageDataset
@@ -133,14 +133,9 @@ def _scan_folder(base: Path) -> tuple[list[str], list[tuple[Path, int]]]:
 
 def _folder_cache_key(base: Path, files: list[tuple[Path, int]], image_size: int, channels: int,
                       resize: dict[str, Any] | None = None) -> str:
-    """Hash of the file list with sizes, modification and change times, plus the decoding settings.
-    The change time (st_ctime) is set by the system whenever a file is written, replaced or touched,
-    and cannot be set back: a file replaced by another of the same size and modification time (an
-    archive packed with fixed times, `cp -p`, `touch -r`) still gets a new key."""
-    entries = []
-    for path, label in files:
-        stat = path.stat()
-        entries.append([path.relative_to(base).as_posix(), label, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns])
+    """Hash of the file list with each file's label and stamp (files.file_stamp: size, modification and
+    change times), plus the decoding settings."""
+    entries = [[path.relative_to(base).as_posix(), label, *file_stamp(path)] for path, label in files]
     settings = {"v": _FOLDER_CACHE_VERSION, "files": entries, "size": image_size, "channels": channels}
     if resize is not None:  # widenet's own decoding keeps the keys it always had
         settings["resize"] = resize

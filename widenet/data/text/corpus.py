@@ -20,7 +20,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from ...files import load_weights_only, save_atomic
+from ...files import file_stamp, load_weights_only, save_atomic
 from ..errors import PathLike
 from .documents import CorpusError, corpus_files, iter_documents
 from .sentences import split_sentences
@@ -96,13 +96,10 @@ class _BatchEncoder(Protocol):
 
 
 def _corpus_cache_key(files: list[Path], fingerprint: str, max_documents: int | None) -> str:
-    """SHA-256 of the resolved files with sizes, modification and change times (a file replaced by
-    another of the same size and date still changes its st_ctime, which cannot be set back), the
-    tokenizer (fingerprint: its vocabulary and its pipeline), the document limit and the format version."""
-    entries = []
-    for path in sorted(files, key=lambda p: str(p.resolve())):
-        stat = path.stat()
-        entries.append([str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns])
+    """SHA-256 of the resolved files with their stamps (files.file_stamp: size, modification and change
+    times), the tokenizer (fingerprint: its vocabulary and its pipeline), the document limit and the
+    format version."""
+    entries = [[str(path.resolve()), *file_stamp(path)] for path in sorted(files, key=lambda p: str(p.resolve()))]
     blob = json.dumps({"v": _CORPUS_CACHE_VERSION, "files": entries, "vocab": fingerprint,
                        "max_documents": max_documents}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
