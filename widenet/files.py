@@ -190,11 +190,13 @@ def load_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     serves, the file is read whole through a Python file handle). A file widenet wrote carries a
     digest of its tensors: tensors that no longer match it (a damaged disk or copy that kept the
     file's size) raise WeightsDamaged."""
-    from safetensors.torch import load, load_file
+    from safetensors import safe_open
+    from safetensors.torch import load
 
     with _openable_name(path) as name:
         if name is not None:
-            tensors, saved = load_file(name, device="cpu"), _safetensors_metadata(name).get(_DIGEST_KEY)
+            with safe_open(name, framework="pt", device="cpu") as f:  # what load_file does, and the metadata
+                tensors, saved = {key: f.get_tensor(key) for key in f.keys()}, (f.metadata() or {}).get(_DIGEST_KEY)
         else:
             with open(path, "rb") as f:
                 data = f.read()
@@ -203,13 +205,6 @@ def load_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise WeightsDamaged(f"{os.fspath(path)}: the weights do not match the checksum saved with them: the file "
                              "was damaged after it was written (a failing disk or an incomplete copy)")
     return tensors
-
-
-def _safetensors_metadata(name: str) -> dict[str, str]:
-    from safetensors import safe_open
-
-    with safe_open(name, framework="pt") as f:
-        return f.metadata() or {}
 
 
 def _header_metadata(data: bytes) -> dict[str, str]:
