@@ -152,11 +152,30 @@ def test_weights_damaged_in_place_are_refused(tmp_path, monkeypatch, by_name):
     data = bytearray(weights.read_bytes())
     data[-3] ^= 0x10  # one bit of the last tensor
     weights.write_bytes(bytes(data))
-    with pytest.raises(CheckpointError, match=r"model.safetensors: the weights do not match the checksum saved"):
+    with pytest.raises(CheckpointError, match=r"model.safetensors: the weights do not match the checksum saved") as err:
         load_checkpoint(tmp_path, _setup(seed=1)[0])
+    assert "corrupt or unreadable" not in str(err.value)  # said once, not wrapped in the generic message
     plain = tmp_path / "plain.safetensors"
     save_file({"w": torch.arange(6.0)}, str(plain))  # no digest: nothing to check against
     assert torch.equal(files.load_safetensors(plain)["w"], torch.arange(6.0))
+
+
+def test_weights_checksum_is_the_sha256_of_names_dtypes_shapes_and_bytes():
+    """The digest files and text runs record, rebuilt here with hashlib and numpy: its value must not
+    drift, or weights saved before read as damaged and text runs' recorded data stop matching."""
+    import hashlib
+
+    from widenet.files import tensors_digest
+
+    tensors = {"b": torch.tensor([True, False]), "a": torch.arange(3), "c": torch.tensor([[1.5], [-2.0]], dtype=torch.float64),
+               "d": torch.arange(6, dtype=torch.float32).view(2, 3).t()}  # not contiguous: hashed as its values
+    oracle = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name]
+        oracle.update(f"{name} {t.dtype} {tuple(t.shape)}".encode())
+        oracle.update(np.ascontiguousarray(t.numpy()).tobytes())
+    assert tensors_digest(tensors) == oracle.hexdigest()
+    assert tensors_digest({"a": torch.arange(3)}) != tensors_digest({"a": torch.arange(3).view(3, 1)})
 
 
 @pytest.mark.parametrize("which", ["run", "folder", "model_file", "checkpoints_dir"])

@@ -262,6 +262,8 @@ def test_verdict_clear_and_unclear_wins():
     assert "not a clear win" in compare_mod._verdict([noisy, b], 2)
     twin = _result("d", "d", [0.92, 0.90])  # a's mean: was "**Winner: a** ... 0.00 points ahead of d"
     assert compare_mod._verdict([b, twin, a], 2) == "**No winner:** d, a tie at 91.00% test accuracy."
+    near = _result("e", "e", [0.905, 0.905])  # half a point from a: still a winner, if not a clear one
+    assert compare_mod._verdict([near, a], 2).startswith("**Winner: a** with 91.00% test accuracy, 0.50 points ahead")
 
 
 def test_time_budget_report_gives_each_models_steps(tmp_path, fmnist_dir):

@@ -242,6 +242,10 @@ def test_a_given_data_dir_without_the_files_says_it_was_the_only_place_looked_in
                        ) as err:
         load_fashion_mnist("test", data_dir=missing)
     assert "apt-get" not in str(err.value) and not missing.exists()
+    missing.mkdir()  # the user's own (empty) folder: kept
+    with pytest.raises(DatasetNotFoundError):
+        load_fashion_mnist("test", data_dir=missing)
+    assert missing.is_dir()
 
 
 def test_data_home_default(monkeypatch):
@@ -445,6 +449,24 @@ def test_image_folder_decodes_and_caches(tmp_path, monkeypatch):
     again = load_image_folder(tmp_path, "train", image_size=8)
     assert torch.equal(again.images, ds.images) and torch.equal(again.labels, ds.labels)
     assert again.classes == ds.classes
+
+
+def test_image_folder_cache_keys_of_widenets_own_decoding_are_the_ones_caches_on_disk_have(tmp_path):
+    """A key with the recorded resize is for folders decoded the processor's way; widenet's own decoding
+    keeps the key it always had, rebuilt here from the file stamps, so caches users have stay valid."""
+    import json
+
+    from widenet.data.images.folder import _FOLDER_CACHE_VERSION, _folder_cache_key
+    from widenet.files import file_stamp
+
+    make_folder(tmp_path)
+    base = tmp_path / "train"
+    files = [(f, 0 if f.parent.name == "cat" else 1) for f in sorted(base.rglob("*.*"))]
+    entries = [[f.relative_to(base).as_posix(), label, *file_stamp(f)] for f, label in files]
+    before = {"v": _FOLDER_CACHE_VERSION, "files": entries, "size": 8, "channels": 3}
+    key = hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()
+    assert _folder_cache_key(base, files, 8, 3) == key
+    assert _folder_cache_key(base, files, 8, 3, {"crop": False, "resample": "bilinear"}) != key
 
 
 def test_image_folder_cache_invalidated_by_changes(tmp_path):

@@ -675,6 +675,13 @@ def test_bench_ddp_checks_the_model_before_launching_and_names_a_worker_failure(
     assert main(["bench", "ddp", "--model", "vit_tiny", "--batch-size", "8", "--steps", "1"]) == 0
     out, err = capsys.readouterr()
     assert "2 processes on 1 CPU core(s): they take turns" in err and "global batch 8, 1 step: " in out
+    monkeypatch.setattr(ddp_bench.os, "sched_getaffinity", lambda pid: {0, 1})  # a core each: no note
+    assert main(["bench", "ddp", "--model", "vit_tiny", "--batch-size", "8", "--steps", "1"]) == 0
+    assert "take turns" not in capsys.readouterr().err
+    monkeypatch.setattr(ddp_bench.os, "sched_getaffinity", lambda pid: {0})
+    monkeypatch.setattr(ddp_bench.torch.cuda, "is_available", lambda: True)  # a GPU each: the cores do not count
+    assert main(["bench", "ddp", "--model", "vit_tiny", "--batch-size", "8", "--steps", "1"]) == 0
+    assert "take turns" not in capsys.readouterr().err
     # torchrun frames a worker's failure with rules of "="; the message names the exception instead,
     # a worker's before torchrun's own, with the "[rankN]: " torchrun puts before each worker line.
     output = ("[rank1]: Traceback (most recent call last):\n[rank1]: ValueError: expert parallelism needs 4\n"

@@ -170,6 +170,9 @@ def test_cli_eval_ema_reproduces_the_training_record(averaged_run, capsys):
     assert report["ema"] is True  # the record says which weights it scored
     assert report["accuracy"] == result.ema_eval.accuracy
     assert report["loss"] == pytest.approx(result.ema_eval.loss, rel=1e-6)
+    assert main(["eval", "--checkpoint", cfg.out, "--json"]) == 0  # the trained weights: said so too
+    report = json.loads(capsys.readouterr().out)
+    assert report["ema"] is False and report["accuracy"] == result.final_eval.accuracy
 
 
 def test_cli_eval_ema_without_average_is_a_clear_error(tmp_path, fmnist_dir, tiny_overrides, capsys):

@@ -53,6 +53,7 @@ def test_export_then_from_pretrained_gives_the_runs_model(vit_run, tmp_path, cli
         torch.testing.assert_close(from_export(images).logits, from_run(images).logits, rtol=0, atol=0)
     loaded = widenet.load_pretrained(tmp_path / "exp")
     assert loaded.kind == "vision" and loaded.classes == config["classes"] and loaded.mean == tuple(config["image"]["mean"])
+    assert loaded.resize is None  # trained at the data's size, without --image-size: no resize to follow
     for file in ("model.safetensors", "config.json"):  # a file of the folder named instead (was: "state.pt missing")
         assert widenet.load_pretrained(tmp_path / "exp" / file).classes == config["classes"]
     # an existing folder is not overwritten without --overwrite, and is with it
@@ -60,6 +61,20 @@ def test_export_then_from_pretrained_gives_the_runs_model(vit_run, tmp_path, cli
     assert "already holds a widenet model" in line and "--overwrite" in line
     assert cli(["export", vit_run, "--to", tmp_path / "exp", "--overwrite"])[0] == 0
     assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_an_export_whose_weights_were_damaged_in_place_is_refused_by_name(tmp_path, cli):
+    """A bit flipped in an export's weights (same size) loaded, evaluated and predicted without a word."""
+    write_export(tmp_path / "m", create_model("vit_tiny", dim=32, depth=2, num_heads=2, mlp_dim=64),
+                 model_name="vit_tiny")
+    weights = tmp_path / "m" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-5] ^= 0x01
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"model.safetensors: the weights do not match the checksum saved"):
+        widenet.from_pretrained(tmp_path / "m")
+    line = _one_line(*cli(["export", tmp_path / "m", "--to", tmp_path / "copy"]))
+    assert "do not match the checksum" in line and not (tmp_path / "copy").exists()
 
 
 def test_overwrite_keeps_what_the_user_added_beside_the_model(tmp_path):
@@ -114,6 +129,7 @@ def test_upcycled_vit_trains_with_init_and_keeps_the_dense_parts(vit_run, tmp_pa
     rc, out, err = cli(["upcycle", "--from", os.path.relpath(vit_run), "--experts", 4, "--top-k", 2,
                         "--out", tmp_path / "up"])
     assert rc == 0, err
+    assert "capacity" not in out  # the ViT's blocks differ: an upcycled WideNet was never its function
     saved = json.loads((tmp_path / "up" / "config.json").read_text())
     assert saved["model"] == "vit_tiny_upcycled"  # the source is named as it was, where it is from anywhere
     assert saved["source"]["model"] == "vit_tiny" and Path(saved["source"]["path"]).is_absolute()
@@ -188,6 +204,24 @@ def test_upcycle_refuses_what_it_cannot_do(tmp_path, cli):
     assert "already has an MoE" in line
     line = _one_line(*cli(["import", tmp_path / "moe", "--out", tmp_path / "o"]))
     assert "already a widenet export" in line and "read it as it is" in line and "Hugging Face" not in line
+
+
+def test_upcycled_attention_is_the_chosen_blocks_or_their_mean():
+    """attention="block:N" copies the attention block N runs; "mean" averages them all. Checked by name
+    against the source's modules: only refusals were tested, so block:1 copying block 0 passed."""
+    dense = create_model("vit_tiny", dim=32, depth=3, num_heads=2, mlp_dim=64)
+    blocks = [m.state_dict() for m in dense.encoder.attention]
+    assert len(blocks) == 3 and not torch.equal(blocks[1]["qkv.weight"], blocks[2]["qkv.weight"])
+    for how, expect in (("block:1", lambda k: blocks[1][k]), ("block:2", lambda k: blocks[2][k]),
+                        ("mean", lambda k: (blocks[0][k] + blocks[1][k] + blocks[2][k]) / 3)):
+        shared = upcycle(dense, 2, attention=how).encoder.attention
+        assert len(shared) == 1
+        for key, value in shared[0].state_dict().items():
+            torch.testing.assert_close(value, expect(key), rtol=1e-6, atol=1e-7, msg=f"{how} {key}")
+    albert = create_model("albert_tiny", dim=32, depth=3, num_heads=2, mlp_dim=64)  # one attention for 3 blocks
+    one = albert.encoder.attention[0].state_dict()
+    got = upcycle(albert, 2, attention="block:2").encoder.attention[0].state_dict()
+    assert all(torch.equal(got[k], v) for k, v in one.items())
 
 
 def test_upcycling_beyond_the_memory_is_refused_before_copying(tmp_path, cli, monkeypatch):
@@ -350,6 +384,9 @@ def test_pretraining_continues_from_an_upcycled_albert(tmp_path, cli):
     assert rc == 0 and "note: the experts keep a capacity (1.2 x their share of the tokens)" in out, err
     rc, out, err = cli(["upcycle", "--from", tmp_path / "albert", "--experts", 2, "--dropless", "--out",
                         tmp_path / "exact"])
+    assert rc == 0 and "capacity" not in out, out
+    rc, out, err = cli(["upcycle", "--from", tmp_path / "albert", "--experts", 2, "--noise", 0.01, "--out",
+                        tmp_path / "noisy"])  # noisy copies: no longer the dense model's function anyway
     assert rc == 0 and "capacity" not in out, out
     rc, out, err = cli(["pretrain", "--init", tmp_path / "wide", *common, "--out", tmp_path / "more"])
     assert rc == 0, err

@@ -103,6 +103,7 @@ def test_train_and_eval_on_an_imagenet_layout_without_image_size(tmp_path, tiny_
     ckpt = load_checkpoint(out)
     assert ckpt.meta["model_config"]["image_size"] == model_config("widenet_tiny").image_size
     assert ckpt.meta["train_config"]["image_size"] is None and ckpt.meta["data"]["classes"] == list(CLASSES)
+    assert "resize" not in ckpt.meta["data"]  # decoded as predict decodes files: nothing to follow
     assert main(["eval", "--checkpoint", str(out), "--device", "cpu", "--json"]) == 0
     report = capsys.readouterr().out
     assert '"examples": 4' in report and '"data": "folder"' in report
@@ -131,7 +132,10 @@ def test_a_grey_model_reads_a_folder_in_grey_and_init_decides_the_size(tmp_path,
         folder_channels(_config(root, tmp_path / "run", model_overrides=dict(in_channels=4)))
     out = tmp_path / "tuned"
     assert main([str(a) for a in ["train", "--init", grey, "--data", "folder", "--data-dir", root, "--out", out,
-                                  "--batch-size", 4, "--max-steps", 1, "--device", "cpu"]]) == 0, capsys.readouterr()
+                                  "--batch-size", 4, "--max-steps", 1, "--device", "cpu", "--image-size", 32]]) == 0, \
+        capsys.readouterr()
+    assert "resize" in load_checkpoint(grey).meta["data"]  # Fashion-MNIST resized by resize_dataset
+    assert "resize" not in load_checkpoint(out).meta["data"]  # a folder decoded at 32 px as predict decodes
     tuned = load_checkpoint(out).meta["model_config"]
     assert (tuned["in_channels"], tuned["image_size"], tuned["num_classes"]) == (1, 32, 2)
     capsys.readouterr()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import random
 import re
 import string
@@ -118,6 +119,21 @@ def test_pretraining_killed_and_resumed_matches_uninterrupted(corpus, pretrained
         assert torch.equal(a, b), name
     assert without_timing(read_metrics(tmp_path / "ref" / "metrics.jsonl")) == \
         without_timing(read_metrics(tmp_path / "cut" / "metrics.jsonl"))
+
+
+def test_pretraining_records_a_relative_corpus_and_init_as_the_paths_they_name(corpus, pretrained, tmp_path,
+                                                                               monkeypatch):
+    """Recorded as typed, 'docs.txt' resumed from another folder was taken for the same corpus."""
+    monkeypatch.chdir(corpus.parent)
+    (tmp_path / "init").symlink_to(pretrained[0])
+    cfg = _pretrain_cfg(corpus.name, tmp_path / "run", max_steps=1, init=os.path.relpath(tmp_path / "init"))
+    pretrain(cfg, log=lambda _: None)
+    recorded = load_checkpoint(tmp_path / "run").meta["train_config"]
+    assert (recorded["corpus"], recorded["init"]) == ([str(corpus)], str(tmp_path / "init"))
+    monkeypatch.chdir(tmp_path)  # another docs.txt here
+    (tmp_path / corpus.name).write_bytes(corpus.read_bytes())
+    with pytest.raises(ValueError, match=r"cannot resume with different settings \(corpus"):
+        pretrain(dataclasses.replace(cfg, init=str(tmp_path / "init"), resume=True), log=lambda _: None)
 
 
 def test_resume_refuses_changed_settings(corpus, tmp_path):
@@ -269,12 +285,15 @@ def test_finetune_classification_learns_the_label_word(pretrained, tmp_path):
     out, _ = pretrained
     _write_classify(tmp_path / "train.tsv", 256, 0)
     _write_classify(tmp_path / "dev.tsv", 64, 1)
-    cfg = FinetuneConfig(task="classify", init=str(out), train=str(tmp_path / "train.tsv"),
-                         validation=str(tmp_path / "dev.tsv"), epochs=4, batch_size=16, lr=3e-3, log_every=8,
-                         out=str(tmp_path / "ft"))
-    result = finetune(cfg, log=lambda _: None)
+    cfg = FinetuneConfig(task="classify", init=str(out), train="train.tsv", validation="./dev.tsv", epochs=4,
+                         batch_size=16, lr=3e-3, log_every=8, out=str(tmp_path / "ft"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(tmp_path)
+        result = finetune(cfg, log=lambda _: None)
     assert result.run.final_eval["accuracy"] >= 0.9
     meta = load_checkpoint(tmp_path / "ft").meta
+    assert (meta["train_config"]["train"], meta["train_config"]["validation"]) == (
+        str(tmp_path / "train.tsv"), str(tmp_path / "dev.tsv"))  # found from any folder at --resume
     assert meta["data"]["labels"] == ["bad", "good"]
     assert meta["model_config"]["task"] == "classify" and meta["model_config"]["num_labels"] == 2
     # It names the pretrained run it started from (test_finetune_scratch_keeps_architecture_and_tokenizer_but_not_weights

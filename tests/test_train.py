@@ -177,6 +177,16 @@ def test_folder_settings_are_recorded_absolute_and_compared_as_the_paths_they_na
     hub = dict(FinetuneConfig(init="m", train="hf:glue/sst2:train", validation="v.tsv").to_dict())
     assert FinetuneConfig(init="m", train="hf:glue/sst2:train", validation="./v.tsv").resume_conflicts(hub) == []
     assert FinetuneConfig(init="m", train="hf:glue/cola:train", validation="v.tsv").resume_conflicts(hub) == ["train"]
+    recorded = FinetuneConfig(init="m", train="t.tsv", validation="hf:glue/sst2:validation").with_absolute_paths()
+    assert (recorded.init, recorded.train, recorded.validation) == (
+        str(tmp_path / "elsewhere" / "m"), str(tmp_path / "elsewhere" / "t.tsv"), "hf:glue/sst2:validation")
+    assert FinetuneConfig(init="./m", train="./t.tsv", validation="hf:glue/sst2:validation").resume_conflicts(
+        recorded.to_dict()) == []
+    assert PretrainConfig(corpus=["a.txt", "hf:x"]).with_absolute_paths().corpus == [
+        str(tmp_path / "elsewhere" / "a.txt"), "hf:x"]
+    monkeypatch.chdir(tmp_path)  # the same names typed in another folder name other files
+    assert FinetuneConfig(init="m", train="t.tsv", validation="hf:glue/sst2:validation").resume_conflicts(
+        recorded.to_dict()) == ["init", "train"]
 
 
 def test_randaugment_n_beyond_its_operations_is_refused_before_the_data_loads(tmp_path, capsys, monkeypatch):

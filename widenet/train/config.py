@@ -108,10 +108,10 @@ class RecipeConfig:
     PATH_SETTINGS: ClassVar[tuple[str, ...]] = ("init", "data_dir", "corpus", "train", "validation")
 
     def with_absolute_paths(self) -> RecipeConfig:
-        """This config with its folder settings (init, data_dir) as absolute paths: recorded so, a run
-        resumed or evaluated from another folder finds the same ones."""
-        paths = {k: os.path.abspath(v) for k in ("init", "data_dir")
-                 if isinstance(v := getattr(self, k, None), str) and v}
+        """This config with its path settings (PATH_SETTINGS: files and folders, hub names kept) as
+        absolute paths: recorded so, a run resumed or evaluated from another folder finds the same
+        ones, and a relative name typed there is not taken for the same setting."""
+        paths = {k: _resolved(v) for k in self.PATH_SETTINGS if (v := getattr(self, k, None))}
         return replace(self, **paths) if paths else self
 
     def resume_conflicts(self, saved: dict[str, Any]) -> list[str]:
