@@ -192,6 +192,24 @@ def test_mixup_lambda_follows_beta():
     assert ((draws < 0.1) | (draws > 0.9)).float().mean() > 0.4  # Beta(0.2, 0.2) is U-shaped
 
 
+def test_mixup_alphas_too_small_to_sample_are_refused(tmp_path):
+    """PyTorch's Beta(alpha, alpha) draws underflow for tiny alpha and come out exactly 0.5, the most
+    mixing, where the distribution has nearly all its mass at 0 and 1 (--mixup 1e-9 trained like 1e6)."""
+    from widenet.train.config import TrainConfig
+
+    concentration = torch.tensor([1e-3, 1e-3], dtype=torch.float64)  # the failure, in torch itself
+    gen = torch.Generator().manual_seed(0)
+    assert sum(float(torch._sample_dirichlet(concentration, generator=gen)[0]) == 0.5 for _ in range(400)) > 40
+    draws = torch.tensor([sample_mixup_lambda(0.01, torch.Generator().manual_seed(i)) for i in range(400)])
+    assert ((draws < 1e-3) | (draws > 1 - 1e-3)).float().mean() > 0.7 and not (draws == 0.5).any()  # still sound
+    for alpha in (1e-9, 1e-3, 0.0099):
+        with pytest.raises(ValueError, match=r"mixup alpha must be 0 \(off\) or at least 0.01"):
+            sample_mixup_lambda(alpha)
+        with pytest.raises(ValueError, match=r"mixup alpha must be 0 \(off\) or at least 0.01"):
+            TrainConfig(mixup=alpha)
+    assert TrainConfig(mixup=0).mixup == 0 and TrainConfig(mixup=0.01).mixup == 0.01
+
+
 # --------------------------------------------------------------------------
 # the combined pipeline
 # --------------------------------------------------------------------------

@@ -289,7 +289,7 @@ TRAIN = Command(
      int_flag("--test-subset"),
      int_flag("--eval-every"),
      float_flag("--label-smoothing", unit_half_open),
-     float_flag("--mixup", non_negative),
+     float_flag("--mixup", refuse_float(lambda a: _finite(a) and (a == 0 or a >= 0.01))),  # augment.MIN_MIXUP_ALPHA
      int_flag("--randaugment-n", non_negative_int, largest=2, huge=False),
      float_flag("--randaugment-m", refuse_float(lambda m: 0 < m < 30))),  # augment.py's range
     lambda box: box.tiny_set,

@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import math
 import sys
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from unittest import mock
@@ -692,6 +693,8 @@ def test_expert_capacity_is_exact_for_decimal_factors():
     assert expert_capacity(100, 4, 2, 1.1) == 55
     assert expert_capacity(50, 2, 2, 1.1) == 50  # at most N: an expert gets one assignment per token at most
     assert expert_capacity(10, 4, 2, 1e30) == 10 and int(expert_capacity(torch.tensor(10), 4, 2, 1e30)) == 10
+    for n in (0, 1, 10):  # ceil(1e-30 * 10 / 4) is 1: a factor that small rounded to no slot at all
+        assert expert_capacity(n, 4, 1, 1e-30) == min(n, 1) == int(expert_capacity(torch.tensor(n), 4, 1, 1e-30))
 
 
 def test_padding_masks_take_one_convention_and_the_other_by_name():
@@ -974,3 +977,22 @@ def test_routing_statistics_are_computed_when_read():
     first = res.stats.dropped_fraction
     assert res.stats.dropped_fraction is first  # computed once
     assert 0 < float(first) < 1
+
+
+def test_top1_with_renormalize_warns_that_the_task_loss_never_reaches_the_router():
+    """Top-1 renormalised: the combine weight is gate / gate = 1, so the router's gradient from the
+    outputs is exactly zero (checked here) and only the balance loss trains it; training says so."""
+    moe = _moe(experts=4, top_k=1, renormalize=True)
+    x = _skewed_x(12, moe.dim)
+    moe(x).output.square().sum().backward()
+    assert torch.count_nonzero(moe.router.weight.grad) == 0
+    moe.router.weight.grad = None
+    (moe(x).aux_loss + moe(x).output.square().sum()).backward()
+    assert torch.count_nonzero(moe.router.weight.grad) > 0  # the balance loss alone moves it
+    with pytest.warns(UserWarning, match="top-1 with renormalize: every combine weight is then 1"):
+        moe.train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        moe.eval()  # evaluating such a model is fine
+        _moe(experts=4, top_k=2, renormalize=True).train()
+        _moe(experts=4, top_k=1).train()

@@ -352,3 +352,48 @@ def test_clip_grad_norm_without_grads_and_bad_max():
     p.grad = torch.ones(2)
     with pytest.raises(ValueError, match="max_norm"):
         clip_grad_norm([p], -1.0)
+
+
+def test_float16_updates_scale_the_loss_so_small_gradients_survive():
+    """Under float16 autocast a small loss's gradients underflow to zero (1e-5 x the cross entropy of
+    widenet_tiny: all of them); with the loss scale the update is the float32 gradient's, to float16
+    precision. SGD with lr 1e4: the step taken is -1e4 x the gradient (large enough to read in float32)."""
+    from widenet import create_model
+    from widenet.train.update import apply_update, loss_scaler
+
+    torch.manual_seed(0)
+    model = create_model("widenet_tiny", dim=32, depth=2, num_heads=2, mlp_dim=64, num_classes=4).eval()  # no noise
+    nn.init.normal_(model.head.weight, std=0.02)  # (zero at init: no gradient would pass it)
+    x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 4, (8,))
+
+    def loss_of(net, half: bool) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.float16, enabled=half):
+            return 1e-5 * nn.functional.cross_entropy(net(x).logits.float(), y)
+
+    loss_of(model, False).backward()
+    oracle = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    loss_of(model, True).backward()
+    plain = torch.cat([p.grad.flatten() for n, p in model.named_parameters() if n in oracle])
+    want = torch.cat([g.flatten() for g in oracle.values()])
+    assert (plain == 0).float().mean() > 0.8 and (want == 0).float().mean() < 0.1  # the failure: most lost
+    assert loss_scaler(None, torch.device("cpu")) is None and loss_scaler(torch.bfloat16, torch.device("cpu")) is None
+    scaler = loss_scaler(torch.float16, torch.device("cpu"))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    apply_update(model, torch.optim.SGD(model.parameters(), lr=1e4), loss_of(model, True), scaler=scaler)
+    step = torch.cat([(before[n] - p.detach()).flatten() for n, p in model.named_parameters() if n in oracle]) / 1e4
+    assert (step - want).norm() < 0.01 * want.norm()
+
+
+def test_float16_is_refused_where_processes_hold_different_gradients():
+    """Under --fsdp or --expert-parallel each process holds other gradients, so their overflow checks
+    could disagree and skip a step on some processes only."""
+    from types import SimpleNamespace
+
+    from widenet.train.update import loss_scaler
+
+    for mode in ("fsdp", "expert"):
+        with pytest.raises(ValueError, match=rf"--amp fp16 needs a loss scale.* not under {mode} parallelism"):
+            loss_scaler(torch.float16, torch.device("cpu"), SimpleNamespace(mode=mode))
+    assert loss_scaler(torch.float16, torch.device("cpu"), SimpleNamespace(mode="ddp")) is not None
+    assert loss_scaler(torch.bfloat16, torch.device("cpu"), SimpleNamespace(mode="fsdp")) is None

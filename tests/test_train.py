@@ -482,6 +482,29 @@ def test_non_finite_loss_through_cli(tmp_path, fmnist_dir, tiny_set_args, monkey
     assert find_latest_checkpoint(tmp_path / "run") is None
 
 
+def test_an_infinite_aux_loss_stops_the_run(tmp_path, fmnist_dir, tiny_set_args, capsys):
+    """--z-loss-weight 3e38 made the aux loss inf from the first step: clipping scaled every gradient by
+    1/inf, so the model never moved, and the run logged "aux_loss inf" and ended with exit 0."""
+    rc, _, err = _cli(["train", "--data-dir", fmnist_dir, "--out", tmp_path / "run", "--max-steps", 3,
+                       "--batch-size", 32, "--z-loss-weight", "3e38", *tiny_set_args], capsys)
+    _assert_one_line_error(rc, err)
+    assert "aux_loss became inf (the MoE's balance and z-losses: see --aux-weight, --z-loss-weight) at step 1" in err
+    assert find_latest_checkpoint(tmp_path / "run") is None
+
+
+def test_an_evaluation_that_drops_most_tokens_says_so(tmp_path, fmnist_dir, tiny_set_args, capsys):
+    """--capacity-factor 0.01 trained and evaluated with ~98% of the tokens getting no expert output, and
+    only `widenet eval` showed it."""
+    common = ["--data-dir", fmnist_dir, "--max-steps", 2, "--batch-size", 32, *tiny_set_args]
+    rc, out, err = _cli(["train", *common, "--out", tmp_path / "low", "--capacity-factor", "0.01"], capsys)
+    assert rc == 0, err
+    worst = max(r["dropped_fraction"] for r in read_metrics(tmp_path / "low" / "metrics.jsonl")[-1]["routing"])
+    assert worst > 0.9 and f"note: the MoE dropped {worst:.0%} of a block's tokens" in out
+    assert "--eval-capacity-factor" in out and out.count("note: the MoE dropped") == 1  # one evaluation
+    rc, out, err = _cli(["train", *common, "--out", tmp_path / "ample", "--capacity-factor", "2"], capsys)
+    assert rc == 0 and "dropped" not in out, err
+
+
 def test_an_update_that_breaks_the_weights_stops_at_the_evaluation(tmp_path, fmnist_dir, tiny_overrides):
     """lr 1e30: the one step's loss (computed before its update) is finite, the weights after it are
     not. The run used to save them, report "loss nan" and exit 0 (and compare ranked such models)."""
@@ -665,6 +688,23 @@ def test_resume_between_log_lines_matches_uninterrupted(tmp_path, fmnist_dir, ti
     resumed = train(_config(fmnist_dir, tmp_path / "A", tiny_overrides, resume=True, **settings), log=_quiet)
 
     _assert_same_run(resumed, uninterrupted, tmp_path / "A", tmp_path / "B")
+
+
+def test_float16_run_resumes_with_its_loss_scale(tmp_path, fmnist_dir, tiny_overrides, monkeypatch):
+    """--amp fp16 keeps a loss scale that backs off when gradients overflow (those steps are skipped):
+    part of the training state, saved and resumed like the optimizer's. Started high here, so that
+    steps overflow and the scale moves before the checkpoint at step 5."""
+    from widenet.train import update
+
+    monkeypatch.setattr(trainer, "loss_scaler", lambda *a: torch.amp.GradScaler("cpu", init_scale=2.0 ** 24))
+    settings = dict(max_steps=12, save_every=5, log_every=4, amp="fp16", batch_size=8)
+    uninterrupted = train(_config(fmnist_dir, tmp_path / "B", tiny_overrides, **settings), log=_quiet)
+    _kill_during_step_7(monkeypatch, _config(fmnist_dir, tmp_path / "A", tiny_overrides, **settings))
+    saved = load_checkpoint(tmp_path / "A" / "checkpoints" / checkpoint_dir_name(5)).train_state["scaler"]
+    assert saved["scale"] < 2.0 ** 24  # it backed off
+    resumed = train(_config(fmnist_dir, tmp_path / "A", tiny_overrides, resume=True, **settings), log=_quiet)
+    _assert_same_run(resumed, uninterrupted, tmp_path / "A", tmp_path / "B")
+    assert update.loss_scaler(torch.bfloat16, torch.device("cpu")) is None  # bf16: float32's range, no scale
 
 
 # --- --time-budget ------------------------------------------------------------------------------

@@ -257,7 +257,7 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
                         "model's image size, at which the images are decoded)")
     add_recipe_arguments(p)
     p.add_argument("--label-smoothing", type=finite_float)
-    p.add_argument("--mixup", type=finite_float, help="Beta(alpha, alpha) mixup; 0 disables")
+    p.add_argument("--mixup", type=finite_float, help="Beta(alpha, alpha) mixup: 0 (off) or alpha >= 0.01")
     p.add_argument("--crop", choices=CROP_NAMES)
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
                    help="random horizontal flips (default on)")

@@ -121,7 +121,7 @@ def _worker(argv: list[str]) -> None:
     from ..distributed.env import destroy_distributed, init_distributed
     from ..distributed.expert_parallel import convert_to_expert_parallel
     from ..models.registry import create_model
-    from ..train.trainer import apply_update
+    from ..train.update import apply_update
 
     p = argparse.ArgumentParser()
     p.add_argument("--model")

@@ -26,7 +26,7 @@ from ..memory import check_activations_fit
 from ..models.registry import count_parameters, create_model, settings_for_each
 from ..runtime import autocast, autocast_dtype, compile_model, resolve_device
 from ..settings import repeated
-from ..train.trainer import apply_update
+from ..train.update import apply_update
 from .moe_bench import interleaved_times, median_ratio
 
 # Dense 16-bit tensor-core peaks in TFLOP/s, by a substring of torch.cuda.get_device_name().

@@ -33,6 +33,8 @@ __all__ = [
     "tf_randaugment_policy",
     "build_randaugment",
     "randaugment",
+    "MIN_MIXUP_ALPHA",
+    "check_mixup_alpha",
     "sample_mixup_lambda",
     "mixup",
     "one_hot_smoothed",
@@ -265,10 +267,23 @@ def randaugment(images: torch.Tensor, n: int, magnitude: float, group_size: int 
 # --------------------------------------------------------------------------
 
 
+# Below this, Beta(alpha, alpha) is almost all at 0 and 1 (no mixing), and PyTorch's gamma draws
+# underflow: at alpha 1e-3 a quarter of its lambdas come out exactly 0.5, the most mixing of all.
+MIN_MIXUP_ALPHA = 0.01
+
+
+def check_mixup_alpha(alpha: float) -> None:
+    """Refuse an alpha that is not 0 (off) and not at least MIN_MIXUP_ALPHA."""
+    if not (alpha == 0 or alpha >= MIN_MIXUP_ALPHA):
+        raise ValueError(f"mixup alpha must be 0 (off) or at least {MIN_MIXUP_ALPHA}, got {alpha}: smaller ones "
+                         "mix almost never, and PyTorch's Beta sampler then draws 0.5, the most mixing, instead")
+
+
 def sample_mixup_lambda(alpha: float, generator: torch.Generator | None = None) -> float:
     """One draw of lambda ~ Beta(alpha, alpha) (from ``generator`` or the global CPU RNG)."""
     if alpha <= 0:
         raise ValueError(f"mixup alpha must be positive, got {alpha}")
+    check_mixup_alpha(alpha)
     concentration = torch.tensor([alpha, alpha], dtype=torch.float64)
     if generator is None:
         return float(torch.distributions.Beta(concentration[0], concentration[1]).sample())

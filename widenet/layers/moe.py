@@ -186,17 +186,19 @@ MOE_SETTINGS = tuple(f.name for f in fields(MoEConfig))
 
 def expert_capacity(num_tokens: int | torch.Tensor, num_experts: int, top_k: int,
                     factor: float) -> int | torch.Tensor:
-    """Slots per expert per call: ceil(factor * k * N / E), and at most N (an expert gets at most
-    one assignment per token, so more slots would only be empty); an int, or a () int64 tensor
-    for a token count held on the device (padding masks).
+    """Slots per expert per call: ceil(factor * k * N / E), at least 1 and at most N (an expert gets
+    at most one assignment per token, so more slots would only be empty); an int, or a () int64
+    tensor for a token count held on the device (padding masks).
 
     Rounded to 9 decimals before the ceiling so that decimal factors give the
-    exact answer (1.1 * 100 / 2 is 55.00000000000001 in floating point).
+    exact answer (1.1 * 100 / 2 is 55.00000000000001 in floating point); the
+    floor of 1 keeps a tiny factor (1e-30) from rounding to no slot at all.
     """
     if isinstance(num_tokens, torch.Tensor):
         share = num_tokens.double() * (factor * top_k) / num_experts
-        return torch.minimum(torch.ceil(torch.round(share, decimals=9)), num_tokens.double()).long()
-    return min(math.ceil(round(factor * top_k * num_tokens / num_experts, 9)), num_tokens)
+        slots = torch.ceil(torch.round(share, decimals=9)).clamp(min=1)
+        return torch.minimum(slots, num_tokens.double()).long()
+    return min(max(math.ceil(round(factor * top_k * num_tokens / num_experts, 9)), 1), num_tokens)
 
 
 # ----------------------------------------------------------------------------

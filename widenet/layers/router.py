@@ -7,6 +7,7 @@ Axes as in layers/moe.py (N tokens, D width, E experts, K choices).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -96,6 +97,13 @@ class Router(nn.Module):
         self.top_k = top_k
         self.noise_std = noise_std
         self.renormalize = renormalize
+
+    def train(self, mode: bool = True) -> Router:
+        if mode and self.top_k == 1 and self.renormalize:  # (warnings shows it once per process)
+            warnings.warn("the MoE routes top-1 with renormalize: every combine weight is then 1, so the task loss "
+                          "never reaches the router, which learns from the balance loss alone; turn renormalize "
+                          "off (--no-renormalize) or route top-2", stacklevel=2)
+        return super().train(mode)
 
     def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None,
                 with_z_loss: bool = False) -> RouterOutput:  # x: (N, D)

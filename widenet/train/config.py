@@ -9,7 +9,7 @@ import os
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, ClassVar
 
-from ..data.augment import CROP_MODES, AugmentConfig
+from ..data.augment import CROP_MODES, AugmentConfig, check_mixup_alpha
 from ..data.text.hub import is_hub_name
 from ..settings import SettingTypeError, check_types
 from .tensorboard import require_tensorboard
@@ -162,8 +162,7 @@ class TrainConfig(RecipeConfig):
         _positive(self, "image_size", "train_subset", "test_subset", optional=True)
         _choice(self, "tta", TTA_NAMES)
         self.augment_config()  # crop, flip and RandAugment are checked where they are defined
-        if self.mixup < 0:
-            raise ValueError(f"mixup must be >= 0, got {self.mixup}")
+        check_mixup_alpha(self.mixup)
         if not 0 <= self.label_smoothing < 1:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
 

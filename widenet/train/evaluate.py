@@ -47,6 +47,16 @@ class EvalResult:
                     routing=[vars(r) for r in self.routing])
 
 
+def drop_note(record: dict) -> str:
+    """What an evaluation's log line adds when its MoE dropped most of some block's tokens (over the
+    experts' capacity a token gets no expert output, only its residual): "; note: ...", else ""."""
+    worst = max((r["dropped_fraction"] for r in record.get("routing", ())), default=0.0)
+    if worst <= 0.5:
+        return ""
+    return (f"; note: the MoE dropped {worst:.0%} of a block's tokens (over the experts' capacity a token gets no "
+            "expert output): raise --eval-capacity-factor (or --capacity-factor), or use --dropless")
+
+
 class RoutingTally:
     """Per-block expert load and drop rate over many MoE calls, weighted by tokens (or examples)."""
 

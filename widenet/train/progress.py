@@ -6,6 +6,7 @@ exactly what an uninterrupted one logs.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,12 +15,21 @@ __all__ = ["LogWindow", "Progress", "StepResult"]
 
 @dataclass
 class StepResult:
-    """One update's global values (averaged per step in the log window); `loss` is checked for finiteness."""
+    """One update's global values (averaged per step in the log window), all checked for finiteness."""
 
     loss: float
     values: dict[str, float]
     examples: int
     tokens: int = 0
+
+    def non_finite(self) -> str | None:
+        """"NAME became VALUE" for the first of the loss and the values that is NaN or infinite, else None.
+        An infinite aux loss counts as much as the task's: clipping then scales every gradient to zero."""
+        for name, value in (("loss", self.loss), *self.values.items()):
+            if not math.isfinite(value):
+                hint = " (the MoE's balance and z-losses: see --aux-weight, --z-loss-weight)" if name == "aux_loss" else ""
+                return f"{name} became {value}{hint}"
+        return None
 
 
 @dataclass

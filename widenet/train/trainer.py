@@ -5,8 +5,8 @@ one global batch, and what evaluation reports. The Trainer owns the rest:
 
     resume (weights before the model is wrapped, then optimizer, schedule, RNGs,
       counters, log window, weight average and time-budget plan), the update step
-      (backward, parallel hooks, global-norm clipping, optimizer, schedule), the
-      non-finite-loss guard, the log window, metrics.jsonl (and with --tensorboard the
+      (widenet.train.update: backward, parallel hooks, global-norm clipping, optimizer,
+      schedule, float16's loss scale), the non-finite-loss guard, the log window, metrics.jsonl (and with --tensorboard the
       same records as TensorBoard events, widenet.train.tensorboard), the progress bar,
       evaluation and checkpoint cadence, the weight average (--ema-decay), the
       time budget (--time-budget, widenet.train.budget) and stopping on Ctrl-C,
@@ -43,6 +43,7 @@ from .checkpoint import (CheckpointError, SettingsChanged, checkpoint_dir_name, 
                          load_checkpoint, read_checkpoint_meta, save_checkpoint)
 from .config import RecipeConfig
 from .ema import ModelEMA
+from .evaluate import drop_note
 from .metrics import NullMetrics
 from .optim import build_optimizer, build_schedule
 from .progress import LogWindow, Progress, StepResult
@@ -50,6 +51,7 @@ from .run_folder import drop_set_aside, replaces_earlier_run
 from .setting_changes import changed_settings
 from .stopping import StopRequest, TrainingStopped, stop_on_signals
 from .tensorboard import open_metrics
+from .update import apply_update, loss_scaler
 
 TRAIN_STATE_KEYS = ("optimizer", "scheduler", "rng", "progress")  # what a resume needs from state.pt
 
@@ -122,6 +124,7 @@ class Trainer:
         self.started = time.monotonic() if started is None else started  # a --time-budget counts from here
         saved = self._resume_weights(model, expected_meta) if cfg.resume else None  # run_folder checked OUT
         self.deadline: Deadline | None = None
+        self.scaler = loss_scaler(amp, device, parallel)  # float16 autocast's loss scale (update.py)
         total = self._total_steps(model, saved)
         if parallel.checks_host_memory(device):
             # gradients, AdamW's two moments (and the EMA): more copies of the weights
@@ -200,8 +203,8 @@ class Trainer:
         p, task = self.progress, self.task
         started = time.perf_counter()
         result = self.update(self.net, self.optimizer, self.schedule, batch, p.step)
-        if not math.isfinite(result.loss):  # the loss of the weights after p.step updates
-            raise TrainingError(f"loss became {result.loss} at step {p.step + 1}; stopped ({self._kept(p.step)}).")
+        if (bad := result.non_finite()) is not None:  # the values of the weights after p.step updates
+            raise TrainingError(f"{bad} at step {p.step + 1}; stopped ({self._kept(p.step)}).")
         if self.ema is not None:
             self.ema.update(self.parallel.module(self.model))
         seconds = time.perf_counter() - started
@@ -222,7 +225,7 @@ class Trainer:
         """One optimizer update on a global batch: the task's loss, backward, the parallel hooks,
         global-norm clipping, the optimizer and the schedule."""
         loss, result = self.task.loss(net, batch, step)
-        apply_update(net, optimizer, loss, self.parallel, self.cfg.clip_norm, schedule)
+        apply_update(net, optimizer, loss, self.parallel, self.cfg.clip_norm, schedule, self.scaler)
         return result()
 
     # -- evaluation and checkpoints ---------------------------------------------------------
@@ -241,9 +244,8 @@ class Trainer:
         if self.ema is not None:
             self._calibrate_average()
             final_ema = task.evaluate(self.ema.module)
-        records = [(task.split, task.record(final))]
-        if final_ema is not None:
-            records.append((f"{task.split}_ema", task.record(final_ema)))
+        records = [(split, task.record(r)) for split, r in ((task.split, final), (f"{task.split}_ema", final_ema))
+                   if r is not None]
         for _, record in records:
             self._refuse_non_finite(record)
         if write:
@@ -252,7 +254,7 @@ class Trainer:
                 self.metrics.write(dict(split=split, **at, **record))
         averaged = f" (EMA weights: {task.describe(final_ema)})" if final_ema is not None else ""
         where = f"epoch {p.epoch}/{self._epochs()} step {p.step}" if task.cadence.every_epochs else f"step {p.step}"
-        self.log(f"{where}: {task.describe(final)}{averaged}")
+        self.log(f"{where}: {task.describe(final)}{averaged}{drop_note(records[0][1])}")
         return final, final_ema
 
     def _refuse_non_finite(self, record: dict[str, Any]) -> None:
@@ -285,8 +287,7 @@ class Trainer:
         state = dict(optimizer=parallel.optimizer_state(self.model, self.optimizer),
                      scheduler=self.schedule.state_dict(), rng=capture_rng_state(), progress=vars(p).copy(),
                      window=self.window.state())
-        if self.ema is not None:
-            state["ema"] = self.ema.state_dict()
+        state.update({k: v.state_dict() for k, v in (("ema", self.ema), ("scaler", self.scaler)) if v is not None})
         if parallel.is_main:
             save_checkpoint(self.out, p.step, weights, state, dict(self.meta, epoch=p.epoch), self.cfg.keep_last)
             drop_set_aside(self.out)  # this run has replaced an earlier one (--overwrite) for good
@@ -356,6 +357,8 @@ class Trainer:
         self.progress = Progress.from_state(saved["progress"])
         self.progress.total = total
         self.window = LogWindow.from_state(saved.get("window", {}))
+        if self.scaler is not None and "scaler" in saved:  # (a run that was not float16 before starts a scale)
+            self.scaler.load_state_dict(saved["scaler"])
         if self.ema is not None and "ema" in saved:
             self.ema.load_state_dict(saved["ema"])
         elif self.ema is not None:
@@ -387,8 +390,8 @@ class Trainer:
         cfg, task = self.cfg, self.task
         if self.parallel.distributed:
             raise ValueError("--time-budget plans a run on one process; under torchrun give --epochs or --max-steps")
-        rng = capture_rng_state()
-        twin = copy.deepcopy(model).train()
+        rng, scaler = capture_rng_state(), self.scaler  # the throwaway steps get a scale of their own
+        self.scaler, twin = copy.deepcopy(scaler), copy.deepcopy(model).train()
         optimizer = build_optimizer(cfg.optimizer, twin, cfg.lr, cfg.weight_decay)
         schedule = build_schedule(optimizer, 0, 1, "constant")
         ema = ModelEMA(twin, cfg.ema_decay) if cfg.ema_decay else None
@@ -405,6 +408,7 @@ class Trainer:
                                lambda: task.time_evaluation(twin) * (2 if ema else 1), task.cadence)
         finally:
             restore_rng_state(rng)
+            self.scaler = scaler
 
     def _replan(self, steps: int, seconds: float, bar: tqdm) -> None:
         """Fit the rest of the run into the time left, with this epoch's `steps` taking `seconds`."""
@@ -418,20 +422,6 @@ class Trainer:
             p.total = planned
             self.schedule.lr_lambdas[0].total_steps = planned
             bar.total = planned
-
-
-def apply_update(net: nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor,
-                 parallel: ParallelContext | None = None, clip_norm: float | None = None, schedule=None) -> None:
-    """One optimizer update from `loss`: backward, the parallel hooks and global-norm clipping (with a
-    ParallelContext), the optimizer and the schedule. The one backward of every training step."""
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if parallel is not None:
-        parallel.after_backward()
-        parallel.clip_grad_norm(net, clip_norm)
-    optimizer.step()
-    if schedule is not None:
-        schedule.step()
 
 
 def _endless(task: Task) -> Iterator[Any]:
