@@ -707,6 +707,9 @@ def test_padding_masks_take_one_convention_and_the_other_by_name():
     assert torch.all(want[5:] == 0) and torch.all(want[:5].abs().sum(-1) > 0)
     torch.testing.assert_close(moe(x, keep_mask=~padding).output, want)
     torch.testing.assert_close(moe(x, keep_mask=(~padding).long()).output, want)
+    torch.testing.assert_close(moe(x, keep_mask=(~padding).float()).output, want)  # as Hugging Face takes it
+    with pytest.raises(ValueError, match="only 0 .* and 1"):
+        moe(x, keep_mask=torch.full((10,), 0.5))
     with pytest.raises(TypeError, match="padding_mask must be a bool tensor.*keep_mask"):
         moe(x, padding_mask=torch.ones(10, dtype=torch.long))
     with pytest.raises(ValueError, match="not both"):

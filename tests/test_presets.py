@@ -185,3 +185,16 @@ def test_bad_images(shape):
 def test_encoder_settings_as_one_dictionary_are_refused_with_the_way_to_give_them():
     with pytest.raises(ValueError, match="give encoder settings one by one by name"):
         widenet.create_model("widenet_tiny", encoder={"dim": 32})
+
+
+def test_a_single_class_head_is_refused():
+    """create_model(..., num_classes=1) built a one-class softmax: its cross entropy is 0 for any weights."""
+    logits = torch.randn(5, 1, requires_grad=True)
+    loss = F.cross_entropy(logits, torch.zeros(5, dtype=torch.long))
+    loss.backward()
+    assert loss.item() == 0 and torch.count_nonzero(logits.grad) == 0  # why: nothing to learn from
+    with pytest.raises(ValueError, match="num_classes must be at least 2"):
+        widenet.create_model("widenet_tiny", num_classes=1)
+    with pytest.raises(ValueError, match="num_labels must be at least 2 for task='classify'"):
+        widenet.create_model("widenet_text_tiny", task="classify", num_labels=1)
+    assert widenet.create_model("widenet_text_tiny", task="qa", num_labels=1).cfg.task == "qa"  # no label head there

@@ -106,3 +106,13 @@ def test_images_that_are_not_floating_point_are_refused_by_name(stem):
     model = create_model("vit_tiny", stem=stem, dim=32, depth=1, num_heads=2, mlp_dim=64)
     with pytest.raises(ValueError, match="expected floating-point images .* got torch.uint8"):
         model(torch.zeros(1, 1, 28, 28, dtype=torch.uint8))
+    with pytest.raises(ValueError, match=r"images are torch.float64 but the model's weights are torch.float32: "
+                                         r"convert one to the other \(images.to\(torch.float32\), or model.to"):
+        model(torch.zeros(1, 1, 28, 28, dtype=torch.float64))
+    x = torch.randn(2, 1, 28, 28, dtype=torch.float64)
+    with torch.no_grad():  # as it says: either way round gives the model's answer
+        torch.testing.assert_close(model.double()(x).logits.float(), model.float()(x.float()).logits, rtol=1e-4, atol=1e-5)
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # under autocast the convolution casts for itself,
+            assert model.float()(x.half()).logits.shape == (2, 10)
+            with pytest.raises(ValueError, match="images are torch.float64"):  # but not from float64
+                model(x)

@@ -312,6 +312,10 @@ def test_explicit_padding_mask_overrides_the_pad_id():
     b = model(changed, keep_mask=(~mask).int())  # Hugging Face's attention_mask convention, by name
     torch.testing.assert_close(b.hidden[:, :8], a.hidden[:, :8])
     torch.testing.assert_close(b.logits, a.logits)
+    c = model(changed, attention_mask=(~mask).float())  # by Hugging Face's own name, as a float mask too
+    torch.testing.assert_close(c.logits, a.logits)
+    with pytest.raises(ValueError, match="give keep_mask or attention_mask"):
+        model(ids, keep_mask=~mask, attention_mask=~mask)
     with pytest.raises(TypeError, match="padding_mask must be a bool tensor"):
         model(ids, padding_mask=mask.int())
 

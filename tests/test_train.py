@@ -482,6 +482,15 @@ def test_non_finite_loss_through_cli(tmp_path, fmnist_dir, tiny_set_args, monkey
     assert find_latest_checkpoint(tmp_path / "run") is None
 
 
+def test_a_batch_size_beyond_the_training_set_trains_on_all_of_it(tmp_path, fmnist_dir, tiny_set_args, capsys):
+    """--batch-size 10000000 on a few hundred images was refused for memory (1907 GiB of activations),
+    though a batch is never larger than the training set; the log said "batch 100000" for one of 256."""
+    rc, out, err = _cli(["train", "--data-dir", fmnist_dir, "--out", tmp_path / "run", "--max-steps", 1,
+                         "--batch-size", 10_000_000, *tiny_set_args], capsys)
+    n = len(load_dataset("fashion-mnist", "train", fmnist_dir, download=False))
+    assert rc == 0 and f"{n} images, 1 steps, batch {n} (all of them), cpu" in out, err
+
+
 def test_an_infinite_aux_loss_stops_the_run(tmp_path, fmnist_dir, tiny_set_args, capsys):
     """--z-loss-weight 3e38 made the aux loss inf from the first step: clipping scaled every gradient by
     1/inf, so the model never moved, and the run logged "aux_loss inf" and ended with exit 0."""

@@ -4,7 +4,7 @@ widenet's ``padding_mask`` is a bool tensor, True where a token is padding.
 Hugging Face's ``attention_mask`` is the opposite (1 = a real token), often as
 integers, so a 0/1 integer mask cannot be read without knowing which was
 meant: an integer ``padding_mask`` is refused, and the keep convention is
-passed as ``keep_mask`` (bool, or 0/1 integers).
+passed as ``keep_mask`` (bool, or 0/1 numbers, as Hugging Face takes them).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ __all__ = ["resolve_padding_mask"]
 def resolve_padding_mask(shape: torch.Size | tuple[int, ...], padding_mask: torch.Tensor | None = None,
                          keep_mask: torch.Tensor | None = None) -> torch.Tensor | None:
     """The bool padding mask (True = padding) of tokens of `shape`, from `padding_mask` (bool,
-    True = padding) or `keep_mask` (bool or 0/1 integers, True/1 = a real token); None if neither."""
+    True = padding) or `keep_mask` (bool or 0/1 numbers, True/1 = a real token); None if neither."""
     if padding_mask is not None and keep_mask is not None:
         raise ValueError("give padding_mask (True = padding) or keep_mask (1 = a real token), not both")
     name, mask = ("padding_mask", padding_mask) if keep_mask is None else ("keep_mask", keep_mask)
@@ -35,8 +35,8 @@ def resolve_padding_mask(shape: torch.Size | tuple[int, ...], padding_mask: torc
         return mask
     if mask.dtype == torch.bool:
         return ~mask
-    if mask.dtype.is_floating_point or mask.dtype.is_complex:
-        raise TypeError(f"keep_mask must be bool or 0/1 integers, got dtype {mask.dtype}")
-    if mask.numel() and not torch.all((mask == 0) | (mask == 1)):
+    if mask.dtype.is_complex:
+        raise TypeError(f"keep_mask must be bool or 0/1 numbers, got dtype {mask.dtype}")
+    if mask.numel() and not torch.all((mask == 0) | (mask == 1)):  # (NaN too)
         raise ValueError("keep_mask must hold only 0 (padding) and 1 (a real token)")
     return mask == 0

@@ -257,7 +257,7 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None, *,
                 keep_mask: torch.Tensor | None = None) -> MoEOutput:
         """x (B, T, D) or (N, D); padding_mask bool, True = padding, or keep_mask (bool or 0/1
-        integers, 1 = a real token: Hugging Face's attention_mask), of shape x.shape[:-1]."""
+        numbers, 1 = a real token: Hugging Face's attention_mask), of shape x.shape[:-1]."""
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
             got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
             raise TypeError(f"MoE expects a floating-point torch.Tensor of tokens, got {got}")

@@ -33,6 +33,11 @@ class _ImageTokenizer(nn.Module):
         if not images.is_floating_point():
             raise ValueError(f"expected floating-point images (normalised pixels), got {images.dtype}; "
                              "convert and normalise them first (uint8 pixels: images.float() / 255, then mean/std)")
+        weights = next(self.proj.parameters()).dtype
+        autocast = torch.is_autocast_enabled(images.device.type) and images.dtype != torch.float64  # it casts
+        if images.dtype != weights and not autocast:  # (autocast leaves float64 as it is)
+            raise ValueError(f"images are {images.dtype} but the model's weights are {weights}: convert one to "
+                             f"the other (images.to({weights}), or model.to({images.dtype}))")
         _, c, h, w = images.shape
         if c != self.in_channels:
             raise ValueError(f"model expects {self.in_channels} channel(s), got images with {c}")

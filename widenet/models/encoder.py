@@ -225,7 +225,7 @@ class Encoder(nn.Module):
     def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None,
                 return_hidden_states: bool = False, *, keep_mask: torch.Tensor | None = None) -> EncoderOutput:
         """x: (B, T, D) tokens; padding_mask: (B, T) bool, True = padding, or keep_mask (B, T),
-        bool or 0/1 integers, 1 = a real token (layers/masks.py)."""
+        bool or 0/1 numbers, 1 = a real token (layers/masks.py)."""
         if x.ndim != 3 or x.shape[-1] != self.cfg.dim:
             raise ValueError(f"encoder expects tokens of shape (B, T, {self.cfg.dim}), got {tuple(x.shape)}")
         padding_mask = resolve_padding_mask(x.shape[:2], padding_mask, keep_mask)

@@ -87,6 +87,9 @@ class TextConfig:
                              f"(vocab_size {self.vocab_size}), got {pad!r}")
         if self.task not in TASKS:
             raise ValueError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
+        if self.task == "classify" and self.num_labels < 2:  # (Hugging Face's num_labels=1 is a regression)
+            raise ValueError("num_labels must be at least 2 for task='classify': a softmax over one label has a "
+                             "loss of 0 and learns nothing")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -330,11 +333,16 @@ class TextTransformer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
                 padding_mask: torch.Tensor | None = None, masked_positions: torch.Tensor | None = None,
-                return_hidden_states: bool = False, *, keep_mask: torch.Tensor | None = None) -> TextOutput:
+                return_hidden_states: bool = False, *, keep_mask: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None) -> TextOutput:
         """input_ids (B, T); token_type_ids (B, T) or None (zeros); padding_mask (B, T)
         bool, True = padding, or keep_mask (B, T), 1 = a real token (Hugging Face's
-        attention_mask; neither: input_ids == pad_token_id); masked_positions
-        (B, T) bool: where to compute MLM logits (pretrain only)."""
+        attention_mask, also taken by that name; neither: input_ids == pad_token_id);
+        masked_positions (B, T) bool: where to compute MLM logits (pretrain only)."""
+        if attention_mask is not None:
+            if keep_mask is not None:
+                raise ValueError("give keep_mask or attention_mask (the same mask: 1 = a real token), not both")
+            keep_mask = attention_mask
         if masked_positions is not None and self.cfg.task != "pretrain":
             raise ValueError(f"masked_positions needs a task='pretrain' model, this one is {self.cfg.task!r}")
         if masked_positions is not None:

@@ -47,6 +47,9 @@ class VisionConfig:
         for name in ("image_size", "patch_size", "in_channels", "num_classes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.num_classes < 2:
+            raise ValueError("num_classes must be at least 2: a softmax over one class has a loss of 0 and "
+                             "learns nothing")
         if self.pool not in ("token", "avg"):
             raise ValueError(f"pool must be 'token' or 'avg', got {self.pool!r}")
         if self.stem_width is not None and self.stem_width < 1:

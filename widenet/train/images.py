@@ -252,10 +252,11 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print,
                       "the training images never vary: normalised by their mean only (their std is 0)", stacklevel=2)
     torch.manual_seed(cfg.seed)
     model = build_model_for(cfg, train_set, source).to(device)
+    batch = min(cfg.batch_size, len(train_set))  # a --batch-size beyond the training set takes all of it
     if parallel.checks_host_memory(device):
         tokens = model.cfg.num_patches + (model.cfg.pool == "token")
-        check_activations_fit(cfg.batch_size, tokens, model.cfg.encoder, f"the activations of a batch of "
-                              f"{cfg.batch_size} images of {model.cfg.image_size} px ({tokens} tokens each)", amp)
+        check_activations_fit(batch, tokens, model.cfg.encoder, f"the activations of a batch of "
+                              f"{batch} images of {model.cfg.image_size} px ({tokens} tokens each)", amp)
     if cfg.init:  # the run trains the starting point's model, whatever --model says
         cfg = dataclasses.replace(cfg, model=model.model_name)
     parallel.check_epoch(len(train_set), cfg.batch_size)
@@ -274,7 +275,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print,
                           expected_meta=dict(data=same_data))
         workers = f", {parallel.env.world_size} processes ({parallel.mode})" if parallel.distributed else ""
         trainer.log(f"training {cfg.model} ({params / 1e6:.3f}M params) on {cfg.data}: {len(train_set)} images, "
-                    f"{trainer.progress.total} steps, batch {cfg.batch_size}, {device}" + (f", {amp}" if amp else "")
+                    f"{trainer.progress.total} steps, batch {batch}" + (" (all of them)" if batch < cfg.batch_size else "")
+                    + f", {device}" + (f", {amp}" if amp else "")
                     + workers + (", compiled (the first steps compile)" if cfg.compile else ""))
         run = trainer.run()
         return TrainResult(Path(cfg.out), run.steps, run.final_eval, params, run.examples_per_s, run.net, run.ema_eval)
