@@ -136,6 +136,15 @@ def test_pretraining_records_a_relative_corpus_and_init_as_the_paths_they_name(c
         pretrain(dataclasses.replace(cfg, init=str(tmp_path / "init"), resume=True), log=lambda _: None)
 
 
+def test_a_tokenizer_of_another_size_than_asked_says_so(corpus, tmp_path):
+    """--vocab-size 8 announced 8 pieces and trained a model on the 30-odd the corpus's characters need."""
+    for asked, why in ((8, "the corpus's characters alone take more"), (5000, "the corpus holds no more")):
+        lines: list[str] = []
+        result = pretrain(_pretrain_cfg(corpus, tmp_path / str(asked), max_steps=1, vocab_size=asked), log=lines.append)
+        got = result.model.cfg.vocab_size
+        assert got != asked and f"the tokenizer has {got} pieces, not {asked}: {why}" in lines, lines
+
+
 def test_resume_refuses_changed_settings(corpus, tmp_path):
     cfg = _pretrain_cfg(corpus, tmp_path / "run", max_steps=4)
     pretrain(cfg, log=lambda _: None)

@@ -82,6 +82,9 @@ def prepare_tokenizer(cfg: PretrainConfig, out: Path, log: Callable[[str], None]
         log(f"training a WordPiece tokenizer ({cfg.vocab_size} pieces) on the corpus")
         tokenizer = train_tokenizer(islice(iter_documents(cfg.corpus), cfg.max_documents),
                                     vocab_size=cfg.vocab_size)
+        if (got := tokenizer.get_vocab_size()) != cfg.vocab_size:  # WordPiece keeps every character it saw
+            log(f"the tokenizer has {got} pieces, not {cfg.vocab_size}: "
+                + ("the corpus's characters alone take more" if got > cfg.vocab_size else "the corpus holds no more"))
     if not saved.exists():
         out.mkdir(parents=True, exist_ok=True)
         save_tokenizer(tokenizer, saved)
