@@ -46,6 +46,16 @@ def synthetic_images(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
+def damage_in_place(path: Path, stored: bytes) -> None:
+    """Flip one bit in the middle of `stored` (a tensor's bytes) where it lies in the file at `path`:
+    the file keeps its size and its format, as after a failing disk or a bad copy."""
+    data = bytearray(path.read_bytes())
+    start = data.find(stored)
+    assert start >= 0 and len(stored) > 1, "the bytes are not stored as they are in the file"
+    data[start + len(stored) // 2] ^= 0x04
+    path.write_bytes(bytes(data))
+
+
 def write_fashion_mnist(folder: Path, n_train: int = SYNTH_TRAIN, n_test: int = SYNTH_TEST) -> Path:
     """Write the four Fashion-MNIST .gz files of a synthetic dataset into ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)

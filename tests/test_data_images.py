@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import damage_in_place
 from PIL import Image
 
 from widenet.data.batches import epoch_order, num_batches
@@ -467,6 +468,18 @@ def test_image_folder_cache_keys_of_widenets_own_decoding_are_the_ones_caches_on
     key = hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()
     assert _folder_cache_key(base, files, 8, 3) == key
     assert _folder_cache_key(base, files, 8, 3, {"crop": False, "resample": "bilinear"}) != key
+
+
+def test_an_image_cache_damaged_in_place_is_rebuilt_not_trained_on(tmp_path):
+    """Bytes of a cache's pixels changed at the same size: the damaged pixels were loaded, and their
+    recorded contents hash (saved beside them) let --resume take them for the training images."""
+    make_folder(tmp_path)
+    first = load_image_folder(tmp_path, "train", image_size=8)
+    (cache,) = (tmp_path / ".widenet-cache").glob("*.pt")
+    damage_in_place(cache, first.images.numpy().tobytes())
+    with pytest.warns(UserWarning, match=r"image cache .* \(its tensors do not match the checksum saved with them"):
+        again = load_image_folder(tmp_path, "train", image_size=8)
+    assert torch.equal(again.images, first.images) and again.contents == first.contents
 
 
 def test_image_folder_cache_invalidated_by_changes(tmp_path):

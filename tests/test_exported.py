@@ -183,6 +183,21 @@ def test_an_export_through_a_symbolic_link_fills_the_folder_it_points_to(tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
 
 
+def test_a_link_that_leads_nowhere_is_refused_as_a_destination(tmp_path, cli, fmnist_dir, tiny_set_args):
+    """A loop of links gave a traceback (RuntimeError: Symlink loop); a dangling link had its missing
+    target created, parents and all, wherever it pointed; `train --out` said "File exists"."""
+    write_export(tmp_path / "m", create_model("vit_tiny", dim=32, depth=2, num_heads=2, mlp_dim=64), model_name="vit_tiny")
+    (tmp_path / "loop_a").symlink_to(tmp_path / "loop_b")
+    (tmp_path / "loop_b").symlink_to(tmp_path / "loop_a")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere" / "deep")
+    for link, target in (("loop_a", "loop_b"), ("dangling", "nowhere/deep")):
+        for argv in (["export", tmp_path / "m", "--to", tmp_path / link],
+                     ["train", "--data-dir", fmnist_dir, "--out", tmp_path / link, "--max-steps", 1, *tiny_set_args]):
+            line = _one_line(*cli(argv))
+            assert f"{link}: a symbolic link to {tmp_path / target}, which leads nowhere" in line, line
+    assert not (tmp_path / "nowhere").exists()
+
+
 def test_upcycle_refuses_what_it_cannot_do(tmp_path, cli):
     moe_model = create_model("widenet_tiny", dim=32, depth=2, num_heads=2, mlp_dim=64)
     with pytest.raises(UpcycleError, match="already has an MoE"):

@@ -114,6 +114,19 @@ def test_two_runs_into_one_folder(tmp_path, fmnist_dir, tiny_set_args, capsys):
     assert load_checkpoint(out).step == 2 and not (out / ".widenet.lock").exists()
 
 
+def test_a_symbolic_link_in_place_of_the_lock_file_is_refused_not_followed(tmp_path, fmnist_dir, tiny_set_args,
+                                                                           capsys):
+    """OUT/.widenet.lock -> a user's file: the run took over "the lock" and truncated the file to its pid line."""
+    precious = tmp_path / "precious.txt"
+    precious.write_text("line 1\nline 2\n")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / ".widenet.lock").symlink_to(precious)
+    line = _one_line_error(*_cli(_train_args(fmnist_dir, tmp_path / "run", tiny_set_args, "--max-steps", 1),
+                                 capsys)[::2])
+    assert "run/.widenet.lock: a symbolic link where the run's lock file belongs" in line and "remove the link" in line
+    assert precious.read_text() == "line 1\nline 2\n" and find_latest_checkpoint(tmp_path / "run") is None
+
+
 def test_a_reader_that_goes_away_does_not_end_the_training(tmp_path, fmnist_dir, tiny_set_args):
     """`widenet train ... | head -1` used to die of the broken pipe at the next progress line, before
     its next checkpoint."""

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import damage_in_place
 
 from widenet.data.text.corpus import PretrainCorpus, load_pretrain_corpus
 from widenet.data.text.documents import CorpusError, corpus_files, iter_documents
@@ -349,6 +350,10 @@ def test_corrupt_cache_is_rebuilt(tmp_path, tok):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         load_pretrain_corpus([path], counting, cache_dir=tmp_path)  # valid again, no warning
+    damage_in_place(cache_file, first.tokens.numpy().tobytes())  # same size, loads: was trained on as it was
+    with pytest.warns(UserWarning, match=r"corpus cache .* \(its tensors do not match the checksum saved with them"):
+        again = load_pretrain_corpus([path], tok, cache_dir=tmp_path)
+    assert torch.equal(again.tokens, first.tokens)
 
 
 # --------------------------------------------------------------------------

@@ -29,9 +29,9 @@ import torch
 
 from .signals import STOP_SIGNALS
 
-__all__ = ["LockHeld", "RefusedPickle", "WeightsDamaged", "atomic_path", "disk_full", "file_stamp", "fsync_path",
-           "hold_lock", "is_utf8", "load_safetensors", "load_weights_only", "pid_alive", "raise_if_disk_full",
-           "rename_exchange", "save_atomic", "save_safetensors", "signals_held", "tensors_digest",
+__all__ = ["CacheDamaged", "LockHeld", "RefusedPickle", "WeightsDamaged", "atomic_path", "disk_full", "file_stamp",
+           "fsync_path", "hold_lock", "is_utf8", "load_cache", "load_safetensors", "load_weights_only", "pid_alive", "raise_if_disk_full",
+           "refuse_dead_link", "rename_exchange", "save_atomic", "save_cache", "save_safetensors", "signals_held", "tensors_digest",
            "write_bytes_durably"]
 
 
@@ -81,6 +81,34 @@ def save_atomic(obj: Any, path: Path) -> None:
         except (RuntimeError, OSError) as err:
             raise_if_disk_full(err, path)
             raise
+
+
+_CACHE_DIGEST = "tensors_sha256"  # a cache's key for the digest of its tensors
+
+
+class CacheDamaged(ValueError):
+    """A cache file whose tensors no longer match the digest saved with them."""
+
+
+def save_cache(payload: dict[str, Any], path: Path) -> None:
+    """save_atomic a cache (a dict of tensors and plain values) with a digest of its tensors
+    (tensors_digest), which load_cache checks: a cache damaged in place, at its size, is rebuilt
+    rather than trained on."""
+    save_atomic({**payload, _CACHE_DIGEST: tensors_digest(_tensors_of(payload))}, path)
+
+
+def load_cache(path: Path) -> Any:
+    """What save_cache wrote (load_weights_only); CacheDamaged where the tensors do not match their
+    digest. Caches written without one load as they are."""
+    cached = load_weights_only(path)
+    if isinstance(cached, dict) and _CACHE_DIGEST in cached and \
+            tensors_digest(_tensors_of(cached)) != cached[_CACHE_DIGEST]:
+        raise CacheDamaged("its tensors do not match the checksum saved with them: damaged on disk or in a copy")
+    return cached
+
+
+def _tensors_of(payload: dict[str, Any]) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in payload.items() if isinstance(v, torch.Tensor)}
 
 
 def disk_full(err: BaseException, folder: Path) -> bool:
@@ -228,6 +256,14 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
         f.write(save(tensors, metadata=metadata))
 
 
+def refuse_dead_link(path: Path) -> None:
+    """Raise OSError (one line) where ``path`` is a symbolic link that leads nowhere (its target
+    missing, or a loop of links): a folder made through it would land wherever the link says."""
+    if path.is_symlink() and not path.exists():
+        raise OSError(errno.ENOENT, f"a symbolic link to {os.readlink(path)}, which leads nowhere (a missing target "
+                                    "or a loop of links); point it at a folder or remove it", str(path))
+
+
 def fsync_path(path: Path) -> None:
     """fsync a file or (on POSIX) a directory."""
     if path.is_dir() and os.name == "nt":
@@ -331,13 +367,20 @@ def hold_lock(path: Path, warn: Callable[[str], None] = print) -> Iterator[None]
 
 def _lock_file(path: Path, warn: Callable[[str], None]) -> int:
     """A descriptor of ``path`` holding its flock (the file as it is now at that path, not one
-    unlinked by a holder that just ended)."""
+    unlinked by a holder that just ended). A symbolic link there is refused, not followed: the
+    lock file is truncated and written, and a link would have that done to its target."""
     try:
         import fcntl
     except ImportError:  # not POSIX: no locks
         return os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as err:
+            if err.errno != errno.ELOOP:
+                raise
+            raise OSError(errno.ELOOP, "a symbolic link where the run's lock file belongs (it would overwrite "
+                                       "what the link points to); remove the link", str(path)) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

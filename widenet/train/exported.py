@@ -33,8 +33,8 @@ from torch import nn
 
 from ..data.images.folder import RESAMPLING
 from ..data.text.tokenizer import check_same_tokenizer, load_tokenizer, save_tokenizer, tokenizer_record
-from ..files import (WeightsDamaged, fsync_path, load_safetensors, raise_if_disk_full, rename_exchange,
-                     save_safetensors, signals_held)
+from ..files import (WeightsDamaged, fsync_path, load_safetensors, raise_if_disk_full, refuse_dead_link,
+                     rename_exchange, save_safetensors, signals_held)
 from ..models.hf import is_hf_folder
 from ..models.text import TextConfig, TextTransformer
 from ..models.vision import VisionConfig, VisionTransformer
@@ -186,6 +186,7 @@ def write_export(out: str | os.PathLike, model: nn.Module, *, model_name: str, c
     from .. import __version__
 
     out = Path(out)
+    refuse_dead_link(out)
     if out.is_symlink():  # a link names where the model goes: it stays a link, its folder gets the model
         out = Path(os.path.realpath(out))
     _check_destination(out, overwrite, protect)

@@ -37,7 +37,7 @@ import torch
 
 from ..distributed.env import all_reduce_sum
 from ..distributed.parallel import ParallelContext, on_backend_device
-from ..files import LockHeld, hold_lock, signals_held
+from ..files import LockHeld, hold_lock, refuse_dead_link, signals_held
 from .checkpoint_layout import (CHECKPOINT_FILES, CHECKPOINTS_DIR, LATEST_FILE, SET_ASIDE_DIR, SettingsChanged,
                                 checkpoints_root, find_latest_checkpoint, remove_tree, step_folders)
 from .exported import CONFIG_FILE, TOKENIZER_FILE  # CONFIG_FILE marks a saved model's folder (an export, HF)
@@ -112,6 +112,7 @@ def driver_run(out: str | Path) -> Iterator[None]:
 
 
 def _make_folder(out: Path) -> None:
+    refuse_dead_link(out)
     if out.exists() and not out.is_dir():
         raise RunFolderError(f"--out {out} is a file, not a folder")
     out.mkdir(parents=True, exist_ok=True)

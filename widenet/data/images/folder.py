@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ...files import file_stamp, load_weights_only, save_atomic
+from ...files import file_stamp, load_cache, save_cache
+from ...runtime import first_line
 from ...memory import check_fits_memory
 from ..errors import DatasetError, DatasetNotFoundError, PathLike
 from .dataset import ImageDataset
@@ -228,9 +229,9 @@ def _load_cache(path: Path, key: str) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
-        cached = load_weights_only(path)
+        cached = load_cache(path)
     except Exception as exc:  # a damaged cache is rebuilt, not fatal
-        warnings.warn(f"ignoring unreadable image cache {path} ({exc}); rebuilding it", stacklevel=3)
+        warnings.warn(f"ignoring unreadable image cache {path} ({first_line(exc)}); rebuilding it", stacklevel=3)
         return None
     if not isinstance(cached, dict) or cached.get("key") != key:
         return None
@@ -285,8 +286,8 @@ def load_image_folder(
     labels = torch.tensor([label for _, label in files], dtype=torch.int64)
     contents = pixel_contents(images, labels)
     try:
-        save_atomic({"key": key, "images": images, "labels": labels, "classes": classes, "contents": contents},
-                    cache_path)
+        save_cache({"key": key, "images": images, "labels": labels, "classes": classes, "contents": contents},
+                   cache_path)
     except OSError as exc:
         warnings.warn(f"could not write image cache {cache_path} ({exc}); continuing without it", stacklevel=2)
     else:

@@ -20,7 +20,8 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from ...files import file_stamp, load_weights_only, save_atomic
+from ...files import file_stamp, load_cache, save_cache
+from ...runtime import first_line
 from ..errors import PathLike
 from .documents import CorpusError, corpus_files, iter_documents
 from .sentences import split_sentences
@@ -168,7 +169,7 @@ def _load_corpus_cache(path: Path, key: str) -> PretrainCorpus | None:
     if not path.is_file():
         return None
     try:
-        cached = load_weights_only(path)
+        cached = load_cache(path)
         if not isinstance(cached, dict) or cached.get("key") != key:
             return None
         return PretrainCorpus(
@@ -178,7 +179,7 @@ def _load_corpus_cache(path: Path, key: str) -> PretrainCorpus | None:
             vocab_fingerprint=cached["vocab_fingerprint"],
         )
     except Exception as exc:  # a damaged cache is rebuilt, not fatal
-        warnings.warn(f"ignoring unreadable corpus cache {path} ({exc}); rebuilding it", stacklevel=3)
+        warnings.warn(f"ignoring unreadable corpus cache {path} ({first_line(exc)}); rebuilding it", stacklevel=3)
         return None
 
 
@@ -192,7 +193,7 @@ def _save_corpus_cache(corpus: PretrainCorpus, path: Path, key: str) -> None:
         "document_offsets": corpus.document_offsets,
         "vocab_fingerprint": corpus.vocab_fingerprint,
     }
-    save_atomic(payload, path)
+    save_cache(payload, path)
 
 
 def _check_coverage(corpus: PretrainCorpus, tokenizer: Any) -> None:

@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-from ...files import atomic_path
+from ...files import atomic_path, fsync_path
 
 __all__ = [
     "SPECIAL_TOKENS",
@@ -253,12 +253,16 @@ def load_tokenizer(path: PathLike, lowercase: bool = True, strip_accents: bool |
 
 
 def save_tokenizer(tok: Tokenizer, path: PathLike) -> Path:
-    """Write ``tok`` as JSON to ``path`` (or ``path/tokenizer.json`` for a folder), atomically."""
+    """Write ``tok`` as JSON to ``path`` (or ``path/tokenizer.json`` for a folder), atomically and
+    durably (as checkpoints are: a power cut must not leave a run's checkpoints beside an empty
+    tokenizer, which could not be trained again alike)."""
     dest = Path(path)
     if dest.is_dir():
         dest = dest / _TOKENIZER_FILE
     with atomic_path(dest) as tmp:
         tmp.write_text(tok.to_str(pretty=True), encoding="utf-8")
+        fsync_path(tmp)
+    fsync_path(dest.parent)
     return dest
 
 
