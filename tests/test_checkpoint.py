@@ -160,6 +160,27 @@ def test_weights_damaged_in_place_are_refused(tmp_path, monkeypatch, by_name):
     assert torch.equal(files.load_safetensors(plain)["w"], torch.arange(6.0))
 
 
+def test_a_train_state_damaged_in_place_is_refused(tmp_path):
+    """state.pt (optimizer moments, the weight average) had no checksum: zeroed moments were resumed
+    from, and a damaged average evaluated and exported (with a fresh, valid checksum) without a word."""
+    from conftest import damage_in_place
+
+    model, opt, sched = _setup()
+    _train(model, opt, sched, 1)
+    folder = save_checkpoint(tmp_path, 1, model, _train_state(opt, sched, 1), {"model": "toy"})
+    assert json.loads((folder / "meta.json").read_text())["state_sha256"] == \
+        __import__("hashlib").sha256((folder / "state.pt").read_bytes()).hexdigest()
+    moments = next(iter(opt.state_dict()["state"].values()))["exp_avg"]
+    damage_in_place(folder / "state.pt", moments.numpy().tobytes())
+    with pytest.raises(CheckpointError, match=r"state.pt: the train state does not match the checksum saved with it "
+                                              r"in meta.json"):
+        load_checkpoint(tmp_path, _setup(seed=1)[0])
+    meta = json.loads((folder / "meta.json").read_text())
+    del meta["state_sha256"]  # a checkpoint saved before the record: loads unchecked, as before
+    (folder / "meta.json").write_text(json.dumps(meta))
+    assert load_checkpoint(tmp_path, _setup(seed=1)[0]).step == 1
+
+
 def test_weights_checksum_is_the_sha256_of_names_dtypes_shapes_and_bytes():
     """The digest files and text runs record, rebuilt here with hashlib and numpy: its value must not
     drift, or weights saved before read as damaged and text runs' recorded data stop matching."""

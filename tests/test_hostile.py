@@ -956,6 +956,11 @@ def test_damaged_run_folders_are_named(tmp_path, fmnist_dir, tiny_set_args, caps
     del state["optimizer"]
     torch.save(state, state_file)
     before = _snapshot(out)
+    line = _one_line_error(*_cli(resume, capsys)[::2])  # rewritten since it was saved: its checksum says so
+    assert "state.pt: the train state does not match the checksum saved with it" in line and _snapshot(out) == before
+    meta_file = state_file.parent / "meta.json"  # as a checkpoint from before the checksum: what it lacks
+    meta_file.write_text(json.dumps({k: v for k, v in json.loads(meta_file.read_text()).items() if k != "state_sha256"}))
+    before = _snapshot(out)
     line = _one_line_error(*_cli(resume, capsys)[::2])
     assert "state.pt: lacks optimizer" in line and _snapshot(out) == before
 

@@ -29,10 +29,10 @@ import torch
 
 from .signals import STOP_SIGNALS
 
-__all__ = ["CacheDamaged", "LockHeld", "RefusedPickle", "WeightsDamaged", "atomic_path", "disk_full", "file_stamp",
-           "fsync_path", "hold_lock", "is_utf8", "load_cache", "load_safetensors", "load_weights_only", "pid_alive", "raise_if_disk_full",
-           "refuse_dead_link", "rename_exchange", "save_atomic", "save_cache", "save_safetensors", "signals_held", "tensors_digest",
-           "write_bytes_durably"]
+__all__ = ["CacheDamaged", "LockHeld", "RefusedPickle", "WeightsDamaged", "atomic_path", "disk_full", "file_sha256",
+           "file_stamp", "fsync_path", "hold_lock", "is_utf8", "load_cache", "load_safetensors", "load_weights_only",
+           "pid_alive", "raise_if_disk_full", "refuse_dead_link", "rename_exchange", "save_atomic", "save_cache",
+           "save_safetensors", "signals_held", "tensors_digest", "write_bytes_durably"]
 
 
 @contextlib.contextmanager
@@ -254,6 +254,15 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
             return
     with open(path, "wb") as f:
         f.write(save(tensors, metadata=metadata))
+
+
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def refuse_dead_link(path: Path) -> None:

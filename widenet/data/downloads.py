@@ -23,14 +23,6 @@ def data_home() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "widenet"
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(_CHUNK), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def download_file(url: str, dest: PathLike, sha256: str, timeout: float = _DOWNLOAD_TIMEOUT_S) -> Path:
     """Download ``url`` to ``dest`` atomically, verifying its SHA-256.
 

@@ -160,10 +160,13 @@ def _build_meta(step: int, meta: Mapping | None, train_state: Mapping) -> dict:
 
 
 # ---------------------------------------------------------------- saving: files
+STATE_DIGEST = "state_sha256"  # meta.json's record of state.pt's SHA-256
 
 
-def _write_folder(tmp: Path, tensors: dict, train_state: Mapping, meta_text: str) -> None:
-    """Write the three checkpoint files into ``tmp`` and fsync files and folder."""
+def _write_folder(tmp: Path, tensors: dict, train_state: Mapping, meta: dict) -> None:
+    """Write the three checkpoint files into ``tmp`` and fsync files and folder. meta.json records
+    the SHA-256 of state.pt (the optimizer state, the weight average...): model.safetensors carries
+    its own checksum, and state.pt damaged in place must not be resumed from or exported."""
     tmp.mkdir()
     save_safetensors(tensors, tmp / MODEL_FILE, metadata={"format": "pt"})
     fsync_path(tmp / MODEL_FILE)
@@ -171,7 +174,8 @@ def _write_folder(tmp: Path, tensors: dict, train_state: Mapping, meta_text: str
         torch.save(dict(train_state), f)
         f.flush()
         os.fsync(f.fileno())
-    write_bytes_durably(tmp / META_FILE, meta_text.encode("utf-8"))
+    meta = dict(meta, **{STATE_DIGEST: files.file_sha256(tmp / STATE_FILE)})
+    write_bytes_durably(tmp / META_FILE, (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode("utf-8"))
     fsync_path(tmp)
 
 
@@ -240,7 +244,7 @@ def save_checkpoint(
     _check_loadable(dict(train_state), "train_state")
     meta_out = _build_meta(step, meta, train_state)
     try:
-        meta_text = json.dumps(meta_out, indent=2, sort_keys=True, allow_nan=False) + "\n"
+        json.dumps(meta_out, allow_nan=False)  # before anything is written
     except (TypeError, ValueError) as e:
         raise TypeError(f"meta must be JSON-serialisable: {e}") from e
     tensors = _model_tensors(model)
@@ -253,7 +257,7 @@ def save_checkpoint(
     final = root / checkpoint_dir_name(step)
     tmp = root / f"{TMP_PREFIX}{final.name}-{os.getpid()}"
     try:
-        _write_folder(tmp, tensors, train_state, meta_text)
+        _write_folder(tmp, tensors, train_state, meta_out)
         _move_into_place(tmp, final)
     except Exception as err:
         raise_if_disk_full(err, final)  # torch and safetensors word a full disk obscurely
@@ -352,8 +356,9 @@ def _read_model_state(file: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{file}: corrupt or unreadable safetensors file ({e})") from e
 
 
-def _read_train_state(file: Path) -> dict:
-    """Load state.pt with ``weights_only=True`` or raise CheckpointError."""
+def _read_train_state(file: Path, digest: str | None = None) -> dict:
+    """Load state.pt with ``weights_only=True`` or raise CheckpointError; digest: its SHA-256 as
+    meta.json records it (checkpoints saved before that was recorded load unchecked)."""
     try:
         state = load_weights_only(file)
     except RefusedPickle as e:
@@ -364,6 +369,9 @@ def _read_train_state(file: Path) -> dict:
     if not isinstance(state, dict):
         kind = type(state).__name__
         raise CheckpointError(f"{file}: corrupt state.pt (expected a dict, got {kind})")
+    if digest is not None and files.file_sha256(file) != digest:  # it loads, but not as it was saved
+        raise CheckpointError(f"{file}: the train state does not match the checksum saved with it in "
+                              f"{META_FILE}: a failing disk or an incomplete copy")
     return state
 
 
@@ -427,7 +435,7 @@ def load_checkpoint(
     if expected_meta:
         _check_expected_meta(folder / META_FILE, meta, expected_meta)
     model_state = _read_model_state(folder / MODEL_FILE)
-    train_state = _read_train_state(folder / STATE_FILE)
+    train_state = _read_train_state(folder / STATE_FILE, meta.get(STATE_DIGEST))
     if model is not None:
         check_model_keys(folder / MODEL_FILE, meta, model_state, model)
         check_finite(model_state, folder / MODEL_FILE)  # a damaged file would train to a NaN loss
