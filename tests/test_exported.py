@@ -77,6 +77,26 @@ def test_an_export_whose_weights_were_damaged_in_place_is_refused_by_name(tmp_pa
     assert "do not match the checksum" in line and not (tmp_path / "copy").exists()
 
 
+def test_two_exports_racing_to_one_new_folder_do_not_replace_each_other(tmp_path, monkeypatch):
+    """Both were checked against an empty destination, then the later one swapped its folder in over
+    the first (which had reported success) without --overwrite."""
+    write_export(tmp_path / "other", create_model("vit_tiny", dim=32, depth=2, num_heads=2, mlp_dim=64),
+                 model_name="vit_tiny")
+    second = create_model("vit_tiny", dim=16, depth=1, num_heads=2, mlp_dim=32)
+    real_carry = exported._carry_user_files
+
+    def the_other_export_lands_first(old, new):  # between this export's check and its move
+        shutil.copytree(tmp_path / "other", tmp_path / "m")
+        real_carry(old, new)
+
+    monkeypatch.setattr(exported, "_carry_user_files", the_other_export_lands_first)
+    with pytest.raises(FileExistsError, match=r"m was filled by another process while this export was written; "
+                                              r"pass --overwrite"):
+        write_export(tmp_path / "m", second, model_name="vit_tiny")
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["model_config"]["encoder"]["dim"] == 32
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "other"]  # no temporary left beside it
+
+
 def test_overwrite_keeps_what_the_user_added_beside_the_model(tmp_path):
     """A model card or other files put into an export folder survive --overwrite; the model's own
     files (a tokenizer the new model does not have included) are the new export's."""

@@ -218,7 +218,7 @@ def write_export(out: str | os.PathLike, model: nn.Module, *, model_name: str, c
             file.chmod(0o644)  # a folder to ship: readable by others, as a checkout would be
             fsync_path(file)
         _carry_user_files(out, tmp)
-        _move_into_place(tmp, out)
+        _move_into_place(tmp, out, overwrite)
     except BaseException as err:  # also Ctrl-C and SIGTERM: no half-written folder is left beside OUT
         with contextlib.suppress(OSError):  # the write's own failure is the one to report
             remove_tree(tmp)
@@ -283,11 +283,21 @@ def _carry_user_files(old: Path, new: Path) -> None:
             shutil.copy2(entry, new / entry.name, follow_symlinks=False)
 
 
-def _move_into_place(tmp: Path, out: Path) -> None:
-    """Rename the finished `tmp` to `out`; an existing `out` is swapped atomically where the OS can
-    (elsewhere two renames, which a signal does not come between)."""
+def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
+    """Rename the finished `tmp` to `out`; with overwrite, an existing `out` is swapped atomically
+    where the OS can (elsewhere two renames, which a signal does not come between). Without, `out`
+    was missing or empty when checked, and a plain rename fails where another process has filled it
+    since (a second export to the same new folder): nothing is replaced unasked."""
     with signals_held():
-        if out.exists() and rename_exchange(tmp, out):
+        if not overwrite:
+            try:
+                os.rename(tmp, out)  # onto nothing or an empty folder only
+            except OSError as err:
+                if err.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+                    raise
+                raise FileExistsError(f"{out} was filled by another process while this export was written; "
+                                      "pass --overwrite to replace it") from None
+        elif out.exists() and rename_exchange(tmp, out):
             remove_tree(tmp)  # now the old folder
         else:
             old = out.parent / f".tmp-old-{out.name}-{os.getpid()}"
