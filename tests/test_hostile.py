@@ -553,8 +553,9 @@ def test_a_leftover_tokenizer_is_not_reused(tmp_path, capsys):
     out.mkdir()
     shutil.copy(FIXTURES / "text_run" / "tokenizer.json", out / "tokenizer.json")
     args = ["pretrain", "--corpus", FIXTURES / "corpus.txt", "--out", out, "--max-steps", 1, "--device", "cpu"]
-    line = _one_line_error(*_cli(args, capsys)[::2])
-    assert "already holds a run (tokenizer.json)" in line
+    line = _one_line_error(*_cli(args, capsys)[::2])  # not "pass --resume", which would then refuse too
+    assert "already holds a run that never saved a checkpoint (tokenizer.json): nothing to resume; pass --overwrite" \
+        in line and "--resume" not in line
     line = _one_line_error(*_cli(args + ["--resume"], capsys)[::2])
     assert "holds no complete checkpoint to resume, only tokenizer.json" in line
 
@@ -606,7 +607,8 @@ def test_a_text_run_that_saved_nothing_leaves_no_tokenizer_behind(tmp_path, caps
         assert _cli(tune, capsys)[0] == 1
     assert {p.name for p in (tmp_path / "tuned").iterdir()} >= {"metrics.jsonl", "tokenizer.json"}
     rc, _, err = _cli(tune, capsys)
-    assert rc == 2 and "already holds a run (metrics.jsonl, tokenizer.json)" in err.strip().splitlines()[-1]
+    assert rc == 2 and "already holds a run that never saved a checkpoint (metrics.jsonl, tokenizer.json)" in \
+        err.strip().splitlines()[-1]
 
 
 def test_finetuning_needs_two_labels_and_a_validation_set(tmp_path, capsys):

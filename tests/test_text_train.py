@@ -199,6 +199,21 @@ def test_training_masks_per_step_and_evaluation_masks_at_the_fixed_rate(corpus, 
         assert (call["labels"] != -100).sum(1).tolist() == wanted, rate
 
 
+def test_a_resumed_run_whose_tokenizer_is_gone_says_so(corpus, tmp_path):
+    """With OUT/tokenizer.json deleted, --resume trained a new tokenizer, left it in the run folder and
+    blamed "this run's tokenizer differs from the checkpoint's", at this resume and every later one."""
+    from widenet.data.text.tokenizer import TokenizerError
+
+    cfg = _pretrain_cfg(corpus, tmp_path / "pre", max_steps=4, save_every=2, log_every=1)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(cfg, log=_stop_after(3))
+    (tmp_path / "pre" / "tokenizer.json").unlink()
+    with pytest.raises(TokenizerError, match=r"pre/tokenizer.json is missing: the run's checkpoints were trained with "
+                                             r"the tokenizer saved there.*put it back"):
+        pretrain(dataclasses.replace(cfg, resume=True), log=lambda _: None)
+    assert not (tmp_path / "pre" / "tokenizer.json").exists()
+
+
 def test_a_resumed_run_must_find_the_text_it_started_on(corpus, pretrained, tmp_path):
     """A corpus or task file rewritten under its name was trained on after --resume without a word
     (another plan of steps, other held-out text)."""

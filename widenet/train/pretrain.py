@@ -40,6 +40,7 @@ from ..distributed.env import main_process_first
 from ..distributed.parallel import ParallelContext
 from ..models.registry import count_parameters, model_config
 from ..runtime import autocast, autocast_dtype, resolve_device
+from .checkpoint import find_latest_checkpoint
 from .evaluate import RoutingTally
 from .exported import TOKENIZER_FILE, Source, check_tokenizer_matches, init_source, source_tokenizer
 from .progress import StepResult
@@ -74,6 +75,10 @@ def prepare_tokenizer(cfg: PretrainConfig, out: Path, log: Callable[[str], None]
             check_tokenizer_matches(tokenizer, Path(cfg.tokenizer), init)
     elif saved.exists():
         tokenizer = load_tokenizer(saved)
+    elif cfg.resume and find_latest_checkpoint(out) is not None:  # trained anew, it would not cut text alike
+        raise TokenizerError(f"{saved} is missing: the run's checkpoints were trained with the tokenizer saved "
+                             "there, and one trained again would not cut text alike; put it back (or pass it "
+                             "with --tokenizer)")
     elif init is not None:
         tokenizer = source_tokenizer(init)
         if tokenizer is None:

@@ -152,6 +152,9 @@ def _prepare(out: Path, resume: bool, overwrite: bool, log: Callable[[str], None
                                  "missing files back, or choose another --out (--overwrite would delete them)")
         raise RunFolderError(f"{out} holds no complete checkpoint to resume, only {', '.join(found)} of a run "
                              "that never saved one; pass --overwrite to delete them and start again")
+    if found and find_latest_checkpoint(out) is None and not _incomplete_checkpoints(out):
+        raise RunFolderError(f"{out} already holds a run that never saved a checkpoint ({', '.join(found)}): "
+                             "nothing to resume; pass --overwrite to replace it, or choose another --out")
     if found:
         raise RunFolderError(f"{out} already holds a run ({', '.join(found)}); pass --resume to continue it, "
                              "--overwrite to replace it, or choose another --out")
