@@ -5,10 +5,12 @@ from __future__ import annotations
 import os
 import signal
 import stat
+import time
 
 import pytest
 import torch
 
+from widenet import files
 from widenet.files import atomic_path, save_atomic, signals_held
 
 
@@ -67,3 +69,20 @@ def test_signals_held_arrive_when_the_block_ends():
         assert seen == [signal.SIGTERM]
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_temporaries_a_killed_writer_left_are_removed_a_day_later(tmp_path):
+    """kill -9 during a cache write left its `.NAME.HEX.tmp` for good: caches grew by a copy each time."""
+    target = tmp_path / "cache.pt"
+    old, fresh = tmp_path / ".cache.pt.0123456789ab.tmp", tmp_path / ".cache.pt.ba9876543210.tmp"
+    other = tmp_path / ".other.pt.0123456789ab.tmp"
+    for leftover in (old, fresh, other):
+        leftover.write_bytes(b"partial")
+    day_ago = time.time() - files.STALE_TEMPORARY_S - 60
+    for leftover in (old, other):
+        os.utime(leftover, (day_ago, day_ago))
+    with files.atomic_path(target) as tmp:
+        tmp.write_text("new")
+    assert target.read_text() == "new"
+    assert not old.exists()  # stale, of this file: removed
+    assert fresh.exists() and other.exists()  # perhaps being written; another file's: kept

@@ -83,18 +83,41 @@ def test_two_exports_racing_to_one_new_folder_do_not_replace_each_other(tmp_path
     write_export(tmp_path / "other", create_model("vit_tiny", dim=32, depth=2, num_heads=2, mlp_dim=64),
                  model_name="vit_tiny")
     second = create_model("vit_tiny", dim=16, depth=1, num_heads=2, mlp_dim=32)
-    real_carry = exported._carry_user_files
+    real_carry = exported.carry_user_files
 
     def the_other_export_lands_first(old, new):  # between this export's check and its move
         shutil.copytree(tmp_path / "other", tmp_path / "m")
         real_carry(old, new)
 
-    monkeypatch.setattr(exported, "_carry_user_files", the_other_export_lands_first)
+    monkeypatch.setattr(exported, "carry_user_files", the_other_export_lands_first)
     with pytest.raises(FileExistsError, match=r"m was filled by another process while this export was written; "
                                               r"pass --overwrite"):
         write_export(tmp_path / "m", second, model_name="vit_tiny")
     assert json.loads((tmp_path / "m" / "config.json").read_text())["model_config"]["encoder"]["dim"] == 32
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "other"]  # no temporary left beside it
+
+
+def test_what_a_killed_export_left_is_cleared_by_the_next(tmp_path):
+    """kill -9 during an export left `.tmp-NAME-PID/` beside the destination for good; during a swap
+    without renameat2, the old model waited in `.tmp-old-NAME-PID` and was lost with it."""
+    import subprocess
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a pid whose process is gone
+    model = create_model("vit_tiny", dim=32, depth=2, num_heads=2, mlp_dim=64)
+    write_export(tmp_path / "kept", model, model_name="vit_tiny")
+    (tmp_path / f".tmp-m-{dead.pid}").mkdir()  # a half-written export of a killed process
+    (tmp_path / f".tmp-m-{dead.pid}" / "model.safetensors").write_bytes(b"half")
+    (tmp_path / f".tmp-m-2-{dead.pid}").mkdir()  # another destination's ("m-2"): not this export's to clear
+    (tmp_path / "kept").rename(tmp_path / f".tmp-old-m-{dead.pid}")  # killed between the swap's two renames
+    (tmp_path / f".tmp-m-{os.getpid()}-x").mkdir()  # not a name an export writes
+    write_export(tmp_path / "n", model, model_name="vit_tiny")  # another destination: nothing of m's touched
+    assert (tmp_path / f".tmp-m-{dead.pid}").exists()
+    with pytest.raises(FileExistsError, match="already holds a widenet model"):
+        write_export(tmp_path / "m", model, model_name="vit_tiny")  # the old model, put back, is not replaced
+    assert exported.is_export(tmp_path / "m")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([".tmp-m-2-" + str(dead.pid),
+                                                                  f".tmp-m-{os.getpid()}-x", "m", "n"])
 
 
 def test_overwrite_keeps_what_the_user_added_beside_the_model(tmp_path):
@@ -361,7 +384,9 @@ def test_overwrite_never_replaces_a_run_a_source_or_other_files(vit_run, tmp_pat
         assert f"lies inside {(vit_run / 'checkpoints').resolve()}, which holds a run's checkpoints" in line
     shared = tmp_path / "shared" / "checkpoints"  # a folder one may enter but not list (as /home often is)
     shared.mkdir(parents=True)
-    real = exported.step_folders
+    from widenet.train import export_destination
+
+    real = export_destination.step_folders
 
     def unlistable(folder):
         if folder == shared:
@@ -369,7 +394,7 @@ def test_overwrite_never_replaces_a_run_a_source_or_other_files(vit_run, tmp_pat
         return real(folder)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(exported, "step_folders", unlistable)
+        patch.setattr(export_destination, "step_folders", unlistable)
         assert cli(["export", copy, "--to", shared / "model"])[0] == 0
     assert sorted(p.name for p in (vit_run / "checkpoints").iterdir()) == checkpoints
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import glob
 import hashlib
 import json
 import os
@@ -46,6 +47,7 @@ def atomic_path(path: Path, suffix: str = ".tmp") -> Iterator[Path]:
     (0666 less the umask, e.g. 0644), not mkstemp's private 0600.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(path.parent, f".{path.name}.", suffix)
     tmp = _create_new_file(path.parent, f".{path.name}.", suffix)
     try:
         yield tmp
@@ -53,6 +55,19 @@ def atomic_path(path: Path, suffix: str = ".tmp") -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+STALE_TEMPORARY_S = 24 * 3600  # a temporary file this old was left by a writer that was killed
+
+
+def _remove_stale_temporaries(folder: Path, prefix: str, suffix: str) -> None:
+    """Delete temporary files of atomic_path's naming that a killed writer left (kill -9 skips the
+    clean-up): unchanged for a day, none is being written (a cache of a few GB takes minutes)."""
+    now = time.time()
+    for stale in folder.glob(f"{glob.escape(prefix)}*{glob.escape(suffix)}"):
+        with contextlib.suppress(OSError):  # gone meanwhile, or another user's: best effort
+            if now - stale.lstat().st_mtime > STALE_TEMPORARY_S and stale.is_file():
+                stale.unlink()
 
 
 def _create_new_file(folder: Path, prefix: str, suffix: str) -> Path:

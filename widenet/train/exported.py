@@ -22,7 +22,6 @@ import contextlib
 import errno
 import json
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,14 +32,15 @@ from torch import nn
 
 from ..data.images.folder import RESAMPLING
 from ..data.text.tokenizer import check_same_tokenizer, load_tokenizer, save_tokenizer, tokenizer_record
-from ..files import (WeightsDamaged, fsync_path, load_safetensors, raise_if_disk_full, refuse_dead_link,
-                     rename_exchange, save_safetensors, signals_held)
+from ..files import WeightsDamaged, fsync_path, load_safetensors, raise_if_disk_full, refuse_dead_link, save_safetensors
 from ..models.hf import is_hf_folder
 from ..models.text import TextConfig, TextTransformer
 from ..models.vision import VisionConfig, VisionTransformer
 from ..settings import finite_numbers
 from .checkpoint import CheckpointError, check_finite, check_model_keys, find_latest_checkpoint, load_checkpoint
-from .checkpoint_layout import CHECKPOINTS_DIR, LATEST_FILE, remove_tree, step_folders
+from .checkpoint_layout import remove_tree
+from .export_destination import (CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, carry_user_files, check_destination,
+                                 clear_leftovers, move_into_place, temporary)
 from .hf_folder import read_hf_source
 from .text_inputs import recorded_inputs
 
@@ -50,7 +50,6 @@ __all__ = ["EXPORT_FORMAT", "EXPORT_VERSION", "HEADS", "Source", "config_problem
 
 EXPORT_FORMAT = "widenet-model"
 EXPORT_VERSION = 1
-CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE = "config.json", "model.safetensors", "tokenizer.json"
 
 
 @dataclass
@@ -189,7 +188,8 @@ def write_export(out: str | os.PathLike, model: nn.Module, *, model_name: str, c
     refuse_dead_link(out)
     if out.is_symlink():  # a link names where the model goes: it stays a link, its folder gets the model
         out = Path(os.path.realpath(out))
-    _check_destination(out, overwrite, protect)
+    clear_leftovers(out)  # (an earlier model a killed export set aside is back before the check)
+    check_destination(out, overwrite, protect, is_export)
     token_meta = None
     if tokenizer_file is not None:
         tokenizer = load_tokenizer(tokenizer_file)
@@ -206,7 +206,7 @@ def write_export(out: str | os.PathLike, model: nn.Module, *, model_name: str, c
         config["untrained_head"] = untrained_head
     if image_resize:
         config["image_resize"] = image_resize
-    tmp = out.parent / f".tmp-{out.name}-{os.getpid()}"
+    tmp = temporary(out)
     try:
         remove_tree(tmp)
         tmp.mkdir(parents=True)
@@ -217,8 +217,8 @@ def write_export(out: str | os.PathLike, model: nn.Module, *, model_name: str, c
         for file in tmp.iterdir():
             file.chmod(0o644)  # a folder to ship: readable by others, as a checkout would be
             fsync_path(file)
-        _carry_user_files(out, tmp)
-        _move_into_place(tmp, out, overwrite)
+        carry_user_files(out, tmp)
+        move_into_place(tmp, out, overwrite)
     except BaseException as err:  # also Ctrl-C and SIGTERM: no half-written folder is left beside OUT
         with contextlib.suppress(OSError):  # the write's own failure is the one to report
             remove_tree(tmp)
@@ -231,81 +231,6 @@ def write_export(out: str | os.PathLike, model: nn.Module, *, model_name: str, c
             raise
         raise CheckpointError(f"{out}: could not write the weights ({err})") from None
     return out
-
-
-def _check_destination(out: Path, overwrite: bool, protect: str | os.PathLike | None) -> None:
-    """Refuse a destination whose replacement would lose work (see write_export)."""
-    if protect is not None:
-        src, dest = Path(protect).resolve(), out.resolve()
-        if dest == src or src.is_relative_to(dest) or dest.is_relative_to(src):
-            raise ValueError(f"{out}: the destination must be a folder apart from the source {protect}")
-    parent = next((p for p in out.parents if p.exists()), Path("."))  # the nearest folder above that exists
-    if not parent.is_dir():
-        raise NotADirectoryError(errno.ENOTDIR, f"{parent} is a file, not a folder", str(out))
-    holder = next((p for p in out.resolve().parents if _holds_checkpoints(p)), None)
-    if holder is not None:  # among a run's checkpoints, where training would take it for one (and prune it)
-        raise ValueError(f"{out}: the destination lies inside {holder}, which holds a run's checkpoints; "
-                         "choose a folder outside it")
-    if not out.exists() and not out.is_symlink():
-        return
-    if not out.is_dir():
-        raise FileExistsError(f"{out} exists and is not a folder; choose another destination")
-    if not any(out.iterdir()):
-        return
-    if not is_export(out):
-        raise FileExistsError(f"{out} already holds files that are not a widenet model folder (a run, a download?); "
-                              "choose another destination")
-    if not overwrite:
-        raise FileExistsError(f"{out} already holds a widenet model; pass --overwrite to replace it")
-
-
-def _holds_checkpoints(folder: Path) -> bool:
-    """Whether folder is a run's checkpoints folder (OUT/checkpoints, or OUT itself in the layout
-    before it): a `latest` file, or step_* folders in one named checkpoints. Folders that cannot be
-    read (an ancestor one may enter but not list, as /home often is) are not."""
-    try:
-        return (folder / LATEST_FILE).is_file() or (folder.name == CHECKPOINTS_DIR and bool(step_folders(folder)))
-    except OSError:
-        return False
-
-
-def _carry_user_files(old: Path, new: Path) -> None:
-    """Copy what a user added to the export folder `old` (anything but the model's own files)
-    into `new`, which replaces it; copies, so `old` stays whole until the swap."""
-    if not old.is_dir():
-        return
-    for entry in old.iterdir():
-        if entry.name in (CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE):
-            continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.copytree(entry, new / entry.name, symlinks=True)
-        else:
-            shutil.copy2(entry, new / entry.name, follow_symlinks=False)
-
-
-def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
-    """Rename the finished `tmp` to `out`; with overwrite, an existing `out` is swapped atomically
-    where the OS can (elsewhere two renames, which a signal does not come between). Without, `out`
-    was missing or empty when checked, and a plain rename fails where another process has filled it
-    since (a second export to the same new folder): nothing is replaced unasked."""
-    with signals_held():
-        if not overwrite:
-            try:
-                os.rename(tmp, out)  # onto nothing or an empty folder only
-            except OSError as err:
-                if err.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
-                    raise
-                raise FileExistsError(f"{out} was filled by another process while this export was written; "
-                                      "pass --overwrite to replace it") from None
-        elif out.exists() and rename_exchange(tmp, out):
-            remove_tree(tmp)  # now the old folder
-        else:
-            old = out.parent / f".tmp-old-{out.name}-{os.getpid()}"
-            if out.exists():
-                os.replace(out, old)
-            os.replace(tmp, out)
-            remove_tree(old)
-    fsync_path(out.parent)
 
 
 def read_export(path: str | os.PathLike) -> Source:

@@ -209,7 +209,7 @@ def _tokenizer_from_json(path: Path) -> Tokenizer:
     try:
         parsed = json.loads(raw)
     except json.JSONDecodeError as exc:
-        raise TokenizerError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})") from None
+        raise TokenizerError(f"{path}: not valid JSON ({exc.msg}: line {exc.lineno}, column {exc.colno})") from None
     if not (isinstance(parsed, dict) and isinstance(parsed.get("model"), dict)):
         raise TokenizerError(f"{path}: JSON, but not a Hugging Face tokenizer file (it has no \"model\" object; "
                              "a tokenizer.json has one, beside \"normalizer\", \"pre_tokenizer\", ...)")

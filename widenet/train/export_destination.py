@@ -1,0 +1,126 @@
+"""Where an export goes (exported.write_export): the destination checked, the files a user put
+beside an earlier model carried over, the new folder moved into place, and what a killed export
+left beside it cleared.
+
+An export is written into OUT's sibling `.tmp-NAME-PID` and then renamed onto OUT (swapped with an
+existing one atomically where the OS can; elsewhere the old one is renamed to `.tmp-old-NAME-PID`
+first), so OUT is always a whole model folder or absent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import glob
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Callable
+
+from ..files import fsync_path, pid_alive, rename_exchange, signals_held
+from .checkpoint_layout import CHECKPOINTS_DIR, LATEST_FILE, remove_tree, step_folders
+
+__all__ = ["CONFIG_FILE", "MODEL_FILES", "TOKENIZER_FILE", "WEIGHTS_FILE", "carry_user_files", "check_destination",
+           "clear_leftovers", "move_into_place", "temporary"]
+
+CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE = "config.json", "model.safetensors", "tokenizer.json"
+MODEL_FILES = (CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE)  # what an export writes; the rest is the user's
+
+
+def temporary(out: Path, old: bool = False) -> Path:
+    """The sibling of OUT an export of this process is written into (old: where an existing OUT waits
+    while a new one moves in, where no atomic swap exists)."""
+    return out.parent / f".tmp-{'old-' if old else ''}{out.name}-{os.getpid()}"
+
+
+def clear_leftovers(out: Path) -> None:
+    """Remove the temporaries of exports to OUT whose processes are gone (killed: a kill -9 skips
+    every clean-up). An old model set aside for a swap that the kill interrupted is put back."""
+    pattern = re.compile(rf"\.tmp-(old-)?{re.escape(out.name)}-(\d+)")
+    for entry in out.parent.glob(f".tmp-*{glob.escape(out.name)}-*"):
+        match = pattern.fullmatch(entry.name)
+        if match is None or pid_alive(int(match.group(2))):
+            continue
+        with contextlib.suppress(OSError):  # best effort: another user's, or gone meanwhile
+            if entry.name.startswith(".tmp-old-") and not out.exists() and not out.is_symlink():
+                os.rename(entry, out)
+            else:
+                remove_tree(entry)
+
+
+def check_destination(out: Path, overwrite: bool, protect: str | os.PathLike | None,
+                      holds_model: Callable[[Path], bool]) -> None:
+    """Refuse a destination whose replacement would lose work (see exported.write_export); holds_model:
+    whether a folder holds a widenet model (exported.is_export)."""
+    if protect is not None:
+        src, dest = Path(protect).resolve(), out.resolve()
+        if dest == src or src.is_relative_to(dest) or dest.is_relative_to(src):
+            raise ValueError(f"{out}: the destination must be a folder apart from the source {protect}")
+    parent = next((p for p in out.parents if p.exists()), Path("."))  # the nearest folder above that exists
+    if not parent.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, f"{parent} is a file, not a folder", str(out))
+    holder = next((p for p in out.resolve().parents if _holds_checkpoints(p)), None)
+    if holder is not None:  # among a run's checkpoints, where training would take it for one (and prune it)
+        raise ValueError(f"{out}: the destination lies inside {holder}, which holds a run's checkpoints; "
+                         "choose a folder outside it")
+    if not out.exists() and not out.is_symlink():
+        return
+    if not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a folder; choose another destination")
+    if not any(out.iterdir()):
+        return
+    if not holds_model(out):
+        raise FileExistsError(f"{out} already holds files that are not a widenet model folder (a run, a download?); "
+                              "choose another destination")
+    if not overwrite:
+        raise FileExistsError(f"{out} already holds a widenet model; pass --overwrite to replace it")
+
+
+def _holds_checkpoints(folder: Path) -> bool:
+    """Whether folder is a run's checkpoints folder (OUT/checkpoints, or OUT itself in the layout
+    before it): a `latest` file, or step_* folders in one named checkpoints. Folders that cannot be
+    read (an ancestor one may enter but not list, as /home often is) are not."""
+    try:
+        return (folder / LATEST_FILE).is_file() or (folder.name == CHECKPOINTS_DIR and bool(step_folders(folder)))
+    except OSError:
+        return False
+
+
+def carry_user_files(old: Path, new: Path) -> None:
+    """Copy what a user added to the export folder `old` (anything but the model's own files)
+    into `new`, which replaces it; copies, so `old` stays whole until the swap."""
+    if not old.is_dir():
+        return
+    for entry in old.iterdir():
+        if entry.name in MODEL_FILES:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.copytree(entry, new / entry.name, symlinks=True)
+        else:
+            shutil.copy2(entry, new / entry.name, follow_symlinks=False)
+
+
+def move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
+    """Rename the finished `tmp` to `out`; with overwrite, an existing `out` is swapped atomically
+    where the OS can (elsewhere two renames, which a signal does not come between). Without, `out`
+    was missing or empty when checked, and a plain rename fails where another process has filled it
+    since (a second export to the same new folder): nothing is replaced unasked."""
+    with signals_held():
+        if not overwrite:
+            try:
+                os.rename(tmp, out)  # onto nothing or an empty folder only
+            except OSError as err:
+                if err.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+                    raise
+                raise FileExistsError(f"{out} was filled by another process while this export was written; "
+                                      "pass --overwrite to replace it") from None
+        elif out.exists() and rename_exchange(tmp, out):
+            remove_tree(tmp)  # now the old folder
+        else:
+            old = temporary(out, old=True)
+            if out.exists():
+                os.replace(out, old)
+            os.replace(tmp, out)
+            remove_tree(old)
+    fsync_path(out.parent)
