@@ -477,3 +477,16 @@ def test_init_from_the_wrong_kind_of_model_is_named_first(tmp_path, fmnist_dir, 
         line = _one_line(*cli([*args, "--out", tmp_path / "run"]))
         assert f"{vision if 'text model' in expected else text}: {expected}, this one is" in line, line
         assert not (tmp_path / "run" / "tokenizer.json").exists()
+
+
+def test_a_text_run_without_its_tokenizer_is_not_exported(tmp_path, cli):
+    """With the run's tokenizer.json missing the export was written without one (exit 0), and predict
+    then failed on it; with it damaged, a note said so, with exit 0 all the same."""
+    run = shutil.copytree(Path(__file__).parent / "fixtures" / "v0" / "text_run", tmp_path / "run")
+    (run / "tokenizer.json").unlink()
+    line = _one_line(*cli(["export", run, "--to", tmp_path / "a"]))
+    assert f"{run / 'tokenizer.json'} is missing: the run's model reads ids of that tokenizer" in line
+    (run / "tokenizer.json").write_text("{")
+    line = _one_line(*cli(["export", run, "--to", tmp_path / "b"]))
+    assert "tokenizer.json: not valid JSON" in line
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

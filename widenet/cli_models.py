@@ -28,13 +28,19 @@ def _write(args: argparse.Namespace, source: Any, model, out: str, note: str, mo
     """Write `model` as an export of `source` (its name, classes, statistics, tokenizer, inputs), named
     model_name when it is another model than the source's."""
     from .data.text.tokenizer import TokenizerError
-    from .train.exported import source_tokenizer, write_export
+    from .train.exported import TOKENIZER_FILE, model_kind, source_tokenizer, write_export
 
+    run = source.step is not None and model_kind(source.meta.get("model_config") or {}) == "text"  # a text run
     try:
         tokenizer = source_tokenizer(source)
     except TokenizerError as err:
+        if run:  # its own tokenizer, damaged: it cannot be trained again alike
+            raise
         tokenizer = None
         source.notes.append(f"the tokenizer was not kept ({err}); pass one to finetune with --tokenizer")
+    if tokenizer is None and run:
+        raise TokenizerError(f"{source.path.parent.parent / TOKENIZER_FILE} is missing: the run's model reads ids "
+                             "of that tokenizer, and one trained again would not cut text alike; put it back")
     write_export(out, model, model_name=model_name or source.meta.get("model", ""), classes=source.classes,
                  image_stats=source.image_stats,
                  tokenizer=tokenizer, source=dict(_describe(source), how=note), overwrite=args.overwrite,
