@@ -99,25 +99,35 @@ def test_two_exports_racing_to_one_new_folder_do_not_replace_each_other(tmp_path
 
 def test_what_a_killed_export_left_is_cleared_by_the_next(tmp_path):
     """kill -9 during an export left `.tmp-NAME-PID/` beside the destination for good; during a swap
-    without renameat2, the old model waited in `.tmp-old-NAME-PID` and was lost with it."""
+    without renameat2, the old model waited in `.old-NAME-PID` and was lost with it."""
     import subprocess
+
+    from widenet.files import STALE_TEMPORARY_S
 
     dead = subprocess.Popen(["true"])
     dead.wait()  # a pid whose process is gone
     model = create_model("vit_tiny", dim=32, depth=2, num_heads=2, mlp_dim=64)
     write_export(tmp_path / "kept", model, model_name="vit_tiny")
-    (tmp_path / f".tmp-m-{dead.pid}").mkdir()  # a half-written export of a killed process
-    (tmp_path / f".tmp-m-{dead.pid}" / "model.safetensors").write_bytes(b"half")
-    (tmp_path / f".tmp-m-2-{dead.pid}").mkdir()  # another destination's ("m-2"): not this export's to clear
-    (tmp_path / "kept").rename(tmp_path / f".tmp-old-m-{dead.pid}")  # killed between the swap's two renames
-    (tmp_path / f".tmp-m-{os.getpid()}-x").mkdir()  # not a name an export writes
+    day_ago = __import__("time").time() - STALE_TEMPORARY_S - 60
+    leftovers = {name: tmp_path / name for name in (f".tmp-m-{dead.pid}", f".tmp-m-2-{dead.pid}", f".tmp-old-m-{dead.pid}",
+                                                    f".tmp-m-{dead.pid}-new")}
+    for folder in leftovers.values():  # half-written exports of killed processes, a day old
+        folder.mkdir()
+        os.utime(folder, (day_ago, day_ago))
+    (tmp_path / ".tmp-m-1").mkdir()  # a live process's (pid 1's), however old: kept
+    os.utime(tmp_path / ".tmp-m-1", (day_ago, day_ago))
+    (tmp_path / "kept").rename(tmp_path / f".old-m-{dead.pid}")  # killed between the swap's two renames
     write_export(tmp_path / "n", model, model_name="vit_tiny")  # another destination: nothing of m's touched
-    assert (tmp_path / f".tmp-m-{dead.pid}").exists()
+    assert all(folder.exists() for folder in leftovers.values()) and (tmp_path / f".old-m-{dead.pid}").exists()
     with pytest.raises(FileExistsError, match="already holds a widenet model"):
         write_export(tmp_path / "m", model, model_name="vit_tiny")  # the old model, put back, is not replaced
     assert exported.is_export(tmp_path / "m")
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([".tmp-m-2-" + str(dead.pid),
-                                                                  f".tmp-m-{os.getpid()}-x", "m", "n"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([  # "m-2"'s, "old-m"'s: other destinations'
+        f".tmp-m-2-{dead.pid}", f".tmp-old-m-{dead.pid}", f".tmp-m-{dead.pid}-new", ".tmp-m-1", "m", "n"])
+    (tmp_path / f".old-m-{dead.pid}").mkdir()  # not a model (half of a folder): never put back
+    (tmp_path / "m").rename(tmp_path / "elsewhere")
+    write_export(tmp_path / "m", model, model_name="vit_tiny")
+    assert (tmp_path / f".old-m-{dead.pid}").exists() and exported.is_export(tmp_path / "m")
 
 
 def test_overwrite_keeps_what_the_user_added_beside_the_model(tmp_path):
@@ -448,6 +458,10 @@ def test_pretraining_continues_from_an_upcycled_albert(tmp_path, cli):
     rc, out, err = cli(["upcycle", "--from", tmp_path / "albert", "--experts", 2, "--noise", 0.01, "--out",
                         tmp_path / "noisy"])  # noisy copies: no longer the dense model's function anyway
     assert rc == 0 and "capacity" not in out, out
+    rc, out, err = cli(["upcycle", "--from", tmp_path / "albert", "--experts", 2, "--top-k", 1, "--dropless", "--out",
+                        tmp_path / "top1"])
+    assert rc == 0 and "top-1 with renormalised combine weights (each is then 1): the router learns from the " \
+                       "balance loss alone" in out, out
     rc, out, err = cli(["pretrain", "--init", tmp_path / "wide", *common, "--out", tmp_path / "more"])
     assert rc == 0, err
     assert "pretraining albert_text_tiny_upcycled" in out

@@ -393,7 +393,36 @@ def test_float16_is_refused_where_processes_hold_different_gradients():
     from widenet.train.update import loss_scaler
 
     for mode in ("fsdp", "expert"):
-        with pytest.raises(ValueError, match=rf"--amp fp16 needs a loss scale.* not under {mode} parallelism"):
+        with pytest.raises(ValueError, match=rf"float16 autocast \(--amp fp16, or --amp auto on a GPU without "
+                                             rf"bfloat16\) needs a loss scale.* not under {mode} parallelism"):
             loss_scaler(torch.float16, torch.device("cpu"), SimpleNamespace(mode=mode))
     assert loss_scaler(torch.float16, torch.device("cpu"), SimpleNamespace(mode="ddp")) is not None
     assert loss_scaler(torch.bfloat16, torch.device("cpu"), SimpleNamespace(mode="fsdp")) is None
+
+
+def test_float16_gradients_are_clipped_after_unscaling():
+    """Global-norm clipping must see the true gradients, not the scaled ones (65536x larger): the
+    step of a clipped float16 update has the clip's norm, as the float32 update's has."""
+    import copy
+
+    from widenet import create_model
+    from widenet.distributed.parallel import ParallelContext
+    from widenet.train.update import apply_update, loss_scaler
+
+    torch.manual_seed(0)
+    model = create_model("widenet_tiny", dim=32, depth=2, num_heads=2, mlp_dim=64, num_classes=4).eval()
+    nn.init.normal_(model.head.weight, std=0.02)
+    twin = copy.deepcopy(model)
+    x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 4, (8,))
+    parallel, clip = ParallelContext.for_run(8, 0), 0.01
+    steps = []
+    for net, half in ((model, False), (twin, True)):
+        before = torch.cat([p.detach().flatten().clone() for p in net.parameters()])
+        with torch.autocast("cpu", dtype=torch.float16, enabled=half):
+            loss = nn.functional.cross_entropy(net(x).logits.float(), y)
+        apply_update(net, torch.optim.SGD(net.parameters(), lr=1.0), loss, parallel, clip,
+                     scaler=loss_scaler(torch.float16 if half else None, torch.device("cpu")))
+        steps.append(before - torch.cat([p.detach().flatten() for p in net.parameters()]))
+    full, half = steps
+    assert full.norm() == pytest.approx(clip, rel=1e-3) and half.norm() == pytest.approx(clip, rel=1e-3)
+    assert torch.nn.functional.cosine_similarity(full, half, dim=0) > 0.99

@@ -325,6 +325,15 @@ def test_finetune_classification_learns_the_label_word(pretrained, tmp_path):
     assert meta["init"].startswith(str(out))
 
 
+def test_finetune_with_a_batch_beyond_its_examples_trains_on_all_of_them(pretrained, tmp_path):
+    """--batch-size 10000000 on 32 examples was refused for the memory of ten million sequences."""
+    _write_classify(tmp_path / "train.tsv", 32, 0)
+    _write_classify(tmp_path / "dev.tsv", 8, 1)
+    cfg = FinetuneConfig(task="classify", init=str(pretrained[0]), train=str(tmp_path / "train.tsv"),
+                         validation=str(tmp_path / "dev.tsv"), max_steps=1, batch_size=10_000_000, out=str(tmp_path / "ft"))
+    assert finetune(cfg, log=lambda _: None).run.steps == 1
+
+
 def test_finetune_refuses_task_text_the_tokenizer_does_not_cover(pretrained, tmp_path):
     """The pretrained tokenizer cannot change: a task in another script was fine-tuned on [UNK]s."""
     out, _ = pretrained

@@ -748,6 +748,20 @@ def test_time_budget_run_equals_the_fixed_length_run(tmp_path, fmnist_dir, tiny_
     _assert_same_run(budgeted, fixed, tmp_path / "A", tmp_path / "B")
 
 
+def test_time_budget_planning_leaves_the_float16_loss_scale_alone(tmp_path, fmnist_dir, tiny_overrides, monkeypatch):
+    """The planner's throwaway steps overflow and back off a loss scale too: their own copy's, or the run
+    would start from a lowered scale and differ from the --max-steps run of its planned length."""
+    monkeypatch.setattr(trainer, "loss_scaler", lambda *a: torch.amp.GradScaler("cpu", init_scale=2.0 ** 24))
+    settings = dict(log_every=4, amp="fp16", batch_size=8)
+    fixed = train(_config(fmnist_dir, tmp_path / "B", tiny_overrides, max_steps=12, **settings), log=_quiet)
+    _planning_fixed_steps(monkeypatch, 12)
+    budgeted = train(_config(fmnist_dir, tmp_path / "A", tiny_overrides, max_steps=None, time_budget=10.0,
+                             **settings), log=_quiet)
+    scales = [load_checkpoint(find_latest_checkpoint(tmp_path / run)).train_state["scaler"]["scale"] for run in "AB"]
+    assert scales[0] == scales[1] < 2.0 ** 24  # it backed off in both, alike
+    _assert_same_run(budgeted, fixed, tmp_path / "A", tmp_path / "B")
+
+
 def test_time_budget_replan_moves_the_schedule_end(tmp_path, fmnist_dir, tiny_overrides, monkeypatch):
     """Planned 12 steps; after the first epoch (8 steps) the re-plan says 20: the run goes on to 20,
     and the cosine schedule now ends at 20 (at step 12 the lr is no longer 0)."""

@@ -28,7 +28,7 @@ def _write(args: argparse.Namespace, source: Any, model, out: str, note: str, mo
     """Write `model` as an export of `source` (its name, classes, statistics, tokenizer, inputs), named
     model_name when it is another model than the source's."""
     from .data.text.tokenizer import TokenizerError
-    from .train.exported import TOKENIZER_FILE, model_kind, source_tokenizer, write_export
+    from .train.exported import model_kind, run_tokenizer_file, source_tokenizer, write_export
 
     run = source.step is not None and model_kind(source.meta.get("model_config") or {}) == "text"  # a text run
     try:
@@ -39,7 +39,7 @@ def _write(args: argparse.Namespace, source: Any, model, out: str, note: str, mo
         tokenizer = None
         source.notes.append(f"the tokenizer was not kept ({err}); pass one to finetune with --tokenizer")
     if tokenizer is None and run:
-        raise TokenizerError(f"{source.path.parent.parent / TOKENIZER_FILE} is missing: the run's model reads ids "
+        raise TokenizerError(f"{run_tokenizer_file(source.path)} is missing: the run's model reads ids "
                              "of that tokenizer, and one trained again would not cut text alike; put it back")
     write_export(out, model, model_name=model_name or source.meta.get("model", ""), classes=source.classes,
                  image_stats=source.image_stats,
@@ -76,6 +76,9 @@ def cmd_upcycle(args: argparse.Namespace) -> int:
     model = upcycle(dense, args.experts, args.top_k, attention=args.attention, noise=args.noise, seed=args.seed,
                     **moe)
     enc = dense.cfg.encoder
+    if args.top_k == 1:  # upcycle renormalises, so that the experts' copies give the dense model's outputs
+        source.notes.append("top-1 with renormalised combine weights (each is then 1): the router learns from the "
+                            "balance loss alone, never from the task; --top-k 2 lets the task train it")
     if enc.share_attention and enc.share_ffn and not args.dropless and not args.noise:
         source.notes.append(f"the experts keep a capacity ({model.cfg.encoder.moe.capacity_factor} x their share "
                             "of the tokens): a token over an expert's capacity is dropped there, and its output "

@@ -175,7 +175,7 @@ def _write_folder(tmp: Path, tensors: dict, train_state: Mapping, meta: dict) ->
         f.flush()
         os.fsync(f.fileno())
     meta = dict(meta, **{STATE_DIGEST: files.file_sha256(tmp / STATE_FILE)})
-    write_bytes_durably(tmp / META_FILE, (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+    write_bytes_durably(tmp / META_FILE, (json.dumps(meta, indent=2, sort_keys=True, allow_nan=False) + "\n").encode())
     fsync_path(tmp)
 
 
@@ -244,7 +244,7 @@ def save_checkpoint(
     _check_loadable(dict(train_state), "train_state")
     meta_out = _build_meta(step, meta, train_state)
     try:
-        json.dumps(meta_out, allow_nan=False)  # before anything is written
+        json.dumps(meta_out, sort_keys=True, allow_nan=False)  # before anything is written (as written)
     except (TypeError, ValueError) as e:
         raise TypeError(f"meta must be JSON-serialisable: {e}") from e
     tensors = _model_tensors(model)

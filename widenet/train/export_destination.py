@@ -3,7 +3,7 @@ beside an earlier model carried over, the new folder moved into place, and what 
 left beside it cleared.
 
 An export is written into OUT's sibling `.tmp-NAME-PID` and then renamed onto OUT (swapped with an
-existing one atomically where the OS can; elsewhere the old one is renamed to `.tmp-old-NAME-PID`
+existing one atomically where the OS can; elsewhere the old one is renamed to `.old-NAME-PID`
 first), so OUT is always a whole model folder or absent.
 """
 
@@ -15,10 +15,11 @@ import glob
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Callable
 
-from ..files import fsync_path, pid_alive, rename_exchange, signals_held
+from ..files import STALE_TEMPORARY_S, fsync_path, pid_alive, rename_exchange, signals_held
 from .checkpoint_layout import CHECKPOINTS_DIR, LATEST_FILE, remove_tree, step_folders
 
 __all__ = ["CONFIG_FILE", "MODEL_FILES", "TOKENIZER_FILE", "WEIGHTS_FILE", "carry_user_files", "check_destination",
@@ -29,23 +30,27 @@ MODEL_FILES = (CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE)  # what an export writ
 
 
 def temporary(out: Path, old: bool = False) -> Path:
-    """The sibling of OUT an export of this process is written into (old: where an existing OUT waits
-    while a new one moves in, where no atomic swap exists)."""
-    return out.parent / f".tmp-{'old-' if old else ''}{out.name}-{os.getpid()}"
+    """The sibling of OUT an export of this process is written into, `.tmp-NAME-PID` (old: where an
+    existing OUT waits while a new one moves in, where no atomic swap exists: `.old-NAME-PID`, a
+    name no export's working folder has)."""
+    return out.parent / f"{'.old' if old else '.tmp'}-{out.name}-{os.getpid()}"
 
 
-def clear_leftovers(out: Path) -> None:
-    """Remove the temporaries of exports to OUT whose processes are gone (killed: a kill -9 skips
-    every clean-up). An old model set aside for a swap that the kill interrupted is put back."""
-    pattern = re.compile(rf"\.tmp-(old-)?{re.escape(out.name)}-(\d+)")
-    for entry in out.parent.glob(f".tmp-*{glob.escape(out.name)}-*"):
+def clear_leftovers(out: Path, holds_model: Callable[[Path], bool]) -> None:
+    """Remove what exports to OUT left when killed (a kill -9 skips every clean-up): their working
+    folders, once their process is gone and they are a day old (STALE_TEMPORARY_S: a process on
+    another machine sharing the folder is not seen to be alive). An old model set aside for a swap
+    that a kill interrupted is put back where OUT is missing."""
+    pattern = re.compile(rf"\.(tmp|old)-{re.escape(out.name)}-(\d+)")
+    for entry in [*out.parent.glob(f".tmp-{glob.escape(out.name)}-*"), *out.parent.glob(f".old-{glob.escape(out.name)}-*")]:
         match = pattern.fullmatch(entry.name)
         if match is None or pid_alive(int(match.group(2))):
             continue
         with contextlib.suppress(OSError):  # best effort: another user's, or gone meanwhile
-            if entry.name.startswith(".tmp-old-") and not out.exists() and not out.is_symlink():
-                os.rename(entry, out)
-            else:
+            if match.group(1) == "old" and holds_model(entry):
+                if not out.exists() and not out.is_symlink():
+                    os.rename(entry, out)
+            elif time.time() - entry.lstat().st_mtime > STALE_TEMPORARY_S:
                 remove_tree(entry)
 
 

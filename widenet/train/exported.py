@@ -46,7 +46,7 @@ from .text_inputs import recorded_inputs
 
 __all__ = ["EXPORT_FORMAT", "EXPORT_VERSION", "HEADS", "Source", "config_problem", "init_source", "require_kind",
            "is_export", "load_model", "load_source", "model_from_meta", "non_finite_problem", "read_export",
-           "weights_from", "write_export"]
+           "run_tokenizer_file", "weights_from", "write_export"]
 
 EXPORT_FORMAT = "widenet-model"
 EXPORT_VERSION = 1
@@ -188,7 +188,7 @@ def write_export(out: str | os.PathLike, model: nn.Module, *, model_name: str, c
     refuse_dead_link(out)
     if out.is_symlink():  # a link names where the model goes: it stays a link, its folder gets the model
         out = Path(os.path.realpath(out))
-    clear_leftovers(out)  # (an earlier model a killed export set aside is back before the check)
+    clear_leftovers(out, is_export)  # (an earlier model a killed export set aside is back before the check)
     check_destination(out, overwrite, protect, is_export)
     token_meta = None
     if tokenizer_file is not None:
@@ -299,9 +299,15 @@ def load_source(path: str | os.PathLike) -> Source:
     if (path / CONFIG_FILE).is_file():  # checkpoints hold meta.json: this was meant as an export or HF folder
         raise CheckpointError(config_problem(path))
     ckpt = load_checkpoint(find_latest_checkpoint(path) or path)
-    tokenizer = ckpt.path.parent.parent / TOKENIZER_FILE  # the run folder's
+    tokenizer = run_tokenizer_file(ckpt.path)
     return Source(ckpt.path, ckpt.step, ckpt.meta, ckpt.model_state, ckpt.train_state,
                   tokenizer if tokenizer.is_file() else None)
+
+
+def run_tokenizer_file(checkpoint: Path) -> Path:
+    """Where a training run keeps its tokenizer: its folder's tokenizer.json (OUT/checkpoints/step_N ->
+    OUT/tokenizer.json)."""
+    return checkpoint.parent.parent / TOKENIZER_FILE
 
 
 def init_source(init: str, out: str | os.PathLike, resume: bool, kind: str | None = None) -> Source:

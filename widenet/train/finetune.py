@@ -267,7 +267,8 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print) -> Finetun
     data_meta["contents"] = training_contents(train)
     torch.manual_seed(cfg.seed)
     model = build_finetune_model(ckpt, cfg, num_labels)
-    check_batch_fits(model.cfg, cfg.batch_size, train["input_ids"].shape[1], parallel, device, amp)
+    check_batch_fits(model.cfg, min(cfg.batch_size, len(train["input_ids"])), train["input_ids"].shape[1], parallel,
+                     device, amp)  # a batch beyond the task's examples is all of them
     model = model.to(device)
     parallel.check_epoch(len(train["input_ids"]), cfg.batch_size)
     task_cls = ClassifyTask if cfg.task == "classify" else QATask

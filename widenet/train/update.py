@@ -27,8 +27,9 @@ def loss_scaler(amp: torch.dtype | None, device: torch.device, parallel: Paralle
     if amp != torch.float16:
         return None
     if parallel is not None and parallel.mode in ("fsdp", "expert"):
-        raise ValueError(f"--amp fp16 needs a loss scale, which widenet keeps only where every process holds the "
-                         f"same gradients, not under {parallel.mode} parallelism; use --amp bf16 or --amp off")
+        raise ValueError(f"float16 autocast (--amp fp16, or --amp auto on a GPU without bfloat16) needs a loss scale, "
+                         f"which widenet keeps only where every process holds the same gradients, not under "
+                         f"{parallel.mode} parallelism; use --amp off (or bf16 where the GPU has it)")
     if not hasattr(torch.amp, "GradScaler"):  # torch < 2.3
         if device.type != "cuda":
             raise ValueError(f"--amp fp16 on {device.type} needs torch >= 2.3 (its loss scale); use --amp bf16 or off")
