@@ -926,9 +926,9 @@ def test_a_text_batch_beyond_the_memory_is_refused_before_training(tmp_path, cap
                                   "--seq-len", 32, "--batch-size", 128, "--out", tmp_path / "more", "--device", "cpu"],
                                  capsys)[::2])
     assert "the activations of a batch of 128 sequences of 32 tokens need 8.0 MiB" in line
-    data = tmp_path / "train.tsv"  # rows truncated to --max-len 16 tokens: the longest is 16
+    data = tmp_path / "train.tsv"  # rows truncated to --max-len 16 tokens: the longest is 16; 128 of them
     data.write_text("sentence\tlabel\n" + "".join(f"{'the cat sat on the mat ' * 6}\t{label}\n"
-                                                  for label in ("good", "bad") * 4))
+                                                  for label in ("good", "bad") * 64))
     rc, _, err = _cli(["finetune", "--task", "classify", "--init", FIXTURES / "text_run", "--train", data,
                        "--validation", data, "--max-len", 16, "--batch-size", 128, "--out", tmp_path / "tuned",
                        "--device", "cpu"], capsys)

@@ -30,10 +30,11 @@ import torch
 
 from .signals import STOP_SIGNALS
 
-__all__ = ["STALE_TEMPORARY_S", "CacheDamaged", "LockHeld", "RefusedPickle", "WeightsDamaged", "atomic_path", "disk_full", "file_sha256",
-           "file_stamp", "fsync_path", "hold_lock", "is_utf8", "load_cache", "load_safetensors", "load_weights_only",
-           "pid_alive", "raise_if_disk_full", "refuse_dead_link", "rename_exchange", "save_atomic", "save_cache",
-           "save_safetensors", "signals_held", "tensors_digest", "write_bytes_durably"]
+__all__ = ["STALE_TEMPORARY_S", "CacheDamaged", "LockHeld", "RefusedPickle", "WeightsDamaged", "atomic_path",
+           "disk_full", "file_sha256", "file_stamp", "fsync_path", "hold_lock", "is_utf8", "load_cache",
+           "load_safetensors", "load_weights_only", "pid_alive", "raise_if_disk_full", "refuse_dead_link",
+           "rename_exchange", "save_atomic", "save_cache", "save_safetensors", "signals_held", "tensors_digest",
+           "write_bytes_durably"]
 
 
 @contextlib.contextmanager

@@ -42,7 +42,8 @@ def clear_leftovers(out: Path, holds_model: Callable[[Path], bool]) -> None:
     another machine sharing the folder is not seen to be alive). An old model set aside for a swap
     that a kill interrupted is put back where OUT is missing."""
     pattern = re.compile(rf"\.(tmp|old)-{re.escape(out.name)}-(\d+)")
-    for entry in [*out.parent.glob(f".tmp-{glob.escape(out.name)}-*"), *out.parent.glob(f".old-{glob.escape(out.name)}-*")]:
+    name = glob.escape(out.name)
+    for entry in [*out.parent.glob(f".tmp-{name}-*"), *out.parent.glob(f".old-{name}-*")]:
         match = pattern.fullmatch(entry.name)
         if match is None or pid_alive(int(match.group(2))):
             continue

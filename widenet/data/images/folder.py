@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 from ...files import file_stamp, load_cache, save_cache
-from ...runtime import first_line
 from ...memory import check_fits_memory
+from ...runtime import first_line
 from ..errors import DatasetError, DatasetNotFoundError, PathLike
 from .dataset import ImageDataset
 
