@@ -230,6 +230,15 @@ def test_overwrite_puts_the_earlier_run_back_when_the_new_one_fails_before_a_che
     (out / "metrics.jsonl").write_text('{"split": "train", "step": 1}\n')  # what the killed run wrote
     line = _one_line_error(*_cli(["eval", "--checkpoint", out, "--device", "cpu"], capsys)[::2])
     assert "no complete checkpoint found" in line and "set aside waits in" in line and "puts it back" in line
+    import socket  # the same folder while the replacing run lives (its lock names it): not "a killed" one
+    (out / ".widenet.lock").write_text(f"pid 1 on {socket.gethostname()} since 2026-12-07 10:00:00")  # pid 1 lives
+    line = _one_line_error(*_cli(["eval", "--checkpoint", out, "--device", "cpu"], capsys)[::2])
+    assert "the run training here (pid 1 on " in line and "has saved none yet" in line, line
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a lock left by a killed run: the earlier wording
+    (out / ".widenet.lock").write_text(f"pid {dead.pid} on {socket.gethostname()} since 2026-12-07 10:00:00")
+    line = _one_line_error(*_cli(["eval", "--checkpoint", out, "--device", "cpu"], capsys)[::2])
+    assert "set aside waits in" in line
     rc, stdout, err = _cli(_train_args(fmnist_dir, out, tiny_set_args, "--max-steps", 4, "--save-every", 1,
                                        "--resume"), capsys)
     assert rc == 0, err

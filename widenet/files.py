@@ -31,7 +31,7 @@ import torch
 from .signals import STOP_SIGNALS
 
 __all__ = ["STALE_TEMPORARY_S", "CacheDamaged", "LockHeld", "RefusedPickle", "WeightsDamaged", "atomic_path",
-           "disk_full", "file_sha256", "file_stamp", "fsync_path", "hold_lock", "is_utf8", "load_cache",
+           "disk_full", "file_sha256", "file_stamp", "fsync_path", "hold_lock", "is_utf8", "live_holder", "load_cache",
            "load_safetensors", "load_weights_only", "pid_alive", "raise_if_disk_full", "refuse_dead_link",
            "rename_exchange", "save_atomic", "save_cache", "save_safetensors", "signals_held", "tensors_digest",
            "write_bytes_durably"]
@@ -430,3 +430,21 @@ def _lock_file(path: Path, warn: Callable[[str], None]) -> int:
 
 def _read_holder(fd: int) -> str:
     return os.pread(fd, 200, 0).decode("utf-8", "replace").strip()
+
+
+def live_holder(path: Path) -> str | None:
+    """Who holds the lock file ``path`` ("pid PID on HOST since TIME"), read without taking it: None
+    when there is none or its holder ended (a process of this host that is gone). A holder on another
+    host counts as live (its processes cannot be seen from here)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        return None
+    try:
+        holder = _read_holder(fd)
+    finally:
+        os.close(fd)
+    match = re.match(r"pid (\d+) on (\S+)", holder)
+    if match is None or (match.group(2) == socket.gethostname() and not pid_alive(int(match.group(1)))):
+        return None
+    return holder

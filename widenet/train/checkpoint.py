@@ -42,8 +42,8 @@ from ..files import (RefusedPickle, WeightsDamaged, fsync_path, load_safetensors
                      raise_if_disk_full, save_safetensors, write_bytes_durably)
 from ..models.hf import nonfinite_tensor
 from ..rng import capture_rng_state, restore_rng_state
-from .checkpoint_layout import (CHECKPOINT_FILES, CHECKPOINTS_DIR, FORMAT, LATEST_FILE, META_FILE, MODEL_FILE,
-                                SET_ASIDE_DIR, STATE_FILE, STEP_RE, TMP_PREFIX, CheckpointError, SettingsChanged,
+from .checkpoint_layout import (CHECKPOINT_FILES, CHECKPOINTS_DIR, FORMAT, LATEST_FILE, LOCK_FILE, META_FILE,
+                                MODEL_FILE, SET_ASIDE_DIR, STATE_FILE, STEP_RE, TMP_PREFIX, CheckpointError, SettingsChanged,
                                 checkpoint_dir_name, checkpoints_root, clean_leftovers, find_latest_checkpoint,
                                 is_complete, list_checkpoints, remove_tree, step_folders)
 
@@ -289,7 +289,11 @@ def _resolve_folder(path: str | os.PathLike) -> Path:
     if latest is None:
         root = checkpoints_root(p)
         waiting = ""
-        if (p / SET_ASIDE_DIR).is_dir():
+        holder = files.live_holder(p / LOCK_FILE)
+        if (p / SET_ASIDE_DIR).is_dir() and holder:
+            waiting = (f"; the run training here ({holder}) has saved none yet, and set the earlier run aside in "
+                       f"{p / SET_ASIDE_DIR} until it does")
+        elif (p / SET_ASIDE_DIR).is_dir():
             waiting = (f"; an earlier run that a killed --overwrite set aside waits in {p / SET_ASIDE_DIR}, and "
                        "the next train, pretrain or finetune into this folder puts it back")
         raise CheckpointError(f"{p}: no complete checkpoint found (looked in {root}){waiting}")

@@ -26,6 +26,7 @@ TMP_PREFIX = ".tmp-"
 STEP_RE = re.compile(r"^step_(\d{8,})$")
 _DISPLACED_RE = re.compile(r"^\.tmp-old-(step_\d{8,})-\d+$")
 SET_ASIDE_DIR = ".widenet-overwritten"  # an --overwrite run's predecessor until the new run has a checkpoint
+LOCK_FILE = ".widenet.lock"  # held by the run training in the folder (run_folder.claim_run_folder)
 
 
 class CheckpointError(ValueError):

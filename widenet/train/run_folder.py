@@ -38,15 +38,14 @@ import torch
 from ..distributed.env import all_reduce_sum
 from ..distributed.parallel import ParallelContext, on_backend_device
 from ..files import LockHeld, hold_lock, refuse_dead_link, signals_held
-from .checkpoint_layout import (CHECKPOINT_FILES, CHECKPOINTS_DIR, LATEST_FILE, SET_ASIDE_DIR, SettingsChanged,
-                                checkpoints_root, find_latest_checkpoint, remove_tree, step_folders)
+from .checkpoint_layout import (CHECKPOINT_FILES, CHECKPOINTS_DIR, LATEST_FILE, LOCK_FILE, SET_ASIDE_DIR,
+                                SettingsChanged, checkpoints_root, find_latest_checkpoint, remove_tree, step_folders)
 from .exported import CONFIG_FILE, TOKENIZER_FILE  # CONFIG_FILE marks a saved model's folder (an export, HF)
 from .stopping import TrainingStopped
 
 __all__ = ["LOCK_FILE", "RUN_FILES", "SET_ASIDE_DIR", "RunFolderError", "claim_run_folder", "drop_set_aside",
            "driver_run", "earlier_run", "replaces_earlier_run", "resume_or_restart"]
 
-LOCK_FILE = ".widenet.lock"
 RUN_FILES = ("metrics.jsonl", TOKENIZER_FILE, "tensorboard")  # beside the checkpoints, what a run writes into OUT
 
 
