@@ -17,6 +17,7 @@ Bad input exits with status 2 and a one-line message (no traceback).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
 import os
@@ -36,6 +37,7 @@ from .cli_errors import (BUG_REPORT, INTERRUPTED, CLIError, explain, file_names_
 from .cli_models import add_model_commands
 from .cli_predict import add_predict_command
 from .cli_text import add_text_commands
+from .signals import native_call_running
 from .train.stopping import TrainingStopped
 
 
@@ -388,18 +390,18 @@ def run() -> NoReturn:
 
     A process started by torchrun (WORLD_SIZE > 1) exits without Python's
     finalization, which can abort it after a successful run (see
-    widenet.distributed.env.exit_without_finalizing).
+    widenet.distributed.env.exit_without_finalizing); so does one that a stop
+    signal ended while the tokenizer trained (widenet.signals.NATIVE_CALL_THREAD).
     """
     code = main()
+    several = False
     if "WORLD_SIZE" in os.environ:  # torch is imported only then
-        from .distributed.env import DistEnv, exit_without_finalizing
-
-        try:
+        from .distributed.env import DistEnv
+        with contextlib.suppress(ValueError):  # a bad WORLD_SIZE, already reported by a command that needed it
             several = DistEnv.from_environ().distributed
-        except ValueError:  # a bad WORLD_SIZE, already reported by a command that needed it
-            several = False
-        if several:
-            exit_without_finalizing(code)
+    if several or native_call_running():  # (a tokenizer trainer abandoned to a stop signal: signals.py)
+        from .distributed.env import exit_without_finalizing
+        exit_without_finalizing(code)
     raise SystemExit(code)
 
 

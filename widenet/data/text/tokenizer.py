@@ -26,6 +26,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from ...files import atomic_path, fsync_path
+from ...signals import NATIVE_CALL_THREAD
 
 __all__ = [
     "SPECIAL_TOKENS",
@@ -113,7 +114,7 @@ def _while_responsive(call: Callable[[], _T]) -> _T:
         except BaseException as err:  # re-raised in the waiting thread
             outcome["error"] = err
 
-    worker = threading.Thread(target=run, name="widenet-native-call", daemon=True)
+    worker = threading.Thread(target=run, name=NATIVE_CALL_THREAD, daemon=True)
     worker.start()
     while worker.is_alive():
         worker.join(0.1)
