@@ -289,12 +289,11 @@ def _resolve_folder(path: str | os.PathLike) -> Path:
     if latest is None:
         root = checkpoints_root(p)
         waiting = ""
-        holder = files.live_holder(p / LOCK_FILE)
-        if (p / SET_ASIDE_DIR).is_dir() and holder:
+        if (p / SET_ASIDE_DIR).is_dir():
+            holder = files.live_holder(p / LOCK_FILE)
             waiting = (f"; the run training here ({holder}) has saved none yet, and set the earlier run aside in "
-                       f"{p / SET_ASIDE_DIR} until it does")
-        elif (p / SET_ASIDE_DIR).is_dir():
-            waiting = (f"; an earlier run that a killed --overwrite set aside waits in {p / SET_ASIDE_DIR}, and "
+                       f"{p / SET_ASIDE_DIR} until it does" if holder else
+                       f"; an earlier run that a killed --overwrite set aside waits in {p / SET_ASIDE_DIR}, and "
                        "the next train, pretrain or finetune into this folder puts it back")
         raise CheckpointError(f"{p}: no complete checkpoint found (looked in {root}){waiting}")
     return latest

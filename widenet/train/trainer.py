@@ -6,7 +6,8 @@ one global batch, and what evaluation reports. The Trainer owns the rest:
     resume (weights before the model is wrapped, then optimizer, schedule, RNGs,
       counters, log window, weight average and time-budget plan), the update step
       (widenet.train.update: backward, parallel hooks, global-norm clipping, optimizer,
-      schedule, float16's loss scale), the non-finite-loss guard, the log window, metrics.jsonl (and with --tensorboard the
+      schedule, float16's loss scale), the non-finite guard on every step value, the
+      log window, metrics.jsonl (and with --tensorboard the
       same records as TensorBoard events, widenet.train.tensorboard), the progress bar,
       evaluation and checkpoint cadence, the weight average (--ema-decay), the
       time budget (--time-budget, widenet.train.budget) and stopping on Ctrl-C,
