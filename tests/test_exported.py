@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import widenet
-from widenet import create_model
+from widenet import create_model, files
 from widenet.cli import main
 from widenet.models.upcycle import UpcycleError, upcycle
 from widenet.train.checkpoint import CheckpointError
@@ -75,6 +75,62 @@ def test_an_export_whose_weights_were_damaged_in_place_is_refused_by_name(tmp_pa
         widenet.from_pretrained(tmp_path / "m")
     line = _one_line(*cli(["export", tmp_path / "m", "--to", tmp_path / "copy"]))
     assert "do not match the checksum" in line and not (tmp_path / "copy").exists()
+
+
+def _two_exports(tmp_path):
+    """Two exports of one architecture with different weights: folders a and b."""
+    for name, seed in (("a", 0), ("b", 1)):
+        torch.manual_seed(seed)
+        write_export(tmp_path / name, create_model("vit_tiny", dim=32, depth=2, num_heads=2, mlp_dim=64),
+                     model_name="vit_tiny", classes=[name + "0", name + "1"] + [str(i) for i in range(2, 10)])
+    return tmp_path / "a", tmp_path / "b"
+
+
+def test_an_export_whose_weights_belong_to_another_is_refused(tmp_path, cli):
+    """model.safetensors copied in from another export of the same shape loaded without a word, with
+    the first one's class names (a reader racing `export --overwrite` could read such a pair too)."""
+    a, b = _two_exports(tmp_path)
+    config = json.loads((a / "config.json").read_text())
+    from safetensors.torch import load_file
+    assert config["weights_sha256"] == files.tensors_digest(load_file(a / "model.safetensors"))
+    shutil.copy(b / "model.safetensors", a / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"a: its model.safetensors is not the one its config.json was "
+                                              r"written with \(files of two models mixed\); export the model again"):
+        widenet.from_pretrained(a)
+    line = _one_line(*cli(["predict", "--checkpoint", a, tmp_path / "no-image.png"]))
+    assert "files of two models mixed" in line
+
+
+def test_an_export_read_while_overwritten_is_read_again_whole(tmp_path, monkeypatch):
+    """The folder swapped between reading config.json (the old model's) and the weights (the new
+    one's): the second read takes both files of the new model."""
+    a, b = _two_exports(tmp_path)
+    real_read = exported._read_config
+    reads = []
+
+    def swapped_after_the_first_config(folder):
+        reads.append(folder)
+        return real_read(a if len(reads) == 1 else folder)
+
+    monkeypatch.setattr(exported, "_read_config", swapped_after_the_first_config)
+    source = exported.read_export(b)
+    assert len(reads) == 2 and source.classes[0] == "b0"
+    want = widenet.from_pretrained(b).state_dict()
+    assert all(torch.equal(source.model_state[k], want[k]) for k in want)
+
+
+def test_exports_without_the_weights_record_or_digest_still_load(tmp_path):
+    """Exports written before config.json named its weights, and weights saved by another tool (no
+    digest inside) that are the recorded ones, load as before."""
+    from safetensors.torch import load_file, save_file
+    a, b = _two_exports(tmp_path)
+    save_file(load_file(a / "model.safetensors"), a / "model.safetensors")  # the same tensors, no metadata
+    assert widenet.from_pretrained(a) is not None
+    config = json.loads((b / "config.json").read_text())
+    del config["weights_sha256"]
+    (b / "config.json").write_text(json.dumps(config))
+    shutil.copy(a / "model.safetensors", b / "model.safetensors")  # nothing to tell it by: loads
+    assert widenet.load_pretrained(b).classes[0] == "b0"
 
 
 def test_two_exports_racing_to_one_new_folder_do_not_replace_each_other(tmp_path, monkeypatch):

@@ -30,9 +30,9 @@ import torch
 
 from .signals import STOP_SIGNALS
 
-__all__ = ["STALE_TEMPORARY_S", "CacheDamaged", "LockHeld", "RefusedPickle", "WeightsDamaged", "atomic_path",
-           "disk_full", "file_sha256", "file_stamp", "fsync_path", "hold_lock", "is_utf8", "live_holder", "load_cache",
-           "load_safetensors", "load_weights_only", "pid_alive", "raise_if_disk_full", "refuse_dead_link",
+__all__ = ["STALE_TEMPORARY_S", "CacheDamaged", "LockHeld", "RefusedPickle", "WeightsDamaged", "WeightsMismatch",
+           "atomic_path", "disk_full", "file_sha256", "file_stamp", "fsync_path", "hold_lock", "is_utf8", "live_holder",
+           "load_cache", "load_safetensors", "load_weights_only", "pid_alive", "raise_if_disk_full", "refuse_dead_link",
            "rename_exchange", "save_atomic", "save_cache", "save_safetensors", "signals_held", "tensors_digest",
            "write_bytes_durably"]
 
@@ -229,11 +229,16 @@ def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def load_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+class WeightsMismatch(ValueError):
+    """A .safetensors file whose tensors are not the ones another file recorded (tensors_digest)."""
+
+
+def load_safetensors(path: str | os.PathLike, expect_digest: str | None = None) -> dict[str, torch.Tensor]:
     """A .safetensors file's tensors on the CPU, wherever it lies (see _openable_name; where no name
     serves, the file is read whole through a Python file handle). A file widenet wrote carries a
     digest of its tensors: tensors that no longer match it (a damaged disk or copy that kept the
-    file's size) raise WeightsDamaged."""
+    file's size) raise WeightsDamaged. expect_digest: the digest the tensors must have (an export's
+    config.json records its weights'); other tensors raise WeightsMismatch."""
     from safetensors import safe_open
     from safetensors.torch import load
 
@@ -248,6 +253,8 @@ def load_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if saved is not None and tensors_digest(tensors) != saved:
         raise WeightsDamaged(f"{os.fspath(path)}: the weights do not match the checksum saved with them: the file "
                              "was damaged after it was written (a failing disk or an incomplete copy)")
+    if expect_digest is not None and (saved or tensors_digest(tensors)) != expect_digest:
+        raise WeightsMismatch(f"{os.fspath(path)}: these are not the weights recorded beside them")
     return tensors
 
 
@@ -258,18 +265,19 @@ def _header_metadata(data: bytes) -> dict[str, str]:
 
 
 def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
-                     metadata: dict[str, str] | None = None) -> None:
+                     metadata: dict[str, str] | None = None) -> str:
     """Write tensors as a .safetensors file, wherever it goes (see load_safetensors), with a digest
-    of them in its metadata."""
+    of them in its metadata; returns the digest."""
     from safetensors.torch import save, save_file
 
     metadata = {**(metadata or {}), _DIGEST_KEY: tensors_digest(tensors)}
     with _openable_name(path) as name:
         if name is not None:
             save_file(tensors, name, metadata=metadata)
-            return
+            return metadata[_DIGEST_KEY]
     with open(path, "wb") as f:
         f.write(save(tensors, metadata=metadata))
+    return metadata[_DIGEST_KEY]
 
 
 def file_sha256(path: Path) -> str:

@@ -4,7 +4,8 @@
                             "model": preset name, "kind": "vision" | "text", "model_config": {...},
                             "classes": [...] or null, "image": {"mean": [...], "std": [...]} (vision),
                             "data": the dataset's name it was trained on (widenet eval's default), or absent,
-                            "tokenizer": {"fingerprint", "vocab_size"} (text), "source": where it came from}
+                            "tokenizer": {"fingerprint", "vocab_size"} (text), "source": where it came from,
+                            "weights_sha256": model.safetensors' tensors_digest (files.py), or absent}
     DIR/model.safetensors  the weights, under the model's state-dict keys
     DIR/tokenizer.json     text models: the tokenizer the ids were made with
 
@@ -32,7 +33,8 @@ from torch import nn
 
 from ..data.images.folder import RESAMPLING
 from ..data.text.tokenizer import check_same_tokenizer, load_tokenizer, save_tokenizer, tokenizer_record
-from ..files import WeightsDamaged, fsync_path, load_safetensors, raise_if_disk_full, refuse_dead_link, save_safetensors
+from ..files import (WeightsDamaged, WeightsMismatch, fsync_path, load_safetensors, raise_if_disk_full,
+                     refuse_dead_link, save_safetensors)
 from ..models.hf import is_hf_folder
 from ..models.text import TextConfig, TextTransformer
 from ..models.vision import VisionConfig, VisionTransformer
@@ -210,7 +212,8 @@ def write_export(out: str | os.PathLike, model: nn.Module, *, model_name: str, c
     try:
         remove_tree(tmp)
         tmp.mkdir(parents=True)
-        save_safetensors({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, tmp / WEIGHTS_FILE)
+        weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        config["weights_sha256"] = save_safetensors(weights, tmp / WEIGHTS_FILE)  # binds the two files
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=1) + "\n")
         if tokenizer is not None:
             save_tokenizer(tokenizer, tmp / TOKENIZER_FILE)
@@ -236,22 +239,19 @@ def write_export(out: str | os.PathLike, model: nn.Module, *, model_name: str, c
 def read_export(path: str | os.PathLike) -> Source:
     """An export folder as a Source (meta in the shape of a training checkpoint's, no step)."""
     folder = Path(path)
-    try:
-        config = json.loads((folder / CONFIG_FILE).read_text())
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"{folder / CONFIG_FILE}: unreadable ({err})") from None
-    version = config.get("format_version")
-    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-        raise CheckpointError(f"{folder / CONFIG_FILE}: format_version {version!r} is not a version number")
-    if version > EXPORT_VERSION:
-        raise CheckpointError(f"{folder}: format version {version} is newer than this widenet reads "
-                              f"({EXPORT_VERSION}); upgrade widenet")
-    try:
-        state = load_safetensors(folder / WEIGHTS_FILE)
-    except WeightsDamaged as err:
-        raise CheckpointError(str(err)) from None
-    except (OSError, SafetensorError) as err:
-        raise CheckpointError(f"{folder / WEIGHTS_FILE}: could not read the weights ({err})") from None
+    for second_read in (False, True):  # an `export --overwrite` may swap the folder between the two files
+        config = _read_config(folder)
+        try:
+            state = load_safetensors(folder / WEIGHTS_FILE, config.get("weights_sha256"))
+            break
+        except WeightsMismatch:
+            if second_read:
+                raise CheckpointError(f"{folder}: its {WEIGHTS_FILE} is not the one its {CONFIG_FILE} was written "
+                                      "with (files of two models mixed); export the model again") from None
+        except WeightsDamaged as err:
+            raise CheckpointError(str(err)) from None
+        except (OSError, SafetensorError) as err:
+            raise CheckpointError(f"{folder / WEIGHTS_FILE}: could not read the weights ({err})") from None
     image = config.get("image") or {}
     classes = config.get("classes")
     names_ok = classes is None or (isinstance(classes, list) and all(isinstance(c, str) for c in classes))
@@ -277,6 +277,21 @@ def read_export(path: str | os.PathLike) -> Source:
         meta["tokenizer"] = token
     tokenizer = folder / TOKENIZER_FILE
     return Source(folder, None, meta, state, {}, tokenizer if tokenizer.is_file() else None)
+
+
+def _read_config(folder: Path) -> dict[str, Any]:
+    """An export's config.json, its format version checked."""
+    try:
+        config = json.loads((folder / CONFIG_FILE).read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{folder / CONFIG_FILE}: unreadable ({err})") from None
+    version = config.get("format_version") if isinstance(config, dict) else None
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise CheckpointError(f"{folder / CONFIG_FILE}: format_version {version!r} is not a version number")
+    if version > EXPORT_VERSION:
+        raise CheckpointError(f"{folder}: format version {version} is newer than this widenet reads "
+                              f"({EXPORT_VERSION}); upgrade widenet")
+    return config
 
 
 def load_source(path: str | os.PathLike) -> Source:
