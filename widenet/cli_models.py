@@ -3,11 +3,12 @@
     widenet import HF_DIR --out DIR [--overwrite]
     widenet upcycle --from HF_DIR|RUN|DIR --experts E [--top-k K] [--attention mean|block:N]
                     [--noise X] [--seed S] [--dropless] --out DIR [--overwrite]
-    widenet export RUN --to DIR [--ema] [--overwrite]
+    widenet export RUN --to DIR [--ema] [--format widenet|hf] [--overwrite]
 
 Each writes an export folder (widenet/train/exported.py) that
 `widenet.from_pretrained(DIR)`, `widenet predict --checkpoint DIR` and the
-training commands' `--init DIR` read.
+training commands' `--init DIR` read; `export --format hf` writes a Hugging
+Face checkpoint folder instead (models/hf_export.py), which they read too.
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ def _describe(source: Any) -> dict:
     return dict(path=os.path.abspath(source.path), step=source.step, model=source.meta.get("model", ""))
 
 
-def _write(args: argparse.Namespace, source: Any, model, out: str, note: str, model_name: str | None = None) -> int:
+def _write(args: argparse.Namespace, source: Any, model, out: str, note: str, model_name: str | None = None,
+           hf: bool = False) -> int:
     """Write `model` as an export of `source` (its name, classes, statistics, tokenizer, inputs), named
-    model_name when it is another model than the source's."""
+    model_name when it is another model than the source's; hf: as a Hugging Face checkpoint folder."""
     from .data.text.tokenizer import TokenizerError
     from .train.exported import model_kind, run_tokenizer_file, source_tokenizer, write_export
 
@@ -46,11 +48,23 @@ def _write(args: argparse.Namespace, source: Any, model, out: str, note: str, mo
                  tokenizer=tokenizer, source=dict(_describe(source), how=note), overwrite=args.overwrite,
                  protect=source.path if source.path.is_dir() else source.path.parent,
                  data=(source.meta.get("data") or {}).get("name"), inputs=source.text_inputs,
-                 untrained_head=source.untrained_head, image_resize=source.image_resize)
+                 untrained_head=source.untrained_head, image_resize=source.image_resize, hf=hf)
+    if hf and model_kind(model.cfg.to_dict()) == "vision" and (source.image_resize or {}).get("crop", True):
+        source.notes.append("transformers' ViT image processor squashes an image to a square, where widenet's "
+                            "predict cuts out its central square first: the two agree on square images")
     for line in source.notes:
         print(f"note: {line}")
-    print(f"wrote {out} ({note}); load it with widenet.from_pretrained({str(out)!r})")
+    loader = (f"transformers' {_hf_class(out)}.from_pretrained({str(out)!r}) or `widenet import`" if hf else
+              f"widenet.from_pretrained({str(out)!r})")
+    print(f"wrote {out} ({note}); load it with {loader}")
     return 0
+
+
+def _hf_class(folder: str) -> str:
+    import json
+
+    with open(os.path.join(folder, "config.json")) as f:
+        return json.load(f)["architectures"][0]
 
 
 def cmd_import(args: argparse.Namespace) -> int:
@@ -110,7 +124,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             raise ValueError(f"{source.path}: no averaged weights (the run was trained without --ema-decay)")
         source.model_state = averaged["weights"]
     model = load_model(source)
-    return _write(args, source, model, args.to, origin + (" (EMA)" if args.ema else ""))
+    return _write(args, source, model, args.to, origin + (" (EMA)" if args.ema else ""), hf=args.format == "hf")
 
 
 def add_model_commands(sub: argparse._SubParsersAction) -> None:
@@ -139,6 +153,9 @@ def add_model_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("run", type=nonempty, metavar="RUN", help="run folder or checkpoint folder")
     p.add_argument("--to", type=nonempty, required=True, metavar="DIR")
     p.add_argument("--ema", action="store_true", help="export the weight average of --ema-decay")
+    p.add_argument("--format", choices=("widenet", "hf"), default="widenet",
+                   help="widenet: widenet's folder (default); hf: a Hugging Face checkpoint that transformers loads "
+                        "(ViT, and ALBERT-style post-norm text models)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the model in an existing DIR (files you added beside it, e.g. a README, stay)")
     p.set_defaults(func=cmd_export)

@@ -26,7 +26,10 @@ __all__ = ["CONFIG_FILE", "MODEL_FILES", "TOKENIZER_FILE", "WEIGHTS_FILE", "carr
            "clear_leftovers", "move_into_place", "temporary"]
 
 CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE = "config.json", "model.safetensors", "tokenizer.json"
-MODEL_FILES = (CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE)  # what an export writes; the rest is the user's
+# A model folder's own files (what an export writes; what a Hugging Face folder holds of its model, which
+# `export --format hf` writes and `--overwrite` may replace); the rest is the user's.
+MODEL_FILES = (CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE, "tokenizer_config.json", "preprocessor_config.json",
+               "special_tokens_map.json", "vocab.txt", "pytorch_model.bin", "model.safetensors.index.json")
 
 
 def temporary(out: Path, old: bool = False) -> Path:

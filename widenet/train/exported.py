@@ -36,6 +36,7 @@ from ..data.text.tokenizer import check_same_tokenizer, load_tokenizer, save_tok
 from ..files import (WeightsDamaged, WeightsMismatch, fsync_path, load_safetensors, raise_if_disk_full,
                      refuse_dead_link, save_safetensors)
 from ..models.hf import is_hf_folder
+from ..models.hf_export import hf_checkpoint
 from ..models.text import TextConfig, TextTransformer
 from ..models.vision import VisionConfig, VisionTransformer
 from ..settings import finite_numbers
@@ -43,12 +44,12 @@ from .checkpoint import CheckpointError, check_finite, check_model_keys, find_la
 from .checkpoint_layout import remove_tree
 from .export_destination import (CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, carry_user_files, check_destination,
                                  clear_leftovers, move_into_place, temporary)
-from .hf_folder import read_hf_source
+from .hf_folder import hf_side_files, read_hf_source
 from .text_inputs import recorded_inputs
 
 __all__ = ["EXPORT_FORMAT", "EXPORT_VERSION", "HEADS", "Source", "config_problem", "init_source", "require_kind",
-           "is_export", "load_model", "load_source", "model_from_meta", "non_finite_problem", "read_export",
-           "run_tokenizer_file", "weights_from", "write_export"]
+           "is_export", "is_model_folder", "load_model", "load_source", "model_from_meta", "non_finite_problem",
+           "read_export", "run_tokenizer_file", "weights_from", "write_export"]
 
 EXPORT_FORMAT = "widenet-model"
 EXPORT_VERSION = 1
@@ -111,6 +112,11 @@ class Source:
         return {k: list(v) for k, v in stats.items()} or None
 
 
+def is_model_folder(path: str | os.PathLike) -> bool:
+    """A folder holding a model widenet writes: an export, or a Hugging Face checkpoint folder."""
+    return is_export(path) or is_hf_folder(path)
+
+
 def is_export(path: str | os.PathLike) -> bool:
     config = Path(path) / CONFIG_FILE
     try:
@@ -171,7 +177,7 @@ def write_export(out: str | os.PathLike, model: nn.Module, *, model_name: str, c
                  tokenizer: Any = None, source: Any = None, overwrite: bool = False,
                  protect: str | os.PathLike | None = None, data: str | None = None,
                  inputs: dict | None = None, untrained_head: str | None = None,
-                 image_resize: dict | None = None) -> Path:
+                 image_resize: dict | None = None, hf: bool = False) -> Path:
     """Write `model` as an export folder at `out` (see module doc), atomically: a folder of the same
     name appears whole or not at all, and an old one is swapped out only once the new one is
     complete. overwrite=True replaces an earlier export folder's model (never a run folder, a
@@ -183,38 +189,44 @@ def write_export(out: str | os.PathLike, model: nn.Module, *, model_name: str, c
     dataset the model was trained on, which `widenet eval` then evaluates on by default. inputs: how
     fine-tuning prepared a text model's inputs (train.text_inputs), which predict reuses.
     untrained_head: the task head the source held no weights for (Source.untrained_head);
-    image_resize: Source.image_resize."""
+    image_resize: Source.image_resize. hf=True writes a Hugging Face checkpoint folder instead, for
+    the models transformers has a class for (models/hf_export.py: HFExportError for others):
+    transformers' config.json and tensor names, tokenizer.json with tokenizer_config.json or
+    preprocessor_config.json (hf_folder.hf_side_files); `widenet import` reads it back."""
     from .. import __version__
 
     out = Path(out)
+    if hf:  # refused before anything is touched when transformers has no class for the model
+        config, weights = hf_checkpoint(model, classes)
     refuse_dead_link(out)
     if out.is_symlink():  # a link names where the model goes: it stays a link, its folder gets the model
         out = Path(os.path.realpath(out))
-    clear_leftovers(out, is_export)  # (an earlier model a killed export set aside is back before the check)
-    check_destination(out, overwrite, protect, is_export)
+    clear_leftovers(out, is_model_folder)  # (an earlier model a killed export set aside is back before the check)
+    check_destination(out, overwrite, protect, is_model_folder)
     token_meta = None
     if tokenizer_file is not None:
         tokenizer = load_tokenizer(tokenizer_file)
     if tokenizer is not None:
         token_meta = tokenizer_record(tokenizer)
-    config = dict(format=EXPORT_FORMAT, format_version=EXPORT_VERSION, widenet_version=__version__,
-                  model=model_name, kind=model_kind(model.cfg.to_dict()), model_config=model.cfg.to_dict(),
-                  classes=classes, image=image_stats, tokenizer=token_meta, source=source)
-    if data:
-        config["data"] = data
-    if inputs:
-        config["inputs"] = inputs
-    if untrained_head:
-        config["untrained_head"] = untrained_head
-    if image_resize:
-        config["image_resize"] = image_resize
+    side = hf_side_files(model, image_stats, image_resize, with_tokenizer=tokenizer is not None) if hf else {}
+    if not hf:
+        weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        config = dict(format=EXPORT_FORMAT, format_version=EXPORT_VERSION, widenet_version=__version__,
+                      model=model_name, kind=model_kind(model.cfg.to_dict()), model_config=model.cfg.to_dict(),
+                      classes=classes, image=image_stats, tokenizer=token_meta, source=source)
+        for key, value in dict(data=data, inputs=inputs, untrained_head=untrained_head,
+                               image_resize=image_resize).items():
+            if value:
+                config[key] = value
     tmp = temporary(out)
     try:
         remove_tree(tmp)
         tmp.mkdir(parents=True)
-        weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        config["weights_sha256"] = save_safetensors(weights, tmp / WEIGHTS_FILE)  # binds the two files
-        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=1) + "\n")
+        digest = save_safetensors(weights, tmp / WEIGHTS_FILE, {"format": "pt"} if hf else None)
+        if not hf:
+            config["weights_sha256"] = digest  # binds the two files: read_export
+        for name, content in {CONFIG_FILE: config, **side}.items():
+            (tmp / name).write_text(json.dumps(content, indent=1) + "\n")
         if tokenizer is not None:
             save_tokenizer(tokenizer, tmp / TOKENIZER_FILE)
         for file in tmp.iterdir():

@@ -1,6 +1,7 @@
 """What a Hugging Face checkpoint folder gives widenet (train/exported.py makes a Source of it): the
 model (models/hf.py), its label names, how its image processor prepares images, and how its
-vocab.txt is tokenized."""
+vocab.txt is tokenized; and, the other way, the image processor and tokenizer settings a folder
+widenet writes for transformers holds (hf_side_files)."""
 
 from __future__ import annotations
 
@@ -10,12 +11,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from ..data.images.folder import RESAMPLING
 from ..models.hf import load_hf
+from ..models.vision import VisionTransformer
 from ..settings import finite_numbers
 
-__all__ = ["HFSource", "image_preparation", "preparation_gaps", "read_hf_source", "vocab_settings"]
+__all__ = ["HFSource", "hf_side_files", "image_preparation", "preparation_gaps", "read_hf_source", "vocab_settings"]
 
 
 @dataclass
@@ -49,6 +52,28 @@ def read_hf_source(path: Path) -> HFSource:
     tokenizer = path / "tokenizer.json" if (path / "tokenizer.json").is_file() else path / "vocab.txt"
     settings = vocab_settings(_json_or_empty(path / "tokenizer_config.json"))
     return HFSource(meta, model.state_dict(), tokenizer if tokenizer.is_file() else None, settings, notes)
+
+
+def hf_side_files(model: nn.Module, image_stats: dict | None = None, image_resize: dict | None = None,
+                  with_tokenizer: bool = False) -> dict[str, dict]:
+    """What transformers' Auto classes read beside the weights, by file name: for a ViT the image
+    processor (squash to the model's size with widenet's filter, scale by 1/255, then the training
+    mean and std, or 0.5 where none were saved, as widenet's predict does); for a text model
+    with its tokenizer.json, the special tokens (widenet's tokenizer.json holds the rest)."""
+    if isinstance(model, VisionTransformer):
+        channels, size = model.cfg.in_channels, model.cfg.image_size
+        stats = image_stats or dict(mean=[0.5] * channels, std=[0.5] * channels)
+        resample = (image_resize or {}).get("resample", "bicubic")
+        return {"preprocessor_config.json": dict(
+            image_processor_type="ViTImageProcessor", do_resize=True, size=dict(height=size, width=size),
+            resample=RESAMPLING.index(resample), do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
+            image_mean=stats["mean"], image_std=stats["std"])}
+    if not with_tokenizer:
+        return {}
+    return {"tokenizer_config.json": dict(
+        tokenizer_class="PreTrainedTokenizerFast", unk_token="[UNK]", sep_token="[SEP]", pad_token="[PAD]",
+        cls_token="[CLS]", mask_token="[MASK]", model_max_length=model.cfg.max_positions,
+        model_input_names=["input_ids", "token_type_ids", "attention_mask"])}
 
 
 def vocab_settings(config: dict) -> dict[str, Any]:

@@ -1,0 +1,150 @@
+"""`widenet export --format hf`: Hugging Face checkpoint folders that transformers' own classes load
+and compute exactly as widenet does (transformers is the oracle), which `widenet import` reads back."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import widenet
+from widenet import create_model
+from widenet.data.images.folder import decode_image
+from widenet.data.text.tokenizer import train_tokenizer
+from widenet.models.hf_export import HFExportError, hf_checkpoint
+from widenet.train.exported import write_export
+
+transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+TINY = dict(dim=32, depth=2, num_heads=2, mlp_dim=64)
+CLASSES = [f"class {i}" for i in range(10)]
+
+
+def _randomised(model):
+    """Weights far from their init (zero heads, unit norms), so that a tensor mapped wrongly shows."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.3)
+    return model.eval()
+
+
+def _hf_model(folder):
+    config = json.loads((folder / "config.json").read_text())
+    return getattr(transformers, config["architectures"][0]).from_pretrained(folder).eval()
+
+
+def test_a_vit_loads_in_transformers_with_its_image_processor(tmp_path, cli):
+    model = _randomised(create_model("vit_tiny", **TINY))
+    stats = dict(mean=[0.3], std=[0.2])
+    write_export(tmp_path / "hf", model, model_name="vit_tiny", classes=CLASSES, image_stats=stats, hf=True)
+    theirs = _hf_model(tmp_path / "hf")
+    assert type(theirs).__name__ == "ViTForImageClassification" and theirs.config.id2label[3] == "class 3"
+    image = tmp_path / "g.png"
+    from PIL import Image
+    Image.fromarray((np.random.RandomState(0).rand(28, 28) * 255).astype("uint8"), "L").save(image)
+    processor = transformers.AutoImageProcessor.from_pretrained(tmp_path / "hf")
+    pixels = processor(images=Image.open(image), return_tensors="pt").pixel_values
+    ours = (decode_image(image, 28, 1).float() / 255 - 0.3) / 0.2  # what widenet's predict feeds the model
+    torch.testing.assert_close(pixels[0], ours, rtol=0, atol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(pixel_values=pixels).logits, model(ours[None]).logits, rtol=0, atol=2e-5)
+    back = widenet.load_pretrained(tmp_path / "hf")  # the import reads the folder back: the same model
+    assert back.classes == CLASSES and back.mean == (0.3,) and back.std == (0.2,)
+    mine = model.state_dict()
+    assert all(torch.equal(back.model.state_dict()[k], mine[k]) for k in mine)
+
+
+@pytest.mark.parametrize("task,tied", [("pretrain", True), ("pretrain", False), ("classify", True), ("qa", True)])
+def test_an_albert_computes_what_transformers_albert_does(tmp_path, task, tied):
+    model = _randomised(create_model("albert_text_tiny", **TINY, vocab_size=60, embedding_size=16, norm_position="post",
+                                     task=task, num_labels=3, tie_word_embeddings=tied, activation="gelu_tanh"))
+    classes = ["neg", "neutral", "pos"] if task == "classify" else None
+    write_export(tmp_path / "hf", model, model_name="albert_text_tiny", classes=classes, hf=True)
+    theirs = _hf_model(tmp_path / "hf")
+    ids = torch.randint(5, 60, (2, 12), generator=torch.Generator().manual_seed(1))
+    keep = torch.ones(2, 12, dtype=torch.long)
+    keep[1, 8:] = 0
+    types = (torch.arange(12) >= 6).long().expand(2, 12)
+    with torch.no_grad():
+        ours = model(ids, types, attention_mask=keep, masked_positions=keep.bool() if task == "pretrain" else None)
+        out = theirs(input_ids=ids, attention_mask=keep, token_type_ids=types)
+    if task == "pretrain":
+        assert type(theirs).__name__ == "AlbertForPreTraining"
+        torch.testing.assert_close(out.prediction_logits[keep.bool()], ours.mlm_logits, rtol=0, atol=2e-5)
+        torch.testing.assert_close(out.sop_logits, ours.sop_logits, rtol=0, atol=2e-5)
+    elif task == "classify":
+        assert theirs.config.id2label == {0: "neg", 1: "neutral", 2: "pos"}
+        torch.testing.assert_close(out.logits, ours.logits, rtol=0, atol=2e-5)
+    else:  # widenet masks padding positions out of the span scores; transformers leaves them
+        real = keep.bool()
+        torch.testing.assert_close(out.start_logits[real], ours.start_logits[real], rtol=0, atol=2e-5)
+        torch.testing.assert_close(out.end_logits[real], ours.end_logits[real], rtol=0, atol=2e-5)
+    back = widenet.from_pretrained(tmp_path / "hf").state_dict()
+    for key, value in model.state_dict().items():
+        if not (task == "qa" and key.startswith("backbone.pooler.")):  # a QA model has no pooler in transformers
+            assert torch.equal(back[key], value), key
+
+
+def test_the_tokenizer_goes_with_a_text_model(tmp_path):
+    texts = ["The cat sat on the mat.", "A dog ran in the park!", "Cats and dogs are friends."] * 5
+    tokenizer = train_tokenizer(texts, vocab_size=80, min_frequency=1)
+    model = create_model("albert_text_tiny", **TINY, vocab_size=tokenizer.get_vocab_size(), norm_position="post")
+    write_export(tmp_path / "hf", model, model_name="albert_text_tiny", tokenizer=tokenizer, hf=True)
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    encoded = theirs("the cat ran", "dogs sat on a mat")
+    ours = tokenizer.encode("the cat ran", "dogs sat on a mat")
+    assert encoded["input_ids"] == ours.ids and encoded["token_type_ids"] == ours.type_ids
+    assert theirs.pad_token_id == 0 and theirs.mask_token == "[MASK]" and theirs.model_max_length == 128
+    assert widenet.load_pretrained(tmp_path / "hf").tokenizer is not None
+
+
+@pytest.mark.parametrize("name,settings,named", [
+    ("widenet_tiny", {}, "mixture-of-experts blocks (moe_blocks=all), which ViT has not"),
+    ("albert_tiny", {}, "it shares weights between blocks; ViT gives every block its own"),
+    ("vit_tiny", dict(stem="conv"), "stem='conv': ViT has only stem='patch'"),
+    ("vit_tiny", dict(pool="avg"), "pool='avg': ViT has only pool='token'"),
+    ("vit_tiny", dict(representation_size=16), "a pre-logits layer"),
+    ("albert_text_tiny", {}, "its blocks are pre-norm and ALBERT's post-norm (--set norm_position=post trains one)"),
+    ("bert_text_tiny", dict(norm_position="post"), "ALBERT shares attention, FFN and norms across all blocks; this "
+                                                   "model shares none of them"),
+    ("widenet_text_tiny", dict(norm_position="post"), "mixture-of-experts"),
+])
+def test_models_transformers_has_no_class_for_are_refused_by_name(name, settings, named):
+    model = create_model(name, **TINY, **settings)
+    with pytest.raises(HFExportError, match="no Hugging Face model computes this one: " + ".*" + named.replace(
+            "(", r"\(").replace(")", r"\)")):
+        hf_checkpoint(model)
+
+
+def test_the_export_command_writes_and_replaces_hf_folders(tmp_path, fmnist_dir, tiny_set_args, cli):
+    run = tmp_path / "run"
+    assert cli(["train", "--model", "widenet_tiny", "--data-dir", fmnist_dir, "--out", run, "--max-steps", "1",
+                "--batch-size", "16", *tiny_set_args])[0] == 0
+    rc, out, err = cli(["export", run, "--to", tmp_path / "hf", "--format", "hf"])
+    assert rc == 2 and err.count("\n") == 1 and "mixture-of-experts blocks" in err and not (tmp_path / "hf").exists()
+    vit = tmp_path / "vit"
+    assert cli(["train", "--model", "vit_tiny", "--data-dir", fmnist_dir, "--out", vit, "--max-steps", "1",
+                "--batch-size", "16", *tiny_set_args])[0] == 0
+    rc, out, err = cli(["export", vit, "--to", tmp_path / "hf", "--format", "hf"])
+    assert rc == 0 and "ViTForImageClassification.from_pretrained" in out and "squashes" in out, (out, err)
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["config.json", "model.safetensors",
+                                                                   "preprocessor_config.json"]
+    (tmp_path / "hf" / "README.md").write_text("my card")
+    rc, out, err = cli(["export", vit, "--to", tmp_path / "hf", "--format", "hf"])
+    assert rc == 2 and "already holds a widenet model; pass --overwrite" in err
+    assert cli(["export", vit, "--to", tmp_path / "hf", "--overwrite"])[0] == 0  # the widenet format replaces it
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["format"] == "widenet-model"
+    with torch.no_grad():
+        images = torch.randn(2, 1, 28, 28)
+        torch.testing.assert_close(_hf_model_from(vit, tmp_path, cli)(pixel_values=images).logits,
+                                   widenet.from_pretrained(vit)(images).logits, rtol=0, atol=2e-5)
+
+
+def _hf_model_from(run, tmp_path, cli):
+    assert cli(["export", run, "--to", tmp_path / "again", "--format", "hf"])[0] == 0
+    return _hf_model(tmp_path / "again")

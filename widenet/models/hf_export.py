@@ -1,0 +1,114 @@
+"""widenet models as Hugging Face checkpoint folders that `transformers` loads: the inverse of
+hf.py's import, for the models a transformers class computes exactly.
+
+    VisionTransformer: dense, nothing shared, pre-norm, patch stem, class token, no pre-logits layer
+        -> ViTForImageClassification (transformers 4's tensor names, which transformers 5 reads too)
+    TextTransformer: dense, attention, FFN and norms all shared (ALBERT), post-norm
+        -> AlbertForPreTraining / AlbertForSequenceClassification / AlbertForQuestionAnswering (by task)
+
+Everything else has no transformers class (an MoE, WideNet's per-block norms, pre-norm text
+models, the convolutional stem, ...) and is refused by name (HFExportError). The tensors are the
+import's mapping run backwards (a q/k/v weight split in three), so importing the folder again gives
+the same model.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .hf import _albert_keys, _resolve, _vit_keys
+from .text import TextTransformer
+from .vision import VisionTransformer
+
+__all__ = ["HFExportError", "hf_checkpoint", "hf_export_problem"]
+
+_HF_ACTIVATION = {"gelu": "gelu", "gelu_tanh": "gelu_new"}
+_ALBERT_ARCH = {"pretrain": "AlbertForPreTraining", "classify": "AlbertForSequenceClassification",
+                "qa": "AlbertForQuestionAnswering"}
+_HEADS = ("classifier.", "qa_outputs.", "predictions.", "sop_classifier.")  # outside the base model's prefix
+
+
+class HFExportError(ValueError):
+    """A model that no transformers class computes: it cannot be written as a Hugging Face folder."""
+
+
+def hf_export_problem(model: nn.Module) -> str | None:
+    """Why `model` has no Hugging Face equivalent, or None."""
+    if not isinstance(model, (VisionTransformer, TextTransformer)):
+        return f"a {type(model).__name__} is not a widenet model"
+    enc = model.cfg.encoder
+    shared = (enc.share_attention, enc.share_ffn, enc.share_norms)
+    vision = isinstance(model, VisionTransformer)
+    wanted = "ViT" if vision else "ALBERT"
+    if enc.moe_blocks != "none":
+        return f"it has mixture-of-experts blocks (moe_blocks={enc.moe_blocks}), which {wanted} has not"
+    if vision and any(shared):
+        return "it shares weights between blocks; ViT gives every block its own"
+    if not vision and not all(shared):
+        return ("ALBERT shares attention, FFN and norms across all blocks; this model shares "
+                f"{_shared_names(shared) or 'none of them'}")
+    position = "pre" if vision else "post"
+    if enc.norm_position != position:
+        return (f"its blocks are {enc.norm_position}-norm and {wanted}'s {position}-norm "
+                f"({'--set norm_position=post trains one' if not vision else ''})").replace(" ()", "")
+    if enc.expert_dim is not None and enc.expert_dim != enc.mlp_dim:
+        return f"expert_dim {enc.expert_dim} differs from mlp_dim {enc.mlp_dim}"
+    if vision:
+        cfg = model.cfg
+        for setting, value, want in (("stem", cfg.stem, "patch"), ("pool", cfg.pool, "token")):
+            if value != want:
+                return f"{setting}={value!r}: ViT has only {setting}={want!r}"
+        if cfg.representation_size is not None:
+            return "it has a pre-logits layer (representation_size), which ViTForImageClassification has not"
+    return None
+
+
+def _shared_names(shared: tuple[bool, bool, bool]) -> str:
+    return ", ".join(name for name, on in zip(("attention", "FFN", "norms"), shared) if on)
+
+
+def hf_checkpoint(model: nn.Module, classes: list[str] | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(config.json as a dict, state dict under Hugging Face's names) of `model`; HFExportError when
+    no transformers class computes it (hf_export_problem)."""
+    if (problem := hf_export_problem(model)) is not None:
+        raise HFExportError(f"no Hugging Face model computes this one: {problem}")
+    enc = model.cfg.encoder
+    config = dict(hidden_size=enc.dim, num_hidden_layers=enc.depth, num_attention_heads=enc.num_heads,
+                  intermediate_size=enc.mlp_dim, hidden_act=_HF_ACTIVATION[enc.activation],
+                  hidden_dropout_prob=enc.dropout, attention_probs_dropout_prob=enc.attn_dropout,
+                  layer_norm_eps=enc.norm_eps, initializer_range=0.02)
+    if isinstance(model, VisionTransformer):
+        cfg, prefix = model.cfg, "vit."
+        config.update(model_type="vit", architectures=["ViTForImageClassification"], image_size=cfg.image_size,
+                      patch_size=cfg.patch_size, num_channels=cfg.in_channels, qkv_bias=True)
+        mapping, num_labels, drop = _vit_keys(enc.depth, legacy=True), cfg.num_classes, ()
+    else:
+        cfg, prefix = model.cfg, "albert."
+        config.update(model_type="albert", architectures=[_ALBERT_ARCH[cfg.task]], vocab_size=cfg.vocab_size,
+                      embedding_size=cfg.embedding_size, max_position_embeddings=cfg.max_positions,
+                      type_vocab_size=cfg.type_vocab_size, pad_token_id=cfg.pad_token_id, num_hidden_groups=1,
+                      inner_group_num=1, tie_word_embeddings=cfg.tie_word_embeddings,
+                      classifier_dropout_prob=enc.dropout)
+        mapping, num_labels = _albert_keys(enc.depth), cfg.num_labels if cfg.task == "classify" else None
+        if not cfg.tie_word_embeddings:
+            mapping["mlm_head.decoder"] = "predictions.decoder.weight"
+        drop = ("backbone.pooler.",) if cfg.task == "qa" else ()  # AlbertForQuestionAnswering has no pooler
+    if num_labels is not None:
+        names = classes if classes and len(classes) == num_labels else [f"LABEL_{i}" for i in range(num_labels)]
+        config.update(id2label={str(i): name for i, name in enumerate(names)},
+                      label2id={name: i for i, name in enumerate(names)})
+    state = {}
+    for key, tensor in model.state_dict().items():
+        if key.startswith(drop):
+            continue
+        target = _resolve(key, mapping)
+        if target is None:  # every tensor of an accepted model has a place: a new one needs a mapping
+            raise HFExportError(f"no Hugging Face name for widenet's {key}")
+        parts = [target] if isinstance(target, str) else target
+        for name, part in zip(parts, tensor.chunk(len(parts))):  # q, k, v: the rows of qkv in thirds
+            state[name if name.startswith(_HEADS) else prefix + name] = part.detach().cpu().contiguous()
+    if "predictions.bias" in state:
+        state["predictions.decoder.bias"] = state["predictions.bias"].clone()  # one tensor in transformers
+    return config, state
+
