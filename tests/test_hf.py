@@ -69,6 +69,23 @@ def test_albert_for_pretraining_equals_transformers(tmp_path, act):
     torch.testing.assert_close(out.sop_logits, ref.sop_logits, **TOL)
 
 
+def test_albert_with_a_layer_group_per_block_is_an_unshared_model(tmp_path):
+    """num_hidden_groups = num_hidden_layers: every block has its own layer (a BERT with ALBERT's
+    factorized embedding), read as widenet's text model with nothing shared."""
+    torch.manual_seed(0)
+    hf = transformers.AlbertForPreTraining(transformers.AlbertConfig(embedding_size=8, num_hidden_groups=3, **TEXT))
+    loaded = load_hf(_save(hf, tmp_path))
+    enc = loaded.model.cfg.encoder
+    assert (enc.share_attention, enc.share_ffn, enc.share_norms, enc.depth) == (False, False, False, 3)
+    ids, mask, types = _text_inputs()
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask, token_type_ids=types, output_hidden_states=True)
+        out = loaded.model(ids, types, keep_mask=mask, masked_positions=mask.bool())
+    torch.testing.assert_close(_real(out.hidden, mask), _real(ref.hidden_states[-1], mask), **TOL)
+    torch.testing.assert_close(out.mlm_logits, _real(ref.prediction_logits, mask), **TOL)
+    torch.testing.assert_close(out.sop_logits, ref.sop_logits, **TOL)
+
+
 @pytest.mark.parametrize("family", ["albert", "bert"])
 def test_classification_and_qa_heads_equal_transformers(tmp_path, family):
     def config():
@@ -267,7 +284,8 @@ def test_unsupported_settings_and_shape_mismatches_are_named(tmp_path):
     torch.manual_seed(0)
     folder = _save(transformers.AlbertModel(transformers.AlbertConfig(embedding_size=8, **TEXT)), tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
-    for change, message in [({"num_hidden_groups": 2}, "num_hidden_groups=2 is not supported"),
+    for change, message in [({"num_hidden_groups": 2}, "num_hidden_groups=2 and inner_group_num=1 is not supported"),
+                            ({"inner_group_num": 2}, "num_hidden_groups=1 and inner_group_num=2 is not supported"),
                             ({"hidden_act": "relu"}, "hidden_act 'relu' is not supported"),
                             ({"intermediate_size": 48}, r"ffn.weight has shape \(32, 16\), widenet's "
                                                         r"backbone.encoder.mlps.0.fc1.weight needs \(48, 16\)")]:

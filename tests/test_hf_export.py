@@ -58,13 +58,19 @@ def test_a_vit_loads_in_transformers_with_its_image_processor(tmp_path, cli):
     assert all(torch.equal(back.model.state_dict()[k], mine[k]) for k in mine)
 
 
-@pytest.mark.parametrize("task,tied", [("pretrain", True), ("pretrain", False), ("classify", True), ("qa", True)])
-def test_an_albert_computes_what_transformers_albert_does(tmp_path, task, tied):
-    model = _randomised(create_model("albert_text_tiny", **TINY, vocab_size=60, embedding_size=16, norm_position="post",
+@pytest.mark.parametrize("name,task,tied", [
+    ("albert_text_tiny", "pretrain", True), ("albert_text_tiny", "pretrain", False),
+    ("albert_text_tiny", "classify", True), ("albert_text_tiny", "qa", True),
+    ("bert_text_tiny", "pretrain", True), ("bert_text_tiny", "classify", True)])
+def test_a_post_norm_text_model_computes_what_transformers_albert_does(tmp_path, name, task, tied):
+    """ALBERT-style (one shared layer) and unshared (a BERT with the factorized embedding: an ALBERT
+    with a layer group per block) text models."""
+    model = _randomised(create_model(name, **TINY, vocab_size=60, embedding_size=16, norm_position="post",
                                      task=task, num_labels=3, tie_word_embeddings=tied, activation="gelu_tanh"))
     classes = ["neg", "neutral", "pos"] if task == "classify" else None
-    write_export(tmp_path / "hf", model, model_name="albert_text_tiny", classes=classes, hf=True)
+    write_export(tmp_path / "hf", model, model_name=name, classes=classes, hf=True)
     theirs = _hf_model(tmp_path / "hf")
+    assert theirs.config.num_hidden_groups == (1 if name == "albert_text_tiny" else 2)
     ids = torch.randint(5, 60, (2, 12), generator=torch.Generator().manual_seed(1))
     keep = torch.ones(2, 12, dtype=torch.long)
     keep[1, 8:] = 0
@@ -109,8 +115,8 @@ def test_the_tokenizer_goes_with_a_text_model(tmp_path):
     ("vit_tiny", dict(pool="avg"), "pool='avg': ViT has only pool='token'"),
     ("vit_tiny", dict(representation_size=16), "a pre-logits layer"),
     ("albert_text_tiny", {}, "its blocks are pre-norm and ALBERT's post-norm (--set norm_position=post trains one)"),
-    ("bert_text_tiny", dict(norm_position="post"), "ALBERT shares attention, FFN and norms across all blocks; this "
-                                                   "model shares none of them"),
+    ("albert_text_tiny", dict(norm_position="post", share_norms=False), "it shares attention, FFN but not all three "
+                                                                       "of attention, FFN and norms"),
     ("widenet_text_tiny", dict(norm_position="post"), "mixture-of-experts"),
 ])
 def test_models_transformers_has_no_class_for_are_refused_by_name(name, settings, named):

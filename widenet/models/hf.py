@@ -4,7 +4,8 @@ A folder with ``config.json`` and ``model.safetensors`` (or a sharded
 ``model.safetensors.index.json``, or ``pytorch_model.bin``, read with
 ``weights_only=True``: a pickle that would run code is refused) becomes:
 
-    model_type "albert"  -> TextTransformer, everything shared, post-norm (ALBERT)
+    model_type "albert"  -> TextTransformer, everything shared, post-norm (ALBERT); with a layer
+                            group per block (num_hidden_groups = num_hidden_layers), nothing shared
     model_type "bert"    -> TextTransformer, nothing shared, post-norm, embedding
                             size = width with an identity projection (BERT has none)
     model_type "vit"     -> VisionTransformer, patch stem, class token, pre-norm
@@ -35,6 +36,7 @@ from torch import nn
 from ..files import RefusedPickle, load_safetensors, load_weights_only
 from .encoder import EncoderConfig
 from .hf_labels import classifier_problem, label_names
+from .hf_names import albert_names, bert_names, resolve, vit_names
 from .presets import ALBERT_SHARING
 from .text import TextConfig, TextTransformer
 from .vision import VisionConfig, VisionTransformer
@@ -191,7 +193,8 @@ def _load_text(path, config: dict, state: dict, arch: str, kind: str) -> HFImpor
                    mlp_dim=config["intermediate_size"], norm_position="post",
                    norm_eps=float(config.get("layer_norm_eps", 1e-12)), activation=_activation(path, config),
                    dropout=0.0, attn_dropout=0.0)
-    if kind == "albert":
+    groups = config.get("num_hidden_groups", 1) if kind == "albert" else 0
+    if groups == 1:  # one ALBERT layer for every block; a group per block shares nothing
         encoder.update(ALBERT_SHARING)
     classes, label_notes = label_names(config) if task == "classify" else (None, [])
     if task == "classify":
@@ -208,7 +211,7 @@ def _load_text(path, config: dict, state: dict, arch: str, kind: str) -> HFImpor
                      task=task, num_labels=len(classes) if classes else config.get("num_labels", 2),
                      encoder=EncoderConfig.from_dict(encoder), tie_word_embeddings=not untied)
     model = TextTransformer(cfg)
-    ours = (_albert_keys if kind == "albert" else _bert_keys)(cfg.encoder.depth)
+    ours = albert_names(groups) if kind == "albert" else bert_names(cfg.encoder.depth)
     if kind == "bert":  # BERT embeds at the full width: the projection is the identity
         state["__identity__.weight"], state["__identity__.bias"] = torch.eye(dim), torch.zeros(dim)
     if untied:  # tie_word_embeddings=False: the head keeps its own decoder
@@ -227,60 +230,11 @@ def _check_text_settings(path, config: dict, kind: str) -> None:
     if position != "absolute":
         raise HFCheckpointError(f"{path}: position_embedding_type {position!r} is not supported (only 'absolute')")
     if kind == "albert":
-        for name in ("num_hidden_groups", "inner_group_num"):
-            if config.get(name, 1) != 1:
-                raise HFCheckpointError(f"{path}: ALBERT with {name}={config[name]} is not supported: widenet "
-                                        "shares one layer across all blocks (num_hidden_groups = inner_group_num = 1)")
-
-
-def _albert_keys(depth: int) -> dict[str, str | list[str]]:
-    """widenet key -> HF key (a list: concatenated rows, q/k/v) for a shared ALBERT layer."""
-    layer = "encoder.albert_layer_groups.0.albert_layers.0."
-    keys = {
-        **_embedding_keys(),
-        "backbone.embeddings.project.": "encoder.embedding_hidden_mapping_in.",
-        "backbone.encoder.attention.0.qkv.": [layer + f"attention.{p}." for p in ("query", "key", "value")],
-        "backbone.encoder.attention.0.proj.": layer + "attention.dense.",
-        "backbone.encoder.norms.0.attn_norm.": layer + "attention.LayerNorm.",
-        "backbone.encoder.mlps.0.fc1.": layer + "ffn.",
-        "backbone.encoder.mlps.0.fc2.": layer + "ffn_output.",
-        "backbone.encoder.norms.0.ffn_norm.": layer + "full_layer_layer_norm.",
-        "backbone.pooler.": "pooler.",
-        "mlm_head.dense.": "predictions.dense.",
-        "mlm_head.norm.": "predictions.LayerNorm.",
-        "mlm_head.bias": "predictions.bias",
-        "sop_head.proj.": "sop_classifier.classifier.",
-    }
-    return {**keys, **_task_head_keys()}
-
-
-def _bert_keys(depth: int) -> dict[str, str | list[str]]:
-    keys: dict[str, str | list[str]] = {**_embedding_keys(), "backbone.embeddings.project.": "__identity__."}
-    for i in range(depth):
-        hf, ours = f"encoder.layer.{i}.", "backbone.encoder."
-        keys.update({
-            f"{ours}attention.{i}.qkv.": [hf + f"attention.self.{p}." for p in ("query", "key", "value")],
-            f"{ours}attention.{i}.proj.": hf + "attention.output.dense.",
-            f"{ours}norms.{i}.attn_norm.": hf + "attention.output.LayerNorm.",
-            f"{ours}mlps.{i}.fc1.": hf + "intermediate.dense.",
-            f"{ours}mlps.{i}.fc2.": hf + "output.dense.",
-            f"{ours}norms.{i}.ffn_norm.": hf + "output.LayerNorm.",
-        })
-    keys.update({"backbone.pooler.": "pooler.dense.", "mlm_head.dense.": "cls.predictions.transform.dense.",
-                 "mlm_head.norm.": "cls.predictions.transform.LayerNorm.", "mlm_head.bias": "cls.predictions.bias",
-                 "sop_head.proj.": "cls.seq_relationship."})
-    return {**keys, **_task_head_keys()}
-
-
-def _embedding_keys() -> dict[str, str]:
-    return {"backbone.embeddings.word.": "embeddings.word_embeddings.",
-            "backbone.embeddings.position.": "embeddings.position_embeddings.",
-            "backbone.embeddings.token_type.": "embeddings.token_type_embeddings.",
-            "backbone.embeddings.norm.": "embeddings.LayerNorm."}
-
-
-def _task_head_keys() -> dict[str, str]:
-    return {"classifier.proj.": "classifier.", "span_head.proj.": "qa_outputs."}
+        groups, inner = config.get("num_hidden_groups", 1), config.get("inner_group_num", 1)
+        if inner != 1 or groups not in (1, config["num_hidden_layers"]):
+            raise HFCheckpointError(f"{path}: ALBERT with num_hidden_groups={groups} and inner_group_num={inner} is "
+                                    "not supported: widenet reads one layer shared by all blocks (both 1) or a layer "
+                                    "per block (num_hidden_groups = num_hidden_layers, inner_group_num = 1)")
 
 
 def _new_heads(task: str, state: dict) -> tuple[str, ...]:
@@ -330,37 +284,11 @@ def _load_vit(path, config: dict, state: dict, arch: str) -> HFImport:
     if not config.get("qkv_bias", True):  # ViT without q/k/v biases: ours are zero
         for key in [k for k in state if re.search(r"(query|key|value|[qkv]_proj)\.weight$", k)]:
             state.setdefault(key[:-len("weight")] + "bias", torch.zeros(dim))
-    keys = _vit_keys(cfg.encoder.depth, legacy=any(".attention.attention.query." in k for k in state))
+    keys = vit_names(cfg.encoder.depth, legacy=any(".attention.attention.query." in k for k in state))
     _copy_into(path, model, state, keys, optional=() if classifier else ("head.",))
     if not classifier:
         notes.append(f"{arch} has no classifier: the head ({num_classes} classes) is new")
     return HFImport(model.eval(), "hf-vit", "vision", classes, notes, None if classifier else "the classifier")
-
-
-def _vit_keys(depth: int, legacy: bool) -> dict[str, str | list[str]]:
-    """widenet key -> HF key; legacy: transformers 4's names (encoder.layer.N.attention.attention.query),
-    else transformers 5's (layers.N.attention.q_proj)."""
-    keys: dict[str, str | list[str]] = {
-        "cls_token": "embeddings.cls_token", "pos_embed": "embeddings.position_embeddings",
-        "patch_embed.proj.": "embeddings.patch_embeddings.projection.",
-        "encoder.final_norm.": "layernorm.", "pre_logits.0.": "pooler.dense.", "head.": "classifier.",
-    }
-    for i in range(depth):
-        if legacy:
-            hf = f"encoder.layer.{i}."
-            qkv = [hf + f"attention.attention.{p}." for p in ("query", "key", "value")]
-            names = dict(proj="attention.output.dense.", fc1="intermediate.dense.", fc2="output.dense.")
-        else:
-            hf = f"layers.{i}."
-            qkv = [hf + f"attention.{p}_proj." for p in "qkv"]
-            names = dict(proj="attention.o_proj.", fc1="mlp.fc1.", fc2="mlp.fc2.")
-        keys.update({
-            f"encoder.attention.{i}.qkv.": qkv, f"encoder.attention.{i}.proj.": hf + names["proj"],
-            f"encoder.norms.{i}.attn_norm.": hf + "layernorm_before.",
-            f"encoder.norms.{i}.ffn_norm.": hf + "layernorm_after.",
-            f"encoder.mlps.{i}.fc1.": hf + names["fc1"], f"encoder.mlps.{i}.fc2.": hf + names["fc2"],
-        })
-    return keys
 
 
 def _single(path, config: dict, name: str) -> int:
@@ -420,7 +348,7 @@ def _copy_into(path, model: nn.Module, state: dict, mapping: dict[str, str | lis
     new: dict[str, torch.Tensor] = {}
     used: set[str] = {"__identity__.weight", "__identity__.bias"}
     for key, target in own.items():
-        source = _resolve(key, mapping)
+        source = resolve(key, mapping)
         if source is None:
             continue
         parts = [source] if isinstance(source, str) else source
@@ -446,14 +374,3 @@ def _copy_into(path, model: nn.Module, state: dict, mapping: dict[str, str | lis
 
 
 _BUFFERS = ("position_ids", "token_type_ids")  # buffers some checkpoints carry: not weights
-
-
-def _resolve(key: str, mapping: dict[str, str | list[str]]) -> str | list[str] | None:
-    """The HF name(s) of widenet tensor `key` through a mapping of full names or prefixes."""
-    if key in mapping:
-        return mapping[key]
-    head, dot, leaf = key.rpartition(".")
-    if dot and head + "." in mapping:
-        source = mapping[head + "."]
-        return source + leaf if isinstance(source, str) else [s + leaf for s in source]
-    return None

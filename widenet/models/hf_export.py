@@ -3,7 +3,8 @@ hf.py's import, for the models a transformers class computes exactly.
 
     VisionTransformer: dense, nothing shared, pre-norm, patch stem, class token, no pre-logits layer
         -> ViTForImageClassification (transformers 4's tensor names, which transformers 5 reads too)
-    TextTransformer: dense, attention, FFN and norms all shared (ALBERT), post-norm
+    TextTransformer: dense, post-norm, attention, FFN and norms all shared (ALBERT) or none (BERT with
+        ALBERT's factorized embedding: an ALBERT with a layer group per block)
         -> AlbertForPreTraining / AlbertForSequenceClassification / AlbertForQuestionAnswering (by task)
 
 Everything else has no transformers class (an MoE, WideNet's per-block norms, pre-norm text
@@ -17,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .hf import _albert_keys, _resolve, _vit_keys
+from .hf_names import albert_names, resolve, vit_names
 from .text import TextTransformer
 from .vision import VisionTransformer
 
@@ -45,9 +46,9 @@ def hf_export_problem(model: nn.Module) -> str | None:
         return f"it has mixture-of-experts blocks (moe_blocks={enc.moe_blocks}), which {wanted} has not"
     if vision and any(shared):
         return "it shares weights between blocks; ViT gives every block its own"
-    if not vision and not all(shared):
-        return ("ALBERT shares attention, FFN and norms across all blocks; this model shares "
-                f"{_shared_names(shared) or 'none of them'}")
+    if not vision and any(shared) and not all(shared):
+        return (f"it shares {_shared_names(shared)} but not all three of attention, FFN and norms: ALBERT shares "
+                "all of them, or (a layer group per block) none")
     position = "pre" if vision else "post"
     if enc.norm_position != position:
         return (f"its blocks are {enc.norm_position}-norm and {wanted}'s {position}-norm "
@@ -82,15 +83,16 @@ def hf_checkpoint(model: nn.Module, classes: list[str] | None = None) -> tuple[d
         cfg, prefix = model.cfg, "vit."
         config.update(model_type="vit", architectures=["ViTForImageClassification"], image_size=cfg.image_size,
                       patch_size=cfg.patch_size, num_channels=cfg.in_channels, qkv_bias=True)
-        mapping, num_labels, drop = _vit_keys(enc.depth, legacy=True), cfg.num_classes, ()
+        mapping, num_labels, drop = vit_names(enc.depth, legacy=True), cfg.num_classes, ()
     else:
         cfg, prefix = model.cfg, "albert."
+        groups = 1 if enc.share_attention else enc.depth  # a layer group per block when nothing is shared
         config.update(model_type="albert", architectures=[_ALBERT_ARCH[cfg.task]], vocab_size=cfg.vocab_size,
                       embedding_size=cfg.embedding_size, max_position_embeddings=cfg.max_positions,
-                      type_vocab_size=cfg.type_vocab_size, pad_token_id=cfg.pad_token_id, num_hidden_groups=1,
+                      type_vocab_size=cfg.type_vocab_size, pad_token_id=cfg.pad_token_id, num_hidden_groups=groups,
                       inner_group_num=1, tie_word_embeddings=cfg.tie_word_embeddings,
                       classifier_dropout_prob=enc.dropout)
-        mapping, num_labels = _albert_keys(enc.depth), cfg.num_labels if cfg.task == "classify" else None
+        mapping, num_labels = albert_names(groups), cfg.num_labels if cfg.task == "classify" else None
         if not cfg.tie_word_embeddings:
             mapping["mlm_head.decoder"] = "predictions.decoder.weight"
         drop = ("backbone.pooler.",) if cfg.task == "qa" else ()  # AlbertForQuestionAnswering has no pooler
@@ -102,7 +104,7 @@ def hf_checkpoint(model: nn.Module, classes: list[str] | None = None) -> tuple[d
     for key, tensor in model.state_dict().items():
         if key.startswith(drop):
             continue
-        target = _resolve(key, mapping)
+        target = resolve(key, mapping)
         if target is None:  # every tensor of an accepted model has a place: a new one needs a mapping
             raise HFExportError(f"no Hugging Face name for widenet's {key}")
         parts = [target] if isinstance(target, str) else target
