@@ -154,3 +154,31 @@ def test_the_export_command_writes_and_replaces_hf_folders(tmp_path, fmnist_dir,
 def _hf_model_from(run, tmp_path, cli):
     assert cli(["export", run, "--to", tmp_path / "again", "--format", "hf"])[0] == 0
     return _hf_model(tmp_path / "again")
+
+
+def test_save_pretrained_writes_either_format_from_a_model_or_a_loaded_one(tmp_path, fmnist_dir, tiny_set_args, cli):
+    run = tmp_path / "run"
+    assert cli(["train", "--model", "vit_tiny", "--data-dir", fmnist_dir, "--out", run, "--max-steps", "1",
+                "--batch-size", "16", *tiny_set_args])[0] == 0
+    loaded = widenet.load_pretrained(run)
+    widenet.save_pretrained(loaded, tmp_path / "hf", format="hf")  # its classes and statistics go with it
+    theirs = _hf_model(tmp_path / "hf")
+    assert [theirs.config.id2label[i] for i in range(10)] == loaded.classes
+    processor = json.loads((tmp_path / "hf" / "preprocessor_config.json").read_text())
+    assert processor["image_mean"] == list(loaded.mean) and processor["image_std"] == list(loaded.std)
+    wide = widenet.upcycle(loaded.model, num_experts=2)
+    widenet.save_pretrained(wide, tmp_path / "wide", classes=loaded.classes, mean=(0.5,), std=(0.25,))
+    back = widenet.load_pretrained(tmp_path / "wide")
+    assert back.classes == loaded.classes and back.mean == (0.5,) and back.std == (0.25,)
+    images = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(back.model(images).logits, wide.eval()(images).logits, rtol=0, atol=0)
+    with pytest.raises(HFExportError, match="mixture-of-experts"):
+        widenet.save_pretrained(wide, tmp_path / "no", format="hf")
+    with pytest.raises(ValueError, match="format must be 'widenet' or 'hf', got 'onnx'"):
+        widenet.save_pretrained(wide, tmp_path / "no", format="onnx")
+    with pytest.raises(TypeError, match="got Linear"):
+        widenet.save_pretrained(torch.nn.Linear(2, 2), tmp_path / "no")
+    with pytest.raises(FileExistsError, match="pass --overwrite"):
+        widenet.save_pretrained(wide, tmp_path / "wide")
+    assert not (tmp_path / "no").exists()

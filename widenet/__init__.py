@@ -16,6 +16,7 @@ __version__ = "0.1.0"
 # public name -> the module that defines it
 _HOME = {
     "Pretrained": "inference", "from_pretrained": "inference", "load_pretrained": "inference",
+    "save_pretrained": "inference",
     "MoE": "layers.moe", "MoEOutput": "layers.moe", "RoutingStats": "layers.moe",
     "dropless_routing": "layers.moe",
     "Encoder": "models", "EncoderConfig": "models", "TextConfig": "models", "TextOutput": "models",
@@ -27,10 +28,10 @@ _HOME = {
 __all__ = ["MoE", "MoEOutput", "RoutingStats", "Encoder", "EncoderConfig", "Pretrained", "TextConfig", "TextOutput",
            "TextTransformer", "VisionConfig", "VisionTransformer", "count_parameters", "create_model",
            "dropless_routing", "from_pretrained", "list_models", "load_hf", "load_pretrained", "model_config",
-           "upcycle", "__version__"]
+           "save_pretrained", "upcycle", "__version__"]
 
 if TYPE_CHECKING:  # for type checkers and editors; at run time __getattr__ imports these
-    from .inference import Pretrained, from_pretrained, load_pretrained
+    from .inference import Pretrained, from_pretrained, load_pretrained, save_pretrained
     from .layers.moe import MoE, MoEOutput, RoutingStats, dropless_routing
     from .models import (Encoder, EncoderConfig, TextConfig, TextOutput, TextTransformer, VisionConfig,
                          VisionTransformer, count_parameters, create_model, list_models, model_config)

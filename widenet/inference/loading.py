@@ -1,4 +1,5 @@
-"""Any saved model, ready for inference: `widenet.from_pretrained` and `load_pretrained`.
+"""Any saved model, ready for inference: `widenet.from_pretrained` and `load_pretrained`; and the
+other way, `widenet.save_pretrained` (a widenet folder, or a Hugging Face one).
 
 A path may be an export folder (`widenet export` / `widenet upcycle` /
 `widenet import`), a run folder (its latest checkpoint), a checkpoint
@@ -16,9 +17,11 @@ from typing import Any
 from torch import nn
 
 from ..data.text.tokenizer import TokenizerError
-from ..train.exported import load_model, load_source, model_kind, source_tokenizer
+from ..models.text import TextTransformer
+from ..models.vision import VisionTransformer
+from ..train.exported import load_model, load_source, model_kind, source_tokenizer, write_export
 
-__all__ = ["Pretrained", "from_pretrained", "load_pretrained"]
+__all__ = ["Pretrained", "from_pretrained", "load_pretrained", "save_pretrained"]
 
 
 @dataclass
@@ -73,3 +76,31 @@ def load_pretrained(path: str | os.PathLike) -> Pretrained:
 def from_pretrained(path: str | os.PathLike) -> nn.Module:
     """The model saved at `path`, with its weights, in eval mode (see load_pretrained for the rest)."""
     return load_pretrained(path).model
+
+
+def save_pretrained(model: nn.Module | Pretrained, folder: str | os.PathLike, *, classes: list[str] | None = None,
+                    mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None, tokenizer: Any = None,
+                    format: str = "widenet", overwrite: bool = False) -> Path:
+    """Write a model as a folder: format "widenet", the folder from_pretrained, `widenet predict` and
+    `--init` read (as `widenet export` writes it); "hf", a Hugging Face checkpoint that transformers
+    loads (ViT and dense post-norm text models; models.hf_export.HFExportError for others). A
+    Pretrained (load_pretrained) brings its class names, image mean / std, tokenizer and how its
+    texts and images are prepared; arguments given here take their place. The folder appears whole or
+    not at all; a model folder already there is replaced only with overwrite=True."""
+    if format not in ("widenet", "hf"):
+        raise ValueError(f"format must be 'widenet' or 'hf', got {format!r}")
+    loaded = model if isinstance(model, Pretrained) else None
+    module = loaded.model if loaded else model
+    if not isinstance(module, (VisionTransformer, TextTransformer)):
+        raise TypeError(f"save_pretrained takes a widenet VisionTransformer or TextTransformer (or what "
+                        f"load_pretrained returns), got {type(module).__name__}")
+    mean = mean if mean is not None else loaded.mean if loaded else None
+    std = std if std is not None else loaded.std if loaded else None
+    stats = dict(mean=list(mean), std=list(std)) if mean is not None and std is not None else None
+    return write_export(folder, module, model_name=loaded.model_name if loaded else "",
+                        classes=classes if classes is not None else loaded.classes if loaded else None,
+                        image_stats=stats, tokenizer=tokenizer if tokenizer is not None else
+                        loaded.tokenizer if loaded else None, overwrite=overwrite,
+                        protect=loaded.source if loaded and loaded.source.is_dir() else None,
+                        inputs=loaded.inputs if loaded else None, image_resize=loaded.resize if loaded else None,
+                        hf=format == "hf")
