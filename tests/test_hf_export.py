@@ -181,4 +181,10 @@ def test_save_pretrained_writes_either_format_from_a_model_or_a_loaded_one(tmp_p
         widenet.save_pretrained(torch.nn.Linear(2, 2), tmp_path / "no")
     with pytest.raises(FileExistsError, match="pass --overwrite"):
         widenet.save_pretrained(wide, tmp_path / "wide")
+    with pytest.raises(ValueError, match="2 class names for a model with 10 classes"):  # were saved, and shown
+        widenet.save_pretrained(wide, tmp_path / "no", classes=["cat", "dog"])
+    text = create_model("albert_text_tiny", **TINY, norm_position="post")
+    for form in ("widenet", "hf"):
+        with pytest.raises(ValueError, match="2 class names for a model with no classifier \\(task 'pretrain'\\)"):
+            widenet.save_pretrained(text, tmp_path / "no", classes=["a", "b"], format=form)
     assert not (tmp_path / "no").exists()

@@ -237,8 +237,9 @@ def load_safetensors(path: str | os.PathLike, expect_digest: str | None = None) 
     """A .safetensors file's tensors on the CPU, wherever it lies (see _openable_name; where no name
     serves, the file is read whole through a Python file handle). A file widenet wrote carries a
     digest of its tensors: tensors that no longer match it (a damaged disk or copy that kept the
-    file's size) raise WeightsDamaged. expect_digest: the digest the tensors must have (an export's
-    config.json records its weights'); other tensors raise WeightsMismatch."""
+    file's size) raise WeightsDamaged. expect_digest: the digest widenet wrote the tensors with (an
+    export's config.json records its weights'): a file widenet wrote with another raises WeightsMismatch
+    (one saved by another tool, e.g. weights edited in a script, carries none and is read as it is)."""
     from safetensors import safe_open
     from safetensors.torch import load
 
@@ -253,7 +254,7 @@ def load_safetensors(path: str | os.PathLike, expect_digest: str | None = None) 
     if saved is not None and tensors_digest(tensors) != saved:
         raise WeightsDamaged(f"{os.fspath(path)}: the weights do not match the checksum saved with them: the file "
                              "was damaged after it was written (a failing disk or an incomplete copy)")
-    if expect_digest is not None and (saved or tensors_digest(tensors)) != expect_digest:
+    if expect_digest is not None and saved is not None and saved != expect_digest:  # (a file saved elsewhere: trusted)
         raise WeightsMismatch(f"{os.fspath(path)}: these are not the weights recorded beside them")
     return tensors
 

@@ -97,7 +97,7 @@ def hf_checkpoint(model: nn.Module, classes: list[str] | None = None) -> tuple[d
             mapping["mlm_head.decoder"] = "predictions.decoder.weight"
         drop = ("backbone.pooler.",) if cfg.task == "qa" else ()  # AlbertForQuestionAnswering has no pooler
     if num_labels is not None:
-        names = classes if classes and len(classes) == num_labels else [f"LABEL_{i}" for i in range(num_labels)]
+        names = classes or [f"LABEL_{i}" for i in range(num_labels)]  # (transformers' own default names)
         config.update(id2label={str(i): name for i, name in enumerate(names)},
                       label2id={name: i for i, name in enumerate(names)})
     state = {}

@@ -196,6 +196,11 @@ def write_export(out: str | os.PathLike, model: nn.Module, *, model_name: str, c
     from .. import __version__
 
     out = Path(out)
+    outputs = model.cfg.num_classes if model_kind(model.cfg.to_dict()) == "vision" else \
+        model.cfg.num_labels if model.cfg.task == "classify" else None
+    if classes is not None and len(classes) != outputs:  # names of other outputs would be shown as this model's
+        raise ValueError(f"{len(classes)} class names for a model with "
+                         + (f"{outputs} classes" if outputs else f"no classifier (task {model.cfg.task!r})"))
     if hf:  # refused before anything is touched when transformers has no class for the model
         config, weights = hf_checkpoint(model, classes)
     refuse_dead_link(out)
