@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import stat
 import time
 
@@ -11,7 +12,8 @@ import pytest
 import torch
 
 from widenet import files
-from widenet.files import atomic_path, save_atomic, signals_held
+from widenet.files import atomic_path, save_atomic
+from widenet.signals import signals_held
 
 
 def test_a_finished_block_replaces_the_file_and_leaves_no_temporary(tmp_path):
@@ -58,16 +60,31 @@ def test_files_get_the_permissions_of_a_plain_open(tmp_path, umask, mode):
     assert modes == {"atomic.txt": mode, "saved.pt": mode, "plain.txt": mode}
 
 
-@pytest.mark.skipif(not hasattr(signal, "pthread_sigmask"), reason="signals cannot be held here")
-def test_signals_held_arrive_when_the_block_ends():
+@pytest.mark.skipif(not hasattr(signal, "pthread_kill"), reason="no signals to threads here")
+@pytest.mark.parametrize("to_another_thread", [False, True])
+def test_signals_held_arrive_when_the_block_ends(to_another_thread):
+    """A signal the kernel hands to another thread (torch starts some at import) ran Python's handler
+    inside the block: pthread_sigmask had held it for the calling thread only."""
     seen = []
     previous = signal.signal(signal.SIGTERM, lambda signum, _frame: seen.append(signum))
+    waiting = threading.Event()
+    other = threading.Thread(target=waiting.wait)
+    other.start()
     try:
         with signals_held():
-            os.kill(os.getpid(), signal.SIGTERM)
+            signal.pthread_kill(other.ident if to_another_thread else threading.get_ident(), signal.SIGTERM)
+            time.sleep(0.05)  # time for the handler to run, were it not held
             assert seen == []  # pending, not lost
         assert seen == [signal.SIGTERM]
+        with pytest.raises(KeyboardInterrupt):  # Python's own Ctrl-C handler, raised after the block
+            with signals_held():
+                signal.pthread_kill(other.ident, signal.SIGINT)
+                time.sleep(0.05)
+                seen.append("block ended")
+        assert seen[-1] == "block ended"
     finally:
+        waiting.set()
+        other.join()
         signal.signal(signal.SIGTERM, previous)
 
 

@@ -18,7 +18,6 @@ import pickle
 import re
 import secrets
 import shutil
-import signal
 import socket
 import sys
 import time
@@ -28,12 +27,11 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from .signals import STOP_SIGNALS
 
 __all__ = ["STALE_TEMPORARY_S", "CacheDamaged", "LockHeld", "RefusedPickle", "WeightsDamaged", "WeightsMismatch",
            "atomic_path", "disk_full", "file_sha256", "file_stamp", "fsync_path", "hold_lock", "is_utf8", "live_holder",
            "load_cache", "load_safetensors", "load_weights_only", "pid_alive", "raise_if_disk_full", "refuse_dead_link",
-           "rename_exchange", "save_atomic", "save_cache", "save_safetensors", "signals_held", "tensors_digest",
+           "rename_exchange", "save_atomic", "save_cache", "save_safetensors", "tensors_digest",
            "write_bytes_durably"]
 
 
@@ -341,21 +339,6 @@ def rename_exchange(a: Path, b: Path) -> bool:
     if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
         return False
     raise OSError(err, os.strerror(err), str(a), None, str(b))
-
-
-@contextlib.contextmanager
-def signals_held() -> Iterator[None]:
-    """Ctrl-C, SIGTERM and SIGHUP wait until the block ends (they are acted on then): for a few
-    renames that must all happen or none (a run put back in its folder). Where the platform cannot
-    hold signals (Windows), the block runs as it is."""
-    if not hasattr(signal, "pthread_sigmask"):
-        yield
-        return
-    before = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
 def write_bytes_durably(path: Path, data: bytes) -> None:

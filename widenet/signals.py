@@ -1,12 +1,14 @@
 """The signals that stop a command, by number on this platform (no torch: the CLI names them before
-torch loads)."""
+torch loads), and holding them off for a few steps that must not be cut apart."""
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
+from typing import Iterator
 
-__all__ = ["NATIVE_CALL_THREAD", "STOP_SIGNALS", "native_call_running", "signal_numbers"]
+__all__ = ["NATIVE_CALL_THREAD", "STOP_SIGNALS", "native_call_running", "signal_numbers", "signals_held"]
 
 
 def signal_numbers(*names: str) -> tuple[int, ...]:
@@ -14,7 +16,7 @@ def signal_numbers(*names: str) -> tuple[int, ...]:
     return tuple(getattr(signal, name) for name in names if hasattr(signal, name))
 
 
-STOP_SIGNALS = signal_numbers("SIGINT", "SIGTERM", "SIGHUP")  # train.stopping, files.signals_held, cli_errors
+STOP_SIGNALS = signal_numbers("SIGINT", "SIGTERM", "SIGHUP")  # train.stopping, signals_held, cli_errors
 
 # The thread a long native call runs in, so that a stop signal is handled at once (tokenizer training:
 # data.text.tokenizer). A command stopped meanwhile abandons it, and its process must end without
@@ -26,3 +28,28 @@ NATIVE_CALL_THREAD = "widenet-native-call"
 def native_call_running() -> bool:
     """Whether a NATIVE_CALL_THREAD is still running (an abandoned native call)."""
     return any(t.name == NATIVE_CALL_THREAD and t.is_alive() for t in threading.enumerate())
+
+
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """Ctrl-C, SIGTERM and SIGHUP wait until the block ends (they are acted on then): for a few
+    renames that must all happen or none (a run put back in its folder). Their Python handlers are
+    swapped for one that notes them, and the signals are raised again afterwards: blocking them
+    (pthread_sigmask) holds them for the calling thread only, and with torch's own threads the
+    kernel handed them to another, so Python's handler interrupted the block anyway. Python runs
+    handlers in the main thread alone, so a block in another thread is not interrupted."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    arrived: list[int] = []
+    previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    held = [sig for sig, handler in previous.items() if handler not in (signal.SIG_IGN, None)]  # ignored: stays so
+    for sig in held:
+        signal.signal(sig, lambda signum, _frame: arrived.append(signum))
+    try:
+        yield
+    finally:
+        for sig in held:
+            signal.signal(sig, previous[sig])
+        for signum in arrived:
+            signal.raise_signal(signum)

@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from ..files import STALE_TEMPORARY_S, fsync_path, pid_alive, rename_exchange, signals_held
+from ..files import STALE_TEMPORARY_S, fsync_path, pid_alive, rename_exchange
+from ..signals import signals_held
 from .checkpoint_layout import CHECKPOINTS_DIR, LATEST_FILE, remove_tree, step_folders
 
 __all__ = ["CONFIG_FILE", "MODEL_FILES", "TOKENIZER_FILE", "WEIGHTS_FILE", "carry_user_files", "check_destination",

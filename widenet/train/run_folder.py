@@ -37,7 +37,8 @@ import torch
 
 from ..distributed.env import all_reduce_sum
 from ..distributed.parallel import ParallelContext, on_backend_device
-from ..files import LockHeld, hold_lock, refuse_dead_link, signals_held
+from ..files import LockHeld, hold_lock, refuse_dead_link
+from ..signals import signals_held
 from .checkpoint_layout import (CHECKPOINT_FILES, CHECKPOINTS_DIR, LATEST_FILE, LOCK_FILE, SET_ASIDE_DIR,
                                 SettingsChanged, checkpoints_root, find_latest_checkpoint, remove_tree, step_folders)
 from .exported import CONFIG_FILE, TOKENIZER_FILE  # CONFIG_FILE marks a saved model's folder (an export, HF)
