@@ -6,7 +6,7 @@
 #  2. pretrains BERT-style, ALBERT-style and WideNet text models (masked LM +
 #     sentence order) on GCIDE and fine-tunes them, and the same models from
 #     random weights, on a task derived from it -> runs/compare-text/report_text.md.
-# About 14-16 minutes on an idle 2-core CPU. A rerun resumes or reuses finished runs.
+# About 14 minutes on an idle 2-core CPU. A rerun resumes or reuses finished runs.
 set -euo pipefail
 cd "$(dirname "$0")"
 bash scripts/install.sh

@@ -424,3 +424,21 @@ def test_an_error_line_is_one_write_and_names_its_process(monkeypatch):
     say_error("bad setting")
     assert stream.writes == ["widenet: error: bad setting\n", "widenet: error (process 1 of 2): bad setting\n",
                              "widenet: error: bad setting\n"]
+
+
+@pytest.mark.parametrize("argv,line", [
+    (["train", "--model", "widenet_text_tiny", "--max-steps", "1"],
+     "widenet_text_tiny is a text model; widenet train takes image models such as widenet_tiny (widenet pretrain and "
+     "widenet finetune train text models)"),
+    (["pretrain", "--model", "vit_tiny", "--corpus", "CORPUS"],
+     "vit_tiny is an image model; widenet pretrain takes text models such as widenet_text_tiny (widenet train trains "
+     "image models)"),
+])
+def test_a_model_of_the_other_kind_is_named_before_anything_runs(argv, line, tmp_path, cli):
+    """pretrain --model vit_tiny died of an AttributeError reported as a bug; train --model of a text
+    preset blamed settings the user never gave (image_size, in_channels, num_classes)."""
+    (tmp_path / "c.txt").write_text("One sentence here. Another one there.\n")
+    argv = [str(tmp_path / "c.txt") if a == "CORPUS" else a for a in argv]
+    rc, out, err = cli([*argv, "--out", tmp_path / "run"])
+    assert rc == 2 and err.strip() == f"widenet: error: {line}", err
+    assert not (tmp_path / "run").exists()

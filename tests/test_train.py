@@ -108,6 +108,9 @@ def test_metrics_jsonl_records(learned):
     evals = [r for r in records if r["split"] == "test"]
     # 256 images / batch 32 = 8 steps per epoch: one evaluation per epoch.
     assert [r["step"] for r in evals] == [8, 16, 24, 32, 40]
+    # epoch: the epochs complete at the line's step, in train and test lines alike (at step 40 the
+    # train line said 4 and the test line 5)
+    assert all(r["epoch"] == r["step"] // 8 for r in records)
     assert evals[-1]["accuracy"] == pytest.approx(result.final_eval.accuracy)
     assert result.train_images_per_s > 0
 

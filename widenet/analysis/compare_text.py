@@ -37,7 +37,7 @@ from ..data.text.gcide import GCIDE_PATH
 from ..data.text.gcide_tasks import write_gcide_task
 from ..data.text.tokenizer import save_tokenizer, train_tokenizer
 from ..layers.moe import MOE_SETTINGS
-from ..models.registry import model_config, settings_for, settings_for_each
+from ..models.registry import model_config, require_kind, settings_for, settings_for_each
 from ..train.finetune import finetune
 from ..train.checkpoint_layout import SettingsChanged
 from ..train.exported import TOKENIZER_FILE
@@ -137,14 +137,11 @@ def _check_models(models: list[str], budget: dict, given: dict) -> None:
     sequence length, and the MoE settings `given` by the caller reach a model (the preset's own
     top_k=1 is for the MoE models when there are any)."""
     from ..models.registry import apply_overrides, get_entry
-    from ..models.text import TextConfig
     from ..train.text_common import check_fits_positions
 
     for name in models:
+        require_kind(name, "text", "widenet compare-text")
         cfg = get_entry(name).make_config()
-        if not isinstance(cfg, TextConfig):
-            raise ValueError(f"{name} is an image model; compare-text takes text models such as "
-                             f"{', '.join(DEFAULT_TEXT_MODELS)}")
         settings = settings_for(cfg, budget["model_overrides"])
         check_fits_positions(name, apply_overrides(cfg, settings).max_positions, budget["seq_len"])
     settings_for_each(models, given)

@@ -177,8 +177,11 @@ class ParallelContext:
         if self.mode == "single":
             return model
         if self.mode == "fsdp":
-            from torch.distributed.fsdp import fully_shard
-
+            try:
+                from torch.distributed.fsdp import fully_shard
+            except ImportError:  # public from torch 2.6
+                raise ValueError(f"--fsdp needs torch >= 2.6 (torch.distributed.fsdp.fully_shard); this is torch "
+                                 f"{torch.__version__}: upgrade it, or train without --fsdp") from None
             return fully_shard(model)
         if self.mode == "expert":
             self._make_expert_groups()

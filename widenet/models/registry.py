@@ -51,6 +51,19 @@ def get_entry(name: str) -> ModelEntry:
     return _REGISTRY[name]
 
 
+def require_kind(name: str, kind: str, command: str) -> None:
+    """ValueError unless preset `name` is a `kind` ("vision" or "text") model: one line naming what
+    `command` takes and where the other kind goes."""
+    is_text = isinstance(get_entry(name).make_config(), TextConfig)
+    if is_text == (kind == "text"):
+        return
+    other = ("widenet pretrain and widenet finetune train text models" if is_text else
+             "widenet train trains image models")
+    example = "widenet_text_tiny" if kind == "text" else "widenet_tiny"
+    raise ValueError(f"{name} is {'a text' if is_text else 'an image'} model; {command} takes "
+                     f"{'text' if kind == 'text' else 'image'} models such as {example} ({other})")
+
+
 def model_config(name: str, **overrides: Any) -> Any:
     """The preset's config with `overrides` applied (validated again)."""
     return apply_overrides(get_entry(name).make_config(), overrides)

@@ -85,9 +85,10 @@ class LogWindow:
         counted = self.tokens if unit == "tokens" else self.examples
         return counted / self.seconds if self.seconds else 0.0
 
-    def record(self, p: Progress, lr: float, unit: str) -> dict[str, Any]:
+    def record(self, p: Progress, epoch: int, lr: float, unit: str) -> dict[str, Any]:
+        """metrics.jsonl's train line at p.step; epoch: the epochs complete after it."""
         n = max(self.steps, 1)
-        return dict(split="train", step=p.step, epoch=p.epoch, **{k: v / n for k, v in self.sums.items()},
+        return dict(split="train", step=p.step, epoch=epoch, **{k: v / n for k, v in self.sums.items()},
                     lr=lr, **{f"{unit}_per_s": self.speed(unit)})
 
     def postfix(self, unit: str) -> str:

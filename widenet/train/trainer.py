@@ -218,7 +218,8 @@ class Trainer:
         bar.update(1)
         bar.set_postfix_str(self.window.postfix(task.unit), refresh=False)
         if p.step % self.cfg.log_every == 0 or p.step == p.total:
-            self.metrics.write(self.window.record(p, self.schedule.get_last_lr()[0], task.unit))
+            done = p.epoch + (p.batch >= task.steps_per_epoch)  # epochs complete, as evaluation lines count them
+            self.metrics.write(self.window.record(p, done, self.schedule.get_last_lr()[0], task.unit))
             self.log(self.window.summary(p, task.unit))
             self.window = LogWindow()
 

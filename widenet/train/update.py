@@ -30,10 +30,6 @@ def loss_scaler(amp: torch.dtype | None, device: torch.device, parallel: Paralle
         raise ValueError(f"float16 autocast (--amp fp16, or --amp auto on a GPU without bfloat16) needs a loss scale, "
                          f"which widenet keeps only where every process holds the same gradients, not under "
                          f"{parallel.mode} parallelism; use --amp off (or bf16 where the GPU has it)")
-    if not hasattr(torch.amp, "GradScaler"):  # torch < 2.3
-        if device.type != "cuda":
-            raise ValueError(f"--amp fp16 on {device.type} needs torch >= 2.3 (its loss scale); use --amp bf16 or off")
-        return torch.cuda.amp.GradScaler()
     return torch.amp.GradScaler(device.type)
 
 
