@@ -78,6 +78,44 @@ def test_random_resized_crop_zooms_in():
     assert torch.allclose(spans, torch.full_like(spans, 0.5), atol=0.03)
 
 
+def test_random_resized_crop_keeps_the_aspect_ratio_on_non_square_images():
+    """Only square images and ratio 1 were tested: a crop whose aspect ratio or sides were computed
+    for the wrong side passed. 16 x 32 images with a horizontal ramp (channel 0) and a vertical one
+    (channel 1); area 1/4 at aspect ratio 4 (width / height in pixels): by hand w * h = 128 px and
+    w = 4h, so h = 5.66 of 16 and w = 22.6 of 32: the ramps span 0.354 and 0.707 of their ranges."""
+    height, width = 16, 32
+    x = torch.stack([torch.linspace(0, 1, width).expand(height, width),
+                     torch.linspace(0, 1, height)[:, None].expand(height, width)]).expand(6, 2, height, width)
+    out = random_resized_crop(x.contiguous(), scale=(0.25, 0.25), ratio=(4.0, 4.0),
+                              generator=torch.Generator().manual_seed(0))
+    across = out[:, 0, 0, -1] - out[:, 0, 0, 0]
+    down = out[:, 1, -1, 0] - out[:, 1, 0, 0]
+    torch.testing.assert_close(across, torch.full_like(across, 0.5 ** 0.5), atol=0.02, rtol=0)
+    torch.testing.assert_close(down, torch.full_like(down, 0.125 ** 0.5), atol=0.02, rtol=0)
+    # Aspect ratio 1/4 at the whole area needs a crop 2.8 times the image's height: no draw fits, so
+    # the whole image is kept (a crop taller than the image would smear its border rows).
+    tall = random_resized_crop(x.contiguous(), scale=(1.0, 1.0), ratio=(0.25, 0.25))
+    torch.testing.assert_close(tall, x, atol=1e-5, rtol=0)
+
+
+def test_random_crop_with_padding_draws_every_offset():
+    """Offsets 0..2p in both directions, each as likely (the last one was never drawn in a mutant)."""
+    size, pad, batch = 5, 2, 500
+    coded = (torch.arange(size * size) + 1).reshape(1, 1, size, size).expand(batch, 1, size, size).contiguous()
+    out = random_crop_with_padding(coded, pad, generator=torch.Generator().manual_seed(0))
+    offsets = []
+    for image in out[:, 0]:
+        i, j = (image > 0).nonzero()[0].tolist()  # a pixel of the image (not padding) and where it came from
+        y, x = divmod(int(image[i, j]) - 1, size)
+        offsets.append((y + pad - i, x + pad - j))
+    counts = torch.zeros(2 * pad + 1, 2 * pad + 1)
+    for dy, dx in offsets:
+        counts[dy, dx] += 1
+    assert bool((counts > 0).all()), counts  # all 25 offsets, about 20 times each
+    padded = F.pad(coded, (pad, pad, pad, pad))
+    assert all(torch.equal(out[n], padded[n, :, dy:dy + size, dx:dx + size]) for n, (dy, dx) in enumerate(offsets))
+
+
 def test_random_crop_with_padding_is_a_shifted_window():
     x = uint8_batch(b=5, size=6)
     out = random_crop_with_padding(x, 2, generator=torch.Generator().manual_seed(0))

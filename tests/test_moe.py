@@ -999,3 +999,38 @@ def test_top1_with_renormalize_warns_that_the_task_loss_never_reaches_the_router
         moe.eval()  # evaluating such a model is fine
         _moe(experts=4, top_k=2, renormalize=True).train()
         _moe(experts=4, top_k=1).train()
+
+
+def test_the_kernel_choice_on_a_gpu_without_touching_one():
+    """auto off the CPU in float32 (no sync-free grouped matmul): a dropless layer takes the loop
+    (padded buffers of N slots per expert would hold E/K times the work), a capacity layer the
+    padded buffers. Neither question needs a GPU: the answer comes before any CUDA call."""
+    from widenet.layers.experts import Experts
+
+    experts = Experts(4, 8, 16)  # 4 experts, D 8, H 16
+    cuda = torch.device("cuda")
+    assert experts.kernel(cuda, torch.float32, dropless=True) == "loop"
+    assert experts.kernel(cuda, torch.float32, dropless=False) == "padded"
+    assert experts.kernel(torch.device("cpu"), torch.float32, dropless=False) == "loop"
+    grouped = Experts(4, 8, 6, backend="grouped")  # 8 floats a row are 32 bytes, 6 are 24
+    with pytest.raises(ValueError, match=r"multiples of 16 bytes \(dim 8, hidden 6 in torch.float32\)"):
+        grouped.kernel(torch.device("cpu"), torch.float32)
+    with pytest.raises(ValueError, match=r"multiples of 16 bytes \(dim 6, hidden 8 in torch.float32\)"):
+        Experts(4, 6, 8, backend="grouped").kernel(torch.device("cpu"), torch.float32)
+
+
+def test_expert_and_router_weights_start_at_their_documented_scales():
+    """Each expert's matrices Xavier-uniform over that expert's fan-in + fan-out (bound sqrt(6 / (D + H)),
+    std bound / sqrt(3)); the router normal with std D^-1/2; biases zero. Measured on a layer large
+    enough that the experts' sample std is within 2% of the law's."""
+    torch.manual_seed(0)
+    dim, hidden = 256, 1024
+    moe = MoE(dim=dim, hidden_dim=hidden, num_experts=4, top_k=2)
+    bound = math.sqrt(6 / (dim + hidden))
+    for w in (moe.experts.w1, moe.experts.w2):
+        assert float(w.abs().max()) <= bound
+        assert float(w.std()) == pytest.approx(bound / math.sqrt(3), rel=0.02)
+    router = moe.router.weight  # 1024 draws: the sample std is within 2.2% (one sigma) of the law's
+    assert float(router.std()) == pytest.approx(dim ** -0.5, rel=0.08)
+    assert abs(float(router.mean())) <= 4 * dim ** -0.5 / router.numel() ** 0.5
+    assert not moe.experts.b1.any() and not moe.experts.b2.any()

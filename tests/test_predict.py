@@ -251,6 +251,23 @@ def test_folders_and_globs_expand_sorted(images, tmp_path):
         find_images([tmp_path / "pipe.png"])
 
 
+def test_each_prediction_belongs_to_its_own_file_around_failures(vision_dir, images):
+    """An unreadable file first in a batch: the readable ones after it keep their own predictions
+    (each equal to its prediction alone), not their neighbours'."""
+    (images / "x.png").write_bytes(b"not a png")
+    (images / "y.png").write_bytes(b"nor this")
+    pretrained = load_pretrained(vision_dir)
+    files = [images / "x.png", images / "a.png", images / "b.jpg", images / "y.png", images / "sub" / "c.bmp"]
+    together = predict_images(pretrained, files, top_k=3, device="cpu", batch_size=5)
+    assert [r.ok for r in together] == [False, True, True, False, True]
+    for file, result in zip(files, together):
+        if result.ok:
+            alone = predict_images(pretrained, [file], top_k=3, device="cpu")[0]
+            assert result.file == alone.file == str(file)
+            assert [c.name for c in result.top] == [c.name for c in alone.top]
+            assert [c.probability for c in result.top] == pytest.approx([c.probability for c in alone.top], abs=1e-6)
+
+
 def test_undecodable_image_is_reported_and_the_rest_predicted(vision_dir, images):
     (images / "x.png").write_bytes(b"\x00garbage, not a png" * 10)
     results = predict_images(load_pretrained(vision_dir), [images], device="cpu", batch_size=2)
@@ -473,6 +490,44 @@ def test_an_answers_score_is_its_spans_probability(qa_dir):
     assert longer > 0
 
 
+def test_scores_follow_the_best_window_and_the_null_threshold_by_brute_force():
+    """_scores against an enumeration of every span: over three windows of two examples, the answer
+    is the best span of any window (start + end logit, in the context, at most MAX_ANSWER_LEN long),
+    scored in its own window; with no-answer allowed it becomes [CLS] of the window least sure of an
+    answer exactly when that null score beats the best span by more than the threshold."""
+    from types import SimpleNamespace
+
+    from widenet.inference.predict import MAX_ANSWER_LEN
+    from widenet.inference.predict_text import _scores
+
+    gen = torch.Generator().manual_seed(3)
+    windows, length = 3, 12  # fewer positions than N_BEST: the candidates are every context token
+    starts, ends = (torch.randn(2 * windows, length, generator=gen) * 3 for _ in range(2))
+    offsets = [[None] * 3 + [(k, k + 1) for k in range(length - 4)] + [None] for _ in range(2 * windows)]
+    class Features(SimpleNamespace):
+        def __len__(self):
+            return len(self.offsets)
+
+    features = Features(example_index=torch.arange(2).repeat_interleave(windows), offsets=offsets)
+    examples = [SquadExample(f"q{i}", "question?", "context", [], False) for i in range(2)]
+
+    def prob(f, s, e):
+        return float(starts[f].softmax(-1)[s] * ends[f].softmax(-1)[e])
+
+    best_windows = []
+    for ex in range(2):
+        rows = range(ex * windows, (ex + 1) * windows)
+        best = max((float(starts[f, s] + ends[f, e]), f, s, e) for f in rows for s in range(3, length - 1)
+                   for e in range(s, min(s + MAX_ANSWER_LEN, length - 1)))
+        null_value, null_f = min((float(starts[f, 0] + ends[f, 0]), f) for f in rows)
+        gap, _ = null_value - best[0], best_windows.append(best[1] - ex * windows)
+        assert _scores(examples, features, starts, ends, False, 0.0)[ex] == pytest.approx(prob(*best[1:]))
+        for threshold, null_wins in ((gap - 0.01, True), (gap + 0.01, False)):
+            score = _scores(examples, features, starts, ends, True, threshold)[ex]
+            assert score == pytest.approx(prob(null_f, 0, 0) if null_wins else prob(*best[1:])), (ex, threshold)
+    assert any(best_windows), best_windows  # (a best span lies past its example's first window)
+
+
 def test_no_answer_is_scored_in_the_window_most_sure_of_it(qa_dir, capsys, monkeypatch):
     """allow_no_answer with a threshold below every gap answers nothing; its score is the [CLS] span's
     probability in the window whose no-answer logits (start + end at [CLS]) are highest... by the rule
@@ -562,6 +617,11 @@ def test_a_question_too_long_for_the_window_names_predicts_own_setting(qa_dir, c
     with pytest.raises(PredictError, match=r"question 2 takes \d+ tokens.*raise max_len to \d+ or more"):
         answer_questions(load_pretrained(qa_dir), [("short?", "a context."), (" ".join(["why"] * 20), "c.")],
                          max_len=16)
+    pretrained = load_pretrained(qa_dir)  # the boundary: [CLS] 12 tokens [SEP] one context token [SEP] is 16
+    word = next(w for w in ("a", "the", "of", "experts", "why") if len(pretrained.tokenizer.encode(w).ids) == 3)
+    assert answer_questions(pretrained, [(" ".join([word] * 12), "a context.")], max_len=16)[0].answer is not None
+    with pytest.raises(PredictError, match="question 1 takes 13 tokens"):
+        answer_questions(pretrained, [(" ".join([word] * 13), "a context.")], max_len=16)
 
 
 # --- the inputs as fine-tuning prepared them ------------------------------------------------
@@ -721,9 +781,13 @@ def test_class_names_that_do_not_fit_the_head_are_noted_not_used(vision_dir, ima
     config = json.loads((edited / "config.json").read_text())
     config["classes"] = ["cat", "dog"]  # the head has 3 outputs
     (edited / "config.json").write_text(json.dumps(config))
-    with pytest.warns(UserWarning, match="2 class names are saved for the model's 3 outputs; classes are shown by"):
-        result = predict_images(load_pretrained(edited), [images / "a.png"], top_k=3, device="cpu")[0]
-    assert sorted(c.name for c in result.top) == ["0", "1", "2"]
+    for names in (["cat", "dog"], ["cat", "dog", "cow", "pig"]):  # fewer or more names than outputs
+        config["classes"] = names
+        (edited / "config.json").write_text(json.dumps(config))
+        with pytest.warns(UserWarning, match=f"{len(names)} class names are saved for the model's 3 outputs; classes "
+                                             "are shown by"):
+            result = predict_images(load_pretrained(edited), [images / "a.png"], top_k=3, device="cpu")[0]
+        assert sorted(c.name for c in result.top) == ["0", "1", "2"]
 
 
 def test_damaged_image_statistics_are_named(tmp_path, capsys, monkeypatch):
