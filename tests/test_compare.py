@@ -320,3 +320,94 @@ def test_block_similarity_is_the_mean_token_cosine_of_a_naive_loop():
     torch.testing.assert_close(sim.diagonal().double(), torch.ones(4, dtype=torch.float64), atol=1e-6, rtol=0)
     torch.testing.assert_close(sim, sim.T)
     assert model.training is True
+
+
+def test_verdict_counts_a_difference_below_the_reports_last_digit_as_a_tie():
+    """4312/5000 and 4288/5000 average to 0.86 as 4300/5000 twice does, but not in float: the exact
+    comparison named a "winner 0.00 points ahead". A hundredth of a point (the report's last digit)
+    is a difference."""
+    a = _result("a", "a", [4312 / 5000, 4288 / 5000])
+    b = _result("b", "b", [4300 / 5000, 4300 / 5000])
+    assert compare_mod._verdict([a, b], 2) == "**No winner:** a, b tie at 86.00% test accuracy."
+    assert compare_mod._verdict([b, a], 2) == "**No winner:** b, a tie at 86.00% test accuracy."  # the table's order
+    ahead = _result("c", "c", [0.8601, 0.8601])  # 86.01 against 86.00: 0.01 points
+    assert compare_mod._verdict([b, ahead], 2) == "**Winner: c** with 86.01% test accuracy, 0.01 points ahead of b."
+    # Exactly half a hundredth (0.005 points, exact in float from 5e-05 against 0) shows as 0.01 vs 0.00: not a tie.
+    edge, zero = _result("e", "e", [5e-05, 5e-05]), _result("z", "z", [0.0, 0.0])
+    assert compare_mod._verdict([zero, edge], 2) == "**Winner: e** with 0.01% test accuracy, 0.01 points ahead of z."
+    # The ablation verdict reads ties with the same tolerance.
+    own = _result("widenet_tiny", "widenet_tiny", [4312 / 5000, 4288 / 5000])
+    shared = _result("widenet_tiny (shared norms)", "widenet_tiny", [0.86, 0.86], {"share_norms": True})
+    assert "no difference at this budget" in compare_mod._ablation_verdict([own], shared)
+
+
+def test_verdict_names_the_runner_up():
+    """Means 90, 85 and 70: the gap is to the second best (85), not to the last."""
+    a = _result("a", "a", [0.89, 0.91])
+    b = _result("b", "b", [0.84, 0.86])
+    c = _result("c", "c", [0.69, 0.71])
+    for rows in ([c, a, b], [a, c, b], [b, c, a]):
+        assert compare_mod._verdict(rows, 2) == "**Winner: a** with 90.00% test accuracy, 5.00 points ahead of b."
+
+
+def _ablation(own_acc: list[float], shared_acc: list[float]) -> str:
+    own = _result("widenet_tiny", "widenet_tiny", own_acc)
+    shared = _result("widenet_tiny (shared norms)", "widenet_tiny", shared_acc, {"share_norms": True})
+    return compare_mod._ablation_verdict([_result("vit_tiny", "vit_tiny", [0.1, 0.1]), own], shared)
+
+
+def test_ablation_verdict_sign_tolerance_and_spread():
+    paper = " (paper: individual norms help)."
+    # Own 91, shared 81: +10 points for individual norms (spread 1.41, well outside it); swapped, -10 for shared.
+    assert _ablation([0.90, 0.92], [0.80, 0.82]) == (
+        "Individual LayerNorms vs shared: +10.00 points; individual norms did better at this budget" + paper)
+    assert _ablation([0.80, 0.82], [0.90, 0.92]) == (
+        "Individual LayerNorms vs shared: -10.00 points; shared norms did better at this budget" + paper)
+    # 0.4 points is a difference (the tie tolerance is half the report's last digit, 0.005 points).
+    assert _ablation([0.504, 0.504], [0.50, 0.50]) == (
+        "Individual LayerNorms vs shared: +0.40 points; individual norms did better at this budget" + paper)
+    # +1 point (82 vs 81) against a spread of 100 * stdev(0.80, 0.84) = 2.83: within it.
+    assert _ablation([0.80, 0.84], [0.81, 0.81]) == (
+        "Individual LayerNorms vs shared: +1.00 points; individual norms did better at this budget, "
+        "within the seed-to-seed spread (2.83)" + paper)
+
+
+def test_budget_line_counts_a_partial_last_batch_as_a_step():
+    """Batch 128 over 1000 images: 7 full batches and one of 104, so 8 steps an epoch (the trainer
+    keeps the partial batch); 3 epochs are 24 steps, and 20 steps are 20 / 8 = 2.5 epochs."""
+    from widenet.train.config import TrainConfig
+
+    budget = compare_mod._budget
+    assert budget(TrainConfig(model="vit_tiny", batch_size=128, epochs=3), 1000) == "24 steps (3.00 epochs)"
+    assert budget(TrainConfig(model="vit_tiny", batch_size=128, max_steps=20), 1000) == (
+        "20 steps (2.50 epochs)")
+    assert budget(TrainConfig(model="vit_tiny", batch_size=128, max_steps=1), 256) == "1 step (0.50 epochs)"
+
+
+def test_report_gives_images_per_s_and_steps_as_means_over_seeds(tmp_path, fmnist_dir, monkeypatch):
+    """Under a time budget seeds differ in speed and steps: each table cell is the mean over the seeds
+    (300 and 500 images/s -> 400; 10 and 30 steps -> 20), not one seed's. Training is stood in for:
+    each seed's run returns an untrained model with these figures."""
+    from widenet.train.evaluate import EvalResult
+    from widenet.train.images import TrainResult, build_model_for
+
+    figures = {0: (300.0, 10, 0.50), 1: (500.0, 30, 0.60)}  # images/s, steps, accuracy per seed
+
+    def fake_train(cfg, log=print, data=None):
+        speed, steps, accuracy = figures[cfg.seed]
+        out = Path(cfg.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.jsonl").write_text('{"split": "train", "step": 1, "loss": 2.0}\n'
+                                           '{"split": "test", "step": 1, "accuracy": 0.5}\n', encoding="utf-8")
+        model = build_model_for(cfg, data[0])
+        return TrainResult(out_dir=out, steps=steps, final_eval=EvalResult(accuracy=accuracy, loss=1.0, examples=32),
+                           params=count_parameters(model), train_images_per_s=speed, model=model)
+
+    monkeypatch.setattr(compare_mod, "train", fake_train)
+    budget = dict(BUDGET, max_steps=None, time_budget=0.05)
+    report = compare(["vit_tiny"], tmp_path / "out", seeds=2, data_dir=str(fmnist_dir), log=_quiet,
+                     ablation=False, model_overrides=dict(dim=32, depth=2, num_heads=2, mlp_dim=64), **budget)
+    cells = _table_rows(_section(report.read_text(encoding="utf-8"), "Results"))["vit_tiny"]
+    assert cells[2] == "400", cells  # images/s
+    assert cells[4] == "20", cells  # steps
+    assert cells[3] == "55.00 ± 7.07", cells  # 100 * stdev(0.5, 0.6) = 7.07

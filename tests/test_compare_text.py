@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 import statistics
 from pathlib import Path
@@ -10,7 +11,8 @@ import pytest
 
 from test_text_train import PHRASES, TINY_TEXT, _write_classify
 
-from widenet.analysis.compare_text import TextModelResult, TextSeedResult, _context_note, _sop_note, _transfer_note
+from widenet.analysis.compare_text import (TextModelResult, TextSeedResult, _context_note, _downstream_verdict,
+                                          _sop_note, _transfer_note)
 from widenet.cli import main
 from widenet.train.metrics import read_metrics
 
@@ -268,3 +270,48 @@ def test_full_preset_passes_its_warmup_and_fine_tuning_recipe_to_the_runs(tmp_pa
     assert "preset `full`: pretraining 20 steps x 16 sequences of 128 tokens" in (out / "report_text.md").read_text()
     printed = capsys.readouterr()
     assert "for classify from random weights (the architecture of " in printed.out + printed.err
+
+
+def test_downstream_verdict_ranks_by_task_accuracy_against_twice_the_spread():
+    """Task accuracy (not masked LM, ordered the other way here) picks the winner; the margin is to the
+    runner-up, and a winner needs more than twice the larger of the two seed spreads."""
+    top = _model("top", [0.10, 0.10], 0.06, [0.80, 0.82], [0.4, 0.4])  # task 81, mlm 10
+    mid = _model("mid", [0.20, 0.20], 0.06, [0.70, 0.72], [0.4, 0.4])  # task 71, mlm 20
+    low = _model("low", [0.30, 0.30], 0.06, [0.50, 0.52], [0.4, 0.4])  # task 51, mlm 30
+    # 81 - 71 = 10 points; spread 100 * stdev(0.80, 0.82) = 1.41, twice that 2.83 < 10: a winner.
+    for order in itertools.permutations([top, mid, low]):
+        assert _downstream_verdict(list(order)) == (
+            "Downstream, top won: 10.0 points above mid (more than twice the seed spread of 1.4).")
+    # 2 points above (81 against 79): more than the spread (1.41), within twice it (2.83): no winner.
+    close = _model("close", [0.20, 0.20], 0.06, [0.78, 0.80], [0.4, 0.4])
+    assert _downstream_verdict([close, top, low]) == (
+        "Downstream, top scored highest (81.0%), 2.0 points above close; within twice the seed spread, so "
+        "this run does not establish a winner.")
+    # Exactly twice the spread (binary-exact: 75 against 25, spread stdev(0.5, 0.75, 1.0) = 25): no winner.
+    edge = _model("edge", [0.1] * 3, 0.06, [0.5, 0.75, 1.0], [0.4] * 3)
+    flat = _model("flat", [0.1] * 3, 0.06, [0.25] * 3, [0.4] * 3)
+    assert _downstream_verdict([flat, edge]) == (
+        "Downstream, edge scored highest (75.0%), 50.0 points above flat; within twice the seed spread, so "
+        "this run does not establish a winner.")
+    one_a, one_b = _model("a", [0.1], 0.06, [0.9], [0.4]), _model("b", [0.1], 0.06, [0.5], [0.4])
+    assert _downstream_verdict([one_b, one_a]) == (
+        "Downstream, a scored highest (90.0%), 40.0 points above b; one seed cannot separate it from noise, so "
+        "this run does not establish a winner.")
+    assert _downstream_verdict([one_a]) == "Only a was run."
+
+
+def test_transfer_note_calls_a_gain_an_effect_only_beyond_twice_the_spread():
+    """Per seed pretrained minus scratch: -2.5, -1.5, -0.5 points (mean -1.5, spread 1.0) is within
+    twice the spread, so neither "hurt" nor "helped"; 1 point further (-2.5) is beyond it."""
+    def gains(name, points):
+        return _model(name, [0.1] * 3, 0.06, [0.5 + p / 100 for p in points], [0.5] * 3)
+
+    assert _transfer_note([gains("m", [-2.5, -1.5, -0.5])]).endswith("m -1.5 points (spread 1.0, no clear effect).")
+    assert _transfer_note([gains("m", [-3.5, -2.5, -1.5])]).endswith("m -2.5 points (spread 1.0, hurt).")
+    assert _transfer_note([gains("m", [0.5, 1.5, 2.5])]).endswith("m +1.5 points (spread 1.0, no clear effect).")
+    assert _transfer_note([gains("m", [1.5, 2.5, 3.5])]).endswith("m +2.5 points (spread 1.0, helped).")
+    # Exactly twice the spread (binary-exact: diffs -75, -50, -25 points, spread 25) is no effect either way.
+    edge_down = _model("m", [0.1] * 3, 0.06, [0.25, 0.5, 0.75], [1.0] * 3)
+    edge_up = _model("m", [0.1] * 3, 0.06, [0.25, 0.5, 0.75], [0.0] * 3)
+    assert _transfer_note([edge_down]).endswith("m -50.0 points (spread 25.0, no clear effect).")
+    assert _transfer_note([edge_up]).endswith("m +50.0 points (spread 25.0, no clear effect).")

@@ -234,12 +234,23 @@ def _table(rows: list[SpecResult], steps: bool = False) -> str:
     return "\n".join([head, *body])
 
 
+# Two mean accuracies closer than this many points (half the report's last shown digit, 0.01) are a
+# tie: a float difference below it (0.86 from 4312/5000, 4288/5000 against 4300/5000 twice) is
+# rounding, and the report would show "0.00 points ahead".
+TIE_POINTS = 0.005
+
+
+def _same_points(a: float, b: float) -> bool:
+    """Whether accuracies `a` and `b` (fractions) differ by less than TIE_POINTS percentage points."""
+    return abs(100 * (a - b)) < TIE_POINTS
+
+
 def _verdict(rows: list[SpecResult], n_seeds: int) -> str:
     if not rows:
         return ""
     ranked = sorted(rows, key=lambda r: r.acc_mean, reverse=True)
     best, second = ranked[0], (ranked[1] if len(ranked) > 1 else None)
-    tied = [r.spec.label for r in ranked if r.acc_mean == best.acc_mean]
+    tied = [r.spec.label for r in rows if _same_points(best.acc_mean, r.acc_mean)]
     if len(tied) > 1:  # no winner to name: the order among equals is the table's
         return f"**No winner:** {', '.join(tied)} tie at {100 * best.acc_mean:.2f}% test accuracy."
     text = f"**Winner: {best.spec.label}** with {100 * best.acc_mean:.2f}% test accuracy"
@@ -259,7 +270,7 @@ def _ablation_verdict(main: list[SpecResult], shared: SpecResult) -> str:
     if own is None:
         return ""
     diff = 100 * (own.acc_mean - shared.acc_mean)
-    if abs(diff) < 0.005:
+    if _same_points(own.acc_mean, shared.acc_mean):
         outcome = "no difference at this budget"
     else:
         outcome = f"{'individual' if diff > 0 else 'shared'} norms did better at this budget"
