@@ -561,3 +561,107 @@ def test_a_text_run_without_its_tokenizer_is_not_exported(tmp_path, cli):
     line = _one_line(*cli(["export", run, "--to", tmp_path / "b"]))
     assert "tokenizer.json: not valid JSON" in line
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def _dense_vit(depth: int, dim: int = 32, seed: int = 0):
+    """A dense vit_tiny whose blocks all differ, biases and LayerNorms included (a fresh model's biases are
+    0 and its norms 1: a copy from the wrong block's bias or norm could not be told apart)."""
+    torch.manual_seed(seed)
+    dense = create_model("vit_tiny", dim=dim, depth=depth, num_heads=2, mlp_dim=2 * dim)
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in dense.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(0.5 * torch.randn(p.shape, generator=gen))
+        dense.head.weight.normal_(0, 0.5, generator=gen)  # 0 in a fresh ViT: its logits would not see the rest
+    return dense
+
+
+@pytest.mark.parametrize("depth, experts, blocks", [
+    (5, 4, [0, 1, 3, 4]),  # round(e * 4 / 3): 0, 1.33, 2.67, 4 (int() would give 0, 1, 2, 4)
+    (3, 3, [0, 1, 2]),
+    (3, 5, [0, 1, 2, 0, 1]),  # more experts than blocks: cycling through them
+    (5, 1, [2]),  # one expert: the middle block
+])
+def test_each_expert_copies_the_ffn_of_the_block_the_recipe_picks(depth, experts, blocks):
+    """upcycle.py's recipe: expert e copies the FFN (w1, b1, w2, b2) of block round(e (depth - 1) / (E - 1)),
+    the middle block for E = 1, cycling through the blocks when E > depth; block i keeps block i's two norms, the final norm is kept.
+    Only 2-block models with zero biases were tested, so int() for round() and b1 always from block 0 passed."""
+    if experts == 1:
+        assert blocks == [depth // 2]
+    elif experts <= depth:
+        assert blocks == [round(e * (depth - 1) / (experts - 1)) for e in range(experts)]
+    else:
+        assert blocks == [e % depth for e in range(experts)]
+    dense = _dense_vit(depth)
+    ffns = dense.encoder.mlps
+    assert len(ffns) == depth and not torch.equal(ffns[0].fc1.bias, ffns[1].fc1.bias)
+    wide = upcycle(dense, experts, top_k=min(2, experts))
+    got = wide.encoder.moes[0].experts
+    assert got.w1.shape[0] == experts
+    for e, b in enumerate(blocks):
+        assert torch.equal(got.w1[e], ffns[b].fc1.weight.t()), (e, b, "w1")
+        assert torch.equal(got.b1[e], ffns[b].fc1.bias), (e, b, "b1")
+        assert torch.equal(got.w2[e], ffns[b].fc2.weight.t()), (e, b, "w2")
+        assert torch.equal(got.b2[e], ffns[b].fc2.bias), (e, b, "b2")
+    assert len(wide.encoder.norms) == depth
+    for i in range(depth):
+        for key, value in dense.encoder.norms[i].state_dict().items():
+            assert torch.equal(wide.encoder.norms[i].state_dict()[key], value), (i, key)
+    for key, value in dense.encoder.final_norm.state_dict().items():
+        assert torch.equal(wide.encoder.final_norm.state_dict()[key], value), key
+
+
+def test_upcycle_noise_is_relative_to_the_weights_std_and_leaves_the_biases():
+    """noise > 0 adds noise * std(W) * N(0, 1) to each copy's weight matrices (not to the biases)."""
+    dense = _dense_vit(4)
+    for ffn in dense.encoder.mlps:  # far from 1: noise not scaled by std(W) would be seen
+        assert 0.05 < ffn.fc1.weight.std() < 0.5 and 0.05 < ffn.fc2.weight.std() < 0.5
+    got = upcycle(dense, 4, noise=0.1, seed=3).encoder.moes[0].experts
+    for e, ffn in enumerate(dense.encoder.mlps):  # E = depth = 4: expert e copies block e
+        for ours, weight in ((got.w1[e], ffn.fc1.weight.t()), (got.w2[e], ffn.fc2.weight.t())):
+            ratio = ((ours - weight).std() / (0.1 * weight.std())).item()
+            assert 0.85 < ratio < 1.15, (e, ratio)
+        assert torch.equal(got.b1[e], ffn.fc1.bias) and torch.equal(got.b2[e], ffn.fc2.bias)
+    again = upcycle(dense, 4, noise=0.1, seed=3).encoder.moes[0].experts
+    assert torch.equal(again.w1, got.w1)  # from `seed`: reproducible
+    assert not torch.equal(upcycle(dense, 4, noise=0.1, seed=4).encoder.moes[0].experts.w1, got.w1)
+
+
+def test_upcycled_router_starts_normal_with_std_one_over_sqrt_dim():
+    """The router: normal(0, 1/sqrt(D)) from `seed` (D = 64: 1/8; 8 x 64 draws)."""
+    dense = _dense_vit(2, dim=64)
+    router = upcycle(dense, 8).encoder.moes[0].router.weight
+    assert router.shape == (8, 64)
+    assert 0.85 < (router.std() * 64 ** 0.5).item() < 1.15
+    assert abs(router.mean().item()) < 4 * 64 ** -0.5 / (8 * 64) ** 0.5  # 4 standard errors of the mean
+    assert torch.equal(upcycle(dense, 8, seed=0).encoder.moes[0].router.weight, router)
+    assert not torch.equal(upcycle(dense, 8, seed=1).encoder.moes[0].router.weight, router)
+
+
+def test_an_upcycled_model_is_in_the_mode_of_its_source():
+    """A model in eval mode upcycled came back in training mode (a new module's), so its MoE dropped
+    tokens by the training capacity and drew router noise where the source was being evaluated."""
+    dense = _dense_vit(2)
+    for training in (False, True):
+        wide = upcycle(dense.train(training), 4)
+        assert {m.training for m in wide.modules()} == {training}
+
+
+def test_upcycled_moe_renormalises_its_top_k_weights():
+    """MoE settings: top_k 2 by default and renormalize=True (the K combine weights sum to one), whatever
+    the source's MoE config said (vit_tiny's says False), unless the caller asks otherwise. Checked on the function too: a one-block ViT
+    has one attention and one FFN, so with equal experts and no drops the WideNet is the ViT; without
+    the renormalisation its FFN outputs would be scaled by the top-2 probabilities' sum."""
+    dense = _dense_vit(1).eval()
+    assert dense.cfg.encoder.moe.renormalize is False
+    wide = upcycle(dense, 4, dropless=True)
+    moe = wide.cfg.encoder.moe
+    assert moe.renormalize is True and moe.top_k == 2 and moe.num_experts == 4 and moe.dropless
+    assert wide.encoder.moes[0].router.renormalize is True
+    assert upcycle(dense, 4, renormalize=False).cfg.encoder.moe.renormalize is False  # only a default
+    images = torch.randn(3, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(wide.forward_features(images).hidden, dense.forward_features(images).hidden,
+                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(wide(images).logits, dense(images).logits, atol=1e-5, rtol=1e-5)

@@ -47,14 +47,36 @@ def _save(model, folder):
     return str(folder)
 
 
+def _random_norms_and_biases(model, seed=0):
+    """Every LayerNorm weight and bias, and every other bias, drawn at random (in place; returns the model).
+
+    transformers starts LayerNorm weights at 1 and all biases at 0: with those, swapping a block's two
+    norms (layernorm_before/after, attention.output.LayerNorm/output.LayerNorm) or a bias for another
+    gave the same outputs, and the comparisons against transformers could not see a wrong mapping."""
+    gen = torch.Generator().manual_seed(seed)
+    norm_weights = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.LayerNorm)}
+    assert norm_weights
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if id(p) in norm_weights:
+                p.copy_(1 + 0.5 * torch.randn(p.shape, generator=gen))
+            elif name.endswith("bias"):
+                p.copy_(0.5 * torch.randn(p.shape, generator=gen))
+    return model
+
+
 def _real(t, mask):
     return t[mask.bool()]
 
 
-@pytest.mark.parametrize("act", ["gelu_new", "gelu"])
+ACTIVATIONS = ["gelu_new", "gelu", "gelu_pytorch_tanh"]  # every hidden_act widenet maps (hf.py's _ACTIVATIONS)
+
+
+@pytest.mark.parametrize("act", ACTIVATIONS)
 def test_albert_for_pretraining_equals_transformers(tmp_path, act):
     torch.manual_seed(0)
-    hf = transformers.AlbertForPreTraining(transformers.AlbertConfig(embedding_size=8, hidden_act=act, **TEXT))
+    hf = _random_norms_and_biases(
+        transformers.AlbertForPreTraining(transformers.AlbertConfig(embedding_size=8, hidden_act=act, **TEXT)))
     loaded = load_hf(_save(hf, tmp_path))
     assert loaded.kind == "text" and loaded.model.cfg.task == "pretrain"
     enc = loaded.model.cfg.encoder
@@ -73,7 +95,8 @@ def test_albert_with_a_layer_group_per_block_is_an_unshared_model(tmp_path):
     """num_hidden_groups = num_hidden_layers: every block has its own layer (a BERT with ALBERT's
     factorized embedding), read as widenet's text model with nothing shared."""
     torch.manual_seed(0)
-    hf = transformers.AlbertForPreTraining(transformers.AlbertConfig(embedding_size=8, num_hidden_groups=3, **TEXT))
+    hf = _random_norms_and_biases(
+        transformers.AlbertForPreTraining(transformers.AlbertConfig(embedding_size=8, num_hidden_groups=3, **TEXT)))
     loaded = load_hf(_save(hf, tmp_path))
     enc = loaded.model.cfg.encoder
     assert (enc.share_attention, enc.share_ffn, enc.share_norms, enc.depth) == (False, False, False, 3)
@@ -97,13 +120,13 @@ def test_classification_and_qa_heads_equal_transformers(tmp_path, family):
     labels = config()
     labels.id2label, labels.label2id = {0: "neg", 1: "pos", 2: "mixed"}, {"neg": 0, "pos": 1, "mixed": 2}
     torch.manual_seed(0)
-    clf = getattr(transformers, prefix + "ForSequenceClassification")(labels)
+    clf = _random_norms_and_biases(getattr(transformers, prefix + "ForSequenceClassification")(labels))
     loaded = load_hf(_save(clf, tmp_path / "clf"))
     assert loaded.classes == ["neg", "pos", "mixed"] and loaded.model.cfg.task == "classify"
     with torch.no_grad():
         torch.testing.assert_close(loaded.model(ids, types, keep_mask=mask).logits,
                                    clf(input_ids=ids, attention_mask=mask, token_type_ids=types).logits, **TOL)
-    qa = getattr(transformers, prefix + "ForQuestionAnswering")(config())
+    qa = _random_norms_and_biases(getattr(transformers, prefix + "ForQuestionAnswering")(config()), seed=1)
     loaded = load_hf(_save(qa, tmp_path / "qa"))
     with torch.no_grad():
         ref = qa(input_ids=ids, attention_mask=mask, token_type_ids=types)
@@ -133,9 +156,10 @@ def test_regression_and_multi_label_heads_are_refused(tmp_path, family):
     assert load_hf(folder("single", num_labels=3, problem_type="single_label_classification")).model is not None
 
 
-def test_bert_for_pretraining_equals_transformers(tmp_path):
+@pytest.mark.parametrize("act", ACTIVATIONS)
+def test_bert_for_pretraining_equals_transformers(tmp_path, act):
     torch.manual_seed(0)
-    hf = transformers.BertForPreTraining(transformers.BertConfig(**TEXT))
+    hf = _random_norms_and_biases(transformers.BertForPreTraining(transformers.BertConfig(hidden_act=act, **TEXT)))
     loaded = load_hf(_save(hf, tmp_path))
     enc = loaded.model.cfg.encoder
     assert not (enc.share_attention or enc.share_ffn or enc.share_norms) and enc.depth == 3
@@ -161,10 +185,14 @@ def test_masked_lm_with_an_untied_decoder_loads_it_as_its_own_table(tmp_path, fa
         return transformers.BertForMaskedLM(transformers.BertConfig(**extra, **TEXT))
 
     torch.manual_seed(0)
-    hf = masked_lm(tie_word_embeddings=False)
+    hf = _random_norms_and_biases(masked_lm(tie_word_embeddings=False))
     decoder = hf.get_output_embeddings().weight
     with torch.no_grad():
         decoder.normal_(0, 0.5)  # surely not the embedding table
+        # transformers 5 unties the decoder's bias from the head's too, and adds the decoder's: it was
+        # dropped as "the same tensor" (one in transformers 4), for logits off by up to 3
+        head = hf.cls.predictions if family == "bert" else hf.predictions
+        head.decoder.bias.normal_(0, 1.0)
     loaded = load_hf(_save(hf, tmp_path))
     assert not loaded.model.cfg.tie_word_embeddings
     assert any("no pooler" in note for note in loaded.notes)  # *ForMaskedLM saves none: ours is new
@@ -180,7 +208,7 @@ def test_masked_lm_with_an_untied_decoder_loads_it_as_its_own_table(tmp_path, fa
 
 def test_bare_bert_model_keeps_the_backbone_and_says_the_heads_are_new(tmp_path):
     torch.manual_seed(0)
-    hf = transformers.BertModel(transformers.BertConfig(**TEXT))
+    hf = _random_norms_and_biases(transformers.BertModel(transformers.BertConfig(**TEXT)))
     loaded = load_hf(_save(hf, tmp_path))
     assert loaded.notes and "heads are new" in loaded.notes[0]
     ids, mask, types = _text_inputs()
@@ -191,9 +219,11 @@ def test_bare_bert_model_keeps_the_backbone_and_says_the_heads_are_new(tmp_path)
     torch.testing.assert_close(out.pooled, ref.pooler_output, **TOL)
 
 
-def test_vit_for_image_classification_equals_transformers(tmp_path):
+@pytest.mark.parametrize("act", ACTIVATIONS)
+def test_vit_for_image_classification_equals_transformers(tmp_path, act):
     torch.manual_seed(0)
-    hf = transformers.ViTForImageClassification(transformers.ViTConfig(num_labels=5, **VIT))
+    hf = _random_norms_and_biases(
+        transformers.ViTForImageClassification(transformers.ViTConfig(num_labels=5, hidden_act=act, **VIT)))
     with torch.no_grad():  # a non-zero classifier, so that the logits test something
         hf.classifier.weight.normal_()
     loaded = load_hf(_save(hf, tmp_path))
@@ -205,7 +235,7 @@ def test_vit_for_image_classification_equals_transformers(tmp_path):
 
 def test_vit_model_with_pooler_without_qkv_bias_and_transformers5_names(tmp_path):
     torch.manual_seed(0)
-    hf = transformers.ViTModel(transformers.ViTConfig(qkv_bias=False, **VIT)).eval()
+    hf = _random_norms_and_biases(transformers.ViTModel(transformers.ViTConfig(qkv_bias=False, **VIT))).eval()
     hf.config.save_pretrained(tmp_path)  # transformers 5's own in-memory names, not the legacy file names
     save_file({k: v.contiguous() for k, v in hf.state_dict().items()}, tmp_path / "model.safetensors")
     loaded = load_hf(tmp_path)
@@ -220,7 +250,7 @@ def test_vit_model_with_pooler_without_qkv_bias_and_transformers5_names(tmp_path
 
 def test_pytorch_model_bin_and_sharded_safetensors(tmp_path):
     torch.manual_seed(0)
-    hf = transformers.AlbertModel(transformers.AlbertConfig(embedding_size=8, **TEXT)).eval()
+    hf = _random_norms_and_biases(transformers.AlbertModel(transformers.AlbertConfig(embedding_size=8, **TEXT))).eval()
     state = {k: v.contiguous() for k, v in hf.state_dict().items()}
     for name in ("bin", "sharded"):
         (tmp_path / name).mkdir()
@@ -507,3 +537,19 @@ def test_a_processor_that_crops_is_noted():
     assert preparation_gaps(dict(size={"height": 384, "width": 384}), 224)
     assert not preparation_gaps(dict(size={"height": 224, "width": 224}, do_center_crop=False), 224)
     assert not preparation_gaps({}, 224)  # no processor file: nothing to compare
+
+
+def test_id2label_written_with_sorted_keys_names_each_class_by_its_id(tmp_path):
+    """config.json files are written with json's sort_keys (transformers does): id2label's keys come as
+    "0", "1", "10", "11", "2", ... Reading the names in file order named class 2 "c10"."""
+    torch.manual_seed(0)
+    config = transformers.ViTConfig(num_labels=12, **VIT)
+    folder = Path(_save(transformers.ViTForImageClassification(config), tmp_path / "vit"))
+    saved = json.loads((folder / "config.json").read_text())
+    saved["id2label"] = {str(i): f"c{i}" for i in range(12)}
+    saved["label2id"] = {f"c{i}": i for i in range(12)}
+    (folder / "config.json").write_text(json.dumps(saved, sort_keys=True, indent=2))
+    assert list(json.loads((folder / "config.json").read_text())["id2label"])[:4] == ["0", "1", "10", "11"]
+    loaded = load_hf(folder)
+    assert loaded.classes == [f"c{i}" for i in range(12)] and loaded.classes[2] == "c2"
+    assert loaded.model.cfg.num_classes == 12

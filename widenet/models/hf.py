@@ -218,8 +218,10 @@ def _load_text(path, config: dict, state: dict, arch: str, kind: str) -> HFImpor
         ours["mlm_head.decoder"] = decoder
     elif decoder is not None:
         del state[decoder]  # the word-embedding table itself
-    for key in ("predictions.decoder.bias", "cls.predictions.decoder.bias"):
-        state.pop(key, None)  # the same tensor as the head's own bias
+    for bias in ("predictions.bias", "cls.predictions.bias"):  # the output bias the head adds: the decoder's
+        decoder_bias = bias.replace(".bias", ".decoder.bias")  # (one tensor in transformers 4; apart in 5, untied)
+        if decoder_bias in state:
+            state[bias] = state.pop(decoder_bias)
     _copy_into(path, model, state, ours, optional=_new_heads(task, state))
     return HFImport(model.eval(), f"hf-{kind}", "text", classes, notes + label_notes + _head_notes(model, state, task),
                     f"the {head[1]}" if missing else None)

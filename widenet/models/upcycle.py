@@ -13,7 +13,8 @@ own two LayerNorms. Where its weights come from:
     experts       expert e is a copy of an FFN: ALBERT's one shared FFN for
                   every expert; with one FFN per block, expert e takes block
                   round(e * (depth - 1) / (E - 1)) (evenly spaced, the first
-                  and the last included; E > depth cycles through the blocks).
+                  and the last included; E = 1 takes the middle block, depth // 2;
+                  E > depth cycles through the blocks).
                   noise > 0 adds noise * std(W) * N(0, 1) to each copy's
                   weight matrices, so that identical experts can part ways.
     LayerNorms    block i keeps the source's block i norms (ALBERT's shared
@@ -22,8 +23,9 @@ own two LayerNorms. Where its weights come from:
                   equal experts the choice does not change the output, and the
                   balance loss spreads the tokens from the first step.
 
-MoE settings: top_k (default 2) and renormalize=True, so that the K combine
-weights sum to one; the rest are MoEConfig's defaults unless given. With all
+MoE settings: top_k (default 2) and renormalize (default True, so that the K
+combine weights sum to one; renormalize=False keeps the raw softmax weights);
+the rest are the source's MoE settings (MoEConfig's defaults) unless given. With all
 experts equal (noise 0) and no assignment dropped (dropless=True or a large
 capacity factor), the upcycled ALBERT computes exactly the source's function
 (the test checks it). A ViT or BERT upcycled with attention="mean" does not:
