@@ -51,10 +51,8 @@ def hf_export_problem(model: nn.Module) -> str | None:
                 "all of them, or (a layer group per block) none")
     position = "pre" if vision else "post"
     if enc.norm_position != position:
-        return (f"its blocks are {enc.norm_position}-norm and {wanted}'s {position}-norm "
-                f"({'--set norm_position=post trains one' if not vision else ''})").replace(" ()", "")
-    if enc.expert_dim is not None and enc.expert_dim != enc.mlp_dim:
-        return f"expert_dim {enc.expert_dim} differs from mlp_dim {enc.mlp_dim}"
+        hint = "" if vision else " (--set norm_position=post trains one)"
+        return f"its blocks are {enc.norm_position}-norm and {wanted}'s {position}-norm{hint}"
     if vision:
         cfg = model.cfg
         for setting, value, want in (("stem", cfg.stem, "patch"), ("pool", cfg.pool, "token")):
@@ -96,6 +94,8 @@ def hf_checkpoint(model: nn.Module, classes: list[str] | None = None) -> tuple[d
         if not cfg.tie_word_embeddings:
             mapping["mlm_head.decoder"] = "predictions.decoder.weight"
         drop = ("backbone.pooler.",) if cfg.task == "qa" else ()  # AlbertForQuestionAnswering has no pooler
+    if classes is not None and len(classes) != num_labels:
+        raise ValueError(f"{len(classes)} class names for a model with {num_labels or 'no'} classes")
     if num_labels is not None:
         names = classes or [f"LABEL_{i}" for i in range(num_labels)]  # (transformers' own default names)
         config.update(id2label={str(i): name for i, name in enumerate(names)},
@@ -111,6 +111,6 @@ def hf_checkpoint(model: nn.Module, classes: list[str] | None = None) -> tuple[d
         for name, part in zip(parts, tensor.chunk(len(parts))):  # q, k, v: the rows of qkv in thirds
             state[name if name.startswith(_HEADS) else prefix + name] = part.detach().cpu().contiguous()
     if "predictions.bias" in state:
-        state["predictions.decoder.bias"] = state["predictions.bias"].clone()  # one tensor in transformers
+        state["predictions.decoder.bias"] = state["predictions.bias"].clone()  # what the head adds (transformers 5)
     return config, state
 
