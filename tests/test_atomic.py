@@ -66,7 +66,7 @@ def test_signals_held_arrive_when_the_block_ends(to_another_thread):
     """A signal the kernel hands to another thread (torch starts some at import) ran Python's handler
     inside the block: pthread_sigmask had held it for the calling thread only."""
     seen = []
-    previous = signal.signal(signal.SIGTERM, lambda signum, _frame: seen.append(signum))
+    previous = signal.signal(signal.SIGTERM, handler := lambda signum, _frame: seen.append(signum))
     waiting = threading.Event()
     other = threading.Thread(target=waiting.wait)
     other.start()
@@ -79,9 +79,13 @@ def test_signals_held_arrive_when_the_block_ends(to_another_thread):
         with pytest.raises(KeyboardInterrupt):  # Python's own Ctrl-C handler, raised after the block
             with signals_held():
                 signal.pthread_kill(other.ident, signal.SIGINT)
+                signal.pthread_kill(other.ident, signal.SIGTERM)
                 time.sleep(0.05)
                 seen.append("block ended")
-        assert seen[-1] == "block ended"
+        # the Ctrl-C raising stopped neither SIGTERM's delivery nor its handler's restore
+        assert seen[-2:] == ["block ended", signal.SIGTERM]
+        assert signal.getsignal(signal.SIGTERM) is handler
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     finally:
         waiting.set()
         other.join()

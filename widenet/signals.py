@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 __all__ = ["NATIVE_CALL_THREAD", "STOP_SIGNALS", "native_call_running", "signal_numbers", "signals_held"]
 
@@ -43,13 +43,30 @@ def signals_held() -> Iterator[None]:
         return
     arrived: list[int] = []
     previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
-    held = [sig for sig, handler in previous.items() if handler not in (signal.SIG_IGN, None)]  # ignored: stays so
-    for sig in held:
+    held = [(sig, handler) for sig, handler in previous.items() if handler not in (signal.SIG_IGN, None)]
+    for sig, _ in held:  # (an ignored signal stays ignored)
         signal.signal(sig, lambda signum, _frame: arrived.append(signum))
     try:
         yield
     finally:
-        for sig in held:
-            signal.signal(sig, previous[sig])
-        for signum in arrived:
-            signal.raise_signal(signum)
+        _every_call(lambda pair: signal.signal(*pair), held)  # restored handlers raising (Ctrl-C) stop none
+        _every_call(signal.raise_signal, list(arrived))  # of the other restores, nor a delivery
+
+
+def _every_call(call: Callable[[Any], Any], items: list) -> None:
+    """call(item) for every item, then the first exception raised meanwhile: a restored handler that
+    raises (KeyboardInterrupt) as its signal arrives interrupts the loop, which goes on from the item
+    at hand (a handler installed twice is harmless; a signal whose own handler raised is not raised
+    twice)."""
+    remaining, error = list(items), None
+    while remaining:
+        try:
+            while remaining:
+                call(remaining[0])
+                del remaining[0]
+        except BaseException as err:  # kept, and raised once every call ran
+            error = error or err
+            if remaining and call is signal.raise_signal:
+                del remaining[0]  # it was delivered: its handler is what raised
+    if error is not None:
+        raise error
