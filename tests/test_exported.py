@@ -58,7 +58,7 @@ def test_export_then_from_pretrained_gives_the_runs_model(vit_run, tmp_path, cli
         assert widenet.load_pretrained(tmp_path / "exp" / file).classes == config["classes"]
     # an existing folder is not overwritten without --overwrite, and is with it
     line = _one_line(*cli(["export", vit_run, "--to", tmp_path / "exp"]))
-    assert "already holds a widenet model" in line and "--overwrite" in line
+    assert "already holds a model (a widenet or Hugging Face folder)" in line and "--overwrite" in line
     assert cli(["export", vit_run, "--to", tmp_path / "exp", "--overwrite"])[0] == 0
     assert not list(tmp_path.glob(".tmp-*"))
 
@@ -176,7 +176,7 @@ def test_what_a_killed_export_left_is_cleared_by_the_next(tmp_path):
     (tmp_path / "kept").rename(tmp_path / f".old-m-{dead.pid}")  # killed between the swap's two renames
     write_export(tmp_path / "n", model, model_name="vit_tiny")  # another destination: nothing of m's touched
     assert all(folder.exists() for folder in leftovers.values()) and (tmp_path / f".old-m-{dead.pid}").exists()
-    with pytest.raises(FileExistsError, match="already holds a widenet model"):
+    with pytest.raises(FileExistsError, match="already holds a model"):
         write_export(tmp_path / "m", model, model_name="vit_tiny")  # the old model, put back, is not replaced
     assert exported.is_export(tmp_path / "m")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([  # "m-2"'s, "old-m"'s: other destinations'
@@ -442,7 +442,7 @@ def test_overwrite_never_replaces_a_run_a_source_or_other_files(vit_run, tmp_pat
     other.mkdir()
     (other / "metrics.jsonl").write_text("{}\n")
     line = _one_line(*cli(["upcycle", "--from", vit_run, "--experts", 2, "--out", other, "--overwrite"]))
-    assert "not a widenet model folder" in line and (other / "metrics.jsonl").exists()
+    assert "not a model folder" in line and (other / "metrics.jsonl").exists()
     assert line.startswith(f"widenet: error: {other} already holds files")  # not "writing under OTHER: OTHER ..."
     copy = tmp_path / "copy"  # among another run's checkpoints, where training would take it for one
     shutil.copytree(vit_run, copy)

@@ -141,7 +141,7 @@ def test_the_export_command_writes_and_replaces_hf_folders(tmp_path, fmnist_dir,
                                                                    "preprocessor_config.json"]
     (tmp_path / "hf" / "README.md").write_text("my card")
     rc, out, err = cli(["export", vit, "--to", tmp_path / "hf", "--format", "hf"])
-    assert rc == 2 and "already holds a widenet model; pass --overwrite" in err
+    assert rc == 2 and "already holds a model (a widenet or Hugging Face folder); pass --overwrite" in err
     assert cli(["export", vit, "--to", tmp_path / "hf", "--overwrite"])[0] == 0  # the widenet format replaces it
     assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["README.md", "config.json", "model.safetensors"]
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["format"] == "widenet-model"
@@ -149,6 +149,28 @@ def test_the_export_command_writes_and_replaces_hf_folders(tmp_path, fmnist_dir,
         images = torch.randn(2, 1, 28, 28)
         torch.testing.assert_close(_hf_model_from(vit, tmp_path, cli)(pixel_values=images).logits,
                                    widenet.from_pretrained(vit)(images).logits, rtol=0, atol=2e-5)
+
+
+def test_overwriting_a_downloaded_folder_leaves_none_of_its_model_files(tmp_path, cli):
+    """A Hugging Face download's shards, their index and added_tokens.json were carried into the new
+    folder as if they were the user's: AutoTokenizer then read the old added tokens (wrong ids, no
+    error) beside the new model. The user's own files stay."""
+    download = tmp_path / "download"
+    config = transformers.AlbertConfig(vocab_size=60, embedding_size=8, hidden_size=16, num_hidden_layers=1,
+                                       num_attention_heads=2, intermediate_size=32)
+    transformers.AlbertModel(config).save_pretrained(download, max_shard_size="20KB")
+    (download / "added_tokens.json").write_text('{"zzzq": 60}')
+    (download / "spiece.model").write_bytes(b"a sentencepiece model")
+    (download / "README.md").write_text("my notes")
+    assert len(list(download.glob("model-*-of-*.safetensors"))) > 1
+    model = create_model("vit_tiny", **TINY)
+    write_export(tmp_path / "vit", model, model_name="vit_tiny")
+    rc, out, err = cli(["export", tmp_path / "vit", "--to", download, "--format", "hf"])
+    assert rc == 2 and "already holds a model (a widenet or Hugging Face folder); pass --overwrite" in err
+    assert cli(["export", tmp_path / "vit", "--to", download, "--format", "hf", "--overwrite"])[0] == 0
+    assert sorted(p.name for p in download.iterdir()) == ["README.md", "config.json", "model.safetensors",
+                                                         "preprocessor_config.json"]
+    assert (download / "README.md").read_text() == "my notes"
 
 
 def _hf_model_from(run, tmp_path, cli):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fnmatch
 import glob
 import os
 import re
@@ -27,10 +28,14 @@ __all__ = ["CONFIG_FILE", "MODEL_FILES", "TOKENIZER_FILE", "WEIGHTS_FILE", "carr
            "clear_leftovers", "move_into_place", "temporary"]
 
 CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE = "config.json", "model.safetensors", "tokenizer.json"
-# A model folder's own files (what an export writes; what a Hugging Face folder holds of its model, which
-# `export --format hf` writes and `--overwrite` may replace); the rest is the user's.
-MODEL_FILES = (CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE, "tokenizer_config.json", "preprocessor_config.json",
-               "special_tokens_map.json", "vocab.txt", "pytorch_model.bin", "model.safetensors.index.json")
+# A model folder's own files: what an export writes, and what a Hugging Face folder (which `export --format
+# hf` writes and `--overwrite` may replace) holds of its model: weights, their shards and index, configs,
+# tokenizer files. The rest (a README, plots) is the user's: --overwrite carries it into the new folder.
+MODEL_FILES = (CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE, "model-*-of-*.safetensors", "*.safetensors.index.json",
+               "pytorch_model*.bin", "pytorch_model.bin.index.json", "tf_model.h5", "flax_model.msgpack",
+               "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.txt", "vocab.json",
+               "merges.txt", "spiece.model", "sentencepiece.bpe.model", "preprocessor_config.json",
+               "generation_config.json")
 
 
 def temporary(out: Path, old: bool = False) -> Path:
@@ -81,10 +86,11 @@ def check_destination(out: Path, overwrite: bool, protect: str | os.PathLike | N
     if not any(out.iterdir()):
         return
     if not holds_model(out):
-        raise FileExistsError(f"{out} already holds files that are not a widenet model folder (a run, a download?); "
+        raise FileExistsError(f"{out} already holds files that are not a model folder (a run, a dataset?); "
                               "choose another destination")
     if not overwrite:
-        raise FileExistsError(f"{out} already holds a widenet model; pass --overwrite to replace it")
+        raise FileExistsError(f"{out} already holds a model (a widenet or Hugging Face folder); pass --overwrite to "
+                              "replace it")
 
 
 def _holds_checkpoints(folder: Path) -> bool:
@@ -103,7 +109,7 @@ def carry_user_files(old: Path, new: Path) -> None:
     if not old.is_dir():
         return
     for entry in old.iterdir():
-        if entry.name in MODEL_FILES:
+        if any(fnmatch.fnmatchcase(entry.name, pattern) for pattern in MODEL_FILES):
             continue
         if entry.is_dir() and not entry.is_symlink():
             shutil.copytree(entry, new / entry.name, symlinks=True)
