@@ -101,22 +101,35 @@ def test_an_export_whose_weights_belong_to_another_is_refused(tmp_path, cli):
     assert "files of two models mixed" in line
 
 
-def test_an_export_read_while_overwritten_is_read_again_whole(tmp_path, monkeypatch):
-    """The folder swapped between reading config.json (the old model's) and the weights (the new
-    one's): the second read takes both files of the new model."""
+@pytest.mark.parametrize("hf", [False, True])
+def test_a_folder_read_while_overwritten_is_read_again_whole(tmp_path, monkeypatch, hf):
+    """The folder swapped for another model's (as `export --overwrite` renames it into place) between
+    reading config.json and the weights: the weights and class names of two models came back
+    together (a Hugging Face folder has no record binding its files). It is read again, whole."""
     a, b = _two_exports(tmp_path)
-    real_read = exported._read_config
+    if hf:
+        for name in ("a", "b"):
+            write_export(tmp_path / f"{name}-hf", widenet.from_pretrained(tmp_path / name), model_name="vit_tiny",
+                         classes=[name + "0", name + "1"] + [str(i) for i in range(2, 10)], hf=True)
+        a, b = tmp_path / "a-hf", tmp_path / "b-hf"
+    from widenet.models import hf as hf_module
+    real_load = files.load_safetensors
     reads = []
 
-    def swapped_after_the_first_config(folder):
-        reads.append(folder)
-        return real_read(a if len(reads) == 1 else folder)
+    def swapped_before_the_weights(path, *args):
+        reads.append(path)
+        if len(reads) == 1:  # b's config.json is read: now b's folder is replaced by a copy of a's
+            shutil.copytree(a, tmp_path / "incoming")
+            os.rename(b, tmp_path / "old")
+            os.rename(tmp_path / "incoming", b)
+        return real_load(path, *args)
 
-    monkeypatch.setattr(exported, "_read_config", swapped_after_the_first_config)
-    source = exported.read_export(b)
-    assert len(reads) == 2 and source.classes[0] == "b0"
-    want = widenet.from_pretrained(b).state_dict()
-    assert all(torch.equal(source.model_state[k], want[k]) for k in want)
+    monkeypatch.setattr(exported, "load_safetensors", swapped_before_the_weights)
+    monkeypatch.setattr(hf_module, "load_safetensors", swapped_before_the_weights)
+    loaded = widenet.load_pretrained(b)
+    assert len(reads) >= 2 and loaded.classes[0] == "a0"  # now b holds a's model: its weights and names
+    want = widenet.from_pretrained(a).state_dict()
+    assert all(torch.equal(loaded.model.state_dict()[k], want[k]) for k in want)
 
 
 def test_exports_without_the_weights_record_or_digest_still_load(tmp_path):

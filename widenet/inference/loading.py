@@ -19,7 +19,7 @@ from torch import nn
 from ..data.text.tokenizer import TokenizerError
 from ..models.text import TextTransformer
 from ..models.vision import VisionTransformer
-from ..train.exported import load_model, load_source, model_kind, source_tokenizer, write_export
+from ..train.exported import load_model, load_source, model_kind, read_unswapped, source_tokenizer, write_export
 
 __all__ = ["Pretrained", "from_pretrained", "load_pretrained", "save_pretrained"]
 
@@ -56,7 +56,13 @@ class Pretrained:
 
 
 def load_pretrained(path: str | os.PathLike) -> Pretrained:
-    """The model saved at `path` with its class names, image statistics and tokenizer."""
+    """The model saved at `path` with its class names, image statistics and tokenizer (all read again
+    if the folder was replaced meanwhile: its tokenizer is read after its weights)."""
+    folder = Path(path)
+    return read_unswapped(folder if folder.is_dir() else folder.parent, lambda: _load(folder), ())
+
+
+def _load(path: Path) -> Pretrained:
     source = load_source(path)
     model = load_model(source)
     notes = list(source.notes)

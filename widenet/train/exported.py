@@ -25,7 +25,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import torch
 from safetensors import SafetensorError
@@ -49,8 +49,9 @@ from .text_inputs import recorded_inputs
 
 __all__ = ["EXPORT_FORMAT", "EXPORT_VERSION", "HEADS", "Source", "config_problem", "init_source", "require_kind",
            "is_export", "is_model_folder", "load_model", "load_source", "model_from_meta", "non_finite_problem",
-           "read_export", "run_tokenizer_file", "weights_from", "write_export"]
+           "read_export", "read_unswapped", "run_tokenizer_file", "weights_from", "write_export"]
 
+T = TypeVar("T")
 EXPORT_FORMAT = "widenet-model"
 EXPORT_VERSION = 1
 
@@ -256,19 +257,16 @@ def write_export(out: str | os.PathLike, model: nn.Module, *, model_name: str, c
 def read_export(path: str | os.PathLike) -> Source:
     """An export folder as a Source (meta in the shape of a training checkpoint's, no step)."""
     folder = Path(path)
-    for second_read in (False, True):  # an `export --overwrite` may swap the folder between the two files
-        config = _read_config(folder)
-        try:
-            state = load_safetensors(folder / WEIGHTS_FILE, config.get("weights_sha256"))
-            break
-        except WeightsMismatch:
-            if second_read:
-                raise CheckpointError(f"{folder}: its {WEIGHTS_FILE} is not the one its {CONFIG_FILE} was written "
-                                      "with (files of two models mixed); export the model again") from None
-        except WeightsDamaged as err:
-            raise CheckpointError(str(err)) from None
-        except (OSError, SafetensorError) as err:
-            raise CheckpointError(f"{folder / WEIGHTS_FILE}: could not read the weights ({err})") from None
+    config = _read_config(folder)
+    try:
+        state = load_safetensors(folder / WEIGHTS_FILE, config.get("weights_sha256"))
+    except WeightsMismatch:  # (a folder swapped meanwhile is read again: load_source)
+        raise CheckpointError(f"{folder}: its {WEIGHTS_FILE} is not the one its {CONFIG_FILE} was written with "
+                              "(files of two models mixed); export the model again") from None
+    except WeightsDamaged as err:
+        raise CheckpointError(str(err)) from None
+    except (OSError, SafetensorError) as err:
+        raise CheckpointError(f"{folder / WEIGHTS_FILE}: could not read the weights ({err})") from None
     image = config.get("image") or {}
     classes = config.get("classes")
     names_ok = classes is None or (isinstance(classes, list) and all(isinstance(c, str) for c in classes))
@@ -311,6 +309,31 @@ def _read_config(folder: Path) -> dict[str, Any]:
     return config
 
 
+def read_unswapped(folder: Path, read: Callable[[], T], unsettled: tuple[type[BaseException], ...]) -> T:
+    """read(), again if `folder` was swapped for another meanwhile (its device, inode or change time
+    changed: an `export --overwrite` renames the new folder into place), so that no result mixes two folders'
+    files; an error of the types `unsettled` (a torn read taken for damage) counts only if the folder
+    stayed. A folder swapped during both reads raises OSError (EAGAIN) saying so."""
+    def identity() -> tuple[int, int, int] | None:  # (the change time too: a new folder may reuse the inode)
+        with contextlib.suppress(OSError):
+            stat = os.stat(folder)
+            return stat.st_dev, stat.st_ino, stat.st_ctime_ns
+        return None
+
+    for again in (False, True):
+        before = identity()
+        try:
+            result = read()
+        except unsettled:
+            if again or identity() == before:
+                raise
+            continue
+        if identity() == before:
+            return result
+    raise OSError(errno.EAGAIN, "replaced by another process while it was read, twice; read it again when nothing "
+                  "writes it", str(folder))
+
+
 def load_source(path: str | os.PathLike) -> Source:
     """Any starting point as a Source: an export folder, a Hugging Face checkpoint folder, a run
     folder (its latest checkpoint), a checkpoint folder or a model.safetensors inside one."""
@@ -324,9 +347,9 @@ def load_source(path: str | os.PathLike) -> Source:
             is_export(path.parent) or is_hf_folder(path.parent)):
         path = path.parent  # a file of a model folder (only a checkpoint's model.safetensors is read alone)
     if is_export(path):
-        return read_export(path)
+        return read_unswapped(path, lambda: read_export(path), (CheckpointError,))
     if is_hf_folder(path):
-        hf = read_hf_source(path)
+        hf = read_unswapped(path, lambda: read_hf_source(path), (ValueError, OSError))
         return Source(path, None, hf.meta, hf.model_state, {}, hf.tokenizer_path, hf.notes, hf.tokenizer_settings)
     if (path / CONFIG_FILE).is_file():  # checkpoints hold meta.json: this was meant as an export or HF folder
         raise CheckpointError(config_problem(path))
