@@ -210,3 +210,37 @@ def test_save_pretrained_writes_either_format_from_a_model_or_a_loaded_one(tmp_p
         with pytest.raises(ValueError, match="2 class names for a model with no classifier \\(task 'pretrain'\\)"):
             widenet.save_pretrained(text, tmp_path / "no", classes=["a", "b"], format=form)
     assert not (tmp_path / "no").exists()
+
+
+def test_what_goes_beside_the_weights_is_checked_before_anything_is_written(tmp_path):
+    """save_pretrained wrote folders that loading then refused (three means for a grey model, std 0,
+    NaN), dropped a mean given without its std, stored image statistics with a text model, and a
+    bare float gave a TypeError traceback; a loaded model could not be saved back where it came from."""
+    vit = create_model("vit_tiny", **TINY)
+    text = create_model("albert_text_tiny", **TINY, norm_position="post", vocab_size=50)
+    cases = [
+        (vit, dict(mean=(0.5,)), "give the image mean and std together, got mean"),
+        (vit, dict(mean=(0.1, 0.2, 0.3), std=(0.5,)), r"mean \[0.1, 0.2, 0.3\] should be one finite number per "
+                                                       r"channel \(1\)"),
+        (vit, dict(mean=(0.5,), std=(0.0,)), r"std \[0.0\] should be one finite number per channel \(1\), each > 0"),
+        (vit, dict(mean=(float("nan"),), std=(0.5,)), r"mean \[nan\] should be one finite number"),
+        (vit, dict(mean=0.5, std=0.5), "mean 0.5 should be one finite number per channel"),
+        (vit, dict(classes=list(range(10))), "class names must be text"),
+        (text, dict(mean=(0.5,), std=(0.5,)), "image mean and std are for image models; this is a text model"),
+        (text, dict(tokenizer=train_tokenizer(["a b c d e f g h"] * 20 + [f"w{i}" for i in range(200)],
+                                              vocab_size=120, min_frequency=1)),
+         r"the tokenizer has \d+ pieces and the model's vocabulary 50 ids"),
+    ]
+    for model, settings, message in cases:
+        for form in ("widenet", "hf"):
+            with pytest.raises(ValueError, match=message):
+                widenet.save_pretrained(model, tmp_path / "no", format=form, **settings)
+            assert not (tmp_path / "no").exists()
+    widenet.save_pretrained(vit, tmp_path / "m", mean=[0.2], std=[0.4], classes=CLASSES)
+    loaded = widenet.load_pretrained(tmp_path / "m")
+    with torch.no_grad():
+        loaded.model.head.bias.fill_(1.5)
+    widenet.save_pretrained(loaded, tmp_path / "m", overwrite=True)  # back where it came from
+    again = widenet.load_pretrained(tmp_path / "m")
+    assert float(again.model.head.bias[0]) == 1.5 and again.classes == CLASSES and again.mean == (0.2,)
+    assert again.model_name == "vit_tiny"  # create_model's name, kept

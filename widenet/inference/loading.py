@@ -102,11 +102,12 @@ def save_pretrained(model: nn.Module | Pretrained, folder: str | os.PathLike, *,
                         f"load_pretrained returns), got {type(module).__name__}")
     mean = mean if mean is not None else loaded.mean if loaded else None
     std = std if std is not None else loaded.std if loaded else None
-    stats = dict(mean=list(mean), std=list(std)) if mean is not None and std is not None else None
-    return write_export(folder, module, model_name=loaded.model_name if loaded else "",
+    given = {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in dict(mean=mean, std=std).items()
+             if v is not None}  # (checked by write_export: both, one finite number per channel)
+    name = loaded.model_name if loaded else getattr(module, "model_name", "")
+    return write_export(folder, module, model_name=name,
                         classes=classes if classes is not None else loaded.classes if loaded else None,
-                        image_stats=stats, tokenizer=tokenizer if tokenizer is not None else
+                        image_stats=given or None, tokenizer=tokenizer if tokenizer is not None else
                         loaded.tokenizer if loaded else None, overwrite=overwrite,
-                        protect=loaded.source if loaded and loaded.source.is_dir() else None,
                         inputs=loaded.inputs if loaded else None, image_resize=loaded.resize if loaded else None,
-                        hf=format == "hf")
+                        hf=format == "hf")  # (into the folder it came from too: the weights are in memory)

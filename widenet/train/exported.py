@@ -42,6 +42,7 @@ from ..models.vision import VisionConfig, VisionTransformer
 from ..settings import finite_numbers
 from .checkpoint import CheckpointError, check_finite, check_model_keys, find_latest_checkpoint, load_checkpoint
 from .checkpoint_layout import remove_tree
+from .export_contents import check_contents, stats_problem
 from .export_destination import (CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, carry_user_files, check_destination,
                                  clear_leftovers, move_into_place, temporary)
 from .hf_folder import hf_side_files, read_hf_source
@@ -105,11 +106,8 @@ class Source:
         stats = {k: data[k] for k in ("mean", "std") if data.get(k) is not None}
         channels = (self.meta.get("model_config") or {}).get("in_channels")
         for key, values in stats.items():
-            fits = finite_numbers(values) and (channels is None or len(values) == channels)
-            if not fits or (key == "std" and min(values) <= 0):
-                raise CheckpointError(f"{self.path}: the saved image {key} {values!r} should be one finite "
-                                      f"number per channel ({channels or 'as many as the model has'})"
-                                      + (", each > 0" if key == "std" else ""))
+            if (problem := stats_problem(key, values, channels)) is not None:
+                raise CheckpointError(f"{self.path}: {problem.replace('the image', 'the saved image', 1)}")
         return {k: list(v) for k, v in stats.items()} or None
 
 
@@ -197,11 +195,9 @@ def write_export(out: str | os.PathLike, model: nn.Module, *, model_name: str, c
     from .. import __version__
 
     out = Path(out)
-    outputs = model.cfg.num_classes if model_kind(model.cfg.to_dict()) == "vision" else \
-        model.cfg.num_labels if model.cfg.task == "classify" else None
-    if classes is not None and len(classes) != outputs:  # names of other outputs would be shown as this model's
-        raise ValueError(f"{len(classes)} class names for a model with "
-                         + (f"{outputs} classes" if outputs else f"no classifier (task {model.cfg.task!r})"))
+    if tokenizer_file is not None:
+        tokenizer = load_tokenizer(tokenizer_file)
+    check_contents(model, classes, image_stats, tokenizer)
     if hf:  # refused before anything is touched when transformers has no class for the model
         config, weights = hf_checkpoint(model, classes)
     refuse_dead_link(out)
@@ -210,8 +206,6 @@ def write_export(out: str | os.PathLike, model: nn.Module, *, model_name: str, c
     clear_leftovers(out, is_model_folder)  # (an earlier model a killed export set aside is back before the check)
     check_destination(out, overwrite, protect, is_model_folder)
     token_meta = None
-    if tokenizer_file is not None:
-        tokenizer = load_tokenizer(tokenizer_file)
     if tokenizer is not None:
         token_meta = tokenizer_record(tokenizer)
     side = hf_side_files(model, image_stats, image_resize, with_tokenizer=tokenizer is not None) if hf else {}
