@@ -106,6 +106,15 @@ def test_the_tokenizer_goes_with_a_text_model(tmp_path):
     assert encoded["input_ids"] == ours.ids and encoded["token_type_ids"] == ours.type_ids
     assert theirs.pad_token_id == 0 and theirs.mask_token == "[MASK]" and theirs.model_max_length == 128
     assert widenet.load_pretrained(tmp_path / "hf").tokenizer is not None
+    # a fine-tuned model's input settings go with it: predict on the folder cut texts as the run did
+    classifier = create_model("albert_text_tiny", **TINY, vocab_size=tokenizer.get_vocab_size(),
+                              norm_position="post", task="classify", num_labels=2)
+    inputs = {"pairs": False, "max_len": 24}
+    write_export(tmp_path / "tuned", classifier, model_name="albert_text_tiny", tokenizer=tokenizer, inputs=inputs,
+                 hf=True)
+    assert widenet.load_pretrained(tmp_path / "tuned").inputs == inputs
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path / "tuned").model_max_length == 24
+    assert _hf_model(tmp_path / "tuned").config.widenet_inputs == inputs  # an extra key transformers keeps
 
 
 @pytest.mark.parametrize("name,settings,named", [

@@ -45,7 +45,7 @@ from .checkpoint_layout import remove_tree
 from .export_contents import check_contents, stats_problem
 from .export_destination import (CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, carry_user_files, check_destination,
                                  clear_leftovers, move_into_place, temporary)
-from .hf_folder import hf_side_files, read_hf_source
+from .hf_folder import HF_INPUTS_KEY, hf_side_files, read_hf_source
 from .text_inputs import recorded_inputs
 
 __all__ = ["EXPORT_FORMAT", "EXPORT_VERSION", "HEADS", "Source", "config_problem", "init_source", "require_kind",
@@ -200,6 +200,8 @@ def write_export(out: str | os.PathLike, model: nn.Module, *, model_name: str, c
     check_contents(model, classes, image_stats, tokenizer)
     if hf:  # refused before anything is touched when transformers has no class for the model
         config, weights = hf_checkpoint(model, classes)
+        if inputs:  # how fine-tuning prepared the texts: widenet's import and predict follow them
+            config[HF_INPUTS_KEY] = inputs
     refuse_dead_link(out)
     if out.is_symlink():  # a link names where the model goes: it stays a link, its folder gets the model
         out = Path(os.path.realpath(out))
@@ -208,7 +210,7 @@ def write_export(out: str | os.PathLike, model: nn.Module, *, model_name: str, c
     token_meta = None
     if tokenizer is not None:
         token_meta = tokenizer_record(tokenizer)
-    side = hf_side_files(model, image_stats, image_resize, with_tokenizer=tokenizer is not None) if hf else {}
+    side = hf_side_files(model, image_stats, image_resize, tokenizer is not None, inputs) if hf else {}
     if not hf:
         weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         config = dict(format=EXPORT_FORMAT, format_version=EXPORT_VERSION, widenet_version=__version__,

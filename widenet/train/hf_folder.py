@@ -18,7 +18,11 @@ from ..models.hf import load_hf
 from ..models.vision import VisionTransformer
 from ..settings import finite_numbers
 
-__all__ = ["HFSource", "hf_side_files", "image_preparation", "preparation_gaps", "read_hf_source", "vocab_settings"]
+__all__ = ["HF_INPUTS_KEY", "HFSource", "hf_side_files", "image_preparation", "preparation_gaps", "read_hf_source",
+           "vocab_settings"]
+
+
+HF_INPUTS_KEY = "widenet_inputs"  # in a config.json widenet writes: how fine-tuning prepared the texts
 
 
 @dataclass
@@ -48,6 +52,8 @@ def read_hf_source(path: Path) -> HFSource:
         notes += preparation_gaps(processor, model.cfg.image_size)
     if imported.untrained_head:
         data["untrained_head"] = imported.untrained_head
+    if (inputs := _json_or_empty(path / "config.json").get(HF_INPUTS_KEY)) is not None:
+        data["inputs"] = inputs  # (checked where read: Source.text_inputs)
     meta = dict(model=imported.model_name, model_config=model.cfg.to_dict(), data=data)
     tokenizer = path / "tokenizer.json" if (path / "tokenizer.json").is_file() else path / "vocab.txt"
     settings = vocab_settings(_json_or_empty(path / "tokenizer_config.json"))
@@ -55,11 +61,12 @@ def read_hf_source(path: Path) -> HFSource:
 
 
 def hf_side_files(model: nn.Module, image_stats: dict | None = None, image_resize: dict | None = None,
-                  with_tokenizer: bool = False) -> dict[str, dict]:
+                  with_tokenizer: bool = False, inputs: dict | None = None) -> dict[str, dict]:
     """What transformers' Auto classes read beside the weights, by file name: for a ViT the image
     processor (squash to the model's size with widenet's filter, scale by 1/255, then the training
     mean and std, or 0.5 where none were saved, as widenet's predict does); for a text model
-    with its tokenizer.json, the special tokens (widenet's tokenizer.json holds the rest)."""
+    with its tokenizer.json, the special tokens (widenet's tokenizer.json holds the rest) and the length
+    fine-tuning cut texts to (inputs' max_len, else the model's positions)."""
     if isinstance(model, VisionTransformer):
         channels, size = model.cfg.in_channels, model.cfg.image_size
         stats = image_stats or dict(mean=[0.5] * channels, std=[0.5] * channels)
@@ -72,7 +79,7 @@ def hf_side_files(model: nn.Module, image_stats: dict | None = None, image_resiz
         return {}
     return {"tokenizer_config.json": dict(
         tokenizer_class="PreTrainedTokenizerFast", unk_token="[UNK]", sep_token="[SEP]", pad_token="[PAD]",
-        cls_token="[CLS]", mask_token="[MASK]", model_max_length=model.cfg.max_positions,
+        cls_token="[CLS]", mask_token="[MASK]", model_max_length=(inputs or {}).get("max_len", model.cfg.max_positions),
         model_input_names=["input_ids", "token_type_ids", "attention_mask"])}
 
 
