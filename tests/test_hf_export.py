@@ -13,6 +13,7 @@ import widenet
 from widenet import create_model
 from widenet.data.images.folder import decode_image
 from widenet.data.text.tokenizer import train_tokenizer
+import widenet.inference
 from widenet.models.hf_export import HFExportError, hf_checkpoint
 from widenet.train.exported import write_export
 
@@ -37,25 +38,47 @@ def _hf_model(folder):
     return getattr(transformers, config["architectures"][0]).from_pretrained(folder).eval()
 
 
-def test_a_vit_loads_in_transformers_with_its_image_processor(tmp_path, cli):
+def test_a_vit_loads_in_transformers_with_its_image_processor(tmp_path):
+    """A grey ViT is written as an RGB one (luma weights on its patch kernel), since transformers'
+    pipelines convert every image to RGB: on a grey image it computes exactly the grey model's
+    logits, on a colour one the grey model's on the image's grey conversion (to Pillow's rounding)."""
+    from PIL import Image
+
     model = _randomised(create_model("vit_tiny", **TINY))
     stats = dict(mean=[0.3], std=[0.2])
     write_export(tmp_path / "hf", model, model_name="vit_tiny", classes=CLASSES, image_stats=stats, hf=True)
     theirs = _hf_model(tmp_path / "hf")
     assert type(theirs).__name__ == "ViTForImageClassification" and theirs.config.id2label[3] == "class 3"
-    image = tmp_path / "g.png"
-    from PIL import Image
-    Image.fromarray((np.random.RandomState(0).rand(28, 28) * 255).astype("uint8"), "L").save(image)
+    assert theirs.config.num_channels == 3
+    rng = np.random.RandomState(0)
+    grey, colour = tmp_path / "g.png", tmp_path / "c.png"
+    Image.fromarray((rng.rand(28, 28) * 255).astype("uint8"), "L").save(grey)
+    Image.fromarray((rng.rand(28, 28, 3) * 255).astype("uint8"), "RGB").save(colour)
     processor = transformers.AutoImageProcessor.from_pretrained(tmp_path / "hf")
-    pixels = processor(images=Image.open(image), return_tensors="pt").pixel_values
-    ours = (decode_image(image, 28, 1).float() / 255 - 0.3) / 0.2  # what widenet's predict feeds the model
-    torch.testing.assert_close(pixels[0], ours, rtol=0, atol=1e-6)
+    for image, atol in ((grey, 2e-5), (colour, 2e-2)):
+        pixels = processor(images=Image.open(image).convert("RGB"), return_tensors="pt").pixel_values
+        ours = (decode_image(image, 28, 1).float() / 255 - 0.3) / 0.2  # what widenet's predict feeds the model
+        with torch.no_grad():
+            torch.testing.assert_close(theirs(pixel_values=pixels).logits, model(ours[None]).logits, rtol=0, atol=atol)
+    classify = transformers.pipeline("image-classification", model=str(tmp_path / "hf"), top_k=3)
+    mine = widenet.inference.predict_images(widenet.load_pretrained(tmp_path / "hf"), [grey], top_k=3, device="cpu")
+    assert [(r["label"], round(r["score"], 5)) for r in classify(str(grey))] == [
+        (c.name, round(c.probability, 5)) for c in mine[0].top]
+    back = widenet.load_pretrained(tmp_path / "hf")  # the import reads the folder back: the same function
+    assert back.classes == CLASSES and back.mean == (0.3,) * 3 and back.std == (0.2,) * 3
+    as_rgb, as_grey = ((decode_image(grey, 28, channels).float() / 255 - 0.3) / 0.2 for channels in (3, 1))
     with torch.no_grad():
-        torch.testing.assert_close(theirs(pixel_values=pixels).logits, model(ours[None]).logits, rtol=0, atol=2e-5)
-    back = widenet.load_pretrained(tmp_path / "hf")  # the import reads the folder back: the same model
-    assert back.classes == CLASSES and back.mean == (0.3,) and back.std == (0.2,)
+        torch.testing.assert_close(back.model(as_rgb[None]).logits, model(as_grey[None]).logits, rtol=0, atol=2e-5)
+
+
+def test_an_rgb_vit_round_trips_exactly(tmp_path):
+    model = _randomised(create_model("vit_tiny", **TINY, in_channels=3))
+    write_export(tmp_path / "hf", model, model_name="vit_tiny", image_stats=dict(mean=[0.4] * 3, std=[0.3] * 3),
+                 hf=True)
+    assert _hf_model(tmp_path / "hf").config.num_channels == 3
     mine = model.state_dict()
-    assert all(torch.equal(back.model.state_dict()[k], mine[k]) for k in mine)
+    back = widenet.from_pretrained(tmp_path / "hf").state_dict()
+    assert all(torch.equal(back[k], mine[k]) for k in mine)
 
 
 @pytest.mark.parametrize("name,task,tied", [
@@ -155,8 +178,8 @@ def test_the_export_command_writes_and_replaces_hf_folders(tmp_path, fmnist_dir,
     assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["README.md", "config.json", "model.safetensors"]
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["format"] == "widenet-model"
     with torch.no_grad():
-        images = torch.randn(2, 1, 28, 28)
-        torch.testing.assert_close(_hf_model_from(vit, tmp_path, cli)(pixel_values=images).logits,
+        images = torch.randn(2, 1, 28, 28)  # grey, and as RGB for the exported model (a grey image's R = G = B)
+        torch.testing.assert_close(_hf_model_from(vit, tmp_path, cli)(pixel_values=images.expand(2, 3, 28, 28)).logits,
                                    widenet.from_pretrained(vit)(images).logits, rtol=0, atol=2e-5)
 
 
@@ -196,7 +219,7 @@ def test_save_pretrained_writes_either_format_from_a_model_or_a_loaded_one(tmp_p
     theirs = _hf_model(tmp_path / "hf")
     assert [theirs.config.id2label[i] for i in range(10)] == loaded.classes
     processor = json.loads((tmp_path / "hf" / "preprocessor_config.json").read_text())
-    assert processor["image_mean"] == list(loaded.mean) and processor["image_std"] == list(loaded.std)
+    assert processor["image_mean"] == list(loaded.mean) * 3 and processor["image_std"] == list(loaded.std) * 3
     wide = widenet.upcycle(loaded.model, num_experts=2)
     widenet.save_pretrained(wide, tmp_path / "wide", classes=loaded.classes, mean=(0.5,), std=(0.25,))
     back = widenet.load_pretrained(tmp_path / "wide")

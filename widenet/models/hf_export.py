@@ -2,7 +2,9 @@
 hf.py's import, for the models a transformers class computes exactly.
 
     VisionTransformer: dense, nothing shared, pre-norm, patch stem, class token, no pre-logits layer
-        -> ViTForImageClassification (transformers 4's tensor names, which transformers 5 reads too)
+        -> ViTForImageClassification (transformers 4's tensor names, which transformers 5 reads too);
+        a grey model (one channel) as an RGB one (GREY_AS_RGB), since transformers' pipelines convert
+        every image to RGB
     TextTransformer: dense, post-norm, attention, FFN and norms all shared (ALBERT) or none (BERT with
         ALBERT's factorized embedding: an ALBERT with a layer group per block)
         -> AlbertForPreTraining / AlbertForSequenceClassification / AlbertForQuestionAnswering (by task)
@@ -22,7 +24,13 @@ from .hf_names import albert_names, resolve, vit_names
 from .text import TextTransformer
 from .vision import VisionTransformer
 
-__all__ = ["HFExportError", "hf_checkpoint", "hf_export_problem"]
+__all__ = ["GREY_AS_RGB", "HFExportError", "hf_channels", "hf_checkpoint", "hf_export_problem"]
+
+# A grey model's patch weights w become w * (0.299, 0.587, 0.114) over R, G, B (ITU-R 601 luma, what
+# Pillow's "L" conversion computes): with the mean and std the same on every channel, the RGB model
+# computes on an image what the grey model computes on its grey conversion (exactly on a grey image
+# made RGB, as pipelines do; up to Pillow's rounding to whole grey levels on a colour one).
+GREY_AS_RGB = (0.299, 0.587, 0.114)
 
 _HF_ACTIVATION = {"gelu": "gelu", "gelu_tanh": "gelu_new"}
 _ALBERT_ARCH = {"pretrain": "AlbertForPreTraining", "classify": "AlbertForSequenceClassification",
@@ -63,6 +71,11 @@ def hf_export_problem(model: nn.Module) -> str | None:
     return None
 
 
+def hf_channels(model: nn.Module) -> int:
+    """The image channels of `model` written as a Hugging Face ViT: 3 for a grey model (GREY_AS_RGB)."""
+    return 3 if model.cfg.in_channels == 1 else model.cfg.in_channels
+
+
 def _shared_names(shared: tuple[bool, bool, bool]) -> str:
     return ", ".join(name for name, on in zip(("attention", "FFN", "norms"), shared) if on)
 
@@ -80,7 +93,7 @@ def hf_checkpoint(model: nn.Module, classes: list[str] | None = None) -> tuple[d
     if isinstance(model, VisionTransformer):
         cfg, prefix = model.cfg, "vit."
         config.update(model_type="vit", architectures=["ViTForImageClassification"], image_size=cfg.image_size,
-                      patch_size=cfg.patch_size, num_channels=cfg.in_channels, qkv_bias=True)
+                      patch_size=cfg.patch_size, num_channels=hf_channels(model), qkv_bias=True)
         mapping, num_labels, drop = vit_names(enc.depth, legacy=True), cfg.num_classes, ()
     else:
         cfg, prefix = model.cfg, "albert."
@@ -110,6 +123,9 @@ def hf_checkpoint(model: nn.Module, classes: list[str] | None = None) -> tuple[d
         parts = [target] if isinstance(target, str) else target
         for name, part in zip(parts, tensor.chunk(len(parts))):  # q, k, v: the rows of qkv in thirds
             state[name if name.startswith(_HEADS) else prefix + name] = part.detach().cpu().contiguous()
+    patch = "vit.embeddings.patch_embeddings.projection.weight"
+    if patch in state and state[patch].shape[1] == 1:  # (D, 1, p, p) -> (D, 3, p, p)
+        state[patch] = state[patch] * torch.tensor(GREY_AS_RGB, dtype=state[patch].dtype)[:, None, None]
     if "predictions.bias" in state:
         state["predictions.decoder.bias"] = state["predictions.bias"].clone()  # what the head adds (transformers 5)
     return config, state

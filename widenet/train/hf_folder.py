@@ -15,6 +15,7 @@ from torch import nn
 
 from ..data.images.folder import RESAMPLING
 from ..models.hf import load_hf
+from ..models.hf_export import hf_channels
 from ..models.vision import VisionTransformer
 from ..settings import finite_numbers
 
@@ -64,12 +65,13 @@ def hf_side_files(model: nn.Module, image_stats: dict | None = None, image_resiz
                   with_tokenizer: bool = False, inputs: dict | None = None) -> dict[str, dict]:
     """What transformers' Auto classes read beside the weights, by file name: for a ViT the image
     processor (squash to the model's size with widenet's filter, scale by 1/255, then the training
-    mean and std, or 0.5 where none were saved, as widenet's predict does); for a text model
+    mean and std, or 0.5 where none were saved, as widenet's predict does; a grey model's on each of
+    R, G and B: models.hf_export.GREY_AS_RGB); for a text model
     with its tokenizer.json, the special tokens (widenet's tokenizer.json holds the rest) and the length
     fine-tuning cut texts to (inputs' max_len, else the model's positions)."""
     if isinstance(model, VisionTransformer):
-        channels, size = model.cfg.in_channels, model.cfg.image_size
-        stats = image_stats or dict(mean=[0.5] * channels, std=[0.5] * channels)
+        channels, size = hf_channels(model), model.cfg.image_size
+        stats = {k: list(v) * (channels // len(v)) for k, v in (image_stats or dict(mean=[0.5], std=[0.5])).items()}
         resample = (image_resize or {}).get("resample", "bicubic")
         return {"preprocessor_config.json": dict(
             image_processor_type="ViTImageProcessor", do_resize=True, size=dict(height=size, width=size),
