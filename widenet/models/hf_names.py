@@ -7,6 +7,8 @@ and "prefix.bias", to the Hugging Face name without the base model's prefix ("al
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = ["albert_names", "bert_names", "resolve", "vit_names"]
 
 
@@ -17,15 +19,9 @@ def albert_names(groups: int = 1) -> dict[str, str | list[str]]:
     keys: dict[str, str | list[str]] = {**_embedding_names(),
                                         "backbone.embeddings.project.": "encoder.embedding_hidden_mapping_in."}
     for i in range(groups):
-        layer, ours = f"encoder.albert_layer_groups.{i}.albert_layers.0.", "backbone.encoder."
-        keys.update({
-            f"{ours}attention.{i}.qkv.": [layer + f"attention.{p}." for p in ("query", "key", "value")],
-            f"{ours}attention.{i}.proj.": layer + "attention.dense.",
-            f"{ours}norms.{i}.attn_norm.": layer + "attention.LayerNorm.",
-            f"{ours}mlps.{i}.fc1.": layer + "ffn.",
-            f"{ours}mlps.{i}.fc2.": layer + "ffn_output.",
-            f"{ours}norms.{i}.ffn_norm.": layer + "full_layer_layer_norm.",
-        })
+        keys.update(_block_names("backbone.encoder.", i, f"encoder.albert_layer_groups.{i}.albert_layers.0.", dict(
+            qkv=[f"attention.{p}." for p in ("query", "key", "value")], proj="attention.dense.",
+            attn_norm="attention.LayerNorm.", fc1="ffn.", fc2="ffn_output.", ffn_norm="full_layer_layer_norm.")))
     keys.update({
         "backbone.pooler.": "pooler.",
         "mlm_head.dense.": "predictions.dense.",
@@ -41,19 +37,24 @@ def bert_names(depth: int) -> dict[str, str | list[str]]:
     identity, "__identity__.")."""
     keys: dict[str, str | list[str]] = {**_embedding_names(), "backbone.embeddings.project.": "__identity__."}
     for i in range(depth):
-        hf, ours = f"encoder.layer.{i}.", "backbone.encoder."
-        keys.update({
-            f"{ours}attention.{i}.qkv.": [hf + f"attention.self.{p}." for p in ("query", "key", "value")],
-            f"{ours}attention.{i}.proj.": hf + "attention.output.dense.",
-            f"{ours}norms.{i}.attn_norm.": hf + "attention.output.LayerNorm.",
-            f"{ours}mlps.{i}.fc1.": hf + "intermediate.dense.",
-            f"{ours}mlps.{i}.fc2.": hf + "output.dense.",
-            f"{ours}norms.{i}.ffn_norm.": hf + "output.LayerNorm.",
-        })
+        keys.update(_block_names("backbone.encoder.", i, f"encoder.layer.{i}.", dict(
+            qkv=[f"attention.self.{p}." for p in ("query", "key", "value")], proj="attention.output.dense.",
+            attn_norm="attention.output.LayerNorm.", fc1="intermediate.dense.", fc2="output.dense.",
+            ffn_norm="output.LayerNorm.")))
     keys.update({"backbone.pooler.": "pooler.dense.", "mlm_head.dense.": "cls.predictions.transform.dense.",
                  "mlm_head.norm.": "cls.predictions.transform.LayerNorm.", "mlm_head.bias": "cls.predictions.bias",
                  "sop_head.proj.": "cls.seq_relationship."})
     return {**keys, **_task_head_names()}
+
+
+def _block_names(ours: str, i: int, hf: str, names: dict[str, Any]) -> dict[str, str | list[str]]:
+    """Block i of widenet's encoder (under `ours`) -> the HF layer's names under `hf`: names holds the
+    HF suffixes of qkv (a list: q, k, v), proj, attn_norm, fc1, fc2, ffn_norm."""
+    return {f"{ours}attention.{i}.qkv.": [hf + q for q in names["qkv"]],
+            f"{ours}attention.{i}.proj.": hf + names["proj"],
+            f"{ours}norms.{i}.attn_norm.": hf + names["attn_norm"],
+            f"{ours}norms.{i}.ffn_norm.": hf + names["ffn_norm"],
+            f"{ours}mlps.{i}.fc1.": hf + names["fc1"], f"{ours}mlps.{i}.fc2.": hf + names["fc2"]}
 
 
 def _embedding_names() -> dict[str, str]:
@@ -75,21 +76,15 @@ def vit_names(depth: int, legacy: bool) -> dict[str, str | list[str]]:
         "patch_embed.proj.": "embeddings.patch_embeddings.projection.",
         "encoder.final_norm.": "layernorm.", "pre_logits.0.": "pooler.dense.", "head.": "classifier.",
     }
+    norms = dict(attn_norm="layernorm_before.", ffn_norm="layernorm_after.")
     for i in range(depth):
         if legacy:
-            hf = f"encoder.layer.{i}."
-            qkv = [hf + f"attention.attention.{p}." for p in ("query", "key", "value")]
-            names = dict(proj="attention.output.dense.", fc1="intermediate.dense.", fc2="output.dense.")
+            names = dict(qkv=[f"attention.attention.{p}." for p in ("query", "key", "value")],
+                         proj="attention.output.dense.", fc1="intermediate.dense.", fc2="output.dense.", **norms)
         else:
-            hf = f"layers.{i}."
-            qkv = [hf + f"attention.{p}_proj." for p in "qkv"]
-            names = dict(proj="attention.o_proj.", fc1="mlp.fc1.", fc2="mlp.fc2.")
-        keys.update({
-            f"encoder.attention.{i}.qkv.": qkv, f"encoder.attention.{i}.proj.": hf + names["proj"],
-            f"encoder.norms.{i}.attn_norm.": hf + "layernorm_before.",
-            f"encoder.norms.{i}.ffn_norm.": hf + "layernorm_after.",
-            f"encoder.mlps.{i}.fc1.": hf + names["fc1"], f"encoder.mlps.{i}.fc2.": hf + names["fc2"],
-        })
+            names = dict(qkv=[f"attention.{p}_proj." for p in "qkv"], proj="attention.o_proj.", fc1="mlp.fc1.",
+                         fc2="mlp.fc2.", **norms)
+        keys.update(_block_names("encoder.", i, f"encoder.layer.{i}." if legacy else f"layers.{i}.", names))
     return keys
 
 
