@@ -307,9 +307,9 @@ def _read_config(folder: Path) -> dict[str, Any]:
 
 def read_unswapped(folder: Path, read: Callable[[], T], unsettled: tuple[type[BaseException], ...]) -> T:
     """read(), again if `folder` was swapped for another meanwhile (its device, inode or change time
-    changed: an `export --overwrite` renames the new folder into place), so that no result mixes two folders'
-    files; an error of the types `unsettled` (a torn read taken for damage) counts only if the folder
-    stayed. A folder swapped during both reads raises OSError (EAGAIN) saying so."""
+    changed: an `export --overwrite` renames the new folder into place), so that no result mixes two
+    folders' files; an error of the types `unsettled` (a torn read taken for damage) counts only if the
+    folder stayed. A folder swapped during both reads raises OSError (EAGAIN) saying so."""
     def identity() -> tuple[int, int, int] | None:  # (the change time too: a new folder may reuse the inode)
         with contextlib.suppress(OSError):
             stat = os.stat(folder)

@@ -66,9 +66,9 @@ def hf_side_files(model: nn.Module, image_stats: dict | None = None, image_resiz
     """What transformers' Auto classes read beside the weights, by file name: for a ViT the image
     processor (squash to the model's size with widenet's filter, scale by 1/255, then the training
     mean and std, or 0.5 where none were saved, as widenet's predict does; a grey model's on each of
-    R, G and B: models.hf_export.GREY_AS_RGB); for a text model
-    with its tokenizer.json, the special tokens (widenet's tokenizer.json holds the rest) and the length
-    fine-tuning cut texts to (inputs' max_len, else the model's positions)."""
+    R, G and B: models.hf_export.GREY_AS_RGB); for a text model with its tokenizer.json, the special
+    tokens (widenet's tokenizer.json holds the rest) and the length fine-tuning cut texts to (inputs'
+    max_len, else the model's positions)."""
     if isinstance(model, VisionTransformer):
         channels, size = hf_channels(model), model.cfg.image_size
         stats = {k: list(v) * (channels // len(v)) for k, v in (image_stats or dict(mean=[0.5], std=[0.5])).items()}
