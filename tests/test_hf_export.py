@@ -276,3 +276,19 @@ def test_what_goes_beside_the_weights_is_checked_before_anything_is_written(tmp_
     again = widenet.load_pretrained(tmp_path / "m")
     assert float(again.model.head.bias[0]) == 1.5 and again.classes == CLASSES and again.mean == (0.2,)
     assert again.model_name == "vit_tiny"  # create_model's name, kept
+
+
+def test_eval_names_a_text_model_as_what_it_is_and_model_commands_take_out_or_to(tmp_path, cli):
+    """eval called a Hugging Face text folder "a text run" and sent the user to its metrics.jsonl;
+    import and upcycle took --out where export took --to: each now takes both."""
+    text = create_model("albert_text_tiny", **TINY, norm_position="post")
+    write_export(tmp_path / "hf", text, model_name="albert_text_tiny", hf=True)
+    rc, out, err = cli(["eval", "--checkpoint", tmp_path / "hf"])
+    assert rc == 2 and err.strip().endswith("a text model; widenet eval evaluates image classifiers"), err
+    assert "metrics.jsonl" not in err
+    assert cli(["import", tmp_path / "hf", "--to", tmp_path / "imported"])[0] == 0
+    assert cli(["export", tmp_path / "imported", "--out", tmp_path / "again"])[0] == 0
+    vit = create_model("vit_tiny", **TINY)
+    write_export(tmp_path / "vit", vit, model_name="vit_tiny")
+    assert cli(["upcycle", "--from", tmp_path / "vit", "--experts", "2", "--to", tmp_path / "wide"])[0] == 0
+    assert widenet.load_pretrained(tmp_path / "wide").model.cfg.encoder.moe.num_experts == 2

@@ -130,7 +130,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def add_model_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("import", help="convert a Hugging Face ALBERT, BERT or ViT folder into a widenet folder")
     p.add_argument("hf_dir", type=nonempty, metavar="HF_DIR", help="folder with config.json and model.safetensors")
-    p.add_argument("--out", type=nonempty, required=True)
+    p.add_argument("--out", "--to", dest="out", type=nonempty, required=True, metavar="OUT")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     p.set_defaults(func=cmd_import)
 
@@ -145,13 +145,13 @@ def add_model_commands(sub: argparse._SubParsersAction) -> None:
                    help="add noise * std(W) * N(0,1) to each expert copy, noise from 0 to 1 (default 0: exact copies)")
     p.add_argument("--dropless", action="store_true", help="never drop an assignment (the MoE's dropless mode)")
     p.add_argument("--seed", type=int, default=0, help="seed of the router's init and the noise")
-    p.add_argument("--out", type=nonempty, required=True)
+    p.add_argument("--out", "--to", dest="out", type=nonempty, required=True, metavar="OUT")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     p.set_defaults(func=cmd_upcycle)
 
     p = sub.add_parser("export", help="write a run's model as a folder to ship (config.json, model.safetensors)")
     p.add_argument("run", type=nonempty, metavar="RUN", help="run folder or checkpoint folder")
-    p.add_argument("--to", type=nonempty, required=True, metavar="DIR")
+    p.add_argument("--to", "--out", dest="to", type=nonempty, required=True, metavar="DIR")
     p.add_argument("--ema", action="store_true", help="export the weight average of --ema-decay")
     p.add_argument("--format", choices=("widenet", "hf"), default="widenet",
                    help="widenet: widenet's folder (default); hf: a Hugging Face checkpoint that transformers loads "

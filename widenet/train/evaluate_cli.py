@@ -33,8 +33,9 @@ def evaluate_checkpoint(path: str, data: str | None = None, data_dir: str | None
     if "model" not in meta or not isinstance(meta.get("model_config"), dict):
         raise CheckpointError(f"{ckpt.path}: meta.json lacks the model name/config")
     if "tokenizer" in meta or "vocab_size" in meta["model_config"]:
-        raise CheckpointError(f"{ckpt.path}: a text run (pretraining or fine-tuning); widenet eval evaluates image "
-                              "classifiers (a text run's validation scores are in its metrics.jsonl)")
+        what, scores = (("a text run (pretraining or fine-tuning)", "; a text run's validation scores are in its "
+                         "metrics.jsonl") if ckpt.step is not None else ("a text model", ""))
+        raise CheckpointError(f"{ckpt.path}: {what}; widenet eval evaluates image classifiers{scores}")
     cfg = VisionConfig(**meta["model_config"])
     model = load_model(ckpt)
     stats = ckpt.image_stats or {}  # checked before the data is read
