@@ -287,6 +287,10 @@ def test_eval_names_a_text_model_as_what_it_is_and_model_commands_take_out_or_to
     assert rc == 2 and err.strip().endswith("a text model; widenet eval evaluates image classifiers"), err
     assert "metrics.jsonl" not in err
     assert cli(["import", tmp_path / "hf", "--to", tmp_path / "imported"])[0] == 0
+    qa = create_model("albert_text_tiny", **TINY, norm_position="post", task="qa")
+    write_export(tmp_path / "qa", qa, model_name="albert_text_tiny")
+    rc, out, err = cli(["export", tmp_path / "qa", "--to", tmp_path / "qa-hf", "--format", "hf"])
+    assert rc == 0 and "note: AlbertForQuestionAnswering has no pooler" in out, (out, err)
     assert cli(["export", tmp_path / "imported", "--out", tmp_path / "again"])[0] == 0
     vit = create_model("vit_tiny", **TINY)
     write_export(tmp_path / "vit", vit, model_name="vit_tiny")

@@ -52,6 +52,9 @@ def _write(args: argparse.Namespace, source: Any, model, out: str, note: str, mo
     if hf and model_kind(model.cfg.to_dict()) == "vision" and (source.image_resize or {}).get("crop", True):
         source.notes.append("transformers' ViT image processor squashes an image to a square, where widenet's "
                             "predict cuts out its central square first: the two agree on square images")
+    if hf and getattr(model.cfg, "task", None) == "qa":
+        source.notes.append("AlbertForQuestionAnswering has no pooler, so this model's (which QA does not use) is "
+                            "not written: a classifier fine-tuned from the folder starts with a new one")
     for line in source.notes:
         print(f"note: {line}")
     loader = (f"transformers' {_hf_class(out)}.from_pretrained({str(out)!r}) or `widenet import`" if hf else
