@@ -107,3 +107,36 @@ def test_temporaries_a_killed_writer_left_are_removed_a_day_later(tmp_path):
     assert target.read_text() == "new"
     assert not old.exists()  # stale, of this file: removed
     assert fresh.exists() and other.exists()  # perhaps being written; another file's: kept
+
+
+def test_a_ctrl_c_during_the_restore_stops_no_restore_and_no_delivery(monkeypatch):
+    """A new Ctrl-C just as SIGINT's own handler is back raised KeyboardInterrupt out of the restore,
+    and the SIGTERM held in the block was never delivered (nor, before that, SIGTERM's handler put
+    back)."""
+    import types
+
+    import widenet.signals as held_module
+
+    seen, fired, real = [], [], signal.signal
+    previous = signal.signal(signal.SIGTERM, handler := lambda signum, _frame: seen.append(signum))
+
+    def restoring(sig, new):
+        result = real(sig, new)
+        if sig == signal.SIGINT and new is signal.default_int_handler and not fired:
+            fired.append(True)
+            os.kill(os.getpid(), signal.SIGINT)
+        return result
+
+    shim = types.SimpleNamespace(**{k: getattr(signal, k) for k in dir(signal) if not k.startswith("__")})
+    shim.signal = restoring
+    monkeypatch.setattr(held_module, "signal", shim)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with signals_held():
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.05)
+        time.sleep(0.05)
+        assert fired and seen == [signal.SIGTERM]
+        assert real(signal.SIGTERM, handler) is handler  # restored before this
+    finally:
+        real(signal.SIGTERM, previous)

@@ -44,29 +44,30 @@ def signals_held() -> Iterator[None]:
     arrived: list[int] = []
     previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
     held = [(sig, handler) for sig, handler in previous.items() if handler not in (signal.SIG_IGN, None)]
-    for sig, _ in held:  # (an ignored signal stays ignored)
-        signal.signal(sig, lambda signum, _frame: arrived.append(signum))
     try:
+        for sig, _ in held:  # (an ignored signal stays ignored)
+            signal.signal(sig, lambda signum, _frame: arrived.append(signum))
         yield
-    finally:
-        _every_call(lambda pair: signal.signal(*pair), held)  # restored handlers raising (Ctrl-C) stop none
-        _every_call(signal.raise_signal, list(arrived))  # of the other restores, nor a delivery
+    finally:  # a restored handler raising (Ctrl-C) as its signal arrives stops no restore and no delivery
+        errors = (_every_call(lambda pair: signal.signal(*pair), held), _every_call(signal.raise_signal, arrived))
+        first = next((err for err in errors if err is not None), None)
+        if first is not None:
+            raise first
 
 
-def _every_call(call: Callable[[Any], Any], items: list) -> None:
-    """call(item) for every item, then the first exception raised meanwhile: a restored handler that
-    raises (KeyboardInterrupt) as its signal arrives interrupts the loop, which goes on from the item
-    at hand (a handler installed twice is harmless; a signal whose own handler raised is not raised
-    twice)."""
+def _every_call(call: Callable[[Any], Any], items: list) -> BaseException | None:
+    """call(item) for every item (a copy of the list), and the first exception raised meanwhile, or
+    None: a restored handler that raises (KeyboardInterrupt) as its signal arrives interrupts the
+    loop, which goes on from the item at hand (a handler installed twice is harmless; a signal whose
+    own handler raised is not raised twice)."""
     remaining, error = list(items), None
     while remaining:
         try:
             while remaining:
                 call(remaining[0])
                 del remaining[0]
-        except BaseException as err:  # kept, and raised once every call ran
+        except BaseException as err:  # kept, and returned once every call ran
             error = error or err
             if remaining and call is signal.raise_signal:
                 del remaining[0]  # it was delivered: its handler is what raised
-    if error is not None:
-        raise error
+    return error
