@@ -296,3 +296,16 @@ def test_eval_names_a_text_model_as_what_it_is_and_model_commands_take_out_or_to
     write_export(tmp_path / "vit", vit, model_name="vit_tiny")
     assert cli(["upcycle", "--from", tmp_path / "vit", "--experts", "2", "--to", tmp_path / "wide"])[0] == 0
     assert widenet.load_pretrained(tmp_path / "wide").model.cfg.encoder.moe.num_experts == 2
+
+
+def test_an_untrained_head_stays_marked_through_either_format(tmp_path):
+    """A ViTModel (no classifier) imports with a random head that predict warns about; exported to a
+    Hugging Face folder or saved again, it lost that mark and was shown as if trained."""
+    config = transformers.ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                                    image_size=8, patch_size=4, num_channels=3)
+    transformers.ViTModel(config, add_pooling_layer=False).save_pretrained(tmp_path / "bare")
+    loaded = widenet.load_pretrained(tmp_path / "bare")
+    assert loaded.untrained_head == "the classifier"
+    for form in ("hf", "widenet"):
+        widenet.save_pretrained(loaded, tmp_path / form, format=form)
+        assert widenet.load_pretrained(tmp_path / form).untrained_head == "the classifier", form

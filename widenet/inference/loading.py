@@ -19,7 +19,8 @@ from torch import nn
 from ..data.text.tokenizer import TokenizerError
 from ..models.text import TextTransformer
 from ..models.vision import VisionTransformer
-from ..train.exported import load_model, load_source, model_kind, read_unswapped, source_tokenizer, write_export
+from ..train.exported import (is_model_folder, load_model, load_source, model_kind, read_unswapped, source_tokenizer,
+                              write_export)
 
 __all__ = ["Pretrained", "from_pretrained", "load_pretrained", "save_pretrained"]
 
@@ -56,10 +57,12 @@ class Pretrained:
 
 
 def load_pretrained(path: str | os.PathLike) -> Pretrained:
-    """The model saved at `path` with its class names, image statistics and tokenizer (all read again
-    if the folder was replaced meanwhile: its tokenizer is read after its weights)."""
+    """The model saved at `path` with its class names, image statistics and tokenizer (a model folder:
+    all read again if it was replaced meanwhile, since its tokenizer is read after its weights)."""
     folder = Path(path)
-    return read_unswapped(folder if folder.is_dir() else folder.parent, lambda: _load(folder), ())
+    if is_model_folder(folder):  # (a run's folders change as it trains, and are never replaced whole)
+        return read_unswapped(folder, lambda: _load(folder), ())
+    return _load(folder)
 
 
 def _load(path: Path) -> Pretrained:
@@ -110,4 +113,5 @@ def save_pretrained(model: nn.Module | Pretrained, folder: str | os.PathLike, *,
                         image_stats=given or None, tokenizer=tokenizer if tokenizer is not None else
                         loaded.tokenizer if loaded else None, overwrite=overwrite,
                         inputs=loaded.inputs if loaded else None, image_resize=loaded.resize if loaded else None,
+                        untrained_head=loaded.untrained_head if loaded else None,
                         hf=format == "hf")  # (into the folder it came from too: the weights are in memory)

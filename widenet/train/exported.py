@@ -45,7 +45,7 @@ from .checkpoint_layout import remove_tree
 from .export_contents import check_contents, stats_problem
 from .export_destination import (CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, carry_user_files, check_destination,
                                  clear_leftovers, move_into_place, temporary)
-from .hf_folder import HF_INPUTS_KEY, hf_side_files, read_hf_source
+from .hf_folder import HF_WIDENET_KEYS, hf_side_files, read_hf_source
 from .text_inputs import recorded_inputs
 
 __all__ = ["EXPORT_FORMAT", "EXPORT_VERSION", "HEADS", "Source", "config_problem", "init_source", "require_kind",
@@ -200,8 +200,9 @@ def write_export(out: str | os.PathLike, model: nn.Module, *, model_name: str, c
     check_contents(model, classes, image_stats, tokenizer)
     if hf:  # refused before anything is touched when transformers has no class for the model
         config, weights = hf_checkpoint(model, classes)
-        if inputs:  # how fine-tuning prepared the texts: widenet's import and predict follow them
-            config[HF_INPUTS_KEY] = inputs
+        for field_name, value in dict(inputs=inputs, untrained_head=untrained_head).items():
+            if value:  # widenet's own notes (hf_folder.HF_WIDENET_KEYS), which its import reads back
+                config[HF_WIDENET_KEYS[field_name]] = value
     refuse_dead_link(out)
     if out.is_symlink():  # a link names where the model goes: it stays a link, its folder gets the model
         out = Path(os.path.realpath(out))
@@ -309,7 +310,8 @@ def read_unswapped(folder: Path, read: Callable[[], T], unsettled: tuple[type[Ba
     """read(), again if `folder` was swapped for another meanwhile (its device, inode or change time
     changed: an `export --overwrite` renames the new folder into place), so that no result mixes two
     folders' files; an error of the types `unsettled` (a torn read taken for damage) counts only if the
-    folder stayed. A folder swapped during both reads raises OSError (EAGAIN) saying so."""
+    folder stayed. A folder swapped during both reads raises OSError (EAGAIN) saying so, or the second
+    read's error. For model folders (export, Hugging Face): a run's folders change as it trains."""
     def identity() -> tuple[int, int, int] | None:  # (the change time too: a new folder may reuse the inode)
         with contextlib.suppress(OSError):
             stat = os.stat(folder)

@@ -19,11 +19,13 @@ from ..models.hf_export import hf_channels
 from ..models.vision import VisionTransformer
 from ..settings import finite_numbers
 
-__all__ = ["HF_INPUTS_KEY", "HFSource", "hf_side_files", "image_preparation", "preparation_gaps", "read_hf_source",
+__all__ = ["HF_WIDENET_KEYS", "HFSource", "hf_side_files", "image_preparation", "preparation_gaps", "read_hf_source",
            "vocab_settings"]
 
 
-HF_INPUTS_KEY = "widenet_inputs"  # in a config.json widenet writes: how fine-tuning prepared the texts
+# What a config.json widenet writes keeps beside transformers' keys, by meta["data"] field: how fine-tuning
+# prepared the texts (train.text_inputs), and the head that was never trained (a random one: predict says so).
+HF_WIDENET_KEYS = {"inputs": "widenet_inputs", "untrained_head": "widenet_untrained_head"}
 
 
 @dataclass
@@ -53,8 +55,10 @@ def read_hf_source(path: Path) -> HFSource:
         notes += preparation_gaps(processor, model.cfg.image_size)
     if imported.untrained_head:
         data["untrained_head"] = imported.untrained_head
-    if (inputs := _json_or_empty(path / "config.json").get(HF_INPUTS_KEY)) is not None:
-        data["inputs"] = inputs  # (checked where read: Source.text_inputs)
+    config = _json_or_empty(path / "config.json")
+    for field_name, key in HF_WIDENET_KEYS.items():  # (checked where read: Source.text_inputs, untrained_head)
+        if config.get(key) is not None:
+            data.setdefault(field_name, config[key])
     meta = dict(model=imported.model_name, model_config=model.cfg.to_dict(), data=data)
     tokenizer = path / "tokenizer.json" if (path / "tokenizer.json").is_file() else path / "vocab.txt"
     settings = vocab_settings(_json_or_empty(path / "tokenizer_config.json"))
