@@ -203,6 +203,12 @@ def test_overwriting_a_downloaded_folder_leaves_none_of_its_model_files(tmp_path
     assert sorted(p.name for p in download.iterdir()) == ["README.md", "config.json", "model.safetensors",
                                                          "preprocessor_config.json"]
     assert (download / "README.md").read_text() == "my notes"
+    # in a widenet folder only widenet's three files are the model's: a user's vocab.txt or .bin stays
+    for name in ("vocab.txt", "pytorch_model_before.bin", "notes.safetensors.index.json"):
+        (tmp_path / "vit" / name).write_text("mine")
+    widenet.save_pretrained(model, tmp_path / "vit", overwrite=True)
+    assert sorted(p.name for p in (tmp_path / "vit").iterdir()) == [
+        "config.json", "model.safetensors", "notes.safetensors.index.json", "pytorch_model_before.bin", "vocab.txt"]
 
 
 def _hf_model_from(run, tmp_path, cli):

@@ -21,21 +21,25 @@ from pathlib import Path
 from typing import Callable
 
 from ..files import STALE_TEMPORARY_S, fsync_path, pid_alive, rename_exchange
+from ..models.hf import is_hf_folder
 from ..signals import signals_held
 from .checkpoint_layout import CHECKPOINTS_DIR, LATEST_FILE, remove_tree, step_folders
 
-__all__ = ["CONFIG_FILE", "MODEL_FILES", "TOKENIZER_FILE", "WEIGHTS_FILE", "carry_user_files", "check_destination",
-           "clear_leftovers", "move_into_place", "temporary"]
+__all__ = ["CONFIG_FILE", "HF_MODEL_FILES", "MODEL_FILES", "TOKENIZER_FILE", "WEIGHTS_FILE", "carry_user_files",
+           "check_destination", "clear_leftovers", "move_into_place", "temporary"]
 
 CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE = "config.json", "model.safetensors", "tokenizer.json"
-# A model folder's own files: what an export writes, and what a Hugging Face folder (which `export --format
-# hf` writes and `--overwrite` may replace) holds of its model: weights, their shards and index, configs,
-# tokenizer files. The rest (a README, plots) is the user's: --overwrite carries it into the new folder.
-MODEL_FILES = (CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE, "model-*-of-*.safetensors", "*.safetensors.index.json",
-               "pytorch_model*.bin", "pytorch_model.bin.index.json", "tf_model.h5", "flax_model.msgpack",
-               "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.txt", "vocab.json",
-               "merges.txt", "spiece.model", "sentencepiece.bpe.model", "preprocessor_config.json",
-               "generation_config.json")
+# A model folder's own files, which --overwrite replaces: a widenet export's (MODEL_FILES), or what a
+# Hugging Face folder (which `export --format hf` writes) holds of its model: weights, their shards and
+# index, adapters, configs, tokenizer files (HF_MODEL_FILES, patterns). The rest (a README, plots) is the
+# user's: --overwrite carries it into the new folder.
+MODEL_FILES = (CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE)
+HF_MODEL_FILES = (CONFIG_FILE, "model*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin",
+                  "pytorch_model.bin.index.json", "tf_model*.h5", "tf_model.h5.index.json", "flax_model*.msgpack",
+                  "flax_model.msgpack.index.json", "adapter_config.json", "adapter_model.*", "tokenizer*",
+                  "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "vocab.txt", "vocab.json",
+                  "merges.txt", "spiece.model", "spm.model", "sentencepiece.bpe.model", "preprocessor_config.json",
+                  "generation_config.json")
 
 
 def temporary(out: Path, old: bool = False) -> Path:
@@ -108,8 +112,9 @@ def carry_user_files(old: Path, new: Path) -> None:
     into `new`, which replaces it; copies, so `old` stays whole until the swap."""
     if not old.is_dir():
         return
+    own = HF_MODEL_FILES if is_hf_folder(old) else MODEL_FILES
     for entry in old.iterdir():
-        if any(fnmatch.fnmatchcase(entry.name, pattern) for pattern in MODEL_FILES):
+        if any(fnmatch.fnmatchcase(entry.name, pattern) for pattern in own):
             continue
         if entry.is_dir() and not entry.is_symlink():
             shutil.copytree(entry, new / entry.name, symlinks=True)
