@@ -228,7 +228,8 @@ def test_compare_rejects_bad_arguments(tmp_path):
 @pytest.mark.parametrize("models, message", [
     (["vit_tiny", "widenet_tiny", "vit_tiny"], "vit_tiny named more than once in --models"),  # one folder, twice
     (["vit_tiny", "nosuch"], "unknown model 'nosuch'"),  # was found after vit_tiny had trained
-    (["vit_tiny", "albert_text_tiny"], "albert_text_tiny is a text model; widenet compare takes image models such as widenet_tiny"),
+    (["vit_tiny", "albert_text_tiny"], "albert_text_tiny is a text model; widenet compare takes image models such as "
+                                       r"widenet_tiny \(widenet compare-text compares text models\)"),
     (["vit_tiny", "albert_tiny"], "top_k: none of vit_tiny, albert_tiny has MoE layers"),  # --top-k was ignored
 ])
 def test_compare_checks_every_model_before_reading_data(tmp_path, models, message):

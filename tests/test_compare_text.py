@@ -161,7 +161,8 @@ def test_shared_files_made_with_other_settings_are_named_not_reused(tmp_path, mo
 
 @pytest.mark.parametrize("models, train, message", [
     ("widenet_text_tiny,nosuch", None, "widenet: error: unknown model 'nosuch'; choose one of: "),
-    ("widenet_tiny", None, "widenet: error: widenet_tiny is an image model; widenet compare-text takes text models"),
+    ("widenet_tiny", None, "widenet: error: widenet_tiny is an image model; widenet compare-text takes text models "
+                           "such as widenet_text_tiny (widenet compare compares image models)"),
     ("albert_text_tiny,albert_text_tiny", None, "widenet: error: albert_text_tiny named more than once in --models"),
     ("albert_text_tiny --top-k 2", None, "widenet: error: top_k: none of albert_text_tiny has MoE layers, so this "
                                          "would change nothing; add an MoE model (widenet_text_tiny)"),  # was ignored

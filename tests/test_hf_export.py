@@ -264,6 +264,7 @@ def test_what_goes_beside_the_weights_is_checked_before_anything_is_written(tmp_
         (vit, dict(mean=(float("nan"),), std=(0.5,)), r"mean \[nan\] should be one finite number"),
         (vit, dict(mean=0.5, std=0.5), "mean 0.5 should be one finite number per channel"),
         (vit, dict(classes=list(range(10))), "class names must be text"),
+        (create_model("vit_tiny", **TINY, num_classes=3), dict(classes="abc"), "class names must be text"),
         (text, dict(mean=(0.5,), std=(0.5,)), "image mean and std are for image models; this is a text model"),
         (text, dict(tokenizer=train_tokenizer(["a b c d e f g h"] * 20 + [f"w{i}" for i in range(200)],
                                               vocab_size=120, min_frequency=1)),

@@ -24,7 +24,7 @@ import torch
 
 from ..data.augment import normalize
 from ..data.images import ImageDataset, subset
-from ..models.registry import model_config, require_kind, settings_for, settings_for_each
+from ..models.registry import model_config, require_preset_kind, settings_for, settings_for_each
 from ..settings import repeated
 from ..train.config import TrainConfig
 from ..train.images import TrainResult, load_data, train
@@ -90,7 +90,7 @@ def check_distinct(models: list[str]) -> None:
 def _check_models(models: list[str], overrides: dict) -> None:
     """Every name an image model that takes the settings, before anything trains."""
     for name in models:
-        require_kind(name, "vision", "widenet compare")
+        require_preset_kind(name, "vision", "widenet compare", "widenet compare-text compares text models")
     for name, settings in settings_for_each(models, overrides).items():
         model_config(name, **settings)
 

@@ -37,7 +37,7 @@ from ..data.text.gcide import GCIDE_PATH
 from ..data.text.gcide_tasks import write_gcide_task
 from ..data.text.tokenizer import save_tokenizer, train_tokenizer
 from ..layers.moe import MOE_SETTINGS
-from ..models.registry import model_config, require_kind, settings_for, settings_for_each
+from ..models.registry import model_config, require_preset_kind, settings_for, settings_for_each
 from ..train.finetune import finetune
 from ..train.checkpoint_layout import SettingsChanged
 from ..train.exported import TOKENIZER_FILE
@@ -66,7 +66,6 @@ TEXT_PRESETS: dict[str, dict] = {
                  task_train=3000, task_validation=900, max_documents=None, scratch=True,
                  model_overrides=dict(top_k=1)),
 }
-DEFAULT_TEXT_MODELS = ("bert_text_tiny", "albert_text_tiny", "widenet_text_tiny")
 VOCAB_SIZE = 8000
 MADE_WITH_FILE = "made-with.json"  # the settings a shared file of OUT (task files, tokenizer) was made with
 
@@ -140,7 +139,7 @@ def _check_models(models: list[str], budget: dict, given: dict) -> None:
     from ..train.text_common import check_fits_positions
 
     for name in models:
-        require_kind(name, "text", "widenet compare-text")
+        require_preset_kind(name, "text", "widenet compare-text", "widenet compare compares image models")
         cfg = get_entry(name).make_config()
         settings = settings_for(cfg, budget["model_overrides"])
         check_fits_positions(name, apply_overrides(cfg, settings).max_positions, budget["seq_len"])

@@ -100,9 +100,9 @@ def run_ddp_bench(model: str = "widenet_tiny", processes: int = 2, batch_size: i
 def _check_model(name: str, expert_ranks: int | None = None) -> None:
     """Raise ValueError unless name is a vision preset (the worker trains on random images) and,
     for expert parallelism over expert_ranks processes, has MoE layers whose experts they share."""
-    from ..models.registry import get_entry, require_kind
+    from ..models.registry import get_entry, require_preset_kind
 
-    require_kind(name, "vision", "widenet bench ddp")
+    require_preset_kind(name, "vision", "widenet bench ddp")
     cfg = get_entry(name).make_config()
     if expert_ranks is not None:
         if not cfg.encoder.uses_moe:

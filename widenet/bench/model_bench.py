@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from ..analysis.flops import flops_per_image
 from ..memory import check_activations_fit
-from ..models.registry import count_parameters, create_model, require_kind, settings_for_each
+from ..models.registry import count_parameters, create_model, require_preset_kind, settings_for_each
 from ..runtime import autocast, autocast_dtype, compile_model, resolve_device
 from ..settings import repeated
 from ..train.update import apply_update
@@ -112,7 +112,7 @@ class _TrainStep:
                  compile: bool, overrides: dict) -> None:
         torch.manual_seed(0)
         self.name = name
-        require_kind(name, "vision", "widenet bench model")
+        require_preset_kind(name, "vision", "widenet bench model")
         self.model = create_model(name, **overrides).to(dev).train()
         cfg = self.model.cfg
         shape = (cfg.in_channels, cfg.image_size, cfg.image_size)

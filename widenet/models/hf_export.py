@@ -12,7 +12,7 @@ hf.py's import, for the models a transformers class computes exactly.
 Everything else has no transformers class (an MoE, WideNet's per-block norms, pre-norm text
 models, the convolutional stem, ...) and is refused by name (HFExportError). The tensors are the
 import's mapping run backwards (a q/k/v weight split in three), so importing the folder again gives
-the same model.
+the same function (a grey ViT as its RGB form; a QA model without the pooler it does not use).
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ __all__ = ["GREY_AS_RGB", "HFExportError", "hf_channels", "hf_checkpoint", "hf_e
 # A grey model's patch weights w become w * (0.299, 0.587, 0.114) over R, G, B (ITU-R 601 luma, what
 # Pillow's "L" conversion computes): with the mean and std the same on every channel, the RGB model
 # computes on an image what the grey model computes on its grey conversion (exactly on a grey image
-# made RGB, as pipelines do; up to Pillow's rounding to whole grey levels on a colour one).
+# made RGB, as pipelines do; on a colour one at the model's size up to Pillow's rounding to whole grey
+# levels; one resized first differs a little more, as the processor resizes before combining).
 GREY_AS_RGB = (0.299, 0.587, 0.114)
 
 _HF_ACTIVATION = {"gelu": "gelu", "gelu_tanh": "gelu_new"}

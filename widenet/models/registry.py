@@ -51,14 +51,14 @@ def get_entry(name: str) -> ModelEntry:
     return _REGISTRY[name]
 
 
-def require_kind(name: str, kind: str, command: str) -> None:
+def require_preset_kind(name: str, kind: str, command: str, other: str | None = None) -> None:
     """ValueError unless preset `name` is a `kind` ("vision" or "text") model: one line naming what
-    `command` takes and where the other kind goes."""
+    `command` takes and where the other kind goes (`other`, default the training commands)."""
     is_text = isinstance(get_entry(name).make_config(), TextConfig)
     if is_text == (kind == "text"):
         return
-    other = ("widenet pretrain and widenet finetune train text models" if is_text else
-             "widenet train trains image models")
+    other = other or ("widenet pretrain and widenet finetune train text models" if is_text else
+                      "widenet train trains image models")
     example = "widenet_text_tiny" if kind == "text" else "widenet_tiny"
     raise ValueError(f"{name} is {'a text' if is_text else 'an image'} model; {command} takes "
                      f"{'text' if kind == 'text' else 'image'} models such as {example} ({other})")

@@ -14,12 +14,12 @@ from ..settings import finite_numbers
 __all__ = ["check_contents", "stats_problem"]
 
 
-def stats_problem(key: str, values: Any, channels: int | None) -> str | None:
+def stats_problem(key: str, values: Any, channels: int | None, saved: bool = False) -> str | None:
     """Why `values` cannot be the image `key` ("mean" or "std") of a model with `channels` channels:
-    one finite number per channel, each std > 0; None when they can."""
+    one finite number per channel, each std > 0; None when they can. saved: they were read from a file."""
     fits = finite_numbers(values) and (channels is None or len(values) == channels)
     if not fits or (key == "std" and min(values) <= 0):
-        return (f"the image {key} {values!r} should be one finite number per channel "
+        return (f"the {'saved ' if saved else ''}image {key} {values!r} should be one finite number per channel "
                 f"({channels or 'as many as the model has'})" + (", each > 0" if key == "std" else ""))
     return None
 
@@ -34,7 +34,7 @@ def check_contents(model: nn.Module, classes: list[str] | None, image_stats: dic
         if len(classes) != outputs:  # names of other outputs would be shown as this model's
             raise ValueError(f"{len(classes)} class names for a model with "
                              + (f"{outputs} classes" if outputs else f"no classifier (task {model.cfg.task!r})"))
-        if not all(isinstance(name, str) for name in classes):
+        if not isinstance(classes, (list, tuple)) or not all(isinstance(name, str) for name in classes):
             raise ValueError(f"class names must be text, got {classes!r}")
     if image_stats is not None:
         if not vision:

@@ -106,8 +106,8 @@ class Source:
         stats = {k: data[k] for k in ("mean", "std") if data.get(k) is not None}
         channels = (self.meta.get("model_config") or {}).get("in_channels")
         for key, values in stats.items():
-            if (problem := stats_problem(key, values, channels)) is not None:
-                raise CheckpointError(f"{self.path}: {problem.replace('the image', 'the saved image', 1)}")
+            if (problem := stats_problem(key, values, channels, saved=True)) is not None:
+                raise CheckpointError(f"{self.path}: {problem}")
         return {k: list(v) for k, v in stats.items()} or None
 
 

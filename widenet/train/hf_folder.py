@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..data.images.folder import RESAMPLING
+from ..data.text.tokenizer import SPECIAL_TOKENS
 from ..models.hf import load_hf
 from ..models.hf_export import hf_channels
 from ..models.vision import VisionTransformer
@@ -84,8 +85,9 @@ def hf_side_files(model: nn.Module, image_stats: dict | None = None, image_resiz
     if not with_tokenizer:
         return {}
     return {"tokenizer_config.json": dict(
-        tokenizer_class="PreTrainedTokenizerFast", unk_token="[UNK]", sep_token="[SEP]", pad_token="[PAD]",
-        cls_token="[CLS]", mask_token="[MASK]", model_max_length=(inputs or {}).get("max_len", model.cfg.max_positions),
+        tokenizer_class="PreTrainedTokenizerFast",
+        **dict(zip(("pad_token", "unk_token", "cls_token", "sep_token", "mask_token"), SPECIAL_TOKENS)),
+        model_max_length=(inputs or {}).get("max_len", model.cfg.max_positions),
         model_input_names=["input_ids", "token_type_ids", "attention_mask"])}
 
 

@@ -28,7 +28,7 @@ from ..data.images import (RESIZE_RESAMPLE, ImageDataset, check_classification_p
 from ..distributed.env import main_process_first
 from ..distributed.parallel import ParallelContext
 from ..memory import check_activations_fit
-from ..models.registry import apply_overrides, count_parameters, create_model, model_config, require_kind
+from ..models.registry import apply_overrides, count_parameters, create_model, model_config, require_preset_kind
 from ..models.vision import VisionConfig, VisionTransformer
 from ..runtime import autocast, autocast_dtype, resolve_device
 from .budget import Cadence, time_per_call
@@ -241,7 +241,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print,
     """
     started = time.monotonic()
     if cfg.init is None:  # (with --init the starting point's model is trained, checked when read)
-        require_kind(cfg.model, "vision", "widenet train")
+        require_preset_kind(cfg.model, "vision", "widenet train")
     cfg = cfg.with_absolute_paths()  # recorded so: eval and --resume find them from anywhere
     parallel = ParallelContext.for_run(cfg.batch_size, cfg.seed, cfg.fsdp, cfg.expert_parallel)
     device = parallel.device(resolve_device(cfg.device))

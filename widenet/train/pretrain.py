@@ -38,7 +38,7 @@ from ..data.text.tokenizer import (SpecialIds, TokenizerError, load_tokenizer, s
                                    tokenizer_record, train_tokenizer)
 from ..distributed.env import main_process_first
 from ..distributed.parallel import ParallelContext
-from ..models.registry import count_parameters, model_config, require_kind
+from ..models.registry import count_parameters, model_config, require_preset_kind
 from ..runtime import autocast, autocast_dtype, resolve_device
 from .checkpoint import find_latest_checkpoint
 from .evaluate import RoutingTally
@@ -207,7 +207,7 @@ def pretrain(cfg: PretrainConfig, log: Callable[[str], None] = print) -> Pretrai
     """Run (or resume) pretraining as `cfg` says; under torchrun, data, fully sharded or expert parallel."""
     started = time.monotonic()
     if cfg.init is None:  # (an --init model is checked when read)
-        require_kind(cfg.model, "text", "widenet pretrain")
+        require_preset_kind(cfg.model, "text", "widenet pretrain")
     cfg = cfg.with_absolute_paths()
     parallel = ParallelContext.for_run(cfg.batch_size, cfg.seed, cfg.fsdp, cfg.expert_parallel)
     device = parallel.device(resolve_device(cfg.device))
