@@ -25,12 +25,14 @@ from widenet.data.images import (
     DatasetError,
     DatasetNotFoundError,
     ImageDataset,
+    convert_channels,
     iterate_batches,
     load_cifar,
     load_dataset,
     load_fashion_mnist,
     load_image_folder,
     read_idx,
+    resize_dataset,
     subset,
 )
 from widenet.data.images.folder import folder_files
@@ -333,6 +335,28 @@ def test_cifar10_layout(tmp_path, protocol):
     assert torch.equal(train.images[:3].reshape(3, -1), torch.from_numpy(first[b"data"]))
     assert train.labels[:3].tolist() == first[b"labels"]
     assert len(load_cifar(tmp_path, "cifar10", "test")) == 3
+
+
+def test_datasets_are_converted_to_the_models_channels_as_pillow_converts(tmp_path, fmnist_dir):
+    """An RGB model (a grey one exported to Hugging Face as RGB) could not be evaluated or fine-tuned
+    on Fashion-MNIST, a grey one on CIFAR: the built-in datasets kept their own channels."""
+    write_cifar10(tmp_path, n=4)
+    colour = load_dataset("cifar10", "test", tmp_path)
+    extremes = ImageDataset(torch.tensor([0, 255], dtype=torch.uint8).view(2, 1, 1, 1).expand(2, 3, 32, 32).contiguous(),
+                            torch.zeros(2, dtype=torch.int64), ["a"], "extremes")  # where rounding could overflow
+    for dataset, grey in ((colour, load_dataset("cifar10", "test", tmp_path, channels=1)),
+                          (extremes, convert_channels(extremes, 1))):
+        pillow = [Image.fromarray(image.permute(1, 2, 0).numpy(), "RGB").convert("L") for image in dataset.images]
+        assert grey.images.shape == (len(dataset), 1, 32, 32)
+        assert np.array_equal(grey.images[:, 0].numpy(), np.stack([np.asarray(image) for image in pillow]))
+        assert torch.equal(grey.labels, dataset.labels) and grey.classes == dataset.classes
+    own = load_dataset("fashion-mnist", "test", fmnist_dir)
+    pillow = [np.asarray(Image.fromarray(image[0].numpy(), "L").convert("RGB")) for image in own.images]
+    assert torch.equal(load_dataset("fashion-mnist", "test", fmnist_dir, channels=3).images.permute(0, 2, 3, 1),
+                       torch.from_numpy(np.stack(pillow)))
+    resized = load_dataset("fashion-mnist", "test", fmnist_dir, channels=3, image_size=20).images
+    assert torch.equal(resized, resize_dataset(own, 20).images.expand(-1, 3, -1, -1))
+    assert load_dataset("fashion-mnist", "test", fmnist_dir, channels=2).channels == 1  # left to the model's check
 
 
 def test_cifar100_layout_uses_fine_labels(tmp_path):

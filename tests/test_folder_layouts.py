@@ -122,14 +122,15 @@ def test_a_grey_model_reads_a_folder_in_grey_and_init_decides_the_size(tmp_path,
     assert main([str(a) for a in argv]) == 0, capsys.readouterr().err
     root = make_folder(tmp_path / "data", {"train": 4, "test": 2})
     cfg = _config(root, tmp_path / "run", init=str(grey), model_overrides={})
-    from widenet.train.images import folder_channels, read_init
+    from widenet.train.images import image_channels, read_init
 
     source = read_init(cfg)
-    assert (folder_channels(cfg, source), folder_image_size(cfg, source)) == (1, 32)  # the init model's
-    assert folder_channels(_config(root, tmp_path / "run")) == 3  # a preset: RGB
-    assert folder_channels(_config(root, tmp_path / "run", model_overrides=dict(in_channels=1))) == 1
+    assert (image_channels(cfg, source), folder_image_size(cfg, source)) == (1, 32)  # the init model's
+    assert image_channels(_config(root, tmp_path / "run")) is None  # a preset: the data's own, a folder's RGB
+    assert load_data(_config(root, tmp_path / "run"))[0].channels == 3
+    assert image_channels(_config(root, tmp_path / "run", model_overrides=dict(in_channels=1))) == 1
     with pytest.raises(ValueError, match="model takes 4-channel images, and an image folder is read as grey"):
-        folder_channels(_config(root, tmp_path / "run", model_overrides=dict(in_channels=4)))
+        image_channels(_config(root, tmp_path / "run", model_overrides=dict(in_channels=4)))
     out = tmp_path / "tuned"
     assert main([str(a) for a in ["train", "--init", grey, "--data", "folder", "--data-dir", root, "--out", out,
                                   "--batch-size", 4, "--max-steps", 1, "--device", "cpu", "--image-size", 32]]) == 0, \
@@ -138,7 +139,7 @@ def test_a_grey_model_reads_a_folder_in_grey_and_init_decides_the_size(tmp_path,
     assert "resize" not in load_checkpoint(out).meta["data"]  # a folder decoded at 32 px as predict decodes
     tuned = load_checkpoint(out).meta["model_config"]
     assert (tuned["in_channels"], tuned["image_size"], tuned["num_classes"]) == (1, 32, 2)
-    capsys.readouterr()
+    assert "note: the --init model classifies 10 classes, the data has 2: its head starts new" in capsys.readouterr().out
     assert main(["eval", "--checkpoint", str(out), "--device", "cpu", "--json"]) == 0
     assert '"examples": 4' in capsys.readouterr().out
 

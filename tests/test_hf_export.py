@@ -4,6 +4,7 @@ and compute exactly as widenet does (transformers is the oracle), which `widenet
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -183,6 +184,30 @@ def test_the_export_command_writes_and_replaces_hf_folders(tmp_path, fmnist_dir,
                                    widenet.from_pretrained(vit)(images).logits, rtol=0, atol=2e-5)
 
 
+def test_a_grey_models_hf_export_is_evaluated_and_fine_tuned_on_its_grey_data(tmp_path, fmnist_dir, tiny_set_args,
+                                                                              cli):
+    """Written as RGB, a Fashion-MNIST model's export was refused by eval and --init on Fashion-MNIST
+    (3 channels against the data's 1): the grey images are now read as RGB ones, as Pillow reads them."""
+    vit = tmp_path / "vit"
+    assert cli(["train", "--model", "vit_tiny", "--data-dir", fmnist_dir, "--out", vit, "--max-steps", "3",
+                "--batch-size", "16", *tiny_set_args])[0] == 0
+    assert cli(["export", vit, "--to", tmp_path / "hf", "--format", "hf"])[0] == 0
+    scores = []
+    for model in (vit, tmp_path / "hf"):
+        rc, out, err = cli(["eval", "--checkpoint", model, "--data", "fashion-mnist", "--data-dir", fmnist_dir,
+                            "--json"])
+        assert rc == 0, err
+        scores.append(json.loads(out))
+    assert scores[0]["examples"] == scores[1]["examples"] == 64
+    assert scores[1]["accuracy"] == scores[0]["accuracy"] and scores[1]["loss"] == pytest.approx(scores[0]["loss"],
+                                                                                                 abs=1e-5)
+    tuned = tmp_path / "tuned"
+    rc, out, err = cli(["train", "--init", tmp_path / "hf", "--data-dir", fmnist_dir, "--out", tuned, "--max-steps",
+                        "1", "--batch-size", "16"])
+    assert rc == 0, err
+    assert widenet.from_pretrained(tuned).cfg.in_channels == 3 and "head starts new" not in out  # 10 classes
+
+
 def test_overwriting_a_downloaded_folder_leaves_none_of_its_model_files(tmp_path, cli):
     """A Hugging Face download's shards, their index and added_tokens.json were carried into the new
     folder as if they were the user's: AutoTokenizer then read the old added tokens (wrong ids, no
@@ -221,7 +246,12 @@ def test_save_pretrained_writes_either_format_from_a_model_or_a_loaded_one(tmp_p
     assert cli(["train", "--model", "vit_tiny", "--data-dir", fmnist_dir, "--out", run, "--max-steps", "1",
                 "--batch-size", "16", *tiny_set_args])[0] == 0
     loaded = widenet.load_pretrained(run)
-    widenet.save_pretrained(loaded, tmp_path / "hf", format="hf")  # its classes and statistics go with it
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no note: its statistics are saved
+        widenet.save_pretrained(loaded, tmp_path / "hf", format="hf")  # its classes and statistics go with it
+    with pytest.warns(UserWarning, match=r"no image mean / std saved with the model: .* mean 0\.5 and std 0\.5"):
+        widenet.save_pretrained(loaded.model, tmp_path / "bare", format="hf")  # a model alone: ViT's 0.5 was silent
+    assert json.loads((tmp_path / "bare" / "preprocessor_config.json").read_text())["image_std"] == [0.5] * 3
     theirs = _hf_model(tmp_path / "hf")
     assert [theirs.config.id2label[i] for i in range(10)] == loaded.classes
     processor = json.loads((tmp_path / "hf" / "preprocessor_config.json").read_text())

@@ -181,7 +181,7 @@ def test_overwrite_puts_the_earlier_run_back_when_the_new_one_fails_before_a_che
     assert _cli(_train_args(fmnist_dir, out, tiny_set_args, "--max-steps", 2), capsys)[0] == 0
     before = _snapshot(out)
     for setting, named in (("num_classes=5", "fashion-mnist has 10 classes"),
-                           ("in_channels=3", "fashion-mnist's images have 1 channel"),
+                           ("in_channels=2", "read as grey (1) or RGB (3), fashion-mnist's have 1 channel"),
                            ("image_size=32", "are 28x28; to train at another size, resize them with --image-size 32")):
         line = _one_line_error(*_cli(_train_args(fmnist_dir, out, tiny_set_args, "--max-steps", 3, "--overwrite",
                                                  "--set", setting), capsys)[::2])

@@ -56,10 +56,11 @@ class TrainResult:
 def load_data(cfg: TrainConfig, source: Source | None = None) -> tuple[ImageDataset, ImageDataset]:
     """Train and test sets, decoded once, subsampled, then resized (--image-size), and checked to
     make one classification task (check_classification_pair). A folder's images are decoded at
-    --image-size, by default at the model's own image size, and to the model's channels
-    (folder_image_size, folder_channels; `source`: the --init model, which decides both)."""
+    --image-size, by default at the model's own image size; every dataset is converted to the
+    model's channels (folder_image_size, image_channels; `source`: the --init model, which decides
+    both): an RGB model fine-tunes on grey images as RGB ones, a grey model on colour ones in grey."""
     at_load = folder_image_size(cfg, source) if cfg.data == "folder" else None
-    channels = folder_channels(cfg, source)
+    channels = image_channels(cfg, source)
     splits = []
     for split, size in (("train", cfg.train_subset), ("test", cfg.test_subset)):
         data = load_dataset(cfg.data, split, cfg.data_dir, at_load, cfg.download, channels)
@@ -77,11 +78,12 @@ def folder_image_size(cfg: TrainConfig, source: Source | None = None) -> int | N
     return _model_setting(cfg, source, "image_size")
 
 
-def folder_channels(cfg: TrainConfig, source: Source | None = None) -> int:
-    """The channels an image folder is decoded to: the model's when it has its own (an
-    in_channels model override, or the --init model's: a grey model reads grey images), else RGB."""
+def image_channels(cfg: TrainConfig, source: Source | None = None) -> int | None:
+    """The channels the images are converted to: the model's when it has its own (an in_channels
+    model override, or the --init model's: a grey model reads grey images), else None (the data's
+    own; an image folder's: RGB)."""
     if cfg.model_overrides.get("in_channels") is None and source is None:
-        return 3
+        return None
     channels = _model_setting(cfg, source, "in_channels")
     if channels not in (1, 3) and cfg.data == "folder":
         raise ValueError(f"the model takes {channels}-channel images, and an image folder is read as grey (1) or "
@@ -146,8 +148,8 @@ def _check_fits_data(overrides: dict[str, Any], data: ImageDataset, cfg: TrainCo
         raise ValueError(f"--set num_classes={overrides['num_classes']}: {name} has {data.num_classes} classes "
                          "(a model's classes follow its data: leave num_classes out)")
     if overrides["in_channels"] != data.channels:
-        raise ValueError(f"--set in_channels={overrides['in_channels']}: {name}'s images have {data.channels} "
-                         "channel(s) (leave in_channels out)")
+        raise ValueError(f"--set in_channels={overrides['in_channels']}: images are read as grey (1) or RGB (3), "
+                         f"{name}'s have {data.channels} channel(s) (leave in_channels out)")
     if overrides["image_size"] != data.image_size:
         if not isinstance(overrides["image_size"], int) or overrides["image_size"] < 1:
             raise ValueError(f"--set image_size={overrides['image_size']}: image_size must be a positive integer")
@@ -280,6 +282,10 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print,
                     f"{trainer.progress.total} steps, batch {batch}" + (" (all of them)" if batch < cfg.batch_size else "")
                     + f", {device}" + (f", {amp}" if amp else "")
                     + workers + (", compiled (the first steps compile)" if cfg.compile else ""))
+        classes = source.meta["model_config"].get("num_classes") if source is not None else None
+        if trainer.progress.step == 0 and classes not in (None, train_set.num_classes):
+            trainer.log(f"note: the --init model classifies {classes} classes, the data has {train_set.num_classes}: "
+                        "its head starts new")
         run = trainer.run()
         return TrainResult(Path(cfg.out), run.steps, run.final_eval, params, run.examples_per_s, run.net, run.ema_eval)
 
@@ -293,5 +299,5 @@ def _load_data_once(cfg: TrainConfig, parallel: ParallelContext,
         return load_data(cfg, source)
 
 
-__all__ = ["ImageTask", "TrainConfig", "TrainResult", "TrainingError", "build_model_for", "folder_channels",
-           "folder_image_size", "load_data", "read_init", "train"]
+__all__ = ["ImageTask", "TrainConfig", "TrainResult", "TrainingError", "build_model_for",
+           "folder_image_size", "image_channels", "load_data", "read_init", "train"]

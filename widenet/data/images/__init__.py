@@ -11,14 +11,14 @@ from typing import Any
 from ..downloads import data_home
 from ..errors import DatasetError, DatasetNotFoundError, PathLike
 from .cifar import CIFAR10_CLASSES, load_cifar
-from .dataset import (RESIZE_RESAMPLE, ImageDataset, check_classification_pair, check_same_classes, iterate_batches,
-                      resize_dataset, subset)
+from .dataset import (RESIZE_RESAMPLE, ImageDataset, check_classification_pair, check_same_classes,
+                      convert_channels, iterate_batches, resize_dataset, subset)
 from .fashion_mnist import FASHION_MNIST_CLASSES, load_fashion_mnist
 from .folder import TEST_SPLIT_FOLDERS, load_image_folder
 from .idx import read_idx
 
 __all__ = ["CIFAR10_CLASSES", "DATASET_NAMES", "RESIZE_RESAMPLE", "DatasetError", "DatasetNotFoundError",
-           "FASHION_MNIST_CLASSES", "ImageDataset", "check_classification_pair", "check_same_classes",
+           "FASHION_MNIST_CLASSES", "ImageDataset", "check_classification_pair", "check_same_classes", "convert_channels",
            "iterate_batches", "load_cifar", "load_dataset", "load_fashion_mnist", "load_image_folder", "read_idx",
            "resize_dataset", "subset", "TEST_SPLIT_FOLDERS"]
 
@@ -31,7 +31,7 @@ def load_dataset(
     data_dir: PathLike | None = None,
     image_size: int | None = None,
     download: bool = True,
-    channels: int = 3,
+    channels: int | None = None,
     resize: dict[str, Any] | None = None,
 ) -> ImageDataset:
     """Load a dataset by name: 'fashion-mnist', 'cifar10', 'cifar100' or 'folder'.
@@ -42,8 +42,10 @@ def load_dataset(
     not given, from ``data_home()``; 'folder' needs ``data_dir``, and reads
     its "test" split from ``test/``, ``val/`` or ``validation/``, the first
     that exists (folder.TEST_SPLIT_FOLDERS), decoding every image to
-    ``channels`` (1: grey, 3: RGB; the other datasets keep their own) the way ``resize`` says
-    (folder.load_image_folder; the other datasets are resized by resize_dataset).
+    ``channels`` (1: grey, 3: RGB, the default) the way ``resize`` says
+    (folder.load_image_folder). The other datasets are converted to ``channels``
+    as Pillow converts (convert_channels: a model trained on one reads the other), or keep
+    their own when it is None, and are resized by resize_dataset.
     """
     if name not in DATASET_NAMES:
         raise ValueError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASET_NAMES)}")
@@ -52,9 +54,10 @@ def load_dataset(
             raise ValueError("dataset 'folder' needs data_dir (--data-dir: the folder holding <split>/<class>/<image>)")
         if image_size is None:
             raise ValueError("dataset 'folder' needs image_size (the size its images are decoded at)")
-        return load_image_folder(data_dir, split, image_size, channels, resize=resize)
+        return load_image_folder(data_dir, split, image_size, channels or 3, resize=resize)
     if name == "fashion-mnist":
         dataset = load_fashion_mnist(split, data_dir=data_dir, download=download)
     else:
         dataset = load_cifar(data_dir if data_dir is not None else data_home(), variant=name, split=split)
+    dataset = convert_channels(dataset, channels) if channels is not None else dataset
     return resize_dataset(dataset, image_size) if image_size is not None else dataset

@@ -20,7 +20,7 @@ from ..batches import epoch_order, num_batches, seed_for
 from ..errors import DatasetError
 
 __all__ = ["ImageDataset", "RESIZE_RESAMPLE", "check_classification_pair", "check_same_classes", "check_split",
-           "iterate_batches", "resize_dataset", "subset"]
+           "convert_channels", "iterate_batches", "resize_dataset", "subset"]
 
 _BLOCK_BYTES = 64 * 2**20  # the float copy of the images one step of a resize or of the statistics works on
 
@@ -165,6 +165,28 @@ def check_split(split: str) -> None:
 
 
 RESIZE_RESAMPLE = "bilinear"  # resize_dataset's, as Pillow names it (its filter gives the same pixels, to rounding)
+
+
+# Pillow's conversion of RGB to grey ("L"): L = (19595 R + 38470 G + 7471 B + 2**15) >> 16, the ITU-R 601
+# luma weights 0.299, 0.587, 0.114 in 16-bit fixed point, so a converted dataset equals a folder of its images.
+_LUMA_16 = (19595, 38470, 7471)
+
+
+def convert_channels(dataset: ImageDataset, channels: int) -> ImageDataset:
+    """The dataset with ``channels`` (1: grey, 3: RGB) as Pillow converts images: grey repeated
+    into R, G and B, or RGB to grey by its luma. Other counts, or the dataset's own, leave it as it is."""
+    if channels == dataset.channels or {channels, dataset.channels} != {1, 3}:
+        return dataset
+    plane = dataset.images[0, 0].numel() if len(dataset) else 0  # pixels of one channel of one image
+    check_fits_memory(len(dataset) * channels * plane,
+                      f"the images of {dataset.name} converted to {'RGB' if channels == 3 else 'grey'}")
+    if channels == 3:
+        images = dataset.images.expand(-1, 3, -1, -1).contiguous()
+    else:  # in blocks: the int32 sums take four bytes a pixel
+        weights = torch.tensor(_LUMA_16, dtype=torch.int32).view(1, 3, 1, 1)
+        images = torch.cat([(((block.to(torch.int32) * weights).sum(1, keepdim=True) + 2**15) >> 16).to(torch.uint8)
+                            for block in dataset.images.split(_block(3 * plane, 4))])
+    return ImageDataset(images, dataset.labels, list(dataset.classes), dataset.name, dataset.contents)
 
 
 def resize_dataset(dataset: ImageDataset, image_size: int) -> ImageDataset:
