@@ -344,6 +344,16 @@ def test_unknown_model(capsys):
     assert line.startswith("widenet: error:") and "unknown model 'nosuch_model'" in line
 
 
+@pytest.mark.parametrize("argv,command", [(["params", "widenet_tiny", "--set", "dim=32"], "widenet params"),
+                                          (["bench", "moe", "--foo"], "widenet bench moe"),
+                                          (["--bogus", "list"], "widenet list")])
+def test_an_argument_no_command_takes_points_at_the_given_commands_help(capsys, argv, command):
+    """It pointed at the top level's `widenet --help`, which does not list a command's flags."""
+    line = _assert_one_line_error(*_cli(argv, capsys))
+    assert line.startswith("widenet: error: unrecognized arguments: ") and line.endswith(f"(see {command} --help)")
+    assert ("--set dim=32" if argv[0] == "params" else argv[-1] if argv[0] == "bench" else "--bogus") in line
+
+
 def test_bench_model_unknown_model(capsys):
     line = _assert_one_line_error(*_cli(["bench", "model", "nosuch_model", "--steps", 1], capsys))
     assert "nosuch_model" in line

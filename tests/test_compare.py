@@ -178,7 +178,11 @@ def test_single_dense_model_report(tmp_path, fmnist_dir):
     report_path = compare(["vit_tiny"], tmp_path / "out", seeds=1, data_dir=str(fmnist_dir), log=_quiet,
                           **BUDGET)
     report = report_path.read_text(encoding="utf-8")
-    assert list(_table_rows(_section(report, "Results"))) == ["vit_tiny"]
+    rows = _table_rows(_section(report, "Results"))
+    assert list(rows) == ["vit_tiny"]
+    seed0 = tmp_path / "out" / "runs" / "vit_tiny" / "seed0"
+    final = [r for r in read_metrics(seed0 / "metrics.jsonl") if r["split"] == "test"][-1]["accuracy"]
+    assert rows["vit_tiny"][3] == f"{100 * final:.2f}"  # one seed: its accuracy, no "± 0.00" spread
     assert "ablation" not in report.lower()  # no WideNet: nothing to ablate
     # The same folder with another budget: named as the earlier call's, not given train's --init advice.
     with pytest.raises(SettingsChanged) as caught:

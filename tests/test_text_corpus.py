@@ -124,8 +124,14 @@ def test_folder_recursion_sorted_and_filtered(tmp_path):
     _write_jsonl(tmp_path / "b" / "c" / "y.jsonl", [json.dumps({"text": "from b/c/y"})])
     (tmp_path / "notes.md").write_text("not a corpus file", encoding="utf-8")
     _write_text(tmp_path / ".hidden" / "h.txt", ["hidden"])
-    assert [p.relative_to(tmp_path).as_posix() for p in corpus_files([tmp_path])] == ["a.txt", "b/c/y.jsonl", "b/z.txt"]
-    assert list(iter_documents([tmp_path])) == ["from a", "from b/c/y", "from b/z"]
+    with pytest.warns(UserWarning) as caught:  # the notes.md is named (it was skipped without a word), not .hidden
+        assert [p.relative_to(tmp_path).as_posix() for p in corpus_files([tmp_path])] == [
+            "a.txt", "b/c/y.jsonl", "b/z.txt"]
+    assert [str(w.message) for w in caught] == [
+        f"{tmp_path}: skipped 1 file(s) that are not corpus files (*.txt, *.txt.gz, *.gz, *.jsonl, *.jsonl.gz, "
+        f"*.dict.dz), e.g. {tmp_path / 'notes.md'}"]
+    with pytest.warns(UserWarning, match="skipped 1 file"):
+        assert list(iter_documents([tmp_path])) == ["from a", "from b/c/y", "from b/z"]
 
 
 def test_a_file_named_twice_is_read_once(tmp_path):

@@ -29,7 +29,7 @@ from typing import Callable, NoReturn, Sequence
 from . import __version__
 from .cli_args import (add_budget_arguments, add_moe_arguments, add_process_arguments, add_recipe_arguments,
                        add_run_arguments, add_set_argument, config_fields, finite_float, model_overrides, nonempty,
-                       positive_float, positive_int)
+                       parse_command_line, positive_float, positive_int)
 from .cli_errors import (BUG_REPORT, INTERRUPTED, CLIError, explain, file_names_printable,
                          latest_checkpoint_identity, lost_results, missing_outputs_to_devnull,
                          output_survives_its_reader, rerun_advice, say_error, say_last, termination_interrupts,
@@ -417,8 +417,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(argv: Sequence[str] | None, closed: list[str]) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_command_line(build_parser(), argv)
     if (lost := lost_results(args.command, closed)) is not None:
         say_error(lost)
         return 2

@@ -174,3 +174,13 @@ def config_fields(args: argparse.Namespace, cls: type) -> dict[str, Any]:
     fields = {k: v for k, v in vars(args).items() if k in cls.__dataclass_fields__ and v is not None}
     fields["model_overrides"] = model_overrides(args)
     return fields
+
+
+def parse_command_line(parser: argparse.ArgumentParser, argv: Any) -> argparse.Namespace:
+    """parser.parse_args, but arguments no command takes are named with the --help of the command
+    given (`widenet params --help`), not the top level's."""
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        command = " ".join(filter(None, ("widenet", args.command, getattr(args, "bench", None))))
+        parser.exit(2, f"widenet: error: unrecognized arguments: {' '.join(extra)} (see {command} --help)\n")
+    return args

@@ -229,9 +229,15 @@ def _table(rows: list[SpecResult], steps: bool = False) -> str:
     head = ("| model | params | FLOPs / image | train images/s | test accuracy (%) |" + (" steps |" if steps else "")
             + "\n|---|---:|---:|---:|---:|" + ("---:|" if steps else ""))
     body = [f"| {r.spec.label} | {r.params / 1e6:.3f}M | {r.flops / 1e6:.1f}M | {r.images_per_s:.0f} | "
-            f"{100 * r.acc_mean:.2f} ± {100 * r.acc_std:.2f} |" + (f" {r.steps:.0f} |" if steps else "")
+            f"{_mean_std(r.accuracies)} |" + (f" {r.steps:.0f} |" if steps else "")
             for r in rows]
     return "\n".join([head, *body])
+
+
+def _mean_std(values: list[float]) -> str:
+    """Percentages as "mean ± sample std" over seeds; one seed's value alone (it has no spread)."""
+    mean = f"{100 * statistics.fmean(values):.2f}"
+    return f"{mean} ± {100 * statistics.stdev(values):.2f}" if len(values) > 1 else mean
 
 
 # Two mean accuracies closer than this many points (half the report's last shown digit, 0.01) are a

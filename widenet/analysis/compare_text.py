@@ -265,7 +265,8 @@ def write_text_report(results: list[TextModelResult], budget: dict, preset: str,
         f"{budget['pretrain_steps']} steps x {budget['batch_size']} sequences of {budget['seq_len']} tokens "
         f"on {', '.join(corpus)}; fine-tuning {budget['finetune_epochs']} epochs on {task_train}; "
         f"{budget['seeds']} seed(s). Same tokenizer, budget and recipe for every model{_settings(budget)}. "
-        "Mean ± standard deviation over seeds. *No-context level*: held-out MLM accuracy from word-piece "
+        f"{'Mean ± standard deviation over seeds' if budget['seeds'] > 1 else 'One seed: no spread to show'}. "
+        "*No-context level*: held-out MLM accuracy from word-piece "
         "frequencies alone; SOP's chance level is 50%.",
         "",
         "| model | params | pretrain tokens/s | MLM acc (%) | no-context level (%) | SOP acc (%) | "
@@ -298,7 +299,8 @@ def _settings(budget: dict) -> str:
 
 
 def _pm(r: TextModelResult, name: str) -> str:
-    return f"{100 * r.mean(name):.1f} ± {100 * r.std(name):.1f}"
+    mean = f"{100 * r.mean(name):.1f}"
+    return f"{mean} ± {100 * r.std(name):.1f}" if len(r.seeds) > 1 else mean  # one seed has no spread
 
 
 def _row(r: TextModelResult) -> str:

@@ -41,13 +41,13 @@ from ..data.images.folder import IMAGE_EXAMPLES, decode_image, folder_files
 from ..layers.moe import dropless_routing
 from ..runtime import first_line, resolve_device
 from ..train.exported import non_finite_problem
+from ..train.hf_folder import FALLBACK_MEAN, FALLBACK_STD
 from .loading import Pretrained
 
 __all__ = ["Answer", "ClassScore", "ImageFailure", "ImagePrediction", "PredictError", "TextPrediction",
            "check_finite_scores", "check_fits", "find_images", "iter_predict_images", "predict_images"]
 
 N_BEST, MAX_ANSWER_LEN = 20, 30  # postprocess_squad's defaults: candidate starts / ends, longest answer
-FALLBACK_MEAN, FALLBACK_STD = 0.5, 0.5  # no image statistics saved (Hugging Face ViT): ViT's processor's
 PROGRESS_MIN_BATCHES = 3  # a progress bar for more batches than this (on a terminal)
 
 class PredictError(ValueError):

@@ -6,6 +6,7 @@ widenet writes for transformers holds (hf_side_files)."""
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,8 +21,8 @@ from ..models.hf_export import hf_channels
 from ..models.vision import VisionTransformer
 from ..settings import finite_numbers
 
-__all__ = ["HF_WIDENET_KEYS", "HFSource", "hf_side_files", "image_preparation", "preparation_gaps", "read_hf_source",
-           "vocab_settings"]
+__all__ = ["FALLBACK_MEAN", "FALLBACK_STD", "HF_WIDENET_KEYS", "HFSource", "hf_side_files", "image_preparation",
+           "preparation_gaps", "read_hf_source", "vocab_settings"]
 
 
 # What a config.json widenet writes keeps beside transformers' keys, by meta["data"] field: how fine-tuning
@@ -66,6 +67,11 @@ def read_hf_source(path: Path) -> HFSource:
     return HFSource(meta, model.state_dict(), tokenizer if tokenizer.is_file() else None, settings, notes)
 
 
+# No image statistics saved (a Hugging Face ViT's own folder): ViT's image processor's defaults,
+# which widenet's predict uses too.
+FALLBACK_MEAN, FALLBACK_STD = 0.5, 0.5
+
+
 def hf_side_files(model: nn.Module, image_stats: dict | None = None, image_resize: dict | None = None,
                   with_tokenizer: bool = False, inputs: dict | None = None) -> dict[str, dict]:
     """What transformers' Auto classes read beside the weights, by file name: for a ViT the image
@@ -76,7 +82,12 @@ def hf_side_files(model: nn.Module, image_stats: dict | None = None, image_resiz
     max_len, else the model's positions)."""
     if isinstance(model, VisionTransformer):
         channels, size = hf_channels(model), model.cfg.image_size
-        stats = {k: list(v) * (channels // len(v)) for k, v in (image_stats or dict(mean=[0.5], std=[0.5])).items()}
+        if image_stats is None:
+            warnings.warn(f"no image mean / std saved with the model: its preprocessor_config.json normalises with "
+                          f"mean {FALLBACK_MEAN} and std {FALLBACK_STD} (ViT's; save_pretrained takes mean= and std=)",
+                          stacklevel=4)  # save_pretrained's caller
+        fallback = dict(mean=[FALLBACK_MEAN], std=[FALLBACK_STD])
+        stats = {k: list(v) * (channels // len(v)) for k, v in (image_stats or fallback).items()}
         resample = (image_resize or {}).get("resample", "bicubic")
         return {"preprocessor_config.json": dict(
             image_processor_type="ViTImageProcessor", do_resize=True, size=dict(height=size, width=size),

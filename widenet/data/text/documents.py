@@ -55,16 +55,16 @@ def _as_path_list(paths: Sequence[PathLike] | PathLike) -> list[Path]:
 
 
 def _folder_files(folder: Path) -> list[Path]:
-    """Usable corpus files under ``folder``, recursively, sorted, hidden ones skipped."""
-    files = [
-        path
-        for path in sorted(folder.rglob("*"))
-        if path.is_file()
-        and _file_kind(path) is not None
-        and not any(part.startswith(".") for part in path.relative_to(folder).parts)
-    ]
+    """Usable corpus files under ``folder``, recursively, sorted; hidden ones skipped quietly, the
+    others of other kinds with a note (a README.md beside the text)."""
+    visible = [path for path in sorted(folder.rglob("*"))
+               if path.is_file() and not any(part.startswith(".") for part in path.relative_to(folder).parts)]
+    files = [path for path in visible if _file_kind(path) is not None]
     if not files:
         raise CorpusError(f"{folder}: folder has no corpus files (looked for {_LOOKED_FOR}, recursively)")
+    if others := [path for path in visible if _file_kind(path) is None]:
+        warnings.warn(f"{folder}: skipped {len(others)} file(s) that are not corpus files ({_LOOKED_FOR}), "
+                      f"e.g. {others[0]}", stacklevel=2)
     return files
 
 
