@@ -342,8 +342,9 @@ def test_datasets_are_converted_to_the_models_channels_as_pillow_converts(tmp_pa
     on Fashion-MNIST, a grey one on CIFAR: the built-in datasets kept their own channels."""
     write_cifar10(tmp_path, n=4)
     colour = load_dataset("cifar10", "test", tmp_path)
-    extremes = ImageDataset(torch.tensor([0, 255], dtype=torch.uint8).view(2, 1, 1, 1).expand(2, 3, 32, 32).contiguous(),
-                            torch.zeros(2, dtype=torch.int64), ["a"], "extremes")  # where rounding could overflow
+    black_and_white = torch.tensor([0, 255], dtype=torch.uint8).view(2, 1, 1, 1).expand(2, 3, 32, 32)
+    extremes = ImageDataset(black_and_white.contiguous(), torch.zeros(2, dtype=torch.int64), ["a"],
+                            "extremes")  # where rounding could overflow
     for dataset, grey in ((colour, load_dataset("cifar10", "test", tmp_path, channels=1)),
                           (extremes, convert_channels(extremes, 1))):
         pillow = [Image.fromarray(image.permute(1, 2, 0).numpy(), "RGB").convert("L") for image in dataset.images]

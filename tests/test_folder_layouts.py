@@ -139,7 +139,8 @@ def test_a_grey_model_reads_a_folder_in_grey_and_init_decides_the_size(tmp_path,
     assert "resize" not in load_checkpoint(out).meta["data"]  # a folder decoded at 32 px as predict decodes
     tuned = load_checkpoint(out).meta["model_config"]
     assert (tuned["in_channels"], tuned["image_size"], tuned["num_classes"]) == (1, 32, 2)
-    assert "note: the --init model classifies 10 classes, the data has 2: its head starts new" in capsys.readouterr().out
+    note = "note: the --init model classifies 10 classes, the data has 2: its head starts new"
+    assert note in capsys.readouterr().out
     assert main(["eval", "--checkpoint", str(out), "--device", "cpu", "--json"]) == 0
     assert '"examples": 4' in capsys.readouterr().out
 

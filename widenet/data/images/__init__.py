@@ -18,9 +18,9 @@ from .folder import TEST_SPLIT_FOLDERS, load_image_folder
 from .idx import read_idx
 
 __all__ = ["CIFAR10_CLASSES", "DATASET_NAMES", "RESIZE_RESAMPLE", "DatasetError", "DatasetNotFoundError",
-           "FASHION_MNIST_CLASSES", "ImageDataset", "check_classification_pair", "check_same_classes", "convert_channels",
-           "iterate_batches", "load_cifar", "load_dataset", "load_fashion_mnist", "load_image_folder", "read_idx",
-           "resize_dataset", "subset", "TEST_SPLIT_FOLDERS"]
+           "FASHION_MNIST_CLASSES", "ImageDataset", "check_classification_pair", "check_same_classes",
+           "convert_channels", "iterate_batches", "load_cifar", "load_dataset", "load_fashion_mnist",
+           "load_image_folder", "read_idx", "resize_dataset", "subset", "TEST_SPLIT_FOLDERS"]
 
 DATASET_NAMES = ("fashion-mnist", "cifar10", "cifar100", "folder")
 
