@@ -25,6 +25,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import TINY
 import torch
@@ -1033,6 +1034,30 @@ def test_refused_pickles_never_advise_loading_them(tmp_path, fmnist_dir, tiny_se
     assert "this file tries to run code" in line and "it was not loaded" in line
     assert "weights_only" not in line.split("(a state.pt")[0]
     json.loads((find_latest_checkpoint(out) / "meta.json").read_text())  # the rest of the run is intact
+
+
+def test_a_damaged_train_state_stops_only_what_reads_it(tmp_path, fmnist_dir, tiny_set_args, capsys):
+    """eval, predict and export use the weights alone, yet read state.pt (the optimizer's moments, all
+    of it into memory) and stopped at a damaged one; --ema and --resume, which need it, still refuse."""
+    from conftest import damage_in_place
+
+    out = tmp_path / "run"
+    assert _cli(_train_args(fmnist_dir, out, tiny_set_args, "--max-steps", 2, "--ema-decay", "0.5"), capsys)[0] == 0
+    eval_args = ["eval", "--checkpoint", out, "--device", "cpu", "--json"]
+    before = {k: v for k, v in json.loads(_cli(eval_args, capsys)[1]).items()}
+    state_file = find_latest_checkpoint(out) / "state.pt"
+    average = torch.load(state_file, weights_only=True)["ema"]["weights"]["head.weight"]
+    damage_in_place(state_file, average.numpy().tobytes())
+    rc, printed, err = _cli(eval_args, capsys)
+    assert rc == 0 and json.loads(printed) == before, err
+    Image.fromarray(np.full((28, 28), 200, dtype=np.uint8)).save(tmp_path / "shirt.png")
+    assert _cli(["predict", "--checkpoint", out, tmp_path / "shirt.png"], capsys)[0] == 0
+    assert _cli(["export", out, "--to", tmp_path / "model"], capsys)[0] == 0
+    for args in (["eval", "--checkpoint", out, "--ema", "--device", "cpu"], ["export", out, "--to", tmp_path / "avg",
+                                                                             "--ema"],
+                 _train_args(fmnist_dir, out, tiny_set_args, "--max-steps", 2, "--ema-decay", "0.5", "--resume")):
+        line = _one_line_error(*_cli(args, capsys)[::2])
+        assert "state.pt: the train state does not match the checksum saved with it" in line, (args, line)
 
 
 def _make_or_skip(folder: Path) -> None:

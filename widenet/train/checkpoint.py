@@ -53,6 +53,7 @@ __all__ = [
     "CheckpointError",
     "SettingsChanged",
     "LoadedCheckpoint",
+    "train_state_of",
     "MODEL_FILE",
     "STATE_FILE",
     "META_FILE",
@@ -77,7 +78,7 @@ class LoadedCheckpoint:
     step: int
     meta: dict[str, Any]
     model_state: dict[str, torch.Tensor]
-    train_state: dict[str, Any]
+    train_state: dict[str, Any] | None  # None: not read (read_train_state=False)
 
 
 def _widenet_version() -> str:
@@ -378,6 +379,11 @@ def _read_train_state(file: Path, digest: str | None = None) -> dict:
     return state
 
 
+def train_state_of(folder: Path, meta: Mapping[str, Any]) -> dict:
+    """A checkpoint folder's state.pt, checked against the digest its meta.json records."""
+    return _read_train_state(folder / STATE_FILE, meta.get(STATE_DIGEST))
+
+
 def _listed(items: list[str]) -> str:
     """At most a few items, comma-separated, with a count of the rest."""
     shown = ", ".join(items[:_MAX_LISTED])
@@ -420,6 +426,7 @@ def load_checkpoint(
     path: str | os.PathLike,
     model: nn.Module | None = None,
     expected_meta: Mapping[str, Any] | None = None,
+    read_train_state: bool = True,
 ) -> LoadedCheckpoint:
     """Load a checkpoint and, if ``model`` is given, its weights (strict keys).
 
@@ -428,7 +435,8 @@ def load_checkpoint(
     before ``model`` is touched.  Raises :class:`CheckpointError` naming the file
     for missing/corrupt files, refused (non weights-only) state, a meta entry
     differing from ``expected_meta``, or weights not matching ``model`` or, when
-    loaded into it, not finite.
+    loaded into it, not finite. ``read_train_state=False`` leaves state.pt unread (train_state None;
+    train_state_of reads it): what uses only the weights is not held up by the optimizer's state.
     """
     folder = _resolve_folder(path)
     for name in CHECKPOINT_FILES:
@@ -438,7 +446,7 @@ def load_checkpoint(
     if expected_meta:
         _check_expected_meta(folder / META_FILE, meta, expected_meta)
     model_state = _read_model_state(folder / MODEL_FILE)
-    train_state = _read_train_state(folder / STATE_FILE, meta.get(STATE_DIGEST))
+    train_state = train_state_of(folder, meta) if read_train_state else None
     if model is not None:
         check_model_keys(folder / MODEL_FILE, meta, model_state, model)
         check_finite(model_state, folder / MODEL_FILE)  # a damaged file would train to a NaN loss

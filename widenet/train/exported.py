@@ -40,7 +40,8 @@ from ..models.hf_export import hf_checkpoint
 from ..models.text import TextConfig, TextTransformer
 from ..models.vision import VisionConfig, VisionTransformer
 from ..settings import finite_numbers
-from .checkpoint import CheckpointError, check_finite, check_model_keys, find_latest_checkpoint, load_checkpoint
+from .checkpoint import (CheckpointError, check_finite, check_model_keys, find_latest_checkpoint, load_checkpoint,
+                         train_state_of)
 from .checkpoint_layout import remove_tree
 from .export_contents import check_contents, stats_problem
 from .export_destination import (CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, carry_user_files, check_destination,
@@ -66,11 +67,19 @@ class Source:
     step: int | None  # the training step of a checkpoint; None for an export or a Hugging Face folder
     meta: dict
     model_state: dict[str, torch.Tensor]
-    train_state: dict
+    _train_state: dict | Callable[[], dict]  # a callable reads it at first use (train_state)
     tokenizer_path: Path | None = None
     notes: list[str] = field(default_factory=list)
     # A BERT vocab.txt: load_tokenizer's lowercase, strip_accents and chinese_chars, as its tokenizer_config says.
     tokenizer_settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def train_state(self) -> dict:
+        """The optimizer state, the weight average...: a checkpoint's state.pt is read only here, so
+        eval, predict and export of the weights are not held up (or stopped) by it."""
+        if callable(self._train_state):
+            self._train_state = self._train_state()
+        return self._train_state
 
     @property
     def classes(self) -> list[str] | None:
@@ -351,9 +360,9 @@ def load_source(path: str | os.PathLike) -> Source:
         return Source(path, None, hf.meta, hf.model_state, {}, hf.tokenizer_path, hf.notes, hf.tokenizer_settings)
     if (path / CONFIG_FILE).is_file():  # checkpoints hold meta.json: this was meant as an export or HF folder
         raise CheckpointError(config_problem(path))
-    ckpt = load_checkpoint(find_latest_checkpoint(path) or path)
+    ckpt = load_checkpoint(find_latest_checkpoint(path) or path, read_train_state=False)
     tokenizer = run_tokenizer_file(ckpt.path)
-    return Source(ckpt.path, ckpt.step, ckpt.meta, ckpt.model_state, ckpt.train_state,
+    return Source(ckpt.path, ckpt.step, ckpt.meta, ckpt.model_state, lambda: train_state_of(ckpt.path, ckpt.meta),
                   tokenizer if tokenizer.is_file() else None)
 
 
