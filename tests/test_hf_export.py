@@ -12,6 +12,7 @@ import torch
 
 import widenet
 from widenet import create_model
+from widenet.data.images import FASHION_MNIST_CLASSES
 from widenet.data.images.folder import decode_image
 from widenet.data.text.tokenizer import train_tokenizer
 import widenet.inference
@@ -206,6 +207,28 @@ def test_a_grey_models_hf_export_is_evaluated_and_fine_tuned_on_its_grey_data(tm
                         "1", "--batch-size", "16"])
     assert rc == 0, err
     assert widenet.from_pretrained(tuned).cfg.in_channels == 3 and "head starts new" not in out  # 10 classes
+
+
+def test_eval_of_a_model_saved_without_statistics_normalises_as_predict_and_transformers_do(tmp_path, fmnist_dir,
+                                                                                            cli):
+    """eval normalised such a model with the test set's own statistics, predict and the Hugging Face
+    export with ViT's 0.5: one model, two answers. Now all take 0.5, with a note."""
+    model = _randomised(create_model("vit_tiny", **TINY, in_channels=1))
+    with pytest.warns(UserWarning, match="no image mean / std saved"):
+        widenet.save_pretrained(model, tmp_path / "bare_hf", classes=FASHION_MNIST_CLASSES, format="hf")
+    widenet.save_pretrained(model, tmp_path / "bare", classes=FASHION_MNIST_CLASSES)
+    widenet.save_pretrained(model, tmp_path / "half", classes=FASHION_MNIST_CLASSES, mean=[0.5], std=[0.5])
+    scores = {}
+    for name in ("bare", "bare_hf", "half"):
+        rc, out, err = cli(["eval", "--checkpoint", tmp_path / name, "--data", "fashion-mnist", "--data-dir", fmnist_dir,
+                            "--json"])
+        assert rc == 0, err
+        assert ("no image mean / std saved with the model; normalising with mean 0.5 and std 0.5" in err) == (
+            name == "bare"), (name, err)  # the export's preprocessor_config.json holds the 0.5
+        scores[name] = json.loads(out)
+    for name in ("bare", "bare_hf"):
+        assert scores[name]["accuracy"] == scores["half"]["accuracy"], name
+        assert scores[name]["loss"] == pytest.approx(scores["half"]["loss"], abs=1e-5), name
 
 
 def test_overwriting_a_downloaded_folder_leaves_none_of_its_model_files(tmp_path, cli):

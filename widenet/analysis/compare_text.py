@@ -371,7 +371,8 @@ def _transfer_note(results: list[TextModelResult]) -> str:
         gain, spread = _gap(r, "task_accuracy", "scratch_accuracy")
         verdict = ("one seed, no spread to judge by" if len(r.seeds) == 1 else "helped" if gain > 2 * spread
                    else "hurt" if gain < -2 * spread else "no clear effect")
-        parts.append(f"{r.model} {100 * gain:+.1f} points (spread {100 * spread:.1f}, {verdict})")
+        spread_shown = f"spread {100 * spread:.1f}, " if len(r.seeds) > 1 else ""  # one seed has none
+        parts.append(f"{r.model} {100 * gain:+.1f} points ({spread_shown}{verdict})")
     return "Pretraining against fine-tuning from random weights, downstream: " + "; ".join(parts) + "."
 
 

@@ -41,7 +41,7 @@ from ..data.images.folder import IMAGE_EXAMPLES, decode_image, folder_files
 from ..layers.moe import dropless_routing
 from ..runtime import first_line, resolve_device
 from ..train.exported import non_finite_problem
-from ..train.hf_folder import FALLBACK_MEAN, FALLBACK_STD
+from ..train.hf_folder import fallback_stats
 from .loading import Pretrained
 
 __all__ = ["Answer", "ClassScore", "ImageFailure", "ImagePrediction", "PredictError", "TextPrediction",
@@ -251,9 +251,7 @@ def _decode(path: Path, size: int, channels: int, resize: dict[str, Any] | None 
 def _image_stats(pretrained: Pretrained, channels: int) -> tuple[Sequence[float], Sequence[float]]:
     if pretrained.mean is not None and pretrained.std is not None:
         return pretrained.mean, pretrained.std
-    warnings.warn(f"{pretrained.source}: no image mean / std saved with the model; normalising with "
-                  f"mean {FALLBACK_MEAN} and std {FALLBACK_STD} (ViT's)", stacklevel=3)
-    return (FALLBACK_MEAN,) * channels, (FALLBACK_STD,) * channels
+    return fallback_stats(pretrained.source, channels)
 
 
 def iter_predict_images(pretrained: Pretrained, inputs: Iterable[str | os.PathLike], top_k: int = 5,

@@ -15,6 +15,7 @@ from ..models.vision import VisionConfig
 from ..runtime import resolve_device
 from .checkpoint import CheckpointError
 from .exported import Source, load_model, load_source, non_finite_problem
+from .hf_folder import fallback_stats
 from .evaluate import evaluate
 
 
@@ -67,7 +68,8 @@ def evaluate_checkpoint(path: str, data: str | None = None, data_dir: str | None
     if test.channels != cfg.in_channels or test.num_classes > cfg.num_classes:
         raise ValueError(f"dataset {name!r} ({test.channels} channels, {test.num_classes} classes) does not fit "
                          f"the checkpoint's model ({cfg.in_channels} channels, {cfg.num_classes} classes)")
-    mean, std = stats.get("mean", test.mean), stats.get("std", test.std)
+    both = {"mean", "std"} <= stats.keys()  # else ViT's, as predict and the Hugging Face export take
+    mean, std = (stats["mean"], stats["std"]) if both else fallback_stats(ckpt.path, cfg.in_channels)
     dev = resolve_device(device)
     with dropless_routing(model) if dropless else contextlib.nullcontext():
         result = evaluate(model.to(dev), test, batch_size, dev, mean, std, tta=tta)

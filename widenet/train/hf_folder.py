@@ -21,8 +21,8 @@ from ..models.hf_export import hf_channels
 from ..models.vision import VisionTransformer
 from ..settings import finite_numbers
 
-__all__ = ["FALLBACK_MEAN", "FALLBACK_STD", "HF_WIDENET_KEYS", "HFSource", "hf_side_files", "image_preparation",
-           "preparation_gaps", "read_hf_source", "vocab_settings"]
+__all__ = ["FALLBACK_MEAN", "FALLBACK_STD", "HF_WIDENET_KEYS", "HFSource", "fallback_stats", "hf_side_files",
+           "image_preparation", "preparation_gaps", "read_hf_source", "vocab_settings"]
 
 
 # What a config.json widenet writes keeps beside transformers' keys, by meta["data"] field: how fine-tuning
@@ -68,8 +68,15 @@ def read_hf_source(path: Path) -> HFSource:
 
 
 # No image statistics saved (a Hugging Face ViT's own folder): ViT's image processor's defaults,
-# which widenet's predict uses too.
+# which widenet's eval and predict use too (fallback_stats).
 FALLBACK_MEAN, FALLBACK_STD = 0.5, 0.5
+
+
+def fallback_stats(where: Any, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """ViT's mean and std for a model saved without image statistics, with a note naming it."""
+    warnings.warn(f"{where}: no image mean / std saved with the model; normalising with mean {FALLBACK_MEAN} and "
+                  f"std {FALLBACK_STD} (ViT's)", stacklevel=3)
+    return (FALLBACK_MEAN,) * channels, (FALLBACK_STD,) * channels
 
 
 def hf_side_files(model: nn.Module, image_stats: dict | None = None, image_resize: dict | None = None,
