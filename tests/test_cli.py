@@ -346,7 +346,8 @@ def test_unknown_model(capsys):
 
 @pytest.mark.parametrize("argv,command", [(["params", "widenet_tiny", "--set", "dim=32"], "widenet params"),
                                           (["bench", "moe", "--foo"], "widenet bench moe"),
-                                          (["--bogus", "list"], "widenet list")])
+                                          (["list", "--bogus"], "widenet list"),
+                                          (["--bogus", "list"], "widenet")])  # before the command: the top level's
 def test_an_argument_no_command_takes_points_at_the_given_commands_help(capsys, argv, command):
     """It pointed at the top level's `widenet --help`, which does not list a command's flags."""
     line = _assert_one_line_error(*_cli(argv, capsys))

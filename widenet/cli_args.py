@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import sys
 from typing import Any
 
 from .cli_errors import CLIError
@@ -181,6 +182,9 @@ def parse_command_line(parser: argparse.ArgumentParser, argv: Any) -> argparse.N
     given (`widenet params --help`), not the top level's."""
     args, extra = parser.parse_known_args(argv)
     if extra:
-        command = " ".join(filter(None, ("widenet", args.command, getattr(args, "bench", None))))
+        given = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
+        first = {a: i for i, a in reversed(list(enumerate(given)))}  # where each argument first stands
+        ahead = first.get(extra[0], len(given)) < first.get(args.command, 0)  # `widenet --bogus list`: the top's
+        command = "widenet" if ahead else " ".join(filter(None, ("widenet", args.command, getattr(args, "bench", None))))
         parser.exit(2, f"widenet: error: unrecognized arguments: {' '.join(extra)} (see {command} --help)\n")
     return args
