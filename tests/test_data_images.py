@@ -357,7 +357,12 @@ def test_datasets_are_converted_to_the_models_channels_as_pillow_converts(tmp_pa
                        torch.from_numpy(np.stack(pillow)))
     resized = load_dataset("fashion-mnist", "test", fmnist_dir, channels=3, image_size=20).images
     assert torch.equal(resized, resize_dataset(own, 20).images.expand(-1, 3, -1, -1))
-    assert load_dataset("fashion-mnist", "test", fmnist_dir, channels=2).channels == 1  # left to the model's check
+    for channels in (2, 0):  # (a folder's 0 was read as RGB)
+        for name in ("fashion-mnist", "folder"):
+            with pytest.raises(ValueError, match=f"channels must be 1 \\(grey\\) or 3 \\(RGB\\), got {channels}"):
+                load_dataset(name, "test", fmnist_dir, image_size=28, channels=channels)
+    with pytest.raises(ValueError, match="converted between grey .1 channel. and RGB .3., not from 1 channel.s. to 2"):
+        convert_channels(own, 2)
 
 
 def test_cifar100_layout_uses_fine_labels(tmp_path):

@@ -129,7 +129,7 @@ def test_a_grey_model_reads_a_folder_in_grey_and_init_decides_the_size(tmp_path,
     assert image_channels(_config(root, tmp_path / "run")) is None  # a preset: the data's own, a folder's RGB
     assert load_data(_config(root, tmp_path / "run"))[0].channels == 3
     assert image_channels(_config(root, tmp_path / "run", model_overrides=dict(in_channels=1))) == 1
-    with pytest.raises(ValueError, match="model takes 4-channel images, and an image folder is read as grey"):
+    with pytest.raises(ValueError, match=r"--set in_channels=4: images are read as grey \(1\) or RGB \(3\)"):
         image_channels(_config(root, tmp_path / "run", model_overrides=dict(in_channels=4)))
     out = tmp_path / "tuned"
     assert main([str(a) for a in ["train", "--init", grey, "--data", "folder", "--data-dir", root, "--out", out,
@@ -141,6 +141,13 @@ def test_a_grey_model_reads_a_folder_in_grey_and_init_decides_the_size(tmp_path,
     assert (tuned["in_channels"], tuned["image_size"], tuned["num_classes"]) == (1, 32, 2)
     note = "note: the --init model classifies 10 classes, the data has 2: its head starts new"
     assert note in capsys.readouterr().out
+    # a model setting that contradicts the --init model's channels is named before any data are read
+    for data in (["--data-dir", fmnist_dir], ["--data", "folder", "--data-dir", root]):
+        assert main([str(a) for a in ["train", "--init", grey, *data, "--out", tmp_path / "no", "--set",
+                                      "in_channels=3", "--image-size", 32]]) == 2
+        err = capsys.readouterr().err
+        assert f"--set in_channels=3: the --init model {grey}" in err and "takes 1-channel images" in err, err
+        assert err.count("\n") == 1 and not (tmp_path / "no").exists()
     assert main(["eval", "--checkpoint", str(out), "--device", "cpu", "--json"]) == 0
     assert '"examples": 4' in capsys.readouterr().out
 

@@ -409,7 +409,7 @@ def test_predict_refuses_a_head_the_checkpoint_did_not_hold(tmp_path, capsys):
 
     cls = transformers.BertForSequenceClassification(transformers.BertConfig(num_labels=3, **TEXT))
     qa = transformers.BertForQuestionAnswering(transformers.BertConfig(**TEXT))
-    vit = transformers.ViTForImageClassification(transformers.ViTConfig(num_labels=10, **VIT))
+    vit = transformers.ViTForImageClassification(transformers.ViTConfig(num_labels=10, **dict(VIT, num_channels=3)))
     cases = [(_without(_save(cls, tmp_path / "cls"), "classifier."), "text", "the classifier"),
              (_without(_save(qa, tmp_path / "qa"), "qa_outputs."), "qa", "the span head"),
              (_without(_save(vit, tmp_path / "vit"), "classifier."), "images", "the classifier"),

@@ -182,7 +182,7 @@ def test_overwrite_puts_the_earlier_run_back_when_the_new_one_fails_before_a_che
     assert _cli(_train_args(fmnist_dir, out, tiny_set_args, "--max-steps", 2), capsys)[0] == 0
     before = _snapshot(out)
     for setting, named in (("num_classes=5", "fashion-mnist has 10 classes"),
-                           ("in_channels=2", "read as grey (1) or RGB (3), fashion-mnist's have 1 channel"),
+                           ("in_channels=2", "images are read as grey (1) or RGB (3); leave in_channels out"),
                            ("image_size=32", "are 28x28; to train at another size, resize them with --image-size 32")):
         line = _one_line_error(*_cli(_train_args(fmnist_dir, out, tiny_set_args, "--max-steps", 3, "--overwrite",
                                                  "--set", setting), capsys)[::2])
@@ -1058,6 +1058,39 @@ def test_a_damaged_train_state_stops_only_what_reads_it(tmp_path, fmnist_dir, ti
                  _train_args(fmnist_dir, out, tiny_set_args, "--max-steps", 2, "--ema-decay", "0.5", "--resume")):
         line = _one_line_error(*_cli(args, capsys)[::2])
         assert "state.pt: the train state does not match the checksum saved with it" in line, (args, line)
+
+
+def test_ema_of_a_run_without_an_average_or_of_a_model_folder_says_which(tmp_path, fmnist_dir, tiny_set_args, capsys):
+    """eval --ema of an exported model said "the run was trained without --ema-decay" of a run that was:
+    an export holds one set of weights (the average is exported with export --ema)."""
+    out = tmp_path / "run"
+    assert _cli(_train_args(fmnist_dir, out, tiny_set_args, "--max-steps", 1), capsys)[0] == 0
+    assert _cli(["export", out, "--to", tmp_path / "model"], capsys)[0] == 0
+    for folder, why in ((out, "no averaged weights (the run was trained without --ema-decay)"),
+                        (tmp_path / "model", "a model folder holds one set of weights, no average; export the "
+                                             "average from its run with widenet export RUN --ema")):
+        for args in (["eval", "--checkpoint", folder, "--ema", "--device", "cpu"],
+                     ["export", folder, "--to", tmp_path / "avg", "--ema"]):
+            line = _one_line_error(*_cli(args, capsys)[::2])
+            assert why in line, (args, line)
+    assert not (tmp_path / "avg").exists()
+
+
+def test_a_model_of_other_channels_than_grey_or_rgb_is_refused_by_name(tmp_path, fmnist_dir, capsys):
+    """A 2-channel model (made with the Python API) gave numpy's "cannot reshape array of size 2352 into
+    shape (28,28,2)" in predict, and a patch-weight shape error for --init on Fashion-MNIST."""
+    from widenet.data.images import FASHION_MNIST_CLASSES
+
+    model = widenet.create_model("vit_tiny", **TINY, in_channels=2)
+    widenet.save_pretrained(model, tmp_path / "two", classes=list(FASHION_MNIST_CLASSES), mean=[0.5] * 2,
+                            std=[0.5] * 2)
+    Image.fromarray(np.full((28, 28), 200, dtype=np.uint8)).save(tmp_path / "shirt.png")
+    for args in (["predict", "--checkpoint", tmp_path / "two", tmp_path / "shirt.png"],
+                 ["eval", "--checkpoint", tmp_path / "two", "--data", "fashion-mnist", "--data-dir", fmnist_dir],
+                 ["train", "--init", tmp_path / "two", "--data-dir", fmnist_dir, "--out", tmp_path / "run"]):
+        line = _one_line_error(*_cli(args, capsys)[::2])
+        assert "takes 2-channel images, and images are read as grey (1) or RGB (3)" in line, (args[0], line)
+    assert not (tmp_path / "run").exists()
 
 
 def _make_or_skip(folder: Path) -> None:

@@ -116,16 +116,14 @@ def _widenet_name(name: str) -> str:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from .models.hf import is_hf_folder
+    from .train.ema import averaged_weights
     from .train.exported import is_export, load_model, load_source
 
     source = load_source(args.run)
     origin = ("copied from a widenet export" if is_export(args.run) else
               "converted from a Hugging Face folder" if is_hf_folder(args.run) else f"exported from step {source.step}")
     if args.ema:
-        averaged = source.train_state.get("ema")
-        if not isinstance(averaged, dict) or "weights" not in averaged:
-            raise ValueError(f"{source.path}: no averaged weights (the run was trained without --ema-decay)")
-        source.model_state = averaged["weights"]
+        source.model_state = averaged_weights(source)
     model = load_model(source)
     return _write(args, source, model, args.to, origin + (" (EMA)" if args.ema else ""), hf=args.format == "hf")
 

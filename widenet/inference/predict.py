@@ -141,6 +141,9 @@ def check_fits(pretrained: Pretrained, inputs: str) -> None:
             raise PredictError(f"{pretrained.tokenizer_problem}, so its text cannot be encoded")
         raise PredictError(f"{pretrained.source}: no tokenizer saved beside the model (tokenizer.json), "
                            "so its text cannot be encoded")
+    if task == "vision" and (channels := pretrained.model.cfg.in_channels) not in (1, 3):
+        raise PredictError(f"{pretrained.source}: the model takes {channels}-channel images, and images are read "
+                           "as grey (1) or RGB (3)")
 
 
 # --- shared machinery --------------------------------------------------------------------

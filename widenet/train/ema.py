@@ -79,3 +79,15 @@ class ModelEMA:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.module.load_state_dict(state["weights"])
         self.updates = int(state["updates"])
+
+
+def averaged_weights(source: Any) -> dict[str, torch.Tensor]:
+    """The weight average a run's checkpoint keeps in its train state (exported.Source), or ValueError
+    saying why there is none: a run trained without --ema-decay, or a model folder (one set of weights)."""
+    if source.step is None:
+        raise ValueError(f"{source.path}: a model folder holds one set of weights, no average; export the average "
+                         "from its run with widenet export RUN --ema")
+    averaged = source.train_state.get("ema")
+    if not isinstance(averaged, dict) or "weights" not in averaged:
+        raise ValueError(f"{source.path}: no averaged weights (the run was trained without --ema-decay)")
+    return averaged["weights"]

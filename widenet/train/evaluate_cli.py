@@ -14,6 +14,7 @@ from ..layers.moe import dropless_routing
 from ..models.vision import VisionConfig
 from ..runtime import resolve_device
 from .checkpoint import CheckpointError
+from .ema import averaged_weights
 from .exported import Source, load_model, load_source, non_finite_problem
 from .hf_folder import fallback_stats
 from .evaluate import evaluate
@@ -38,6 +39,9 @@ def evaluate_checkpoint(path: str, data: str | None = None, data_dir: str | None
                          "metrics.jsonl") if ckpt.step is not None else ("a text model", ""))
         raise CheckpointError(f"{ckpt.path}: {what}; widenet eval evaluates image classifiers{scores}")
     cfg = VisionConfig(**meta["model_config"])
+    if cfg.in_channels not in (1, 3):
+        raise ValueError(f"{ckpt.path}: the model takes {cfg.in_channels}-channel images, and images are read as "
+                         "grey (1) or RGB (3)")
     model = load_model(ckpt)
     stats = ckpt.image_stats or {}  # checked before the data is read
     if ema:
@@ -82,10 +86,7 @@ def evaluate_checkpoint(path: str, data: str | None = None, data_dir: str | None
 
 
 def _load_ema_weights(ckpt: Source, model: nn.Module) -> None:
-    averaged = ckpt.train_state.get("ema")
-    if not isinstance(averaged, dict) or "weights" not in averaged:
-        raise CheckpointError(f"{ckpt.path}: no averaged weights (the run was trained without --ema-decay)")
     try:
-        model.load_state_dict(averaged["weights"])
+        model.load_state_dict(averaged_weights(ckpt))
     except RuntimeError as err:
         raise CheckpointError(f"{ckpt.path}: averaged weights do not fit the model: {err}") from None

@@ -85,9 +85,15 @@ def image_channels(cfg: TrainConfig, source: Source | None = None) -> int | None
     if cfg.model_overrides.get("in_channels") is None and source is None:
         return None
     channels = _model_setting(cfg, source, "in_channels")
-    if channels not in (1, 3) and cfg.data == "folder":
-        raise ValueError(f"the model takes {channels}-channel images, and an image folder is read as grey (1) or "
-                         "RGB (3)" + (": leave in_channels out" if source is None else ""))
+    own = source.meta["model_config"].get("in_channels") if source is not None else None
+    if own is not None and channels != own:  # (before the data are read: they would be converted to either)
+        raise ValueError(f"--set in_channels={channels}: the --init model {source.path} takes {own}-channel images "
+                         "(its patch weights are for them); leave in_channels out: the images are converted to its "
+                         "channels")
+    if channels not in (1, 3):
+        raise ValueError(f"the --init model {source.path} takes {channels}-channel images, and images are read as "
+                         "grey (1) or RGB (3)" if own is not None else
+                         f"--set in_channels={channels}: images are read as grey (1) or RGB (3); leave in_channels out")
     return channels
 
 
@@ -141,15 +147,12 @@ def _check_size_before_loading(cfg: TrainConfig, source: Source | None) -> None:
 
 
 def _check_fits_data(overrides: dict[str, Any], data: ImageDataset, cfg: TrainConfig) -> None:
-    """A --set of num_classes, in_channels or image_size that the data contradicts, named before
+    """A --set of num_classes or image_size that the data contradicts (channels: image_channels), named before
     the run starts (not as a loss-shape error at its first step)."""
     name = f"the image folder {cfg.data_dir}" if cfg.data == "folder" else cfg.data
     if overrides["num_classes"] != data.num_classes:
         raise ValueError(f"--set num_classes={overrides['num_classes']}: {name} has {data.num_classes} classes "
                          "(a model's classes follow its data: leave num_classes out)")
-    if overrides["in_channels"] != data.channels:
-        raise ValueError(f"--set in_channels={overrides['in_channels']}: images are read as grey (1) or RGB (3), "
-                         f"{name}'s have {data.channels} channel(s) (leave in_channels out)")
     if overrides["image_size"] != data.image_size:
         if not isinstance(overrides["image_size"], int) or overrides["image_size"] < 1:
             raise ValueError(f"--set image_size={overrides['image_size']}: image_size must be a positive integer")

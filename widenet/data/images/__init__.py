@@ -49,12 +49,14 @@ def load_dataset(
     """
     if name not in DATASET_NAMES:
         raise ValueError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASET_NAMES)}")
+    if channels not in (None, 1, 3):
+        raise ValueError(f"channels must be 1 (grey) or 3 (RGB), got {channels!r}")
     if name == "folder":
         if data_dir is None:
             raise ValueError("dataset 'folder' needs data_dir (--data-dir: the folder holding <split>/<class>/<image>)")
         if image_size is None:
             raise ValueError("dataset 'folder' needs image_size (the size its images are decoded at)")
-        return load_image_folder(data_dir, split, image_size, channels or 3, resize=resize)
+        return load_image_folder(data_dir, split, image_size, 3 if channels is None else channels, resize=resize)
     if name == "fashion-mnist":
         dataset = load_fashion_mnist(split, data_dir=data_dir, download=download)
     else:

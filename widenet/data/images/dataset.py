@@ -174,8 +174,11 @@ _LUMA_16 = (19595, 38470, 7471)
 
 def convert_channels(dataset: ImageDataset, channels: int) -> ImageDataset:
     """The dataset with ``channels`` (1: grey, 3: RGB) as Pillow converts images: grey repeated
-    into R, G and B, or RGB to grey by its luma. Other counts, or the dataset's own, leave it as it is."""
-    if channels == dataset.channels or {channels, dataset.channels} != {1, 3}:
+    into R, G and B, or RGB to grey by its luma."""
+    if {channels, dataset.channels} - {1, 3}:
+        raise ValueError(f"{dataset.name}: images are converted between grey (1 channel) and RGB (3), not from "
+                         f"{dataset.channels} channel(s) to {channels}")
+    if channels == dataset.channels:
         return dataset
     plane = dataset.images[0, 0].numel() if len(dataset) else 0  # pixels of one channel of one image
     check_fits_memory(len(dataset) * channels * plane,
