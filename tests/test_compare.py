@@ -183,6 +183,8 @@ def test_single_dense_model_report(tmp_path, fmnist_dir):
     seed0 = tmp_path / "out" / "runs" / "vit_tiny" / "seed0"
     final = [r for r in read_metrics(seed0 / "metrics.jsonl") if r["split"] == "test"][-1]["accuracy"]
     assert rows["vit_tiny"][3] == f"{100 * final:.2f}"  # one seed: its accuracy, no "± 0.00" spread
+    assert f"Only vit_tiny was run: {100 * final:.2f}% test accuracy." in report and "Winner" not in report
+    assert "Same budget and recipe for every model (model settings: " in report  # the preset's stem, at least
     assert "ablation" not in report.lower()  # no WideNet: nothing to ablate
     # The same folder with another budget: named as the earlier call's, not given train's --init advice.
     with pytest.raises(SettingsChanged) as caught:
@@ -359,6 +361,13 @@ def _ablation(own_acc: list[float], shared_acc: list[float]) -> str:
     own = _result("widenet_tiny", "widenet_tiny", own_acc)
     shared = _result("widenet_tiny (shared norms)", "widenet_tiny", shared_acc, {"share_norms": True})
     return compare_mod._ablation_verdict([_result("vit_tiny", "vit_tiny", [0.1, 0.1]), own], shared)
+
+
+def test_an_ablation_of_one_seed_says_its_noise_is_unknown():
+    """The main verdict said so for one seed; the ablation's called a 10-point gap a result."""
+    assert _ablation([0.6], [0.5]).startswith("Individual LayerNorms vs shared: +10.00 points; individual norms did "
+                                              "better at this budget (one seed: the gap's noise is unknown)")
+    assert "one seed" not in _ablation([0.6, 0.6], [0.5, 0.5])
 
 
 def test_ablation_verdict_sign_tolerance_and_spread():

@@ -24,6 +24,7 @@ import torch
 
 from ..data.augment import normalize
 from ..data.images import ImageDataset, subset
+from ..layers.moe import MOE_SETTINGS
 from ..models.registry import model_config, require_preset_kind, settings_for, settings_for_each
 from ..settings import repeated
 from ..train.config import TrainConfig
@@ -77,6 +78,16 @@ class SpecResult:
     @property
     def acc_std(self) -> float:
         return statistics.stdev(self.accuracies) if len(self.accuracies) > 1 else 0.0
+
+
+def settings_note(overrides: dict) -> str:
+    """The model settings the models ran with, for a report's first paragraph ("" when none): those
+    for every model, and the MoE settings, which only the MoE models took (settings_for)."""
+    common = [f"{k}={v}" for k, v in overrides.items() if k not in MOE_SETTINGS]
+    moe = [f"{k}={v}" for k, v in overrides.items() if k in MOE_SETTINGS]
+    parts = ([f"model settings: {', '.join(common)}"] if common else []) + (
+        [f"MoE models: {', '.join(moe)}"] if moe else [])
+    return f" ({'; '.join(parts)})" if parts else ""
 
 
 def check_distinct(models: list[str]) -> None:
@@ -193,7 +204,8 @@ def write_report(results: list[SpecResult], base: TrainConfig, n_seeds: int, pre
         f"batch {base.batch_size}, "
         f"{base.optimizer} lr {base.lr}, weight decay {base.weight_decay}, {base.schedule} schedule, "
         f"label smoothing {base.label_smoothing}, mixup {base.mixup}, crop `{base.crop}`, "
-        f"balance-loss weight {base.aux_weight}. Test set: {len(data[1])} images. Seeds: {n_seeds}.",
+        f"balance-loss weight {base.aux_weight}. Test set: {len(data[1])} images. Seeds: {n_seeds}. "
+        f"Same budget and recipe for every model{settings_note(base.model_overrides)}.",
         "",
         "## Results",
         "",
@@ -259,15 +271,16 @@ def _verdict(rows: list[SpecResult], n_seeds: int) -> str:
     tied = [r.spec.label for r in rows if _same_points(best.acc_mean, r.acc_mean)]
     if len(tied) > 1:  # no winner to name: the order among equals is the table's
         return f"**No winner:** {', '.join(tied)} tie at {100 * best.acc_mean:.2f}% test accuracy."
-    text = f"**Winner: {best.spec.label}** with {100 * best.acc_mean:.2f}% test accuracy"
-    if second is not None:
-        gap = 100 * (best.acc_mean - second.acc_mean)
-        noise = 100 * max(best.acc_std, second.acc_std)
-        text += f", {gap:.2f} points ahead of {second.spec.label}"
-        if n_seeds < 2:
-            text += " (one seed: the gap's noise is unknown)"
-        elif gap <= noise:
-            text += f" — within the seed-to-seed spread ({noise:.2f}), so not a clear win"
+    if second is None:
+        return f"Only {best.spec.label} was run: {100 * best.acc_mean:.2f}% test accuracy."
+    gap = 100 * (best.acc_mean - second.acc_mean)
+    noise = 100 * max(best.acc_std, second.acc_std)
+    text = (f"**Winner: {best.spec.label}** with {100 * best.acc_mean:.2f}% test accuracy, {gap:.2f} points ahead "
+            f"of {second.spec.label}")
+    if n_seeds < 2:
+        text += " (one seed: the gap's noise is unknown)"
+    elif gap <= noise:
+        text += f" — within the seed-to-seed spread ({noise:.2f}), so not a clear win"
     return text + "."
 
 
@@ -281,7 +294,9 @@ def _ablation_verdict(main: list[SpecResult], shared: SpecResult) -> str:
     else:
         outcome = f"{'individual' if diff > 0 else 'shared'} norms did better at this budget"
     noise = 100 * max(own.acc_std, shared.acc_std)
-    if outcome[0] != "n" and abs(diff) <= noise:
+    if outcome[0] != "n" and len(shared.accuracies) < 2:
+        outcome += " (one seed: the gap's noise is unknown)"
+    elif outcome[0] != "n" and abs(diff) <= noise:
         outcome += f", within the seed-to-seed spread ({noise:.2f})"
     return f"Individual LayerNorms vs shared: {diff:+.2f} points; {outcome} (paper: individual norms help)."
 

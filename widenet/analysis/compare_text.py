@@ -36,7 +36,6 @@ from ..data.text.documents import iter_documents
 from ..data.text.gcide import GCIDE_PATH
 from ..data.text.gcide_tasks import write_gcide_task
 from ..data.text.tokenizer import save_tokenizer, train_tokenizer
-from ..layers.moe import MOE_SETTINGS
 from ..models.registry import model_config, require_preset_kind, settings_for, settings_for_each
 from ..train.finetune import finetune
 from ..train.checkpoint_layout import SettingsChanged
@@ -46,7 +45,7 @@ from ..train.run_folder import driver_run, resume_or_restart
 from ..train.pretrain import pretrain
 from ..train.text_config import FinetuneConfig, PretrainConfig
 from . import plots
-from .compare import check_distinct
+from .compare import check_distinct, settings_note
 
 # Budgets. "quick" fits beside the vision comparison in the README's main job; it is far too short
 # to leave masked LM's no-context plateau, which its report says, but long enough for sentence order
@@ -264,7 +263,7 @@ def write_text_report(results: list[TextModelResult], budget: dict, preset: str,
         f"{_dt.datetime.now():%Y-%m-%d %H:%M}, {platform.machine()} CPU, preset `{preset}`: pretraining "
         f"{budget['pretrain_steps']} steps x {budget['batch_size']} sequences of {budget['seq_len']} tokens "
         f"on {', '.join(corpus)}; fine-tuning {budget['finetune_epochs']} epochs on {task_train}; "
-        f"{budget['seeds']} seed(s). Same tokenizer, budget and recipe for every model{_settings(budget)}. "
+        f"{budget['seeds']} seed(s). Same tokenizer, budget and recipe for every model{settings_note(budget['model_overrides'])}. "
         f"{'Mean ± standard deviation over seeds' if budget['seeds'] > 1 else 'One seed: no spread to show'}. "
         "*No-context level*: held-out MLM accuracy from word-piece "
         "frequencies alone; SOP's chance level is 50%.",
@@ -285,17 +284,6 @@ def write_text_report(results: list[TextModelResult], budget: dict, preset: str,
     report = out / "report_text.md"
     report.write_text("\n".join(lines), encoding="utf-8")
     return report
-
-
-def _settings(budget: dict) -> str:
-    """The model settings the models ran with, for the report's first paragraph ("" when none):
-    those for every model, and the MoE settings, which only the MoE models took."""
-    changes = budget["model_overrides"]
-    common = [f"{k}={v}" for k, v in changes.items() if k not in MOE_SETTINGS]
-    moe = [f"{k}={v}" for k, v in changes.items() if k in MOE_SETTINGS]
-    parts = ([f"model settings: {', '.join(common)}"] if common else []) + (
-        [f"MoE models: {', '.join(moe)}"] if moe else [])
-    return f" ({'; '.join(parts)})" if parts else ""
 
 
 def _pm(r: TextModelResult, name: str) -> str:
