@@ -303,6 +303,11 @@ def test_latest_fallbacks(tmp_path):
         _save_simple(tmp_path, step, keep_last=None)
     root = tmp_path / "checkpoints"
     assert find_latest_checkpoint(tmp_path) == root / "step_00000003"
+    (root / "latest").write_text("step_00000002\n")  # the pointer file given as the checkpoint: what it names
+    assert load_checkpoint(root / "latest").step == 2  # (it was "not a checkpoint file")
+    (root / "notes.txt").write_text("mine")
+    with pytest.raises(CheckpointError, match="notes.txt: not a checkpoint file .*, or latest"):
+        load_checkpoint(root / "notes.txt")
 
     (root / "latest").unlink()
     assert find_latest_checkpoint(tmp_path) == root / "step_00000003"

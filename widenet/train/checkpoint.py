@@ -280,10 +280,13 @@ def _resolve_folder(path: str | os.PathLike) -> Path:
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"{p}: checkpoint path does not exist")
-    if p.is_file():
+    if p.is_file() and p.name == LATEST_FILE:  # OUT/checkpoints/latest: the checkpoint it names
+        p = p.parent
+    elif p.is_file():
         if p.name in CHECKPOINT_FILES:
             return p.parent
-        raise CheckpointError(f"{p}: not a checkpoint file (expected one of {', '.join(CHECKPOINT_FILES)})")
+        raise CheckpointError(f"{p}: not a checkpoint file (expected one of {', '.join(CHECKPOINT_FILES)}, or "
+                              f"{LATEST_FILE})")
     if STEP_RE.match(p.name) or any((p / name).exists() for name in CHECKPOINT_FILES):
         return p
     latest = find_latest_checkpoint(p)
