@@ -181,6 +181,31 @@ def test_a_train_state_damaged_in_place_is_refused(tmp_path):
     assert load_checkpoint(tmp_path, _setup(seed=1)[0]).step == 1
 
 
+def test_a_train_state_read_later_names_a_checkpoint_removed_or_replaced_since(tmp_path):
+    """eval --ema and export --ema read state.pt after the weights: a run still training may have
+    pruned the checkpoint, or --overwrite replaced it, which read as a damaged file."""
+    from widenet.train.exported import load_source
+
+    model, opt, sched = _setup()
+    save_checkpoint(tmp_path, 1, model, _train_state(opt, sched, 1), {"model": "toy"})
+    for change in ("replace", "remove"):
+        source = load_source(tmp_path)
+        if change == "replace":
+            _train(model, opt, sched, 1)
+            shutil.rmtree(source.path)
+            save_checkpoint(tmp_path, 1, model, _train_state(opt, sched, 2), {"model": "toy"})
+        else:
+            shutil.rmtree(source.path)
+        with pytest.raises(CheckpointError, match="removed or replaced since its weights were read"):
+            source.train_state
+    model, opt, sched = _setup()
+    folder = save_checkpoint(tmp_path / "kept", 1, model, _train_state(opt, sched, 1), {"model": "toy"})
+    source = load_source(tmp_path / "kept")
+    (folder / "state.pt").write_bytes(b"not a pickle")  # the same checkpoint, damaged: named as damaged
+    with pytest.raises(CheckpointError, match="corrupt or unreadable state.pt"):
+        source.train_state
+
+
 def test_weights_checksum_is_the_sha256_of_names_dtypes_shapes_and_bytes():
     """The digest files and text runs record, rebuilt here with hashlib and numpy: its value must not
     drift, or weights saved before read as damaged and text runs' recorded data stop matching."""

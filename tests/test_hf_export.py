@@ -366,6 +366,8 @@ def test_an_untrained_head_stays_marked_through_either_format(tmp_path):
     transformers.ViTModel(config, add_pooling_layer=False).save_pretrained(tmp_path / "bare")
     loaded = widenet.load_pretrained(tmp_path / "bare")
     assert loaded.untrained_head == "the classifier"
+    with pytest.warns(UserWarning, match="no image mean / std saved with the model"):  # (a folder without its
+        widenet.save_pretrained(loaded, tmp_path / "hf", format="hf")  # preprocessor_config.json)
+    widenet.save_pretrained(loaded, tmp_path / "widenet", format="widenet")
     for form in ("hf", "widenet"):
-        widenet.save_pretrained(loaded, tmp_path / form, format=form)
         assert widenet.load_pretrained(tmp_path / form).untrained_head == "the classifier", form

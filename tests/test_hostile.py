@@ -1076,6 +1076,28 @@ def test_ema_of_a_run_without_an_average_or_of_a_model_folder_says_which(tmp_pat
     assert not (tmp_path / "avg").exists()
 
 
+def test_a_preset_takes_the_channels_it_is_given_and_train_names_data_that_contradict_them(
+        tmp_path, fmnist_dir, tiny_set_args, capsys):
+    """--set in_channels=3 on Fashion-MNIST trains an RGB model on its images as RGB ones (it was
+    refused); images passed to train() that contradict the setting are named before a run folder is made."""
+    from widenet.train.config import TrainConfig
+    from widenet.train.images import load_data, train
+
+    out = tmp_path / "rgb"
+    assert _cli(_train_args(fmnist_dir, out, tiny_set_args, "--max-steps", 1, "--set", "in_channels=3"), capsys)[0] == 0
+    saved = load_checkpoint(out)
+    assert saved.meta["model_config"]["in_channels"] == 3
+    grey = load_data(TrainConfig(data_dir=str(fmnist_dir), out=str(tmp_path / "x")))
+    assert saved.meta["data"]["mean"] == pytest.approx([grey[0].mean[0]] * 3)  # one grey image's statistics, thrice
+    rc, printed, err = _cli(["eval", "--checkpoint", out, "--device", "cpu", "--json"], capsys)
+    assert rc == 0 and json.loads(printed)["examples"] == 64, err
+    cfg = TrainConfig(data_dir=str(fmnist_dir), out=str(tmp_path / "given"), max_steps=1, device="cpu",
+                      model_overrides=dict(TINY, in_channels=3))
+    with pytest.raises(ValueError, match=r"--set in_channels=3: fashion-mnist's images have 1 channel"):
+        train(cfg, log=lambda line: None, data=grey)
+    assert not (tmp_path / "given").exists()
+
+
 def test_a_model_of_other_channels_than_grey_or_rgb_is_refused_by_name(tmp_path, fmnist_dir, capsys):
     """A 2-channel model (made with the Python API) gave numpy's "cannot reshape array of size 2352 into
     shape (28,28,2)" in predict, and a patch-weight shape error for --init on Fashion-MNIST."""

@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import math
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 from .cli_errors import CLIError
@@ -177,12 +178,12 @@ def config_fields(args: argparse.Namespace, cls: type) -> dict[str, Any]:
     return fields
 
 
-def parse_command_line(parser: argparse.ArgumentParser, argv: Any) -> argparse.Namespace:
+def parse_command_line(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
     """parser.parse_args, but arguments no command takes are named with the --help of the command
     given (`widenet params --help`), not the top level's."""
     args, extra = parser.parse_known_args(argv)
     if extra:
-        given = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
+        given = list(sys.argv[1:] if argv is None else argv)
         first = {a: i for i, a in reversed(list(enumerate(given)))}  # where each argument first stands
         ahead = first.get(extra[0], len(given)) < first.get(args.command, 0)  # `widenet --bogus list`: the top's
         command = "widenet" if ahead else " ".join(filter(None, ("widenet", args.command, getattr(args, "bench", None))))

@@ -241,15 +241,15 @@ def _table(rows: list[SpecResult], steps: bool = False) -> str:
     head = ("| model | params | FLOPs / image | train images/s | test accuracy (%) |" + (" steps |" if steps else "")
             + "\n|---|---:|---:|---:|---:|" + ("---:|" if steps else ""))
     body = [f"| {r.spec.label} | {r.params / 1e6:.3f}M | {r.flops / 1e6:.1f}M | {r.images_per_s:.0f} | "
-            f"{_mean_std(r.accuracies)} |" + (f" {r.steps:.0f} |" if steps else "")
+            f"{mean_spread(r.accuracies)} |" + (f" {r.steps:.0f} |" if steps else "")
             for r in rows]
     return "\n".join([head, *body])
 
 
-def _mean_std(values: list[float]) -> str:
-    """Percentages as "mean ± sample std" over seeds; one seed's value alone (it has no spread)."""
-    mean = f"{100 * statistics.fmean(values):.2f}"
-    return f"{mean} ± {100 * statistics.stdev(values):.2f}" if len(values) > 1 else mean
+def mean_spread(values: list[float], digits: int = 2) -> str:
+    """Fractions as percentages "mean ± sample std" over seeds; one seed's value alone (it has no spread)."""
+    mean = f"{100 * statistics.fmean(values):.{digits}f}"
+    return f"{mean} ± {100 * statistics.stdev(values):.{digits}f}" if len(values) > 1 else mean
 
 
 # Two mean accuracies closer than this many points (half the report's last shown digit, 0.01) are a
@@ -272,7 +272,7 @@ def _verdict(rows: list[SpecResult], n_seeds: int) -> str:
     if len(tied) > 1:  # no winner to name: the order among equals is the table's
         return f"**No winner:** {', '.join(tied)} tie at {100 * best.acc_mean:.2f}% test accuracy."
     if second is None:
-        return f"Only {best.spec.label} was run: {100 * best.acc_mean:.2f}% test accuracy."
+        return f"One model in the comparison: {best.spec.label}, {100 * best.acc_mean:.2f}% test accuracy."
     gap = 100 * (best.acc_mean - second.acc_mean)
     noise = 100 * max(best.acc_std, second.acc_std)
     text = (f"**Winner: {best.spec.label}** with {100 * best.acc_mean:.2f}% test accuracy, {gap:.2f} points ahead "

@@ -45,7 +45,7 @@ from ..train.run_folder import driver_run, resume_or_restart
 from ..train.pretrain import pretrain
 from ..train.text_config import FinetuneConfig, PretrainConfig
 from . import plots
-from .compare import check_distinct, settings_note
+from .compare import check_distinct, mean_spread, settings_note
 
 # Budgets. "quick" fits beside the vision comparison in the README's main job; it is far too short
 # to leave masked LM's no-context plateau, which its report says, but long enough for sentence order
@@ -287,8 +287,7 @@ def write_text_report(results: list[TextModelResult], budget: dict, preset: str,
 
 
 def _pm(r: TextModelResult, name: str) -> str:
-    mean = f"{100 * r.mean(name):.1f}"
-    return f"{mean} ± {100 * r.std(name):.1f}" if len(r.seeds) > 1 else mean  # one seed has no spread
+    return mean_spread([getattr(s, name) for s in r.seeds], digits=1)
 
 
 def _row(r: TextModelResult) -> str:

@@ -37,6 +37,7 @@ from torch import nn
 
 from ..data.augment import normalize
 from ..data.errors import DatasetError
+from ..data.images import channels_problem
 from ..data.images.folder import IMAGE_EXAMPLES, decode_image, folder_files
 from ..layers.moe import dropless_routing
 from ..runtime import first_line, resolve_device
@@ -141,9 +142,8 @@ def check_fits(pretrained: Pretrained, inputs: str) -> None:
             raise PredictError(f"{pretrained.tokenizer_problem}, so its text cannot be encoded")
         raise PredictError(f"{pretrained.source}: no tokenizer saved beside the model (tokenizer.json), "
                            "so its text cannot be encoded")
-    if task == "vision" and (channels := pretrained.model.cfg.in_channels) not in (1, 3):
-        raise PredictError(f"{pretrained.source}: the model takes {channels}-channel images, and images are read "
-                           "as grey (1) or RGB (3)")
+    if task == "vision" and (problem := channels_problem(pretrained.model.cfg.in_channels)) is not None:
+        raise PredictError(f"{pretrained.source}: {problem}")
 
 
 # --- shared machinery --------------------------------------------------------------------

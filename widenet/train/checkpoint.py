@@ -49,25 +49,10 @@ from .checkpoint_layout import (CHECKPOINT_FILES, CHECKPOINTS_DIR, FORMAT, LATES
 
 _MAX_LISTED = 5
 
-__all__ = [
-    "CheckpointError",
-    "SettingsChanged",
-    "LoadedCheckpoint",
-    "train_state_of",
-    "MODEL_FILE",
-    "STATE_FILE",
-    "META_FILE",
-    "LATEST_FILE",
-    "capture_rng_state",
-    "check_model_keys",
-    "checkpoint_dir_name",
-    "find_latest_checkpoint",
-    "list_checkpoints",
-    "load_checkpoint",
-    "read_checkpoint_meta",
-    "restore_rng_state",
-    "save_checkpoint",
-]
+__all__ = ["CheckpointError", "SettingsChanged", "LoadedCheckpoint", "MODEL_FILE", "STATE_FILE", "META_FILE",
+           "LATEST_FILE", "capture_rng_state", "check_model_keys", "checkpoint_dir_name", "find_latest_checkpoint",
+           "list_checkpoints", "load_checkpoint", "read_checkpoint_meta", "restore_rng_state", "save_checkpoint",
+           "train_state_of"]
 
 
 @dataclass
@@ -383,8 +368,20 @@ def _read_train_state(file: Path, digest: str | None = None) -> dict:
 
 
 def train_state_of(folder: Path, meta: Mapping[str, Any]) -> dict:
-    """A checkpoint folder's state.pt, checked against the digest its meta.json records."""
-    return _read_train_state(folder / STATE_FILE, meta.get(STATE_DIGEST))
+    """A checkpoint folder's state.pt, checked against the digest `meta` (its meta.json, as read with
+    its weights) records; a folder removed or replaced since (a run training there keeps only its
+    last checkpoints; --overwrite) is named as such, not as a damaged file."""
+    try:
+        return _read_train_state(folder / STATE_FILE, meta.get(STATE_DIGEST))
+    except CheckpointError:
+        try:
+            unchanged = _read_meta(folder / META_FILE) == meta
+        except CheckpointError:
+            unchanged = False
+        if unchanged:
+            raise
+        raise CheckpointError(f"{folder}: removed or replaced since its weights were read (a run training there "
+                              "keeps only its last checkpoints); run the command again") from None
 
 
 def _listed(items: list[str]) -> str:

@@ -18,10 +18,15 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+from .checkpoint_layout import CheckpointError
+
+if TYPE_CHECKING:
+    from .exported import Source
 
 
 class ModelEMA:
@@ -81,13 +86,13 @@ class ModelEMA:
         self.updates = int(state["updates"])
 
 
-def averaged_weights(source: Any) -> dict[str, torch.Tensor]:
-    """The weight average a run's checkpoint keeps in its train state (exported.Source), or ValueError
-    saying why there is none: a run trained without --ema-decay, or a model folder (one set of weights)."""
+def averaged_weights(source: Source) -> dict[str, torch.Tensor]:
+    """The weight average a run's checkpoint keeps in its train state, or CheckpointError saying why
+    there is none: a run trained without --ema-decay, or a model folder (one set of weights)."""
     if source.step is None:
-        raise ValueError(f"{source.path}: a model folder holds one set of weights, no average; export the average "
-                         "from its run with widenet export RUN --ema")
+        raise CheckpointError(f"{source.path}: a model folder holds one set of weights, no average; export the "
+                              "average from its run with widenet export RUN --ema")
     averaged = source.train_state.get("ema")
     if not isinstance(averaged, dict) or "weights" not in averaged:
-        raise ValueError(f"{source.path}: no averaged weights (the run was trained without --ema-decay)")
+        raise CheckpointError(f"{source.path}: no averaged weights (the run was trained without --ema-decay)")
     return averaged["weights"]

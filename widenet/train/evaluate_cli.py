@@ -9,7 +9,7 @@ import os
 from torch import nn
 
 from ..data.errors import DatasetNotFoundError
-from ..data.images import check_same_classes, load_dataset, subset
+from ..data.images import channels_problem, check_same_classes, load_dataset, subset
 from ..layers.moe import dropless_routing
 from ..models.vision import VisionConfig
 from ..runtime import resolve_device
@@ -39,9 +39,8 @@ def evaluate_checkpoint(path: str, data: str | None = None, data_dir: str | None
                          "metrics.jsonl") if ckpt.step is not None else ("a text model", ""))
         raise CheckpointError(f"{ckpt.path}: {what}; widenet eval evaluates image classifiers{scores}")
     cfg = VisionConfig(**meta["model_config"])
-    if cfg.in_channels not in (1, 3):
-        raise ValueError(f"{ckpt.path}: the model takes {cfg.in_channels}-channel images, and images are read as "
-                         "grey (1) or RGB (3)")
+    if (problem := channels_problem(cfg.in_channels)) is not None:
+        raise ValueError(f"{ckpt.path}: {problem}")
     model = load_model(ckpt)
     stats = ckpt.image_stats or {}  # checked before the data is read
     if ema:

@@ -24,6 +24,7 @@ import errno
 import json
 import os
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
@@ -67,7 +68,7 @@ class Source:
     step: int | None  # the training step of a checkpoint; None for an export or a Hugging Face folder
     meta: dict
     model_state: dict[str, torch.Tensor]
-    _train_state: dict | Callable[[], dict]  # a callable reads it at first use (train_state)
+    _train_state: dict | Callable[[], dict] = field(repr=False)  # a callable reads it at first use
     tokenizer_path: Path | None = None
     notes: list[str] = field(default_factory=list)
     # A BERT vocab.txt: load_tokenizer's lowercase, strip_accents and chinese_chars, as its tokenizer_config says.
@@ -362,7 +363,7 @@ def load_source(path: str | os.PathLike) -> Source:
         raise CheckpointError(config_problem(path))
     ckpt = load_checkpoint(find_latest_checkpoint(path) or path, read_train_state=False)
     tokenizer = run_tokenizer_file(ckpt.path)
-    return Source(ckpt.path, ckpt.step, ckpt.meta, ckpt.model_state, lambda: train_state_of(ckpt.path, ckpt.meta),
+    return Source(ckpt.path, ckpt.step, ckpt.meta, ckpt.model_state, partial(train_state_of, ckpt.path, ckpt.meta),
                   tokenizer if tokenizer.is_file() else None)
 
 

@@ -6,6 +6,7 @@ widenet writes for transformers holds (hf_side_files)."""
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,7 +73,7 @@ def read_hf_source(path: Path) -> HFSource:
 FALLBACK_MEAN, FALLBACK_STD = 0.5, 0.5
 
 
-def fallback_stats(where: Any, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def fallback_stats(where: str | os.PathLike, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """ViT's mean and std for a model saved without image statistics, with a note naming it."""
     warnings.warn(f"{where}: no image mean / std saved with the model; normalising with mean {FALLBACK_MEAN} and "
                   f"std {FALLBACK_STD} (ViT's)", stacklevel=3)
@@ -91,8 +92,8 @@ def hf_side_files(model: nn.Module, image_stats: dict | None = None, image_resiz
         channels, size = hf_channels(model), model.cfg.image_size
         if image_stats is None:
             warnings.warn(f"no image mean / std saved with the model: its preprocessor_config.json normalises with "
-                          f"mean {FALLBACK_MEAN} and std {FALLBACK_STD} (ViT's; save_pretrained takes mean= and std=)",
-                          stacklevel=4)  # save_pretrained's caller
+                          f"mean {FALLBACK_MEAN} and std {FALLBACK_STD}, ViT's (the training data's are saved by "
+                          "widenet export of a run, or save_pretrained's mean= and std=)", stacklevel=4)
         fallback = dict(mean=[FALLBACK_MEAN], std=[FALLBACK_STD])
         stats = {k: list(v) * (channels // len(v)) for k, v in (image_stats or fallback).items()}
         resample = (image_resize or {}).get("resample", "bicubic")

@@ -23,8 +23,8 @@ from torch import nn
 
 from ..data.augment import augment_batch, mixup, normalize, one_hot_smoothed
 from ..data.batches import num_batches
-from ..data.images import (RESIZE_RESAMPLE, ImageDataset, check_classification_pair, iterate_batches, load_dataset,
-                           resize_dataset, subset)
+from ..data.images import (RESIZE_RESAMPLE, ImageDataset, channels_problem, check_classification_pair, iterate_batches,
+                           load_dataset, resize_dataset, subset)
 from ..distributed.env import main_process_first
 from ..distributed.parallel import ParallelContext
 from ..memory import check_activations_fit
@@ -90,9 +90,8 @@ def image_channels(cfg: TrainConfig, source: Source | None = None) -> int | None
         raise ValueError(f"--set in_channels={channels}: the --init model {source.path} takes {own}-channel images "
                          "(its patch weights are for them); leave in_channels out: the images are converted to its "
                          "channels")
-    if channels not in (1, 3):
-        raise ValueError(f"the --init model {source.path} takes {channels}-channel images, and images are read as "
-                         "grey (1) or RGB (3)" if own is not None else
+    if (problem := channels_problem(channels)) is not None:
+        raise ValueError(f"{source.path}: {problem}" if own is not None else
                          f"--set in_channels={channels}: images are read as grey (1) or RGB (3); leave in_channels out")
     return channels
 
@@ -147,12 +146,15 @@ def _check_size_before_loading(cfg: TrainConfig, source: Source | None) -> None:
 
 
 def _check_fits_data(overrides: dict[str, Any], data: ImageDataset, cfg: TrainConfig) -> None:
-    """A --set of num_classes or image_size that the data contradicts (channels: image_channels), named before
+    """A --set of num_classes, in_channels or image_size that the data contradicts, named before
     the run starts (not as a loss-shape error at its first step)."""
     name = f"the image folder {cfg.data_dir}" if cfg.data == "folder" else cfg.data
     if overrides["num_classes"] != data.num_classes:
         raise ValueError(f"--set num_classes={overrides['num_classes']}: {name} has {data.num_classes} classes "
                          "(a model's classes follow its data: leave num_classes out)")
+    if overrides["in_channels"] != data.channels:  # data given to train() (load_data converts them)
+        raise ValueError(f"--set in_channels={overrides['in_channels']}: {name}'s images have {data.channels} "
+                         "channel(s) (leave in_channels out)")
     if overrides["image_size"] != data.image_size:
         if not isinstance(overrides["image_size"], int) or overrides["image_size"] < 1:
             raise ValueError(f"--set image_size={overrides['image_size']}: image_size must be a positive integer")

@@ -11,16 +11,16 @@ from typing import Any
 from ..downloads import data_home
 from ..errors import DatasetError, DatasetNotFoundError, PathLike
 from .cifar import CIFAR10_CLASSES, load_cifar
-from .dataset import (RESIZE_RESAMPLE, ImageDataset, check_classification_pair, check_same_classes,
-                      convert_channels, iterate_batches, resize_dataset, subset)
+from .dataset import (RESIZE_RESAMPLE, ImageDataset, channels_problem, check_classification_pair,
+                      check_same_classes, convert_channels, iterate_batches, resize_dataset, subset)
 from .fashion_mnist import FASHION_MNIST_CLASSES, load_fashion_mnist
 from .folder import TEST_SPLIT_FOLDERS, load_image_folder
 from .idx import read_idx
 
 __all__ = ["CIFAR10_CLASSES", "DATASET_NAMES", "RESIZE_RESAMPLE", "DatasetError", "DatasetNotFoundError",
-           "FASHION_MNIST_CLASSES", "ImageDataset", "check_classification_pair", "check_same_classes",
-           "convert_channels", "iterate_batches", "load_cifar", "load_dataset", "load_fashion_mnist",
-           "load_image_folder", "read_idx", "resize_dataset", "subset", "TEST_SPLIT_FOLDERS"]
+           "FASHION_MNIST_CLASSES", "ImageDataset", "channels_problem", "check_classification_pair",
+           "check_same_classes", "convert_channels", "iterate_batches", "load_cifar", "load_dataset",
+           "load_fashion_mnist", "load_image_folder", "read_idx", "resize_dataset", "subset", "TEST_SPLIT_FOLDERS"]
 
 DATASET_NAMES = ("fashion-mnist", "cifar10", "cifar100", "folder")
 

@@ -11,6 +11,7 @@ import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +21,7 @@ from ..batches import epoch_order, num_batches, seed_for
 from ..errors import DatasetError
 
 __all__ = ["ImageDataset", "RESIZE_RESAMPLE", "check_classification_pair", "check_same_classes", "check_split",
-           "convert_channels", "iterate_batches", "resize_dataset", "subset"]
+           "channels_problem", "convert_channels", "iterate_batches", "resize_dataset", "subset"]
 
 _BLOCK_BYTES = 64 * 2**20  # the float copy of the images one step of a resize or of the statistics works on
 
@@ -165,6 +166,12 @@ def check_split(split: str) -> None:
 
 
 RESIZE_RESAMPLE = "bilinear"  # resize_dataset's, as Pillow names it (its filter gives the same pixels, to rounding)
+
+
+def channels_problem(channels: Any) -> str | None:
+    """Why a model of ``channels`` cannot be given images (they are read as grey or RGB), or None."""
+    return None if channels in (1, 3) else (f"the model takes {channels}-channel images, and images are read as "
+                                            "grey (1) or RGB (3)")
 
 
 # Pillow's conversion of RGB to grey ("L"): L = (19595 R + 38470 G + 7471 B + 2**15) >> 16, the ITU-R 601
