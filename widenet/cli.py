@@ -37,7 +37,7 @@ from .cli_errors import (BUG_REPORT, INTERRUPTED, CLIError, explain, file_names_
 from .cli_models import add_model_commands
 from .cli_predict import add_predict_command
 from .cli_text import add_text_commands
-from .signals import native_call_running
+from .signals import native_call_abandoned
 from .train.stopping import TrainingStopped
 
 
@@ -399,7 +399,7 @@ def run() -> NoReturn:
         from .distributed.env import DistEnv
         with contextlib.suppress(ValueError):  # a bad WORLD_SIZE, already reported by a command that needed it
             several = DistEnv.from_environ().distributed
-    if several or native_call_running():  # (a tokenizer trainer abandoned to a stop signal: signals.py)
+    if several or native_call_abandoned():  # (a tokenizer trainer abandoned to a stop signal: signals.py)
         from .distributed.env import exit_without_finalizing
         exit_without_finalizing(code)
     raise SystemExit(code)

@@ -8,7 +8,8 @@ import signal
 import threading
 from typing import Any, Callable, Iterator
 
-__all__ = ["NATIVE_CALL_THREAD", "STOP_SIGNALS", "native_call_running", "signal_numbers", "signals_held"]
+__all__ = ["NATIVE_CALL_THREAD", "STOP_SIGNALS", "abandon_native_call", "native_call_abandoned", "signal_numbers",
+           "signals_held"]
 
 
 def signal_numbers(*names: str) -> tuple[int, ...]:
@@ -20,14 +21,24 @@ STOP_SIGNALS = signal_numbers("SIGINT", "SIGTERM", "SIGHUP")  # train.stopping, 
 
 # The thread a long native call runs in, so that a stop signal is handled at once (tokenizer training:
 # data.text.tokenizer). A command stopped meanwhile abandons it, and its process must end without
-# Python's finalization (cli.run): the thread, pulling texts from Python inside the Rust trainer,
-# would be stopped there by pthread_exit, which aborts the process ("exception not rethrown").
+# Python's finalization (cli.run): that thread, or the Rust trainer's own worker threads, which pull
+# texts from Python, would be stopped inside Rust by pthread_exit, which aborts the process ("FATAL:
+# exception not rethrown"). The abandonment itself is noted: a Ctrl-C that lands inside the wait
+# (Thread.join / is_alive) can leave the thread marked as stopped while it still runs (CPython
+# releases its lock on an interrupted wait), and in 1 of 15-20 stops the process then finalized
+# with the trainer running (a core dump showed it) and aborted.
 NATIVE_CALL_THREAD = "widenet-native-call"
+_abandoned = threading.Event()
 
 
-def native_call_running() -> bool:
-    """Whether a NATIVE_CALL_THREAD is still running (an abandoned native call)."""
-    return any(t.name == NATIVE_CALL_THREAD and t.is_alive() for t in threading.enumerate())
+def abandon_native_call() -> None:
+    """Note that the wait for a NATIVE_CALL_THREAD ended before the call did (a stop signal)."""
+    _abandoned.set()
+
+
+def native_call_abandoned() -> bool:
+    """Whether a native call was abandoned in this process: its threads may still call into Python."""
+    return _abandoned.is_set() or any(t.name == NATIVE_CALL_THREAD and t.is_alive() for t in threading.enumerate())
 
 
 @contextlib.contextmanager

@@ -26,7 +26,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from ...files import atomic_path, fsync_path
-from ...signals import NATIVE_CALL_THREAD
+from ...signals import NATIVE_CALL_THREAD, abandon_native_call
 
 __all__ = [
     "SPECIAL_TOKENS",
@@ -116,8 +116,12 @@ def _while_responsive(call: Callable[[], _T]) -> _T:
 
     worker = threading.Thread(target=run, name=NATIVE_CALL_THREAD, daemon=True)
     worker.start()
-    while worker.is_alive():
-        worker.join(0.1)
+    try:
+        while worker.is_alive():
+            worker.join(0.1)
+    except BaseException:  # a stop signal: the call goes on without a waiter (the process ends unfinalized)
+        abandon_native_call()
+        raise
     if "error" in outcome:
         raise outcome["error"]  # type: ignore[misc]
     return outcome["value"]  # type: ignore[return-value]
