@@ -184,8 +184,8 @@ def parse_command_line(parser: argparse.ArgumentParser, argv: Sequence[str] | No
     args, extra = parser.parse_known_args(argv)
     if extra:
         given = list(sys.argv[1:] if argv is None else argv)
-        first = {a: i for i, a in reversed(list(enumerate(given)))}  # where each argument first stands
-        ahead = first.get(extra[0], len(given)) < first.get(args.command, 0)  # `widenet --bogus list`: the top's
+        # `widenet --bogus list`: an argument before the command is the top level's
+        ahead = extra[0] in given and args.command in given and given.index(extra[0]) < given.index(args.command)
         command = "widenet" if ahead else " ".join(filter(None, ("widenet", args.command, getattr(args, "bench", None))))
         parser.exit(2, f"widenet: error: unrecognized arguments: {' '.join(extra)} (see {command} --help)\n")
     return args

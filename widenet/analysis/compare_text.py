@@ -263,7 +263,8 @@ def write_text_report(results: list[TextModelResult], budget: dict, preset: str,
         f"{_dt.datetime.now():%Y-%m-%d %H:%M}, {platform.machine()} CPU, preset `{preset}`: pretraining "
         f"{budget['pretrain_steps']} steps x {budget['batch_size']} sequences of {budget['seq_len']} tokens "
         f"on {', '.join(corpus)}; fine-tuning {budget['finetune_epochs']} epochs on {task_train}; "
-        f"{budget['seeds']} seed(s). Same tokenizer, budget and recipe for every model{settings_note(budget['model_overrides'])}. "
+        f"{budget['seeds']} seed(s). Same tokenizer, budget and recipe for every model"
+        f"{settings_note(budget['model_overrides'])}. "
         f"{'Mean ± standard deviation over seeds' if budget['seeds'] > 1 else 'One seed: no spread to show'}. "
         "*No-context level*: held-out MLM accuracy from word-piece "
         "frequencies alone; SOP's chance level is 50%.",
