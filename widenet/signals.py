@@ -37,8 +37,9 @@ def abandon_native_call() -> None:
 
 
 def native_call_abandoned() -> bool:
-    """Whether a native call was abandoned in this process: its threads may still call into Python."""
-    return _abandoned.is_set() or any(t.name == NATIVE_CALL_THREAD and t.is_alive() for t in threading.enumerate())
+    """Whether a native call was abandoned in this process: its threads may still call into Python.
+    (Asked of the flag alone: whether its thread looks alive is what misled before.)"""
+    return _abandoned.is_set()
 
 
 @contextlib.contextmanager

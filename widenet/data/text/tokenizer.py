@@ -115,8 +115,8 @@ def _while_responsive(call: Callable[[], _T]) -> _T:
             outcome["error"] = err
 
     worker = threading.Thread(target=run, name=NATIVE_CALL_THREAD, daemon=True)
-    worker.start()
     try:
+        worker.start()
         while worker.is_alive():
             worker.join(0.1)
     except BaseException:  # a stop signal: the call goes on without a waiter (the process ends unfinalized)
