@@ -10,6 +10,7 @@ above chance" tests mean something.
 from __future__ import annotations
 
 import gzip
+import signal
 import struct
 from pathlib import Path
 
@@ -23,6 +24,14 @@ LEVELS = np.array([20, 90, 160, 230])  # class k: mean brightness LEVELS[k]
 
 # Model overrides that keep every run tiny (patch 4 on 28x28 comes from the *_tiny presets).
 TINY = dict(dim=32, depth=2, num_heads=2, mlp_dim=64)
+
+
+def pytest_configure(config) -> None:
+    """Ctrl-C handled as in a terminal, also when the suite runs as a shell's background job or under
+    nohup, where SIGINT starts out ignored (the stopping tests send it to this process and to children,
+    which inherit an ignored SIGINT)."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _idx_bytes(array: np.ndarray) -> bytes:
