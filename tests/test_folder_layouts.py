@@ -152,6 +152,41 @@ def test_a_grey_model_reads_a_folder_in_grey_and_init_decides_the_size(tmp_path,
     assert '"examples": 4' in capsys.readouterr().out
 
 
+def test_init_onto_other_classes_of_the_same_count_is_noted(tmp_path, capsys):
+    """--init kept a head of the same class count without a word when the data's classes were others:
+    output 0 had meant 'cat' and now stood for 'bird'."""
+    make_folder(tmp_path / "pets", {"train": 4, "test": 2})
+    make_folder(tmp_path / "birds", {"train": 4, "test": 2})
+    for split in ("train", "test"):
+        for old, new in zip(CLASSES, ("bird", "fish")):
+            (tmp_path / "birds" / split / old).rename(tmp_path / "birds" / split / new)
+    common = ["--data", "folder", "--batch-size", 4, "--max-steps", 1, "--device", "cpu", "--set", "dim=32",
+              "--set", "depth=2", "--set", "num_heads=2", "--set", "mlp_dim=64", "--image-size", 8, "--set",
+              "patch_size=4"]
+    assert main([str(a) for a in ["train", "--data-dir", tmp_path / "pets", "--out", tmp_path / "a", *common]]) == 0
+    capsys.readouterr()
+    note = ("note: the --init model's 2 classes are the data's under other names (cat, dog against bird, fish): "
+            "its head is kept, output i now standing for the data's class i")
+    for data, noted in ((tmp_path / "birds", True), (tmp_path / "pets", False)):
+        argv = ["train", "--init", tmp_path / "a", "--data-dir", data, "--out", tmp_path / f"from-{data.name}",
+                *common[:-4]]
+        assert main([str(a) for a in argv]) == 0
+        out = capsys.readouterr().out
+        assert (note in out) is noted and ("note: the --init model" in out) is noted, out
+    from types import SimpleNamespace
+
+    from widenet.train.images import init_head_note
+
+    ten = [f"c{i}" for i in range(10)]
+    source = SimpleNamespace(meta={"model_config": {"num_classes": 10}}, classes=ten)
+    assert init_head_note(source, ten[::-1]) == (
+        "note: the --init model's 10 classes are the data's in another order (c0, c1, c2, c3, ... against "
+        "c9, c8, c7, c6, ...): its head is kept, output i now standing for the data's class i")
+    assert init_head_note(source, ten) is None and init_head_note(None, ten) is None
+    assert init_head_note(SimpleNamespace(meta=source.meta, classes=None), ten[::-1]) is None  # names unknown
+    assert init_head_note(source, ten[:3]).endswith("the data has 3: its head starts new")
+
+
 def test_a_run_knows_its_folder_wherever_it_is_evaluated_or_resumed(tmp_path, tiny_set_args, capsys, monkeypatch):
     """A relative --data-dir was recorded as typed: eval from another directory read whatever folder
     had that name there. A resume after images were added trained on them (and on new statistics)."""

@@ -287,12 +287,32 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print,
                     f"{trainer.progress.total} steps, batch {batch}" + (" (all of them)" if batch < cfg.batch_size else "")
                     + f", {device}" + (f", {amp}" if amp else "")
                     + workers + (", compiled (the first steps compile)" if cfg.compile else ""))
-        classes = source.meta["model_config"].get("num_classes") if source is not None else None
-        if trainer.progress.step == 0 and classes not in (None, train_set.num_classes):
-            trainer.log(f"note: the --init model classifies {classes} classes, the data has {train_set.num_classes}: "
-                        "its head starts new")
+        note = init_head_note(source, train_set.classes) if trainer.progress.step == 0 else None
+        if note:
+            trainer.log(note)
         run = trainer.run()
         return TrainResult(Path(cfg.out), run.steps, run.final_eval, params, run.examples_per_s, run.net, run.ema_eval)
+
+
+def init_head_note(source: Source | None, classes: list[str]) -> str | None:
+    """What becomes of the --init model's head on data of these classes, when the user should know:
+    another class count starts a new head; the same count under other names (or in another order)
+    keeps the head, whose output i then stands for the data's class i."""
+    if source is None:
+        return None
+    count = source.meta["model_config"].get("num_classes")
+    if count not in (None, len(classes)):
+        return f"note: the --init model classifies {count} classes, the data has {len(classes)}: its head starts new"
+    own = source.classes
+    if own is None or own == classes:
+        return None
+    order = "in another order" if sorted(own) == sorted(classes) else "under other names"
+    return (f"note: the --init model's {len(own)} classes are the data's {order} ({_names(own)} against "
+            f"{_names(classes)}): its head is kept, output i now standing for the data's class i")
+
+
+def _names(classes: list[str], shown: int = 4) -> str:
+    return ", ".join(classes[:shown]) + (", ..." if len(classes) > shown else "")
 
 
 def _load_data_once(cfg: TrainConfig, parallel: ParallelContext,
@@ -305,4 +325,4 @@ def _load_data_once(cfg: TrainConfig, parallel: ParallelContext,
 
 
 __all__ = ["ImageTask", "TrainConfig", "TrainResult", "TrainingError", "build_model_for",
-           "folder_image_size", "image_channels", "load_data", "read_init", "train"]
+           "folder_image_size", "image_channels", "init_head_note", "load_data", "read_init", "train"]
