@@ -184,6 +184,7 @@ def test_init_onto_other_classes_of_the_same_count_is_noted(tmp_path, capsys):
         "c9, c8, c7, c6, ...): its head is kept, output i now standing for the data's class i")
     assert init_head_note(source, ten) is None and init_head_note(None, ten) is None
     assert init_head_note(SimpleNamespace(meta=source.meta, classes=None), ten[::-1]) is None  # names unknown
+    assert init_head_note(SimpleNamespace(meta={"model_config": {}}, classes=ten), ten[:3]) is None  # count unknown
     assert init_head_note(source, ten[:3]).endswith("the data has 3: its head starts new")
 
 

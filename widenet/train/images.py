@@ -304,7 +304,7 @@ def init_head_note(source: Source | None, classes: list[str]) -> str | None:
     if count not in (None, len(classes)):
         return f"note: the --init model classifies {count} classes, the data has {len(classes)}: its head starts new"
     own = source.classes
-    if own is None or own == classes:
+    if own is None or own == classes or len(own) != len(classes):
         return None
     order = "in another order" if sorted(own) == sorted(classes) else "under other names"
     return (f"note: the --init model's {len(own)} classes are the data's {order} ({_names(own)} against "
