@@ -91,6 +91,46 @@ def test_albert_for_pretraining_equals_transformers(tmp_path, act):
     torch.testing.assert_close(out.sop_logits, ref.sop_logits, **TOL)
 
 
+def _strip(folder: str, *keys: str) -> str:
+    """folder's config.json without `keys`, as some hand-written or older configs come."""
+    config = Path(folder) / "config.json"
+    config.write_text(json.dumps({k: v for k, v in json.loads(config.read_text()).items() if k not in keys}))
+    return folder
+
+
+def test_settings_a_config_leaves_out_are_transformers_defaults(tmp_path):
+    """A config.json without hidden_act or embedding_size was read with BERT's defaults (exact GELU, the
+    full width) where transformers fills in ALBERT's (tanh GELU, 128): a silently different function,
+    or a shape error naming a tensor. A ViT config without image_size or patch_size was refused."""
+    from widenet.models.hf import _DEFAULTS
+
+    for kind, config in (("vit", transformers.ViTConfig()), ("bert", transformers.BertConfig()),
+                         ("albert", transformers.AlbertConfig())):
+        assert _DEFAULTS[kind] == {key: getattr(config, key) for key in _DEFAULTS[kind]}, kind
+    torch.manual_seed(0)
+    albert = _random_norms_and_biases(transformers.AlbertForPreTraining(transformers.AlbertConfig(
+        **{**TEXT, "hidden_size": 8, "embedding_size": 128})))
+    hf = transformers.AlbertForPreTraining.from_pretrained(_strip(_save(albert, tmp_path / "albert"), "hidden_act",
+                                                                  "embedding_size")).eval()
+    assert (hf.config.hidden_act, hf.config.embedding_size) == ("gelu_new", 128)
+    loaded = load_hf(tmp_path / "albert")
+    assert loaded.model.cfg.encoder.activation == "gelu_tanh"
+    ids, mask, types = _text_inputs()
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask, token_type_ids=types, output_hidden_states=True)
+        out = loaded.model(ids, types, keep_mask=mask)
+    torch.testing.assert_close(_real(out.hidden, mask), _real(ref.hidden_states[-1], mask), **TOL)
+    vit = _random_norms_and_biases(transformers.ViTForImageClassification(transformers.ViTConfig(
+        **{**VIT, "image_size": 224, "patch_size": 16, "num_hidden_layers": 1})))
+    hf = transformers.ViTForImageClassification.from_pretrained(_strip(_save(vit, tmp_path / "vit"), "image_size",
+                                                                       "patch_size")).eval()
+    loaded = load_hf(tmp_path / "vit")
+    assert (loaded.model.cfg.image_size, loaded.model.cfg.patch_size) == (224, 16)
+    images = torch.randn(2, 2, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(images).logits, hf(pixel_values=images).logits, **TOL)
+
+
 def test_albert_with_a_layer_group_per_block_is_an_unshared_model(tmp_path):
     """num_hidden_groups = num_hidden_layers: every block has its own layer (a BERT with ALBERT's
     factorized embedding), read as widenet's text model with nothing shared."""

@@ -57,11 +57,13 @@ def test_a_vit_loads_in_transformers_with_its_image_processor(tmp_path):
     Image.fromarray((rng.rand(28, 28) * 255).astype("uint8"), "L").save(grey)
     Image.fromarray((rng.rand(28, 28, 3) * 255).astype("uint8"), "RGB").save(colour)
     processor = transformers.AutoImageProcessor.from_pretrained(tmp_path / "hf")
-    for image, atol in ((grey, 2e-5), (colour, 2e-2)):
-        pixels = processor(images=Image.open(image).convert("RGB"), return_tensors="pt").pixel_values
+    for image, atol in ((grey, 2e-5), (colour, 2e-2)):  # as they are: the processor converts to RGB (it refused grey)
+        pixels = processor(images=Image.open(image), return_tensors="pt").pixel_values
         ours = (decode_image(image, 28, 1).float() / 255 - 0.3) / 0.2  # what widenet's predict feeds the model
         with torch.no_grad():
             torch.testing.assert_close(theirs(pixel_values=pixels).logits, model(ours[None]).logits, rtol=0, atol=atol)
+    rgba = processor(images=Image.open(grey).convert("RGBA"), return_tensors="pt").pixel_values
+    assert torch.equal(rgba, processor(images=Image.open(grey), return_tensors="pt").pixel_values)
     classify = transformers.pipeline("image-classification", model=str(tmp_path / "hf"), top_k=3)
     mine = widenet.inference.predict_images(widenet.load_pretrained(tmp_path / "hf"), [grey], top_k=3, device="cpu")
     assert [(r["label"], round(r["score"], 5)) for r in classify(str(grey))] == [
@@ -78,6 +80,11 @@ def test_an_rgb_vit_round_trips_exactly(tmp_path):
     write_export(tmp_path / "hf", model, model_name="vit_tiny", image_stats=dict(mean=[0.4] * 3, std=[0.3] * 3),
                  hf=True)
     assert _hf_model(tmp_path / "hf").config.num_channels == 3
+    for channels, converts in ((3, True), (4, False)):  # four channels are not RGB: nothing to convert to
+        folder = tmp_path / f"c{channels}"
+        write_export(folder, create_model("vit_tiny", **TINY, in_channels=channels), model_name="vit_tiny",
+                     image_stats=dict(mean=[0.4] * channels, std=[0.3] * channels), hf=True)
+        assert json.loads((folder / "preprocessor_config.json").read_text())["do_convert_rgb"] is converts
     mine = model.state_dict()
     back = widenet.from_pretrained(tmp_path / "hf").state_dict()
     assert all(torch.equal(back[k], mine[k]) for k in mine)

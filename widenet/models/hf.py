@@ -46,6 +46,19 @@ __all__ = ["HFCheckpointError", "HFImport", "SUPPORTED", "is_hf_folder", "load_h
 
 SUPPORTED = ("albert", "bert", "vit")
 _ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
+# What transformers' ViTConfig, AlbertConfig and BertConfig fill in for a setting config.json leaves
+# out (tests/test_hf.py compares them with those classes): ALBERT's activation is the tanh GELU and
+# its embedding 128 wide whatever the width, so a config without them is not BERT's.
+_COMMON = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+               hidden_act="gelu", layer_norm_eps=1e-12)
+_TEXT = dict(vocab_size=30522, max_position_embeddings=512, type_vocab_size=2, pad_token_id=0)
+_DEFAULTS = {
+    "vit": {**_COMMON, "image_size": 224, "patch_size": 16, "num_channels": 3, "qkv_bias": True},
+    "bert": {**_COMMON, **_TEXT},
+    "albert": {**_COMMON, **_TEXT, "vocab_size": 30000, "embedding_size": 128, "hidden_size": 4096,
+               "num_attention_heads": 64, "intermediate_size": 16384, "hidden_act": "gelu_new",
+               "num_hidden_groups": 1, "inner_group_num": 1},
+}
 _TEXT_TASKS = {"ForPreTraining": "pretrain", "ForMaskedLM": "pretrain", "ForSequenceClassification": "classify",
                "ForQuestionAnswering": "qa"}
 
@@ -140,6 +153,7 @@ def load_hf(path: str | Path) -> HFImport:
     if kind not in SUPPORTED:
         raise HFCheckpointError(f"{path}: model_type {kind!r} is not supported; widenet maps "
                                 f"{', '.join(SUPPORTED)} (ALBERT, BERT, ViT)")
+    config = {**_DEFAULTS[kind], **config}
     state = _strip_base_prefix(state, kind)
     if (bad := nonfinite_tensor(state)) is not None:
         raise HFCheckpointError(f"{path}: tensor {bad} holds NaN or infinite values")
@@ -191,9 +205,9 @@ def _load_text(path, config: dict, state: dict, arch: str, kind: str) -> HFImpor
     dim = config["hidden_size"]
     encoder = dict(dim=dim, depth=config["num_hidden_layers"], num_heads=config["num_attention_heads"],
                    mlp_dim=config["intermediate_size"], norm_position="post",
-                   norm_eps=float(config.get("layer_norm_eps", 1e-12)), activation=_activation(path, config),
+                   norm_eps=float(config["layer_norm_eps"]), activation=_activation(path, config),
                    dropout=0.0, attn_dropout=0.0)
-    groups = config.get("num_hidden_groups", 1) if kind == "albert" else 0
+    groups = config["num_hidden_groups"] if kind == "albert" else 0
     if groups == 1:  # one ALBERT layer for every block; a group per block shares nothing
         encoder.update(ALBERT_SHARING)
     classes, label_notes = label_names(config) if task == "classify" else (None, [])
@@ -205,9 +219,9 @@ def _load_text(path, config: dict, state: dict, arch: str, kind: str) -> HFImpor
     words = state.get("embeddings.word_embeddings.weight")
     untied = decoder is not None and words is not None and not torch.equal(state[decoder], words)
     cfg = TextConfig(vocab_size=config["vocab_size"],
-                     embedding_size=config.get("embedding_size", dim) if kind == "albert" else dim,
+                     embedding_size=config["embedding_size"] if kind == "albert" else dim,
                      max_positions=config["max_position_embeddings"],
-                     type_vocab_size=config.get("type_vocab_size", 2), pad_token_id=config.get("pad_token_id") or 0,
+                     type_vocab_size=config["type_vocab_size"], pad_token_id=config["pad_token_id"] or 0,
                      task=task, num_labels=len(classes) if classes else config.get("num_labels", 2),
                      encoder=EncoderConfig.from_dict(encoder), tie_word_embeddings=not untied)
     model = TextTransformer(cfg)
@@ -228,11 +242,11 @@ def _load_text(path, config: dict, state: dict, arch: str, kind: str) -> HFImpor
 
 
 def _check_text_settings(path, config: dict, kind: str) -> None:
-    position = config.get("position_embedding_type", "absolute")
+    position = config.get("position_embedding_type", "absolute")  # (older transformers wrote it)
     if position != "absolute":
         raise HFCheckpointError(f"{path}: position_embedding_type {position!r} is not supported (only 'absolute')")
     if kind == "albert":
-        groups, inner = config.get("num_hidden_groups", 1), config.get("inner_group_num", 1)
+        groups, inner = config["num_hidden_groups"], config["inner_group_num"]
         if inner != 1 or groups not in (1, config["num_hidden_layers"]):
             raise HFCheckpointError(f"{path}: ALBERT with num_hidden_groups={groups} and inner_group_num={inner} is "
                                     "not supported: widenet reads one layer shared by all blocks (both 1) or a layer "
@@ -273,17 +287,17 @@ def _load_vit(path, config: dict, state: dict, arch: str) -> HFImport:
         raise HFCheckpointError(f"{path}: pooler_act {config['pooler_act']!r} is not supported (widenet's pre-logits "
                                 "layer uses tanh)")
     encoder = EncoderConfig(dim=dim, depth=config["num_hidden_layers"], num_heads=config["num_attention_heads"],
-                            mlp_dim=config["intermediate_size"], norm_eps=float(config.get("layer_norm_eps", 1e-12)),
+                            mlp_dim=config["intermediate_size"], norm_eps=float(config["layer_norm_eps"]),
                             activation=_activation(path, config), norm_position="pre")
     num_classes = state["classifier.weight"].shape[0] if classifier else len(classes) if classes else \
         config.get("num_labels", 2) or 2
     if classifier:
         _check_classifier(path, config, classes, state)
     cfg = VisionConfig(image_size=_single(path, config, "image_size"), patch_size=_single(path, config, "patch_size"),
-                       in_channels=config.get("num_channels", 3), num_classes=num_classes, pool="token",
+                       in_channels=config["num_channels"], num_classes=num_classes, pool="token",
                        stem="patch", representation_size=dim if pooled else None, encoder=encoder)
     model = VisionTransformer(cfg)
-    if not config.get("qkv_bias", True):  # ViT without q/k/v biases: ours are zero
+    if not config["qkv_bias"]:  # ViT without q/k/v biases: ours are zero
         for key in [k for k in state if re.search(r"(query|key|value|[qkv]_proj)\.weight$", k)]:
             state.setdefault(key[:-len("weight")] + "bias", torch.zeros(dim))
     keys = vit_names(cfg.encoder.depth, legacy=any(".attention.attention.query." in k for k in state))
@@ -308,7 +322,7 @@ def _single(path, config: dict, name: str) -> int:
 # Shared
 # ----------------------------------------------------------------------------
 def _activation(path, config: dict) -> str:
-    act = config.get("hidden_act", "gelu")
+    act = config["hidden_act"]
     if act not in _ACTIVATIONS:
         raise HFCheckpointError(f"{path}: hidden_act {act!r} is not supported (widenet has "
                                 f"{', '.join(_ACTIVATIONS)})")

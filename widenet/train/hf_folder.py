@@ -83,9 +83,10 @@ def fallback_stats(where: str | os.PathLike, channels: int) -> tuple[tuple[float
 def hf_side_files(model: nn.Module, image_stats: dict | None = None, image_resize: dict | None = None,
                   with_tokenizer: bool = False, inputs: dict | None = None) -> dict[str, dict]:
     """What transformers' Auto classes read beside the weights, by file name: for a ViT the image
-    processor (squash to the model's size with widenet's filter, scale by 1/255, then the training
-    mean and std, or 0.5 where none were saved, as widenet's predict does; a grey model's on each of
-    R, G and B: models.hf_export.GREY_AS_RGB); for a text model with its tokenizer.json, the special
+    processor (a 3-channel model's converts grey and RGBA images to RGB, as the pipeline does; squash
+    to the model's size with widenet's filter, scale by 1/255, then the training mean and std, or 0.5
+    where none were saved, as widenet's predict does; a grey model's on each of R, G and B:
+    models.hf_export.GREY_AS_RGB); for a text model with its tokenizer.json, the special
     tokens (widenet's tokenizer.json holds the rest) and the length fine-tuning cut texts to (inputs'
     max_len, else the model's positions)."""
     if isinstance(model, VisionTransformer):
@@ -98,7 +99,8 @@ def hf_side_files(model: nn.Module, image_stats: dict | None = None, image_resiz
         stats = {k: list(v) * (channels // len(v)) for k, v in (image_stats or fallback).items()}
         resample = (image_resize or {}).get("resample", "bicubic")
         return {"preprocessor_config.json": dict(
-            image_processor_type="ViTImageProcessor", do_resize=True, size=dict(height=size, width=size),
+            image_processor_type="ViTImageProcessor", do_convert_rgb=channels == 3,  # grey, RGBA images to RGB
+            do_resize=True, size=dict(height=size, width=size),
             resample=RESAMPLING.index(resample), do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
             image_mean=stats["mean"], image_std=stats["std"])}
     if not with_tokenizer:
