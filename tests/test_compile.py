@@ -71,6 +71,7 @@ def _check_against_eager(model, run, backend, rtol=1e-4, atol=1e-5):
         with torch.set_grad_enabled(training):
             run(compiled)
         assert _graphs() == graphs, "a second call with the same shapes recompiled"
+    return compiled
 
 
 def _vision_run(images, labels):
@@ -94,7 +95,24 @@ def test_inductor_code_matches_eager():
     torch.manual_seed(0)
     model = widenet.create_model("widenet_tiny", depth=2, drop_path=0.1)
     images, labels = torch.randn(4, 1, 28, 28), torch.tensor([1, 7, 3, 0])
-    _check_against_eager(model, _vision_run(images, labels), "inductor")
+    compiled = _check_against_eager(model, _vision_run(images, labels), "inductor")
+    with torch.no_grad():  # another batch size recompiles with the token count symbolic: the capacity's
+        # decimal rounding in inductor's code then corrupted the heap (the process aborted)
+        torch.testing.assert_close(compiled(images[:2]).logits, model(images[:2]).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_layers_with_other_capacity_factors_compile_in_one_process():
+    """The second layer's factor became a symbolic float in dynamo, whose decimal rounding failed
+    with an AssertionError hundreds of lines long (a capacity-factor sweep in one notebook)."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    x = torch.randn(10, 8)
+    for factor in (1.0, 1.1):
+        moe = widenet.MoE(8, 16, num_experts=4, top_k=2, capacity_factor=factor, noise_std=0.0)
+        compiled = torch.compile(moe, fullgraph=True, backend="aot_eager")
+        torch.testing.assert_close(compiled(x).output, moe(x).output, rtol=1e-5, atol=1e-6)
+        assert moe.capacity(10) == {1.0: 5, 1.1: 6}[factor]
 
 
 def test_widenet_b16_compiles_whole():

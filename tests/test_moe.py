@@ -1067,3 +1067,15 @@ def test_expert_and_router_weights_start_at_their_documented_scales():
     assert float(router.std()) == pytest.approx(dim ** -0.5, rel=0.08)
     assert abs(float(router.mean())) <= 4 * dim ** -0.5 / router.numel() ** 0.5
     assert not moe.experts.b1.any() and not moe.experts.b2.any()
+
+
+def test_a_call_without_tokens_stays_in_the_graph():
+    """Zero tokens gave an output cut off from autograd: .backward() through it raised, and x got no
+    gradient (nn.Linear on the same x gives a (0, D) one)."""
+    x = torch.randn(0, 8, requires_grad=True)
+    out = MoE(8, 16)(x)
+    assert out.output.shape == (0, 8) and out.output.requires_grad
+    (out.output.sum() + out.aux_loss).backward()
+    assert x.grad is not None and x.grad.shape == (0, 8)
+    with torch.no_grad():
+        assert not MoE(8, 16)(x).output.requires_grad

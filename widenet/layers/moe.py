@@ -43,9 +43,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
+from fractions import Fraction
 from typing import Any
 
 import torch
@@ -174,6 +174,12 @@ class MoEConfig:
         if self.expert_backend not in EXPERT_BACKENDS:
             raise ValueError(f"MoE expert_backend must be one of {', '.join(EXPERT_BACKENDS)}, "
                              f"got {self.expert_backend!r}")
+        # The factors as integer ratios, once: capacity() then reads no float, which torch.compile would
+        # turn into a symbolic one when layers differ in it (and fail on the rounding).
+        train = capacity_ratio(self.capacity_factor, self.num_experts, self.top_k)
+        evaluate = train if self.eval_capacity_factor is None else \
+            capacity_ratio(self.eval_capacity_factor, self.num_experts, self.top_k)
+        object.__setattr__(self, "_capacity_ratios", (train, evaluate))
 
     @property
     def router_noise(self) -> float:
@@ -184,21 +190,31 @@ class MoEConfig:
 MOE_SETTINGS = tuple(f.name for f in fields(MoEConfig))
 
 
+def capacity_ratio(factor: float, num_experts: int, top_k: int) -> tuple[int, int]:
+    """A capacity factor as integers (p, q): the nearest fraction with q <= 10**6, so the decimal that
+    was written (1.1 is 11/10, not the float just above it), at most E / K (from there on every
+    expert has a slot per token), which keeps p * K * N within int64."""
+    ratio = min(Fraction(factor).limit_denominator(10 ** 6), Fraction(num_experts, top_k))
+    return ratio.numerator, ratio.denominator
+
+
 def expert_capacity(num_tokens: int | torch.Tensor, num_experts: int, top_k: int,
-                    factor: float) -> int | torch.Tensor:
+                    factor: float | tuple[int, int]) -> int | torch.Tensor:
     """Slots per expert per call: ceil(factor * k * N / E), at least 1 and at most N (an expert gets
     at most one assignment per token, so more slots would only be empty); an int, or a () int64
     tensor for a token count held on the device (padding masks).
 
-    Rounded to 9 decimals before the ceiling so that decimal factors give the
-    exact answer (1.1 * 100 / 2 is 55.00000000000001 in floating point); the
-    floor of 1 keeps a tiny factor (1e-30) from rounding to no slot at all.
+    Integer arithmetic on the factor's ratio (capacity_ratio, or given as (p, q)): exact for decimal
+    factors (1.1 * 100 / 2 is 55.00000000000001 in floating point; capacity is 55), and a symbolic N
+    under torch.compile stays an integer expression. The floor of 1 keeps a tiny factor (1e-30)
+    from leaving no slot at all.
     """
+    p, q = factor if isinstance(factor, tuple) else capacity_ratio(factor, num_experts, top_k)
+    num, den = p * top_k, q * num_experts
     if isinstance(num_tokens, torch.Tensor):
-        share = num_tokens.double() * (factor * top_k) / num_experts
-        slots = torch.ceil(torch.round(share, decimals=9)).clamp(min=1)
-        return torch.minimum(slots, num_tokens.double()).long()
-    return min(max(math.ceil(round(factor * top_k * num_tokens / num_experts, 9)), 1), num_tokens)
+        slots = ((num_tokens.long() * num + (den - 1)) // den).clamp(min=1)
+        return torch.minimum(slots, num_tokens.long())
+    return min(max((num_tokens * num + den - 1) // den, 1), num_tokens)
 
 
 # ----------------------------------------------------------------------------
@@ -250,9 +266,8 @@ class MoE(nn.Module):
         c = self.cfg
         if c.dropless:
             return num_tokens
-        factor = c.eval_capacity_factor if not self.training and c.eval_capacity_factor is not None else \
-            c.capacity_factor
-        return expert_capacity(num_tokens, c.num_experts, c.top_k, factor)
+        train, evaluate = c._capacity_ratios
+        return expert_capacity(num_tokens, c.num_experts, c.top_k, train if self.training else evaluate)
 
     def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None, *,
                 keep_mask: torch.Tensor | None = None) -> MoEOutput:
@@ -282,7 +297,7 @@ class MoE(nn.Module):
         n, e = x.shape[0], self.num_experts
         if n == 0:
             stats = RoutingStats.empty(e, x.device)
-            return x.new_zeros(0, self.dim), 0.0 * self.router.weight.sum(), stats
+            return x[:0] * 0, 0.0 * self.router.weight.sum(), stats  # (0, D), in the graph as x is
 
         dropless, z_weight = self.cfg.dropless, self.cfg.z_loss_weight
         with_z = z_weight > 0
