@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import pickle
 import sys
 import warnings
 from collections.abc import Iterator
@@ -695,6 +696,10 @@ def test_expert_capacity_is_exact_for_decimal_factors():
     assert expert_capacity(10, 4, 2, 1e30) == 10 and int(expert_capacity(torch.tensor(10), 4, 2, 1e30)) == 10
     for n in (0, 1, 10):  # ceil(1e-30 * 10 / 4) is 1: a factor that small rounded to no slot at all
         assert expert_capacity(n, 4, 1, 1e-30) == min(n, 1) == int(expert_capacity(torch.tensor(n), 4, 1, 1e-30))
+    config = MoEConfig(capacity_factor=1.1, eval_capacity_factor=0.3)
+    assert config.capacity_ratios == ((11, 10), (3, 10))
+    del config.__dict__["_capacity_ratios"]  # a config pickled before the ratios were kept
+    assert pickle.loads(pickle.dumps(config)).capacity_ratios == ((11, 10), (3, 10))
 
 
 def test_padding_masks_take_one_convention_and_the_other_by_name():

@@ -174,12 +174,21 @@ class MoEConfig:
         if self.expert_backend not in EXPERT_BACKENDS:
             raise ValueError(f"MoE expert_backend must be one of {', '.join(EXPERT_BACKENDS)}, "
                              f"got {self.expert_backend!r}")
-        # The factors as integer ratios, once: capacity() then reads no float, which torch.compile would
-        # turn into a symbolic one when layers differ in it (and fail on the rounding).
-        train = capacity_ratio(self.capacity_factor, self.num_experts, self.top_k)
-        evaluate = train if self.eval_capacity_factor is None else \
-            capacity_ratio(self.eval_capacity_factor, self.num_experts, self.top_k)
-        object.__setattr__(self, "_capacity_ratios", (train, evaluate))
+        self.capacity_ratios  # computed now, not first inside a compiled graph
+
+    @property
+    def capacity_ratios(self) -> tuple[tuple[int, int], tuple[int, int]]:
+        """The capacity factors in training and in eval mode as integer ratios (capacity_ratio), kept:
+        capacity() then reads no float, which torch.compile would make symbolic when layers differ in
+        it (and then fail on it)."""
+        ratios = self.__dict__.get("_capacity_ratios")
+        if ratios is None:  # first use (in __post_init__), or a config pickled before they were kept
+            train = capacity_ratio(self.capacity_factor, self.num_experts, self.top_k)
+            evaluate = train if self.eval_capacity_factor is None else \
+                capacity_ratio(self.eval_capacity_factor, self.num_experts, self.top_k)
+            ratios = (train, evaluate)
+            object.__setattr__(self, "_capacity_ratios", ratios)
+        return ratios
 
     @property
     def router_noise(self) -> float:
@@ -266,7 +275,7 @@ class MoE(nn.Module):
         c = self.cfg
         if c.dropless:
             return num_tokens
-        train, evaluate = c._capacity_ratios
+        train, evaluate = c.capacity_ratios
         return expert_capacity(num_tokens, c.num_experts, c.top_k, train if self.training else evaluate)
 
     def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None, *,
