@@ -50,7 +50,7 @@ _ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "g
 # out (tests/test_hf.py compares them with those classes): ALBERT's activation is the tanh GELU and
 # its embedding 128 wide whatever the width, so a config without them is not BERT's.
 _COMMON = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
-               hidden_act="gelu", layer_norm_eps=1e-12)
+               hidden_act="gelu", layer_norm_eps=1e-12, num_labels=2)
 _TEXT = dict(vocab_size=30522, max_position_embeddings=512, type_vocab_size=2, pad_token_id=0)
 _DEFAULTS = {
     "vit": {**_COMMON, "image_size": 224, "patch_size": 16, "num_channels": 3, "qkv_bias": True},
@@ -222,7 +222,7 @@ def _load_text(path, config: dict, state: dict, arch: str, kind: str) -> HFImpor
                      embedding_size=config["embedding_size"] if kind == "albert" else dim,
                      max_positions=config["max_position_embeddings"],
                      type_vocab_size=config["type_vocab_size"], pad_token_id=config["pad_token_id"] or 0,
-                     task=task, num_labels=len(classes) if classes else config.get("num_labels", 2),
+                     task=task, num_labels=len(classes) if classes else config["num_labels"],
                      encoder=EncoderConfig.from_dict(encoder), tie_word_embeddings=not untied)
     model = TextTransformer(cfg)
     ours = albert_names(groups) if kind == "albert" else bert_names(cfg.encoder.depth)
@@ -290,7 +290,7 @@ def _load_vit(path, config: dict, state: dict, arch: str) -> HFImport:
                             mlp_dim=config["intermediate_size"], norm_eps=float(config["layer_norm_eps"]),
                             activation=_activation(path, config), norm_position="pre")
     num_classes = state["classifier.weight"].shape[0] if classifier else len(classes) if classes else \
-        config.get("num_labels", 2) or 2
+        config["num_labels"] or 2
     if classifier:
         _check_classifier(path, config, classes, state)
     cfg = VisionConfig(image_size=_single(path, config, "image_size"), patch_size=_single(path, config, "patch_size"),
@@ -344,7 +344,7 @@ def _missing_head(path, arch: str, state: dict, prefix: str, what: str) -> list[
 
 def _check_classifier(path, config: dict, classes: list[str] | None, state: dict) -> None:
     rows = state["classifier.weight"].shape[0] if "classifier.weight" in state else \
-        len(classes) if classes else config.get("num_labels", 2)
+        len(classes) if classes else config["num_labels"]
     if problem := classifier_problem(config, classes, rows):
         raise HFCheckpointError(f"{path}: {problem}")
 
