@@ -165,7 +165,7 @@ def test_init_onto_other_classes_of_the_same_count_is_noted(tmp_path, capsys):
               "patch_size=4"]
     assert main([str(a) for a in ["train", "--data-dir", tmp_path / "pets", "--out", tmp_path / "a", *common]]) == 0
     capsys.readouterr()
-    note = ("note: the --init model's 2 classes are the data's under other names (cat, dog against bird, fish): "
+    note = ("note: the --init model's 2 classes are the data's under other names (its: cat, dog; the data's: bird, fish): "
             "its head is kept, output i now standing for the data's class i")
     for data, noted in ((tmp_path / "birds", True), (tmp_path / "pets", False)):
         argv = ["train", "--init", tmp_path / "a", "--data-dir", data, "--out", tmp_path / f"from-{data.name}",
@@ -180,8 +180,8 @@ def test_init_onto_other_classes_of_the_same_count_is_noted(tmp_path, capsys):
     ten = [f"c{i}" for i in range(10)]
     source = SimpleNamespace(meta={"model_config": {"num_classes": 10}}, classes=ten)
     assert init_head_note(source, ten[::-1]) == (
-        "note: the --init model's 10 classes are the data's in another order (c0, c1, c2, c3, ... against "
-        "c9, c8, c7, c6, ...): its head is kept, output i now standing for the data's class i")
+        "note: the --init model's 10 classes are the data's in another order (its: c0, c1, c2, c3, c4, ... and 5 "
+        "more; the data's: c9, c8, c7, c6, c5, ... and 5 more): its head is kept, output i now standing for the data's class i")
     assert init_head_note(source, ten) is None and init_head_note(None, ten) is None
     assert init_head_note(SimpleNamespace(meta=source.meta, classes=None), ten[::-1]) is None  # names unknown
     assert init_head_note(SimpleNamespace(meta={"model_config": {}}, classes=ten), ten[:3]) is None  # count unknown

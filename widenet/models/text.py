@@ -36,6 +36,7 @@ from torch import nn
 from ..layers.experts import gelu_approximation
 from ..layers.masks import resolve_padding_mask
 from ..layers.moe import RoutingStats
+from ..listing import listed
 from ..memory import check_model_fits
 from ..settings import SettingTypeError, check_types
 from .encoder import Encoder, EncoderConfig
@@ -380,7 +381,7 @@ def load_backbone(model: TextTransformer, state_dict: Mapping[str, torch.Tensor]
     own = model.backbone.state_dict()
     missing, unexpected = sorted(set(own) - set(ckpt)), sorted(set(ckpt) - set(own))
     if missing or unexpected:
-        parts = [f"{label} backbone keys: {_few(keys)}"
+        parts = [f"{label} backbone keys: {listed(keys)}"
                  for label, keys in (("missing", missing), ("unexpected", unexpected)) if keys]
         raise ValueError("checkpoint does not fit the model's backbone (different sharing or depth?); "
                          + "; ".join(parts))
@@ -432,11 +433,6 @@ def _shape_mismatch(key: str, ckpt_shape: tuple, own_shape: tuple) -> str:
     if table and ckpt_shape[-1] != own_shape[-1]:
         return f"checkpoint embedding_size {ckpt_shape[-1]} does not match the model's {own_shape[-1]}"
     return f"backbone.{key}: checkpoint shape {ckpt_shape} does not match the model's {own_shape}"
-
-
-def _few(keys: list[str], limit: int = 5) -> str:
-    shown = ", ".join(keys[:limit])
-    return shown + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
 
 
 def _xavier_linears(module: nn.Module) -> None:

@@ -40,14 +40,13 @@ from torch import nn
 from .. import files
 from ..files import (RefusedPickle, WeightsDamaged, fsync_path, load_safetensors, load_weights_only,
                      raise_if_disk_full, save_safetensors, write_bytes_durably)
+from ..listing import listed
 from ..models.hf import nonfinite_tensor
 from ..rng import capture_rng_state, restore_rng_state
 from .checkpoint_layout import (CHECKPOINT_FILES, CHECKPOINTS_DIR, FORMAT, LATEST_FILE, LOCK_FILE, META_FILE,
                                 MODEL_FILE, SET_ASIDE_DIR, STATE_FILE, STEP_RE, TMP_PREFIX, CheckpointError, SettingsChanged,
                                 checkpoint_dir_name, checkpoints_root, clean_leftovers, find_latest_checkpoint,
                                 is_complete, list_checkpoints, remove_tree, step_folders)
-
-_MAX_LISTED = 5
 
 __all__ = ["CheckpointError", "SettingsChanged", "LoadedCheckpoint", "MODEL_FILE", "STATE_FILE", "META_FILE",
            "LATEST_FILE", "capture_rng_state", "check_model_keys", "checkpoint_dir_name", "find_latest_checkpoint",
@@ -384,13 +383,6 @@ def train_state_of(folder: Path, meta: Mapping[str, Any]) -> dict:
                               "keeps only its last checkpoints); run the command again") from None
 
 
-def _listed(items: list[str]) -> str:
-    """At most a few items, comma-separated, with a count of the rest."""
-    shown = ", ".join(items[:_MAX_LISTED])
-    rest = len(items) - _MAX_LISTED
-    return shown + (f", ... and {rest} more" if rest > 0 else "")
-
-
 def check_model_keys(file: Path, meta: dict, state: Mapping, model: nn.Module) -> None:
     """Raise CheckpointError listing missing/unexpected keys and shape mismatches."""
     expected = model.state_dict()
@@ -403,11 +395,11 @@ def check_model_keys(file: Path, meta: dict, state: Mapping, model: nn.Module) -
     ]
     problems = []
     if missing:
-        problems.append(f"missing keys ({len(missing)}): {_listed(missing)}")
+        problems.append(f"missing keys ({len(missing)}): {listed(missing)}")
     if unexpected:
-        problems.append(f"unexpected keys ({len(unexpected)}): {_listed(unexpected)}")
+        problems.append(f"unexpected keys ({len(unexpected)}): {listed(unexpected)}")
     if mismatched:
-        problems.append(f"shape mismatch ({len(mismatched)}): {_listed(mismatched)}")
+        problems.append(f"shape mismatch ({len(mismatched)}): {listed(mismatched)}")
     if problems:
         saved_for = f" (checkpoint model {meta['model']!r})" if "model" in meta else ""
         raise CheckpointError(

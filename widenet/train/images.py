@@ -27,6 +27,7 @@ from ..data.images import (RESIZE_RESAMPLE, ImageDataset, channels_problem, chec
                            load_dataset, resize_dataset, subset)
 from ..distributed.env import main_process_first
 from ..distributed.parallel import ParallelContext
+from ..listing import listed
 from ..memory import check_activations_fit
 from ..models.registry import apply_overrides, count_parameters, create_model, model_config, require_preset_kind
 from ..models.vision import VisionConfig, VisionTransformer
@@ -307,12 +308,8 @@ def init_head_note(source: Source | None, classes: list[str]) -> str | None:
     if own is None or own == classes or len(own) != len(classes):
         return None
     order = "in another order" if sorted(own) == sorted(classes) else "under other names"
-    return (f"note: the --init model's {len(own)} classes are the data's {order} ({_names(own)} against "
-            f"{_names(classes)}): its head is kept, output i now standing for the data's class i")
-
-
-def _names(classes: list[str], shown: int = 4) -> str:
-    return ", ".join(classes[:shown]) + (", ..." if len(classes) > shown else "")
+    return (f"note: the --init model's {len(own)} classes are the data's {order} (its: {listed(own)}; "
+            f"the data's: {listed(classes)}): its head is kept, output i now standing for the data's class i")
 
 
 def _load_data_once(cfg: TrainConfig, parallel: ParallelContext,

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from ...files import file_stamp, load_cache, save_cache
+from ...listing import listed
 from ...memory import check_fits_memory
 from ...runtime import first_line
 from ..errors import DatasetError, DatasetNotFoundError, PathLike
@@ -81,7 +82,7 @@ def split_folder(root: PathLike, split: str | None) -> Path:
         return root
     _check_is_folder(root)
     holds = sorted(p.name + "/" for p in root.iterdir() if p.is_dir() and _visible(p))
-    holding = f" (it holds {', '.join(holds[:5])}{', ...' if len(holds) > 5 else ''})" if holds else ""
+    holding = f" (it holds {listed(holds)})" if holds else ""
     if split != "test":
         if not (root / split).is_dir():
             layout = f"{split}/<class>/<image>" + (" and test/<class>/<image>" if split == "train" else "")

@@ -16,6 +16,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from ...listing import listed
 from ..errors import DatasetError, PathLike
 from .gcide import GcideError, gcide_documents
 
@@ -188,5 +189,4 @@ def iter_documents(paths: Sequence[PathLike] | PathLike) -> Iterator[str]:
                 found += 1
                 yield document
     if not found:
-        names = ", ".join(str(path) for path in files[:5]) + (" ..." if len(files) > 5 else "")
-        raise CorpusError(f"no text found in the corpus ({names}); looked for documents in {_LOOKED_FOR} files")
+        raise CorpusError(f"no text found in the corpus ({listed(files)}); looked for documents in {_LOOKED_FOR} files")
