@@ -601,6 +601,27 @@ def expert_parallel_lamb_training(rank: int, data_dir: str, tiny: dict, out: str
     _parallel_run(rank, data_dir, tiny, out + "/ep_lamb", expert_parallel=WORLD, optimizer="lamb")
 
 
+def conv_stem_runs(rank: int, data_dir: str, tiny: dict, out: str) -> None:
+    """The conv stem's BatchNorm statistics, updated by each rank on its own rows, in every mode."""
+    conv = dict(tiny, stem="conv", patch_size=8, stem_width=32)
+    for name, changes in (("ddp", {}), ("fsdp", dict(fsdp=True)), ("ep", dict(expert_parallel=WORLD))):
+        _parallel_run(rank, data_dir, conv, f"{out}/bn_{name}", **changes)
+
+
+@pytest.mark.slow
+def test_batch_norm_statistics_are_rank_0s_when_evaluated_and_saved(tmp_path, fmnist_dir, tiny_overrides):
+    """Each rank updates its BatchNorm statistics on its own rows (DDP copies rank 0's only at the start of a
+    training forward; FSDP and expert shards never): every rank must take rank 0's, the ones the checkpoint
+    holds, before the sharded evaluation, or the logged metrics are not the saved model's."""
+    _spawn(["conv_stem_runs"], str(fmnist_dir), dict(tiny_overrides), str(tmp_path))
+    for name in ("ddp", "fsdp", "ep"):
+        logged = read_metrics(tmp_path / f"bn_{name}" / "metrics.jsonl")[-1]
+        alone = evaluate_checkpoint(str(tmp_path / f"bn_{name}"), device="cpu")
+        assert logged["split"] == "test" and logged["examples"] == alone["examples"]
+        for key in ("accuracy", "loss"):  # (3e-4 apart in the loss before; the sums' rounding: 3e-7)
+            assert logged[key] == pytest.approx(alone[key], abs=1e-6), (name, key)
+
+
 @pytest.mark.slow
 def test_expert_parallel_and_fsdp_on_two_processes(tmp_path, fmnist_dir, tiny_overrides, reference, reference_lamb):
     for name in ("ddp", "ep"):

@@ -29,6 +29,9 @@ Launched as ``torchrun --nproc_per_node W -m widenet train ...`` (W > 1):
 * Evaluation is sharded: each rank evaluates its slice of every evaluation
   batch, and the sums are all-reduced (every rank gets the global result).
   Needed anyway when the forward itself communicates (FSDP, expert parallel).
+* Buffers (the conv stem's BatchNorm statistics) are updated by each rank on
+  its own rows; before an evaluation and a save every rank takes rank 0's
+  (``ParallelContext.sync_buffers``), which the checkpoint holds.
 
 Modes: "single" (one process), "ddp" (DistributedDataParallel), "fsdp"
 (``fully_shard`` on the whole model as one unit: WideNet's shared modules
@@ -264,6 +267,19 @@ class ParallelContext:
         sums = torch.tensor([float(task) * local, float(aux), float(correct)], dtype=torch.float64)
         all_reduce_sum(on_backend_device(sums))
         return float(sums[0]) / total, float(sums[1]) / self.env.world_size, int(round(float(sums[2])))
+
+    def sync_buffers(self, model: nn.Module) -> None:
+        """Rank 0's buffers (BatchNorm statistics) on every rank. Each rank updates them on its own rows,
+        and DDP copies rank 0's only at the start of a training forward (FSDP and expert shards never):
+        before an evaluation (sharded over the ranks) and a save (rank 0's), every rank takes rank 0's, so
+        that the metrics are the saved model's and a resumed run continues as an uninterrupted one."""
+        if not self.distributed:
+            return
+        for buffer in self.module(model).buffers():
+            on_backend = on_backend_device(buffer)
+            dist.broadcast(on_backend, src=0)
+            if on_backend is not buffer:
+                buffer.copy_(on_backend)
 
     # -- checkpoints --------------------------------------------------------------------
     def model_state(self, model: nn.Module) -> nn.Module | dict[str, torch.Tensor]:

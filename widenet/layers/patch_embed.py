@@ -61,7 +61,8 @@ class ConvStem(_ImageTokenizer):
     W / 2^(n-1), ..., W / 2, W; the 1x1 convolution maps W to D. Each layer
     halves the side, rounding up: P = ceil(H / patch)^2.
     BatchNorm uses each process's own batch statistics under data parallelism,
-    so with this stem a run's result depends slightly on the number of processes.
+    so with this stem a run's result depends slightly on the number of processes
+    (its running statistics are rank 0's at each evaluation and save).
     """
 
     def __init__(self, image_size: int, patch_size: int, in_channels: int, dim: int,

@@ -241,6 +241,7 @@ class Trainer:
     def _evaluate(self, write: bool = True) -> tuple[Any, Any]:
         """The trained weights' and (with --ema-decay) the averaged weights' results, logged."""
         p, task = self.progress, self.task
+        self.parallel.sync_buffers(self.model)
         final = task.evaluate(self.model)
         final_ema = None
         if self.ema is not None:
@@ -285,6 +286,7 @@ class Trainer:
         if self.deadline is not None:
             p.wall_seconds = self.deadline.spent()
         self._calibrate_average()  # so that an evaluation of any checkpoint's average finds fitting statistics
+        parallel.sync_buffers(self.model)
         weights = parallel.model_state(self.model)  # collectives (if any) run on every rank
         state = dict(optimizer=parallel.optimizer_state(self.model, self.optimizer),
                      scheduler=self.schedule.state_dict(), rng=capture_rng_state(), progress=vars(p).copy(),
