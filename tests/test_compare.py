@@ -247,6 +247,31 @@ def test_compare_checks_every_model_before_reading_data(tmp_path, models, messag
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("settings, message", [
+    (dict(seeds=-1), "seeds must be a whole number of at least 1, got -1"),  # was an IndexError
+    (dict(seeds=0), "seeds must be a whole number of at least 1, got 0"),  # was the preset's 2 seeds
+    (dict(epochs=0), "epochs must be a whole number of at least 1, got 0"),  # was the preset's length
+    (dict(seeds=1.5), "seeds must be a whole number"),
+    # the ablation's "individual norms" run had shared ones too, and the report compared a model with itself
+    (dict(ablation=True, model_overrides=dict(share_norms=True)), "but --set share_norms=True shares them in both"),
+    (dict(preset="full", model_overrides=dict(share_norms=True)), "give --no-ablation"),
+])
+def test_compare_refuses_settings_it_would_have_ignored(tmp_path, settings, message):
+    with pytest.raises(ValueError, match=message):
+        compare(["vit_tiny", "widenet_tiny"], tmp_path / "out", data_dir=str(tmp_path / "no-data"), log=_quiet,
+                **settings)
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_ablation_asked_for_needs_a_widenet(tmp_path):
+    with pytest.raises(ValueError, match="it needs a WideNet model in --models"):  # was ignored without a word
+        compare(["vit_tiny"], tmp_path / "out", ablation=True, data_dir=str(tmp_path / "no-data"), log=_quiet)
+    for ablation in (None, False):  # the full preset's own ablation is for the WideNets there are
+        with pytest.raises(ValueError, match="no-data"):
+            compare(["vit_tiny"], tmp_path / "out", preset="full", ablation=ablation,
+                    data_dir=str(tmp_path / "no-data"), log=_quiet, model_overrides=dict(share_norms=True))
+
+
 def _result(label: str, model: str, accuracies: list[float], overrides: dict | None = None) -> SpecResult:
     return SpecResult(spec=RunSpec(label, model, overrides or {}), accuracies=accuracies, params=1, flops=1.0,
                       images_per_s=1.0, steps=1.0, routing=[], similarity=[], curve={})

@@ -90,6 +90,20 @@ def test_compare_text_needs_both_task_files(tmp_path, capsys):
     assert "give both --task-train and --task-validation" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("settings, message", [
+    (dict(seeds=0), "seeds must be a whole number of at least 1, got 0"),  # was the preset's seeds
+    (dict(seeds=-2), "seeds must be a whole number of at least 1, got -2"),
+    (dict(pretrain_steps=0), "pretrain_steps must be a whole number of at least 1, got 0"),  # the preset's steps
+])
+def test_compare_text_refuses_counts_below_one_from_python(tmp_path, settings, message):
+    from widenet.analysis.compare_text import compare_text
+
+    with pytest.raises(ValueError, match=message):
+        compare_text(["bert_text_tiny"], tmp_path / "o", corpus=[str(tmp_path / "none.txt")], log=lambda _: None,
+                     **settings)
+    assert not (tmp_path / "o").exists()
+
+
 def _no_training(monkeypatch) -> None:
     """Any training (the shared tokenizer, pretraining) fails the test."""
     def boom(*_args, **_kw):

@@ -98,18 +98,38 @@ def check_distinct(models: list[str]) -> None:
         raise ValueError(f"{', '.join(twice)} named more than once in --models")
 
 
-def _check_models(models: list[str], overrides: dict) -> None:
-    """Every name an image model that takes the settings, before anything trains."""
+def check_count(name: str, value: int | None) -> None:
+    """None (the preset's value) or a whole number of at least 1 (seeds, epochs, steps)."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"{name} must be a whole number of at least 1, got {value!r}")
+
+
+def _check_models(models: list[str], overrides: dict, ablation: bool, asked: bool) -> None:
+    """Every name an image model that takes the settings, before anything trains; and an ablation
+    (`asked` for, or the preset's) that can compare individual with shared LayerNorms."""
     for name in models:
         require_preset_kind(name, "vision", "widenet compare", "widenet compare-text compares text models")
-    for name, settings in settings_for_each(models, overrides).items():
-        model_config(name, **settings)
+    settings = settings_for_each(models, overrides)
+    for name, own in settings.items():
+        model_config(name, **own)
+    widenets = _widenets(models)
+    if asked and ablation and not widenets:
+        raise ValueError("--ablation trains WideNet with shared LayerNorms beside its own: it needs a WideNet "
+                         "model in --models")
+    if ablation and widenets and model_config(widenets[0], **settings[widenets[0]]).encoder.share_norms:
+        raise ValueError(f"the LayerNorm ablation (--ablation; on in --preset full) compares {widenets[0]}'s "
+                         "individual LayerNorms with shared ones, but --set share_norms=True shares them in both "
+                         "runs: give --no-ablation, or leave the setting out")
+
+
+def _widenets(models: list[str]) -> list[str]:
+    return [m for m in models if m.startswith("widenet")]
 
 
 def run_specs(models: list[str], ablation: bool) -> list[RunSpec]:
     """The models, plus WideNet with shared LayerNorms when WideNet is among them."""
     specs = [RunSpec(m, m) for m in models]
-    widenets = [m for m in models if m.startswith("widenet")]
+    widenets = _widenets(models)
     if ablation and widenets:
         specs.append(RunSpec(f"{widenets[0]} (shared norms)", widenets[0], {"share_norms": True}))
     return specs
@@ -127,18 +147,20 @@ def compare(models: list[str], out: str | Path, preset: str = "quick", seeds: in
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     check_distinct(models)
+    check_count("seeds", seeds)
+    check_count("epochs", epochs)
     budget = dict(PRESETS[preset])
     preset_seeds, preset_ablation = budget.pop("seeds"), budget.pop("ablation")
-    n_seeds = seeds or preset_seeds
-    ablation = preset_ablation if ablation is None else ablation
-    if epochs:
+    n_seeds = preset_seeds if seeds is None else seeds
+    asked, ablation = ablation is not None, preset_ablation if ablation is None else ablation
+    if epochs is not None:
         train_settings["epochs"] = epochs
     if {k for k, v in train_settings.items() if v is not None} & {"epochs", "max_steps", "time_budget"}:
         # the caller's length replaces the preset's
         budget.pop("time_budget", None)
     train_settings["model_overrides"] = {**budget.pop("model_overrides", {}), **train_settings.get("model_overrides", {})}
     budget.update(train_settings)
-    _check_models(models, train_settings["model_overrides"])
+    _check_models(models, train_settings["model_overrides"], ablation, asked)
     out = Path(out)
     base = TrainConfig(model=models[0], out=str(out), **budget)
     data = load_data(base)

@@ -45,7 +45,7 @@ from ..train.run_folder import driver_run, resume_or_restart
 from ..train.pretrain import pretrain
 from ..train.text_config import FinetuneConfig, PretrainConfig
 from . import plots
-from .compare import check_distinct, mean_spread, settings_note
+from .compare import check_count, check_distinct, mean_spread, settings_note
 
 # Budgets. "quick" fits beside the vision comparison in the README's main job; it is far too short
 # to leave masked LM's no-context plateau, which its report says, but long enough for sentence order
@@ -111,9 +111,10 @@ def compare_text(models: list[str], out: str | Path, preset: str = "quick", seed
         raise ValueError("give both --task-train and --task-validation, or neither (the GCIDE task)")
     if task_train is not None and gcide_task is not None:
         raise ValueError("give --gcide-task or --task-train/--task-validation, not both")
+    check_count("seeds", seeds)
+    check_count("pretrain_steps", pretrain_steps)
     budget = dict(TEXT_PRESETS[preset])
-    budget["seeds"] = seeds or budget["seeds"]
-    budget["pretrain_steps"] = pretrain_steps or budget["pretrain_steps"]
+    budget.update((k, v) for k, v in (("seeds", seeds), ("pretrain_steps", pretrain_steps)) if v is not None)
     if budget["warmup_steps"] is not None:  # a shortened run warms up over at most a tenth of its steps
         budget["warmup_steps"] = min(budget["warmup_steps"], max(1, budget["pretrain_steps"] // 10))
     budget["model_overrides"] = {**budget.get("model_overrides", {}), **(model_overrides or {})}
