@@ -52,6 +52,9 @@ def test_compare_text_writes_the_report_and_reuses_finished_runs(tmp_path, capsy
     before = read_metrics(metrics)
     assert main(args) == 0  # the same command again: finished runs are reused, nothing retrains
     assert read_metrics(metrics) == before
+    out.rename(tmp_path / "moved")  # the fine-tuning runs start from OUT/runs/.../pretrain: it moved with them
+    assert main([str(tmp_path / "moved") if a == str(out) else a for a in args]) == 0, capsys.readouterr().err  # was "made by an earlier call"
+    assert read_metrics(tmp_path / "moved" / metrics.relative_to(out)) == before
     capsys.readouterr()
 
 

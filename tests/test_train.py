@@ -192,6 +192,25 @@ def test_folder_settings_are_recorded_absolute_and_compared_as_the_paths_they_na
         recorded.to_dict()) == ["init", "train"]
 
 
+def test_path_settings_moved_with_the_run_folder_are_the_same(tmp_path):
+    """compare-text's output folder holds the fine-tuning runs, the pretraining runs they start from and
+    the task files: moved or copied whole, its runs were refused as made with other settings."""
+    from widenet.train.text_config import FinetuneConfig
+
+    def run(root: Path, train: str = "task/train.tsv") -> FinetuneConfig:
+        return FinetuneConfig(init=str(root / "runs/m/pretrain"), train=str(root / train),
+                              validation=str(root / "task/v.tsv"), out=str(root / "runs/m/finetune"))
+
+    saved, folder = run(tmp_path / "a").to_dict(), str(tmp_path / "a" / "runs/m/finetune")
+    assert run(tmp_path / "b").resume_conflicts(saved, folder) == []  # moved whole
+    assert run(tmp_path / "b").resume_conflicts(saved) == ["init", "train", "validation"]  # (an older checkpoint)
+    assert run(tmp_path / "b", "task/other.tsv").resume_conflicts(saved, folder) == ["train"]
+    elsewhere = dataclasses.replace(run(tmp_path / "a"), out=str(tmp_path / "b/runs/m/finetune"))
+    assert elsewhere.resume_conflicts(saved, folder) == []  # the run alone moved: its inputs stayed
+    assert dataclasses.replace(elsewhere, train=str(tmp_path / "b/task/train.tsv")).resume_conflicts(
+        saved, folder) == []  # (the file at the moved place: taken as the run's own inputs, moved with it)
+
+
 def test_randaugment_n_beyond_its_operations_is_refused_before_the_data_loads(tmp_path, capsys, monkeypatch):
     """--randaugment-n 16 used to fail in kornia's words ("Expect `n` in [1, 15]"), once the data had loaded."""
     from kornia.augmentation.auto import RandAugment

@@ -114,13 +114,17 @@ class RecipeConfig:
         paths = {k: _resolved(v) for k in self.PATH_SETTINGS if (v := getattr(self, k, None))}
         return replace(self, **paths) if paths else self
 
-    def resume_conflicts(self, saved: dict[str, Any]) -> list[str]:
-        """Settings that differ between a saved run and this one and would change training."""
+    def resume_conflicts(self, saved: dict[str, Any], saved_folder: str | None = None) -> list[str]:
+        """Settings that differ between a saved run and this one and would change training. A path
+        setting is the same where it resolves to the same path, or, for a run saved in `saved_folder`
+        (absolute), where it lies at the same place relative to the run folder (a folder moved or
+        copied with its inputs, as `widenet compare-text`'s output with its task files and runs)."""
         now = self.to_dict()
 
         def same(key: str) -> bool:
             if key in self.PATH_SETTINGS:
-                return _resolved(saved[key]) == _resolved(now[key])
+                return _resolved(saved[key]) == _resolved(now[key]) or (
+                    saved_folder is not None and _relative(saved[key], saved_folder) == _relative(now[key], self.out))
             return saved[key] == now[key]
 
         return [k for k in now if k not in self.RESUME_FREE and k in saved and not same(k)]
@@ -185,6 +189,15 @@ def _resolved(value: Any) -> Any:
     if isinstance(value, list):
         return [_resolved(v) for v in value]
     return os.path.abspath(value) if isinstance(value, str) and value and not is_hub_name(value) else value
+
+
+def _relative(value: Any, folder: str) -> Any:
+    """A path setting (a string, or a list of them) relative to `folder`; hub names and the rest as they are."""
+    if isinstance(value, list):
+        return [_relative(v, folder) for v in value]
+    if isinstance(value, str) and value and not is_hub_name(value):
+        return os.path.relpath(os.path.abspath(value), os.path.abspath(folder))
+    return value
 
 
 def _positive(cfg: Any, *names: str, optional: bool = False) -> None:

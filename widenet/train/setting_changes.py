@@ -3,6 +3,7 @@ setting by setting (a resume with other settings is refused: trainer.Trainer).""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from ..layers.moe import MOE_SETTINGS
@@ -20,7 +21,8 @@ def changed_settings(cfg: RecipeConfig, meta: dict[str, Any], saved_meta: dict[s
     dictionary); MoE settings are left out where neither model has an MoE layer.
     """
     saved = saved_meta.get("train_config", {})
-    conflicts = cfg.resume_conflicts(saved)
+    folder = saved_meta.get("folder")  # the run folder it was saved in (absolute)
+    conflicts = cfg.resume_conflicts(saved, folder if isinstance(folder, str) and os.path.isabs(folder) else None)
     saved_model, model = saved_meta.get("model_config"), meta.get("model_config")
     model_changes = []
     if isinstance(saved_model, dict) and isinstance(model, dict) and saved_meta.get("model") == cfg.model:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import itertools
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -293,7 +294,8 @@ class Trainer:
                      window=self.window.state())
         state.update({k: v.state_dict() for k, v in (("ema", self.ema), ("scaler", self.scaler)) if v is not None})
         if parallel.is_main:
-            save_checkpoint(self.out, p.step, weights, state, dict(self.meta, epoch=p.epoch), self.cfg.keep_last)
+            save_checkpoint(self.out, p.step, weights, state, dict(self.meta, epoch=p.epoch, folder=os.path.abspath(self.out)),
+                            self.cfg.keep_last)  # (folder: path settings may be compared relative to it)
             drop_set_aside(self.out)  # this run has replaced an earlier one (--overwrite) for good
         parallel.barrier()
 
