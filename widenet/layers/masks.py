@@ -37,6 +37,7 @@ def resolve_padding_mask(shape: torch.Size | tuple[int, ...], padding_mask: torc
         return ~mask
     if mask.dtype.is_complex:
         raise TypeError(f"keep_mask must be bool or 0/1 numbers, got dtype {mask.dtype}")
-    if mask.numel() and not torch.all((mask == 0) | (mask == 1)):  # (NaN too)
+    # (NaN too; not while torch.compile traces: a data-dependent branch breaks fullgraph)
+    if mask.numel() and not torch.compiler.is_compiling() and not torch.all((mask == 0) | (mask == 1)):
         raise ValueError("keep_mask must hold only 0 (padding) and 1 (a real token)")
     return mask == 0
