@@ -158,6 +158,18 @@ def test_text_classifier_compiles_whole_with_a_keep_mask_of_numbers():
     _check_against_eager(model, run, "aot_eager")
 
 
+def test_save_pretrained_writes_the_model_a_compiled_one_wraps(tmp_path):
+    """torch.compile(model) is an OptimizedModule (its state dict's keys prefixed "_orig_mod."):
+    save_pretrained refused it, though the weights are the model's."""
+    torch.manual_seed(0)
+    model = widenet.create_model("widenet_tiny", dim=32, depth=2, num_heads=2, mlp_dim=64)
+    widenet.save_pretrained(torch.compile(model), tmp_path / "m")
+    loaded = widenet.load_pretrained(tmp_path / "m").model
+    assert loaded.state_dict().keys() == model.state_dict().keys()
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+
+
 def test_importing_widenet_does_not_load_the_compiler():
     import subprocess
     import sys

@@ -94,12 +94,14 @@ def save_pretrained(model: nn.Module | Pretrained, folder: str | os.PathLike, *,
     `--init` read (as `widenet export` writes it); "hf", a Hugging Face checkpoint that transformers
     loads (ViT and dense post-norm text models; models.hf_export.HFExportError for others). A
     Pretrained (load_pretrained) brings its class names, image mean / std, tokenizer and how its
-    texts and images are prepared; arguments given here take their place. The folder appears whole or
+    texts and images are prepared; arguments given here take their place. A torch.compile'd model is
+    written as the model it compiled. The folder appears whole or
     not at all; a model folder already there is replaced only with overwrite=True."""
     if format not in ("widenet", "hf"):
         raise ValueError(f"format must be 'widenet' or 'hf', got {format!r}")
     loaded = model if isinstance(model, Pretrained) else None
     module = loaded.model if loaded else model
+    module = getattr(module, "_orig_mod", module)  # torch.compile's wrapper: the model it compiled
     if not isinstance(module, (VisionTransformer, TextTransformer)):
         raise TypeError(f"save_pretrained takes a widenet VisionTransformer or TextTransformer (or what "
                         f"load_pretrained returns), got {type(module).__name__}")
