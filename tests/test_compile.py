@@ -180,9 +180,12 @@ def test_importing_widenet_does_not_load_the_compiler():
 
 
 def test_compile_without_a_cpp_compiler_is_one_line(monkeypatch, capsys):
-    monkeypatch.delenv("CXX", raising=False)
-    monkeypatch.setattr("shutil.which", lambda name: None)
-    with pytest.raises(CompileUnavailable, match="needs a C\\+\\+ compiler .*run without --compile"):
+    """Inductor takes $CXX (read when it loads), else g++: the check asks inductor's own search (it
+    accepted any of g++, c++, clang++ on the PATH, and a run then failed at its first step)."""
+    import torch._inductor.config
+
+    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", (None, "/nonexistent/g++"))
+    with pytest.raises(CompileUnavailable, match="needs a C\\+\\+ compiler: /nonexistent/g\\+\\+ .*run without --compile"):
         check_compile_available(torch.device("cpu"))
     rc = main(["bench", "model", "vit_tiny", "--batch-size", "2", "--steps", "1", "--device", "cpu", "--compile"])
     err = capsys.readouterr().err

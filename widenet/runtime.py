@@ -71,8 +71,6 @@ def compiled_if(enabled: bool, model: torch.nn.Module, device: torch.device) -> 
 
 def check_compile_available(device: torch.device) -> None:
     """Raise CompileUnavailable unless torch.compile's default backend can run on `device`."""
-    import shutil
-
     hint = "; run without --compile"
     try:
         import torch._dynamo as dynamo
@@ -80,13 +78,20 @@ def check_compile_available(device: torch.device) -> None:
         dynamo.is_dynamo_supported()  # raises on Python versions and platforms dynamo lacks
     except Exception as err:  # noqa: BLE001 - any failure here means: no compile
         raise CompileUnavailable(f"torch.compile is unavailable ({first_line(err)}){hint}") from None
-    if device.type == "cpu":
-        import os
-
-        names = [os.environ["CXX"]] if os.environ.get("CXX") else ["g++", "c++", "clang++"]
-        if not any(shutil.which(name) for name in names):
-            raise CompileUnavailable(f"torch.compile on a CPU needs a C++ compiler ({' or '.join(names)}), "
-                                     f"none is installed{hint}")
+    if device.type == "cpu":  # the compiler inductor itself would take: $CXX, else g++ (runs `--version`)
+        try:
+            from torch._inductor import config as inductor_config
+            from torch._inductor.cpp_builder import get_cpp_compiler
+        except Exception as err:  # noqa: BLE001 - any failure here means: no compile
+            raise CompileUnavailable(f"torch.compile's inductor does not load ({first_line(err)}){hint}") from None
+        try:
+            get_cpp_compiler()
+        except Exception:  # noqa: BLE001 - inductor's InvalidCxxCompiler, or another failure of the search
+            cxx = inductor_config.cpp.cxx
+            names = [n for n in (cxx if isinstance(cxx, (list, tuple)) else [cxx]) if n] or ["g++"]
+            raise CompileUnavailable(f"torch.compile on a CPU needs a C++ compiler: {' or '.join(names)} (the CXX "
+                                     f"environment variable names another) is not installed or does not run{hint}"
+                                     ) from None
     elif device.type == "cuda":
         import importlib.util
 
