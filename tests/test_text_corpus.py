@@ -781,6 +781,24 @@ def test_write_usage_task(tmp_path):
     assert not {_headword_id(s) for s, _ in train if "k" in s} & {_headword_id(s) for s, _ in val if "k" in s}
 
 
+def test_a_sentence_that_reads_alike_for_several_headwords_is_one_row(tmp_path):
+    """With the headword hidden, GCIDE's usage examples often read alike ("to _ the arm"): 9% of the
+    usage task's validation rows were also training rows, word for word."""
+    lines = []
+    for label, (abbrev, use) in enumerate({"n.": "the _ of a vessel", "v. t.": "to _ the arm"}.items()):
+        for index in range(12):
+            word = f"Word{label}x{index}"
+            example = use.replace("_", word.lower()) + (f" k{label}x{index}" if index >= 6 else "")
+            lines.append(f"{word} \\{word}\\, {abbrev}\n   A gloss; as, {example}.\n")
+    path = _write_gcide(tmp_path / "usage.dict.dz", "\n".join(lines))
+    train_path, val_path = write_gcide_task(path, tmp_path / "task", "usage", train_size=10, validation_size=4,
+                                            seed=0)
+    train, val = _read_tsv(train_path), _read_tsv(val_path)
+    sentences = [sentence for sentence, _ in train + val]
+    assert len(sentences) == len(set(sentences)) == 14  # 6 + 6 distinct, and one of each alike set
+    assert {"the _ of a vessel", "to _ the arm"} <= set(sentences)
+
+
 def test_pos_rows_hide_headword_and_drop_attributions(tmp_path):
     path = _write_gcide(tmp_path / "small.dict.dz", GCIDE_ENTRIES)
     train_path, val_path = write_gcide_task(path, tmp_path, "pos", train_size=6, validation_size=2, seed=1)

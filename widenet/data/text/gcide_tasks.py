@@ -82,13 +82,18 @@ TASK_KINDS: dict[str, tuple[tuple[str, ...], str, Callable[[GcideEntry], str | N
 
 
 def _collect_examples(path: PathLike, kind: str) -> dict[str, dict[str, list[str]]]:
-    """``{label: {headword (lowercased): [sentence, ...]}}`` over the whole dictionary."""
+    """``{label: {headword (lowercased): [sentence, ...]}}`` over the whole dictionary, each sentence
+    once: with the headword hidden, different entries often read alike ("to _ the arm", "a good _"),
+    and such a sentence in both splits (or twice in one) would be a test example trained on."""
     labels, attribute, text_of = TASK_KINDS[kind]
     found: dict[str, dict[str, list[str]]] = {label: defaultdict(list) for label in labels}
+    seen: set[str] = set()
     for entry in read_gcide(path):
         label = getattr(entry, attribute)
         sentence = text_of(entry) if label in found else None
-        if sentence is not None:
+        key = " ".join(sentence.split()).lower() if sentence is not None else None
+        if key is not None and key not in seen:
+            seen.add(key)
             found[label][entry.headword.lower()].append(sentence)
     return found
 
@@ -194,7 +199,8 @@ def write_gcide_task(
 
     Each row is the first sentence of an entry's definitions with the headword
     replaced by ``_`` and the entry's label. The labels are balanced as far as
-    the dictionary allows, a headword appears in only one split, and the files
+    the dictionary allows, a headword appears in only one split, a sentence
+    (headword hidden) in only one row, and the files
     are written atomically. The files hold exactly ``train_size`` and
     ``validation_size`` rows; a request the dictionary cannot meet raises
     GcideError, and existing files raise ValueError unless ``overwrite``.
