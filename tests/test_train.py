@@ -19,8 +19,9 @@ import torch
 from safetensors.torch import load_file
 
 from widenet.cli import main
-from widenet.data.images import load_dataset
+from widenet.data.images import load_dataset, subset
 from widenet.layers.moe import MoE
+from widenet.models import create_model
 from widenet.train import images, trainer
 from widenet.train.checkpoint import (CheckpointError, checkpoint_dir_name, find_latest_checkpoint,
                                       list_checkpoints, load_checkpoint)
@@ -262,6 +263,34 @@ def test_evaluate_routing_per_moe_block(learned, fmnist_dir):
     assert ev.loss == pytest.approx(result.final_eval.loss, rel=1e-6)
     for mine, final in zip(ev.routing, result.final_eval.routing, strict=True):
         assert mine.expert_fraction == pytest.approx(final.expert_fraction)
+
+
+def test_evaluation_counts_dropped_assignments_beside_dropped_tokens(fmnist_dir):
+    """Top-2 at a low capacity: a token over one expert's capacity keeps its other expert, so the
+    dropped tokens (no expert left) were 0 while 1 in 5 assignments was dropped, and the report
+    showed only the 0. Both are batch-weighted means of the layer's own statistics."""
+    from widenet.train.evaluate import dropped_text
+
+    torch.manual_seed(0)
+    model = create_model("widenet_tiny", dim=32, depth=2, num_heads=2, mlp_dim=64, top_k=2,
+                         eval_capacity_factor=0.7).eval()
+    data = subset(load_dataset("fashion-mnist", "test", fmnist_dir, download=False), 24, 0)
+    mean, std = [0.5], [0.25]
+    ev = evaluate(model, data, 16, torch.device("cpu"), mean, std)  # batches of 16 and 8
+    expected = [[0.0, 0.0] for _ in ev.routing]
+    with torch.no_grad():
+        for start in (0, 16):
+            images = normalize(data.images[start:start + 16], mean, std)
+            for block, stats in enumerate(model(images).routing):
+                expected[block][0] += float(stats.dropped_fraction) * len(images) / 24
+                expected[block][1] += float(stats.dropped_assignment_fraction) * len(images) / 24
+    for r, (tokens, assignments) in zip(ev.routing, expected, strict=True):
+        assert (r.dropped_fraction, r.dropped_assignment_fraction) == pytest.approx((tokens, assignments))
+        assert r.dropped_assignment_fraction > r.dropped_fraction  # what the single column hid
+    text = dropped_text(vars(ev.routing[0]))
+    assert text == f"{ev.routing[0].dropped_fraction:.3f} of tokens, {ev.routing[0].dropped_assignment_fraction:.3f} " \
+                   "of assignments"
+    assert dropped_text(dict(dropped_fraction=0.25)) == "0.250 of tokens"  # a record from before
 
 
 def test_evaluate_dense_model_has_no_routing(fmnist_dir, tiny_overrides):

@@ -183,6 +183,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from .train.evaluate import dropped_text
     from .train.evaluate_cli import evaluate_checkpoint
 
     report = evaluate_checkpoint(args.checkpoint, data=args.data, data_dir=args.data_dir,
@@ -202,7 +203,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(f"  single images: accuracy {report['single_accuracy']:.4f}, loss {report['single_loss']:.4f}")
     for r in report["routing"]:
         load = " ".join(f"{f:.2f}" for f in r["expert_fraction"])
-        print(f"  block {r['block']:>2}: expert load [{load}]  dropped {r['dropped_fraction']:.3f}")
+        print(f"  block {r['block']:>2}: expert load [{load}]  dropped {dropped_text(r)}")
     return 0
 
 

@@ -324,11 +324,13 @@ def _ablation_verdict(main: list[SpecResult], shared: SpecResult) -> str:
 
 
 def _routing_table(results: list[SpecResult]) -> str:
-    rows = ["| model | block | expert load | dropped |", "|---|---:|---|---:|"]
+    rows = ["| model | block | expert load | tokens dropped | assignments dropped |", "|---|---:|---|---:|---:|"]
     for r in results:
         for b in r.routing:
             load = " / ".join(f"{f:.2f}" for f in b["expert_fraction"])
-            rows.append(f"| {r.spec.label} | {b['block']} | {load} | {b['dropped_fraction']:.3f} |")
+            assignments = b.get("dropped_assignment_fraction")
+            rows.append(f"| {r.spec.label} | {b['block']} | {load} | {b['dropped_fraction']:.3f} | "
+                        + ("-" if assignments is None else f"{assignments:.3f}") + " |")
     return "\n".join(rows) if len(rows) > 2 else "(no MoE model in the comparison)"
 
 

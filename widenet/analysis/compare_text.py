@@ -37,6 +37,7 @@ from ..data.text.gcide import GCIDE_PATH
 from ..data.text.gcide_tasks import write_gcide_task
 from ..data.text.tokenizer import save_tokenizer, train_tokenizer
 from ..models.registry import model_config, require_preset_kind, settings_for, settings_for_each
+from ..train.evaluate import dropped_text
 from ..train.finetune import finetune
 from ..train.checkpoint_layout import SettingsChanged
 from ..train.exported import TOKENIZER_FILE
@@ -387,5 +388,5 @@ def _routing_lines(results: list[TextModelResult]) -> list[str]:
     for r in results:
         for b in r.seeds[0].routing:
             load = " ".join(f"{f:.2f}" for f in b["expert_fraction"])
-            lines.append(f"- {r.model} block {b['block']}: [{load}], dropped {b['dropped_fraction']:.3f}")
+            lines.append(f"- {r.model} block {b['block']}: [{load}], dropped {dropped_text(b)}")
     return lines or ["(no MoE blocks)"]

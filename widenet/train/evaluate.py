@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +25,8 @@ class BlockRouting:
 
     block: int
     expert_fraction: list[float]
-    dropped_fraction: float
+    dropped_fraction: float  # of the tokens: those that lost every assignment (no expert output)
+    dropped_assignment_fraction: float | None = None  # of the (token, expert) assignments; None: not recorded
 
 
 @dataclass
@@ -57,12 +58,20 @@ def drop_note(record: dict) -> str:
             "expert output): raise --eval-capacity-factor (or --capacity-factor), or use --dropless")
 
 
+def dropped_text(block: Mapping[str, Any]) -> str:
+    """A block's drops as a report says them (a BlockRouting's fields): "0.002 of tokens, 0.029 of
+    assignments" (with top-2 routing a token over one expert's capacity keeps its other expert)."""
+    tokens, assignments = block["dropped_fraction"], block.get("dropped_assignment_fraction")
+    return f"{tokens:.3f} of tokens" + ("" if assignments is None else f", {assignments:.3f} of assignments")
+
+
 class RoutingTally:
     """Per-block expert load and drop rate over many MoE calls, weighted by tokens (or examples)."""
 
     def __init__(self) -> None:
         self.load: dict[int, torch.Tensor] = {}
         self.dropped: dict[int, float] = {}
+        self.dropped_assignments: dict[int, float] = {}
         self.weight = 0.0
 
     def add(self, routing: Sequence[RoutingStats | None], weight: float) -> None:
@@ -72,10 +81,13 @@ class RoutingTally:
             if stats is not None:  # per-call fractions -> fractions over everything seen
                 self.load[block] = self.load.get(block, 0) + stats.expert_fraction.float().cpu() * weight
                 self.dropped[block] = self.dropped.get(block, 0.0) + float(stats.dropped_fraction) * weight
+                self.dropped_assignments[block] = (self.dropped_assignments.get(block, 0.0)
+                                                   + float(stats.dropped_assignment_fraction) * weight)
 
     def blocks(self) -> list[BlockRouting]:
         w = max(self.weight, 1e-12)
-        return [BlockRouting(b, (self.load[b] / w).tolist(), self.dropped[b] / w) for b in sorted(self.load)]
+        return [BlockRouting(b, (self.load[b] / w).tolist(), self.dropped[b] / w, self.dropped_assignments[b] / w)
+                for b in sorted(self.load)]
 
 
 @dataclass
@@ -85,7 +97,7 @@ class EvalSums:
     loss, correct, seen: scalars; single_loss, single_correct: the same for the
     plain images alone (equal to loss, correct without test-time augmentation);
     load: (blocks, E) expert fractions times batch size per MoE block;
-    dropped: (blocks,) dropped fractions times batch size.
+    dropped, dropped_assignments: (blocks,) dropped fractions (of tokens, of assignments) times batch size.
     """
 
     loss: float = 0.0
@@ -95,12 +107,13 @@ class EvalSums:
     single_correct: int = 0
     load: dict[int, torch.Tensor] = field(default_factory=dict)
     dropped: dict[int, float] = field(default_factory=dict)
+    dropped_assignments: dict[int, float] = field(default_factory=dict)
     tta: str = "none"
 
     def result(self) -> EvalResult:
         seen = max(self.seen, 1)
-        routing = [BlockRouting(b, (self.load[b] / seen).tolist(), self.dropped[b] / seen)
-                   for b in sorted(self.load)]
+        routing = [BlockRouting(b, (self.load[b] / seen).tolist(), self.dropped[b] / seen,
+                                self.dropped_assignments[b] / seen) for b in sorted(self.load)]
         result = EvalResult(self.correct / seen, self.loss / seen, self.seen, routing)
         if self.tta != "none":
             result.single_accuracy, result.single_loss = self.single_correct / seen, self.single_loss / seen
@@ -157,6 +170,8 @@ def evaluation_sums(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torc
             if stats is not None:  # weight by batch size: per-call fractions -> dataset fractions
                 sums.load[block] = sums.load.get(block, 0) + stats.expert_fraction.float().cpu() * n
                 sums.dropped[block] = sums.dropped.get(block, 0.0) + float(stats.dropped_fraction) * n
+                sums.dropped_assignments[block] = (sums.dropped_assignments.get(block, 0.0)
+                                                   + float(stats.dropped_assignment_fraction) * n)
     model.train(was_training)
     return sums
 
@@ -184,7 +199,8 @@ def _all_reduce_sums(sums: EvalSums) -> EvalSums:
     parts = [torch.tensor([sums.loss, sums.correct, sums.seen, sums.single_loss, sums.single_correct],
                           dtype=torch.float64)]
     parts += [sums.load[b].double() for b in blocks]
-    parts.append(torch.tensor([sums.dropped[b] for b in blocks], dtype=torch.float64))
+    parts += [torch.tensor([drops[b] for b in blocks], dtype=torch.float64)
+              for drops in (sums.dropped, sums.dropped_assignments)]
     flat = on_backend_device(torch.cat(parts))
     all_reduce_sum(flat)
     flat = flat.cpu()
@@ -196,4 +212,5 @@ def _all_reduce_sums(sums: EvalSums) -> EvalSums:
         out.load[b] = flat[offset:offset + n].float()
         offset += n
     out.dropped = {b: float(flat[offset + i]) for i, b in enumerate(blocks)}
+    out.dropped_assignments = {b: float(flat[offset + len(blocks) + i]) for i, b in enumerate(blocks)}
     return out

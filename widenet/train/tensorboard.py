@@ -6,7 +6,8 @@ process only, to event files in OUT/tensorboard/ at the record's step:
     train/loss, train/aux_loss, train/accuracy, train/lr, train/images_per_s, ...   (log lines)
     test/accuracy, test/loss, validation/mlm_accuracy, test_ema/..., ...           (evaluations)
     routing/<split>/block<b>/expert_load/e<i>   fraction of the block's assignments to expert i
-    routing/<split>/block<b>/dropped            fraction of the block's tokens dropped
+    routing/<split>/block<b>/dropped            fraction of the block's tokens dropped (no expert left)
+    routing/<split>/block<b>/dropped_assignments  fraction of its (token, expert) assignments dropped
 
 (``<split>`` is the record's split; blocks count from 0, as in metrics.jsonl.)
 Numbers nested in dicts or lists become ``<split>/<key>/<subkey>`` tags;
@@ -82,6 +83,7 @@ def _add_routing(scalars: dict[str, float], split: str, blocks: list[Any]) -> No
         for expert, fraction in enumerate(block.get("expert_fraction") or []):
             _add_numbers(scalars, f"{prefix}/expert_load/e{expert}", fraction)
         _add_numbers(scalars, f"{prefix}/dropped", block.get("dropped_fraction"))
+        _add_numbers(scalars, f"{prefix}/dropped_assignments", block.get("dropped_assignment_fraction"))
 
 
 def _add_numbers(scalars: dict[str, float], tag: str, value: Any) -> None:
