@@ -384,6 +384,19 @@ def test_paper_parameter_counts(name):
     assert model.cfg.task == "pretrain" and model.cfg.encoder.norm_position == "post"
 
 
+def test_the_parameter_counts_text_presets_documents_are_the_models():
+    """Both tables of the module's docstring, read from it (the tiny rows had gone stale by 256)."""
+    import re
+
+    import widenet.models.text_presets as presets
+
+    rows = re.findall(r"^    (\w+)\s+([\d,]+)\b", presets.__doc__, re.MULTILINE)
+    assert len(rows) == 8
+    for name, documented in rows:
+        with torch.device("meta"):
+            assert count_parameters(create_model(name)) == int(documented.replace(",", "")), name
+
+
 def test_widenet_presets_sizes():
     with torch.device("meta"):
         model = create_model("widenet_text_8e")

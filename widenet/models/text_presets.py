@@ -16,11 +16,11 @@ head (768 x 2 + 2):
 
 Tiny presets for a 2-core CPU (vocabulary 8000, embedding 64, width 128, 4
 blocks, 4 heads, FFN / experts 256, 4 experts top-2, 128 positions), counted
-the same way at vocabulary 8000:
+the same way at vocabulary 8000 (with the final LayerNorm of their pre-norm layout):
 
-    albert_text_tiny     694,402
-    bert_text_tiny     1,091,842
-    widenet_text_tiny    894,210
+    albert_text_tiny     694,658
+    bert_text_tiny     1,092,098
+    widenet_text_tiny    894,466
 
 They are PRE-norm, unlike the paper's models, because CPU budgets are short
 and post-norm trains much more slowly at this size: on MLM over random
