@@ -136,7 +136,8 @@ def test_compare_text_without_task_files_uses_the_usage_task(tmp_path, capsys, m
         raise ValueError("stop here")
 
     monkeypatch.setattr("widenet.analysis.compare_text._gcide_task", gcide_task)
-    assert main(["compare-text", "--models", "widenet_text_tiny", "--corpus", str(tmp_path),
+    _corpus(tmp_path / "corpus.txt")
+    assert main(["compare-text", "--models", "widenet_text_tiny", "--corpus", str(tmp_path / "corpus.txt"),
                  "--out", str(tmp_path / "o")]) == 2
     assert asked == ["usage"] and "stop here" in capsys.readouterr().err
 
@@ -186,6 +187,11 @@ def test_shared_files_made_with_other_settings_are_named_not_reused(tmp_path, mo
                                          "would change nothing; add an MoE model (widenet_text_tiny)"),  # was ignored
     ("widenet_text_tiny", "sentence\tlabel\nthe fox\tgood\nthe bird\n", "train.tsv line 3: expected 2 fields"),
     ("widenet_text_tiny", "sentence\tlabel\nthe fox\tgood\n", "every example has the label 'good'"),
+    # these were found after the shared tokenizer had trained:
+    ("widenet_text_tiny --set task=qa", None, "compare-text sets task itself (it pretrains, then fine-tunes on the "
+                                              "task with its shared tokenizer of 8000 pieces): leave --set task out"),
+    ("widenet_text_tiny --set vocab_size=500", None, "compare-text sets vocab_size itself"),
+    ("widenet_text_tiny --device cuda", None, "--device cuda was asked for, but no CUDA GPU is available"),
 ])
 def test_compare_text_checks_models_and_task_files_before_training(tmp_path, capsys, monkeypatch, models, train,
                                                                      message):
@@ -201,6 +207,14 @@ def test_compare_text_checks_models_and_task_files_before_training(tmp_path, cap
                  "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and message in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_compare_text_checks_the_corpus_before_training(tmp_path, capsys, monkeypatch):
+    _no_training(monkeypatch)
+    assert main(["compare-text", "--models", "bert_text_tiny", "--corpus", str(tmp_path / "none.txt"),
+                 "--out", str(tmp_path / "o")]) == 2
+    assert f"{tmp_path / 'none.txt'}: corpus path not found" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 
@@ -220,7 +234,8 @@ def test_compare_text_checks_validation_labels_before_training(tmp_path, capsys,
     _no_training(monkeypatch)
     _write_classify(tmp_path / "train.tsv", 16, 0)
     _write_classify(tmp_path / "dev.tsv", 8, 1, labels=("good", "meh"))
-    assert main(["compare-text", "--models", "widenet_text_tiny", "--corpus", str(tmp_path / "train.tsv"),
+    _corpus(tmp_path / "corpus.txt")
+    assert main(["compare-text", "--models", "widenet_text_tiny", "--corpus", str(tmp_path / "corpus.txt"),
                  "--task-train", str(tmp_path / "train.tsv"), "--task-validation", str(tmp_path / "dev.tsv"),
                  "--out", str(tmp_path / "o")]) == 2
     assert "label 'meh' is not one of the training labels: 'bad', 'good'" in capsys.readouterr().err

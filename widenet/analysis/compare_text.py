@@ -32,11 +32,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from ..data.text.documents import iter_documents
+from ..data.text.documents import corpus_files, iter_documents
 from ..data.text.gcide import GCIDE_PATH
 from ..data.text.gcide_tasks import write_gcide_task
 from ..data.text.tokenizer import save_tokenizer, train_tokenizer
 from ..models.registry import model_config, require_preset_kind, settings_for, settings_for_each
+from ..runtime import resolve_device
 from ..train.evaluate import dropped_text
 from ..train.finetune import finetune
 from ..train.checkpoint_layout import SettingsChanged
@@ -120,6 +121,9 @@ def compare_text(models: list[str], out: str | Path, preset: str = "quick", seed
         budget["warmup_steps"] = min(budget["warmup_steps"], max(1, budget["pretrain_steps"] // 10))
     budget["model_overrides"] = {**budget.get("model_overrides", {}), **(model_overrides or {})}
     _check_models(models, budget, model_overrides or {})
+    resolve_device(device)  # these before the tokenizer trains (a minute on GCIDE)
+    if corpus:
+        corpus_files(corpus)
     out = Path(out)
     corpus = corpus or [str(_gcide())]
     if task_train is None:
@@ -139,6 +143,9 @@ def _check_models(models: list[str], budget: dict, given: dict) -> None:
     from ..models.registry import apply_overrides, get_entry
     from ..train.text_common import check_fits_positions
 
+    if fixed := [key for key in ("task", "vocab_size", "num_labels") if key in given]:
+        raise ValueError(f"compare-text sets {', '.join(fixed)} itself (it pretrains, then fine-tunes on the task "
+                         f"with its shared tokenizer of {VOCAB_SIZE} pieces): leave --set {fixed[0]} out")
     for name in models:
         require_preset_kind(name, "text", "widenet compare-text", "widenet compare compares image models")
         cfg = get_entry(name).make_config()
