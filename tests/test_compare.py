@@ -277,6 +277,19 @@ def _result(label: str, model: str, accuracies: list[float], overrides: dict | N
                       images_per_s=1.0, steps=1.0, routing=[], similarity=[], curve={})
 
 
+def test_training_curves_mark_the_points_of_a_short_run(tmp_path, monkeypatch):
+    """A short run logs one training loss (log_every 50): drawn as a line alone, it left the panel empty."""
+    from widenet.analysis import plots
+
+    drawn = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: drawn.append(fig) or path)
+    short = dict(train_step=[50], train_loss=[0.9], test_step=[60], test_acc=[0.5])
+    long = dict(train_step=list(range(1, 101)), train_loss=[1.0] * 100, test_step=[100], test_acc=[0.5])
+    plots.training_curves({"short": short, "long": long}, tmp_path / "c.png")
+    short_line, long_line = drawn[0].axes[0].lines
+    assert short_line.get_marker() == "o" and long_line.get_marker() in ("None", None, "")
+
+
 def test_ablation_verdict_on_a_tie_names_no_winner():
     """Equal accuracies: neither kind of norm did better."""
     own = _result("widenet_tiny", "widenet_tiny", [0.5, 0.5])

@@ -36,7 +36,8 @@ def training_curves(curves: dict[str, dict[str, list]], path: Path) -> Path:
     """curves: label -> {"train_step", "train_loss", "test_step", "test_acc"}."""
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
     for label, c in curves.items():
-        ax_loss.plot(c["train_step"], c["train_loss"], label=label)
+        few = len(c["train_step"]) < 20  # a short run logs a few points: one alone draws no line
+        ax_loss.plot(c["train_step"], c["train_loss"], marker="o" if few else None, label=label)
         ax_acc.plot(c["test_step"], [100 * a for a in c["test_acc"]], marker="o", label=label)
     ax_loss.set_xlabel("step")
     ax_loss.set_ylabel("training loss")
