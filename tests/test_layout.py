@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1] / "widenet"
 # Lower tiers may not import higher ones. distributed/ sits below train/ and
 # beside data/: neither may import the other.
 TIERS: dict[str, int] = {
-    "files": 0, "memory": 0, "rng": 0, "runtime": 0, "settings": 0, "signals": 0,
+    "files": 0, "listing": 0, "memory": 0, "rng": 0, "runtime": 0, "settings": 0, "signals": 0,
     "layers": 1,
     "models": 2,
     "data": 3, "distributed": 3,
