@@ -196,6 +196,7 @@ def test_shared_files_made_with_other_settings_are_named_not_reused(tmp_path, mo
 def test_compare_text_checks_models_and_task_files_before_training(tmp_path, capsys, monkeypatch, models, train,
                                                                      message):
     _no_training(monkeypatch)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)  # (--device cuda on a machine with a GPU)
     _corpus(tmp_path / "corpus.txt")
     if train is None:
         _write_classify(tmp_path / "train.tsv", 16, 0)

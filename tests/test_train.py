@@ -210,6 +210,13 @@ def test_path_settings_moved_with_the_run_folder_are_the_same(tmp_path):
     assert elsewhere.resume_conflicts(saved, folder) == []  # the run alone moved: its inputs stayed
     assert dataclasses.replace(elsewhere, train=str(tmp_path / "b/task/train.tsv")).resume_conflicts(
         saved, folder) == []  # (the file at the moved place: taken as the run's own inputs, moved with it)
+    from widenet.train.text_config import PretrainConfig
+
+    def corpus(root: Path) -> PretrainConfig:  # one file inside the run's tree, one outside it, item by item
+        return PretrainConfig(corpus=[str(root / "text.txt"), str(tmp_path / "shared.txt")], out=str(root / "pt"))
+
+    assert corpus(tmp_path / "b").resume_conflicts(corpus(tmp_path / "a").to_dict(), str(tmp_path / "a/pt")) == []
+    assert corpus(tmp_path / "b").resume_conflicts(corpus(tmp_path / "a").to_dict()) == ["corpus"]
 
 
 def test_randaugment_n_beyond_its_operations_is_refused_before_the_data_loads(tmp_path, capsys, monkeypatch):
@@ -291,6 +298,25 @@ def test_evaluation_counts_dropped_assignments_beside_dropped_tokens(fmnist_dir)
     assert text == f"{ev.routing[0].dropped_fraction:.3f} of tokens, {ev.routing[0].dropped_assignment_fraction:.3f} " \
                    "of assignments"
     assert dropped_text(dict(dropped_fraction=0.25)) == "0.250 of tokens"  # a record from before
+
+
+def test_sharded_evaluation_sums_keep_each_block_in_its_place(monkeypatch):
+    """The all-reduce of an evaluation's sums as one vector: two ranks with the same sums must give
+    the one rank's result, every block's load and both drop shares where they belong."""
+    from widenet.train import evaluate as ev
+
+    sums = ev.EvalSums(loss=6.0, correct=3, seen=4, single_loss=6.0, single_correct=3)
+    tally = sums.routing
+    tally.load = {0: torch.tensor([1.0, 3.0]), 2: torch.tensor([2.0, 2.0])}
+    tally.dropped, tally.dropped_assignments, tally.weight = {0: 0.4, 2: 0.0}, {0: 0.8, 2: 0.2}, 4.0
+    monkeypatch.setattr(ev, "on_backend_device", lambda t: t)
+    monkeypatch.setattr(ev, "all_reduce_sum", lambda t: t.mul_(2))  # a second rank with the same sums
+    two = ev._all_reduce_sums(sums).result()
+    one = sums.result()
+    assert (two.accuracy, two.loss, two.examples) == (one.accuracy, one.loss, 8)
+    assert [vars(b) for b in two.routing] == [vars(b) for b in one.routing] == [
+        dict(block=0, expert_fraction=[0.25, 0.75], dropped_fraction=0.1, dropped_assignment_fraction=0.2),
+        dict(block=2, expert_fraction=[0.5, 0.5], dropped_fraction=0.0, dropped_assignment_fraction=0.05)]
 
 
 def test_evaluate_dense_model_has_no_routing(fmnist_dir, tiny_overrides):

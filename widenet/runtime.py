@@ -78,25 +78,40 @@ def check_compile_available(device: torch.device) -> None:
         dynamo.is_dynamo_supported()  # raises on Python versions and platforms dynamo lacks
     except Exception as err:  # noqa: BLE001 - any failure here means: no compile
         raise CompileUnavailable(f"torch.compile is unavailable ({first_line(err)}){hint}") from None
-    if device.type == "cpu":  # the compiler inductor itself would take: $CXX, else g++ (runs `--version`)
-        try:
-            from torch._inductor import config as inductor_config
-            from torch._inductor.cpp_builder import get_cpp_compiler
-        except Exception as err:  # noqa: BLE001 - any failure here means: no compile
-            raise CompileUnavailable(f"torch.compile's inductor does not load ({first_line(err)}){hint}") from None
-        try:
-            get_cpp_compiler()
-        except Exception:  # noqa: BLE001 - inductor's InvalidCxxCompiler, or another failure of the search
-            cxx = inductor_config.cpp.cxx
-            names = [n for n in (cxx if isinstance(cxx, (list, tuple)) else [cxx]) if n] or ["g++"]
-            raise CompileUnavailable(f"torch.compile on a CPU needs a C++ compiler: {' or '.join(names)} (the CXX "
-                                     f"environment variable names another) is not installed or does not run{hint}"
-                                     ) from None
+    if device.type == "cpu" and not _cpp_compiler_runs():
+        raise CompileUnavailable(f"torch.compile on a CPU needs a C++ compiler: {' or '.join(_cpp_compilers())} did "
+                                 f"not run (set CXX to use another){hint}")
     elif device.type == "cuda":
         import importlib.util
 
         if importlib.util.find_spec("triton") is None:
             raise CompileUnavailable(f"torch.compile on a GPU needs triton, which is not installed{hint}")
+
+
+def _cpp_compilers() -> list[str]:
+    """The C++ compilers inductor tries, in order: its config's (from $CXX, else g++ when it loaded)."""
+    import os
+
+    try:
+        from torch._inductor import config as inductor_config
+
+        cxx = inductor_config.cpp.cxx
+    except Exception:  # noqa: BLE001 - an inductor that does not load: what it would read
+        cxx = os.environ.get("CXX") or "g++"
+    return [name for name in (cxx if isinstance(cxx, (list, tuple)) else [cxx]) if name] or ["g++"]
+
+
+def _cpp_compiler_runs() -> bool:
+    """Whether one of inductor's compilers answers `--version` (as inductor checks it)."""
+    import subprocess
+
+    for name in _cpp_compilers():
+        try:
+            subprocess.run([name, "--version"], capture_output=True, check=True, timeout=30)
+            return True
+        except (OSError, subprocess.SubprocessError):
+            continue
+    return False
 
 
 def first_line(err: BaseException) -> str:

@@ -145,7 +145,8 @@ def _check_models(models: list[str], budget: dict, given: dict) -> None:
 
     if fixed := [key for key in ("task", "vocab_size", "num_labels") if key in given]:
         raise ValueError(f"compare-text sets {', '.join(fixed)} itself (it pretrains, then fine-tunes on the task "
-                         f"with its shared tokenizer of {VOCAB_SIZE} pieces): leave --set {fixed[0]} out")
+                         f"with its shared tokenizer of {VOCAB_SIZE} pieces): leave "
+                         + " and ".join(f"--set {key}" for key in fixed) + " out")
     for name in models:
         require_preset_kind(name, "text", "widenet compare-text", "widenet compare compares image models")
         cfg = get_entry(name).make_config()

@@ -270,7 +270,8 @@ class ParallelContext:
 
     def sync_buffers(self, model: nn.Module) -> None:
         """Rank 0's buffers (BatchNorm statistics) on every rank. Each rank updates them on its own rows,
-        and DDP copies rank 0's only at the start of a training forward (FSDP and expert shards never):
+        and DDP (also around expert parallel's other weights) copies rank 0's only at the start of a
+        training forward, FSDP never:
         before an evaluation (sharded over the ranks) and a save (rank 0's), every rank takes rank 0's, so
         that the metrics are the saved model's and a resumed run continues as an uninterrupted one."""
         if not self.distributed:

@@ -34,6 +34,7 @@ from safetensors import SafetensorError
 from torch import nn
 
 from ..files import RefusedPickle, load_safetensors, load_weights_only
+from ..listing import listed
 from .encoder import EncoderConfig
 from .hf_labels import classifier_problem, label_names
 from .hf_names import albert_names, bert_names, resolve, vit_names
@@ -381,11 +382,11 @@ def _copy_into(path, model: nn.Module, state: dict, mapping: dict[str, str | lis
         used.update(parts)
     unmapped = [k for k in own if k not in new and not k.startswith(optional)]
     if unmapped:
-        raise HFCheckpointError(f"{path}: no checkpoint tensor for {', '.join(unmapped[:5])}")
+        raise HFCheckpointError(f"{path}: no checkpoint tensor for {listed(unmapped)}")
     unused = sorted(k for k in set(state) - used if not k.endswith(_BUFFERS))
     if unused:
-        raise HFCheckpointError(f"{path}: the checkpoint holds tensors widenet would not use ({', '.join(unused[:4])}"
-                                f"{', ...' if len(unused) > 4 else ''}): does config.json match the weights?")
+        raise HFCheckpointError(f"{path}: the checkpoint holds tensors widenet would not use ({listed(unused)}): "
+                                "does config.json match the weights?")
     model.load_state_dict(new, strict=False)
 
 

@@ -123,8 +123,7 @@ class RecipeConfig:
 
         def same(key: str) -> bool:
             if key in self.PATH_SETTINGS:
-                return _resolved(saved[key]) == _resolved(now[key]) or (
-                    saved_folder is not None and _relative(saved[key], saved_folder) == _relative(now[key], self.out))
+                return _same_paths(saved[key], now[key], saved_folder, self.out)
             return saved[key] == now[key]
 
         return [k for k in now if k not in self.RESUME_FREE and k in saved and not same(k)]
@@ -179,11 +178,6 @@ class TrainConfig(RecipeConfig):
 RESUME_FREE_KEYS = TrainConfig.RESUME_FREE
 
 
-def resume_conflicts(saved: dict[str, Any], cfg: RecipeConfig) -> list[str]:
-    """Settings that differ between a saved run and `cfg` and would change training."""
-    return cfg.resume_conflicts(saved)
-
-
 def _resolved(value: Any) -> Any:
     """A path setting (a string, or a list of them) as absolute paths; hub names and the rest as they are."""
     if isinstance(value, list):
@@ -191,13 +185,20 @@ def _resolved(value: Any) -> Any:
     return os.path.abspath(value) if isinstance(value, str) and value and not is_hub_name(value) else value
 
 
-def _relative(value: Any, folder: str) -> Any:
-    """A path setting (a string, or a list of them) relative to `folder`; hub names and the rest as they are."""
-    if isinstance(value, list):
-        return [_relative(v, folder) for v in value]
-    if isinstance(value, str) and value and not is_hub_name(value):
-        return os.path.relpath(os.path.abspath(value), os.path.abspath(folder))
-    return value
+def _same_paths(saved: Any, now: Any, saved_folder: str | None, folder: str) -> bool:
+    """Path settings (a string, or lists of them, item by item) naming the same paths, or (with the
+    run's `saved_folder`) lying at the same place relative to the run folder then and now."""
+    if isinstance(saved, list) and isinstance(now, list):
+        return len(saved) == len(now) and all(_same_paths(a, b, saved_folder, folder) for a, b in zip(saved, now))
+    if _resolved(saved) == _resolved(now):
+        return True
+    if saved_folder is None or not all(isinstance(v, str) and v and not is_hub_name(v) for v in (saved, now)):
+        return False
+    try:
+        return os.path.relpath(os.path.abspath(saved), saved_folder) == os.path.relpath(os.path.abspath(now),
+                                                                                       os.path.abspath(folder))
+    except ValueError:  # (Windows: paths on different drives)
+        return False
 
 
 def _positive(cfg: Any, *names: str, optional: bool = False) -> None:

@@ -89,6 +89,27 @@ class RoutingTally:
         return [BlockRouting(b, (self.load[b] / w).tolist(), self.dropped[b] / w, self.dropped_assignments[b] / w)
                 for b in sorted(self.load)]
 
+    def flat(self) -> torch.Tensor:
+        """The sums as one float64 vector (to all-reduce): each block's load, then the blocks' dropped
+        token fractions, then their dropped assignment fractions (all times their weights)."""
+        blocks = sorted(self.load)
+        return torch.cat([self.load[b].double().flatten() for b in blocks]
+                         + [torch.tensor([drops[b] for b in blocks], dtype=torch.float64)
+                            for drops in (self.dropped, self.dropped_assignments)])
+
+    def filled(self, flat: torch.Tensor, weight: float) -> RoutingTally:
+        """A tally of this one's blocks holding `flat` (a vector laid out as flat() lays out this one's,
+        e.g. summed over processes) and `weight`."""
+        out, blocks, offset = RoutingTally(), sorted(self.load), 0
+        out.weight = weight
+        for b in blocks:
+            out.load[b] = flat[offset:offset + self.load[b].numel()].float()
+            offset += self.load[b].numel()
+        for drops in (out.dropped, out.dropped_assignments):
+            drops.update((b, float(flat[offset + i])) for i, b in enumerate(blocks))
+            offset += len(blocks)
+        return out
+
 
 @dataclass
 class EvalSums:
@@ -96,8 +117,7 @@ class EvalSums:
 
     loss, correct, seen: scalars; single_loss, single_correct: the same for the
     plain images alone (equal to loss, correct without test-time augmentation);
-    load: (blocks, E) expert fractions times batch size per MoE block;
-    dropped, dropped_assignments: (blocks,) dropped fractions (of tokens, of assignments) times batch size.
+    routing: each MoE block's load and drops, weighted by batch size.
     """
 
     loss: float = 0.0
@@ -105,16 +125,12 @@ class EvalSums:
     seen: int = 0
     single_loss: float = 0.0
     single_correct: int = 0
-    load: dict[int, torch.Tensor] = field(default_factory=dict)
-    dropped: dict[int, float] = field(default_factory=dict)
-    dropped_assignments: dict[int, float] = field(default_factory=dict)
+    routing: RoutingTally = field(default_factory=RoutingTally)
     tta: str = "none"
 
     def result(self) -> EvalResult:
         seen = max(self.seen, 1)
-        routing = [BlockRouting(b, (self.load[b] / seen).tolist(), self.dropped[b] / seen,
-                                self.dropped_assignments[b] / seen) for b in sorted(self.load)]
-        result = EvalResult(self.correct / seen, self.loss / seen, self.seen, routing)
+        result = EvalResult(self.correct / seen, self.loss / seen, self.seen, self.routing.blocks())
         if self.tta != "none":
             result.single_accuracy, result.single_loss = self.single_correct / seen, self.single_loss / seen
         return result
@@ -166,12 +182,7 @@ def evaluation_sums(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torc
             loss, correct = _loss_and_correct(mean_of_views(views[0]), labels)
         sums.single_loss += loss
         sums.single_correct += correct
-        for block, stats in enumerate(out.routing):
-            if stats is not None:  # weight by batch size: per-call fractions -> dataset fractions
-                sums.load[block] = sums.load.get(block, 0) + stats.expert_fraction.float().cpu() * n
-                sums.dropped[block] = sums.dropped.get(block, 0.0) + float(stats.dropped_fraction) * n
-                sums.dropped_assignments[block] = (sums.dropped_assignments.get(block, 0.0)
-                                                   + float(stats.dropped_assignment_fraction) * n)
+        sums.routing.add(out.routing, n)  # weighted by batch size: per-call fractions -> dataset fractions
     model.train(was_training)
     return sums
 
@@ -195,22 +206,12 @@ def evaluate_on(parallel: ParallelContext, model: nn.Module, data: ImageDataset,
 
 def _all_reduce_sums(sums: EvalSums) -> EvalSums:
     """EvalSums summed over ranks (every rank saw the same MoE blocks)."""
-    blocks = sorted(sums.load)
-    parts = [torch.tensor([sums.loss, sums.correct, sums.seen, sums.single_loss, sums.single_correct],
-                          dtype=torch.float64)]
-    parts += [sums.load[b].double() for b in blocks]
-    parts += [torch.tensor([drops[b] for b in blocks], dtype=torch.float64)
-              for drops in (sums.dropped, sums.dropped_assignments)]
-    flat = on_backend_device(torch.cat(parts))
+    head = torch.tensor([sums.loss, sums.correct, sums.seen, sums.single_loss, sums.single_correct],
+                        dtype=torch.float64)
+    flat = on_backend_device(torch.cat([head, sums.routing.flat()]))
     all_reduce_sum(flat)
     flat = flat.cpu()
-    out = EvalSums(loss=float(flat[0]), correct=int(round(float(flat[1]))), seen=int(round(float(flat[2]))),
-                   single_loss=float(flat[3]), single_correct=int(round(float(flat[4]))), tta=sums.tta)
-    offset = 5
-    for b in blocks:
-        n = sums.load[b].numel()
-        out.load[b] = flat[offset:offset + n].float()
-        offset += n
-    out.dropped = {b: float(flat[offset + i]) for i, b in enumerate(blocks)}
-    out.dropped_assignments = {b: float(flat[offset + len(blocks) + i]) for i, b in enumerate(blocks)}
-    return out
+    seen = int(round(float(flat[2])))
+    return EvalSums(loss=float(flat[0]), correct=int(round(float(flat[1]))), seen=seen, single_loss=float(flat[3]),
+                    single_correct=int(round(float(flat[4]))), routing=sums.routing.filled(flat[5:], seen),
+                    tta=sums.tta)

@@ -36,6 +36,7 @@ from ..data.images.folder import RESAMPLING
 from ..data.text.tokenizer import check_same_tokenizer, load_tokenizer, save_tokenizer, tokenizer_record
 from ..files import (WeightsDamaged, WeightsMismatch, fsync_path, load_safetensors, raise_if_disk_full,
                      refuse_dead_link, save_safetensors)
+from ..listing import listed
 from ..models.hf import is_hf_folder
 from ..models.hf_export import hf_checkpoint
 from ..models.text import TextConfig, TextTransformer
@@ -440,17 +441,16 @@ def weights_from(source: Source, model: nn.Module, skip_heads: bool) -> list[str
         if key not in own:
             continue
         if tuple(own[key].shape) != tuple(tensor.shape):
-            if skip_heads and key.split(".")[0] in HEADS:
+            if skip_heads and key.split(".")[0] in HEADS:  # (a head the source lacks, too, starts new)
                 left.append(key)
                 continue
             hint = _SHAPE_HINTS.get(key.split(".")[0], "")
             raise CheckpointError(f"{source.path}: {key} has shape {tuple(tensor.shape)}, the model needs "
                                   f"{tuple(own[key].shape)}{hint}")
         new[key] = tensor
-    missing = [k for k in own if k not in new and k not in left
-               and not (skip_heads and k.split(".")[0] in HEADS)]  # a head the source lacks starts new
+    missing = [k for k in own if k not in new and k not in left and not (skip_heads and k.split(".")[0] in HEADS)]
     if missing:
-        raise CheckpointError(f"{source.path}: no weights for {', '.join(missing[:5])}")
+        raise CheckpointError(f"{source.path}: no weights for {listed(missing)}")
     model.load_state_dict(new, strict=False)
     return left
 

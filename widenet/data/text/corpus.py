@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from ...files import file_stamp, load_cache, save_cache
+from ...listing import listed
 from ...runtime import first_line
 from ..errors import PathLike
 from .documents import CorpusError, corpus_files, iter_documents
@@ -232,7 +233,7 @@ def load_pretrain_corpus(
         builder.add_document(split_sentences(document))
     corpus = builder.finish(fingerprint)
     if corpus.num_tokens == 0:
-        raise CorpusError(f"the corpus ({', '.join(map(str, files[:5]))}) tokenizes to no tokens at all")
+        raise CorpusError(f"the corpus ({listed(files)}) tokenizes to no tokens at all")
     _check_coverage(corpus, tokenizer)
     if cache_path is not None:
         try:
