@@ -146,7 +146,7 @@ def test_text_classifier_compiles_whole_with_a_keep_mask_of_numbers():
     """Hugging Face's attention_mask (1 = a real token, int64) as keep_mask: its 0/1 check was a
     data-dependent branch, which fullgraph refused (a bool padding_mask compiled)."""
     torch.manual_seed(0)
-    model = widenet.create_model("widenet_text_tiny", vocab_size=300, task="classify", num_labels=3)
+    model = widenet.create_model("widenet_text_tiny", vocab_size=300, task="classify", num_labels=3, depth=2)
     ids = torch.randint(5, 300, (3, 16), generator=torch.Generator().manual_seed(1))
     keep = torch.ones_like(ids)
     keep[1, 9:] = 0
