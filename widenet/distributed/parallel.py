@@ -269,11 +269,11 @@ class ParallelContext:
         return float(sums[0]) / total, float(sums[1]) / self.env.world_size, int(round(float(sums[2])))
 
     def sync_buffers(self, model: nn.Module) -> None:
-        """Rank 0's buffers (BatchNorm statistics) on every rank. Each rank updates them on its own rows,
-        and DDP (also around expert parallel's other weights) copies rank 0's only at the start of a
-        training forward, FSDP never:
-        before an evaluation (sharded over the ranks) and a save (rank 0's), every rank takes rank 0's, so
-        that the metrics are the saved model's and a resumed run continues as an uninterrupted one."""
+        """Rank 0's buffers (BatchNorm statistics) on every rank. Each rank updates them on its own rows;
+        DDP (also around expert parallel's other weights) copies rank 0's only at the start of a training
+        forward, FSDP never. Called on every rank before an evaluation (sharded over the ranks) and a save
+        (rank 0's): the metrics are then the saved model's, and a resumed run starts from the statistics
+        an uninterrupted one continues with."""
         if not self.distributed:
             return
         for buffer in self.module(model).buffers():
