@@ -212,8 +212,9 @@ def test_a_closed_terminal_stops_the_run_with_its_checkpoint(tmp_path, fmnist_di
     out = tmp_path / "run"
     command = _endless_training(fmnist_dir, tiny_set_args, out)
     terminal, side = pty.openpty()
+    # (a run keeps a SIGHUP ignored from the start: under nohup the child would inherit that and never stop)
     proc = subprocess.Popen(command, env=_env(), cwd=tmp_path, stdin=side, stdout=side, stderr=side,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
     os.close(side)
     _signal_once_saved(proc, out, signal.SIGHUP, terminal)
     assert proc.returncode == 129
