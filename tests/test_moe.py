@@ -698,7 +698,7 @@ def test_expert_capacity_is_exact_for_decimal_factors():
         assert expert_capacity(n, 4, 1, 1e-30) == min(n, 1) == int(expert_capacity(torch.tensor(n), 4, 1, 1e-30))
     config = MoEConfig(capacity_factor=1.1, eval_capacity_factor=0.3)
     assert config.capacity_ratios == ((11, 10), (3, 10))
-    del config.__dict__["_capacity_ratios"]  # a config pickled before the ratios were kept
+    del config.__dict__["capacity_ratios"]  # a config pickled before the ratios were kept
     assert pickle.loads(pickle.dumps(config)).capacity_ratios == ((11, 10), (3, 10))
 
 

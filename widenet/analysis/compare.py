@@ -109,14 +109,12 @@ def _check_models(models: list[str], overrides: dict, ablation: bool, asked: boo
     (`asked` for, or the preset's) that can compare individual with shared LayerNorms."""
     for name in models:
         require_preset_kind(name, "vision", "widenet compare", "widenet compare-text compares text models")
-    settings = settings_for_each(models, overrides)
-    for name, own in settings.items():
-        model_config(name, **own)
+    configs = {name: model_config(name, **own) for name, own in settings_for_each(models, overrides).items()}
     widenets = _widenets(models)
     if asked and ablation and not widenets:
         raise ValueError("--ablation trains WideNet with shared LayerNorms beside its own: it needs a WideNet "
                          "model in --models")
-    if ablation and widenets and model_config(widenets[0], **settings[widenets[0]]).encoder.share_norms:
+    if ablation and widenets and configs[widenets[0]].encoder.share_norms:
         raise ValueError(f"the LayerNorm ablation (--ablation; on in --preset full) compares {widenets[0]}'s "
                          "individual LayerNorms with shared ones, but --set share_norms=True shares them in both "
                          "runs: give --no-ablation, or leave the setting out")

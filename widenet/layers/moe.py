@@ -176,19 +176,15 @@ class MoEConfig:
                              f"got {self.expert_backend!r}")
         self.capacity_ratios  # computed now, not first inside a compiled graph
 
-    @property
+    @functools.cached_property  # (computed again for a config pickled before they were kept)
     def capacity_ratios(self) -> tuple[tuple[int, int], tuple[int, int]]:
         """The capacity factors in training and in eval mode as integer ratios (capacity_ratio), kept:
         capacity() then reads no float, which torch.compile would make symbolic when layers differ in
         it (and then fail on it)."""
-        ratios = self.__dict__.get("_capacity_ratios")
-        if ratios is None:  # first use (in __post_init__), or a config pickled before they were kept
-            train = capacity_ratio(self.capacity_factor, self.num_experts, self.top_k)
-            evaluate = train if self.eval_capacity_factor is None else \
-                capacity_ratio(self.eval_capacity_factor, self.num_experts, self.top_k)
-            ratios = (train, evaluate)
-            object.__setattr__(self, "_capacity_ratios", ratios)
-        return ratios
+        train = capacity_ratio(self.capacity_factor, self.num_experts, self.top_k)
+        evaluate = train if self.eval_capacity_factor is None else \
+            capacity_ratio(self.eval_capacity_factor, self.num_experts, self.top_k)
+        return train, evaluate
 
     @property
     def router_noise(self) -> float:
