@@ -37,6 +37,7 @@ from widenet.cli import main
 from widenet.data.augment import AugmentConfig
 from widenet.files import save_atomic
 from widenet.layers.moe import MoEConfig
+from widenet.memory import readable_size
 from widenet.models.encoder import EncoderConfig
 from widenet.models.registry import create_model
 from widenet.models.text import TextConfig
@@ -849,7 +850,15 @@ def test_an_export_to_a_read_only_disk_names_the_destination(tmp_path, capsys):
 def test_an_image_size_that_cannot_fit_in_memory(tmp_path, fmnist_dir, tiny_set_args, capsys):
     line = _one_line_error(*_cli(_train_args(fmnist_dir, tmp_path / "run", tiny_set_args, "--max-steps", 1,
                                              "--image-size", 100000, "--train-subset", 2), capsys)[::2])
-    assert "out of memory" in line and "GiB" in line
+    assert "out of memory" in line and re.search(r"need [0-9.]+ [GTP]iB, more than", line)
+
+
+@pytest.mark.parametrize("num_bytes, shown", [(5 << 20, "5.0 MiB"), ((1 << 30) - (1 << 20), "1023.0 MiB"),
+                                               (3 << 30, "3.0 GiB"), (int(1.5 * 2**40), "1.5 TiB"),
+                                               (int(178841400.1 * 2**30), "170.6 PiB"), (2**62, "4.0 EiB")])
+def test_sizes_in_messages_keep_their_number_under_1024(num_bytes, shown):
+    """bench moe at 10^8 tokens once asked for "178841400.1 GiB"."""
+    assert readable_size(num_bytes) == shown
 
 
 def test_available_memory_counts_reclaimable_cache_and_can_be_overruled(tmp_path, monkeypatch):
@@ -1180,3 +1189,12 @@ def test_comparisons_under_torchrun_are_one_line(tmp_path, capsys, monkeypatch, 
     assert line == (f"widenet: error: {command} runs its models one after another in one process; run it "
                     "without torchrun (WORLD_SIZE=2 is set)")
     assert not (tmp_path / "c").exists()
+
+
+def test_an_allocation_torch_refuses_is_one_line_with_its_size():
+    from widenet.cli_errors import explain
+
+    err = RuntimeError("[enforce fail at alloc_cpu.cpp:118] data. DefaultCPUAllocator: can't allocate memory: "
+                       "you tried to allocate 12094627905536 bytes. Error code 12 (Cannot allocate memory)")
+    assert explain(err) == "out of memory: an allocation of 11.0 TiB failed"
+    assert explain(RuntimeError("mat1 and mat2 shapes cannot be multiplied")) is None  # a bug, not memory

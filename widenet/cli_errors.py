@@ -282,7 +282,9 @@ def _allocation_failure(err: RuntimeError) -> str | None:
     CUDA: torch.OutOfMemoryError) as one line with the size asked for."""
     text = str(err)
     if (found := _ALLOCATION.search(text)) and "allocate" in text:
-        return f"out of memory: an allocation of {int(found.group(1)) / 2**30:.1f} GiB failed"
+        from .memory import readable_size  # torch is loaded: it raised this
+
+        return f"out of memory: an allocation of {readable_size(int(found.group(1)))} failed"
     if type(err).__name__ == "OutOfMemoryError":
         found = _CUDA_ALLOCATION.search(text)
         return "out of GPU memory" + (f": an allocation of {found.group(1)} failed" if found else "")

@@ -12,7 +12,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-__all__ = ["available_memory", "check_activations_fit", "check_fits_memory", "check_model_fits", "parameter_bytes"]
+__all__ = ["available_memory", "check_activations_fit", "check_fits_memory", "check_model_fits", "parameter_bytes",
+           "readable_size"]
 
 _CGROUP = Path("/sys/fs/cgroup")
 
@@ -51,8 +52,8 @@ def check_fits_memory(num_bytes: int, what: str) -> None:
         return
     free = available_memory()
     if free is not None and num_bytes > free:
-        raise MemoryError(f"{what} need {_size(num_bytes)}, more than the {_size(free)} of memory available "
-                          "(WIDENET_NO_MEMORY_CHECK=1 skips this check)")
+        raise MemoryError(f"{what} need {readable_size(num_bytes)}, more than the {readable_size(free)} of memory "
+                          "available (WIDENET_NO_MEMORY_CHECK=1 skips this check)")
 
 
 def check_activations_fit(examples: int, tokens: int, encoder: Any, what: str,
@@ -76,12 +77,16 @@ def check_activations_fit(examples: int, tokens: int, encoder: Any, what: str,
     check_fits_memory(need, what)
     free = available_memory()
     if free is not None and need > free / 2 and os.environ.get("WIDENET_NO_MEMORY_CHECK") != "1":
-        warnings.warn(f"{what} need at least {_size(need)} of the {_size(free)} of memory available: the "
-                      "process may be stopped for memory; a smaller batch is safer", stacklevel=2)
+        warnings.warn(f"{what} need at least {readable_size(need)} of the {readable_size(free)} of memory "
+                      "available: the process may be stopped for memory; a smaller batch is safer", stacklevel=2)
 
 
-def _size(num_bytes: int) -> str:
-    return f"{num_bytes / 2**30:.1f} GiB" if num_bytes >= 2**30 else f"{num_bytes / 2**20:.1f} MiB"
+def readable_size(num_bytes: float) -> str:
+    """num_bytes in MiB, GiB, TiB or PiB, whichever keeps the number under 1024 (or EiB beyond)."""
+    for power, unit in ((2, "MiB"), (3, "GiB"), (4, "TiB"), (5, "PiB")):
+        if num_bytes < 2 ** (10 * (power + 1)):
+            return f"{num_bytes / 2 ** (10 * power):.1f} {unit}"
+    return f"{num_bytes / 2**60:.1f} EiB"
 
 
 def check_model_fits(build: Callable[[], nn.Module], copies: int = 1, what: str = "the model's weights") -> None:
