@@ -697,6 +697,13 @@ def test_out_that_cannot_be_a_folder(tmp_path, fmnist_dir, tiny_set_args, capsys
         line = _one_line_error(*_cli(_train_args(fmnist_dir, "/proc/widenet-run", tiny_set_args, "--max-steps", 1),
                                      capsys)[::2])
         assert "/proc/widenet-run" in line
+    # the comparisons, before they load data or train a tokenizer (they failed at their first run)
+    for command in (["compare", "--models", "vit_tiny", "--max-steps", 1], ["compare-text"]):
+        assert _one_line_error(*_cli([*command, "--out", a_file], capsys)[::2]).endswith(
+            f"{a_file}: a file, not a folder")
+        assert _one_line_error(*_cli([*command, "--out", a_file / "cmp"], capsys)[::2]).endswith(
+            f"{a_file / 'cmp'}: {a_file} is a file, not a folder")
+    assert a_file.read_text() == "precious"
     # the model-folder writers (export, upcycle, import) name the destination, never their .tmp- folder
     run = tmp_path / "run"
     assert _cli(_train_args(fmnist_dir, run, tiny_set_args, "--max-steps", 1), capsys)[0] == 0

@@ -31,7 +31,7 @@ import torch
 __all__ = ["STALE_TEMPORARY_S", "CacheDamaged", "LockHeld", "RefusedPickle", "WeightsDamaged", "WeightsMismatch",
            "atomic_path", "disk_full", "file_sha256", "file_stamp", "fsync_path", "hold_lock", "is_utf8", "live_holder",
            "load_cache", "load_safetensors", "load_weights_only", "pid_alive", "raise_if_disk_full", "refuse_dead_link",
-           "rename_exchange", "save_atomic", "save_cache", "save_safetensors", "tensors_digest",
+           "refuse_non_folder", "rename_exchange", "save_atomic", "save_cache", "save_safetensors", "tensors_digest",
            "write_bytes_durably"]
 
 
@@ -294,6 +294,17 @@ def refuse_dead_link(path: Path) -> None:
     if path.is_symlink() and not path.exists():
         raise OSError(errno.ENOENT, f"a symbolic link to {os.readlink(path)}, which leads nowhere (a missing target "
                                     "or a loop of links); point it at a folder or remove it", str(path))
+
+
+def refuse_non_folder(path: Path) -> None:
+    """Raise OSError (one line, naming `path`) where no folder can be made at `path`: a dead link or a
+    file stands there, or a file stands where a folder above it would be. Checks; makes nothing."""
+    refuse_dead_link(path)
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, "a file, not a folder", str(path))
+    above = next((p for p in path.parents if p.exists()), Path("."))  # the nearest that exists
+    if not above.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, f"{above} is a file, not a folder", str(path))
 
 
 def fsync_path(path: Path) -> None:

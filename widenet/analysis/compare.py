@@ -24,6 +24,7 @@ import torch
 
 from ..data.augment import normalize
 from ..data.images import ImageDataset, subset
+from ..files import refuse_non_folder
 from ..layers.moe import MOE_SETTINGS
 from ..models.registry import model_config, require_preset_kind, settings_for, settings_for_each
 from ..settings import repeated
@@ -160,6 +161,7 @@ def compare(models: list[str], out: str | Path, preset: str = "quick", seeds: in
     budget.update(train_settings)
     _check_models(models, train_settings["model_overrides"], ablation, asked)
     out = Path(out)
+    refuse_non_folder(out)  # before the data loads
     base = TrainConfig(model=models[0], out=str(out), **budget)
     data = load_data(base)
     specs = run_specs(models, ablation)

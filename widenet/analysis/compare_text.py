@@ -36,6 +36,7 @@ from ..data.text.documents import corpus_files, iter_documents
 from ..data.text.gcide import GCIDE_PATH
 from ..data.text.gcide_tasks import write_gcide_task
 from ..data.text.tokenizer import save_tokenizer, train_tokenizer
+from ..files import refuse_non_folder
 from ..models.registry import model_config, require_preset_kind, settings_for, settings_for_each
 from ..runtime import resolve_device
 from ..train.evaluate import dropped_text
@@ -125,6 +126,7 @@ def compare_text(models: list[str], out: str | Path, preset: str = "quick", seed
     if corpus:
         corpus_files(corpus)
     out = Path(out)
+    refuse_non_folder(out)
     corpus = corpus or [str(_gcide())]
     if task_train is None:
         task_train, task_validation = map(str, _gcide_task(out, budget, gcide_task or "usage"))

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from ..files import STALE_TEMPORARY_S, fsync_path, pid_alive, rename_exchange
+from ..files import STALE_TEMPORARY_S, fsync_path, pid_alive, refuse_non_folder, rename_exchange
 from ..models.hf import is_hf_folder
 from ..signals import signals_held
 from .checkpoint_layout import CHECKPOINTS_DIR, LATEST_FILE, remove_tree, step_folders
@@ -76,9 +76,8 @@ def check_destination(out: Path, overwrite: bool, protect: str | os.PathLike | N
         src, dest = Path(protect).resolve(), out.resolve()
         if dest == src or src.is_relative_to(dest) or dest.is_relative_to(src):
             raise ValueError(f"{out}: the destination must be a folder apart from the source {protect}")
-    parent = next((p for p in out.parents if p.exists()), Path("."))  # the nearest folder above that exists
-    if not parent.is_dir():
-        raise NotADirectoryError(errno.ENOTDIR, f"{parent} is a file, not a folder", str(out))
+    if not out.is_file():  # a file at `out` itself is refused below, with what to do
+        refuse_non_folder(out)
     holder = next((p for p in out.resolve().parents if _holds_checkpoints(p)), None)
     if holder is not None:  # among a run's checkpoints, where training would take it for one (and prune it)
         raise ValueError(f"{out}: the destination lies inside {holder}, which holds a run's checkpoints; "
