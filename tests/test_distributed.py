@@ -701,8 +701,19 @@ def test_bench_ddp_checks_the_model_before_launching_and_names_a_worker_failure(
     assert "take turns" not in capsys.readouterr().err
     monkeypatch.setattr(ddp_bench.os, "sched_getaffinity", lambda pid: {0})
     monkeypatch.setattr(ddp_bench.torch.cuda, "is_available", lambda: True)  # a GPU each: the cores do not count
+    monkeypatch.setattr(ddp_bench.torch.cuda, "device_count", lambda: 2)
     assert main(["bench", "ddp", "--model", "vit_tiny", "--batch-size", "8", "--steps", "1"]) == 0
     assert "take turns" not in capsys.readouterr().err
+    launched.clear()
+    assert main(["bench", "ddp", "--model", "vit_tiny", "--processes", "4", "--batch-size", "8"]) == 2
+    assert "--processes 4: this machine has 2 GPU(s), and each process takes one" in capsys.readouterr().err
+    monkeypatch.setattr(ddp_bench.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(ddp_bench, "check_fits_memory", lambda need, what: (_ for _ in ()).throw(
+        MemoryError(f"{what} need {need}")))  # a machine without room for the workers
+    assert main(["bench", "ddp", "--model", "vit_tiny", "--processes", "4", "--batch-size", "8"]) == 2
+    assert f"--processes 4: 4 workers (each a Python process with torch loaded) need {4 * 220 << 20}" in (
+        capsys.readouterr().err)
+    assert launched == []  # refused before torchrun
     # torchrun frames a worker's failure with rules of "="; the message names the exception instead,
     # a worker's before torchrun's own, with the "[rankN]: " torchrun puts before each worker line.
     output = ("[rank1]: Traceback (most recent call last):\n[rank1]: ValueError: expert parallelism needs 4\n"

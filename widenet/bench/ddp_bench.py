@@ -28,6 +28,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..memory import check_fits_memory
+
+_WORKER_BYTES = 220 << 20  # a worker's resident memory once torch is imported (measured with time -v)
+
 
 class LaunchError(RuntimeError):
     """A torchrun launch failed or hung; the message has its last line."""
@@ -87,6 +91,12 @@ def run_ddp_bench(model: str = "widenet_tiny", processes: int = 2, batch_size: i
     if batch_size % processes:
         raise ValueError(f"--batch-size {batch_size} is the global batch: it must be divisible by {processes}")
     _check_model(model, processes if expert_parallel else None)  # before two torchrun launches
+    if torch.cuda.is_available() and processes > torch.cuda.device_count():
+        raise ValueError(f"--processes {processes}: this machine has {torch.cuda.device_count()} GPU(s), and each "
+                         "process takes one")
+    # each worker is a Python process with torch loaded (~220 MiB measured), before its model and data
+    check_fits_memory(processes * _WORKER_BYTES, f"--processes {processes}: {processes:,} workers (each a Python "
+                      "process with torch loaded)")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     if not torch.cuda.is_available() and processes > cores:
         warnings.warn(f"{processes} processes on {cores} CPU core(s): they take turns on the cores, so the "
