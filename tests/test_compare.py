@@ -175,6 +175,10 @@ def test_second_call_reuses_finished_runs(compared):
 
 
 def test_single_dense_model_report(tmp_path, fmnist_dir):
+    # an earlier call into this folder compared widenet_tiny too: its figure goes with its report
+    (tmp_path / "out" / "runs" / "widenet_tiny").mkdir(parents=True)
+    for name in ("expert_load_widenet_tiny.png", "expert_load_mine.png"):  # the second not compare's
+        (tmp_path / "out" / name).write_bytes(PNG_MAGIC)
     report_path = compare(["vit_tiny"], tmp_path / "out", seeds=1, data_dir=str(fmnist_dir), log=_quiet,
                           **BUDGET)
     report = report_path.read_text(encoding="utf-8")
@@ -197,6 +201,7 @@ def test_single_dense_model_report(tmp_path, fmnist_dir):
     assert "(no MoE model in the comparison)" in _section(report, "Routing")
     names = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
     assert not any(name.startswith("expert_load") for name in names)
+    assert [p.name for p in (tmp_path / "out").glob("expert_load_*")] == ["expert_load_mine.png"]
     for name in names:
         assert (tmp_path / "out" / name).read_bytes()[:8] == PNG_MAGIC
 

@@ -347,4 +347,7 @@ def _figures(results: list[SpecResult], out: Path) -> list[str]:
             names.append(plots.expert_load(load, blocks, f"{r.spec.label}: expert load per block", path).name)
     sims = {r.spec.label: r.similarity for r in results}
     names.append(plots.similarity_heatmaps(sims, out / "block_similarity.png").name)
+    for stale in set(out.glob("expert_load_*.png")) - {out / name for name in names}:
+        if (out / "runs" / stale.stem.removeprefix("expert_load_")).is_dir():  # of a model an earlier call ran
+            stale.unlink(missing_ok=True)
     return names
