@@ -204,6 +204,13 @@ def test_single_dense_model_report(tmp_path, fmnist_dir):
     assert [p.name for p in (tmp_path / "out").glob("expert_load_*")] == ["expert_load_mine.png"]
     for name in names:
         assert (tmp_path / "out" / name).read_bytes()[:8] == PNG_MAGIC
+    # the run's metrics.jsonl deleted: the same call reports again from the checkpoint, without its curve
+    (seed0 / "metrics.jsonl").unlink()
+    notes = []
+    compare(["vit_tiny"], tmp_path / "out", seeds=1, data_dir=str(fmnist_dir), log=notes.append, **BUDGET)
+    assert f"  {seed0 / 'metrics.jsonl'} is missing: this run's curve is left out of the figures" in notes
+    again = report_path.read_text(encoding="utf-8")
+    assert _table_rows(_section(again, "Results"))["vit_tiny"][3] == f"{100 * final:.2f}"
 
 
 def test_quick_preset_trains_with_the_conv_stem_and_gives_way_to_a_given_length(tmp_path, fmnist_dir):

@@ -194,12 +194,21 @@ def _run_spec(spec: RunSpec, base: TrainConfig, data: tuple[ImageDataset, ImageD
         steps=statistics.fmean(r.steps for r in runs),
         routing=[vars(b) for b in first.final_eval.routing],
         similarity=block_similarity(model, probe.to(device)).tolist(),
-        curve=_curve(first.out_dir / "metrics.jsonl"),
+        curve=_curve(first.out_dir / "metrics.jsonl", log),
     )
 
 
-def _curve(path: Path) -> dict[str, list]:
-    records = read_metrics(path)
+def curve_records(path: Path, log: Callable[[str], None]) -> list[dict]:
+    """A run's metrics records for its curve in a figure; none, with a note, where the file is gone
+    (the run's results, from its checkpoint, still stand)."""
+    if not path.exists():
+        log(f"  {path} is missing: this run's curve is left out of the figures")
+        return []
+    return read_metrics(path)
+
+
+def _curve(path: Path, log: Callable[[str], None]) -> dict[str, list]:
+    records = curve_records(path, log)
     train_r = [r for r in records if r.get("split") == "train"]
     test_r = [r for r in records if r.get("split") == "test"]
     return dict(train_step=[r["step"] for r in train_r], train_loss=[r["loss"] for r in train_r],

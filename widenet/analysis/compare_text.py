@@ -43,12 +43,11 @@ from ..train.evaluate import dropped_text
 from ..train.finetune import finetune
 from ..train.checkpoint_layout import SettingsChanged
 from ..train.exported import TOKENIZER_FILE
-from ..train.metrics import read_metrics
 from ..train.run_folder import driver_run, resume_or_restart
 from ..train.pretrain import pretrain
 from ..train.text_config import FinetuneConfig, PretrainConfig
 from . import plots
-from .compare import check_count, check_distinct, mean_spread, settings_note
+from .compare import check_count, check_distinct, curve_records, mean_spread, settings_note
 
 # Budgets. "quick" fits beside the vision comparison in the README's main job; it is far too short
 # to leave masked LM's no-context plateau, which its report says, but long enough for sentence order
@@ -251,11 +250,11 @@ def _train_seed(model: str, seed: int, run: Path, corpus: list[str], tokenizer: 
     scratch = fine["scratch"].run.final_eval["accuracy"] if "scratch" in fine else None
     return TextSeedResult(pre.params, pre.run.tokens_per_s, e["mlm_accuracy"], e["unigram_accuracy"],
                           e["sop_accuracy"], fine["finetune"].run.final_eval["accuracy"], scratch, e["routing"],
-                          _mlm_curve(run / "pretrain"))
+                          _mlm_curve(run / "pretrain", log))
 
 
-def _mlm_curve(run: Path) -> dict[str, list]:
-    train = [r for r in read_metrics(run / "metrics.jsonl") if r.get("split") == "train"]
+def _mlm_curve(run: Path, log: Callable[[str], None]) -> dict[str, list]:
+    train = [r for r in curve_records(run / "metrics.jsonl", log) if r.get("split") == "train"]
     return dict(train_step=[r["step"] for r in train], train_loss=[r["mlm_loss"] for r in train],
                 test_step=[], test_acc=[])
 
