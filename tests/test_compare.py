@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import platform
 import re
 import statistics
 from pathlib import Path
 
 import pytest
+import torch
 
 from widenet.analysis import compare as compare_mod
 from widenet.analysis.compare import RunSpec, SpecResult, compare
@@ -189,6 +191,7 @@ def test_single_dense_model_report(tmp_path, fmnist_dir):
     assert rows["vit_tiny"][3] == f"{100 * final:.2f}"  # one seed: its accuracy, no "± 0.00" spread
     assert f"One model in the comparison: vit_tiny, {100 * final:.2f}% test accuracy." in report
     assert "Winner" not in report
+    assert f"on {platform.machine()} CPU with {torch.get_num_threads()} threads (torch {torch.__version__})." in report
     assert "Same budget and recipe for every model (model settings: " in report  # the preset's stem, at least
     assert "ablation" not in report.lower()  # no WideNet: nothing to ablate
     # The same folder with another budget: named as the earlier call's, not given train's --init advice.
@@ -476,3 +479,12 @@ def test_report_gives_images_per_s_and_steps_as_means_over_seeds(tmp_path, fmnis
     assert cells[2] == "400", cells  # images/s
     assert cells[4] == "20", cells  # steps
     assert cells[3] == "55.00 ± 7.07", cells  # 100 * stdev(0.5, 0.6) = 7.07
+
+
+def test_reports_name_the_gpu_they_ran_on(monkeypatch):
+    """Both comparisons' reports named the CPU whatever --device was."""
+    from widenet.runtime import describe_device
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    assert describe_device(torch.device("cuda")) == f"NVIDIA H200 (torch {torch.__version__})"
+    assert "CPU" in describe_device(torch.device("cpu"))

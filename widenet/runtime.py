@@ -20,6 +20,15 @@ def resolve_device(name: str) -> torch.device:
     raise ValueError(f"unknown device {name!r}; use auto, cpu or cuda")
 
 
+def describe_device(device: torch.device) -> str:
+    """Where a run ran, for a report: the GPU's name, or the CPU's architecture and threads."""
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (torch {torch.__version__})"
+    import platform
+
+    return f"{platform.machine()} CPU with {torch.get_num_threads()} threads (torch {torch.__version__})"
+
+
 def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     """'auto' -> bf16 on a CUDA device that supports it, else off; 'bf16'/'fp16'/'off' as said."""
     if amp not in ("auto", "off", "bf16", "fp16"):

@@ -14,19 +14,17 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import math
-import platform
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
-
-import torch
 
 from ..data.augment import normalize
 from ..data.images import ImageDataset, subset
 from ..files import refuse_non_folder
 from ..layers.moe import MOE_SETTINGS
 from ..models.registry import model_config, require_preset_kind, settings_for, settings_for_each
+from ..runtime import describe_device, resolve_device
 from ..settings import repeated
 from ..train.config import TrainConfig
 from ..train.images import TrainResult, load_data, train
@@ -230,7 +228,7 @@ def write_report(results: list[SpecResult], base: TrainConfig, n_seeds: int, pre
         f"# WideNet comparison on {base.data}",
         "",
         f"Generated {_dt.datetime.now().strftime('%Y-%m-%d %H:%M')} by `widenet compare` (preset `{preset}`) "
-        f"on {platform.machine()} with {torch.get_num_threads()} CPU threads, torch {torch.__version__}.",
+        f"on {describe_device(resolve_device(base.device))}.",
         f"Budget per run: {_budget(base, len(data[0]))} over {len(data[0])} training images, "
         f"batch {base.batch_size}, "
         f"{base.optimizer} lr {base.lr}, weight decay {base.weight_decay}, {base.schedule} schedule, "

@@ -25,12 +25,13 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import platform
 import statistics
 from itertools import islice
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
+
+import torch
 
 from ..data.text.documents import corpus_files, iter_documents
 from ..data.text.gcide import GCIDE_PATH
@@ -38,7 +39,7 @@ from ..data.text.gcide_tasks import write_gcide_task
 from ..data.text.tokenizer import save_tokenizer, train_tokenizer
 from ..files import refuse_non_folder
 from ..models.registry import model_config, require_preset_kind, settings_for, settings_for_each
-from ..runtime import resolve_device
+from ..runtime import describe_device, resolve_device
 from ..train.evaluate import dropped_text
 from ..train.finetune import finetune
 from ..train.checkpoint_layout import SettingsChanged
@@ -121,7 +122,7 @@ def compare_text(models: list[str], out: str | Path, preset: str = "quick", seed
         budget["warmup_steps"] = min(budget["warmup_steps"], max(1, budget["pretrain_steps"] // 10))
     budget["model_overrides"] = {**budget.get("model_overrides", {}), **(model_overrides or {})}
     _check_models(models, budget, model_overrides or {})
-    resolve_device(device)  # these before the tokenizer trains (a minute on GCIDE)
+    runs_on = resolve_device(device)  # these before the tokenizer trains (a minute on GCIDE)
     if corpus:
         corpus_files(corpus)
     out = Path(out)
@@ -134,7 +135,7 @@ def compare_text(models: list[str], out: str | Path, preset: str = "quick", seed
     results = [TextModelResult(m, [_run_seed(m, seed, out, corpus, tokenizer, task_train, task_validation,
                                              budget, device, log) for seed in range(budget["seeds"])])
                for m in models]
-    return write_text_report(results, budget, preset, corpus, task_train, out)
+    return write_text_report(results, budget, preset, corpus, task_train, out, runs_on)
 
 
 def _check_models(models: list[str], budget: dict, given: dict) -> None:
@@ -261,7 +262,7 @@ def _mlm_curve(run: Path, log: Callable[[str], None]) -> dict[str, list]:
 
 # --- report ----------------------------------------------------------------------------
 def write_text_report(results: list[TextModelResult], budget: dict, preset: str, corpus: list[str],
-                      task_train: str, out: Path) -> Path:
+                      task_train: str, out: Path, device: torch.device) -> Path:
     fig_dir = out / "figures"
     fig_dir.mkdir(parents=True, exist_ok=True)
     rows = [dict(label=r.model, params=r.seeds[0].params, acc_mean=r.mean("task_accuracy"),
@@ -271,7 +272,7 @@ def write_text_report(results: list[TextModelResult], budget: dict, preset: str,
     lines = [
         "# WideNet text comparison",
         "",
-        f"{_dt.datetime.now():%Y-%m-%d %H:%M}, {platform.machine()} CPU, preset `{preset}`: pretraining "
+        f"{_dt.datetime.now():%Y-%m-%d %H:%M}, {describe_device(device)}, preset `{preset}`: pretraining "
         f"{budget['pretrain_steps']} steps x {budget['batch_size']} sequences of {budget['seq_len']} tokens "
         f"on {', '.join(corpus)}; fine-tuning {budget['finetune_epochs']} epochs on {task_train}; "
         f"{budget['seeds']} seed(s). Same tokenizer, budget and recipe for every model"
