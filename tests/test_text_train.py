@@ -543,10 +543,10 @@ def test_pretraining_time_budget_equals_the_run_of_its_planned_length(corpus, pr
     monkeypatch.setattr(trainer, "plan_budget", plan)
     monkeypatch.setattr(Deadline, "steps", lambda self, done: 10)
     lines: list[str] = []
-    budgeted = pretrain(_pretrain_cfg(corpus, tmp_path / "budget", max_steps=None, time_budget=5.0, **kw),
+    budgeted = pretrain(_pretrain_cfg(corpus, tmp_path / "budget", max_steps=None, time_budget=1.0, **kw),
                         log=lines.append)
     assert len(plans) == 1 and plans[0].step_s > 0 and plans[0].eval_s > 0
-    assert any(line.startswith("time budget 5 min:") for line in lines)
+    assert any(line.startswith("time budget 1 min:") for line in lines)
     assert budgeted.run.steps == 10
     for (name, a), (_, b) in zip(fixed.model.state_dict().items(), budgeted.model.state_dict().items()):
         assert torch.equal(a, b), name

@@ -817,10 +817,10 @@ def test_time_budget_run_equals_the_fixed_length_run(tmp_path, fmnist_dir, tiny_
     fixed = train(_config(fmnist_dir, tmp_path / "B", tiny_overrides, max_steps=12, **settings), log=_quiet)
     plans = _planning_fixed_steps(monkeypatch, 12)
     lines: list[str] = []
-    budgeted = train(_config(fmnist_dir, tmp_path / "A", tiny_overrides, max_steps=None, time_budget=10.0,
+    budgeted = train(_config(fmnist_dir, tmp_path / "A", tiny_overrides, max_steps=None, time_budget=1.0,
                              **settings), log=lines.append)
     assert len(plans) == 1 and plans[0].step_s > 0 and plans[0].eval_s > 0
-    assert any(line.startswith("time budget 10 min:") for line in lines)
+    assert any(line.startswith("time budget 1 min:") for line in lines)
     assert budgeted.steps == 12
     _assert_same_run(budgeted, fixed, tmp_path / "A", tmp_path / "B")
 
@@ -832,7 +832,7 @@ def test_time_budget_planning_leaves_the_float16_loss_scale_alone(tmp_path, fmni
     settings = dict(log_every=4, amp="fp16", batch_size=8)
     fixed = train(_config(fmnist_dir, tmp_path / "B", tiny_overrides, max_steps=12, **settings), log=_quiet)
     _planning_fixed_steps(monkeypatch, 12)
-    budgeted = train(_config(fmnist_dir, tmp_path / "A", tiny_overrides, max_steps=None, time_budget=10.0,
+    budgeted = train(_config(fmnist_dir, tmp_path / "A", tiny_overrides, max_steps=None, time_budget=1.0,
                              **settings), log=_quiet)
     scales = [load_checkpoint(find_latest_checkpoint(tmp_path / run)).train_state["scaler"]["scale"] for run in "AB"]
     assert scales[0] == scales[1] < 2.0 ** 24  # it backed off in both, alike
@@ -844,7 +844,7 @@ def test_time_budget_replan_moves_the_schedule_end(tmp_path, fmnist_dir, tiny_ov
     and the cosine schedule now ends at 20 (at step 12 the lr is no longer 0)."""
     _planning_fixed_steps(monkeypatch, 12, replanned=20)
     lines: list[str] = []
-    result = train(_config(fmnist_dir, tmp_path / "run", tiny_overrides, max_steps=None, time_budget=10.0,
+    result = train(_config(fmnist_dir, tmp_path / "run", tiny_overrides, max_steps=None, time_budget=1.0,
                            log_every=4), log=lines.append)
     assert result.steps == 20
     assert any(line.startswith("time budget:") and line.endswith("12 -> 20 steps") for line in lines), lines
@@ -853,10 +853,38 @@ def test_time_budget_replan_moves_the_schedule_end(tmp_path, fmnist_dir, tiny_ov
     assert load_checkpoint(find_latest_checkpoint(tmp_path / "run")).train_state["progress"]["total"] == 20
 
 
+def test_time_budget_leaves_the_compiling_step_out_of_the_step_time(tmp_path, fmnist_dir, tiny_overrides,
+                                                                    monkeypatch):
+    """--compile: the first step compiles (30-90 s on a CPU). Counted as a step, it inflated the mean
+    step time for the rest of the run and a budgeted run ended well before its deadline."""
+    class CompilingOnFirstCall(torch.nn.Module):  # stands in for torch.compile: the first call is slow
+        def __init__(self, model):
+            super().__init__()
+            self.model, self.calls = model, 0
+
+        def forward(self, *args, **kwargs):
+            self.calls += 1
+            if self.calls == 1:
+                time.sleep(2.0)
+            return self.model(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "compiled_if", lambda enabled, model, device: CompilingOnFirstCall(model))
+    _planning_fixed_steps(monkeypatch, 12)
+    observed = []
+    real_observe = Deadline.observe_steps
+    monkeypatch.setattr(Deadline, "observe_steps",
+                        lambda self, steps, seconds: (observed.append((steps, seconds)), real_observe(self, steps, seconds)))
+    result = train(_config(fmnist_dir, tmp_path / "run", tiny_overrides, max_steps=None, time_budget=1.0,
+                           compile=True), log=_quiet)
+    assert result.steps == 12
+    (steps, seconds), *_ = observed  # the first epoch: 8 steps, the compiling one left out
+    assert steps == 7 and seconds < 1.5, observed
+
+
 def test_time_budget_resume_keeps_the_planned_steps(tmp_path, fmnist_dir, tiny_overrides, monkeypatch):
     """A resumed budgeted run does not plan from scratch: it continues from the plan stored in the
     checkpoint (its re-plans here keep 12 steps)."""
-    settings = dict(max_steps=None, time_budget=10.0, save_every=5, log_every=4)
+    settings = dict(max_steps=None, time_budget=1.0, save_every=5, log_every=4)
     _planning_fixed_steps(monkeypatch, 12)
     uninterrupted = train(_config(fmnist_dir, tmp_path / "B", tiny_overrides, **settings), log=_quiet)
 
@@ -877,10 +905,10 @@ def test_time_budget_resume_keeps_the_planned_steps(tmp_path, fmnist_dir, tiny_o
 def test_time_budget_really_measured(tmp_path, fmnist_dir, tiny_overrides):
     """Without any patching: one plan before training, re-plans after epochs; the last one is the run's length."""
     lines: list[str] = []
-    result = train(_config(fmnist_dir, tmp_path / "run", tiny_overrides, max_steps=None, time_budget=0.2),
+    result = train(_config(fmnist_dir, tmp_path / "run", tiny_overrides, max_steps=None, time_budget=0.1),
                    log=lines.append)
     plans = [line for line in lines if line.startswith("time budget")]
-    assert plans[0].startswith("time budget 0.2 min:") and all(p.startswith("time budget:") for p in plans[1:])
+    assert plans[0].startswith("time budget 0.1 min:") and all(p.startswith("time budget:") for p in plans[1:])
     assert plans[-1].endswith(f"-> {result.steps} steps") or f"-> {result.steps} steps (" in plans[-1], lines
     assert result.steps >= 1
 

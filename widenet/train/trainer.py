@@ -162,11 +162,14 @@ class Trainer:
         final = final_ema = None
         bar = _progress_bar(p.total, p.step, self.parallel.is_main)
         mark = time.monotonic()
+        compiling = self.cfg.compile  # this process's first step compiles: not a step time for the budget
         while p.step < p.total:
             first = p.step
             self.model.train()
             for batch in task.batches(p.epoch, p.batch):
                 self._step(batch, bar)
+                if compiling:
+                    compiling, first, mark = False, p.step, time.monotonic()
                 if p.step >= p.total:
                     break
                 if task.cadence.evaluates_after_step(p.step):
