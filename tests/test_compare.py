@@ -330,12 +330,12 @@ def test_verdict_clear_and_unclear_wins():
 def test_time_budget_report_gives_each_models_steps(tmp_path, fmnist_dir):
     """Under --time-budget the runs' step counts differ by model: the budget line says minutes and the
     table gains a steps column that matches the run's last checkpoint."""
-    budget = dict(BUDGET, max_steps=None, time_budget=0.05)
+    budget = dict(BUDGET, max_steps=None, time_budget=0.1)
     report_path = compare(["vit_tiny"], tmp_path / "out", seeds=1, data_dir=str(fmnist_dir), log=_quiet,
                           ablation=False, **budget)
     report = report_path.read_text(encoding="utf-8")
     line = next(line for line in report.splitlines() if line.startswith("Budget per run"))
-    assert "0.05 minutes of wall-clock time" in line, line
+    assert "0.1 minutes of wall-clock time" in line, line
     assert "| model | params | FLOPs / image | train images/s | test accuracy (%) | steps |" in report
     cells = _table_rows(_section(report, "Results"))["vit_tiny"]
     last = load_checkpoint(find_latest_checkpoint(tmp_path / "out" / "runs" / "vit_tiny" / "seed0"))
