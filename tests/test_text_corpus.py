@@ -303,6 +303,40 @@ def test_cache_hit_does_not_tokenize_again(tmp_path, tok):
     assert counting.calls > calls
 
 
+def test_the_cache_folder_keeps_the_most_recently_used_corpus_caches(tmp_path, tok):
+    """Each new tokenizer (every `pretrain` without --tokenizer trains one) added a cache of the whole
+    tokenized corpus (~30 MB for GCIDE) that nothing ever removed."""
+    from widenet.data.text.corpus import CORPUS_CACHES_KEPT
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    old = [cache / f"corpus-{i:064x}.pt" for i in range(CORPUS_CACHES_KEPT + 1)]  # oldest first
+    for age, path in enumerate(reversed(old), start=1):
+        path.write_bytes(b"an earlier corpus")
+        os.utime(path, (1_000_000 - age, 1_000_000 - age))
+    theirs = [cache / "corpus-notes.pt", cache / "other.pt", cache / f".corpus-{0:064x}.pt.x.tmp"]
+    for path in theirs:
+        path.write_bytes(b"not a corpus cache")
+        os.utime(path, (1, 1))
+    path = _write_text(tmp_path / "c.txt", _prose_documents(3, 10))
+    used = load_pretrain_corpus([path], tok, cache_dir=cache)
+    (new,) = set(cache.glob("corpus-*.pt")) - set(old) - set(theirs)
+    assert sorted(p for p in old if p.exists()) == old[-(CORPUS_CACHES_KEPT - 1):]  # the newest 7 and this one
+    assert all(p.exists() for p in theirs)
+    # a hit marks its file used: written first, then eight other tokenizers' corpora, it stays
+    os.utime(new, (2_000_000, 2_000_000))
+    for vocab in range(CORPUS_CACHES_KEPT - 1):
+        other = train_tokenizer(PROSE[: 2 + vocab % 3], vocab_size=60 + vocab, min_frequency=1)
+        load_pretrain_corpus([path], other, cache_dir=cache)
+        if vocab == 2:
+            counting = CountingTokenizer(tok)
+            assert torch.equal(load_pretrain_corpus([path], counting, cache_dir=cache).tokens, used.tokens)
+            assert counting.calls == 0 and new.stat().st_mtime > 2_000_000
+    assert new.exists() and len(list(cache.glob("corpus-*.pt"))) == CORPUS_CACHES_KEPT + 1  # + corpus-notes.pt
+    load_pretrain_corpus([path], train_tokenizer(PROSE[:1], vocab_size=50, min_frequency=1), cache_dir=cache)
+    assert new.exists() and not any(p.exists() for p in old)
+
+
 def test_a_file_swapped_for_one_of_the_same_size_and_date_is_read_again(tmp_path, tok):
     """Keyed by size and mtime only, two files of one size and date swapped under their names (an
     archive packed with fixed times, `cp -p`, `touch -r`) served the other file's tokens."""

@@ -8,9 +8,12 @@ vocabulary.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
+import os
+import re
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,6 +36,8 @@ __all__ = ["PretrainCorpus", "load_pretrain_corpus"]
 
 # Bump when sentence splitting, reading or the cache layout changes.
 _CORPUS_CACHE_VERSION = 2
+CORPUS_CACHES_KEPT = 8  # a cache folder keeps this many corpus caches, the most recently used
+_CACHE_NAME = re.compile(r"corpus-[0-9a-f]{64}\.pt")  # what load_pretrain_corpus writes, nothing else
 
 
 @dataclass
@@ -197,6 +202,20 @@ def _save_corpus_cache(corpus: PretrainCorpus, path: Path, key: str) -> None:
     save_cache(payload, path)
 
 
+def _prune_corpus_caches(folder: Path, kept: Path) -> None:
+    """Remove all but the CORPUS_CACHES_KEPT most recently used corpus caches in `folder`, `kept` among
+    them (each new tokenizer adds one; a hit marks its file used). Best effort: a file that goes away
+    or cannot be removed is left; a process that was about to read a removed one rebuilds it."""
+    used = []
+    for path in folder.iterdir():
+        if _CACHE_NAME.fullmatch(path.name) and path != kept:
+            with contextlib.suppress(OSError):
+                used.append((path.stat().st_mtime_ns, path.name, path))
+    for *_, path in sorted(used, reverse=True)[CORPUS_CACHES_KEPT - 1:]:
+        with contextlib.suppress(OSError):
+            path.unlink(missing_ok=True)
+
+
 def _check_coverage(corpus: PretrainCorpus, tokenizer: Any) -> None:
     check_coverage(corpus.tokens, special_ids(tokenizer), "the corpus",
                    "train one on the corpus (leave --tokenizer out) or choose another")
@@ -216,7 +235,8 @@ def load_pretrain_corpus(
     ``cache_dir/corpus-<key>.pt``, the key hashing the resolved files, their
     sizes, modification and change times, the tokenizer's vocabulary and
     pipeline fingerprints and a format version; a later call with the same inputs loads it without tokenizing.
-    A damaged cache file is ignored with a warning and rebuilt.
+    A damaged cache file is ignored with a warning and rebuilt. Writing one removes all but the
+    CORPUS_CACHES_KEPT most recently used (``corpus-<key>.pt`` files only; others in the folder stay).
     ``max_documents`` keeps only the first N documents (quick runs).
     """
     files = corpus_files(paths)
@@ -226,6 +246,8 @@ def load_pretrain_corpus(
     if cache_path is not None:
         cached = _load_corpus_cache(cache_path, key)
         if cached is not None:
+            with contextlib.suppress(OSError):
+                os.utime(cache_path)  # used now: the pruning keeps the most recently used
             _check_coverage(cached, tokenizer)
             return cached
     builder = _CorpusBuilder(tokenizer, chunk_sentences)
@@ -240,4 +262,6 @@ def load_pretrain_corpus(
             _save_corpus_cache(corpus, cache_path, key)
         except OSError as exc:
             warnings.warn(f"could not write corpus cache {cache_path} ({exc}); continuing without it", stacklevel=2)
+        else:
+            _prune_corpus_caches(cache_path.parent, cache_path)
     return corpus
