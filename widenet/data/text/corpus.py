@@ -207,10 +207,11 @@ def _prune_corpus_caches(folder: Path, kept: Path) -> None:
     them (each new tokenizer adds one; a hit marks its file used). Best effort: a file that goes away
     or cannot be removed is left; a process that was about to read a removed one rebuilds it."""
     used = []
-    for path in folder.iterdir():
-        if _CACHE_NAME.fullmatch(path.name) and path != kept:
-            with contextlib.suppress(OSError):
-                used.append((path.stat().st_mtime_ns, path.name, path))
+    with contextlib.suppress(OSError):  # a folder that cannot be listed is left as it is
+        for path in folder.iterdir():
+            if _CACHE_NAME.fullmatch(path.name) and path != kept:
+                with contextlib.suppress(OSError):
+                    used.append((path.stat().st_mtime_ns, path.name, path))
     for *_, path in sorted(used, reverse=True)[CORPUS_CACHES_KEPT - 1:]:
         with contextlib.suppress(OSError):
             path.unlink(missing_ok=True)
