@@ -856,7 +856,8 @@ def test_time_budget_replan_moves_the_schedule_end(tmp_path, fmnist_dir, tiny_ov
 def test_time_budget_leaves_the_compiling_step_out_of_the_step_time(tmp_path, fmnist_dir, tiny_overrides,
                                                                     monkeypatch):
     """--compile: the first step compiles (30-90 s on a CPU). Counted as a step, it inflated the mean
-    step time for the rest of the run and a budgeted run ended well before its deadline."""
+    step time for the rest of the run and a budgeted run ended well before its deadline; it also
+    made a compiled run's images/s (the log lines', the result's, compare's) a fraction of its speed."""
     class CompilingOnFirstCall(torch.nn.Module):  # stands in for torch.compile: the first call is slow
         def __init__(self, model):
             super().__init__()
@@ -879,6 +880,10 @@ def test_time_budget_leaves_the_compiling_step_out_of_the_step_time(tmp_path, fm
     assert result.steps == 12
     (steps, seconds), *_ = observed  # the first epoch: 8 steps, the compiling one left out
     assert steps == 7 and seconds < 1.5, observed
+    # The speeds are over the 11 other steps: their time, implied by the speed, holds no 2 s sleep.
+    assert 0 < 11 * 32 / result.train_images_per_s < 1.5, result.train_images_per_s
+    first_line = next(r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["split"] == "train")
+    assert first_line["step"] == 5 and 0 < 4 * 32 / first_line["images_per_s"] < 1.5, first_line
 
 
 def test_time_budget_resume_keeps_the_planned_steps(tmp_path, fmnist_dir, tiny_overrides, monkeypatch):

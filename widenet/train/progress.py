@@ -37,9 +37,10 @@ class Progress:
     step: int = 0
     epoch: int = 0
     batch: int = 0  # batches done within `epoch`
-    examples: int = 0
+    examples: int = 0  # examples, tokens and seconds of the timed steps (see untimed_steps)
     tokens: int = 0
     train_seconds: float = 0.0
+    untimed_steps: int = 0  # steps left out of the throughput: each --compile process's compiling step
     total: int = 0  # the run's planned steps (with --time-budget: re-planned after every epoch)
     wall_seconds: float = 0.0  # with --time-budget: seconds of the budget spent at the last checkpoint
     eval_seconds: float = 0.0  # how long the last evaluation took
@@ -73,13 +74,15 @@ class LogWindow:
         return cls(dict(loss=state.get("loss", 0.0), aux_loss=state.get("aux", 0.0), accuracy=accuracy), steps,
                    state.get("images", 0), 0, state.get("seconds", 0.0))
 
-    def add(self, r: StepResult, seconds: float) -> None:
+    def add(self, r: StepResult, seconds: float, timed: bool = True) -> None:
+        """One step's values; an untimed step (one that compiled) adds nothing to the speed."""
         for k, v in r.values.items():
             self.sums[k] = self.sums.get(k, 0.0) + v
         self.steps += 1
-        self.examples += r.examples
-        self.tokens += r.tokens
-        self.seconds += seconds
+        if timed:
+            self.examples += r.examples
+            self.tokens += r.tokens
+            self.seconds += seconds
 
     def speed(self, unit: str) -> float:
         counted = self.tokens if unit == "tokens" else self.examples

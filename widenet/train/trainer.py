@@ -167,7 +167,8 @@ class Trainer:
             first = p.step
             self.model.train()
             for batch in task.batches(p.epoch, p.batch):
-                self._step(batch, bar)
+                # The compiling step is left out of the speeds too, unless it is the run's only one here.
+                self._step(batch, bar, timed=not compiling or p.total - p.step == 1)
                 if compiling:
                     compiling, first, mark = False, p.step, time.monotonic()
                 if p.step >= p.total:
@@ -204,7 +205,7 @@ class Trainer:
         return RunResult(p.step, final, p.examples / seconds if seconds else 0.0,
                          p.tokens / seconds if seconds else 0.0, self.parallel.module(self.model), final_ema)
 
-    def _step(self, batch: Any, bar: tqdm) -> None:
+    def _step(self, batch: Any, bar: tqdm, timed: bool = True) -> None:
         p, task = self.progress, self.task
         started = time.perf_counter()
         result = self.update(self.net, self.optimizer, self.schedule, batch, p.step)
@@ -215,10 +216,13 @@ class Trainer:
         seconds = time.perf_counter() - started
         p.step += 1
         p.batch += 1
-        p.examples += result.examples
-        p.tokens += result.tokens
-        p.train_seconds += seconds
-        self.window.add(result, seconds)
+        if timed:
+            p.examples += result.examples
+            p.tokens += result.tokens
+            p.train_seconds += seconds
+        else:
+            p.untimed_steps += 1
+        self.window.add(result, seconds, timed)
         bar.update(1)
         bar.set_postfix_str(self.window.postfix(task.unit), refresh=False)
         if p.step % self.cfg.log_every == 0 or p.step == p.total:
@@ -375,7 +379,7 @@ class Trainer:
         if self.cfg.time_budget is not None:
             p = self.progress
             self.deadline = Deadline(60.0 * self.cfg.time_budget, self.task.cadence,
-                                     p.train_seconds / max(p.step, 1), p.eval_seconds, self.started,
+                                     p.train_seconds / max(p.step - p.untimed_steps, 1), p.eval_seconds, self.started,
                                      spent_before=p.wall_seconds)
 
     # -- the run's length and the time budget -------------------------------------------------
