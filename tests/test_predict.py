@@ -372,7 +372,7 @@ def test_classify_texts_matches_the_model_on_encoded_ids(classify_dir):
 def test_a_sentences_classes_do_not_depend_on_its_batch_neighbours(tokenizer_file, tmp_path):
     """The text side of the image test above: an MoE classifier with little capacity per call. Whether the
     model as trained changes a given text's answer in a given batch depends on the token ids, so on the
-    tokenizer (its ties fall differently in each process): every way of putting three of the six sentences
+    tokenizer's vocabulary: every way of putting three of the six sentences
     in a batch, the last one scored, is tried, and in at least one the batch must change the model's own
     answer; predict's answer for the last text is its answer alone in every one."""
     file, tok = tokenizer_file
@@ -432,7 +432,7 @@ def test_cli_text_from_stdin_json_and_table(classify_dir, capsys, monkeypatch):
 
 def test_long_sentences_are_truncated_with_one_note(classify_dir, tmp_path, capsys, monkeypatch):
     f = tmp_path / "long.txt"
-    # "a dog" is at most 4 word pieces (one per letter) whatever the tokenizer's ties made of its vocabulary
+    # "a dog" is at most 4 word pieces (one per letter) whatever the tokenizer's vocabulary
     f.write_text("\n".join(["the quick brown fox jumps over the lazy dog " * 3] * 3 + ["a dog"]))
     rc, out, err = _cli(["predict", "--checkpoint", classify_dir, "--text", f, "--max-len", "8",
                          "--batch-size", "2"], capsys, monkeypatch)

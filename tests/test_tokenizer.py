@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -46,6 +48,39 @@ def test_trained_special_ids_are_0_to_4(tok):
     assert special_ids(tok) == SpecialIds(pad=0, unk=1, cls=2, sep=3, mask=4)
     assert [tok.id_to_token(i) for i in range(5)] == list(SPECIAL_TOKENS)
     assert 5 < tok.get_vocab_size() <= 200
+
+
+def test_training_gives_one_vocabulary_in_every_process():
+    """Hugging Face's trainer breaks ties between equally frequent merges by numbers it gives the
+    continuation pieces in a per-process hash order: the same corpus gave other vocabularies in
+    other processes (this corpus: a different one in most of three)."""
+    script = ("import json, sys; from widenet.data.text.tokenizer import train_tokenizer; "
+              "texts = json.loads(sys.stdin.read()); "
+              "print(json.dumps(sorted(train_tokenizer(texts, vocab_size=200, min_frequency=1).get_vocab().items())))")
+    runs = [subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            for _ in range(3)]
+    vocabularies = [run.communicate(json.dumps(TEXTS), timeout=120)[0] for run in runs]
+    assert all(run.returncode == 0 for run in runs)
+    assert vocabularies[0] == vocabularies[1] == vocabularies[2]
+    here = train_tokenizer(TEXTS, vocab_size=200, min_frequency=1).get_vocab()
+    assert dict(json.loads(vocabularies[0])) == here
+
+
+def test_training_reads_a_one_shot_iterator_for_both_passes(tok):
+    """Training reads its texts twice (the continuation pieces first); a generator is kept as a
+    list, so its texts reach the second pass too."""
+    from_generator = train_tokenizer((text for text in TEXTS), vocab_size=200, min_frequency=1)
+    assert from_generator.get_vocab() == tok.get_vocab()
+    assert len(tok.get_vocab()) == 200
+
+
+def test_the_continuation_pieces_are_ordinary_pieces(tok):
+    """The second pass gets the continuation pieces as special tokens; they must not stay special
+    (a special "##e" would be cut out of any text holding it and dropped by decoding)."""
+    assert [t.content for t in tok.get_added_tokens_decoder().values()] == list(SPECIAL_TOKENS)
+    assert "##e" in tok.get_vocab()
+    assert tok.encode("a##e", add_special_tokens=False).tokens == ["a", "[UNK]", "[UNK]", "e"]  # no '#' in TEXTS
+    assert tok.decode(tok.encode("jumps", add_special_tokens=False).ids) == "jumps"
 
 
 def test_special_ids_also_without_lowercasing():

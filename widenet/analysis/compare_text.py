@@ -26,14 +26,13 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import statistics
-from itertools import islice
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from ..data.text.documents import corpus_files, iter_documents
+from ..data.text.documents import Documents, corpus_files
 from ..data.text.gcide import GCIDE_PATH
 from ..data.text.gcide_tasks import write_gcide_task
 from ..data.text.tokenizer import save_tokenizer, train_tokenizer
@@ -198,7 +197,7 @@ def _shared_tokenizer(out: Path, corpus: list[str], budget: dict, log: Callable[
         return path
     log(f"training a shared WordPiece tokenizer ({VOCAB_SIZE} pieces)")
     out.mkdir(parents=True, exist_ok=True)
-    save_tokenizer(train_tokenizer(islice(iter_documents(corpus), budget["max_documents"]), vocab_size=VOCAB_SIZE),
+    save_tokenizer(train_tokenizer(Documents(corpus, budget["max_documents"]), vocab_size=VOCAB_SIZE),
                    path)
     record.write_text(json.dumps(made_with) + "\n")
     return path

@@ -21,7 +21,6 @@ import dataclasses
 import time
 import warnings
 from dataclasses import dataclass
-from itertools import islice
 from pathlib import Path
 from typing import Any, Callable
 
@@ -32,7 +31,7 @@ from torch import nn
 from ..data.downloads import data_home
 from ..data.errors import DatasetError
 from ..data.text.corpus import load_pretrain_corpus
-from ..data.text.documents import iter_documents
+from ..data.text.documents import Documents
 from ..data.text.pretraining import make_sop_examples, mask_tokens
 from ..data.text.tokenizer import (SpecialIds, TokenizerError, load_tokenizer, save_tokenizer, special_ids,
                                    tokenizer_record, train_tokenizer)
@@ -85,7 +84,7 @@ def prepare_tokenizer(cfg: PretrainConfig, out: Path, log: Callable[[str], None]
             raise TokenizerError(f"no tokenizer beside {init.path}; pass the one its ids were made with: --tokenizer")
     else:
         log(f"training a WordPiece tokenizer ({cfg.vocab_size} pieces) on the corpus")
-        tokenizer = train_tokenizer(islice(iter_documents(cfg.corpus), cfg.max_documents),
+        tokenizer = train_tokenizer(Documents(cfg.corpus, cfg.max_documents),
                                     vocab_size=cfg.vocab_size)
         if (got := tokenizer.get_vocab_size()) != cfg.vocab_size:  # WordPiece keeps every character it saw
             log(f"the tokenizer has {got} pieces, not {cfg.vocab_size}: "

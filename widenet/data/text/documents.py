@@ -13,6 +13,7 @@ import os
 import warnings
 import zlib
 from collections.abc import Iterator, Sequence
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from ...listing import listed
 from ..errors import DatasetError, PathLike
 from .gcide import GcideError, gcide_documents
 
-__all__ = ["CORPUS_SUFFIXES", "CorpusError", "corpus_files", "iter_documents"]
+__all__ = ["CORPUS_SUFFIXES", "CorpusError", "Documents", "corpus_files", "iter_documents"]
 
 
 CORPUS_SUFFIXES = (".txt", ".txt.gz", ".gz", ".jsonl", ".jsonl.gz", ".dict.dz")
@@ -190,3 +191,14 @@ def iter_documents(paths: Sequence[PathLike] | PathLike) -> Iterator[str]:
                 yield document
     if not found:
         raise CorpusError(f"no text found in the corpus ({listed(files)}); looked for documents in {_LOOKED_FOR} files")
+
+
+class Documents:
+    """The first `limit` documents of iter_documents(paths) (all: None), read afresh from the files on
+    every pass (what a tokenizer's two-pass training reads without holding the corpus in memory)."""
+
+    def __init__(self, paths: Sequence[PathLike] | PathLike, limit: int | None = None) -> None:
+        self.paths, self.limit = paths, limit
+
+    def __iter__(self) -> Iterator[str]:
+        return islice(iter_documents(self.paths), self.limit)

@@ -127,36 +127,65 @@ def _while_responsive(call: Callable[[], _T]) -> _T:
     return outcome["value"]  # type: ignore[return-value]
 
 
+def _wordpiece_trainer(vocab_size: int, min_frequency: int, first_pieces: list[str]) -> trainers.WordPieceTrainer:
+    return trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
+                                     special_tokens=list(SPECIAL_TOKENS) + first_pieces,
+                                     continuing_subword_prefix=_CONTINUING_PREFIX, show_progress=False)
+
+
+def _untrained(lowercase: bool) -> Tokenizer:
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]", continuing_subword_prefix=_CONTINUING_PREFIX))
+    _bert_pipeline(tok, lowercase)
+    return tok
+
+
 def train_tokenizer(
     texts: Iterable[str],
     vocab_size: int = 8000,
     lowercase: bool = True,
     min_frequency: int = 2,
 ) -> Tokenizer:
-    """Train a WordPiece tokenizer on ``texts`` (any iterable of strings).
+    """Train a WordPiece tokenizer on ``texts`` (any iterable of strings; read twice, so a one-shot
+    iterator is first read into a list: pass something iterable afresh, such as a list or
+    ``documents.Documents``, to keep a large corpus out of memory).
 
     The special tokens get ids 0..4 (``[PAD] [UNK] [CLS] [SEP] [MASK]``). The
     vocabulary may come out smaller than ``vocab_size`` on a small corpus.
+    The same texts give the same tokenizer in every process. Hugging Face's
+    trainer numbers the one-character continuation pieces (``##e``) in the
+    order of a hash map seeded per process, and those numbers break ties
+    between equally frequent merges (tokenizers issue #1794), so one corpus
+    gave other vocabularies in other processes. A first pass (no merges)
+    finds those pieces; the second is given them up front, sorted, as
+    special tokens, which are then made ordinary pieces again.
     """
     if vocab_size <= len(SPECIAL_TOKENS):
         raise ValueError(f"vocab_size must exceed the {len(SPECIAL_TOKENS)} special tokens, got {vocab_size}")
     if min_frequency < 1:
         raise ValueError(f"min_frequency must be at least 1, got {min_frequency}")
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]", continuing_subword_prefix=_CONTINUING_PREFIX))
-    _bert_pipeline(tok, lowercase)
-    trainer = trainers.WordPieceTrainer(
-        vocab_size=vocab_size,
-        min_frequency=min_frequency,
-        special_tokens=list(SPECIAL_TOKENS),
-        continuing_subword_prefix=_CONTINUING_PREFIX,
-        show_progress=False,
-    )
+    texts = list(texts) if iter(texts) is texts else texts
+    survey = _untrained(lowercase)
+    _while_responsive(lambda: survey.train_from_iterator(texts, trainer=_wordpiece_trainer(1, min_frequency, [])))
+    pieces = sorted(p for p in survey.get_vocab() if p.startswith(_CONTINUING_PREFIX)
+                    and len(p) == len(_CONTINUING_PREFIX) + 1)
+    tok = _untrained(lowercase)
+    trainer = _wordpiece_trainer(vocab_size, min_frequency, pieces)
     _while_responsive(lambda: tok.train_from_iterator(texts, trainer=trainer))
+    tok = _without_added_tokens(tok, set(pieces))
     ids = special_ids(tok, source="the trained tokenizer")
     if ids.as_tuple() != tuple(range(len(SPECIAL_TOKENS))):  # pragma: no cover - a tokenizers change
         raise TokenizerError(f"trained tokenizer has special ids {ids}, expected 0..4")
     tok.post_processor = _post_processor(ids.cls, ids.sep)
     return tok
+
+
+def _without_added_tokens(tok: Tokenizer, contents: set[str]) -> Tokenizer:
+    """tok with the added (special) tokens named in `contents` made ordinary vocabulary pieces."""
+    if not contents:
+        return tok
+    state = json.loads(tok.to_str())
+    state["added_tokens"] = [a for a in state["added_tokens"] if a["content"] not in contents]
+    return Tokenizer.from_str(json.dumps(state))
 
 
 # --------------------------------------------------------------------------
