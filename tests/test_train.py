@@ -25,12 +25,13 @@ from widenet.models import create_model
 from widenet.train import images, trainer
 from widenet.train.checkpoint import (CheckpointError, checkpoint_dir_name, find_latest_checkpoint,
                                       list_checkpoints, load_checkpoint)
-from widenet.train.budget import Deadline
+from widenet.train.budget import Cadence, Deadline
 from widenet.train.config import TrainConfig
 from widenet.data.augment import normalize
 from widenet.train.evaluate import evaluate, mean_of_views
 from widenet.train.images import TrainingError, build_model_for, train
 from widenet.train.metrics import TIMING_KEYS, read_metrics, without_timing
+from widenet.train.progress import Progress
 
 REPO = Path(__file__).resolve().parents[1]
 LEARN_STEPS = 40
@@ -876,14 +877,28 @@ def test_time_budget_leaves_the_compiling_step_out_of_the_step_time(tmp_path, fm
     monkeypatch.setattr(Deadline, "observe_steps",
                         lambda self, steps, seconds: (observed.append((steps, seconds)), real_observe(self, steps, seconds)))
     result = train(_config(fmnist_dir, tmp_path / "run", tiny_overrides, max_steps=None, time_budget=1.0,
-                           compile=True), log=_quiet)
+                           compile=True, log_every=1), log=_quiet)
     assert result.steps == 12
     (steps, seconds), *_ = observed  # the first epoch: 8 steps, the compiling one left out
     assert steps == 7 and seconds < 1.5, observed
     # The speeds are over the 11 other steps: their time, implied by the speed, holds no 2 s sleep.
     assert 0 < 11 * 32 / result.train_images_per_s < 1.5, result.train_images_per_s
-    first_line = next(r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["split"] == "train")
-    assert first_line["step"] == 5 and 0 < 4 * 32 / first_line["images_per_s"] < 1.5, first_line
+    first, second = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["split"] == "train"][:2]
+    assert first["step"] == 1 and "images_per_s" not in first, first  # the compiling step alone: no speed
+    assert second["step"] == 2 and 0 < 32 / second["images_per_s"] < 1.5, second
+
+
+def test_a_run_stopped_while_compiling_resumes_its_budget_from_the_seconds_spent():
+    """A checkpoint saved after the compiling step alone holds no timed step: the resumed budget's
+    step time is the budget's seconds per step (a step time of 0 made the deadline refuse to plan)."""
+    stopped = Progress.from_state(dict(step=1, untimed_steps=1, train_seconds=0.0, wall_seconds=70.0, total=50))
+    assert stopped.step_seconds() == 70.0
+    deadline = Deadline(600.0, Cadence(per_epoch=1, every_epochs=1), stopped.step_seconds(), 1.0, time.monotonic(),
+                        spent_before=70.0)
+    deadline.observe_steps(0, 65.0)  # the resumed process's first epoch: its own compiling step only
+    assert 0 < deadline.steps(2) - 2 <= 530 / 70
+    assert Progress.from_state(dict(step=10, untimed_steps=1, train_seconds=4.5)).step_seconds() == 0.5
+    assert Progress.from_state(dict(step=10, train_seconds=5.0)).step_seconds() == 0.5  # saved before untimed_steps
 
 
 def test_time_budget_resume_keeps_the_planned_steps(tmp_path, fmnist_dir, tiny_overrides, monkeypatch):

@@ -53,6 +53,12 @@ class Progress:
             state["examples"] = state.pop("images")
         return cls(**{k: v for k, v in state.items() if k in cls.__dataclass_fields__})
 
+    def step_seconds(self) -> float:
+        """The mean time of a timed step; with none (a run stopped while it compiled), the budget's
+        seconds per step so far."""
+        timed = self.step - self.untimed_steps
+        return self.train_seconds / timed if timed else self.wall_seconds / max(self.step, 1)
+
 
 @dataclass
 class LogWindow:
@@ -91,13 +97,14 @@ class LogWindow:
     def record(self, p: Progress, epoch: int, lr: float, unit: str) -> dict[str, Any]:
         """metrics.jsonl's train line at p.step; epoch: the epochs complete after it."""
         n = max(self.steps, 1)
+        speed = {f"{unit}_per_s": self.speed(unit)} if self.seconds else {}  # none for a compiling step alone
         return dict(split="train", step=p.step, epoch=epoch, **{k: v / n for k, v in self.sums.items()},
-                    lr=lr, **{f"{unit}_per_s": self.speed(unit)})
+                    lr=lr, **speed)
 
     def postfix(self, unit: str) -> str:
         n = max(self.steps, 1)
         values = " ".join(f"{k} {v / n:.4f}" for k, v in self.sums.items())
-        return f"{values} {self.speed(unit):.0f} {unit}/s"
+        return f"{values} {self.speed(unit):.0f} {unit}/s" if self.seconds else values
 
     def summary(self, p: Progress, unit: str) -> str:
         return f"step {p.step}/{p.total} {self.postfix(unit)}"

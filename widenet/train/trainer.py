@@ -167,8 +167,8 @@ class Trainer:
             first = p.step
             self.model.train()
             for batch in task.batches(p.epoch, p.batch):
-                # The compiling step is left out of the speeds too, unless it is the run's only one here.
-                self._step(batch, bar, timed=not compiling or p.total - p.step == 1)
+                # The compiling step is left out of the speeds too, unless the run would have no timed step.
+                self._step(batch, bar, timed=not compiling or (p.total - p.step == 1 and p.step == p.untimed_steps))
                 if compiling:
                     compiling, first, mark = False, p.step, time.monotonic()
                 if p.step >= p.total:
@@ -378,9 +378,8 @@ class Trainer:
             self.log("--ema-decay: the checkpoint holds no weight average; it starts from the resumed weights")
         if self.cfg.time_budget is not None:
             p = self.progress
-            self.deadline = Deadline(60.0 * self.cfg.time_budget, self.task.cadence,
-                                     p.train_seconds / max(p.step - p.untimed_steps, 1), p.eval_seconds, self.started,
-                                     spent_before=p.wall_seconds)
+            self.deadline = Deadline(60.0 * self.cfg.time_budget, self.task.cadence, p.step_seconds(),
+                                     p.eval_seconds, self.started, spent_before=p.wall_seconds)
 
     # -- the run's length and the time budget -------------------------------------------------
     def _total_steps(self, model: nn.Module, saved: dict | None) -> int:
