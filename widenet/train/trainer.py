@@ -162,12 +162,11 @@ class Trainer:
         final = final_ema = None
         bar = _progress_bar(p.total, p.step, self.parallel.is_main)
         mark = time.monotonic()
-        compiling = self.cfg.compile  # this process's first step compiles: not a step time for the budget
+        compiling = self.cfg.compile  # the first step compiles: out of the budget's step time and the speeds
         while p.step < p.total:
             first = p.step
             self.model.train()
             for batch in task.batches(p.epoch, p.batch):
-                # The compiling step is left out of the speeds too, unless the run would have no timed step.
                 self._step(batch, bar, timed=not compiling or (p.total - p.step == 1 and p.step == p.untimed_steps))
                 if compiling:
                     compiling, first, mark = False, p.step, time.monotonic()
