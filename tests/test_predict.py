@@ -828,8 +828,10 @@ def test_text_settings_for_images_and_qa_settings_for_sentences_are_refused(visi
 def test_a_tokenizer_that_is_not_the_models_is_refused_not_used(classify_dir, tokenizer_file, tmp_path, capsys,
                                                                 monkeypatch):
     # Another tokenizer of the same size copied over the model's: predict would encode with the wrong ids.
-    other = train_tokenizer(TOKENIZER_TEXTS[len(TOKENIZER_TEXTS) // 2:], vocab_size=120, min_frequency=1)
+    # (Its texts, the model's spelled backwards, give other pieces: the same texts give the same tokenizer.)
+    other = train_tokenizer([text[::-1] for text in TEXTS], vocab_size=120, min_frequency=1)
     assert other.get_vocab_size() == tokenizer_file[1].get_vocab_size()
+    assert other.get_vocab() != tokenizer_file[1].get_vocab()
     folder = shutil.copytree(classify_dir, tmp_path / "model")
     save_tokenizer(other, folder / "tokenizer.json")
     (tmp_path / "in.txt").write_text("the lazy dog\n")
