@@ -334,6 +334,16 @@ def test_downstream_verdict_ranks_by_task_accuracy_against_twice_the_spread():
     assert _downstream_verdict([flat, edge]) == (
         "Downstream, edge scored highest (75.0%), 50.0 points above flat; within twice the seed spread, so "
         "this run does not establish a winner.")
+    # Two seeds that agree (spread 0) do not make 1.5 points a win (the main job's report once said
+    # "helped" of a +1.0 whose two seeds happened to gain alike).
+    agree = _model("agree", [0.1] * 2, 0.06, [0.80, 0.80], [0.785, 0.785])
+    behind = _model("behind", [0.1] * 2, 0.06, [0.785, 0.785], [0.785, 0.785])
+    assert _downstream_verdict([behind, agree]) == (
+        "Downstream, agree scored highest (80.0%), 1.5 points above behind; under 2 points, which fine-tuning "
+        "seeds alone can move, so this run does not establish a winner.")
+    assert _transfer_note([agree]).endswith("agree +1.5 points (spread 0.0, no clear effect).")
+    assert _transfer_note([_model("m", [0.1] * 2, 0.06, [0.81, 0.81], [0.785, 0.785])]).endswith(
+        "m +2.5 points (spread 0.0, helped).")
     one_a, one_b = _model("a", [0.1], 0.06, [0.9], [0.4]), _model("b", [0.1], 0.06, [0.5], [0.4])
     assert _downstream_verdict([one_b, one_a]) == (
         "Downstream, a scored highest (90.0%), 40.0 points above b; one seed cannot separate it from noise, so "
