@@ -53,6 +53,17 @@ class Progress:
             state["examples"] = state.pop("images")
         return cls(**{k: v for k, v in state.items() if k in cls.__dataclass_fields__})
 
+    def add(self, r: StepResult, seconds: float, timed: bool = True) -> None:
+        """One more step; an untimed one (it compiled) counts in untimed_steps, not in the speeds."""
+        self.step += 1
+        self.batch += 1
+        if timed:
+            self.examples += r.examples
+            self.tokens += r.tokens
+            self.train_seconds += seconds
+        else:
+            self.untimed_steps += 1
+
     def step_seconds(self) -> float:
         """The mean time of a timed step; with none (a run stopped while it compiled), the budget's
         seconds per step so far."""

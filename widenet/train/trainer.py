@@ -213,14 +213,7 @@ class Trainer:
         if self.ema is not None:
             self.ema.update(self.parallel.module(self.model))
         seconds = time.perf_counter() - started
-        p.step += 1
-        p.batch += 1
-        if timed:
-            p.examples += result.examples
-            p.tokens += result.tokens
-            p.train_seconds += seconds
-        else:
-            p.untimed_steps += 1
+        p.add(result, seconds, timed)
         self.window.add(result, seconds, timed)
         bar.update(1)
         bar.set_postfix_str(self.window.postfix(task.unit), refresh=False)
