@@ -186,6 +186,15 @@ def test_list_json(capsys):
     assert all(isinstance(r["description"], str) and r["description"] for r in rows)
 
 
+@pytest.mark.parametrize("argv, flag", [(["compare", "--seed", "7"], "--seed 7"),
+                                        (["train", "--model", "vit_tiny", "--epo", "1"], "--epo 1")])
+def test_abbreviated_flags_are_refused_not_completed(argv, flag, cli):
+    """argparse completes unique prefixes by default: `compare --seed 7` trained seven seeds (--seeds)."""
+    rc, out, err = cli(argv)
+    assert rc == 2 and out == ""
+    assert err.strip().splitlines() == [f"widenet: error: unrecognized arguments: {flag} (see widenet {argv[0]} --help)"]
+
+
 # --- params ---------------------------------------------------------------------------------------
 def test_params_widenet_b16_matches_paper(capsys):
     rc, out, _ = _cli(["params", "widenet_b16", "--num-classes", 1001, "--representation", "--json"], capsys)

@@ -27,7 +27,7 @@ from dataclasses import asdict
 from typing import Callable, NoReturn, Sequence
 
 from . import __version__
-from .cli_args import (add_budget_arguments, add_moe_arguments, add_process_arguments, add_recipe_arguments,
+from .cli_args import (Parser, add_budget_arguments, add_moe_arguments, add_process_arguments, add_recipe_arguments,
                        add_run_arguments, add_set_argument, config_fields, finite_float, model_overrides, nonempty,
                        parse_command_line, positive_float, positive_int)
 from .cli_errors import (BUG_REPORT, INTERRUPTED, CLIError, explain, file_names_printable,
@@ -39,13 +39,6 @@ from .cli_predict import add_predict_command
 from .cli_text import add_text_commands
 from .signals import native_call_abandoned
 from .train.stopping import TrainingStopped
-
-
-class _Parser(argparse.ArgumentParser):
-    """Argument errors as one line (plus a hint), exit status 2; sub-parsers inherit it."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def cmd_bench_ddp(args: argparse.Namespace) -> int:
@@ -277,7 +270,7 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
 
 # --- parser -------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="widenet", description="WideNet: go wider instead of deeper.")
+    parser = Parser(prog="widenet", description="WideNet: go wider instead of deeper.")
     parser.add_argument("--version", action="version", version=f"widenet {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 

@@ -13,6 +13,17 @@ from .cli_errors import CLIError
 from .settings import FLOAT_LIMIT, INT_LIMIT, repeated
 
 
+class Parser(argparse.ArgumentParser):
+    """Argument errors as one line (plus a hint), exit status 2; sub-parsers inherit it. No
+    abbreviated flags: `compare --seed 7` would otherwise mean `--seeds 7` (seven seeds)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, allow_abbrev=False, **kwargs)
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def positive_int(text: str) -> int:
     try:
         value = int(text)
