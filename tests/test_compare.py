@@ -267,6 +267,7 @@ def test_compare_checks_every_model_before_reading_data(tmp_path, models, messag
     (dict(seeds=0), "seeds must be a whole number of at least 1, got 0"),  # was the preset's 2 seeds
     (dict(epochs=0), "epochs must be a whole number of at least 1, got 0"),  # was the preset's length
     (dict(seeds=1.5), "seeds must be a whole number"),
+    (dict(seeds=10**9), "seeds must be at most 1000, got 1000000000: every seed trains every model once more"),
     # the ablation's "individual norms" run had shared ones too, and the report compared a model with itself
     (dict(ablation=True, model_overrides=dict(share_norms=True)), "but --set share_norms=True shares them in both"),
     (dict(preset="full", model_overrides=dict(share_norms=True)), "give --no-ablation"),
@@ -276,6 +277,25 @@ def test_compare_refuses_settings_it_would_have_ignored(tmp_path, settings, mess
         compare(["vit_tiny", "widenet_tiny"], tmp_path / "out", data_dir=str(tmp_path / "no-data"), log=_quiet,
                 **settings)
     assert not (tmp_path / "out").exists()
+
+
+def test_compare_refuses_more_seeds_than_it_could_ever_finish(tmp_path, fmnist_dir, capsys, monkeypatch):
+    """--seeds 10**9 trained seed after seed for ever (a run folder each, no report); the limit itself
+    (MAX_SEEDS) still trains."""
+    def boom(*_args, **_kw):
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(compare_mod, "train", boom)
+    args = ["compare", "--models", "vit_tiny", "--max-steps", "1", "--data-dir", str(fmnist_dir),
+            "--out", str(tmp_path / "out")]
+    assert main([*args, "--seeds", str(10**9)]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "widenet: error: seeds must be at most 1000, got 1000000000: every seed trains every model once more, one "
+        "run after another, before the report; give 1000 or fewer"]
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(AssertionError, match="training started"):
+        compare(["vit_tiny"], tmp_path / "out", seeds=compare_mod.MAX_SEEDS, data_dir=str(fmnist_dir), log=_quiet,
+                **BUDGET)
 
 
 def test_an_ablation_asked_for_needs_a_widenet(tmp_path):

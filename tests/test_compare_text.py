@@ -56,6 +56,15 @@ def test_compare_text_writes_the_report_and_reuses_finished_runs(tmp_path, capsy
     assert main([str(tmp_path / "moved") if a == str(out) else a for a in args]) == 0, capsys.readouterr().err  # was "made by an earlier call"
     assert read_metrics(tmp_path / "moved" / metrics.relative_to(out)) == before
     capsys.readouterr()
+    # every run's metrics.jsonl gone: reported again from the checkpoints, the curves left out (was FileNotFoundError)
+    table = [line for line in report.splitlines() if line.startswith("| ")]
+    for gone in (tmp_path / "moved").glob("runs/*/seed*/*/metrics.jsonl"):
+        gone.unlink()
+    assert main([str(tmp_path / "moved") if a == str(out) else a for a in args]) == 0
+    pretrain_metrics = tmp_path / "moved" / "runs" / "bert_text_tiny" / "seed0" / "pretrain" / "metrics.jsonl"
+    assert f"  {pretrain_metrics} is missing: this run's curve is left out of the figures" in capsys.readouterr().out
+    again = (tmp_path / "moved" / "report_text.md").read_text()
+    assert [line for line in again.splitlines() if line.startswith("| ")] == table
 
 
 def _last(path: Path, key: str) -> float:
@@ -96,6 +105,7 @@ def test_compare_text_needs_both_task_files(tmp_path, capsys):
 @pytest.mark.parametrize("settings, message", [
     (dict(seeds=0), "seeds must be a whole number of at least 1, got 0"),  # was the preset's seeds
     (dict(seeds=-2), "seeds must be a whole number of at least 1, got -2"),
+    (dict(seeds=10**9), "seeds must be at most 1000, got 1000000000: every seed trains every model once more"),
     (dict(pretrain_steps=0), "pretrain_steps must be a whole number of at least 1, got 0"),  # the preset's steps
 ])
 def test_compare_text_refuses_counts_below_one_from_python(tmp_path, settings, message):

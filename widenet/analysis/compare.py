@@ -103,6 +103,20 @@ def check_count(name: str, value: int | None) -> None:
         raise ValueError(f"{name} must be a whole number of at least 1, got {value!r}")
 
 
+# Each seed is one more training run of every model, one after another in one process, and the report
+# waits for the last: 10**9 seeds never finish (and fill the disk with run folders first). A thousand
+# already pins a spread down to ~2%; more can only be a mistake.
+MAX_SEEDS = 1000
+
+
+def check_seeds(seeds: int | None) -> None:
+    """None (the preset's) or a whole number of seeds from 1 to MAX_SEEDS."""
+    check_count("seeds", seeds)
+    if seeds is not None and seeds > MAX_SEEDS:
+        raise ValueError(f"seeds must be at most {MAX_SEEDS}, got {seeds}: every seed trains every model once "
+                         f"more, one run after another, before the report; give {MAX_SEEDS} or fewer")
+
+
 def _check_models(models: list[str], overrides: dict, ablation: bool, asked: bool) -> None:
     """Every name an image model that takes the settings, before anything trains; and an ablation
     (`asked` for, or the preset's) that can compare individual with shared LayerNorms."""
@@ -144,7 +158,7 @@ def compare(models: list[str], out: str | Path, preset: str = "quick", seeds: in
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     check_distinct(models)
-    check_count("seeds", seeds)
+    check_seeds(seeds)
     check_count("epochs", epochs)
     budget = dict(PRESETS[preset])
     preset_seeds, preset_ablation = budget.pop("seeds"), budget.pop("ablation")

@@ -47,7 +47,7 @@ from ..train.run_folder import driver_run, resume_or_restart
 from ..train.pretrain import pretrain
 from ..train.text_config import FinetuneConfig, PretrainConfig
 from . import plots
-from .compare import check_count, check_distinct, curve_records, mean_spread, settings_note
+from .compare import check_count, check_distinct, check_seeds, curve_records, mean_spread, settings_note
 
 # Budgets. "quick" fits beside the vision comparison in the README's main job; it is far too short
 # to leave masked LM's no-context plateau, which its report says, but long enough for sentence order
@@ -117,7 +117,7 @@ def compare_text(models: list[str], out: str | Path, preset: str = "quick", seed
         raise ValueError("give both --task-train and --task-validation, or neither (the GCIDE task)")
     if task_train is not None and gcide_task is not None:
         raise ValueError("give --gcide-task or --task-train/--task-validation, not both")
-    check_count("seeds", seeds)
+    check_seeds(seeds)
     check_count("pretrain_steps", pretrain_steps)
     budget = dict(TEXT_PRESETS[preset])
     budget.update((k, v) for k, v in (("seeds", seeds), ("pretrain_steps", pretrain_steps)) if v is not None)
