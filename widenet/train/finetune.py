@@ -19,6 +19,8 @@ checkpoint (`--init`); only the task head is new.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import time
 import warnings
 from dataclasses import dataclass
@@ -37,6 +39,7 @@ from ..data.text.task_common import TaskDataError
 from ..data.text.tokenizer import (TokenizerError, check_coverage, load_tokenizer, save_tokenizer, special_ids,
                                   tokenizer_record)
 from ..distributed.parallel import ParallelContext
+from ..files import tensors_digest
 from ..models.registry import count_parameters
 from ..models.text import TextTransformer, load_backbone
 from ..runtime import autocast, autocast_dtype, resolve_device
@@ -46,7 +49,7 @@ from .exported import TOKENIZER_FILE, Source, check_tokenizer_matches, load_sour
 from .progress import StepResult
 from .run_folder import claim_run_folder
 from .text_common import (Batch, TextTask, check_batch_fits, describe_processes, global_sums, local_rows,
-                          ordered_batches, saved_text_model, training_contents)
+                          ordered_batches, saved_text_model, split_contents)
 from .text_config import FinetuneConfig
 from .text_inputs import default_max_len
 from .trainer import RunResult, Trainer
@@ -241,6 +244,17 @@ def _qa_data(cfg: FinetuneConfig, tokenizer, max_len: int):
     return train, val_ex, vf, version_2, trained
 
 
+def qa_validation_contents(examples: list, features) -> str:
+    """split_contents for SQuAD validation data: its windows' token ids and its questions' ids,
+    texts and answers (which the scores compare with), hashed."""
+    windows = dict(input_ids=features.input_ids, token_type_ids=features.token_type_ids,
+                   example_index=features.example_index)
+    questions = [[e.id, e.question, e.context, e.answers, e.is_impossible] for e in examples]
+    digest = hashlib.sha256((tensors_digest(windows) + json.dumps(questions)).encode()).hexdigest()
+    return (f"{len(examples)} validation questions in {len(features.input_ids)} sequences, token ids and "
+            f"answers {digest[:12]}")
+
+
 # --- entry point ------------------------------------------------------------------------
 def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print) -> FinetuneResult:
     """Run (or resume) fine-tuning as `cfg` says; under torchrun, data, fully sharded or expert parallel."""
@@ -256,15 +270,17 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print) -> Finetun
     if cfg.task == "classify":
         train, validation, labels, pairs = _classify_data(cfg, tokenizer, max_len)
         extra, num_labels = dict(validation=validation, labels=labels), len(labels)
-        data_meta = dict(labels=labels, inputs=dict(pairs=pairs, max_len=max_len))
+        data_meta = dict(labels=labels, inputs=dict(pairs=pairs, max_len=max_len),
+                         validation_contents=split_contents(validation, "validation"))
     else:
         train, val_ex, val_features, version_2, trained = _qa_data(cfg, tokenizer, max_len)
         extra, num_labels = dict(val_examples=val_ex, val_features=val_features, version_2=version_2), 2
         data_meta = dict(squad_version="2.0" if version_2 else "1.1",
                          inputs=dict(max_len=max_len, doc_stride=cfg.doc_stride, max_query_len=cfg.max_query_len,
                                      no_answer=version_2, null_threshold=cfg.null_threshold,
-                                     trained_no_answer=trained))
-    data_meta["contents"] = training_contents(train)
+                                     trained_no_answer=trained),
+                         validation_contents=qa_validation_contents(val_ex, val_features))
+    data_meta["contents"] = split_contents(train)
     torch.manual_seed(cfg.seed)
     model = build_finetune_model(ckpt, cfg, num_labels)
     check_batch_fits(model.cfg, min(cfg.batch_size, len(train["input_ids"])), train["input_ids"].shape[1], parallel,
@@ -279,8 +295,9 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print) -> Finetun
                 init=str(ckpt.path), data=data_meta)
     out = Path(cfg.out)
     with claim_run_folder(out, cfg.resume, cfg.overwrite, parallel, log):
+        # resume: the same training and validation data (a record the checkpoint lacks is not compared)
         trainer = Trainer(cfg, task, model, parallel, device, amp, meta, log, started=started,
-                          expected_meta=dict(data=dict(contents=data_meta["contents"])))  # resume: the same data
+                          expected_meta=dict(data={k: data_meta[k] for k in ("contents", "validation_contents")}))
         if parallel.is_main and not (out / TOKENIZER_FILE).exists():  # the run folder is self-contained
             out.mkdir(parents=True, exist_ok=True)
             save_tokenizer(tokenizer, out / TOKENIZER_FILE)

@@ -274,6 +274,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print,
     same_data = dict(classes=train_set.classes)  # what --resume must find again
     if train_set.contents is not None:  # an image folder, whose files can change under its name
         same_data["contents"] = train_set.contents
+    if test_set.contents is not None:  # the folder's test split, which the run's scores are measured on
+        same_data["test_contents"] = test_set.contents
     data_meta = dict(name=cfg.data, mean=list(task.mean), std=list(task.std), **same_data)
     if cfg.image_size is not None and cfg.data != "folder":  # resize_dataset's way (also at the data's own
         # size, where it changed nothing): predict resizes files of other sizes alike

@@ -45,7 +45,7 @@ from .exported import TOKENIZER_FILE, Source, check_tokenizer_matches, init_sour
 from .progress import StepResult
 from .run_folder import claim_run_folder
 from .text_common import (Batch, TextTask, build_text_model, check_batch_fits, check_fits_positions, describe_processes,
-                          global_sums, init_text_model, local_rows, ordered_batches, training_contents)
+                          global_sums, init_text_model, local_rows, ordered_batches, split_contents)
 from .text_config import PretrainConfig
 from .trainer import RunResult, Trainer, seeded_generator
 
@@ -241,9 +241,11 @@ def pretrain(cfg: PretrainConfig, log: Callable[[str], None] = print) -> Pretrai
         model = model.to(device)
         task = PretrainTask(cfg, special, vocab, train_set, held_out, device, amp, parallel)
         params = count_parameters(model)
+        data = dict(contents=split_contents(train_set), validation_contents=split_contents(held_out, "held-out"))
         meta = dict(model=cfg.model, model_config=model.cfg.to_dict(), train_config=cfg.to_dict(),
-                    tokenizer=tokenizer_record(tokenizer), data=dict(contents=training_contents(train_set)))
-        # A resumed run must use the tokenizer and the text it started with.
+                    tokenizer=tokenizer_record(tokenizer), data=data)
+        # A resumed run must use the tokenizer and the text it started with: the training sequences and the
+        # held-out ones (an edit of text that only held-out sequences hold leaves the training ones alike).
         trainer = Trainer(cfg, task, model, parallel, device, amp, meta, log,
                           expected_meta=dict(tokenizer=meta["tokenizer"], data=meta["data"]), started=started)
         trainer.log(f"pretraining {cfg.model} ({params / 1e6:.3f}M params): {corpus.num_documents} documents, "

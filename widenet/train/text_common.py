@@ -28,10 +28,11 @@ def shuffled_batches(data: Batch, batch_size: int, seed: int, epoch: int, start_
         yield {k: v[idx] for k, v in data.items()}
 
 
-def training_contents(data: Batch) -> str:
-    """What a resumed run compares to know it trains on the data it started on (a corpus or task file
-    can change under its name): the number of training sequences and a hash of their tensors."""
-    return f"{len(data['input_ids'])} training sequences, token ids {tensors_digest(data)[:12]}"
+def split_contents(data: Batch, split: str = "training") -> str:
+    """What a resumed run compares to know it trains (split "training") or evaluates (its validation
+    or held-out split) on the data it started on (a corpus or task file can change under its name):
+    the number of the split's sequences and a hash of their tensors."""
+    return f"{len(data['input_ids'])} {split} sequences, token ids {tensors_digest(data)[:12]}"
 
 
 def ordered_batches(data: Batch, batch_size: int) -> Iterator[Batch]:
