@@ -378,3 +378,29 @@ def test_an_untrained_head_stays_marked_through_either_format(tmp_path):
     widenet.save_pretrained(loaded, tmp_path / "widenet", format="widenet")
     for form in ("hf", "widenet"):
         assert widenet.load_pretrained(tmp_path / form).untrained_head == "the classifier", form
+
+
+@pytest.mark.parametrize("name", ["vit_tiny", "albert_text_tiny"])
+def test_a_bf16_model_is_written_in_float32_so_transformers_computes_as_widenet_does(tmp_path, name):
+    """transformers loads a checkpoint in the dtype its file holds (dtype="auto"), widenet in float32:
+    a bf16 model's weights written as they were computed in bf16 there (logits ~5e-3 apart here)."""
+    from safetensors.torch import load_file
+
+    text = name.startswith("albert")
+    settings = dict(vocab_size=60, embedding_size=16, norm_position="post", task="classify", num_labels=3)
+    model = _randomised(create_model(name, **TINY, **(settings if text else {}))).to(torch.bfloat16)
+    widenet.save_pretrained(model, tmp_path / "hf", format="hf", **({} if text else dict(mean=(0.3,), std=(0.2,))))
+    assert {t.dtype for t in load_file(tmp_path / "hf" / "model.safetensors").values()} == {torch.float32}
+    theirs, back, model = _hf_model(tmp_path / "hf"), widenet.from_pretrained(tmp_path / "hf"), model.float()
+    assert next(theirs.parameters()).dtype == torch.float32
+    generator = torch.Generator().manual_seed(1)
+    if text:
+        ids = torch.randint(5, 60, (2, 12), generator=generator)
+        inputs, ours, hf_inputs = (ids,), (ids,), dict(input_ids=ids)
+    else:  # a grey model: written as an RGB one (GREY_AS_RGB), given a grey image as RGB
+        grey = torch.randn(2, 1, model.cfg.image_size, model.cfg.image_size, generator=generator)
+        inputs, ours, hf_inputs = (grey,), (grey.expand(-1, 3, -1, -1),), dict(pixel_values=grey.expand(-1, 3, -1, -1))
+    with torch.no_grad():
+        logits = theirs(**hf_inputs).logits
+        torch.testing.assert_close(logits, model(*inputs).logits, rtol=0, atol=2e-5)  # the bf16 weights in float32
+        torch.testing.assert_close(logits, back(*ours).logits, rtol=0, atol=2e-5)  # widenet's read of the folder

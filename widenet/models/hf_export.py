@@ -81,6 +81,15 @@ def _shared_names(shared: tuple[bool, bool, bool]) -> str:
     return ", ".join(name for name, on in zip(("attention", "FFN", "norms"), shared) if on)
 
 
+def _float32(tensor: torch.Tensor) -> torch.Tensor:
+    """A weight as written: in float32 whatever the model holds (a bf16 or fp16 one's widened exactly).
+    transformers loads a checkpoint in the dtype its file holds (transformers 5's default dtype="auto")
+    while widenet reads every weight into float32: a bf16 file would compute in bf16 there and in
+    float32 here, apart by far more than float32's rounding."""
+    tensor = tensor.detach().cpu()
+    return (tensor.float() if tensor.is_floating_point() else tensor).contiguous()
+
+
 def hf_checkpoint(model: nn.Module, classes: list[str] | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
     """(config.json as a dict, state dict under Hugging Face's names) of `model`; HFExportError when
     no transformers class computes it (hf_export_problem)."""
@@ -123,7 +132,7 @@ def hf_checkpoint(model: nn.Module, classes: list[str] | None = None) -> tuple[d
             raise HFExportError(f"no Hugging Face name for widenet's {key}")
         parts = [target] if isinstance(target, str) else target
         for name, part in zip(parts, tensor.chunk(len(parts))):  # q, k, v: the rows of qkv in thirds
-            state[name if name.startswith(_HEADS) else prefix + name] = part.detach().cpu().contiguous()
+            state[name if name.startswith(_HEADS) else prefix + name] = _float32(part)
     patch = "vit.embeddings.patch_embeddings.projection.weight"
     if patch in state and state[patch].shape[1] == 1:  # (D, 1, p, p) -> (D, 3, p, p)
         state[patch] = state[patch] * torch.tensor(GREY_AS_RGB, dtype=state[patch].dtype)[:, None, None]

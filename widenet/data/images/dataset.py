@@ -210,11 +210,19 @@ def resize_dataset(dataset: ImageDataset, image_size: int) -> ImageDataset:
                       f"the images of {dataset.name} resized to {image_size}px")
     chunks = []
     for start in range(0, len(dataset), step):
-        block = dataset.images[start : start + step].float()
-        block = F.interpolate(block, size=(image_size, image_size), mode="bilinear", antialias=True)
-        chunks.append(block.round_().clamp_(0, 255).to(torch.uint8))
+        block = dataset.images[start : start + step]
+        grey = _grey_as_rgb(block)  # resized as one channel, then repeated: the same pixels, a third of the work
+        resized = F.interpolate((block[:, :1] if grey else block).float(), size=(image_size, image_size),
+                                mode="bilinear", antialias=True).round_().clamp_(0, 255).to(torch.uint8)
+        chunks.append(resized.expand(-1, 3, -1, -1) if grey else resized)
     images = torch.cat(chunks) if chunks else dataset.images.new_zeros((0, dataset.channels, image_size, image_size))
     return ImageDataset(images, dataset.labels, list(dataset.classes), dataset.name, dataset.contents)
+
+
+def _grey_as_rgb(images: torch.Tensor) -> bool:
+    """Whether RGB images (N, 3, H, W) hold one grey image three times (convert_channels' from grey)."""
+    return (images.shape[1] == 3 and torch.equal(images[:, 0], images[:, 1])
+            and torch.equal(images[:, 0], images[:, 2]))
 
 
 def iterate_batches(
