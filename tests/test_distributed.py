@@ -12,6 +12,7 @@ fails instead of blocking.
 from __future__ import annotations
 
 import copy
+import json
 import os
 import shutil
 import signal
@@ -140,6 +141,24 @@ def test_shards_cover_the_batch_contiguously():
         check_last_batch(257, 32, 2)
 
 
+def test_text_evaluation_takes_whole_batches_in_runs_padded_to_one_count():
+    """Text evaluation's share of a process: a contiguous run of the batches one process evaluates (their
+    index kept: pretraining's masks follow it), then empty passes up to the most any process makes."""
+    from widenet.train.text_common import evaluation_batches
+
+    data = dict(input_ids=torch.arange(20).view(10, 2), labels=torch.arange(10))  # batches of 3: 3 3 3 1
+
+    def shares(world: int) -> list[list[tuple[int | None, list[int]]]]:
+        return [[(i, b["labels"].tolist()) for i, b in evaluation_batches(data, 3, ParallelContext(
+            DistEnv(rank, world, rank), "ddp"))] for rank in range(world)]
+
+    alone = [(i, b["labels"].tolist()) for i, b in evaluation_batches(data, 3, ParallelContext(DistEnv()))]
+    assert alone == [(0, [0, 1, 2]), (1, [3, 4, 5]), (2, [6, 7, 8]), (3, [9])]
+    assert shares(2) == [alone[:2], alone[2:]]
+    assert shares(3) == [alone[:2], [alone[2], (None, [])], [alone[3], (None, [])]]
+    assert shares(5) == [[row] for row in alone] + [[(None, [])]]
+
+
 def test_loss_scale_makes_an_uneven_last_batch_the_global_mean():
     """25 rows on 2 ranks: 13 and 12. Each rank's mean loss is scaled by local * W / total, so DDP's
     average of the two is the mean over all 25 rows; an even split is left alone (1.0)."""
@@ -265,16 +284,17 @@ def test_expert_parallel_needs_a_process_group():
 
 
 # --- data parallel through the CLI (torchrun) ----------------------------------------------------
-def _launch_torchrun(args: list[str], env: dict, log_file) -> subprocess.Popen:
+def _launch_torchrun(args: list[str], env: dict, log_file, program: tuple[str, ...] = ("-m", "widenet")
+                     ) -> subprocess.Popen:
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD),
-               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "widenet", *args]
+               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), *program, *args]
     return subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT)
 
 
-def _torchrun(args: list[str], env: dict, log: Path) -> int:
+def _torchrun(args: list[str], env: dict, log: Path, program: tuple[str, ...] = ("-m", "widenet")) -> int:
     """Run torchrun to the end (at most TIMEOUT seconds); its return code."""
     with log.open("wb") as f:
-        proc = _launch_torchrun(args, env, f)
+        proc = _launch_torchrun(args, env, f, program)
         try:
             return proc.wait(timeout=TIMEOUT)
         finally:
@@ -727,11 +747,53 @@ def test_bench_ddp_checks_the_model_before_launching_and_names_a_worker_failure(
     assert ddp_bench._failure_line("") == "no output"
 
 
+# `widenet`, with each eval-mode forward pass of a text model adding a line with its number of rows to
+# OUT.evaluated/rowsRANK beside the run folder OUT (which rows each process evaluated), and each QA
+# evaluation a line with its answers to OUT.evaluated/answersRANK.
+_COUNTING_CLI = """
+import json
+import os
+import sys
+from pathlib import Path
+
+import widenet.train.finetune
+from widenet.models.text import TextTransformer
+
+out = Path(sys.argv[sys.argv.index("--out") + 1])
+rows, answers = (out.parent / f"{out.name}.evaluated" / f"{what}{os.environ.get('RANK', '0')}"
+                 for what in ("rows", "answers"))
+rows.parent.mkdir(parents=True, exist_ok=True)
+forward, postprocess = TextTransformer.forward, widenet.train.finetune.postprocess_squad
+
+
+def counted(self, input_ids, *args, **kwargs):
+    if not self.training:
+        with rows.open("a") as f:
+            f.write(f"{len(input_ids)}\\n")
+    return forward(self, input_ids, *args, **kwargs)
+
+
+def recorded(*args, **kwargs):
+    predictions = postprocess(*args, **kwargs)
+    with answers.open("a") as f:
+        f.write(json.dumps(predictions) + "\\n")
+    return predictions
+
+
+TextTransformer.forward, widenet.train.finetune.postprocess_squad = counted, recorded
+from widenet.__main__ import run
+
+run()
+"""
+
+
 def _text_runs(tmp_path: Path):
-    """A corpus, one tokenizer, a classification task; command builders for pretrain and finetune."""
+    """A corpus, one tokenizer, a classification and a QA task; command builders for pretrain and
+    finetune (evaluation batches of 3 rows: 8 held-out sequences make 3 batches, 16 validation examples
+    6, 8 validation questions 30 windows, 10 batches, the 4th question's windows on both halves)."""
     import random
 
-    from test_text_train import PHRASES, TINY_TEXT, _write_classify
+    from test_text_train import PHRASES, TINY_TEXT, _squad, _write_classify
 
     from widenet.data.text.tokenizer import save_tokenizer, train_tokenizer
 
@@ -741,66 +803,184 @@ def _text_runs(tmp_path: Path):
     save_tokenizer(train_tokenizer(docs, vocab_size=120), tmp_path / "tok.json")  # one vocabulary for all
     _write_classify(tmp_path / "train.tsv", 32, 0)
     _write_classify(tmp_path / "dev.tsv", 16, 1)
+    _squad(tmp_path / "train.json", 32, 0)
+    _squad(tmp_path / "dev.json", 8, 1)
+    (tmp_path / "counting_cli.py").write_text(_COUNTING_CLI, encoding="utf-8")
     sets = [f"--set={k}={v}" for k, v in TINY_TEXT.items()]
 
     def common(model: str) -> list[str]:
         return ["--model", model, "--tokenizer", str(tmp_path / "tok.json"), "--batch-size", "8", "--max-steps", "4",
-                "--log-every", "1", "--dropout", "0", *sets]
+                "--log-every", "1", "--dropout", "0", "--eval-batch-size", "3", *sets]
 
     def pretrain_args(out: Path, model: str = "bert_text_tiny", *extra: str) -> list[str]:
         return ["pretrain", "--corpus", str(tmp_path / "corpus.txt"), "--seq-len", "32", "--eval-examples", "8",
                 "--cache-dir", str(tmp_path / "cache"), "--out", str(out), *common(model), *extra]
 
-    def finetune_args(init: Path, out: Path) -> list[str]:
-        return ["finetune", "--task", "classify", "--init", str(init), "--train", str(tmp_path / "train.tsv"),
-                "--validation", str(tmp_path / "dev.tsv"), "--out", str(out), *common("bert_text_tiny")[2:]]
+    def finetune_args(init: Path, out: Path, task: str = "classify", *extra: str) -> list[str]:
+        files = ("train.tsv", "dev.tsv") if task == "classify" else ("train.json", "dev.json")
+        windows = ["--max-len", "24", "--doc-stride", "8"] if task == "qa" else []
+        return ["finetune", "--task", task, "--init", str(init), "--train", str(tmp_path / files[0]),
+                "--validation", str(tmp_path / files[1]), "--out", str(out), *windows, *common("bert_text_tiny")[2:],
+                *extra]
 
     return _cli_env(tmp_path), pretrain_args, finetune_args
 
 
+def _counting_cli(args: list[str]) -> tuple[str, ...]:
+    """The program that runs `args` counting evaluated rows (_COUNTING_CLI, written by _text_runs)."""
+    return (str(Path(args[args.index("--out") + 1]).parent / "counting_cli.py"),)
+
+
 def _one_process(args: list[str], env: dict) -> None:
-    one = subprocess.run([sys.executable, "-m", "widenet", *args], env=env, capture_output=True, text=True,
+    one = subprocess.run([sys.executable, *_counting_cli(args), *args], env=env, capture_output=True, text=True,
                          timeout=TIMEOUT)
     assert one.returncode == 0, one.stderr[-2000:]
 
 
 def _two_processes(args: list[str], env: dict, log: Path, mode: str) -> None:
-    rc = _torchrun(args, env, log)
+    rc = _torchrun(args, env, log, _counting_cli(args))
     text = log.read_text(errors="replace")
     assert rc == 0, text[-3000:]
     assert text.count("done: 4 steps") == 1 and text.count(f"2 processes ({mode})") == 1
 
 
-def _assert_same_text_run(a: Path, b: Path, key: str) -> None:
+def _assert_same_text_run(a: Path, b: Path, key: str, noise: tuple[str, ...] = ()) -> None:
     final = "checkpoints/step_00000004/model.safetensors"
     # The key third of a qkv bias has a true gradient of exactly zero (softmax ignores a constant
     # added to every key), so its gradient is rounding noise that AdamW scales up to +-lr steps:
-    # those tensors are left out; the loss trajectories below cover them.
+    # those tensors (and `noise`, others alike) are left out; the loss trajectories below cover them.
     wa, wb = (load_file(str(run / final)) for run in (a, b))
-    _assert_close_weights(*({k: v for k, v in w.items() if not k.endswith("qkv.bias")} for w in (wb, wa)))
+    left_out = ("qkv.bias", *noise)
+    _assert_close_weights(*({k: v for k, v in w.items() if not k.endswith(left_out)} for w in (wb, wa)))
     ra = [r for r in read_metrics(a / "metrics.jsonl") if r["split"] == "train"]
     rb = [r for r in read_metrics(b / "metrics.jsonl") if r["split"] == "train"]
     assert [r[key] for r in rb] == pytest.approx([r[key] for r in ra], abs=1e-5)
+    # The validation metrics too (of weights equal up to rounding), routing included.
+    va, vb = ([r for r in read_metrics(run / "metrics.jsonl") if r["split"] == "validation"] for run in (a, b))
+    assert len(va) == len(vb) > 0
+    for x, y in zip(va, vb):
+        _assert_same_numbers(y, x, 1e-5)
+
+
+def _assert_same_numbers(got, expected, tol: float, where: str = "") -> None:
+    """Equal keys and lists, numbers within tol, everywhere inside a record."""
+    if isinstance(expected, dict):
+        assert isinstance(got, dict) and got.keys() == expected.keys(), where
+        for key in expected:
+            _assert_same_numbers(got[key], expected[key], tol, f"{where}.{key}")
+    elif isinstance(expected, list):
+        assert isinstance(got, list) and len(got) == len(expected), where
+        for i, (g, e) in enumerate(zip(got, expected)):
+            _assert_same_numbers(g, e, tol, f"{where}[{i}]")
+    else:
+        assert got == pytest.approx(expected, abs=tol), where
+
+
+def _assert_evaluated_shares(one: Path, two: Path) -> None:
+    """The processes of run `two` evaluated contiguous shares of the batches that run `one` evaluated in one
+    process (the same batches, not each all of them), padded with empty passes to as many passes each."""
+    (alone,) = _evaluated_rows(one).values()
+    evaluations = len([r for r in read_metrics(one / "metrics.jsonl") if r["split"] == "validation"])
+    batches = alone[:len(alone) // evaluations]
+    assert len(batches) > WORLD and alone == batches * evaluations
+    passes = -(-len(batches) // WORLD)
+    shares = _evaluated_rows(two)
+    assert sorted(shares) == list(range(WORLD))
+    for rank, rows in shares.items():
+        start, stop = shard_bounds(len(batches), rank, WORLD)
+        assert rows == (batches[start:stop] + [0] * (passes - (stop - start))) * evaluations, rank
+
+
+def _evaluated_rows(run: Path) -> dict[int, list[int]]:
+    """rank -> the rows of each of its eval-mode forward passes (written by _COUNTING_CLI)."""
+    return {int(f.name.removeprefix("rows")): [int(n) for n in f.read_text().split()]
+            for f in (run.parent / f"{run.name}.evaluated").glob("rows*")}
+
+
+def _evaluated_answers(run: Path) -> dict[int, dict[str, str]]:
+    """rank -> its last QA evaluation's answers, question id -> text (written by _COUNTING_CLI)."""
+    return {int(f.name.removeprefix("answers")): json.loads(f.read_text().splitlines()[-1])
+            for f in (run.parent / f"{run.name}.evaluated").glob("answers*")}
+
+
+def _evaluated_alone(args: list[str], run: Path, copy: Path) -> dict:
+    """What one process (this one) reports of the final weights of `run` (made by `args`): a copy of the
+    finished run, resumed, evaluates them."""
+    from widenet.cli import build_parser
+    from widenet.cli_args import config_fields, parse_command_line
+    from widenet.train.finetune import finetune
+    from widenet.train.pretrain import pretrain
+    from widenet.train.text_config import FinetuneConfig, PretrainConfig
+
+    shutil.copytree(run, copy)
+    ns = parse_command_line(build_parser(), [*args, "--out", str(copy), "--resume", "--device", "cpu"])
+    fn, cls = (pretrain, PretrainConfig) if ns.command == "pretrain" else (finetune, FinetuneConfig)
+    return fn(cls(**config_fields(ns, cls)), log=_quiet).run.final_eval
+
+
+def _answers_alone(args: list[str], run: Path, copy: Path) -> dict[str, str]:
+    """The answers one process (this one) gives with the final weights of the QA run `run` (made by `args`)."""
+    import widenet.train.finetune as finetune
+
+    postprocess, answers = finetune.postprocess_squad, []
+    finetune.postprocess_squad = lambda *a, **k: answers.append(postprocess(*a, **k)) or answers[-1]
+    try:
+        _evaluated_alone(args, run, copy)
+    finally:
+        finetune.postprocess_squad = postprocess
+    return answers[-1]
+
+
+def _assert_evaluated_as_alone(args: list[str], run: Path, copy: Path) -> None:
+    """The last validation record of a run on 2 processes is what one process evaluates of the same weights."""
+    record = [r for r in read_metrics(run / "metrics.jsonl") if r["split"] == "validation"][-1]
+    alone = _evaluated_alone(args, run, copy)
+    _assert_same_numbers({k: v for k, v in record.items() if k not in ("split", "step", "epoch")}, alone, 1e-6)
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings(r"ignore:5% of .*train.json's word pieces are \[UNK\]")  # ("?")
 def test_text_pretraining_and_finetuning_on_two_processes_match_one(tmp_path):
     """`widenet pretrain` / `finetune` under torchrun: the global batch's masks are drawn before it is
-    split and losses are normalised by global counts, so 2 processes follow 1 up to rounding."""
+    split and losses are normalised by global counts, so 2 processes follow 1 up to rounding. Evaluation
+    is sharded: each process evaluates its run of whole evaluation batches (pretraining: 2 and 1 of 3,
+    the second with an empty padding pass; classification: 3 and 3 of 6; QA: 5 and 5 of 10) and the
+    sums are added, so the logged validation metrics are those one process gets of the same weights.
+    QA scores every question from the start and end logits of all its windows, added over the processes."""
     env, pretrain_args, finetune_args = _text_runs(tmp_path)
-    for args in (pretrain_args(tmp_path / "pre1"), finetune_args(tmp_path / "pre1", tmp_path / "ft1")):
+    for args in (pretrain_args(tmp_path / "pre1"), finetune_args(tmp_path / "pre1", tmp_path / "ft1"),
+                 finetune_args(tmp_path / "pre1", tmp_path / "qa1", "qa")):
         _one_process(args, env)
     _two_processes(pretrain_args(tmp_path / "pre2"), env, tmp_path / "pre.log", "ddp")
     _two_processes(finetune_args(tmp_path / "pre2", tmp_path / "ft2"), env, tmp_path / "ft.log", "ddp")
+    # (QA under DDP failed at its second step, waiting for a gradient of the pooler, which its loss never
+    # reaches; DDP now leaves the pooler out)
+    qa2 = finetune_args(tmp_path / "pre2", tmp_path / "qa2", "qa")
+    _two_processes(qa2, env, tmp_path / "qa.log", "ddp")
     _assert_same_text_run(tmp_path / "pre1", tmp_path / "pre2", "mlm_loss")
     _assert_same_text_run(tmp_path / "ft1", tmp_path / "ft2", "loss")
+    # (a span head's bias and the final norm's, through it, only shift every position's logit alike, which
+    # the softmax over positions ignores: zero gradient, as the key bias)
+    _assert_same_text_run(tmp_path / "qa1", tmp_path / "qa2", "loss", ("span_head.proj.bias", "final_norm.bias"))
+    for one, two in (("pre1", "pre2"), ("ft1", "ft2"), ("qa1", "qa2")):
+        _assert_evaluated_shares(tmp_path / one, tmp_path / two)
+    _assert_evaluated_as_alone(pretrain_args(tmp_path / "pre2"), tmp_path / "pre2", tmp_path / "pre2_alone")
+    _assert_evaluated_as_alone(finetune_args(tmp_path / "pre2", tmp_path / "ft2"), tmp_path / "ft2",
+                               tmp_path / "ft2_alone")
+    _assert_evaluated_as_alone(qa2, tmp_path / "qa2", tmp_path / "qa2_alone")
+    # (the scores of 4 steps' weights say little: the answers themselves are compared, every question's)
+    answers = _evaluated_answers(tmp_path / "qa2")
+    assert answers[0] == answers[1] == _answers_alone(qa2, tmp_path / "qa2", tmp_path / "qa2_answers")
+    assert len(answers[0]) == 8 and len(set(answers[0].values())) > 1
 
 
 @pytest.mark.slow
 def test_text_pretraining_fully_sharded_and_expert_parallel_match_one_process(tmp_path):
     """The one trainer gives text runs --fsdp and --expert-parallel too: BERT-style pretraining with its
     weights sharded, and WideNet pretraining with its experts split over 2 processes (dropless, no
-    router noise, no balance loss: then the experts compute what one process computes)."""
+    router noise, no balance loss: then the experts compute what one process computes). Both make the
+    evaluation's forward passes together (FSDP gathers weights, expert parallel exchanges tokens): the
+    process with fewer batches makes an empty pass with the other's last one."""
     env, pretrain_args, _ = _text_runs(tmp_path)
     exact = ("--dropless", "--noise-std", "0", "--aux-weight", "0")
     _one_process(pretrain_args(tmp_path / "bert1"), env)
@@ -810,6 +990,8 @@ def test_text_pretraining_fully_sharded_and_expert_parallel_match_one_process(tm
                    tmp_path / "ep.log", "expert")
     _assert_same_text_run(tmp_path / "bert1", tmp_path / "fsdp", "mlm_loss")
     _assert_same_text_run(tmp_path / "wide1", tmp_path / "ep", "mlm_loss")
+    _assert_evaluated_shares(tmp_path / "bert1", tmp_path / "fsdp")
+    _assert_evaluated_shares(tmp_path / "wide1", tmp_path / "ep")
 
 
 def test_a_slow_join_says_what_it_waits_for_and_a_quick_one_says_nothing(monkeypatch, caplog):

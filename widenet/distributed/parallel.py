@@ -29,6 +29,8 @@ Launched as ``torchrun --nproc_per_node W -m widenet train ...`` (W > 1):
 * Evaluation is sharded: each rank evaluates its slice of every evaluation
   batch, and the sums are all-reduced (every rank gets the global result).
   Needed anyway when the forward itself communicates (FSDP, expert parallel).
+  Text evaluation shards whole batches instead (train/text_common.py
+  evaluation_batches), so that MoE capacity sees the batches one process sees.
 * Buffers (the conv stem's BatchNorm statistics) are updated by each rank on
   its own rows; before an evaluation and a save every rank takes rank 0's
   (``ParallelContext.sync_buffers``), which the checkpoint holds.
@@ -186,14 +188,19 @@ class ParallelContext:
                 raise ValueError(f"--fsdp needs torch >= 2.6 (torch.distributed.fsdp.fully_shard); this is torch "
                                  f"{torch.__version__}: upgrade it, or train without --fsdp") from None
             return fully_shard(model)
+        # Weights the task's loss never reaches (a QA model's pooler) get no gradient, which DDP would wait
+        # for at the next step; they are left out of its all-reduce and stay as loaded on every rank.
+        keys = list(getattr(model, "untrained_parameters", ()))
         if self.mode == "expert":
             self._make_expert_groups()
             convert_to_expert_parallel(model, self._expert_group)
-            keys = expert_shard_keys(model)
-            if not keys:
+            shards = expert_shard_keys(model)
+            if not shards:
                 raise ValueError("--expert-parallel needs a model with MoE layers")
+            keys += shards
             self._expert_params = [p for m in model.modules() if isinstance(m, ExpertParallelMoE)
                                    for p in m.experts.parameters()]
+        if keys:
             DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, keys)
         # Conv weights with a size-1 dim (1-channel images) get gradients whose strides differ only
         # along that dim; DDP warns although the layout is equivalent.

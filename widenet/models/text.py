@@ -328,6 +328,12 @@ class TextTransformer(nn.Module):
                 nn.init.normal_(self.mlm_head.decoder, std=0.02)
 
     @property
+    def untrained_parameters(self) -> tuple[str, ...]:
+        """Names of the weights this task's loss never reaches: a span head reads the tokens, not the
+        pooled [CLS] (data parallelism leaves them out of its gradient all-reduce)."""
+        return ("backbone.pooler.weight", "backbone.pooler.bias") if self.cfg.task == "qa" else ()
+
+    @property
     def word_embedding(self) -> torch.Tensor:
         """The (V, E) word-embedding table, also the MLM decoder's weight when tied."""
         return self.backbone.embeddings.word.weight

@@ -48,8 +48,8 @@ from .evaluate import RoutingTally
 from .exported import TOKENIZER_FILE, Source, check_tokenizer_matches, load_source, require_kind, source_tokenizer
 from .progress import StepResult
 from .run_folder import claim_run_folder
-from .text_common import (Batch, TextTask, check_batch_fits, describe_processes, global_sums, local_rows,
-                          ordered_batches, saved_text_model, split_contents)
+from .text_common import (Batch, TextTask, check_batch_fits, describe_processes, evaluation_batches, evaluation_sums,
+                          global_sums, local_rows, saved_text_model, split_contents, summed_over_processes)
 from .text_config import FinetuneConfig
 from .text_inputs import default_max_len
 from .trainer import RunResult, Trainer
@@ -152,18 +152,23 @@ class ClassifyTask(_FinetuneTask):
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> dict[str, Any]:
-        was_training = model.training
-        model.eval()
-        loss, correct, n, routing = 0.0, 0, 0, RoutingTally()
-        for batch in ordered_batches(self.validation, self.cfg.eval_batch_size):
-            out = self.forward(batch, model)
+        """Accuracy and loss on the validation set; on several processes each evaluates its share of the
+        batches (text_common.evaluation_batches) and the sums are added."""
+        net = self.parallel.module(model)  # (FSDP's and expert parallel's forwards still communicate)
+        was_training = net.training
+        net.eval()
+        sums, routing = dict(loss=0.0, correct=0, examples=0), RoutingTally()
+        for _, batch in evaluation_batches(self.validation, self.cfg.eval_batch_size, self.parallel):
+            out = self.forward(batch, net)
             labels = batch["labels"].to(self.device)
-            loss += float(F.cross_entropy(out.logits.float(), labels, reduction="sum"))
-            correct += int((out.logits.argmax(-1) == labels).sum())
-            n += len(labels)
+            sums["loss"] += float(F.cross_entropy(out.logits.float(), labels, reduction="sum"))
+            sums["correct"] += int((out.logits.argmax(-1) == labels).sum())
+            sums["examples"] += len(labels)
             routing.add(out.routing, float((batch["input_ids"] != self.pad_id).sum()))
-        model.train(was_training)
-        return dict(accuracy=correct / max(n, 1), loss=loss / max(n, 1), examples=n,
+        net.train(was_training)
+        sums, routing = evaluation_sums(sums, routing, self.parallel)
+        n = max(sums["examples"], 1)
+        return dict(accuracy=sums["correct"] / n, loss=sums["loss"] / n, examples=int(round(sums["examples"])),
                     routing=[vars(r) for r in routing.blocks()])
 
 
@@ -186,18 +191,26 @@ class QATask(_FinetuneTask):
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> dict[str, Any]:
-        was_training = model.training
-        model.eval()
-        f = self.val_features
+        """SQuAD scores of the validation questions. On several processes each computes the windows' start
+        and end logits of its share of the batches (text_common.evaluation_batches); they are added over
+        the processes into every window's (zeros elsewhere: exact), so that every process scores every
+        question from all its windows, wherever the batches cut them."""
+        net = self.parallel.module(model)  # (FSDP's and expert parallel's forwards still communicate)
+        was_training = net.training
+        net.eval()
+        f, rows = self.val_features, self.cfg.eval_batch_size
         data = dict(input_ids=f.input_ids, token_type_ids=f.token_type_ids)
-        starts, ends, routing = [], [], RoutingTally()
-        for batch in ordered_batches(data, self.cfg.eval_batch_size):
-            out = self.forward(batch, model)
-            starts.append(out.start_logits.float().cpu())
-            ends.append(out.end_logits.float().cpu())
+        logits, routing = torch.zeros(2, *f.input_ids.shape), RoutingTally()  # (start/end, windows, T)
+        for i, batch in evaluation_batches(data, rows, self.parallel):
+            out = self.forward(batch, net)
+            if i is not None:
+                logits[:, i * rows:i * rows + len(batch["input_ids"])] = torch.stack(
+                    [out.start_logits.float().cpu(), out.end_logits.float().cpu()])
             routing.add(out.routing, float((batch["input_ids"] != self.pad_id).sum()))
-        model.train(was_training)
-        predictions = postprocess_squad(self.val_examples, f, torch.cat(starts), torch.cat(ends),
+        net.train(was_training)
+        _, routing = evaluation_sums({}, routing, self.parallel)
+        starts, ends = summed_over_processes(logits, self.parallel)
+        predictions = postprocess_squad(self.val_examples, f, starts, ends,
                                         version_2=self.version_2, null_threshold=self.cfg.null_threshold)
         scores = squad_scores(predictions, self.val_examples)
         return dict({k: float(v) if isinstance(v, float) else v for k, v in scores.items()},

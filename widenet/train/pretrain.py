@@ -45,7 +45,8 @@ from .exported import TOKENIZER_FILE, Source, check_tokenizer_matches, init_sour
 from .progress import StepResult
 from .run_folder import claim_run_folder
 from .text_common import (Batch, TextTask, build_text_model, check_batch_fits, check_fits_positions, describe_processes,
-                          global_sums, init_text_model, local_rows, ordered_batches, split_contents)
+                          evaluation_batches, evaluation_sums, global_sums, init_text_model, local_rows,
+                          split_contents)
 from .text_config import PretrainConfig
 from .trainer import RunResult, Trainer, seeded_generator
 
@@ -162,17 +163,19 @@ class PretrainTask(TextTask):
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> dict[str, Any]:
         """MLM loss/accuracy (and their unigram levels) and SOP accuracy on the held-out examples, fixed
-        masks at EVAL_MASK_PROB; routing per block."""
-        was_training = model.training
-        model.eval()
+        masks at EVAL_MASK_PROB; routing per block. On several processes each evaluates its share of the
+        batches (text_common.evaluation_batches; a batch's masks follow its index) and the sums are added."""
+        net = self.parallel.module(model)  # (FSDP's and expert parallel's forwards still communicate)
+        was_training = net.training
+        net.eval()
         sums = dict(mlm_loss=0.0, mlm_correct=0, unigram_loss=0.0, unigram_correct=0, masked=0, sop_correct=0,
                     examples=0)
         unigram = self.unigram_log_probs.to(self.device)
         most_frequent = unigram.argmax()
         routing = RoutingTally()
-        for i, batch in enumerate(ordered_batches(self.held_out, self.cfg.eval_batch_size)):
-            batch = self.masked(batch, seeded_generator(self.cfg.seed + 1, i), EVAL_MASK_PROB)
-            out, mlm_labels = self.forward(model, batch)
+        for i, batch in evaluation_batches(self.held_out, self.cfg.eval_batch_size, self.parallel):
+            batch = self.masked(batch, seeded_generator(self.cfg.seed + 1, i or 0), EVAL_MASK_PROB)
+            out, mlm_labels = self.forward(net, batch)
             sums["mlm_loss"] += float(F.cross_entropy(out.mlm_logits.float(), mlm_labels, reduction="sum"))
             sums["mlm_correct"] += int((out.mlm_logits.argmax(-1) == mlm_labels).sum())
             sums["unigram_loss"] -= float(unigram[mlm_labels].sum())
@@ -181,11 +184,12 @@ class PretrainTask(TextTask):
             sums["sop_correct"] += int((out.sop_logits.argmax(-1).cpu() == batch["sop_labels"]).sum())
             sums["examples"] += len(batch["sop_labels"])
             routing.add(out.routing, float((batch["input_ids"] != self.special.pad).sum()))
-        model.train(was_training)
+        net.train(was_training)
+        sums, routing = evaluation_sums(sums, routing, self.parallel)
         masked, n = max(sums["masked"], 1), max(sums["examples"], 1)
         return dict(mlm_loss=sums["mlm_loss"] / masked, mlm_accuracy=sums["mlm_correct"] / masked,
                     unigram_loss=sums["unigram_loss"] / masked, unigram_accuracy=sums["unigram_correct"] / masked,
-                    sop_accuracy=sums["sop_correct"] / n, examples=sums["examples"],
+                    sop_accuracy=sums["sop_correct"] / n, examples=int(round(sums["examples"])),
                     routing=[vars(r) for r in routing.blocks()])
 
 
