@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -94,11 +95,29 @@ def test_an_export_whose_weights_belong_to_another_is_refused(tmp_path, cli):
     from safetensors.torch import load_file
     assert config["weights_sha256"] == files.tensors_digest(load_file(a / "model.safetensors"))
     shutil.copy(b / "model.safetensors", a / "model.safetensors")
-    with pytest.raises(CheckpointError, match=r"a: its model.safetensors is not the one its config.json was "
-                                              r"written with \(files of two models mixed\); export the model again"):
+    with pytest.raises(CheckpointError, match=MISMATCH):
         widenet.from_pretrained(a)
     line = _one_line(*cli(["predict", "--checkpoint", a, tmp_path / "no-image.png"]))
-    assert "files of two models mixed" in line
+    assert re.fullmatch(f"widenet: error: {re.escape(str(a))}: {MISMATCH}", line), line
+
+
+MISMATCH = (r"the weights digest its config.json records \(weights_sha256\) does not match its model.safetensors: "
+            r"one of the two was changed or replaced after they were written together; put back the files as "
+            r"written, or write the folder again")
+
+
+def test_an_export_whose_recorded_digest_was_edited_names_both_files(tmp_path, cli):
+    """weights_sha256 changed by hand in config.json: the weights are the export's own, so the message
+    may not say they belong to another model; it says the two files disagree, not which one changed."""
+    a, _ = _two_exports(tmp_path)
+    config = json.loads((a / "config.json").read_text())
+    config["weights_sha256"] = "0" * 64
+    (a / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=MISMATCH) as caught:
+        widenet.from_pretrained(a)
+    assert "two models" not in str(caught.value)
+    line = _one_line(*cli(["predict", "--checkpoint", a, tmp_path / "no-image.png"]))
+    assert re.fullmatch(f"widenet: error: {re.escape(str(a))}: {MISMATCH}", line), line
 
 
 @pytest.mark.parametrize("hf", [False, True])

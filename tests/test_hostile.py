@@ -676,40 +676,78 @@ def test_a_library_warning_reaches_the_user_as_one_note(tmp_path, capsys):
                        "--validation", data, "--max-len", 6, "--max-steps", 1, "--out", tmp_path / "run"], capsys)
     assert rc == 0, err
     notes = [line for line in err.splitlines() if "longer than" in line]
-    assert len(notes) == 2  # training and validation sets: the same file
+    assert len(notes) == 1  # training and validation sets: the same file, so the same note, said once
     assert all(re.fullmatch(rf"widenet: note: {re.escape(str(data))}: \d of 8 examples were longer than "
                             r"max_len=6 tokens and were truncated \(longest first\)", line) for line in notes), notes
     assert "UserWarning" not in err and "encode_classification" not in err  # no file:line, no source line
+    other = tmp_path / "validation.tsv"
+    shutil.copy(data, other)  # another file: another note
+    rc, _, err = _cli(["finetune", "--task", "classify", "--init", FIXTURES / "text_run", "--train", data,
+                       "--validation", other, "--max-len", 6, "--max-steps", 1, "--out", tmp_path / "run2"], capsys)
+    assert rc == 0, err
+    assert [line.split(": ")[2] for line in err.splitlines() if "longer than" in line] == [str(data), str(other)]
+
+
+def test_each_distinct_note_is_said_once_per_command(capsys):
+    """Python's "once per place" forgets what it showed whenever the warning filters change (any
+    catch_warnings block): compare-text said one data note for each of its six fine-tuning runs."""
+    import warnings
+    from widenet.cli_errors import warnings_as_notes
+
+    def note(text):
+        warnings.warn(text, stacklevel=1)
+
+    with warnings_as_notes():
+        for _ in range(3):
+            note("data.tsv: 3 of 1500 examples were longer than max_len=64 tokens")
+            with warnings.catch_warnings():  # as torch.load's callers do, between the runs
+                warnings.simplefilter("ignore")
+            note("corpus.txt: 2 lines skipped")
+    assert capsys.readouterr().err.splitlines() == [
+        "widenet: note: data.tsv: 3 of 1500 examples were longer than max_len=64 tokens",
+        "widenet: note: corpus.txt: 2 lines skipped"]
 
 
 # --------------------------------------------------------------------------
 # The error boundary: files, disks, memory, damaged runs, bugs
 # --------------------------------------------------------------------------
 def test_out_that_cannot_be_a_folder(tmp_path, fmnist_dir, tiny_set_args, capsys):
+    """A file given as --out (or standing where a folder above it would be) is refused in one line that
+    names the flag, the file and the way out, alike in every command that writes a folder."""
     a_file = tmp_path / "a-file"
     a_file.write_text("precious")
-    line = _one_line_error(*_cli(_train_args(fmnist_dir, a_file, tiny_set_args, "--max-steps", 1), capsys)[::2])
-    assert "is a file, not a folder" in line and a_file.read_text() == "precious"
-    line = _one_line_error(*_cli(_train_args(fmnist_dir, a_file / "run", tiny_set_args, "--max-steps", 1),
-                                 capsys)[::2])
-    assert str(a_file) in line
+
+    def refused(argv, flag="--out", way_out=None):
+        way_out = way_out or f"choose another {flag}"
+        assert _one_line_error(*_cli([*argv, flag, a_file], capsys)[::2]) == (
+            f"widenet: error: {flag} {a_file} is a file, not a folder; {way_out}")
+        assert _one_line_error(*_cli([*argv, flag, a_file / "inner"], capsys)[::2]) == (
+            f"widenet: error: {flag} {a_file / 'inner'}: {a_file} is a file, not a folder; {way_out}")
+
+    refused(["train", "--data-dir", fmnist_dir, "--batch-size", 32, "--device", "cpu", *tiny_set_args,
+             "--max-steps", 1])
     if Path("/proc/self").exists():
         line = _one_line_error(*_cli(_train_args(fmnist_dir, "/proc/widenet-run", tiny_set_args, "--max-steps", 1),
                                      capsys)[::2])
         assert "/proc/widenet-run" in line
+    tasks = tmp_path / "task.tsv"
+    tasks.write_text("sentence\tlabel\nthe cat sleeps\ta\nthe dog runs\tb\n")
+    refused(["pretrain", "--corpus", FIXTURES / "corpus.txt", "--max-steps", 1])
+    refused(["finetune", "--task", "classify", "--init", FIXTURES / "text_run", "--train", tasks, "--validation",
+             tasks, "--max-steps", 1])
     # the comparisons, before they load data or train a tokenizer (they failed at their first run)
-    for command in (["compare", "--models", "vit_tiny", "--max-steps", 1], ["compare-text"]):
-        assert _one_line_error(*_cli([*command, "--out", a_file], capsys)[::2]).endswith(
-            f"{a_file}: a file, not a folder")
-        assert _one_line_error(*_cli([*command, "--out", a_file / "cmp"], capsys)[::2]).endswith(
-            f"{a_file / 'cmp'}: {a_file} is a file, not a folder")
-    assert a_file.read_text() == "precious"
-    # the model-folder writers (export, upcycle, import) name the destination, never their .tmp- folder
+    refused(["compare", "--models", "vit_tiny", "--max-steps", 1])
+    refused(["compare-text"])
+    refused(["gcide-task", "pos", "--gcide", tmp_path / "no-gcide"],
+            way_out="choose a folder for train.tsv and validation.tsv")
+    # the model-folder writers (export, upcycle, import), before they read their source
     run = tmp_path / "run"
     assert _cli(_train_args(fmnist_dir, run, tiny_set_args, "--max-steps", 1), capsys)[0] == 0
-    line = _one_line_error(*_cli(["export", run, "--to", a_file / "model"], capsys)[::2])
-    assert line.endswith(f"{a_file / 'model'}: {a_file} is a file, not a folder") and a_file.read_text() == "precious"
-    if Path("/proc/self").exists():
+    refused(["export", run], flag="--to")
+    refused(["upcycle", "--from", run, "--experts", 2])
+    refused(["import", tmp_path / "no-hf-folder"])
+    assert a_file.read_text() == "precious"
+    if Path("/proc/self").exists():  # (export names the destination, never its .tmp- folder)
         line = _one_line_error(*_cli(["export", run, "--to", "/proc/widenet-model"], capsys)[::2])
         assert line.endswith("/proc/widenet-model: No such file or directory") and ".tmp-" not in line, line
 

@@ -128,9 +128,9 @@ def test_folder_recursion_sorted_and_filtered(tmp_path):
         assert [p.relative_to(tmp_path).as_posix() for p in corpus_files([tmp_path])] == [
             "a.txt", "b/c/y.jsonl", "b/z.txt"]
     assert [str(w.message) for w in caught] == [
-        f"{tmp_path}: skipped 1 file(s) that are not corpus files (*.txt, *.txt.gz, *.gz, *.jsonl, *.jsonl.gz, "
+        f"{tmp_path}: skipped 1 non-corpus file (corpus files: *.txt, *.txt.gz, *.gz, *.jsonl, *.jsonl.gz, "
         f"*.dict.dz), e.g. {tmp_path / 'notes.md'}"]
-    with pytest.warns(UserWarning, match="skipped 1 file"):
+    with pytest.warns(UserWarning, match="skipped 1 non-corpus file "):
         assert list(iter_documents([tmp_path])) == ["from a", "from b/c/y", "from b/z"]
 
 

@@ -566,7 +566,8 @@ def test_a_batch_size_beyond_the_training_set_trains_on_all_of_it(tmp_path, fmni
     rc, out, err = _cli(["train", "--data-dir", fmnist_dir, "--out", tmp_path / "run", "--max-steps", 1,
                          "--batch-size", 10_000_000, *tiny_set_args], capsys)
     n = len(load_dataset("fashion-mnist", "train", fmnist_dir, download=False))
-    assert rc == 0 and f"{n} images, 1 steps, batch {n} (all of them), cpu" in out, err
+    assert rc == 0 and f"{n} images, 1 step, batch {n} (all of them), cpu" in out, err
+    assert "done: 1 step, test accuracy" in out  # was "1 steps"
 
 
 def test_an_infinite_aux_loss_stops_the_run(tmp_path, fmnist_dir, tiny_set_args, capsys):

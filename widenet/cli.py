@@ -37,6 +37,7 @@ from .cli_errors import (BUG_REPORT, INTERRUPTED, CLIError, explain, file_names_
 from .cli_models import add_model_commands
 from .cli_predict import add_predict_command
 from .cli_text import add_text_commands
+from .listing import counted
 from .signals import native_call_abandoned
 from .train.stopping import TrainingStopped
 
@@ -147,7 +148,7 @@ def cmd_bench_model(args: argparse.Namespace) -> int:
         mfu = f", MFU {100 * r.mfu:.1f}% of {r.peak_tflops:g} TFLOP/s" if r.mfu is not None else ""
         extras = ", ".join(x for x in (r.device, r.amp, "compiled" if r.compiled else None) if x)
         print(f"{r.model}: {r.images_per_s:.1f} images/s training (batch {r.batch_size}, median of "
-              f"{r.steps} steps, {r.params / 1e6:.2f}M params, {extras}); "
+              f"{counted(r.steps, 'step')}, {r.params / 1e6:.2f}M params, {extras}); "
               f"{r.train_flops_per_image / 1e9:.2f} GFLOP per training image, {r.achieved_tflops:.3f} TFLOP/s{mfu}")
     first = results[0].model
     for r in results[1:]:
@@ -170,7 +171,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if result is not None:
         e, ema = result.final_eval, result.ema_eval
         averaged = f" (EMA weights: {ema.accuracy:.4f}, loss {ema.loss:.4f})" if ema else ""
-        print(f"done: {result.steps} steps, test accuracy {e.accuracy:.4f}, loss {e.loss:.4f}{averaged}, "
+        print(f"done: {counted(result.steps, 'step')}, test accuracy {e.accuracy:.4f}, loss {e.loss:.4f}{averaged}, "
               f"{result.train_images_per_s:.0f} images/s; run folder {result.out_dir}")
     return 0
 

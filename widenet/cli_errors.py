@@ -63,9 +63,18 @@ def say_error(message: str) -> None:
 @contextlib.contextmanager
 def warnings_as_notes() -> Iterator[None]:
     """Warnings (e.g. truncated sentences) as one `widenet: note: ...` line each, not Python's
-    file:line form with a line of source."""
+    file:line form with a line of source, each distinct note once per command: Python's own "once
+    per place" forgets what it showed whenever any code changes the warning filters (every
+    catch_warnings block does), and compare-text said the same note for each of its runs."""
+    shown: set[str] = set()
+
+    def note(message: Warning | str, *_args: Any, **_kw: Any) -> None:
+        if (line := f"widenet: note: {message}") not in shown:
+            shown.add(line)
+            say(line)
+
     with warnings.catch_warnings():
-        warnings.showwarning = lambda message, *_args, **_kw: say(f"widenet: note: {message}")
+        warnings.showwarning = note
         yield
 
 

@@ -18,6 +18,7 @@ import os
 from typing import Any
 
 from .cli_args import finite_float, nonempty, positive_int
+from .listing import counted
 
 
 def _describe(source: Any) -> dict:
@@ -63,6 +64,16 @@ def _write(args: argparse.Namespace, source: Any, model, out: str, note: str, mo
     return 0
 
 
+def _refuse_destination(out: str, flag: str) -> None:
+    """A file at OUT, or where a folder above it would be, refused before any work, naming the flag
+    (write_export, for Python callers, refuses it too, as FileExistsError)."""
+    from pathlib import Path
+
+    from .files import refuse_non_folder
+
+    refuse_non_folder(Path(out), flag)
+
+
 def _hf_class(folder: str) -> str:
     import json
 
@@ -74,6 +85,7 @@ def cmd_import(args: argparse.Namespace) -> int:
     from .models.hf import is_hf_folder
     from .train.exported import config_problem, is_export, load_model, load_source
 
+    _refuse_destination(args.out, "--out")
     if is_export(args.hf_dir):
         raise ValueError(f"{args.hf_dir}: already a widenet export; eval, predict, finetune --init and "
                          "from_pretrained read it as it is")
@@ -87,6 +99,7 @@ def cmd_upcycle(args: argparse.Namespace) -> int:
     from .models.upcycle import upcycle
     from .train.exported import load_model, load_source
 
+    _refuse_destination(args.out, "--out")
     source = load_source(args.source)
     moe = dict(dropless=True) if args.dropless else {}
     dense = load_model(source)
@@ -100,7 +113,8 @@ def cmd_upcycle(args: argparse.Namespace) -> int:
         source.notes.append(f"the experts keep a capacity ({model.cfg.encoder.moe.capacity_factor} x their share "
                             "of the tokens): a token over an expert's capacity is dropped there, and its output "
                             "differs from the dense model's; with --dropless every output is the dense model's")
-    note = f"upcycled to {args.experts} experts, top-{args.top_k}, attention {args.attention}, noise {args.noise}"
+    note = (f"upcycled to {counted(args.experts, 'expert')}, top-{args.top_k}, attention {args.attention}, "
+            f"noise {args.noise}")
     return _write(args, source, model, args.out, note, _widenet_name(source.meta.get("model", "")))
 
 
@@ -119,6 +133,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .train.ema import averaged_weights
     from .train.exported import is_export, load_model, load_source
 
+    _refuse_destination(args.to, "--to")
     source = load_source(args.run)
     origin = ("copied from a widenet export" if is_export(args.run) else
               "converted from a Hugging Face folder" if is_hf_folder(args.run) else f"exported from step {source.step}")

@@ -7,6 +7,7 @@ import argparse
 from .cli_args import (add_budget_arguments, add_moe_arguments, add_process_arguments, add_recipe_arguments,
                        add_run_arguments, add_set_argument, config_fields, finite_float, model_overrides, nonempty,
                        positive_float, positive_int, refuse_unused)
+from .listing import counted
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
@@ -22,9 +23,9 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     if result is None:
         return 0
     e, run = result.run.final_eval, result.run
-    print(f"done: {run.steps} steps, held-out MLM accuracy {e['mlm_accuracy']:.4f} (loss {e['mlm_loss']:.4f}; "
-          f"without context, from word-piece frequencies alone: {e['unigram_accuracy']:.4f}, loss "
-          f"{e['unigram_loss']:.4f}), SOP accuracy {e['sop_accuracy']:.4f} (chance 0.5), "
+    print(f"done: {counted(run.steps, 'step')}, held-out MLM accuracy {e['mlm_accuracy']:.4f} "
+          f"(loss {e['mlm_loss']:.4f}; without context, from word-piece frequencies alone: "
+          f"{e['unigram_accuracy']:.4f}, loss {e['unigram_loss']:.4f}), SOP accuracy {e['sop_accuracy']:.4f} (chance 0.5), "
           f"{run.tokens_per_s:.0f} tokens/s; run folder {result.out_dir}")
     return 0
 
@@ -44,7 +45,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     e, run = result.run.final_eval, result.run
     score = (f"accuracy {e['accuracy']:.4f}" if "accuracy" in e
              else f"exact match {e['exact']:.2f}, F1 {e['f1']:.2f}")
-    print(f"done: {run.steps} steps, validation {score}, {run.tokens_per_s:.0f} tokens/s; "
+    print(f"done: {counted(run.steps, 'step')}, validation {score}, {run.tokens_per_s:.0f} tokens/s; "
           f"run folder {result.out_dir}")
     return 0
 

@@ -27,12 +27,11 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-
 __all__ = ["STALE_TEMPORARY_S", "CacheDamaged", "LockHeld", "RefusedPickle", "WeightsDamaged", "WeightsMismatch",
            "atomic_path", "disk_full", "file_sha256", "file_stamp", "fsync_path", "hold_lock", "is_utf8", "live_holder",
            "load_cache", "load_safetensors", "load_weights_only", "pid_alive", "raise_if_disk_full", "refuse_dead_link",
-           "refuse_non_folder", "rename_exchange", "save_atomic", "save_cache", "save_safetensors", "tensors_digest",
-           "write_bytes_durably"]
+           "no_folder_at", "refuse_non_folder", "rename_exchange", "save_atomic", "save_cache", "save_safetensors",
+           "tensors_digest", "write_bytes_durably"]
 
 
 @contextlib.contextmanager
@@ -253,7 +252,7 @@ def load_safetensors(path: str | os.PathLike, expect_digest: str | None = None) 
         raise WeightsDamaged(f"{os.fspath(path)}: the weights do not match the checksum saved with them: the file "
                              "was damaged after it was written (a failing disk or an incomplete copy)")
     if expect_digest is not None and saved is not None and saved != expect_digest:  # (a file saved elsewhere: trusted)
-        raise WeightsMismatch(f"{os.fspath(path)}: these are not the weights recorded beside them")
+        raise WeightsMismatch(f"{os.fspath(path)}: the digest recorded for its weights does not match them")
     return tensors
 
 
@@ -296,15 +295,23 @@ def refuse_dead_link(path: Path) -> None:
                                     "or a loop of links); point it at a folder or remove it", str(path))
 
 
-def refuse_non_folder(path: Path) -> None:
-    """Raise OSError (one line, naming `path`) where no folder can be made at `path`: a dead link or a
-    file stands there, or a file stands where a folder above it would be. Checks; makes nothing."""
+def no_folder_at(path: Path, flag: str = "--out", way_out: str = "") -> str | None:
+    """Why no folder can be made at `path` (the setting `flag`), as one line with the way out (by default
+    "choose another FLAG"): a file stands there, or where a folder above it would be. None where one can be."""
+    above = next((p for p in (path, *path.parents) if p.exists()), Path("."))  # the nearest that exists
+    if above.is_dir():
+        return None
+    where = f"{flag} {path} is" if above == path else f"{flag} {path}: {above} is"
+    return f"{where} a file, not a folder; {way_out or f'choose another {flag}'}"
+
+
+def refuse_non_folder(path: Path, flag: str = "--out", way_out: str = "") -> None:
+    """Raise refuse_dead_link's OSError, or NotADirectoryError (ENOTDIR) with no_folder_at's line; makes nothing."""
     refuse_dead_link(path)
-    if path.exists() and not path.is_dir():
-        raise NotADirectoryError(errno.ENOTDIR, "a file, not a folder", str(path))
-    above = next((p for p in path.parents if p.exists()), Path("."))  # the nearest that exists
-    if not above.is_dir():
-        raise NotADirectoryError(errno.ENOTDIR, f"{above} is a file, not a folder", str(path))
+    if (why := no_folder_at(path, flag, way_out)) is not None:
+        err = NotADirectoryError(why)  # (its own message: the CLI shows it as it is)
+        err.errno = errno.ENOTDIR
+        raise err
 
 
 def fsync_path(path: Path) -> None:

@@ -23,6 +23,7 @@ from ..data.augment import normalize
 from ..data.images import ImageDataset, subset
 from ..files import refuse_non_folder
 from ..layers.moe import MOE_SETTINGS
+from ..listing import counted
 from ..models.registry import model_config, require_preset_kind, settings_for, settings_for_each
 from ..runtime import describe_device, resolve_device
 from ..settings import repeated
@@ -273,10 +274,11 @@ def write_report(results: list[SpecResult], base: TrainConfig, n_seeds: int, pre
 
 def _budget(cfg: TrainConfig, num_images: int) -> str:
     if cfg.time_budget is not None:
-        return f"{cfg.time_budget:g} minutes of wall-clock time, evaluations included (steps in the tables)"
+        return (f"{counted(float(cfg.time_budget), 'minute')} of wall-clock time, evaluations included "
+                "(steps in the tables)")
     per_epoch = math.ceil(num_images / cfg.batch_size)
     steps = cfg.max_steps or cfg.epochs * per_epoch
-    return f"{steps} step{'s' if steps != 1 else ''} ({steps / per_epoch:.2f} epochs)"
+    return f"{counted(steps, 'step')} ({steps / per_epoch:.2f} epochs)"
 
 
 def _table(rows: list[SpecResult], steps: bool = False) -> str:

@@ -37,6 +37,7 @@ from ..data.text.gcide import GCIDE_PATH
 from ..data.text.gcide_tasks import write_gcide_task
 from ..data.text.tokenizer import save_tokenizer, train_tokenizer
 from ..files import refuse_non_folder
+from ..listing import counted
 from ..models.registry import model_config, require_preset_kind, settings_for, settings_for_each
 from ..runtime import describe_device, resolve_device
 from ..train.evaluate import dropped_text
@@ -276,9 +277,9 @@ def write_text_report(results: list[TextModelResult], budget: dict, preset: str,
         "# WideNet text comparison",
         "",
         f"{_dt.datetime.now():%Y-%m-%d %H:%M}, {describe_device(device)}, preset `{preset}`: pretraining "
-        f"{budget['pretrain_steps']} steps x {budget['batch_size']} sequences of {budget['seq_len']} tokens "
-        f"on {', '.join(corpus)}; fine-tuning {budget['finetune_epochs']} epochs on {task_train}; "
-        f"{budget['seeds']} seed(s). Same tokenizer, budget and recipe for every model"
+        f"{counted(budget['pretrain_steps'], 'step')} x {budget['batch_size']} sequences of {budget['seq_len']} tokens "
+        f"on {', '.join(corpus)}; fine-tuning {counted(budget['finetune_epochs'], 'epoch')} on {task_train}; "
+        f"{counted(budget['seeds'], 'seed')}. Same tokenizer, budget and recipe for every model"
         f"{settings_note(budget['model_overrides'])}. "
         f"{'Mean ± standard deviation over seeds' if budget['seeds'] > 1 else 'One seed: no spread to show'}. "
         "*No-context level*: held-out MLM accuracy from word-piece "

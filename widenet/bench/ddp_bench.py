@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..listing import counted
 from ..memory import check_fits_memory
 
 _WORKER_BYTES = 220 << 20  # a worker's resident memory once torch is imported (measured with time -v)
@@ -178,7 +179,7 @@ def _sync(env, device: torch.device) -> None:
 
 def format_ddp_bench(r: DDPBenchResult) -> str:
     mode = "data + expert parallel" if r.expert_parallel else "data parallel"
-    steps = f"{r.steps} step" + ("s" if r.steps != 1 else "")
+    steps = counted(r.steps, "step")
     return (f"{r.model}, global batch {r.batch_size}, {steps}: 1 process {r.images_per_s_1:.1f} images/s, "
             f"{r.processes} processes ({mode}) {r.images_per_s_n:.1f} images/s -> scaling efficiency "
             f"{100 * r.efficiency:.0f}%")

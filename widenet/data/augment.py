@@ -19,6 +19,7 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
+from ..listing import counted
 from ..settings import check_types
 
 __all__ = [
@@ -80,7 +81,8 @@ def _per_channel(
     if tensor.numel() == 1:
         tensor = tensor.expand(channels)
     if tensor.numel() != channels:
-        raise ValueError(f"{what} has {tensor.numel()} values but the images have {channels} channels")
+        raise ValueError(f"{what} has {counted(tensor.numel(), 'value')} but the images have "
+                         f"{counted(channels, 'channel')}")
     return tensor.view(1, channels, 1, 1)
 
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..listing import counted
+
 
 class _ImageTokenizer(nn.Module):
     """Shared input checks: (B, C, H, W) images of the configured size -> (B, P, D) tokens."""
@@ -40,7 +42,7 @@ class _ImageTokenizer(nn.Module):
                              f"the other (images.to({weights}), or model.to({images.dtype}))")
         _, c, h, w = images.shape
         if c != self.in_channels:
-            raise ValueError(f"model expects {self.in_channels} channel(s), got images with {c}")
+            raise ValueError(f"model expects {counted(self.in_channels, 'channel')}, got images with {c}")
         if (h, w) != (self.image_size, self.image_size):
             raise ValueError(f"model expects {self.image_size}x{self.image_size} images, got {h}x{w}")
         return self.proj(images).flatten(2).transpose(1, 2)  # (B, P, D)

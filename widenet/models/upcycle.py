@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from ..layers.moe import MoEConfig
+from ..listing import counted
 from ..memory import check_model_fits
 from .presets import WIDENET_SHARING
 from .text import TextTransformer
@@ -82,8 +83,8 @@ def upcycle(source: nn.Module, num_experts: int, top_k: int = 2, *, attention: s
         raise UpcycleError(f"seed must be an integer and attention a string, got {seed!r} and {attention!r}")
     cfg = upcycled_config(source.cfg, num_experts, top_k, **moe_settings)
     check_model_fits(lambda: type(source)(cfg), copies=2,
-                     what=f"upcycling to {num_experts} experts: the new model and the copies of its weights it "
-                          "starts from")
+                     what=f"upcycling to {counted(num_experts, 'expert')}: the new model and the copies of its "
+                          "weights it starts from")
     target = type(source)(cfg)
     gen = torch.Generator().manual_seed(seed)
     src_enc, enc = source.cfg.encoder, cfg.encoder

@@ -20,6 +20,8 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+from ..listing import counted
+
 
 @dataclass(frozen=True)
 class BudgetPlan:
@@ -34,7 +36,7 @@ class BudgetPlan:
     def describe(self, per_epoch: int) -> str:
         return (f"time budget {self.budget_s / 60:g} min: {self.spent_s:.1f} s spent before training, "
                 f"{1000 * self.step_s:.1f} ms per step and {self.eval_s:.1f} s per evaluation (measured) "
-                f"-> {self.steps} steps ({self.steps / per_epoch:.2f} epochs)")
+                f"-> {counted(self.steps, 'step')} ({self.steps / per_epoch:.2f} epochs)")
 
 
 def evaluations_in(steps: int, per_epoch: int, eval_every: int) -> int:

@@ -11,6 +11,7 @@ from torch import nn
 from ..data.errors import DatasetNotFoundError
 from ..data.images import channels_problem, check_same_classes, load_dataset, subset
 from ..layers.moe import dropless_routing
+from ..listing import counted
 from ..models.vision import VisionConfig
 from ..runtime import resolve_device
 from .checkpoint import CheckpointError
@@ -69,8 +70,9 @@ def evaluate_checkpoint(path: str, data: str | None = None, data_dir: str | None
     if meta.get("data", {}).get("classes"):
         check_same_classes(meta["data"]["classes"], test, "the checkpoint's")
     if test.channels != cfg.in_channels or test.num_classes > cfg.num_classes:
-        raise ValueError(f"dataset {name!r} ({test.channels} channels, {test.num_classes} classes) does not fit "
-                         f"the checkpoint's model ({cfg.in_channels} channels, {cfg.num_classes} classes)")
+        raise ValueError(f"dataset {name!r} ({counted(test.channels, 'channel')}, "
+                         f"{counted(test.num_classes, 'class', 'classes')}) does not fit the checkpoint's model "
+                         f"({counted(cfg.in_channels, 'channel')}, {counted(cfg.num_classes, 'class', 'classes')})")
     both = {"mean", "std"} <= stats.keys()  # else ViT's, as predict and the Hugging Face export take
     mean, std = (stats["mean"], stats["std"]) if both else fallback_stats(ckpt.path, cfg.in_channels)
     dev = resolve_device(device)

@@ -1,17 +1,21 @@
 """What may go into a model folder beside the weights (exported.write_export, widenet.save_pretrained):
 class names, image statistics and a tokenizer that fit the model, checked before anything is written,
-so that no folder is saved that loading would refuse or, worse, read wrongly."""
+so that no folder is saved that loading would refuse or, worse, read wrongly; and a saved resize
+setting checked when it is read back."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from torch import nn
 
+from ..data.images.folder import RESAMPLING
 from ..models.vision import VisionTransformer
 from ..settings import finite_numbers
+from .checkpoint import CheckpointError
 
-__all__ = ["check_contents", "stats_problem"]
+__all__ = ["check_contents", "resize_setting", "stats_problem"]
 
 
 def stats_problem(key: str, values: Any, channels: int | None, saved: bool = False) -> str | None:
@@ -50,3 +54,14 @@ def check_contents(model: nn.Module, classes: list[str] | None, image_stats: dic
         if tokenizer.get_vocab_size() > model.cfg.vocab_size:
             raise ValueError(f"the tokenizer has {tokenizer.get_vocab_size()} pieces and the model's vocabulary "
                              f"{model.cfg.vocab_size} ids: it is not this model's tokenizer")
+
+
+def resize_setting(value: Any, where: Path) -> dict[str, Any] | None:
+    """A saved resize setting checked (CheckpointError when it is not one widenet reads)."""
+    if value is None:
+        return None
+    if not (isinstance(value, dict) and set(value) == {"crop", "resample"} and isinstance(value["crop"], bool)
+            and value["resample"] in RESAMPLING):
+        raise CheckpointError(f"{where}: the saved image resize {value!r} should be {{crop: true|false, resample: "
+                              f"{'|'.join(RESAMPLING)}}}")
+    return dict(value)

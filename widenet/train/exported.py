@@ -32,7 +32,6 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
-from ..data.images.folder import RESAMPLING
 from ..data.text.tokenizer import check_same_tokenizer, load_tokenizer, save_tokenizer, tokenizer_record
 from ..files import (WeightsDamaged, WeightsMismatch, fsync_path, load_safetensors, raise_if_disk_full,
                      refuse_dead_link, save_safetensors)
@@ -45,7 +44,7 @@ from ..settings import finite_numbers
 from .checkpoint import (CheckpointError, check_finite, check_model_keys, find_latest_checkpoint, load_checkpoint,
                          train_state_of)
 from .checkpoint_layout import remove_tree
-from .export_contents import check_contents, stats_problem
+from .export_contents import check_contents, resize_setting, stats_problem
 from .export_destination import (CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, carry_user_files, check_destination,
                                  clear_leftovers, move_into_place, temporary)
 from .hf_folder import HF_WIDENET_KEYS, hf_side_files, read_hf_source
@@ -105,8 +104,8 @@ class Source:
     @property
     def image_resize(self) -> dict[str, Any] | None:
         """How images are brought to the model's size when it is not widenet's own way (the central
-        square, bicubic): {"crop": bool, "resample": one of RESAMPLING}, or None."""
-        return _resize_setting((self.meta.get("data") or {}).get("resize"), self.path)
+        square, bicubic): {"crop": bool, "resample": one of RESAMPLING (data.images.folder)}, or None."""
+        return resize_setting((self.meta.get("data") or {}).get("resize"), self.path)
 
     @property
     def image_stats(self) -> dict[str, list[float]] | None:
@@ -269,8 +268,9 @@ def read_export(path: str | os.PathLike) -> Source:
     try:
         state = load_safetensors(folder / WEIGHTS_FILE, config.get("weights_sha256"))
     except WeightsMismatch:  # (a folder swapped meanwhile is read again: load_source)
-        raise CheckpointError(f"{folder}: its {WEIGHTS_FILE} is not the one its {CONFIG_FILE} was written with "
-                              "(files of two models mixed); export the model again") from None
+        raise CheckpointError(f"{folder}: the weights digest its {CONFIG_FILE} records (weights_sha256) does not "
+                              f"match its {WEIGHTS_FILE}: one of the two was changed or replaced after they were "
+                              "written together; put back the files as written, or write the folder again") from None
     except WeightsDamaged as err:
         raise CheckpointError(str(err)) from None
     except (OSError, SafetensorError) as err:
@@ -291,7 +291,7 @@ def read_export(path: str | os.PathLike) -> Source:
     if isinstance(config.get("untrained_head"), str):
         meta["data"]["untrained_head"] = config["untrained_head"]
     if config.get("image_resize") is not None:
-        meta["data"]["resize"] = _resize_setting(config["image_resize"], folder / CONFIG_FILE)
+        meta["data"]["resize"] = resize_setting(config["image_resize"], folder / CONFIG_FILE)
     if config.get("tokenizer"):
         token = config["tokenizer"]
         if not isinstance(token, dict) or not isinstance(token.get("fingerprint"), str):
@@ -391,17 +391,6 @@ def non_finite_problem(source: str | os.PathLike, model: nn.Module) -> str:
     why = (f"{bad} of its weights are NaN or inf" if bad else
            "its weights are finite but so large that the activations overflow")
     return f"{source}: the model's scores are NaN or inf ({why}); its results would be meaningless"
-
-
-def _resize_setting(value: Any, where: Path) -> dict[str, Any] | None:
-    """A saved resize setting checked (CheckpointError when it is not one widenet reads)."""
-    if value is None:
-        return None
-    if not (isinstance(value, dict) and set(value) == {"crop", "resample"} and isinstance(value["crop"], bool)
-            and value["resample"] in RESAMPLING):
-        raise CheckpointError(f"{where}: the saved image resize {value!r} should be {{crop: true|false, resample: "
-                              f"{'|'.join(RESAMPLING)}}}")
-    return dict(value)
 
 
 def source_tokenizer(source: Source):

@@ -27,7 +27,7 @@ from ..data.images import (RESIZE_RESAMPLE, ImageDataset, channels_problem, chec
                            load_dataset, resize_dataset, subset)
 from ..distributed.env import main_process_first
 from ..distributed.parallel import ParallelContext
-from ..listing import listed
+from ..listing import counted, listed
 from ..memory import check_activations_fit
 from ..models.registry import apply_overrides, count_parameters, create_model, model_config, require_preset_kind
 from ..models.vision import VisionConfig, VisionTransformer
@@ -286,8 +286,9 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print,
         trainer = Trainer(cfg, task, model, parallel, device, amp, meta, log, started=started,  # budget: loading too
                           expected_meta=dict(data=same_data))
         workers = f", {parallel.env.world_size} processes ({parallel.mode})" if parallel.distributed else ""
-        trainer.log(f"training {cfg.model} ({params / 1e6:.3f}M params) on {cfg.data}: {len(train_set)} images, "
-                    f"{trainer.progress.total} steps, batch {batch}" + (" (all of them)" if batch < cfg.batch_size else "")
+        trainer.log(f"training {cfg.model} ({params / 1e6:.3f}M params) on {cfg.data}: "
+                    f"{counted(len(train_set), 'image')}, {counted(trainer.progress.total, 'step')}, batch {batch}"
+                    + (" (all of them)" if batch < cfg.batch_size else "")
                     + f", {device}" + (f", {amp}" if amp else "")
                     + workers + (", compiled (the first steps compile)" if cfg.compile else ""))
         note = init_head_note(source, train_set.classes) if trainer.progress.step == 0 else None

@@ -37,6 +37,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..distributed.parallel import ParallelContext
+from ..listing import counted
 from ..memory import check_fits_memory, parameter_bytes
 from ..rng import capture_rng_state, restore_rng_state
 from ..runtime import autocast, compiled_if, first_line
@@ -193,7 +194,7 @@ class Trainer:
                     self.deadline.eval_s = p.eval_seconds
             elif p.batch == 0 and task.cadence.every_epochs:
                 self.log(f"epoch {p.epoch}/{self._epochs()} step {p.step} "
-                         f"(evaluated every {task.cadence.every_epochs} epochs)")
+                         f"(evaluated every {counted(task.cadence.every_epochs, 'epoch')})")
             mark = time.monotonic()  # the checkpoint counts towards the next epoch's step time
             self._checkpoint()
             self._stop_if_asked()
@@ -422,7 +423,7 @@ class Trainer:
         if planned != p.total:
             self.log(f"time budget: {deadline.budget_s - deadline.spent():.0f} s left, "
                      f"{1000 * deadline.step_s:.1f} ms per step, {deadline.eval_s:.1f} s per evaluation: "
-                     f"{p.total} -> {planned} steps")
+                     f"{p.total} -> {counted(planned, 'step')}")
             p.total = planned
             self.schedule.lr_lambdas[0].total_steps = planned
             bar.total = planned

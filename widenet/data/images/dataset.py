@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ...listing import counted
 from ...memory import check_fits_memory
 from ..batches import epoch_order, num_batches, seed_for
 from ..errors import DatasetError
@@ -184,7 +185,7 @@ def convert_channels(dataset: ImageDataset, channels: int) -> ImageDataset:
     into R, G and B, or RGB to grey by its luma."""
     if {channels, dataset.channels} - {1, 3}:
         raise ValueError(f"{dataset.name}: images are converted between grey (1 channel) and RGB (3), not from "
-                         f"{dataset.channels} channel(s) to {channels}")
+                         f"{counted(dataset.channels, 'channel')} to {channels}")
     if channels == dataset.channels:
         return dataset
     plane = dataset.images[0, 0].numel() if len(dataset) else 0  # pixels of one channel of one image

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ...files import file_stamp, load_cache, save_cache
-from ...listing import listed
+from ...listing import counted, listed
 from ...memory import check_fits_memory
 from ...runtime import first_line
 from ..errors import DatasetError, DatasetNotFoundError, PathLike
@@ -114,8 +114,9 @@ def _scan_folder(base: Path) -> tuple[list[str], list[tuple[Path, int]]]:
         images, skipped = folder_files(base / name)
         others += skipped
         if not images:
-            kind = "without an image extension" if all(path.is_file() for path in skipped) else "that are not images"
-            what = f"only {len(skipped)} file(s) {kind}, e.g. {skipped[0].name}" if skipped else "nothing"
+            kind = (f"{counted(len(skipped), 'file')} without an image extension" if all(map(Path.is_file, skipped))
+                    else counted(len(skipped), "non-image file"))
+            what = f"only {kind}, e.g. {skipped[0].name}" if skipped else "nothing"
             raise DatasetError(f"{base / name}: class folder holds no images ({what}; images are read by extension: "
                                f"{IMAGE_EXAMPLES}); add some or remove the folder, which would "
                                "otherwise be a class never seen")
@@ -124,12 +125,12 @@ def _scan_folder(base: Path) -> tuple[list[str], list[tuple[Path, int]]]:
     plain = [path for path in others if path.is_file()]
     loose = sorted(path for path in base.iterdir() if _visible(path) and not path.is_dir()
                    and path.suffix.lower() in IMAGE_SUFFIXES)
-    reasons = ((plain, "without an image extension"),
-               (unread, "that are not regular files (broken links, pipes, second links to a folder read already)"),
-               (loose, f"outside the class folders (each class is a folder: {base}/<class>/<image>)"))
-    for skipped, why in reasons:
+    reasons = ((plain, "file", "without an image extension"),
+               (unread, "non-regular file", "(broken links, pipes, second links to a folder read already)"),
+               (loose, "file", f"outside the class folders (each class is a folder: {base}/<class>/<image>)"))
+    for skipped, noun, why in reasons:
         if skipped:
-            warnings.warn(f"{base}: skipped {len(skipped)} file(s) {why}, e.g. {skipped[0]}", stacklevel=3)
+            warnings.warn(f"{base}: skipped {counted(len(skipped), noun)} {why}, e.g. {skipped[0]}", stacklevel=3)
     return classes, files
 
 

@@ -17,7 +17,7 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
-from ...listing import listed
+from ...listing import counted, listed
 from ..errors import DatasetError, PathLike
 from .gcide import GcideError, gcide_documents
 
@@ -65,7 +65,7 @@ def _folder_files(folder: Path) -> list[Path]:
     if not files:
         raise CorpusError(f"{folder}: folder has no corpus files (looked for {_LOOKED_FOR}, recursively)")
     if others := [path for path in visible if _file_kind(path) is None]:
-        warnings.warn(f"{folder}: skipped {len(others)} file(s) that are not corpus files ({_LOOKED_FOR}), "
+        warnings.warn(f"{folder}: skipped {counted(len(others), 'non-corpus file')} (corpus files: {_LOOKED_FOR}), "
                       f"e.g. {others[0]}", stacklevel=2)
     return files
 

@@ -22,7 +22,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Callable
 
-from ...files import atomic_path
+from ...files import atomic_path, no_folder_at, refuse_non_folder
 from ..errors import PathLike
 from .gcide import FIELD_LABELS, POS_LABELS, GcideEntry, GcideError, read_gcide
 from .sentences import split_sentences
@@ -210,8 +210,10 @@ def write_gcide_task(
     if train_size < 1 or validation_size < 1:
         raise ValueError(f"train_size and validation_size must be positive, got {train_size}, {validation_size}")
     out = Path(out_dir)
+    way_out = "choose a folder for train.tsv and validation.tsv"
     if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file, not a folder; choose a folder for train.tsv and validation.tsv")
+        raise ValueError(no_folder_at(out, way_out=way_out))
+    refuse_non_folder(out, way_out=way_out)  # a file above it (NotADirectoryError, as writing there would raise)
     train_path, validation_path = out / "train.tsv", out / "validation.tsv"
     _refuse_existing(train_path, validation_path, overwrite)
     found = _collect_examples(path, kind)
