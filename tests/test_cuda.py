@@ -2,7 +2,7 @@
 
 bf16 autocast with the router in float32, fused attention, the expert kernels
 (the per-expert loop, grouped matmuls, padded buffers) against the CPU, and a
-capacity-mode training step that never waits for the device.
+capacity-mode training step that never waits for the device; an evaluation waits once, at its end.
 """
 
 from __future__ import annotations
@@ -115,6 +115,32 @@ def test_capacity_mode_training_step_never_waits_for_the_gpu(amp):
         step()
     finally:
         torch.cuda.set_sync_debug_mode(0)
+
+
+def test_evaluation_waits_for_the_gpu_as_often_for_four_batches_as_for_one():
+    """Evaluation sums its loss, correct count and routing on the device and reads them once at the
+    end (it read every block's drop shares of every batch: 3 waits per block per batch)."""
+    import warnings
+
+    from widenet.train.evaluate import evaluation_sums
+
+    torch.manual_seed(0)
+    model = create_model("widenet_tiny").to(CUDA)
+    images = torch.randint(0, 256, (4, 8, 1, 28, 28), dtype=torch.uint8, device=CUDA)
+    labels = torch.randint(0, 10, (4, 8), device=CUDA)
+
+    def waits(batches: int) -> int:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                evaluation_sums(model, zip(images[:batches], labels[:batches]), CUDA, [0.5], [0.25]).result()
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+        return sum("synchroniz" in str(w.message) for w in caught)
+
+    waits(1)  # the first call probes the grouped kernels (which waits for the device)
+    assert waits(4) == waits(1)
 
 
 def test_fused_attention_kernel_runs_on_cuda():

@@ -320,6 +320,51 @@ def test_sharded_evaluation_sums_keep_each_block_in_its_place(monkeypatch):
         dict(block=2, expert_fraction=[0.5, 0.5], dropped_fraction=0.0, dropped_assignment_fraction=0.05)]
 
 
+def test_sharded_evaluation_takes_whole_batches_and_gives_one_processs_result(fmnist_dir, tiny_overrides,
+                                                                              monkeypatch):
+    """Two ranks (run one after the other; the all-reduce adds rank 0's sums into rank 1's) evaluate
+    whole batches each, rank 1 with an empty padding pass for the odd batch: with a capacity that drops
+    tokens, the result is one process's, routing included (slicing the rows of every batch, each rank
+    routed half batches under half the capacity: other drops, other scores)."""
+    from types import SimpleNamespace
+
+    from widenet.distributed.parallel import ParallelContext
+    from widenet.train import evaluate as ev
+
+    test_set = load_dataset("fashion-mnist", "test", fmnist_dir, download=False)
+    assert len(test_set) == 64  # 5 batches of 13 rows: rank 0 takes 3, rank 1 two and a padding pass
+    cfg = TrainConfig(model="widenet_tiny", model_overrides=dict(tiny_overrides, capacity_factor=0.5))
+    torch.manual_seed(0)
+    model = build_model_for(cfg, test_set)
+    args = (test_set, 13, torch.device("cpu"), test_set.mean, test_set.std)
+    alone = evaluate(model, *args)
+    assert 0.1 < max(r.dropped_fraction for r in alone.routing) < 0.9  # capacity matters here
+
+    class Rank:  # a ParallelContext's evaluation-facing part
+        distributed = True
+        evaluation_share = ParallelContext.evaluation_share
+        module = staticmethod(lambda m: m)
+
+        def __init__(self, rank: int) -> None:
+            self.env = SimpleNamespace(rank=rank, world_size=2)
+
+    sizes, first = [], []
+    forward = type(model).forward
+    monkeypatch.setattr(type(model), "forward", lambda self, x: sizes.append(len(x)) or forward(self, x))
+    monkeypatch.setattr(ev, "on_backend_device", lambda t: t)
+    monkeypatch.setattr(ev, "all_reduce_sum", lambda t: first.append(t.clone()) if not first else t.add_(first[0]))
+    ev.evaluate_on(Rank(0), model, *args)
+    rank0, sizes[:] = list(sizes), []
+    both = ev.evaluate_on(Rank(1), model, *args)
+    assert (both.accuracy, both.examples) == (alone.accuracy, alone.examples)
+    assert both.loss == pytest.approx(alone.loss, rel=1e-6)
+    for b, a in zip(both.routing, alone.routing, strict=True):
+        assert b.expert_fraction == pytest.approx(a.expert_fraction, abs=1e-6)
+        assert (b.dropped_fraction, b.dropped_assignment_fraction) == pytest.approx(
+            (a.dropped_fraction, a.dropped_assignment_fraction), abs=1e-6)
+    assert (rank0, sizes) == ([13, 13, 13], [13, 12, 0])
+
+
 def test_evaluate_dense_model_has_no_routing(fmnist_dir, tiny_overrides):
     test_set = load_dataset("fashion-mnist", "test", fmnist_dir, download=False)
     cfg = TrainConfig(model="vit_tiny", model_overrides=dict(tiny_overrides))

@@ -26,11 +26,10 @@ Launched as ``torchrun --nproc_per_node W -m widenet train ...`` (W > 1):
   consolidated model and optimizer state in the one-process format, so they
   load at any world size (``--out`` must be a folder every rank can read
   for ``--resume``).
-* Evaluation is sharded: each rank evaluates its slice of every evaluation
-  batch, and the sums are all-reduced (every rank gets the global result).
-  Needed anyway when the forward itself communicates (FSDP, expert parallel).
-  Text evaluation shards whole batches instead (train/text_common.py
-  evaluation_batches), so that MoE capacity sees the batches one process sees.
+* Evaluation is sharded by whole batches (ParallelContext.evaluation_share), so
+  that MoE capacity, which is per call, sees the batches one process sees; the
+  sums are all-reduced (every rank gets the global result). Needed anyway when
+  the forward itself communicates (FSDP, expert parallel).
 * Buffers (the conv stem's BatchNorm statistics) are updated by each rank on
   its own rows; before an evaluation and a save every rank takes rank 0's
   (``ParallelContext.sync_buffers``), which the checkpoint holds.
@@ -220,6 +219,16 @@ class ParallelContext:
             return batch
         start, stop = shard_bounds(len(batch), self.env.rank, self.env.world_size)
         return batch[start:stop]
+
+    def evaluation_share(self, count: int) -> tuple[int, int, int]:
+        """This rank's share of `count` evaluation batches: a contiguous run [first, stop) of whole
+        batches (each one that one process evaluates, so MoE capacity, which is per call, routes alike),
+        and the empty passes that follow it, so that every rank makes as many forward passes (FSDP's
+        weight gathers and expert parallel's token exchange need every rank in each). One process: all."""
+        if not self.distributed:
+            return 0, count, 0
+        first, stop = shard_bounds(count, self.env.rank, self.env.world_size)
+        return first, stop, -(-count // self.env.world_size) - (stop - first)
 
     def loss_scale(self, local: int, total: int) -> float:
         """Factor on the rank's mean loss so that DDP's average is the global mean (1.0 for even shares)."""

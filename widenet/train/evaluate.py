@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.augment import normalize
+from ..data.batches import num_batches
 from ..data.images import ImageDataset, iterate_batches
 from ..distributed.env import all_reduce_sum
 from ..distributed.parallel import ParallelContext, on_backend_device
@@ -66,12 +68,13 @@ def dropped_text(block: Mapping[str, Any]) -> str:
 
 
 class RoutingTally:
-    """Per-block expert load and drop rate over many MoE calls, weighted by tokens (or examples)."""
+    """Per-block expert load and drop rate over many MoE calls, weighted by tokens (or examples). The
+    sums stay on the MoE's device until read (blocks, flat): on a GPU no call waits for the device."""
 
     def __init__(self) -> None:
         self.load: dict[int, torch.Tensor] = {}
-        self.dropped: dict[int, float] = {}
-        self.dropped_assignments: dict[int, float] = {}
+        self.dropped: dict[int, torch.Tensor | float] = {}
+        self.dropped_assignments: dict[int, torch.Tensor | float] = {}
         self.weight = 0.0
 
     def add(self, routing: Sequence[RoutingStats | None], weight: float) -> None:
@@ -79,23 +82,27 @@ class RoutingTally:
         self.weight += weight
         for block, stats in enumerate(routing):
             if stats is not None:  # per-call fractions -> fractions over everything seen
-                self.load[block] = self.load.get(block, 0) + stats.expert_fraction.float().cpu() * weight
-                self.dropped[block] = self.dropped.get(block, 0.0) + float(stats.dropped_fraction) * weight
-                self.dropped_assignments[block] = (self.dropped_assignments.get(block, 0.0)
-                                                   + float(stats.dropped_assignment_fraction) * weight)
+                self.load[block] = self.load.get(block, 0) + stats.expert_fraction.float() * weight
+                self.dropped[block] = self.dropped.get(block, 0) + stats.dropped_fraction * weight
+                self.dropped_assignments[block] = (self.dropped_assignments.get(block, 0)
+                                                   + stats.dropped_assignment_fraction * weight)
 
     def blocks(self) -> list[BlockRouting]:
+        host = self.filled(self.flat(), self.weight)  # (one copy from the device)
         w = max(self.weight, 1e-12)
-        return [BlockRouting(b, (self.load[b] / w).tolist(), self.dropped[b] / w, self.dropped_assignments[b] / w)
-                for b in sorted(self.load)]
+        return [BlockRouting(b, (host.load[b] / w).tolist(), host.dropped[b] / w, host.dropped_assignments[b] / w)
+                for b in sorted(host.load)]
 
     def flat(self) -> torch.Tensor:
-        """The sums as one float64 vector (to all-reduce): each block's load, then the blocks' dropped
-        token fractions, then their dropped assignment fractions (all times their weights)."""
+        """The sums as one float64 vector on the host (to all-reduce): each block's load, then the blocks'
+        dropped token fractions, then their dropped assignment fractions (all times their weights)."""
         blocks = sorted(self.load)
-        return torch.cat([self.load[b].double().flatten() for b in blocks]
-                         + [torch.tensor([drops[b] for b in blocks], dtype=torch.float64)
-                            for drops in (self.dropped, self.dropped_assignments)])
+        if not blocks:
+            return torch.zeros(0, dtype=torch.float64)
+        device = self.load[blocks[0]].device
+        drops = [torch.stack([torch.as_tensor(d[b], dtype=torch.float64, device=device) for b in blocks])
+                 for d in (self.dropped, self.dropped_assignments)]
+        return torch.cat([self.load[b].double().flatten() for b in blocks] + drops).cpu()
 
     def filled(self, flat: torch.Tensor, weight: float) -> RoutingTally:
         """A tally of this one's blocks holding `flat` (a vector laid out as flat() lays out this one's,
@@ -109,6 +116,16 @@ class RoutingTally:
             drops.update((b, float(flat[offset + i])) for i, b in enumerate(blocks))
             offset += len(blocks)
         return out
+
+
+def summed_over_ranks(values: Sequence[float], routing: RoutingTally) -> tuple[list[float], RoutingTally]:
+    """Numbers and a routing tally added over processes, in one float64 all-reduce (every rank's tally
+    has the same blocks: a padding pass adds its zero routing too)."""
+    head = torch.tensor([*values, routing.weight], dtype=torch.float64)
+    flat = on_backend_device(torch.cat([head, routing.flat()]))
+    all_reduce_sum(flat)
+    flat, n = flat.cpu(), len(values)
+    return flat[:n].tolist(), routing.filled(flat[n + 1:], float(flat[n]))
 
 
 @dataclass
@@ -167,51 +184,47 @@ def evaluation_sums(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torc
     was_training = model.training
     model.eval()
     sums = EvalSums(tta=tta)
+    totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss, correct, single_*: summed on the device
     for images, labels in batches:
         x = normalize(images.to(device), mean, std)
         labels = labels.to(device)
         with autocast(device, amp):
             out = model(x)
             views = (out.logits, model(x.flip(-1)).logits) if tta == "flip" else (out.logits,)
-        n = labels.numel()
-        sums.seen += n
-        loss, correct = _loss_and_correct(mean_of_views(*views), labels)
-        sums.loss += loss
-        sums.correct += correct
-        if len(views) > 1:
-            loss, correct = _loss_and_correct(mean_of_views(views[0]), labels)
-        sums.single_loss += loss
-        sums.single_correct += correct
-        sums.routing.add(out.routing, n)  # weighted by batch size: per-call fractions -> dataset fractions
+        sums.seen += labels.numel()
+        both = _loss_and_correct(mean_of_views(*views), labels)
+        totals += torch.cat([both, _loss_and_correct(mean_of_views(views[0]), labels) if len(views) > 1 else both])
+        sums.routing.add(out.routing, labels.numel())  # weighted by batch size: per-call -> dataset fractions
     model.train(was_training)
+    sums.loss, correct, sums.single_loss, single_correct = totals.tolist()
+    sums.correct, sums.single_correct = round(correct), round(single_correct)
     return sums
 
 
-def _loss_and_correct(log_probs: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
-    """Summed NLL and number of correct argmax predictions of (B, K) log-probabilities."""
-    return float(F.nll_loss(log_probs, labels, reduction="sum")), int((log_probs.argmax(-1) == labels).sum())
+def _loss_and_correct(log_probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(2,) float64: summed NLL and number of correct argmax predictions of (B, K) log-probabilities."""
+    return torch.stack([F.nll_loss(log_probs, labels, reduction="sum"),
+                        (log_probs.argmax(-1) == labels).sum()]).double()
 
 
 def evaluate_on(parallel: ParallelContext, model: nn.Module, data: ImageDataset, batch_size: int,
                 device: torch.device, mean: Sequence[float], std: Sequence[float],
                 amp: torch.dtype | None = None, tta: str = "none") -> EvalResult:
-    """evaluate() on one process; on several, each rank's slices of every batch with the sums
-    all-reduced (needed anyway when the forward communicates: FSDP, expert parallel)."""
+    """evaluate() on one process; on several, each rank's share of the batches (whole batches:
+    ParallelContext.evaluation_share) with the sums all-reduced."""
     net = parallel.module(model)
     if not parallel.distributed:
         return evaluate(net, data, batch_size, device, mean, std, amp, tta)
-    batches = ((parallel.shard(x), parallel.shard(y)) for x, y in iterate_batches(data, batch_size, shuffle=False))
-    return _all_reduce_sums(evaluation_sums(net, batches, device, mean, std, amp, tta)).result()
+    first, stop, padding = parallel.evaluation_share(num_batches(len(data), batch_size))
+    mine = itertools.islice(iterate_batches(data, batch_size, shuffle=False, start_batch=first), stop - first)
+    empty = [(data.images[:0], data.labels[:0])] * padding
+    return _all_reduce_sums(evaluation_sums(net, itertools.chain(mine, empty), device, mean, std, amp, tta)).result()
 
 
 def _all_reduce_sums(sums: EvalSums) -> EvalSums:
-    """EvalSums summed over ranks (every rank saw the same MoE blocks)."""
-    head = torch.tensor([sums.loss, sums.correct, sums.seen, sums.single_loss, sums.single_correct],
-                        dtype=torch.float64)
-    flat = on_backend_device(torch.cat([head, sums.routing.flat()]))
-    all_reduce_sum(flat)
-    flat = flat.cpu()
-    seen = int(round(float(flat[2])))
-    return EvalSums(loss=float(flat[0]), correct=int(round(float(flat[1]))), seen=seen, single_loss=float(flat[3]),
-                    single_correct=int(round(float(flat[4]))), routing=sums.routing.filled(flat[5:], seen),
-                    tta=sums.tta)
+    """EvalSums summed over ranks."""
+    values, routing = summed_over_ranks([sums.loss, sums.correct, sums.seen, sums.single_loss, sums.single_correct],
+                                        sums.routing)
+    loss, correct, seen, single_loss, single_correct = values
+    return EvalSums(loss=loss, correct=round(correct), seen=round(seen), single_loss=single_loss,
+                    single_correct=round(single_correct), routing=routing, tta=sums.tta)

@@ -9,12 +9,12 @@ from torch import nn
 
 from ..data.batches import epoch_order, num_batches
 from ..distributed.env import all_reduce_sum
-from ..distributed.parallel import ParallelContext, on_backend_device, shard_bounds
+from ..distributed.parallel import ParallelContext, on_backend_device
 from ..files import tensors_digest
 from ..memory import check_activations_fit
 from ..models.registry import apply_overrides, create_model
 from .budget import Cadence, time_per_call
-from .evaluate import RoutingTally
+from .evaluate import RoutingTally, summed_over_ranks
 from .text_config import TextRunConfig
 
 Batch = dict[str, torch.Tensor]  # name -> tensor with the examples on dim 0
@@ -129,21 +129,13 @@ def global_sums(sums: dict[str, float], parallel: ParallelContext, device: torch
 
 
 def evaluation_batches(data: Batch, batch_size: int, parallel: ParallelContext) -> Iterator[tuple[int | None, Batch]]:
-    """This process's share of an evaluation: (index, batch) for the batches of `batch_size` rows in
-    order (ordered_batches), all of them on one process. On several, each rank takes a contiguous run of
-    whole batches (shard_bounds over the batches): every batch is one that one process evaluates, so MoE
-    capacity, which is per call, routes alike. Then padding passes, (None, a batch of no rows), up to
-    the most batches any rank has: every rank makes the same number of forward passes, as FSDP's weight
-    gathers and expert parallel's all_to_all need (an empty batch adds nothing to the sums)."""
-    count = num_batches(len(next(iter(data.values()))), batch_size)
-    first, stop, passes = 0, count, count
-    if parallel.distributed:
-        world = parallel.env.world_size
-        first, stop = shard_bounds(count, parallel.env.rank, world)
-        passes = -(-count // world)
+    """This process's share of an evaluation (ParallelContext.evaluation_share): (index, batch) for its
+    run of whole batches of `batch_size` rows in order, then (None, a batch of no rows) for each padding
+    pass (an empty batch adds nothing to the sums)."""
+    first, stop, padding = parallel.evaluation_share(num_batches(len(next(iter(data.values()))), batch_size))
     for i in range(first, stop):
         yield i, {k: v[i * batch_size:(i + 1) * batch_size] for k, v in data.items()}
-    for _ in range(passes - (stop - first)):
+    for _ in range(padding):
         yield None, {k: v[:0] for k, v in data.items()}
 
 
@@ -158,14 +150,11 @@ def summed_over_processes(t: torch.Tensor, parallel: ParallelContext) -> torch.T
 
 def evaluation_sums(sums: dict[str, float], routing: RoutingTally, parallel: ParallelContext
                     ) -> tuple[dict[str, float], RoutingTally]:
-    """An evaluation's sums and routing tally added over processes (one all-reduce; unchanged on one
-    process). Every rank's tally has the same blocks: a padding pass adds its (zero) routing too."""
+    """An evaluation's sums and routing tally added over processes (unchanged on one process)."""
     if not parallel.distributed:
         return sums, routing
-    head = torch.tensor([*sums.values(), routing.weight], dtype=torch.float64)
-    flat = summed_over_processes(torch.cat([head, routing.flat()]), parallel)
-    n = len(sums)
-    return dict(zip(sums, flat[:n].tolist())), routing.filled(flat[n + 1:], float(flat[n]))
+    values, routing = summed_over_ranks(list(sums.values()), routing)
+    return dict(zip(sums, values)), routing
 
 
 def describe_floats(result: dict[str, Any]) -> str:
