@@ -14,7 +14,8 @@ import torch
 from PIL import Image
 
 from test_folder_layouts import make_folder
-from test_text_train import PHRASES, TINY_TEXT, _squad, _write_classify
+from test_text_train import PHRASES, _squad, _write_classify
+from test_text_train import _pretrain_cfg as pretrain_cfg
 
 from widenet.cli import main
 from widenet.data.text.corpus import load_pretrain_corpus
@@ -40,11 +41,8 @@ def _write_corpus(path, docs: list[str]) -> None:
 
 
 def _pretrain_cfg(corpus, out, **kw) -> PretrainConfig:
-    base = dict(model="widenet_text_tiny", corpus=[str(corpus)], vocab_size=120, seq_len=32, batch_size=16,
-                max_steps=2, lr=3e-3, eval_examples=32, log_every=1, model_overrides=dict(TINY_TEXT),
-                cache_dir=str(out.parent / "cache"), out=str(out))
-    base.update(kw)
-    return PretrainConfig(**base)
+    """test_text_train's pretraining settings, two steps long."""
+    return pretrain_cfg(corpus, out, **dict(dict(max_steps=2, log_every=1), **kw))
 
 
 @pytest.fixture(scope="module")
