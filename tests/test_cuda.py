@@ -2,7 +2,7 @@
 
 bf16 autocast with the router in float32, fused attention, the expert kernels
 (the per-expert loop, grouped matmuls, padded buffers) against the CPU, and a
-capacity-mode training step that never waits for the device; an evaluation waits once, at its end.
+capacity-mode training step that never waits for the device; an evaluation waits at its end only.
 """
 
 from __future__ import annotations
@@ -118,8 +118,8 @@ def test_capacity_mode_training_step_never_waits_for_the_gpu(amp):
 
 
 def test_evaluation_waits_for_the_gpu_as_often_for_four_batches_as_for_one():
-    """Evaluation sums its loss, correct count and routing on the device and reads them once at the
-    end (it read every block's drop shares of every batch: 3 waits per block per batch)."""
+    """Evaluation sums its loss, correct count and routing on the device and reads them at the end
+    (it read every block's drop shares of every batch: 3 waits per block per batch)."""
     import warnings
 
     from widenet.train.evaluate import evaluation_sums

@@ -746,6 +746,10 @@ def test_out_that_cannot_be_a_folder(tmp_path, fmnist_dir, tiny_set_args, capsys
     refused(["export", run], flag="--to")
     refused(["upcycle", "--from", run, "--experts", 2])
     refused(["import", tmp_path / "no-hf-folder"])
+    # the Python API has no flags: save_pretrained names the path and "another destination"
+    with pytest.raises(NotADirectoryError, match=rf"^{re.escape(str(a_file / 'inner'))}: {re.escape(str(a_file))} is a "
+                       r"file, not a folder; choose another destination$"):
+        widenet.save_pretrained(create_model("vit_tiny", **TINY), a_file / "inner")
     assert a_file.read_text() == "precious"
     if Path("/proc/self").exists():  # (export names the destination, never its .tmp- folder)
         line = _one_line_error(*_cli(["export", run, "--to", "/proc/widenet-model"], capsys)[::2])

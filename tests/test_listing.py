@@ -23,6 +23,7 @@ def test_counts_are_singular_for_one_only():
     assert [counted(n, "step") for n in (0, 1, 2)] == ["0 steps", "1 step", "2 steps"]
     assert [counted(n, "class", "classes") for n in (1, 3)] == ["1 class", "3 classes"]
     assert [counted(t, "minute") for t in (1.0, 0.5, 2.0)] == ["1 minute", "0.5 minutes", "2 minutes"]
+    assert counted(0.9999999, "minute") == "1 minute"  # (the noun follows the number as written)
 
 
 def test_messages_say_one_step_file_channel_and_minute(tmp_path):

@@ -295,21 +295,21 @@ def refuse_dead_link(path: Path) -> None:
                                     "or a loop of links); point it at a folder or remove it", str(path))
 
 
-def no_folder_at(path: Path, flag: str = "--out", way_out: str = "") -> str | None:
-    """Why no folder can be made at `path` (the setting `flag`), as one line with the way out (by default
-    "choose another FLAG"): a file stands there, or where a folder above it would be. None where one can be."""
+def no_folder_at(path: Path, flag: str | None = None, way_out: str = "") -> str | None:
+    """Why no folder can be made at `path` (setting `flag`, if one) in one line with the way out (by default
+    "choose another FLAG" or destination): a file stands there, or where a folder above it would. Else None."""
     above = next((p for p in (path, *path.parents) if p.exists()), Path("."))  # the nearest that exists
     if above.is_dir():
         return None
-    where = f"{flag} {path} is" if above == path else f"{flag} {path}: {above} is"
-    return f"{where} a file, not a folder; {way_out or f'choose another {flag}'}"
+    where = " ".join(filter(None, (flag, str(path)))) + ("" if above == path else f": {above}")
+    return f"{where} is a file, not a folder; {way_out or 'choose another ' + (flag or 'destination')}"
 
 
-def refuse_non_folder(path: Path, flag: str = "--out", way_out: str = "") -> None:
-    """Raise refuse_dead_link's OSError, or NotADirectoryError (ENOTDIR) with no_folder_at's line; makes nothing."""
+def refuse_non_folder(path: Path, flag: str | None = None, way_out: str = "") -> None:
+    """Raise refuse_dead_link's OSError, or NotADirectoryError (ENOTDIR) with no_folder_at's line."""
     refuse_dead_link(path)
     if (why := no_folder_at(path, flag, way_out)) is not None:
-        err = NotADirectoryError(why)  # (its own message: the CLI shows it as it is)
+        err = NotADirectoryError(why)  # (no filename: str(err) would be "[Errno 20] None: PATH")
         err.errno = errno.ENOTDIR
         raise err
 

@@ -16,4 +16,4 @@ def counted(count: float, noun: str, plural: str | None = None) -> str:
     """'1 step', '2 steps', '0 steps', '1 minute', '1.5 minutes' (a float as :g writes it): the count and
     its noun, plural unless the count is 1; plural: where it is not the noun + "s" (e.g. "classes")."""
     number = f"{count:g}" if isinstance(count, float) else str(count)
-    return f"{number} {noun if count == 1 else plural or noun + 's'}"
+    return f"{number} {noun if number == '1' else plural or noun + 's'}"  # (0.9999999 prints as 1: "1 minute")

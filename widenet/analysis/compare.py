@@ -174,7 +174,7 @@ def compare(models: list[str], out: str | Path, preset: str = "quick", seeds: in
     budget.update(train_settings)
     _check_models(models, train_settings["model_overrides"], ablation, asked)
     out = Path(out)
-    refuse_non_folder(out)  # before the data loads
+    refuse_non_folder(out, "--out")  # before the data loads
     base = TrainConfig(model=models[0], out=str(out), **budget)
     data = load_data(base)
     specs = run_specs(models, ablation)

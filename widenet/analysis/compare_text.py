@@ -130,7 +130,7 @@ def compare_text(models: list[str], out: str | Path, preset: str = "quick", seed
     if corpus:
         corpus_files(corpus)
     out = Path(out)
-    refuse_non_folder(out)
+    refuse_non_folder(out, "--out")
     corpus = corpus or [str(_gcide())]
     if task_train is None:
         task_train, task_validation = map(str, _gcide_task(out, budget, gcide_task or "usage"))

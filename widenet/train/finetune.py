@@ -48,7 +48,7 @@ from .evaluate import RoutingTally
 from .exported import TOKENIZER_FILE, Source, check_tokenizer_matches, load_source, require_kind, source_tokenizer
 from .progress import StepResult
 from .run_folder import claim_run_folder
-from .text_common import (Batch, TextTask, check_batch_fits, describe_processes, evaluation_batches, evaluation_sums,
+from .text_common import (Batch, TextTask, check_batch_fits, describe_processes, evaluation_batches, summed_evaluation,
                           global_sums, local_rows, saved_text_model, split_contents, summed_over_processes)
 from .text_config import FinetuneConfig
 from .text_inputs import default_max_len
@@ -166,7 +166,7 @@ class ClassifyTask(_FinetuneTask):
             sums["examples"] += len(labels)
             routing.add(out.routing, float((batch["input_ids"] != self.pad_id).sum()))
         net.train(was_training)
-        sums, routing = evaluation_sums(sums, routing, self.parallel)
+        sums, routing = summed_evaluation(sums, routing, self.parallel)
         n = max(sums["examples"], 1)
         return dict(accuracy=sums["correct"] / n, loss=sums["loss"] / n, examples=int(round(sums["examples"])),
                     routing=[vars(r) for r in routing.blocks()])
@@ -208,7 +208,7 @@ class QATask(_FinetuneTask):
                     [out.start_logits.float().cpu(), out.end_logits.float().cpu()])
             routing.add(out.routing, float((batch["input_ids"] != self.pad_id).sum()))
         net.train(was_training)
-        _, routing = evaluation_sums({}, routing, self.parallel)
+        _, routing = summed_evaluation({}, routing, self.parallel)
         starts, ends = summed_over_processes(logits, self.parallel)
         predictions = postprocess_squad(self.val_examples, f, starts, ends,
                                         version_2=self.version_2, null_threshold=self.cfg.null_threshold)

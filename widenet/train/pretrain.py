@@ -45,7 +45,7 @@ from .exported import TOKENIZER_FILE, Source, check_tokenizer_matches, init_sour
 from .progress import StepResult
 from .run_folder import claim_run_folder
 from .text_common import (Batch, TextTask, build_text_model, check_batch_fits, check_fits_positions, describe_processes,
-                          evaluation_batches, evaluation_sums, global_sums, init_text_model, local_rows,
+                          evaluation_batches, summed_evaluation, global_sums, init_text_model, local_rows,
                           split_contents)
 from .text_config import PretrainConfig
 from .trainer import RunResult, Trainer, seeded_generator
@@ -185,7 +185,7 @@ class PretrainTask(TextTask):
             sums["examples"] += len(batch["sop_labels"])
             routing.add(out.routing, float((batch["input_ids"] != self.special.pad).sum()))
         net.train(was_training)
-        sums, routing = evaluation_sums(sums, routing, self.parallel)
+        sums, routing = summed_evaluation(sums, routing, self.parallel)
         masked, n = max(sums["masked"], 1), max(sums["examples"], 1)
         return dict(mlm_loss=sums["mlm_loss"] / masked, mlm_accuracy=sums["mlm_correct"] / masked,
                     unigram_loss=sums["unigram_loss"] / masked, unigram_accuracy=sums["unigram_correct"] / masked,

@@ -114,8 +114,8 @@ def driver_run(out: str | Path) -> Iterator[None]:
 def _make_folder(out: Path) -> None:
     refuse_dead_link(out)
     if out.exists() and not out.is_dir():
-        raise RunFolderError(no_folder_at(out))
-    refuse_non_folder(out)  # a file where a folder above it would be (NotADirectoryError, as mkdir raises)
+        raise RunFolderError(no_folder_at(out, "--out"))
+    refuse_non_folder(out, "--out")  # a file where a folder above it would be (NotADirectoryError, as mkdir raises)
     out.mkdir(parents=True, exist_ok=True)
 
 

@@ -36,12 +36,6 @@ def split_contents(data: Batch, split: str = "training") -> str:
     return f"{len(data['input_ids'])} {split} sequences, token ids {tensors_digest(data)[:12]}"
 
 
-def ordered_batches(data: Batch, batch_size: int) -> Iterator[Batch]:
-    n = len(next(iter(data.values())))
-    for start in range(0, n, batch_size):
-        yield {k: v[start:start + batch_size] for k, v in data.items()}
-
-
 def build_text_model(cfg: TextRunConfig, vocab_size: int, pad_id: int, seq_len: int, **task: Any) -> nn.Module:
     """The preset sized for the tokenizer; seq_len must fit the model's positions."""
     _refuse_given_settings(cfg, dict(pad_token_id=pad_id), "the tokenizer", "the tokenizer")
@@ -148,8 +142,8 @@ def summed_over_processes(t: torch.Tensor, parallel: ParallelContext) -> torch.T
     return on_backend.cpu()
 
 
-def evaluation_sums(sums: dict[str, float], routing: RoutingTally, parallel: ParallelContext
-                    ) -> tuple[dict[str, float], RoutingTally]:
+def summed_evaluation(sums: dict[str, float], routing: RoutingTally, parallel: ParallelContext
+                      ) -> tuple[dict[str, float], RoutingTally]:
     """An evaluation's sums and routing tally added over processes (unchanged on one process)."""
     if not parallel.distributed:
         return sums, routing

@@ -212,8 +212,8 @@ def write_gcide_task(
     out = Path(out_dir)
     way_out = "choose a folder for train.tsv and validation.tsv"
     if out.exists() and not out.is_dir():
-        raise ValueError(no_folder_at(out, way_out=way_out))
-    refuse_non_folder(out, way_out=way_out)  # a file above it (NotADirectoryError, as writing there would raise)
+        raise ValueError(no_folder_at(out, "--out", way_out))
+    refuse_non_folder(out, "--out", way_out)  # a file above it (NotADirectoryError, as writing there would raise)
     train_path, validation_path = out / "train.tsv", out / "validation.tsv"
     _refuse_existing(train_path, validation_path, overwrite)
     found = _collect_examples(path, kind)
