@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from ..files import STALE_TEMPORARY_S, fsync_path, pid_alive, refuse_non_folder, rename_exchange
+from ..files import STALE_TEMPORARY_S, fsync_path, no_folder_at, pid_alive, refuse_non_folder, rename_exchange
 from ..models.hf import is_hf_folder
 from ..signals import signals_held
 from .checkpoint_layout import CHECKPOINTS_DIR, LATEST_FILE, remove_tree, step_folders
@@ -85,7 +85,7 @@ def check_destination(out: Path, overwrite: bool, protect: str | os.PathLike | N
     if not out.exists() and not out.is_symlink():
         return
     if not out.is_dir():
-        raise FileExistsError(f"{out} exists and is not a folder; choose another destination")
+        raise FileExistsError(no_folder_at(out) or f"{out} exists and is not a folder; choose another destination")
     if not any(out.iterdir()):
         return
     if not holds_model(out):
