@@ -45,8 +45,8 @@ from .exported import TOKENIZER_FILE, Source, check_tokenizer_matches, init_sour
 from .progress import StepResult
 from .run_folder import claim_run_folder
 from .text_common import (Batch, TextTask, build_text_model, check_batch_fits, check_fits_positions, describe_processes,
-                          evaluation_batches, summed_evaluation, global_sums, init_text_model, local_rows,
-                          split_contents)
+                          evaluation_batches, global_sums, init_text_model, local_rows, split_contents,
+                          summed_evaluation)
 from .text_config import PretrainConfig
 from .trainer import RunResult, Trainer, seeded_generator
 
