@@ -139,6 +139,10 @@ def test_shards_cover_the_batch_contiguously():
     check_last_batch(256, 32, 2)
     with pytest.raises(ValueError, match="last batch of every epoch holds 1 of 257 images"):
         check_last_batch(257, 32, 2)
+    # text runs name their sequences and the one flag they have (they said "images" and --train-subset)
+    with pytest.raises(ValueError, match=r"^the last batch of every epoch holds 2 of 32 training sequences, fewer "
+                                         r"than the 3 processes; change --batch-size$"):
+        check_last_batch(32, 6, 3, "training sequences", "--batch-size")
 
 
 def test_text_evaluation_takes_whole_batches_in_runs_padded_to_one_count():

@@ -688,7 +688,7 @@ def test_a_library_warning_reaches_the_user_as_one_note(tmp_path, capsys):
     assert [line.split(": ")[2] for line in err.splitlines() if "longer than" in line] == [str(data), str(other)]
 
 
-def test_each_distinct_note_is_said_once_per_command(capsys):
+def test_each_distinct_note_is_said_once_per_command(capsys, monkeypatch):
     """Python's "once per place" forgets what it showed whenever the warning filters change (any
     catch_warnings block): compare-text said one data note for each of its six fine-tuning runs."""
     import warnings
@@ -706,6 +706,10 @@ def test_each_distinct_note_is_said_once_per_command(capsys):
     assert capsys.readouterr().err.splitlines() == [
         "widenet: note: data.tsv: 3 of 1500 examples were longer than max_len=64 tokens",
         "widenet: note: corpus.txt: 2 lines skipped"]
+    monkeypatch.setenv("RANK", "1")  # under torchrun the first process alone says them: one line, not one each
+    with warnings_as_notes():
+        note("data.tsv: 3 of 1500 examples were longer than max_len=64 tokens")
+    assert capsys.readouterr().err == ""
 
 
 # --------------------------------------------------------------------------

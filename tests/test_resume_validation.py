@@ -8,6 +8,7 @@ import dataclasses
 import json
 import random
 import re
+import shutil
 
 import pytest
 import torch
@@ -67,7 +68,7 @@ def test_finetune_resume_refuses_a_changed_validation_file(init, tmp_path, capsy
     _write_classify(tmp_path / "train.tsv", 16, 0)
     _write_classify(tmp_path / "dev.tsv", 8, 1)
     args = ["finetune", "--task", "classify", "--init", str(init), "--train", str(tmp_path / "train.tsv"),
-            "--validation", str(tmp_path / "dev.tsv"), "--max-steps", "2", "--batch-size", "8",
+            "--validation", str(tmp_path / "dev.tsv"), "--max-steps", "2", "--batch-size", "8", "--save-every", "1",
             "--out", str(tmp_path / "ft")]
     assert main(args) == 0, capsys.readouterr().err
     recorded = load_checkpoint(tmp_path / "ft").meta["data"]["validation_contents"]
@@ -79,8 +80,15 @@ def test_finetune_resume_refuses_a_changed_validation_file(init, tmp_path, capsy
     err = capsys.readouterr().err
     assert re.search(REFUSAL.format(what=r"8 validation sequences, token ids \w{12}"), err), err
     assert f"'{recorded}' in the checkpoint" in err and err.count("\n") == 1
-    _forget_validation_records(tmp_path / "ft")  # a checkpoint from before the record: resumed unchecked
-    assert main(args + ["--resume"]) == 0, capsys.readouterr().err
+    # A checkpoint from before the record (step 1 of a run stopped there) resumes unchecked, and says so;
+    # its next checkpoint does not record the file it reads now as the one the run began with.
+    shutil.rmtree(tmp_path / "ft" / "checkpoints" / "step_00000002")
+    (tmp_path / "ft" / "checkpoints" / "latest").unlink()
+    _forget_validation_records(tmp_path / "ft")
+    assert main(args + ["--resume"]) == 0
+    err = capsys.readouterr().err
+    assert "step_00000001 was saved before widenet recorded data.validation_contents: this resume cannot check" in err
+    assert "validation_contents" not in load_checkpoint(tmp_path / "ft").meta["data"]
 
 
 def test_finetune_qa_resume_refuses_changed_validation_answers(init, tmp_path, capsys):

@@ -191,7 +191,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     weights += " (every token routed)" if args.dropless else ""
     at = f"@ step {report['step']}" if report["step"] is not None else f"({report['checkpoint']})"
     print(f"{report['model']} {at}{weights}: accuracy {report['accuracy']:.4f}, "
-          f"loss {report['loss']:.4f} on {report['examples']} {report['data']} test images"
+          f"loss {report['loss']:.4f} on {counted(report['examples'], report['data'] + ' test image')}"
           + (f" (from {report['data_dir']})" if report["data_dir"] else ""))
     if "single_accuracy" in report:
         print(f"  single images: accuracy {report['single_accuracy']:.4f}, loss {report['single_loss']:.4f}")

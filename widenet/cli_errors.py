@@ -65,11 +65,13 @@ def warnings_as_notes() -> Iterator[None]:
     """Warnings (e.g. truncated sentences) as one `widenet: note: ...` line each, not Python's
     file:line form with a line of source, each distinct note once per command: Python's own "once
     per place" forgets what it showed whenever any code changes the warning filters (every
-    catch_warnings block does), and compare-text said the same note for each of its runs."""
+    catch_warnings block does), and compare-text said the same note for each of its runs. Under
+    torchrun the first process alone says them (every process meets the same data)."""
     shown: set[str] = set()
+    first = os.environ.get("RANK", "0") in ("", "0")
 
     def note(message: Warning | str, *_args: Any, **_kw: Any) -> None:
-        if (line := f"widenet: note: {message}") not in shown:
+        if first and (line := f"widenet: note: {message}") not in shown:
             shown.add(line)
             say(line)
 

@@ -288,8 +288,7 @@ def file_sha256(path: Path) -> str:
 
 
 def refuse_dead_link(path: Path) -> None:
-    """Raise OSError (one line) where ``path`` is a symbolic link that leads nowhere (its target
-    missing, or a loop of links): a folder made through it would land wherever the link says."""
+    """Raise OSError (one line) where ``path`` is a symbolic link that leads nowhere (no target, a loop)."""
     if path.is_symlink() and not path.exists():
         raise OSError(errno.ENOENT, f"a symbolic link to {os.readlink(path)}, which leads nowhere (a missing target "
                                     "or a loop of links); point it at a folder or remove it", str(path))
@@ -306,8 +305,9 @@ def no_folder_at(path: Path, flag: str | None = None, way_out: str = "") -> str 
 
 
 def refuse_non_folder(path: Path, flag: str | None = None, way_out: str = "") -> None:
-    """Raise refuse_dead_link's OSError, or NotADirectoryError (ENOTDIR) with no_folder_at's line."""
-    refuse_dead_link(path)
+    """Raise refuse_dead_link's OSError (for `path` or a folder above it), or NotADirectoryError (ENOTDIR)."""
+    for link in (path, *path.parents):
+        refuse_dead_link(link)
     if (why := no_folder_at(path, flag, way_out)) is not None:
         err = NotADirectoryError(why)  # (no filename: str(err) would be "[Errno 20] None: PATH")
         err.errno = errno.ENOTDIR

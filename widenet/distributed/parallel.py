@@ -82,12 +82,14 @@ def check_global_batch(batch_size: int, world_size: int) -> None:
                          f"number of processes ({world_size})")
 
 
-def check_last_batch(num_examples: int, batch_size: int, world_size: int) -> None:
-    """An epoch's last, partial batch must still give every process at least one image."""
+def check_last_batch(num_examples: int, batch_size: int, world_size: int, unit: str = "images",
+                     way_out: str = "--batch-size or --train-subset") -> None:
+    """An epoch's last, partial batch must still give every process at least one example (`unit`: what
+    the examples are; `way_out`: the flags that change the batches)."""
     rest = num_examples % batch_size
     if 0 < rest < world_size:
-        raise ValueError(f"the last batch of every epoch holds {rest} of {num_examples} images, fewer than the "
-                         f"{world_size} processes; change --batch-size or --train-subset")
+        raise ValueError(f"the last batch of every epoch holds {rest} of {num_examples} {unit}, fewer than the "
+                         f"{world_size} processes; change {way_out}")
 
 
 def shard_bounds(n: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -159,10 +161,11 @@ class ParallelContext:
         if self.distributed:
             barrier()
 
-    def check_epoch(self, num_examples: int, batch_size: int) -> None:
-        """Every rank must get images from every batch, the epoch's last one included."""
+    def check_epoch(self, num_examples: int, batch_size: int, unit: str = "images",
+                    way_out: str = "--batch-size or --train-subset") -> None:
+        """Every rank must get examples from every batch, the epoch's last one included."""
         if self.distributed:
-            check_last_batch(num_examples, batch_size, self.env.world_size)
+            check_last_batch(num_examples, batch_size, self.env.world_size, unit, way_out)
 
     def checks_host_memory(self, device: torch.device) -> bool:
         """Whether the run's tensors on `device` are all this one process's, in this machine's memory:

@@ -327,7 +327,8 @@ def _check_expected_meta(file: Path, meta: dict, expected: Mapping, within: str 
         if within:  # a record: the data, the tokenizer
             record = within.rstrip(".")
             raise CheckpointError(f"{file}: this run's {record} differs from the checkpoint's ({key} {want!r} here, "
-                                  f"{have!r} in the checkpoint); a resumed run keeps the {record} it started with")
+                                  f"{have!r} in the checkpoint); a resumed run keeps the {record} it started with: "
+                                  "put it back, or start a new run (another --out, or --overwrite)")
         if key == "model":
             raise CheckpointError(
                 f"{file}: checkpoint is for model {have!r} but model {want!r} was requested"

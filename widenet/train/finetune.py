@@ -299,7 +299,7 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print) -> Finetun
     check_batch_fits(model.cfg, min(cfg.batch_size, len(train["input_ids"])), train["input_ids"].shape[1], parallel,
                      device, amp)  # a batch beyond the task's examples is all of them
     model = model.to(device)
-    parallel.check_epoch(len(train["input_ids"]), cfg.batch_size)
+    parallel.check_epoch(len(train["input_ids"]), cfg.batch_size, "training sequences", "--batch-size")
     task_cls = ClassifyTask if cfg.task == "classify" else QATask
     task = task_cls(cfg, pad, train, device, amp, parallel, **extra)
     params = count_parameters(model)

@@ -234,7 +234,7 @@ def pretrain(cfg: PretrainConfig, log: Callable[[str], None] = print) -> Pretrai
         train_set, held_out = split_held_out(
             dict(input_ids=examples.input_ids, token_type_ids=examples.token_type_ids, sop_labels=examples.sop_labels),
             cfg.eval_examples, cfg.seed, ", ".join(cfg.corpus))
-        parallel.check_epoch(len(train_set["input_ids"]), cfg.batch_size)
+        parallel.check_epoch(len(train_set["input_ids"]), cfg.batch_size, "sequences", "--batch-size")
         torch.manual_seed(cfg.seed)
         if init is None:
             model = build_text_model(cfg, vocab, special.pad, cfg.seq_len, task="pretrain")

@@ -1,16 +1,18 @@
 """What differs between a checkpoint's settings and those of the run that would resume it, named
-setting by setting (a resume with other settings is refused: trainer.Trainer)."""
+setting by setting (a resume with other settings is refused: trainer.Trainer); and the data records
+a checkpoint from before they were kept lacks."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from typing import Any
 
 from ..layers.moe import MOE_SETTINGS
 from ..models.encoder import moe_block_ids
 from .config import RecipeConfig
 
-__all__ = ["changed_settings"]
+__all__ = ["changed_settings", "unrecorded"]
 
 
 def changed_settings(cfg: RecipeConfig, meta: dict[str, Any], saved_meta: dict[str, Any]) -> tuple[list[str], list[str]]:
@@ -67,3 +69,21 @@ def _changed_entries(saved: dict[str, Any], now: dict[str, Any]) -> list[tuple[s
         elif a != b:
             out.append((key, a, b))
     return out
+
+
+def unrecorded(meta: dict[str, Any], saved_meta: Mapping[str, Any], records: Mapping[str, Any],
+               within: str = "") -> tuple[dict[str, Any], list[str]]:
+    """The run's meta without those of its `records` (e.g. {"data": {"validation_contents": ...}}) that
+    the checkpoint's saved_meta lacks (written before widenet kept them: a resume cannot compare them,
+    checkpoint.load_checkpoint), and their dotted names ("data.validation_contents"). A resumed run does
+    not start keeping them: the file it reads now would be recorded as the one it began with."""
+    out, left_out = dict(meta), []
+    for key, want in records.items():
+        if key not in saved_meta:
+            if within or isinstance(want, Mapping):
+                out.pop(key, None)
+                left_out.append(within + key)
+        elif isinstance(want, Mapping) and isinstance(saved_meta[key], Mapping) and isinstance(out.get(key), dict):
+            out[key], inner = unrecorded(out[key], saved_meta[key], want, f"{within}{key}.")
+            left_out += inner
+    return out, left_out

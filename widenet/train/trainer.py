@@ -28,6 +28,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Protocol
@@ -51,7 +52,7 @@ from .metrics import NullMetrics
 from .optim import build_optimizer, build_schedule
 from .progress import LogWindow, Progress, StepResult
 from .run_folder import drop_set_aside, replaces_earlier_run
-from .setting_changes import changed_settings
+from .setting_changes import changed_settings, unrecorded
 from .stopping import StopRequest, TrainingStopped, stop_on_signals
 from .tensorboard import open_metrics
 from .update import apply_update, loss_scaler
@@ -326,6 +327,10 @@ class Trainer:
         expected_meta = {"model": self.cfg.model, **(expected_meta or {})}
         self._refuse_changed_settings(path, read_checkpoint_meta(path))  # before data and weight shape errors
         ckpt = load_checkpoint(path, model, expected_meta=expected_meta)
+        self.meta, lacking = unrecorded(self.meta, ckpt.meta, expected_meta)
+        if lacking:  # (warnings.warn: a note, once)
+            warnings.warn(f"{path} was saved before widenet recorded {', '.join(lacking)}: this resume cannot check "
+                          "that it reads the data the run started with, and the run keeps it unrecorded")
         missing = [key for key in TRAIN_STATE_KEYS if key not in ckpt.train_state]
         if missing:
             raise CheckpointError(f"{path / 'state.pt'}: lacks {', '.join(missing)}; it was not written by "
