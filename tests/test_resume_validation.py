@@ -64,12 +64,16 @@ def _forget_validation_records(run) -> None:
     meta_file.write_text(json.dumps(meta), encoding="utf-8")
 
 
+def _finetune_args(init, folder, task: str, train: str, validation: str, *extra: str) -> list[str]:
+    """`widenet finetune` from `init` on folder/train and folder/validation into folder/ft, batches of 8."""
+    return ["finetune", "--task", task, "--init", str(init), "--train", str(folder / train), "--validation",
+            str(folder / validation), "--batch-size", "8", "--out", str(folder / "ft"), *extra]
+
+
 def test_finetune_resume_refuses_a_changed_validation_file(init, tmp_path, capsys):
     _write_classify(tmp_path / "train.tsv", 16, 0)
     _write_classify(tmp_path / "dev.tsv", 8, 1)
-    args = ["finetune", "--task", "classify", "--init", str(init), "--train", str(tmp_path / "train.tsv"),
-            "--validation", str(tmp_path / "dev.tsv"), "--max-steps", "2", "--batch-size", "8", "--save-every", "1",
-            "--out", str(tmp_path / "ft")]
+    args = _finetune_args(init, tmp_path, "classify", "train.tsv", "dev.tsv", "--max-steps", "2", "--save-every", "1")
     assert main(args) == 0, capsys.readouterr().err
     recorded = load_checkpoint(tmp_path / "ft").meta["data"]["validation_contents"]
     assert re.fullmatch(r"8 validation sequences, token ids \w{12}", recorded)
@@ -95,9 +99,7 @@ def test_finetune_qa_resume_refuses_changed_validation_answers(init, tmp_path, c
     """The scores compare predictions with the validation file's answers, which its token ids do not hold."""
     _squad(tmp_path / "train.json", 16, 0)
     _squad(tmp_path / "dev.json", 8, 1)
-    args = ["finetune", "--task", "qa", "--init", str(init), "--train", str(tmp_path / "train.json"),
-            "--validation", str(tmp_path / "dev.json"), "--max-steps", "1", "--batch-size", "8", "--max-len", "32",
-            "--out", str(tmp_path / "ft")]
+    args = _finetune_args(init, tmp_path, "qa", "train.json", "dev.json", "--max-steps", "1", "--max-len", "32")
     assert main(args) == 0, capsys.readouterr().err
     dev = json.loads((tmp_path / "dev.json").read_text(encoding="utf-8"))
     paragraph = dev["data"][0]["paragraphs"][0]
