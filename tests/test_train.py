@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -312,7 +313,7 @@ def test_sharded_evaluation_sums_keep_each_block_in_its_place(monkeypatch):
     tally.dropped, tally.dropped_assignments, tally.weight = {0: 0.4, 2: 0.0}, {0: 0.8, 2: 0.2}, 4.0
     monkeypatch.setattr(ev, "on_backend_device", lambda t: t)
     monkeypatch.setattr(ev, "all_reduce_sum", lambda t: t.mul_(2))  # a second rank with the same sums
-    two = ev._all_reduce_sums(sums).result()
+    two = ev._all_reduce_sums(sums, SimpleNamespace(distributed=True)).result()
     one = sums.result()
     assert (two.accuracy, two.loss, two.examples) == (one.accuracy, one.loss, 8)
     assert [vars(b) for b in two.routing] == [vars(b) for b in one.routing] == [
@@ -326,8 +327,6 @@ def test_sharded_evaluation_takes_whole_batches_and_gives_one_processs_result(fm
     whole batches each, rank 1 with an empty padding pass for the odd batch: with a capacity that drops
     tokens, the result is one process's, routing included (slicing the rows of every batch, each rank
     routed half batches under half the capacity: other drops, other scores)."""
-    from types import SimpleNamespace
-
     from widenet.distributed.parallel import ParallelContext
     from widenet.train import evaluate as ev
 

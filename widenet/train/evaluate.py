@@ -118,13 +118,21 @@ class RoutingTally:
         return out
 
 
-def summed_over_ranks(values: Sequence[float], routing: RoutingTally) -> tuple[list[float], RoutingTally]:
+def summed_over_processes(t: torch.Tensor, parallel: ParallelContext) -> torch.Tensor:
+    """A CPU tensor added over processes (itself on one process)."""
+    if not parallel.distributed:
+        return t
+    on_backend = on_backend_device(t)
+    all_reduce_sum(on_backend)
+    return on_backend.cpu()
+
+
+def summed_over_ranks(values: Sequence[float], routing: RoutingTally, parallel: ParallelContext
+                      ) -> tuple[list[float], RoutingTally]:
     """Numbers and a routing tally added over processes, in one float64 all-reduce (every rank's tally
     has the same blocks: a padding pass adds its zero routing too)."""
     head = torch.tensor([*values, routing.weight], dtype=torch.float64)
-    flat = on_backend_device(torch.cat([head, routing.flat()]))
-    all_reduce_sum(flat)
-    flat, n = flat.cpu(), len(values)
+    flat, n = summed_over_processes(torch.cat([head, routing.flat()]), parallel), len(values)
     return flat[:n].tolist(), routing.filled(flat[n + 1:], float(flat[n]))
 
 
@@ -218,13 +226,14 @@ def evaluate_on(parallel: ParallelContext, model: nn.Module, data: ImageDataset,
     first, stop, padding = parallel.evaluation_share(num_batches(len(data), batch_size))
     mine = itertools.islice(iterate_batches(data, batch_size, shuffle=False, start_batch=first), stop - first)
     empty = [(data.images[:0], data.labels[:0])] * padding
-    return _all_reduce_sums(evaluation_sums(net, itertools.chain(mine, empty), device, mean, std, amp, tta)).result()
+    sums = evaluation_sums(net, itertools.chain(mine, empty), device, mean, std, amp, tta)
+    return _all_reduce_sums(sums, parallel).result()
 
 
-def _all_reduce_sums(sums: EvalSums) -> EvalSums:
+def _all_reduce_sums(sums: EvalSums, parallel: ParallelContext) -> EvalSums:
     """EvalSums summed over ranks."""
     values, routing = summed_over_ranks([sums.loss, sums.correct, sums.seen, sums.single_loss, sums.single_correct],
-                                        sums.routing)
+                                        sums.routing, parallel)
     loss, correct, seen, single_loss, single_correct = values
     return EvalSums(loss=loss, correct=round(correct), seen=round(seen), single_loss=single_loss,
                     single_correct=round(single_correct), routing=routing, tta=sums.tta)

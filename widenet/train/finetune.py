@@ -44,12 +44,12 @@ from ..models.registry import count_parameters
 from ..models.text import TextTransformer, load_backbone
 from ..runtime import autocast, autocast_dtype, resolve_device
 from .checkpoint import LoadedCheckpoint
-from .evaluate import RoutingTally
+from .evaluate import RoutingTally, summed_over_processes
 from .exported import TOKENIZER_FILE, Source, check_tokenizer_matches, load_source, require_kind, source_tokenizer
 from .progress import StepResult
 from .run_folder import claim_run_folder
 from .text_common import (Batch, TextTask, check_batch_fits, describe_processes, evaluation_batches, global_sums,
-                          local_rows, saved_text_model, split_contents, summed_evaluation, summed_over_processes)
+                          local_rows, saved_text_model, split_contents, summed_evaluation)
 from .text_config import FinetuneConfig
 from .text_inputs import default_max_len
 from .trainer import RunResult, Trainer

@@ -37,7 +37,7 @@ import torch
 
 from ..distributed.env import all_reduce_sum
 from ..distributed.parallel import ParallelContext, on_backend_device
-from ..files import LockHeld, hold_lock, no_folder_at, refuse_dead_link, refuse_non_folder
+from ..files import LockHeld, hold_lock, no_folder_at, refuse_non_folder
 from ..signals import signals_held
 from .checkpoint_layout import (CHECKPOINT_FILES, CHECKPOINTS_DIR, LATEST_FILE, LOCK_FILE, SET_ASIDE_DIR,
                                 SettingsChanged, checkpoints_root, find_latest_checkpoint, remove_tree, step_folders)
@@ -112,7 +112,6 @@ def driver_run(out: str | Path) -> Iterator[None]:
 
 
 def _make_folder(out: Path) -> None:
-    refuse_dead_link(out)
     if out.exists() and not out.is_dir():
         raise RunFolderError(no_folder_at(out, "--out"))
     refuse_non_folder(out, "--out")  # a file where a folder above it would be (NotADirectoryError, as mkdir raises)

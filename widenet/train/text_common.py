@@ -9,7 +9,7 @@ from torch import nn
 
 from ..data.batches import epoch_order, num_batches
 from ..distributed.env import all_reduce_sum
-from ..distributed.parallel import ParallelContext, on_backend_device
+from ..distributed.parallel import ParallelContext
 from ..files import tensors_digest
 from ..memory import check_activations_fit
 from ..models.registry import apply_overrides, create_model
@@ -133,21 +133,12 @@ def evaluation_batches(data: Batch, batch_size: int, parallel: ParallelContext) 
         yield None, {k: v[:0] for k, v in data.items()}
 
 
-def summed_over_processes(t: torch.Tensor, parallel: ParallelContext) -> torch.Tensor:
-    """A CPU tensor added over processes (itself on one process)."""
-    if not parallel.distributed:
-        return t
-    on_backend = on_backend_device(t)
-    all_reduce_sum(on_backend)
-    return on_backend.cpu()
-
-
 def summed_evaluation(sums: dict[str, float], routing: RoutingTally, parallel: ParallelContext
                       ) -> tuple[dict[str, float], RoutingTally]:
     """An evaluation's sums and routing tally added over processes (unchanged on one process)."""
     if not parallel.distributed:
         return sums, routing
-    values, routing = summed_over_ranks(list(sums.values()), routing)
+    values, routing = summed_over_ranks(list(sums.values()), routing, parallel)
     return dict(zip(sums, values)), routing
 
 
